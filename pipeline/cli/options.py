@@ -1,0 +1,106 @@
+"""Options shared by every command that names an extraction (extract, fit-head, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..data import BUILTIN_DEFAULT, SplitConfig
+from ..errors import UserError
+from ..extract import DEFAULT_CACHE, DTYPES, POOLINGS, PRECISIONS, ExtractRequest, RunOptions
+from ..imageio import RESIZE_METHODS, AugmentConfig
+
+_EXTRACT_OPTIONS = [
+    click.option("--data", default=BUILTIN_DEFAULT, show_default=True,
+                 help="Image folder (one subfolder per class, optionally under train/val/test), "
+                      "CSV manifest path,label[,split], tfds:NAME, or builtin:digits."),
+    click.option("--backbone", default="efficientnet_lite0", show_default=True,
+                 help="Backbone name; `cli.py backbones` lists them."),
+    click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a weights file."),
+    click.option("--image-size", type=int, default=None, help="Input size (default: the backbone's)."),
+    click.option("--resize", type=click.Choice(RESIZE_METHODS), default="stretch", show_default=True,
+                 help="stretch to a square, or crop: shorter side to size, then centre crop."),
+    click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True,
+                 help="Global pooling of the feature map; none keeps full maps."),
+    click.option("--layer", default=None, help="Take features from this intermediate layer."),
+    click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
+                 help="Stored feature dtype."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
+                 help="Compute precision; mixed is for GPUs."),
+    click.option("--augment-copies", type=int, default=0, show_default=True,
+                 help="Also store K augmented views of every training image."),
+    click.option("--augment-seed", type=int, default=0, show_default=True),
+    click.option("--augment-ops", default="flip,rotation,zoom,brightness,contrast", show_default=True,
+                 help="Augmentations for --augment-copies, each optionally =STRENGTH (e.g. rotation=0.1)."),
+    click.option("--split-names", default="train,val,test", show_default=True,
+                 help="Folder names of the train, val and test splits."),
+    click.option("--val-fraction", type=float, default=0.2, show_default=True,
+                 help="Validation share when the data has no split folders."),
+    click.option("--test-fraction", type=float, default=0.0, show_default=True),
+    click.option("--split-seed", type=int, default=0, show_default=True),
+    click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=False,
+                 help="Cache root (default: ./cache)."),
+    click.option("--batch-size", type=int, default=32, show_default=True),
+    click.option("--chunk-size", type=int, default=512, show_default=True,
+                 help="Images per resumable chunk written while extracting."),
+    click.option("--compression", type=click.Choice(["none", "gzip", "lzf"]), default="none", show_default=True),
+    click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+]
+
+EXTRACT_KEYS = {"data", "backbone", "weights", "image_size", "resize", "pooling", "layer", "dtype", "precision",
+                "augment_copies", "augment_seed", "augment_ops", "split_names", "val_fraction", "test_fraction",
+                "split_seed", "cache_dir", "batch_size", "chunk_size", "compression", "no_progress"}
+
+
+def extract_options(fn: Callable) -> Callable:
+    """Decorate a click command with every option that names an extraction."""
+    for opt in reversed(_EXTRACT_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
+def parse_augment(spec: str) -> AugmentConfig:
+    """'flip,rotation=0.1' -> AugmentConfig with the named ops on (others off)."""
+    defaults = AugmentConfig().as_dict()
+    chosen: dict[str, Any] = {k: (False if k == "flip" else 0.0) for k in defaults}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in defaults:
+            raise UserError(f"unknown augmentation {name!r}; choose from {', '.join(defaults)}")
+        if name == "flip":
+            chosen[name] = True
+        else:
+            try:
+                chosen[name] = float(value) if value else defaults[name]
+            except ValueError:
+                raise UserError(f"augmentation strength must be a number: {part!r}") from None
+    return AugmentConfig(**chosen)
+
+
+def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
+    """Turn parsed options into the request (what is hashed) and run options (what is not)."""
+    names = tuple(s.strip() for s in kw["split_names"].split(","))
+    if kw["batch_size"] < 1 or kw["chunk_size"] < 1:
+        raise UserError("--batch-size and --chunk-size must be at least 1")
+    if kw["image_size"] is not None and kw["image_size"] < 1:
+        raise UserError("--image-size must be a positive number of pixels")
+    request = ExtractRequest(
+        data=kw["data"], backbone=kw["backbone"], weights=kw["weights"], image_size=kw["image_size"],
+        resize=kw["resize"], pooling=kw["pooling"], layer=kw["layer"], dtype=kw["dtype"],
+        precision=kw["precision"], augment_copies=kw["augment_copies"], augment_seed=kw["augment_seed"],
+        augment=parse_augment(kw["augment_ops"]),
+        split=SplitConfig(names, kw["val_fraction"], kw["test_fraction"], kw["split_seed"]),
+    )
+    options = RunOptions(cache_dir=kw["cache_dir"], batch_size=kw["batch_size"], chunk_units=kw["chunk_size"],
+                         compression=None if kw["compression"] == "none" else kw["compression"],
+                         progress=not kw["no_progress"])
+    return request, options
+
+
+def pop_extract_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
+    """Split a command's kwargs into the extract ones (returned) and the rest (left in kw)."""
+    return {k: kw.pop(k) for k in list(kw) if k in EXTRACT_KEYS}
+
+

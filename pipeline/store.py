@@ -1,0 +1,243 @@
+"""HDF5 feature store: crash-safe chunked writing during extraction, and the reader later stages use.
+
+Layout of one finished cache file (`<cache>/features/<name>-<key>.h5`), one row per stored view:
+
+- `features`  (N, D) or (N, H, W, C), float16 by default, chunked along N
+- `labels`    (N,) int32, index into the `class_names` attribute (-1 = unlabelled)
+- `paths`     (N,) str, the image's path (or `builtin:`/`tfds:` id)
+- `splits`    (N,) str, `train` / `val` / `test`
+- `views`     (N,) int8, 0 = the clean image, k = augmented copy k (training images only)
+- `index`     (N,) int32, position of the image in the data set listing
+- `skipped_paths`, `skipped_reasons` (M,) str: images that could not be read
+- attributes: `key`, `complete`, `schema`, `request` (JSON of everything hashed into the key),
+  `class_names` (JSON), `backbone`, `weights_id`, `image_size`, `pooling`, `layer`, `dtype`, ...
+
+While extracting, finished chunks live as `.npz` files in `<name>-<key>.parts/`, each written
+atomically, so a killed run resumes from its last complete chunk; the HDF5 file is assembled at the
+end under a temporary name and renamed, so a file named `*.h5` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from .atomic import atomic_path, write_text_atomic
+from .errors import UserError
+
+SCHEMA_VERSION = 1
+_CHUNK_RE = re.compile(r"^chunk-(\d{6})\.npz$")
+_STR = h5py.string_dtype()
+
+
+# ----------------------------------------------------------------------------------------- writing
+class ChunkDir:
+    """The folder of finished extraction chunks for one cache key; each chunk file is atomic."""
+
+    def __init__(self, path: str | os.PathLike, chunk_units: int) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        meta_file = self.path / "meta.json"
+        if meta_file.exists():
+            chunk_units = int(json.loads(meta_file.read_text())["chunk_units"])
+        else:
+            write_text_atomic(meta_file, json.dumps({"chunk_units": chunk_units}))
+        self.chunk_units = chunk_units
+
+    def done(self) -> list[int]:
+        """Numbers of the chunks already written completely."""
+        return sorted(int(m.group(1)) for p in self.path.iterdir() if (m := _CHUNK_RE.match(p.name)))
+
+    def write(self, number: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write chunk `number` atomically: it either exists whole or not at all."""
+        with atomic_path(self.path / f"chunk-{number:06d}.npz", suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+    def read(self, number: int) -> dict[str, np.ndarray]:
+        with np.load(self.path / f"chunk-{number:06d}.npz", allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass
+class ItemTable:
+    """Per-image metadata of a data set listing, in listing order."""
+
+    ids: Sequence[str]
+    labels: np.ndarray
+    splits: Sequence[str]
+    class_names: Sequence[str]
+
+
+def assemble(
+    chunks: ChunkDir,
+    target: Path,
+    items: ItemTable,
+    attrs: dict[str, Any],
+    dtype: str = "float16",
+    compression: str | None = None,
+) -> Path:
+    """Stream all chunks, in order, into one HDF5 file written under a temporary name then renamed."""
+    numbers = chunks.done()
+    n_rows = 0
+    feat_shape: tuple[int, ...] | None = None
+    for n in numbers:
+        with np.load(chunks.path / f"chunk-{n:06d}.npz") as z:
+            n_rows += z["index"].shape[0]
+            if feat_shape is None and z["features"].shape[0]:
+                feat_shape = tuple(z["features"].shape[1:])
+    if feat_shape is None:
+        raise UserError("no image could be read, so there is nothing to store; check the data path")
+    row_bytes = int(np.prod(feat_shape)) * np.dtype(dtype).itemsize
+    chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(row_bytes, 1)))
+    comp = {"gzip": dict(compression="gzip", compression_opts=4), "lzf": dict(compression="lzf")}
+    with atomic_path(target, suffix=".h5") as tmp:
+        with h5py.File(tmp, "w") as f:
+            feats = f.create_dataset(
+                "features", shape=(n_rows, *feat_shape), dtype=dtype,
+                chunks=(chunk_rows, *feat_shape), **comp.get(compression or "", {}),
+            )
+            index = np.empty(n_rows, np.int32)
+            views = np.empty(n_rows, np.int8)
+            skipped: dict[int, str] = {}
+            pos = 0
+            for n in numbers:
+                c = chunks.read(n)
+                k = c["index"].shape[0]
+                feats[pos:pos + k] = c["features"].astype(dtype, copy=False)
+                index[pos:pos + k] = c["index"]
+                views[pos:pos + k] = c["views"]
+                for i, r in zip(c["skipped_index"], c["skipped_reason"]):
+                    skipped.setdefault(int(i), str(r))
+                pos += k
+            f["index"] = index
+            f["views"] = views
+            f["labels"] = np.asarray(items.labels, np.int32)[index]
+            f.create_dataset("paths", data=[items.ids[i] for i in index], dtype=_STR)
+            f.create_dataset("splits", data=[items.splits[i] for i in index], dtype=_STR)
+            order = sorted(skipped)
+            f.create_dataset("skipped_paths", data=[items.ids[i] for i in order], dtype=_STR)
+            f.create_dataset("skipped_reasons", data=[skipped[i] for i in order], dtype=_STR)
+            for name, value in attrs.items():
+                f.attrs[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+            f.attrs["class_names"] = json.dumps(list(items.class_names))
+            f.attrs["schema"] = SCHEMA_VERSION
+            f.attrs["n_rows"] = n_rows
+            f.attrs["feature_shape"] = json.dumps(list(feat_shape))
+            f.attrs["complete"] = True
+    return target
+
+
+# ----------------------------------------------------------------------------------------- reading
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when `path` is a finished cache file (cheap: reads one attribute)."""
+    try:
+        with h5py.File(path, "r") as f:
+            return bool(f.attrs.get("complete", False))
+    except (OSError, KeyError):
+        return False
+
+
+class FeatureFile:
+    """Read access to one finished cache file; arrays other than `features` are loaded eagerly.
+
+    `features` stays on disk (an h5py dataset) so heads can stream batches larger than memory.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"no cache file at {self.path}; run `python cli.py extract` first or check the path")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise UserError(f"{self.path} is not a readable HDF5 cache file ({exc}); remove it and extract again") from None
+        a = self._f.attrs
+        if not a.get("complete", False):
+            self._f.close()
+            raise UserError(f"{self.path} is incomplete; run the same extract again to finish it")
+        self.attrs: dict[str, Any] = {k: _decode_attr(v) for k, v in a.items()}
+        self.class_names: list[str] = list(self.attrs["class_names"])
+        self.features = self._f["features"]
+        self.labels: np.ndarray = self._f["labels"][:]
+        self.splits: np.ndarray = self._f["splits"].asstr()[:]
+        self.views: np.ndarray = self._f["views"][:]
+        self.index: np.ndarray = self._f["index"][:]
+        self.paths: list[str] = list(self._f["paths"].asstr()[:])
+        self.skipped: list[tuple[str, str]] = list(
+            zip(self._f["skipped_paths"].asstr()[:], self._f["skipped_reasons"].asstr()[:])
+        )
+
+    @property
+    def key(self) -> str:
+        return str(self.attrs["key"])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape[1:])
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    def rows(self, split: str | None = None, views: str = "clean") -> np.ndarray:
+        """Row numbers of one split (None = all); views 'clean' (view 0 only) or 'all'."""
+        mask = np.ones(len(self), bool)
+        if split is not None:
+            mask &= self.splits == split
+        if views == "clean":
+            mask &= self.views == 0
+        elif views != "all":
+            raise ValueError(f"views must be 'clean' or 'all', not {views!r}")
+        return np.flatnonzero(mask)
+
+    def load(self, rows: np.ndarray | None = None, dtype: str = "float32") -> np.ndarray:
+        """Features of `rows` (sorted row numbers; None = all) as an in-memory array."""
+        if rows is None:
+            return self.features[:].astype(dtype, copy=False)
+        rows = np.asarray(rows)
+        if rows.size == 0:
+            return np.empty((0, *self.feature_shape), dtype)
+        return self.features[np.sort(rows)].astype(dtype, copy=False)
+
+    def iter_batches(self, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        """Stream features of `rows` (in the given order) in batches, reading sorted runs from disk."""
+        rows = np.asarray(rows)
+        for start in range(0, rows.size, batch_size):
+            part = rows[start:start + batch_size]
+            order = np.argsort(part)
+            out = np.empty((part.size, *self.feature_shape), np.float32)
+            out[order] = self.features[part[order]]
+            yield out
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "FeatureFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny generated image sets, the real ../shared data, and a CLI runner."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _img(rng: np.random.Generator, cls: int, size: int = 24) -> np.ndarray:
+    """A small image whose colour depends on the class, so classes are separable."""
+    base = np.zeros((size, size + 4, 3), np.float32)
+    base[..., cls % 3] = 170
+    noise = rng.normal(0, 30, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, arr: np.ndarray, fmt: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(arr)
+    if fmt == "gray":
+        im.convert("L").save(path, "PNG")
+    elif fmt == "cmyk":
+        im.convert("CMYK").save(path, "JPEG")
+    elif fmt == "rgba":
+        im.convert("RGBA").save(path, "PNG")
+    elif fmt == "gif":
+        frames = [im.convert("P"), Image.fromarray(255 - arr).convert("P")]
+        frames[0].save(path, "GIF", save_all=True, append_images=frames[1:])
+    else:
+        im.save(path, fmt.upper())
+
+
+def make_folder(root: Path, per_class: int = 6, classes=("ants", "bees"), splits=("train", "val"),
+                seed: int = 0) -> Path:
+    """root/<split>/<class>/img_k.jpg (or root/<class>/... when splits is empty)."""
+    rng = np.random.default_rng(seed)
+    for split in splits or [None]:
+        for c, name in enumerate(classes):
+            folder = root / split / name if split else root / name
+            for k in range(per_class):
+                write_image(folder / f"img_{k:03d}.jpg", _img(rng, c), "jpeg")
+    return root
+
+
+@pytest.fixture
+def tiny_split_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data", per_class=6)
+
+
+@pytest.fixture
+def tiny_flat_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "flat", per_class=10, splits=())
+
+
+@pytest.fixture
+def mixed_formats_folder(tmp_path: Path) -> Path:
+    """One class folder per class, every supported format, plus bad files that must be skipped."""
+    root = tmp_path / "mixed"
+    rng = np.random.default_rng(1)
+    for c, name in enumerate(("a", "b")):
+        d = root / name
+        for fmt, ext in (("jpeg", "jpg"), ("png", "png"), ("bmp", "bmp"), ("gif", "gif"), ("gray", "png"),
+                         ("cmyk", "jpg"), ("rgba", "png")):
+            write_image(d / f"{fmt}.{ext}", _img(rng, c), fmt)
+    good = io.BytesIO()
+    Image.fromarray(_img(rng, 0)).save(good, "JPEG")
+    (root / "a" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (root / "a" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (root / "b" / "notes.txt").write_text("not an image")
+    (root / "b" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"real photo data not found at {SHARED} (../shared is absent on this machine)")
+    return SHARED
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python cli.py ARGS` as a user would; returns the completed process (text output)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=env)

@@ -1,0 +1,53 @@
+"""The backbone table: names, sizes, preprocessing and fine-tuning blocks resolve on real models."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import backbones as bb
+from pipeline.errors import UserError
+
+
+def test_table_rows_are_complete():
+    assert len(bb.TABLE) >= 40
+    sizes = [bb.get(f"efficientnetb{i}").default_size for i in range(8)]
+    assert sizes == [224, 240, 260, 300, 380, 456, 528, 600]
+    for spec in bb.TABLE.values():
+        assert spec.blocks and spec.preprocess in bb.PREPROCESS and spec.min_size <= spec.default_size
+    assert bb.get("VGG16").name == "vgg16" and bb.get("efficientnet-lite0").name == "efficientnet_lite0"
+    with pytest.raises(UserError, match="unknown backbone"):
+        bb.get("alexnet")
+
+
+@pytest.mark.parametrize("name, size, top, must_contain", [
+    ("vgg16", 32, "block5", "block5_conv1"),
+    ("resnet50", 32, "conv5", "conv5_block3_out"),
+    ("inceptionv3", 75, "mixed10", "mixed10"),
+    ("mobilenetv2", 32, "block_16", "block_16_project"),
+    ("efficientnetb0", 32, "block7", "block7a_project_conv"),
+    ("densenet121", 32, "conv5", "conv5_block16_concat"),
+    ("convnexttiny", 32, "stage_3", "convnext_tiny_stage_3_block_2_depthwise_conv"),
+])
+def test_top_blocks_resolve_to_the_right_layers(name, size, top, must_contain):
+    spec = bb.get(name)
+    model = bb.build(spec, "none", size)
+    names = [l.name for l in model.layers]
+    spans = bb.block_spans(spec, names)
+    assert [n for n, _ in spec.blocks][: len(spans)] == list(spans)  # every block found, in order
+    lo, hi = spans[top]
+    assert must_contain in names[lo:hi]
+    ordered = list(spans.values())
+    assert ordered[0][1] == len(names)  # the topmost block runs to the end of the model
+    for upper, lower in zip(ordered, ordered[1:]):
+        assert lower[1] == upper[0] and lower[0] < lower[1]  # blocks tile the top without gaps
+    keras.backend.clear_session()
+
+
+def test_preprocessing_functions_differ_as_documented():
+    x = np.full((1, 4, 4, 3), 255.0, np.float32)
+    assert np.allclose(bb.get("mobilenetv2").preprocess_fn()(x.copy()), 1.0)  # 'tf': [-1, 1]
+    caffe = bb.get("vgg16").preprocess_fn()(x.copy())
+    assert np.allclose(caffe[..., 0], 255 - 103.939, atol=1e-3)  # 'caffe': BGR minus the mean
+    assert bb.get("efficientnetb0").preprocess_fn() is None  # the model rescales itself
