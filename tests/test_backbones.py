@@ -29,6 +29,7 @@ def test_table_rows_are_complete():
     ("efficientnetb0", 32, "block7", "block7a_project_conv"),
     ("densenet121", 32, "conv5", "conv5_block16_concat"),
     ("convnexttiny", 32, "stage_3", "convnext_tiny_stage_3_block_2_depthwise_conv"),
+    ("efficientnet_lite0", 32, "block6", "block6d_project_conv"),
 ])
 def test_top_blocks_resolve_to_the_right_layers(name, size, top, must_contain):
     spec = bb.get(name)
