@@ -11,6 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up
 import click
 
 from ..errors import UserError
+from . import quiet
+
+quiet.install()
 
 
 class _Group(click.Group):
@@ -30,7 +33,7 @@ def cli() -> None:
     """Transfer learning with cached backbone features: extract once, fit heads in seconds."""
 
 
-from . import cache_cmds, extract_cmds  # noqa: E402,F401  (register commands)
+from . import cache_cmds, extract_cmds, predict_cmds  # noqa: E402,F401  (register commands)
 
 
 def main() -> None:
