@@ -141,7 +141,7 @@ def weights_identity(spec: Backbone, weights: str) -> str:
         return "none:seed=0"
     if w == "imagenet":
         if spec.family == "efficientnet_lite":
-            from .lite import weights_path
+            from .lite_weights import weights_path
             p = weights_path(spec.name)
             return f"imagenet:{p.name}:{p.stat().st_size}"
         return f"imagenet:keras-{importlib.metadata.version('keras')}:{spec.builder.split(':')[1]}"
