@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.metadata
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path

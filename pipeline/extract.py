@@ -100,6 +100,7 @@ class ExtractResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     resumed_from: int = 0
+    run_id: str | None = None
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
@@ -191,7 +192,17 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(),
             options = RunOptions(**{**asdict(options), "force": False})
         elif is_complete(p.path):
             return ExtractResult(p.path, p.key, cache_hit=True)
-        return _Extraction(p, options, log).run()
+        from .runs import Registry
+        config = {"backbone": p.spec.name, "data": p.request.data, "head": None, "cache_key": p.key,
+                  "cache_path": str(p.path), "request": p.request.to_json(),
+                  "params": {"size": p.size, "pooling": p.request.layer or p.request.pooling,
+                             "weights": p.request.weights, "aug": p.request.augment_copies}}
+        with Registry(options.cache_dir).start("extract", config) as run:
+            result = _Extraction(p, options, log).run()
+            run.finish("ok", {"rows": result.n_rows, "skipped": len(result.skipped), "seconds": result.seconds,
+                              "images_per_s": result.images_per_s, "resumed_from": result.resumed_from})
+        result.run_id = run.id
+        return result
 
 
 class _Extraction:

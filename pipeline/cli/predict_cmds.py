@@ -1,27 +1,40 @@
-"""`predict`: a backbone's own ImageNet top-k, or a trained run's classes, for image files."""
+"""`predict`: a trained run's classes, or a backbone's own ImageNet top-k, for image files."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
 from . import cli
+from .head_cmds import predict_with_run
 from ..embed import image_paths, imagenet_top_k
+from ..extract import DEFAULT_CACHE
 
 
 @cli.command("predict")
 @click.argument("images", nargs=-1, required=True)
+@click.option("--run", "run_id", default=None, help="A fit-head or finetune run ID (or unique prefix).")
 @click.option("--backbone", default=None, help="Without --run: print this backbone's ImageNet top-k.")
-@click.option("--weights", default="imagenet", show_default=True, help="imagenet or a weights file.")
+@click.option("--weights", default="imagenet", show_default=True, help="With --backbone: imagenet or a file.")
 @click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
+              help="With --run: also write path, prediction, probability and per-class columns here.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
-def predict_cmd(images: tuple[str, ...], backbone: str | None, weights: str, top_k: int, batch_size: int) -> None:
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
+def predict_cmd(images: tuple[str, ...], run_id: str | None, backbone: str | None, weights: str, top_k: int,
+                csv_out: Path | None, batch_size: int, cache_dir: Path) -> None:
     """Predict classes for IMAGES (files or folders).
 
-    Example: python cli.py predict --backbone efficientnet_lite0 photo.jpg
+    Examples: python cli.py predict --run 20261122-2330 photos/ --csv preds.csv
+              python cli.py predict --backbone efficientnet_lite0 photo.jpg
     """
     paths = image_paths(images)
+    if run_id:
+        predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size)
+        return
     if not backbone:
-        raise click.UsageError("give --backbone NAME (ImageNet top-k) or --run ID")
+        raise click.UsageError("give --run ID (a trained head) or --backbone NAME (ImageNet top-k)")
     results, skipped = imagenet_top_k(backbone, weights, paths, top_k, batch_size=batch_size)
     for path, top in results:
         click.echo(path)

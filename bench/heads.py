@@ -1,0 +1,145 @@
+"""Benchmark: how long do stage-2 heads take to fit on cached features?
+
+Not a test. Times, on a 3000 x 1280 / 5-class cache (synthetic but shaped like pooled
+EfficientNet features: non-negative, low-rank class structure plus noise, ~85-90% linear
+accuracy) or on a real cache given with --cache:
+
+  (i)   logistic   LogisticHead(C="auto") fit on all train rows (5-fold CV over the C grid + refit)
+  (ii)  dense      DenseHead() defaults (hidden 256, 20 epochs, batch 64) fit on all train rows,
+                   without and with per-epoch validation on the val rows
+  (iii) sweep      `sweep(cache, "dense")` over the default 20-config grid
+                   (lr x dropout x hidden), n_jobs workers
+
+Wall seconds (what a user waits for, including TensorFlow graph tracing but not the import) and
+this process's CPU seconds are printed, plus the load average, since a shared box skews wall time.
+Targets on the 2-core dev box: (i) < 5 s, (ii) < 5 s, (iii) < 60 s.
+
+    .venv/bin/python bench/heads.py
+    .venv/bin/python bench/heads.py --cache cache/features/<name>.h5 --n-jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+from pipeline.store import ChunkDir, FeatureFile, ItemTable, assemble  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", help="a finished cache file (.h5); default: build a synthetic one")
+    ap.add_argument("--n", type=int, default=3000, help="synthetic images (default %(default)s)")
+    ap.add_argument("--dim", type=int, default=1280)
+    ap.add_argument("--classes", type=int, default=5)
+    ap.add_argument("--n-jobs", type=int, default=2, help="sweep and CV workers (default %(default)s)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["logistic", "dense", "sweep"])
+    ap.add_argument("--repeat", type=int, default=1, help="time (i) and (ii) this many times; best is reported")
+    return ap.parse_args(argv)
+
+
+def synthetic_cache(folder: Path, n: int, dim: int, k: int, seed: int = 0) -> Path:
+    """A cache file of pooled-feature-like vectors; 80% train / 20% val by image."""
+    rng = np.random.default_rng(seed)
+    rank = 64
+    basis = rng.standard_normal((rank, dim)) / np.sqrt(rank)
+    means = rng.standard_normal((k, rank)) * 0.3
+    y = rng.integers(0, k, n)
+    z = means[y] + rng.standard_normal((n, rank))
+    x = z @ basis + 0.7 * rng.standard_normal((n, dim)) - 0.5
+    x = (np.logaddexp(0, 2 * x) / 2).astype(np.float32)  # softplus: sparse-ish, non-negative
+    splits = np.where(rng.random(n) < 0.8, "train", "val")
+    chunks = ChunkDir(folder / "bench.parts", chunk_units=1000)
+    for c, start in enumerate(range(0, n, 1000)):
+        idx = np.arange(start, min(n, start + 1000))
+        chunks.write(c, {"features": x[idx], "index": idx.astype(np.int32), "views": np.zeros(idx.size, np.int8),
+                         "skipped_index": np.zeros(0, np.int32), "skipped_reason": np.zeros(0, "<U1")})
+    items = ItemTable([f"img{i}.jpg" for i in range(n)], y, list(splits), [f"class_{i}" for i in range(k)])
+    target = folder / f"bench-{n}x{dim}.h5"
+    assemble(chunks, target, items, {"key": f"bench{n}x{dim}", "backbone": "synthetic"})
+    chunks.remove()
+    return target
+
+
+def timed(fn):
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
+def load() -> str:
+    return " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    tmp = tempfile.TemporaryDirectory()
+    path = Path(args.cache) if args.cache else synthetic_cache(Path(tmp.name), args.n, args.dim, args.classes)
+    from pipeline.heads import DenseHead, LogisticHead
+    from pipeline.metrics import classification_report
+    from pipeline.sweep import sweep
+    from pipeline.training import split_rows
+
+    with FeatureFile(path) as ff:
+        split = split_rows(ff)
+        Xall = ff.load(np.sort(np.concatenate([split.train, split.val])))
+        yall = ff.labels[np.sort(np.concatenate([split.train, split.val]))]
+        Xtr, ytr = ff.load(split.train), ff.labels[split.train]
+        Xva, yva = ff.load(split.val), ff.labels[split.val]
+        names = list(ff.class_names)
+        print(f"cache {path.name}: {len(ff)} rows, features {ff.feature_shape}, {len(names)} classes; "
+              f"fit sets: all={Xall.shape[0]} rows, train={Xtr.shape[0]}, val={Xva.shape[0]}")
+        print(f"cpus {os.cpu_count()}, load average {load()}")
+
+        def acc(head) -> float:
+            return classification_report(yva, head.predict_proba(Xva), names)["accuracy"]
+
+        if "logistic" not in args.skip:
+            best = None
+            for _ in range(args.repeat):
+                head, wall, cpu = timed(lambda: LogisticHead(n_jobs=args.n_jobs).fit(Xall, yall, class_names=names))
+                best = (wall, cpu) if best is None or wall < best[0] else best
+            print(f"(i)   logistic C=auto, {Xall.shape[0]} x {Xall.shape[1]}: {best[0]:.2f} s wall, "
+                  f"{best[1]:.2f} s cpu "
+                  f"(C={head.C_:.3g}; load {load()})")
+            head = LogisticHead(n_jobs=args.n_jobs).fit(Xtr, ytr, class_names=names)
+            print(f"      held-out val accuracy when fit on train only: {acc(head):.3f}")
+        if "dense" not in args.skip:
+            import keras  # noqa: F401  - import time is not fit time
+
+            _, warm, _ = timed(lambda: DenseHead(epochs=1).fit(Xtr[:256], ytr[:256], class_names=names))
+            print(f"      (TensorFlow warm-up, first tiny fit in the process: {warm:.2f} s, not counted)")
+            best = None
+            for _ in range(args.repeat):
+                head, wall, cpu = timed(lambda: DenseHead().fit(Xall, yall, class_names=names))
+                best = (wall, cpu) if best is None or wall < best[0] else best
+            print(f"(ii)  dense defaults, {Xall.shape[0]} x {Xall.shape[1]}, no val: {best[0]:.2f} s wall, "
+                  f"{best[1]:.2f} s cpu (load {load()})")
+            head, wall, cpu = timed(lambda: DenseHead().fit(Xtr, ytr, Xva, yva, class_names=names))
+            print(f"      dense defaults on train with val each epoch: {wall:.2f} s wall, {cpu:.2f} s cpu, "
+                  f"val accuracy {acc(head):.3f}")
+        if "sweep" not in args.skip:
+            results, wall, cpu = timed(lambda: sweep(ff, "dense", n_jobs=args.n_jobs))
+            best = results[0]
+            print(f"(iii) dense sweep, {len(results)} configs, n_jobs={args.n_jobs}: {wall:.2f} s wall, "
+                  f"{cpu:.2f} s cpu in this process (load {load()})")
+            print(f"      best {best.params}: val macro-F1 {best.val_macro_f1:.3f}, accuracy {best.val_accuracy:.3f}; "
+                  f"per-config fit {min(r.fit_seconds for r in results):.2f}-"
+                  f"{max(r.fit_seconds for r in results):.2f} s")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

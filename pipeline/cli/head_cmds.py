@@ -1,0 +1,241 @@
+"""Stage 2 commands: `fit-head`, `runs`, `evaluate`; and `predict --run`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import cli
+from .extract_cmds import report_extraction
+from .options import build_request, extract_options
+from ..errors import UserError
+from ..extract import DEFAULT_CACHE
+
+_cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
+                          help="Cache root (default: ./cache).")
+
+
+def _float_or_auto(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        c = float(value)
+    except ValueError:
+        raise UserError(f"--C must be 'auto' or a positive number, not {value!r}") from None
+    if c <= 0:
+        raise UserError("--C must be positive")
+    return c
+
+
+def _open_cache(cache: str | None, kw: dict):
+    """The feature file named by --cache (path or key prefix), else by the extract options,
+    extracting first when the cache does not have it yet."""
+    from ..cache import resolve
+    from ..extract import extract, plan
+    from ..store import FeatureFile, is_complete
+
+    if cache:
+        paths = [p for p in resolve(cache, kw["cache_dir"]) if p.suffix == ".h5"]
+        if len(paths) != 1:
+            raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
+        return FeatureFile(paths[0])
+    request, options = build_request(kw)
+    if not is_complete(plan(request, options.cache_dir).path):
+        click.echo("no cached features for this request yet: extracting first", err=True)
+    result = extract(request, options)
+    report_extraction(result)
+    return FeatureFile(result.path)
+
+
+def _make_head(head: str, opts: dict):
+    from ..heads import DenseHead, LogisticHead
+
+    if head == "logistic":
+        return LogisticHead(C=_float_or_auto(opts["C"]), class_weight=opts["class_weight"], n_jobs=opts["jobs"],
+                            flatten=opts["flatten"])
+    hidden = tuple(h for h in opts["hidden"] if h > 0) if opts["hidden"] else (256,)
+    return DenseHead(hidden=hidden, batchnorm=opts["batchnorm"], dropout=opts["dropout"], l2=opts["l2"],
+                     optimizer=opts["optimizer"], lr=opts["lr"], lr_schedule=opts["lr_schedule"],
+                     lr_start=opts["lr_start"], lr_min=opts["lr_min"], lr_max=opts["lr_max"],
+                     rampup_epochs=opts["rampup_epochs"], sustain_epochs=opts["sustain_epochs"],
+                     exp_decay=opts["exp_decay"], epochs=opts["epochs"], batch_size=opts["head_batch_size"],
+                     early_stopping=opts["early_stopping"], class_weight=opts["class_weight"],
+                     flatten=opts["flatten"], seed=opts["seed"])
+
+
+@cli.command("fit-head")
+@click.option("--cache", default=None, help="Cache file path or key prefix (else: found/made from the "
+                                            "extract options below).")
+@click.option("--head", type=click.Choice(["logistic", "dense"]), default="logistic", show_default=True)
+@click.option("--C", "C", default="auto", show_default=True, help="Logistic: inverse regularization, or auto (CV).")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes by 1/frequency.")
+@click.option("--jobs", type=click.IntRange(1), default=2, show_default=True, help="Parallel CV folds / sweep jobs.")
+@click.option("--flatten", type=click.Choice(["avg", "max", "flatten"]), default="avg", show_default=True,
+              help="How full feature maps become vectors.")
+@click.option("--hidden", type=click.IntRange(0), multiple=True, help="Dense: hidden units (repeat for more "
+                                                                     "layers; 0 for none). Default 256.")
+@click.option("--batchnorm", is_flag=True, help="Dense: BatchNormalization after each hidden layer.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--l2", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "nadam", "rmsprop", "sgd"]), default="adam", show_default=True)
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="constant",
+              show_default=True)
+@click.option("--lr-start", type=float, default=None, help="exponential: LR at epoch 0.")
+@click.option("--lr-min", type=float, default=None, help="exponential/cosine: floor.")
+@click.option("--lr-max", type=float, default=None, help="exponential: peak after ramp-up.")
+@click.option("--rampup-epochs", type=int, default=None)
+@click.option("--sustain-epochs", type=int, default=None)
+@click.option("--exp-decay", type=float, default=None)
+@click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--head-batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--early-stopping", type=click.IntRange(1), default=None, metavar="PATIENCE",
+              help="Stop after PATIENCE epochs without val-loss gain; keep the best weights.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-augmented", is_flag=True, help="Ignore augmented views in the cache.")
+@click.option("--sweep", is_flag=True, help="Grid search (C for logistic; lr x dropout x hidden for dense) "
+                                            "in parallel; the best is saved.")
+@extract_options
+def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, **kw) -> None:
+    """Train a classifier head on cached features and record the run.
+
+    Example: python cli.py fit-head --data ../shared/data/hymenoptera --head logistic
+    """
+    from rich.console import Console
+
+    from ..metrics import summary_line
+
+    head_opts = {k: kw.pop(k) for k in list(kw) if k in (
+        "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
+        "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
+        "head_batch_size", "early_stopping", "seed")}
+    ff = _open_cache(cache, kw)
+    with ff:
+        estimator = _make_head(head, head_opts)
+        if sweep:
+            _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
+            return
+        from ..training import fit_head_run
+        result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
+                                   use_augmented=not no_augmented)
+    for part in ("train", "val", "test"):
+        if result.metrics.get(part, {}).get("n"):
+            click.echo(f"{part:5s} {summary_line(result.metrics[part])}")
+    click.echo(f"fit in {result.fit_seconds:.2f}s; run {run.id} saved in {run.dir}")
+    if result.metrics.get("val", {}).get("n"):
+        from ..metrics import metrics_table
+        Console(width=110).print(metrics_table(result.metrics["val"], title="val"))
+
+
+def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, use_augmented: bool) -> None:
+    from rich.console import Console
+
+    from ..runs import Registry
+    from ..sweep import results_table, save_sweep, sweep
+    from ..training import run_config
+
+    registry = Registry(ff.path.parent.parent)
+    run = registry.start("fit-head", run_config(ff, estimator, sweep=True, val_fraction=val_fraction))
+    with run:
+        base = {k: v for k, v in estimator.get_params().items() if k not in ("C", "lr", "dropout", "hidden")}
+        results = sweep(ff, head, n_jobs=head_opts["jobs"], base_params=base, val_fraction=val_fraction,
+                        seed=head_opts["seed"], use_augmented=use_augmented)
+        save_sweep(results, run)
+    Console(width=120).print(results_table(results, title=f"sweep ({len(results)} configs, best first)"))
+    click.echo(f"best saved in run {run.id} ({run.dir})")
+
+
+@cli.group("runs", invoke_without_command=True)
+@click.option("--stage", type=click.Choice(["extract", "fit-head", "finetune"]), default=None)
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="e.g. backbone=efficientnet* or head=logistic (repeatable).")
+@click.option("--sort", default="started", show_default=True, help="started, duration, val_accuracy, val_f1, ...")
+@click.option("--asc", is_flag=True, help="Ascending order.")
+@_cache_dir
+@click.pass_context
+def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], sort: str, asc: bool,
+               cache_dir: Path) -> None:
+    """List recorded runs of every stage as a table.
+
+    Example: python cli.py runs --stage fit-head --sort val_accuracy
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+
+    from ..runs import Registry
+
+    parsed = {}
+    for f in filters:
+        key, sep, value = f.partition("=")
+        if not sep:
+            raise UserError(f"--filter takes KEY=VALUE, not {f!r}")
+        parsed[key] = value
+    registry = Registry(cache_dir)
+    records = registry.list(stage=stage, filters=parsed, sort=sort, descending=not asc)
+    if not records:
+        click.echo("no runs recorded yet" + (" matching those filters" if stage or filters else ""))
+        return
+    Console(width=160).print(registry.table(records))
+
+
+@runs_group.command("show")
+@click.argument("run_id")
+@_cache_dir
+def runs_show(run_id: str, cache_dir: Path) -> None:
+    """Print one run: config, metrics and files.
+
+    Example: python cli.py runs show 20261122-2330
+    """
+    import json
+
+    from ..runs import Registry
+
+    r = Registry(cache_dir).get(run_id)
+    click.echo(f"run {r.id}  stage {r.stage}  status {r.status}  started {r.started}  duration {r.duration_s}s")
+    click.echo("config: " + json.dumps(r.config, indent=2, default=str))
+    click.echo("metrics: " + json.dumps(r.metrics, indent=2, default=str))
+    click.echo("files: " + ", ".join(sorted(p.name for p in r.dir.iterdir())))
+
+
+@cli.command("evaluate")
+@click.option("--run", "run_id", required=True, help="A fit-head or finetune run ID (or unique prefix).")
+@click.option("--data", required=True, help="Labelled data: folder, CSV manifest, tfds:NAME or builtin:digits.")
+@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@_cache_dir
+def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, cache_dir: Path) -> None:
+    """Score a trained run on labelled images, through the same backbone and preprocessing.
+
+    Example: python cli.py evaluate --run 20261122-2330 --data ../shared/data/hymenoptera --split val
+    """
+    from rich.console import Console
+
+    from ..inference import evaluate_run, load_run
+    from ..metrics import metrics_table, summary_line
+
+    run = load_run(cache_dir, run_id)
+    report = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size)
+    click.echo(summary_line(report))
+    Console(width=110).print(metrics_table(report, title=f"{data} ({split})"))
+
+
+def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | None, cache_dir: Path,
+                     batch_size: int) -> None:
+    """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV)."""
+    import numpy as np
+
+    from ..inference import load_run, predict_paths, write_predictions_csv
+
+    run = load_run(cache_dir, run_id)
+    proba, kept, skipped = predict_paths(run, paths, batch_size)
+    k = min(top_k, len(run.class_names))
+    for i, row in zip(kept, proba):
+        top = np.argsort(-row)[:k]
+        click.echo(f"{paths[i]}\t" + "  ".join(f"{run.class_names[c]} {row[c]:.3f}" for c in top))
+    if csv_out:
+        write_predictions_csv(csv_out, [paths[i] for i in kept], proba, run.class_names)
+        click.echo(f"wrote {csv_out}", err=True)
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:5])}", err=True)

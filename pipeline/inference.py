@@ -1,0 +1,129 @@
+"""Use a recorded run on new images: `evaluate` (labelled data) and `predict` (any image files).
+
+Raw images go through the same decode, resize, preprocessing and backbone as the cache the head
+was trained on (rebuilt from the cache file's stored request), then through the head.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import UserError
+from .extract import ExtractRequest, RunOptions, extract
+from .runs import Registry, RunRecord
+from .store import FeatureFile
+
+
+@dataclass
+class LoadedRun:
+    """A run's record plus what is needed to apply it: the stored extract request and a predictor."""
+
+    record: RunRecord
+    request: ExtractRequest
+    class_names: list[str]
+    head: Any = None  # stage-2 head (LogisticHead / DenseHead)
+    model_path: Path | None = None  # stage-3 whole model (.keras), raw images in
+
+
+def load_run(cache_dir: Path, run_id: str) -> LoadedRun:
+    """Find a fit-head or finetune run and load its head or model; one-line errors otherwise."""
+    record = Registry(cache_dir).get(run_id)
+    if record.stage not in ("fit-head", "finetune"):
+        raise UserError(f"run {record.id} is a {record.stage} run; evaluate and predict take fit-head or "
+                        f"finetune runs (`python cli.py runs --stage fit-head`)")
+    if record.status != "ok":
+        raise UserError(f"run {record.id} did not finish (status {record.status}); pick a finished run")
+    request = _request_of(record)
+    if record.stage == "finetune":
+        model = record.dir / "model.keras"
+        if not model.exists():
+            raise UserError(f"run {record.id} has no model.keras; it may have been cleaned up")
+        names = record.config.get("class_names") or []
+        return LoadedRun(record, request, list(names), model_path=model)
+    from .heads import load_head
+    head = load_head(record.dir)
+    return LoadedRun(record, request, list(head.class_names_), head=head)
+
+
+def _request_of(record: RunRecord) -> ExtractRequest:
+    req = record.config.get("request")
+    if req is None:
+        cache_file = record.config.get("cache_file")
+        if not cache_file or not Path(cache_file).exists():
+            raise UserError(f"run {record.id}: its cache file {cache_file} is gone, so the backbone settings are "
+                            f"unknown; re-run fit-head")
+        with FeatureFile(cache_file) as ff:
+            req = ff.attrs["request"]
+    return ExtractRequest.from_json(req if isinstance(req, dict) else json.loads(req))
+
+
+def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None = None,
+                 batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
+    """Metrics of a run on a labelled data set (features cached like any extraction)."""
+    from .metrics import classification_report
+
+    if run.head is None:
+        paths, labels, names = _labelled_images(run, data, split)
+        proba, kept, _ = predict_paths(run, paths, batch_size)
+        return classification_report(labels[kept], proba, run.class_names)
+    request = replace(run.request, data=data, augment_copies=0)
+    result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress))
+    from .training import evaluate_on_cache
+    with FeatureFile(result.path) as ff:
+        if split is None:
+            from .training import evaluate_rows
+            run.head.check_matches(ff)
+            rows = ff.rows(None, "clean")
+            rows = rows[ff.labels[rows] >= 0]
+            if rows.size == 0:
+                raise UserError(f"{data} has no labelled images")
+            return evaluate_rows(run.head, ff, rows)
+        return evaluate_on_cache(run.head, ff, split)
+
+
+def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
+    from .data import open_source
+    listing = open_source(data, run.request.split).listing()
+    if listing.paths is None:
+        raise UserError("evaluating a fine-tuned model needs image files (a folder or CSV manifest)")
+    if list(listing.class_names) != list(run.class_names):
+        raise UserError(f"{data} has classes {listing.class_names}, the run was trained on {run.class_names}")
+    keep = [i for i, s in enumerate(listing.splits) if split is None or s == split]
+    if not keep:
+        raise UserError(f"{data} has no images in split {split!r}")
+    return [listing.paths[i] for i in keep], np.asarray(listing.labels)[keep], listing.class_names
+
+
+def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
+                  ) -> tuple[np.ndarray, list[int], list[str]]:
+    """Class probabilities for image files: (probabilities, positions kept, skipped paths)."""
+    from . import backbones as bb
+    from .embed import run_model
+
+    spec = bb.get(run.request.backbone)
+    size = spec.resolve_size(run.request.image_size)
+    if run.model_path is not None:
+        import keras
+        model = keras.models.load_model(run.model_path)
+        return run_model(model, paths, size, run.request.resize, None, batch_size)
+    from .model import feature_model
+    model = feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
+    feats, kept, skipped = run_model(model, paths, size, run.request.resize, spec.preprocess_fn(), batch_size)
+    return run.head.predict_proba(feats), kept, skipped
+
+
+def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, class_names: Sequence[str]) -> None:
+    """path, predicted class, its probability, then one probability column per class."""
+    from .atomic import atomic_path
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "prediction", "probability", *class_names])
+        for p, row in zip(paths, proba):
+            best = int(np.argmax(row))
+            w.writerow([p, class_names[best], f"{row[best]:.6f}", *(f"{v:.6f}" for v in row)])

@@ -1,0 +1,319 @@
+"""Runs registry: one folder per run of any stage under `<cache_dir>/runs/<id>/`.
+
+Each folder holds `run.json` (stage, status, start/end times, duration, pid/host), `config.json`
+(what the run was asked to do), `metrics.json` (what it measured) and its artifacts and plots.
+All JSON is written atomically. IDs sort by start time: `20261122-233015-a1b2`.
+
+Conventions the table relies on: config keys `backbone`, `data`, `head` and `params` (a dict of
+the key hyperparameters); metrics `val` (a `pipeline.metrics` report with `accuracy`, `macro_f1`),
+or flat `val_accuracy` / `val_macro_f1`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fnmatch
+import json
+import os
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from rich.table import Table
+
+from .atomic import write_text_atomic
+from .errors import UserError
+
+STAGES = ("extract", "fit-head", "sweep", "finetune")
+STATUSES = ("running", "ok", "failed", "incomplete")
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now().astimezone()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (Path, _dt.datetime)):
+        return str(obj)
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class RunRecord:
+    """What the registry knows about one run, read back from its folder."""
+
+    id: str
+    stage: str
+    status: str
+    started: str
+    ended: str | None
+    duration_s: float | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    dir: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def value(self, key: str) -> Any:
+        """A field, val_accuracy / val_f1, or a dotted key looked up in metrics then config (`params.lr`)."""
+        if key in ("id", "stage", "status", "started", "ended", "duration_s"):
+            return getattr(self, key)
+        if key == "duration":
+            return self.duration_s
+        if key in ("val_accuracy", "val_acc", "val.accuracy"):
+            return self.val_accuracy
+        if key in ("val_f1", "val_macro_f1", "val.macro_f1"):
+            return self.val_f1
+        for source in (self.metrics, self.config):
+            found, value = _dotted(source, key)
+            if found:
+                return value
+        return None
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return _metric(self.metrics, "accuracy")
+
+    @property
+    def val_f1(self) -> float | None:
+        return _metric(self.metrics, "macro_f1")
+
+
+def _dotted(data: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    cur: Any = data
+    for part in key.split("."):
+        if not isinstance(cur, Mapping) or part not in cur:
+            return False, None
+        cur = cur[part]
+    return True, cur
+
+
+def _metric(metrics: Mapping[str, Any], name: str) -> float | None:
+    val = metrics.get("val")
+    if isinstance(val, Mapping) and val.get(name) is not None:
+        return float(val[name])
+    flat = metrics.get(f"val_{name}")
+    return float(flat) if flat is not None else None
+
+
+class Run:
+    """A run in progress: log metrics as they come, then `finish` it (or use it as a context manager)."""
+
+    def __init__(self, registry: "Registry", run_id: str, stage: str, config: dict[str, Any]) -> None:
+        self.registry = registry
+        self.id = run_id
+        self.stage = stage
+        self.config = config
+        self.dir = registry.root / run_id
+        self.metrics: dict[str, Any] = {}
+        self._t0 = time.monotonic()
+        self._info = {"id": run_id, "stage": stage, "status": "running", "started": _now().isoformat(),
+                      "ended": None, "duration_s": None, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def path(self, name: str) -> Path:
+        """Where to write artifact `name` inside this run's folder."""
+        return self.dir / name
+
+    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """Merge `metrics` into metrics.json (rewritten atomically)."""
+        self.metrics.update(metrics)
+        _write_json(self.dir / "metrics.json", self.metrics)
+
+    def finish(self, status: str = "ok", metrics: Mapping[str, Any] | None = None, error: str | None = None) -> None:
+        """Record the end: status ('ok' | 'failed'), end time, duration, final metrics."""
+        if status not in ("ok", "failed"):
+            raise ValueError(f"status must be 'ok' or 'failed', not {status!r}")
+        if metrics:
+            self.log_metrics(metrics)
+        self._info.update(status=status, ended=_now().isoformat(), duration_s=round(time.monotonic() - self._t0, 3))
+        if error:
+            self._info["error"] = error
+        _write_json(self.dir / "run.json", self._info)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._info["status"] != "running":
+            return
+        if exc is None:
+            self.finish("ok")
+        else:
+            self.finish("failed", error=f"{type(exc).__name__}: {exc}")
+
+
+class Registry:
+    """The runs of one cache directory: start new ones, list, filter, look up and tabulate them."""
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.root = self.cache_dir / "runs"
+
+    def start(self, stage: str, config: Mapping[str, Any]) -> Run:
+        """Create `runs/<id>/` with config.json and run.json (status 'running')."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            run_id = f"{_now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+            try:
+                (self.root / run_id).mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 100 collisions in one second
+            raise RuntimeError("could not allocate a run ID")
+        run = Run(self, run_id, stage, dict(config))
+        _write_json(run.dir / "config.json", run.config)
+        _write_json(run.dir / "run.json", run._info)
+        return run
+
+    def ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / "run.json").exists())
+
+    def record(self, run_id: str) -> RunRecord:
+        folder = self.root / run_id
+        info = _read_json(folder / "run.json") or {}
+        status = info.get("status", "incomplete")
+        if status == "running" and not _alive(info):
+            status = "incomplete"
+        return RunRecord(
+            id=run_id, stage=info.get("stage", "?"), status=status, started=info.get("started", ""),
+            ended=info.get("ended"), duration_s=info.get("duration_s"),
+            config=_read_json(folder / "config.json") or {}, metrics=_read_json(folder / "metrics.json") or {},
+            dir=folder, info=info,
+        )
+
+    def list(self, stage: str | None = None, filters: Mapping[str, Any] | None = None, sort: str = "started",
+             descending: bool = True) -> list[RunRecord]:
+        """Runs of `stage` (None = all) whose fields/config/metrics match `filters`, sorted by `sort`.
+
+        A filter value matches by equality of its string form or as a glob (`efficientnet*`);
+        `sort` is a field (started, duration, status, ...) or a dotted metrics/config key; runs
+        without that value go last; ties keep start-time order.
+        """
+        records = sorted((self.record(i) for i in self.ids()), key=lambda r: r.started, reverse=descending)
+        if stage is not None:
+            records = [r for r in records if r.stage == stage]
+        for key, want in (filters or {}).items():
+            records = [r for r in records if _matches(r.value(key), want)]
+        present = [r for r in records if r.value(sort) is not None]
+        missing = [r for r in records if r.value(sort) is None]
+        try:
+            present.sort(key=lambda r: r.value(sort), reverse=descending)
+        except TypeError:
+            present.sort(key=lambda r: str(r.value(sort)), reverse=descending)
+        return present + missing
+
+    def get(self, run_id: str) -> RunRecord:
+        """The run with this ID or unique ID prefix; UserError when none or several match."""
+        hint = "`python cli.py runs` lists them"
+        wanted = str(run_id).strip()
+        ids = self.ids()
+        if wanted in ids:
+            return self.record(wanted)
+        hits = [i for i in ids if wanted and i.startswith(wanted)]
+        if len(hits) == 1:
+            return self.record(hits[0])
+        if len(hits) > 1:
+            raise UserError(f"run ID prefix {wanted!r} matches {len(hits)} runs ({', '.join(hits[:3])}"
+                            f"{', ...' if len(hits) > 3 else ''}); give more of it; {hint}")
+        raise UserError(f"unknown run ID {wanted!r}; {hint}")
+
+    def table(self, records: list[RunRecord], title: str | None = None) -> Table:
+        """Rich table: id, stage, status, backbone, data, head, key parameters, val acc/F1, duration."""
+        table = Table(title=title, title_justify="left")
+        for name, kw in [("id", {"no_wrap": True}), ("stage", {}), ("status", {}), ("backbone", {}), ("data", {}),
+                         ("head", {}), ("key parameters", {"max_width": 40}), ("val acc", {"justify": "right"}),
+                         ("val F1", {"justify": "right"}), ("duration", {"justify": "right"})]:
+            table.add_column(name, **kw)
+        for r in records:
+            c = r.config
+            table.add_row(
+                r.id, r.stage, _status_text(r.status), _cell(c.get("backbone")), _cell(c.get("data")),
+                _cell(c.get("head")), _params_text(c.get("params")), _num(r.val_accuracy), _num(r.val_f1),
+                format_duration(r.duration_s),
+            )
+        return table
+
+
+def _alive(info: Mapping[str, Any]) -> bool:
+    """Whether the process that started a 'running' run still exists (unknowable on another host)."""
+    if info.get("host") != socket.gethostname():
+        return True
+    pid = info.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _matches(value: Any, want: Any) -> bool:
+    if value is None:
+        return False
+    text, pattern = str(value), str(want)
+    return text == pattern or fnmatch.fnmatchcase(text, pattern)
+
+
+def _cell(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    text = str(value)
+    return text if len(text) <= 32 else "..." + text[-29:]
+
+
+def _params_text(params: Any) -> str:
+    if not isinstance(params, Mapping) or not params:
+        return "-"
+    return " ".join(f"{k}={_short_value(v)}" for k, v in params.items())
+
+
+def _short_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_short_value(x) for x in v) or "()"
+    return str(v)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _status_text(status: str) -> str:
+    colour = {"ok": "green", "failed": "red", "running": "yellow", "incomplete": "magenta"}.get(status)
+    return f"[{colour}]{status}[/{colour}]" if colour else status
+
+
+def format_duration(seconds: float | None) -> str:
+    """12.3s, 4m05s, 2h03m."""
+    if seconds is None:
+        return "-"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"

@@ -1,0 +1,205 @@
+"""Stage 2 orchestration: split a cache into train/val/test rows, fit a head, evaluate, record a run.
+
+Training uses split 'train' (plus its augmented views, when the cache has them and
+`use_augmented`); validation and test use clean views only. Without a 'val' split, a stratified
+share of the clean training *images* is held out, and every view of a held-out image (matched by
+the `index` dataset) is kept out of training, so augmented copies never leak into validation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from .errors import UserError
+from .heads import DenseHead, FeatureSource, LogisticHead, feature_info_of, head_filename
+from .metrics import classification_report
+from .plots import plot_c_curve, plot_confusion_matrix, plot_history
+from .runs import Registry, Run
+from .store import FeatureFile
+
+Head = LogisticHead | DenseHead
+
+
+@dataclass
+class SplitRows:
+    """Row numbers of a cache for training, validation and test, and where validation came from."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    val_source: str  # "val split" | "holdout"
+    n_train_images: int
+    n_augmented_rows: int
+
+    def summary(self) -> dict[str, Any]:
+        return {"train_rows": int(self.train.size), "train_images": self.n_train_images,
+                "augmented_rows": self.n_augmented_rows, "val_images": int(self.val.size),
+                "test_images": int(self.test.size), "val_source": self.val_source}
+
+
+def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_augmented: bool = True) -> SplitRows:
+    """Choose the train/val/test rows of a labelled cache (see the module docstring)."""
+    labelled = ff.labels >= 0
+    if not labelled.any():
+        raise UserError(f"{ff.path.name} has no labels (every image is unlabelled); "
+                        "fit-head needs a labelled data set, e.g. one sub-folder per class")
+    clean = ff.views == 0
+    train_mask = (ff.splits == "train") & labelled
+    if not (train_mask & clean).any():
+        raise UserError(f"{ff.path.name} has no labelled images in the 'train' split, so there is nothing to train on")
+    val_clean = np.flatnonzero((ff.splits == "val") & labelled & clean)
+    if val_clean.size:
+        val, source, held = val_clean, "val split", np.zeros(0, ff.index.dtype)
+    else:
+        if not 0 < val_fraction < 1:
+            raise UserError(f"the cache has no 'val' split and val_fraction={val_fraction} holds out nothing; "
+                            "use a fraction between 0 and 1")
+        val, held = _holdout(ff, np.flatnonzero(train_mask & clean), val_fraction, seed)
+        source = "holdout"
+    views_ok = np.ones_like(clean) if use_augmented else clean
+    train = np.flatnonzero(train_mask & views_ok & ~np.isin(ff.index, held))
+    classes = np.unique(ff.labels[train])
+    if classes.size < 2:
+        name = ff.class_names[classes[0]] if ff.class_names and classes.size else "one class"
+        raise UserError(f"fit-head needs at least two classes, but every training image is {name!r}")
+    test = np.flatnonzero((ff.splits == "test") & labelled & clean)
+    return SplitRows(train=train, val=val, test=test, val_source=source,
+                     n_train_images=int(np.unique(ff.index[train]).size),
+                     n_augmented_rows=int((ff.views[train] > 0).sum()))
+
+
+def _holdout(ff: FeatureFile, clean_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(val rows, held-out image indices): a stratified share of the clean training images."""
+    if clean_rows.size < 2:
+        raise UserError("too few training images to hold some out for validation; add a 'val' split or more images")
+    labels = ff.labels[clean_rows]
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    try:
+        _, val = train_test_split(clean_rows, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:  # too few rows per class for a stratified split of this size
+        _, val = train_test_split(clean_rows, test_size=fraction, random_state=seed)
+    val = np.sort(val)
+    return val, np.unique(ff.index[val])
+
+
+@dataclass
+class FitResult:
+    """A fitted head, the rows it used, its metrics ('train', 'val', 'test' reports) and timing."""
+
+    head: Head
+    split: SplitRows
+    metrics: dict[str, Any]
+    fit_seconds: float
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def history(self) -> dict[str, list[float]] | None:
+        return getattr(self.head, "history_", None)
+
+
+def fit_head_on_cache(feature_file: FeatureFile, head: Head, val_fraction: float = 0.2, seed: int = 0,
+                      use_augmented: bool = True) -> FitResult:
+    """Fit `head` on the cache's training rows, then report metrics on train (clean), val and test."""
+    ff = feature_file
+    split = split_rows(ff, val_fraction, seed, use_augmented)
+    names = list(ff.class_names) or [str(i) for i in range(int(ff.labels.max()) + 1)]
+    t0 = time.perf_counter()
+    head.fit(FeatureSource(ff, split.train), ff.labels[split.train], FeatureSource(ff, split.val),
+             ff.labels[split.val], class_names=names, cache_key=ff.key, feature_info=feature_info_of(ff))
+    fit_seconds = time.perf_counter() - t0
+    clean_train = split.train[ff.views[split.train] == 0]
+    metrics: dict[str, Any] = {"train": evaluate_rows(head, ff, clean_train), "val": evaluate_rows(head, ff, split.val)}
+    if split.test.size:
+        metrics["test"] = evaluate_rows(head, ff, split.test)
+    return FitResult(head=head, split=split, metrics=metrics, fit_seconds=fit_seconds)
+
+
+def evaluate_rows(head: Head, ff: FeatureFile, rows: np.ndarray) -> dict[str, Any]:
+    """Metrics report of `head` on some labelled rows of the cache it was trained for."""
+    rows = np.asarray(rows)
+    proba = head.predict_proba(FeatureSource(ff, rows)) if rows.size else np.zeros((0, head.n_classes_))
+    return classification_report(ff.labels[rows], proba, head.class_names_)
+
+
+def evaluate_on_cache(head: Head, ff: FeatureFile, split: str = "test") -> dict[str, Any]:
+    """Check the head fits this cache, then report metrics on the labelled clean rows of `split`."""
+    head.check_matches(ff)
+    rows = ff.rows(split, "clean")
+    rows = rows[ff.labels[rows] >= 0]
+    if rows.size == 0:
+        raise UserError(f"{ff.path.name} has no labelled images in split {split!r}")
+    return evaluate_rows(head, ff, rows)
+
+
+def predict_on_cache(head: Head, ff: FeatureFile, rows: np.ndarray | None = None) -> np.ndarray:
+    """Class probabilities for rows of a cache (default: every clean row), after checking compatibility."""
+    head.check_matches(ff)
+    rows = ff.rows(None, "clean") if rows is None else np.asarray(rows)
+    return head.predict_proba(FeatureSource(ff, rows))
+
+
+def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
+    """Write the head, metrics.json and plots (curves, confusion matrices, C curve) into the run."""
+    head = result.head
+    files: dict[str, Path] = {"head": head.save(run.path(head_filename(head.kind)))}
+    run.log_metrics({**result.metrics, "split": result.split.summary(), "fit_seconds": round(result.fit_seconds, 3),
+                     **_head_facts(head)})
+    history = result.history
+    if history and history.get("loss"):
+        files["curves"] = plot_history(history, run.path("curves.png"), title=f"{head.kind} head")
+    if isinstance(head, LogisticHead) and head.cv_scores_:
+        files["c_curve"] = plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_,
+                                        scoring=head.scoring)
+    for part in ("val", "test"):
+        report = result.metrics.get(part)
+        if report and report.get("n"):
+            files[f"confusion_{part}"] = plot_confusion_matrix(
+                report["confusion_matrix"], report["class_names"], run.path(f"confusion_{part}.png"),
+                title=f"{part}: accuracy {report['accuracy']:.3f}")
+    return files
+
+
+def _head_facts(head: Head) -> dict[str, Any]:
+    if isinstance(head, LogisticHead):
+        return {"C": head.C_, "C_choice": head.C_note_, "converged": head.converged_,
+                "cv_scores": {f"{c:g}": s for c, s in head.cv_scores_.items()}}
+    return {"epochs_run": head.n_epochs_, "best_epoch": head.best_epoch_ + 1, "streamed": head.streamed_}
+
+
+def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
+    """The config.json of a fit-head run: cache, backbone, data, head kind and its parameters."""
+    req = ff.attrs.get("request") if isinstance(ff.attrs.get("request"), Mapping) else {}
+    data = ff.attrs.get("data") or req.get("data") or ff.path.stem
+    return {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
+            "data": data, "head": head.kind, "params": key_params(head), "head_params": head.get_params(), **extra}
+
+
+def key_params(head: Head) -> dict[str, Any]:
+    """The few parameters worth a column in the runs table."""
+    p = head.get_params()
+    if isinstance(head, LogisticHead):
+        keys = ["C", "class_weight", "flatten"]
+    else:
+        keys = ["hidden", "dropout", "lr", "lr_schedule", "epochs", "early_stopping", "class_weight"]
+    return {k: p[k] for k in keys if p.get(k) not in (None, False)}
+
+
+def fit_head_run(feature_file: FeatureFile, head: Head, registry: Registry | None = None,
+                 config: Mapping[str, Any] | None = None, val_fraction: float = 0.2, seed: int = 0,
+                 use_augmented: bool = True) -> tuple[FitResult, Run]:
+    """Fit and evaluate as a recorded 'fit-head' run (default registry: the cache's folder)."""
+    ff = feature_file
+    registry = registry or Registry(ff.path.parent.parent)
+    cfg = run_config(ff, head, val_fraction=val_fraction, seed=seed, use_augmented=use_augmented, **(config or {}))
+    run = registry.start("fit-head", cfg)
+    with run:
+        result = fit_head_on_cache(ff, head, val_fraction=val_fraction, seed=seed, use_augmented=use_augmented)
+        save_fit(result, run)
+    return result, run

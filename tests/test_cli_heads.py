@@ -1,0 +1,100 @@
+"""Stage 2 as a user runs it: fit-head (both heads, sweep), runs, evaluate and predict --run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import make_folder, run_cli
+from helpers_features import write_cache
+
+FAST = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--no-progress"]
+
+
+def _run_id(stdout: str) -> str:
+    line = next(l for l in stdout.splitlines() if " run " in l and "saved in" in l)
+    return line.split(" run ")[1].split()[0]
+
+
+def test_fit_head_from_extract_options_then_use_the_run(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=12)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1.0")
+    assert fit.returncode == 0, fit.stderr
+    assert "extracting first" in fit.stderr and "val   accuracy" in fit.stdout
+    run_id = _run_id(fit.stdout)
+    run_dir = Path(cache) / "runs" / run_id
+    assert (run_dir / "head.joblib").exists() and (run_dir / "confusion_val.png").exists()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["backbone"] == "vgg16" and cfg["head"] == "logistic"
+
+    again = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1.0")
+    assert "extracting first" not in again.stderr and "cache hit" in again.stdout
+
+    listing = run_cli("runs", "--cache-dir", cache)
+    assert listing.returncode == 0 and run_id in listing.stdout and "extract" in listing.stdout
+    only = run_cli("runs", "--stage", "fit-head", "--filter", "head=logistic", "--cache-dir", cache)
+    assert run_id in only.stdout and "│ extract" not in only.stdout
+    show = run_cli("runs", "show", run_id[:18], "--cache-dir", cache)
+    assert show.returncode == 0 and '"head": "logistic"' in show.stdout
+
+    ev = run_cli("evaluate", "--run", run_id, "--data", str(data), "--split", "val", "--cache-dir", cache)
+    assert ev.returncode == 0, ev.stderr
+    assert "accuracy" in ev.stdout and "(n=24)" in ev.stdout  # 12 per class in val
+
+    out_csv = tmp_path / "p.csv"
+    pred = run_cli("predict", "--run", run_id, str(data / "val" / "ants"), "--csv", str(out_csv),
+                   "--top-k", "1", "--cache-dir", cache)
+    assert pred.returncode == 0, pred.stderr
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 12 and set(rows[0]) == {"path", "prediction", "probability", "ants", "bees"}
+    assert all(abs(float(r["ants"]) + float(r["bees"]) - 1) < 1e-4 for r in rows)
+    assert len(pred.stdout.strip().splitlines()) == 12
+
+
+def test_dense_head_and_sweep_on_a_cache_file(tmp_path):
+    path = write_cache(tmp_path / "c", n_images=240, dim=32, n_classes=3)
+    cache = str(tmp_path / "c")
+    dense = run_cli("fit-head", "--cache", str(path), "--head", "dense", "--hidden", "32", "--epochs", "5",
+                    "--early-stopping", "2", "--lr-schedule", "cosine", "--cache-dir", cache)
+    assert dense.returncode == 0, dense.stderr
+    run_dir = Path(cache) / "runs" / _run_id(dense.stdout)
+    assert (run_dir / "head.keras").exists() and (run_dir / "curves.png").exists()
+    assert "test  accuracy" in dense.stdout
+    sweep = run_cli("fit-head", "--cache", path.stem.rsplit("-", 1)[1], "--sweep", "--cache-dir", cache)
+    assert sweep.returncode == 0, sweep.stderr
+    assert "best saved in run" in sweep.stdout and "sweep" in sweep.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["evaluate", "--run", "nope", "--data", "x"], "unknown run ID"),
+    (["predict", "--run", "nope", "{img}"], "unknown run ID"),
+    (["fit-head", "--cache", "ffffffffff"], "no cache entry"),
+    (["fit-head", "--cache", "{cache_file}", "--C", "-1"], "--C"),
+])
+def test_stage2_errors_are_one_line(args, fragment, tmp_path):
+    path = write_cache(tmp_path / "c", n_images=60, dim=8)
+    img = tmp_path / "x.png"
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(img)
+    args = [a.format(img=img, cache_file=path) for a in args]
+    proc = run_cli(*args, "--cache-dir", str(tmp_path / "c"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in proc.stderr.strip().splitlines()[-1]
+
+
+def test_head_that_does_not_match_the_cache_is_refused(tmp_path):
+    a = write_cache(tmp_path / "c", n_images=90, dim=16, key="aaaa000000000001", name="a")
+    write_cache(tmp_path / "c", n_images=90, dim=24, key="bbbb000000000002", name="b")
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--cache", str(a), "--C", "1", "--cache-dir", cache)
+    assert fit.returncode == 0, fit.stderr
+    from pipeline.heads import load_head
+    from pipeline.store import FeatureFile
+    from pipeline.errors import UserError
+    head = load_head(Path(cache) / "runs" / _run_id(fit.stdout))
+    with FeatureFile(next((Path(cache) / "features").glob("b-*.h5"))) as other, pytest.raises(UserError):
+        head.check_matches(other)

@@ -1,0 +1,72 @@
+"""Metrics reports (values, JSON, rendering) and PNG plots (written, valid, the promised size)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import f1_score, log_loss
+
+from pipeline.metrics import classification_report, format_report, metrics_table, summary_line
+from pipeline.plots import plot_c_curve, plot_confusion_matrix, plot_history
+
+
+def test_report_values_match_sklearn_and_are_json():
+    y = np.array([0, 0, 1, 1, 2, 2, 2, 0])
+    p = np.array([[.8, .1, .1], [.3, .6, .1], [.2, .7, .1], [.1, .8, .1], [.1, .1, .8], [.3, .3, .4],
+                  [.5, .2, .3], [.9, .05, .05]])
+    r = classification_report(y, p, ["cat", "dog", "emu"])
+    pred = p.argmax(1)
+    assert r["n"] == 8 and r["accuracy"] == pytest.approx(np.mean(pred == y))
+    assert r["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert r["weighted_f1"] == pytest.approx(f1_score(y, pred, average="weighted"))
+    assert r["log_loss"] == pytest.approx(log_loss(y, p))
+    assert r["confusion_matrix"] == [[2, 1, 0], [0, 2, 0], [1, 0, 2]]
+    assert r["per_class"]["emu"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8),
+                                     "support": 3}
+    assert json.loads(json.dumps(r)) == r
+    # predictions only: no log loss; a class absent from y_true does not drag macro-F1 down
+    r2 = classification_report([0, 0, 1], y_pred=[0, 0, 1], class_names=["a", "b", "c"])
+    assert r2["log_loss"] is None and r2["macro_f1"] == 1.0 and r2["per_class"]["c"]["support"] == 0
+    assert classification_report([], np.zeros((0, 2)), ["a", "b"])["n"] == 0
+
+
+def test_rendering_mentions_classes_and_numbers():
+    r = classification_report([0, 1, 1, 0], np.array([[.9, .1], [.2, .8], [.6, .4], [.7, .3]]), ["ants", "bees"])
+    text = format_report(r, title="val")
+    for needle in ("ants", "bees", "precision", "0.750", "accuracy", "log loss", "val"):
+        assert needle in text
+    assert summary_line(r).startswith("accuracy 0.750 · macro-F1 ") and "(n=4)" in summary_line(r)
+    assert metrics_table(r).row_count == 2 + 3
+
+
+def _png(path, size):
+    assert path.exists() and path.stat().st_size > 1000
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == size
+
+
+def test_plots_write_valid_pngs_of_the_requested_size(tmp_path):
+    history = {"loss": [1.0, 0.6, 0.4], "val_loss": [1.1, 0.8, 0.7], "acc": [0.5, 0.7, 0.8],
+               "val_acc": [0.4, 0.6, 0.7], "lr": [1e-3, 1e-3, 1e-4]}
+    _png(plot_history(history, tmp_path / "curves.png", title="dense", figsize=(9, 3), dpi=50), (450, 150))
+    cm = [[5, 1, 0], [2, 7, 1], [0, 0, 9]]
+    _png(plot_confusion_matrix(cm, ["cat", "dog", "emu"], tmp_path / "sub" / "cm.png", figsize=(5, 4), dpi=60),
+         (300, 240))
+    big = np.random.default_rng(0).integers(0, 5, (80, 80))          # many classes: no labels, still valid
+    _png(plot_confusion_matrix(big, [f"c{i}" for i in range(80)], tmp_path / "big.png", dpi=20), (510, 480))
+    _png(plot_c_curve({0.01: -0.9, 0.1: -0.5, "1.0": -0.6}, tmp_path / "c.png", chosen=0.1, dpi=40), (200, 144))
+    assert not list(tmp_path.glob(".*tmp"))                          # atomic writes leave no temp files
+
+
+def test_plots_do_not_touch_pyplot_state(tmp_path):
+    plot_history({"loss": [1, 0.5]}, tmp_path / "h.png")
+    if "matplotlib.pyplot" in sys.modules:                           # another test may have imported it
+        import matplotlib.pyplot as plt
+
+        assert plt.get_fignums() == []

@@ -1,0 +1,206 @@
+"""Training on a cache (row selection, holdout, errors, recorded runs) and the runs registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from pipeline.errors import UserError
+from pipeline.heads import DenseHead, FeatureSource, LogisticHead, load_head
+from pipeline.runs import Registry, format_duration
+from pipeline.store import FeatureFile
+from pipeline.training import evaluate_on_cache, fit_head_on_cache, fit_head_run, predict_on_cache, split_rows
+
+from helpers_features import write_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class RecordingHead(LogisticHead):
+    """A logistic head that remembers which cache rows it was given for training and validation."""
+
+    def fit(self, X, y, X_val=None, y_val=None, **kw):
+        self.seen_train_, self.seen_val_ = np.array(X.rows), np.array(X_val.rows)
+        return super().fit(X, y, X_val, y_val, **kw)
+
+
+@pytest.fixture(scope="module")
+def aug_cache(tmp_path_factory):
+    """train/val/test splits, two augmented views per training image."""
+    return write_cache(tmp_path_factory.mktemp("aug"), n_images=240, dim=16, views=2, sep=2.0)
+
+
+@pytest.fixture(scope="module")
+def noval_cache(tmp_path_factory):
+    """No 'val' split (train/test only), two augmented views per training image."""
+    return write_cache(tmp_path_factory.mktemp("noval"), n_images=240, dim=16, views=2, sep=2.0,
+                       split_fractions=(0.8, 0, 0.2))
+
+
+def test_augmented_views_train_but_never_validate(aug_cache):
+    with FeatureFile(aug_cache) as ff:
+        head = RecordingHead(C=1.0)
+        result = fit_head_on_cache(ff, head)
+        train, val = head.seen_train_, head.seen_val_
+        assert set(ff.splits[train]) == {"train"} and set(ff.views[train]) == {0, 1, 2}
+        assert set(ff.splits[val]) == {"val"} and set(ff.views[val]) == {0}
+        assert result.split.val_source == "val split" and result.split.n_augmented_rows == (ff.views > 0).sum()
+        assert set(result.metrics) == {"train", "val", "test"}
+        assert result.metrics["val"]["n"] == val.size and result.metrics["test"]["n"] == ff.rows("test").size
+        assert result.metrics["val"]["accuracy"] > 0.8
+        head2 = RecordingHead(C=1.0)
+        fit_head_on_cache(ff, head2, use_augmented=False)
+        assert set(ff.views[head2.seen_train_]) == {0} and head2.seen_train_.size == ff.rows("train").size
+
+
+def test_holdout_is_stratified_and_excludes_every_view_of_held_out_images(noval_cache):
+    with FeatureFile(noval_cache) as ff:
+        head = RecordingHead(C=1.0)
+        result = fit_head_on_cache(ff, head, val_fraction=0.25, seed=3)
+        train, val = head.seen_train_, head.seen_val_
+        assert result.split.val_source == "holdout"
+        assert set(ff.views[val]) == {0} and set(ff.splits[val]) == {"train"}
+        held = set(ff.index[val])
+        assert held.isdisjoint(ff.index[train])                      # no view of a held-out image trains
+        n_clean = ff.rows("train").size
+        assert val.size == pytest.approx(0.25 * n_clean, abs=1)
+        assert train.size == (n_clean - val.size) * 3                 # the rest, with both augmented views
+        share = np.bincount(ff.labels[val], minlength=3) / val.size   # stratified: class shares kept
+        whole = np.bincount(ff.labels[ff.rows("train")], minlength=3) / n_clean
+        assert np.abs(share - whole).max() < 0.05
+        again = split_rows(ff, 0.25, seed=3)
+        np.testing.assert_array_equal(again.val, val)                # reproducible for a seed
+        assert not np.array_equal(split_rows(ff, 0.25, seed=4).val, val)
+
+
+def test_unlabelled_or_single_class_caches_are_user_errors(tmp_path):
+    unlabelled = write_cache(tmp_path / "u", n_images=30, labels=np.full(30, -1))
+    with FeatureFile(unlabelled) as ff, pytest.raises(UserError, match="no labels") as err:
+        fit_head_on_cache(ff, LogisticHead(C=1.0))
+    assert "\n" not in str(err.value)
+    one = write_cache(tmp_path / "o", n_images=30, labels=np.zeros(30, int), class_names=["cat", "dog", "emu"])
+    with FeatureFile(one) as ff, pytest.raises(UserError, match="at least two classes.*'cat'"):
+        fit_head_on_cache(ff, LogisticHead(C=1.0))
+
+
+def test_head_used_on_a_different_cache_is_refused(tmp_path, aug_cache):
+    with FeatureFile(aug_cache) as ff:
+        head = fit_head_on_cache(ff, LogisticHead(C=1.0)).head
+        assert evaluate_on_cache(head, ff)["n"] > 0 and predict_on_cache(head, ff).shape[1] == 3
+    other_dim = write_cache(tmp_path / "d", n_images=40, dim=8)
+    renamed = write_cache(tmp_path / "c", n_images=40, dim=16, class_names=["x", "y", "z"])
+    other_net = write_cache(tmp_path / "b", n_images=40, dim=16, attrs={"backbone": "resnet50"})
+    for path, match in [(other_dim, "shape"), (renamed, "classes"), (other_net, "backbone")]:
+        with FeatureFile(path) as ff, pytest.raises(UserError, match=match):
+            evaluate_on_cache(head, ff)
+
+
+def test_fit_head_run_records_config_metrics_artifacts(aug_cache, tmp_path):
+    registry = Registry(tmp_path / "cache")
+    with FeatureFile(aug_cache) as ff:
+        result, run = fit_head_run(ff, LogisticHead(Cs=(0.1, 1.0)), registry=registry)
+    files = {p.name for p in run.dir.iterdir()}
+    assert {"config.json", "metrics.json", "run.json", "head.joblib", "c_curve.png", "confusion_val.png",
+            "confusion_test.png"} <= files
+    config = json.loads((run.dir / "config.json").read_text())
+    assert config["head"] == "logistic" and config["cache_file"] == str(aug_cache) and config["backbone"] == "synthetic"
+    metrics = json.loads((run.dir / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] == result.metrics["val"]["accuracy"] and metrics["split"]["augmented_rows"] > 0
+    rec = registry.get(run.id[:17])
+    assert rec.status == "ok" and rec.stage == "fit-head" and rec.duration_s >= 0 and rec.val_accuracy > 0.8
+    assert isinstance(load_head(run.dir), LogisticHead)
+
+
+def test_dense_fit_head_run_writes_keras_head_and_training_curves(aug_cache, tmp_path):
+    registry = Registry(tmp_path / "cache")
+    with FeatureFile(aug_cache) as ff:
+        result, run = fit_head_run(ff, DenseHead(hidden=(8,), epochs=3, batch_size=32), registry=registry)
+        assert {"head.keras", "head.json", "curves.png", "confusion_val.png"} <= {p.name for p in run.dir.iterdir()}
+        metrics = json.loads((run.dir / "metrics.json").read_text())
+        assert metrics["epochs_run"] == 3 and metrics["streamed"] is False and len(result.history["loss"]) == 3
+        back = load_head(run.dir)
+        val = ff.rows("val")
+        np.testing.assert_allclose(back.predict_proba(FeatureSource(ff, val)),
+                                   result.head.predict_proba(FeatureSource(ff, val)), atol=1e-6)
+    rec = registry.get(run.id)
+    assert rec.config["params"]["hidden"] == [8] and rec.config["head_params"]["epochs"] == 3
+
+
+def test_failed_run_is_marked_failed(tmp_path):
+    registry = Registry(tmp_path)
+    unlabelled = write_cache(tmp_path / "u", n_images=20, labels=np.full(20, -1))
+    with FeatureFile(unlabelled) as ff, pytest.raises(UserError):
+        fit_head_run(ff, LogisticHead(C=1.0), registry=registry)
+    (rec,) = registry.list()
+    assert rec.status == "failed" and "no labels" in rec.info["error"]
+
+
+# ------------------------------------------------------------------------------ registry
+def test_registry_start_finish_list_filter_sort(tmp_path):
+    reg = Registry(tmp_path)
+    a = reg.start("extract", {"backbone": "efficientnetb0", "data": "flowers"})
+    a.finish(metrics={"images": 10})
+    b = reg.start("fit-head", {"backbone": "efficientnetb0", "data": "flowers", "head": "dense",
+                               "params": {"lr": 0.001, "hidden": [256]}})
+    b.log_metrics({"val": {"accuracy": 0.9, "macro_f1": 0.88}})
+    b.finish("ok")
+    with reg.start("fit-head", {"backbone": "mobilenetv2", "head": "logistic"}) as c:
+        c.log_metrics({"val_accuracy": 0.95, "val_macro_f1": 0.94})
+    assert len(a.id) == 20 and a.id[8] == "-" and a.id[15] == "-"
+    assert [r.id for r in reg.list(descending=False)] == [a.id, b.id, c.id]
+    assert [r.id for r in reg.list()] == [c.id, b.id, a.id]
+    assert [r.id for r in reg.list(stage="fit-head")] == [c.id, b.id]
+    assert [r.id for r in reg.list(filters={"backbone": "efficient*"})] == [b.id, a.id]
+    assert [r.id for r in reg.list(filters={"head": "dense", "status": "ok"})] == [b.id]
+    assert [r.id for r in reg.list(sort="val.accuracy")] == [c.id, b.id, a.id]   # missing values last
+    assert [r.id for r in reg.list(sort="val_f1", descending=False)] == [b.id, c.id, a.id]
+    assert [r.id for r in reg.list(sort="params.lr")] == [b.id, c.id, a.id]
+    assert reg.get(c.id).val_accuracy == 0.95 and reg.get(b.id).val_f1 == 0.88
+    info = json.loads((b.dir / "run.json").read_text())
+    assert info["status"] == "ok" and info["ended"] and info["duration_s"] >= 0
+    text = _render(reg.table(reg.list()))
+    for needle in ("fit-head", "extract", "efficientnetb0", "dense", "lr=0.001", "hidden=256", "0.900", "0.880",
+                   "0.950", "flowers"):
+        assert needle in text
+
+
+def test_get_by_prefix_and_unknown_ids(tmp_path):
+    reg = Registry(tmp_path)
+    r1, r2 = reg.start("extract", {}), reg.start("extract", {})
+    assert reg.get(r1.id).id == r1.id and reg.get(r2.id).id == r2.id
+    shortest = next(r1.id[:k] for k in range(1, 21) if not r2.id.startswith(r1.id[:k]))
+    assert reg.get(shortest).id == r1.id
+    with pytest.raises(UserError, match=r"unknown run ID 'nope'; `python cli.py runs` lists them"):
+        reg.get("nope")
+    with pytest.raises(UserError, match="matches 2 runs"):
+        reg.get(r1.id[:8])
+    assert Registry(tmp_path / "empty").list() == []
+
+
+def test_crashed_run_shows_incomplete_and_live_one_running(tmp_path):
+    reg = Registry(tmp_path)
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from pipeline.runs import Registry; "
+            "r = Registry(sys.argv[1]).start('finetune', {}); print(r.id)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                         check=True)
+    crashed = out.stdout.strip()
+    live = reg.start("finetune", {})
+    assert reg.get(crashed).status == "incomplete"
+    assert reg.get(live.id).status == "running"
+    assert "incomplete" in _render(reg.table(reg.list()))
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (None, 3.21, 65, 7384)] == ["-", "3.2s", "1m05s", "2h03m"]
+
+
+def _render(table) -> str:
+    console = Console(width=250, record=True, color_system=None)
+    console.print(table)
+    return console.export_text()
