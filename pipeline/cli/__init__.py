@@ -33,7 +33,7 @@ def cli() -> None:
     """Transfer learning with cached backbone features: extract once, fit heads in seconds."""
 
 
-from . import cache_cmds, extract_cmds, predict_cmds  # noqa: E402,F401  (register commands)
+from . import cache_cmds, extract_cmds, finetune_cmds, head_cmds, predict_cmds  # noqa: E402,F401  (register commands)
 
 
 def main() -> None:

@@ -1,0 +1,88 @@
+"""Stage 3: `finetune --run ID` fine-tunes the top blocks end to end, starting from a fitted head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import cli
+from .options import parse_augment
+from ..errors import UserError
+from ..extract import DEFAULT_CACHE
+
+
+@cli.command("finetune")
+@click.option("--run", "run_id", default=None, help="The fit-head run to start from.")
+@click.option("--resume", "resume_id", default=None, help="Continue this interrupted finetune run instead.")
+@click.option("--unfreeze", multiple=True, help="Top block(s) to train, e.g. block5 (VGG), conv5 (ResNet), "
+                                                "block7 (EfficientNet/Lite). Default: the topmost block.")
+@click.option("--unfreeze-last", type=click.IntRange(0), default=None, help="Or: train the backbone's last N layers.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="Default: a tenth of a dense head's LR; 1e-4 after a logistic head.")
+@click.option("--optimizer", type=click.Choice(["adam", "nadam", "rmsprop", "sgd"]), default="adam", show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="constant",
+              show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--early-stopping", type=click.IntRange(1), default=None, metavar="PATIENCE")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None)
+@click.option("--augment", default="flip,rotation,zoom,brightness,contrast", show_default=True,
+              help="Training-only augmentation layers, each optionally =STRENGTH; 'none' for none.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
+def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str, ...], unfreeze_last: int | None,
+                 lr: float | None, optimizer: str, lr_schedule: str, epochs: int, batch_size: int,
+                 early_stopping: int | None, class_weight: str | None, augment: str, seed: int,
+                 cache_dir: Path) -> None:
+    """Fine-tune the backbone's top blocks with the fitted head on top, on the raw images.
+
+    Example: python cli.py finetune --run 20261122-2330 --unfreeze block7 --epochs 3
+    """
+    from ..finetune import FineTuner, format_comparison, stage2_inputs
+    from ..plots import plot_confusion_matrix, plot_history
+    from ..runs import Registry, Run
+
+    registry = Registry(cache_dir)
+    if resume_id:
+        record = registry.get(resume_id)
+        if record.stage != "finetune":
+            raise UserError(f"--resume takes a finetune run; {record.id} is a {record.stage} run")
+        if record.status == "ok":
+            raise UserError(f"finetune run {record.id} already finished; nothing to resume")
+        parent = registry.get(record.config["parent_run"])
+        tuner = FineTuner.from_checkpoint(record.dir)
+        run = Run(registry, record.id, "finetune", record.config)  # reopen the same folder
+    else:
+        if not run_id:
+            raise click.UsageError("give --run ID (a fit-head run) or --resume ID (an interrupted finetune run)")
+        parent = registry.get(run_id)
+        if parent.stage != "fit-head":
+            raise UserError(f"finetune starts from a fit-head run; {parent.id} is a {parent.stage} run")
+        tuner = FineTuner(unfreeze=list(unfreeze) or None, unfreeze_last=unfreeze_last, lr=lr, optimizer=optimizer,
+                          lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size,
+                          early_stopping=early_stopping, class_weight=class_weight,
+                          augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed)
+    inputs = stage2_inputs(parent.dir)
+    if not resume_id:
+        config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
+                  "head": f"finetune({inputs.head.kind})", "cache_file": str(inputs.cache_path),
+                  "request": inputs.request.to_json(), "class_names": list(inputs.head.class_names_),
+                  "params": {"unfreeze": ",".join(unfreeze) or (f"last{unfreeze_last}" if unfreeze_last else "top"),
+                             "lr": lr or tuner.default_lr(inputs.head), "epochs": epochs},
+                  "finetune_params": tuner.get_params()}
+        run = registry.start("finetune", config)
+    click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
+    with run:
+        result = tuner.fit(inputs.request, inputs.head, run.dir, resume=bool(resume_id),
+                           log=lambda m: click.echo(m, err=True))
+        run.log_metrics(result.run_metrics())
+        if result.history.get("loss"):
+            plot_history(result.history, run.path("curves.png"), title="fine-tuning")
+        val = result.metrics_after.get("val")
+        if val and val.get("n"):
+            plot_confusion_matrix(val["confusion_matrix"], val["class_names"], run.path("confusion_val.png"),
+                                  title=f"val after fine-tuning: accuracy {val['accuracy']:.3f}")
+        run.finish("ok")
+    click.echo(format_comparison(result.comparison))
+    click.echo(f"{result.epochs_run} epoch(s) in {result.seconds:.1f}s; model {result.model_path}; run {run.id}")

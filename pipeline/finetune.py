@@ -1,0 +1,835 @@
+"""Stage 3: fine-tune the backbone end to end, starting from a fitted stage-2 head.
+
+The model is rebuilt exactly as the cache was made (backbone, weights, image size, resize,
+preprocessing, layer cut and pooling, all read from the cache's `ExtractRequest`) with the fitted
+head on top, so before any training it predicts what the head predicted on cached features:
+
+    image (float 0..255, size x size x 3)
+      -> augmentation (keras Random* layers; active only while training)
+      -> preprocessing (built-in keras layers: Rescaling / Normalization / a frozen Dense(3))
+      -> backbone (a nested model named "backbone", called with training=False)
+      -> [global avg/max pooling, as the cache]
+      -> head (a nested model named "head": the DenseHead's layers, or a LogisticHead as one
+         Dense softmax layer with its scaler folded in)
+
+Only built-in Keras layers are used, so `model.keras` loads with plain `keras.models.load_model`
+without importing this package.
+
+Batch normalization: in Keras 3 a nested functional model called with `training=False` still
+receives the OUTER call's `training=True` during `fit` (the graph replay overrides the stored
+argument), so `training=False` alone does not keep BatchNorm in inference mode. What does is that
+every BatchNormalization layer is frozen (`trainable=False`; Keras 3 runs a frozen BN layer in
+inference mode), which `build_finetune_model` and `set_trainable` always ensure; it is saved with
+the model. Dropout layers inside a backbone (EfficientNet's stochastic depth) stay active while
+training, as usual.
+
+API:
+    build_finetune_model(request, head, augment, seed=0) -> keras.Model
+    set_trainable(model, spec, unfreeze=(), unfreeze_last=None) -> [trainable layer names]
+    FineTuner(...).fit(request, head, run_dir, resume=False) -> FinetuneResult
+    FineTuner.predict_proba(paths) / FineTuner.load(run_dir) / FineTuner.from_checkpoint(run_dir)
+    stage2_inputs(run_dir) -> Stage2Inputs (request, head, cache path) of a fit-head run folder
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import backbones
+from .atomic import atomic_path, write_text_atomic
+from .data import open_source
+from .errors import UserError
+from .extract import ExtractRequest
+from .imageio import AugmentConfig
+
+OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # 'torch' style, on 0..1 pixels
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # 'caffe' style, on 0..255 pixels
+LOGISTIC_DEFAULT_LR = 1e-4
+MODEL_FILE = "model.keras"
+INFO_FILE = "finetune.json"
+CHECKPOINT_FILE = "checkpoint.json"
+CHECKPOINT_DIR = "checkpoints"
+BEST_WEIGHTS = "best.weights.h5"
+_FORMAT = "featurecache-finetune"
+
+
+def _keras():
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
+
+    return keras
+
+
+# -------------------------------------------------------------------------------- model building
+def preprocessing_layers(style: str) -> list:
+    """Built-in Keras layers mapping 0..255 RGB floats to a backbone's input, for a preprocess style.
+
+    'tf': x/127.5 - 1. 'lite': (x - 127)/128. 'torch': x/255, then ImageNet mean/std.
+    'caffe': RGB -> BGR and ImageNet mean subtracted, as a frozen Dense(3) (permutation kernel,
+    bias -mean) computed in float64 so TF32 matmuls on a GPU cannot round the pixels.
+    'in-model': none (the backbone rescales itself).
+    """
+    keras = _keras()
+    L = keras.layers
+    if style == "in-model":
+        return []
+    if style == "tf":
+        return [L.Rescaling(1 / 127.5, offset=-1.0, name="preprocess_scale", dtype="float32")]
+    if style == "lite":
+        return [L.Rescaling(1 / 128, offset=-127 / 128, name="preprocess_scale", dtype="float32")]
+    if style == "torch":
+        return [L.Rescaling(1 / 255, name="preprocess_scale", dtype="float32"),
+                L.Normalization(mean=list(IMAGENET_MEAN_RGB), variance=[s * s for s in IMAGENET_STD_RGB],
+                                name="preprocess_normalize", dtype="float32")]
+    if style == "caffe":
+        dense = L.Dense(3, name="preprocess_rgb_to_bgr", dtype="float64", trainable=False)
+        dense.build((None, 3))
+        kernel = np.zeros((3, 3))
+        kernel[[2, 1, 0], [0, 1, 2]] = 1.0  # out[..., j] = in[..., 2 - j]
+        bias = -np.asarray(CAFFE_MEAN_BGR, np.float32).astype(np.float64)  # the float32 means numpy uses
+        dense.set_weights([kernel, bias])
+        return [dense, L.Identity(name="preprocess_to_float32", dtype="float32")]
+    raise ValueError(f"unknown preprocessing style {style!r}; known: {', '.join(backbones.PREPROCESS)}")
+
+
+def augmentation_layers(cfg: AugmentConfig | None, seed: int = 0) -> list:
+    """Keras random layers for `cfg` (flip, rotation, zoom, brightness, contrast; 0 = off).
+
+    They change images only while training (`training=True`, as in `fit`); at inference they
+    pass images through. Strengths mean what they mean in `pipeline.imageio.augment`: rotation in
+    fractions of a full turn, zoom as +-fraction, brightness as +-fraction of 255, contrast factor
+    in [1 - c, 1 + c].
+    """
+    if cfg is None:
+        return []
+    L = _keras().layers
+    out = []
+    kw = {"dtype": "float32"}
+    if cfg.flip:
+        out.append(L.RandomFlip("horizontal", seed=seed, name="augment_flip", **kw))
+    if cfg.rotation:
+        out.append(L.RandomRotation(float(cfg.rotation), fill_mode="reflect", seed=seed + 1,
+                                    name="augment_rotation", **kw))
+    if cfg.zoom:
+        z = float(cfg.zoom)
+        out.append(L.RandomZoom((-z, z), fill_mode="reflect", seed=seed + 2, name="augment_zoom", **kw))
+    if cfg.brightness:
+        out.append(L.RandomBrightness(float(cfg.brightness), value_range=(0, 255), seed=seed + 3,
+                                      name="augment_brightness", **kw))
+    if cfg.contrast:
+        out.append(L.RandomContrast(float(cfg.contrast), value_range=(0, 255), seed=seed + 4,
+                                    name="augment_contrast", **kw))
+    return out
+
+
+def _backbone(spec: backbones.Backbone, request: ExtractRequest, size: int):
+    """The frozen backbone cut at request.layer, as a nested model named 'backbone'."""
+    keras = _keras()
+    base = backbones.build(spec, request.weights, size)
+    out = base.output
+    if request.layer:
+        try:
+            out = base.get_layer(request.layer).output
+        except ValueError:
+            raise UserError(f"{spec.name} has no layer {request.layer!r} (the cache's --layer)") from None
+    model = keras.Model(base.input, out, name="backbone")
+    model.trainable = False
+    return model
+
+
+def _head_model(head, feature_shape: tuple[int, ...], spec_name: str = ""):
+    """The stage-2 head as a nested Keras model named 'head' with its fitted weights (float32)."""
+    keras = _keras()
+    L = keras.layers
+    made_by = (getattr(head, "feature_info_", None) or {}).get("backbone")
+    if made_by and made_by != spec_name:
+        raise UserError(f"the head was fitted on {made_by} features, not {spec_name}; use the cache it was trained on")
+    if tuple(head.feature_shape_) != tuple(feature_shape):
+        raise UserError(f"the head was fitted on features of shape {tuple(head.feature_shape_)}, but this "
+                        f"backbone produces {tuple(feature_shape)}; use the cache the head was trained on")
+    if hasattr(head, "as_dense_weights"):  # LogisticHead: reduce as the head does, then one Dense
+        inp = keras.Input(feature_shape, name="features", dtype="float32")
+        x = inp
+        if len(feature_shape) > 1:
+            rank, mode = len(feature_shape), head.flatten
+            if mode == "flatten":
+                x = L.Flatten(name="flatten", dtype="float32")(x)
+            elif mode == "avg":
+                x = (L.GlobalAveragePooling2D if rank == 3 else L.GlobalAveragePooling1D)(
+                    name="avg_pool", dtype="float32")(x)
+            else:
+                x = (L.GlobalMaxPooling2D if rank == 3 else L.GlobalMaxPooling1D)(name="max_pool", dtype="float32")(x)
+        W, b = head.as_dense_weights()
+        dense = L.Dense(W.shape[1], name="logits", dtype="float32")
+        x = dense(x)
+        dense.set_weights([np.asarray(W, np.float32), np.asarray(b, np.float32)])
+        out = L.Activation("softmax", name="probabilities", dtype="float32")(x)
+        return keras.Model(inp, out, name="head")
+    source = getattr(head, "model_", None)
+    if source is None:
+        raise UserError("the head is not fitted; fit it (stage 2) before fine-tuning")
+    clone = keras.models.clone_model(source)
+    clone.set_weights(source.get_weights())
+    return keras.Model(clone.inputs[0], clone.outputs[0], name="head")
+
+
+def build_finetune_model(request: ExtractRequest, head, augment: AugmentConfig | None = None, *, seed: int = 0):
+    """The end-to-end model: raw 0..255 RGB float images in, class probabilities out.
+
+    The backbone is rebuilt from `request` (the cache's request) and frozen, BatchNorm included;
+    the head layers carry the head's fitted weights and are trainable. In inference (augmentation
+    is then off) predictions equal `head.predict_proba` on features of the same images. Layers
+    are created under the current Keras dtype policy (set mixed_float16 around the call for mixed
+    precision); augmentation, preprocessing and head always compute in float32/float64.
+    """
+    keras = _keras()
+    spec = backbones.get(request.backbone)
+    size = spec.resolve_size(request.image_size)
+    backbone = _backbone(spec, request, size)
+    x = inputs = keras.Input((size, size, 3), name="image", dtype="float32")
+    for layer in augmentation_layers(augment, seed):
+        x = layer(x)
+    for layer in preprocessing_layers(spec.preprocess):
+        x = layer(x)
+    x = backbone(x, training=False)
+    if len(x.shape) == 4 and request.pooling != "none":
+        pool = keras.layers.GlobalAveragePooling2D if request.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+        x = pool(name=f"features_{request.pooling}_pool")(x)
+    head_model = _head_model(head, tuple(int(d) for d in x.shape[1:]), spec.name)
+    out = head_model(x)
+    model = keras.Model(inputs, out, name=f"finetune_{spec.name}")
+    _freeze_batchnorm(model)
+    return model
+
+
+# --------------------------------------------------------------------------------- trainability
+def _leaves(model) -> list:
+    """Every non-container layer of `model`, nested models walked through, in order."""
+    keras = _keras()
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(_leaves(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def _freeze_batchnorm(model) -> None:
+    keras = _keras()
+    for layer in _leaves(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
+def trainable_layer_names(model) -> list[str]:
+    """Names of the layers whose weights training will change (trainable, with trainable weights)."""
+    return [layer.name for layer in _leaves(model) if layer.trainable and layer.trainable_weights]
+
+
+def backbone_blocks(model, spec: backbones.Backbone) -> dict[str, tuple[int, int]]:
+    """The backbone's fine-tunable top blocks present in `model` -> [start, end) layer indices."""
+    backbone = model.get_layer("backbone")
+    return backbones.block_spans(spec, [layer.name for layer in backbone.layers])
+
+
+def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
+                  unfreeze_last: int | None = None) -> list[str]:
+    """Choose what trains: the head, plus whole top blocks of the backbone and/or its last N layers.
+
+    `unfreeze`: block names from `spec.blocks` (e.g. ['block5'] for VGG16, ['top', 'block7'] for
+    EfficientNet); an unknown name raises UserError listing the valid ones. `unfreeze_last`: the
+    last N layers of the backbone (in model order, weightless ones counted, as in
+    `base.layers[-N:]`). BatchNormalization layers always stay frozen (so they run in inference
+    mode), the preprocessing layers too; the head is trainable. Returns the names of the layers
+    training will change. Recompile the model after calling this.
+    """
+    keras = _keras()
+    unfreeze = (unfreeze,) if isinstance(unfreeze, str) else tuple(unfreeze)
+    backbone = model.get_layer("backbone")
+    layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    names = [layer.name for layer in backbone.layers]
+    spans = backbones.block_spans(spec, names)
+    unknown = [b for b in unfreeze if b not in spans]
+    if unknown:
+        valid = ", ".join(spans) or "none (the cut removed them)"
+        raise UserError(f"{spec.name} has no fine-tunable block {unknown[0]!r}; its top blocks are: {valid} "
+                        f"(or unfreeze the last N layers instead)")
+    if unfreeze_last is not None and int(unfreeze_last) < 0:
+        raise UserError(f"unfreeze_last must be 0 or more, not {unfreeze_last}")
+    chosen: set[int] = set()
+    for block in unfreeze:
+        start, end = spans[block]
+        chosen.update(range(start, end))
+    if unfreeze_last:
+        chosen.update(names.index(layer.name) for layer in layers[-int(unfreeze_last):])
+    model.trainable = True  # propagates to every layer; then freeze what must not train
+    for i, layer in enumerate(backbone.layers):
+        layer.trainable = i in chosen
+    for layer in model.layers:
+        if layer.name.startswith("preprocess_"):
+            layer.trainable = False
+    _freeze_batchnorm(model)
+    return trainable_layer_names(model)
+
+
+# ------------------------------------------------------------------------------------- data
+def _decode_file(tag, path):
+    """Read and decode one image file exactly as `pipeline.imageio.file_images` does."""
+    import tensorflow as tf
+
+    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8)
+    img.set_shape([None, None, 3])
+    return tag, img
+
+
+def image_dataset(source, listing, indices: np.ndarray, size: int, resize_method: str, batch_size: int,
+                  shuffle_seed: int | None = None, shuffle_buffer: int = 2048, cache_mb: float = 256.0):
+    """tf.data of (float32 images 0..255 resized as extraction did, int32 labels), batched, prefetched.
+
+    Files are decoded in parallel; unreadable ones are dropped. With `shuffle_seed`, the order is
+    reshuffled every epoch: file sources shuffle their paths before decoding (a full shuffle at no
+    memory cost), others shuffle decoded images in a buffer of `shuffle_buffer`. Unshuffled sets
+    smaller than `cache_mb` are kept in memory after the first pass.
+    """
+    import tensorflow as tf
+
+    from .imageio import resize
+
+    indices = np.asarray(indices, np.int64)
+    labels = tf.constant(np.asarray(listing.labels)[indices].astype(np.int32))
+    tags = np.arange(indices.size, dtype=np.int64)
+    auto = tf.data.AUTOTUNE
+
+    def prepare(tag, img):
+        return resize(img, size, resize_method), labels[tag]
+
+    if shuffle_seed is not None and listing.paths is not None:
+        paths = [listing.paths[i] for i in indices]
+        ds = tf.data.Dataset.from_tensor_slices((tags, paths))
+        ds = ds.shuffle(max(1, indices.size), seed=int(shuffle_seed), reshuffle_each_iteration=True)
+        ds = ds.map(_decode_file, num_parallel_calls=auto, deterministic=True).ignore_errors()
+        ds = ds.map(prepare, num_parallel_calls=auto, deterministic=True)
+    else:
+        ds = source.images(listing, indices, tags).map(prepare, num_parallel_calls=auto, deterministic=True)
+        if shuffle_seed is not None:
+            ds = ds.shuffle(max(1, min(indices.size, shuffle_buffer)), seed=int(shuffle_seed),
+                            reshuffle_each_iteration=True)
+        elif indices.size * size * size * 3 * 4 / 2**20 <= cache_mb:
+            ds = ds.cache()
+    return ds.batch(int(batch_size)).prefetch(auto)
+
+
+def evaluate(model, dataset, class_names: Sequence[str]) -> dict[str, Any]:
+    """`pipeline.metrics.classification_report` of the model on a labelled (images, labels) dataset."""
+    from .metrics import classification_report
+
+    # Two passes in the same deterministic order (evaluation sets are cached when small):
+    # model.predict compiles once, where a predict_on_batch loop retraces per batch shape.
+    y = np.concatenate([np.asarray(b) for b in dataset.map(lambda x, y: y)] or [np.zeros(0, np.int64)])
+    if y.size == 0:
+        return classification_report(y, np.zeros((0, len(class_names))), class_names)
+    with warnings.catch_warnings():  # the set's length is unknown until one pass has ended
+        warnings.filterwarnings("ignore", message="Your input ran out of data")
+        p = np.asarray(model.predict(dataset.map(lambda x, y: x), verbose=0), np.float64)
+    return classification_report(y, p, class_names)
+
+
+def compare_metrics(before: Mapping[str, Any], after: Mapping[str, Any],
+                    keys: Sequence[str] = ("accuracy", "macro_f1", "balanced_accuracy", "log_loss")) -> dict:
+    """{split: {metric: {before, after, change}}} for the splits in both, for a side-by-side table."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for split in after:
+        if split not in before:
+            continue
+        rows = {}
+        for k in keys:
+            b, a = before[split].get(k), after[split].get(k)
+            rows[k] = {"before": b, "after": a, "change": None if a is None or b is None else a - b}
+        out[split] = rows
+    return out
+
+
+def format_comparison(comparison: Mapping[str, Any]) -> str:
+    """The comparison as plain-text lines: `val accuracy  0.812 -> 0.874 (+0.062)`."""
+    lines = []
+    for split, rows in comparison.items():
+        for k, r in rows.items():
+            if r["before"] is None or r["after"] is None:
+                continue
+            lines.append(f"{split:<5} {k:<18} {r['before']:.3f} -> {r['after']:.3f} ({r['change']:+.3f})")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ checkpointing
+def _save_model_atomic(model, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        named = tmp.with_name(tmp.name + ".keras")  # Keras insists on the suffix
+        try:
+            model.save(named)
+            os.replace(named, tmp)
+        finally:
+            named.unlink(missing_ok=True)
+    return path
+
+
+def _history_from_logs(logs: Mapping[str, Any]) -> dict[str, float]:
+    names = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc",
+             "learning_rate": "lr"}
+    return {new: float(logs[old]) for old, new in names.items() if old in logs}
+
+
+def _make_checkpointer(keras, run_dir: Path, state: dict[str, Any], patience: int | None):
+    """Callback: after every epoch update history/early-stopping state, save the model and a JSON."""
+
+    class Checkpointer(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs=None) -> None:
+            logs = dict(logs or {})
+            row = _history_from_logs(logs)
+            if "lr" not in row:
+                row["lr"] = float(np.asarray(self.model.optimizer.learning_rate))
+            for k, v in row.items():
+                state["history"].setdefault(k, []).append(v)
+            if patience is not None and "val_loss" in logs:
+                val = float(logs["val_loss"])
+                if state["best"] is None or val < state["best"]:
+                    state.update(best=val, best_epoch=epoch + 1, wait=0)
+                    with atomic_path(run_dir / BEST_WEIGHTS) as tmp:
+                        named = tmp.with_name(tmp.name + ".weights.h5")
+                        try:
+                            self.model.save_weights(named)
+                            os.replace(named, tmp)
+                        finally:
+                            named.unlink(missing_ok=True)
+                else:
+                    state["wait"] += 1
+                    if state["wait"] >= patience:
+                        self.model.stop_training = True
+                        state["stopped_early"] = True
+            name = f"{CHECKPOINT_DIR}/epoch-{epoch + 1:03d}.keras"
+            _save_model_atomic(self.model, run_dir / name)
+            previous = state.get("model")
+            state.update(epoch=epoch + 1, model=name)
+            write_text_atomic(run_dir / CHECKPOINT_FILE, json.dumps(state, indent=2, default=_json_default))
+            if previous and previous != name:
+                (run_dir / previous).unlink(missing_ok=True)
+
+    return Checkpointer()
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (Path, tuple, set)):
+        return str(obj) if isinstance(obj, Path) else list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def read_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The checkpoint state of a fine-tuning run folder (epoch, model file, history, ...), or None."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UserError(f"{path} is not readable JSON; remove it to start over") from None
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass
+class FinetuneResult:
+    """What a fine-tuning run produced. Epoch numbers are 1-based."""
+
+    model_path: Path
+    history: dict[str, list[float]]  # loss, acc, val_loss, val_acc, lr per epoch (plot_history format)
+    metrics_before: dict[str, dict]  # {"val": report[, "test": report]} of the starting model
+    metrics_after: dict[str, dict]  # the same for the final model
+    epochs_run: int
+    best_epoch: int | None  # epoch whose weights were kept (early stopping), else None
+    stopped_early: bool
+    lr: float
+    trainable_layers: list[str]
+    resumed_from: int  # epochs already done when this call started (0 = fresh)
+    seconds: float
+    n_train: int
+    n_val: int
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def comparison(self) -> dict:
+        return compare_metrics(self.metrics_before, self.metrics_after)
+
+    def run_metrics(self) -> dict[str, Any]:
+        """A metrics.json for the runs registry: `val`/`test` are the final reports (the table's
+        columns), plus before/after, the comparison and the training facts."""
+        out: dict[str, Any] = dict(self.metrics_after)
+        out.update(before=self.metrics_before, after=self.metrics_after, comparison=self.comparison,
+                   epochs_run=self.epochs_run, best_epoch=self.best_epoch, stopped_early=self.stopped_early,
+                   lr=self.lr, trainable_layers=len(self.trainable_layers), resumed_from=self.resumed_from,
+                   fit_seconds=round(self.seconds, 3), train_images=self.n_train, val_images=self.n_val)
+        return out
+
+
+@dataclass
+class Stage2Inputs:
+    """What fine-tuning needs from a fit-head run: the cache's request, the head and the cache file."""
+
+    request: ExtractRequest
+    head: Any
+    cache_path: Path
+    config: dict[str, Any]
+
+
+def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
+    """Read a fit-head run folder: its config.json names the cache file, whose `request` says how
+    the features were made; the head is loaded from the folder."""
+    from .heads import load_head
+    from .store import FeatureFile
+
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{run_dir} has no readable config.json; is it a fit-head run folder?") from None
+    cache = config.get("cache_file")
+    if not cache:
+        raise UserError(f"{run_dir}/config.json names no cache_file; fine-tuning starts from a fit-head run")
+    head = load_head(run_dir)
+    with FeatureFile(cache) as ff:
+        req = ff.attrs.get("request")
+        material = ff.attrs.get("key_material") or {}
+        key = ff.key
+    if not isinstance(req, Mapping):
+        raise UserError(f"{cache} records no extraction request; extract it again with this version")
+    if head.cache_key_ and head.cache_key_ != key:
+        raise UserError(f"the head in {run_dir} was fitted on cache {head.cache_key_[:16]}, not {Path(cache).name}")
+    request = ExtractRequest.from_json(req)
+    spec = (material.get("data") or {}).get("data") if isinstance(material, Mapping) else None
+    if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
+        request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
+    return Stage2Inputs(request, head, Path(cache), config)
+
+
+# ----------------------------------------------------------------------------------- the tuner
+class FineTuner:
+    """Fine-tune a stage-2 head and its backbone end to end on the raw images (scikit-learn style).
+
+    unfreeze: top blocks to train (names from the backbone table, e.g. ['block5']); None = the
+        topmost block; () = the head only. unfreeze_last: also the last N backbone layers.
+    lr: peak learning rate; None = a tenth of a dense head's lr, or 1e-4 for a logistic head.
+    optimizer: adam | nadam | rmsprop | sgd (momentum 0.9). lr_schedule: constant | exponential |
+        cosine (`pipeline.schedules.make_schedule`; `schedule_params` passes rampup_epochs etc.).
+    epochs, batch_size (global batch, split over GPUs). early_stopping: patience in epochs on
+        val_loss (None = off); the best epoch's weights are restored at the end.
+    class_weight: None | 'balanced' | {class index: weight}. augment: AugmentConfig or None.
+    mixed_precision: None = on a GPU only. keep_checkpoint: keep the last epoch's checkpoint model
+        after a successful run (it is deleted by default; checkpoint.json stays).
+    """
+
+    def __init__(self, unfreeze: Sequence[str] | None = None, unfreeze_last: int | None = None,
+                 lr: float | None = None, optimizer: str = "adam", lr_schedule: str = "constant",
+                 schedule_params: Mapping[str, Any] | None = None, epochs: int = 10, batch_size: int = 32,
+                 early_stopping: int | None = None, class_weight: str | Mapping[int, float] | None = None,
+                 augment: AugmentConfig | None = AugmentConfig(), seed: int = 0,
+                 mixed_precision: bool | None = None, keep_checkpoint: bool = False, verbose: int = 0) -> None:
+        self.unfreeze = None if unfreeze is None else ((unfreeze,) if isinstance(unfreeze, str) else tuple(unfreeze))
+        self.unfreeze_last = unfreeze_last
+        self.lr = lr
+        self.optimizer = optimizer
+        self.lr_schedule = lr_schedule
+        self.schedule_params = dict(schedule_params or {})
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.early_stopping = early_stopping
+        self.class_weight = class_weight
+        self.augment = augment
+        self.seed = seed
+        self.mixed_precision = mixed_precision
+        self.keep_checkpoint = keep_checkpoint
+        self.verbose = verbose
+
+    # -- parameters
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-ready (augment as a dict)."""
+        return {"unfreeze": None if self.unfreeze is None else list(self.unfreeze),
+                "unfreeze_last": self.unfreeze_last, "lr": self.lr, "optimizer": self.optimizer,
+                "lr_schedule": self.lr_schedule, "schedule_params": dict(self.schedule_params),
+                "epochs": int(self.epochs), "batch_size": int(self.batch_size),
+                "early_stopping": self.early_stopping,
+                "class_weight": ({str(k): float(v) for k, v in self.class_weight.items()}
+                                 if isinstance(self.class_weight, Mapping) else self.class_weight),
+                "augment": None if self.augment is None else self.augment.as_dict(), "seed": int(self.seed),
+                "mixed_precision": self.mixed_precision, "keep_checkpoint": self.keep_checkpoint,
+                "verbose": self.verbose}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "FineTuner":
+        p = dict(params)
+        if isinstance(p.get("augment"), Mapping):
+            p["augment"] = AugmentConfig(**p["augment"])
+        if isinstance(p.get("class_weight"), Mapping):
+            p["class_weight"] = {int(k): float(v) for k, v in p["class_weight"].items()}
+        return cls(**p)
+
+    @classmethod
+    def from_checkpoint(cls, run_dir: str | os.PathLike) -> "FineTuner":
+        """A tuner with the settings an interrupted run was started with (to `fit(..., resume=True)`)."""
+        state = read_checkpoint(run_dir)
+        if state is None:
+            raise UserError(f"{run_dir} holds no fine-tuning checkpoint to resume")
+        return cls.from_params(state["params"])
+
+    def default_lr(self, head) -> float:
+        """A tenth of a dense head's learning rate; 1e-4 for a logistic head."""
+        head_lr = getattr(head, "lr", None) if getattr(head, "kind", "") == "dense" else None
+        return float(head_lr) / 10 if head_lr else LOGISTIC_DEFAULT_LR
+
+    def _check(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if int(self.epochs) < 1 or int(self.batch_size) < 1:
+            raise UserError("epochs and batch_size must be 1 or more")
+        if self.lr is not None and not float(self.lr) > 0:
+            raise UserError(f"the learning rate must be positive, not {self.lr}")
+        if self.early_stopping is not None and int(self.early_stopping) < 1:
+            raise UserError(f"early_stopping is a patience in epochs (>= 1) or None, not {self.early_stopping}")
+        if not (self.class_weight is None or self.class_weight == "balanced" or isinstance(self.class_weight, Mapping)):
+            raise UserError(f"class_weight must be None, 'balanced' or a dict, not {self.class_weight!r}")
+
+    def _fingerprint(self, request: ExtractRequest, head) -> str:
+        p = self.get_params()
+        for k in ("verbose", "keep_checkpoint"):
+            p.pop(k)
+        material = {"request": request.to_json(), "head": [getattr(head, "kind", "?"), head.cache_key_,
+                                                           list(head.class_names_)], "params": p}
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _class_weights(self, y: np.ndarray, n_classes: int) -> dict[int, float] | None:
+        if self.class_weight is None:
+            return None
+        if isinstance(self.class_weight, Mapping):
+            return {int(k): float(v) for k, v in self.class_weight.items()}
+        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+        present = counts > 0
+        return {int(c): (float(y.size / (present.sum() * counts[c])) if present[c] else 0.0) for c in range(n_classes)}
+
+    def _optimizer(self, keras, lr: float):
+        opts = keras.optimizers
+        if self.optimizer == "sgd":
+            return opts.SGD(learning_rate=lr, momentum=0.9)
+        return {"adam": opts.Adam, "nadam": opts.Nadam, "rmsprop": opts.RMSprop}[self.optimizer](learning_rate=lr)
+
+    def _resume_state(self, run_dir: Path, resume: bool, fingerprint: str, say: Callable[[str], None]):
+        """The checkpoint state to continue from, None to start afresh; refuses mismatched ones."""
+        state = read_checkpoint(run_dir)
+        if state is None:
+            if resume:
+                say("no checkpoint to resume from; starting from the first epoch")
+            return None
+        if not resume:
+            raise UserError(f"{run_dir} already holds a fine-tuning checkpoint; resume it or use a new run folder")
+        if state.get("complete"):
+            raise UserError(f"the fine-tuning run in {run_dir} already finished; nothing to resume")
+        if state.get("fingerprint") != fingerprint:
+            raise UserError(f"the checkpoint in {run_dir} was made with other settings, data or head; resume "
+                            f"with the same ones (FineTuner.from_checkpoint) or start a new run")
+        if not state.get("model"):
+            say("the interrupted run finished no epoch; starting from the first epoch")
+            return None
+        if not (run_dir / state["model"]).exists():
+            raise UserError(f"checkpoint model {run_dir / state['model']} is missing; cannot resume")
+        say(f"resuming after epoch {state['epoch']} of {state['epochs']}")
+        return state
+
+    def _model(self, request: ExtractRequest, head, spec: backbones.Backbone, lr: float,
+               checkpoint: Path | None):
+        """(compiled model, trainable layer names): built fresh, or loaded from a checkpoint.
+
+        Inside a MirroredStrategy scope when several GPUs are visible; under the mixed_float16
+        policy on a GPU (or when asked), so compile wraps the optimizer in a LossScaleOptimizer.
+        """
+        import tensorflow as tf
+
+        keras = _keras()
+        gpus = tf.config.list_physical_devices("GPU")
+        mixed = bool(gpus) if self.mixed_precision is None else bool(self.mixed_precision)
+        strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+        previous_policy = keras.mixed_precision.global_policy()
+        try:
+            if mixed:
+                keras.mixed_precision.set_global_policy("mixed_float16")
+            with strategy.scope():
+                if checkpoint is not None:  # compiled, optimizer state included
+                    model = keras.models.load_model(checkpoint)
+                    return model, trainable_layer_names(model)
+                model = build_finetune_model(request, head, self.augment, seed=int(self.seed))
+                unfreeze = self.unfreeze
+                if unfreeze is None:  # the topmost block present
+                    unfreeze = tuple(list(backbone_blocks(model, spec))[:1])
+                trainable = set_trainable(model, spec, unfreeze, self.unfreeze_last)
+                # XLA on a GPU ("auto") unless augmenting: Keras' image-transform ops may lack XLA kernels.
+                model.compile(optimizer=self._optimizer(keras, lr), loss="sparse_categorical_crossentropy",
+                              metrics=["accuracy"], jit_compile=False if self.augment is not None else "auto")
+                return model, trainable
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+
+    # -- training
+    def fit(self, request: ExtractRequest, head, run_dir: str | os.PathLike, resume: bool = False,
+            callbacks: Sequence[Any] = (), log: Callable[[str], None] | None = None) -> FinetuneResult:
+        """Fine-tune `head` (a fitted LogisticHead or DenseHead) and its backbone on `request`'s images.
+
+        Trains on the 'train' split, validates on 'val' (clean images; the model's augmentation is
+        off in evaluation), reports metrics on val (and test, when present) before and after. Every
+        epoch writes `run_dir/checkpoints/epoch-NNN.keras` (model + optimizer state) and
+        `run_dir/checkpoint.json`; `resume=True` continues from the last one with the same total
+        number of epochs (no checkpoint yet: starts afresh). Writes `run_dir/model.keras` (the whole
+        model; loads with plain keras) and `run_dir/finetune.json`. `callbacks` are extra Keras
+        callbacks, called after the checkpoint is written.
+        """
+        keras = _keras()
+        say = log or (lambda m: None)
+        self._check()
+        t0 = time.perf_counter()
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec = backbones.get(request.backbone)
+        size = spec.resolve_size(request.image_size)
+        class_names = list(head.class_names_)
+
+        source = open_source(request.data, request.split)
+        listing = source.listing()
+        if list(listing.class_names) != class_names:
+            raise UserError(f"the head's classes ({', '.join(class_names[:4])}...) differ from the data's "
+                            f"({', '.join(listing.class_names[:4])}...); fine-tune on the data the head was fitted on")
+        splits = np.asarray(listing.splits)
+        labelled = np.asarray(listing.labels) >= 0
+        train_idx = np.flatnonzero((splits == "train") & labelled)
+        val_idx = np.flatnonzero((splits == "val") & labelled)
+        test_idx = np.flatnonzero((splits == "test") & labelled)
+        if train_idx.size == 0:
+            raise UserError(f"{request.data} has no labelled images in the 'train' split to fine-tune on")
+        if self.early_stopping is not None and val_idx.size == 0:
+            raise UserError("early stopping watches the validation loss, but the data has no 'val' split")
+
+        fingerprint = self._fingerprint(request, head)
+        state = self._resume_state(run_dir, resume, fingerprint, say)
+        lr = float(self.lr) if self.lr is not None else self.default_lr(head)
+        schedule = _schedule(self.lr_schedule, lr, int(self.epochs), self.schedule_params)
+        model, trainable = self._model(request, head, spec, lr, run_dir / state["model"] if state else None)
+
+        keras.utils.set_random_seed(int(self.seed))
+        initial_epoch = int(state["epoch"]) if state is not None else 0
+        train_ds = image_dataset(source, listing, train_idx, size, request.resize, int(self.batch_size),
+                                 shuffle_seed=int(self.seed) * 1000003 + initial_epoch)
+        eval_sets = {name: image_dataset(source, listing, idx, size, request.resize, int(self.batch_size))
+                     for name, idx in (("val", val_idx), ("test", test_idx)) if idx.size}
+        if state is not None:
+            before = state["metrics_before"]
+        else:
+            say("evaluating the starting model")
+            before = {name: evaluate(model, ds, class_names) for name, ds in eval_sets.items()}
+            state = {"format": _FORMAT, "fingerprint": fingerprint, "params": self.get_params(),
+                     "request": request.to_json(), "lr": lr, "epochs": int(self.epochs), "epoch": 0,
+                     "model": None, "history": {}, "best": None, "best_epoch": None, "wait": 0,
+                     "stopped_early": False, "metrics_before": before, "trainable_layers": trainable,
+                     "complete": False}
+            write_text_atomic(run_dir / CHECKPOINT_FILE, json.dumps(state, indent=2, default=_json_default))
+        patience = None if self.early_stopping is None else int(self.early_stopping)
+        cbs = [keras.callbacks.LearningRateScheduler(schedule),
+               _make_checkpointer(keras, run_dir, state, patience), *callbacks]
+        y_train = np.asarray(listing.labels)[train_idx]
+        if initial_epoch < int(self.epochs) and not state.get("stopped_early"):
+            with warnings.catch_warnings():  # the datasets' length is unknown until the first epoch ends
+                warnings.filterwarnings("ignore", message="Your input ran out of data")
+                model.fit(train_ds, validation_data=eval_sets.get("val"), epochs=int(self.epochs),
+                          initial_epoch=initial_epoch, callbacks=cbs, verbose=self.verbose, shuffle=False,
+                          class_weight=self._class_weights(y_train, len(class_names)))
+        best_epoch = None
+        if patience is not None and state.get("best_epoch") and (run_dir / BEST_WEIGHTS).exists():
+            best_epoch = int(state["best_epoch"])
+            if best_epoch != state["epoch"]:
+                say(f"restoring the weights of epoch {best_epoch} (lowest validation loss)")
+                model.load_weights(str(run_dir / BEST_WEIGHTS))
+        after = {name: evaluate(model, ds, class_names) for name, ds in eval_sets.items()}
+        model_path = _save_model_atomic(model, run_dir / MODEL_FILE)
+        result = FinetuneResult(
+            model_path=model_path, history={k: list(v) for k, v in state["history"].items()},
+            metrics_before=before, metrics_after=after, epochs_run=int(state["epoch"]), best_epoch=best_epoch,
+            stopped_early=bool(state.get("stopped_early")), lr=lr, trainable_layers=list(state["trainable_layers"]),
+            resumed_from=initial_epoch, seconds=time.perf_counter() - t0, n_train=int(train_idx.size),
+            n_val=int(val_idx.size), class_names=class_names)
+        info = {"format": _FORMAT, "version": 1, "class_names": class_names, "image_size": size,
+                "resize": request.resize, "request": request.to_json(), "backbone": spec.name,
+                "head": getattr(head, "kind", "?"), "head_cache_key": head.cache_key_, "params": self.get_params(),
+                "lr": lr, "epochs_run": result.epochs_run, "best_epoch": best_epoch,
+                "trainable_layers": result.trainable_layers, "history": result.history}
+        write_text_atomic(run_dir / INFO_FILE, json.dumps(info, indent=2, default=_json_default))
+        state["complete"] = True
+        write_text_atomic(run_dir / CHECKPOINT_FILE, json.dumps(state, indent=2, default=_json_default))
+        if not self.keep_checkpoint:
+            shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+            (run_dir / BEST_WEIGHTS).unlink(missing_ok=True)
+        self.model_, self.class_names_, self.image_size_, self.resize_ = model, class_names, size, request.resize
+        self.result_ = result
+        return result
+
+    # -- inference
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> "FineTuner":
+        """A fitted tuner from a finished run folder (model.keras + finetune.json), for predict_proba."""
+        keras = _keras()
+        run_dir = Path(run_dir)
+        try:
+            info = json.loads((run_dir / INFO_FILE).read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{run_dir} holds no finished fine-tuning run ({INFO_FILE} missing)") from None
+        tuner = cls.from_params(info["params"])
+        tuner.model_ = keras.models.load_model(run_dir / MODEL_FILE, compile=False)
+        tuner.class_names_ = list(info["class_names"])
+        tuner.image_size_, tuner.resize_ = int(info["image_size"]), info["resize"]
+        return tuner
+
+    def predict_proba(self, paths: Sequence[str], batch_size: int | None = None) -> np.ndarray:
+        """Class probabilities (n, n_classes) for image files, resized as in training; rows of
+        unreadable files are NaN."""
+        import tensorflow as tf
+
+        from .imageio import file_images, resize
+
+        if not hasattr(self, "model_"):
+            raise UserError("fit the tuner (or FineTuner.load a run) before predicting")
+        paths = [str(p) for p in paths]
+        out = np.full((len(paths), len(self.class_names_)), np.nan, np.float32)
+        if not paths:
+            return out
+        ds = file_images(paths, np.arange(len(paths), dtype=np.int64))
+        ds = ds.map(lambda t, img: (t, resize(img, self.image_size_, self.resize_)),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        for tags, x in ds.batch(int(batch_size or self.batch_size)).prefetch(tf.data.AUTOTUNE):
+            out[np.asarray(tags)] = np.asarray(self.model_.predict_on_batch(x), np.float32)
+        return out
+
+    def predict(self, paths: Sequence[str]) -> np.ndarray:
+        """Most probable class index per file (-1 for unreadable files)."""
+        p = self.predict_proba(paths)
+        return np.where(np.isnan(p).any(axis=1), -1, np.argmax(np.nan_to_num(p, nan=-1.0), axis=1))
+
+
+def _schedule(name: str, lr: float, epochs: int, params: Mapping[str, Any]):
+    from .schedules import make_schedule
+
+    return make_schedule(name, lr, epochs, **dict(params))

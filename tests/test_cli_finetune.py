@@ -1,0 +1,89 @@
+"""Stage 3 as a user runs it: finetune from a fit-head run, resume, then evaluate/predict with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+
+from conftest import make_folder, run_cli
+
+FAST = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--no-progress"]
+
+
+def _run_id(stdout: str) -> str:
+    return stdout.strip().splitlines()[-1].rsplit("run ", 1)[1].split()[0]
+
+
+def test_finetune_cli_end_to_end(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=8)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1")
+    assert fit.returncode == 0, fit.stderr
+    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+
+    bad = run_cli("finetune", "--run", head_run, "--unfreeze", "block9", "--cache-dir", cache)
+    assert bad.returncode == 2 and "block5" in bad.stderr and "Traceback" not in bad.stderr
+
+    ft = run_cli("finetune", "--run", head_run, "--unfreeze", "block5", "--epochs", "2", "--batch-size", "8",
+                 "--augment", "flip,rotation=0.05", "--cache-dir", cache)
+    assert ft.returncode == 0, ft.stderr
+    assert "val   accuracy" in ft.stdout and "->" in ft.stdout
+    ft_run = _run_id(ft.stdout)
+    run_dir = Path(cache) / "runs" / ft_run
+    for name in ("model.keras", "curves.png", "confusion_val.png", "metrics.json"):
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "before" in metrics and "after" in metrics and metrics["epochs_run"] == 2
+    model = keras.models.load_model(run_dir / "model.keras")
+    assert model.output_shape == (None, 2)
+
+    listing = run_cli("runs", "--stage", "finetune", "--cache-dir", cache)
+    assert ft_run in listing.stdout
+    ev = run_cli("evaluate", "--run", ft_run, "--data", str(data), "--split", "val", "--cache-dir", cache)
+    assert ev.returncode == 0 and "(n=16)" in ev.stdout, ev.stderr
+    pred = run_cli("predict", "--run", ft_run, str(data / "val" / "bees"), "--cache-dir", cache)
+    assert pred.returncode == 0 and len(pred.stdout.strip().splitlines()) == 8, pred.stderr
+
+    done = run_cli("finetune", "--resume", ft_run, "--cache-dir", cache)
+    assert done.returncode == 2 and "already finished" in done.stderr
+
+
+def test_finetune_killed_then_resumed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    data = make_folder(tmp_path / "d", per_class=8)
+    cache = tmp_path / "c"
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--C", "1")
+    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "finetune", "--run", head_run, "--epochs", "6",
+                             "--batch-size", "8", "--cache-dir", str(cache)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    state = None
+    while time.time() < deadline:
+        found = [p for p in (cache / "runs").glob("*/checkpoint.json")]
+        if found:
+            state = json.loads(found[0].read_text())
+            if state.get("epoch", 0) >= 1:
+                break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ft_dir = found[0].parent
+    assert not (ft_dir / "model.keras").exists(), "killed too late"
+    listing = run_cli("runs", "--stage", "finetune", "--cache-dir", str(cache))
+    assert "incomplete" in listing.stdout
+    resumed = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", str(cache), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((ft_dir / "metrics.json").read_text())
+    assert metrics["resumed_from"] >= 1 and metrics["epochs_run"] == 6
+    assert (ft_dir / "model.keras").exists()

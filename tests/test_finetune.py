@@ -1,0 +1,252 @@
+"""Stage 3: the fine-tuning model (preprocessing, head carry-over, trainable layers), training with
+checkpoints, resume, and a saved model that loads with plain Keras."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+import tensorflow as tf  # noqa: E402
+
+from pipeline import backbones  # noqa: E402
+from pipeline.data import open_source  # noqa: E402
+from pipeline.errors import UserError  # noqa: E402
+from pipeline.extract import ExtractRequest  # noqa: E402
+from pipeline.finetune import (  # noqa: E402
+    CHECKPOINT_FILE, FineTuner, build_finetune_model, preprocessing_layers, read_checkpoint, set_trainable,
+)
+from pipeline.heads import DenseHead, LogisticHead  # noqa: E402
+from pipeline.imageio import AugmentConfig, resize  # noqa: E402
+from pipeline.model import feature_model  # noqa: E402
+
+from conftest import make_folder  # noqa: E402
+
+VGG = backbones.get("vgg16")
+LITE = backbones.get("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A 2-class colour-separable folder (train/val, 6 images each per class), its resized images,
+    float32 features from `feature_model` and a logistic head fitted on the training features."""
+    root = make_folder(tmp_path_factory.mktemp("finetune") / "data", per_class=6)
+    req = ExtractRequest(data=str(root), backbone="vgg16", weights="none", image_size=32)
+    listing = open_source(req.data, req.split).listing()
+    images = np.stack([resize(tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False), 32)
+                       .numpy() for p in listing.paths])
+    feats = np.asarray(feature_model(VGG, "none", 32)(VGG.preprocess_fn()(images.copy()), training=False))
+    splits = np.asarray(listing.splits)
+    train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+    y = np.asarray(listing.labels, np.int64)
+    logistic = LogisticHead(C=1.0).fit(feats[train], y[train], class_names=listing.class_names)
+    return SimpleNamespace(root=root, req=req, listing=listing, images=images, feats=feats, y=y, train=train,
+                           val=val, logistic=logistic, paths=list(listing.paths))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A 2-epoch fine-tuning run of block5 with augmentation, noting the checkpoints after each epoch."""
+    run = tmp_path_factory.mktemp("run") / "ft"
+    seen = []
+
+    class Watch(keras.callbacks.Callback):  # runs after the checkpoint of the epoch is written
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append((read_checkpoint(run)["epoch"], sorted(p.name for p in (run / "checkpoints").iterdir())))
+
+    tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=8, lr=1e-4, augment=AugmentConfig(), seed=1)
+    result = tuner.fit(data.req, data.logistic, run, callbacks=[Watch()])
+    return SimpleNamespace(run=run, tuner=tuner, result=result, seen=seen)
+
+
+def _apply(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return np.asarray(x)
+
+
+@pytest.mark.parametrize("style", ["caffe", "tf", "torch", "lite"])
+def test_preprocessing_layers_match_reference_functions(style):
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    reference = {"caffe": keras.applications.vgg16.preprocess_input}.get(style) or backbones._resolve(
+        backbones.PREPROCESS[style])
+    want = np.asarray(reference(x.copy()))
+    got = _apply(preprocessing_layers(style), tf.constant(x))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4 if style == "caffe" else 1e-6)
+    assert preprocessing_layers("in-model") == []
+
+
+def test_vgg_block5_trainable_and_unknown_block_lists_names(data):
+    model = build_finetune_model(data.req, data.logistic, None)
+    assert set(model.get_layer("preprocess_rgb_to_bgr").get_weights()[0].ravel()) == {0.0, 1.0}
+    assert trainable_layer_set(model) == {"logits"}  # built frozen: only the head trains
+    names = set_trainable(model, VGG, ["block5"])
+    assert names == ["block5_conv1", "block5_conv2", "block5_conv3", "logits"]
+    assert not model.get_layer("preprocess_rgb_to_bgr").trainable
+    assert set_trainable(model, VGG, (), unfreeze_last=2) == ["block5_conv3", "logits"]  # + weightless pool
+    with pytest.raises(UserError) as err:
+        set_trainable(model, VGG, ["block9"])
+    assert "block9" in str(err.value) and all(b in str(err.value) for b in ("block5", "block4", "block3"))
+
+
+def trainable_layer_set(model):
+    from pipeline.finetune import trainable_layer_names
+    return set(trainable_layer_names(model))
+
+
+def test_lite_block7_trainable_bn_frozen_and_in_inference_mode(data, tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((20, 1280)).astype(np.float32), np.arange(20) % 2
+    head = LogisticHead(C=1.0).fit(X, y, class_names=["ants", "bees"])
+    req = ExtractRequest(data=str(data.root), backbone="efficientnet_lite0", weights="none", image_size=32)
+    model = build_finetune_model(req, head, None)
+    assert isinstance(model.get_layer("preprocess_scale"), keras.layers.Rescaling)
+    names = set_trainable(model, LITE, ["block7"])
+    assert set(names) == {"block7a_expand_conv", "block7a_dwconv", "block7a_project_conv", "logits"}
+    bns = [l for l in model.get_layer("backbone").layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and not any(l.trainable for l in bns)
+    assert {"block7a_expand_bn", "block7a_bn", "block7a_project_bn"} <= {l.name for l in bns}
+    # Frozen BN runs in inference mode even when the whole model is called in training mode.
+    x = data.images[:4]
+    np.testing.assert_allclose(np.asarray(model(x, training=True)), np.asarray(model(x, training=False)),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["logistic", "dense"])
+def test_first_forward_pass_equals_head_only_predictions(data, kind):
+    if kind == "logistic":
+        head = data.logistic
+    else:
+        head = DenseHead(hidden=(16,), batchnorm=True, dropout=0.2, epochs=3, batch_size=8, seed=0).fit(
+            data.feats[data.train], data.y[data.train], class_names=data.listing.class_names)
+    model = build_finetune_model(data.req, head, AugmentConfig())  # augmentation is off in inference
+    got = model.predict(data.images, verbose=0)
+    want = head.predict_proba(data.feats)
+    assert got.shape == want.shape == (data.y.size, 2)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert FineTuner().default_lr(head) == (pytest.approx(head.lr / 10) if kind == "dense" else 1e-4)
+
+
+def test_training_two_epochs_writes_checkpoints_and_metrics(data, trained):
+    r, run = trained.result, trained.run
+    assert r.epochs_run == 2 and r.resumed_from == 0 and r.best_epoch is None
+    assert {k: len(v) for k, v in r.history.items()} == {"loss": 2, "acc": 2, "val_loss": 2, "val_acc": 2, "lr": 2}
+    assert trained.seen == [(1, ["epoch-001.keras"]), (2, ["epoch-002.keras"])]  # the last one is kept
+    state = read_checkpoint(run)
+    assert state["epoch"] == 2 and state["complete"] and state["model"] == "checkpoints/epoch-002.keras"
+    assert not (run / "checkpoints").exists()  # removed after success (keep_checkpoint=False)
+    assert (run / "model.keras").exists() and (run / "finetune.json").exists()
+    for part in (r.metrics_before, r.metrics_after):
+        assert part["val"]["n"] == data.val.size and "confusion_matrix" in part["val"]
+    assert set(r.run_metrics()) >= {"val", "before", "after", "comparison"}
+    assert r.trainable_layers == ["block5_conv1", "block5_conv2", "block5_conv3", "logits"]
+    # Only block5 (and the head) moved; the rest of the backbone is as built.
+    fresh = backbones.build(VGG, "none", 32)
+    tuned = trained.tuner.model_.get_layer("backbone")
+    np.testing.assert_array_equal(tuned.get_layer("block4_conv3").get_weights()[0],
+                                  fresh.get_layer("block4_conv3").get_weights()[0])
+    assert not np.allclose(tuned.get_layer("block5_conv3").get_weights()[0],
+                           fresh.get_layer("block5_conv3").get_weights()[0])
+
+
+def test_saved_model_loads_with_plain_keras_in_a_fresh_process(data, trained, tmp_path):
+    x = data.images[data.val]
+    np.save(tmp_path / "x.npy", x)
+    script = (
+        "import sys, numpy as np, keras\n"
+        f"m = keras.models.load_model({str(trained.run / 'model.keras')!r})\n"
+        f"np.save({str(tmp_path / 'p.npy')!r}, m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))\n"
+        "assert not any(k == 'pipeline' or k.startswith('pipeline.') for k in sys.modules), 'imported pipeline'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    want = trained.tuner.model_.predict(x, verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), want, atol=1e-5)
+    # The tuner's own file pipeline (decode + resize) gives the same predictions.
+    paths = [data.paths[i] for i in data.val]
+    np.testing.assert_allclose(trained.tuner.predict_proba(paths), want, atol=1e-5)
+    loaded = FineTuner.load(trained.run)
+    np.testing.assert_allclose(loaded.predict_proba(paths[:3]), want[:3], atol=1e-5)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_continues_from_epoch_two(data, tmp_path):
+    run = tmp_path / "run"
+
+    class StopAfterFirst(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise _Interrupt
+
+    class Seen(keras.callbacks.Callback):
+        epochs: list[int] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epochs.append(epoch)
+
+    class StopAtStart(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            raise _Interrupt
+
+    tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=8, lr=1e-4, augment=None, early_stopping=3)
+    with pytest.raises(_Interrupt):  # killed before any epoch ended: resume starts afresh
+        tuner.fit(data.req, data.logistic, run, callbacks=[StopAtStart()])
+    assert read_checkpoint(run)["epoch"] == 0 and read_checkpoint(run)["model"] is None
+    with pytest.raises(_Interrupt):
+        tuner.fit(data.req, data.logistic, run, resume=True, callbacks=[StopAfterFirst()])
+    state = read_checkpoint(run)
+    assert state["epoch"] == 1 and not state["complete"] and (run / state["model"]).exists()
+    with pytest.raises(UserError, match="resume"):
+        tuner.fit(data.req, data.logistic, run)  # a fresh start would overwrite the checkpoint
+    with pytest.raises(UserError, match="other settings"):
+        FineTuner(unfreeze=["block4"], epochs=2, batch_size=8, lr=1e-4, augment=None,
+                  early_stopping=3).fit(data.req, data.logistic, run, resume=True)
+    seen = Seen()
+    result = FineTuner.from_checkpoint(run).fit(data.req, data.logistic, run, resume=True, callbacks=[seen])
+    assert seen.epochs == [1] and result.resumed_from == 1 and result.epochs_run == 2
+    assert len(result.history["loss"]) == 2 and len(result.history["val_loss"]) == 2
+    assert result.metrics_before == state["metrics_before"]
+    assert result.best_epoch in (1, 2)
+    assert json.loads((run / CHECKPOINT_FILE).read_text())["complete"]
+    assert not (run / "checkpoints").exists()  # removed after success unless keep_checkpoint
+
+
+def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
+    """A cache made by `extract` + a head saved in a run folder whose config.json names the cache:
+    the rebuilt model reproduces the head's predictions on the cached (float32) features."""
+    from pipeline.extract import RunOptions, extract
+    from pipeline.finetune import stage2_inputs
+    from pipeline.store import FeatureFile
+
+    req = ExtractRequest(data=str(data.root), backbone="vgg16", weights="none", image_size=32, dtype="float32")
+    res = extract(req, RunOptions(cache_dir=tmp_path / "cache", progress=False))
+    run = tmp_path / "runs" / "fit"
+    run.mkdir(parents=True)
+    with FeatureFile(res.path) as ff:
+        rows = ff.rows("train")
+        head = LogisticHead(C=1.0).fit(ff.load(rows), ff.labels[rows], class_names=ff.class_names,
+                                       cache_key=ff.key, feature_info={"backbone": "vgg16"})
+        feats, paths = ff.load(), list(ff.paths)
+    head.save(run / "head.joblib")
+    (run / "config.json").write_text(json.dumps({"cache_file": str(res.path), "cache_key": res.key}))
+    inputs = stage2_inputs(run)
+    assert inputs.request == req and inputs.cache_path == res.path
+    model = build_finetune_model(inputs.request, inputs.head, None)
+    images = np.stack([data.images[data.paths.index(p)] for p in paths])
+    np.testing.assert_allclose(model.predict(images, verbose=0), head.predict_proba(feats), atol=1e-4)
+    wrong = ExtractRequest(data=str(data.root), backbone="vgg19", weights="none", image_size=32)
+    with pytest.raises(UserError, match="vgg16 features"):
+        build_finetune_model(wrong, inputs.head, None)
