@@ -51,7 +51,7 @@ from .atomic import atomic_path, write_text_atomic
 from .data import open_source
 from .errors import UserError
 from .extract import ExtractRequest
-from .imageio import AugmentConfig
+from .imageio import AugmentConfig, decode_file
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # 'torch' style, on 0..1 pixels
@@ -286,15 +286,6 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
 
 
 # ------------------------------------------------------------------------------------- data
-def _decode_file(tag, path):
-    """Read and decode one image file exactly as `pipeline.imageio.file_images` does."""
-    import tensorflow as tf
-
-    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8)
-    img.set_shape([None, None, 3])
-    return tag, img
-
-
 def image_dataset(source, listing, indices: np.ndarray, size: int, resize_method: str, batch_size: int,
                   shuffle_seed: int | None = None, shuffle_buffer: int = 2048, cache_mb: float = 256.0):
     """tf.data of (float32 images 0..255 resized as extraction did, int32 labels), batched, prefetched.
@@ -320,7 +311,7 @@ def image_dataset(source, listing, indices: np.ndarray, size: int, resize_method
         paths = [listing.paths[i] for i in indices]
         ds = tf.data.Dataset.from_tensor_slices((tags, paths))
         ds = ds.shuffle(max(1, indices.size), seed=int(shuffle_seed), reshuffle_each_iteration=True)
-        ds = ds.map(_decode_file, num_parallel_calls=auto, deterministic=True).ignore_errors()
+        ds = ds.map(decode_file, num_parallel_calls=auto, deterministic=True).ignore_errors()
         ds = ds.map(prepare, num_parallel_calls=auto, deterministic=True)
     else:
         ds = source.images(listing, indices, tags).map(prepare, num_parallel_calls=auto, deterministic=True)

@@ -41,15 +41,17 @@ def file_images(paths: Sequence[str], tags: np.ndarray):
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(tags, np.int64), list(paths)))
-
-    def decode(tag, path):
-        raw = tf.io.read_file(path)
-        img = tf.io.decode_image(raw, channels=3, expand_animations=False, dtype=tf.uint8)
-        img.set_shape([None, None, 3])
-        return tag, img
-
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(decode_file, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.ignore_errors()
+
+
+def decode_file(tag, path):
+    """tf.data map function: (tag, path) -> (tag, uint8 HxWx3 image); raises on unreadable files."""
+    import tensorflow as tf
+
+    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False, dtype=tf.uint8)
+    img.set_shape([None, None, 3])
+    return tag, img
 
 
 def resize(image, size: int, method: str = "stretch"):
