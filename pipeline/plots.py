@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_path
 
@@ -43,6 +44,7 @@ def plot_history(history: Mapping[str, Sequence[float]], path: str | os.PathLike
                         label="val" if key.startswith("val") else ("train" if key != "lr" else "lr"))
         ax.set_title(label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if label == "learning rate":
             lr = [v for v in history.get("lr", []) if v > 0]

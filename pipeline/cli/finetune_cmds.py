@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -62,7 +63,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         tuner = FineTuner(unfreeze=list(unfreeze) or None, unfreeze_last=unfreeze_last, lr=lr, optimizer=optimizer,
                           lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size,
                           early_stopping=early_stopping, class_weight=class_weight,
-                          augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed)
+                          augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
+                          verbose=1 if sys.stdout.isatty() else 2)  # Keras' per-step bar (ETA) or a line per epoch
     inputs = stage2_inputs(parent.dir)
     if not resume_id:
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
