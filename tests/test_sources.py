@@ -1,0 +1,75 @@
+"""The tfds: source (with a stand-in tensorflow_datasets module) and mixed-precision extraction."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.extract import ExtractRequest, RunOptions, extract, plan
+from pipeline.store import FeatureFile
+
+
+def _fake_tfds(prepared: bool = True) -> types.ModuleType:
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    data = {"train": (rng.integers(0, 255, (6, 12, 10, 3), dtype=np.uint8), np.array([0, 1, 0, 1, 0, 1])),
+            "test": (rng.integers(0, 255, (3, 12, 10, 1), dtype=np.uint8), np.array([1, 0, 1]))}
+
+    class Builder:
+        info = types.SimpleNamespace(
+            splits={s: types.SimpleNamespace(num_examples=len(y)) for s, (_, y) in data.items()},
+            features={"label": types.SimpleNamespace(names=["cat", "dog"])}, version="1.2.0")
+
+        def is_prepared(self):
+            return prepared
+
+        def as_dataset(self, split, as_supervised, shuffle_files):
+            x, y = data[split]
+            return tf.data.Dataset.from_tensor_slices((x, y))
+
+    def builder(name):
+        if name != "pets":
+            raise ValueError(f"Dataset {name} not found.")
+        return Builder()
+
+    return types.SimpleNamespace(builder=builder)
+
+
+def test_tfds_source_lists_and_extracts(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds())
+    req = ExtractRequest(data="tfds:pets", backbone="vgg16", weights="none", image_size=32)
+    listing = plan(req, tmp_path).source.listing()
+    assert listing.class_names == ["cat", "dog"] and listing.splits == ["train"] * 6 + ["test"] * 3
+    r = extract(req, RunOptions(cache_dir=tmp_path, progress=False))
+    with FeatureFile(r.path) as ff:
+        assert len(ff) == 9 and ff.paths[0] == "tfds:pets/train/0" and list(ff.labels[-3:]) == [1, 0, 1]
+    with pytest.raises(UserError, match="not found"):
+        plan(ExtractRequest(data="tfds:nope"), tmp_path)
+
+
+def test_tfds_missing_or_not_prepared_gives_clear_errors(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    with pytest.raises(UserError, match="pip install tensorflow-datasets"):
+        plan(ExtractRequest(data="tfds:pets"), tmp_path)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", _fake_tfds(prepared=False))
+    with pytest.raises(UserError, match="not downloaded"):
+        plan(ExtractRequest(data="tfds:pets"), tmp_path)
+
+
+def test_mixed_precision_is_its_own_cache_entry(tiny_split_folder, tmp_path):
+    base = ExtractRequest(data=str(tiny_split_folder), backbone="vgg16", weights="none", image_size=32)
+    mixed = ExtractRequest(data=str(tiny_split_folder), backbone="vgg16", weights="none", image_size=32,
+                           precision="mixed")
+    assert plan(base, tmp_path).key != plan(mixed, tmp_path).key
+    r32 = extract(base, RunOptions(cache_dir=tmp_path, progress=False))
+    r16 = extract(mixed, RunOptions(cache_dir=tmp_path, progress=False))
+    with FeatureFile(r32.path) as a, FeatureFile(r16.path) as b:
+        assert b.attrs["request"]["precision"] == "mixed"
+        np.testing.assert_allclose(b.load(), a.load(), rtol=0.05, atol=0.02)
+    import keras
+    assert keras.mixed_precision.global_policy().name == "float32"  # the policy is restored
