@@ -296,7 +296,11 @@ class _Extraction:
             return tag, x
 
         ds = ds.map(work, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.batch(self.options.batch_size).prefetch(tf.data.AUTOTUNE)
+        options = tf.data.Options()
+        # Parallelism stays at one call per core; the autotuner itself is off: with it, tearing the
+        # iterator down after the last batch stalled for 3-6 s (bench/extract.py), for no gain here.
+        options.autotune.enabled = False
+        return ds.batch(self.options.batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
 
     def _compute(self, chunks: ChunkDir, start: int, total: int) -> None:
         import tensorflow as tf
