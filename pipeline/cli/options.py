@@ -49,11 +49,6 @@ _EXTRACT_OPTIONS = [
     click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
 ]
 
-EXTRACT_KEYS = {"data", "backbone", "weights", "image_size", "resize", "pooling", "layer", "dtype", "precision",
-                "augment_copies", "augment_seed", "augment_ops", "split_names", "val_fraction", "test_fraction",
-                "split_seed", "cache_dir", "batch_size", "chunk_size", "compression", "no_progress"}
-
-
 def extract_options(fn: Callable) -> Callable:
     """Decorate a click command with every option that names an extraction."""
     for opt in reversed(_EXTRACT_OPTIONS):
@@ -97,10 +92,3 @@ def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
                          compression=None if kw["compression"] == "none" else kw["compression"],
                          progress=not kw["no_progress"])
     return request, options
-
-
-def pop_extract_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    """Split a command's kwargs into the extract ones (returned) and the rest (left in kw)."""
-    return {k: kw.pop(k) for k in list(kw) if k in EXTRACT_KEYS}
-
-
