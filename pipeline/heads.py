@@ -247,9 +247,9 @@ class _Head(ClassifierMixin, BaseEstimator):
     def metadata(self) -> dict[str, Any]:
         """JSON-ready description: kind, parameters, classes, cache key, feature shape and extractor."""
         return {
-            "kind": self.kind, "params": _jsonable(self.get_params()), "class_names": self.class_names_,
+            "kind": self.kind, "params": jsonable(self.get_params()), "class_names": self.class_names_,
             "cache_key": self.cache_key_, "feature_shape": list(self.feature_shape_),
-            "feature_info": _jsonable(self.feature_info_),
+            "feature_info": jsonable(self.feature_info_),
         }
 
     def _load_meta(self, meta: Mapping[str, Any]) -> None:
@@ -268,12 +268,12 @@ def _short(names: Sequence[str], n: int = 4) -> str:
     return f"{len(names)} classes: {head}{', ...' if len(names) > n else ''}"
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Parameters/metadata as plain JSON types (tuples -> lists, numpy scalars -> Python)."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):
@@ -668,7 +668,7 @@ class DenseHead(_Head):
                 os.replace(named, tmp)
             finally:
                 named.unlink(missing_ok=True)
-        write_text_atomic(path.with_suffix(".json"), json.dumps(_jsonable(meta), indent=2))
+        write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
         return path
 
     @classmethod

@@ -21,7 +21,7 @@ from joblib import Parallel, delayed
 from sklearn.model_selection import train_test_split
 
 from .errors import UserError
-from .heads import DenseHead, LogisticHead, ReducedFeatures, feature_info_of, make_head
+from .heads import DenseHead, LogisticHead, ReducedFeatures, jsonable, feature_info_of, make_head
 from .metrics import classification_report
 from .store import FeatureFile
 
@@ -54,9 +54,9 @@ class SweepResult:
 
     def row(self) -> dict[str, Any]:
         """JSON-ready summary for sweep.json and tables."""
-        return {"params": _plain(self.params), "val_accuracy": self.val_accuracy, "val_macro_f1": self.val_macro_f1,
+        return {"params": jsonable(self.params), "val_accuracy": self.val_accuracy, "val_macro_f1": self.val_macro_f1,
                 "val_log_loss": self.metrics.get("log_loss"), "fit_seconds": round(self.fit_seconds, 3),
-                **_plain(self.extras)}
+                **jsonable(self.extras)}
 
 
 def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -221,16 +221,6 @@ def _run_task(head_type, base, configs, train, y, val, yv, meta, limit_threads: 
     return out
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
 def results_table(results: Sequence[SweepResult], title: str | None = None):
     """Rich table of sweep results, best first: rank, parameters, val accuracy / macro-F1 / log loss, time."""
     from rich.table import Table  # noqa: PLC0415
@@ -257,7 +247,7 @@ def save_sweep(results: Sequence[SweepResult], run) -> dict[str, Any]:
     metrics: dict[str, Any] = {"n_configs": len(results)}
     if results:
         best = results[0]
-        metrics.update(best_params=_plain(best.params), val=best.metrics,
+        metrics.update(best_params=jsonable(best.params), val=best.metrics,
                        sweep_seconds=best.extras.get("sweep_seconds"))
         if best.head is not None:
             best.head.save(run.path(head_filename(best.head.kind)))
