@@ -76,14 +76,6 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
     result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress))
     from .training import evaluate_on_cache
     with FeatureFile(result.path) as ff:
-        if split is None:
-            from .training import evaluate_rows
-            run.head.check_matches(ff)
-            rows = ff.rows(None, "clean")
-            rows = rows[ff.labels[rows] >= 0]
-            if rows.size == 0:
-                raise UserError(f"{data} has no labelled images")
-            return evaluate_rows(run.head, ff, rows)
         return evaluate_on_cache(run.head, ff, split)
 
 

@@ -128,13 +128,15 @@ def evaluate_rows(head: Head, ff: FeatureFile, rows: np.ndarray) -> dict[str, An
     return classification_report(ff.labels[rows], proba, head.class_names_)
 
 
-def evaluate_on_cache(head: Head, ff: FeatureFile, split: str = "test") -> dict[str, Any]:
-    """Check the head fits this cache, then report metrics on the labelled clean rows of `split`."""
+def evaluate_on_cache(head: Head, ff: FeatureFile, split: str | None = "test") -> dict[str, Any]:
+    """Check the head fits this cache, then report metrics on the labelled clean rows of `split`
+    (None: every split)."""
     head.check_matches(ff)
     rows = ff.rows(split, "clean")
     rows = rows[ff.labels[rows] >= 0]
     if rows.size == 0:
-        raise UserError(f"{ff.path.name} has no labelled images in split {split!r}")
+        where = f" in split {split!r}" if split is not None else ""
+        raise UserError(f"{ff.path.name} has no labelled images{where}")
     return evaluate_rows(head, ff, rows)
 
 
