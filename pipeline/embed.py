@@ -34,7 +34,7 @@ def image_batches(paths: Sequence[str], size: int, resize: str, preprocess: Call
                   batch_size: int = 32) -> Iterator[tuple[np.ndarray, object]]:
     """Yield (positions into `paths`, preprocessed batch); unreadable files never appear."""
     import tensorflow as tf
-    from .imageio import file_images, resize as resize_op
+    from .imageio import batched, file_images, resize as resize_op
 
     def work(tag, img):
         x = resize_op(img, size, resize)
@@ -42,7 +42,7 @@ def image_batches(paths: Sequence[str], size: int, resize: str, preprocess: Call
 
     ds = file_images(list(paths), np.arange(len(paths), dtype=np.int64))
     ds = ds.map(work, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    for tags, x in ds.batch(batch_size).prefetch(tf.data.AUTOTUNE):
+    for tags, x in batched(ds, batch_size):
         yield tags.numpy(), x
 
 
@@ -50,8 +50,9 @@ def run_model(model, paths: Sequence[str], size: int, resize: str, preprocess: C
               batch_size: int = 32) -> tuple[np.ndarray, list[int], list[str]]:
     """Model outputs for every readable image: (outputs, kept positions, skipped paths)."""
     import tensorflow as tf
+    from .extract import inference_fn
 
-    infer = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    infer = inference_fn(model, size, jit=bool(tf.config.list_physical_devices("GPU")))
     outs, kept = [], []
     for tags, x in image_batches(paths, size, resize, preprocess, batch_size):
         outs.append(np.asarray(infer(x), np.float32))

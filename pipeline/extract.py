@@ -269,7 +269,7 @@ class _Extraction:
 
     def _dataset(self, start: int, total: int):
         import tensorflow as tf
-        from .imageio import augment, resize
+        from .imageio import augment, batched, resize
         req, size = self.p.request, self.p.size
         segments = []
         for a, b in zip(self.pass_bounds[:-1], self.pass_bounds[1:]):
@@ -296,11 +296,7 @@ class _Extraction:
             return tag, x
 
         ds = ds.map(work, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        options = tf.data.Options()
-        # Parallelism stays at one call per core; the autotuner itself is off: with it, tearing the
-        # iterator down after the last batch stalled for 3-6 s (bench/extract.py), for no gain here.
-        options.autotune.enabled = False
-        return ds.batch(self.options.batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
+        return batched(ds, self.options.batch_size)
 
     def _compute(self, chunks: ChunkDir, start: int, total: int) -> None:
         import tensorflow as tf

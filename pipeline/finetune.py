@@ -51,7 +51,7 @@ from .atomic import atomic_path, write_text_atomic
 from .data import open_source
 from .errors import UserError
 from .extract import ExtractRequest
-from .imageio import AugmentConfig, decode_file
+from .imageio import AugmentConfig, batched, decode_file
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # 'torch' style, on 0..1 pixels
@@ -320,7 +320,7 @@ def image_dataset(source, listing, indices: np.ndarray, size: int, resize_method
                             reshuffle_each_iteration=True)
         elif indices.size * size * size * 3 * 4 / 2**20 <= cache_mb:
             ds = ds.cache()
-    return ds.batch(int(batch_size)).prefetch(auto)
+    return batched(ds, batch_size)
 
 
 def evaluate(model, dataset, class_names: Sequence[str]) -> dict[str, Any]:
@@ -810,7 +810,7 @@ class FineTuner:
         ds = file_images(paths, np.arange(len(paths), dtype=np.int64))
         ds = ds.map(lambda t, img: (t, resize(img, self.image_size_, self.resize_)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        for tags, x in ds.batch(int(batch_size or self.batch_size)).prefetch(tf.data.AUTOTUNE):
+        for tags, x in batched(ds, batch_size or self.batch_size):
             out[np.asarray(tags)] = np.asarray(self.model_.predict_on_batch(x), np.float32)
         return out
 
