@@ -98,3 +98,24 @@ def test_head_that_does_not_match_the_cache_is_refused(tmp_path):
     head = load_head(Path(cache) / "runs" / _run_id(fit.stdout))
     with FeatureFile(next((Path(cache) / "features").glob("b-*.h5"))) as other, pytest.raises(UserError):
         head.check_matches(other)
+
+
+def test_every_dense_and_logistic_flag_reaches_the_head(tmp_path):
+    path = write_cache(tmp_path / "c", n_images=120, dim=16, n_classes=2, feature_shape=(2, 2, 16))
+    cache = str(tmp_path / "c")
+    dense = run_cli("fit-head", "--cache", str(path), "--head", "dense", "--flatten", "flatten", "--hidden", "8",
+                    "--hidden", "4", "--batchnorm", "--dropout", "0.1", "--l2", "0.001", "--optimizer", "nadam",
+                    "--lr", "0.002", "--lr-schedule", "exponential", "--lr-start", "0.0005", "--lr-min", "0.0001",
+                    "--lr-max", "0.002", "--rampup-epochs", "1", "--sustain-epochs", "1", "--exp-decay", "0.5",
+                    "--epochs", "3", "--head-batch-size", "16", "--class-weight", "balanced", "--seed", "3",
+                    "--no-augmented", "--cache-dir", cache)
+    assert dense.returncode == 0, dense.stderr
+    params = json.loads((Path(cache) / "runs" / _run_id(dense.stdout) / "config.json").read_text())["head_params"]
+    assert params["hidden"] == [8, 4] and params["batchnorm"] and params["optimizer"] == "nadam"
+    assert params["flatten"] == "flatten" and params["lr_schedule"] == "exponential" and params["exp_decay"] == 0.5
+    assert params["batch_size"] == 16 and params["class_weight"] == "balanced" and params["seed"] == 3
+    logistic = run_cli("fit-head", "--cache", str(path), "--C", "0.5", "--class-weight", "balanced", "--jobs", "1",
+                       "--flatten", "max", "--cache-dir", cache)
+    assert logistic.returncode == 0, logistic.stderr
+    params = json.loads((Path(cache) / "runs" / _run_id(logistic.stdout) / "config.json").read_text())["head_params"]
+    assert params["C"] == 0.5 and params["flatten"] == "max" and params["n_jobs"] == 1
