@@ -85,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------------ setup
 def select_files(data: str, limit: int):
     """The first `limit` files of extract's own listing of `data` (paths, class names, splits)."""
-    from pipeline.data import open_source
+    from pipeline.data.sources import open_source
     listing = open_source(data).listing()
     n = len(listing) if not limit else min(limit, len(listing))
     if listing.paths is None:
@@ -115,7 +115,7 @@ def link_tree(tmp: Path, paths, classes) -> Path:
 
 def build_model(args):
     from pipeline import backbones
-    from pipeline.model import feature_model
+    from pipeline.backbones.model import feature_model
     spec = backbones.get(args.backbone)
     size = spec.resolve_size(args.image_size)
     t = time.perf_counter()
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     parts = [p for p in ("i", "ii", "iii") if p in {q.strip() for q in args.parts.split(",")}]
     if args.backbone.lower().replace("-", "_").startswith("efficientnet_lite"):
         try:
-            import pipeline.lite  # noqa: F401
+            import pipeline.backbones.lite  # noqa: F401
         except Exception as exc:  # lite.py is optional / written separately
             print(f"skip: {args.backbone} needs pipeline/lite.py, which does not import ({exc})")
             return 0

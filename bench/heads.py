@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from pipeline.store import ChunkDir, FeatureFile, ItemTable, assemble  # noqa: E402
+from pipeline.features.store import ChunkDir, FeatureFile, ItemTable, assemble  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -93,7 +93,7 @@ def keras_io_baseline(args, n_rows: int, epochs: int, head_fit_seconds: float) -
     import tensorflow as tf
 
     from pipeline import backbones as bb
-    from pipeline.extract import ExtractRequest, RunOptions, extract
+    from pipeline.extract.core import ExtractRequest, RunOptions, extract
 
     spec = bb.get(args.backbone)
     size = spec.default_size
@@ -157,10 +157,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.cache) if args.cache else synthetic_cache(Path(tmp.name), args.n, args.dim, args.classes)
-    from pipeline.heads import DenseHead, LogisticHead
-    from pipeline.metrics import classification_report
-    from pipeline.sweep import sweep
-    from pipeline.training import split_rows
+    from pipeline.heads.estimators import DenseHead, LogisticHead
+    from pipeline.tracking.metrics import classification_report
+    from pipeline.heads.sweep import sweep
+    from pipeline.heads.training import split_rows
 
     with FeatureFile(path) as ff:
         split = split_rows(ff)

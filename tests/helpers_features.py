@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.store import ChunkDir, ItemTable, assemble
+from pipeline.features.store import ChunkDir, ItemTable, assemble
 
 
 def blobs(n: int, dim: int, n_classes: int, seed: int = 0, sep: float = 3.0) -> tuple[np.ndarray, np.ndarray]:

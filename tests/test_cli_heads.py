@@ -92,8 +92,8 @@ def test_head_that_does_not_match_the_cache_is_refused(tmp_path):
     cache = str(tmp_path / "c")
     fit = run_cli("fit-head", "--cache", str(a), "--C", "1", "--cache-dir", cache)
     assert fit.returncode == 0, fit.stderr
-    from pipeline.heads import load_head
-    from pipeline.store import FeatureFile
+    from pipeline.heads.estimators import load_head
+    from pipeline.features.store import FeatureFile
     from pipeline.errors import UserError
     head = load_head(Path(cache) / "runs" / _run_id(fit.stdout))
     with FeatureFile(next((Path(cache) / "features").glob("b-*.h5"))) as other, pytest.raises(UserError):

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from pipeline import extract as ex
-from pipeline.data import SplitConfig
+from pipeline.data.sources import SplitConfig
 from pipeline.errors import UserError
-from pipeline.extract import ExtractRequest, RunOptions, extract, plan
-from pipeline.store import FeatureFile
+from pipeline.extract.core import ExtractRequest, RunOptions, extract, plan
+from pipeline.features.store import FeatureFile
 
 from conftest import make_folder, write_image
 
@@ -115,7 +115,7 @@ def test_second_request_is_a_cache_hit_and_force_recomputes(tiny_split_folder, t
     r2 = extract(req(tiny_split_folder), opts(tmp_path / "c", batch_size=7))  # batch size is not in the key
     assert r2.cache_hit and r2.path == r1.path and time.perf_counter() - t < 2
     assert r1.path.stat().st_mtime_ns == mtime
-    from pipeline.runs import Registry
+    from pipeline.tracking.runs import Registry
     runs = Registry(tmp_path / "c").list()
     assert [(r.stage, r.status, r.id) for r in runs] == [("extract", "ok", r1.run_id)]  # a hit is no new run
     assert runs[0].metrics["rows"] == 24 and runs[0].config["cache_key"] == r1.key

@@ -16,15 +16,15 @@ keras = pytest.importorskip("keras")
 import tensorflow as tf  # noqa: E402
 
 from pipeline import backbones  # noqa: E402
-from pipeline.data import open_source  # noqa: E402
+from pipeline.data.sources import open_source  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.extract import ExtractRequest  # noqa: E402
-from pipeline.finetune import (  # noqa: E402
+from pipeline.extract.core import ExtractRequest  # noqa: E402
+from pipeline.finetune.tuner import (  # noqa: E402
     CHECKPOINT_FILE, FineTuner, build_finetune_model, preprocessing_layers, read_checkpoint, set_trainable,
 )
-from pipeline.heads import DenseHead, LogisticHead  # noqa: E402
-from pipeline.imageio import AugmentConfig, resize  # noqa: E402
-from pipeline.model import feature_model  # noqa: E402
+from pipeline.heads.estimators import DenseHead, LogisticHead  # noqa: E402
+from pipeline.data.imageio import AugmentConfig, resize  # noqa: E402
+from pipeline.backbones.model import feature_model  # noqa: E402
 
 from conftest import make_folder  # noqa: E402
 
@@ -98,7 +98,7 @@ def test_vgg_block5_trainable_and_unknown_block_lists_names(data):
 
 
 def trainable_layer_set(model):
-    from pipeline.finetune import trainable_layer_names
+    from pipeline.finetune.tuner import trainable_layer_names
     return set(trainable_layer_names(model))
 
 
@@ -227,9 +227,9 @@ def test_resume_after_interruption_continues_from_epoch_two(data, tmp_path):
 def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     """A cache made by `extract` + a head saved in a run folder whose config.json names the cache:
     the rebuilt model reproduces the head's predictions on the cached (float32) features."""
-    from pipeline.extract import RunOptions, extract
-    from pipeline.finetune import stage2_inputs
-    from pipeline.store import FeatureFile
+    from pipeline.extract.core import RunOptions, extract
+    from pipeline.finetune.tuner import stage2_inputs
+    from pipeline.features.store import FeatureFile
 
     req = ExtractRequest(data=str(data.root), backbone="vgg16", weights="none", image_size=32, dtype="float32")
     res = extract(req, RunOptions(cache_dir=tmp_path / "cache", progress=False))

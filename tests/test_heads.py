@@ -9,11 +9,11 @@ import pytest
 from sklearn.metrics import log_loss
 
 from pipeline.errors import UserError
-from pipeline.heads import (
+from pipeline.heads.estimators import (
     DenseHead, FeatureSource, LogisticHead, ReducedFeatures, load_head, make_head, reduce_features, softmax,
 )
-from pipeline.schedules import make_schedule
-from pipeline.store import FeatureFile
+from pipeline.heads.schedules import make_schedule
+from pipeline.features.store import FeatureFile
 
 from helpers_features import blobs, write_cache
 

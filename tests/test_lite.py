@@ -1,4 +1,4 @@
-"""pipeline.lite: EfficientNet-Lite0/1/2 with ImageNet weights classify packaged photos right."""
+"""pipeline.backbones.lite: EfficientNet-Lite0/1/2 with ImageNet weights classify packaged photos right."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import tensorflow as tf
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
-from pipeline import lite
-from pipeline.imagenet import class_names, decode_top_k
+from pipeline.backbones import lite
+from pipeline.backbones.imagenet import class_names, decode_top_k
 
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 PHOTOS = {
@@ -109,7 +109,7 @@ def test_weights_from_path_and_random(lite0):
 
 
 def test_missing_weights_package(monkeypatch):
-    from pipeline import lite_weights
+    from pipeline.backbones import lite_weights
     monkeypatch.setattr(lite_weights, "find_spec", lambda name: None)
     with pytest.raises(lite.LiteWeightsError,
                        match="efficientnet_lite1 ImageNet weights need the package: "

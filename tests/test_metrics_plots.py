@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import f1_score, log_loss
 
-from pipeline.metrics import classification_report, format_report, metrics_table, summary_line
-from pipeline.plots import plot_c_curve, plot_confusion_matrix, plot_history
+from pipeline.tracking.metrics import classification_report, format_report, metrics_table, summary_line
+from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history
 
 
 def test_report_values_match_sklearn_and_are_json():

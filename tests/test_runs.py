@@ -12,10 +12,10 @@ import pytest
 from rich.console import Console
 
 from pipeline.errors import UserError
-from pipeline.heads import DenseHead, FeatureSource, LogisticHead, load_head
-from pipeline.runs import Registry, format_duration
-from pipeline.store import FeatureFile
-from pipeline.training import evaluate_on_cache, fit_head_on_cache, fit_head_run, predict_on_cache, split_rows
+from pipeline.heads.estimators import DenseHead, FeatureSource, LogisticHead, load_head
+from pipeline.tracking.runs import Registry, format_duration
+from pipeline.features.store import FeatureFile
+from pipeline.heads.training import evaluate_on_cache, fit_head_on_cache, fit_head_run, predict_on_cache, split_rows
 
 from helpers_features import write_cache
 
@@ -185,7 +185,7 @@ def test_get_by_prefix_and_unknown_ids(tmp_path):
 
 def test_crashed_run_shows_incomplete_and_live_one_running(tmp_path):
     reg = Registry(tmp_path)
-    code = ("import sys; sys.path.insert(0, sys.argv[2]); from pipeline.runs import Registry; "
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from pipeline.tracking.runs import Registry; "
             "r = Registry(sys.argv[1]).start('finetune', {}); print(r.id)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(ROOT)], capture_output=True, text=True,
                          check=True)

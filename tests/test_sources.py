@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.extract import ExtractRequest, RunOptions, extract, plan
-from pipeline.store import FeatureFile
+from pipeline.extract.core import ExtractRequest, RunOptions, extract, plan
+from pipeline.features.store import FeatureFile
 
 
 def _fake_tfds(prepared: bool = True) -> types.ModuleType:

@@ -8,10 +8,10 @@ import pytest
 from rich.console import Console
 
 from pipeline.errors import UserError
-from pipeline.heads import DenseHead, FeatureSource, LogisticHead
-from pipeline.runs import Registry
-from pipeline.store import FeatureFile
-from pipeline.sweep import _tasks, expand_grid, results_table, save_sweep, sweep
+from pipeline.heads.estimators import DenseHead, FeatureSource, LogisticHead
+from pipeline.tracking.runs import Registry
+from pipeline.features.store import FeatureFile
+from pipeline.heads.sweep import _tasks, expand_grid, results_table, save_sweep, sweep
 
 from helpers_features import blobs, write_cache
 

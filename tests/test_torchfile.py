@@ -1,4 +1,4 @@
-"""pipeline.torchfile: legacy torch state dicts read without torch, strided views, bad files."""
+"""pipeline.backbones.torchfile: legacy torch state dicts read without torch, strided views, bad files."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import lite
-from pipeline.torchfile import TorchFileError, load_state_dict
+from pipeline.backbones import lite
+from pipeline.backbones.torchfile import TorchFileError, load_state_dict
 
 
 # --- a tiny legacy-format writer (pickle protocol 2 opcodes written by hand, no torch) ---------

@@ -10,8 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up
 
 import click
 
-from ..errors import UserError
-from . import quiet
+from pipeline.errors import UserError
+from pipeline.cli import quiet
 
 quiet.install()
 
@@ -33,7 +33,7 @@ def cli() -> None:
     """Transfer learning with cached backbone features: extract once, fit heads in seconds."""
 
 
-from . import cache_cmds, extract_cmds, finetune_cmds, head_cmds, predict_cmds  # noqa: E402,F401  (register commands)
+from pipeline.cli import cache_cmds, extract_cmds, finetune_cmds, head_cmds, predict_cmds  # noqa: E402,F401  (register commands)
 
 
 def main() -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from . import cli
-from ..cache import describe, find_entries, remove_entry
-from ..extract import DEFAULT_CACHE
+from pipeline.cli import cli
+from pipeline.features.cache import describe, find_entries, remove_entry
+from pipeline.extract.core import DEFAULT_CACHE
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                           help="Cache root (default: ./cache).")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from . import cli
-from .options import build_request, extract_options
-from .. import backbones as bb
-from ..extract import extract
+from pipeline.cli import cli
+from pipeline.cli.options import build_request, extract_options
+from pipeline import backbones as bb
+from pipeline.extract.core import extract
 
 
 def report_extraction(result) -> None:

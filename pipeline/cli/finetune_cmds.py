@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from . import cli
-from .options import parse_augment
-from ..errors import UserError
-from ..extract import DEFAULT_CACHE
+from pipeline.cli import cli
+from pipeline.cli.options import parse_augment
+from pipeline.errors import UserError
+from pipeline.extract.core import DEFAULT_CACHE
 
 
 @cli.command("finetune")
@@ -40,9 +40,9 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
 
     Example: python cli.py finetune --run 20261122-2330 --unfreeze block7 --epochs 3
     """
-    from ..finetune import FineTuner, format_comparison, stage2_inputs
-    from ..plots import plot_confusion_matrix, plot_history
-    from ..runs import Registry, Run
+    from pipeline.finetune.tuner import FineTuner, format_comparison, stage2_inputs
+    from pipeline.tracking.plots import plot_confusion_matrix, plot_history
+    from pipeline.tracking.runs import Registry, Run
 
     registry = Registry(cache_dir)
     if resume_id:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from . import cli
-from .extract_cmds import report_extraction
-from .options import build_request, extract_options
-from ..errors import UserError
-from ..extract import DEFAULT_CACHE
+from pipeline.cli import cli
+from pipeline.cli.extract_cmds import report_extraction
+from pipeline.cli.options import build_request, extract_options
+from pipeline.errors import UserError
+from pipeline.extract.core import DEFAULT_CACHE
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                           help="Cache root (default: ./cache).")
@@ -31,9 +31,9 @@ def _float_or_auto(value: str) -> float | str:
 def _open_cache(cache: str | None, kw: dict):
     """The feature file named by --cache (path or key prefix), else by the extract options,
     extracting first when the cache does not have it yet."""
-    from ..cache import resolve
-    from ..extract import extract, plan
-    from ..store import FeatureFile, is_complete
+    from pipeline.features.cache import resolve
+    from pipeline.extract.core import extract, plan
+    from pipeline.features.store import FeatureFile, is_complete
 
     if cache:
         paths = [p for p in resolve(cache, kw["cache_dir"]) if p.suffix == ".h5"]
@@ -49,7 +49,7 @@ def _open_cache(cache: str | None, kw: dict):
 
 
 def _make_head(head: str, opts: dict):
-    from ..heads import DenseHead, LogisticHead
+    from pipeline.heads.estimators import DenseHead, LogisticHead
 
     if head == "logistic":
         return LogisticHead(C=_float_or_auto(opts["C"]), class_weight=opts["class_weight"], n_jobs=opts["jobs"],
@@ -104,7 +104,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     """
     from rich.console import Console
 
-    from ..metrics import summary_line
+    from pipeline.tracking.metrics import summary_line
 
     head_opts = {k: kw.pop(k) for k in list(kw) if k in (
         "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
@@ -116,7 +116,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         if sweep:
             _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
             return
-        from ..training import fit_head_run
+        from pipeline.heads.training import fit_head_run
         result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
                                    use_augmented=not no_augmented)
     for part in ("train", "val", "test"):
@@ -124,16 +124,16 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
             click.echo(f"{part:5s} {summary_line(result.metrics[part])}")
     click.echo(f"fit in {result.fit_seconds:.2f}s; run {run.id} saved in {run.dir}")
     if result.metrics.get("val", {}).get("n"):
-        from ..metrics import metrics_table
+        from pipeline.tracking.metrics import metrics_table
         Console(width=110).print(metrics_table(result.metrics["val"], title="val"))
 
 
 def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, use_augmented: bool) -> None:
     from rich.console import Console
 
-    from ..runs import Registry
-    from ..sweep import results_table, save_sweep, sweep
-    from ..training import run_config
+    from pipeline.tracking.runs import Registry
+    from pipeline.heads.sweep import results_table, save_sweep, sweep
+    from pipeline.heads.training import run_config
 
     registry = Registry(ff.path.parent.parent)
     run = registry.start("fit-head", run_config(ff, estimator, sweep=True, val_fraction=val_fraction))
@@ -164,7 +164,7 @@ def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], 
         return
     from rich.console import Console
 
-    from ..runs import Registry
+    from pipeline.tracking.runs import Registry
 
     parsed = {}
     for f in filters:
@@ -190,7 +190,7 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
     """
     import json
 
-    from ..runs import Registry
+    from pipeline.tracking.runs import Registry
 
     r = Registry(cache_dir).get(run_id)
     click.echo(f"run {r.id}  stage {r.stage}  status {r.status}  started {r.started}  duration {r.duration_s}s")
@@ -212,8 +212,8 @@ def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, cache_dir:
     """
     from rich.console import Console
 
-    from ..inference import evaluate_run, load_run
-    from ..metrics import metrics_table, summary_line
+    from pipeline.inference.apply import evaluate_run, load_run
+    from pipeline.tracking.metrics import metrics_table, summary_line
 
     run = load_run(cache_dir, run_id)
     report = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size)
@@ -226,7 +226,7 @@ def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | 
     """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV)."""
     import numpy as np
 
-    from ..inference import load_run, predict_paths, write_predictions_csv
+    from pipeline.inference.apply import load_run, predict_paths, write_predictions_csv
 
     run = load_run(cache_dir, run_id)
     proba, kept, skipped = predict_paths(run, paths, batch_size)

@@ -7,10 +7,10 @@ from typing import Any, Callable
 
 import click
 
-from ..data import BUILTIN_DEFAULT, SplitConfig
-from ..errors import UserError
-from ..extract import DEFAULT_CACHE, DTYPES, POOLINGS, PRECISIONS, ExtractRequest, RunOptions
-from ..imageio import RESIZE_METHODS, AugmentConfig
+from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig
+from pipeline.errors import UserError
+from pipeline.extract.core import DEFAULT_CACHE, DTYPES, POOLINGS, PRECISIONS, ExtractRequest, RunOptions
+from pipeline.data.imageio import RESIZE_METHODS, AugmentConfig
 
 _EXTRACT_OPTIONS = [
     click.option("--data", default=BUILTIN_DEFAULT, show_default=True,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from . import cli
-from .head_cmds import predict_with_run
-from ..embed import image_paths, imagenet_top_k
-from ..extract import DEFAULT_CACHE
+from pipeline.cli import cli
+from pipeline.cli.head_cmds import predict_with_run
+from pipeline.inference.embed import image_paths, imagenet_top_k
+from pipeline.extract.core import DEFAULT_CACHE
 
 
 @cli.command("predict")

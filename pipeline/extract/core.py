@@ -24,11 +24,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import backbones
-from .data import BUILTIN_DEFAULT, Listing, SplitConfig, open_source
-from .errors import UserError
-from .imageio import RESIZE_METHODS, AugmentConfig
-from .store import ChunkDir, ItemTable, assemble, is_complete
+from pipeline import backbones
+from pipeline.data.sources import BUILTIN_DEFAULT, Listing, SplitConfig, open_source
+from pipeline.errors import UserError
+from pipeline.data.imageio import RESIZE_METHODS, AugmentConfig
+from pipeline.features.store import ChunkDir, ItemTable, assemble, is_complete
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "cache"
 POOLINGS = ("avg", "max", "none")
@@ -192,7 +192,7 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(),
             options = RunOptions(**{**asdict(options), "force": False})
         elif is_complete(p.path):
             return ExtractResult(p.path, p.key, cache_hit=True)
-        from .runs import Registry
+        from pipeline.tracking.runs import Registry
         config = {"backbone": p.spec.name, "data": p.request.data, "head": None, "cache_key": p.key,
                   "cache_path": str(p.path), "request": p.request.to_json(),
                   "params": {"size": p.size, "pooling": p.request.layer or p.request.pooling,
@@ -258,7 +258,7 @@ class _Extraction:
     # -- the worker
     def _model(self):
         import keras
-        from .model import feature_model
+        from pipeline.backbones.model import feature_model
         if self.p.request.precision == "mixed":
             keras.mixed_precision.set_global_policy("mixed_float16")
         try:
@@ -269,7 +269,7 @@ class _Extraction:
 
     def _dataset(self, start: int, total: int):
         import tensorflow as tf
-        from .imageio import augment, batched, resize
+        from pipeline.data.imageio import augment, batched, resize
         req, size = self.p.request, self.p.size
         segments = []
         for a, b in zip(self.pass_bounds[:-1], self.pass_bounds[1:]):

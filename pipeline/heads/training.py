@@ -16,12 +16,12 @@ from typing import Any, Mapping
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from .errors import UserError
-from .heads import DenseHead, FeatureSource, LogisticHead, feature_info_of, head_filename
-from .metrics import classification_report
-from .plots import plot_c_curve, plot_confusion_matrix, plot_history
-from .runs import Registry, Run
-from .store import FeatureFile
+from pipeline.errors import UserError
+from pipeline.heads.estimators import DenseHead, FeatureSource, LogisticHead, feature_info_of, head_filename
+from pipeline.tracking.metrics import classification_report
+from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history
+from pipeline.tracking.runs import Registry, Run
+from pipeline.features.store import FeatureFile
 
 Head = LogisticHead | DenseHead
 

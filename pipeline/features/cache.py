@@ -10,8 +10,8 @@ from pathlib import Path
 
 import h5py
 
-from .errors import UserError
-from .store import FeatureFile
+from pipeline.errors import UserError
+from pipeline.features.store import FeatureFile
 
 
 @dataclass

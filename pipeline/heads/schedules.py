@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 SCHEDULES = ("constant", "exponential", "cosine")
 

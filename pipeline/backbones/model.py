@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .backbones import Backbone, build
-from .errors import UserError
+from pipeline.backbones.table import Backbone, build
+from pipeline.errors import UserError
 
 
 def feature_model(spec: Backbone, weights: str, image_size: int, pooling: str = "avg",

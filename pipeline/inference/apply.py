@@ -14,10 +14,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import UserError
-from .extract import ExtractRequest, RunOptions, extract
-from .runs import Registry, RunRecord
-from .store import FeatureFile
+from pipeline.errors import UserError
+from pipeline.extract.core import ExtractRequest, RunOptions, extract
+from pipeline.tracking.runs import Registry, RunRecord
+from pipeline.features.store import FeatureFile
 
 
 @dataclass
@@ -46,7 +46,7 @@ def load_run(cache_dir: Path, run_id: str) -> LoadedRun:
             raise UserError(f"run {record.id} has no model.keras; it may have been cleaned up")
         names = record.config.get("class_names") or []
         return LoadedRun(record, request, list(names), model_path=model)
-    from .heads import load_head
+    from pipeline.heads.estimators import load_head
     head = load_head(record.dir)
     return LoadedRun(record, request, list(head.class_names_), head=head)
 
@@ -66,7 +66,7 @@ def _request_of(record: RunRecord) -> ExtractRequest:
 def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None = None,
                  batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
     """Metrics of a run on a labelled data set (features cached like any extraction)."""
-    from .metrics import classification_report
+    from pipeline.tracking.metrics import classification_report
 
     if run.head is None:
         paths, labels, names = _labelled_images(run, data, split)
@@ -74,13 +74,13 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
         return classification_report(labels[kept], proba, run.class_names)
     request = replace(run.request, data=data, augment_copies=0)
     result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress))
-    from .training import evaluate_on_cache
+    from pipeline.heads.training import evaluate_on_cache
     with FeatureFile(result.path) as ff:
         return evaluate_on_cache(run.head, ff, split)
 
 
 def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
-    from .data import open_source
+    from pipeline.data.sources import open_source
     listing = open_source(data, run.request.split).listing()
     if listing.paths is None:
         raise UserError("evaluating a fine-tuned model needs image files (a folder or CSV manifest)")
@@ -95,8 +95,8 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
 def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
                   ) -> tuple[np.ndarray, list[int], list[str]]:
     """Class probabilities for image files: (probabilities, positions kept, skipped paths)."""
-    from . import backbones as bb
-    from .embed import run_model
+    from pipeline import backbones as bb
+    from pipeline.inference.embed import run_model
 
     spec = bb.get(run.request.backbone)
     size = spec.resolve_size(run.request.image_size)
@@ -104,7 +104,7 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
         import keras
         model = keras.models.load_model(run.model_path)
         return run_model(model, paths, size, run.request.resize, None, batch_size)
-    from .model import feature_model
+    from pipeline.backbones.model import feature_model
     model = feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
     feats, kept, skipped = run_model(model, paths, size, run.request.resize, spec.preprocess_fn(), batch_size)
     return run.head.predict_proba(feats), kept, skipped
@@ -112,7 +112,7 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
 
 def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, class_names: Sequence[str]) -> None:
     """path, predicted class, its probability, then one probability column per class."""
-    from .atomic import atomic_path
+    from pipeline.atomic import atomic_path
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "prediction", "probability", *class_names])

@@ -20,10 +20,10 @@ import numpy as np
 from joblib import Parallel, delayed
 from sklearn.model_selection import train_test_split
 
-from .errors import UserError
-from .heads import DenseHead, LogisticHead, ReducedFeatures, jsonable, feature_info_of, make_head
-from .metrics import classification_report
-from .store import FeatureFile
+from pipeline.errors import UserError
+from pipeline.heads.estimators import DenseHead, LogisticHead, ReducedFeatures, jsonable, feature_info_of, make_head
+from pipeline.tracking.metrics import classification_report
+from pipeline.features.store import FeatureFile
 
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "logistic": {"C": [float(c) for c in np.logspace(-4, 1, 11)]},
@@ -125,8 +125,8 @@ def _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_a
     """Reduced train/val features (one per flatten mode in the grid), labels, and head metadata."""
     modes = sorted({c.get("flatten", base.get("flatten", "avg")) for c in configs})
     if isinstance(data, FeatureFile):
-        from .heads import FeatureSource  # noqa: PLC0415
-        from .training import split_rows  # noqa: PLC0415 - training imports plots; only needed here
+        from pipeline.heads.estimators import FeatureSource  # noqa: PLC0415
+        from pipeline.heads.training import split_rows  # noqa: PLC0415 - training imports plots; only needed here
 
         ff = data
         split = split_rows(ff, val_fraction, seed, use_augmented)
@@ -240,8 +240,8 @@ def save_sweep(results: Sequence[SweepResult], run) -> dict[str, Any]:
     """Write sweep.json (every result) and the best head into a `runs.Run`; returns the metrics logged."""
     import json  # noqa: PLC0415
 
-    from .atomic import write_text_atomic  # noqa: PLC0415
-    from .heads import head_filename  # noqa: PLC0415
+    from pipeline.atomic import write_text_atomic  # noqa: PLC0415
+    from pipeline.heads.estimators import head_filename  # noqa: PLC0415
 
     write_text_atomic(run.path("sweep.json"), json.dumps([r.row() for r in results], indent=2) + "\n")
     metrics: dict[str, Any] = {"n_configs": len(results)}

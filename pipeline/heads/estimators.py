@@ -30,10 +30,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from .atomic import atomic_path, write_text_atomic
-from .errors import UserError
-from .schedules import make_schedule
-from .store import FeatureFile
+from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.errors import UserError
+from pipeline.heads.schedules import make_schedule
+from pipeline.features.store import FeatureFile
 
 FLATTEN_MODES = ("flatten", "avg", "max")
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")

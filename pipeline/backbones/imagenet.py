@@ -12,7 +12,7 @@ __all__ = ["class_names", "decode_top_k"]
 
 @lru_cache(maxsize=1)
 def _names() -> tuple[str, ...]:
-    text = resources.files("pipeline").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
+    text = resources.files("pipeline.backbones").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if len(names) != 1000:
         raise RuntimeError(f"imagenet_classes.txt holds {len(names)} names, expected 1000")

@@ -30,8 +30,8 @@ from typing import Any, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .atomic import atomic_path, write_text_atomic
-from .errors import UserError
+from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.errors import UserError
 
 SCHEMA_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk-(\d{6})\.npz$")

@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 
@@ -34,7 +34,7 @@ def image_batches(paths: Sequence[str], size: int, resize: str, preprocess: Call
                   batch_size: int = 32) -> Iterator[tuple[np.ndarray, object]]:
     """Yield (positions into `paths`, preprocessed batch); unreadable files never appear."""
     import tensorflow as tf
-    from .imageio import batched, file_images, resize as resize_op
+    from pipeline.data.imageio import batched, file_images, resize as resize_op
 
     def work(tag, img):
         x = resize_op(img, size, resize)
@@ -50,7 +50,7 @@ def run_model(model, paths: Sequence[str], size: int, resize: str, preprocess: C
               batch_size: int = 32) -> tuple[np.ndarray, list[int], list[str]]:
     """Model outputs for every readable image: (outputs, kept positions, skipped paths)."""
     import tensorflow as tf
-    from .extract import inference_fn
+    from pipeline.extract.core import inference_fn
 
     infer = inference_fn(model, size, jit=bool(tf.config.list_physical_devices("GPU")))
     outs, kept = [], []
@@ -67,8 +67,8 @@ def run_model(model, paths: Sequence[str], size: int, resize: str, preprocess: C
 def imagenet_top_k(backbone: str, weights: str, paths: Sequence[str], k: int = 5, resize: str = "crop",
                    batch_size: int = 16) -> tuple[list[tuple[str, list[tuple[int, str, float]]]], list[str]]:
     """The backbone's own ImageNet top-k for each image: a quick check that weights loaded right."""
-    from . import backbones as bb
-    from .imagenet import decode_top_k
+    from pipeline import backbones as bb
+    from pipeline.backbones.imagenet import decode_top_k
 
     spec = bb.get(backbone)
     if weights.lower() == "none":

@@ -46,12 +46,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import backbones
-from .atomic import atomic_path, write_text_atomic
-from .data import open_source
-from .errors import UserError
-from .extract import ExtractRequest
-from .imageio import AugmentConfig, batched, decode_file
+from pipeline import backbones
+from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.data.sources import open_source
+from pipeline.errors import UserError
+from pipeline.extract.core import ExtractRequest
+from pipeline.data.imageio import AugmentConfig, batched, decode_file
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # 'torch' style, on 0..1 pixels
@@ -297,7 +297,7 @@ def image_dataset(source, listing, indices: np.ndarray, size: int, resize_method
     """
     import tensorflow as tf
 
-    from .imageio import resize
+    from pipeline.data.imageio import resize
 
     indices = np.asarray(indices, np.int64)
     labels = tf.constant(np.asarray(listing.labels)[indices].astype(np.int32))
@@ -324,8 +324,8 @@ def image_dataset(source, listing, indices: np.ndarray, size: int, resize_method
 
 
 def evaluate(model, dataset, class_names: Sequence[str]) -> dict[str, Any]:
-    """`pipeline.metrics.classification_report` of the model on a labelled (images, labels) dataset."""
-    from .metrics import classification_report
+    """`pipeline.tracking.metrics.classification_report` of the model on a labelled (images, labels) dataset."""
+    from pipeline.tracking.metrics import classification_report
 
     # Two passes in the same deterministic order (evaluation sets are cached when small):
     # model.predict compiles once, where a predict_on_batch loop retraces per batch shape.
@@ -487,8 +487,8 @@ class Stage2Inputs:
 def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     """Read a fit-head run folder: its config.json names the cache file, whose `request` says how
     the features were made; the head is loaded from the folder."""
-    from .heads import load_head
-    from .store import FeatureFile
+    from pipeline.heads.estimators import load_head
+    from pipeline.features.store import FeatureFile
 
     run_dir = Path(run_dir)
     try:
@@ -522,7 +522,7 @@ class FineTuner:
         topmost block; () = the head only. unfreeze_last: also the last N backbone layers.
     lr: peak learning rate; None = a tenth of a dense head's lr, or 1e-4 for a logistic head.
     optimizer: adam | nadam | rmsprop | sgd (momentum 0.9). lr_schedule: constant | exponential |
-        cosine (`pipeline.schedules.make_schedule`; `schedule_params` passes rampup_epochs etc.).
+        cosine (`pipeline.heads.schedules.make_schedule`; `schedule_params` passes rampup_epochs etc.).
     epochs, batch_size (global batch, split over GPUs). early_stopping: patience in epochs on
         val_loss (None = off); the best epoch's weights are restored at the end.
     class_weight: None | 'balanced' | {class index: weight}. augment: AugmentConfig or None.
@@ -799,7 +799,7 @@ class FineTuner:
         unreadable files are NaN."""
         import tensorflow as tf
 
-        from .imageio import file_images, resize
+        from pipeline.data.imageio import file_images, resize
 
         if not hasattr(self, "model_"):
             raise UserError("fit the tuner (or FineTuner.load a run) before predicting")
@@ -821,6 +821,6 @@ class FineTuner:
 
 
 def _schedule(name: str, lr: float, epochs: int, params: Mapping[str, Any]):
-    from .schedules import make_schedule
+    from pipeline.heads.schedules import make_schedule
 
     return make_schedule(name, lr, epochs, **dict(params))

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from pipeline.errors import UserError
 
 SPLITS = ("train", "val", "test")
 BUILTIN_DEFAULT = "builtin:digits"
@@ -137,7 +137,7 @@ class FileSource(Source):
         return h.hexdigest()
 
     def images(self, listing: Listing, indices: np.ndarray, tags: np.ndarray):
-        from .imageio import file_images
+        from pipeline.data.imageio import file_images
         return file_images([listing.paths[i] for i in indices], tags)
 
 

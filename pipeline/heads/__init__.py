@@ -1,0 +1,5 @@
+"""Stage 2: heads fitted on cached features (`estimators`), LR schedules, training on a cache
+(`training`) and parallel sweeps (`sweep`)."""
+
+from pipeline.heads.estimators import (DenseHead, FeatureSource, LogisticHead, ReducedFeatures,  # noqa: F401
+                                       feature_info_of, head_filename, jsonable, load_head, make_head)

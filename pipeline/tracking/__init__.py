@@ -1,0 +1,1 @@
+"""Tracking: the runs registry (`runs`), metrics reports (`metrics`) and PNG plots (`plots`)."""
