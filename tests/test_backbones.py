@@ -46,9 +46,18 @@ def test_top_blocks_resolve_to_the_right_layers(name, size, top, must_contain):
     keras.backend.clear_session()
 
 
-def test_preprocessing_functions_differ_as_documented():
-    x = np.full((1, 4, 4, 3), 255.0, np.float32)
-    assert np.allclose(bb.get("mobilenetv2").preprocess_fn()(x.copy()), 1.0)  # 'tf': [-1, 1]
-    caffe = bb.get("vgg16").preprocess_fn()(x.copy())
+def _prep(name: str, x: np.ndarray) -> np.ndarray:
+    from pipeline.backbones.preprocessing import cast_layer, preprocessing_layers
+    y = cast_layer()(x)
+    for layer in preprocessing_layers(bb.get(name).preprocess):
+        y = layer(y)
+    return np.asarray(y)
+
+
+def test_preprocessing_styles_differ_as_documented():
+    x = np.full((1, 4, 4, 3), 255, np.uint8)  # the graphs take uint8 pixels
+    assert np.allclose(_prep("mobilenetv2", x), 1.0)  # 'tf': [-1, 1]
+    caffe = _prep("vgg16", x)
     assert np.allclose(caffe[..., 0], 255 - 103.939, atol=1e-3)  # 'caffe': BGR minus the mean
-    assert bb.get("efficientnetb0").preprocess_fn() is None  # the model rescales itself
+    assert np.allclose(_prep("efficientnetb0", x), 255.0)  # 'in-model': the model rescales itself
+    assert np.allclose(_prep("efficientnet_lite0", x), 1.0)  # 'lite': (x - 127) / 128

@@ -15,7 +15,7 @@ import pytest
 from pipeline import extract as ex
 from pipeline.data.sources import SplitConfig
 from pipeline.errors import UserError
-from pipeline.extract.core import ExtractRequest, RunOptions, extract, plan
+from pipeline.extract import ExtractRequest, RunOptions, extract, plan
 from pipeline.features.store import FeatureFile
 
 from conftest import make_folder, write_image

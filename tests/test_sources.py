@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.extract.core import ExtractRequest, RunOptions, extract, plan
+from pipeline.extract import ExtractRequest, RunOptions, extract, plan
 from pipeline.features.store import FeatureFile
 
 

@@ -24,7 +24,7 @@ from pipeline.backbones.torchfile import load_state_dict
 
 __all__ = [
     "DEFAULT_SIZES", "WEIGHT_PACKAGES", "LiteWeightsError", "BlockSpec", "block_specs",
-    "build_lite", "load_lite_weights", "preprocess_input", "top_block_names", "weights_path",
+    "build_lite", "load_lite_weights", "top_block_names", "weights_path",
 ]
 
 DEFAULT_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
@@ -83,15 +83,6 @@ def top_block_names(name: str) -> list[str]:
     return ["top", *stages, "stem"]
 
 
-def preprocess_input(x: Any) -> Any:
-    """Scale 0..255 RGB pixels to (x - 127) / 128, as the Lite models were trained; numpy or tf."""
-    import tensorflow as tf
-
-    if tf.is_tensor(x):
-        return (tf.cast(x, tf.float32) - 127.0) / 128.0
-    return (np.asarray(x, dtype=np.float32) - 127.0) / 128.0
-
-
 def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, act: bool = True):
     x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
                       name=f"{name}_conv")(x)
@@ -116,7 +107,8 @@ def _mbconv(x, spec: BlockSpec):
 def build_lite(name: str, input_shape: tuple = (None, None, 3), weights: str | Path | None = "imagenet",
                include_top: bool = False, classes: int = 1000,
                classifier_activation: str | None = "softmax") -> keras.Model:
-    """Build EfficientNet-Lite `name` taking PREPROCESSED images (see `preprocess_input`).
+    """Build EfficientNet-Lite `name` taking PREPROCESSED images ((x - 127) / 128: the 'lite' style of
+    `pipeline.backbones.preprocessing`).
 
     weights: "imagenet" (installed package), None (random init) or a path to a legacy .pth.
     include_top=False ends at `top_activation` (H/32 x W/32 x 1280); True adds avg_pool,

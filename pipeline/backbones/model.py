@@ -1,21 +1,32 @@
-"""Keras models built from the backbone table: the frozen feature extractor used by stage 1."""
+"""The one model graph, shared by extract, predict, evaluate and finetune:
+
+    uint8 RGB image (size x size x 3)
+      -> image_to_float (float32 0..255)
+      -> [augmentation layers: fine-tuning only; they act in training alone]
+      -> the backbone's preprocessing (built-in Keras layers, `preprocessing`)
+      -> backbone (a frozen nested model named "backbone", cut at --layer)
+      -> [global avg/max pooling]
+      -> [a head: fine-tuning and export]
+
+Batches cross to the device as uint8 (4x fewer bytes than float32) and every backend runs the
+same preprocessing, so features agree across TensorFlow, JAX and PyTorch.
+"""
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from pipeline.backbones.preprocessing import cast_layer, preprocessing_layers
 from pipeline.backbones.table import Backbone, build
 from pipeline.errors import UserError
 
 
-def feature_model(spec: Backbone, weights: str, image_size: int, pooling: str = "avg",
-                  layer: str | None = None):
-    """The frozen backbone cut at `layer` (default: its last conv output), pooled avg/max or not.
-
-    Input: preprocessed images of image_size x image_size x 3; output: (N, D) or (N, H, W, C).
-    """
+def backbone_cut(spec: Backbone, weights: str, image_size: int, layer: str | None = None,
+                 include_top: bool = False):
+    """The frozen backbone (preprocessed float input) cut at `layer`, as a model named 'backbone'."""
     import keras
 
-    base = build(spec, weights, image_size)
-    base.trainable = False
+    base = build(spec, weights, image_size, include_top=include_top)
     out = base.output
     if layer:
         try:
@@ -24,7 +35,40 @@ def feature_model(spec: Backbone, weights: str, image_size: int, pooling: str = 
             names = [l.name for l in base.layers]
             raise UserError(f"{spec.name} has no layer {layer!r}; `python cli.py backbones {spec.name} "
                             f"--layers` lists all {len(names)} (last ones: {', '.join(names[-3:])})") from None
-    if len(out.shape) == 4 and pooling != "none":
+    model = keras.Model(base.input, out, name="backbone")
+    model.trainable = False
+    return model
+
+
+def image_graph(spec: Backbone, weights: str, image_size: int, pooling: str = "avg", layer: str | None = None,
+                augment: Sequence = (), include_top: bool = False):
+    """(uint8 input tensor, output tensor) of the graph above, without a head."""
+    import keras
+
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+    x = cast_layer()(inputs)
+    for aug in augment:
+        x = aug(x)
+    for prep in preprocessing_layers(spec.preprocess):
+        x = prep(x)
+    x = backbone_cut(spec, weights, image_size, layer, include_top)(x, training=False)
+    if len(x.shape) == 4 and pooling != "none":
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        out = pool(name=f"features_{pooling}_pool")(out)
-    return keras.Model(base.input, out, name=f"{spec.name}_features")
+        x = pool(name=f"features_{pooling}_pool")(x)
+    return inputs, x
+
+
+def feature_model(spec: Backbone, weights: str, image_size: int, pooling: str = "avg", layer: str | None = None):
+    """Stage 1's frozen feature extractor: uint8 images in, (N, D) or (N, H, W, C) features out."""
+    import keras
+
+    inputs, out = image_graph(spec, weights, image_size, pooling, layer)
+    return keras.Model(inputs, out, name=f"{spec.name}_features")
+
+
+def classifier_model(spec: Backbone, weights: str):
+    """The backbone with its own ImageNet top at its default size: uint8 images in, 1000 probabilities out."""
+    import keras
+
+    inputs, out = image_graph(spec, weights, spec.default_size, pooling="none", include_top=True)
+    return keras.Model(inputs, out, name=f"{spec.name}_imagenet")

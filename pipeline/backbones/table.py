@@ -14,18 +14,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from pipeline.backbones.preprocessing import STYLES
 from pipeline.errors import UserError
 
-# Preprocessing styles; the key records the name, the table the function that implements it.
-PREPROCESS = {
-    "caffe": "keras.applications.vgg16:preprocess_input",      # BGR, ImageNet mean subtracted
-    "tf": "keras.applications.mobilenet_v2:preprocess_input",  # scaled to [-1, 1]
-    "torch": "keras.applications.densenet:preprocess_input",   # [0, 1], ImageNet mean/std
-    "in-model": None,                                          # the model rescales 0..255 itself
-    "lite": "pipeline.backbones.lite:preprocess_input",                  # (x - 127) / 128
-}
+# Preprocessing styles (implemented once, as Keras layers, in `preprocessing`).
+PREPROCESS = STYLES
 
 
 @dataclass(frozen=True)
@@ -42,11 +37,6 @@ class Backbone:
     family: str = ""
     imagenet_sizes: tuple[int, ...] = ()  # sizes ImageNet weights exist for, where Keras restricts them
     builder_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def preprocess_fn(self) -> Callable | None:
-        """The function mapping 0..255 RGB float pixels to the model's input, or None (identity)."""
-        target = PREPROCESS[self.preprocess]
-        return None if target is None else _resolve(target)
 
     def resolve_size(self, image_size: int | None) -> int:
         """The input size to use, checked against what the backbone can take."""

@@ -8,7 +8,7 @@ import click
 
 from pipeline.cli import cli
 from pipeline.features.cache import describe, find_entries, remove_entry
-from pipeline.extract.core import DEFAULT_CACHE
+from pipeline.extract import DEFAULT_CACHE
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                           help="Cache root (default: ./cache).")

@@ -7,7 +7,7 @@ import click
 from pipeline.cli import cli
 from pipeline.cli.options import build_request, extract_options
 from pipeline import backbones as bb
-from pipeline.extract.core import extract
+from pipeline.extract import extract
 
 
 def report_extraction(result) -> None:
@@ -15,12 +15,21 @@ def report_extraction(result) -> None:
     if result.cache_hit:
         click.echo(f"cache hit: {result.path}")
         return
-    click.echo(f"wrote {result.path} ({result.n_rows} rows, {result.images_per_s:.1f} images/s)")
+    if result.computed:
+        click.echo(f"wrote {result.path} ({result.n_rows} rows, {result.computed} images computed at "
+                   f"{result.images_per_s:.1f} images/s)")
+    else:
+        click.echo(f"wrote {result.path} ({result.n_rows} rows, assembled from finished chunks)")
     if result.skipped:
-        names = ", ".join(p for p, _ in result.skipped[:5])
-        more = f" and {len(result.skipped) - 5} more" if len(result.skipped) > 5 else ""
-        click.echo(f"skipped {len(result.skipped)} unreadable file(s): {names}{more} "
-                   f"(listed in the file's skipped_paths)", err=True)
+        click.echo(skipped_message(result.skipped, "(listed in the file's skipped_paths and skipped_reasons)"),
+                   err=True)
+
+
+def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
+    """One line: how many files were skipped, the first few with their reasons."""
+    shown = ", ".join(f"{p} ({reason})" for p, reason in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    return f"skipped {len(skipped)} file(s) that could not be used as images: {shown}{more} {tail}".rstrip()
 
 
 @cli.command("extract")

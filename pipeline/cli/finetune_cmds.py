@@ -10,7 +10,7 @@ import click
 from pipeline.cli import cli
 from pipeline.cli.options import parse_augment
 from pipeline.errors import UserError
-from pipeline.extract.core import DEFAULT_CACHE
+from pipeline.extract import DEFAULT_CACHE
 
 
 @cli.command("finetune")

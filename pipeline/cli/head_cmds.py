@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from pipeline.cli import cli
+from pipeline.cli.extract_cmds import skipped_message
 from pipeline.cli.extract_cmds import report_extraction
 from pipeline.cli.options import build_request, extract_options
 from pipeline.errors import UserError
-from pipeline.extract.core import DEFAULT_CACHE
+from pipeline.extract import DEFAULT_CACHE
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                           help="Cache root (default: ./cache).")
@@ -32,7 +33,7 @@ def _open_cache(cache: str | None, kw: dict):
     """The feature file named by --cache (path or key prefix), else by the extract options,
     extracting first when the cache does not have it yet."""
     from pipeline.features.cache import resolve
-    from pipeline.extract.core import extract, plan
+    from pipeline.extract import extract, plan
     from pipeline.features.store import FeatureFile, is_complete
 
     if cache:
@@ -238,4 +239,4 @@ def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | 
         write_predictions_csv(csv_out, [paths[i] for i in kept], proba, run.class_names)
         click.echo(f"wrote {csv_out}", err=True)
     if skipped:
-        click.echo(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:5])}", err=True)
+        click.echo(skipped_message(skipped), err=True)

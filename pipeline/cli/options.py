@@ -9,8 +9,10 @@ import click
 
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig
 from pipeline.errors import UserError
-from pipeline.extract.core import DEFAULT_CACHE, DTYPES, POOLINGS, PRECISIONS, ExtractRequest, RunOptions
-from pipeline.data.imageio import RESIZE_METHODS, AugmentConfig
+from pipeline.backend import BACKENDS, select as select_backend
+from pipeline.extract import MAX_IMAGE_SIZE, DEFAULT_CACHE, DTYPES, POOLINGS, PRECISIONS, ExtractRequest, RunOptions
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.decode import RESIZE_METHODS
 
 _EXTRACT_OPTIONS = [
     click.option("--data", default=BUILTIN_DEFAULT, show_default=True,
@@ -28,7 +30,7 @@ _EXTRACT_OPTIONS = [
     click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
                  help="Stored feature dtype."),
     click.option("--precision", type=click.Choice(PRECISIONS), default="float32", show_default=True,
-                 help="Compute precision; mixed is for GPUs."),
+                 help="Compute precision; mixed = bfloat16 where the GPU does it natively, else float16."),
     click.option("--augment-copies", type=int, default=0, show_default=True,
                  help="Also store K augmented views of every training image."),
     click.option("--augment-seed", type=int, default=0, show_default=True),
@@ -47,6 +49,12 @@ _EXTRACT_OPTIONS = [
                  help="Images per resumable chunk written while extracting."),
     click.option("--compression", type=click.Choice(["none", "gzip", "lzf"]), default="none", show_default=True),
     click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+    click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                 help="Keras backend (default: KERAS_BACKEND or ~/.keras/keras.json, else tensorflow). "
+                      "Part of the cache key."),
+    click.option("--workers", type=click.IntRange(1, 256), default=None,
+                 help="Decode threads (default: one per CPU core)."),
+    click.option("--allow-large", is_flag=True, help=f"Permit --image-size above {MAX_IMAGE_SIZE}."),
 ]
 
 def extract_options(fn: Callable) -> Callable:
@@ -76,6 +84,7 @@ def parse_augment(spec: str) -> AugmentConfig:
 
 def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
     """Turn parsed options into the request (what is hashed) and run options (what is not)."""
+    select_backend(kw.get("backend"))
     names = tuple(s.strip() for s in kw["split_names"].split(","))
     if kw["batch_size"] < 1 or kw["chunk_size"] < 1:
         raise UserError("--batch-size and --chunk-size must be at least 1")
@@ -90,5 +99,6 @@ def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
     )
     options = RunOptions(cache_dir=kw["cache_dir"], batch_size=kw["batch_size"], chunk_units=kw["chunk_size"],
                          compression=None if kw["compression"] == "none" else kw["compression"],
-                         progress=not kw["no_progress"])
+                         progress=not kw["no_progress"], workers=kw.get("workers"),
+                         allow_large=bool(kw.get("allow_large")))
     return request, options

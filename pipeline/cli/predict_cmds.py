@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli import cli
+from pipeline.cli.extract_cmds import skipped_message
 from pipeline.cli.head_cmds import predict_with_run
 from pipeline.inference.embed import image_paths, imagenet_top_k
-from pipeline.extract.core import DEFAULT_CACHE
+from pipeline.extract import DEFAULT_CACHE
 
 
 @cli.command("predict")
@@ -22,13 +24,15 @@ from pipeline.extract.core import DEFAULT_CACHE
               help="With --run: also write path, prediction, probability and per-class columns here.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Keras backend (default: KERAS_BACKEND).")
 def predict_cmd(images: tuple[str, ...], run_id: str | None, backbone: str | None, weights: str, top_k: int,
-                csv_out: Path | None, batch_size: int, cache_dir: Path) -> None:
+                csv_out: Path | None, batch_size: int, cache_dir: Path, backend: str | None) -> None:
     """Predict classes for IMAGES (files or folders).
 
     Examples: python cli.py predict --run 20261122-2330 photos/ --csv preds.csv
               python cli.py predict --backbone efficientnet_lite0 photo.jpg
     """
+    select_backend(backend)
     paths = image_paths(images)
     if run_id:
         predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size)
@@ -41,4 +45,4 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, backbone: str | Non
         for idx, name, p in top:
             click.echo(f"  {p:6.1%}  {idx:4d}  {name}")
     if skipped:
-        click.echo(f"skipped {len(skipped)} unreadable file(s): {', '.join(skipped[:5])}", err=True)
+        click.echo(skipped_message(skipped), err=True)

@@ -19,6 +19,8 @@ class _QuietLoader(importlib.abc.Loader):
         return self.inner.create_module(spec)
 
     def exec_module(self, module) -> None:
+        for finder in [f for f in sys.meta_path if isinstance(f, _QuietFinder)]:
+            sys.meta_path.remove(finder)  # once is enough
         sys.stderr.flush()
         saved = os.dup(2)
         with tempfile.TemporaryFile() as sink:
@@ -37,10 +39,9 @@ class _QuietLoader(importlib.abc.Loader):
 
 class _QuietFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
+        if name != "tensorflow" or "tensorflow" in sys.modules:
             return None
-        sys.meta_path.remove(self)  # once is enough
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)  # find_spec alone imports nothing
         if spec is not None and spec.loader is not None:
             spec.loader = _QuietLoader(spec.loader)
         return spec

@@ -1,19 +1,20 @@
 """Data sources (`--data`): image folders, CSV manifests, `tfds:NAME` and the built-in digits set.
 
 Listing a source (ids, labels, splits, class names, a fingerprint) needs no TensorFlow, so a cache
-hit is decided in well under a second; only `images()` builds a tf.data pipeline. Images come
-decoded as uint8 RGB at their own size; resizing belongs to the extractor.
+hit is decided in well under a second. `raw_images()` yields one job per image that decodes and
+resizes it to a uint8 RGB square in numpy (`pipeline.data.decode`); the loader runs the jobs.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -90,7 +91,7 @@ def _version(dist: str) -> str:
 
 
 class Source:
-    """A data set: `spec` names it; `listing()` lists it cheaply; `images()` decodes it."""
+    """A data set: `spec` names it; `listing()` lists it cheaply; `raw_images()` reads it."""
 
     spec: str
 
@@ -116,9 +117,10 @@ class Source:
         """A hash of what identifies the data's content (names, sizes, mtimes, labels, splits)."""
         raise NotImplementedError
 
-    def images(self, listing: Listing, indices: np.ndarray, tags: np.ndarray):  # -> tf.data.Dataset
-        """Dataset of (tag int64, uint8 HxWx3 image) for `indices` in the order given, each image
-        carrying the caller's tag; unreadable images are dropped (their tags never appear)."""
+    def raw_images(self, listing: Listing, indices: Sequence[int], size: int, method: str
+                   ) -> Iterator[Callable[[], np.ndarray]]:
+        """One job per index, in the order given: calling it returns the image as uint8
+        (size, size, 3), resized by `method`, or raises DecodeError with the reason."""
         raise NotImplementedError
 
 
@@ -136,9 +138,12 @@ class FileSource(Source):
             h.update(f"{path}\0{meta}\0{label}\0{split}\n".encode())
         return h.hexdigest()
 
-    def images(self, listing: Listing, indices: np.ndarray, tags: np.ndarray):
-        from pipeline.data.imageio import file_images
-        return file_images([listing.paths[i] for i in indices], tags)
+    def raw_images(self, listing: Listing, indices: Sequence[int], size: int, method: str
+                   ) -> Iterator[Callable[[], np.ndarray]]:
+        from pipeline.data.decode import load_file
+        paths = listing.paths or []
+        for i in indices:
+            yield functools.partial(load_file, paths[i], size, method)
 
 
 class FolderSource(FileSource):
@@ -258,16 +263,19 @@ class DigitsSource(Source):
     def fingerprint(self, listing: Listing | None = None) -> str:
         return f"sklearn-digits:{_version('scikit-learn')}"
 
-    def images(self, listing: Listing, indices: np.ndarray, tags: np.ndarray):
-        import tensorflow as tf
+    def raw_images(self, listing: Listing, indices: Sequence[int], size: int, method: str
+                   ) -> Iterator[Callable[[], np.ndarray]]:
+        from pipeline.data.decode import resize
         pixels, _ = self._arrays()
-        return tf.data.Dataset.from_tensor_slices((np.asarray(tags, np.int64), pixels[indices]))
+        for i in indices:
+            yield functools.partial(resize, pixels[i], size, method)
 
 
 class TfdsSource(Source):
     """`tfds:NAME` through tensorflow-datasets (optional extra); reads only data already prepared."""
 
     _SPLIT_ALIASES = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+    random_access = False  # streamed in order; fine-tuning reads it into memory once
 
     def __init__(self, name: str, split: SplitConfig = SplitConfig()) -> None:
         self.name = name
@@ -315,32 +323,22 @@ class TfdsSource(Source):
         builder = self._builder()
         return f"tfds:{self.name}:{builder.info.version}:{len(listing)}"
 
-    def images(self, listing: Listing, indices: np.ndarray, tags: np.ndarray):
-        """Streams the prepared splits in order; `indices` must be ascending (one pass)."""
-        import tensorflow as tf
+    def raw_images(self, listing: Listing, indices: Sequence[int], size: int, method: str
+                   ) -> Iterator[Callable[[], np.ndarray]]:
+        """Streams the prepared splits in order (tensorflow-datasets needs TensorFlow); `indices`
+        must be ascending (one pass). Decoding happens in tfds; resizing in the job."""
+        from pipeline.data.decode import resize, to_rgb
         builder = self._builder()
-        tag_of = np.full(len(listing), -1, np.int64)
-        tag_of[indices] = tags
-        parts = []
+        wanted = np.zeros(len(listing), bool)
+        wanted[np.asarray(indices, np.int64)] = True
         offset = 0
         for s in listing.extra["tfds_splits"]:
             ds = builder.as_dataset(split=s, as_supervised=True, shuffle_files=False)
             n = builder.info.splits[s].num_examples
-            lookup = tf.constant(tag_of[offset:offset + n])
-            parts.append(ds.enumerate().map(lambda i, xy, t=lookup: (t[i], _rgb(xy[0])))
-                         .filter(lambda tag, img: tag >= 0))
+            for i, (img, _) in enumerate(ds.as_numpy_iterator()):
+                if wanted[offset + i]:
+                    yield functools.partial(resize, to_rgb(img), size, method)
             offset += n
-        ds = parts[0]
-        for p in parts[1:]:
-            ds = ds.concatenate(p)
-        return ds
-
-
-def _rgb(img):
-    import tensorflow as tf
-    if img.shape[-1] == 1:
-        return tf.image.grayscale_to_rgb(img)
-    return img[..., :3]
 
 
 def open_source(data: str, split: SplitConfig = SplitConfig()) -> Source:

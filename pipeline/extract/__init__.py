@@ -1,5 +1,9 @@
-"""Stage 1: plan a request into a cache key, run the frozen backbone over the data once, store it."""
+"""Stage 1: plan a request into a cache key (`plan`), run the frozen backbone over the data once
+on any Keras backend (`worker`, `runners`), and store the features chunk by chunk (`writer`)."""
 
-from pipeline.extract.core import (DEFAULT_CACHE, DTYPES, KEY_VERSION, POOLINGS, PRECISIONS,  # noqa: F401
-                                   ExtractRequest, ExtractResult, Plan, RunOptions, _ChunkWriter, _Extraction,
-                                   extract, inference_fn, plan)
+from pipeline.extract.plan import (DEFAULT_CACHE, DTYPES, KEY_VERSION, MAX_IMAGE_SIZE, POOLINGS,  # noqa: F401
+                                   PRECISIONS, ExtractRequest, ExtractResult, Plan, RunOptions, plan)
+from pipeline.extract.runners import make_runner, tf_inference_fn  # noqa: F401
+from pipeline.extract.worker import _Extraction, extract  # noqa: F401
+from pipeline.extract.writer import ChunkWriter as _ChunkWriter  # noqa: F401
+from pipeline.features.store import assemble  # noqa: F401

@@ -67,7 +67,18 @@ class ChunkDir:
             return {k: z[k] for k in z.files}
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        self.remove_path(self.path)
+
+    @staticmethod
+    def remove_path(path: Path) -> None:
+        """Delete a chunk folder (only ever one named `*.parts` that this module made)."""
+        path = Path(path)
+        if path.suffix == ".parts" and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class DegenerateFeatures(UserError):
+    """The chunks hold nothing worth storing: no rows, or the same vector for every image."""
 
 
 @dataclass
@@ -98,7 +109,8 @@ def assemble(
             if feat_shape is None and z["features"].shape[0]:
                 feat_shape = tuple(z["features"].shape[1:])
     if feat_shape is None:
-        raise UserError("no image could be read, so there is nothing to store; check the data path")
+        raise DegenerateFeatures("no image could be read, so there is nothing to store; check the data path "
+                                 "(the skipped files and reasons were printed above)")
     row_bytes = int(np.prod(feat_shape)) * np.dtype(dtype).itemsize
     chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(row_bytes, 1)))
     comp = {"gzip": dict(compression="gzip", compression_opts=4), "lzf": dict(compression="lzf")}
@@ -112,15 +124,25 @@ def assemble(
             views = np.empty(n_rows, np.int8)
             skipped: dict[int, str] = {}
             pos = 0
+            first: np.ndarray | None = None
+            varies = False
             for n in numbers:
                 c = chunks.read(n)
                 k = c["index"].shape[0]
+                if k:
+                    rows = c["features"].astype(dtype, copy=False)
+                    first = rows[0] if first is None else first
+                    varies = varies or bool(np.any(rows != first))
                 feats[pos:pos + k] = c["features"].astype(dtype, copy=False)
                 index[pos:pos + k] = c["index"]
                 views[pos:pos + k] = c["views"]
                 for i, r in zip(c["skipped_index"], c["skipped_reason"]):
                     skipped.setdefault(int(i), str(r))
                 pos += k
+            if n_rows > 1 and not varies:
+                raise DegenerateFeatures(
+                    f"every image gave the same feature vector (e.g. all zeros), so a head could not learn "
+                    f"anything; with --weights none use trained weights, or --dtype float32")
             f["index"] = index
             f["views"] = views
             f["labels"] = np.asarray(items.labels, np.int32)[index]

@@ -4,9 +4,9 @@ The model is rebuilt exactly as the cache was made (backbone, weights, image siz
 preprocessing, layer cut and pooling, all read from the cache's `ExtractRequest`) with the fitted
 head on top, so before any training it predicts what the head predicted on cached features:
 
-    image (float 0..255, size x size x 3)
+    image (uint8 0..255, size x size x 3) -> image_to_float
       -> augmentation (keras Random* layers; active only while training)
-      -> preprocessing (built-in keras layers: Rescaling / Normalization / a frozen Dense(3))
+      -> preprocessing (`pipeline.backbones.preprocessing`: the same layers as extraction)
       -> backbone (a nested model named "backbone", called with training=False)
       -> [global avg/max pooling, as the cache]
       -> head (a nested model named "head": the DenseHead's layers, or a LogisticHead as one
@@ -50,13 +50,11 @@ from pipeline import backbones
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.data.sources import open_source
 from pipeline.errors import UserError
-from pipeline.extract.core import ExtractRequest
-from pipeline.data.imageio import AugmentConfig, batched, decode_file
+from pipeline.extract import ExtractRequest
+from pipeline.data.augment import AugmentConfig
+from pipeline.finetune.data import evaluate, make_batches
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
-IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)  # 'torch' style, on 0..1 pixels
-IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
-CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # 'caffe' style, on 0..255 pixels
 LOGISTIC_DEFAULT_LR = 1e-4
 MODEL_FILE = "model.keras"
 INFO_FILE = "finetune.json"
@@ -73,42 +71,11 @@ def _keras():
 
 
 # -------------------------------------------------------------------------------- model building
-def preprocessing_layers(style: str) -> list:
-    """Built-in Keras layers mapping 0..255 RGB floats to a backbone's input, for a preprocess style.
-
-    'tf': x/127.5 - 1. 'lite': (x - 127)/128. 'torch': x/255, then ImageNet mean/std.
-    'caffe': RGB -> BGR and ImageNet mean subtracted, as a frozen Dense(3) (permutation kernel,
-    bias -mean) computed in float64 so TF32 matmuls on a GPU cannot round the pixels.
-    'in-model': none (the backbone rescales itself).
-    """
-    keras = _keras()
-    L = keras.layers
-    if style == "in-model":
-        return []
-    if style == "tf":
-        return [L.Rescaling(1 / 127.5, offset=-1.0, name="preprocess_scale", dtype="float32")]
-    if style == "lite":
-        return [L.Rescaling(1 / 128, offset=-127 / 128, name="preprocess_scale", dtype="float32")]
-    if style == "torch":
-        return [L.Rescaling(1 / 255, name="preprocess_scale", dtype="float32"),
-                L.Normalization(mean=list(IMAGENET_MEAN_RGB), variance=[s * s for s in IMAGENET_STD_RGB],
-                                name="preprocess_normalize", dtype="float32")]
-    if style == "caffe":
-        dense = L.Dense(3, name="preprocess_rgb_to_bgr", dtype="float64", trainable=False)
-        dense.build((None, 3))
-        kernel = np.zeros((3, 3))
-        kernel[[2, 1, 0], [0, 1, 2]] = 1.0  # out[..., j] = in[..., 2 - j]
-        bias = -np.asarray(CAFFE_MEAN_BGR, np.float32).astype(np.float64)  # the float32 means numpy uses
-        dense.set_weights([kernel, bias])
-        return [dense, L.Identity(name="preprocess_to_float32", dtype="float32")]
-    raise ValueError(f"unknown preprocessing style {style!r}; known: {', '.join(backbones.PREPROCESS)}")
-
-
 def augmentation_layers(cfg: AugmentConfig | None, seed: int = 0) -> list:
     """Keras random layers for `cfg` (flip, rotation, zoom, brightness, contrast; 0 = off).
 
     They change images only while training (`training=True`, as in `fit`); at inference they
-    pass images through. Strengths mean what they mean in `pipeline.imageio.augment`: rotation in
+    pass images through. Strengths mean what they mean in `pipeline.data.augment.augment`: rotation in
     fractions of a full turn, zoom as +-fraction, brightness as +-fraction of 255, contrast factor
     in [1 - c, 1 + c].
     """
@@ -132,21 +99,6 @@ def augmentation_layers(cfg: AugmentConfig | None, seed: int = 0) -> list:
         out.append(L.RandomContrast(float(cfg.contrast), value_range=(0, 255), seed=seed + 4,
                                     name="augment_contrast", **kw))
     return out
-
-
-def _backbone(spec: backbones.Backbone, request: ExtractRequest, size: int):
-    """The frozen backbone cut at request.layer, as a nested model named 'backbone'."""
-    keras = _keras()
-    base = backbones.build(spec, request.weights, size)
-    out = base.output
-    if request.layer:
-        try:
-            out = base.get_layer(request.layer).output
-        except ValueError:
-            raise UserError(f"{spec.name} has no layer {request.layer!r} (the cache's --layer)") from None
-    model = keras.Model(base.input, out, name="backbone")
-    model.trainable = False
-    return model
 
 
 def _head_model(head, feature_shape: tuple[int, ...], spec_name: str = ""):
@@ -186,7 +138,8 @@ def _head_model(head, feature_shape: tuple[int, ...], spec_name: str = ""):
 
 
 def build_finetune_model(request: ExtractRequest, head, augment: AugmentConfig | None = None, *, seed: int = 0):
-    """The end-to-end model: raw 0..255 RGB float images in, class probabilities out.
+    """The end-to-end model: raw uint8 RGB images in, class probabilities out (the extraction graph
+    of `pipeline.backbones.model` with augmentation and the head added).
 
     The backbone is rebuilt from `request` (the cache's request) and frozen, BatchNorm included;
     the head layers carry the head's fitted weights and are trainable. In inference (augmentation
@@ -194,19 +147,13 @@ def build_finetune_model(request: ExtractRequest, head, augment: AugmentConfig |
     are created under the current Keras dtype policy (set mixed_float16 around the call for mixed
     precision); augmentation, preprocessing and head always compute in float32/float64.
     """
+    from pipeline.backbones.model import image_graph
+
     keras = _keras()
     spec = backbones.get(request.backbone)
     size = spec.resolve_size(request.image_size)
-    backbone = _backbone(spec, request, size)
-    x = inputs = keras.Input((size, size, 3), name="image", dtype="float32")
-    for layer in augmentation_layers(augment, seed):
-        x = layer(x)
-    for layer in preprocessing_layers(spec.preprocess):
-        x = layer(x)
-    x = backbone(x, training=False)
-    if len(x.shape) == 4 and request.pooling != "none":
-        pool = keras.layers.GlobalAveragePooling2D if request.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        x = pool(name=f"features_{request.pooling}_pool")(x)
+    inputs, x = image_graph(spec, request.weights, size, request.pooling, request.layer,
+                            augment=augmentation_layers(augment, seed))
     head_model = _head_model(head, tuple(int(d) for d in x.shape[1:]), spec.name)
     out = head_model(x)
     model = keras.Model(inputs, out, name=f"finetune_{spec.name}")
@@ -283,59 +230,6 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
             layer.trainable = False
     _freeze_batchnorm(model)
     return trainable_layer_names(model)
-
-
-# ------------------------------------------------------------------------------------- data
-def image_dataset(source, listing, indices: np.ndarray, size: int, resize_method: str, batch_size: int,
-                  shuffle_seed: int | None = None, shuffle_buffer: int = 2048, cache_mb: float = 256.0):
-    """tf.data of (float32 images 0..255 resized as extraction did, int32 labels), batched, prefetched.
-
-    Files are decoded in parallel; unreadable ones are dropped. With `shuffle_seed`, the order is
-    reshuffled every epoch: file sources shuffle their paths before decoding (a full shuffle at no
-    memory cost), others shuffle decoded images in a buffer of `shuffle_buffer`. Unshuffled sets
-    smaller than `cache_mb` are kept in memory after the first pass.
-    """
-    import tensorflow as tf
-
-    from pipeline.data.imageio import resize
-
-    indices = np.asarray(indices, np.int64)
-    labels = tf.constant(np.asarray(listing.labels)[indices].astype(np.int32))
-    tags = np.arange(indices.size, dtype=np.int64)
-    auto = tf.data.AUTOTUNE
-
-    def prepare(tag, img):
-        return resize(img, size, resize_method), labels[tag]
-
-    if shuffle_seed is not None and listing.paths is not None:
-        paths = [listing.paths[i] for i in indices]
-        ds = tf.data.Dataset.from_tensor_slices((tags, paths))
-        ds = ds.shuffle(max(1, indices.size), seed=int(shuffle_seed), reshuffle_each_iteration=True)
-        ds = ds.map(decode_file, num_parallel_calls=auto, deterministic=True).ignore_errors()
-        ds = ds.map(prepare, num_parallel_calls=auto, deterministic=True)
-    else:
-        ds = source.images(listing, indices, tags).map(prepare, num_parallel_calls=auto, deterministic=True)
-        if shuffle_seed is not None:
-            ds = ds.shuffle(max(1, min(indices.size, shuffle_buffer)), seed=int(shuffle_seed),
-                            reshuffle_each_iteration=True)
-        elif indices.size * size * size * 3 * 4 / 2**20 <= cache_mb:
-            ds = ds.cache()
-    return batched(ds, batch_size)
-
-
-def evaluate(model, dataset, class_names: Sequence[str]) -> dict[str, Any]:
-    """`pipeline.tracking.metrics.classification_report` of the model on a labelled (images, labels) dataset."""
-    from pipeline.tracking.metrics import classification_report
-
-    # Two passes in the same deterministic order (evaluation sets are cached when small):
-    # model.predict compiles once, where a predict_on_batch loop retraces per batch shape.
-    y = np.concatenate([np.asarray(b) for b in dataset.map(lambda x, y: y)] or [np.zeros(0, np.int64)])
-    if y.size == 0:
-        return classification_report(y, np.zeros((0, len(class_names))), class_names)
-    with warnings.catch_warnings():  # the set's length is unknown until one pass has ended
-        warnings.filterwarnings("ignore", message="Your input ran out of data")
-        p = np.asarray(model.predict(dataset.map(lambda x, y: x), verbose=0), np.float64)
-    return classification_report(y, p, class_names)
 
 
 def compare_metrics(before: Mapping[str, Any], after: Mapping[str, Any],
@@ -649,20 +543,27 @@ class FineTuner:
                checkpoint: Path | None):
         """(compiled model, trainable layer names): built fresh, or loaded from a checkpoint.
 
-        Inside a MirroredStrategy scope when several GPUs are visible; under the mixed_float16
-        policy on a GPU (or when asked), so compile wraps the optimizer in a LossScaleOptimizer.
+        On TensorFlow inside a MirroredStrategy scope when several GPUs are visible; under the
+        mixed policy (`backend.mixed_policy`: bfloat16 where the GPU does it natively, else float16
+        with a loss-scaling optimizer) on a GPU, or when asked.
         """
-        import tensorflow as tf
+        import contextlib
+
+        from pipeline.backend import accelerator, mixed_policy, name as backend_name
 
         keras = _keras()
-        gpus = tf.config.list_physical_devices("GPU")
-        mixed = bool(gpus) if self.mixed_precision is None else bool(self.mixed_precision)
-        strategy = tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+        gpu = accelerator() == "gpu"
+        mixed = gpu if self.mixed_precision is None else bool(self.mixed_precision)
+        scope = contextlib.nullcontext()
+        if backend_name() == "tensorflow":
+            import tensorflow as tf
+            gpus = tf.config.list_physical_devices("GPU")
+            scope = (tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()).scope()
         previous_policy = keras.mixed_precision.global_policy()
         try:
             if mixed:
-                keras.mixed_precision.set_global_policy("mixed_float16")
-            with strategy.scope():
+                keras.mixed_precision.set_global_policy(mixed_policy())
+            with scope:
                 if checkpoint is not None:  # compiled, optimizer state included
                     model = keras.models.load_model(checkpoint)
                     return model, trainable_layer_names(model)
@@ -724,9 +625,9 @@ class FineTuner:
 
         keras.utils.set_random_seed(int(self.seed))
         initial_epoch = int(state["epoch"]) if state is not None else 0
-        train_ds = image_dataset(source, listing, train_idx, size, request.resize, int(self.batch_size),
-                                 shuffle_seed=int(self.seed) * 1000003 + initial_epoch)
-        eval_sets = {name: image_dataset(source, listing, idx, size, request.resize, int(self.batch_size))
+        train_ds = make_batches(source, listing, train_idx, size, request.resize, int(self.batch_size),
+                                shuffle_seed=int(self.seed), first_epoch=initial_epoch)
+        eval_sets = {name: make_batches(source, listing, idx, size, request.resize, int(self.batch_size))
                      for name, idx in (("val", val_idx), ("test", test_idx)) if idx.size}
         if state is not None:
             before = state["metrics_before"]
@@ -797,9 +698,7 @@ class FineTuner:
     def predict_proba(self, paths: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """Class probabilities (n, n_classes) for image files, resized as in training; rows of
         unreadable files are NaN."""
-        import tensorflow as tf
-
-        from pipeline.data.imageio import file_images, resize
+        from pipeline.inference.embed import image_batches
 
         if not hasattr(self, "model_"):
             raise UserError("fit the tuner (or FineTuner.load a run) before predicting")
@@ -807,11 +706,9 @@ class FineTuner:
         out = np.full((len(paths), len(self.class_names_)), np.nan, np.float32)
         if not paths:
             return out
-        ds = file_images(paths, np.arange(len(paths), dtype=np.int64))
-        ds = ds.map(lambda t, img: (t, resize(img, self.image_size_, self.resize_)),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        for tags, x in batched(ds, batch_size or self.batch_size):
-            out[np.asarray(tags)] = np.asarray(self.model_.predict_on_batch(x), np.float32)
+        for batch in image_batches(paths, self.image_size_, self.resize_, batch_size or self.batch_size):
+            if batch.tags.size:
+                out[batch.tags] = np.asarray(self.model_.predict_on_batch(batch.images), np.float32)
         return out
 
     def predict(self, paths: Sequence[str]) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.extract.core import ExtractRequest, RunOptions, extract
+from pipeline.extract import ExtractRequest, RunOptions, extract
 from pipeline.tracking.runs import Registry, RunRecord
 from pipeline.features.store import FeatureFile
 
@@ -94,7 +94,7 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
 
 def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
                   ) -> tuple[np.ndarray, list[int], list[str]]:
-    """Class probabilities for image files: (probabilities, positions kept, skipped paths)."""
+    """Class probabilities for image files: (probabilities, positions kept, [(skipped path, reason)])."""
     from pipeline import backbones as bb
     from pipeline.inference.embed import run_model
 
@@ -103,10 +103,12 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
     if run.model_path is not None:
         import keras
         model = keras.models.load_model(run.model_path)
-        return run_model(model, paths, size, run.request.resize, None, batch_size)
+        return run_model(model, paths, size, run.request.resize, batch_size)
     from pipeline.backbones.model import feature_model
+    from pipeline.backend import require
+    require()
     model = feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
-    feats, kept, skipped = run_model(model, paths, size, run.request.resize, spec.preprocess_fn(), batch_size)
+    feats, kept, skipped = run_model(model, paths, size, run.request.resize, batch_size)
     return run.head.predict_proba(feats), kept, skipped
 
 

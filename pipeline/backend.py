@@ -1,0 +1,113 @@
+"""Which Keras backend runs the models (TensorFlow, JAX or PyTorch), decided the way Keras decides,
+without importing Keras, so a cache key can name it on the fast cache-hit path.
+
+Keras reads `KERAS_BACKEND`, else `backend` in `$KERAS_HOME/keras.json` (default
+`~/.keras/keras.json`), else uses TensorFlow. `select()` (the CLI's `--backend`) sets the
+variable before Keras is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+BACKENDS = ("tensorflow", "jax", "torch")
+_LIBRARY = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+_EXTRA = {"tensorflow": "pip install -e .", "jax": 'pip install -e ".[jax]"', "torch": 'pip install -e ".[torch]"'}
+
+
+def name() -> str:
+    """The Keras backend in force (or that Keras will pick when first imported)."""
+    keras = sys.modules.get("keras")
+    if keras is not None and hasattr(keras, "backend") and hasattr(keras.backend, "backend"):
+        return str(keras.backend.backend())
+    env = os.environ.get("KERAS_BACKEND")
+    if env:
+        return _canonical(env)
+    home = Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+    try:
+        configured = json.loads((home / "keras.json").read_text()).get("backend")
+    except (OSError, ValueError, AttributeError):
+        configured = None
+    return _canonical(configured) if configured else "tensorflow"
+
+
+def _canonical(value: str) -> str:
+    v = value.strip().lower()
+    return {"pytorch": "torch", "tf": "tensorflow"}.get(v, v)
+
+
+def select(backend: str | None) -> str:
+    """Make `backend` the Keras backend of this process (before Keras loads); returns it."""
+    if not backend:
+        return name()
+    b = _canonical(backend)
+    if b not in BACKENDS:
+        raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if "keras" in sys.modules and name() != b:
+        raise UserError(f"Keras is already running on {name()} in this process; set KERAS_BACKEND={b} "
+                        f"before starting Python instead")
+    os.environ["KERAS_BACKEND"] = b
+    return b
+
+
+def require() -> str:
+    """The backend, checked to be installed; a one-line error with the install command if not."""
+    b = name()
+    if b not in BACKENDS:
+        raise UserError(f"Keras backend {b!r} is not supported here; use one of {', '.join(BACKENDS)} "
+                        f"(KERAS_BACKEND or --backend)")
+    if importlib.util.find_spec(_LIBRARY[b]) is None:
+        others = [o for o in BACKENDS if o != b and importlib.util.find_spec(_LIBRARY[o]) is not None]
+        hint = f", or use KERAS_BACKEND={others[0]} (installed)" if others else ""
+        raise UserError(f"the Keras backend is {b} but {_LIBRARY[b]} is not installed: {_EXTRA[b]}{hint}")
+    return b
+
+
+def library_version(backend: str | None = None) -> str:
+    """The installed version of the backend's library (part of the cache key)."""
+    dist = _LIBRARY.get(backend or name(), backend or name())
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def accelerator() -> str | None:
+    """'gpu' when the backend sees a GPU, else None (imports the backend's library)."""
+    b = name()
+    if b == "tensorflow":
+        import tensorflow as tf
+        return "gpu" if tf.config.list_physical_devices("GPU") else None
+    if b == "jax":
+        import jax
+        return "gpu" if any(d.platform in ("gpu", "cuda", "rocm") for d in jax.devices()) else None
+    if b == "torch":
+        import torch
+        return "gpu" if torch.cuda.is_available() else None
+    return None
+
+
+def mixed_policy() -> str:
+    """The Keras dtype policy for `--precision mixed`: bfloat16 where the GPU does it natively
+    (compute capability 8+, or any accelerator JAX drives), else float16."""
+    b = name()
+    if accelerator() == "gpu":
+        if b == "torch":
+            import torch
+            return "mixed_bfloat16" if torch.cuda.is_bf16_supported() else "mixed_float16"
+        if b == "tensorflow":
+            import tensorflow as tf
+            gpus = tf.config.list_physical_devices("GPU")
+            cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+            return "mixed_bfloat16" if tuple(cc) >= (8, 0) else "mixed_float16"
+        import jax
+        cc = str(getattr(jax.devices()[0], "compute_capability", "8.0"))
+        return "mixed_bfloat16" if float(cc) >= 8.0 else "mixed_float16"
+    return "mixed_float16"

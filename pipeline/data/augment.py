@@ -1,0 +1,55 @@
+"""Seeded augmentation of resized uint8 images, in numpy/OpenCV (no TensorFlow).
+
+Each view is drawn from a generator seeded by (seed, view, image index), so the same view of the
+same image is identical in every run, after a resume, and in any worker process or machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+AUGMENT_OPS = ("flip", "rotation", "zoom", "brightness", "contrast")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strengths of the random view changes: rotation in fractions of a full turn, zoom and
+    brightness/contrast as relative ranges; 0 turns an op off."""
+
+    flip: bool = True
+    rotation: float = 0.05
+    zoom: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def augment(image: np.ndarray, cfg: AugmentConfig, seed: int, view: int, index: int) -> np.ndarray:
+    """One random view of a uint8 (H, W, 3) image: flip, rotation + zoom (reflected borders),
+    brightness, contrast; returns uint8. Deterministic in (seed, view, index)."""
+    import cv2
+
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(view), int(index)])
+    draws = rng.random(5)  # always five draws, so turning one op off does not move the others
+    x = image.astype(np.float32)
+    if cfg.flip and draws[0] < 0.5:
+        x = x[:, ::-1]
+    if cfg.rotation or cfg.zoom:
+        angle = (draws[1] * 2 - 1) * cfg.rotation * 360.0
+        zoom = 1 + (draws[2] * 2 - 1) * cfg.zoom
+        h, w = x.shape[:2]
+        m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, zoom)
+        x = cv2.warpAffine(np.ascontiguousarray(x), m, (w, h), flags=cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REFLECT)
+    if cfg.brightness:
+        x = x + (draws[3] * 2 - 1) * cfg.brightness * 255.0
+    if cfg.contrast:
+        factor = 1 + (draws[4] * 2 - 1) * cfg.contrast
+        mean = x.mean(axis=(0, 1), keepdims=True)
+        x = (x - mean) * factor + mean
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+

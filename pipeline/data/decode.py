@@ -1,0 +1,202 @@
+"""Read, decode and resize one image file to a uint8 RGB square, in numpy, without TensorFlow.
+
+The rule (recorded in the cache key by `identity()`):
+- the header is read with Pillow (format, size), which also refuses what is not an image and
+  bounds memory before any pixel is decoded;
+- pixels are decoded by OpenCV, which applies the EXIF orientation (a phone photo stored
+  sideways comes out upright) and handles JPEG (CMYK too), PNG (8/16-bit, palette, RGBA),
+  WebP, TIFF, BMP and GIF (first frame); Pillow is the fallback for what OpenCV rejects;
+- a JPEG whose shorter side is at least 2x, 4x or 8x the target is decoded at 1/2, 1/4 or 1/8
+  scale in the DCT (libjpeg's reduced decode: less work, and a proper low-pass);
+- then an antialiased resize: area averaging where the image shrinks, bilinear where it grows.
+
+Every failure raises `DecodeError` with a short reason a user can act on; callers skip the file.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+
+RESIZE_METHODS = ("stretch", "crop")
+# One list of what every command reads: extension -> the format Pillow names in the header.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+MAX_PIXELS = 100_000_000  # width x height of a decoded image (after any reduced-scale decode)
+RULE_VERSION = 1  # bump when the decode/resize rule below changes what pixels come out
+
+
+class DecodeError(Exception):
+    """An image that cannot be used; the message is the reason stored in `skipped_reasons`."""
+
+
+def _cv2():
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from the loader's threads, one image each
+    return cv2
+
+
+def identity() -> dict[str, Any]:
+    """What of the decoder goes into the cache key: libraries, versions and the rule (read from
+    package metadata, so the cache-hit path imports neither OpenCV nor Pillow)."""
+    return {"library": f"opencv-{_dist_version(*_OPENCV_DISTS)}", "header": f"pillow-{_dist_version('pillow')}",
+            "rule": RULE_VERSION, "reduced_scale": "jpeg 1/2,1/4,1/8 while shorter side >= size",
+            "exif": "orientation applied", "resize": "area down, bilinear up"}
+
+
+_OPENCV_DISTS = ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                 "opencv-contrib-python")
+
+
+def _dist_version(*dists: str) -> str:
+    import importlib.metadata
+
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "absent"
+
+
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def _magic(data: bytes) -> str | None:
+    """The format a file's first bytes claim, if any."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for sig, fmt in _MAGIC if data.startswith(sig)), None)
+
+
+def read_header(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from the file's header, or DecodeError with the reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, (w, h) = str(im.format or "?"), im.size
+    except Image.DecompressionBombError:
+        raise DecodeError(f"too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        magic = _magic(data)
+        raise DecodeError(f"corrupt {magic} (unreadable header)" if magic else "not an image (unrecognised format)"
+                          ) from None
+    except Exception as exc:  # a recognised header that is broken
+        raise DecodeError(f"corrupt header ({type(exc).__name__})") from None
+    if fmt not in FORMATS:
+        raise DecodeError(f"unsupported format {fmt} (supported: JPEG, PNG, BMP, GIF, WebP, TIFF)")
+    return fmt, w, h
+
+
+def reduction(fmt: str, width: int, height: int, size: int) -> int:
+    """The JPEG reduced-decode factor: the largest of 8, 4, 2 keeping the shorter side >= size."""
+    if fmt not in ("JPEG", "MPO"):
+        return 1
+    short = min(width, height)
+    for k in (8, 4, 2):
+        if short >= k * size:
+            return k
+    return 1
+
+
+def decode(data: bytes, size: int | None = None) -> np.ndarray:
+    """Decode image bytes to uint8 RGB (H, W, 3), upright; reduced-scale when `size` allows it."""
+    cv2 = _cv2()
+    fmt, w, h = read_header(data)
+    k = reduction(fmt, w, h, size) if size else 1
+    if math.ceil(w / k) * math.ceil(h / k) > MAX_PIXELS:
+        raise DecodeError(f"too large: {w}x{h} pixels (limit {MAX_PIXELS:,}); downscale it first")
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}[k]
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if img is not None and img.ndim == 3 and img.shape[2] == 3:
+        return np.ascontiguousarray(img[..., ::-1])
+    return _decode_pillow(data, fmt)
+
+
+def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
+    """Fallback for what OpenCV rejects (some GIFs, odd TIFFs); refuses truncated files."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, np.float64)
+                top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+                return np.repeat(np.round(arr * (255.0 / top)).astype(np.uint8)[..., None], 3, axis=-1)
+            return np.asarray(im.convert("RGB"), np.uint8)
+    except Exception as exc:
+        raise DecodeError(f"corrupt or truncated {fmt} ({str(exc).splitlines()[0][:80] or type(exc).__name__})") from None
+
+
+def read_file(path: str) -> bytes:
+    """The file's bytes, or DecodeError naming why it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise DecodeError("missing file") from None
+    except IsADirectoryError:
+        raise DecodeError("a folder, not a file") from None
+    except PermissionError:
+        raise DecodeError("permission denied") from None
+    except OSError as exc:
+        raise DecodeError(f"unreadable ({exc.strerror or type(exc).__name__})") from None
+
+
+def resize(img: np.ndarray, size: int, method: str = "stretch") -> np.ndarray:
+    """Resize uint8 RGB to size x size: 'stretch' ignores aspect ratio, 'crop' scales the shorter
+    side to `size` then takes the centre square. Antialiased when shrinking."""
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"resize method must be one of {RESIZE_METHODS}")
+    h, w = img.shape[:2]
+    if method == "crop":
+        scale = size / min(h, w)
+        th, tw = max(size, math.ceil(h * scale - 1e-9)), max(size, math.ceil(w * scale - 1e-9))
+        out = _resize_to(img, th, tw)
+        top, left = (th - size) // 2, (tw - size) // 2
+        return np.ascontiguousarray(out[top:top + size, left:left + size])
+    return _resize_to(img, size, size)
+
+
+def _resize_to(img: np.ndarray, th: int, tw: int) -> np.ndarray:
+    cv2 = _cv2()
+    h, w = img.shape[:2]
+    if (h, w) == (th, tw):
+        return img
+    if th <= h and tw <= w:
+        return cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
+    if th >= h and tw >= w:
+        return cv2.resize(img, (tw, th), interpolation=cv2.INTER_LINEAR)
+    # one side shrinks, the other grows: average the shrinking side first, then interpolate
+    mid = cv2.resize(img, (min(w, tw), min(h, th)), interpolation=cv2.INTER_AREA)
+    return cv2.resize(mid, (tw, th), interpolation=cv2.INTER_LINEAR)
+
+
+def load_file(path: str, size: int, method: str = "stretch") -> np.ndarray:
+    """read -> decode (reduced scale where possible) -> resize: uint8 (size, size, 3)."""
+    return resize(decode(read_file(path), size), size, method)
+
+
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """An in-memory image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), any integer/float 0..255
+    range, as uint8 RGB."""
+    a = np.asarray(img)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    a = a[..., :3]
+    if a.dtype != np.uint8:
+        a = np.clip(np.round(a.astype(np.float32)), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)

@@ -1,0 +1,167 @@
+"""Plan an extraction: resolve a request into its backbone row, input size, cache key and file
+names. Fast and light: lists files, imports neither Keras nor a backend library, so a second
+identical request is answered from disk in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import backbones
+from pipeline.backend import library_version, name as backend_name
+from pipeline.data.augment import AugmentConfig
+from pipeline.data.decode import RESIZE_METHODS, identity as decoder_identity
+from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig, open_source
+from pipeline.errors import UserError
+
+DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache"
+POOLINGS = ("avg", "max", "none")
+DTYPES = ("float16", "float32")
+PRECISIONS = ("float32", "mixed")
+MAX_IMAGE_SIZE = 2048  # larger needs RunOptions.allow_large (--allow-large): memory grows with size^2
+# 2: numpy/OpenCV decoding (EXIF applied, reduced-scale JPEG), uint8 graph input, backend in the key
+KEY_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    """Everything that changes the features; all of it is hashed into the cache key."""
+
+    data: str = BUILTIN_DEFAULT
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    image_size: int | None = None
+    resize: str = "stretch"
+    pooling: str = "avg"
+    layer: str | None = None
+    dtype: str = "float16"
+    precision: str = "float32"
+    augment_copies: int = 0
+    augment_seed: int = 0
+    augment: AugmentConfig = AugmentConfig()
+    split: SplitConfig = SplitConfig()
+
+    def __post_init__(self) -> None:
+        _choice("--pooling", self.pooling, POOLINGS)
+        _choice("--dtype", self.dtype, DTYPES)
+        _choice("--precision", self.precision, PRECISIONS)
+        _choice("--resize", self.resize, RESIZE_METHODS)
+        if self.augment_copies < 0:
+            raise UserError("--augment-copies must be 0 or more")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ExtractRequest":
+        d = dict(d)
+        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        sp = dict(d.get("split", {}))
+        if "folder_names" in sp:
+            sp["folder_names"] = tuple(sp["folder_names"])
+        d["split"] = SplitConfig(**sp)
+        return cls(**d)
+
+
+@dataclass
+class RunOptions:
+    """Runtime-only settings: they never change the features, so they stay out of the key."""
+
+    cache_dir: Path = DEFAULT_CACHE
+    batch_size: int = 32
+    force: bool = False
+    compression: str | None = None
+    chunk_units: int = 512
+    progress: bool = True
+    jit: bool | None = None  # None: XLA on a GPU only (TensorFlow); JAX always compiles
+    workers: int | None = None  # decode threads (None: one per core)
+    allow_large: bool = False  # permit --image-size above MAX_IMAGE_SIZE
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    key: str
+    cache_hit: bool
+    n_rows: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_s: float = 0.0
+    resumed_from: int = 0
+    computed: int = 0
+    run_id: str | None = None
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+@dataclass
+class Plan:
+    """The resolved request: backbone row, input size, key material and file names. No Keras."""
+
+    request: ExtractRequest
+    spec: backbones.Backbone
+    size: int
+    key_material: dict[str, Any]
+    key: str
+    path: Path
+    source: Any
+
+    @property
+    def parts(self) -> Path:
+        return self.path.with_suffix(".parts")
+
+    @property
+    def lock(self) -> Path:
+        return self.path.with_suffix(".lock")
+
+
+def check_size(size: int, allow_large: bool = False) -> None:
+    """Refuse input sizes whose activations would not fit in memory, unless asked for."""
+    if size > MAX_IMAGE_SIZE and not allow_large:
+        raise UserError(f"--image-size {size} is larger than {MAX_IMAGE_SIZE}; memory grows with its square "
+                        f"(a batch of 32 at 4096 needs tens of GB): pass --allow-large to insist")
+
+
+def plan(request: ExtractRequest, cache_dir: Path = DEFAULT_CACHE) -> Plan:
+    """Resolve a request into its cache key and file path (fast: lists files, imports no Keras)."""
+    spec = backbones.get(request.backbone)
+    size = spec.resolve_size(request.image_size)
+    source = open_source(request.data, request.split)
+    backend = backend_name()
+    material = {
+        "key_version": KEY_VERSION,
+        "backbone": spec.name,
+        "weights": backbones.weights_identity(spec, request.weights),
+        "image_size": size,
+        "resize": request.resize,
+        "preprocess": spec.preprocess,
+        "pooling": request.pooling,
+        "layer": request.layer,
+        "dtype": request.dtype,
+        "precision": request.precision,
+        "augment": ({"copies": request.augment_copies, "seed": request.augment_seed,
+                     **request.augment.as_dict()} if request.augment_copies else None),
+        "data": source.identity(),
+        "backend": backend,
+        "decoder": decoder_identity(),
+        "versions": {"keras": _version("keras"), backend: library_version(backend)},
+    }
+    key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    tail = request.layer or request.pooling
+    name = f"{spec.name}-{size}-{tail}-{key[:16]}.h5".replace("/", "_")
+    return Plan(request, spec, size, material, key, Path(cache_dir) / "features" / name, source)

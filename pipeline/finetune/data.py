@@ -1,0 +1,101 @@
+"""Fine-tuning's input: the shared loader's uint8 batches as a Keras PyDataset (works with
+`model.fit` on TensorFlow, JAX and PyTorch), reshuffled every epoch by a permutation seeded with
+(seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.data.loader import default_workers, ordered_map
+
+
+def _pydataset_base():
+    import keras
+
+    return keras.utils.PyDataset
+
+
+class ImageBatches:
+    """(uint8 images, int32 labels) batches of `indices` of a listing; see `make_batches`."""
+
+
+def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, batch_size: int,
+                 shuffle_seed: int | None = None, first_epoch: int = 0, workers: int | None = None):
+    """A keras PyDataset over the images `indices` (decoded and resized as extraction does).
+
+    Unreadable files are dropped from their batch. Sources without random access (tfds) are
+    read once into memory at `size`.
+    """
+    base = _pydataset_base()
+    indices = np.asarray(indices, np.int64)
+    labels = np.asarray(listing.labels)
+    n_workers = workers or default_workers()
+    memory: dict[int, np.ndarray] | None = None
+    if not getattr(source, "random_access", True):
+        memory = {int(i): job() for i, job in zip(np.sort(indices).tolist(),
+                                                    source.raw_images(listing, np.sort(indices), size, resize))}
+
+    class _Batches(base, ImageBatches):
+        def __init__(self) -> None:
+            super().__init__(workers=2, use_multiprocessing=False, max_queue_size=4)
+            self.epoch = first_epoch
+
+        def order(self, epoch: int) -> np.ndarray:
+            if shuffle_seed is None:
+                return indices
+            return np.random.default_rng([int(shuffle_seed), int(epoch)]).permutation(indices)
+
+        def __len__(self) -> int:
+            return -(-indices.size // batch_size)
+
+        def load(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+            if memory is not None:
+                jobs = [(i, (lambda i=i: memory[i])) for i in ids]
+            else:
+                jobs = list(zip(ids, source.raw_images(listing, ids, size, resize)))
+            kept, images = [], []
+            for i, result in ordered_map(jobs, n_workers, len(jobs)):
+                if isinstance(result, np.ndarray):
+                    kept.append(i)
+                    images.append(result)
+            if not images:
+                return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int32)
+            return np.stack(images), labels[np.asarray(kept)].astype(np.int32)
+
+        def __getitem__(self, i: int):
+            ids = self.order(self.epoch)[i * batch_size:(i + 1) * batch_size].tolist()
+            return self.load(ids)
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+    return _Batches()
+
+
+def predict_batches(model, batches) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, float64 probabilities) of the model over every batch, in order."""
+    ys, ps = [], []
+    for i in range(len(batches)):
+        x, y = batches[i]
+        if len(y):
+            ys.append(y)
+            ps.append(np.asarray(model.predict_on_batch(x), np.float64))
+    if not ys:
+        return np.zeros(0, np.int32), np.zeros((0, 0))
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def evaluate(model, batches, class_names: Sequence[str]) -> dict[str, Any]:
+    """`pipeline.tracking.metrics.classification_report` of the model on labelled batches."""
+    from pipeline.tracking.metrics import classification_report
+
+    y, p = predict_batches(model, batches)
+    if y.size == 0:
+        return classification_report(y, np.zeros((0, len(class_names))), class_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return classification_report(y, p, class_names)

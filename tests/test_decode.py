@@ -1,0 +1,160 @@
+"""pipeline.data: numpy decoding (formats, EXIF, reduced scale, bad files), resizing, seeded
+augmentation and the ordered parallel loader. No Keras, no TensorFlow."""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data import decode as dec
+from pipeline.data.augment import AugmentConfig, augment
+from pipeline.data.loader import batches
+
+from conftest import _img
+
+
+def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _photo(h: int = 60, w: int = 90) -> np.ndarray:
+    """A smooth picture with distinct quadrants (so rotations and flips are visible)."""
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // w, y * 255 // h, np.full_like(x, 90)], axis=-1)
+    img[: h // 2, : w // 2] = (230, 40, 40)
+    return img.astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt,mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "L"), ("PNG", "RGBA"),
+                                      ("PNG", "P"), ("BMP", "RGB"), ("GIF", "P"), ("WEBP", "RGB"),
+                                      ("TIFF", "RGB"), ("JPEG", "CMYK")])
+def test_every_format_decodes_to_upright_rgb(fmt, mode):
+    buf = io.BytesIO()
+    Image.fromarray(_photo()).convert(mode).save(buf, fmt)
+    data = buf.getvalue()
+    out = dec.decode(data)
+    assert out.dtype == np.uint8 and out.shape == (60, 90, 3)
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+    assert np.abs(out.astype(np.int16) - ref).mean() < 4  # same picture as Pillow sees it
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped():
+    gray16 = (np.arange(60 * 90).reshape(60, 90) * 12).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(gray16).save(buf, "PNG")
+    out = dec.decode(buf.getvalue())
+    np.testing.assert_allclose(out[..., 0].astype(float), gray16 / 257.0, atol=1.01)
+
+
+@pytest.mark.parametrize("orientation", [2, 3, 4, 5, 6, 7, 8])
+def test_exif_orientation_gives_the_picture_physically_rotated(orientation):
+    """An image saved with an orientation tag decodes like the same picture turned and saved
+    without the tag (PNG, so no JPEG re-encoding blurs the comparison)."""
+    from PIL import ImageOps
+
+    arr = _photo()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged = _encode(arr, "PNG", exif=exif.tobytes())
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged))).convert("RGB"))
+    plain = _encode(upright, "PNG")
+    np.testing.assert_array_equal(dec.decode(tagged), dec.decode(plain))
+    np.testing.assert_array_equal(dec.resize(dec.decode(tagged), 32), dec.resize(dec.decode(plain), 32))
+
+
+def test_reduced_scale_decode_for_large_jpegs():
+    assert dec.reduction("JPEG", 2000, 1500, 224) == 4
+    assert dec.reduction("JPEG", 500, 375, 224) == 1
+    assert dec.reduction("PNG", 4000, 4000, 224) == 1
+    big = np.repeat(np.repeat(_photo(), 10, axis=0), 10, axis=1)  # 600 x 900
+    data = _encode(big, "JPEG", quality=95)
+    assert dec.decode(data, size=100).shape == (150, 225, 3)  # 1/4: shorter side 150 >= 100
+    full = dec.resize(dec.decode(data), 100)
+    reduced = dec.resize(dec.decode(data, size=100), 100)
+    assert np.abs(full.astype(int) - reduced.astype(int)).mean() < 3
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty file"),
+    (b"hello, I am a text file", "not an image"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(range(200)), "corrupt"),
+])
+def test_bad_bytes_give_a_reason(content, reason):
+    with pytest.raises(dec.DecodeError, match=reason):
+        dec.decode(content)
+
+
+def test_truncated_jpeg_and_png_are_refused():
+    for fmt in ("JPEG", "PNG"):
+        data = _encode(_img(np.random.default_rng(0), 1, 64), fmt)
+        with pytest.raises(dec.DecodeError):
+            dec.decode(data[: len(data) // 2])
+
+
+def test_missing_file_and_unsupported_format(tmp_path):
+    with pytest.raises(dec.DecodeError, match="missing file"):
+        dec.read_file(str(tmp_path / "nope.jpg"))
+    buf = io.BytesIO()
+    Image.fromarray(_photo()).save(buf, "ICO")
+    with pytest.raises(dec.DecodeError, match="unsupported format ICO"):
+        dec.decode(buf.getvalue())
+
+
+def test_huge_images_are_refused_before_decoding(monkeypatch):
+    monkeypatch.setattr(dec, "MAX_PIXELS", 1000)
+    data = _encode(_photo(), "PNG")  # 5400 pixels
+    with pytest.raises(dec.DecodeError, match="too large"):
+        dec.decode(data)
+    jpeg = _encode(np.zeros((200, 200, 3), np.uint8), "JPEG")
+    assert dec.decode(jpeg, size=25).shape == (25, 25, 3)  # 1/8 decode: 625 pixels fit the limit
+
+
+def test_resize_stretch_and_crop():
+    img = _photo(60, 90)
+    assert dec.resize(img, 32).shape == (32, 32, 3)
+    crop = dec.resize(img, 30, "crop")  # 60x90 -> 30x45 -> centre 30x30
+    np.testing.assert_array_equal(crop, dec._resize_to(img, 30, 45)[:, 7:37])
+    tiny = np.zeros((8, 8, 3), np.uint8)
+    assert dec.resize(tiny, 64).shape == (64, 64, 3)  # upscaling too
+    wide = np.zeros((10, 400, 3), np.uint8)
+    assert dec.resize(wide, 32).shape == (32, 32, 3)  # one side grows, the other shrinks
+
+
+def test_augment_is_deterministic_and_varies_with_view_and_image():
+    img = dec.resize(_photo(), 48)
+    cfg = AugmentConfig()
+    a = augment(img, cfg, seed=3, view=1, index=7)
+    np.testing.assert_array_equal(a, augment(img, cfg, seed=3, view=1, index=7))
+    assert not np.array_equal(a, augment(img, cfg, seed=3, view=2, index=7))
+    assert not np.array_equal(a, augment(img, cfg, seed=3, view=1, index=8))
+    assert a.dtype == np.uint8 and a.shape == img.shape
+    off = AugmentConfig(flip=False, rotation=0, zoom=0, brightness=0, contrast=0)
+    np.testing.assert_array_equal(augment(img, off, 0, 1, 0), img)
+
+
+def test_loader_keeps_order_and_reports_skips():
+    def job(i):
+        if i % 4 == 3:
+            raise dec.DecodeError(f"bad {i}")
+        return np.full((4, 4, 3), i, np.uint8)
+
+    out = list(batches(((i, functools.partial(job, i)) for i in range(10)), 3, (4, 4, 3), workers=3))
+    tags = np.concatenate([b.tags for b in out])
+    np.testing.assert_array_equal(tags, [0, 1, 2, 4, 5, 6, 8, 9])
+    assert [s for b in out for s in b.skipped] == [(3, "bad 3"), (7, "bad 7")]
+    for b in out:
+        assert all(int(img[0, 0, 0]) == t for t, img in zip(b.tags, b.images))
+
+
+def test_loader_raises_real_errors():
+    def boom():
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        list(batches([(0, boom)], 2, (4, 4, 3), workers=1))
