@@ -93,7 +93,8 @@ def keras_io_baseline(args, n_rows: int, epochs: int, head_fit_seconds: float) -
     import tensorflow as tf
 
     from pipeline import backbones as bb
-    from pipeline.extract.core import ExtractRequest, RunOptions, extract
+    from pipeline.backbones.preprocessing import preprocessing_layers
+    from pipeline.extract import ExtractRequest, RunOptions, extract
 
     spec = bb.get(args.backbone)
     size = spec.default_size
@@ -124,8 +125,9 @@ def keras_io_baseline(args, n_rows: int, epochs: int, head_fit_seconds: float) -
         base = bb.build(spec, args.weights, size)
         base.trainable = False
         inputs = keras.Input((size, size, 3))
-        pre = spec.preprocess_fn()
-        x = keras.layers.Lambda(pre)(inputs) if pre is not None else inputs
+        x = inputs
+        for layer in preprocessing_layers(spec.preprocess):  # the backbone's own preprocessing
+            x = layer(x)
         x = base(x, training=False)
         x = keras.layers.GlobalAveragePooling2D()(x)
         x = keras.layers.Dense(256, activation="relu")(x)
