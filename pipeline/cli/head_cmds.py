@@ -199,6 +199,22 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
     click.echo("files: " + ", ".join(sorted(p.name for p in r.dir.iterdir())))
 
 
+@runs_group.command("rm")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Also remove a run that is still running.")
+@click.option("--dry-run", is_flag=True, help="List the run folders that would be removed.")
+@_cache_dir
+def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Path) -> None:
+    """Remove run folders under <cache-dir>/runs/ by full ID or unambiguous prefix.
+
+    Example: python cli.py runs rm 20261122-2330
+    """
+    from pipeline.tracking.runs import Registry
+
+    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run):
+        click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
+
+
 @cli.command("evaluate")
 @click.option("--run", "run_id", required=True, help="A fit-head or finetune run ID (or unique prefix).")
 @click.option("--data", required=True, help="Labelled data: folder, CSV manifest, tfds:NAME or builtin:digits.")
