@@ -144,3 +144,95 @@ def test_unexpected_errors_are_one_line_unless_debug(debug):
         assert "Traceback" in proc.stderr and "error: RuntimeError: kaput second line" in proc.stderr
     else:
         assert proc.stderr.strip() == "error: RuntimeError: kaput second line (run with --debug for the traceback)"
+
+
+# ----------------------------------------------------------------------- 2. heads load without code
+class _Evil:
+    """Unpickling this creates a file: stands in for code a crafted pickle would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _run_id(stdout: str) -> str:
+    line = next(l for l in stdout.splitlines() if " run " in l and "saved in" in l)
+    return line.split(" run ")[1].split()[0]
+
+
+def test_logistic_head_is_npz_json_and_old_pickles_need_trust_pickle(tmp_path):
+    import joblib
+
+    from pipeline.heads.estimators import load_head
+
+    data = make_folder(tmp_path / "d", per_class=4)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1.0")
+    assert fit.returncode == 0, fit.stderr
+    run_dir = Path(cache) / "runs" / _run_id(fit.stdout)
+    assert (run_dir / "head.npz").exists() and (run_dir / "head.json").exists()
+    assert not list(run_dir.glob("*.joblib")) and not list(run_dir.glob("*.pkl"))
+    with np.load(run_dir / "head.npz", allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+    image = str(next((data / "val" / "ants").glob("*.jpg")))
+    pred = run_cli("predict", "--run", run_dir.name, image, "--cache-dir", cache)
+    assert pred.returncode == 0 and ("ants" in pred.stdout or "bees" in pred.stdout), pred.stderr
+
+    head = load_head(run_dir)                                  # an old version's head.joblib of the same head
+    old = {"format": "featurecache-logistic-head", "version": 1, **head.metadata(), "pipeline": head.pipeline_,
+           "C_": head.C_, "cv_scores": {}, "C_note": "given", "converged": True}
+    for name in ("head.npz", "head.json"):
+        (run_dir / name).unlink()
+    joblib.dump(old, run_dir / "head.joblib")
+    for cmd in (["predict", "--run", run_dir.name, image], ["evaluate", "--run", run_dir.name, "--data", str(data)]):
+        err = _one_line_error(run_cli(*cmd, "--cache-dir", cache), "--trust-pickle")
+        assert "older version" in err and "can run code" in err
+    trusted = run_cli("predict", "--run", run_dir.name, image, "--trust-pickle", "--cache-dir", cache)
+    assert trusted.returncode == 0 and trusted.stdout == pred.stdout, trusted.stderr
+
+    marker = tmp_path / "pwned"
+    joblib.dump({"format": "featurecache-logistic-head", "x": _Evil(marker)}, run_dir / "head.joblib")
+    for cmd in (["predict", "--run", run_dir.name, image], ["evaluate", "--run", run_dir.name, "--data", str(data)],
+                ["finetune", "--run", run_dir.name, "--epochs", "1"]):
+        _one_line_error(run_cli(*cmd, "--cache-dir", cache), "--trust-pickle")
+        assert not marker.exists()
+
+
+def test_dense_head_corrupt_or_unsafe_keras_file_is_one_line(tmp_path):
+    path = write_cache(tmp_path / "c", n_images=60, dim=8, n_classes=2)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--cache", str(path), "--head", "dense", "--hidden", "4", "--epochs", "1",
+                  "--cache-dir", cache)
+    assert fit.returncode == 0, fit.stderr
+    run_dir = Path(cache) / "runs" / _run_id(fit.stdout)
+    model = run_dir / "head.keras"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    _one_line_error(run_cli("predict", "--run", run_dir.name, str(path), "--cache-dir", cache), "truncated")
+    (run_dir / "head.json").write_text("{not json")
+    _one_line_error(run_cli("predict", "--run", run_dir.name, str(path), "--cache-dir", cache), "head.json")
+
+
+def test_head_files_load_without_pickle_or_unsafe_code(tmp_path):
+    import keras
+
+    from pipeline.errors import UserError
+    from pipeline.heads.estimators import LogisticHead, load_keras_file
+
+    x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    y = np.arange(40) % 2
+    head = LogisticHead(C=1.0).fit(x, y, class_names=["a", "b"])
+    head.save(tmp_path / "head.npz")
+    np.testing.assert_allclose(LogisticHead.load(tmp_path / "head.npz").predict_proba(x), head.predict_proba(x))
+    with pytest.raises(UserError, match=r"\.npz"):
+        head.save(tmp_path / "head.joblib")
+    import pickle
+    (tmp_path / "head.npz").write_bytes(pickle.dumps({"a": 1}))      # a pickle under the new name is not unpickled
+    with pytest.raises(UserError, match="not a readable head file"):
+        LogisticHead.load(tmp_path / "head.npz")
+    inp = keras.Input((3,))
+    lam = keras.Model(inp, keras.layers.Lambda(lambda t: t * 2)(inp))
+    lam.save(tmp_path / "lambda.keras")
+    with pytest.raises(UserError, match="not loaded for safety"):
+        load_keras_file(tmp_path / "lambda.keras")

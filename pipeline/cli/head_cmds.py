@@ -14,6 +14,10 @@ from pipeline.extract.core import DEFAULT_CACHE
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                           help="Cache root (default: ./cache).")
+trust_pickle_option = click.option(
+    "--trust-pickle", is_flag=True,
+    help="Also load an old pickled head.joblib (from an older version); unpickling can run code, so only "
+         "for runs you trust.")
 
 
 def _float_or_auto(value: str) -> float | str:
@@ -220,8 +224,9 @@ def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Pat
 @click.option("--data", required=True, help="Labelled data: folder, CSV manifest, tfds:NAME or builtin:digits.")
 @click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@trust_pickle_option
 @_cache_dir
-def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, cache_dir: Path) -> None:
+def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, trust_pickle: bool, cache_dir: Path) -> None:
     """Score a trained run on labelled images, through the same backbone and preprocessing.
 
     Example: python cli.py evaluate --run 20261122-2330 --data ../shared/data/hymenoptera --split val
@@ -231,20 +236,20 @@ def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, cache_dir:
     from pipeline.inference.apply import evaluate_run, load_run
     from pipeline.tracking.metrics import metrics_table, summary_line
 
-    run = load_run(cache_dir, run_id)
+    run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     report = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size)
     click.echo(summary_line(report))
     Console(width=110).print(metrics_table(report, title=f"{data} ({split})"))
 
 
 def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | None, cache_dir: Path,
-                     batch_size: int) -> None:
+                     batch_size: int, trust_pickle: bool = False) -> None:
     """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV)."""
     import numpy as np
 
     from pipeline.inference.apply import load_run, predict_paths, write_predictions_csv
 
-    run = load_run(cache_dir, run_id)
+    run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     proba, kept, skipped = predict_paths(run, paths, batch_size)
     k = min(top_k, len(run.class_names))
     for i, row in zip(kept, proba):

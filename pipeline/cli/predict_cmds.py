@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli import cli
-from pipeline.cli.head_cmds import predict_with_run
+from pipeline.cli.head_cmds import predict_with_run, trust_pickle_option
 from pipeline.inference.embed import image_paths, imagenet_top_k
 from pipeline.extract.core import DEFAULT_CACHE
 
@@ -21,9 +21,10 @@ from pipeline.extract.core import DEFAULT_CACHE
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
               help="With --run: also write path, prediction, probability and per-class columns here.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@trust_pickle_option
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
 def predict_cmd(images: tuple[str, ...], run_id: str | None, backbone: str | None, weights: str, top_k: int,
-                csv_out: Path | None, batch_size: int, cache_dir: Path) -> None:
+                csv_out: Path | None, batch_size: int, trust_pickle: bool, cache_dir: Path) -> None:
     """Predict classes for IMAGES (files or folders).
 
     Examples: python cli.py predict --run 20261122-2330 photos/ --csv preds.csv
@@ -31,7 +32,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, backbone: str | Non
     """
     paths = image_paths(images)
     if run_id:
-        predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size)
+        predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size, trust_pickle)
         return
     if not backbone:
         raise click.UsageError("give --run ID (a trained head) or --backbone NAME (ImageNet top-k)")

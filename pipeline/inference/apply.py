@@ -31,8 +31,9 @@ class LoadedRun:
     model_path: Path | None = None  # stage-3 whole model (.keras), raw images in
 
 
-def load_run(cache_dir: Path, run_id: str) -> LoadedRun:
-    """Find a fit-head or finetune run and load its head or model; one-line errors otherwise."""
+def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> LoadedRun:
+    """Find a fit-head or finetune run and load its head or model; one-line errors otherwise.
+    `trust_pickle` allows an old pickled head.joblib (unpickling can run code)."""
     record = Registry(cache_dir).get(run_id)
     if record.stage not in ("fit-head", "finetune"):
         raise UserError(f"run {record.id} is a {record.stage} run; evaluate and predict take fit-head or "
@@ -47,7 +48,7 @@ def load_run(cache_dir: Path, run_id: str) -> LoadedRun:
         names = record.config.get("class_names") or []
         return LoadedRun(record, request, list(names), model_path=model)
     from pipeline.heads.estimators import load_head
-    head = load_head(record.dir)
+    head = load_head(record.dir, trust_pickle=trust_pickle)
     return LoadedRun(record, request, list(head.class_names_), head=head)
 
 
@@ -101,8 +102,8 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
     spec = bb.get(run.request.backbone)
     size = spec.resolve_size(run.request.image_size)
     if run.model_path is not None:
-        import keras
-        model = keras.models.load_model(run.model_path)
+        from pipeline.heads.estimators import load_keras_file
+        model = load_keras_file(run.model_path)
         return run_model(model, paths, size, run.request.resize, None, batch_size)
     from pipeline.backbones.model import feature_model
     model = feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
