@@ -290,11 +290,12 @@ class CsvSource(FileSource):
     def _delimiter(self, text: str) -> str:
         if self.path.suffix.lower() == ".tsv":
             return "\t"
-        sample = "\n".join(text.splitlines()[:50])
+        lines = [l for l in text.splitlines()[:50] if l.strip()]
         try:
-            return csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
-        except csv.Error:
-            return ","
+            return csv.Sniffer().sniff("\n".join(lines), delimiters=",;\t|").delimiter
+        except csv.Error:  # rows of uneven length: the candidate found on most lines (',' on a tie)
+            counts = {d: sum(d in l for l in lines) for d in ",;\t|"}
+            return max(counts, key=lambda d: (counts[d], d == ","))
 
     def _rows(self) -> list[tuple[int, list[str]]]:
         """(line number, stripped cells) of every non-blank row."""
@@ -320,7 +321,7 @@ class CsvSource(FileSource):
         role_of = {**{n: "path" for n in PATH_COLUMNS}, **{n: "label" for n in LABEL_COLUMNS},
                    **{n: "split" for n in SPLIT_COLUMNS}}
         known = [c in role_of for c in first]
-        if any(known) or _looks_like_header(rows):
+        if (any(known) and not _pathy(rows[0][1][0])) or _looks_like_header(rows):
             unknown = [c for c, k in zip(rows[0][1], known) if not k]
             if unknown:
                 raise UserError(f"{self.path} line {rows[0][0]}: unknown column name(s) {', '.join(map(repr, unknown))} "
@@ -436,15 +437,16 @@ class CsvSource(FileSource):
         return f"{self.path} line(s) {', '.join(shown)}{', ...' if len(rows) > 5 else ''}"
 
 
+def _pathy(v: str) -> bool:
+    """Whether a cell looks like a file path (a folder separator or a suffix)."""
+    return "/" in v or "\\" in v or Path(v).suffix != ""
+
+
 def _looks_like_header(rows: list[tuple[int, list[str]]]) -> bool:
     """A first row of names (no path-like first cell) above rows whose first cell looks like a file."""
     if len(rows) < 2:
         return False
-
-    def pathy(v: str) -> bool:
-        return "/" in v or "\\" in v or Path(v).suffix != ""
-
-    return not pathy(rows[0][1][0]) and all(pathy(r[0]) for _, r in rows[1:6])
+    return not _pathy(rows[0][1][0]) and all(_pathy(r[0]) for _, r in rows[1:6])
 
 
 class DigitsSource(Source):
