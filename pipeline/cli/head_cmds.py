@@ -39,7 +39,10 @@ def _open_cache(cache: str | None, kw: dict):
     from pipeline.extract.core import extract, plan
     from pipeline.features.store import FeatureFile, is_complete
 
-    if cache:
+    if cache is not None:
+        if not cache.strip():
+            raise UserError("--cache is empty; give a cache file path or key prefix (`python cli.py cache ls`), "
+                            "or leave --cache out to use the extract options")
         paths = [p for p in resolve(cache, kw["cache_dir"]) if p.suffix == ".h5"]
         if len(paths) != 1:
             raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
@@ -116,6 +119,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         "head_batch_size", "early_stopping", "seed")}
     ff = _open_cache(cache, kw)
     with ff:
+        from pipeline.heads.training import check_finite
+        check_finite(ff)
         estimator = _make_head(head, head_opts)
         if sweep:
             _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)

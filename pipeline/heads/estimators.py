@@ -227,12 +227,15 @@ class _Head(ClassifierMixin, BaseEstimator):
             raise UserError(f"this head was trained on features of shape {self.feature_shape_}, "
                             f"not {shape}; fit a head on features from the same backbone and layer")
 
-    def check_matches(self, ff: FeatureFile) -> None:
-        """Raise UserError unless `ff` holds features this head can read (shape, classes, extractor)."""
+    def check_matches(self, ff: FeatureFile, class_subset: bool = False) -> None:
+        """Raise UserError unless `ff` holds features this head can read (shape, classes, extractor);
+        with `class_subset`, the cache may hold only some of the head's classes (evaluation)."""
         if tuple(ff.feature_shape) != tuple(self.feature_shape_):
             raise UserError(f"the head expects features of shape {tuple(self.feature_shape_)} but {ff.path.name} "
                             f"holds {tuple(ff.feature_shape)}; fit a head on this cache instead")
-        if ff.class_names and list(ff.class_names) != list(self.class_names_):
+        if class_subset:
+            check_class_subset(ff.class_names, self.class_names_, ff.path.name)
+        elif ff.class_names and list(ff.class_names) != list(self.class_names_):
             raise UserError(f"the head's classes ({_short(self.class_names_)}) differ from {ff.path.name}'s "
                             f"({_short(ff.class_names)}); use a cache of the same data set or fit a new head")
         info = feature_info_of(ff)
@@ -262,6 +265,15 @@ class _Head(ClassifierMixin, BaseEstimator):
         self.feature_info_ = dict(meta.get("feature_info") or {})
         self.feature_shape_ = tuple(int(s) for s in meta["feature_shape"])
         self.n_features_in_ = reduced_dim(self.feature_shape_, self.flatten)
+
+
+def check_class_subset(data_classes: Sequence[str], head_classes: Sequence[str], where: str) -> None:
+    """UserError naming the classes of `where` that the head was never trained on."""
+    unknown = [c for c in data_classes if c not in set(head_classes)]
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        raise UserError(f"{where} has classes the run was never trained on: {shown} (the run's classes: "
+                        f"{_short(head_classes)}); evaluate on data of those classes only")
 
 
 def _short(names: Sequence[str], n: int = 4) -> str:

@@ -69,8 +69,8 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
     """Metrics of a run on a labelled data set (features cached like any extraction)."""
     from pipeline.tracking.metrics import classification_report
 
+    paths, labels, names = _labelled_images(run, data, split)  # classes checked before any extraction
     if run.head is None:
-        paths, labels, names = _labelled_images(run, data, split)
         proba, kept, _ = predict_paths(run, paths, batch_size)
         return classification_report(labels[kept], proba, run.class_names)
     request = replace(run.request, data=data, augment_copies=0)
@@ -81,16 +81,21 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
 
 
 def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
+    """Paths, labels (as the run's class indices) and class names of the data to evaluate, from the
+    listing alone: a class the run never saw or an empty split is refused before anything is extracted."""
     from pipeline.data.sources import open_source
+    from pipeline.heads.estimators import check_class_subset
     listing = open_source(data, run.request.split).listing()
-    if listing.paths is None:
-        raise UserError("evaluating a fine-tuned model needs image files (a folder or CSV manifest)")
-    if list(listing.class_names) != list(run.class_names):
-        raise UserError(f"{data} has classes {listing.class_names}, the run was trained on {run.class_names}")
-    keep = [i for i, s in enumerate(listing.splits) if split is None or s == split]
+    check_class_subset(listing.class_names, run.class_names, data)
+    keep = [i for i, s in enumerate(listing.splits) if (split is None or s == split) and listing.labels[i] >= 0]
     if not keep:
-        raise UserError(f"{data} has no images in split {split!r}")
-    return [listing.paths[i] for i in keep], np.asarray(listing.labels)[keep], listing.class_names
+        raise UserError(f"{data} has no labelled images" + (f" in split {split!r}" if split else ""))
+    if listing.paths is None:
+        if run.head is None:
+            raise UserError("evaluating a fine-tuned model needs image files (a folder or CSV manifest)")
+        return [], np.zeros(0, np.int64), listing.class_names
+    to_run = np.asarray([list(run.class_names).index(c) for c in listing.class_names], np.int64)
+    return [listing.paths[i] for i in keep], to_run[np.asarray(listing.labels)[keep]], listing.class_names
 
 
 def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
