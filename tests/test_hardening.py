@@ -236,3 +236,209 @@ def test_head_files_load_without_pickle_or_unsafe_code(tmp_path):
     lam.save(tmp_path / "lambda.keras")
     with pytest.raises(UserError, match="not loaded for safety"):
         load_keras_file(tmp_path / "lambda.keras")
+
+
+# ------------------------------------------------------------------------------------ 3. CSV manifests
+def _manifest(folder: Path, name: str, text: str | bytes) -> Path:
+    path = folder / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.fixture
+def imgs(tmp_path: Path) -> Path:
+    """tmp/m/d/{train,val}/{ants,bees}/img_00k.jpg; manifests go in tmp/m."""
+    make_folder(tmp_path / "m" / "d", per_class=3)
+    return tmp_path / "m"
+
+
+A0, A1, B0, B1 = "d/train/ants/img_000.jpg", "d/train/ants/img_001.jpg", "d/train/bees/img_000.jpg", "d/train/bees/img_001.jpg"
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("latin.csv", f"{A0},fourmi\xe9\n{B0},bees\n".encode("latin-1"), "not UTF-8"),
+    ("unknown.csv", f"filepath,klass\n{A0},ants\n{B0},bees\n", "accepted names are path column: path/filename"),
+    ("empty.csv", f"{A0},ants\n{B0}, \n{B1},\n", "empty label on line(s) 2, 3"),
+    ("conflict.csv", f"{A0},ants,train\n{B0},bees,train\n./{A0},bees,val\n", "lines 1 and 3"),
+    ("outside.csv", f"../x.jpg,ants\n{B0},bees\n", "--allow-outside-paths"),
+    ("swapped.csv", f"ants,{A0}\nbees,{B0}\n", "columns look swapped"),
+    ("valonly.csv", f"{A0},ants,train\n{B0},bees,train\n{B1},bess,val\n", "class 'bess' has val images"),
+    ("binary.csv", b"\x00\x01\x02garbage\xff", "not a text manifest"),
+])
+def test_bad_manifests_are_refused_in_one_line(imgs, tmp_path, name, text, fragment):
+    manifest = _manifest(imgs, name, text)
+    proc = run_cli("extract", "--data", str(manifest), "--cache-dir", str(tmp_path / "c"), *FAST)
+    err = _one_line_error(proc, fragment)
+    if name == "valonly.csv":
+        assert "line(s) 3" in err
+
+
+def test_manifest_headers_delimiters_bom_and_labels(imgs):
+    from pipeline.data.sources import open_source
+
+    cases = {
+        "bom.csv": f"\ufeffpath,label\n{A0},ants\n{B0},bees\n",
+        "named.csv": f"filename,class\n{A0},ants\n{B0},bees\n",
+        "reordered.csv": f"split,category,image\ntrain,ants,{A0}\ntrain,bees,{B0}\ntest,ants,{A1}\n",
+        "tabs.tsv": f"path\tlabel\n{A0}\tants\n{B0}\tbees\n",
+        "semicolons.csv": f"{A0};ants\n{B0};bees\n",
+        "spaces.csv": f"{A0}, ants \n{B0},bees\t\n",
+    }
+    for name, text in cases.items():
+        listing = open_source(str(_manifest(imgs, name, text))).listing()
+        assert listing.class_names == ["ants", "bees"], name
+        assert [Path(p).name for p in listing.paths][:2] == ["img_000.jpg", "img_000.jpg"], name
+        assert listing.labels.tolist()[:2] == [0, 1], name
+    assert open_source(str(imgs / "reordered.csv")).listing().splits == ["train", "train", "test"]
+    with pytest.warns(UserWarning, match="duplicate"):
+        dup = open_source(str(_manifest(imgs, "dup.csv", f"{A0},ants\n{A0},ants\n{B0},bees\n"))).listing()
+    assert len(dup) == 2
+    with pytest.warns(UserWarning, match="'ANTS' and 'ants'"):
+        open_source(str(_manifest(imgs, "case.csv", f"{A0},ANTS\n{A1},ants\n{B0},bees\n"))).listing()
+
+
+def test_manifest_warnings_single_image_and_outside_flag_through_the_cli(imgs, tmp_path):
+    cache = str(tmp_path / "c")
+    text = f"path,label\n{A0},ants\n{A0},ants\n{A1},ANTS\n{B0},bees\n{B1},bees\n"
+    proc = run_cli("extract", "--data", str(_manifest(imgs, "m.csv", text)), "--cache-dir", cache, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    warned = [l for l in proc.stderr.splitlines() if l.startswith("warning:")]
+    assert any("duplicate" in l for l in warned) and any("'ANTS' and 'ants'" in l for l in warned), proc.stderr
+    _one_line_error(run_cli("extract", "--data", str(imgs / A0), "--cache-dir", cache, *FAST), "single image")
+    sub = imgs / "sub"
+    sub.mkdir()
+    outside = _manifest(sub, "o.csv", f"../{A0},ants\n../{B0},bees\n../{A1},ants\n../{B1},bees\n")
+    _one_line_error(run_cli("extract", "--data", str(outside), "--cache-dir", cache, *FAST), "outside")
+    ok = run_cli("extract", "--data", str(outside), "--allow-outside-paths", "--cache-dir", cache, *FAST)
+    assert ok.returncode == 0, ok.stderr
+
+
+# ------------------------------------------------------------------- 4. hidden folders, realpath keys
+def test_hidden_and_tool_files_are_skipped_at_every_depth_and_paths_are_resolved(tmp_path):
+    from pipeline.data.sources import is_hidden
+
+    root = make_folder(tmp_path / "data" / "clean", per_class=3)
+    junk = [root / "train" / "ants" / ".ipynb_checkpoints" / "x.jpg", root / "train" / "ants" / "@eaDir" / "y.jpg",
+            root / "train" / "bees" / "__MACOSX" / "deep" / "z.jpg", root / "val" / "bees" / ".hidden.jpg",
+            root / ".trash" / "ants" / "w.jpg"]
+    for j in junk:
+        j.parent.mkdir(parents=True, exist_ok=True)
+        j.write_bytes((root / "train" / "ants" / "img_000.jpg").read_bytes())
+    (root / "train" / "ants" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (root / "train" / "bees" / ".DS_Store").write_bytes(b"\0" * 10)
+    assert is_hidden("ants/.ipynb_checkpoints/x.jpg") and is_hidden("@eaDir/a.jpg") and not is_hidden("ants/a.jpg")
+    cache = str(tmp_path / "c")
+    first = run_cli("extract", "--data", str(root), "--cache-dir", cache, *FAST)
+    assert first.returncode == 0 and "skipped" not in first.stderr, first.stderr
+    info = run_cli("cache", "info", next((Path(cache) / "features").glob("*.h5")).stem.rsplit("-", 1)[1],
+                   "--cache-dir", cache)
+    assert "train: 6 images (ants=3, bees=3)" in info.stdout and "val: 6 images" in info.stdout, info.stdout
+    respelt = run_cli("extract", "--data", "./data/../data/clean/", "--cache-dir", cache, *FAST, cwd=tmp_path)
+    assert respelt.returncode == 0 and "cache hit" in respelt.stdout, respelt.stderr
+
+
+# ------------------------------------------------------------------------------------------ 5. classes
+def test_class_only_in_val_is_named_with_its_folder(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=2)
+    (root / "val" / "bess").mkdir()
+    (root / "val" / "bess" / "a.jpg").write_bytes((root / "val" / "bees" / "img_000.jpg").read_bytes())
+    err = _one_line_error(run_cli("extract", "--data", str(root), "--cache-dir", str(tmp_path / "c"), *FAST), "'bess'")
+    assert str(root / "val" / "bess") in err
+
+
+def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=4, classes=("ants", "bees", "wasps"))
+    cache = tmp_path / "c"
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--C", "1.0")
+    assert fit.returncode == 0, fit.stderr
+    run_id = _run_id(fit.stdout)
+    subset = make_folder(tmp_path / "s", per_class=3, classes=("ants", "wasps"), seed=5)
+    ev = run_cli("evaluate", "--run", run_id, "--data", str(subset), "--cache-dir", str(cache))
+    assert ev.returncode == 0 and "(n=12)" in ev.stdout, ev.stderr
+    other = make_folder(tmp_path / "o", per_class=3, classes=("ants", "moths"), seed=6)
+    before = sorted((cache / "features").iterdir())
+    err = _one_line_error(run_cli("evaluate", "--run", run_id, "--data", str(other), "--cache-dir", str(cache)),
+                          "'moths'")
+    assert "never trained on" in err and sorted((cache / "features").iterdir()) == before
+
+
+# --------------------------------------------------------------------------- 6. fit-head guards
+def test_fit_head_empty_cache_ref_and_non_finite_features(tmp_path):
+    import h5py
+
+    cache = tmp_path / "c"
+    path = write_cache(cache, n_images=40, dim=4, n_classes=2)
+    _one_line_error(run_cli("fit-head", "--cache", "", "--cache-dir", str(cache)), "--cache is empty")
+    assert sorted(p.name for p in (cache / "features").iterdir()) == [path.name]  # nothing extracted
+    with h5py.File(path, "r+") as f:
+        f["features"][3] = np.nan
+    err = _one_line_error(run_cli("fit-head", "--cache", str(path), "--C", "1", "--cache-dir", str(cache)),
+                          "non-finite features")
+    assert "--dtype float32" in err
+
+
+# --------------------------------------------------------------------- 8. property: junk never hurts
+def _random_manifest(rng: np.random.Generator, real: list[str], sep: str) -> bytes:
+    """Random manifest text: mostly path,label[,split] rows (real or odd paths, odd labels), some junk."""
+    pieces = ["path", "label", "split", "filename", "class", "train", "val", "test", "ants", "ANTS", " bees ", "",
+              "..", "../..", "/", "~", "~nobody", '"', "'", "\\", "é", "\ufeff", "\x00", ",", ";", "\t", "|", "\r",
+              "x.jpg", "/etc/passwd", "*", "a" * 300, *real]
+    tidy = rng.random() < 0.4  # some nearly valid manifests, so extraction itself runs too
+    lines = [sep.join(["path", "label", "split"][:int(rng.integers(2, 4))])] if rng.random() < 0.3 else []
+    unused = [str(p) for p in rng.permutation(real)]
+    for _ in range(int(rng.integers(0, 8))):
+        if tidy and not unused:
+            break
+        if tidy or rng.random() < 0.85:
+            path = unused.pop() if tidy else str(rng.choice(real)) if rng.random() < 0.7 else str(rng.choice(pieces))
+            labels = ["ants", "bees", " bees ", "ANTS"] if tidy else ["ants", "bees", "ANTS", " bees ", "", "é", "label"]
+            cells = [path, str(rng.choice(labels))]
+            if not tidy and rng.random() < 0.5:
+                cells.append(str(rng.choice(["train", "val", "test", "", "holdout"])))
+        else:
+            cells = [str(rng.choice(pieces)) + str(rng.choice(pieces)) * int(rng.integers(0, 2))
+                     for _ in range(int(rng.integers(1, 5)))]
+        lines.append(sep.join(cells))
+    text = "\n".join(lines)
+    encodings = ["utf-8", "utf-8-sig"] if tidy else ["utf-8", "utf-8", "utf-8-sig", "latin-1", "utf-16"]
+    return text.encode(str(rng.choice(encodings)), errors="replace")
+
+
+def test_property_junk_input_gives_exit_0_or_2_and_removes_nothing_outside(tmp_path):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(9)
+    data = make_folder(tmp_path / "data", per_class=2, splits=())
+    sibling = tmp_path / "sibling"
+    (sibling / "inner").mkdir(parents=True)
+    for i in range(3):
+        (sibling / "inner" / f"keep{i}.txt").write_text(str(i))
+    cache = tmp_path / "cache"
+    for fmt in ("JPEG", "PNG"):                                  # truncated prefixes of real images
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, fmt)
+        blob = buf.getvalue()
+        for cut in rng.integers(0, len(blob), 3):
+            (data / "ants" / f"cut{cut}.{fmt.lower()}").write_bytes(blob[:cut])
+    for i in range(3):                                           # random bytes named as images or not
+        (data / "bees" / f"rand{i}.{['jpg', 'png', 'bin'][i]}").write_bytes(rng.bytes(int(rng.integers(0, 400))))
+    real = [str(p.relative_to(tmp_path)) for p in sorted(data.rglob("*.*"))]
+    inputs = [str(data)]
+    for i in range(10):
+        ext, sep = ("tsv", "\t") if i % 3 == 2 else ("csv", str(rng.choice([",", ";"])))
+        inputs.append(str(_manifest(tmp_path, f"m{i}.{ext}", _random_manifest(rng, real, sep))))
+    random_file = tmp_path / "junk.bin"
+    random_file.write_bytes(rng.bytes(300))
+    inputs.append(str(random_file))
+    outside_cache = lambda: {p for p in _snapshot(tmp_path) if not p.startswith("cache")}  # noqa: E731
+    for data_arg in inputs:
+        before = outside_cache()
+        proc = run_cli("extract", "--data", data_arg, "--cache-dir", str(cache), *FAST, cwd=sibling)
+        assert proc.returncode in (0, 2), (data_arg, proc.stderr)
+        assert "Traceback" not in proc.stderr, (data_arg, proc.stderr)
+        if proc.returncode == 2:
+            assert sum(l.startswith("error:") for l in proc.stderr.splitlines()) == 1, proc.stderr
+        assert before <= outside_cache(), data_arg
+        assert sorted(p.name for p in (sibling / "inner").iterdir()) == ["keep0.txt", "keep1.txt", "keep2.txt"]
