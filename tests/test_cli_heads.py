@@ -27,7 +27,7 @@ def test_fit_head_from_extract_options_then_use_the_run(tmp_path):
     assert "extracting first" in fit.stderr and "val   accuracy" in fit.stdout
     run_id = _run_id(fit.stdout)
     run_dir = Path(cache) / "runs" / run_id
-    assert (run_dir / "head.joblib").exists() and (run_dir / "confusion_val.png").exists()
+    assert (run_dir / "head.npz").exists() and (run_dir / "head.json").exists() and (run_dir / "confusion_val.png").exists()
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["backbone"] == "vgg16" and cfg["head"] == "logistic"
 

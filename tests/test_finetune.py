@@ -244,7 +244,7 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
         head = LogisticHead(C=1.0).fit(ff.load(rows), ff.labels[rows], class_names=ff.class_names,
                                        cache_key=ff.key, feature_info={"backbone": "vgg16"})
         feats, paths = ff.load(), list(ff.paths)
-    head.save(run / "head.joblib")
+    head.save(run / "head.npz")
     (run / "config.json").write_text(json.dumps({"cache_file": str(res.path), "cache_key": res.key}))
     inputs = stage2_inputs(run)
     assert inputs.request == req and inputs.cache_path == res.path

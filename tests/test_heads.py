@@ -157,16 +157,17 @@ def test_logistic_save_load_roundtrip(tmp_path, data3):
     Xtr, ytr, Xte, _ = data3
     head = LogisticHead(Cs=(0.01, 0.1)).fit(Xtr, ytr, class_names=["a", "b", "c"], cache_key="abc",
                                             feature_info={"backbone": "x"})
-    path = head.save(tmp_path / "head.joblib")
-    back = load_head(tmp_path)                                    # a folder holding head.joblib works too
+    path = head.save(tmp_path / "head.npz")
+    back = load_head(tmp_path)                                    # a folder holding head.npz works too
     assert isinstance(back, LogisticHead) and back.get_params() == head.get_params()
     assert (back.class_names_, back.cache_key_, back.feature_shape_) == (["a", "b", "c"], "abc", (32,))
     assert back.C_ == head.C_
     np.testing.assert_array_equal(back.predict_proba(Xte), head.predict_proba(Xte))
     assert back.feature_info_ == {"backbone": "x"} and path.exists()
-    (tmp_path / "junk.joblib").write_text("no")
+    (tmp_path / "junk.npz").write_text("no")
+    (tmp_path / "junk.json").write_text((tmp_path / "head.json").read_text())
     with pytest.raises(UserError, match="not a readable head file"):
-        LogisticHead.load(tmp_path / "junk.joblib")
+        LogisticHead.load(tmp_path / "junk.npz")
 
 
 def test_head_errors_are_one_line_user_errors(data3):

@@ -106,7 +106,7 @@ def test_fit_head_run_records_config_metrics_artifacts(aug_cache, tmp_path):
     with FeatureFile(aug_cache) as ff:
         result, run = fit_head_run(ff, LogisticHead(Cs=(0.1, 1.0)), registry=registry)
     files = {p.name for p in run.dir.iterdir()}
-    assert {"config.json", "metrics.json", "run.json", "head.joblib", "c_curve.png", "confusion_val.png",
+    assert {"config.json", "metrics.json", "run.json", "head.npz", "head.json", "c_curve.png", "confusion_val.png",
             "confusion_test.png"} <= files
     config = json.loads((run.dir / "config.json").read_text())
     assert config["head"] == "logistic" and config["cache_file"] == str(aug_cache) and config["backbone"] == "synthetic"

@@ -1,19 +1,42 @@
 """The click command group. Commands only parse options and call the library; a UserError
-becomes one line on stderr and exit code 2, Ctrl-C exit code 130, never a traceback."""
+becomes one line on stderr and exit code 2, any other exception one line and exit code 1
+(`--debug` or FEATURECACHE_DEBUG=1 shows the traceback), Ctrl-C exit code 130."""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter off the terminal
 
 import click
 
-from pipeline.errors import UserError
+from pipeline.errors import DataWarning, UserError
 from pipeline.cli import quiet
 
 quiet.install()
+
+_show_warning = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """DataWarnings are for the user: one `warning: ...` line, no source location."""
+    if issubclass(category, DataWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _one_line_warning
+
+
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    """Whether tracebacks are wanted: the group's --debug flag or FEATURECACHE_DEBUG=1."""
+    if os.environ.get("FEATURECACHE_DEBUG", "").strip() not in ("", "0"):
+        return True
+    return bool(ctx is not None and ctx.find_root().params.get("debug"))
 
 
 class _Group(click.Group):
@@ -21,15 +44,29 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as exc:
+            if debug_enabled(ctx):
+                traceback.print_exc()
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: finished chunks are kept; run the same command again to resume", err=True)
             sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
+            if debug_enabled(ctx):
+                traceback.print_exc()
+            message = " ".join(str(exc).split()) or "(no message)"
+            if len(message) > 300:
+                message = message[:297] + "..."
+            hint = "" if debug_enabled(ctx) else " (run with --debug for the traceback)"
+            click.echo(f"error: {type(exc).__name__}: {message}{hint}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error (or set FEATURECACHE_DEBUG=1).")
+def cli(debug: bool) -> None:
     """Transfer learning with cached backbone features: extract once, fit heads in seconds."""
 
 

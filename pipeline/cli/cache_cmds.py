@@ -1,13 +1,15 @@
-"""`cache ls|info|rm`: list, describe and remove cached feature files."""
+"""`cache ls|info|rm`: list, describe and remove (or evict) cached feature files."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from pipeline.cli import cli
-from pipeline.features.cache import describe, find_entries, remove_entry
+from pipeline.errors import UserError
+from pipeline.features.cache import describe, find_entries
 from pipeline.extract import DEFAULT_CACHE
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
@@ -48,13 +50,53 @@ def cache_info(ref: str, cache_dir: Path) -> None:
 
 
 @cache_group.command("rm")
-@click.argument("refs", nargs=-1, required=True)
+@click.argument("refs", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every entry of the cache (asks first unless --yes).")
+@click.option("--older-than", metavar="DURATION", default=None,
+              help="Entries last changed more than DURATION ago, e.g. 7d, 12h, 30m.")
+@click.option("--larger-than", metavar="SIZE", default=None, help="Entries larger than SIZE, e.g. 500MB, 2GB.")
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Remove --all/--older-than/--larger-than matches without asking.")
 @_cache_dir
-def cache_rm(refs: tuple[str, ...], cache_dir: Path) -> None:
-    """Remove entries (key prefixes or paths), finished or partial.
+def cache_rm(refs: tuple[str, ...], everything: bool, older_than: str | None, larger_than: str | None,
+             dry_run: bool, yes: bool, cache_dir: Path) -> None:
+    """Remove cache entries, finished or partial: by key prefix (as `cache ls` shows), or evict by rule.
 
-    Example: python cli.py cache rm 3b124ac0
+    Only entries of the cache under --cache-dir are ever removed; a prefix matching several keys
+    removes nothing.
+
+    Examples: python cli.py cache rm 3b124ac0
+              python cli.py cache rm --older-than 30d --larger-than 500MB --dry-run
     """
-    for ref in refs:
-        for path in remove_entry(ref, cache_dir):
-            click.echo(f"removed {path}")
+    from pipeline.features.cache import remove_entries, select_for_eviction, select_for_removal
+
+    bulk = everything or older_than is not None or larger_than is not None
+    if refs and bulk:
+        raise UserError("give entry keys or --all/--older-than/--larger-than, not both")
+    if not refs and not bulk:
+        raise UserError("give the key prefix of an entry to remove (`python cli.py cache ls` lists them), "
+                        "or --all/--older-than/--larger-than")
+    if bulk:
+        entries = select_for_eviction(cache_dir, everything, older_than, larger_than)
+    else:
+        entries = []
+        for ref in refs:  # every ref is checked before anything is removed
+            entries += [e for e in select_for_removal(ref, cache_dir) if e.path not in {x.path for x in entries}]
+    if not entries:
+        click.echo("nothing to remove")
+        return
+    if dry_run or (bulk and not yes):
+        total = sum(e.megabytes for e in entries)
+        for e in entries:
+            click.echo(f"{'would remove' if dry_run else 'to remove'} {e.path} ({e.megabytes:.1f} MB, {e.state})")
+        click.echo(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total:.1f} MB")
+        if dry_run:
+            return
+        if not sys.stdin.isatty():
+            raise UserError(f"not removing {len(entries)} cache entries without confirmation; pass --yes to remove "
+                            f"them (or --dry-run to only list them)")
+        if not click.confirm(f"remove these {len(entries)} entries?", default=False):
+            click.echo("nothing removed")
+            return
+    for path in remove_entries(entries, cache_dir):
+        click.echo(f"removed {path}")

@@ -31,11 +31,13 @@ from pipeline.extract import DEFAULT_CACHE
 @click.option("--augment", default="flip,rotation,zoom,brightness,contrast", show_default=True,
               help="Training-only augmentation layers, each optionally =STRENGTH; 'none' for none.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trust-pickle", is_flag=True, help="Also load an old pickled head.joblib from the fit-head run "
+                                                   "(unpickling can run code; only for runs you trust).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
 def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str, ...], unfreeze_last: int | None,
                  lr: float | None, optimizer: str, lr_schedule: str, epochs: int, batch_size: int,
                  early_stopping: int | None, class_weight: str | None, augment: str, seed: int,
-                 cache_dir: Path) -> None:
+                 trust_pickle: bool, cache_dir: Path) -> None:
     """Fine-tune the backbone's top blocks with the fitted head on top, on the raw images.
 
     Example: python cli.py finetune --run 20261122-2330 --unfreeze block7 --epochs 3
@@ -65,7 +67,9 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                           early_stopping=early_stopping, class_weight=class_weight,
                           augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
                           verbose=1 if sys.stdout.isatty() else 2)  # Keras' per-step bar (ETA) or a line per epoch
-    inputs = stage2_inputs(parent.dir)
+    from pipeline.heads.estimators import trusting_pickles
+    with trusting_pickles(trust_pickle):
+        inputs = stage2_inputs(parent.dir)
     if not resume_id:
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
                   "head": f"finetune({inputs.head.kind})", "cache_file": str(inputs.cache_path),

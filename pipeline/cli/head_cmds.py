@@ -15,6 +15,10 @@ from pipeline.extract import DEFAULT_CACHE
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                           help="Cache root (default: ./cache).")
+trust_pickle_option = click.option(
+    "--trust-pickle", is_flag=True,
+    help="Also load an old pickled head.joblib (from an older version); unpickling can run code, so only "
+         "for runs you trust.")
 
 
 def _float_or_auto(value: str) -> float | str:
@@ -36,7 +40,10 @@ def _open_cache(cache: str | None, kw: dict):
     from pipeline.extract import extract, plan
     from pipeline.features.store import FeatureFile, is_complete
 
-    if cache:
+    if cache is not None:
+        if not cache.strip():
+            raise UserError("--cache is empty; give a cache file path or key prefix (`python cli.py cache ls`), "
+                            "or leave --cache out to use the extract options")
         paths = [p for p in resolve(cache, kw["cache_dir"]) if p.suffix == ".h5"]
         if len(paths) != 1:
             raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
@@ -113,6 +120,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         "head_batch_size", "early_stopping", "seed")}
     ff = _open_cache(cache, kw)
     with ff:
+        from pipeline.heads.training import check_finite
+        check_finite(ff)
         estimator = _make_head(head, head_opts)
         if sweep:
             _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
@@ -200,13 +209,30 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
     click.echo("files: " + ", ".join(sorted(p.name for p in r.dir.iterdir())))
 
 
+@runs_group.command("rm")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Also remove a run that is still running.")
+@click.option("--dry-run", is_flag=True, help="List the run folders that would be removed.")
+@_cache_dir
+def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Path) -> None:
+    """Remove run folders under <cache-dir>/runs/ by full ID or unambiguous prefix.
+
+    Example: python cli.py runs rm 20261122-2330
+    """
+    from pipeline.tracking.runs import Registry
+
+    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run):
+        click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
+
+
 @cli.command("evaluate")
 @click.option("--run", "run_id", required=True, help="A fit-head or finetune run ID (or unique prefix).")
 @click.option("--data", required=True, help="Labelled data: folder, CSV manifest, tfds:NAME or builtin:digits.")
 @click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@trust_pickle_option
 @_cache_dir
-def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, cache_dir: Path) -> None:
+def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, trust_pickle: bool, cache_dir: Path) -> None:
     """Score a trained run on labelled images, through the same backbone and preprocessing.
 
     Example: python cli.py evaluate --run 20261122-2330 --data ../shared/data/hymenoptera --split val
@@ -216,20 +242,20 @@ def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, cache_dir:
     from pipeline.inference.apply import evaluate_run, load_run
     from pipeline.tracking.metrics import metrics_table, summary_line
 
-    run = load_run(cache_dir, run_id)
+    run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     report = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size)
     click.echo(summary_line(report))
     Console(width=110).print(metrics_table(report, title=f"{data} ({split})"))
 
 
 def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | None, cache_dir: Path,
-                     batch_size: int) -> None:
+                     batch_size: int, trust_pickle: bool = False) -> None:
     """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV)."""
     import numpy as np
 
     from pipeline.inference.apply import load_run, predict_paths, write_predictions_csv
 
-    run = load_run(cache_dir, run_id)
+    run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     proba, kept, skipped = predict_paths(run, paths, batch_size)
     k = min(top_k, len(run.class_names))
     for i, row in zip(kept, proba):

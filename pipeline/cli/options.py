@@ -42,6 +42,8 @@ _EXTRACT_OPTIONS = [
                  help="Validation share when the data has no split folders."),
     click.option("--test-fraction", type=float, default=0.0, show_default=True),
     click.option("--split-seed", type=int, default=0, show_default=True),
+    click.option("--allow-outside-paths", is_flag=True,
+                 help="Let a CSV manifest name files outside its own folder (refused by default)."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=False,
                  help="Cache root (default: ./cache)."),
     click.option("--batch-size", type=int, default=32, show_default=True),
@@ -95,7 +97,8 @@ def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
         resize=kw["resize"], pooling=kw["pooling"], layer=kw["layer"], dtype=kw["dtype"],
         precision=kw["precision"], augment_copies=kw["augment_copies"], augment_seed=kw["augment_seed"],
         augment=parse_augment(kw["augment_ops"]),
-        split=SplitConfig(names, kw["val_fraction"], kw["test_fraction"], kw["split_seed"]),
+        split=SplitConfig(names, kw["val_fraction"], kw["test_fraction"], kw["split_seed"],
+                          allow_outside_paths=kw.get("allow_outside_paths", False)),
     )
     options = RunOptions(cache_dir=kw["cache_dir"], batch_size=kw["batch_size"], chunk_units=kw["chunk_size"],
                          compression=None if kw["compression"] == "none" else kw["compression"],

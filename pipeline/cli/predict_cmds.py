@@ -9,7 +9,7 @@ import click
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import skipped_message
-from pipeline.cli.head_cmds import predict_with_run
+from pipeline.cli.head_cmds import predict_with_run, trust_pickle_option
 from pipeline.inference.embed import image_paths, imagenet_top_k
 from pipeline.extract import DEFAULT_CACHE
 
@@ -23,10 +23,11 @@ from pipeline.extract import DEFAULT_CACHE
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
               help="With --run: also write path, prediction, probability and per-class columns here.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@trust_pickle_option
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Keras backend (default: KERAS_BACKEND).")
 def predict_cmd(images: tuple[str, ...], run_id: str | None, backbone: str | None, weights: str, top_k: int,
-                csv_out: Path | None, batch_size: int, cache_dir: Path, backend: str | None) -> None:
+                csv_out: Path | None, batch_size: int, trust_pickle: bool, cache_dir: Path, backend: str | None) -> None:
     """Predict classes for IMAGES (files or folders).
 
     Examples: python cli.py predict --run 20261122-2330 photos/ --csv preds.csv
@@ -35,7 +36,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, backbone: str | Non
     select_backend(backend)
     paths = image_paths(images)
     if run_id:
-        predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size)
+        predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size, trust_pickle)
         return
     if not backbone:
         raise click.UsageError("give --run ID (a trained head) or --backbone NAME (ImageNet top-k)")

@@ -11,17 +11,37 @@ import csv
 import functools
 import hashlib
 import importlib.metadata
+import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.data.decode import IMAGE_SUFFIXES
+from pipeline.errors import DataWarning, UserError
 
 SPLITS = ("train", "val", "test")
 BUILTIN_DEFAULT = "builtin:digits"
+# Folders and files that tools and operating systems leave beside images; never data.
+HIDDEN_NAMES = frozenset({"@eaDir", "__MACOSX", ".ipynb_checkpoints", "Thumbs.db", ".DS_Store"})
+# Column names a manifest header may use (lower case); positional path,label[,split] without a header.
+PATH_COLUMNS = ("path", "filename", "file", "image")
+LABEL_COLUMNS = ("label", "class", "category")
+SPLIT_COLUMNS = ("split",)
+# Suffixes and leading bytes of single image files, which --data refuses (it takes a folder or manifest).
+# what the decoder reads, plus image formats it refuses by name (so a single one given as --data is named)
+_IMAGE_SUFFIXES = set(IMAGE_SUFFIXES) | {".heic", ".heif", ".avif"}
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def is_hidden(relative_path: str | os.PathLike) -> bool:
+    """Whether a path (relative to the data root) lies in or is a hidden or tool item at any depth:
+    a name starting with '.', or @eaDir, __MACOSX, .ipynb_checkpoints, Thumbs.db, .DS_Store."""
+    return any(part.startswith(".") or part in HIDDEN_NAMES
+               for part in Path(relative_path).parts if part not in ("", ".", ".."))
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,9 @@ class SplitConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.0
     seed: int = 0
+    # Manifest rows may name files outside the manifest's folder (--allow-outside-paths). Not part of
+    # the cache key: it only decides whether such a listing is refused, and the listing is hashed.
+    allow_outside_paths: bool = False
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.val_fraction < 1 and 0.0 <= self.test_fraction < 1
@@ -98,13 +121,20 @@ class Source:
     split: SplitConfig
 
     def listing(self) -> Listing:
-        """The listing, computed once per source object."""
+        """The listing, computed once per source object; refuses a class that has val/test images
+        but no training images (a misspelt folder or label)."""
         if getattr(self, "_listing", None) is None:
-            self._listing = self._list()
+            listing = self._list()
+            check_train_classes(listing, self._where)
+            self._listing = listing
         return self._listing
 
     def _list(self) -> Listing:
         raise NotImplementedError
+
+    def _where(self, listing: Listing, rows: np.ndarray) -> str:
+        """Where some rows of the listing come from, for messages (folder, manifest lines)."""
+        return f"{self.spec}, split {listing.splits[int(rows[0])]}"
 
     def identity(self) -> dict[str, Any]:
         """What of the data goes into the cache key: spec, content fingerprint, class map, split rule."""
@@ -122,6 +152,30 @@ class Source:
         """One job per index, in the order given: calling it returns the image as uint8
         (size, size, 3), resized by `method`, or raises DecodeError with the reason."""
         raise NotImplementedError
+
+
+def check_train_classes(listing: Listing, where=None) -> None:
+    """UserError when a class has images in val/test but none in train (if there is a train split);
+    rows whose split was assigned by hash (`extra['split_given']` False) are not checked."""
+    if listing.split_origin.startswith("hash") or not len(listing):
+        return
+    splits = np.asarray(listing.splits, dtype=object)
+    labels = np.asarray(listing.labels)
+    train = splits == "train"
+    if not train.any():
+        return
+    given = np.asarray(listing.extra.get("split_given", np.ones(len(listing), bool)), bool)
+    seen = set(labels[train].tolist())
+    orphan = ~train & given & (labels >= 0) & ~np.isin(labels, list(seen))
+    if orphan.any():
+        c = int(labels[orphan][0])
+        rows = np.flatnonzero(orphan & (labels == c))
+        name = listing.class_names[c] if c < len(listing.class_names) else str(c)
+        place = where(listing, rows) if where else f"split {splits[rows[0]]}"
+        others = sorted({listing.class_names[int(k)] for k in labels[orphan]} - {name})
+        more = f" (also: {', '.join(map(repr, others))})" if others else ""
+        raise UserError(f"class {name!r} has {splits[rows[0]]} images ({place}) but no training images{more}; "
+                        f"check the name for a typo or add training images of that class")
 
 
 class FileSource(Source):
@@ -150,15 +204,15 @@ class FolderSource(FileSource):
     """An image folder with one subfolder per class, optionally under train/val/test folders."""
 
     def __init__(self, root: str | os.PathLike, split: SplitConfig = SplitConfig()) -> None:
-        self.root = Path(root).expanduser()
+        self.root = Path(os.path.realpath(Path(root).expanduser()))  # one key however the path is spelt
         self.split = split
-        self.spec = str(self.root.resolve())
+        self.spec = str(self.root)
         if not self.root.is_dir():
             raise UserError(f"data folder not found: {self.root} (give an image folder, a CSV manifest, "
                             f"tfds:NAME or {BUILTIN_DEFAULT})")
 
     def _list(self) -> Listing:
-        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not is_hidden(p.name))
         role_of = {name: role for name, role in zip(self.split.folder_names, SPLITS)}
         split_dirs = [d for d in subdirs if d.name in role_of]
         if split_dirs:
@@ -167,7 +221,7 @@ class FolderSource(FileSource):
             groups = [(None, self.root)]
         per_class: list[tuple[str | None, str, Path]] = []
         for role, base in groups:
-            classes = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+            classes = sorted(p for p in base.iterdir() if p.is_dir() and not is_hidden(p.name))
             if not classes:
                 raise UserError(f"{base} has no class subfolders; expected one subfolder per class "
                                 f"(e.g. {base}/cats/*.jpg)")
@@ -176,7 +230,7 @@ class FolderSource(FileSource):
         index = {n: i for i, n in enumerate(class_names)}
         paths, labels, splits, rel = [], [], [], []
         for role, name, folder in per_class:
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = sorted(_visible_files(folder))
             if not files:
                 raise UserError(f"class folder {folder} is empty; add images or remove the folder")
             for f in files:
@@ -192,45 +246,214 @@ class FolderSource(FileSource):
         return Listing(ids=paths, labels=labels_arr, splits=splits, class_names=class_names,
                        paths=paths, split_origin=origin)
 
+    def _where(self, listing: Listing, rows: np.ndarray) -> str:
+        role = listing.splits[int(rows[0])]
+        name = listing.class_names[int(listing.labels[int(rows[0])])]
+        folder = self.root / self.split.folder_names[SPLITS.index(role)] / name
+        return f"folder {folder}"
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    """Files under `folder` at any depth, skipping hidden and tool folders and files (`is_hidden`)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        out += [Path(dirpath) / f for f in filenames if not is_hidden(f) and os.path.isfile(os.path.join(dirpath, f))]
+    return out
+
 
 class CsvSource(FileSource):
-    """A CSV manifest of `path,label[,split]` rows; relative paths are relative to the CSV's folder."""
+    """A CSV/TSV manifest of `path,label[,split]` rows (or a header naming those columns in any
+    order); relative paths are relative to the manifest's folder, which the files must lie in
+    unless `split.allow_outside_paths`."""
 
     def __init__(self, path: str | os.PathLike, split: SplitConfig = SplitConfig()) -> None:
-        self.path = Path(path).expanduser()
+        self.path = Path(os.path.realpath(Path(path).expanduser()))
         self.split = split
-        self.spec = str(self.path.resolve())
+        self.spec = str(self.path)
         if not self.path.is_file():
-            raise UserError(f"manifest not found: {self.path}")
+            raise UserError(f"manifest not found: {path}")
+
+    def _text(self) -> str:
+        """The manifest as text: UTF-8 (a BOM is dropped) or UTF-16 with a BOM; else a one-line refusal."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read manifest {self.path}: {exc.strerror or exc}") from None
+        if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            encoding = "utf-16"
+        else:
+            encoding = "utf-8-sig"
+            if b"\x00" in raw:
+                raise UserError(f"{self.path} is not a text manifest (it holds NUL bytes); give a CSV of "
+                                f"path,label[,split] rows or an image folder")
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError as exc:
+            line = raw[:exc.start].count(b"\n") + 1
+            raise UserError(f"{self.path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}); re-save "
+                            f"it as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet, or iconv -f latin1 -t utf-8)") from None
+
+    def _delimiter(self, text: str) -> str:
+        if self.path.suffix.lower() == ".tsv":
+            return "\t"
+        lines = [l for l in text.splitlines()[:50] if l.strip()]
+        try:
+            return csv.Sniffer().sniff("\n".join(lines), delimiters=",;\t|").delimiter
+        except csv.Error:  # rows of uneven length: the candidate found on most lines (',' on a tie)
+            counts = {d: sum(d in l for l in lines) for d in ",;\t|"}
+            return max(counts, key=lambda d: (counts[d], d == ","))
+
+    def _rows(self) -> list[tuple[int, list[str]]]:
+        """(line number, stripped cells) of every non-blank row."""
+        text = self._text()
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=self._delimiter(text))
+        rows, line = [], 1
+        try:
+            for r in reader:
+                if r and any(c.strip() for c in r):
+                    rows.append((line, [c.strip() for c in r]))
+                line = reader.line_num + 1
+        except csv.Error as exc:
+            raise UserError(f"{self.path} line {reader.line_num}: not a readable CSV row ({exc}); expected "
+                            f"path,label[,split]") from None
+        return rows
+
+    def _columns(self, rows: list[tuple[int, list[str]]]) -> tuple[dict[str, int], list[tuple[int, list[str]]], bool]:
+        """Column positions {'path', 'label', 'split'} from a header (then dropped) or by position,
+        the data rows, and whether there was a header."""
+        accepted = (f"path column: {'/'.join(PATH_COLUMNS)}; label column: {'/'.join(LABEL_COLUMNS)}; "
+                    f"optional: split")
+        first = [c.lower() for c in rows[0][1]]
+        role_of = {**{n: "path" for n in PATH_COLUMNS}, **{n: "label" for n in LABEL_COLUMNS},
+                   **{n: "split" for n in SPLIT_COLUMNS}}
+        known = [c in role_of for c in first]
+        if (any(known) and not _pathy(rows[0][1][0])) or _looks_like_header(rows):
+            unknown = [c for c, k in zip(rows[0][1], known) if not k]
+            if unknown:
+                raise UserError(f"{self.path} line {rows[0][0]}: unknown column name(s) {', '.join(map(repr, unknown))} "
+                                f"in the header; accepted names are {accepted} (or no header: path,label[,split])")
+            cols: dict[str, int] = {}
+            for i, c in enumerate(first):
+                if role_of[c] in cols:
+                    raise UserError(f"{self.path} line {rows[0][0]}: the header has two {role_of[c]} columns")
+                cols[role_of[c]] = i
+            if "path" not in cols or "label" not in cols:
+                missing = "path" if "path" not in cols else "label"
+                raise UserError(f"{self.path}: the header has no {missing} column; accepted names are {accepted}")
+            return cols, rows[1:], True
+        return {"path": 0, "label": 1, "split": 2}, rows, False
 
     def _list(self) -> Listing:
-        with open(self.path, newline="") as fh:
-            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-        if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-            rows = rows[1:]
+        rows = self._rows()
         if not rows:
             raise UserError(f"{self.path} lists no images; expected rows of path,label[,split]")
+        cols, rows, header = self._columns(rows)
+        if not rows:
+            raise UserError(f"{self.path} has a header but lists no images")
+        width = len(cols) if header else None
         base = self.path.parent
-        paths, names, splits = [], [], []
-        for n, r in enumerate(rows, 1):
-            if len(r) < 2 or len(r) > 3:
-                raise UserError(f"{self.path} line {n}: expected path,label[,split], got {len(r)} fields")
-            p = Path(r[0].strip()).expanduser()
-            paths.append(str(p if p.is_absolute() else base / p))
-            names.append(r[1].strip())
-            s = r[2].strip().lower() if len(r) == 3 else ""
+        entries: dict[str, tuple[int, str, str | None]] = {}
+        order, empty, outside, dup_lines = [], [], [], []
+        for line, r in rows:
+            if width is not None and len(r) != width or width is None and not 2 <= len(r) <= 3:
+                want = f"{width} fields as in the header" if width is not None else "path,label[,split]"
+                raise UserError(f"{self.path} line {line}: expected {want}, got {len(r)} field(s)")
+            raw_path, label = r[cols["path"]], r[cols["label"]]
+            s = r[cols["split"]].lower() if "split" in cols and cols["split"] < len(r) else ""
+            if not raw_path:
+                raise UserError(f"{self.path} line {line}: the path is empty")
+            if not label:
+                empty.append(line)
+                continue
             if s and s not in SPLITS:
-                raise UserError(f"{self.path} line {n}: split must be train, val or test, not {s!r}")
-            splits.append(s or None)
+                raise UserError(f"{self.path} line {line}: split must be train, val or test, not {s!r}")
+            p = Path(os.path.expanduser(raw_path))
+            full = os.path.normpath(p if p.is_absolute() else base / p)
+            if not self.split.allow_outside_paths and os.path.commonpath([full, str(base)]) != str(base):
+                outside.append((line, raw_path))
+            split = s or None
+            if full in entries:
+                first_line, first_label, first_split = entries[full]
+                if (first_label, first_split) != (label, split):
+                    raise UserError(f"{self.path} lines {first_line} and {line} list {raw_path} twice with different "
+                                    f"labels or splits ({first_label}/{first_split or '-'} vs {label}/{split or '-'}); "
+                                    f"keep one of them")
+                dup_lines.append((line, first_line))
+                continue
+            entries[full] = (line, label, split)
+            order.append(full)
+        if empty:
+            shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+            raise UserError(f"{self.path}: empty label on line(s) {shown}; give every image a label or remove "
+                            f"those rows")
+        self._check_swapped(rows, cols, base)
+        if outside:
+            line, raw = outside[0]
+            raise UserError(f"{self.path} line {line}: {raw} lies outside the manifest's folder {base} "
+                            f"({len(outside)} such row(s)); move the files or the manifest, or pass "
+                            f"--allow-outside-paths if that is intended")
+        if dup_lines:
+            shown = ", ".join(f"{a} (= line {b})" for a, b in dup_lines[:5]) + (", ..." if len(dup_lines) > 5 else "")
+            warnings.warn(f"{self.path}: {len(dup_lines)} duplicate row(s) kept once: line(s) {shown}",
+                          DataWarning, stacklevel=2)
+        paths = order
+        names = [entries[f][1] for f in order]
+        lines = [entries[f][0] for f in order]
+        splits = [entries[f][2] for f in order]
+        by_fold: dict[str, set[str]] = {}
+        for n in names:
+            by_fold.setdefault(n.casefold(), set()).add(n)
+        for spellings in by_fold.values():
+            if len(spellings) > 1:
+                shown = " and ".join(repr(x) for x in sorted(spellings))
+                warnings.warn(f"{self.path}: labels {shown} differ only in case and are kept as separate classes; "
+                              f"use one spelling if they are the same class", DataWarning, stacklevel=2)
         class_names = sorted(set(names))
-        labels = np.asarray([class_names.index(c) for c in names], np.int32)
+        index = {c: i for i, c in enumerate(class_names)}
+        labels = np.asarray([index[c] for c in names], np.int32)
         origin = "manifest"
-        if any(s is None for s in splits):
+        given = [sp is not None for sp in splits]
+        if not all(given):
             hashed = hash_split(paths, labels, self.split)
-            splits = [s or h for s, h in zip(splits, hashed)]
+            splits = [sp or h for sp, h in zip(splits, hashed)]
             origin = f"manifest+hash(seed={self.split.seed})"
-        return Listing(ids=paths, labels=labels, splits=splits, class_names=class_names,
-                       paths=paths, split_origin=origin)
+        return Listing(ids=paths, labels=labels, splits=splits, class_names=class_names, paths=paths,
+                       split_origin=origin, extra={"lines": lines, "split_given": given})
+
+    def _check_swapped(self, rows: list[tuple[int, list[str]]], cols: dict[str, int], base: Path) -> None:
+        """Refuse a manifest whose label column holds file paths and whose path column holds names."""
+        sample = rows[:200]
+
+        def exists(v: str) -> bool:
+            p = Path(os.path.expanduser(v))
+            return bool(v) and os.path.isfile(p if p.is_absolute() else base / p)
+
+        path_ok = sum(exists(r[cols["path"]]) for _, r in sample)
+        label_files = sum(exists(r[cols["label"]]) or Path(r[cols["label"]]).suffix.lower() in _IMAGE_SUFFIXES
+                          for _, r in sample if cols["label"] < len(r))
+        if path_ok == 0 and label_files >= max(1, len(sample) // 2):
+            line, r = sample[0]
+            raise UserError(f"{self.path}: the columns look swapped: the label column holds file paths (line {line}: "
+                            f"{r[cols['label']]!r}) and the path column holds {r[cols['path']]!r}; put the path "
+                            f"first (path,label[,split]) or add a header row naming the columns")
+
+    def _where(self, listing: Listing, rows: np.ndarray) -> str:
+        lines = listing.extra.get("lines") or []
+        shown = [str(lines[int(i)]) for i in rows[:5] if int(i) < len(lines)]
+        return f"{self.path} line(s) {', '.join(shown)}{', ...' if len(rows) > 5 else ''}"
+
+
+def _pathy(v: str) -> bool:
+    """Whether a cell looks like a file path (a folder separator or a suffix)."""
+    return "/" in v or "\\" in v or Path(v).suffix != ""
+
+
+def _looks_like_header(rows: list[tuple[int, list[str]]]) -> bool:
+    """A first row of names (no path-like first cell) above rows whose first cell looks like a file."""
+    if len(rows) < 2:
+        return False
+    return not _pathy(rows[0][1][0]) and all(_pathy(r[0]) for _, r in rows[1:6])
 
 
 class DigitsSource(Source):
@@ -342,14 +565,19 @@ class TfdsSource(Source):
 
 
 def open_source(data: str, split: SplitConfig = SplitConfig()) -> Source:
-    """Pick the source for a `--data` value: builtin:NAME, tfds:NAME, *.csv, or a folder."""
+    """Pick the source for a `--data` value: builtin:NAME, tfds:NAME, a CSV/TSV manifest, or a folder."""
+    if not data or not data.strip():
+        raise UserError(f"--data is empty; give an image folder, a CSV manifest, tfds:NAME or {BUILTIN_DEFAULT}")
     if data.startswith("builtin:"):
         if data != BUILTIN_DEFAULT:
             raise UserError(f"unknown built-in data set {data!r}; the built-in one is {BUILTIN_DEFAULT}")
         return DigitsSource(split)
     if data.startswith("tfds:"):
         return TfdsSource(data[5:], split)
-    p = Path(data).expanduser()
+    p = Path(os.path.expanduser(data))
+    if p.is_file() and _is_image_file(p):
+        raise UserError(f"--data {data} is a single image; give a folder with one subfolder per class, or a CSV "
+                        f"manifest of path,label rows (to classify one image, use `predict`)")
     if p.suffix.lower() in (".csv", ".tsv") or p.is_file():
         return CsvSource(p, split)
     if not p.exists():
@@ -358,3 +586,15 @@ def open_source(data: str, split: SplitConfig = SplitConfig()) -> Source:
     return FolderSource(p, split)
 
 
+def _is_image_file(path: Path) -> bool:
+    """By suffix or by the first bytes (JPEG, PNG, GIF, BMP, TIFF, WebP)."""
+    if path.suffix.lower() in _IMAGE_SUFFIXES:
+        return True
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return False
+    return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,14 +68,120 @@ def find_entries(cache_dir: Path) -> list[Entry]:
 
 
 def resolve(ref: str, cache_dir: Path) -> list[Path]:
-    """Paths matching a key prefix (or a path itself); an unknown ref is a UserError."""
-    p = Path(ref)
-    if p.exists():
+    """Paths matching a key prefix, an entry's file name, or an existing path (for reading only);
+    an empty or unknown ref is a UserError."""
+    ref = _check_ref(ref)
+    p = Path(ref).expanduser()
+    if p.exists() and not _is_entry_name(ref, cache_dir):
         return [p]
-    hits = [e.path for e in find_entries(cache_dir) if e.key.startswith(ref) or e.path.stem.endswith(ref)]
+    hits = [e.path for e in match_entries(ref, cache_dir)]
     if not hits:
         raise UserError(f"no cache entry matches {ref!r}; `python cli.py cache ls` lists them")
     return hits
+
+
+def _check_ref(ref: str) -> str:
+    if not ref or not ref.strip():
+        raise UserError("an empty cache entry name was given; give a key prefix from `python cli.py cache ls`")
+    return ref.strip()
+
+
+def _is_entry_name(ref: str, cache_dir: Path) -> bool:
+    return "/" not in ref and any(_names_entry(e, ref) for e in find_entries(cache_dir))
+
+
+def _names_entry(e: Entry, ref: str) -> bool:
+    """Whether `ref` is this entry's key (or a prefix of it) or its file name; never a name's end."""
+    if ref in (e.path.name, e.path.stem):
+        return True
+    key = str(e.key)
+    if not key or key == "?":
+        return False
+    if len(key) <= 16 and len(ref) > len(key):  # partial or unreadable: only 16 key characters are known
+        return ref.startswith(key)
+    return key.startswith(ref)
+
+
+def match_entries(ref: str, cache_dir: Path) -> list[Entry]:
+    """Entries of the cache under `cache_dir` named by `ref`: a key prefix, a file name, or a path
+    that is one of those entries. Never anything outside `<cache_dir>/features/`."""
+    ref = _check_ref(ref)
+    entries = find_entries(cache_dir)
+    if "/" in ref or ref in (".", ".."):
+        target = os.path.realpath(Path(ref).expanduser())
+        return [e for e in entries if os.path.realpath(e.path) == target]
+    return [e for e in entries if _names_entry(e, ref)]
+
+
+def _group_key(e: Entry) -> str:
+    return str(e.key)[:16] or e.path.name
+
+
+def select_for_removal(ref: str, cache_dir: Path) -> list[Entry]:
+    """The entries `cache rm REF` removes: those of exactly one key (its file and its unfinished
+    parts); UserError when nothing or entries of several keys match."""
+    ref = _check_ref(ref)
+    hits = match_entries(ref, cache_dir)
+    if not hits:
+        where = _features_dir(cache_dir)
+        if "/" in ref:
+            raise UserError(f"{ref} is not an entry of the cache in {where}; cache rm removes only cache entries "
+                            f"(by key prefix, see `python cli.py cache ls`), never other paths")
+        raise UserError(f"no cache entry matches {ref!r} in {where}; `python cli.py cache ls` lists them")
+    keys = sorted({_group_key(e) for e in hits})
+    if len(keys) > 1:
+        names = ", ".join(e.path.name for e in hits)
+        raise UserError(f"{ref!r} matches {len(keys)} cache entries ({names}); nothing removed; give a longer "
+                        f"key prefix")
+    return hits
+
+
+def parse_duration(text: str) -> float:
+    """'7d', '12h', '30m', '45s', '2w' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "", re.IGNORECASE)
+    if not m:
+        raise UserError(f"--older-than takes a number and a unit s, m, h, d or w (e.g. 7d, 12h), not {text!r}")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2).lower()]
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> float:
+    """'500MB', '2G', '100KiB', '1234' (bytes) -> bytes (MB = 10^6 bytes, as `cache ls` shows)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text or "", re.IGNORECASE)
+    if not m or m.group(2).lower() not in _SIZE_UNITS:
+        raise UserError(f"--larger-than takes a size such as 500MB, 2GB or 100KiB, not {text!r}")
+    return float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def entry_mtime(e: Entry) -> float:
+    """When an entry last changed: the file's mtime, or the newest chunk of an unfinished extraction."""
+    try:
+        times = [e.path.stat().st_mtime]
+        if e.path.is_dir():
+            times += [c.stat().st_mtime for c in e.path.glob("chunk-*.npz")]
+    except OSError:
+        return time.time()
+    return max(times)
+
+
+def select_for_eviction(cache_dir: Path, everything: bool = False, older_than: str | None = None,
+                        larger_than: str | None = None, now: float | None = None) -> list[Entry]:
+    """Entries matching every given criterion: all, last changed more than `older_than` ago, larger
+    than `larger_than`."""
+    entries = find_entries(cache_dir)
+    now = time.time() if now is None else now
+    if older_than is not None:
+        age = parse_duration(older_than)
+        entries = [e for e in entries if now - entry_mtime(e) > age]
+    if larger_than is not None:
+        size = parse_size(larger_than)
+        entries = [e for e in entries if e.megabytes * 1e6 > size]
+    if not (everything or older_than is not None or larger_than is not None):
+        return []
+    return entries
 
 
 def describe(ref: str, cache_dir: Path) -> str:
@@ -102,16 +212,48 @@ def describe(ref: str, cache_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def remove_entry(ref: str, cache_dir: Path) -> list[Path]:
-    """Delete the matching file(s) or partial folder(s) and their lock files."""
+def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
+    """Delete these entries (files or partial folders) and their lock files; refuses, before deleting
+    anything, an entry outside the cache or one an extraction is writing right now."""
+    root = os.path.realpath(_features_dir(cache_dir))
+    for e in entries:
+        parent = os.path.realpath(e.path.parent)
+        if parent != root:
+            raise UserError(f"{e.path} is not inside the cache folder {root}; nothing removed")
+        if _being_written(e.path.with_suffix(".lock")):
+            raise UserError(f"an extraction is writing {e.path.name} right now; nothing removed; wait for it "
+                            f"to finish or stop it first")
     removed = []
-    for path in resolve(ref, cache_dir):
-        if path.is_dir():
-            shutil.rmtree(path)
+    for e in entries:
+        path = e.path
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
         else:
-            path.unlink()
+            shutil.rmtree(path)
         lock = path.with_suffix(".lock")
-        if lock.exists():
-            lock.unlink()
+        if lock.is_file() and not any(o.path != path and o.path.with_suffix(".lock") == lock
+                                      for o in find_entries(cache_dir)):
+            lock.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def _being_written(lock: Path) -> bool:
+    """Whether a live extraction holds this lock file (extract keeps an exclusive flock on it)."""
+    if not lock.is_file():
+        return False
+    try:
+        with open(lock, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False
+
+
+def remove_entry(ref: str, cache_dir: Path) -> list[Path]:
+    """Delete the entries of the one key `ref` names (see `select_for_removal`) and their lock files."""
+    return remove_entries(select_for_removal(ref, cache_dir), cache_dir)

@@ -10,6 +10,8 @@ Keras is imported lazily: the logistic head and the CLI stay fast without Tensor
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import os
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import joblib
+import joblib  # only for old pickled heads, loaded with --trust-pickle
 import numpy as np
 from joblib import parallel_config
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -225,12 +227,15 @@ class _Head(ClassifierMixin, BaseEstimator):
             raise UserError(f"this head was trained on features of shape {self.feature_shape_}, "
                             f"not {shape}; fit a head on features from the same backbone and layer")
 
-    def check_matches(self, ff: FeatureFile) -> None:
-        """Raise UserError unless `ff` holds features this head can read (shape, classes, extractor)."""
+    def check_matches(self, ff: FeatureFile, class_subset: bool = False) -> None:
+        """Raise UserError unless `ff` holds features this head can read (shape, classes, extractor);
+        with `class_subset`, the cache may hold only some of the head's classes (evaluation)."""
         if tuple(ff.feature_shape) != tuple(self.feature_shape_):
             raise UserError(f"the head expects features of shape {tuple(self.feature_shape_)} but {ff.path.name} "
                             f"holds {tuple(ff.feature_shape)}; fit a head on this cache instead")
-        if ff.class_names and list(ff.class_names) != list(self.class_names_):
+        if class_subset:
+            check_class_subset(ff.class_names, self.class_names_, ff.path.name)
+        elif ff.class_names and list(ff.class_names) != list(self.class_names_):
             raise UserError(f"the head's classes ({_short(self.class_names_)}) differ from {ff.path.name}'s "
                             f"({_short(ff.class_names)}); use a cache of the same data set or fit a new head")
         info = feature_info_of(ff)
@@ -260,6 +265,15 @@ class _Head(ClassifierMixin, BaseEstimator):
         self.feature_info_ = dict(meta.get("feature_info") or {})
         self.feature_shape_ = tuple(int(s) for s in meta["feature_shape"])
         self.n_features_in_ = reduced_dim(self.feature_shape_, self.flatten)
+
+
+def check_class_subset(data_classes: Sequence[str], head_classes: Sequence[str], where: str) -> None:
+    """UserError naming the classes of `where` that the head was never trained on."""
+    unknown = [c for c in data_classes if c not in set(head_classes)]
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        raise UserError(f"{where} has classes the run was never trained on: {shown} (the run's classes: "
+                        f"{_short(head_classes)}); evaluate on data of those classes only")
 
 
 def _short(names: Sequence[str], n: int = 4) -> str:
@@ -420,16 +434,75 @@ class LogisticHead(_Head):
         return W, b
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted head (scaler, model, metadata) to one joblib file, atomically."""
+        """Write `<path>` (.npz: scaler and model arrays) and `<path minus suffix>.json` (parameters,
+        classes, metadata), atomically; both load without executing code (no pickle)."""
         path = Path(path)
-        state = {"format": _LOGISTIC_FORMAT, "version": 1, **self.metadata(), "pipeline": self.pipeline_,
-                 "C_": self.C_, "cv_scores": self.cv_scores_, "C_note": self.C_note_, "converged": self.converged_}
-        with atomic_path(path, suffix=".joblib") as tmp:
-            joblib.dump(state, tmp)
+        if path.suffix != ".npz":
+            raise UserError(f"a logistic head is saved as a .npz file, not {path.name}")
+        scaler, model = self.pipeline_.named_steps["scaler"], self.pipeline_.named_steps["logreg"]
+        arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "scaler_var": scaler.var_,
+                  "scaler_n_samples_seen": np.asarray(scaler.n_samples_seen_),
+                  "coef": model.coef_, "intercept": model.intercept_, "model_classes": model.classes_,
+                  "n_iter": np.asarray(getattr(model, "n_iter_", [0]))}
+        meta = {"format": _LOGISTIC_FORMAT, "version": 2, **self.metadata(), "C_": self.C_,
+                "cv_scores": [[c, s] for c, s in self.cv_scores_.items()], "C_note": self.C_note_,
+                "converged": self.converged_}
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+        write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LogisticHead":
+    def load(cls, path: str | os.PathLike, trust_pickle: bool = False) -> "LogisticHead":
+        """Load `head.npz` + `head.json`; an old pickled `head.joblib` only with `trust_pickle`."""
+        path = Path(path)
+        if path.suffix == ".joblib":
+            return cls._load_pickle(path, trust_pickle)
+        side = path.with_suffix(".json")
+        if not path.exists() or not side.exists():
+            raise UserError(f"a logistic head needs both {path.name} and {side.name} in {path.parent}; "
+                            f"one is missing")
+        meta = _read_head_json(side, _LOGISTIC_FORMAT, "a logistic head")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("scaler_mean", "scaler_scale", "scaler_var", "scaler_n_samples_seen",
+                                            "coef", "intercept", "model_classes", "n_iter")}
+        except Exception as exc:  # noqa: BLE001 - a damaged zip raises zipfile, OS or value errors
+            raise UserError(f"{path} is not a readable head file ({type(exc).__name__}: {exc}); re-run fit-head") \
+                from None
+        try:
+            head = cls(**_params_for(cls, meta["params"]))
+            head._load_meta(meta)
+            scaler = StandardScaler()
+            scaler.mean_, scaler.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
+            scaler.var_, scaler.n_samples_seen_ = arrays["scaler_var"], arrays["scaler_n_samples_seen"]
+            scaler.n_features_in_ = int(arrays["scaler_mean"].shape[0])
+            model = LogisticRegression(C=float(meta["C_"]), class_weight=head.class_weight, max_iter=head.max_iter,
+                                       tol=head.tol, random_state=head.random_state)
+            model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
+            model.classes_, model.n_iter_ = arrays["model_classes"], arrays["n_iter"]
+            model.n_features_in_ = int(arrays["coef"].shape[1])
+            if (scaler.n_features_in_ != head.n_features_in_ or model.n_features_in_ != head.n_features_in_
+                    or model.classes_.max(initial=0) >= head.n_classes_):
+                raise ValueError("arrays do not match the head's feature shape or classes")
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise UserError(f"{path} and {side.name} do not describe a valid logistic head ({exc}); "
+                            f"re-run fit-head") from None
+        head.pipeline_ = Pipeline([("scaler", scaler), ("logreg", model)])
+        head.C_ = float(meta["C_"])
+        head.cv_scores_ = {float(c): float(v) for c, v in meta.get("cv_scores") or []}
+        head.C_note_, head.converged_ = meta.get("C_note", ""), meta.get("converged", True)
+        return head
+
+    @classmethod
+    def _load_pickle(cls, path: Path, trust_pickle: bool) -> "LogisticHead":
+        """An old (pre-npz) pickled head: unpickling can run code, so only when the user trusts it."""
+        if not path.exists():
+            raise UserError(f"no head file at {path}")
+        if not trust_pickle:
+            raise UserError(f"{path} is a pickled head from an older version of this tool, and loading a pickle "
+                            f"can run code; pass --trust-pickle only if you trust where it came from, or re-run "
+                            f"fit-head to save the head in the safe format")
         state = _load_joblib(path)
         if state.get("format") != _LOGISTIC_FORMAT:
             raise UserError(f"{path} is not a logistic head file")
@@ -456,6 +529,17 @@ def _load_joblib(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a head file written by this tool")
     return state
+
+
+def _read_head_json(side: Path, fmt: str, what: str) -> dict[str, Any]:
+    """The JSON description of a saved head; UserError when unreadable or of another format."""
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{side} is not a readable head description ({exc}); re-run fit-head") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise UserError(f"{side} does not describe {what}")
+    return meta
 
 
 def _params_for(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -677,16 +761,17 @@ class DenseHead(_Head):
         side = path.with_suffix(".json")
         if not path.exists() or not side.exists():
             raise UserError(f"a dense head needs both {path.name} and {side.name}; one is missing")
-        meta = json.loads(side.read_text())
-        if meta.get("format") != _DENSE_FORMAT:
-            raise UserError(f"{side} does not describe a dense head")
-        head = cls(**_params_for(cls, meta["params"]))
-        head._load_meta(meta)
+        meta = _read_head_json(side, _DENSE_FORMAT, "a dense head")
+        try:
+            head = cls(**_params_for(cls, meta["params"]))
+            head._load_meta(meta)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{side} does not describe a valid dense head ({exc}); re-run fit-head") from None
         head.history_ = meta.get("history", {})
         head.n_epochs_ = len(head.history_.get("loss", []))
         head.best_epoch_ = meta.get("best_epoch", head.n_epochs_ - 1)
         head.streamed_ = meta.get("streamed", False)
-        head.model_ = _keras().saving.load_model(path, compile=False)
+        head.model_ = load_keras_file(path)
         return head
 
     def __getstate__(self) -> dict[str, Any]:
@@ -839,18 +924,54 @@ def make_head(kind: str, **params: Any) -> LogisticHead | DenseHead:
 
 
 def head_filename(kind: str) -> str:
-    """The artifact file name a head of this kind is saved under inside a run folder."""
-    return "head.keras" if kind == "dense" else "head.joblib"
+    """The artifact file name a head of this kind is saved under inside a run folder (beside it: head.json)."""
+    return "head.keras" if kind == "dense" else "head.npz"
 
 
-def load_head(path: str | os.PathLike) -> LogisticHead | DenseHead:
-    """Load a saved head of either kind (by suffix: .keras = dense, else logistic)."""
+_TRUST_PICKLE: contextvars.ContextVar[bool] = contextvars.ContextVar("trust_pickle", default=False)
+
+
+@contextlib.contextmanager
+def trusting_pickles(trust: bool = True) -> Iterator[None]:
+    """Within this block, `load_head` (called with no `trust_pickle`) also loads old pickled heads:
+    how `--trust-pickle` reaches head loads deep inside a command (e.g. fine-tuning's stage-2 inputs)."""
+    token = _TRUST_PICKLE.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST_PICKLE.reset(token)
+
+
+def load_head(path: str | os.PathLike, trust_pickle: bool | None = None) -> LogisticHead | DenseHead:
+    """Load a saved head of either kind (by suffix: .keras = dense, .npz = logistic); a run folder
+    works too. An old pickled head.joblib loads only when trusted (`trust_pickle`, else the
+    `trusting_pickles` block around the call), since unpickling can run code."""
     path = Path(path)
+    trust_pickle = _TRUST_PICKLE.get() if trust_pickle is None else trust_pickle
     if path.is_dir():
-        for name in ("head.keras", "head.joblib"):
+        for name in ("head.keras", "head.npz", "head.joblib"):
             if (path / name).exists():
                 path = path / name
                 break
+        else:
+            raise UserError(f"{path} holds no head file (head.npz or head.keras); is it a fit-head run folder?")
     if path.suffix == ".keras":
         return DenseHead.load(path)
-    return LogisticHead.load(path)
+    return LogisticHead.load(path, trust_pickle=trust_pickle)
+
+
+def load_keras_file(path: str | os.PathLike):
+    """A .keras model loaded with Keras' safe_mode on (no deserialized Python code); a refused,
+    truncated or corrupt file is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    try:
+        return _keras().saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as exc:  # noqa: BLE001 - Keras raises many types for damaged files
+        text = " ".join(str(exc).split())
+        if "safe_mode" in text or "unsafe" in text.lower():
+            raise UserError(f"{path} contains Python code (e.g. a Lambda layer), which is not loaded for safety; "
+                            f"re-create the model from a trusted run") from None
+        raise UserError(f"{path} is truncated or not a readable Keras model ({type(exc).__name__}: {text[:160]}); "
+                        f"re-run the command that wrote it") from None

@@ -74,6 +74,17 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
                      n_augmented_rows=int((ff.views[train] > 0).sum()))
 
 
+def check_finite(ff: FeatureFile, batch_rows: int = 8192) -> None:
+    """UserError when the cache holds NaN or infinite features (a head would fail or learn nothing)."""
+    n = len(ff)
+    for start in range(0, n, batch_rows):
+        block = np.asarray(ff.features[start:min(n, start + batch_rows)])
+        if not np.isfinite(block).all():
+            bad = start + int(np.flatnonzero(~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1))[0])
+            raise UserError(f"{ff.path.name} holds non-finite features (NaN or inf, first at row {bad}); remove it "
+                            f"(`python cli.py cache rm {ff.key[:12]}`) and extract again, e.g. with --dtype float32")
+
+
 def _holdout(ff: FeatureFile, clean_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(val rows, held-out image indices): a stratified share of the clean training images."""
     if clean_rows.size < 2:
@@ -130,14 +141,18 @@ def evaluate_rows(head: Head, ff: FeatureFile, rows: np.ndarray) -> dict[str, An
 
 def evaluate_on_cache(head: Head, ff: FeatureFile, split: str | None = "test") -> dict[str, Any]:
     """Check the head fits this cache, then report metrics on the labelled clean rows of `split`
-    (None: every split)."""
-    head.check_matches(ff)
+    (None: every split). The cache may hold a subset of the head's classes: its labels are mapped
+    to the head's class indices (macro averages cover the classes present)."""
+    head.check_matches(ff, class_subset=True)
     rows = ff.rows(split, "clean")
     rows = rows[ff.labels[rows] >= 0]
     if rows.size == 0:
         where = f" in split {split!r}" if split is not None else ""
         raise UserError(f"{ff.path.name} has no labelled images{where}")
-    return evaluate_rows(head, ff, rows)
+    names = list(ff.class_names) or list(head.class_names_)
+    to_head = np.asarray([list(head.class_names_).index(c) for c in names], np.int64)
+    proba = head.predict_proba(FeatureSource(ff, rows))
+    return classification_report(to_head[ff.labels[rows]], proba, head.class_names_)
 
 
 def predict_on_cache(head: Head, ff: FeatureFile, rows: np.ndarray | None = None) -> np.ndarray:

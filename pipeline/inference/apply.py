@@ -31,8 +31,9 @@ class LoadedRun:
     model_path: Path | None = None  # stage-3 whole model (.keras), raw images in
 
 
-def load_run(cache_dir: Path, run_id: str) -> LoadedRun:
-    """Find a fit-head or finetune run and load its head or model; one-line errors otherwise."""
+def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> LoadedRun:
+    """Find a fit-head or finetune run and load its head or model; one-line errors otherwise.
+    `trust_pickle` allows an old pickled head.joblib (unpickling can run code)."""
     record = Registry(cache_dir).get(run_id)
     if record.stage not in ("fit-head", "finetune"):
         raise UserError(f"run {record.id} is a {record.stage} run; evaluate and predict take fit-head or "
@@ -47,7 +48,7 @@ def load_run(cache_dir: Path, run_id: str) -> LoadedRun:
         names = record.config.get("class_names") or []
         return LoadedRun(record, request, list(names), model_path=model)
     from pipeline.heads.estimators import load_head
-    head = load_head(record.dir)
+    head = load_head(record.dir, trust_pickle=trust_pickle)
     return LoadedRun(record, request, list(head.class_names_), head=head)
 
 
@@ -68,8 +69,8 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
     """Metrics of a run on a labelled data set (features cached like any extraction)."""
     from pipeline.tracking.metrics import classification_report
 
+    paths, labels, names = _labelled_images(run, data, split)  # classes checked before any extraction
     if run.head is None:
-        paths, labels, names = _labelled_images(run, data, split)
         proba, kept, _ = predict_paths(run, paths, batch_size)
         return classification_report(labels[kept], proba, run.class_names)
     request = replace(run.request, data=data, augment_copies=0)
@@ -80,16 +81,21 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
 
 
 def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
+    """Paths, labels (as the run's class indices) and class names of the data to evaluate, from the
+    listing alone: a class the run never saw or an empty split is refused before anything is extracted."""
     from pipeline.data.sources import open_source
+    from pipeline.heads.estimators import check_class_subset
     listing = open_source(data, run.request.split).listing()
-    if listing.paths is None:
-        raise UserError("evaluating a fine-tuned model needs image files (a folder or CSV manifest)")
-    if list(listing.class_names) != list(run.class_names):
-        raise UserError(f"{data} has classes {listing.class_names}, the run was trained on {run.class_names}")
-    keep = [i for i, s in enumerate(listing.splits) if split is None or s == split]
+    check_class_subset(listing.class_names, run.class_names, data)
+    keep = [i for i, s in enumerate(listing.splits) if (split is None or s == split) and listing.labels[i] >= 0]
     if not keep:
-        raise UserError(f"{data} has no images in split {split!r}")
-    return [listing.paths[i] for i in keep], np.asarray(listing.labels)[keep], listing.class_names
+        raise UserError(f"{data} has no labelled images" + (f" in split {split!r}" if split else ""))
+    if listing.paths is None:
+        if run.head is None:
+            raise UserError("evaluating a fine-tuned model needs image files (a folder or CSV manifest)")
+        return [], np.zeros(0, np.int64), listing.class_names
+    to_run = np.asarray([list(run.class_names).index(c) for c in listing.class_names], np.int64)
+    return [listing.paths[i] for i in keep], to_run[np.asarray(listing.labels)[keep]], listing.class_names
 
 
 def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
@@ -101,8 +107,8 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
     spec = bb.get(run.request.backbone)
     size = spec.resolve_size(run.request.image_size)
     if run.model_path is not None:
-        import keras
-        model = keras.models.load_model(run.model_path)
+        from pipeline.heads.estimators import load_keras_file
+        model = load_keras_file(run.model_path)
         return run_model(model, paths, size, run.request.resize, batch_size)
     from pipeline.backbones.model import feature_model
     from pipeline.backend import require

@@ -8,11 +8,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from pipeline.data.sources import is_hidden
 from pipeline.errors import UserError
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in ("@eaDir", "__MACOSX", "Thumbs.db", "desktop.ini")
 
 
 def image_paths(inputs: Sequence[str]) -> list[str]:
@@ -23,8 +20,7 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file()
-                          and not any(_hidden(part) for part in f.relative_to(p).parts))
+            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and not is_hidden(f.relative_to(p)))
         elif p.is_file():
             out.append(str(p))
         else:

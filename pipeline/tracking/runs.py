@@ -16,11 +16,12 @@ import fnmatch
 import json
 import os
 import secrets
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from rich.table import Table
 
@@ -236,6 +237,51 @@ class Registry:
             raise UserError(f"run ID prefix {wanted!r} matches {len(hits)} runs ({', '.join(hits[:3])}"
                             f"{', ...' if len(hits) > 3 else ''}); give more of it; {hint}")
         raise UserError(f"unknown run ID {wanted!r}; {hint}")
+
+    def match(self, run_id: str) -> RunRecord:
+        """The one run named by a full ID or unambiguous prefix; UserError listing every match otherwise."""
+        wanted = str(run_id).strip()
+        if not wanted:
+            raise UserError("an empty run ID was given; `python cli.py runs` lists them")
+        ids = self.ids()
+        if wanted in ids:
+            return self.record(wanted)
+        hits = [i for i in ids if i.startswith(wanted)]
+        if len(hits) > 1:
+            raise UserError(f"run ID prefix {wanted!r} matches {len(hits)} runs ({', '.join(hits)}); nothing removed; "
+                            f"give more of it")
+        if not hits:
+            raise UserError(f"no run {wanted!r} in {self.root}; `python cli.py runs` lists them")
+        return self.record(hits[0])
+
+    def remove(self, run_ids: Sequence[str], force: bool = False, dry_run: bool = False) -> list[Path]:
+        """Delete run folders (only under `<cache_dir>/runs/`), each by full ID or unambiguous prefix.
+
+        Every ID is checked before anything is deleted; a run still running (status running, its
+        process alive) is refused unless `force`.
+        """
+        records: list[RunRecord] = []
+        for run_id in run_ids:
+            r = self.match(run_id)
+            if r.status == "running" and not force:
+                raise UserError(f"run {r.id} is still running (pid {r.info.get('pid')} on {r.info.get('host')}); "
+                                f"nothing removed; stop it first or pass --force")
+            if r.id not in {x.id for x in records}:
+                records.append(r)
+        root = os.path.realpath(self.root)
+        for r in records:
+            inside = (os.path.realpath(r.dir.parent) == root if r.dir.is_symlink()
+                      else os.path.realpath(r.dir) == os.path.join(root, r.id))
+            if not inside:
+                raise UserError(f"{r.dir} does not lie inside {root}; nothing removed")
+        if dry_run:
+            return [r.dir for r in records]
+        for r in records:
+            if r.dir.is_symlink():
+                r.dir.unlink()
+            else:
+                shutil.rmtree(r.dir)
+        return [r.dir for r in records]
 
     def table(self, records: list[RunRecord], title: str | None = None) -> Table:
         """Rich table: id, stage, status, backbone, data, head, key parameters, val acc/F1, duration."""

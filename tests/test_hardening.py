@@ -1,0 +1,444 @@
+"""Hardening (issue 9): nothing deleted or run that should not be, and bad input never gives a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_folder, run_cli
+from helpers_features import write_cache
+
+FAST = ["--backbone", "mobilenetv2", "--image-size", "32", "--weights", "none", "--dtype", "float32", "--no-progress"]
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, fragment: str, code: int = 2) -> str:
+    """The command failed with exit `code` and one `error:` line containing `fragment`, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr
+    return errors[0]
+
+
+def _no_tty_cli(*args: str) -> subprocess.CompletedProcess:
+    """run_cli with stdin closed (not a terminal), as in a script or CI job."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env, stdin=subprocess.DEVNULL)
+
+
+def _snapshot(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+# ------------------------------------------------------------------------------- 1. cache rm, runs rm
+@pytest.fixture
+def three_entries(tmp_path: Path) -> Path:
+    cache = tmp_path / "cache"
+    for name, key in (("a", "4aaa000000000017"), ("b", "4bbb000000000027"), ("c", "5ccc000000000037")):
+        write_cache(cache, n_images=12, dim=4, key=key, name=name)
+    return cache
+
+
+def test_cache_rm_never_removes_paths_empty_refs_or_name_endings(three_entries, tmp_path):
+    cache = str(three_entries)
+    outside = tmp_path / "precious"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "keep.txt").write_text("mine")
+    before, entries = _snapshot(tmp_path), sorted(p.name for p in (three_entries / "features").iterdir())
+    _one_line_error(run_cli("cache", "rm", str(outside), "--cache-dir", cache), "never other paths")
+    _one_line_error(run_cli("cache", "rm", "", "--cache-dir", cache, cwd=outside), "empty")
+    _one_line_error(run_cli("cache", "rm", "7", "--cache-dir", cache), "no cache entry matches '7'")
+    err = _one_line_error(run_cli("cache", "rm", "4", "--cache-dir", cache), "matches 2 cache entries")
+    assert "a-4aaa000000000017.h5" in err and "b-4bbb000000000027.h5" in err and "nothing removed" in err
+    assert _snapshot(tmp_path) == before
+    rm = run_cli("cache", "rm", "4a", "5ccc000000000037", "--cache-dir", cache)
+    assert rm.returncode == 0, rm.stderr
+    assert sorted(p.name for p in (three_entries / "features").iterdir()) == [entries[1]]
+    assert (outside / "sub" / "keep.txt").read_text() == "mine"
+
+
+def test_cache_rm_by_path_only_inside_the_cache(three_entries):
+    target = next((three_entries / "features").glob("c-*.h5"))
+    rm = run_cli("cache", "rm", str(target), "--cache-dir", str(three_entries))
+    assert rm.returncode == 0 and not target.exists(), rm.stderr
+
+
+def test_cache_rm_eviction_dry_run_and_confirmation(three_entries):
+    cache = str(three_entries)
+    old = next((three_entries / "features").glob("a-*.h5"))
+    os.utime(old, (1_000_000_000, 1_000_000_000))  # 2001
+    names = lambda: sorted(p.name for p in (three_entries / "features").iterdir())  # noqa: E731
+    before = names()
+    dry = run_cli("cache", "rm", "--older-than", "7d", "--dry-run", "--cache-dir", cache)
+    assert dry.returncode == 0 and "would remove" in dry.stdout and old.name in dry.stdout, dry.stderr
+    assert "b-4bbb" not in dry.stdout and names() == before
+    big = run_cli("cache", "rm", "--larger-than", "1GB", "--dry-run", "--cache-dir", cache)
+    assert big.returncode == 0 and "nothing to remove" in big.stdout
+    _one_line_error(run_cli("cache", "rm", "--older-than", "soon", "--cache-dir", cache), "--older-than")
+    _one_line_error(run_cli("cache", "rm", "--larger-than", "5XB", "--cache-dir", cache), "--larger-than")
+    refused = _no_tty_cli("cache", "rm", "--all", "--cache-dir", cache)
+    _one_line_error(refused, "--yes")
+    assert refused.stdout.count("to remove") == 3 and names() == before
+    gone = run_cli("cache", "rm", "--older-than", "7d", "--yes", "--cache-dir", cache)
+    assert gone.returncode == 0 and names() == before[1:], gone.stderr
+    everything = run_cli("cache", "rm", "--all", "--yes", "--cache-dir", cache)
+    assert everything.returncode == 0 and names() == [], everything.stderr
+
+
+def _fake_run(cache: Path, run_id: str, status: str = "ok", pid: int | None = None) -> Path:
+    folder = cache / "runs" / run_id
+    folder.mkdir(parents=True)
+    info = {"stage": "fit-head", "status": status, "started": run_id, "pid": pid, "host": socket.gethostname()}
+    (folder / "run.json").write_text(json.dumps(info))
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_runs_rm_by_id_or_unique_prefix_only_inside_runs(tmp_path):
+    cache = tmp_path / "cache"
+    a = _fake_run(cache, "20260101-000000-aaaa")
+    b = _fake_run(cache, "20260101-000000-aaab")
+    c = _fake_run(cache, "20260102-000000-cccc")
+    live = _fake_run(cache, "20260103-000000-dddd", status="running", pid=os.getpid())
+    outside = tmp_path / "20260101-000000-aaaa"
+    outside.mkdir()
+    _one_line_error(run_cli("runs", "rm", "", "--cache-dir", str(cache)), "empty")
+    err = _one_line_error(run_cli("runs", "rm", "20260101", "--cache-dir", str(cache)), "matches 2 runs")
+    assert a.name in err and b.name in err
+    _one_line_error(run_cli("runs", "rm", "../../20260101-000000-aaaa", "--cache-dir", str(cache)), "no run")
+    _one_line_error(run_cli("runs", "rm", "20260103", "--cache-dir", str(cache)), "still running")
+    assert a.exists() and b.exists() and c.exists() and live.exists() and outside.exists()
+    ok = run_cli("runs", "rm", "20260102", a.name, "--cache-dir", str(cache))
+    assert ok.returncode == 0 and not c.exists() and not a.exists() and b.exists(), ok.stderr
+    forced = run_cli("runs", "rm", "20260103", "--force", "--cache-dir", str(cache))
+    assert forced.returncode == 0 and not live.exists() and outside.exists()
+
+
+# ------------------------------------------------------------------------------------ 7. --debug
+_BOOM = ("import sys, click; from pipeline.cli import cli\n"
+         "@cli.command('boom')\n"
+         "def boom():\n"
+         "    raise RuntimeError('kaput\\n second line')\n"
+         "cli(sys.argv[1:], prog_name='cli.py')\n")
+
+
+@pytest.mark.parametrize("debug", ["", "flag", "env"])
+def test_unexpected_errors_are_one_line_unless_debug(debug):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    env.pop("FEATURECACHE_DEBUG", None)
+    args = ["--debug", "boom"] if debug == "flag" else ["boom"]
+    if debug == "env":
+        env["FEATURECACHE_DEBUG"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _BOOM, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 1
+    if debug:
+        assert "Traceback" in proc.stderr and "error: RuntimeError: kaput second line" in proc.stderr
+    else:
+        assert proc.stderr.strip() == "error: RuntimeError: kaput second line (run with --debug for the traceback)"
+
+
+# ----------------------------------------------------------------------- 2. heads load without code
+class _Evil:
+    """Unpickling this creates a file: stands in for code a crafted pickle would run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _run_id(stdout: str) -> str:
+    line = next(l for l in stdout.splitlines() if " run " in l and "saved in" in l)
+    return line.split(" run ")[1].split()[0]
+
+
+def test_logistic_head_is_npz_json_and_old_pickles_need_trust_pickle(tmp_path):
+    import joblib
+
+    from pipeline.heads.estimators import load_head
+
+    data = make_folder(tmp_path / "d", per_class=4)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1.0")
+    assert fit.returncode == 0, fit.stderr
+    run_dir = Path(cache) / "runs" / _run_id(fit.stdout)
+    assert (run_dir / "head.npz").exists() and (run_dir / "head.json").exists()
+    assert not list(run_dir.glob("*.joblib")) and not list(run_dir.glob("*.pkl"))
+    with np.load(run_dir / "head.npz", allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+    image = str(next((data / "val" / "ants").glob("*.jpg")))
+    pred = run_cli("predict", "--run", run_dir.name, image, "--cache-dir", cache)
+    assert pred.returncode == 0 and ("ants" in pred.stdout or "bees" in pred.stdout), pred.stderr
+
+    head = load_head(run_dir)                                  # an old version's head.joblib of the same head
+    old = {"format": "featurecache-logistic-head", "version": 1, **head.metadata(), "pipeline": head.pipeline_,
+           "C_": head.C_, "cv_scores": {}, "C_note": "given", "converged": True}
+    for name in ("head.npz", "head.json"):
+        (run_dir / name).unlink()
+    joblib.dump(old, run_dir / "head.joblib")
+    for cmd in (["predict", "--run", run_dir.name, image], ["evaluate", "--run", run_dir.name, "--data", str(data)]):
+        err = _one_line_error(run_cli(*cmd, "--cache-dir", cache), "--trust-pickle")
+        assert "older version" in err and "can run code" in err
+    trusted = run_cli("predict", "--run", run_dir.name, image, "--trust-pickle", "--cache-dir", cache)
+    assert trusted.returncode == 0 and trusted.stdout == pred.stdout, trusted.stderr
+
+    marker = tmp_path / "pwned"
+    joblib.dump({"format": "featurecache-logistic-head", "x": _Evil(marker)}, run_dir / "head.joblib")
+    for cmd in (["predict", "--run", run_dir.name, image], ["evaluate", "--run", run_dir.name, "--data", str(data)],
+                ["finetune", "--run", run_dir.name, "--epochs", "1"]):
+        _one_line_error(run_cli(*cmd, "--cache-dir", cache), "--trust-pickle")
+        assert not marker.exists()
+
+
+def test_dense_head_corrupt_or_unsafe_keras_file_is_one_line(tmp_path):
+    path = write_cache(tmp_path / "c", n_images=60, dim=8, n_classes=2)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--cache", str(path), "--head", "dense", "--hidden", "4", "--epochs", "1",
+                  "--cache-dir", cache)
+    assert fit.returncode == 0, fit.stderr
+    run_dir = Path(cache) / "runs" / _run_id(fit.stdout)
+    model = run_dir / "head.keras"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    _one_line_error(run_cli("predict", "--run", run_dir.name, str(path), "--cache-dir", cache), "truncated")
+    (run_dir / "head.json").write_text("{not json")
+    _one_line_error(run_cli("predict", "--run", run_dir.name, str(path), "--cache-dir", cache), "head.json")
+
+
+def test_head_files_load_without_pickle_or_unsafe_code(tmp_path):
+    import keras
+
+    from pipeline.errors import UserError
+    from pipeline.heads.estimators import LogisticHead, load_keras_file
+
+    x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    y = np.arange(40) % 2
+    head = LogisticHead(C=1.0).fit(x, y, class_names=["a", "b"])
+    head.save(tmp_path / "head.npz")
+    np.testing.assert_allclose(LogisticHead.load(tmp_path / "head.npz").predict_proba(x), head.predict_proba(x))
+    with pytest.raises(UserError, match=r"\.npz"):
+        head.save(tmp_path / "head.joblib")
+    import pickle
+    (tmp_path / "head.npz").write_bytes(pickle.dumps({"a": 1}))      # a pickle under the new name is not unpickled
+    with pytest.raises(UserError, match="not a readable head file"):
+        LogisticHead.load(tmp_path / "head.npz")
+    inp = keras.Input((3,))
+    lam = keras.Model(inp, keras.layers.Lambda(lambda t: t * 2)(inp))
+    lam.save(tmp_path / "lambda.keras")
+    with pytest.raises(UserError, match="not loaded for safety"):
+        load_keras_file(tmp_path / "lambda.keras")
+
+
+# ------------------------------------------------------------------------------------ 3. CSV manifests
+def _manifest(folder: Path, name: str, text: str | bytes) -> Path:
+    path = folder / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+@pytest.fixture
+def imgs(tmp_path: Path) -> Path:
+    """tmp/m/d/{train,val}/{ants,bees}/img_00k.jpg; manifests go in tmp/m."""
+    make_folder(tmp_path / "m" / "d", per_class=3)
+    return tmp_path / "m"
+
+
+A0, A1, B0, B1 = "d/train/ants/img_000.jpg", "d/train/ants/img_001.jpg", "d/train/bees/img_000.jpg", "d/train/bees/img_001.jpg"
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("latin.csv", f"{A0},fourmi\xe9\n{B0},bees\n".encode("latin-1"), "not UTF-8"),
+    ("unknown.csv", f"filepath,klass\n{A0},ants\n{B0},bees\n", "accepted names are path column: path/filename"),
+    ("empty.csv", f"{A0},ants\n{B0}, \n{B1},\n", "empty label on line(s) 2, 3"),
+    ("conflict.csv", f"{A0},ants,train\n{B0},bees,train\n./{A0},bees,val\n", "lines 1 and 3"),
+    ("outside.csv", f"../x.jpg,ants\n{B0},bees\n", "--allow-outside-paths"),
+    ("swapped.csv", f"ants,{A0}\nbees,{B0}\n", "columns look swapped"),
+    ("valonly.csv", f"{A0},ants,train\n{B0},bees,train\n{B1},bess,val\n", "class 'bess' has val images"),
+    ("binary.csv", b"\x00\x01\x02garbage\xff", "not a text manifest"),
+])
+def test_bad_manifests_are_refused_in_one_line(imgs, tmp_path, name, text, fragment):
+    manifest = _manifest(imgs, name, text)
+    proc = run_cli("extract", "--data", str(manifest), "--cache-dir", str(tmp_path / "c"), *FAST)
+    err = _one_line_error(proc, fragment)
+    if name == "valonly.csv":
+        assert "line(s) 3" in err
+
+
+def test_manifest_headers_delimiters_bom_and_labels(imgs):
+    from pipeline.data.sources import open_source
+
+    cases = {
+        "bom.csv": f"\ufeffpath,label\n{A0},ants\n{B0},bees\n",
+        "named.csv": f"filename,class\n{A0},ants\n{B0},bees\n",
+        "reordered.csv": f"split,category,image\ntrain,ants,{A0}\ntrain,bees,{B0}\ntest,ants,{A1}\n",
+        "tabs.tsv": f"path\tlabel\n{A0}\tants\n{B0}\tbees\n",
+        "semicolons.csv": f"{A0};ants\n{B0};bees\n",
+        "spaces.csv": f"{A0}, ants \n{B0},bees\t\n",
+    }
+    for name, text in cases.items():
+        listing = open_source(str(_manifest(imgs, name, text))).listing()
+        assert listing.class_names == ["ants", "bees"], name
+        assert [Path(p).name for p in listing.paths][:2] == ["img_000.jpg", "img_000.jpg"], name
+        assert listing.labels.tolist()[:2] == [0, 1], name
+    assert open_source(str(imgs / "reordered.csv")).listing().splits == ["train", "train", "test"]
+    with pytest.warns(UserWarning, match="duplicate"):
+        dup = open_source(str(_manifest(imgs, "dup.csv", f"{A0},ants\n{A0},ants\n{B0},bees\n"))).listing()
+    assert len(dup) == 2
+    with pytest.warns(UserWarning, match="'ANTS' and 'ants'"):
+        open_source(str(_manifest(imgs, "case.csv", f"{A0},ANTS\n{A1},ants\n{B0},bees\n"))).listing()
+
+
+def test_manifest_warnings_single_image_and_outside_flag_through_the_cli(imgs, tmp_path):
+    cache = str(tmp_path / "c")
+    text = f"path,label\n{A0},ants\n{A0},ants\n{A1},ANTS\n{B0},bees\n{B1},bees\n"
+    proc = run_cli("extract", "--data", str(_manifest(imgs, "m.csv", text)), "--cache-dir", cache, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    warned = [l for l in proc.stderr.splitlines() if l.startswith("warning:")]
+    assert any("duplicate" in l for l in warned) and any("'ANTS' and 'ants'" in l for l in warned), proc.stderr
+    _one_line_error(run_cli("extract", "--data", str(imgs / A0), "--cache-dir", cache, *FAST), "single image")
+    sub = imgs / "sub"
+    sub.mkdir()
+    outside = _manifest(sub, "o.csv", f"../{A0},ants\n../{B0},bees\n../{A1},ants\n../{B1},bees\n")
+    _one_line_error(run_cli("extract", "--data", str(outside), "--cache-dir", cache, *FAST), "outside")
+    ok = run_cli("extract", "--data", str(outside), "--allow-outside-paths", "--cache-dir", cache, *FAST)
+    assert ok.returncode == 0, ok.stderr
+
+
+# ------------------------------------------------------------------- 4. hidden folders, realpath keys
+def test_hidden_and_tool_files_are_skipped_at_every_depth_and_paths_are_resolved(tmp_path):
+    from pipeline.data.sources import is_hidden
+
+    root = make_folder(tmp_path / "data" / "clean", per_class=3)
+    junk = [root / "train" / "ants" / ".ipynb_checkpoints" / "x.jpg", root / "train" / "ants" / "@eaDir" / "y.jpg",
+            root / "train" / "bees" / "__MACOSX" / "deep" / "z.jpg", root / "val" / "bees" / ".hidden.jpg",
+            root / ".trash" / "ants" / "w.jpg"]
+    for j in junk:
+        j.parent.mkdir(parents=True, exist_ok=True)
+        j.write_bytes((root / "train" / "ants" / "img_000.jpg").read_bytes())
+    (root / "train" / "ants" / "Thumbs.db").write_bytes(b"\0" * 10)
+    (root / "train" / "bees" / ".DS_Store").write_bytes(b"\0" * 10)
+    assert is_hidden("ants/.ipynb_checkpoints/x.jpg") and is_hidden("@eaDir/a.jpg") and not is_hidden("ants/a.jpg")
+    cache = str(tmp_path / "c")
+    first = run_cli("extract", "--data", str(root), "--cache-dir", cache, *FAST)
+    assert first.returncode == 0 and "skipped" not in first.stderr, first.stderr
+    info = run_cli("cache", "info", next((Path(cache) / "features").glob("*.h5")).stem.rsplit("-", 1)[1],
+                   "--cache-dir", cache)
+    assert "train: 6 images (ants=3, bees=3)" in info.stdout and "val: 6 images" in info.stdout, info.stdout
+    respelt = run_cli("extract", "--data", "./data/../data/clean/", "--cache-dir", cache, *FAST, cwd=tmp_path)
+    assert respelt.returncode == 0 and "cache hit" in respelt.stdout, respelt.stderr
+
+
+# ------------------------------------------------------------------------------------------ 5. classes
+def test_class_only_in_val_is_named_with_its_folder(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=2)
+    (root / "val" / "bess").mkdir()
+    (root / "val" / "bess" / "a.jpg").write_bytes((root / "val" / "bees" / "img_000.jpg").read_bytes())
+    err = _one_line_error(run_cli("extract", "--data", str(root), "--cache-dir", str(tmp_path / "c"), *FAST), "'bess'")
+    assert str(root / "val" / "bess") in err
+
+
+def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=4, classes=("ants", "bees", "wasps"))
+    cache = tmp_path / "c"
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--C", "1.0")
+    assert fit.returncode == 0, fit.stderr
+    run_id = _run_id(fit.stdout)
+    subset = make_folder(tmp_path / "s", per_class=3, classes=("ants", "wasps"), seed=5)
+    ev = run_cli("evaluate", "--run", run_id, "--data", str(subset), "--cache-dir", str(cache))
+    assert ev.returncode == 0 and "(n=12)" in ev.stdout, ev.stderr
+    other = make_folder(tmp_path / "o", per_class=3, classes=("ants", "moths"), seed=6)
+    before = sorted((cache / "features").iterdir())
+    err = _one_line_error(run_cli("evaluate", "--run", run_id, "--data", str(other), "--cache-dir", str(cache)),
+                          "'moths'")
+    assert "never trained on" in err and sorted((cache / "features").iterdir()) == before
+
+
+# --------------------------------------------------------------------------- 6. fit-head guards
+def test_fit_head_empty_cache_ref_and_non_finite_features(tmp_path):
+    import h5py
+
+    cache = tmp_path / "c"
+    path = write_cache(cache, n_images=40, dim=4, n_classes=2)
+    _one_line_error(run_cli("fit-head", "--cache", "", "--cache-dir", str(cache)), "--cache is empty")
+    assert sorted(p.name for p in (cache / "features").iterdir()) == [path.name]  # nothing extracted
+    with h5py.File(path, "r+") as f:
+        f["features"][3] = np.nan
+    err = _one_line_error(run_cli("fit-head", "--cache", str(path), "--C", "1", "--cache-dir", str(cache)),
+                          "non-finite features")
+    assert "--dtype float32" in err
+
+
+# --------------------------------------------------------------------- 8. property: junk never hurts
+def _random_manifest(rng: np.random.Generator, real: list[str], sep: str) -> bytes:
+    """Random manifest text: mostly path,label[,split] rows (real or odd paths, odd labels), some junk."""
+    pieces = ["path", "label", "split", "filename", "class", "train", "val", "test", "ants", "ANTS", " bees ", "",
+              "..", "../..", "/", "~", "~nobody", '"', "'", "\\", "é", "\ufeff", "\x00", ",", ";", "\t", "|", "\r",
+              "x.jpg", "/etc/passwd", "*", "a" * 300, *real]
+    tidy = rng.random() < 0.4  # some nearly valid manifests, so extraction itself runs too
+    lines = [sep.join(["path", "label", "split"][:int(rng.integers(2, 4))])] if rng.random() < 0.3 else []
+    unused = [str(p) for p in rng.permutation(real)]
+    for _ in range(int(rng.integers(0, 8))):
+        if tidy and not unused:
+            break
+        if tidy or rng.random() < 0.85:
+            path = unused.pop() if tidy else str(rng.choice(real)) if rng.random() < 0.7 else str(rng.choice(pieces))
+            labels = ["ants", "bees", " bees ", "ANTS"] if tidy else ["ants", "bees", "ANTS", " bees ", "", "é", "label"]
+            cells = [path, str(rng.choice(labels))]
+            if not tidy and rng.random() < 0.5:
+                cells.append(str(rng.choice(["train", "val", "test", "", "holdout"])))
+        else:
+            cells = [str(rng.choice(pieces)) + str(rng.choice(pieces)) * int(rng.integers(0, 2))
+                     for _ in range(int(rng.integers(1, 5)))]
+        lines.append(sep.join(cells))
+    text = "\n".join(lines)
+    encodings = ["utf-8", "utf-8-sig"] if tidy else ["utf-8", "utf-8", "utf-8-sig", "latin-1", "utf-16"]
+    return text.encode(str(rng.choice(encodings)), errors="replace")
+
+
+def test_property_junk_input_gives_exit_0_or_2_and_removes_nothing_outside(tmp_path):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(9)
+    data = make_folder(tmp_path / "data", per_class=2, splits=())
+    sibling = tmp_path / "sibling"
+    (sibling / "inner").mkdir(parents=True)
+    for i in range(3):
+        (sibling / "inner" / f"keep{i}.txt").write_text(str(i))
+    cache = tmp_path / "cache"
+    for fmt in ("JPEG", "PNG"):                                  # truncated prefixes of real images
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(buf, fmt)
+        blob = buf.getvalue()
+        for cut in rng.integers(0, len(blob), 3):
+            (data / "ants" / f"cut{cut}.{fmt.lower()}").write_bytes(blob[:cut])
+    for i in range(3):                                           # random bytes named as images or not
+        (data / "bees" / f"rand{i}.{['jpg', 'png', 'bin'][i]}").write_bytes(rng.bytes(int(rng.integers(0, 400))))
+    real = [str(p.relative_to(tmp_path)) for p in sorted(data.rglob("*.*"))]
+    inputs = [str(data)]
+    for i in range(10):
+        ext, sep = ("tsv", "\t") if i % 3 == 2 else ("csv", str(rng.choice([",", ";"])))
+        inputs.append(str(_manifest(tmp_path, f"m{i}.{ext}", _random_manifest(rng, real, sep))))
+    random_file = tmp_path / "junk.bin"
+    random_file.write_bytes(rng.bytes(300))
+    inputs.append(str(random_file))
+    outside_cache = lambda: {p for p in _snapshot(tmp_path) if not p.startswith("cache")}  # noqa: E731
+    for data_arg in inputs:
+        before = outside_cache()
+        proc = run_cli("extract", "--data", data_arg, "--cache-dir", str(cache), *FAST, cwd=sibling)
+        assert proc.returncode in (0, 2), (data_arg, proc.stderr)
+        assert "Traceback" not in proc.stderr, (data_arg, proc.stderr)
+        if proc.returncode == 2:
+            assert sum(l.startswith("error:") for l in proc.stderr.splitlines()) == 1, proc.stderr
+        assert before <= outside_cache(), data_arg
+        assert sorted(p.name for p in (sibling / "inner").iterdir()) == ["keep0.txt", "keep1.txt", "keep2.txt"]
