@@ -64,6 +64,10 @@ def find_entries(cache_dir: Path) -> list[Entry]:
         chunks = list(parts.glob("chunk-*.npz"))
         size = sum(c.stat().st_size for c in chunks) / 1e6
         out.append(Entry(parts, k, b, s, p, "?", size, "?", f"partial ({len(chunks)} chunks)"))
+    for tmp in sorted(root.glob(".*.h5.*.tmp")):  # left by an assembly that was killed
+        b, s, p, k = _name_parts(tmp.with_name(tmp.name.lstrip(".")))
+        out.append(Entry(tmp, k, b, s, p, "?", tmp.stat().st_size / 1e6, "?",
+                         "temporary (interrupted assembly; removed by the next extract of this key)"))
     return out
 
 

@@ -75,14 +75,22 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
 
 
 def check_finite(ff: FeatureFile, batch_rows: int = 8192) -> None:
-    """UserError when the cache holds NaN or infinite features (a head would fail or learn nothing)."""
+    """UserError when the cache holds NaN or infinite features, or the same vector for every row
+    (all zeros, say): a head would fail or learn nothing."""
     n = len(ff)
+    first, varies = None, n < 2
     for start in range(0, n, batch_rows):
         block = np.asarray(ff.features[start:min(n, start + batch_rows)])
+        first = block[0] if first is None else first
+        varies = varies or bool(np.any(block != first))
         if not np.isfinite(block).all():
             bad = start + int(np.flatnonzero(~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1))[0])
             raise UserError(f"{ff.path.name} holds non-finite features (NaN or inf, first at row {bad}); remove it "
                             f"(`python cli.py cache rm {ff.key[:12]}`) and extract again, e.g. with --dtype float32")
+    if not varies:
+        raise UserError(f"{ff.path.name} holds the same feature vector for every image (e.g. all zeros), so a head "
+                        f"cannot learn; remove it (`python cli.py cache rm {ff.key[:12]}`) and extract again with "
+                        f"trained --weights or --dtype float32")
 
 
 def _holdout(ff: FeatureFile, clean_rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
