@@ -111,3 +111,28 @@ def mixed_policy() -> str:
         cc = str(getattr(jax.devices()[0], "compute_capability", "8.0"))
         return "mixed_bfloat16" if float(cc) >= 8.0 else "mixed_float16"
     return "mixed_float16"
+
+
+class _NoTensorFlow:
+    available = False
+
+
+def set_random_seed(seed: int) -> None:
+    """`keras.utils.set_random_seed`, except that on JAX and PyTorch it does not import TensorFlow
+    just to seed it (Keras seeds TensorFlow whenever it is installed)."""
+    import keras
+
+    if name() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    try:
+        from keras.src.utils import rng_utils
+        saved = rng_utils.tf
+    except (ImportError, AttributeError):  # another Keras layout: seeding TensorFlow is harmless
+        keras.utils.set_random_seed(seed)
+        return
+    rng_utils.tf = _NoTensorFlow()
+    try:
+        keras.utils.set_random_seed(seed)
+    finally:
+        rng_utils.tf = saved

@@ -49,7 +49,8 @@ with FeatureFile(r.path) as ff:
     np.save(out + ".npy", ff.load())
     paths = list(ff.paths)
 top, _ = imagenet_top_k("efficientnet_lite0", "imagenet", image_paths([folder]), k=1)
-json.dump({"paths": paths, "top1": {p: t[0][0] for p, t in top}, "key": r.key}, open(out + ".json", "w"))
+json.dump({"paths": paths, "top1": {p: t[0][0] for p, t in top}, "key": r.key,
+           "tf_loaded": "tensorflow" in sys.modules}, open(out + ".json", "w"))
 """
 
 
@@ -86,6 +87,14 @@ def per_backend(photos, tmp_path_factory) -> dict[str, dict]:
         info["features"] = np.load(work / "f.npy")
         out[backend] = info
     return out
+
+
+def test_other_backends_never_load_tensorflow(per_backend):
+    others = [b for b in per_backend if b != "tensorflow"]
+    if not others:
+        pytest.skip("neither JAX nor PyTorch is installed")
+    for backend in others:
+        assert not per_backend[backend]["tf_loaded"], backend
 
 
 def test_features_agree_across_backends(per_backend):

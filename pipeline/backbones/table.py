@@ -149,7 +149,8 @@ def build(spec: Backbone, weights: str, image_size: int, include_top: bool = Fal
     """Build the backbone (a keras.Model on preprocessed input); errors become one-line UserErrors."""
     import keras
 
-    keras.utils.set_random_seed(0)  # weights=none must give the same features every time
+    from pipeline.backend import set_random_seed
+    set_random_seed(0)  # weights=none must give the same features every time
     w: str | None = None if weights.lower() == "none" else ("imagenet" if weights.lower() == "imagenet" else
                                                             str(Path(weights).expanduser()))
     if w == "imagenet" and spec.imagenet_sizes and image_size not in spec.imagenet_sizes and not include_top:

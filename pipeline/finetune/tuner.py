@@ -623,7 +623,8 @@ class FineTuner:
         schedule = _schedule(self.lr_schedule, lr, int(self.epochs), self.schedule_params)
         model, trainable = self._model(request, head, spec, lr, run_dir / state["model"] if state else None)
 
-        keras.utils.set_random_seed(int(self.seed))
+        from pipeline.backend import set_random_seed
+        set_random_seed(int(self.seed))
         initial_epoch = int(state["epoch"]) if state is not None else 0
         train_ds = make_batches(source, listing, train_idx, size, request.resize, int(self.batch_size),
                                 shuffle_seed=int(self.seed), first_epoch=initial_epoch)

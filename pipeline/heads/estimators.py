@@ -649,7 +649,8 @@ class DenseHead(_Head):
         if has_val and _raw_shape(X_val) != self.feature_shape_:
             raise ValueError(f"X_val has feature shape {_raw_shape(X_val)}, X has {self.feature_shape_}")
         t0 = time.perf_counter()
-        keras.utils.set_random_seed(int(self.seed))
+        from pipeline.backend import set_random_seed
+        set_random_seed(int(self.seed))
         dim = self.n_features_in_
         need = (_n_rows(X) + (_n_rows(X_val) if has_val else 0)) * dim * 4 / 2**20
         self.streamed_ = isinstance(X, FeatureSource) and need > self.memory_budget_mb
