@@ -132,3 +132,26 @@ def test_missing_and_non_image_files_are_skipped_with_reasons(tmp_path):
     with FeatureFile(path) as ff:
         assert len(ff.skipped) == 3 and len(ff) == 8
 
+
+
+def test_allow_large_lifts_the_size_cap():
+    from pipeline.extract.plan import MAX_IMAGE_SIZE, check_size
+    check_size(MAX_IMAGE_SIZE)
+    with pytest.raises(UserError, match="--allow-large"):
+        check_size(MAX_IMAGE_SIZE + 1)
+    check_size(MAX_IMAGE_SIZE + 1, allow_large=True)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("jax") is None, reason="JAX is not installed")
+def test_backend_and_workers_options_reach_the_extraction(tiny_split_folder, tmp_path):
+    common = ("extract", "--data", str(tiny_split_folder), "--backbone", "mobilenetv2", "--image-size", "32",
+              "--weights", "none", "--dtype", "float32", "--no-progress", "--cache-dir", str(tmp_path / "c"))
+    proc = run_cli(*common, "--backend", "jax", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    path = proc.stdout.split("wrote ")[1].split(" (")[0]
+    with FeatureFile(path) as ff:
+        assert ff.attrs["backend"] == "jax" and len(ff) == 24
+    tf_run = run_cli(*common, "--backend", "tensorflow")
+    assert "wrote" in tf_run.stdout and path not in tf_run.stdout  # another backend, another key
+    bad = run_cli(*common, "--workers", "0")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

@@ -7,8 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli import cli
-from pipeline.cli.extract_cmds import skipped_message
-from pipeline.cli.extract_cmds import report_extraction
+from pipeline.cli.extract_cmds import report_extraction, skipped_message
 from pipeline.cli.options import build_request, extract_options
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE

@@ -67,7 +67,7 @@ _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"B
           (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
-def _magic(data: bytes) -> str | None:
+def claimed_format(data: bytes) -> str | None:
     """The format a file's first bytes claim, if any."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
@@ -86,7 +86,7 @@ def read_header(data: bytes) -> tuple[str, int, int]:
     except Image.DecompressionBombError:
         raise DecodeError(f"too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
-        magic = _magic(data)
+        magic = claimed_format(data)
         raise DecodeError(f"corrupt {magic} (unreadable header)" if magic else "not an image (unrecognised format)"
                           ) from None
     except Exception as exc:  # a recognised header that is broken

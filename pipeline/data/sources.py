@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.data.decode import IMAGE_SUFFIXES
+from pipeline.data.decode import IMAGE_SUFFIXES, claimed_format
 from pipeline.errors import DataWarning, UserError
 
 SPLITS = ("train", "val", "test")
@@ -34,7 +34,6 @@ SPLIT_COLUMNS = ("split",)
 # Suffixes and leading bytes of single image files, which --data refuses (it takes a folder or manifest).
 # what the decoder reads, plus image formats it refuses by name (so a single one given as --data is named)
 _IMAGE_SUFFIXES = set(IMAGE_SUFFIXES) | {".heic", ".heif", ".avif"}
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 
 
 def is_hidden(relative_path: str | os.PathLike) -> bool:
@@ -597,4 +596,4 @@ def _is_image_file(path: Path) -> bool:
             head = fh.read(16)
     except OSError:
         return False
-    return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+    return claimed_format(head) is not None

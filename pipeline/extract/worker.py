@@ -35,17 +35,21 @@ def _stderr(message: str) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (released by the OS even after kill -9)."""
+def _locked(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on `path` (released by the OS even after kill -9); yields whether it is
+    held. When another process holds it: call `on_wait` and wait, or without one, yield False."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if on_wait is None:
+                yield False
+                return
             on_wait()
             fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
@@ -64,7 +68,7 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
     p = plan(request, options.cache_dir)
     if not options.force and is_complete(p.path):
         if p.parts.exists() or any(p.path.parent.glob(f".{p.path.name}.*.tmp")):
-            with contextlib.suppress(OSError), _try_locked(p.lock) as got:
+            with contextlib.suppress(OSError), _locked(p.lock) as got:
                 if got:
                     _clean_leftovers(p, log)
         return ExtractResult(p.path, p.key, cache_hit=True)
@@ -83,20 +87,6 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
             return _recorded(p, options, log)
     except OSError as exc:
         raise _disk_error(exc, p) from None
-
-
-@contextlib.contextmanager
-def _try_locked(path: Path) -> Iterator[bool]:
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _disk_error(exc: OSError, p: Plan) -> UserError | OSError:

@@ -13,16 +13,6 @@ import numpy as np
 from pipeline.data.loader import default_workers, ordered_map
 
 
-def _pydataset_base():
-    import keras
-
-    return keras.utils.PyDataset
-
-
-class ImageBatches:
-    """(uint8 images, int32 labels) batches of `indices` of a listing; see `make_batches`."""
-
-
 def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, batch_size: int,
                  shuffle_seed: int | None = None, first_epoch: int = 0, workers: int | None = None):
     """A keras PyDataset over the images `indices` (decoded and resized as extraction does).
@@ -30,7 +20,8 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
     Unreadable files are dropped from their batch. Sources without random access (tfds) are
     read once into memory at `size`.
     """
-    base = _pydataset_base()
+    import keras
+
     indices = np.asarray(indices, np.int64)
     labels = np.asarray(listing.labels)
     n_workers = workers or default_workers()
@@ -39,7 +30,7 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
         memory = {int(i): job() for i, job in zip(np.sort(indices).tolist(),
                                                     source.raw_images(listing, np.sort(indices), size, resize))}
 
-    class _Batches(base, ImageBatches):
+    class _Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
             super().__init__(workers=2, use_multiprocessing=False, max_queue_size=4)
             self.epoch = first_epoch
