@@ -34,3 +34,18 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     """Write a small text file (JSON, config) atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def save_keras_atomic(model, target: str | os.PathLike, weights_only: bool = False) -> Path:
+    """`model.save` (or `save_weights` when `weights_only`) to `target` atomically. Keras insists on
+    the file suffix (.keras / .weights.h5), so it writes to a suffixed temporary name first."""
+    target = Path(target)
+    suffix = ".weights.h5" if weights_only else ".keras"
+    with atomic_path(target) as tmp:
+        named = tmp.with_name(tmp.name + suffix)
+        try:
+            (model.save_weights if weights_only else model.save)(named)
+            os.replace(named, tmp)
+        finally:
+            named.unlink(missing_ok=True)
+    return target

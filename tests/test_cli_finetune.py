@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import keras
+import pytest
 
 from conftest import make_folder, run_cli
 
@@ -87,3 +88,27 @@ def test_finetune_killed_then_resumed(tmp_path):
     metrics = json.loads((ft_dir / "metrics.json").read_text())
     assert metrics["resumed_from"] >= 1 and metrics["epochs_run"] == 6
     assert (ft_dir / "model.keras").exists()
+
+
+def test_finetune_validates_on_the_fit_head_holdout_when_there_is_no_val_folder(tmp_path):
+    """train/ and test/ only: fit-head holds out a seeded 20% of train; finetune validates on exactly
+    those images (its 'before' column equals the head's val metrics), and early stopping works."""
+    data = make_folder(tmp_path / "d", per_class=10, splits=("train", "test"))
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--dtype", "float32", "--C", "1")
+    assert fit.returncode == 0, fit.stderr
+    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+    head_metrics = json.loads((Path(cache) / "runs" / head_run / "metrics.json").read_text())
+    assert head_metrics["split"]["val_source"] == "holdout"
+    ft = run_cli("finetune", "--run", head_run, "--epochs", "3", "--early-stopping", "1", "--batch-size", "8",
+                 "--no-progress", "--cache-dir", cache)
+    assert ft.returncode == 0, ft.stderr
+    assert "(stage-2 split)" in ft.stdout and "val   accuracy" in ft.stdout
+    assert "━" not in ft.stdout + ft.stderr  # --no-progress: no per-step bar
+    metrics = json.loads((Path(cache) / "runs" / _run_id(ft.stdout) / "metrics.json").read_text())
+    assert metrics["val_source"] == "stage-2 split"
+    assert metrics["val_images"] == head_metrics["split"]["val_images"] == head_metrics["val"]["n"]
+    assert metrics["train_images"] == head_metrics["split"]["train_images"]
+    assert metrics["before"]["val"]["accuracy"] == head_metrics["val"]["accuracy"]
+    assert metrics["before"]["val"]["log_loss"] == pytest.approx(head_metrics["val"]["log_loss"], abs=1e-3)
+    assert metrics["before"]["test"]["n"] == 20 and len(metrics["before"]) >= 2

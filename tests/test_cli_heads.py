@@ -64,9 +64,15 @@ def test_dense_head_and_sweep_on_a_cache_file(tmp_path):
     run_dir = Path(cache) / "runs" / _run_id(dense.stdout)
     assert (run_dir / "head.keras").exists() and (run_dir / "curves.png").exists()
     assert "test  accuracy" in dense.stdout
-    sweep = run_cli("fit-head", "--cache", path.stem.rsplit("-", 1)[1], "--sweep", "--cache-dir", cache)
+    sweep = run_cli("fit-head", "--cache", path.stem.rsplit("-", 1)[1], "--head", "dense", "--sweep",
+                    "--epochs", "3", "--jobs", "2", "--cache-dir", cache)
     assert sweep.returncode == 0, sweep.stderr
     assert "best saved in run" in sweep.stdout and "sweep" in sweep.stdout
+    best = Path(cache) / "runs" / sweep.stdout.split("best saved in run ")[1].split()[0]
+    assert (best / "curves.png").exists() and (best / "confusion_val.png").exists()  # like any run
+    chatter = [line for line in sweep.stderr.splitlines() if "cuda" in line.lower() or "absl" in line
+               or "oneDNN" in line or "cpu_feature_guard" in line]
+    assert not chatter, chatter  # the sweep's worker processes start silently
 
 
 @pytest.mark.parametrize("args, fragment", [

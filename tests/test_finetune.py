@@ -89,7 +89,7 @@ def test_preprocessing_layers_match_reference_functions(style):
 
 
 def test_vgg_block5_trainable_and_unknown_block_lists_names(data):
-    model = build_finetune_model(data.req, data.logistic, None)
+    model = build_finetune_model(data.req, data.logistic)
     assert set(model.get_layer("preprocess_rgb_to_bgr").get_weights()[0].ravel()) == {0.0, 1.0}
     assert trainable_layer_set(model) == {"logits"}  # built frozen: only the head trains
     names = set_trainable(model, VGG, ["block5"])
@@ -111,7 +111,7 @@ def test_lite_block7_trainable_bn_frozen_and_in_inference_mode(data, tmp_path):
     X, y = rng.standard_normal((20, 1280)).astype(np.float32), np.arange(20) % 2
     head = LogisticHead(C=1.0).fit(X, y, class_names=["ants", "bees"])
     req = ExtractRequest(data=str(data.root), backbone="efficientnet_lite0", weights="none", image_size=32)
-    model = build_finetune_model(req, head, None)
+    model = build_finetune_model(req, head)
     assert isinstance(model.get_layer("preprocess_scale"), keras.layers.Rescaling)
     names = set_trainable(model, LITE, ["block7"])
     assert set(names) == {"block7a_expand_conv", "block7a_dwconv", "block7a_project_conv", "logits"}
@@ -131,7 +131,7 @@ def test_first_forward_pass_equals_head_only_predictions(data, kind):
     else:
         head = DenseHead(hidden=(16,), batchnorm=True, dropout=0.2, epochs=3, batch_size=8, seed=0).fit(
             data.feats[data.train], data.y[data.train], class_names=data.listing.class_names)
-    model = build_finetune_model(data.req, head, AugmentConfig())  # augmentation is off in inference
+    model = build_finetune_model(data.req, head)
     got = model.predict(data.images, verbose=0)
     want = head.predict_proba(data.feats)
     assert got.shape == want.shape == (data.y.size, 2)
@@ -248,9 +248,108 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     (run / "config.json").write_text(json.dumps({"cache_file": str(res.path), "cache_key": res.key}))
     inputs = stage2_inputs(run)
     assert inputs.request == req and inputs.cache_path == res.path
-    model = build_finetune_model(inputs.request, inputs.head, None)
+    model = build_finetune_model(inputs.request, inputs.head)
     images = np.stack([data.images[data.paths.index(p)] for p in paths])
     np.testing.assert_allclose(model.predict(images, verbose=0), head.predict_proba(feats), atol=1e-4)
     wrong = ExtractRequest(data=str(data.root), backbone="vgg19", weights="none", image_size=32)
     with pytest.raises(UserError, match="vgg16 features"):
-        build_finetune_model(wrong, inputs.head, None)
+        build_finetune_model(wrong, inputs.head)
+
+
+@pytest.mark.parametrize("AUG", [None, AugmentConfig(flip=True, rotation=0.0, zoom=0.0, brightness=0.1, contrast=0.0)],
+                         ids=["plain", "augmented"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, AUG):
+    """Killed after epoch 1 and resumed: the same shuffle order, augmentation and optimizer state,
+    so the final weights equal those of a run that was never interrupted."""
+    def tuner():
+        return FineTuner(unfreeze=["block5"], epochs=3, batch_size=4, lr=1e-4, seed=3,
+                         augment=AUG)
+
+    whole = tuner()
+    whole.fit(data.req, data.logistic, tmp_path / "whole")
+
+    class StopAfterFirst(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        tuner().fit(data.req, data.logistic, tmp_path / "cut", callbacks=[StopAfterFirst()])
+    resumed = FineTuner.from_checkpoint(tmp_path / "cut")
+    result = resumed.fit(data.req, data.logistic, tmp_path / "cut", resume=True)
+    assert result.resumed_from == 1 and result.epochs_run == 3
+    for a, b in zip(whole.model_.get_weights(), resumed.model_.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert whole.result_.history["loss"] == pytest.approx(result.history["loss"], rel=1e-5)
+
+
+def test_without_a_val_split_a_seeded_holdout_is_validated_and_early_stopping_works(tmp_path):
+    root = make_folder(tmp_path / "d", per_class=10, splits=("train", "test"))
+    req = ExtractRequest(data=str(root), backbone="vgg16", weights="none", image_size=32)
+    listing = open_source(req.data, req.split).listing()
+    assert "val" not in listing.splits
+    images = np.stack([load_file(p, 32) for p in listing.paths])
+    feats = np.asarray(feature_model(VGG, "none", 32)(images, training=False))
+    train = np.flatnonzero(np.asarray(listing.splits) == "train")
+    head = LogisticHead(C=1.0).fit(feats[train], np.asarray(listing.labels)[train], class_names=listing.class_names)
+    result = FineTuner(unfreeze=["block5"], epochs=4, batch_size=8, lr=1e-4, augment=None, early_stopping=1,
+                       seed=1).fit(req, head, tmp_path / "run")
+    assert result.val_source == "holdout" and result.n_val == 4 and result.n_train == 16
+    assert result.metrics_before["val"]["n"] == 4 and result.metrics_after["test"]["n"] == 20
+    assert len(result.history["val_loss"]) == result.epochs_run
+    assert result.best_epoch is not None and 1 <= result.best_epoch <= result.epochs_run
+    again = FineTuner(unfreeze=["block5"], epochs=1, batch_size=8, lr=1e-4, augment=None, seed=1)
+    assert again._split(req, listing, None)[0]["val"].tolist() == FineTuner(seed=1)._split(
+        req, listing, None)[0]["val"].tolist()  # seeded: the same images every time
+
+
+def test_a_stage2_split_that_names_missing_images_is_refused(data, tmp_path):
+    split = {"train": [data.listing.ids[i] for i in data.train], "val": ["/nowhere/gone.jpg"], "test": []}
+    with pytest.raises(UserError, match="no longer in"):
+        FineTuner(epochs=1, augment=None).fit(data.req, data.logistic, tmp_path / "run", split=split)
+
+
+JAX_DATA_PARALLEL = r"""
+import json, sys
+import numpy as np
+import jax
+from pipeline.data.sources import open_source
+from pipeline.extract import ExtractRequest
+from pipeline.finetune.tuner import FineTuner
+from pipeline.heads.estimators import LogisticHead
+from pipeline.backbones.model import feature_model
+from pipeline.data.decode import load_file
+from pipeline import backbones
+root, run = sys.argv[1:3]
+req = ExtractRequest(data=root, backbone="vgg16", weights="none", image_size=32)
+listing = open_source(req.data, req.split).listing()
+images = np.stack([load_file(p, 32) for p in listing.paths])
+feats = np.asarray(feature_model(backbones.get("vgg16"), "none", 32)(images, training=False))
+train = np.flatnonzero(np.asarray(listing.splits) == "train")
+head = LogisticHead(C=1.0).fit(feats[train], np.asarray(listing.labels)[train], class_names=listing.class_names)
+tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=5, lr=1e-4, augment=None, class_weight="balanced")
+result = tuner.fit(req, head, run)
+kernel = next(v for v in tuner.model_.trainable_variables if "kernel" in v.path)
+proba = tuner.predict_proba(list(listing.paths)[:3])
+json.dump({"devices": len(jax.devices()), "placed_on": len(kernel.value.sharding.device_set),
+           "val_n": result.metrics_after["val"]["n"], "epochs": result.epochs_run,
+           "val_loss": result.history.get("val_loss"), "proba_ok": bool(np.allclose(proba.sum(1), 1, atol=1e-4))},
+          open(run + ".json", "w"))
+"""
+
+
+def test_jax_data_parallel_over_two_virtual_devices(tmp_path):
+    """`keras.distribution.DataParallel` on 2 CPU devices: odd batch sizes are padded with weight-0
+    rows, every val image counts once, and the variables live on both devices."""
+    pytest.importorskip("jax", reason="JAX is not installed: pip install -e '.[jax]'")
+    from conftest import ROOT
+
+    root = make_folder(tmp_path / "d", per_class=7)
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    run = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", JAX_DATA_PARALLEL, str(root), run], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(open(run + ".json").read())
+    assert out["devices"] == 2 and out["placed_on"] == 2
+    assert out["val_n"] == 14 and out["epochs"] == 2 and len(out["val_loss"]) == 2 and out["proba_ok"]

@@ -2,19 +2,18 @@
 
     uint8 RGB image (size x size x 3)
       -> image_to_float (float32 0..255)
-      -> [augmentation layers: fine-tuning only; they act in training alone]
       -> the backbone's preprocessing (built-in Keras layers, `preprocessing`)
       -> backbone (a frozen nested model named "backbone", cut at --layer)
       -> [global avg/max pooling]
       -> [a head: fine-tuning and export]
 
-Batches cross to the device as uint8 (4x fewer bytes than float32) and every backend runs the
+Augmentation is not in the graph: it runs in the input path (`pipeline.data.augment`, seeded by
+(seed, view, image)), one implementation for cached views and fine-tuning alike, so the saved and
+exported models are pure inference graphs. Batches cross to the device as uint8 (4x fewer bytes than float32) and every backend runs the
 same preprocessing, so features agree across TensorFlow, JAX and PyTorch.
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 from pipeline.backbones.preprocessing import cast_layer, preprocessing_layers
 from pipeline.backbones.table import Backbone, build
@@ -41,14 +40,12 @@ def backbone_cut(spec: Backbone, weights: str, image_size: int, layer: str | Non
 
 
 def image_graph(spec: Backbone, weights: str, image_size: int, pooling: str = "avg", layer: str | None = None,
-                augment: Sequence = (), include_top: bool = False):
+                include_top: bool = False):
     """(uint8 input tensor, output tensor) of the graph above, without a head."""
     import keras
 
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = cast_layer()(inputs)
-    for aug in augment:
-        x = aug(x)
     for prep in preprocessing_layers(spec.preprocess):
         x = prep(x)
     x = backbone_cut(spec, weights, image_size, layer, include_top)(x, training=False)

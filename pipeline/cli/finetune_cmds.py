@@ -29,15 +29,16 @@ from pipeline.extract import DEFAULT_CACHE
 @click.option("--early-stopping", type=click.IntRange(1), default=None, metavar="PATIENCE")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None)
 @click.option("--augment", default="flip,rotation,zoom,brightness,contrast", show_default=True,
-              help="Training-only augmentation layers, each optionally =STRENGTH; 'none' for none.")
+              help="Random views of the training images (a new one each epoch), each optionally =STRENGTH; 'none' for none.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-progress", is_flag=True, help="No per-step progress bar (one line per epoch instead).")
 @click.option("--trust-pickle", is_flag=True, help="Also load an old pickled head.joblib from the fit-head run "
                                                    "(unpickling can run code; only for runs you trust).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
 def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str, ...], unfreeze_last: int | None,
                  lr: float | None, optimizer: str, lr_schedule: str, epochs: int, batch_size: int,
                  early_stopping: int | None, class_weight: str | None, augment: str, seed: int,
-                 trust_pickle: bool, cache_dir: Path) -> None:
+                 no_progress: bool, trust_pickle: bool, cache_dir: Path) -> None:
     """Fine-tune the backbone's top blocks with the fitted head on top, on the raw images.
 
     Example: python cli.py finetune --run 20261122-2330 --unfreeze block7 --epochs 3
@@ -55,6 +56,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
             raise UserError(f"finetune run {record.id} already finished; nothing to resume")
         parent = registry.get(record.config["parent_run"])
         tuner = FineTuner.from_checkpoint(record.dir)
+        if no_progress:
+            tuner.verbose = 2
         run = Run(registry, record.id, "finetune", record.config)  # reopen the same folder
     else:
         if not run_id:
@@ -66,7 +69,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                           lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size,
                           early_stopping=early_stopping, class_weight=class_weight,
                           augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
-                          verbose=1 if sys.stdout.isatty() else 2)  # Keras' per-step bar (ETA) or a line per epoch
+                          verbose=2 if no_progress or not sys.stdout.isatty() else 1)  # per-step bar (ETA) or a line per epoch
     from pipeline.heads.estimators import trusting_pickles
     with trusting_pickles(trust_pickle):
         inputs = stage2_inputs(parent.dir)
@@ -81,7 +84,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
     with run:
         result = tuner.fit(inputs.request, inputs.head, run.dir, resume=bool(resume_id),
-                           log=lambda m: click.echo(m, err=True))
+                           log=lambda m: click.echo(m, err=True), split=inputs.split)
         run.log_metrics(result.run_metrics())
         if result.history.get("loss"):
             plot_history(result.history, run.path("curves.png"), title="fine-tuning")
@@ -90,5 +93,6 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
             plot_confusion_matrix(val["confusion_matrix"], val["class_names"], run.path("confusion_val.png"),
                                   title=f"val after fine-tuning: accuracy {val['accuracy']:.3f}")
         run.finish("ok")
+    click.echo(f"validated on {result.n_val} images ({result.val_source}); trained on {result.n_train}")
     click.echo(format_comparison(result.comparison))
     click.echo(f"{result.epochs_run} epoch(s) in {result.seconds:.1f}s; model {result.model_path}; run {run.id}")

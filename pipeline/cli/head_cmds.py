@@ -145,7 +145,8 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
     from pipeline.heads.training import run_config
 
     registry = Registry(ff.path.parent.parent)
-    run = registry.start("fit-head", run_config(ff, estimator, sweep=True, val_fraction=val_fraction))
+    run = registry.start("fit-head", run_config(ff, estimator, sweep=True, val_fraction=val_fraction,
+                                                 seed=head_opts["seed"], use_augmented=use_augmented))
     with run:
         base = {k: v for k, v in estimator.get_params().items() if k not in ("C", "lr", "dropout", "hidden")}
         results = sweep(ff, head, n_jobs=head_opts["jobs"], base_params=base, val_fraction=val_fraction,

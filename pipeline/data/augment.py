@@ -7,6 +7,7 @@ same image is identical in every run, after a resume, and in any worker process 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -53,3 +54,9 @@ def augment(image: np.ndarray, cfg: AugmentConfig, seed: int, view: int, index: 
         x = (x - mean) * factor + mean
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
+
+
+def augmented_view(job: Callable[[], np.ndarray], cfg: AugmentConfig, seed: int, view: int, index: int) -> np.ndarray:
+    """Run a loader job (read + decode + resize), then `augment` its image: how extraction's
+    augmented copies and fine-tuning's per-epoch views (view = epoch + 1) are made."""
+    return augment(job(), cfg, seed, view, index)

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.data.augment import augment
+from pipeline.data.augment import augmented_view
 from pipeline.data.sources import Listing
 from pipeline.errors import UserError
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
@@ -203,7 +203,7 @@ class _Extraction:
             for tag, index, job in zip(range(lo, hi), indices, raw):
                 view = int(self.unit_view[tag])
                 if view:
-                    job = functools.partial(_augmented, job, req.augment, req.augment_seed, view, int(index))
+                    job = functools.partial(augmented_view, job, req.augment, req.augment_seed, view, int(index))
                 yield tag, job
 
     def _compute(self, chunks: ChunkDir, start: int, total: int) -> None:
@@ -246,10 +246,6 @@ class _Extraction:
         now = max([last - 1, *(batch.tags[-1:].tolist()), *(t for t, _ in batch.skipped)]) + 1
         bar.update(now - last)
         return now
-
-
-def _augmented(job: Callable[[], np.ndarray], cfg, seed: int, view: int, index: int) -> np.ndarray:
-    return augment(job(), cfg, seed, view, index)
 
 
 def _h5_open(path: Path):

@@ -1,30 +1,41 @@
 """Fine-tuning's input: the shared loader's uint8 batches as a Keras PyDataset (works with
 `model.fit` on TensorFlow, JAX and PyTorch), reshuffled every epoch by a permutation seeded with
-(seed, epoch), so a resumed run sees exactly the batches an uninterrupted one would.
+(seed, epoch), and augmented by `pipeline.data.augment` seeded with (seed, epoch, image): a resumed
+run sees exactly the batches, and the views, an uninterrupted one would.
+
+On several devices (JAX data parallel) every batch must split evenly, so batches are padded to a
+multiple of the device count with weight-0 copies: every image counts once, the padding not at
+all. Class weights travel the same way, as per-sample weights.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.data.augment import augmented_view
 from pipeline.data.loader import default_workers, ordered_map
 
 
 def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, batch_size: int,
-                 shuffle_seed: int | None = None, first_epoch: int = 0, workers: int | None = None):
+                 shuffle_seed: int | None = None, first_epoch: int = 0, workers: int | None = None,
+                 devices: int = 1, class_weights: np.ndarray | None = None, augment=None):
     """A keras PyDataset over the images `indices` (decoded and resized as extraction does).
 
     Unreadable files are dropped from their batch. Sources without random access (tfds) are
-    read once into memory at `size`.
+    read once into memory at `size`. With `devices` > 1 or `class_weights` (one per class),
+    batches are (x, y, sample weights), padded to a multiple of `devices` with weight-0 rows.
+    `augment` (an AugmentConfig; training only) gives each image a random view per epoch.
     """
     import keras
 
     indices = np.asarray(indices, np.int64)
     labels = np.asarray(listing.labels)
     n_workers = workers or default_workers()
+    devices = max(1, int(devices))
     memory: dict[int, np.ndarray] | None = None
     if not getattr(source, "random_access", True):
         memory = {int(i): job() for i, job in zip(np.sort(indices).tolist(),
@@ -48,6 +59,9 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
                 jobs = [(i, (lambda i=i: memory[i])) for i in ids]
             else:
                 jobs = list(zip(ids, source.raw_images(listing, ids, size, resize)))
+            if augment is not None:  # view = epoch + 1 (view 0 is the clean image)
+                jobs = [(i, functools.partial(augmented_view, job, augment, int(shuffle_seed or 0), self.epoch + 1, i))
+                        for i, job in jobs]
             kept, images = [], []
             for i, result in ordered_map(jobs, n_workers, len(jobs)):
                 if isinstance(result, np.ndarray):
@@ -59,7 +73,13 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
 
         def __getitem__(self, i: int):
             ids = self.order(self.epoch)[i * batch_size:(i + 1) * batch_size].tolist()
-            return self.load(ids)
+            x, y = self.load(ids)
+            if devices == 1 and class_weights is None:
+                return x, y
+            x, y, w = pad_to_multiple(x, y, devices)
+            if class_weights is not None:
+                w = (w * np.asarray(class_weights, np.float32)[y]).astype(np.float32)
+            return x, y, w
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
@@ -67,14 +87,28 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
     return _Batches()
 
 
+def pad_to_multiple(x: np.ndarray, y: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y, sample weights) padded with copies of the first row to a multiple of `multiple`;
+    weights are 1 for real rows and 0 for the padding."""
+    n = y.size
+    extra = (-n) % multiple if n else 0
+    w = np.ones(n + extra, np.float32)
+    if extra:
+        w[n:] = 0.0
+        x = np.concatenate([x, np.repeat(x[:1], extra, axis=0)])
+        y = np.concatenate([y, np.repeat(y[:1], extra)])
+    return x, y, w
+
+
 def predict_batches(model, batches) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, float64 probabilities) of the model over every batch, in order."""
+    """(labels, float64 probabilities) of the model over every batch, in order (padding dropped)."""
     ys, ps = [], []
     for i in range(len(batches)):
-        x, y = batches[i]
+        x, y, *w = batches[i]
         if len(y):
-            ys.append(y)
-            ps.append(np.asarray(model.predict_on_batch(x), np.float64))
+            real = np.asarray(w[0]) > 0 if w else np.ones(len(y), bool)
+            ys.append(y[real])
+            ps.append(np.asarray(model.predict_on_batch(x), np.float64)[real])
     if not ys:
         return np.zeros(0, np.int32), np.zeros((0, 0))
     return np.concatenate(ys), np.concatenate(ps)

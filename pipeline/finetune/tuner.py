@@ -5,7 +5,6 @@ preprocessing, layer cut and pooling, all read from the cache's `ExtractRequest`
 head on top, so before any training it predicts what the head predicted on cached features:
 
     image (uint8 0..255, size x size x 3) -> image_to_float
-      -> augmentation (keras Random* layers; active only while training)
       -> preprocessing (`pipeline.backbones.preprocessing`: the same layers as extraction)
       -> backbone (a nested model named "backbone", called with training=False)
       -> [global avg/max pooling, as the cache]
@@ -24,7 +23,7 @@ the model. Dropout layers inside a backbone (EfficientNet's stochastic depth) st
 training, as usual.
 
 API:
-    build_finetune_model(request, head, augment, seed=0) -> keras.Model
+    build_finetune_model(request, head) -> keras.Model
     set_trainable(model, spec, unfreeze=(), unfreeze_last=None) -> [trainable layer names]
     FineTuner(...).fit(request, head, run_dir, resume=False) -> FinetuneResult
     FineTuner.predict_proba(paths) / FineTuner.load(run_dir) / FineTuner.from_checkpoint(run_dir)
@@ -33,6 +32,7 @@ API:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,7 +47,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from pipeline import backbones
-from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.atomic import save_keras_atomic, write_text_atomic
 from pipeline.data.sources import open_source
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest
@@ -71,36 +71,6 @@ def _keras():
 
 
 # -------------------------------------------------------------------------------- model building
-def augmentation_layers(cfg: AugmentConfig | None, seed: int = 0) -> list:
-    """Keras random layers for `cfg` (flip, rotation, zoom, brightness, contrast; 0 = off).
-
-    They change images only while training (`training=True`, as in `fit`); at inference they
-    pass images through. Strengths mean what they mean in `pipeline.data.augment.augment`: rotation in
-    fractions of a full turn, zoom as +-fraction, brightness as +-fraction of 255, contrast factor
-    in [1 - c, 1 + c].
-    """
-    if cfg is None:
-        return []
-    L = _keras().layers
-    out = []
-    kw = {"dtype": "float32"}
-    if cfg.flip:
-        out.append(L.RandomFlip("horizontal", seed=seed, name="augment_flip", **kw))
-    if cfg.rotation:
-        out.append(L.RandomRotation(float(cfg.rotation), fill_mode="reflect", seed=seed + 1,
-                                    name="augment_rotation", **kw))
-    if cfg.zoom:
-        z = float(cfg.zoom)
-        out.append(L.RandomZoom((-z, z), fill_mode="reflect", seed=seed + 2, name="augment_zoom", **kw))
-    if cfg.brightness:
-        out.append(L.RandomBrightness(float(cfg.brightness), value_range=(0, 255), seed=seed + 3,
-                                      name="augment_brightness", **kw))
-    if cfg.contrast:
-        out.append(L.RandomContrast(float(cfg.contrast), value_range=(0, 255), seed=seed + 4,
-                                    name="augment_contrast", **kw))
-    return out
-
-
 def _head_model(head, feature_shape: tuple[int, ...], spec_name: str = ""):
     """The stage-2 head as a nested Keras model named 'head' with its fitted weights (float32)."""
     keras = _keras()
@@ -137,13 +107,13 @@ def _head_model(head, feature_shape: tuple[int, ...], spec_name: str = ""):
     return keras.Model(clone.inputs[0], clone.outputs[0], name="head")
 
 
-def build_finetune_model(request: ExtractRequest, head, augment: AugmentConfig | None = None, *, seed: int = 0):
+def build_finetune_model(request: ExtractRequest, head):
     """The end-to-end model: raw uint8 RGB images in, class probabilities out (the extraction graph
-    of `pipeline.backbones.model` with augmentation and the head added).
+    of `pipeline.backbones.model` with the head added; training augments in the input path).
 
     The backbone is rebuilt from `request` (the cache's request) and frozen, BatchNorm included;
-    the head layers carry the head's fitted weights and are trainable. In inference (augmentation
-    is then off) predictions equal `head.predict_proba` on features of the same images. Layers
+    the head layers carry the head's fitted weights and are trainable. Its predictions equal
+    `head.predict_proba` on features of the same images. Layers
     are created under the current Keras dtype policy (set mixed_float16 around the call for mixed
     precision); augmentation, preprocessing and head always compute in float32/float64.
     """
@@ -152,8 +122,7 @@ def build_finetune_model(request: ExtractRequest, head, augment: AugmentConfig |
     keras = _keras()
     spec = backbones.get(request.backbone)
     size = spec.resolve_size(request.image_size)
-    inputs, x = image_graph(spec, request.weights, size, request.pooling, request.layer,
-                            augment=augmentation_layers(augment, seed))
+    inputs, x = image_graph(spec, request.weights, size, request.pooling, request.layer)
     head_model = _head_model(head, tuple(int(d) for d in x.shape[1:]), spec.name)
     out = head_model(x)
     model = keras.Model(inputs, out, name=f"finetune_{spec.name}")
@@ -259,17 +228,6 @@ def format_comparison(comparison: Mapping[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------ checkpointing
-def _save_model_atomic(model, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        named = tmp.with_name(tmp.name + ".keras")  # Keras insists on the suffix
-        try:
-            model.save(named)
-            os.replace(named, tmp)
-        finally:
-            named.unlink(missing_ok=True)
-    return path
-
-
 def _history_from_logs(logs: Mapping[str, Any]) -> dict[str, float]:
     names = {"loss": "loss", "accuracy": "acc", "val_loss": "val_loss", "val_accuracy": "val_acc",
              "learning_rate": "lr"}
@@ -291,20 +249,14 @@ def _make_checkpointer(keras, run_dir: Path, state: dict[str, Any], patience: in
                 val = float(logs["val_loss"])
                 if state["best"] is None or val < state["best"]:
                     state.update(best=val, best_epoch=epoch + 1, wait=0)
-                    with atomic_path(run_dir / BEST_WEIGHTS) as tmp:
-                        named = tmp.with_name(tmp.name + ".weights.h5")
-                        try:
-                            self.model.save_weights(named)
-                            os.replace(named, tmp)
-                        finally:
-                            named.unlink(missing_ok=True)
+                    save_keras_atomic(self.model, run_dir / BEST_WEIGHTS, weights_only=True)
                 else:
                     state["wait"] += 1
                     if state["wait"] >= patience:
                         self.model.stop_training = True
                         state["stopped_early"] = True
             name = f"{CHECKPOINT_DIR}/epoch-{epoch + 1:03d}.keras"
-            _save_model_atomic(self.model, run_dir / name)
+            save_keras_atomic(self.model, run_dir / name)
             previous = state.get("model")
             state.update(epoch=epoch + 1, model=name)
             write_text_atomic(run_dir / CHECKPOINT_FILE, json.dumps(state, indent=2, default=_json_default))
@@ -352,6 +304,7 @@ class FinetuneResult:
     n_train: int
     n_val: int
     class_names: list[str] = field(default_factory=list)
+    val_source: str = "val split"  # 'stage-2 split' | 'val split' | 'holdout' | 'none'
 
     @property
     def comparison(self) -> dict:
@@ -364,7 +317,8 @@ class FinetuneResult:
         out.update(before=self.metrics_before, after=self.metrics_after, comparison=self.comparison,
                    epochs_run=self.epochs_run, best_epoch=self.best_epoch, stopped_early=self.stopped_early,
                    lr=self.lr, trainable_layers=len(self.trainable_layers), resumed_from=self.resumed_from,
-                   fit_seconds=round(self.seconds, 3), train_images=self.n_train, val_images=self.n_val)
+                   fit_seconds=round(self.seconds, 3), train_images=self.n_train, val_images=self.n_val,
+                   val_source=self.val_source)
         return out
 
 
@@ -376,6 +330,8 @@ class Stage2Inputs:
     head: Any
     cache_path: Path
     config: dict[str, Any]
+    split: dict[str, list[str]] | None = None  # image ids per split, as the head was trained and validated
+    val_source: str = "val split"
 
 
 def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
@@ -397,6 +353,7 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
         req = ff.attrs.get("request")
         material = ff.attrs.get("key_material") or {}
         key = ff.key
+        split, val_source = _stage2_split(ff, config)
     if not isinstance(req, Mapping):
         raise UserError(f"{cache} records no extraction request; extract it again with this version")
     if head.cache_key_ and head.cache_key_ != key:
@@ -405,7 +362,22 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     spec = (material.get("data") or {}).get("data") if isinstance(material, Mapping) else None
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
         request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
-    return Stage2Inputs(request, head, Path(cache), config)
+    return Stage2Inputs(request, head, Path(cache), config, split, val_source)
+
+
+def _stage2_split(ff, config: Mapping[str, Any]) -> tuple[dict[str, list[str]], str]:
+    """The image ids stage 2 trained, validated and tested on (its 'val' split or its seeded
+    holdout of train, recomputed from the run's val_fraction and seed), so fine-tuning validates on
+    the same images and its before/after table compares like with like."""
+    from pipeline.heads.training import split_rows
+
+    try:
+        rows = split_rows(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)), use_augmented=False)
+    except UserError:
+        return {}, "none"
+    paths = np.asarray(ff.paths, dtype=object)
+    return ({name: sorted(set(paths[r].tolist())) for name, r in
+             (("train", rows.train), ("val", rows.val), ("test", rows.test))}, rows.val_source)
 
 
 # ----------------------------------------------------------------------------------- the tuner
@@ -422,6 +394,11 @@ class FineTuner:
     class_weight: None | 'balanced' | {class index: weight}. augment: AugmentConfig or None.
     mixed_precision: None = on a GPU only. keep_checkpoint: keep the last epoch's checkpoint model
         after a successful run (it is deleted by default; checkpoint.json stays).
+    val_fraction: without a 'val' split (and no stage-2 split given to `fit`), this stratified,
+        seeded share of the training images is held out for validation.
+    Data parallel: on TensorFlow with several GPUs a MirroredStrategy; on JAX with several
+        devices `keras.distribution.DataParallel` (batches padded to a multiple of the devices
+        with weight-0 rows). The PyTorch backend of Keras has no multi-device training.
     """
 
     def __init__(self, unfreeze: Sequence[str] | None = None, unfreeze_last: int | None = None,
@@ -429,7 +406,8 @@ class FineTuner:
                  schedule_params: Mapping[str, Any] | None = None, epochs: int = 10, batch_size: int = 32,
                  early_stopping: int | None = None, class_weight: str | Mapping[int, float] | None = None,
                  augment: AugmentConfig | None = AugmentConfig(), seed: int = 0,
-                 mixed_precision: bool | None = None, keep_checkpoint: bool = False, verbose: int = 0) -> None:
+                 mixed_precision: bool | None = None, keep_checkpoint: bool = False, val_fraction: float = 0.2,
+                 verbose: int = 0) -> None:
         self.unfreeze = None if unfreeze is None else ((unfreeze,) if isinstance(unfreeze, str) else tuple(unfreeze))
         self.unfreeze_last = unfreeze_last
         self.lr = lr
@@ -444,6 +422,7 @@ class FineTuner:
         self.seed = seed
         self.mixed_precision = mixed_precision
         self.keep_checkpoint = keep_checkpoint
+        self.val_fraction = val_fraction
         self.verbose = verbose
 
     # -- parameters
@@ -458,7 +437,7 @@ class FineTuner:
                                  if isinstance(self.class_weight, Mapping) else self.class_weight),
                 "augment": None if self.augment is None else self.augment.as_dict(), "seed": int(self.seed),
                 "mixed_precision": self.mixed_precision, "keep_checkpoint": self.keep_checkpoint,
-                "verbose": self.verbose}
+                "val_fraction": float(self.val_fraction), "verbose": self.verbose}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "FineTuner":
@@ -494,12 +473,13 @@ class FineTuner:
         if not (self.class_weight is None or self.class_weight == "balanced" or isinstance(self.class_weight, Mapping)):
             raise UserError(f"class_weight must be None, 'balanced' or a dict, not {self.class_weight!r}")
 
-    def _fingerprint(self, request: ExtractRequest, head) -> str:
+    def _fingerprint(self, request: ExtractRequest, head, split: Mapping[str, Sequence[int]]) -> str:
         p = self.get_params()
         for k in ("verbose", "keep_checkpoint"):
             p.pop(k)
         material = {"request": request.to_json(), "head": [getattr(head, "kind", "?"), head.cache_key_,
-                                                           list(head.class_names_)], "params": p}
+                                                           list(head.class_names_)], "params": p,
+                    "split": {k: hashlib.sha256(np.asarray(v, np.int64).tobytes()).hexdigest() for k, v in split.items()}}
         return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _class_weights(self, y: np.ndarray, n_classes: int) -> dict[int, float] | None:
@@ -507,9 +487,9 @@ class FineTuner:
             return None
         if isinstance(self.class_weight, Mapping):
             return {int(k): float(v) for k, v in self.class_weight.items()}
-        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-        present = counts > 0
-        return {int(c): (float(y.size / (present.sum() * counts[c])) if present[c] else 0.0) for c in range(n_classes)}
+        from pipeline.heads.estimators import balanced_class_weights
+
+        return {c: float(w) for c, w in enumerate(balanced_class_weights(y, n_classes))}
 
     def _optimizer(self, keras, lr: float):
         opts = keras.optimizers
@@ -540,7 +520,7 @@ class FineTuner:
         return state
 
     def _model(self, request: ExtractRequest, head, spec: backbones.Backbone, lr: float,
-               checkpoint: Path | None):
+               checkpoint: Path | None, weighted: bool = False):
         """(compiled model, trainable layer names): built fresh, or loaded from a checkpoint.
 
         On TensorFlow inside a MirroredStrategy scope when several GPUs are visible; under the
@@ -567,32 +547,36 @@ class FineTuner:
                 if checkpoint is not None:  # compiled, optimizer state included
                     model = keras.models.load_model(checkpoint)
                     return model, trainable_layer_names(model)
-                model = build_finetune_model(request, head, self.augment, seed=int(self.seed))
+                model = build_finetune_model(request, head)
                 unfreeze = self.unfreeze
                 if unfreeze is None:  # the topmost block present
                     unfreeze = tuple(list(backbone_blocks(model, spec))[:1])
                 trainable = set_trainable(model, spec, unfreeze, self.unfreeze_last)
-                # XLA on a GPU ("auto") unless augmenting: Keras' image-transform ops may lack XLA kernels.
+                # XLA where Keras finds it pays ("auto": on a GPU)
+                # weighted: padded data-parallel batches, whose weight-0 rows accuracy must not count
+                accuracy = {"weighted_metrics" if weighted else "metrics": ["accuracy"]}
                 model.compile(optimizer=self._optimizer(keras, lr), loss="sparse_categorical_crossentropy",
-                              metrics=["accuracy"], jit_compile=False if self.augment is not None else "auto")
+                              jit_compile="auto", **accuracy)
                 return model, trainable
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
 
     # -- training
     def fit(self, request: ExtractRequest, head, run_dir: str | os.PathLike, resume: bool = False,
-            callbacks: Sequence[Any] = (), log: Callable[[str], None] | None = None) -> FinetuneResult:
+            callbacks: Sequence[Any] = (), log: Callable[[str], None] | None = None,
+            split: Mapping[str, Sequence[str]] | None = None) -> FinetuneResult:
         """Fine-tune `head` (a fitted LogisticHead or DenseHead) and its backbone on `request`'s images.
 
         Trains on the 'train' split, validates on 'val' (clean images; the model's augmentation is
-        off in evaluation), reports metrics on val (and test, when present) before and after. Every
+        off in evaluation): `split` (image ids per split, `Stage2Inputs.split`) makes these stage
+        2's own rows, so a seeded holdout is validated on again; without it, a data set with no
+        'val' split gets a stratified `val_fraction` holdout. reports metrics on val (and test, when present) before and after. Every
         epoch writes `run_dir/checkpoints/epoch-NNN.keras` (model + optimizer state) and
         `run_dir/checkpoint.json`; `resume=True` continues from the last one with the same total
         number of epochs (no checkpoint yet: starts afresh). Writes `run_dir/model.keras` (the whole
         model; loads with plain keras) and `run_dir/finetune.json`. `callbacks` are extra Keras
         callbacks, called after the checkpoint is written.
         """
-        keras = _keras()
         say = log or (lambda m: None)
         self._check()
         t0 = time.perf_counter()
@@ -607,29 +591,74 @@ class FineTuner:
         if list(listing.class_names) != class_names:
             raise UserError(f"the head's classes ({', '.join(class_names[:4])}...) differ from the data's "
                             f"({', '.join(listing.class_names[:4])}...); fine-tune on the data the head was fitted on")
-        splits = np.asarray(listing.splits)
-        labelled = np.asarray(listing.labels) >= 0
-        train_idx = np.flatnonzero((splits == "train") & labelled)
-        val_idx = np.flatnonzero((splits == "val") & labelled)
-        test_idx = np.flatnonzero((splits == "test") & labelled)
+        parts, val_source = self._split(request, listing, split)
+        train_idx, val_idx, test_idx = parts["train"], parts["val"], parts["test"]
         if train_idx.size == 0:
             raise UserError(f"{request.data} has no labelled images in the 'train' split to fine-tune on")
         if self.early_stopping is not None and val_idx.size == 0:
-            raise UserError("early stopping watches the validation loss, but the data has no 'val' split")
+            raise UserError("early stopping watches the validation loss, but there are no validation images")
 
-        fingerprint = self._fingerprint(request, head)
+        fingerprint = self._fingerprint(request, head, parts)
         state = self._resume_state(run_dir, resume, fingerprint, say)
         lr = float(self.lr) if self.lr is not None else self.default_lr(head)
         schedule = _schedule(self.lr_schedule, lr, int(self.epochs), self.schedule_params)
-        model, trainable = self._model(request, head, spec, lr, run_dir / state["model"] if state else None)
+        y_train = np.asarray(listing.labels)[train_idx]
+        class_weights = self._class_weights(y_train, len(class_names))
+        devices = _data_parallel_devices()
+        with _distribution(devices):
+            model, trainable = self._model(request, head, spec, lr, run_dir / state["model"] if state else None,
+                                           weighted=len(devices) > 1)
+            from pipeline.backend import set_random_seed
+            set_random_seed(int(self.seed))
+            initial_epoch = int(state["epoch"]) if state is not None else 0
+            batches = dict(size=size, resize=request.resize, batch_size=int(self.batch_size), devices=len(devices))
+            cw = None if class_weights is None else np.asarray([class_weights[c] for c in range(len(class_names))])
+            train_ds = make_batches(source, listing, train_idx, shuffle_seed=int(self.seed), first_epoch=initial_epoch,
+                                    class_weights=cw, augment=self.augment, **batches)
+            eval_sets = {name: make_batches(source, listing, idx, **batches)
+                         for name, idx in (("val", val_idx), ("test", test_idx)) if idx.size}
+            return self._train(model, trainable, train_ds, eval_sets, state, request, head, spec, size, lr, schedule,
+                               fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0)
 
-        from pipeline.backend import set_random_seed
-        set_random_seed(int(self.seed))
+    def _split(self, request: ExtractRequest, listing, split: Mapping[str, Sequence[str]] | None):
+        """({train, val, test: listing indices}, where val came from): stage 2's split when given
+        (image ids), else the data's own splits with a seeded, stratified holdout of train as val
+        when it has no 'val' split."""
+        labels = np.asarray(listing.labels)
+        if split:
+            pos = {str(i): n for n, i in enumerate(listing.ids)}
+            missing = [i for part in split.values() for i in part if str(i) not in pos]
+            if missing:
+                raise UserError(f"{len(missing)} image(s) the head was trained or validated on are no longer in "
+                                f"{request.data} (e.g. {missing[0]}); fine-tune on the data as it was extracted, "
+                                f"or extract and fit the head again")
+            parts = {k: np.asarray(sorted(pos[str(i)] for i in split.get(k, ())), np.int64)
+                     for k in ("train", "val", "test")}
+            return parts, "stage-2 split"
+        splits = np.asarray(listing.splits)
+        labelled = labels >= 0
+        parts = {k: np.flatnonzero((splits == k) & labelled) for k in ("train", "val", "test")}
+        if parts["val"].size or not 0 < float(self.val_fraction) < 1 or parts["train"].size < 2:
+            return parts, "val split" if parts["val"].size else "none"
+        from sklearn.model_selection import train_test_split
+
+        train = parts["train"]
+        counts = np.bincount(labels[train])
+        strat = labels[train] if counts[counts > 0].min() >= 2 else None
+        try:
+            keep, held = train_test_split(train, test_size=float(self.val_fraction), random_state=int(self.seed),
+                                          stratify=strat)
+        except ValueError:  # too few images per class to stratify
+            keep, held = train_test_split(train, test_size=float(self.val_fraction), random_state=int(self.seed))
+        parts.update(train=np.sort(keep), val=np.sort(held))
+        return parts, "holdout"
+
+    def _train(self, model, trainable, train_ds, eval_sets, state, request, head, spec, size, lr, schedule,
+               fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0) -> FinetuneResult:
+        """The epochs (checkpointed), best-weights restore, final metrics and the saved run files."""
+        keras = _keras()
+        train_idx, val_idx = parts["train"], parts["val"]
         initial_epoch = int(state["epoch"]) if state is not None else 0
-        train_ds = make_batches(source, listing, train_idx, size, request.resize, int(self.batch_size),
-                                shuffle_seed=int(self.seed), first_epoch=initial_epoch)
-        eval_sets = {name: make_batches(source, listing, idx, size, request.resize, int(self.batch_size))
-                     for name, idx in (("val", val_idx), ("test", test_idx)) if idx.size}
         if state is not None:
             before = state["metrics_before"]
         else:
@@ -644,13 +673,11 @@ class FineTuner:
         patience = None if self.early_stopping is None else int(self.early_stopping)
         cbs = [keras.callbacks.LearningRateScheduler(schedule),
                _make_checkpointer(keras, run_dir, state, patience), *callbacks]
-        y_train = np.asarray(listing.labels)[train_idx]
         if initial_epoch < int(self.epochs) and not state.get("stopped_early"):
             with warnings.catch_warnings():  # the datasets' length is unknown until the first epoch ends
                 warnings.filterwarnings("ignore", message="Your input ran out of data")
                 model.fit(train_ds, validation_data=eval_sets.get("val"), epochs=int(self.epochs),
-                          initial_epoch=initial_epoch, callbacks=cbs, verbose=self.verbose, shuffle=False,
-                          class_weight=self._class_weights(y_train, len(class_names)))
+                          initial_epoch=initial_epoch, callbacks=cbs, verbose=self.verbose, shuffle=False)
         best_epoch = None
         if patience is not None and state.get("best_epoch") and (run_dir / BEST_WEIGHTS).exists():
             best_epoch = int(state["best_epoch"])
@@ -658,13 +685,13 @@ class FineTuner:
                 say(f"restoring the weights of epoch {best_epoch} (lowest validation loss)")
                 model.load_weights(str(run_dir / BEST_WEIGHTS))
         after = {name: evaluate(model, ds, class_names) for name, ds in eval_sets.items()}
-        model_path = _save_model_atomic(model, run_dir / MODEL_FILE)
+        model_path = save_keras_atomic(model, run_dir / MODEL_FILE)
         result = FinetuneResult(
             model_path=model_path, history={k: list(v) for k, v in state["history"].items()},
             metrics_before=before, metrics_after=after, epochs_run=int(state["epoch"]), best_epoch=best_epoch,
             stopped_early=bool(state.get("stopped_early")), lr=lr, trainable_layers=list(state["trainable_layers"]),
             resumed_from=initial_epoch, seconds=time.perf_counter() - t0, n_train=int(train_idx.size),
-            n_val=int(val_idx.size), class_names=class_names)
+            n_val=int(val_idx.size), class_names=class_names, val_source=val_source)
         info = {"format": _FORMAT, "version": 1, "class_names": class_names, "image_size": size,
                 "resize": request.resize, "request": request.to_json(), "backbone": spec.name,
                 "head": getattr(head, "kind", "?"), "head_cache_key": head.cache_key_, "params": self.get_params(),
@@ -716,6 +743,34 @@ class FineTuner:
         """Most probable class index per file (-1 for unreadable files)."""
         p = self.predict_proba(paths)
         return np.where(np.isnan(p).any(axis=1), -1, np.argmax(np.nan_to_num(p, nan=-1.0), axis=1))
+
+
+def _data_parallel_devices() -> list:
+    """The devices JAX data parallelism spreads batches over (empty or one: no distribution)."""
+    from pipeline.backend import name as backend_name
+
+    if backend_name() != "jax":
+        return []
+    import jax
+
+    devices = jax.devices()
+    return list(devices) if len(devices) > 1 else []
+
+
+@contextlib.contextmanager
+def _distribution(devices: Sequence[Any]):
+    """Within the block, Keras' DataParallel distribution over `devices` (when several): variables
+    are replicated and each batch is split across them. The previous distribution comes back after."""
+    if len(devices) < 2:
+        yield
+        return
+    keras = _keras()
+    previous = keras.distribution.distribution()
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=list(devices)))
+    try:
+        yield
+    finally:
+        keras.distribution.set_distribution(previous)
 
 
 def _schedule(name: str, lr: float, epochs: int, params: Mapping[str, Any]):

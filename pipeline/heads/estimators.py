@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import joblib  # only for old pickled heads, loaded with --trust-pickle
 import numpy as np
@@ -32,7 +32,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.atomic import atomic_path, save_keras_atomic, write_text_atomic
 from pipeline.errors import UserError
 from pipeline.heads.schedules import make_schedule
 from pipeline.features.store import FeatureFile
@@ -657,19 +657,16 @@ class DenseHead(_Head):
         weights = self._sample_weights(y, n_classes)
         if self.streamed_:
             mean, scale = _streamed_stats(X, self.flatten)
-            train = _stream_dataset(keras, X, y, weights, mean, scale, self.flatten, int(self.batch_size), True,
-                                    self.seed)
-            val = (_stream_dataset(keras, X_val, y_val, None, mean, scale, self.flatten, 1024, False, self.seed)
-                   if has_val else None)
+            train_rows = _streamed_rows(X, mean, scale, self.flatten)
+            val_rows = _streamed_rows(X_val, mean, scale, self.flatten) if has_val else None
         else:
             Xm = _to_matrix(X, self.flatten)
             mean, scale = _stats(Xm)
             Xm = _standardize(Xm, mean, scale)
-            train = _array_dataset(Xm, y, weights, int(self.batch_size), True, self.seed)
-            val = None
-            if has_val:
-                val = _array_dataset(_standardize(_to_matrix(X_val, self.flatten), mean, scale), y_val, None, 1024,
-                                     False, self.seed)
+            train_rows = Xm.__getitem__
+            val_rows = _standardize(_to_matrix(X_val, self.flatten), mean, scale).__getitem__ if has_val else None
+        train = _batches(keras, y.size, train_rows, y, weights, int(self.batch_size), True, self.seed)
+        val = _batches(keras, y_val.size, val_rows, y_val, None, 1024, False, self.seed) if has_val else None
         core = self._compiled_core(keras, n_classes, dim, _reuse)
         callbacks: list[Any] = [keras.callbacks.LearningRateScheduler(schedule)]
         stopper = None
@@ -690,11 +687,7 @@ class DenseHead(_Head):
     def _sample_weights(self, y: np.ndarray, n_classes: int) -> np.ndarray | None:
         if self.class_weight != "balanced":
             return None
-        counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-        present = counts > 0
-        w = np.zeros(n_classes)
-        w[present] = y.size / (present.sum() * counts[present])
-        return w[y].astype(np.float32)
+        return balanced_class_weights(y, n_classes)[y].astype(np.float32)
 
     def _compiled_core(self, keras, n_classes: int, dim: int, reuse: dict | None):
         """A compiled training model on standardized (n, dim) inputs, fresh or reset from `reuse`."""
@@ -746,13 +739,7 @@ class DenseHead(_Head):
             raise UserError(f"a dense head is saved as a .keras file, not {path.name}")
         meta = {"format": _DENSE_FORMAT, "version": 1, **self.metadata(), "history": self.history_,
                 "best_epoch": self.best_epoch_, "streamed": self.streamed_}
-        with atomic_path(path) as tmp:
-            named = tmp.with_name(tmp.name + ".keras")  # Keras insists on the suffix
-            try:
-                self.model_.save(named)
-                os.replace(named, tmp)
-            finally:
-                named.unlink(missing_ok=True)
+        save_keras_atomic(self.model_, path)
         write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
         return path
 
@@ -834,6 +821,16 @@ def _optimizer(keras, name: str, lr: float):
     return {"adam": opts.Adam, "nadam": opts.Nadam, "rmsprop": opts.RMSprop}[name](learning_rate=lr)
 
 
+def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per-class weights n / (k * count) (scikit-learn's 'balanced'; 0 for absent classes): the one
+    implementation, used by the dense head and by fine-tuning."""
+    counts = np.bincount(np.asarray(y, np.int64), minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return w
+
+
 def _stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = X.mean(axis=0, dtype=np.float64)
     std = X.std(axis=0, dtype=np.float64)
@@ -863,44 +860,43 @@ def _standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarr
     return ((X - mean.astype(np.float32)) / scale.astype(np.float32)).astype(np.float32, copy=False)
 
 
-def _array_dataset(X: np.ndarray, y: np.ndarray, w: np.ndarray | None, batch_size: int, shuffle: bool, seed: int):
-    import tensorflow as tf  # noqa: PLC0415 - imported with keras
+def _batches(keras, n: int, rows: Callable[[np.ndarray], np.ndarray], y: np.ndarray, w: np.ndarray | None,
+             batch_size: int, shuffle: bool, seed: int):
+    """The one batching seam of the dense head: a Keras PyDataset (any backend, no tf.data) whose
+    batch i is `rows(positions)` with their labels (and weights), reshuffled each epoch by a
+    permutation seeded with (seed, epoch). `rows` indexes an in-memory matrix or reads the cache."""
 
-    parts = (X, y) if w is None else (X, y, w)
-    ds = tf.data.Dataset.from_tensor_slices(parts)
-    if shuffle:
-        ds = ds.shuffle(len(y), seed=int(seed), reshuffle_each_iteration=True)
-    return ds.batch(batch_size).prefetch(2)
-
-
-def _stream_dataset(keras, src: FeatureSource, y: np.ndarray, w: np.ndarray | None, mean: np.ndarray,
-                    scale: np.ndarray, flatten: str, batch_size: int, shuffle: bool, seed: int):
-    """A keras PyDataset reading standardized, reduced batches from the cache, reshuffled per epoch."""
-
-    class StreamedFeatures(keras.utils.PyDataset):
+    class Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
-            super().__init__(workers=1, use_multiprocessing=False)
+            super().__init__(workers=1, use_multiprocessing=False)  # iterated inline: no thread hop
             self.epoch = 0
             self.order = self._order()
 
         def _order(self) -> np.ndarray:
             if not shuffle:
-                return np.arange(len(src))
-            return np.random.default_rng([int(seed), self.epoch]).permutation(len(src))
+                return np.arange(n)
+            return np.random.default_rng([int(seed), self.epoch]).permutation(n)
 
         def __len__(self) -> int:
-            return math.ceil(len(src) / batch_size)
+            return math.ceil(n / batch_size)
 
         def __getitem__(self, i: int):
             pos = self.order[i * batch_size:(i + 1) * batch_size]
-            x = _standardize(reduce_features(src.read(pos), flatten), mean, scale)
+            x = rows(pos)
             return (x, y[pos]) if w is None else (x, y[pos], w[pos])
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
             self.order = self._order()
 
-    return StreamedFeatures()
+    return Batches()
+
+
+def _streamed_rows(src: FeatureSource, mean: np.ndarray, scale: np.ndarray, flatten: str):
+    """positions -> standardized, reduced features read from the cache (sorted reads, original order)."""
+    def rows(pos: np.ndarray) -> np.ndarray:
+        return _standardize(reduce_features(src.read(pos), flatten), mean, scale)
+    return rows
 
 
 def _history(h: Mapping[str, list]) -> dict[str, list[float]]:

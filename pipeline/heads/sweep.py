@@ -4,7 +4,8 @@ Features are reduced once (`ReducedFeatures`) and shared with joblib's loky work
 (large arrays are memory-mapped, not copied). Dense configurations that share a model structure
 (everything but the learning-rate settings and epochs) run in the same worker on one compiled
 Keras model, reset between fits, so graph tracing is paid once per structure. Each worker keeps
-BLAS and TensorFlow to one thread, so `n_jobs` processes never oversubscribe the cores.
+BLAS and the Keras backend (TensorFlow, JAX or PyTorch) to one thread, so `n_jobs` processes never
+oversubscribe the cores, and prints nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -179,26 +181,41 @@ def _cost(params: Mapping[str, Any]) -> float:
     return float(params.get("epochs", 20)) * (sum(int(h) for h in hidden) + 1)
 
 
-def _limit_threads() -> None:
-    """Inside a worker: one BLAS/TensorFlow thread, set before TensorFlow starts its thread pools."""
+def _quiet_worker() -> None:
+    """Inside a worker process: one BLAS thread and one backend thread (so `n_jobs` workers never
+    oversubscribe the cores), and no start-up chatter. Set before Keras loads its backend; the
+    worker's stderr goes to /dev/null (its errors still reach the parent as exceptions)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
                 "TF_NUM_INTEROP_THREADS"):
         os.environ[var] = "1"
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "intra_op_parallelism_threads" not in flags:  # JAX's CPU client: one thread per worker
+        os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    if os.environ.get("PIPELINE_SWEEP_STDERR") != "keep":
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    from pipeline.backend import name  # noqa: PLC0415
+
+    if name() == "tensorflow" and "tensorflow" not in sys.modules:
+        import tensorflow as tf  # noqa: PLC0415
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # already initialized in this (reused) worker
+            pass
+    elif name() == "torch":
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(1)
 
 
 def _run_task(head_type, base, configs, train, y, val, yv, meta, limit_threads: bool) -> list[tuple]:
     """Fit each config of one task; returns (params, val report, seconds, pickled head, extras) per config."""
     if limit_threads:
-        _limit_threads()
-        if head_type == "dense":
-            import tensorflow as tf  # noqa: PLC0415
-
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(1)
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:  # already initialized in this (reused) worker
-                pass
+        _quiet_worker()
     reuse: dict = {}
     out = []
     for params in configs:
@@ -251,5 +268,23 @@ def save_sweep(results: Sequence[SweepResult], run) -> dict[str, Any]:
                        sweep_seconds=best.extras.get("sweep_seconds"))
         if best.head is not None:
             best.head.save(run.path(head_filename(best.head.kind)))
+        _best_plots(best, run)
     run.log_metrics(metrics)
     return metrics
+
+
+def _best_plots(best: SweepResult, run) -> None:
+    """The best configuration's PNGs, as any fit-head run has them: training curves (dense heads),
+    the C curve (logistic heads) and the val confusion matrix."""
+    from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history  # noqa: PLC0415
+
+    head = best.head
+    history = getattr(head, "history_", None)
+    if history and history.get("loss"):
+        plot_history(history, run.path("curves.png"), title=f"best {head.kind} head of the sweep")
+    if getattr(head, "cv_scores_", None):
+        plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_, scoring=head.scoring)
+    report = best.metrics
+    if report.get("n") and report.get("confusion_matrix") is not None:
+        plot_confusion_matrix(report["confusion_matrix"], report["class_names"], run.path("confusion_val.png"),
+                              title=f"val: accuracy {report['accuracy']:.3f} (best of the sweep)")
