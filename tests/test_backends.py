@@ -1,5 +1,6 @@
-"""Stage 1 on every Keras backend: features agree across TensorFlow, JAX and PyTorch (real
-EfficientNet-Lite0 ImageNet weights), and the JAX path runs with `import tensorflow` made to fail.
+"""Every Keras backend: features agree across TensorFlow, JAX and PyTorch (real EfficientNet-Lite0
+ImageNet weights), and extract, fit-head (logistic, dense, sweep), finetune, evaluate and predict
+run on JAX with `import tensorflow` made to fail.
 
 Each backend runs in its own process (Keras picks its backend once per process). Backends that
 are not installed are skipped with the reason; CI installs TensorFlow and JAX (CPU).
@@ -119,7 +120,7 @@ def test_torch_backend_or_reason():
 
 
 @pytest.mark.skipif("jax" not in PRESENT, reason="JAX is not installed: pip install -e '.[jax]'")
-def test_stage1_commands_run_on_jax_with_tensorflow_blocked(photos, tmp_path):
+def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
     cache = str(tmp_path / "cache")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
@@ -141,3 +142,11 @@ def test_stage1_commands_run_on_jax_with_tensorflow_blocked(photos, tmp_path):
     assert "acc" in ev.stdout.lower()
     pred = cli("predict", "--run", run_id, str(photos / "a"), "--cache-dir", cache)
     assert "china.jpg" in pred.stdout
+    # stages 2-3 on JAX with TensorFlow blocked: dense head, a parallel sweep, a fine-tune
+    dense = cli("fit-head", *common, "--head", "dense", "--hidden", "16", "--epochs", "3", "--early-stopping", "2")
+    assert "run" in dense.stdout and "val" in dense.stdout
+    sweep = cli("fit-head", *common, "--head", "dense", "--sweep", "--epochs", "2", "--jobs", "2")
+    assert "best saved in run" in sweep.stdout
+    ft = cli("finetune", "--run", run_id, "--epochs", "1", "--batch-size", "4", "--no-progress",
+             "--cache-dir", cache)
+    assert "val   accuracy" in ft.stdout and "1 epoch(s)" in ft.stdout
