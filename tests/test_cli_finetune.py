@@ -46,6 +46,13 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert ev.returncode == 0 and "(n=16)" in ev.stdout, ev.stderr
     pred = run_cli("predict", "--run", ft_run, str(data / "val" / "bees"), "--cache-dir", cache)
     assert pred.returncode == 0 and len(pred.stdout.strip().splitlines()) == 8, pred.stderr
+    exported = run_cli("export", "--run", ft_run, "--cache-dir", cache)  # default: keras, in the run folder
+    assert exported.returncode == 0, exported.stderr
+    by_model = run_cli("predict", "--model", str(run_dir / "export" / "keras" / "model.keras"),
+                       str(data / "val" / "bees"))
+    assert by_model.returncode == 0, by_model.stderr
+    assert [l.split("\t")[1].split()[0] for l in by_model.stdout.splitlines()] == \
+        [l.split("\t")[1].split()[0] for l in pred.stdout.splitlines()]
 
     done = run_cli("finetune", "--resume", ft_run, "--cache-dir", cache)
     assert done.returncode == 2 and "already finished" in done.stderr

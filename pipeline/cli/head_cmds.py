@@ -225,6 +225,47 @@ def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Pat
         click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
 
 
+@runs_group.command("compare")
+@click.argument("run_ids", nargs=-1)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write the PNG (default: <cache-dir>/runs/compare-<id>-<id>.png).")
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True,
+              help="Split whose confusion matrices are plotted.")
+@click.option("--no-plot", is_flag=True, help="Only print the table; write no PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of a table.")
+@_cache_dir
+def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot: bool, as_json: bool,
+                 cache_dir: Path) -> None:
+    """Compare two or more runs: differing parameters, metrics per split, curves and confusion matrices.
+
+    Example: python cli.py runs compare 20261123-0002 20261123-0105
+    """
+    import json
+
+    from rich.console import Console
+
+    from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path,
+                                           plot_comparison, resolve)
+    from pipeline.tracking.runs import Registry
+
+    if out is not None:
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; give a file path ending in .png")
+        if out.suffix.lower() != ".png":
+            raise UserError(f"--out {out} does not end in .png; the plot is a PNG")
+    registry = Registry(cache_dir)
+    cmp = compare(resolve(registry, run_ids))
+    plot = None
+    if not no_plot:
+        plot = plot_comparison(cmp.runs, out or default_plot_path(registry, cmp.runs), split=split)
+    if as_json:
+        click.echo(json.dumps(comparison_json(cmp, plot), indent=2, default=str))
+    else:
+        Console(width=max(160, 34 + 23 * len(cmp.runs))).print(comparison_table(cmp))
+    if plot is not None:
+        click.echo(f"wrote {plot}", err=as_json)
+
+
 @cli.command("evaluate")
 @click.option("--run", "run_id", required=True, help="A fit-head or finetune run ID (or unique prefix).")
 @click.option("--data", required=True, help="Labelled data: folder, CSV manifest, tfds:NAME or builtin:digits.")
@@ -251,18 +292,26 @@ def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, trust_pick
 def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | None, cache_dir: Path,
                      batch_size: int, trust_pickle: bool = False) -> None:
     """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV)."""
-    import numpy as np
-
-    from pipeline.inference.apply import load_run, predict_paths, write_predictions_csv
+    from pipeline.inference.apply import load_run, predict_paths
 
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     proba, kept, skipped = predict_paths(run, paths, batch_size)
-    k = min(top_k, len(run.class_names))
+    print_predictions(paths, proba, kept, skipped, run.class_names, top_k, csv_out)
+
+
+def print_predictions(paths: list[str], proba, kept: list[int], skipped: list, class_names: list[str], top_k: int,
+                      csv_out: Path | None) -> None:
+    """One line per image with its top-k classes, the optional CSV, and the skipped files (stderr)."""
+    import numpy as np
+
+    from pipeline.inference.apply import write_predictions_csv
+
+    k = min(top_k, len(class_names))
     for i, row in zip(kept, proba):
         top = np.argsort(-row)[:k]
-        click.echo(f"{paths[i]}\t" + "  ".join(f"{run.class_names[c]} {row[c]:.3f}" for c in top))
+        click.echo(f"{paths[i]}\t" + "  ".join(f"{class_names[c]} {row[c]:.3f}" for c in top))
     if csv_out:
-        write_predictions_csv(csv_out, [paths[i] for i in kept], proba, run.class_names)
+        write_predictions_csv(csv_out, [paths[i] for i in kept], proba, class_names)
         click.echo(f"wrote {csv_out}", err=True)
     if skipped:
         click.echo(skipped_message(skipped), err=True)

@@ -9,7 +9,7 @@ import click
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import skipped_message
-from pipeline.cli.head_cmds import predict_with_run, trust_pickle_option
+from pipeline.cli.head_cmds import predict_with_run, print_predictions, trust_pickle_option
 from pipeline.inference.embed import image_paths, imagenet_top_k
 from pipeline.extract import DEFAULT_CACHE
 
@@ -17,29 +17,42 @@ from pipeline.extract import DEFAULT_CACHE
 @cli.command("predict")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--run", "run_id", default=None, help="A fit-head or finetune run ID (or unique prefix).")
+@click.option("--model", "model_file", type=click.Path(path_type=Path), default=None,
+              help="Or: an exported model (.onnx, .keras, .tflite, SavedModel folder) from `cli.py export`.")
 @click.option("--backbone", default=None, help="Without --run: print this backbone's ImageNet top-k.")
 @click.option("--weights", default="imagenet", show_default=True, help="With --backbone: imagenet or a file.")
 @click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
-              help="With --run: also write path, prediction, probability and per-class columns here.")
+              help="With --run or --model: also write path, prediction, probability and per-class columns here.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @trust_pickle_option
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Keras backend (default: KERAS_BACKEND).")
-def predict_cmd(images: tuple[str, ...], run_id: str | None, backbone: str | None, weights: str, top_k: int,
+def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | None, backbone: str | None, weights: str, top_k: int,
                 csv_out: Path | None, batch_size: int, trust_pickle: bool, cache_dir: Path, backend: str | None) -> None:
     """Predict classes for IMAGES (files or folders).
 
     Examples: python cli.py predict --run 20261122-2330 photos/ --csv preds.csv
+              python cli.py predict --model export/model.onnx photos/
               python cli.py predict --backbone efficientnet_lite0 photo.jpg
     """
+    if sum(x is not None for x in (run_id, model_file, backbone)) > 1:
+        raise click.UsageError("give one of --run, --model and --backbone")
     select_backend(backend)
     paths = image_paths(images)
+    if model_file is not None:
+        from pipeline.export.runtime import open_model, predict_files
+        model = open_model(model_file)
+        proba, kept, skipped = predict_files(model, paths, batch_size)
+        names = model.class_names or [str(i) for i in range(proba.shape[1])]
+        print_predictions(paths, proba, kept, skipped, names, top_k, csv_out)
+        return
     if run_id:
         predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size, trust_pickle)
         return
     if not backbone:
-        raise click.UsageError("give --run ID (a trained head) or --backbone NAME (ImageNet top-k)")
+        raise click.UsageError("give --run ID (a trained run), --model FILE (an export) or --backbone NAME "
+                               "(ImageNet top-k)")
     results, skipped = imagenet_top_k(backbone, weights, paths, top_k, batch_size=batch_size)
     for path, top in results:
         click.echo(path)

@@ -1,0 +1,270 @@
+"""`export --run ID --format keras|onnx|savedmodel|tflite`: a fit-head or finetune run as one model
+a serving stack takes: raw RGB uint8 images of the run's size in, class probabilities out, the
+backbone's preprocessing inside (the graph of `pipeline.backbones.model` plus the head).
+
+Beside the model: `labels.txt` (class names in output order) and `model_card.json` (backbone,
+weights identity, input size and resize rule, data, metrics, run id). ONNX also carries the class
+names and the card in its metadata. The export is checked before it is kept: the written file is
+loaded back with its own runtime and must give the Keras model's probabilities on a few images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib.metadata
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+# format -> the model's name inside the export folder
+FORMATS: dict[str, str] = {"keras": "model.keras", "onnx": "model.onnx", "savedmodel": "saved_model",
+                           "tflite": "model.tflite"}
+_KERAS_FORMAT = {"onnx": "onnx", "savedmodel": "tf_saved_model", "tflite": "litert"}
+_OURS = {*FORMATS.values(), "labels.txt", "model_card.json"}  # what an earlier export folder may hold
+VERIFY_TOLERANCE = 1e-4  # max |probability difference| between the export and the Keras model
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    model_path: Path
+    card: dict[str, Any]
+    max_abs_diff: float
+
+
+def inference_model(run):
+    """The run as one Keras model (uint8 image -> probabilities) in float32: a finetune run's saved
+    model, or a fit-head run's backbone rebuilt from its cache request with the head on top."""
+    if run.model_path is not None:
+        from pipeline.heads.estimators import load_keras_file
+        return float32_model(load_keras_file(run.model_path))
+    from pipeline.backend import require
+    from pipeline.finetune.tuner import build_finetune_model
+    require()
+    return build_finetune_model(run.request, run.head)
+
+
+def float32_model(model):
+    """`model` unchanged when it computes in float32, else a float32 copy with the same weights
+    (a fine-tune saved under mixed precision): ONNX and LiteRT converters need float32 graphs."""
+    import keras
+
+    policies = {getattr(getattr(l, "dtype_policy", None), "name", "float32") for l in _leaves(model)}
+    if policies <= {"float32"}:
+        return model
+    config = _float32_config(model.get_config())
+    copy = model.__class__.from_config(config)
+    copy.set_weights(model.get_weights())
+    keras.config.set_dtype_policy(keras.config.dtype_policy())  # from_config leaves the global policy alone
+    return copy
+
+
+def _leaves(model) -> list:
+    import keras
+    out = []
+    for layer in model.layers:
+        out += _leaves(layer) if isinstance(layer, keras.Model) else [layer]
+    return out
+
+
+def _float32_config(obj: Any) -> Any:
+    """A model config with every mixed dtype policy replaced by float32."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "DTypePolicy" and str(obj.get("config", {}).get("name", "")).startswith("mixed"):
+            return {**obj, "config": {**obj["config"], "name": "float32"}}
+        return {k: _float32_config(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_float32_config(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("mixed_"):
+        return "float32"
+    return obj
+
+
+def check_format(fmt: str) -> None:
+    """Refuse, in one line, a format this installation or backend cannot write (before any work)."""
+    import keras
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    backend = keras.backend.backend()
+    if fmt in ("savedmodel", "tflite"):
+        if not _importable("tensorflow"):
+            raise UserError(f"--format {fmt} needs TensorFlow (pip install tensorflow); keras and onnx "
+                            f"export work without it")
+        if backend != "tensorflow":
+            raise UserError(f"--format {fmt} is written from the TensorFlow backend: add --backend tensorflow")
+    if fmt == "onnx":
+        need = {"tensorflow": "tf2onnx", "jax": "jax2onnx"}.get(backend)
+        if need is None:
+            raise UserError("ONNX export from the PyTorch backend has a fixed batch size; use --backend jax "
+                            "or --backend tensorflow")
+        missing = [m for m in (need, "onnx", "onnxruntime") if not _importable(m)]
+        if missing:
+            raise UserError(f"--format onnx on {backend} needs {' and '.join(missing)}: "
+                            f"pip install -e \".[export]\"")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
+    """Write the run's model in `fmt` with labels.txt and model_card.json to the folder `out`.
+
+    The folder is built beside `out` and renamed into place once verified, so a failed export
+    leaves nothing half-written. An existing `out` is replaced only when it holds nothing but an
+    earlier export and `force` is given; any other existing folder is refused.
+    """
+    check_format(fmt)
+    out = Path(out).expanduser().absolute()
+    _check_target(out, force)
+    model = inference_model(run)
+    size = int(model.input.shape[1])
+    card = model_card(run, fmt, size, int(model.output.shape[-1]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        target = staging / FORMATS[fmt]
+        _write_model(model, fmt, target, card)
+        (staging / "labels.txt").write_text("".join(f"{name}\n" for name in run.class_names))
+        probe = probe_images(size)
+        expected = np.asarray(model.predict(probe, verbose=0), np.float64)
+        from pipeline.export.runtime import open_model
+        got = open_model(target).predict(probe)
+        diff = float(np.max(np.abs(got - expected)))
+        if not diff <= VERIFY_TOLERANCE:
+            raise UserError(f"the {fmt} export does not reproduce the model (max probability difference "
+                            f"{diff:.2g} > {VERIFY_TOLERANCE:g}); nothing was written. Run with --debug and report it")
+        card["verified_max_abs_diff"] = diff
+        (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out, out / FORMATS[fmt], card, diff)
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; give --out a new folder")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    if (out / "model_card.json").is_file() and entries <= _OURS:
+        if force:
+            return
+        raise UserError(f"{out} already holds an export; add --force to replace it or give another --out")
+    raise UserError(f"{out} is not empty and not an earlier export; give --out a new or empty folder")
+
+
+def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
+    """One format, with the converters' own chatter kept off the terminal."""
+    if fmt == "keras":
+        from pipeline.atomic import save_keras_atomic
+        save_keras_atomic(model, target)
+        return
+    import keras
+    spec = [keras.InputSpec(shape=(None, *model.input.shape[1:]), dtype="uint8")]
+    with _quiet():
+        try:
+            model.export(str(target), format=_KERAS_FORMAT[fmt], verbose=False, input_signature=spec)
+        except (ImportError, ModuleNotFoundError) as exc:
+            raise UserError(f"--format {fmt} needs a package that is missing ({exc}); pip install -e \".[export]\"") from None
+    if fmt == "onnx":
+        _onnx_metadata(target, card)
+    elif fmt == "savedmodel":
+        extra = target / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / "labels.txt").write_text("".join(f"{n}\n" for n in card["class_names"]))
+
+
+def _onnx_metadata(path: Path, card: dict[str, Any]) -> None:
+    """Class names (JSON list, output order) and the model card as ONNX metadata_props."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {"class_names": json.dumps(card["class_names"]),
+                                        "model_card": json.dumps(card)})
+    onnx.save(proto, str(path))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence Python-level prints of the converters (they print signatures and 'Saved artifact')."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def probe_images(size: int, n: int = 4) -> np.ndarray:
+    """A few deterministic uint8 images (smooth gradients plus noise) to check an export against."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    base = np.stack([xx, yy, 1 - xx], -1) * 255
+    return np.stack([np.clip(base * (0.3 + 0.2 * k) + rng.normal(0, 40, base.shape), 0, 255)
+                     for k in range(n)]).astype(np.uint8)
+
+
+def model_card(run, fmt: str, size: int, n_outputs: int) -> dict[str, Any]:
+    """What a serving stack (or a person) needs to feed the model and trust its output."""
+    import keras
+
+    from pipeline import backbones as bb
+    from pipeline.backbones.table import weights_identity
+    from pipeline.data import decode
+
+    record, request = run.record, run.request
+    spec = bb.get(request.backbone)
+    return {
+        "run_id": record.id, "stage": record.stage, "format": fmt, "file": FORMATS[fmt],
+        "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "input": {"name": "image", "shape": [None, size, size, 3], "dtype": "uint8", "color": "RGB",
+                  "layout": "NHWC", "resize": request.resize, "decoder": decode.identity(),
+                  "preprocessing": "inside the model"},
+        "output": {"shape": [None, n_outputs], "meaning": "class probabilities (softmax)",
+                   "labels": "labels.txt, one class per line in output order"},
+        "class_names": list(run.class_names),
+        "backbone": {"name": spec.name, "weights": request.weights,
+                     "weights_identity": weights_identity(spec, request.weights),
+                     "pooling": request.pooling, "layer": request.layer},
+        "head": record.config.get("head"),
+        "data": {"source": record.config.get("data", request.data), "cache_key": record.config.get("cache_key")},
+        "metrics": _metric_summary(record.metrics),
+        "tool": {"name": "featurecache", "version": _version("featurecache"),
+                 "keras": keras.__version__, "keras_backend": keras.backend.backend()},
+    }
+
+
+def _metric_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Per split: accuracy, macro F1, log loss and n where the run recorded them (a fine-tune's
+    figures after training)."""
+    out = {}
+    metrics = metrics or {}
+    for split, rep in (metrics.get("after") if isinstance(metrics.get("after"), dict) else metrics).items():
+        if isinstance(rep, dict) and "accuracy" in rep:
+            out[split] = {k: rep[k] for k in ("accuracy", "macro_f1", "log_loss", "n") if k in rep}
+    return out
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None

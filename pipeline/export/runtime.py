@@ -1,0 +1,178 @@
+"""Open an exported model with its own runtime, without this tool's cache or runs: `.onnx` with
+ONNX Runtime, `.keras` with Keras (safe mode), a SavedModel folder or `.tflite` with TensorFlow.
+Used by `predict --model FILE` and by `export` to check what it wrote.
+
+Class names come from the ONNX metadata or `labels.txt` beside the file; the input size and resize
+rule from `model_card.json` beside it (else the model's input shape and the default rule).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+
+@dataclass
+class ExportedModel:
+    """A loaded export: `predict(uint8 NHWC batch) -> probabilities (n, k)` plus what feeds it."""
+
+    path: Path
+    kind: str
+    size: int
+    class_names: list[str]
+    resize: str = "stretch"
+    card: dict[str, Any] = field(default_factory=dict)
+    _call: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if images.ndim != 4 or images.shape[1:] != (self.size, self.size, 3):
+            raise UserError(f"{self.path.name} takes (n, {self.size}, {self.size}, 3) uint8 images, got {images.shape}")
+        return np.asarray(self._call(images), np.float64)
+
+
+def open_model(path: str | Path) -> ExportedModel:
+    """Load `path` (.onnx, .keras, .tflite or a SavedModel folder); one-line errors for anything else."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"model not found: {path}")
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise UserError(f"{path} is a folder but not a SavedModel (no saved_model.pb); give the model file")
+        kind, call, size, names = "savedmodel", *_savedmodel(path)
+    elif path.suffix == ".onnx":
+        kind, call, size, names = "onnx", *_onnx(path)
+    elif path.suffix == ".keras":
+        kind, call, size, names = "keras", *_keras(path)
+    elif path.suffix == ".tflite":
+        kind, call, size, names = "tflite", *_tflite(path)
+    else:
+        raise UserError(f"{path.name}: unknown model type; --model takes .onnx, .keras, .tflite or a SavedModel folder")
+    card = _read_card(path)
+    labels = _read_labels(path)
+    names = labels or names or card.get("class_names") or []
+    resize = (card.get("input") or {}).get("resize", "stretch")
+    return ExportedModel(path, kind, size, list(names), resize, card, call)
+
+
+def _beside(path: Path, name: str) -> Path:
+    """labels.txt and model_card.json sit in the export folder, beside the model file or SavedModel folder."""
+    return path.parent / name
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    card = _beside(path, "model_card.json")
+    if not card.is_file():
+        return {}
+    try:
+        data = json.loads(card.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{card} is not valid JSON; re-export the model or remove the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _read_labels(path: Path) -> list[str]:
+    labels = _beside(path, "labels.txt")
+    if not labels.is_file():
+        return []
+    return [line.rstrip("\n") for line in labels.read_text().splitlines() if line.strip()]
+
+
+def _square_size(shape, path: Path) -> int:
+    dims = [d if isinstance(d, int) else None for d in list(shape)]
+    if len(dims) != 4 or dims[1] is None or dims[1] != dims[2] or dims[3] != 3:
+        raise UserError(f"{path.name} does not take square RGB images (input shape {list(shape)}); "
+                        f"predict --model takes models written by `cli.py export`")
+    return int(dims[1])
+
+
+def _onnx(path: Path):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("running an .onnx model needs onnxruntime: pip install onnxruntime") from None
+    try:
+        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
+        raise UserError(f"{path} is not a readable ONNX model ({' '.join(str(exc).split())[:160]})") from None
+    inp = session.get_inputs()[0]
+    if inp.type != "tensor(uint8)":
+        raise UserError(f"{path.name} takes {inp.type}, not uint8 images; predict --model takes models written "
+                        f"by `cli.py export`")
+    meta = session.get_modelmeta().custom_metadata_map
+    names = json.loads(meta["class_names"]) if "class_names" in meta else []
+    return (lambda x: session.run(None, {inp.name: x})[0]), _square_size(inp.shape, path), names
+
+
+def _keras(path: Path):
+    from pipeline.backend import require
+    from pipeline.heads.estimators import load_keras_file
+    require()
+    model = load_keras_file(path)
+    return (lambda x: model.predict(x, verbose=0, batch_size=len(x))), _square_size(model.input.shape, path), []
+
+
+def _tensorflow(what: str):
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise UserError(f"running a {what} needs TensorFlow (pip install tensorflow); .onnx and .keras "
+                        f"exports run without it") from None
+    return tf
+
+
+def _savedmodel(path: Path):
+    tf = _tensorflow("SavedModel")
+    loaded = tf.saved_model.load(str(path))
+    fn = loaded.signatures.get("serving_default")
+    if fn is None:
+        raise UserError(f"{path} has no serving_default signature")
+    spec = list(fn.structured_input_signature[1].values())[0]
+    key = list(fn.structured_outputs)[0]
+    return (lambda x: fn(tf.constant(x))[key].numpy()), _square_size(spec.shape.as_list(), path), []
+
+
+def _tflite(path: Path):
+    tf = _tensorflow(".tflite model")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter announces its move to ai-edge-litert
+        interpreter = tf.lite.Interpreter(model_path=str(path))
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+    def call(x: np.ndarray) -> np.ndarray:
+        interpreter.resize_tensor_input(inp["index"], x.shape)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(out["index"]).copy()
+
+    return call, _square_size(inp["shape"].tolist(), path), []
+
+
+def predict_files(model: ExportedModel, paths: list[str], batch_size: int = 32
+                  ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """Probabilities of an exported model for image files, decoded and resized exactly as the
+    run's cache was (the card's size and resize rule): (probabilities, kept positions, skipped)."""
+    from pipeline.inference.embed import image_batches
+
+    outs, kept, skipped = [], [], []
+    for batch in image_batches(paths, model.size, model.resize, batch_size):
+        skipped += [(paths[t], reason) for t, reason in batch.skipped]
+        if batch.tags.size:
+            outs.append(model.predict(batch.images))
+            kept += batch.tags.tolist()
+    if not outs:
+        raise UserError(f"none of the {len(paths)} file(s) could be read as an image"
+                        + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+    proba = np.concatenate(outs)
+    if model.class_names and len(model.class_names) != proba.shape[1]:
+        raise UserError(f"labels.txt beside {model.path.name} names {len(model.class_names)} classes but the model "
+                        f"outputs {proba.shape[1]}; re-export the model")
+    return proba, kept, skipped

@@ -1,0 +1,169 @@
+"""`export` and `predict --model`: a run leaves the tool as one model (raw uint8 in, probabilities
+out) that its own runtime loads, and that gives the run's predictions."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import make_folder, run_cli
+
+LITE = ["--backbone", "efficientnet_lite0", "--image-size", "64", "--no-progress"]  # real ImageNet weights
+BACKEND = keras.backend.backend()
+
+
+def _has(*modules: str) -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+FORMAT_NEEDS = {"keras": (), "onnx": ("onnx", "onnxruntime", "tf2onnx" if BACKEND == "tensorflow" else "jax2onnx"),
+                "savedmodel": ("tensorflow",), "tflite": ("tensorflow",)}
+TF_ONLY = {"savedmodel", "tflite"}
+
+
+@pytest.fixture(scope="module")
+def head_run(tmp_path_factory):
+    """A logistic fit-head run on real Lite0 features of 12 small images per class."""
+    root = tmp_path_factory.mktemp("export")
+    data = make_folder(root / "d", per_class=12)
+    cache = root / "c"
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--C", "1.0")
+    assert fit.returncode == 0, fit.stderr
+    run_id = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+    return run_id, data, cache
+
+
+def _probabilities(csv_path: Path) -> dict[str, np.ndarray]:
+    rows = list(csv.DictReader(csv_path.open()))
+    return {r["path"]: np.array([float(r["ants"]), float(r["bees"])]) for r in rows}
+
+
+def test_onnx_export_predicts_like_the_run(head_run, tmp_path):
+    """The issue's round trip as a user runs it: export, then predict --model on 10 images equals
+    predict --run to 1e-4, with the same class names."""
+    if not _has(*FORMAT_NEEDS["onnx"]):
+        pytest.skip(f"ONNX export on {BACKEND} needs {FORMAT_NEEDS['onnx']} (pip install -e '.[export]')")
+    run_id, data, cache = head_run
+    out = tmp_path / "onnx"
+    exp = run_cli("export", "--run", run_id, "--format", "onnx", "--out", str(out), "--cache-dir", str(cache))
+    assert exp.returncode == 0, exp.stderr
+    assert "max probability difference" in exp.stdout
+    assert (out / "labels.txt").read_text() == "ants\nbees\n"
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["run_id"] == run_id and card["input"]["shape"] == [None, 64, 64, 3] and card["input"]["dtype"] == "uint8"
+    assert card["class_names"] == ["ants", "bees"] and card["backbone"]["name"] == "efficientnet_lite0"
+    assert 0 <= card["metrics"]["val"]["accuracy"] <= 1
+
+    images = sorted((data / "val" / "ants").iterdir())[:5] + sorted((data / "val" / "bees").iterdir())[:5]
+    ours, theirs = tmp_path / "run.csv", tmp_path / "model.csv"
+    a = run_cli("predict", "--run", run_id, *map(str, images), "--csv", str(ours), "--cache-dir", str(cache))
+    b = run_cli("predict", "--model", str(out / "model.onnx"), *map(str, images), "--csv", str(theirs))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    pa, pb = _probabilities(ours), _probabilities(theirs)
+    assert len(pa) == 10 and pa.keys() == pb.keys()
+    for path in pa:
+        np.testing.assert_allclose(pb[path], pa[path], atol=1e-4)
+    labels_a = [l.split("\t")[1].split()[0] for l in a.stdout.splitlines()]
+    labels_b = [l.split("\t")[1].split()[0] for l in b.stdout.splitlines()]
+    assert labels_a == labels_b and set(labels_a) <= {"ants", "bees"}
+
+
+@pytest.mark.parametrize("fmt", ["keras", "savedmodel", "tflite"])
+def test_every_format_round_trips_in_process(head_run, tmp_path, fmt):
+    """Each other format, through the library: the loaded export's probabilities on 10 images equal
+    the run's own (`predict_paths`) to 1e-4."""
+    if fmt in TF_ONLY and BACKEND != "tensorflow":
+        pytest.skip(f"{fmt} is written from the TensorFlow backend (this run: {BACKEND})")
+    if not _has(*FORMAT_NEEDS[fmt]):
+        pytest.skip(f"{fmt} export needs {FORMAT_NEEDS[fmt]}")
+    from pipeline.export import export_run, open_model
+    from pipeline.export.runtime import predict_files
+    from pipeline.inference.apply import load_run, predict_paths
+
+    run_id, data, cache = head_run
+    run = load_run(cache, run_id)
+    result = export_run(run, fmt, tmp_path / fmt)
+    assert result.max_abs_diff <= 1e-4 and (tmp_path / fmt / "labels.txt").exists()
+    paths = [str(p) for p in sorted((data / "val").rglob("*.jpg"))[:10]]
+    expected, kept, _ = predict_paths(run, paths)
+    model = open_model(result.model_path)
+    assert model.class_names == ["ants", "bees"] and model.size == 64 and model.kind == fmt
+    got, kept2, _ = predict_files(model, paths)
+    assert kept == kept2
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_path):
+    run_id, _, cache = head_run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    bad = run_cli("export", "--run", run_id, "--out", str(mine), "--cache-dir", str(cache))
+    assert bad.returncode == 2 and "not empty" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+    out = tmp_path / "exp"
+    first = run_cli("export", "--run", run_id, "--out", str(out), "--cache-dir", str(cache))
+    assert first.returncode == 0, first.stderr
+    again = run_cli("export", "--run", run_id, "--out", str(out), "--cache-dir", str(cache))
+    assert again.returncode == 2 and "--force" in again.stderr
+    forced = run_cli("export", "--run", run_id, "--out", str(out), "--force", "--cache-dir", str(cache))
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "model.keras", "model_card.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["export", "--run", "nope"], "unknown run ID"),
+    (["predict", "--model", "{tmp}/missing.onnx", "{img}"], "model not found"),
+    (["predict", "--model", "{tmp}/bad.onnx", "{img}"], "not a readable ONNX model"),
+    (["predict", "--model", "{tmp}/x.pkl", "{img}"], "unknown model type"),
+    (["predict", "--model", "{tmp}/bad.onnx", "--run", "x", "{img}"], "one of --run, --model"),
+])
+def test_export_and_predict_model_errors_are_one_line(args, fragment, tmp_path):
+    make_folder(tmp_path / "d", per_class=1, splits=())
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx at all")
+    (tmp_path / "x.pkl").write_bytes(b"\x80\x04.")
+    img = str(next((tmp_path / "d").rglob("*.jpg")))
+    args = [a.format(tmp=tmp_path, img=img) for a in args]
+    res = run_cli(*args, "--cache-dir", str(tmp_path / "c")) if args[0] == "export" else run_cli(*args)
+    assert res.returncode == 2, res.stderr
+    assert fragment in res.stderr and "Traceback" not in res.stderr
+
+
+def test_tflite_on_another_backend_says_how_in_one_line(head_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+    run_id, _, cache = head_run
+    other = "jax" if BACKEND != "jax" else "tensorflow"
+    if other == "tensorflow":
+        pytest.skip("runs from a non-TensorFlow backend")
+    env = dict(os.environ, KERAS_BACKEND=other)
+    res = subprocess.run([sys.executable, "cli.py", "export", "--run", run_id, "--format", "tflite", "--out",
+                          str(tmp_path / "t"), "--cache-dir", str(cache)], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 2 and "--backend tensorflow" in res.stderr and not (tmp_path / "t").exists()
+
+
+def test_a_mixed_precision_model_exports_as_float32():
+    from pipeline.export.exporter import float32_model
+
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        inp = keras.Input((4,))
+        model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", dtype="float32")(keras.layers.Dense(5)(inp)))
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert model.layers[1].dtype_policy.name == "mixed_float16"
+    copy = float32_model(model)
+    assert {l.dtype_policy.name for l in copy.layers[1:]} == {"float32"}
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
+    np.testing.assert_allclose(np.asarray(copy(x)), np.asarray(model(x)), atol=2e-3)
+    assert keras.config.dtype_policy().name == "float32"
