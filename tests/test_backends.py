@@ -150,3 +150,21 @@ def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
     ft = cli("finetune", "--run", run_id, "--epochs", "1", "--batch-size", "4", "--no-progress",
              "--cache-dir", cache)
     assert "val   accuracy" in ft.stdout and "1 epoch(s)" in ft.stdout
+    # serving and tracking on JAX with TensorFlow blocked: ONNX export (jax2onnx), predict --model, MLflow
+    import importlib.util
+    if all(importlib.util.find_spec(m) for m in ("jax2onnx", "onnx", "onnxruntime")):
+        exp = cli("export", "--run", run_id, "--format", "onnx", "--out", str(tmp_path / "onnx"), "--cache-dir", cache)
+        assert "max probability difference" in exp.stdout
+        by_model = cli("predict", "--model", str(tmp_path / "onnx" / "model.onnx"), str(photos / "a"))
+        assert [l.split("\t")[1].split()[0] for l in by_model.stdout.splitlines()] == \
+            [l.split("\t")[1].split()[0] for l in pred.stdout.splitlines()]
+        refused = subprocess.run([sys.executable, "-c", BLOCKED_CLI, "export", "--run", run_id, "--format",
+                                  "savedmodel", "--cache-dir", cache], env=_env("jax"), capture_output=True,
+                                 text=True, timeout=300, cwd=tmp_path)
+        assert refused.returncode == 2 and "needs TensorFlow" in refused.stderr
+    if importlib.util.find_spec("mlflow"):
+        logged = cli("fit-head", *common, "--head", "dense", "--hidden", "8", "--epochs", "2", "--mlflow")
+        assert "logged to MLflow run" in logged.stderr and "MLflow logging failed" not in logged.stderr
+        tuned = cli("finetune", "--run", run_id, "--epochs", "1", "--batch-size", "4", "--no-progress",
+                    "--cache-dir", cache, "--mlflow")
+        assert "logged to MLflow run" in tuned.stderr and "MLflow logging failed" not in tuned.stderr

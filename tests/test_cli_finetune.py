@@ -13,6 +13,12 @@ from conftest import make_folder, run_cli
 FAST = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--no-progress"]
 
 
+def _mlflow_args() -> list[str]:
+    """--mlflow where MLflow is installed (the test extra has it)."""
+    import importlib.util
+    return ["--mlflow"] if importlib.util.find_spec("mlflow") else []
+
+
 def _run_id(stdout: str) -> str:
     return stdout.strip().splitlines()[-1].rsplit("run ", 1)[1].split()[0]
 
@@ -28,7 +34,7 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert bad.returncode == 2 and "block5" in bad.stderr and "Traceback" not in bad.stderr
 
     ft = run_cli("finetune", "--run", head_run, "--unfreeze", "block5", "--epochs", "2", "--batch-size", "8",
-                 "--augment", "flip,rotation=0.05", "--cache-dir", cache)
+                 "--augment", "flip,rotation=0.05", "--cache-dir", cache, *_mlflow_args())
     assert ft.returncode == 0, ft.stderr
     assert "val   accuracy" in ft.stdout and "->" in ft.stdout
     ft_run = _run_id(ft.stdout)
@@ -53,6 +59,15 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert by_model.returncode == 0, by_model.stderr
     assert [l.split("\t")[1].split()[0] for l in by_model.stdout.splitlines()] == \
         [l.split("\t")[1].split()[0] for l in pred.stdout.splitlines()]
+
+    if _mlflow_args():  # logged to the default store, cache/mlflow.db: per-epoch metrics and the keras model
+        import mlflow
+        mlflow.set_tracking_uri(f"sqlite:///{Path(cache) / 'mlflow.db'}")
+        mrun = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.`featurecache.run_id` = '{ft_run}'")[0]
+        history = mlflow.tracking.MlflowClient().get_metric_history(mrun.info.run_id, "val_loss")
+        assert [m.step for m in history] == [0, 1] and "after_val_accuracy" in mrun.data.metrics
+        assert mlflow.keras.load_model(f"runs:/{mrun.info.run_id}/model").output_shape == (None, 2)
 
     done = run_cli("finetune", "--resume", ft_run, "--cache-dir", cache)
     assert done.returncode == 2 and "already finished" in done.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pipeline.cli import cli
-from pipeline.cli.options import build_request, extract_options
+from pipeline.cli.options import build_request, extract_options, mlflow_after, mlflow_check, mlflow_options
 from pipeline import backbones as bb
 from pipeline.extract import extract
 
@@ -35,14 +35,18 @@ def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
 @cli.command("extract")
 @extract_options
 @click.option("--force", is_flag=True, help="Recompute even when the cache has this request.")
-def extract_cmd(force: bool, **kw) -> None:
+@mlflow_options
+def extract_cmd(force: bool, mlflow: bool | None, mlflow_experiment: str | None, **kw) -> None:
     """Run the frozen backbone once over --data and cache the features in HDF5.
 
     Example: python cli.py extract --data ../shared/data/hymenoptera --backbone mobilenetv2 --image-size 160
     """
+    log_mlflow = mlflow_check(mlflow)
     request, options = build_request(kw)
     options.force = force
-    report_extraction(extract(request, options))
+    result = extract(request, options)
+    report_extraction(result)
+    mlflow_after(log_mlflow, options.cache_dir, result.run_id, mlflow_experiment)
 
 
 @cli.command("backbones")

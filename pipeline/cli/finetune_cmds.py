@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli import cli
-from pipeline.cli.options import parse_augment
+from pipeline.cli.options import mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
 
@@ -35,10 +35,12 @@ from pipeline.extract import DEFAULT_CACHE
 @click.option("--trust-pickle", is_flag=True, help="Also load an old pickled head.joblib from the fit-head run "
                                                    "(unpickling can run code; only for runs you trust).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
+@mlflow_options
 def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str, ...], unfreeze_last: int | None,
                  lr: float | None, optimizer: str, lr_schedule: str, epochs: int, batch_size: int,
                  early_stopping: int | None, class_weight: str | None, augment: str, seed: int,
-                 no_progress: bool, trust_pickle: bool, cache_dir: Path) -> None:
+                 no_progress: bool, trust_pickle: bool, cache_dir: Path, mlflow: bool | None,
+                 mlflow_experiment: str | None) -> None:
     """Fine-tune the backbone's top blocks with the fitted head on top, on the raw images.
 
     Example: python cli.py finetune --run 20261122-2330 --unfreeze block7 --epochs 3
@@ -47,6 +49,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     from pipeline.tracking.plots import plot_confusion_matrix, plot_history
     from pipeline.tracking.runs import Registry, Run
 
+    log_mlflow = mlflow_check(mlflow)
     registry = Registry(cache_dir)
     if resume_id:
         record = registry.get(resume_id)
@@ -96,3 +99,4 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     click.echo(f"validated on {result.n_val} images ({result.val_source}); trained on {result.n_train}")
     click.echo(format_comparison(result.comparison))
     click.echo(f"{result.epochs_run} epoch(s) in {result.seconds:.1f}s; model {result.model_path}; run {run.id}")
+    mlflow_after(log_mlflow, cache_dir, run.id, mlflow_experiment)

@@ -8,7 +8,7 @@ import click
 
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import report_extraction, skipped_message
-from pipeline.cli.options import build_request, extract_options
+from pipeline.cli.options import build_request, extract_options, mlflow_after, mlflow_check, mlflow_options
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
 
@@ -104,7 +104,9 @@ def _make_head(head: str, opts: dict):
 @click.option("--sweep", is_flag=True, help="Grid search (C for logistic; lr x dropout x hidden for dense) "
                                             "in parallel; the best is saved.")
 @extract_options
-def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, **kw) -> None:
+@mlflow_options
+def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, mlflow: bool | None,
+                 mlflow_experiment: str | None, **kw) -> None:
     """Train a classifier head on cached features and record the run.
 
     Example: python cli.py fit-head --data ../shared/data/hymenoptera --head logistic
@@ -113,6 +115,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
 
     from pipeline.tracking.metrics import summary_line
 
+    log_mlflow = mlflow_check(mlflow)
     head_opts = {k: kw.pop(k) for k in list(kw) if k in (
         "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
         "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
@@ -123,7 +126,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         check_finite(ff)
         estimator = _make_head(head, head_opts)
         if sweep:
-            _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
+            run_id = _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
+            mlflow_after(log_mlflow, ff.path.parent.parent, run_id, mlflow_experiment)
             return
         from pipeline.heads.training import fit_head_run
         result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
@@ -135,9 +139,10 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     if result.metrics.get("val", {}).get("n"):
         from pipeline.tracking.metrics import metrics_table
         Console(width=110).print(metrics_table(result.metrics["val"], title="val"))
+    mlflow_after(log_mlflow, Path(run.dir).parent.parent, run.id, mlflow_experiment)
 
 
-def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, use_augmented: bool) -> None:
+def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, use_augmented: bool) -> str:
     from rich.console import Console
 
     from pipeline.tracking.runs import Registry
@@ -154,6 +159,7 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
         save_sweep(results, run)
     Console(width=120).print(results_table(results, title=f"sweep ({len(results)} configs, best first)"))
     click.echo(f"best saved in run {run.id} ({run.dir})")
+    return run.id
 
 
 @cli.group("runs", invoke_without_command=True)

@@ -66,6 +66,34 @@ def extract_options(fn: Callable) -> Callable:
     return fn
 
 
+def mlflow_options(fn: Callable) -> Callable:
+    """`--mlflow/--no-mlflow` (default: on when MLFLOW_TRACKING_URI is set) and `--mlflow-experiment`."""
+    fn = click.option("--mlflow-experiment", default=None, metavar="NAME",
+                      help="MLflow experiment (default: MLFLOW_EXPERIMENT_NAME, else featurecache).")(fn)
+    return click.option("--mlflow/--no-mlflow", "mlflow", default=None,
+                        help="Also log the run to MLflow (default: on when MLFLOW_TRACKING_URI is set; "
+                             "else the store is cache/mlflow.db).")(fn)
+
+
+def mlflow_check(flag: bool | None) -> bool:
+    """Whether to log to MLflow; refuses before any work when it is wanted but not installed."""
+    from pipeline.tracking import mlflow_log
+    on = mlflow_log.enabled(flag)
+    if on:
+        mlflow_log.require()
+    return on
+
+
+def mlflow_after(on: bool, cache_dir: Path, run_id: str | None, experiment: str | None) -> None:
+    """Log a recorded run to MLflow and say where (a failure is one warning; the local run stays)."""
+    if not on or not run_id:
+        return
+    from pipeline.tracking import mlflow_log
+    mlflow_id = mlflow_log.log_run(cache_dir, run_id, experiment)
+    if mlflow_id:
+        click.echo(f"logged to MLflow run {mlflow_id} ({mlflow_log.tracking_uri(cache_dir)})", err=True)
+
+
 def parse_augment(spec: str) -> AugmentConfig:
     """'flip,rotation=0.1' -> AugmentConfig with the named ops on (others off)."""
     defaults = AugmentConfig().as_dict()

@@ -98,9 +98,11 @@ def check_format(fmt: str) -> None:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     backend = keras.backend.backend()
     if fmt in ("savedmodel", "tflite"):
-        if not _importable("tensorflow"):
+        try:
+            import tensorflow  # noqa: F401 - these formats are TensorFlow's; the import is needed anyway
+        except ImportError:
             raise UserError(f"--format {fmt} needs TensorFlow (pip install tensorflow); keras and onnx "
-                            f"export work without it")
+                            f"export work without it") from None
         if backend != "tensorflow":
             raise UserError(f"--format {fmt} is written from the TensorFlow backend: add --backend tensorflow")
     if fmt == "onnx":

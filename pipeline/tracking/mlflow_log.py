@@ -1,0 +1,254 @@
+"""Optional MLflow tracking (`--mlflow`, extra `.[mlflow]`, imported only when used).
+
+A run is logged after the tool has recorded it in its own registry, from what the run folder holds,
+so MLflow can never lose or block the local run: parameters (the flattened config), final metrics
+per split, per-epoch metrics (dense heads, fine-tuning), a sweep's configurations as child runs,
+the PNGs and JSON files, and the head or model in MLflow's own flavour (sklearn for a logistic
+head, serialized with skops rather than pickle; keras for dense heads and fine-tuned models).
+Tags carry the backbone, cache key and data fingerprint; the MLflow run id is written back into
+the tool's run.json. An active MLflow run is reused. With no MLFLOW_TRACKING_URI the store is
+`<cache>/mlflow.db` (SQLite; MLflow's file store is deprecated). Any failure warns once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from pipeline.errors import DataWarning, UserError
+from pipeline.tracking.runs import Registry, RunRecord, _write_json
+
+DEFAULT_EXPERIMENT = "featurecache"
+_ARTIFACTS = (".png", ".json")
+_MAX_PARAM = 6000  # MLflow's limit on one parameter value
+
+
+def enabled(flag: bool | None) -> bool:
+    """`--mlflow/--no-mlflow` when given, else on exactly when MLFLOW_TRACKING_URI is set (the convention)."""
+    return flag if flag is not None else bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def require() -> None:
+    """Refuse `--mlflow` in one line, before any work, when MLflow is not installed."""
+    import importlib.util
+    if importlib.util.find_spec("mlflow") is None:
+        raise UserError("--mlflow needs MLflow: pip install -e \".[mlflow]\" (or unset MLFLOW_TRACKING_URI)")
+
+
+def tracking_uri(cache_dir: str | os.PathLike) -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite database in the cache folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cache_dir).absolute() / 'mlflow.db'}"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> dotted keys (`request.split.seed`); lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Every numeric figure of metrics.json as one MLflow metric: per split `val_accuracy`,
+    `val_log_loss`, ...; a fine-tune's `before_`/`after_` figures; top-level numbers as they are."""
+    out: dict[str, float] = {}
+
+    def walk(obj: Any, prefix: str) -> None:
+        if isinstance(obj, Mapping):
+            for key, value in obj.items():
+                if key in ("per_class", "confusion_matrix", "class_names", "cv_scores", "history"):
+                    continue
+                walk(value, f"{prefix}{key}_" if prefix or key else prefix)
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            out[prefix.rstrip("_")] = float(obj)
+
+    walk(metrics, "")
+    return out
+
+
+def history_of(record: RunRecord) -> dict[str, list[float]]:
+    """Per-epoch series of a run: a dense head's (head.json) or a fine-tune's (finetune.json)."""
+    for name in ("head.json", "finetune.json"):
+        path = record.dir / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except ValueError:
+                continue
+            hist = data.get("history") if isinstance(data, dict) else None
+            if isinstance(hist, dict) and hist:
+                return {k: [float(v) for v in vs] for k, vs in hist.items() if isinstance(vs, list)}
+    return {}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep MLflow's own log lines, warnings and prints (emoji run links) off the terminal."""
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = None) -> str | None:
+    """Log the recorded run `run_id` to MLflow; returns the MLflow run id, or None after one warning."""
+    record = Registry(cache_dir).get(run_id)
+    # An unreachable server should cost seconds, not MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        with _quiet():
+            mlflow_id, experiment_id, uri = _log(record, cache_dir, experiment)
+    except Exception as exc:  # noqa: BLE001 - tracking must never lose or fail the local run
+        text = " ".join(str(exc).split())[:200]
+        warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {text}); the run is kept in {record.dir}",
+                      DataWarning, stacklevel=2)
+        return None
+    info = dict(record.info)
+    info["mlflow"] = {"run_id": mlflow_id, "experiment_id": experiment_id, "tracking_uri": uri}
+    _write_json(record.dir / "run.json", info)
+    return mlflow_id
+
+
+def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None) -> tuple[str, str, str]:
+    import mlflow
+
+    uri = tracking_uri(cache_dir)
+    mlflow.set_tracking_uri(uri)
+    active = mlflow.active_run()
+    if active is None:
+        name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        mlflow.set_experiment(name)
+    context = contextlib.nullcontext(active) if active is not None else \
+        mlflow.start_run(run_name=f"{record.stage} {record.id}")
+    with context as run:
+        mlflow.set_tags(_tags(record))
+        params = {k: _param_text(v) for k, v in flatten(record.config).items()}
+        mlflow.log_params(params)
+        metrics = final_metrics(record.metrics)
+        if metrics:
+            mlflow.log_metrics(metrics)
+        _log_history(mlflow, history_of(record))
+        for path in sorted(record.dir.iterdir()):
+            if path.is_file() and path.suffix in _ARTIFACTS:
+                mlflow.log_artifact(str(path))
+        _log_model(mlflow, record)
+        _log_sweep(mlflow, record)
+        return run.info.run_id, run.info.experiment_id, uri
+
+
+def _tags(record: RunRecord) -> dict[str, str]:
+    cfg = record.config
+    tags = {"featurecache.run_id": record.id, "featurecache.stage": record.stage,
+            "featurecache.run_dir": str(record.dir)}
+    for key in ("backbone", "cache_key", "data", "head", "parent_run"):
+        if cfg.get(key) is not None:
+            tags[key] = str(cfg[key])
+    fingerprint = cfg.get("data_fingerprint") or _fingerprint(cfg.get("cache_file") or cfg.get("cache_path"))
+    if fingerprint:
+        tags["data_fingerprint"] = str(fingerprint)
+    return tags
+
+
+def _fingerprint(cache_file: str | None) -> str | None:
+    """The data fingerprint stored in the cache file the run used (None when it is gone)."""
+    if not cache_file or not Path(cache_file).is_file():
+        return None
+    from pipeline.features.store import FeatureFile
+    try:
+        with FeatureFile(cache_file) as ff:
+            value = ff.attrs.get("data_fingerprint")
+    except Exception:  # noqa: BLE001 - a tag is not worth failing over
+        return None
+    return None if value is None else str(value)
+
+
+def _param_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= _MAX_PARAM else text[: _MAX_PARAM - 3] + "..."
+
+
+def _log_history(mlflow, history: Mapping[str, list[float]]) -> None:
+    """Per-epoch metrics (step = epoch) in one batch call."""
+    from mlflow.entities import Metric
+    import time
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(v), now, step) for key, values in history.items() for step, v in enumerate(values)]
+    if batch:
+        client, run_id = mlflow.tracking.MlflowClient(), mlflow.active_run().info.run_id
+        for start in range(0, len(batch), 1000):
+            client.log_batch(run_id, metrics=batch[start:start + 1000])
+
+
+def _log_model(mlflow, record: RunRecord) -> None:
+    """The head or model in MLflow's flavour: sklearn (skops) for logistic, keras otherwise."""
+    if record.stage == "finetune" and (record.dir / "model.keras").is_file():
+        import mlflow.keras
+        from pipeline.heads.estimators import load_keras_file
+        mlflow.keras.log_model(load_keras_file(record.dir / "model.keras"), name="model",
+                               pip_requirements=_requirements("keras"))
+        return
+    if record.stage != "fit-head":
+        return
+    from pipeline.heads.estimators import load_head
+    try:
+        head = load_head(record.dir)
+    except UserError:
+        return  # an old pickled head is not loaded without --trust-pickle; the files are still logged
+    if getattr(head, "pipeline_", None) is not None:
+        import mlflow.sklearn
+        mlflow.sklearn.log_model(head.pipeline_, name="model", serialization_format="skops",
+                                 pyfunc_predict_fn="predict_proba",
+                                 pip_requirements=_requirements("scikit-learn", "skops", "numpy"))
+    elif getattr(head, "model_", None) is not None:
+        import mlflow.keras
+        mlflow.keras.log_model(head.model_, name="model", pip_requirements=_requirements("keras"))
+
+
+def _requirements(*dists: str) -> list[str]:
+    """Pinned requirements of a logged model, given rather than inferred (MLflow's inference loads
+    the model in a subprocess: seconds per run). Keras models also need their backend's library."""
+    import importlib.metadata
+
+    import keras
+    names = list(dists)
+    if "keras" in names:
+        names.append({"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[keras.backend.backend()])
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def _log_sweep(mlflow, record: RunRecord) -> None:
+    """Each configuration of a sweep as a child run with its parameters and val metrics."""
+    path = record.dir / "sweep.json"
+    if not path.is_file():
+        return
+    rows = json.loads(path.read_text())
+    for k, row in enumerate(rows if isinstance(rows, list) else []):
+        with mlflow.start_run(run_name=f"config {k}", nested=True):
+            params = row.get("params") if isinstance(row.get("params"), Mapping) else {}
+            mlflow.log_params({key: _param_text(v) for key, v in flatten(params).items()})
+            numbers = {key: float(v) for key, v in row.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if numbers:
+                mlflow.log_metrics(numbers)
+            mlflow.set_tag("featurecache.sweep_rank", str(k))
