@@ -82,6 +82,7 @@ def test_dense_sweep_and_default_store(tmp_path, monkeypatch):
     uri = f"sqlite:///{cache / 'mlflow.db'}"
     assert (cache / "mlflow.db").is_file()
     mrun = _mlflow_run(uri, _run_id(dense.stdout))
+    assert mrun.info.artifact_uri.startswith((cache / "mlflow-artifacts").as_uri())  # not ./mlruns
     client = mlflow.tracking.MlflowClient()
     assert [m.step for m in client.get_metric_history(mrun.info.run_id, "loss")] == [0, 1, 2]
     assert len(client.get_metric_history(mrun.info.run_id, "val_loss")) == 3

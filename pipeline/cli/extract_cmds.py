@@ -7,6 +7,7 @@ import click
 from pipeline.cli import cli
 from pipeline.cli.options import build_request, extract_options, mlflow_after, mlflow_check, mlflow_options
 from pipeline import backbones as bb
+from pipeline.errors import UserError
 from pipeline.extract import extract
 
 
@@ -15,9 +16,24 @@ def report_extraction(result) -> None:
     if result.cache_hit:
         click.echo(f"cache hit: {result.path}")
         return
+    if result.shard is not None and (result.missing_chunks or not result.n_rows):
+        i, n = result.shard
+        click.echo(f"shard {i}/{n}: computed {result.computed} image(s)"
+                   + (f", reused {result.reused}" if result.reused else ""))
+        if result.missing_chunks:
+            owners = sorted({c % n for c in result.missing_chunks})
+            click.echo(f"{result.n_chunks - len(result.missing_chunks)} of {result.n_chunks} chunks present; "
+                       f"waiting for shard(s) {', '.join(f'{k}/{n}' for k in owners)}; the last shard to finish "
+                       f"(or a plain extract afterwards) assembles {result.path.name}")
+        else:
+            click.echo(f"every chunk is present; {result.path.name} is assembled by another process")
+        return
+    reused = f"reused {result.reused} unchanged from {result.reused_from.name}, " if result.reused else ""
     if result.computed:
-        click.echo(f"wrote {result.path} ({result.n_rows} rows, {result.computed} images computed at "
+        click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed {result.computed} at "
                    f"{result.images_per_s:.1f} images/s)")
+    elif reused:
+        click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed 0)")
     else:
         click.echo(f"wrote {result.path} ({result.n_rows} rows, assembled from finished chunks)")
     if result.skipped:
@@ -35,8 +51,15 @@ def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
 @cli.command("extract")
 @extract_options
 @click.option("--force", is_flag=True, help="Recompute even when the cache has this request.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Compute only shard I of N (chunks c with c % N == I), e.g. in a Slurm array; the last "
+                   "shard to finish, or a plain extract afterwards, assembles the file.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Compute on a Ray cluster: no value starts a local one, 'auto' joins the running one, or "
+                   "give its address; --workers then sets the number of Ray workers (default: one per GPU).")
 @mlflow_options
-def extract_cmd(force: bool, mlflow: bool | None, mlflow_experiment: str | None, **kw) -> None:
+def extract_cmd(force: bool, shard: str | None, ray_address: str | None, mlflow: bool | None,
+                mlflow_experiment: str | None, **kw) -> None:
     """Run the frozen backbone once over --data and cache the features in HDF5.
 
     Example: python cli.py extract --data ../shared/data/hymenoptera --backbone mobilenetv2 --image-size 160
@@ -44,9 +67,28 @@ def extract_cmd(force: bool, mlflow: bool | None, mlflow_experiment: str | None,
     log_mlflow = mlflow_check(mlflow)
     request, options = build_request(kw)
     options.force = force
-    result = extract(request, options)
+    options.shard = parse_shard(shard) if shard is not None else None
+    if ray_address is not None:
+        if shard is not None:
+            raise UserError("--ray and --shard are two ways to spread the work; use one")
+        from pipeline.extract.distributed import extract_ray
+        n_workers, options.workers = options.workers, None
+        result = extract_ray(request, options, ray_address, n_workers)
+    else:
+        result = extract(request, options)
     report_extraction(result)
     mlflow_after(log_mlflow, options.cache_dir, result.run_id, mlflow_experiment)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard takes I/N, e.g. 0/4 (shard 0 of 4), not {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard {text}: need 0 <= I < N, e.g. 0/{max(n, 2)} ... {max(n, 2) - 1}/{max(n, 2)}")
+    return i, n
 
 
 @cli.command("backbones")

@@ -81,6 +81,8 @@ class RunOptions:
     jit: bool | None = None  # None: XLA on a GPU only (TensorFlow); JAX always compiles
     workers: int | None = None  # decode threads (None: one per core)
     allow_large: bool = False  # permit --image-size above MAX_IMAGE_SIZE
+    reuse: bool = True  # copy rows of unchanged images from a cache that differs only in its data listing
+    shard: tuple[int, int] | None = None  # (I, N): compute only chunks c with c % N == I (job arrays)
 
 
 @dataclass
@@ -95,6 +97,11 @@ class ExtractResult:
     resumed_from: int = 0
     computed: int = 0
     run_id: str | None = None
+    reused: int = 0  # rows copied from `reused_from`, an older cache of the same request on other data
+    reused_from: Path | None = None
+    shard: tuple[int, int] | None = None
+    n_chunks: int = 0
+    missing_chunks: list[int] = field(default_factory=list)  # a shard's run: chunks other shards still owe
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -76,12 +76,19 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
     from pipeline.backend import require
     require()
     try:
+        if options.shard is not None:  # shards run side by side: each holds its own lock, not the key's
+            if options.force:
+                raise UserError("--force cannot be combined with --shard; remove the cache (`cache rm`) first")
+            i, n = options.shard
+            shard_lock = p.path.with_suffix(f".shard-{i}-of-{n}.lock")
+            with _locked(shard_lock, lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
+                return _recorded(p, options, log)
         with _locked(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
             _clean_leftovers(p, log)
             if options.force:
                 p.path.unlink(missing_ok=True)
                 ChunkDir.remove_path(p.parts)
-                options = RunOptions(**{**asdict(options), "force": False})
+                options = RunOptions(**{**asdict(options), "force": False, "reuse": False})
             elif is_complete(p.path):
                 return ExtractResult(p.path, p.key, cache_hit=True)
             return _recorded(p, options, log)
@@ -112,7 +119,8 @@ def _recorded(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
         result = _Extraction(p, options, log).run()
         run.finish("ok", {"rows": result.n_rows, "skipped": len(result.skipped), "seconds": result.seconds,
                           "images_per_s": result.images_per_s, "resumed_from": result.resumed_from,
-                          "computed": result.computed})
+                          "computed": result.computed, "reused": result.reused,
+                          "reused_from": str(result.reused_from) if result.reused_from else None})
     result.run_id = run.id
     return result
 
@@ -130,6 +138,38 @@ class _Extraction:
         self.unit_view = np.concatenate([np.zeros(n)] + [np.full(train.size, k + 1) for k in range(copies)]
                                         ).astype(np.int8)
         self.pass_bounds = np.cumsum([0, n] + [train.size] * copies)
+        self.reuse = None
+        self.reused = np.zeros(self.unit_index.size, bool)  # units copied from an older cache
+        self._runner = None
+        self._feat_shape: tuple[int, ...] = ()
+        self._reuse_checked = False
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.unit_index.size // self.options.chunk_units)
+
+    def compute_chunks(self, todo: list[int]) -> int:
+        """Compute and write exactly the chunks `todo` (a distributed worker's share; no assembly);
+        returns how many images it computed. Chunks are atomic and deterministic, so a chunk computed
+        twice (a re-issued straggler) is simply written twice with the same content."""
+        chunks = ChunkDir(self.p.parts, self.options.chunk_units)
+        total = self.unit_index.size
+        if not self._reuse_checked and self.options.reuse:
+            from pipeline.features.reuse import find_reuse, item_stats
+            self.reuse = find_reuse(self.p.path, self.p.key_material, self.listing.ids,
+                                    item_stats(self.listing.paths))
+            if self.reuse is not None:
+                self.reused[self.reuse.tags] = True
+            self._reuse_checked = True
+        u = chunks.chunk_units
+        in_todo = np.zeros(total, bool)
+        for c in todo:
+            in_todo[c * u:(c + 1) * u] = True
+        self.compute = in_todo & ~self.reused
+        needed = int(np.count_nonzero(self.compute))
+        if todo:
+            self._compute(chunks, sorted(todo), total, needed)
+        return needed
 
     def run(self) -> ExtractResult:
         p, opts = self.p, self.options
@@ -137,19 +177,53 @@ class _Extraction:
         if total == 0:
             raise UserError(f"{p.request.data} contains no images")
         chunks = ChunkDir(p.parts, opts.chunk_units)
+        u = chunks.chunk_units
+        n_chunks = -(-total // u)
         done = set(chunks.done())
-        n_chunks = -(-total // chunks.chunk_units)
-        first_missing = next((c for c in range(n_chunks) if c not in done), n_chunks)
-        start = min(first_missing * chunks.chunk_units, total)
-        if start:
-            self.log(f"resuming: {start} of {total} images already extracted")
+        shard = opts.shard
+        if shard is not None:
+            _check_shards(p, shard, n_chunks, done)
+        else:
+            _refuse_unfinished_shards(p, n_chunks, done)
+        todo = [c for c in range(n_chunks) if c not in done and (shard is None or c % shard[1] == shard[0])]
+        in_todo = np.zeros(total, bool)
+        for c in todo:
+            in_todo[c * u:(c + 1) * u] = True
+        start = min(todo[0] * u, total) if todo else total
+        if done and todo:
+            self.log(f"resuming: {sum(min(u, total - c * u) for c in done)} of {total} images already extracted")
+        from pipeline.features.reuse import find_reuse, item_stats
+        stats = item_stats(self.listing.paths)
+        if opts.reuse and todo:
+            self.reuse = find_reuse(p.path, p.key_material, self.listing.ids, stats)
+        if self.reuse is not None:
+            self.reused[self.reuse.tags] = True
+            self.log(f"reusing the features of {self.reuse.tags.size} unchanged image(s) from {self.reuse.base.name}")
+        self.compute = in_todo & ~self.reused
+        needed = int(np.count_nonzero(self.compute))
         t0 = time.perf_counter()
         try:
-            if start < total:
-                self._compute(chunks, start, total)
+            if todo:
+                self._compute(chunks, todo, total, needed)
         finally:
-            if not chunks.done():
+            if shard is None and not chunks.done():
                 chunks.remove()  # nothing finished: leave no empty partial behind
+        if shard is not None:
+            missing = [c for c in range(n_chunks) if c not in set(chunks.done())]
+            if missing:
+                return ExtractResult(p.path, p.key, cache_hit=False, seconds=time.perf_counter() - t0,
+                                     computed=needed, shard=shard, n_chunks=n_chunks, missing_chunks=missing,
+                                     reused=int(np.count_nonzero(self.reused & in_todo)))
+            with _locked(p.lock) as got:  # the last shard to finish assembles, unless one already does
+                if not got or is_complete(p.path):
+                    return ExtractResult(p.path, p.key, cache_hit=False, computed=needed, shard=shard,
+                                         n_chunks=n_chunks)
+                return self._assemble(chunks, stats, t0, needed, start, in_todo)
+        return self._assemble(chunks, stats, t0, needed, start, in_todo)
+
+    def _assemble(self, chunks: ChunkDir, stats, t0: float, needed: int, start: int, in_todo: np.ndarray
+                  ) -> ExtractResult:
+        p, opts = self.p, self.options
         seconds = time.perf_counter() - t0
         attrs = {
             "key": p.key, "request": p.request.to_json(), "key_material": p.key_material,
@@ -162,7 +236,8 @@ class _Extraction:
             "backend": p.key_material["backend"], "decoder": p.key_material["decoder"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 3),
         }
-        items = ItemTable(self.listing.ids, self.listing.labels, self.listing.splits, self.listing.class_names)
+        items = ItemTable(self.listing.ids, self.listing.labels, self.listing.splits, self.listing.class_names,
+                          *(stats if stats is not None else (None, None)))
         try:
             assemble(chunks, p.path, items, attrs, dtype=p.request.dtype, compression=opts.compression)
         except DegenerateFeatures as exc:
@@ -172,10 +247,13 @@ class _Extraction:
         with _h5_open(p.path) as f:
             n_rows = int(f.attrs["n_rows"])
             skipped = list(zip(f["skipped_paths"].asstr()[:], f["skipped_reasons"].asstr()[:]))
-        computed = total - start
+        computed = needed
         return ExtractResult(p.path, p.key, cache_hit=False, n_rows=n_rows, skipped=skipped, seconds=seconds,
                              images_per_s=computed / seconds if computed and seconds > 0 else 0.0,
-                             resumed_from=start, computed=computed)
+                             resumed_from=start, computed=computed,
+                             reused=int(np.count_nonzero(self.reused & in_todo)),
+                             reused_from=self.reuse.base if self.reuse is not None else None,
+                             shard=opts.shard, n_chunks=-(-self.unit_index.size // chunks.chunk_units))
 
     # -- the worker
     def _model(self):
@@ -191,61 +269,103 @@ class _Extraction:
         finally:
             keras.mixed_precision.set_global_policy("float32")
 
-    def jobs(self, start: int, total: int) -> Iterator[tuple[int, Callable[[], np.ndarray]]]:
-        """(tag, job) for units start..total-1 in order; augmented views wrap the clean image's job."""
+    def jobs(self) -> Iterator[tuple[int, Callable[[], np.ndarray]]]:
+        """(tag, job) for the units to compute, in order; augmented views wrap the clean image's job.
+        Units of finished chunks, of other shards and copied from an older cache are not read."""
         req, size = self.p.request, self.p.size
         for a, b in zip(self.pass_bounds[:-1], self.pass_bounds[1:]):
-            lo, hi = max(int(a), start), min(int(b), total)
-            if lo >= hi:
+            lo, hi = int(a), int(b)
+            tags = np.arange(lo, hi)[self.compute[lo:hi]]
+            if not tags.size:
                 continue
-            indices = self.unit_index[lo:hi]
+            indices = self.unit_index[tags]
             raw = self.p.source.raw_images(self.listing, indices, size, req.resize)
-            for tag, index, job in zip(range(lo, hi), indices, raw):
+            for tag, index, job in zip(tags.tolist(), indices, raw):
                 view = int(self.unit_view[tag])
                 if view:
                     job = functools.partial(augmented_view, job, req.augment, req.augment_seed, view, int(index))
                 yield tag, job
 
-    def _compute(self, chunks: ChunkDir, start: int, total: int) -> None:
+    def _compute(self, chunks: ChunkDir, todo: list[int], total: int, needed: int) -> None:
         from tqdm import tqdm
 
         from pipeline.data.loader import Prefetcher, batches
         from pipeline.extract.runners import make_runner
         size, bs = self.p.size, self.options.batch_size
+        if needed == 0:  # every unit left is copied from an older cache: no model, no decoding
+            writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, self.reuse.feature_shape,
+                                 np.dtype(self.p.request.dtype), self.reuse)
+            writer.start()
+            writer.finish()
+            return
         # decoding starts while the model is built and traced
-        feed = Prefetcher(batches(self.jobs(start, total), bs, (size, size, 3), self.options.workers), depth=2)
-        model = self._model()
-        runner = make_runner(model, size, bs, self.options.jit)
-        feat_shape = tuple(int(d) for d in model.output.shape[1:])
-        writer = ChunkWriter(chunks, self.unit_index, self.unit_view, start, total, feat_shape,
-                             np.dtype(self.p.request.dtype))
-        bar = tqdm(total=total, initial=start, unit="img", desc=f"extract {self.p.spec.name}",
+        feed = Prefetcher(batches(self.jobs(), bs, (size, size, 3), self.options.workers), depth=2)
+        if self._runner is None:  # built once per job (a Ray actor computes many chunk sets with it)
+            model = self._model()
+            self._runner = make_runner(model, size, bs, self.options.jit)
+            self._feat_shape = tuple(int(d) for d in model.output.shape[1:])
+        runner, feat_shape = self._runner, self._feat_shape
+        writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, feat_shape,
+                             np.dtype(self.p.request.dtype), self.reuse)
+        bar = tqdm(total=needed, unit="img", desc=f"extract {self.p.spec.name}",
                    disable=not self.options.progress, smoothing=0.1, dynamic_ncols=True, file=sys.stderr)
         writer.start()
         try:
             pending = None  # (batch, handle): one batch on the device while the next is handed over
-            last = start
             for batch in feed:
                 handle = runner.submit(batch.images) if batch.tags.size else None
                 if pending is not None:
-                    last = self._emit(writer, runner, *pending, bar, last)
+                    self._emit(writer, runner, *pending, bar)
                 pending = (batch, handle)
             if pending is not None:
-                last = self._emit(writer, runner, *pending, bar, last)
+                self._emit(writer, runner, *pending, bar)
             writer.finish()
-            bar.update(total - last)
         finally:
             feed.close()
             writer.stop()
             bar.close()
 
     @staticmethod
-    def _emit(writer: ChunkWriter, runner, batch, handle, bar, last: int) -> int:
+    def _emit(writer: ChunkWriter, runner, batch, handle, bar) -> None:
         feats = runner.collect(handle) if handle is not None else np.empty((0,), np.float32)
         writer.put(batch.tags, feats, batch.skipped)
-        now = max([last - 1, *(batch.tags[-1:].tolist()), *(t for t, _ in batch.skipped)]) + 1
-        bar.update(now - last)
-        return now
+        bar.update(int(batch.tags.size) + len(batch.skipped))
+
+
+SHARDS_FILE = "shards.json"
+
+
+def _check_shards(p: Plan, shard: tuple[int, int], n_chunks: int, done: set[int]) -> None:
+    """Record the shard count in the parts folder; refuse a run that splits the chunks differently."""
+    import json
+
+    from pipeline.atomic import write_text_atomic
+    marker = p.parts / SHARDS_FILE
+    if marker.exists():
+        known = json.loads(marker.read_text())
+        if int(known["n"]) != shard[1] or int(known["n_chunks"]) != n_chunks:
+            raise UserError(f"this extraction is already split into {known['n']} shards of {known['n_chunks']} "
+                            f"chunks; use --shard I/{known['n']} with the same --chunk-size")
+    else:
+        write_text_atomic(marker, json.dumps({"n": shard[1], "n_chunks": n_chunks}))
+
+
+def _refuse_unfinished_shards(p: Plan, n_chunks: int, done: set[int]) -> None:
+    """A plain extract after sharded runs assembles only when every chunk is there; else it says which
+    chunks (and shards) are missing rather than silently doing the shards' work."""
+    import json
+
+    marker = p.parts / SHARDS_FILE
+    if not marker.exists():
+        return
+    n = int(json.loads(marker.read_text())["n"])
+    missing = [c for c in range(n_chunks) if c not in done]
+    if missing:
+        shards = sorted({c % n for c in missing})
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise UserError(f"{len(missing)} of {n_chunks} chunks are missing ({shown}), from shard(s) "
+                        f"{', '.join(f'{i}/{n}' for i in shards)}: run those with --shard (or --shard 0/1 "
+                        f"to compute every missing chunk here), then extract again to assemble")
 
 
 def _h5_open(path: Path):

@@ -41,12 +41,21 @@ def check_features(feats: np.ndarray, dtype: np.dtype, first_tag: int) -> None:
 class ChunkWriter(threading.Thread):
     """Receives (tags, features, skipped) batches in tag order; writes chunk after chunk."""
 
-    def __init__(self, chunks: ChunkDir, unit_index: np.ndarray, unit_view: np.ndarray, start: int,
-                 total: int, feat_shape: tuple[int, ...], dtype: np.dtype) -> None:
+    def __init__(self, chunks: ChunkDir, unit_index: np.ndarray, unit_view: np.ndarray, todo: list[int],
+                 total: int, feat_shape: tuple[int, ...], dtype: np.dtype, reuse=None) -> None:
+        """`todo`: the chunk numbers to write, ascending (the missing ones, or one shard's share)."""
         super().__init__(daemon=True)
         self.chunks, self.unit_index, self.unit_view = chunks, unit_index, unit_view
         self.total, self.feat_shape, self.dtype = total, feat_shape, np.dtype(dtype)
-        self.current = start // chunks.chunk_units
+        self.todo, self.pos = list(todo), 0
+        self.reuse = reuse  # features.reuse.Reuse: units copied from an older cache, never put here
+        u = chunks.chunk_units
+        need = np.ones(total, bool)
+        if reuse is not None:
+            need[reuse.tags] = False
+        # a chunk is complete once the last unit it needs computed has been seen (-1: none needed)
+        self.need_last = [int(c * u + np.flatnonzero(need[c * u:(c + 1) * u])[-1])
+                          if need[c * u:(c + 1) * u].any() else -1 for c in self.todo]
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.tags: list[np.ndarray] = []
         self.feats: list[np.ndarray] = []
@@ -70,12 +79,11 @@ class ChunkWriter(threading.Thread):
 
     def run(self) -> None:
         try:
-            u = self.chunks.chunk_units
-            last = -(-self.total // u)
+            last = len(self.todo)
             while True:
                 item = self.q.get()
                 if item is None:
-                    while self.current < last:
+                    while self.pos < last:
                         self._flush()
                     return
                 tags, feats, skipped = item
@@ -90,22 +98,29 @@ class ChunkWriter(threading.Thread):
                     seen = int(tags[-1])
                 if skipped:
                     seen = max(seen, max(t for t, _ in skipped))
-                while self.current < last and seen >= min((self.current + 1) * u, self.total) - 1:
+                while self.pos < last and seen >= self.need_last[self.pos]:
                     self._flush()
         except BaseException as exc:  # surfaced to the main thread on its next put/finish
             self.error = exc
 
     def _flush(self) -> None:
         """Write the current chunk from the pending rows whose tags fall inside it."""
-        u = self.chunks.chunk_units
-        lo, hi = self.current * u, min((self.current + 1) * u, self.total)
+        u, current = self.chunks.chunk_units, self.todo[self.pos]
+        lo, hi = current * u, min((current + 1) * u, self.total)
         tags = np.concatenate(self.tags) if self.tags else np.empty(0, np.int64)
         feats = np.concatenate(self.feats) if self.feats else np.empty((0, *self.feat_shape), np.float32)
         inside = tags < hi
         keep_tags, keep_feats = tags[inside], feats[inside]
         self.tags, self.feats = ([tags[~inside]], [feats[~inside]]) if (~inside).any() else ([], [])
+        if self.reuse is not None:
+            old_tags, old_feats = self.reuse.read(lo, hi)
+            if old_tags.size:
+                keep_tags = np.concatenate([keep_tags, old_tags])
+                keep_feats = np.concatenate([keep_feats.reshape((-1, *self.feat_shape)), old_feats])
+                order = np.argsort(keep_tags, kind="stable")
+                keep_tags, keep_feats = keep_tags[order], keep_feats[order]
         missing = np.setdiff1d(np.arange(lo, hi), keep_tags)
-        self.chunks.write(self.current, {
+        self.chunks.write(current, {
             "features": keep_feats.astype(self.dtype, copy=False).reshape((-1, *self.feat_shape)),
             "index": self.unit_index[keep_tags].astype(np.int32),
             "views": self.unit_view[keep_tags],
@@ -113,4 +128,4 @@ class ChunkWriter(threading.Thread):
             "skipped_index": self.unit_index[missing].astype(np.int32),
             "skipped_reason": np.array([self.reasons.pop(int(t), UNREADABLE) for t in missing], dtype=str),
         })
-        self.current += 1
+        self.pos += 1

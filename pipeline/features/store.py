@@ -89,6 +89,8 @@ class ItemTable:
     labels: np.ndarray
     splits: Sequence[str]
     class_names: Sequence[str]
+    sizes: np.ndarray | None = None  # file size and mtime per image: what incremental caches compare
+    mtimes_ns: np.ndarray | None = None
 
 
 def assemble(
@@ -148,6 +150,9 @@ def assemble(
             f["labels"] = np.asarray(items.labels, np.int32)[index]
             f.create_dataset("paths", data=[items.ids[i] for i in index], dtype=_STR)
             f.create_dataset("splits", data=[items.splits[i] for i in index], dtype=_STR)
+            if items.sizes is not None and items.mtimes_ns is not None:
+                f["sizes"] = np.asarray(items.sizes, np.int64)[index]
+                f["mtimes_ns"] = np.asarray(items.mtimes_ns, np.int64)[index]
             order = sorted(skipped)
             f.create_dataset("skipped_paths", data=[items.ids[i] for i in order], dtype=_STR)
             f.create_dataset("skipped_reasons", data=[skipped[i] for i in order], dtype=_STR)

@@ -7,7 +7,8 @@ the PNGs and JSON files, and the head or model in MLflow's own flavour (sklearn 
 head, serialized with skops rather than pickle; keras for dense heads and fine-tuned models).
 Tags carry the backbone, cache key and data fingerprint; the MLflow run id is written back into
 the tool's run.json. An active MLflow run is reused. With no MLFLOW_TRACKING_URI the store is
-`<cache>/mlflow.db` (SQLite; MLflow's file store is deprecated). Any failure warns once.
+`<cache>/mlflow.db` (SQLite; MLflow's file store is deprecated) with artifacts in
+`<cache>/mlflow-artifacts/`. Any failure warns once.
 """
 
 from __future__ import annotations
@@ -127,10 +128,15 @@ def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None
     import mlflow
 
     uri = tracking_uri(cache_dir)
+    own_store = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports the variable
     mlflow.set_tracking_uri(uri)
     active = mlflow.active_run()
     if active is None:
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        if own_store and mlflow.get_experiment_by_name(name) is None:
+            # our default store keeps its artifacts beside it, not in ./mlruns of whatever folder we run in
+            artifacts = (Path(cache_dir).absolute() / "mlflow-artifacts").as_uri()
+            mlflow.create_experiment(name, artifact_location=artifacts)
         mlflow.set_experiment(name)
     context = contextlib.nullcontext(active) if active is not None else \
         mlflow.start_run(run_name=f"{record.stage} {record.id}")

@@ -1,0 +1,213 @@
+"""Extraction on a Ray cluster: `extract --ray [ADDRESS]` (extra `.[ray]`, imported only when used).
+
+The driver plans the units and chunks exactly as a plain run (`worker._Extraction`). Ray actors,
+one per GPU where the cluster has GPUs, else `--workers` CPU actors, each build the model once and
+compute whole chunks into the cache's `.parts` folder, which must be on a filesystem every node
+sees (each chunk is written atomically); the driver then assembles the same HDF5 file a single
+process writes. Only missing chunks are scheduled, so a rerun resumes; a chunk whose actor dies is
+rescheduled on another (a replacement actor is started); when nothing is left to hand out, idle
+actors re-run the oldest chunks still in flight so one slow worker does not hold the job (chunks
+are deterministic, whichever copy lands first wins).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any, Callable
+
+from pipeline.errors import UserError
+from pipeline.extract.plan import ExtractRequest, ExtractResult, RunOptions, check_size, plan
+
+Log = Callable[[str], None]
+MAX_RESTARTS = 4  # replacement actors per job before giving up
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--ray needs Ray: pip install -e \".[ray]\"") from None
+    return ray
+
+
+class _ChunkWorker:
+    """A Ray actor: rebuilds the plan from the request (refusing a node whose libraries give another
+    cache key), builds the model once, computes the chunk lists it is handed."""
+
+    def __init__(self, request: dict[str, Any], options: dict[str, Any], key: str) -> None:
+        from pipeline.extract.worker import _Extraction
+
+        req = ExtractRequest.from_json(request)
+        opts = RunOptions(**options)
+        p = plan(req, opts.cache_dir)
+        if p.key != key:
+            raise UserError(f"this node computes cache key {p.key[:16]}, the driver {key[:16]}: install the same "
+                            f"versions of the tool, Keras and the backend on every node")
+        self.job = _Extraction(p, opts, lambda m: None)
+
+    def compute(self, todo: list[int]) -> tuple[list[int], int]:
+        return todo, self.job.compute_chunks(todo)
+
+    def node(self) -> str:
+        import socket
+        return socket.gethostname()
+
+
+def extract_ray(request: ExtractRequest, options: RunOptions, address: str | None = None,
+                n_workers: int | None = None, log: Log = _stderr,
+                on_chunk: Callable[[int, list], None] | None = None) -> ExtractResult:
+    """Compute the missing chunks of `request` on Ray actors, then assemble on the driver.
+
+    `address`: None or 'local' starts a local cluster, 'auto' joins the running one, else a
+    `ray://` or `host:port` address. `on_chunk(n_done, actors)` is called after each finished
+    chunk (tests use it to kill a worker or the driver mid-run).
+    """
+    from pipeline.extract.worker import _Extraction, _clean_leftovers, _locked, _recorded
+    from pipeline.features.store import ChunkDir, is_complete
+
+    p = plan(request, options.cache_dir)
+    if not options.force and is_complete(p.path):
+        return ExtractResult(p.path, p.key, cache_hit=True)
+    check_size(p.size, options.allow_large)
+    ray = _ray()
+    with _locked(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
+        _clean_leftovers(p, log)
+        if options.force:
+            p.path.unlink(missing_ok=True)
+            ChunkDir.remove_path(p.parts)
+            options = RunOptions(**{**asdict(options), "force": False, "reuse": False})
+        elif is_complete(p.path):
+            return ExtractResult(p.path, p.key, cache_hit=True)
+        plan_job = _Extraction(p, options, log)
+        if not plan_job.unit_index.size:
+            raise UserError(f"{request.data} contains no images")
+        chunks = ChunkDir(p.parts, options.chunk_units)
+        todo = [c for c in range(plan_job.n_chunks) if c not in set(chunks.done())]
+        t0 = time.perf_counter()
+        computed = 0
+        if todo:
+            computed = _run_on_ray(ray, p, options, todo, address, n_workers, log, on_chunk)
+        seconds = time.perf_counter() - t0
+        result = _recorded(p, options, log)  # every chunk is there: this only assembles (and records the run)
+        result.computed, result.seconds = computed, seconds
+        result.images_per_s = computed / seconds if computed and seconds > 0 else 0.0
+        return result
+
+
+def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | None, n_workers: int | None,
+                log: Log, on_chunk) -> int:
+    from tqdm import tqdm
+
+    started = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+        if address in (None, "local"):
+            kwargs["num_cpus"] = os.cpu_count()
+        else:
+            kwargs["address"] = address
+        env = {k: v for k, v in os.environ.items() if k in ("KERAS_BACKEND", "KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")}
+        kwargs["runtime_env"] = {"env_vars": env} if env else None
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"could not reach a Ray cluster at {address!r} ({' '.join(str(exc).split())[:160]}); "
+                            f"start one with `ray start --head` or drop the address for a local cluster") from None
+        started = True
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        count = n_workers or (gpus if gpus else max(1, min(int(resources.get("CPU", 1)), 4)))
+        count = max(1, min(count, len(todo)))
+        per_actor = {"num_gpus": 1} if gpus else {"num_cpus": max(1, int(resources.get("CPU", 1)) // count)}
+        threads = None if gpus else per_actor["num_cpus"]
+        opts = {**asdict(options), "progress": False, "workers": options.workers or threads,
+                "cache_dir": str(options.cache_dir)}
+        Actor = ray.remote(max_restarts=0)(_ChunkWorker).options(**per_actor)
+        make = lambda: Actor.remote(p.request.to_json(), opts, p.key)  # noqa: E731
+        actors = [make() for _ in range(count)]
+        each = "1 GPU" if gpus else f"{per_actor['num_cpus']} CPU"
+        log(f"ray: {count} worker(s) ({each} each) computing {len(todo)} chunk(s) of {options.chunk_units} images")
+        return _schedule(ray, actors, make, todo, log, on_chunk, tqdm(
+            total=len(todo), unit="chunk", desc="extract (ray)", disable=not options.progress, file=sys.stderr))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _schedule(ray, actors: list, make, todo: list[int], log: Log, on_chunk, bar) -> int:
+    """Hand chunks to idle actors until all are written; reschedule a dead actor's chunk; re-issue
+    stragglers to idle actors once nothing new is left."""
+    pending = collections.deque(todo)
+    done: set[int] = set()
+    in_flight: dict[Any, tuple[Any, int, float]] = {}  # ref -> (actor, chunk, started)
+    idle = list(actors)
+    restarts, computed = 0, 0
+    try:
+        while len(done) < len(todo):
+            while idle:
+                chunk = _next_chunk(pending, in_flight, done)
+                if chunk is None:
+                    break
+                actor = idle.pop()
+                in_flight[actor.compute.remote([chunk])] = (actor, chunk, time.monotonic())
+            if not in_flight:
+                raise UserError("every Ray worker failed; see the Ray logs (`ray logs`) and run again to resume")
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            actor, chunk, _ = in_flight.pop(ref)
+            try:
+                finished, n = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                _raise_user_error(exc)
+                restarts += 1
+                if chunk not in done:
+                    pending.appendleft(chunk)
+                log(f"ray: a worker died computing chunk {chunk}; rescheduled"
+                    + ("" if restarts > MAX_RESTARTS else ", starting a replacement"))
+                if restarts <= MAX_RESTARTS:
+                    idle.append(make())
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                _raise_user_error(exc)
+                raise
+            idle.append(actor)
+            for c in finished:
+                if c not in done:
+                    done.add(c)
+                    computed += n
+                    bar.update(1)
+            if on_chunk is not None:
+                on_chunk(len(done), actors + [a for a, _, _ in in_flight.values()])
+    finally:
+        bar.close()
+    return computed
+
+
+def _raise_user_error(exc: BaseException) -> None:
+    """A worker's UserError (bad data, a node with other library versions) ends the job in one line."""
+    import re
+    found = re.search(r"UserError: (.+)", str(exc))
+    if found:
+        raise UserError(found.group(1).strip()) from None
+
+
+def _next_chunk(pending: collections.deque, in_flight: dict, done: set[int]) -> int | None:
+    """The next chunk nobody computes yet; with none left, the oldest one still in flight (a
+    straggler re-issued), unless it already runs twice."""
+    while pending:
+        chunk = pending.popleft()
+        if chunk not in done:
+            return chunk
+    running = collections.Counter(c for _, c, _ in in_flight.values())
+    for _, chunk, _ in sorted(in_flight.values(), key=lambda v: v[2]):
+        if chunk not in done and running[chunk] < 2:
+            return chunk
+    return None

@@ -1,0 +1,90 @@
+"""Incremental caches: a data set that gains, loses or changes images re-extracts only what changed;
+rows of unchanged images are copied byte for byte from the older cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import _img, make_folder, run_cli, write_image
+from pipeline.extract import ExtractRequest, RunOptions, extract
+from pipeline.features.store import FeatureFile
+
+
+def req(data: Path, **kw) -> ExtractRequest:
+    return ExtractRequest(data=str(data), backbone="vgg16", weights="none", image_size=32, **kw)
+
+
+def opts(cache: Path, **kw) -> RunOptions:
+    return RunOptions(cache_dir=cache, progress=False, chunk_units=4, **kw)
+
+
+def _rows(path: Path) -> dict[str, bytes]:
+    with FeatureFile(path) as ff:
+        clean = ff.rows(views="clean")
+        feats = ff.load(clean, dtype=ff.features.dtype)
+        return {ff.paths[r]: feats[k].tobytes() for k, r in enumerate(clean)}
+
+
+def _add(root: Path, cls: str, names: list[str], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for name in names:
+        write_image(root / cls / name, _img(rng, 0 if cls == "ants" else 1), "jpeg")
+
+
+def test_added_removed_and_changed_images_compute_only_what_changed(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=6, splits=())
+    cache = tmp_path / "c"
+    first = extract(req(data), opts(cache))
+    assert first.computed == 12 and first.reused == 0
+    before = _rows(first.path)
+
+    _add(data, "ants", [f"new_{k}.jpg" for k in range(3)], seed=1)
+    _add(data, "bees", [f"new_{k}.jpg" for k in range(2)], seed=2)
+    grown = extract(req(data), opts(cache))
+    assert grown.path != first.path and first.path.exists()          # a new key, the old file kept
+    assert (grown.computed, grown.reused, grown.reused_from) == (5, 12, first.path)
+    after = _rows(grown.path)
+    assert len(after) == 17 and all(after[p] == before[p] for p in before)   # old rows byte-identical
+    fresh = extract(req(data), opts(tmp_path / "fresh"))
+    with FeatureFile(fresh.path) as a, FeatureFile(grown.path) as b:
+        assert a.paths == b.paths and list(a.splits) == list(b.splits) and list(a.labels) == list(b.labels)
+        np.testing.assert_allclose(b.load(), a.load(), atol=1e-3)
+
+    for name in ("img_000.jpg", "img_001.jpg", "img_002.jpg"):
+        (data / "bees" / name).unlink()
+    shrunk = extract(req(data), opts(cache))
+    assert (shrunk.computed, shrunk.reused) == (0, 14)                   # removing never recomputes
+    assert all(_rows(shrunk.path)[p] == after[p] for p in _rows(shrunk.path))
+
+    changed = data / "ants" / "img_003.jpg"
+    write_image(changed, _img(np.random.default_rng(9), 1), "jpeg")
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    edited = extract(req(data), opts(cache))
+    assert (edited.computed, edited.reused) == (1, 13)
+
+
+def test_only_the_same_request_is_reused_and_force_recomputes(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=4, splits=())
+    cache = tmp_path / "c"
+    extract(req(data), opts(cache))
+    _add(data, "ants", ["extra.jpg"], seed=3)
+    other = extract(req(data, pooling="max"), opts(cache))                # another request: nothing to reuse
+    assert other.reused == 0 and other.computed == 9
+    forced = extract(req(data), opts(cache, force=True))
+    assert forced.reused == 0 and forced.computed == 9
+
+
+def test_cli_says_reused_and_computed(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=4, splits=())
+    cache = str(tmp_path / "c")
+    args = ["extract", "--data", str(data), "--backbone", "vgg16", "--weights", "none", "--image-size", "32",
+            "--no-progress", "--cache-dir", cache]
+    assert run_cli(*args).returncode == 0
+    _add(data, "bees", ["late.jpg"], seed=4)
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "reused 8 unchanged from" in again.stdout and "computed 1 at" in again.stdout

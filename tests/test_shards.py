@@ -1,0 +1,56 @@
+"""`extract --shard I/N`: job-array shards compute their share of chunks side by side; the last one
+(or a plain extract) assembles the same file a single process writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_folder, run_cli
+from pipeline.errors import UserError
+from pipeline.extract import ExtractRequest, RunOptions, extract, plan
+from pipeline.features.store import FeatureFile
+
+
+def req(data) -> ExtractRequest:
+    return ExtractRequest(data=str(data), backbone="vgg16", weights="none", image_size=32)
+
+
+def opts(cache, **kw) -> RunOptions:
+    return RunOptions(cache_dir=cache, progress=False, chunk_units=4, batch_size=4, **kw)
+
+
+def test_two_shards_assemble_the_single_process_file(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=5, splits=())       # 10 images: chunks 0, 1, 2
+    single = extract(req(data), opts(tmp_path / "one"))
+    cache = tmp_path / "c"
+    first = extract(req(data), opts(cache, shard=(0, 2)))
+    assert first.missing_chunks == [1] and first.computed == 6 and not first.path.exists()
+    with pytest.raises(UserError, match=r"chunks are missing \(1\).*shard\(s\) 1/2"):
+        extract(req(data), opts(cache))                                # a plain extract says what is missing
+    with pytest.raises(UserError, match="already split into 2 shards"):
+        extract(req(data), opts(cache, shard=(0, 3)))
+    again = extract(req(data), opts(cache, shard=(0, 2)))              # a rerun of a finished shard: no work
+    assert again.computed == 0 and again.missing_chunks == [1]
+    last = extract(req(data), opts(cache, shard=(1, 2)))
+    assert last.computed == 4 and last.n_rows == 10 and last.path.exists()
+    assert not plan(req(data), cache).parts.exists()
+    with FeatureFile(single.path) as a, FeatureFile(last.path) as b:
+        assert a.paths == b.paths and list(a.splits) == list(b.splits)
+        np.testing.assert_array_equal(b.load(), a.load())              # byte-identical features
+    assert extract(req(data), opts(cache)).cache_hit
+
+
+def test_shard_cli(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=5, splits=())
+    args = ["extract", "--data", str(data), "--backbone", "vgg16", "--weights", "none", "--image-size", "32",
+            "--no-progress", "--chunk-size", "4", "--cache-dir", str(tmp_path / "c")]
+    bad = run_cli(*args, "--shard", "2/2")
+    assert bad.returncode == 2 and "0 <= I < N" in bad.stderr
+    s0 = run_cli(*args, "--shard", "0/2")
+    assert s0.returncode == 0, s0.stderr
+    assert "shard 0/2: computed 6" in s0.stdout and "waiting for shard(s) 1/2" in s0.stdout
+    plain = run_cli(*args)
+    assert plain.returncode == 2 and "--shard" in plain.stderr and len(plain.stderr.strip().splitlines()) == 1
+    s1 = run_cli(*args, "--shard", "1/2")
+    assert s1.returncode == 0 and "wrote" in s1.stdout and "10 rows" in s1.stdout, s1.stdout + s1.stderr
