@@ -32,7 +32,7 @@ def test_fit_head_logs_params_metrics_pngs_and_a_loadable_model(tmp_path, monkey
     data = make_folder(tmp_path / "d", per_class=12)
     cache = tmp_path / "c"
     fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--C", "1.0",
-                  "--mlflow-experiment", "ants-vs-bees")
+                  "--mlflow-experiment", "ants-vs-bees", cwd=tmp_path)  # a user's sqlite store: ./mlruns artifacts
     assert fit.returncode == 0, fit.stderr
     assert "logged to MLflow run" in fit.stderr and "WARNING" not in fit.stderr
     run_id = _run_id(fit.stdout)
