@@ -125,3 +125,27 @@ def test_every_dense_and_logistic_flag_reaches_the_head(tmp_path):
     assert logistic.returncode == 0, logistic.stderr
     params = json.loads((Path(cache) / "runs" / _run_id(logistic.stdout) / "config.json").read_text())["head_params"]
     assert params["C"] == 0.5 and params["flatten"] == "max" and params["n_jobs"] == 1
+
+
+def test_fit_head_streams_the_logistic_head_over_the_memory_budget(tmp_path):
+    path = write_cache(tmp_path / "c", n_images=4000, dim=128, n_classes=3, sep=0.8, chunk_images=500)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--cache", str(path), "--memory-budget", "1", "--cache-dir", cache)
+    assert fit.returncode == 0, fit.stderr
+    notes = [line for line in fit.stdout.splitlines() if "streamed from the cache" in line]
+    assert len(notes) == 1 and notes[0].startswith("logistic head streamed from the cache (")
+    assert "> budget 1 MB" in notes[0] and "val   accuracy" in fit.stdout
+    run_dir = Path(cache) / "runs" / _run_id(fit.stdout)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["streamed"] is True and metrics["stream_note"] == notes[0] and metrics["val"]["accuracy"] > 0.6
+    assert metrics["stream"]["passes"] >= 2 and "held-out subsample" in metrics["C_choice"]
+    params = json.loads((run_dir / "config.json").read_text())["head_params"]
+    assert params["memory_budget_mb"] == 1.0
+    assert (run_dir / "c_curve.png").exists()
+    from pipeline.heads.estimators import load_head
+    head = load_head(run_dir)
+    assert head.streamed_ and head.stream_note_ == notes[0]
+    in_memory = run_cli("fit-head", "--cache", str(path), "--C", "0.1", "--cache-dir", cache)
+    assert in_memory.returncode == 0 and "streamed" not in in_memory.stdout
+    bad = run_cli("fit-head", "--cache", str(path), "--memory-budget", "0", "--cache-dir", cache)
+    assert bad.returncode == 2 and "--memory-budget" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -258,3 +259,103 @@ def test_reused_compiled_model_gives_the_same_fit_as_a_fresh_one():
     np.testing.assert_allclose(again.predict_proba(Xv), fresh.predict_proba(Xv), atol=1e-5)
     red = ReducedFeatures.of(Xv, "avg")
     np.testing.assert_allclose(again.predict_proba(red), again.predict_proba(Xv), atol=1e-6)
+
+
+# ------------------------------------------------------------------ logistic streamed from the cache
+def test_fast_float16_conversion_and_row_reads_are_exact(tmp_path):
+    from pipeline.heads.streaming import as_float32
+    every = np.arange(0, 0x7C00, dtype=np.uint16).view(np.float16)                   # every finite value >= 0
+    np.testing.assert_array_equal(as_float32(every), every.astype(np.float32))
+    for odd in (-every, np.array([np.inf, np.nan] + [1.0] * 2000, np.float16)):        # sign bits, inf, NaN
+        np.testing.assert_array_equal(as_float32(odd), odd.astype(np.float32))
+    path = write_cache(tmp_path, n_images=700, dim=8, chunk_images=100)
+    with FeatureFile(path) as ff:
+        every_row = ff.features[:].astype(np.float32)
+        rng = np.random.default_rng(0)
+        for rows in (np.arange(700), rng.permutation(700)[:50], np.array([5, 5, 600, 3, 3]), np.array([0, 699]),
+                     np.array([], np.int64)):
+            src = FeatureSource(ff, rows)
+            np.testing.assert_array_equal(src.read(np.arange(rows.size)), every_row[rows])
+            np.testing.assert_array_equal(src.load_reduced("avg", batch_size=16), every_row[rows])
+
+
+def _stream_case(tmp_path, n_classes=4, n_images=6000, dim=64):
+    path = write_cache(tmp_path, n_images=n_images, dim=dim, n_classes=n_classes, sep=0.8,
+                       split_fractions=(0.8, 0.2, 0), chunk_images=1000)
+    return FeatureFile(path)
+
+
+@pytest.mark.parametrize("n_classes, class_weight, budget, solver", [
+    (4, None, 0.5, "Newton-CG"), (2, "balanced", 0.2, "L-BFGS")])
+def test_streamed_logistic_reaches_the_in_memory_optimum(tmp_path, monkeypatch, n_classes, class_weight, budget,
+                                                         solver):
+    """Same objective as scikit-learn's: solved tightly, the streamed fit lands on scikit-learn's
+    float64 optimum; at the default tol it predicts like the in-memory head. A subsample with few
+    rows per feature (the smaller budget) makes it use L-BFGS instead of Newton steps."""
+    from sklearn.linear_model import LogisticRegression
+
+    with _stream_case(tmp_path, n_classes) as ff:
+        tr, va = ff.rows("train"), ff.rows("val")
+        src, y, Xv, yv = FeatureSource(ff, tr), ff.labels[tr], ff.load(va), ff.labels[va]
+        kw = dict(C=0.05, class_weight=class_weight)
+        memory = LogisticHead(**kw).fit(src, y)
+        monkeypatch.setattr(FeatureSource, "load_reduced", lambda *a, **k: pytest.fail("loaded whole"))
+        streamed = LogisticHead(memory_budget_mb=budget, **kw).fit(src, y)
+        tight = LogisticHead(memory_budget_mb=budget, tol=1e-7, max_iter=1000, **kw).fit(src, y)
+        monkeypatch.undo()
+        assert streamed.streamed_ and not memory.streamed_ and streamed.converged_ and tight.converged_
+        assert streamed.stream_info_["solver"] == solver
+        assert "streamed from the cache" in streamed.stream_note_ and f"{tr.size} rows x 64" in streamed.stream_note_
+        X64 = ff.load(tr).astype(np.float64)
+        ref = LogisticRegression(tol=1e-10, max_iter=5000, **kw).fit((X64 - X64.mean(0)) / X64.std(0), y)
+        coef = tight.pipeline_.named_steps["logreg"].coef_
+        assert coef.shape == ref.coef_.shape == ((1, 64) if n_classes == 2 else (4, 64))
+        np.testing.assert_allclose(coef, ref.coef_, atol=1e-4 * np.abs(ref.coef_).max())
+        assert streamed.as_dense_weights()[0].shape == (64, n_classes)
+        np.testing.assert_allclose(streamed.predict_proba(Xv), memory.predict_proba(Xv), atol=1e-2)
+        acc = lambda h: (h.predict(Xv) == yv).mean()  # noqa: E731
+        assert abs(acc(streamed) - acc(memory)) <= 0.01 and acc(memory) > 0.6
+
+
+def test_streamed_logistic_auto_C_is_within_a_point_and_saves_loads_identically(tmp_path):
+    with _stream_case(tmp_path) as ff:
+        tr, va = ff.rows("train"), ff.rows("val")
+        src, yv = FeatureSource(ff, tr), ff.labels[va]
+        memory = LogisticHead().fit(src, ff.labels[tr], class_names=ff.class_names, cache_key=ff.key)
+        head = LogisticHead(memory_budget_mb=0.5).fit(src, ff.labels[tr], class_names=ff.class_names, cache_key=ff.key)
+        assert head.streamed_ and head.C_ in head.cv_scores_ and len(head.cv_scores_) == len(head.Cs)
+        assert "held-out subsample" in head.C_note_
+        val = FeatureSource(ff, va)
+        acc = lambda h: (h.predict(val) == yv).mean()  # noqa: E731
+        assert abs(acc(head) - acc(memory)) <= 0.01
+        (tmp_path / "run").mkdir()
+        head.save(tmp_path / "run" / "head.npz")
+        meta = json.loads((tmp_path / "run" / "head.json").read_text())
+        assert meta["streamed"] is True and meta["stream_note"] == head.stream_note_
+        back = load_head(tmp_path / "run")
+        assert isinstance(back, LogisticHead) and back.streamed_ and back.get_params() == head.get_params()
+        np.testing.assert_array_equal(back.predict_proba(val), head.predict_proba(val))
+        np.testing.assert_array_equal(back.as_dense_weights()[0], head.as_dense_weights()[0])
+        back.check_matches(ff)
+
+
+def test_streamed_logistic_peak_memory_stays_near_the_budget(tmp_path):
+    """A 20,000 x 256 float16 cache, 4 MB budget: numpy's peak during the streamed fit stays under
+    the budget (about 3 MB), while the in-memory fit holds about 16x it."""
+    import tracemalloc
+
+    path = write_cache(tmp_path, n_images=20000, dim=256, n_classes=5, sep=0.5, split_fractions=(1, 0, 0),
+                       chunk_images=5000)
+    with FeatureFile(path) as ff:
+        rows = ff.rows("train")
+        src, y = FeatureSource(ff, rows), ff.labels[rows]
+        peaks = {}
+        for budget in (4, None):
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            head = LogisticHead(C=0.1, memory_budget_mb=budget).fit(src, y)
+            peaks[budget] = (tracemalloc.get_traced_memory()[1] - base) / 2**20
+            tracemalloc.stop()
+            assert head.streamed_ == (budget == 4)
+    assert peaks[4] < 4, peaks
+    assert peaks[None] > 30, peaks

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from conftest import _img, make_folder, run_cli, write_image
 from pipeline.extract import ExtractRequest, RunOptions, extract

@@ -56,11 +56,12 @@ def _open_cache(cache: str | None, kw: dict):
 
 
 def _make_head(head: str, opts: dict):
-    from pipeline.heads.estimators import DenseHead, LogisticHead
+    from pipeline.heads.estimators import DenseHead, LogisticHead, default_memory_budget_mb
 
+    budget = opts["memory_budget"] if opts["memory_budget"] is not None else default_memory_budget_mb()
     if head == "logistic":
         return LogisticHead(C=_float_or_auto(opts["C"]), class_weight=opts["class_weight"], n_jobs=opts["jobs"],
-                            flatten=opts["flatten"])
+                            flatten=opts["flatten"], memory_budget_mb=budget)
     hidden = tuple(h for h in opts["hidden"] if h > 0) if opts["hidden"] else (256,)
     return DenseHead(hidden=hidden, batchnorm=opts["batchnorm"], dropout=opts["dropout"], l2=opts["l2"],
                      optimizer=opts["optimizer"], lr=opts["lr"], lr_schedule=opts["lr_schedule"],
@@ -68,7 +69,7 @@ def _make_head(head: str, opts: dict):
                      rampup_epochs=opts["rampup_epochs"], sustain_epochs=opts["sustain_epochs"],
                      exp_decay=opts["exp_decay"], epochs=opts["epochs"], batch_size=opts["head_batch_size"],
                      early_stopping=opts["early_stopping"], class_weight=opts["class_weight"],
-                     flatten=opts["flatten"], seed=opts["seed"])
+                     flatten=opts["flatten"], seed=opts["seed"], memory_budget_mb=budget)
 
 
 @cli.command("fit-head")
@@ -100,6 +101,9 @@ def _make_head(head: str, opts: dict):
 @click.option("--early-stopping", type=click.IntRange(1), default=None, metavar="PATIENCE",
               help="Stop after PATIENCE epochs without val-loss gain; keep the best weights.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=None, metavar="MB",
+              help="Train from memory while the training features fit in MB, else stream them from the "
+                   "cache file (default: a quarter of physical memory).")
 @click.option("--no-augmented", is_flag=True, help="Ignore augmented views in the cache.")
 @click.option("--sweep", is_flag=True, help="Grid search (C for logistic; lr x dropout x hidden for dense) "
                                             "in parallel; the best is saved.")
@@ -119,7 +123,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     head_opts = {k: kw.pop(k) for k in list(kw) if k in (
         "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
         "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
-        "head_batch_size", "early_stopping", "seed")}
+        "head_batch_size", "early_stopping", "seed", "memory_budget")}
     ff = _open_cache(cache, kw)
     with ff:
         from pipeline.heads.training import check_finite
@@ -132,6 +136,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         from pipeline.heads.training import fit_head_run
         result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
                                    use_augmented=not no_augmented)
+    if getattr(result.head, "streamed_", False):
+        click.echo(result.head.stream_note_)
     for part in ("train", "val", "test"):
         if result.metrics.get(part, {}).get("n"):
             click.echo(f"{part:5s} {summary_line(result.metrics[part])}")

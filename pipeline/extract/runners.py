@@ -52,9 +52,9 @@ class Runner:
 
 
 class TensorFlowRunner(Runner):
-    def __init__(self, model, size: int, jit: bool) -> None:
+    def __init__(self, model, size: int, jit: bool, eager: bool = False) -> None:
         super().__init__(pad_to=None)
-        self.fn = tf_inference_fn(model, size, jit)
+        self.fn = (lambda x: model(x, training=False)) if eager else tf_inference_fn(model, size, jit)
 
     def _start(self, x: np.ndarray) -> Any:
         return self.fn(x)
@@ -124,12 +124,18 @@ class TorchRunner(Runner):
         return out.detach().cpu().numpy()
 
 
-def make_runner(model, size: int, batch_size: int, jit: bool | None = None) -> Runner:
-    """The runner for the Keras backend in force. `jit`: TensorFlow XLA (None: on a GPU only)."""
+SMALL_JOB = 128  # images: below this, TensorFlow on the CPU runs eagerly (freezing costs ~2 s up front)
+
+
+def make_runner(model, size: int, batch_size: int, jit: bool | None = None, n_images: int | None = None) -> Runner:
+    """The runner for the Keras backend in force. `jit`: TensorFlow XLA (None: on a GPU only).
+    `n_images`, when known: a small job (an incremental extraction's few new images) on the
+    TensorFlow CPU path skips graph freezing and runs eagerly."""
     backend = backend_name()
     if backend == "jax":
         return JaxRunner(model, batch_size)
     if backend == "torch":
         return TorchRunner(model)
     gpu = accelerator() == "gpu"
-    return TensorFlowRunner(model, size, gpu if jit is None else bool(jit))
+    jit = gpu if jit is None else bool(jit)
+    return TensorFlowRunner(model, size, jit, eager=not jit and n_images is not None and n_images < SMALL_JOB)

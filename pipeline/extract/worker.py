@@ -302,7 +302,8 @@ class _Extraction:
         feed = Prefetcher(batches(self.jobs(), bs, (size, size, 3), self.options.workers), depth=2)
         if self._runner is None:  # built once per job (a Ray actor computes many chunk sets with it)
             model = self._model()
-            self._runner = make_runner(model, size, bs, self.options.jit)
+            self._runner = make_runner(model, size, bs, self.options.jit,
+                                       n_images=needed if self.options.shard is None else None)
             self._feat_shape = tuple(int(d) for d in model.output.shape[1:])
         runner, feat_shape = self._runner, self._feat_shape
         writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, feat_shape,

@@ -1,8 +1,9 @@
 """Stage-2 classifier heads trained on cached backbone features, in scikit-learn estimator style.
 
 `LogisticHead`: StandardScaler + LogisticRegression, C picked by stratified CV. `DenseHead`: a small
-Keras MLP, trained in memory or streamed from the HDF5 cache when the features exceed a memory
-budget. Both take an array or a `FeatureSource` (rows of a `FeatureFile`), reduce feature maps
+Keras MLP. Both train in memory, or stream from the HDF5 cache when the features exceed a memory
+budget (the logistic head through `streaming.fit_streamed_logistic`, the same objective). Both take
+an array or a `FeatureSource` (rows of a `FeatureFile`), reduce feature maps
 (N, H, W, C) with `flatten` ("flatten" | "avg" | "max"), and save/load with their metadata (class
 names, cache key, feature shape, feature extractor) so a head is never used on the wrong features.
 Keras is imported lazily: the logistic head and the CLI stay fast without TensorFlow.
@@ -35,6 +36,9 @@ from threadpoolctl import threadpool_limits
 from pipeline.atomic import atomic_path, save_keras_atomic, write_text_atomic
 from pipeline.errors import UserError
 from pipeline.heads.schedules import make_schedule
+from pipeline.heads.streaming import (
+    as_float32, default_memory_budget_mb, fit_streamed_logistic, read_rows, read_sorted, row_spans,
+)
 from pipeline.features.store import FeatureFile
 
 FLATTEN_MODES = ("flatten", "avg", "max")
@@ -67,17 +71,15 @@ class FeatureSource:
 
     def read(self, positions: np.ndarray) -> np.ndarray:
         """Raw float32 features of `positions` (indices into `rows`), in that order."""
-        rows = self.rows[np.asarray(positions)]
-        if rows.size == 0:
-            return np.empty((0, *self.feature_shape), np.float32)
-        return next(self.file.iter_batches(rows, rows.size))
+        return read_rows(self.file.features, self.rows[np.asarray(positions, np.int64)])
 
     def iter_reduced(self, flatten: str, batch_size: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (positions, reduced features) in disk order, so reads are sequential runs."""
+        """Yield (positions, reduced float32 features) in disk order, at most `batch_size` rows spanning
+        at most 4x that many rows of the file each, read as contiguous slices where rows are dense."""
         order = np.argsort(self.rows, kind="stable")
-        for start in range(0, order.size, batch_size):
-            pos = order[start:start + batch_size]
-            yield pos, reduce_features(self.read(pos), flatten)
+        srt = self.rows[order]
+        for a, b in row_spans(srt, batch_size, 4 * batch_size):
+            yield order[a:b], reduce_features(read_sorted(self.file.features, srt[a:b]), flatten)
 
     def load_reduced(self, flatten: str, batch_size: int = 1024) -> np.ndarray:
         """All rows as an in-memory (n, d) float32 array, reduced batch by batch to save memory."""
@@ -134,9 +136,9 @@ def reduce_features(x: np.ndarray, flatten: str) -> np.ndarray:
     x = np.asarray(x)
     _check_flatten(flatten, x.shape[1:])
     if x.ndim == 2:
-        return x.astype(np.float32, copy=False)
+        return as_float32(x)
     if flatten == "flatten" or x.ndim == 1:
-        return x.reshape(x.shape[0], -1).astype(np.float32, copy=False)
+        return as_float32(x.reshape(x.shape[0], -1))
     axes = tuple(range(1, x.ndim - 1))
     out = x.mean(axis=axes, dtype=np.float32) if flatten == "avg" else x.max(axis=axes)
     return out.astype(np.float32, copy=False)
@@ -306,6 +308,11 @@ class LogisticHead(_Head):
     products are too thin to gain from threads, and idle-spinning BLAS threads slow them down.
     `backend` is the joblib backend for the folds: threads (the default) start instantly and the
     solver's heavy parts release the GIL; "loky" processes take seconds to start.
+
+    Given a FeatureSource whose training rows would not fit `memory_budget_mb` (None: a quarter of
+    physical memory) as the two float32 matrices the in-memory fit holds (raw and standardized),
+    the head streams from the cache instead (`streaming.fit_streamed_logistic`: the same objective,
+    C="auto" scored on a held-out subsample) and reports `streamed_` and `stream_note_`.
     """
 
     kind = "logistic"
@@ -313,7 +320,8 @@ class LogisticHead(_Head):
     def __init__(self, C: float | str = "auto", Cs: Sequence[float] = DEFAULT_CS, cv: int = 5,
                  class_weight: str | None = None, scoring: str = "neg_log_loss", max_iter: int = 300,
                  tol: float = 1e-4, cv_tol: float = 1e-3, flatten: str = "avg", n_jobs: int | None = 1,
-                 random_state: int = 0, blas_threads: int | None = 1, backend: str = "threading") -> None:
+                 random_state: int = 0, blas_threads: int | None = 1, backend: str = "threading",
+                 memory_budget_mb: float | None = None) -> None:
         self.C = C
         self.Cs = Cs
         self.cv = cv
@@ -327,6 +335,7 @@ class LogisticHead(_Head):
         self.random_state = random_state
         self.blas_threads = blas_threads
         self.backend = backend
+        self.memory_budget_mb = memory_budget_mb
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, *, class_names: Sequence[str] | None = None,
             cache_key: str | None = None, feature_info: Mapping[str, Any] | None = None,
@@ -345,6 +354,15 @@ class LogisticHead(_Head):
         if groups is None and isinstance(X, FeatureSource):
             groups = X.file.index[X.rows]
         t0 = time.perf_counter()
+        budget = self.budget_mb()
+        need = 2 * y.size * self.n_features_in_ * 4 / 2**20   # the raw and the standardized float32 matrix
+        self.streamed_ = isinstance(X, FeatureSource) and need > budget
+        self.stream_note_ = ""
+        self._dense_cache = None
+        if self.streamed_:
+            self._fit_streamed(X, y, groups, need, budget)
+            self.fit_seconds_ = time.perf_counter() - t0
+            return self
         with threadpool_limits(self.blas_threads, user_api="blas"):
             Xm = _to_matrix(X, self.flatten)
             scaler = StandardScaler().fit(Xm)
@@ -362,15 +380,56 @@ class LogisticHead(_Head):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
+    def budget_mb(self) -> float:
+        """The memory budget in MB: `memory_budget_mb`, or a quarter of physical memory when None."""
+        if self.memory_budget_mb is None:
+            return default_memory_budget_mb()
+        budget = float(self.memory_budget_mb)
+        if not budget > 0:
+            raise UserError(f"the memory budget must be a positive number of MB, not {self.memory_budget_mb!r}")
+        return budget
+
+    def _given_C(self) -> float | None:
+        """The fixed C, or None for 'auto'; UserError for anything else."""
+        if self.C == "auto":
+            return None
+        try:
+            C = float(self.C)
+        except (TypeError, ValueError):
+            raise UserError(f"C must be 'auto' or a positive number, not {self.C!r}") from None
+        if not C > 0:
+            raise UserError(f"C must be positive, not {C}")
+        return C
+
+    def _fit_streamed(self, X: FeatureSource, y: np.ndarray, groups: Any, need_mb: float, budget_mb: float) -> None:
+        """Fit from the cache in blocks (features over the budget), leaving the in-memory head's arrays."""
+        dim = self.n_features_in_
+        raw_row_bytes = int(np.prod(X.feature_shape)) * X.file.features.dtype.itemsize
+        with threadpool_limits(self.blas_threads, user_api="blas"):
+            fit = fit_streamed_logistic(
+                lambda rows: X.iter_reduced(self.flatten, rows), len(X), dim, y, C=self._given_C(),
+                Cs=self.Cs, scoring=self.scoring, class_weight=self.class_weight, groups=groups, tol=self.tol,
+                cv_tol=self.cv_tol, max_iter=int(self.max_iter), random_state=self.random_state,
+                budget_mb=budget_mb, raw_row_bytes=raw_row_bytes)
+        scaler = StandardScaler()
+        scaler.mean_, scaler.var_, scaler.scale_ = fit.mean, fit.var, fit.scale
+        scaler.n_samples_seen_, scaler.n_features_in_ = np.int64(len(X)), dim
+        model = LogisticRegression(C=fit.C, class_weight=self.class_weight, max_iter=self.max_iter, tol=self.tol,
+                                   random_state=self.random_state)
+        model.coef_, model.intercept_, model.classes_ = fit.coef, fit.intercept, fit.classes
+        model.n_iter_, model.n_features_in_ = np.asarray([fit.n_iter], np.int32), dim
+        self.pipeline_ = Pipeline([("scaler", scaler), ("logreg", model)])
+        self.C_, self.cv_scores_, self.C_note_, self.converged_ = fit.C, fit.cv_scores, fit.C_note, fit.converged
+        self.stream_info_ = {"passes": fit.passes, "solver": fit.solver, "iterations": fit.n_iter,
+                             "sample_rows": fit.sample_rows, "block_rows": fit.block_rows,
+                             "seconds": {k: round(v, 3) for k, v in fit.seconds.items()}}
+        self.stream_note_ = (f"logistic head streamed from the cache ({len(X)} rows x {dim} features: "
+                             f"{need_mb:,.0f} MB in memory > budget {budget_mb:,.0f} MB; {fit.passes} passes)")
+
     def _choose_C(self, Xs: np.ndarray, y: np.ndarray, groups: Any) -> tuple[float, dict[float, float], str]:
         """(C, {C: mean CV score}, how C was chosen)."""
-        if self.C != "auto":
-            try:
-                C = float(self.C)
-            except (TypeError, ValueError):
-                raise UserError(f"C must be 'auto' or a positive number, not {self.C!r}") from None
-            if not C > 0:
-                raise UserError(f"C must be positive, not {C}")
+        C = self._given_C()
+        if C is not None:
             return C, {}, "given"
         Cs = sorted(float(c) for c in self.Cs)
         if not Cs or Cs[0] <= 0:
@@ -402,13 +461,17 @@ class LogisticHead(_Head):
         how = f"{n_splits}-fold {'grouped ' if grouped else ''}CV ({self.scoring})"
         return Cs[best], {c: float(s) for c, s in zip(Cs, mean)}, how
 
-    def decision_function(self, X: Any) -> np.ndarray:
-        """Logits (n, n_classes) whose softmax is `predict_proba`, one column per class name."""
+    def decision_function(self, X: Any, batch_size: int = 8192) -> np.ndarray:
+        """Logits (n, n_classes) whose softmax is `predict_proba`, one column per class name; rows go
+        through in batches, so a FeatureSource is never loaded whole."""
         self._check_input(X)
         if getattr(self, "_dense_cache", None) is None:
             self._dense_cache = self.as_dense_weights()
         W, b = self._dense_cache
-        return _to_matrix(X, self.flatten).astype(np.float64) @ W + b
+        out = np.empty((_n_rows(X), W.shape[1]))
+        for start, xb in _matrix_batches(X, self.flatten, batch_size):
+            out[start:start + xb.shape[0]] = xb.astype(np.float64) @ W + b
+        return out
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (n, n_classes); classes absent from training get ~0."""
@@ -446,7 +509,8 @@ class LogisticHead(_Head):
                   "n_iter": np.asarray(getattr(model, "n_iter_", [0]))}
         meta = {"format": _LOGISTIC_FORMAT, "version": 2, **self.metadata(), "C_": self.C_,
                 "cv_scores": [[c, s] for c, s in self.cv_scores_.items()], "C_note": self.C_note_,
-                "converged": self.converged_}
+                "converged": self.converged_, "streamed": getattr(self, "streamed_", False),
+                "stream_note": getattr(self, "stream_note_", "")}
         with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
         write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
@@ -492,6 +556,7 @@ class LogisticHead(_Head):
         head.C_ = float(meta["C_"])
         head.cv_scores_ = {float(c): float(v) for c, v in meta.get("cv_scores") or []}
         head.C_note_, head.converged_ = meta.get("C_note", ""), meta.get("converged", True)
+        head.streamed_, head.stream_note_ = bool(meta.get("streamed", False)), str(meta.get("stream_note", ""))
         return head
 
     @classmethod
@@ -654,6 +719,9 @@ class DenseHead(_Head):
         dim = self.n_features_in_
         need = (_n_rows(X) + (_n_rows(X_val) if has_val else 0)) * dim * 4 / 2**20
         self.streamed_ = isinstance(X, FeatureSource) and need > self.memory_budget_mb
+        self.stream_note_ = (f"dense head streamed from the cache ({_n_rows(X)} train + "
+                             f"{_n_rows(X_val) if has_val else 0} val rows x {dim} features: {need:,.0f} MB > "
+                             f"budget {self.memory_budget_mb:,.0f} MB)") if self.streamed_ else ""
         weights = self._sample_weights(y, n_classes)
         if self.streamed_:
             mean, scale = _streamed_stats(X, self.flatten)

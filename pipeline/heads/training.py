@@ -192,10 +192,13 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
 
 
 def _head_facts(head: Head) -> dict[str, Any]:
+    streamed = bool(getattr(head, "streamed_", False))
+    note = {"stream_note": head.stream_note_} if streamed and getattr(head, "stream_note_", "") else {}
     if isinstance(head, LogisticHead):
+        info = {"stream": head.stream_info_} if streamed and hasattr(head, "stream_info_") else {}
         return {"C": head.C_, "C_choice": head.C_note_, "converged": head.converged_,
-                "cv_scores": {f"{c:g}": s for c, s in head.cv_scores_.items()}}
-    return {"epochs_run": head.n_epochs_, "best_epoch": head.best_epoch_ + 1, "streamed": head.streamed_}
+                "cv_scores": {f"{c:g}": s for c, s in head.cv_scores_.items()}, "streamed": streamed, **note, **info}
+    return {"epochs_run": head.n_epochs_, "best_epoch": head.best_epoch_ + 1, "streamed": streamed, **note}
 
 
 def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
