@@ -117,6 +117,10 @@ def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_pat
     assert forced.returncode == 0, forced.stderr
     assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "model.keras", "model_card.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    linked = run_cli("export", "--run", run_id, "--out", str(link), "--cache-dir", str(cache))
+    assert linked.returncode == 2 and "symbolic link" in linked.stderr and (mine / "notes.txt").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -158,12 +162,14 @@ def test_a_mixed_precision_model_exports_as_float32():
     keras.config.set_dtype_policy("mixed_float16")
     try:
         inp = keras.Input((4,))
-        model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", dtype="float32")(keras.layers.Dense(5)(inp)))
+        hidden = keras.layers.Dense(5, name="mixed_5b")(inp)  # InceptionResNetV2 names layers like this
+        model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", dtype="float32")(hidden))
     finally:
         keras.config.set_dtype_policy("float32")
     assert model.layers[1].dtype_policy.name == "mixed_float16"
     copy = float32_model(model)
     assert {l.dtype_policy.name for l in copy.layers[1:]} == {"float32"}
+    assert [l.name for l in copy.layers] == [l.name for l in model.layers]
     x = np.random.default_rng(0).normal(size=(3, 4)).astype("float32")
     np.testing.assert_allclose(np.asarray(copy(x)), np.asarray(model(x)), atol=2e-3)
     assert keras.config.dtype_policy().name == "float32"

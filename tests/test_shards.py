@@ -40,6 +40,11 @@ def test_two_shards_assemble_the_single_process_file(tmp_path):
         np.testing.assert_array_equal(b.load(), a.load())              # byte-identical features
     assert extract(req(data), opts(cache)).cache_hit
 
+    other = tmp_path / "c2"                                            # what the error message suggests:
+    extract(req(data), opts(other, shard=(1, 3)))                      # --shard 0/1 finishes any split
+    here = extract(req(data), opts(other, shard=(0, 1)))
+    assert here.computed == 6 and here.n_rows == 10
+
 
 def test_shard_cli(tmp_path):
     data = make_folder(tmp_path / "d", per_class=5, splits=())

@@ -77,15 +77,16 @@ def _leaves(model) -> list:
     return out
 
 
-def _float32_config(obj: Any) -> Any:
-    """A model config with every mixed dtype policy replaced by float32."""
+def _float32_config(obj: Any, key: str = "") -> Any:
+    """A model config with every mixed dtype policy replaced by float32 (only policies: a layer may
+    well be *named* mixed_5b, as in InceptionResNetV2)."""
     if isinstance(obj, dict):
         if obj.get("class_name") == "DTypePolicy" and str(obj.get("config", {}).get("name", "")).startswith("mixed"):
             return {**obj, "config": {**obj["config"], "name": "float32"}}
-        return {k: _float32_config(v) for k, v in obj.items()}
+        return {k: _float32_config(v, k) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_float32_config(v) for v in obj]
-    if isinstance(obj, str) and obj.startswith("mixed_"):
+        return [_float32_config(v, key) for v in obj]
+    if key in ("dtype", "dtype_policy") and isinstance(obj, str) and obj.startswith("mixed_"):
         return "float32"
     return obj
 
@@ -136,6 +137,9 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     _check_target(out, force)
     model = inference_model(run)
     size = int(model.input.shape[1])
+    if int(model.output.shape[-1]) != len(run.class_names):
+        raise UserError(f"run {run.record.id} names {len(run.class_names)} classes but its model has "
+                        f"{int(model.output.shape[-1])} outputs; the run folder is inconsistent, re-run it")
     card = model_card(run, fmt, size, int(model.output.shape[-1]))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -146,16 +150,21 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
         probe = probe_images(size)
         expected = np.asarray(model.predict(probe, verbose=0), np.float64)
         from pipeline.export.runtime import open_model
-        got = open_model(target).predict(probe)
+        got = open_model(target, cpu_only=True).predict(probe)
         diff = float(np.max(np.abs(got - expected)))
         if not diff <= VERIFY_TOLERANCE:
             raise UserError(f"the {fmt} export does not reproduce the model (max probability difference "
                             f"{diff:.2g} > {VERIFY_TOLERANCE:g}); nothing was written. Run with --debug and report it")
         card["verified_max_abs_diff"] = diff
         (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        _check_target(out, force)  # again: the folder may have changed during the export
+        backup = None
         if out.exists():
-            shutil.rmtree(out)
+            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, backup)          # swap, then delete: a crash never loses both
         os.replace(staging, out)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -163,6 +172,9 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
 
 
 def _check_target(out: Path, force: bool) -> None:
+    """Refuse any --out but a new folder, an empty one, or (with --force) an earlier export."""
+    if out.is_symlink():
+        raise UserError(f"{out} is a symbolic link; give --out a real folder")
     if not out.exists():
         return
     if not out.is_dir():

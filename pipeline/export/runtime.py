@@ -37,8 +37,9 @@ class ExportedModel:
         return np.asarray(self._call(images), np.float64)
 
 
-def open_model(path: str | Path) -> ExportedModel:
-    """Load `path` (.onnx, .keras, .tflite or a SavedModel folder); one-line errors for anything else."""
+def open_model(path: str | Path, cpu_only: bool = False) -> ExportedModel:
+    """Load `path` (.onnx, .keras, .tflite or a SavedModel folder); one-line errors for anything else.
+    `cpu_only`: ONNX Runtime on its CPU provider (export's check), else every provider it has."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"model not found: {path}")
@@ -47,7 +48,7 @@ def open_model(path: str | Path) -> ExportedModel:
             raise UserError(f"{path} is a folder but not a SavedModel (no saved_model.pb); give the model file")
         kind, call, size, names = "savedmodel", *_savedmodel(path)
     elif path.suffix == ".onnx":
-        kind, call, size, names = "onnx", *_onnx(path)
+        kind, call, size, names = "onnx", *_onnx(path, cpu_only)
     elif path.suffix == ".keras":
         kind, call, size, names = "keras", *_keras(path)
     elif path.suffix == ".tflite":
@@ -92,13 +93,14 @@ def _square_size(shape, path: Path) -> int:
     return int(dims[1])
 
 
-def _onnx(path: Path):
+def _onnx(path: Path, cpu_only: bool = False):
     try:
         import onnxruntime as ort
     except ImportError:
         raise UserError("running an .onnx model needs onnxruntime: pip install onnxruntime") from None
     try:
-        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        providers = ["CPUExecutionProvider"] if cpu_only else ort.get_available_providers()
+        session = ort.InferenceSession(str(path), providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for damaged files
         raise UserError(f"{path} is not a readable ONNX model ({' '.join(str(exc).split())[:160]})") from None
     inp = session.get_inputs()[0]

@@ -42,9 +42,11 @@ class _ChunkWorker:
     """A Ray actor: rebuilds the plan from the request (refusing a node whose libraries give another
     cache key), builds the model once, computes the chunk lists it is handed."""
 
-    def __init__(self, request: dict[str, Any], options: dict[str, Any], key: str) -> None:
+    def __init__(self, request: dict[str, Any], options: dict[str, Any], key: str, cwd: str) -> None:
         from pipeline.extract.worker import _Extraction
 
+        if os.path.isdir(cwd):  # relative --data paths mean what they mean on the driver
+            os.chdir(cwd)
         req = ExtractRequest.from_json(request)
         opts = RunOptions(**options)
         p = plan(req, opts.cache_dir)
@@ -95,11 +97,28 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
         computed = 0
         if todo:
             computed = _run_on_ray(ray, p, options, todo, address, n_workers, log, on_chunk)
+            unseen = sorted(set(todo) - set(chunks.done()))
+            if unseen:
+                raise UserError(f"the Ray workers wrote {len(todo) - len(unseen)} of {len(todo)} chunks where this "
+                                f"driver can see them ({p.parts}): the cache folder must be on a filesystem every "
+                                f"node shares (give --cache-dir on it)")
         seconds = time.perf_counter() - t0
         result = _recorded(p, options, log)  # every chunk is there: this only assembles (and records the run)
         result.computed, result.seconds = computed, seconds
         result.images_per_s = computed / seconds if computed and seconds > 0 else 0.0
+        _record_ray_figures(options, result, len(todo))
         return result
+
+
+def _record_ray_figures(options: RunOptions, result: ExtractResult, n_chunks: int) -> None:
+    """The run record's figures are the Ray job's, not the driver's assembly step's."""
+    if not result.run_id:
+        return
+    from pipeline.tracking.runs import Registry, _write_json
+    record = Registry(options.cache_dir).get(result.run_id)
+    metrics = {**record.metrics, "computed": result.computed, "seconds": round(result.seconds, 3),
+               "images_per_s": result.images_per_s, "distributor": "ray", "chunks_on_ray": n_chunks}
+    _write_json(record.dir / "metrics.json", metrics)
 
 
 def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | None, n_workers: int | None,
@@ -129,14 +148,24 @@ def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | Non
         per_actor = {"num_gpus": 1} if gpus else {"num_cpus": max(1, int(resources.get("CPU", 1)) // count)}
         threads = None if gpus else per_actor["num_cpus"]
         opts = {**asdict(options), "progress": False, "workers": options.workers or threads,
-                "cache_dir": str(options.cache_dir)}
+                "cache_dir": str(os.path.abspath(options.cache_dir))}
         Actor = ray.remote(max_restarts=0)(_ChunkWorker).options(**per_actor)
-        make = lambda: Actor.remote(p.request.to_json(), opts, p.key)  # noqa: E731
+        cwd = os.getcwd()
+        made: list = []
+
+        def make():
+            made.append(Actor.remote(p.request.to_json(), opts, p.key, cwd))
+            return made[-1]
+
         actors = [make() for _ in range(count)]
         each = "1 GPU" if gpus else f"{per_actor['num_cpus']} CPU"
         log(f"ray: {count} worker(s) ({each} each) computing {len(todo)} chunk(s) of {options.chunk_units} images")
-        return _schedule(ray, actors, make, todo, log, on_chunk, tqdm(
-            total=len(todo), unit="chunk", desc="extract (ray)", disable=not options.progress, file=sys.stderr))
+        try:
+            return _schedule(ray, actors, make, todo, log, on_chunk, tqdm(
+                total=len(todo), unit="chunk", desc="extract (ray)", disable=not options.progress, file=sys.stderr))
+        finally:
+            for actor in made:  # stragglers still computing a chunk another actor finished
+                ray.kill(actor)
     finally:
         if started:
             ray.shutdown()
@@ -168,7 +197,7 @@ def _schedule(ray, actors: list, make, todo: list[int], log: Log, on_chunk, bar)
             except ray.exceptions.RayActorError as exc:
                 _raise_user_error(exc)
                 restarts += 1
-                if chunk not in done:
+                if chunk not in done and chunk not in {c for _, c, _ in in_flight.values()}:
                     pending.appendleft(chunk)
                 log(f"ray: a worker died computing chunk {chunk}; rescheduled"
                     + ("" if restarts > MAX_RESTARTS else ", starting a replacement"))

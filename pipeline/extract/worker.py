@@ -143,10 +143,12 @@ class _Extraction:
         self._runner = None
         self._feat_shape: tuple[int, ...] = ()
         self._reuse_checked = False
+        self._distributed = False  # a Ray actor's job: always the frozen graph (same bytes on every worker)
 
     @property
     def n_chunks(self) -> int:
-        return -(-self.unit_index.size // self.options.chunk_units)
+        """Chunks of this job at the chunk size the parts folder was started with (its meta.json)."""
+        return -(-self.unit_index.size // ChunkDir(self.p.parts, self.options.chunk_units).chunk_units)
 
     def compute_chunks(self, todo: list[int]) -> int:
         """Compute and write exactly the chunks `todo` (a distributed worker's share; no assembly);
@@ -154,6 +156,7 @@ class _Extraction:
         twice (a re-issued straggler) is simply written twice with the same content."""
         chunks = ChunkDir(self.p.parts, self.options.chunk_units)
         total = self.unit_index.size
+        self._distributed = True
         if not self._reuse_checked and self.options.reuse:
             from pipeline.features.reuse import find_reuse, item_stats
             self.reuse = find_reuse(self.p.path, self.p.key_material, self.listing.ids,
@@ -206,10 +209,14 @@ class _Extraction:
             if todo:
                 self._compute(chunks, todo, total, needed)
         finally:
-            if shard is None and not chunks.done():
-                chunks.remove()  # nothing finished: leave no empty partial behind
+            if shard is None and not chunks.done() and not (p.parts / SHARDS_FILE).exists():
+                chunks.remove()  # nothing finished: leave no empty partial behind (shards may share it)
         if shard is not None:
-            missing = [c for c in range(n_chunks) if c not in set(chunks.done())]
+            if is_complete(p.path) or not p.parts.exists():  # another shard assembled meanwhile
+                return ExtractResult(p.path, p.key, cache_hit=False, computed=needed, shard=shard,
+                                     n_chunks=n_chunks)
+            finished = set(chunks.done())
+            missing = [c for c in range(n_chunks) if c not in finished]
             if missing:
                 return ExtractResult(p.path, p.key, cache_hit=False, seconds=time.perf_counter() - t0,
                                      computed=needed, shard=shard, n_chunks=n_chunks, missing_chunks=missing,
@@ -303,7 +310,7 @@ class _Extraction:
         if self._runner is None:  # built once per job (a Ray actor computes many chunk sets with it)
             model = self._model()
             self._runner = make_runner(model, size, bs, self.options.jit,
-                                       n_images=needed if self.options.shard is None else None)
+                                       n_images=needed if self.options.shard is None and not self._distributed else None)
             self._feat_shape = tuple(int(d) for d in model.output.shape[1:])
         runner, feat_shape = self._runner, self._feat_shape
         writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, feat_shape,
@@ -342,6 +349,8 @@ def _check_shards(p: Plan, shard: tuple[int, int], n_chunks: int, done: set[int]
 
     from pipeline.atomic import write_text_atomic
     marker = p.parts / SHARDS_FILE
+    if shard == (0, 1):  # "compute every missing chunk here": fits any earlier split
+        return
     if marker.exists():
         known = json.loads(marker.read_text())
         if int(known["n"]) != shard[1] or int(known["n_chunks"]) != n_chunks:

@@ -224,7 +224,8 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
         parent = os.path.realpath(e.path.parent)
         if parent != root:
             raise UserError(f"{e.path} is not inside the cache folder {root}; nothing removed")
-        if _being_written(e.path.with_suffix(".lock")):
+        shard_locks = e.path.parent.glob(e.path.with_suffix("").name + ".shard-*-of-*.lock")
+        if _being_written(e.path.with_suffix(".lock")) or any(_being_written(lock) for lock in shard_locks):
             raise UserError(f"an extraction is writing {e.path.name} right now; nothing removed; wait for it "
                             f"to finish or stop it first")
     removed = []
@@ -238,6 +239,8 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
         if lock.is_file() and not any(o.path != path and o.path.with_suffix(".lock") == lock
                                       for o in find_entries(cache_dir)):
             lock.unlink(missing_ok=True)
+            for shard_lock in path.parent.glob(path.with_suffix("").name + ".shard-*-of-*.lock"):
+                shard_lock.unlink(missing_ok=True)
         removed.append(path)
     return removed
 

@@ -40,8 +40,14 @@ class Reuse:
             return tags, np.empty((0, *self.feature_shape), np.float32)
         order = np.argsort(rows)
         feats = np.empty((rows.size, *self.feature_shape), np.float32)
-        with h5py.File(self.base, "r") as f:
-            feats[order] = f["features"][rows[order]]
+        try:
+            with h5py.File(self.base, "r") as f:
+                feats[order] = f["features"][rows[order]]
+        except (OSError, KeyError) as exc:
+            from pipeline.errors import UserError
+            raise UserError(f"the cache this extraction copies unchanged rows from ({self.base.name}) vanished or "
+                            f"changed during the run ({type(exc).__name__}); run the same command again: finished "
+                            f"chunks are kept") from None
         return tags, feats
 
 
@@ -60,6 +66,13 @@ def item_stats(paths: list[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
     return sizes, mtimes
 
 
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed since the listing
+        return 0.0
+
+
 def _comparable(material: dict[str, Any]) -> str:
     rest = {k: v for k, v in material.items() if k not in _FREE}
     return json.dumps(rest, sort_keys=True)
@@ -75,7 +88,7 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str], stats: tu
         return None
     want, spec = _comparable(material), (material.get("data") or {}).get("data")
     best: Reuse | None = None
-    for path in sorted(Path(target).parent.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True):
+    for path in sorted(Path(target).parent.glob("*.h5"), key=_mtime, reverse=True):
         if path == target or path.name.startswith("."):
             continue
         try:

@@ -106,21 +106,32 @@ def _quiet() -> Iterator[None]:
 
 def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = None) -> str | None:
     """Log the recorded run `run_id` to MLflow; returns the MLflow run id, or None after one warning."""
-    record = Registry(cache_dir).get(run_id)
-    # An unreachable server should cost seconds, not MLflow's default minutes of retries.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    # An unreachable server should cost seconds, not MLflow's default minutes of retries; and
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: the process's environment is restored after.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                                            "MLFLOW_TRACKING_URI")}
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    where = Path(cache_dir) / "runs" / run_id
     try:
+        record = Registry(cache_dir).get(run_id)
+        where = record.dir
         with _quiet():
             mlflow_id, experiment_id, uri = _log(record, cache_dir, experiment)
+        info = dict(record.info)
+        info["mlflow"] = {"run_id": mlflow_id, "experiment_id": experiment_id, "tracking_uri": uri}
+        _write_json(record.dir / "run.json", info)
     except Exception as exc:  # noqa: BLE001 - tracking must never lose or fail the local run
         text = " ".join(str(exc).split())[:200]
-        warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {text}); the run is kept in {record.dir}",
+        warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {text}); the run is kept in {where}",
                       DataWarning, stacklevel=2)
         return None
-    info = dict(record.info)
-    info["mlflow"] = {"run_id": mlflow_id, "experiment_id": experiment_id, "tracking_uri": uri}
-    _write_json(record.dir / "run.json", info)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return mlflow_id
 
 
@@ -136,7 +147,11 @@ def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None
         if own_store and mlflow.get_experiment_by_name(name) is None:
             # our default store keeps its artifacts beside it, not in ./mlruns of whatever folder we run in
             artifacts = (Path(cache_dir).absolute() / "mlflow-artifacts").as_uri()
-            mlflow.create_experiment(name, artifact_location=artifacts)
+            try:
+                mlflow.create_experiment(name, artifact_location=artifacts)
+            except mlflow.exceptions.MlflowException:
+                if mlflow.get_experiment_by_name(name) is None:  # not just a concurrent run creating it
+                    raise
         mlflow.set_experiment(name)
     context = contextlib.nullcontext(active) if active is not None else \
         mlflow.start_run(run_name=f"{record.stage} {record.id}")
