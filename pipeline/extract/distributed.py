@@ -92,7 +92,8 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
         if not plan_job.unit_index.size:
             raise UserError(f"{request.data} contains no images")
         chunks = ChunkDir(p.parts, options.chunk_units)
-        todo = [c for c in range(plan_job.n_chunks) if c not in set(chunks.done())]
+        done = set(chunks.done())
+        todo = [c for c in range(plan_job.n_chunks) if c not in done]
         t0 = time.perf_counter()
         computed = 0
         if todo:
