@@ -193,8 +193,9 @@ class _Extraction:
         for c in todo:
             in_todo[c * u:(c + 1) * u] = True
         start = min(todo[0] * u, total) if todo else total
-        if done and todo:
-            self.log(f"resuming: {sum(min(u, total - c * u) for c in done)} of {total} images already extracted")
+        if done:
+            self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "
+                     f"already extracted")
         from pipeline.features.reuse import find_reuse, item_stats
         stats = item_stats(self.listing.paths)
         if opts.reuse and todo:
