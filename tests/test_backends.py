@@ -165,6 +165,3 @@ def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
     if importlib.util.find_spec("mlflow"):
         logged = cli("fit-head", *common, "--head", "dense", "--hidden", "8", "--epochs", "2", "--mlflow")
         assert "logged to MLflow run" in logged.stderr and "MLflow logging failed" not in logged.stderr
-        tuned = cli("finetune", "--run", run_id, "--epochs", "1", "--batch-size", "4", "--no-progress",
-                    "--cache-dir", cache, "--mlflow")
-        assert "logged to MLflow run" in tuned.stderr and "MLflow logging failed" not in tuned.stderr

@@ -108,19 +108,22 @@ def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_pat
     assert bad.returncode == 2 and "not empty" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
+    from pipeline.errors import UserError
+    from pipeline.export import export_run
+    from pipeline.inference.apply import load_run
+    run = load_run(cache, run_id)
     out = tmp_path / "exp"
-    first = run_cli("export", "--run", run_id, "--out", str(out), "--cache-dir", str(cache))
-    assert first.returncode == 0, first.stderr
-    again = run_cli("export", "--run", run_id, "--out", str(out), "--cache-dir", str(cache))
-    assert again.returncode == 2 and "--force" in again.stderr
-    forced = run_cli("export", "--run", run_id, "--out", str(out), "--force", "--cache-dir", str(cache))
-    assert forced.returncode == 0, forced.stderr
+    export_run(run, "keras", out)
+    with pytest.raises(UserError, match="--force"):
+        export_run(run, "keras", out)
+    export_run(run, "keras", out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "model.keras", "model_card.json"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or old folder left
     link = tmp_path / "link"
     link.symlink_to(mine)
-    linked = run_cli("export", "--run", run_id, "--out", str(link), "--cache-dir", str(cache))
-    assert linked.returncode == 2 and "symbolic link" in linked.stderr and (mine / "notes.txt").exists()
+    with pytest.raises(UserError, match="symbolic link"):
+        export_run(run, "keras", link)
+    assert (mine / "notes.txt").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [
