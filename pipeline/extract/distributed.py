@@ -72,7 +72,7 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
     `ray://` or `host:port` address. `on_chunk(n_done, actors)` is called after each finished
     chunk (tests use it to kill a worker or the driver mid-run).
     """
-    from pipeline.extract.worker import _Extraction, _clean_leftovers, _locked, _recorded
+    from pipeline.extract.worker import _Extraction, _locked, _recorded, _under_lock
     from pipeline.features.store import ChunkDir, is_complete
 
     p = plan(request, options.cache_dir)
@@ -81,13 +81,9 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
     check_size(p.size, options.allow_large)
     ray = _ray()
     with _locked(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
-        _clean_leftovers(p, log)
-        if options.force:
-            p.path.unlink(missing_ok=True)
-            ChunkDir.remove_path(p.parts)
-            options = RunOptions(**{**asdict(options), "force": False, "reuse": False})
-        elif is_complete(p.path):
-            return ExtractResult(p.path, p.key, cache_hit=True)
+        options, hit = _under_lock(p, options, log)
+        if hit is not None:
+            return hit
         plan_job = _Extraction(p, options, log)
         if not plan_job.unit_index.size:
             raise UserError(f"{request.data} contains no images")

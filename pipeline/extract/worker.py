@@ -84,16 +84,23 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
             with _locked(shard_lock, lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
                 return _recorded(p, options, log)
         with _locked(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
-            _clean_leftovers(p, log)
-            if options.force:
-                p.path.unlink(missing_ok=True)
-                ChunkDir.remove_path(p.parts)
-                options = RunOptions(**{**asdict(options), "force": False, "reuse": False})
-            elif is_complete(p.path):
-                return ExtractResult(p.path, p.key, cache_hit=True)
-            return _recorded(p, options, log)
+            options, hit = _under_lock(p, options, log)
+            return hit or _recorded(p, options, log)
     except OSError as exc:
         raise _disk_error(exc, p) from None
+
+
+def _under_lock(p: Plan, options: RunOptions, log: Log) -> tuple[RunOptions, ExtractResult | None]:
+    """Holding the key's lock: clean up after killed runs, then either start over (--force: the
+    options come back with force and reuse off) or find that another process finished the file."""
+    _clean_leftovers(p, log)
+    if options.force:
+        p.path.unlink(missing_ok=True)
+        ChunkDir.remove_path(p.parts)
+        return RunOptions(**{**asdict(options), "force": False, "reuse": False}), None
+    if is_complete(p.path):
+        return options, ExtractResult(p.path, p.key, cache_hit=True)
+    return options, None
 
 
 def _disk_error(exc: OSError, p: Plan) -> UserError | OSError:

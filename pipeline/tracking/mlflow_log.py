@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from pipeline.errors import DataWarning, UserError
+from pipeline.tracking.compare import flatten
 from pipeline.tracking.runs import Registry, RunRecord, _write_json
 
 DEFAULT_EXPERIMENT = "featurecache"
@@ -45,18 +46,6 @@ def require() -> None:
 def tracking_uri(cache_dir: str | os.PathLike) -> str:
     """MLFLOW_TRACKING_URI when set, else a SQLite database in the cache folder."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(cache_dir).absolute() / 'mlflow.db'}"
-
-
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> dotted keys (`request.split.seed`); lists stay values."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
