@@ -34,7 +34,7 @@ def test_extract_then_cache_hit_fast_without_tensorflow(tiny_split_folder, tmp_p
     second = run_cli("extract", "--data", str(tiny_split_folder), "--cache-dir", cache, *FAST)
     elapsed = time.perf_counter() - t
     assert second.returncode == 0 and second.stdout.startswith("cache hit: ")
-    assert elapsed < 2.0, f"cache hit took {elapsed:.2f}s"
+    assert elapsed < 3.0, f"cache hit took {elapsed:.2f}s"  # importing TensorFlow alone takes longer
     probe = subprocess.run(  # the hit path must not import TensorFlow at all
         [sys.executable, "-c", "import sys; from pipeline.extract import extract, ExtractRequest, RunOptions;"
          f"r = extract(ExtractRequest(data={str(tiny_split_folder)!r}, backbone='vgg16', weights='none',"

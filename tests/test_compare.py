@@ -77,7 +77,9 @@ def test_compare_metric_rows_cover_every_split_and_only_differing_facts(tmp_path
 
 def test_compare_cli_table_lists_exactly_the_differing_parameters(two_runs):
     root, ids = two_runs
-    proc = run_cli("runs", "compare", ids[0][:17], ids[1], "--cache-dir", str(root))
+    # a prefix of the first id (ids are "time-4hex" and both runs can share a second and a hex digit)
+    prefix = next(ids[0][:n] for n in range(15, len(ids[0]) + 1) if not ids[1].startswith(ids[0][:n]))
+    proc = run_cli("runs", "compare", prefix, ids[1], "--cache-dir", str(root))
     assert proc.returncode == 0, proc.stderr
     labels = _labels(proc.stdout)
     assert labels[:6] == ["stage", "status", "backbone", "data", "head", "duration"]

@@ -158,3 +158,27 @@ def test_loader_raises_real_errors():
 
     with pytest.raises(RuntimeError, match="disk on fire"):
         list(batches([(0, boom)], 2, (4, 4, 3), workers=1))
+
+
+def test_first_decodes_on_many_threads_at_once_all_succeed(tmp_path):
+    """Decode threads that start cold all succeed: the decoder libraries are imported once, under a
+    lock, and the loader imports them before it starts threads (a concurrent first import of Pillow
+    once failed a CI extraction with "cannot import name 'ImageMode' from 'PIL'"). A fresh
+    interpreter each time, so the first import is really first; the race is rare, so this guards the
+    mechanism rather than reproducing the failure."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    jpg, gif = tmp_path / "a.jpg", tmp_path / "b.gif"
+    jpg.write_bytes(_encode(_photo(), "JPEG"))
+    gif.write_bytes(_encode(_photo(), "GIF"))  # the Pillow fallback path
+    code = ("import sys; from concurrent.futures import ThreadPoolExecutor; from pipeline.data import decode as d;"
+            "paths = sys.argv[1:] * 16;"
+            "out = list(ThreadPoolExecutor(32).map(lambda p: d.decode(d.read_file(p), 32).shape, paths));"
+            "print(len(out), 'PIL' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", code, str(jpg), str(gif)], capture_output=True, text=True,
+                              cwd=root, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.split() == ["32", "True"], proc.stderr[-2000:]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -33,11 +34,33 @@ class DecodeError(Exception):
     """An image that cannot be used; the message is the reason stored in `skipped_reasons`."""
 
 
-def _cv2():
-    import cv2
+_IMPORT_LOCK = threading.Lock()
+_LIBS: dict[str, Any] = {}
 
-    cv2.setNumThreads(1)  # parallelism comes from the loader's threads, one image each
-    return cv2
+
+def load_libraries() -> None:
+    """Import OpenCV and Pillow now, in the calling thread: the loader calls it before it starts its
+    threads. Python 3.11's concurrent first import of a package (decode threads, or the main thread
+    importing Keras, which imports Pillow) can hand a thread a half-made module: "cannot import name
+    'ImageMode' from 'PIL'" once failed a whole extraction. Lazy, so a cache hit imports neither."""
+    _libs()
+
+
+def _libs() -> dict[str, Any]:
+    """OpenCV and Pillow, imported once under a lock (see `load_libraries`)."""
+    if not _LIBS:
+        with _IMPORT_LOCK:
+            if not _LIBS:
+                import cv2
+                from PIL import Image, ImageOps, UnidentifiedImageError
+
+                cv2.setNumThreads(1)  # parallelism comes from the loader's threads, one image each
+                _LIBS.update(cv2=cv2, Image=Image, ImageOps=ImageOps, UnidentifiedImageError=UnidentifiedImageError)
+    return _LIBS
+
+
+def _cv2():
+    return _libs()["cv2"]
 
 
 def identity() -> dict[str, Any]:
@@ -76,7 +99,8 @@ def claimed_format(data: bytes) -> str | None:
 
 def read_header(data: bytes) -> tuple[str, int, int]:
     """(format, width, height) from the file's header, or DecodeError with the reason."""
-    from PIL import Image, UnidentifiedImageError
+    libs = _libs()
+    Image, UnidentifiedImageError = libs["Image"], libs["UnidentifiedImageError"]
 
     if not data:
         raise DecodeError("empty file")
@@ -124,7 +148,7 @@ def decode(data: bytes, size: int | None = None) -> np.ndarray:
 
 def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
     """Fallback for what OpenCV rejects (some GIFs, odd TIFFs); refuses truncated files."""
-    from PIL import Image, ImageOps
+    Image, ImageOps = _libs()["Image"], _libs()["ImageOps"]
 
     try:
         with Image.open(io.BytesIO(data)) as im:

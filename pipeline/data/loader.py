@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from pipeline.data.decode import DecodeError
+from pipeline.data.decode import DecodeError, load_libraries
 
 Job = Callable[[], np.ndarray]
 
@@ -39,6 +39,7 @@ class Batch:
 def ordered_map(jobs: Iterable[tuple[int, Job]], workers: int, prefetch: int) -> Iterator[tuple[int, np.ndarray | DecodeError]]:
     """Run (tag, job) pairs on `workers` threads; yield (tag, result or DecodeError) in input order,
     keeping at most `prefetch` jobs in flight."""
+    load_libraries()  # before any thread starts (see there)
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode")
     pending: deque[tuple[int, Future]] = deque()
     it = iter(jobs)
@@ -99,6 +100,7 @@ class Prefetcher:
 
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
+        load_libraries()  # in the caller's thread, before the decode threads start (see there)
         self._thread = threading.Thread(target=self._run, args=(iter(source),), daemon=True)
         self._thread.start()
 
