@@ -34,8 +34,10 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert bad.returncode == 2 and "block5" in bad.stderr and "Traceback" not in bad.stderr
 
     ft = run_cli("finetune", "--run", head_run, "--unfreeze", "block5", "--epochs", "2", "--batch-size", "8",
-                 "--augment", "flip,rotation=0.05", "--cache-dir", cache, *_mlflow_args())
+                 "--augment", "flip,rotation=0.05", "--views", "1", "--cache-dir", cache, *_mlflow_args())
     assert ft.returncode == 0, ft.stderr
+    # the default: the frozen layers below block5 ran once per image and view, into the cache
+    assert "trunk cache: " in ft.stderr and len(list((Path(cache) / "features").glob("*-block4_pool-*.h5"))) == 1
     assert "val   accuracy" in ft.stdout and "->" in ft.stdout
     ft_run = _run_id(ft.stdout)
     run_dir = Path(cache) / "runs" / ft_run
@@ -119,9 +121,9 @@ def test_finetune_validates_on_the_fit_head_holdout_when_there_is_no_val_folder(
     head_metrics = json.loads((Path(cache) / "runs" / head_run / "metrics.json").read_text())
     assert head_metrics["split"]["val_source"] == "holdout"
     ft = run_cli("finetune", "--run", head_run, "--epochs", "3", "--early-stopping", "1", "--batch-size", "8",
-                 "--no-progress", "--cache-dir", cache)
+                 "--no-progress", "--no-trunk-cache", "--cache-dir", cache)  # on the images every epoch
     assert ft.returncode == 0, ft.stderr
-    assert "(stage-2 split)" in ft.stdout and "val   accuracy" in ft.stdout
+    assert "(stage-2 split)" in ft.stdout and "val   accuracy" in ft.stdout and "trunk cache" not in ft.stderr
     assert "━" not in ft.stdout + ft.stderr  # --no-progress: no per-step bar
     metrics = json.loads((Path(cache) / "runs" / _run_id(ft.stdout) / "metrics.json").read_text())
     assert metrics["val_source"] == "stage-2 split"

@@ -60,7 +60,8 @@ def trained(data, tmp_path_factory):
         def on_epoch_end(self, epoch, logs=None):
             seen.append((read_checkpoint(run)["epoch"], sorted(p.name for p in (run / "checkpoints").iterdir())))
 
-    tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=8, lr=1e-4, augment=AugmentConfig(), seed=1)
+    tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=8, lr=1e-4, augment=AugmentConfig(), seed=1,
+                      trunk_cache=False)
     result = tuner.fit(data.req, data.logistic, run, callbacks=[Watch()])
     return SimpleNamespace(run=run, tuner=tuner, result=result, seen=seen)
 
@@ -136,7 +137,7 @@ def test_first_forward_pass_equals_head_only_predictions(data, kind):
     want = head.predict_proba(data.feats)
     assert got.shape == want.shape == (data.y.size, 2)
     np.testing.assert_allclose(got, want, atol=1e-4)
-    assert FineTuner().default_lr(head) == (pytest.approx(head.lr / 10) if kind == "dense" else 1e-4)
+    assert FineTuner().default_lr(head) == (pytest.approx(head.lr / 10) if kind == "dense" else 2e-4)
 
 
 def test_training_two_epochs_writes_checkpoints_and_metrics(data, trained):
@@ -205,7 +206,8 @@ def test_resume_after_interruption_continues_from_epoch_two(data, tmp_path):
         def on_epoch_begin(self, epoch, logs=None):
             raise _Interrupt
 
-    tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=8, lr=1e-4, augment=None, early_stopping=3)
+    tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=8, lr=1e-4, augment=None, early_stopping=3,
+                      trunk_cache=False)
     with pytest.raises(_Interrupt):  # killed before any epoch ended: resume starts afresh
         tuner.fit(data.req, data.logistic, run, callbacks=[StopAtStart()])
     assert read_checkpoint(run)["epoch"] == 0 and read_checkpoint(run)["model"] is None
@@ -217,7 +219,7 @@ def test_resume_after_interruption_continues_from_epoch_two(data, tmp_path):
         tuner.fit(data.req, data.logistic, run)  # a fresh start would overwrite the checkpoint
     with pytest.raises(UserError, match="other settings"):
         FineTuner(unfreeze=["block4"], epochs=2, batch_size=8, lr=1e-4, augment=None,
-                  early_stopping=3).fit(data.req, data.logistic, run, resume=True)
+                  early_stopping=3, trunk_cache=False).fit(data.req, data.logistic, run, resume=True)
     seen = Seen()
     result = FineTuner.from_checkpoint(run).fit(data.req, data.logistic, run, resume=True, callbacks=[seen])
     assert seen.epochs == [1] and result.resumed_from == 1 and result.epochs_run == 2
@@ -258,24 +260,27 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
 
 @pytest.mark.parametrize("AUG", [None, AugmentConfig(flip=True, rotation=0.0, zoom=0.0, brightness=0.1, contrast=0.0)],
                          ids=["plain", "augmented"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, AUG):
-    """Killed after epoch 1 and resumed: the same shuffle order, augmentation and optimizer state,
-    so the final weights equal those of a run that was never interrupted."""
+@pytest.mark.parametrize("TRUNK", [False, True], ids=["images", "trunk-cache"])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, AUG, TRUNK):
+    """Killed after epoch 1 and resumed: the same shuffle order, augmentation (views) and optimizer
+    state, so the final weights equal those of a run that was never interrupted; on images and on
+    the trunk cache (whose checkpoints hold the top half only)."""
     def tuner():
         return FineTuner(unfreeze=["block5"], epochs=3, batch_size=4, lr=1e-4, seed=3,
-                         augment=AUG)
+                         augment=AUG, trunk_cache=TRUNK, views=2)
 
+    cache = {"cache_dir": tmp_path / "cache"}
     whole = tuner()
-    whole.fit(data.req, data.logistic, tmp_path / "whole")
+    whole.fit(data.req, data.logistic, tmp_path / "whole", **cache)
 
     class StopAfterFirst(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        tuner().fit(data.req, data.logistic, tmp_path / "cut", callbacks=[StopAfterFirst()])
+        tuner().fit(data.req, data.logistic, tmp_path / "cut", callbacks=[StopAfterFirst()], **cache)
     resumed = FineTuner.from_checkpoint(tmp_path / "cut")
-    result = resumed.fit(data.req, data.logistic, tmp_path / "cut", resume=True)
+    result = resumed.fit(data.req, data.logistic, tmp_path / "cut", resume=True, **cache)
     assert result.resumed_from == 1 and result.epochs_run == 3
     for a, b in zip(whole.model_.get_weights(), resumed.model_.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -292,7 +297,7 @@ def test_without_a_val_split_a_seeded_holdout_is_validated_and_early_stopping_wo
     train = np.flatnonzero(np.asarray(listing.splits) == "train")
     head = LogisticHead(C=1.0).fit(feats[train], np.asarray(listing.labels)[train], class_names=listing.class_names)
     result = FineTuner(unfreeze=["block5"], epochs=4, batch_size=8, lr=1e-4, augment=None, early_stopping=1,
-                       seed=1).fit(req, head, tmp_path / "run")
+                       seed=1, trunk_cache=False).fit(req, head, tmp_path / "run")
     assert result.val_source == "holdout" and result.n_val == 4 and result.n_train == 16
     assert result.metrics_before["val"]["n"] == 4 and result.metrics_after["test"]["n"] == 20
     assert len(result.history["val_loss"]) == result.epochs_run
@@ -327,7 +332,7 @@ feats = np.asarray(feature_model(backbones.get("vgg16"), "none", 32)(images, tra
 train = np.flatnonzero(np.asarray(listing.splits) == "train")
 head = LogisticHead(C=1.0).fit(feats[train], np.asarray(listing.labels)[train], class_names=listing.class_names)
 tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=5, lr=1e-4, augment=None, class_weight="balanced")
-result = tuner.fit(req, head, run)
+result = tuner.fit(req, head, run, cache_dir=run + "-cache")  # the trunk cache path (the default)
 kernel = next(v for v in tuner.model_.trainable_variables if "kernel" in v.path)
 proba = tuner.predict_proba(list(listing.paths)[:3])
 json.dump({"devices": len(jax.devices()), "placed_on": len(kernel.value.sharding.device_set),
@@ -353,3 +358,43 @@ def test_jax_data_parallel_over_two_virtual_devices(tmp_path):
     out = json.loads(open(run + ".json").read())
     assert out["devices"] == 2 and out["placed_on"] == 2
     assert out["val_n"] == 14 and out["epochs"] == 2 and len(out["val_loss"]) == 2 and out["proba_ok"]
+
+
+def test_trunk_cache_trains_the_top_on_cached_maps_and_saves_an_image_model(data, tmp_path):
+    """The default path: the frozen part below block5 is extracted once (clean + 2 seeded views of
+    every training image) into the cache, only the top trains, on those maps, and the saved model
+    takes images: it predicts what its top predicts on the cached clean maps, only block5 and the
+    head moved, and the next run with the same settings finds the trunk cache."""
+    from pipeline.features.store import FeatureFile
+
+    cache, said = tmp_path / "cache", []
+    tuner = FineTuner(unfreeze=["block5"], epochs=3, batch_size=8, lr=1e-3, augment=AugmentConfig(), views=2, seed=1)
+    result = tuner.fit(data.req, data.logistic, tmp_path / "run", cache_dir=cache, log=said.append)
+    assert any(m.startswith("trunk cache: ") for m in said), said
+    assert result.n_train == data.train.size and result.metrics_after["val"]["n"] == data.val.size
+    assert result.trainable_layers == ["block5_conv1", "block5_conv2", "block5_conv3", "logits"]
+    assert len(result.history["val_loss"]) == 3
+    (h5,) = (cache / "features").glob("vgg16-32-block4_pool-*.h5")
+    with FeatureFile(h5) as ff:
+        assert ff.feature_shape == (2, 2, 512)  # block4_pool at 32 px
+        assert sorted(set(ff.views.tolist())) == [0, 1, 2] and (ff.views > 0).sum() == 2 * data.train.size
+        clean = {p: r for r, (p, v) in enumerate(zip(ff.paths, ff.views)) if v == 0}
+        maps = ff.load(np.asarray(sorted(clean[data.paths[i]] for i in data.val)))
+        order = np.argsort(np.argsort([clean[data.paths[i]] for i in data.val]))
+        maps = maps[order]  # back to data.val's order
+    model = keras.models.load_model(tmp_path / "run" / "model.keras")
+    by_image = np.asarray(model.predict(data.images[data.val], verbose=0))
+    by_map = np.asarray(model.get_layer("top").predict(maps, verbose=0))
+    np.testing.assert_allclose(by_image, by_map, atol=2e-2)  # the maps are stored as float16
+    np.testing.assert_allclose(by_image, tuner.predict_proba([data.paths[i] for i in data.val]), atol=1e-5)
+    fresh = backbones.build(VGG, "none", 32)
+    trunk, top = model.get_layer("trunk"), model.get_layer("top").get_layer("backbone_top")
+    np.testing.assert_array_equal(trunk.get_layer("block4_conv3").get_weights()[0],
+                                  fresh.get_layer("block4_conv3").get_weights()[0])
+    assert not np.allclose(top.get_layer("block5_conv3").get_weights()[0], fresh.get_layer("block5_conv3").get_weights()[0])
+    said.clear()
+    FineTuner(unfreeze=["block5"], epochs=1, batch_size=8, augment=AugmentConfig(), views=2, seed=1).fit(
+        data.req, data.logistic, tmp_path / "again", cache_dir=cache, log=said.append)
+    assert any(m.startswith("trunk cache hit: ") for m in said), said
+    with pytest.raises(UserError, match="views must be 0 or more"):
+        FineTuner(views=-1).fit(data.req, data.logistic, tmp_path / "bad", cache_dir=cache)

@@ -39,15 +39,23 @@ def backbone_cut(spec: Backbone, weights: str, image_size: int, layer: str | Non
     return model
 
 
-def image_graph(spec: Backbone, weights: str, image_size: int, pooling: str = "avg", layer: str | None = None,
-                include_top: bool = False):
-    """(uint8 input tensor, output tensor) of the graph above, without a head."""
+def preprocessed_input(spec: Backbone, image_size: int):
+    """(uint8 image input, the backbone's preprocessed float input): the graph's first half."""
     import keras
 
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = cast_layer()(inputs)
     for prep in preprocessing_layers(spec.preprocess):
         x = prep(x)
+    return inputs, x
+
+
+def image_graph(spec: Backbone, weights: str, image_size: int, pooling: str = "avg", layer: str | None = None,
+                include_top: bool = False):
+    """(uint8 input tensor, output tensor) of the graph above, without a head."""
+    import keras
+
+    inputs, x = preprocessed_input(spec, image_size)
     x = backbone_cut(spec, weights, image_size, layer, include_top)(x, training=False)
     if len(x.shape) == 4 and pooling != "none":
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D

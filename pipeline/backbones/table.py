@@ -37,6 +37,7 @@ class Backbone:
     family: str = ""
     imagenet_sizes: tuple[int, ...] = ()  # sizes ImageNet weights exist for, where Keras restricts them
     builder_kwargs: dict[str, Any] = field(default_factory=dict)
+    finetune_blocks: int = 1  # how many of `blocks` `finetune` unfreezes by default (measured where > 1)
 
     def resolve_size(self, image_size: int | None) -> int:
         """The input size to use, checked against what the backbone can take."""
@@ -107,7 +108,7 @@ _ROWS: list[Backbone] = [
       for v in ("Tiny", "Small", "Base", "Large", "XLarge")],
     *[Backbone(f"efficientnet_lite{i}", "pipeline.backbones.lite:build_lite", "lite", size,
                _stages("block{}", range(7, 4, -1), top=(("top", "^top_"),)), family="efficientnet_lite",
-               builder_kwargs={"name": f"efficientnet_lite{i}"})
+               builder_kwargs={"name": f"efficientnet_lite{i}"}, finetune_blocks=3)
       for i, size in enumerate((224, 240, 260))],
 ]
 TABLE: dict[str, Backbone] = {b.name: b for b in _ROWS}

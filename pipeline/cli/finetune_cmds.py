@@ -17,19 +17,27 @@ from pipeline.extract import DEFAULT_CACHE
 @click.option("--run", "run_id", default=None, help="The fit-head run to start from.")
 @click.option("--resume", "resume_id", default=None, help="Continue this interrupted finetune run instead.")
 @click.option("--unfreeze", multiple=True, help="Top block(s) to train, e.g. block5 (VGG), conv5 (ResNet), "
-                                                "block7 (EfficientNet/Lite). Default: the topmost block.")
+                                                "block7 (EfficientNet/Lite). Default: the topmost block "
+                                                "(EfficientNet-Lite: top, block7, block6).")
 @click.option("--unfreeze-last", type=click.IntRange(0), default=None, help="Or: train the backbone's last N layers.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="Default: a tenth of a dense head's LR; 1e-4 after a logistic head.")
+              help="Default: a tenth of a dense head's LR; 2e-4 after a logistic head.")
 @click.option("--optimizer", type=click.Choice(["adam", "nadam", "rmsprop", "sgd"]), default="adam", show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="constant",
-              show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="cosine",
+              show_default=True, help="cosine: one ramp-up epoch, then down to lr/100.")
+@click.option("--epochs", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--early-stopping", type=click.IntRange(1), default=None, metavar="PATIENCE")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None)
 @click.option("--augment", default="flip,rotation,zoom,brightness,contrast", show_default=True,
-              help="Random views of the training images (a new one each epoch), each optionally =STRENGTH; 'none' for none.")
+              help="Random views of the training images, each optionally =STRENGTH; 'none' for none.")
+@click.option("--trunk-cache/--no-trunk-cache", default=None,
+              help="Run the frozen layers once per image and view into the cache and train the unfrozen top on "
+                   "those maps (default: whenever whole blocks are unfrozen and the disk has room); "
+                   "--no-trunk-cache runs the whole backbone on the images every epoch, with a new view each epoch.")
+@click.option("--views", type=click.IntRange(0), default=4, show_default=True,
+              help="Trunk cache: augmented views per training image (epochs cycle clean, view 1, ..., view N).")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="No per-step progress bar (one line per epoch instead).")
 @click.option("--trust-pickle", is_flag=True, help="Also load an old pickled head.joblib from the fit-head run "
@@ -38,7 +46,8 @@ from pipeline.extract import DEFAULT_CACHE
 @mlflow_options
 def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str, ...], unfreeze_last: int | None,
                  lr: float | None, optimizer: str, lr_schedule: str, epochs: int, batch_size: int,
-                 early_stopping: int | None, class_weight: str | None, augment: str, seed: int,
+                 early_stopping: int | None, class_weight: str | None, augment: str, trunk_cache: bool | None,
+                 views: int, label_smoothing: float, seed: int,
                  no_progress: bool, trust_pickle: bool, cache_dir: Path, mlflow: bool | None,
                  mlflow_experiment: str | None) -> None:
     """Fine-tune the backbone's top blocks with the fitted head on top, on the raw images.
@@ -72,6 +81,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                           lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size,
                           early_stopping=early_stopping, class_weight=class_weight,
                           augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
+                          trunk_cache=trunk_cache, views=views, label_smoothing=label_smoothing,
                           verbose=2 if no_progress or not sys.stdout.isatty() else 1)  # per-step bar (ETA) or a line per epoch
     from pipeline.heads.estimators import trusting_pickles
     with trusting_pickles(trust_pickle):
@@ -80,14 +90,15 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
                   "head": f"finetune({inputs.head.kind})", "cache_file": str(inputs.cache_path),
                   "request": inputs.request.to_json(), "class_names": list(inputs.head.class_names_),
-                  "params": {"unfreeze": ",".join(unfreeze) or (f"last{unfreeze_last}" if unfreeze_last else "top"),
+                  "params": {"unfreeze": ",".join(unfreeze) or (f"last{unfreeze_last}" if unfreeze_last else "default"),
                              "lr": lr or tuner.default_lr(inputs.head), "epochs": epochs},
                   "finetune_params": tuner.get_params()}
         run = registry.start("finetune", config)
     click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
     with run:
         result = tuner.fit(inputs.request, inputs.head, run.dir, resume=bool(resume_id),
-                           log=lambda m: click.echo(m, err=True), split=inputs.split)
+                           log=lambda m: click.echo(m, err=True), split=inputs.split, cache_dir=cache_dir,
+                           progress=not no_progress)
         run.log_metrics(result.run_metrics())
         if result.history.get("loss"):
             plot_history(result.history, run.path("curves.png"), title="fine-tuning")

@@ -22,13 +22,14 @@ from pipeline.data.loader import default_workers, ordered_map
 
 def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, batch_size: int,
                  shuffle_seed: int | None = None, first_epoch: int = 0, workers: int | None = None,
-                 devices: int = 1, class_weights: np.ndarray | None = None, augment=None):
+                 devices: int = 1, class_weights: np.ndarray | None = None, augment=None, one_hot: int | None = None):
     """A keras PyDataset over the images `indices` (decoded and resized as extraction does).
 
     Unreadable files are dropped from their batch. Sources without random access (tfds) are
     read once into memory at `size`. With `devices` > 1 or `class_weights` (one per class),
     batches are (x, y, sample weights), padded to a multiple of `devices` with weight-0 rows.
     `augment` (an AugmentConfig; training only) gives each image a random view per epoch.
+    `one_hot` (the class count): labels as one-hot rows, for a label-smoothed loss.
     """
     import keras
 
@@ -73,18 +74,67 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
 
         def __getitem__(self, i: int):
             ids = self.order(self.epoch)[i * batch_size:(i + 1) * batch_size].tolist()
-            x, y = self.load(ids)
-            if devices == 1 and class_weights is None:
-                return x, y
-            x, y, w = pad_to_multiple(x, y, devices)
-            if class_weights is not None:
-                w = (w * np.asarray(class_weights, np.float32)[y]).astype(np.float32)
-            return x, y, w
+            return finish_batch(*self.load(ids), devices, class_weights, one_hot)
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
 
     return _Batches()
+
+
+def map_batches(data, rows_for_epoch, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None,
+                first_epoch: int = 0, devices: int = 1, class_weights: np.ndarray | None = None,
+                one_hot: int | None = None):
+    """A keras PyDataset over cached trunk maps (`trunk.py`): `rows_for_epoch(epoch)` gives the
+    rows of `data` (an array, or a FeatureFile read per batch) to use that epoch, e.g. one view of
+    every training image; shuffled by (seed, epoch) like `make_batches`, so a resumed run sees the
+    batches an uninterrupted one would. `labels` is per row of `data`."""
+    import keras
+
+    devices = max(1, int(devices))
+    in_memory = isinstance(data, np.ndarray)
+
+    class _Maps(keras.utils.PyDataset):
+        def __init__(self) -> None:
+            super().__init__(workers=1, use_multiprocessing=False, max_queue_size=4)
+            self.epoch = first_epoch
+
+        def order(self, epoch: int) -> np.ndarray:
+            rows = np.asarray(rows_for_epoch(epoch), np.int64)
+            if shuffle_seed is None:
+                return rows
+            return np.random.default_rng([int(shuffle_seed), int(epoch)]).permutation(rows)
+
+        def __len__(self) -> int:
+            return -(-len(rows_for_epoch(self.epoch)) // batch_size)
+
+        def __getitem__(self, i: int):
+            rows = self.order(self.epoch)[i * batch_size:(i + 1) * batch_size]
+            if in_memory:
+                x = data[rows]
+            else:  # HDF5 reads want increasing rows
+                ordered = np.argsort(rows)
+                x = np.empty((rows.size, *data.feature_shape), np.float16)
+                x[ordered] = data.load(rows[ordered], dtype="float16")
+            return finish_batch(x.astype(np.float32), labels[rows].astype(np.int32), devices, class_weights, one_hot)
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+
+    return _Maps()
+
+
+def finish_batch(x: np.ndarray, y: np.ndarray, devices: int, class_weights: np.ndarray | None,
+                 one_hot: int | None):
+    """(x, y) or (x, y, sample weights): padded for `devices`, class-weighted, labels one-hot when asked."""
+    w = None
+    if devices > 1 or class_weights is not None:
+        x, y, w = pad_to_multiple(x, y, devices)
+        if class_weights is not None:
+            w = (w * np.asarray(class_weights, np.float32)[y]).astype(np.float32)
+    if one_hot:
+        y = np.eye(int(one_hot), dtype=np.float32)[y]
+    return (x, y) if w is None else (x, y, w)
 
 
 def pad_to_multiple(x: np.ndarray, y: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

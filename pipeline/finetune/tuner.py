@@ -52,10 +52,11 @@ from pipeline.data.sources import open_source
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest
 from pipeline.data.augment import AugmentConfig
-from pipeline.finetune.data import evaluate, make_batches
+from pipeline.extract import DEFAULT_CACHE
+from pipeline.finetune.data import evaluate, make_batches, map_batches
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
-LOGISTIC_DEFAULT_LR = 1e-4
+LOGISTIC_DEFAULT_LR = 2e-4
 MODEL_FILE = "model.keras"
 INFO_FILE = "finetune.json"
 CHECKPOINT_FILE = "checkpoint.json"
@@ -385,8 +386,13 @@ class FineTuner:
     """Fine-tune a stage-2 head and its backbone end to end on the raw images (scikit-learn style).
 
     unfreeze: top blocks to train (names from the backbone table, e.g. ['block5']); None = the
-        topmost block; () = the head only. unfreeze_last: also the last N backbone layers.
-    lr: peak learning rate; None = a tenth of a dense head's lr, or 1e-4 for a logistic head.
+        table's `finetune_blocks` topmost blocks (1; EfficientNet-Lite 3); () = the head only.
+        unfreeze_last: also the last N backbone layers.
+    trunk_cache: None = train on cached maps of the frozen part (`trunk.py`) whenever whole blocks
+        are unfrozen and the disk has room; True / False to insist / never. views: augmented views
+        per training image in that cache (epochs cycle through clean + views). Without the trunk
+        cache every epoch draws a new augmented view of every image and runs the whole backbone.
+    lr: peak learning rate; None = a tenth of a dense head's lr, or 2e-4 for a logistic head.
     optimizer: adam | nadam | rmsprop | sgd (momentum 0.9). lr_schedule: constant | exponential |
         cosine (`pipeline.heads.schedules.make_schedule`; `schedule_params` passes rampup_epochs etc.).
     epochs, batch_size (global batch, split over GPUs). early_stopping: patience in epochs on
@@ -402,12 +408,13 @@ class FineTuner:
     """
 
     def __init__(self, unfreeze: Sequence[str] | None = None, unfreeze_last: int | None = None,
-                 lr: float | None = None, optimizer: str = "adam", lr_schedule: str = "constant",
-                 schedule_params: Mapping[str, Any] | None = None, epochs: int = 10, batch_size: int = 32,
+                 lr: float | None = None, optimizer: str = "adam", lr_schedule: str = "cosine",
+                 schedule_params: Mapping[str, Any] | None = None, epochs: int = 8, batch_size: int = 32,
                  early_stopping: int | None = None, class_weight: str | Mapping[int, float] | None = None,
                  augment: AugmentConfig | None = AugmentConfig(), seed: int = 0,
                  mixed_precision: bool | None = None, keep_checkpoint: bool = False, val_fraction: float = 0.2,
-                 verbose: int = 0) -> None:
+                 verbose: int = 0, trunk_cache: bool | None = None, views: int = 4,
+                 label_smoothing: float = 0.1) -> None:
         self.unfreeze = None if unfreeze is None else ((unfreeze,) if isinstance(unfreeze, str) else tuple(unfreeze))
         self.unfreeze_last = unfreeze_last
         self.lr = lr
@@ -424,6 +431,9 @@ class FineTuner:
         self.keep_checkpoint = keep_checkpoint
         self.val_fraction = val_fraction
         self.verbose = verbose
+        self.trunk_cache = trunk_cache
+        self.views = views
+        self.label_smoothing = label_smoothing
 
     # -- parameters
     def get_params(self) -> dict[str, Any]:
@@ -437,7 +447,9 @@ class FineTuner:
                                  if isinstance(self.class_weight, Mapping) else self.class_weight),
                 "augment": None if self.augment is None else self.augment.as_dict(), "seed": int(self.seed),
                 "mixed_precision": self.mixed_precision, "keep_checkpoint": self.keep_checkpoint,
-                "val_fraction": float(self.val_fraction), "verbose": self.verbose}
+                "val_fraction": float(self.val_fraction), "verbose": self.verbose,
+                "trunk_cache": self.trunk_cache, "views": int(self.views),
+                "label_smoothing": float(self.label_smoothing)}
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "FineTuner":
@@ -446,6 +458,8 @@ class FineTuner:
             p["augment"] = AugmentConfig(**p["augment"])
         if isinstance(p.get("class_weight"), Mapping):
             p["class_weight"] = {int(k): float(v) for k, v in p["class_weight"].items()}
+        p.setdefault("trunk_cache", False)  # runs from before the trunk cache trained on images
+        p.setdefault("label_smoothing", 0.0)  # and without label smoothing
         return cls(**p)
 
     @classmethod
@@ -457,7 +471,7 @@ class FineTuner:
         return cls.from_params(state["params"])
 
     def default_lr(self, head) -> float:
-        """A tenth of a dense head's learning rate; 1e-4 for a logistic head."""
+        """A tenth of a dense head's learning rate; 2e-4 for a logistic head."""
         head_lr = getattr(head, "lr", None) if getattr(head, "kind", "") == "dense" else None
         return float(head_lr) / 10 if head_lr else LOGISTIC_DEFAULT_LR
 
@@ -468,6 +482,10 @@ class FineTuner:
             raise UserError("epochs and batch_size must be 1 or more")
         if self.lr is not None and not float(self.lr) > 0:
             raise UserError(f"the learning rate must be positive, not {self.lr}")
+        if not 0 <= float(self.label_smoothing) < 1:
+            raise UserError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")
+        if int(self.views) < 0:
+            raise UserError(f"views must be 0 or more, not {self.views}")
         if self.early_stopping is not None and int(self.early_stopping) < 1:
             raise UserError(f"early_stopping is a patience in epochs (>= 1) or None, not {self.early_stopping}")
         if not (self.class_weight is None or self.class_weight == "balanced" or isinstance(self.class_weight, Mapping)):
@@ -519,9 +537,46 @@ class FineTuner:
         say(f"resuming after epoch {state['epoch']} of {state['epochs']}")
         return state
 
+    def _blocks(self, spec: backbones.Backbone, layer_names: list[str]) -> tuple[str, ...]:
+        """The blocks to unfreeze: as given, else the table's default count of topmost blocks."""
+        if self.unfreeze is not None:
+            return self.unfreeze
+        return tuple(list(backbones.block_spans(spec, layer_names))[:max(1, int(spec.finetune_blocks))])
+
+    def _plan_trunk(self, request: ExtractRequest, spec: backbones.Backbone, size: int, n_images: int,
+                    cache_dir: Path, say: Callable[[str], None]) -> tuple[str, ExtractRequest] | None:
+        """(cut layer, the trunk cache's request) when training can run on cached trunk maps
+        (`trunk.py`), else None (then every epoch runs the whole backbone on the images)."""
+        from pipeline.backbones.model import backbone_cut
+        from pipeline.finetune.trunk import cut_layer, trunk_request
+
+        if self.trunk_cache is False:
+            return None
+        if self.unfreeze_last:
+            if self.trunk_cache:
+                say("the trunk cache needs whole blocks (--unfreeze); --unfreeze-last trains on the images")
+            return None
+        backbone = backbone_cut(spec, "none", size, request.layer)  # layer names and shapes only
+        names = [layer.name for layer in backbone.layers]
+        cut = cut_layer(spec, names, self._blocks(spec, names))
+        if cut is None:
+            return None
+        shape = backbone.get_layer(cut).output.shape[1:]
+        need = 2 * int(np.prod(shape)) * n_images * (1 + int(self.views))
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(cache_dir).free
+        if need > free // 2:
+            say(f"the trunk cache would take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free in {cache_dir}; "
+                f"training on the images instead (slower)")
+            return None
+        return cut, trunk_request(request, cut, int(self.views), self.augment, int(self.seed))
+
     def _model(self, request: ExtractRequest, head, spec: backbones.Backbone, lr: float,
-               checkpoint: Path | None, weighted: bool = False):
-        """(compiled model, trainable layer names): built fresh, or loaded from a checkpoint.
+               checkpoint: Path | None, weighted: bool = False, cut: str | None = None):
+        """(model, model to fit, trainable layer names): built fresh, or loaded from a checkpoint.
+
+        `cut`: train on cached trunk maps; the model to fit is then the top half (`trunk.split_at`,
+        which is what checkpoints hold) and the model is trunk + top again, images in.
 
         On TensorFlow inside a MirroredStrategy scope when several GPUs are visible; under the
         mixed policy (`backend.mixed_policy`: bfloat16 where the GPU does it natively, else float16
@@ -544,27 +599,38 @@ class FineTuner:
             if mixed:
                 keras.mixed_precision.set_global_policy(mixed_policy())
             with scope:
-                if checkpoint is not None:  # compiled, optimizer state included
+                if checkpoint is not None and cut is None:  # compiled, optimizer state included
                     model = keras.models.load_model(checkpoint)
-                    return model, trainable_layer_names(model)
+                    return model, model, trainable_layer_names(model)
                 model = build_finetune_model(request, head)
-                unfreeze = self.unfreeze
-                if unfreeze is None:  # the topmost block present
-                    unfreeze = tuple(list(backbone_blocks(model, spec))[:1])
+                unfreeze = self._blocks(spec, [layer.name for layer in model.get_layer("backbone").layers])
                 trainable = set_trainable(model, spec, unfreeze, self.unfreeze_last)
+                fit_model = model
+                if cut is not None:
+                    from pipeline.finetune.trunk import assemble, split_at
+
+                    trunk, fit_model = split_at(model, cut)
+                    if checkpoint is not None:  # the top half, compiled, optimizer state included
+                        fit_model = keras.models.load_model(checkpoint)
+                    model = assemble(spec, spec.resolve_size(request.image_size), trunk, fit_model)
+                    if checkpoint is not None:
+                        return model, fit_model, trainable
                 # XLA where Keras finds it pays ("auto": on a GPU)
                 # weighted: padded data-parallel batches, whose weight-0 rows accuracy must not count
                 accuracy = {"weighted_metrics" if weighted else "metrics": ["accuracy"]}
-                model.compile(optimizer=self._optimizer(keras, lr), loss="sparse_categorical_crossentropy",
-                              jit_compile="auto", **accuracy)
-                return model, trainable
+                smooth = float(self.label_smoothing)  # one-hot labels then (`data.finish_batch`)
+                loss = (keras.losses.CategoricalCrossentropy(label_smoothing=smooth) if smooth
+                        else "sparse_categorical_crossentropy")
+                fit_model.compile(optimizer=self._optimizer(keras, lr), loss=loss, jit_compile="auto", **accuracy)
+                return model, fit_model, trainable
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)
 
     # -- training
     def fit(self, request: ExtractRequest, head, run_dir: str | os.PathLike, resume: bool = False,
             callbacks: Sequence[Any] = (), log: Callable[[str], None] | None = None,
-            split: Mapping[str, Sequence[str]] | None = None) -> FinetuneResult:
+            split: Mapping[str, Sequence[str]] | None = None, cache_dir: str | os.PathLike | None = None,
+            progress: bool = False) -> FinetuneResult:
         """Fine-tune `head` (a fitted LogisticHead or DenseHead) and its backbone on `request`'s images.
 
         Trains on the 'train' split, validates on 'val' (clean images; the model's augmentation is
@@ -576,6 +642,12 @@ class FineTuner:
         number of epochs (no checkpoint yet: starts afresh). Writes `run_dir/model.keras` (the whole
         model; loads with plain keras) and `run_dir/finetune.json`. `callbacks` are extra Keras
         callbacks, called after the checkpoint is written.
+
+        Trunk cache (`trunk_cache` None = where it applies, True, False): with whole blocks unfrozen,
+        the frozen part below them runs once per image and view through stage 1's extraction into
+        `cache_dir` (default ./cache; `progress` shows its bar), and training runs on those maps,
+        the view cycling each epoch (clean, then `views` seeded augmented ones); before/after
+        metrics still run the whole saved model on the images.
         """
         say = log or (lambda m: None)
         self._check()
@@ -598,6 +670,8 @@ class FineTuner:
         if self.early_stopping is not None and val_idx.size == 0:
             raise UserError("early stopping watches the validation loss, but there are no validation images")
 
+        trunk = self._plan_trunk(request, spec, size, len(listing.ids),
+                                 Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE, say)
         fingerprint = self._fingerprint(request, head, parts)
         state = self._resume_state(run_dir, resume, fingerprint, say)
         lr = float(self.lr) if self.lr is not None else self.default_lr(head)
@@ -605,20 +679,77 @@ class FineTuner:
         y_train = np.asarray(listing.labels)[train_idx]
         class_weights = self._class_weights(y_train, len(class_names))
         devices = _data_parallel_devices()
-        with _distribution(devices):
-            model, trainable = self._model(request, head, spec, lr, run_dir / state["model"] if state else None,
-                                           weighted=len(devices) > 1)
+        cw = None if class_weights is None else np.asarray([class_weights[c] for c in range(len(class_names))])
+        initial_epoch = int(state["epoch"]) if state is not None else 0
+        maps = None
+        if trunk is not None:
+            maps = self._trunk_maps(trunk[1], listing, parts, Path(cache_dir) if cache_dir else DEFAULT_CACHE,
+                                    progress, say)
+            train_idx = parts["train"] = maps.pop("train_idx")
+        with contextlib.ExitStack() as stack, _distribution(devices):
+            if maps is not None:
+                stack.callback(maps["file"].close)
+            model, fit_model, trainable = self._model(request, head, spec, lr,
+                                                      run_dir / state["model"] if state else None,
+                                                      weighted=len(devices) > 1, cut=trunk[0] if trunk else None)
             from pipeline.backend import set_random_seed
             set_random_seed(int(self.seed))
-            initial_epoch = int(state["epoch"]) if state is not None else 0
             batches = dict(size=size, resize=request.resize, batch_size=int(self.batch_size), devices=len(devices))
-            cw = None if class_weights is None else np.asarray([class_weights[c] for c in range(len(class_names))])
-            train_ds = make_batches(source, listing, train_idx, shuffle_seed=int(self.seed), first_epoch=initial_epoch,
-                                    class_weights=cw, augment=self.augment, **batches)
             eval_sets = {name: make_batches(source, listing, idx, **batches)
                          for name, idx in (("val", val_idx), ("test", test_idx)) if idx.size}
+            one_hot = len(class_names) if float(self.label_smoothing) else None
+            fit_val = make_batches(source, listing, val_idx, one_hot=one_hot, **batches) if val_idx.size else None
+            if maps is None:
+                train_ds = make_batches(source, listing, train_idx, shuffle_seed=int(self.seed),
+                                        first_epoch=initial_epoch, class_weights=cw, augment=self.augment,
+                                        one_hot=one_hot, **batches)
+            else:
+                common = dict(batch_size=int(self.batch_size), devices=len(devices), one_hot=one_hot)
+                train_ds = map_batches(maps["data"], maps["train_rows"], maps["labels"], shuffle_seed=int(self.seed),
+                                       first_epoch=initial_epoch, class_weights=cw, **common)
+                if maps["val_rows"].size:
+                    fit_val = map_batches(maps["data"], lambda epoch: maps["val_rows"], maps["labels"], **common)
             return self._train(model, trainable, train_ds, eval_sets, state, request, head, spec, size, lr, schedule,
-                               fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0)
+                               fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0,
+                               fit_model=fit_model, fit_val=fit_val)
+
+    def _trunk_maps(self, trunk_req: ExtractRequest, listing, parts: Mapping[str, np.ndarray], cache_dir: Path,
+                    progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
+        """Extract (or find) the trunk cache and map the split onto its rows: {file, data (in memory
+        when it fits a quarter of RAM, else the FeatureFile), labels, train_rows(epoch), val_rows,
+        train_idx (the training images the cache holds)}."""
+        from pipeline.extract import RunOptions, extract
+        from pipeline.features.store import FeatureFile
+        from pipeline.heads.streaming import default_memory_budget_mb
+
+        res = extract(trunk_req, RunOptions(cache_dir=cache_dir, progress=progress, batch_size=int(self.batch_size)),
+                      log=say)
+        say(("trunk cache hit: " if res.cache_hit else "trunk cache: ") + str(res.path))
+        ff = FeatureFile(res.path)
+        try:
+            ids = np.asarray(listing.ids, dtype=object)
+            row_of = {(p, int(v)): r for r, (p, v) in enumerate(zip(ff.paths, ff.views.tolist()))}
+            n_views = 1 + int(ff.views.max(initial=0))
+            train = [i for i in parts["train"].tolist() if (str(ids[i]), 0) in row_of]
+            if len(train) < parts["train"].size:
+                say(f"{parts['train'].size - len(train)} training image(s) could not be read; training without them")
+            by_view = [np.asarray([row_of.get((str(ids[i]), v), row_of[(str(ids[i]), 0)]) for i in train], np.int64)
+                       for v in range(n_views)]
+            val_rows = np.asarray([row_of[(str(ids[i]), 0)] for i in parts["val"].tolist()
+                                   if (str(ids[i]), 0) in row_of], np.int64)
+            budget = default_memory_budget_mb() * 1e6
+            if ff.features.size * 2 <= budget:
+                data = ff.load(None, dtype="float16")
+            else:
+                say(f"the trunk cache ({ff.features.size * 2 / 1e9:.1f} GB) exceeds the memory budget; "
+                    f"reading batches from disk")
+                data = ff
+            return {"file": ff, "data": data, "labels": np.asarray(ff.labels), "val_rows": val_rows,
+                    "train_rows": lambda epoch: by_view[int(epoch) % n_views],
+                    "train_idx": np.asarray(train, np.int64)}
+        except BaseException:
+            ff.close()
+            raise
 
     def _split(self, request: ExtractRequest, listing, split: Mapping[str, Sequence[str]] | None):
         """({train, val, test: listing indices}, where val came from): stage 2's split when given
@@ -654,8 +785,12 @@ class FineTuner:
         return parts, "holdout"
 
     def _train(self, model, trainable, train_ds, eval_sets, state, request, head, spec, size, lr, schedule,
-               fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0) -> FinetuneResult:
-        """The epochs (checkpointed), best-weights restore, final metrics and the saved run files."""
+               fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0, fit_model=None,
+               fit_val=None) -> FinetuneResult:
+        """The epochs (checkpointed), best-weights restore, final metrics and the saved run files.
+        `fit_model` (default `model`) is what trains, on `train_ds`, validated on `fit_val` (default
+        the val images); `model` is what is evaluated on the images and saved."""
+        fit_model = model if fit_model is None else fit_model
         keras = _keras()
         train_idx, val_idx = parts["train"], parts["val"]
         initial_epoch = int(state["epoch"]) if state is not None else 0
@@ -676,14 +811,14 @@ class FineTuner:
         if initial_epoch < int(self.epochs) and not state.get("stopped_early"):
             with warnings.catch_warnings():  # the datasets' length is unknown until the first epoch ends
                 warnings.filterwarnings("ignore", message="Your input ran out of data")
-                model.fit(train_ds, validation_data=eval_sets.get("val"), epochs=int(self.epochs),
+                fit_model.fit(train_ds, validation_data=fit_val, epochs=int(self.epochs),
                           initial_epoch=initial_epoch, callbacks=cbs, verbose=self.verbose, shuffle=False)
         best_epoch = None
         if patience is not None and state.get("best_epoch") and (run_dir / BEST_WEIGHTS).exists():
             best_epoch = int(state["best_epoch"])
             if best_epoch != state["epoch"]:
                 say(f"restoring the weights of epoch {best_epoch} (lowest validation loss)")
-                model.load_weights(str(run_dir / BEST_WEIGHTS))
+                fit_model.load_weights(str(run_dir / BEST_WEIGHTS))
         after = {name: evaluate(model, ds, class_names) for name, ds in eval_sets.items()}
         model_path = save_keras_atomic(model, run_dir / MODEL_FILE)
         result = FinetuneResult(
@@ -774,6 +909,9 @@ def _distribution(devices: Sequence[Any]):
 
 
 def _schedule(name: str, lr: float, epochs: int, params: Mapping[str, Any]):
+    """The per-epoch LR; cosine ramps up over one epoch unless told otherwise (fresh top blocks and a
+    fitted head take a full LR badly in their first steps)."""
     from pipeline.heads.schedules import make_schedule
 
-    return make_schedule(name, lr, epochs, **dict(params))
+    defaults = {"rampup_epochs": 1 if epochs > 2 else 0} if name == "cosine" else {}
+    return make_schedule(name, lr, epochs, **{**defaults, **dict(params)})
