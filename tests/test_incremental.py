@@ -87,3 +87,43 @@ def test_cli_says_reused_and_computed(tmp_path):
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
     assert "reused 8 unchanged from" in again.stdout and "computed 1 at" in again.stdout
+    # --content-hash from the command line: the file records the bytes, and a touched file is reused
+    _add(data, "bees", ["later.jpg"], seed=5)
+    hashed = run_cli(*args, "--content-hash")
+    assert hashed.returncode == 0 and "computed 1 at" in hashed.stdout, hashed.stderr
+    os.utime(data / "bees" / "late.jpg", ns=(0, 10**18))
+    touched = run_cli(*args, "--content-hash")
+    assert "reused 10 unchanged from" in touched.stdout and "computed 0" in touched.stdout, touched.stdout
+
+
+def test_content_hash_reuses_touched_files_and_catches_rewrites_with_the_same_size_and_time(tmp_path):
+    """--content-hash: the bytes decide. A touched file (new mtime, same bytes) is reused, where size
+    + mtime would recompute it; a file rewritten with other bytes of the same size, its mtime put
+    back, is recomputed, where size + mtime would wrongly reuse it."""
+    data = make_folder(tmp_path / "d", per_class=4, splits=())
+    cache = tmp_path / "c"
+    hashed = opts(cache, content_hash=True)
+    first = extract(req(data), hashed)
+    with FeatureFile(first.path) as ff:
+        import hashlib
+        row = ff.paths.index(str(data / "ants" / "img_000.jpg"))
+        assert ff._f["hashes"].asstr()[row] == hashlib.sha256((data / "ants" / "img_000.jpg").read_bytes()).hexdigest()
+
+    touched = data / "ants" / "img_001.jpg"
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    by_bytes = extract(req(data), hashed)
+    assert (by_bytes.computed, by_bytes.reused) == (0, 8)
+    by_time = extract(req(data), opts(tmp_path / "c2"))  # a cache without hashes, then the same touch
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 9_000_000_000))
+    assert extract(req(data), opts(tmp_path / "c2")).computed == 1 and by_time.computed == 8
+
+    rewritten = data / "bees" / "img_002.jpg"
+    st = rewritten.stat()
+    raw = bytearray(rewritten.read_bytes())
+    raw[-3] ^= 0xFF  # other bytes, same size (inside the JPEG's entropy data, before the EOI marker)
+    rewritten.write_bytes(bytes(raw))
+    os.utime(rewritten, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _add(data, "bees", ["new_0.jpg"], seed=3)  # a new listing (so a new key) to reuse from the old one
+    assert extract(req(data), hashed).computed == 2  # the new file and the rewritten one
+    assert extract(req(data), opts(tmp_path / "c2")).computed == 1  # size + mtime miss the rewrite

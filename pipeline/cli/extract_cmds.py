@@ -51,6 +51,9 @@ def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
 @cli.command("extract")
 @extract_options
 @click.option("--force", is_flag=True, help="Recompute even when the cache has this request.")
+@click.option("--content-hash", is_flag=True,
+              help="Also store each file's SHA-256: a later extract of changed data (also with --content-hash) "
+                   "reuses rows by the bytes, so touched or copied files are not recomputed.")
 @click.option("--shard", default=None, metavar="I/N",
               help="Compute only shard I of N (chunks c with c % N == I), e.g. in a Slurm array; the last "
                    "shard to finish, or a plain extract afterwards, assembles the file.")
@@ -58,7 +61,7 @@ def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
               help="Compute on a Ray cluster: no value starts a local one, 'auto' joins the running one, or "
                    "give its address; --workers then sets the number of Ray workers (default: one per GPU).")
 @mlflow_options
-def extract_cmd(force: bool, shard: str | None, ray_address: str | None, mlflow: bool | None,
+def extract_cmd(force: bool, content_hash: bool, shard: str | None, ray_address: str | None, mlflow: bool | None,
                 mlflow_experiment: str | None, **kw) -> None:
     """Run the frozen backbone once over --data and cache the features in HDF5.
 
@@ -67,6 +70,7 @@ def extract_cmd(force: bool, shard: str | None, ray_address: str | None, mlflow:
     log_mlflow = mlflow_check(mlflow)
     request, options = build_request(kw)
     options.force = force
+    options.content_hash = content_hash
     options.shard = parse_shard(shard) if shard is not None else None
     if ray_address is not None:
         if shard is not None:

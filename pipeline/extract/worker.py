@@ -167,7 +167,7 @@ class _Extraction:
         if not self._reuse_checked and self.options.reuse:
             from pipeline.features.reuse import find_reuse, item_stats
             self.reuse = find_reuse(self.p.path, self.p.key_material, self.listing.ids,
-                                    item_stats(self.listing.paths))
+                                    item_stats(self.listing.paths, self.options.content_hash))
             if self.reuse is not None:
                 self.reused[self.reuse.tags] = True
             self._reuse_checked = True
@@ -204,7 +204,7 @@ class _Extraction:
             self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "
                      f"already extracted")
         from pipeline.features.reuse import find_reuse, item_stats
-        stats = item_stats(self.listing.paths)
+        stats = item_stats(self.listing.paths, opts.content_hash)
         if opts.reuse and todo:
             self.reuse = find_reuse(p.path, p.key_material, self.listing.ids, stats)
         if self.reuse is not None:
@@ -252,7 +252,7 @@ class _Extraction:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 3),
         }
         items = ItemTable(self.listing.ids, self.listing.labels, self.listing.splits, self.listing.class_names,
-                          *(stats if stats is not None else (None, None)))
+                          *(stats if stats is not None else (None, None, None)))
         try:
             assemble(chunks, p.path, items, attrs, dtype=p.request.dtype, compression=opts.compression)
         except DegenerateFeatures as exc:

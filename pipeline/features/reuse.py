@@ -1,7 +1,10 @@
 """Incremental caches: a request that differs from a cached one only in its data listing (images
 added, removed or changed) copies the rows of unchanged images from the old file and computes only
 the rest, then writes a complete file under its own key. An image is unchanged when its id, file
-size and modification time (stored per row as `sizes` / `mtimes_ns`) are the same.
+size and modification time (stored per row as `sizes` / `mtimes_ns`) are the same, or, where both
+caches were made with `--content-hash`, when its id and the SHA-256 of its bytes (`hashes`) are: then
+a touched or copied file with the same bytes is still reused, and a rewritten one with the same size
+and time is not.
 
 Only clean views (view 0) are reused: augmented views are seeded by the image's position in the
 listing, which moves when images are added.
@@ -51,8 +54,10 @@ class Reuse:
         return tags, feats
 
 
-def item_stats(paths: list[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """(size, mtime_ns) of each file (-1 where it cannot be read), or None for in-memory sources."""
+def item_stats(paths: list[str] | None, content_hash: bool = False
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(size, mtime_ns, SHA-256 hex or None) of each file (-1 / "" where it cannot be read), or None
+    for in-memory sources. Hashing reads every file once more, on the decode threads' count."""
     if paths is None:
         return None
     sizes = np.full(len(paths), -1, np.int64)
@@ -63,7 +68,27 @@ def item_stats(paths: list[str] | None) -> tuple[np.ndarray, np.ndarray] | None:
         except OSError:
             continue
         sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-    return sizes, mtimes
+    hashes = None
+    if content_hash:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pipeline.data.loader import default_workers
+        with ThreadPoolExecutor(default_workers()) as pool:  # hashlib releases the GIL on large buffers
+            hashes = np.asarray(list(pool.map(_sha256, paths)), dtype=object)
+    return sizes, mtimes, hashes
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return ""
+    return h.hexdigest()
 
 
 def _mtime(path: Path) -> float:
@@ -78,8 +103,8 @@ def _comparable(material: dict[str, Any]) -> str:
     return json.dumps(rest, sort_keys=True)
 
 
-def find_reuse(target: Path, material: dict[str, Any], ids: list[str], stats: tuple[np.ndarray, np.ndarray] | None,
-               ) -> Reuse | None:
+def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
+               stats: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None) -> Reuse | None:
     """The finished cache beside `target` with the same request but another data listing that
     shares the most unchanged images with ours; None when there is none."""
     import h5py
@@ -102,15 +127,24 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str], stats: tu
                 views = f["views"][:]
                 clean = np.flatnonzero(views == 0)
                 old_ids = f["paths"].asstr()[:][clean]
-                old = {(i, int(s), int(m)): int(r) for i, s, m, r in
-                       zip(old_ids, f["sizes"][:][clean], f["mtimes_ns"][:][clean], clean)}
+                by_hash = stats[2] is not None and "hashes" in f
+                if by_hash:  # both sides hashed: the bytes decide, not the file's size and time
+                    old = {(i, h): int(r) for i, h, r in zip(old_ids, f["hashes"].asstr()[:][clean], clean) if h}
+                else:
+                    old = {(i, int(s), int(m)): int(r) for i, s, m, r in
+                           zip(old_ids, f["sizes"][:][clean], f["mtimes_ns"][:][clean], clean)}
                 shape = tuple(f["features"].shape[1:])
         except (OSError, KeyError, ValueError):
             continue
-        sizes, mtimes = stats
+        sizes, mtimes, hashes = stats
         tags, rows = [], []
         for tag, (item, s, m) in enumerate(zip(ids, sizes.tolist(), mtimes.tolist())):
-            row = old.get((item, s, m)) if s >= 0 else None
+            if s < 0:
+                continue
+            if by_hash:
+                row = old.get((item, hashes[tag])) if hashes[tag] else None
+            else:
+                row = old.get((item, s, m))
             if row is not None:
                 tags.append(tag)
                 rows.append(row)

@@ -91,6 +91,7 @@ class ItemTable:
     class_names: Sequence[str]
     sizes: np.ndarray | None = None  # file size and mtime per image: what incremental caches compare
     mtimes_ns: np.ndarray | None = None
+    hashes: np.ndarray | None = None  # SHA-256 hex per image, with --content-hash
 
 
 def assemble(
@@ -153,6 +154,8 @@ def assemble(
             if items.sizes is not None and items.mtimes_ns is not None:
                 f["sizes"] = np.asarray(items.sizes, np.int64)[index]
                 f["mtimes_ns"] = np.asarray(items.mtimes_ns, np.int64)[index]
+            if items.hashes is not None:
+                f.create_dataset("hashes", data=[items.hashes[i] for i in index], dtype=_STR)
             order = sorted(skipped)
             f.create_dataset("skipped_paths", data=[items.ids[i] for i in order], dtype=_STR)
             f.create_dataset("skipped_reasons", data=[skipped[i] for i in order], dtype=_STR)
