@@ -282,6 +282,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(data, tmp_path, A
     resumed = FineTuner.from_checkpoint(tmp_path / "cut")
     result = resumed.fit(data.req, data.logistic, tmp_path / "cut", resume=True, **cache)
     assert result.resumed_from == 1 and result.epochs_run == 3
+    assert bool(read_checkpoint(tmp_path / "cut")["trunk_cut"]) == TRUNK  # block4_pool on the trunk path
     for a, b in zip(whole.model_.get_weights(), resumed.model_.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert whole.result_.history["loss"] == pytest.approx(result.history["loss"], rel=1e-5)

@@ -674,6 +674,11 @@ class FineTuner:
                                  Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE, say)
         fingerprint = self._fingerprint(request, head, parts)
         state = self._resume_state(run_dir, resume, fingerprint, say)
+        cut = trunk[0] if trunk else None
+        if state is not None and state.get("trunk_cut") != cut:  # e.g. the disk filled up since
+            was = f"on the trunk cache (cut at {state['trunk_cut']})" if state.get("trunk_cut") else "on the images"
+            raise UserError(f"the interrupted run trained {was}, but this one would not; resume where it can do "
+                            f"the same (free disk space for the trunk cache), or start a new run")
         lr = float(self.lr) if self.lr is not None else self.default_lr(head)
         schedule = _schedule(self.lr_schedule, lr, int(self.epochs), self.schedule_params)
         y_train = np.asarray(listing.labels)[train_idx]
@@ -691,7 +696,7 @@ class FineTuner:
                 stack.callback(maps["file"].close)
             model, fit_model, trainable = self._model(request, head, spec, lr,
                                                       run_dir / state["model"] if state else None,
-                                                      weighted=len(devices) > 1, cut=trunk[0] if trunk else None)
+                                                      weighted=len(devices) > 1, cut=cut)
             from pipeline.backend import set_random_seed
             set_random_seed(int(self.seed))
             batches = dict(size=size, resize=request.resize, batch_size=int(self.batch_size), devices=len(devices))
@@ -711,7 +716,7 @@ class FineTuner:
                     fit_val = map_batches(maps["data"], lambda epoch: maps["val_rows"], maps["labels"], **common)
             return self._train(model, trainable, train_ds, eval_sets, state, request, head, spec, size, lr, schedule,
                                fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0,
-                               fit_model=fit_model, fit_val=fit_val)
+                               fit_model=fit_model, fit_val=fit_val, trunk_cut=cut)
 
     def _trunk_maps(self, trunk_req: ExtractRequest, listing, parts: Mapping[str, np.ndarray], cache_dir: Path,
                     progress: bool, say: Callable[[str], None]) -> dict[str, Any]:
@@ -786,7 +791,7 @@ class FineTuner:
 
     def _train(self, model, trainable, train_ds, eval_sets, state, request, head, spec, size, lr, schedule,
                fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0, fit_model=None,
-               fit_val=None) -> FinetuneResult:
+               fit_val=None, trunk_cut: str | None = None) -> FinetuneResult:
         """The epochs (checkpointed), best-weights restore, final metrics and the saved run files.
         `fit_model` (default `model`) is what trains, on `train_ds`, validated on `fit_val` (default
         the val images); `model` is what is evaluated on the images and saved."""
@@ -803,7 +808,7 @@ class FineTuner:
                      "request": request.to_json(), "lr": lr, "epochs": int(self.epochs), "epoch": 0,
                      "model": None, "history": {}, "best": None, "best_epoch": None, "wait": 0,
                      "stopped_early": False, "metrics_before": before, "trainable_layers": trainable,
-                     "complete": False}
+                     "complete": False, "trunk_cut": trunk_cut}
             write_text_atomic(run_dir / CHECKPOINT_FILE, json.dumps(state, indent=2, default=_json_default))
         patience = None if self.early_stopping is None else int(self.early_stopping)
         cbs = [keras.callbacks.LearningRateScheduler(schedule),
