@@ -1,7 +1,8 @@
 """Scale-out benchmarks (the issue "Scale out"), ratios measured in one run:
 
 (a) extraction of --photos flower photos as one process, on a local Ray cluster with 1 worker and
-    with 2 workers (on 2 cores no gain is expected; the figure is Ray's overhead, target < 10%);
+    with 2 workers (on 2 cores no gain is expected; the figure is Ray's overhead, target < 10%), and
+    with 2 workers sending their chunks back to the driver (what a node without the shared cache does);
 (b) incremental: extract --photos photos, add 1% to the same manifest, extract again (target: the
     second takes < 5% of the first);
 (c) the logistic head on a cache larger than its memory budget (below).
@@ -170,15 +171,16 @@ def bench_ray(root: Path, n: int, backbone: str, tmp: Path) -> None:
     t = time.perf_counter()
     extract(req, RunOptions(cache_dir=tmp / "plain", progress=False))
     results["plain"] = time.perf_counter() - t
-    for workers in (1, 2):
+    for workers, transport in ((1, "auto"), (2, "auto"), (2, "driver")):
         t = time.perf_counter()
-        extract_ray(req, RunOptions(cache_dir=tmp / f"ray{workers}", progress=False), n_workers=workers,
-                    log=lambda m: None)
-        results[f"ray x{workers}"] = time.perf_counter() - t
+        extract_ray(req, RunOptions(cache_dir=tmp / f"ray{workers}{transport}", progress=False), n_workers=workers,
+                    log=lambda m: None, transport=transport)
+        results[f"ray x{workers}" + (" (chunks sent back to the driver)" if transport == "driver" else "")] = \
+            time.perf_counter() - t
     base = results["plain"]
     print(f"(a) {backbone}, {n} photos, {os.cpu_count()} cores (Ray times include starting a local cluster)")
     for name, sec in results.items():
-        print(f"    {name:8s} {sec:7.1f} s  {n / sec:7.1f} img/s  {sec / base:5.2f}x the plain run")
+        print(f"    {name:40s} {sec:7.1f} s  {n / sec:7.1f} img/s  {sec / base:5.2f}x the plain run")
 
 
 def bench_incremental(root: Path, n: int, backbone: str, tmp: Path) -> None:

@@ -63,6 +63,27 @@ def test_local_cluster_byte_identical_and_a_killed_worker_is_replaced(data_and_r
     _same(again.path, reference)
 
 
+def test_chunks_sent_back_to_the_driver_without_a_shared_folder(data_and_reference, local_ray, tmp_path):
+    """transport='driver' (what an actor that does not see the driver's probe file does): it computes
+    into a node-local folder and returns each chunk's bytes; the driver writes them, and the file is
+    byte-identical. 'auto' on one machine sees the probe and writes to the shared folder."""
+    from pipeline.extract.distributed import _ChunkWorker, _sees, extract_ray
+    data, *reference = data_and_reference
+    result = extract_ray(req(data), opts(tmp_path / "d"), n_workers=2, transport="driver")
+    assert result.n_rows == 20 and result.computed == 20
+    _same(result.path, reference)
+    p = plan(req(data), tmp_path / "d")
+    assert not list(p.parts.glob("ray-probe-*")) if p.parts.exists() else True  # the probe is removed
+    probe = tmp_path / "probe"
+    probe.write_text("token")
+    assert _sees((str(probe), "token")) and not _sees((str(probe), "other")) and not _sees((str(tmp_path / "no"), "t"))
+    local = _ChunkWorker(req(data).to_json(), {**opts(tmp_path / "e").__dict__, "cache_dir": str(tmp_path / "e")},
+                         plan(req(data), tmp_path / "e").key, str(tmp_path), (str(tmp_path / "no"), "t"))
+    chunks, n, payload = local.compute([1])
+    assert chunks == [1] and n == 4 and set(payload) == {1} and payload[1][:2] == b"PK"  # an .npz (zip)
+    assert not local.job.p.parts.is_relative_to(tmp_path / "e")  # computed outside the driver's cache
+
+
 def test_a_killed_driver_resumes(data_and_reference, local_ray, tmp_path):
     from pipeline.extract.distributed import extract_ray
     data, *reference = data_and_reference

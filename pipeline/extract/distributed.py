@@ -2,9 +2,11 @@
 
 The driver plans the units and chunks exactly as a plain run (`worker._Extraction`). Ray actors,
 one per GPU where the cluster has GPUs, else `--workers` CPU actors, each build the model once and
-compute whole chunks into the cache's `.parts` folder, which must be on a filesystem every node
-sees (each chunk is written atomically); the driver then assembles the same HDF5 file a single
-process writes. Only missing chunks are scheduled, so a rerun resumes; a chunk whose actor dies is
+compute whole chunks. Where an actor sees the driver's `.parts` folder (a shared filesystem: the
+driver leaves a probe file there and each actor looks for it) it writes its chunks there, each
+atomically; where it does not, it computes into a node-local folder and sends each finished chunk
+back to the driver through Ray's object store, and the driver writes it. Either way the driver then
+assembles the same HDF5 file a single process writes. Only missing chunks are scheduled, so a rerun resumes; a chunk whose actor dies is
 rescheduled on another (a replacement actor is started); when nothing is left to hand out, idle
 actors re-run the oldest chunks still in flight so one slow worker does not hold the job (chunks
 are deterministic, whichever copy lands first wins).
@@ -13,10 +15,12 @@ are deterministic, whichever copy lands first wins).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import UserError
@@ -42,8 +46,10 @@ class _ChunkWorker:
     """A Ray actor: rebuilds the plan from the request (refusing a node whose libraries give another
     cache key), builds the model once, computes the chunk lists it is handed."""
 
-    def __init__(self, request: dict[str, Any], options: dict[str, Any], key: str, cwd: str) -> None:
+    def __init__(self, request: dict[str, Any], options: dict[str, Any], key: str, cwd: str,
+                 probe: tuple[str, str] | None = None, transport: str = "auto") -> None:
         from pipeline.extract.worker import _Extraction
+        from pipeline.features.store import ChunkDir
 
         if os.path.isdir(cwd):  # relative --data paths mean what they mean on the driver
             os.chdir(cwd)
@@ -53,24 +59,50 @@ class _ChunkWorker:
         if p.key != key:
             raise UserError(f"this node computes cache key {p.key[:16]}, the driver {key[:16]}: install the same "
                             f"versions of the tool, Keras and the backend on every node")
+        self.shared = transport == "shared" or (transport == "auto" and _sees(probe))
+        if not self.shared:  # chunks go to a node-local folder, then back to the driver
+            import tempfile
+            local = Path(tempfile.mkdtemp(prefix="featurecache-ray-"))
+            p = dataclasses.replace(p, path=local / p.path.name)
+            ChunkDir(p.parts, opts.chunk_units)  # the driver's chunk size (its meta.json's)
         self.job = _Extraction(p, opts, lambda m: None)
 
-    def compute(self, todo: list[int]) -> tuple[list[int], int]:
-        return todo, self.job.compute_chunks(todo)
+    def compute(self, todo: list[int]) -> tuple[list[int], int, dict[int, bytes] | None]:
+        """(chunks, images computed, the chunk files' bytes when the driver must write them)."""
+        n = self.job.compute_chunks(todo)
+        if self.shared:
+            return todo, n, None
+        payload = {}
+        for c in todo:
+            f = self.job.p.parts / f"chunk-{c:06d}.npz"
+            payload[c] = f.read_bytes()
+            f.unlink()
+        return todo, n, payload
 
     def node(self) -> str:
         import socket
         return socket.gethostname()
 
 
+def _sees(probe: tuple[str, str] | None) -> bool:
+    """Whether this node sees the driver's probe file (so its `.parts` folder is shared)."""
+    if probe is None:
+        return True
+    try:
+        return Path(probe[0]).read_text() == probe[1]
+    except OSError:
+        return False
+
+
 def extract_ray(request: ExtractRequest, options: RunOptions, address: str | None = None,
                 n_workers: int | None = None, log: Log = _stderr,
-                on_chunk: Callable[[int, list], None] | None = None) -> ExtractResult:
+                on_chunk: Callable[[int, list], None] | None = None, transport: str = "auto") -> ExtractResult:
     """Compute the missing chunks of `request` on Ray actors, then assemble on the driver.
 
     `address`: None or 'local' starts a local cluster, 'auto' joins the running one, else a
     `ray://` or `host:port` address. `on_chunk(n_done, actors)` is called after each finished
-    chunk (tests use it to kill a worker or the driver mid-run).
+    chunk (tests use it to kill a worker or the driver mid-run). `transport`: 'auto' (each actor
+    writes to the shared `.parts` folder if it sees it, else sends chunks back), 'shared' or 'driver'.
     """
     from pipeline.extract.worker import _Extraction, _locked, _recorded, _under_lock
     from pipeline.features.store import ChunkDir, is_complete
@@ -88,12 +120,13 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
         if not plan_job.unit_index.size:
             raise UserError(f"{request.data} contains no images")
         chunks = ChunkDir(p.parts, options.chunk_units)
+        options = dataclasses.replace(options, chunk_units=chunks.chunk_units)  # the folder's, for every actor
         done = set(chunks.done())
         todo = [c for c in range(plan_job.n_chunks) if c not in done]
         t0 = time.perf_counter()
         computed = 0
         if todo:
-            computed = _run_on_ray(ray, p, options, todo, address, n_workers, log, on_chunk)
+            computed = _run_on_ray(ray, p, options, todo, address, n_workers, log, on_chunk, transport)
             unseen = sorted(set(todo) - set(chunks.done()))
             if unseen:
                 raise UserError(f"the Ray workers wrote {len(todo) - len(unseen)} of {len(todo)} chunks where this "
@@ -119,8 +152,12 @@ def _record_ray_figures(options: RunOptions, result: ExtractResult, n_chunks: in
 
 
 def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | None, n_workers: int | None,
-                log: Log, on_chunk) -> int:
+                log: Log, on_chunk, transport: str = "auto") -> int:
+    import uuid
+
     from tqdm import tqdm
+
+    from pipeline.atomic import atomic_path, write_text_atomic
 
     started = False
     if not ray.is_initialized():
@@ -149,26 +186,35 @@ def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | Non
         Actor = ray.remote(max_restarts=0)(_ChunkWorker).options(**per_actor)
         cwd = os.getcwd()
         made: list = []
+        probe = (str(os.path.abspath(p.parts / f"ray-probe-{uuid.uuid4().hex[:8]}")), uuid.uuid4().hex)
+        write_text_atomic(Path(probe[0]), probe[1])
 
         def make():
-            made.append(Actor.remote(p.request.to_json(), opts, p.key, cwd))
+            made.append(Actor.remote(p.request.to_json(), opts, p.key, cwd, probe, transport))
             return made[-1]
+
+        def receive(chunk: int, data: bytes) -> None:  # a chunk sent back by an actor without the shared folder
+            with atomic_path(p.parts / f"chunk-{chunk:06d}.npz", suffix=".npz") as tmp:
+                Path(tmp).write_bytes(data)
 
         actors = [make() for _ in range(count)]
         each = "1 GPU" if gpus else f"{per_actor['num_cpus']} CPU"
         log(f"ray: {count} worker(s) ({each} each) computing {len(todo)} chunk(s) of {options.chunk_units} images")
         try:
             return _schedule(ray, actors, make, todo, log, on_chunk, tqdm(
-                total=len(todo), unit="chunk", desc="extract (ray)", disable=not options.progress, file=sys.stderr))
+                total=len(todo), unit="chunk", desc="extract (ray)", disable=not options.progress, file=sys.stderr),
+                receive)
         finally:
             for actor in made:  # stragglers still computing a chunk another actor finished
                 ray.kill(actor)
+            Path(probe[0]).unlink(missing_ok=True)
     finally:
         if started:
             ray.shutdown()
 
 
-def _schedule(ray, actors: list, make, todo: list[int], log: Log, on_chunk, bar) -> int:
+def _schedule(ray, actors: list, make, todo: list[int], log: Log, on_chunk, bar,
+              receive: Callable[[int, bytes], None] | None = None) -> int:
     """Hand chunks to idle actors until all are written; reschedule a dead actor's chunk; re-issue
     stragglers to idle actors once nothing new is left."""
     pending = collections.deque(todo)
@@ -190,7 +236,7 @@ def _schedule(ray, actors: list, make, todo: list[int], log: Log, on_chunk, bar)
             ref = ready[0]
             actor, chunk, _ = in_flight.pop(ref)
             try:
-                finished, n = ray.get(ref)
+                finished, n, payload = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
                 _raise_user_error(exc)
                 restarts += 1
@@ -205,6 +251,9 @@ def _schedule(ray, actors: list, make, todo: list[int], log: Log, on_chunk, bar)
                 _raise_user_error(exc)
                 raise
             idle.append(actor)
+            for c, data in (payload or {}).items():
+                if c not in done and receive is not None:
+                    receive(c, data)
             for c in finished:
                 if c not in done:
                     done.add(c)
