@@ -156,12 +156,6 @@ def trainable_layer_names(model) -> list[str]:
     return [layer.name for layer in _leaves(model) if layer.trainable and layer.trainable_weights]
 
 
-def backbone_blocks(model, spec: backbones.Backbone) -> dict[str, tuple[int, int]]:
-    """The backbone's fine-tunable top blocks present in `model` -> [start, end) layer indices."""
-    backbone = model.get_layer("backbone")
-    return backbones.block_spans(spec, [layer.name for layer in backbone.layers])
-
-
 def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
                   unfreeze_last: int | None = None) -> list[str]:
     """Choose what trains: the head, plus whole top blocks of the backbone and/or its last N layers.
