@@ -399,3 +399,8 @@ def test_trunk_cache_trains_the_top_on_cached_maps_and_saves_an_image_model(data
     assert any(m.startswith("trunk cache hit: ") for m in said), said
     with pytest.raises(UserError, match="views must be 0 or more"):
         FineTuner(views=-1).fit(data.req, data.logistic, tmp_path / "bad", cache_dir=cache)
+    with pytest.raises(UserError, match="whole blocks"):  # asked for, and impossible: one line, no fallback
+        FineTuner(unfreeze_last=3, trunk_cache=True).fit(data.req, data.logistic, tmp_path / "bad2", cache_dir=cache)
+    legacy = FineTuner(trunk_cache=False, label_smoothing=0.0, views=7)  # as checkpoints from before these options
+    assert legacy._fingerprint(data.req, data.logistic, {}) == FineTuner(trunk_cache=False, label_smoothing=0.0)._fingerprint(
+        data.req, data.logistic, {})

@@ -62,8 +62,8 @@ class _ChunkWorker:
         self.shared = transport == "shared" or (transport == "auto" and _sees(probe))
         if not self.shared:  # chunks go to a node-local folder, then back to the driver
             import tempfile
-            local = Path(tempfile.mkdtemp(prefix="featurecache-ray-"))
-            p = dataclasses.replace(p, path=local / p.path.name)
+            self.local = Path(tempfile.mkdtemp(prefix="featurecache-ray-"))
+            p = dataclasses.replace(p, path=self.local / p.path.name)
             ChunkDir(p.parts, opts.chunk_units)  # the driver's chunk size (its meta.json's)
         self.job = _Extraction(p, opts, lambda m: None)
 
@@ -72,11 +72,9 @@ class _ChunkWorker:
         n = self.job.compute_chunks(todo)
         if self.shared:
             return todo, n, None
-        payload = {}
-        for c in todo:
-            f = self.job.p.parts / f"chunk-{c:06d}.npz"
-            payload[c] = f.read_bytes()
-            f.unlink()
+        import shutil
+        payload = {c: (self.job.p.parts / f"chunk-{c:06d}.npz").read_bytes() for c in todo}
+        shutil.rmtree(self.local, ignore_errors=True)  # our own mkdtemp folder; made again for the next chunk
         return todo, n, payload
 
     def node(self) -> str:

@@ -166,8 +166,9 @@ class _Extraction:
         self._distributed = True
         if not self._reuse_checked and self.options.reuse:
             from pipeline.features.reuse import find_reuse, item_stats
+            # size + mtime only: hashing here would read the whole data set once per worker
             self.reuse = find_reuse(self.p.path, self.p.key_material, self.listing.ids,
-                                    item_stats(self.listing.paths, self.options.content_hash))
+                                    item_stats(self.listing.paths))
             if self.reuse is not None:
                 self.reused[self.reuse.tags] = True
             self._reuse_checked = True

@@ -489,6 +489,11 @@ class FineTuner:
         p = self.get_params()
         for k in ("verbose", "keep_checkpoint"):
             p.pop(k)
+        if p["trunk_cache"] is False:  # as before these settings existed: checkpoints from then resume
+            p.pop("trunk_cache")
+            p.pop("views")
+        if not p["label_smoothing"]:
+            p.pop("label_smoothing")
         material = {"request": request.to_json(), "head": [getattr(head, "kind", "?"), head.cache_key_,
                                                            list(head.class_names_)], "params": p,
                     "split": {k: hashlib.sha256(np.asarray(v, np.int64).tobytes()).hexdigest() for k, v in split.items()}}
@@ -544,26 +549,36 @@ class FineTuner:
         from pipeline.backbones.model import backbone_cut
         from pipeline.finetune.trunk import cut_layer, trunk_request
 
+        from pipeline.extract import plan
+        from pipeline.features.store import is_complete
+
+        def skip(why: str) -> None:
+            if self.trunk_cache:  # asked for explicitly
+                raise UserError(f"no trunk cache: {why}; drop --trunk-cache to train on the images")
+            say(f"{why}: training on the images instead (slower)")
+
         if self.trunk_cache is False:
             return None
         if self.unfreeze_last:
-            if self.trunk_cache:
-                say("the trunk cache needs whole blocks (--unfreeze); --unfreeze-last trains on the images")
-            return None
+            return skip("the trunk cache needs whole blocks (--unfreeze), not --unfreeze-last")
         backbone = backbone_cut(spec, "none", size, request.layer)  # layer names and shapes only
         names = [layer.name for layer in backbone.layers]
         cut = cut_layer(spec, names, self._blocks(spec, names))
         if cut is None:
-            return None
+            return None  # head only: nothing below to cache
+        treq = trunk_request(request, cut, int(self.views), self.augment, int(self.seed))
+        target = plan(treq, cache_dir)
+        if is_complete(target.path):
+            return cut, treq
         shape = backbone.get_layer(cut).output.shape[1:]
         need = 2 * int(np.prod(shape)) * n_images * (1 + int(self.views))
+        if target.parts.is_dir():  # a half-built trunk cache already holds part of it
+            need -= sum(f.stat().st_size for f in target.parts.glob("chunk-*.npz"))
         cache_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(cache_dir).free
         if need > free // 2:
-            say(f"the trunk cache would take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free in {cache_dir}; "
-                f"training on the images instead (slower)")
-            return None
-        return cut, trunk_request(request, cut, int(self.views), self.augment, int(self.seed))
+            return skip(f"the trunk cache would take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free in {cache_dir}")
+        return cut, treq
 
     def _model(self, request: ExtractRequest, head, spec: backbones.Backbone, lr: float,
                checkpoint: Path | None, weighted: bool = False, cut: str | None = None):
@@ -706,8 +721,8 @@ class FineTuner:
                 common = dict(batch_size=int(self.batch_size), devices=len(devices), one_hot=one_hot)
                 train_ds = map_batches(maps["data"], maps["train_rows"], maps["labels"], shuffle_seed=int(self.seed),
                                        first_epoch=initial_epoch, class_weights=cw, **common)
-                if maps["val_rows"].size:
-                    fit_val = map_batches(maps["data"], lambda epoch: maps["val_rows"], maps["labels"], **common)
+                fit_val = (map_batches(maps["data"], lambda epoch: maps["val_rows"], maps["labels"], **common)
+                           if maps["val_rows"].size else None)  # never image batches into the top half
             return self._train(model, trainable, train_ds, eval_sets, state, request, head, spec, size, lr, schedule,
                                fingerprint, run_dir, class_names, parts, val_source, callbacks, say, t0,
                                fit_model=fit_model, fit_val=fit_val, trunk_cut=cut)
