@@ -79,7 +79,9 @@ def test_chunks_sent_back_to_the_driver_without_a_shared_folder(data_and_referen
     assert _sees((str(probe), "token")) and not _sees((str(probe), "other")) and not _sees((str(tmp_path / "no"), "t"))
     local = _ChunkWorker(req(data).to_json(), {**opts(tmp_path / "e").__dict__, "cache_dir": str(tmp_path / "e")},
                          plan(req(data), tmp_path / "e").key, str(tmp_path), (str(tmp_path / "no"), "t"))
+    assert not local.local.exists()  # an actor never handed a chunk leaves nothing on its node
     chunks, n, payload = local.compute([1])
+    assert not local.local.exists()  # nor one after its chunk
     assert chunks == [1] and n == 4 and set(payload) == {1} and payload[1][:2] == b"PK"  # an .npz (zip)
     assert not local.job.p.parts.is_relative_to(tmp_path / "e")  # computed outside the driver's cache
 
@@ -128,3 +130,21 @@ def test_cli_ray_flag_and_errors(tmp_path):
     assert both.returncode == 2 and "use one" in both.stderr
     ok = run_cli(*args, "--ray", "--workers", "1")
     assert ok.returncode == 0 and "ray: 1 worker(s)" in ok.stderr and "6 rows" in ok.stdout, ok.stderr
+
+
+def test_folders_of_dead_actors_are_swept(tmp_path):
+    """An actor killed mid-chunk leaves its node-local folder; the next actor on the node removes
+    folders of processes that no longer run, and nothing else."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.extract.distributed import _sweep_dead_actor_folders
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"featurecache-ray-{gone.stdout.strip()}-x1"
+    alive = tmp_path / f"featurecache-ray-{os.getpid()}-x2"
+    other = tmp_path / "featurecache-ray-notapid-x3"
+    for folder in (dead, alive, other):
+        (folder / "a.parts").mkdir(parents=True)
+    _sweep_dead_actor_folders(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()

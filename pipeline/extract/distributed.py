@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -62,24 +63,43 @@ class _ChunkWorker:
         self.shared = transport == "shared" or (transport == "auto" and _sees(probe))
         if not self.shared:  # chunks go to a node-local folder, then back to the driver
             import tempfile
-            self.local = Path(tempfile.mkdtemp(prefix="featurecache-ray-"))
+            _sweep_dead_actor_folders(Path(tempfile.gettempdir()))
+            self.local = Path(tempfile.mkdtemp(prefix=f"featurecache-ray-{os.getpid()}-"))
             p = dataclasses.replace(p, path=self.local / p.path.name)
             ChunkDir(p.parts, opts.chunk_units)  # the driver's chunk size (its meta.json's)
         self.job = _Extraction(p, opts, lambda m: None)
+        if not self.shared:  # nothing is left on the node between chunks, nor by an actor never handed one
+            shutil.rmtree(self.local, ignore_errors=True)
 
     def compute(self, todo: list[int]) -> tuple[list[int], int, dict[int, bytes] | None]:
         """(chunks, images computed, the chunk files' bytes when the driver must write them)."""
-        n = self.job.compute_chunks(todo)
         if self.shared:
-            return todo, n, None
-        import shutil
-        payload = {c: (self.job.p.parts / f"chunk-{c:06d}.npz").read_bytes() for c in todo}
-        shutil.rmtree(self.local, ignore_errors=True)  # our own mkdtemp folder; made again for the next chunk
+            return todo, self.job.compute_chunks(todo), None
+        try:  # our own mkdtemp folder: made again by compute_chunks, removed after each chunk
+            n = self.job.compute_chunks(todo)
+            payload = {c: (self.job.p.parts / f"chunk-{c:06d}.npz").read_bytes() for c in todo}
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
         return todo, n, payload
 
     def node(self) -> str:
         import socket
         return socket.gethostname()
+
+
+def _sweep_dead_actor_folders(tmp: Path) -> None:
+    """Remove node-local chunk folders of actors that died mid-chunk (killed when the driver
+    finished while they computed a re-issued straggler): `featurecache-ray-<pid>-*` of no live process."""
+    for folder in tmp.glob("featurecache-ray-*-*"):
+        pid = folder.name.split("-")[2]
+        if not pid.isdigit() or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
 
 
 def _sees(probe: tuple[str, str] | None) -> bool:
