@@ -101,3 +101,13 @@ def _no_outside_mlflow(monkeypatch):
     """Tests never log to a tracking server the developer's shell points at; MLflow tests set their own."""
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_models():
+    """Each test builds its own feature model: the one a process keeps for its next extraction
+    (`release_models`) would let one test's fake runner or model reach the next."""
+    from pipeline.extract.runners import release_models
+    release_models()
+    yield
+    release_models()

@@ -127,3 +127,26 @@ def test_content_hash_reuses_touched_files_and_catches_rewrites_with_the_same_si
     _add(data, "bees", ["new_0.jpg"], seed=3)  # a new listing (so a new key) to reuse from the old one
     assert extract(req(data), hashed).computed == 2  # the new file and the rewritten one
     assert extract(req(data), opts(tmp_path / "c2")).computed == 1  # size + mtime miss the rewrite
+
+
+def test_the_next_extraction_in_a_process_reuses_the_model(tmp_path, monkeypatch):
+    """A second extraction with the same backbone in one process (an incremental run's new images,
+    a notebook's next folder) does not build the model again; another backbone setting does, and
+    `release_models()` drops what is kept. The features are those of a fresh build."""
+    import pipeline.backbones.model as bm
+    from pipeline.extract import release_models
+    builds = []
+    real = bm.feature_model
+    monkeypatch.setattr(bm, "feature_model", lambda *a, **k: builds.append(a) or real(*a, **k))
+    release_models()
+    a = make_folder(tmp_path / "a", per_class=3, splits=())
+    b = make_folder(tmp_path / "b", per_class=2, splits=(), seed=5)
+    first = extract(req(a), opts(tmp_path / "c"))
+    second = extract(req(b), opts(tmp_path / "c"))
+    assert len(builds) == 1 and second.computed == 4
+    extract(req(b, pooling="max"), opts(tmp_path / "c"))
+    assert len(builds) == 2                                            # another graph: built
+    release_models()
+    again = extract(req(b), opts(tmp_path / "fresh"))
+    assert len(builds) == 3
+    assert _rows(again.path) == _rows(second.path) and first.computed == 6

@@ -285,6 +285,15 @@ class _Extraction:
         finally:
             keras.mixed_precision.set_global_policy("float32")
 
+    def _model_key(self) -> tuple:
+        """What decides the feature model's graph and weights (a weights file by its size and mtime)."""
+        req = self.p.request
+        weights = req.weights
+        if weights not in (None, "imagenet") and Path(str(weights)).is_file():
+            st = Path(str(weights)).stat()
+            weights = (str(Path(str(weights)).resolve()), st.st_size, st.st_mtime_ns)
+        return (self.p.spec, weights, self.p.size, req.pooling, req.layer, req.precision)
+
     def jobs(self) -> Iterator[tuple[int, Callable[[], np.ndarray]]]:
         """(tag, job) for the units to compute, in order; augmented views wrap the clean image's job.
         Units of finished chunks, of other shards and copied from an older cache are not read."""
@@ -306,7 +315,7 @@ class _Extraction:
         from tqdm import tqdm
 
         from pipeline.data.loader import Prefetcher, batches
-        from pipeline.extract.runners import make_runner
+        from pipeline.extract.runners import cached_runner
         size, bs = self.p.size, self.options.batch_size
         if needed == 0:  # every unit left is copied from an older cache: no model, no decoding
             writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, self.reuse.feature_shape,
@@ -316,11 +325,10 @@ class _Extraction:
             return
         # decoding starts while the model is built and traced
         feed = Prefetcher(batches(self.jobs(), bs, (size, size, 3), self.options.workers), depth=2)
-        if self._runner is None:  # built once per job (a Ray actor computes many chunk sets with it)
-            model = self._model()
-            self._runner = make_runner(model, size, bs, self.options.jit,
-                                       n_images=needed if self.options.shard is None and not self._distributed else None)
-            self._feat_shape = tuple(int(d) for d in model.output.shape[1:])
+        if self._runner is None:  # once per job (a Ray actor computes many chunk sets with it)
+            self._runner, self._feat_shape = cached_runner(
+                self._model_key(), self._model, size, bs, self.options.jit,
+                n_images=needed if self.options.shard is None and not self._distributed else None)
         runner, feat_shape = self._runner, self._feat_shape
         writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, feat_shape,
                              np.dtype(self.p.request.dtype), self.reuse)

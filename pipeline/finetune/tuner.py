@@ -732,12 +732,13 @@ class FineTuner:
         """Extract (or find) the trunk cache and map the split onto its rows: {file, data (in memory
         when it fits a quarter of RAM, else the FeatureFile), labels, train_rows(epoch), val_rows,
         train_idx (the training images the cache holds)}."""
-        from pipeline.extract import RunOptions, extract
+        from pipeline.extract import RunOptions, extract, release_models
         from pipeline.features.store import FeatureFile
         from pipeline.heads.streaming import default_memory_budget_mb
 
         res = extract(trunk_req, RunOptions(cache_dir=cache_dir, progress=progress, batch_size=int(self.batch_size)),
                       log=say)
+        release_models()  # the trunk model is not needed while training: free its memory
         say(("trunk cache hit: " if res.cache_hit else "trunk cache: ") + str(res.path))
         ff = FeatureFile(res.path)
         try:
