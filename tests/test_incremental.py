@@ -150,3 +150,33 @@ def test_the_next_extraction_in_a_process_reuses_the_model(tmp_path, monkeypatch
     again = extract(req(b), opts(tmp_path / "fresh"))
     assert len(builds) == 3
     assert _rows(again.path) == _rows(second.path) and first.computed == 6
+
+
+def _by_view(path: Path) -> dict[tuple[str, int], np.ndarray]:
+    with FeatureFile(path) as ff:
+        feats = ff.load(np.arange(len(ff.paths)), dtype=np.float32)
+        return {(p, int(v)): feats[r] for r, (p, v) in enumerate(zip(ff.paths, ff.views.tolist()))}
+
+
+def test_augmented_views_follow_their_image_and_are_reused(tmp_path):
+    """--augment-copies: views are seeded by the image's name, so adding images reuses the old
+    images' views, and more copies compute only the new views; every row equals a fresh extraction's."""
+    data = make_folder(tmp_path / "d", per_class=4)                  # train/ and val/, 8 images each
+    cache = tmp_path / "c"
+    first = extract(req(data, augment_copies=2), opts(cache))
+    assert first.computed == 16 + 2 * 8
+    _add(data / "train", "ants", ["new_0.jpg", "new_1.jpg"], seed=7)
+    grown = extract(req(data, augment_copies=2), opts(cache))
+    assert (grown.computed, grown.reused) == (2 * 3, 32)            # the new images: clean + 2 views each
+    more = extract(req(data, augment_copies=3), opts(cache))
+    assert (more.computed, more.reused) == (10, 18 + 2 * 10)        # view 3 of the 10 training images only
+    fresh = _by_view(extract(req(data, augment_copies=3), opts(tmp_path / "fresh")).path)
+    got = _by_view(more.path)
+    assert got.keys() == fresh.keys() and len(got) == 18 + 3 * 10
+    for k in got:
+        np.testing.assert_allclose(got[k], fresh[k], atol=1e-3)
+    old = _by_view(first.path)                                       # views copied byte for byte
+    assert all(np.array_equal(got[k], old[k]) for k in old)
+    # another augmentation seed: only the clean rows are reused
+    other = extract(req(data, augment_copies=2, augment_seed=5), opts(cache))
+    assert (other.computed, other.reused) == (2 * 10, 18)

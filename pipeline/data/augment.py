@@ -2,6 +2,8 @@
 
 Each view is drawn from a generator seeded by (seed, view, image index), so the same view of the
 same image is identical in every run, after a resume, and in any worker process or machine.
+Extraction's cached views use `name_index(id)` as the index: a view then follows its image, not its
+position in the listing, and an incremental cache can copy it (`features/reuse.py`).
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def augment(image: np.ndarray, cfg: AugmentConfig, seed: int, view: int, index: 
         x = (x - mean) * factor + mean
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
+
+
+def name_index(item_id: str) -> int:
+    """A stable 64-bit index for an image's id (its path in the listing): the seed of its cached views."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(str(item_id).encode(), digest_size=8).digest(), "little")
 
 
 def augmented_view(job: Callable[[], np.ndarray], cfg: AugmentConfig, seed: int, view: int, index: int) -> np.ndarray:

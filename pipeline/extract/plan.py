@@ -162,7 +162,7 @@ def plan(request: ExtractRequest, cache_dir: Path = DEFAULT_CACHE) -> Plan:
         "layer": request.layer,
         "dtype": request.dtype,
         "precision": request.precision,
-        "augment": ({"copies": request.augment_copies, "seed": request.augment_seed,
+        "augment": ({"copies": request.augment_copies, "seed": request.augment_seed, "seeding": "name",
                      **request.augment.as_dict()} if request.augment_copies else None),
         "data": source.identity(),
         "backend": backend,

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline.data.augment import augmented_view
+from pipeline.data.augment import augmented_view, name_index
 from pipeline.data.sources import Listing
 from pipeline.errors import UserError
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
@@ -168,7 +168,7 @@ class _Extraction:
             from pipeline.features.reuse import find_reuse, item_stats
             # size + mtime only: hashing here would read the whole data set once per worker
             self.reuse = find_reuse(self.p.path, self.p.key_material, self.listing.ids,
-                                    item_stats(self.listing.paths))
+                                    item_stats(self.listing.paths), self.unit_index, self.unit_view)
             if self.reuse is not None:
                 self.reused[self.reuse.tags] = True
             self._reuse_checked = True
@@ -207,10 +207,10 @@ class _Extraction:
         from pipeline.features.reuse import find_reuse, item_stats
         stats = item_stats(self.listing.paths, opts.content_hash)
         if opts.reuse and todo:
-            self.reuse = find_reuse(p.path, p.key_material, self.listing.ids, stats)
+            self.reuse = find_reuse(p.path, p.key_material, self.listing.ids, stats, self.unit_index, self.unit_view)
         if self.reuse is not None:
             self.reused[self.reuse.tags] = True
-            self.log(f"reusing the features of {self.reuse.tags.size} unchanged image(s) from {self.reuse.base.name}")
+            self.log(f"reusing {self.reuse.tags.size} feature row(s) of unchanged images from {self.reuse.base.name}")
         self.compute = in_todo & ~self.reused
         needed = int(np.count_nonzero(self.compute))
         t0 = time.perf_counter()
@@ -308,7 +308,8 @@ class _Extraction:
             for tag, index, job in zip(tags.tolist(), indices, raw):
                 view = int(self.unit_view[tag])
                 if view:
-                    job = functools.partial(augmented_view, job, req.augment, req.augment_seed, view, int(index))
+                    job = functools.partial(augmented_view, job, req.augment, req.augment_seed, view,
+                                            name_index(self.listing.ids[int(index)]))
                 yield tag, job
 
     def _compute(self, chunks: ChunkDir, todo: list[int], total: int, needed: int) -> None:

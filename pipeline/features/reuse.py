@@ -6,8 +6,10 @@ caches were made with `--content-hash`, when its id and the SHA-256 of its bytes
 a touched or copied file with the same bytes is still reused, and a rewritten one with the same size
 and time is not.
 
-Only clean views (view 0) are reused: augmented views are seeded by the image's position in the
-listing, which moves when images are added.
+Augmented views (`--augment-copies`) are seeded by the image's name, so view k of an unchanged
+image is reused too when both caches used the same augmentation and seed (any number of copies:
+`--augment-copies 4` after 2 computes views 3 and 4 only). Caches from before views were seeded by
+name (no `"seeding": "name"` in their key) lend their clean rows only.
 """
 
 from __future__ import annotations
@@ -103,15 +105,29 @@ def _comparable(material: dict[str, Any]) -> str:
     return json.dumps(rest, sort_keys=True)
 
 
+def _views_of(material: dict[str, Any]) -> str | None:
+    """What decides a cache's augmented views apart from their number (None: no name-seeded views)."""
+    aug = material.get("augment")
+    if not aug or aug.get("seeding") != "name":
+        return None
+    return json.dumps({k: v for k, v in aug.items() if k != "copies"}, sort_keys=True)
+
+
 def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
-               stats: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None) -> Reuse | None:
+               stats: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None,
+               unit_index: np.ndarray | None = None, unit_view: np.ndarray | None = None) -> Reuse | None:
     """The finished cache beside `target` with the same request but another data listing that
-    shares the most unchanged images with ours; None when there is none."""
+    shares the most unchanged rows with ours; None when there is none. Our units are
+    (listing position `unit_index`, view `unit_view`); without them, the clean views only."""
     import h5py
 
     if stats is None:
         return None
+    if unit_index is None or unit_view is None:
+        unit_index = np.arange(len(ids))
+        unit_view = np.zeros(len(ids), np.int8)
     want, spec = _comparable(material), (material.get("data") or {}).get("data")
+    our_views = _views_of(material)
     best: Reuse | None = None
     for path in sorted(Path(target).parent.glob("*.h5"), key=_mtime, reverse=True):
         if path == target or path.name.startswith("."):
@@ -124,27 +140,31 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
                 theirs = json.loads(a["key_material"])
                 if _comparable(theirs) != want or (theirs.get("data") or {}).get("data") != spec:
                     continue
-                views = f["views"][:]
-                clean = np.flatnonzero(views == 0)
-                old_ids = f["paths"].asstr()[:][clean]
+                views = f["views"][:].astype(np.int64)
+                # their augmented views are ours when both seed them by name with the same settings
+                usable = np.flatnonzero((views == 0) | ((views > 0) & (our_views is not None)
+                                                        & (_views_of(theirs) == our_views)))
+                old_ids = f["paths"].asstr()[:][usable]
                 by_hash = stats[2] is not None and "hashes" in f
                 if by_hash:  # both sides hashed: the bytes decide, not the file's size and time
-                    old = {(i, h): int(r) for i, h, r in zip(old_ids, f["hashes"].asstr()[:][clean], clean) if h}
+                    old = {(i, h, int(v)): int(r) for i, h, v, r in
+                           zip(old_ids, f["hashes"].asstr()[:][usable], views[usable], usable) if h}
                 else:
-                    old = {(i, int(s), int(m)): int(r) for i, s, m, r in
-                           zip(old_ids, f["sizes"][:][clean], f["mtimes_ns"][:][clean], clean)}
+                    old = {(i, int(s), int(m), int(v)): int(r) for i, s, m, v, r in
+                           zip(old_ids, f["sizes"][:][usable], f["mtimes_ns"][:][usable], views[usable], usable)}
                 shape = tuple(f["features"].shape[1:])
         except (OSError, KeyError, ValueError):
             continue
         sizes, mtimes, hashes = stats
         tags, rows = [], []
-        for tag, (item, s, m) in enumerate(zip(ids, sizes.tolist(), mtimes.tolist())):
+        for tag, (index, view) in enumerate(zip(unit_index.tolist(), unit_view.tolist())):
+            item, s, m = ids[index], int(sizes[index]), int(mtimes[index])
             if s < 0:
                 continue
             if by_hash:
-                row = old.get((item, hashes[tag])) if hashes[tag] else None
+                row = old.get((item, hashes[index], view)) if hashes[index] else None
             else:
-                row = old.get((item, s, m))
+                row = old.get((item, s, m, view))
             if row is not None:
                 tags.append(tag)
                 rows.append(row)
