@@ -59,3 +59,22 @@ def test_shard_cli(tmp_path):
     assert plain.returncode == 2 and "--shard" in plain.stderr and len(plain.stderr.strip().splitlines()) == 1
     s1 = run_cli(*args, "--shard", "1/2")
     assert s1.returncode == 0 and "wrote" in s1.stdout and "10 rows" in s1.stdout, s1.stdout + s1.stderr
+
+
+def test_shards_hash_only_their_own_images(tmp_path, monkeypatch):
+    """--content-hash with shards: each shard hashes the images of its own chunks (not the whole data
+    set once per shard); the shard that assembles hashes the rest, and the file holds every hash."""
+    import pipeline.features.reuse as reuse
+    data = make_folder(tmp_path / "d", per_class=5, splits=())       # 10 images: chunks 0, 1, 2
+    single = extract(req(data), opts(tmp_path / "one", content_hash=True))
+    hashed = []
+    real = reuse._sha256
+    monkeypatch.setattr(reuse, "_sha256", lambda path: hashed.append(path) or real(path))
+    extract(req(data), opts(tmp_path / "c", shard=(0, 2)))
+    assert hashed == []                                                # no --content-hash: nothing read
+    first = extract(req(data), opts(tmp_path / "h", shard=(0, 2), content_hash=True))
+    assert len(hashed) == 6 and first.missing_chunks == [1]            # chunks 0 and 2: 6 images
+    last = extract(req(data), opts(tmp_path / "h", shard=(1, 2), content_hash=True))
+    assert len(hashed) == 6 + 4 + 6 and last.path.exists()             # its 4, then the other shard's 6
+    with FeatureFile(single.path) as a, FeatureFile(last.path) as b:
+        assert list(a._f["hashes"].asstr()[:]) == list(b._f["hashes"].asstr()[:]) and "" not in list(b._f["hashes"].asstr()[:])

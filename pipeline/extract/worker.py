@@ -205,7 +205,11 @@ class _Extraction:
             self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "
                      f"already extracted")
         from pipeline.features.reuse import find_reuse, item_stats
-        stats = item_stats(self.listing.paths, opts.content_hash)
+        mine = None  # a shard hashes the images of its own chunks only; the one that assembles, the rest
+        if shard is not None and opts.content_hash and self.listing.paths is not None:
+            mine = np.zeros(len(self.listing.paths), bool)
+            mine[self.unit_index[in_todo]] = True
+        stats = item_stats(self.listing.paths, opts.content_hash, mine)
         if opts.reuse and todo:
             self.reuse = find_reuse(p.path, p.key_material, self.listing.ids, stats, self.unit_index, self.unit_view)
         if self.reuse is not None:
@@ -234,6 +238,9 @@ class _Extraction:
                 if not got or is_complete(p.path):
                     return ExtractResult(p.path, p.key, cache_hit=False, computed=needed, shard=shard,
                                          n_chunks=n_chunks)
+                if mine is not None:
+                    from pipeline.features.reuse import fill_hashes
+                    stats = (stats[0], stats[1], fill_hashes(stats[2], self.listing.paths, ~mine))
                 return self._assemble(chunks, stats, t0, needed, start, in_todo)
         return self._assemble(chunks, stats, t0, needed, start, in_todo)
 

@@ -56,10 +56,11 @@ class Reuse:
         return tags, feats
 
 
-def item_stats(paths: list[str] | None, content_hash: bool = False
+def item_stats(paths: list[str] | None, content_hash: bool = False, only: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """(size, mtime_ns, SHA-256 hex or None) of each file (-1 / "" where it cannot be read), or None
-    for in-memory sources. Hashing reads every file once more, on the decode threads' count."""
+    for in-memory sources. Hashing reads every file once more, on the decode threads' count; `only`
+    (a mask over `paths`) hashes just those (a shard's own images), leaving "" for the rest."""
     if paths is None:
         return None
     sizes = np.full(len(paths), -1, np.int64)
@@ -72,12 +73,20 @@ def item_stats(paths: list[str] | None, content_hash: bool = False
         sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
     hashes = None
     if content_hash:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from pipeline.data.loader import default_workers
-        with ThreadPoolExecutor(default_workers()) as pool:  # hashlib releases the GIL on large buffers
-            hashes = np.asarray(list(pool.map(_sha256, paths)), dtype=object)
+        hashes = fill_hashes(np.full(len(paths), "", dtype=object), paths,
+                             np.ones(len(paths), bool) if only is None else only)
     return sizes, mtimes, hashes
+
+
+def fill_hashes(hashes: np.ndarray, paths: list[str], mask: np.ndarray) -> np.ndarray:
+    """`hashes` with the SHA-256 of paths[i] written where mask[i] (on the decode threads' count)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.loader import default_workers
+    where = np.flatnonzero(mask)
+    with ThreadPoolExecutor(default_workers()) as pool:  # hashlib releases the GIL on large buffers
+        hashes[where] = list(pool.map(_sha256, [paths[i] for i in where]))
+    return hashes
 
 
 def _sha256(path: str) -> str:
