@@ -361,6 +361,54 @@ def test_jax_data_parallel_over_two_virtual_devices(tmp_path):
     assert out["val_n"] == 14 and out["epochs"] == 2 and len(out["val_loss"]) == 2 and out["proba_ok"]
 
 
+TF_MIRRORED = r"""
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import numpy as np
+from pipeline.data.sources import open_source
+from pipeline.extract import ExtractRequest
+from pipeline.finetune.tuner import FineTuner, _tf_strategy
+from pipeline.heads.estimators import LogisticHead
+from pipeline.backbones.model import feature_model
+from pipeline.data.decode import load_file
+from pipeline import backbones
+root, run, trunk = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+req = ExtractRequest(data=root, backbone="vgg16", weights="none", image_size=32)
+listing = open_source(req.data, req.split).listing()
+images = np.stack([load_file(p, 32) for p in listing.paths])
+feats = np.asarray(feature_model(backbones.get("vgg16"), "none", 32)(images, training=False))
+train = np.flatnonzero(np.asarray(listing.splits) == "train")
+head = LogisticHead(C=1.0).fit(feats[train], np.asarray(listing.labels)[train], class_names=listing.class_names)
+tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=5, lr=1e-4, augment=None, trunk_cache=trunk)
+result = tuner.fit(req, head, run, cache_dir=run + "-cache")
+kernel = next(v for v in tuner.model_.trainable_variables if "kernel" in v.path)
+proba = tuner.predict_proba(list(listing.paths)[:3])
+json.dump({"replicas": _tf_strategy().num_replicas_in_sync, "variable": type(kernel.value).__name__,
+           "val_n": result.metrics_after["val"]["n"], "epochs": result.epochs_run,
+           "val_loss": result.history.get("val_loss"), "proba_ok": bool(np.allclose(proba.sum(1), 1, atol=1e-4))},
+          open(run + ".json", "w"))
+"""
+
+
+@pytest.mark.parametrize("trunk", [True, False], ids=["trunk-cache", "images"])
+def test_tensorflow_mirrored_strategy_over_two_virtual_cpus(tmp_path, trunk):
+    """TensorFlow's MirroredStrategy, as on several GPUs, over 2 logical CPU devices: the variables
+    are mirrored, odd batches split across the replicas, every val image counts once."""
+    from conftest import ROOT
+
+    root = make_folder(tmp_path / "d", per_class=7)
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    run = str(tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-c", TF_MIRRORED, str(root), run, "1" if trunk else "0"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(open(run + ".json").read())
+    assert out["replicas"] == 2 and out["variable"] == "MirroredVariable", out
+    assert out["val_n"] == 14 and out["epochs"] == 2 and len(out["val_loss"]) == 2 and out["proba_ok"]
+
+
 def test_trunk_cache_trains_the_top_on_cached_maps_and_saves_an_image_model(data, tmp_path):
     """The default path: the frozen part below block5 is extracted once (clean + 2 seeded views of
     every training image) into the cache, only the top trains, on those maps, and the saved model

@@ -150,6 +150,16 @@ def pad_to_multiple(x: np.ndarray, y: np.ndarray, multiple: int) -> tuple[np.nda
     return x, y, w
 
 
+def predict_on_batch(model, x: np.ndarray) -> np.ndarray:
+    """The model's outputs for one batch. Under a TensorFlow MirroredStrategy, Keras'
+    `predict_on_batch` hands every replica the whole batch and concatenates (2 replicas: twice the
+    rows), so there the batch goes through `predict`, which splits it across the replicas."""
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is not None and strategy.num_replicas_in_sync > 1:
+        return np.asarray(model.predict(x, batch_size=len(x), verbose=0))
+    return np.asarray(model.predict_on_batch(x))
+
+
 def predict_batches(model, batches) -> tuple[np.ndarray, np.ndarray]:
     """(labels, float64 probabilities) of the model over every batch, in order (padding dropped)."""
     ys, ps = [], []
@@ -158,7 +168,7 @@ def predict_batches(model, batches) -> tuple[np.ndarray, np.ndarray]:
         if len(y):
             real = np.asarray(w[0]) > 0 if w else np.ones(len(y), bool)
             ys.append(y[real])
-            ps.append(np.asarray(model.predict_on_batch(x), np.float64)[real])
+            ps.append(np.asarray(predict_on_batch(model, x), np.float64)[real])
     if not ys:
         return np.zeros(0, np.int32), np.zeros((0, 0))
     return np.concatenate(ys), np.concatenate(ps)

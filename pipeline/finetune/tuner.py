@@ -396,9 +396,10 @@ class FineTuner:
         after a successful run (it is deleted by default; checkpoint.json stays).
     val_fraction: without a 'val' split (and no stage-2 split given to `fit`), this stratified,
         seeded share of the training images is held out for validation.
-    Data parallel: on TensorFlow with several GPUs a MirroredStrategy; on JAX with several
-        devices `keras.distribution.DataParallel` (batches padded to a multiple of the devices
-        with weight-0 rows). The PyTorch backend of Keras has no multi-device training.
+    Data parallel: on TensorFlow with several GPUs (or logical CPU devices) a MirroredStrategy; on
+        JAX with several devices `keras.distribution.DataParallel`; batches on both are padded to a
+        multiple of the replicas with weight-0 rows. The PyTorch backend of Keras has no
+        multi-device training.
     """
 
     def __init__(self, unfreeze: Sequence[str] | None = None, unfreeze_last: int | None = None,
@@ -587,7 +588,8 @@ class FineTuner:
         `cut`: train on cached trunk maps; the model to fit is then the top half (`trunk.split_at`,
         which is what checkpoints hold) and the model is trunk + top again, images in.
 
-        On TensorFlow inside a MirroredStrategy scope when several GPUs are visible; under the
+        On TensorFlow inside a MirroredStrategy scope when several GPUs (or logical CPU devices) are
+        visible (`_tf_strategy`); under the
         mixed policy (`backend.mixed_policy`: bfloat16 where the GPU does it natively, else float16
         with a loss-scaling optimizer) on a GPU, or when asked.
         """
@@ -600,9 +602,7 @@ class FineTuner:
         mixed = gpu if self.mixed_precision is None else bool(self.mixed_precision)
         scope = contextlib.nullcontext()
         if backend_name() == "tensorflow":
-            import tensorflow as tf
-            gpus = tf.config.list_physical_devices("GPU")
-            scope = (tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()).scope()
+            scope = _tf_strategy().scope()
         previous_policy = keras.mixed_precision.global_policy()
         try:
             if mixed:
@@ -693,6 +693,7 @@ class FineTuner:
         y_train = np.asarray(listing.labels)[train_idx]
         class_weights = self._class_weights(y_train, len(class_names))
         devices = _data_parallel_devices()
+        replicas = len(devices) if devices else _tf_replicas()  # batches padded to a multiple of these
         cw = None if class_weights is None else np.asarray([class_weights[c] for c in range(len(class_names))])
         initial_epoch = int(state["epoch"]) if state is not None else 0
         maps = None
@@ -705,10 +706,10 @@ class FineTuner:
                 stack.callback(maps["file"].close)
             model, fit_model, trainable = self._model(request, head, spec, lr,
                                                       run_dir / state["model"] if state else None,
-                                                      weighted=len(devices) > 1, cut=cut)
+                                                      weighted=replicas > 1, cut=cut)
             from pipeline.backend import set_random_seed
             set_random_seed(int(self.seed))
-            batches = dict(size=size, resize=request.resize, batch_size=int(self.batch_size), devices=len(devices))
+            batches = dict(size=size, resize=request.resize, batch_size=int(self.batch_size), devices=replicas)
             eval_sets = {name: make_batches(source, listing, idx, **batches)
                          for name, idx in (("val", val_idx), ("test", test_idx)) if idx.size}
             one_hot = len(class_names) if float(self.label_smoothing) else None
@@ -718,7 +719,7 @@ class FineTuner:
                                         first_epoch=initial_epoch, class_weights=cw, augment=self.augment,
                                         one_hot=one_hot, **batches)
             else:
-                common = dict(batch_size=int(self.batch_size), devices=len(devices), one_hot=one_hot)
+                common = dict(batch_size=int(self.batch_size), devices=replicas, one_hot=one_hot)
                 train_ds = map_batches(maps["data"], maps["train_rows"], maps["labels"], shuffle_seed=int(self.seed),
                                        first_epoch=initial_epoch, class_weights=cw, **common)
                 fit_val = (map_batches(maps["data"], lambda epoch: maps["val_rows"], maps["labels"], **common)
@@ -876,6 +877,7 @@ class FineTuner:
     def predict_proba(self, paths: Sequence[str], batch_size: int | None = None) -> np.ndarray:
         """Class probabilities (n, n_classes) for image files, resized as in training; rows of
         unreadable files are NaN."""
+        from pipeline.finetune.data import predict_on_batch
         from pipeline.inference.embed import image_batches
 
         if not hasattr(self, "model_"):
@@ -886,13 +888,34 @@ class FineTuner:
             return out
         for batch in image_batches(paths, self.image_size_, self.resize_, batch_size or self.batch_size):
             if batch.tags.size:
-                out[batch.tags] = np.asarray(self.model_.predict_on_batch(batch.images), np.float32)
+                out[batch.tags] = np.asarray(predict_on_batch(self.model_, batch.images), np.float32)
         return out
 
     def predict(self, paths: Sequence[str]) -> np.ndarray:
         """Most probable class index per file (-1 for unreadable files)."""
         p = self.predict_proba(paths)
         return np.where(np.isnan(p).any(axis=1), -1, np.argmax(np.nan_to_num(p, nan=-1.0), axis=1))
+
+
+def _tf_strategy():
+    """TensorFlow's strategy: a MirroredStrategy over the GPUs when there are several, or over the
+    CPU's logical devices where the user split it in two or more (as tests do); else the default."""
+    import tensorflow as tf
+
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    cpus = tf.config.list_logical_devices("CPU")
+    if not tf.config.list_physical_devices("GPU") and len(cpus) > 1:
+        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    return tf.distribute.get_strategy()
+
+
+def _tf_replicas() -> int:
+    """Replicas of TensorFlow's strategy (1 on other backends): a MirroredStrategy splits each batch
+    across them, so batches are padded to a multiple, as for JAX's devices."""
+    from pipeline.backend import name as backend_name
+
+    return _tf_strategy().num_replicas_in_sync if backend_name() == "tensorflow" else 1
 
 
 def _data_parallel_devices() -> list:
