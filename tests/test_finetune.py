@@ -452,3 +452,20 @@ def test_trunk_cache_trains_the_top_on_cached_maps_and_saves_an_image_model(data
     legacy = FineTuner(trunk_cache=False, label_smoothing=0.0, views=7)  # as checkpoints from before these options
     assert legacy._fingerprint(data.req, data.logistic, {}) == FineTuner(trunk_cache=False, label_smoothing=0.0)._fingerprint(
         data.req, data.logistic, {})
+
+
+def test_a_fine_tune_that_lowers_val_accuracy_says_so():
+    """When val accuracy drops, the result says the head-only run stays the better model (and why,
+    on small data); no note when it rises or without val."""
+    from pipeline.finetune.tuner import FinetuneResult
+
+    def note(before, after, n_train=244, n_val=153):
+        r = SimpleNamespace(metrics_before={"val": {"n": n_val, "accuracy": before}},
+                            metrics_after={"val": {"n": n_val, "accuracy": after}}, n_train=n_train)
+        return FinetuneResult.worse_note(r, "HEAD")
+
+    worse = note(0.954, 0.928)
+    assert "0.954 -> 0.928" in worse and "head run HEAD" in worse and "244 training images" in worse
+    assert "--unfreeze" in worse and "\n" not in worse
+    assert "training images" not in note(0.9, 0.8, n_train=5000)
+    assert note(0.925, 0.960) is None and note(0.9, 0.8, n_val=0) is None

@@ -109,5 +109,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         run.finish("ok")
     click.echo(f"validated on {result.n_val} images ({result.val_source}); trained on {result.n_train}")
     click.echo(format_comparison(result.comparison))
+    note = result.worse_note(parent.id)
+    if note:
+        click.echo(note, err=True)
     click.echo(f"{result.epochs_run} epoch(s) in {result.seconds:.1f}s; model {result.model_path}; run {run.id}")
     mlflow_after(log_mlflow, cache_dir, run.id, mlflow_experiment)

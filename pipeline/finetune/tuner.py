@@ -305,6 +305,18 @@ class FinetuneResult:
     def comparison(self) -> dict:
         return compare_metrics(self.metrics_before, self.metrics_after)
 
+    def worse_note(self, parent_run: str) -> str | None:
+        """One line when fine-tuning lowered val accuracy (the head-only run is then the better
+        model), with what to try; None otherwise or without val."""
+        a, b = self.metrics_before.get("val") or {}, self.metrics_after.get("val") or {}
+        if not a.get("n") or not b.get("n") or not b["accuracy"] < a["accuracy"]:
+            return None
+        small = (f" With {self.n_train} training images a head on cached features is often the best an "
+                 f"ImageNet backbone gives;" if self.n_train < 1000 else "")
+        return (f"note: fine-tuning lowered val accuracy ({a['accuracy']:.3f} -> {b['accuracy']:.3f}), so head run "
+                f"{parent_run} stays the better model.{small} try fewer unfrozen blocks (--unfreeze), "
+                f"--label-smoothing 0 or a lower --lr")
+
     def run_metrics(self) -> dict[str, Any]:
         """A metrics.json for the runs registry: `val`/`test` are the final reports (the table's
         columns), plus before/after, the comparison and the training facts."""
