@@ -36,7 +36,7 @@ def _open_cache(cache: str | None, kw: dict):
     """The feature file named by --cache (path or key prefix), else by the extract options,
     extracting first when the cache does not have it yet."""
     from pipeline.features.cache import resolve
-    from pipeline.extract import extract, plan
+    from pipeline.extract import extract, plan, release_models
     from pipeline.features.store import FeatureFile, is_complete
 
     if cache is not None:
@@ -52,6 +52,7 @@ def _open_cache(cache: str | None, kw: dict):
         click.echo("no cached features for this request yet: extracting first", err=True)
     result = extract(request, options)
     report_extraction(result)
+    release_models()  # one extraction per command: the backbone's memory goes back before the head trains
     return FeatureFile(result.path)
 
 
