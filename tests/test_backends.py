@@ -165,3 +165,32 @@ def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
     if importlib.util.find_spec("mlflow"):
         logged = cli("fit-head", *common, "--head", "dense", "--hidden", "8", "--epochs", "2", "--mlflow")
         assert "logged to MLflow run" in logged.stderr and "MLflow logging failed" not in logged.stderr
+
+
+DENSE = """
+import json, sys
+import numpy as np
+from pipeline.heads.estimators import DenseHead, _compile_settings
+rng = np.random.default_rng(0)
+centers = rng.normal(0, 5, (3, 16))
+y = np.repeat(np.arange(3), 40)
+X = (centers[y] + rng.normal(0, 0.5, (120, 16))).astype(np.float32)
+head = DenseHead(hidden=(32,), epochs=20, batch_size=16).fit(X[::2], y[::2], X[1::2], y[1::2], class_names=list("abc"))
+p = head.predict_proba(X[1::2])
+json.dump({"settings": _compile_settings(), "sums": float(np.abs(p.sum(1) - 1).max()),
+           "acc": float((p.argmax(1) == y[1::2]).mean()), "epochs": head.n_epochs_}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.parametrize("backend", PRESENT)
+def test_dense_head_trains_and_predicts_on_each_backend(backend, tmp_path):
+    """The dense head on every installed backend (PyTorch takes one step per call and returns
+    tensors that carry grad; JAX must be jitted to be fast)."""
+    out = tmp_path / "dense.json"
+    proc = subprocess.run([sys.executable, "-c", DENSE, str(out)], env=_env(backend), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["sums"] < 1e-4 and got["acc"] > 0.9 and got["epochs"] == 20
+    assert got["settings"]["steps_per_execution"] == (1 if backend == "torch" else 32)
+    assert got["settings"]["jit_compile"] == (backend == "jax")
