@@ -50,7 +50,7 @@ def cli(*args: str) -> tuple[str, float]:
     proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args, "--no-progress"], capture_output=True,
                           text=True)
     if proc.returncode:
-        sys.exit(f"cli.py {args[0]} failed: {proc.stderr.strip().splitlines()[-1]}")
+        sys.exit(f"cli.py {args[0]} failed: {(proc.stderr.strip().splitlines() or ['exit %d' % proc.returncode])[-1]}")
     return proc.stdout, time.perf_counter() - t
 
 

@@ -79,11 +79,15 @@ def test_chunks_sent_back_to_the_driver_without_a_shared_folder(data_and_referen
     assert _sees((str(probe), "token")) and not _sees((str(probe), "other")) and not _sees((str(tmp_path / "no"), "t"))
     local = _ChunkWorker(req(data).to_json(), {**opts(tmp_path / "e").__dict__, "cache_dir": str(tmp_path / "e")},
                          plan(req(data), tmp_path / "e").key, str(tmp_path), (str(tmp_path / "no"), "t"))
-    assert not local.local.exists()  # an actor never handed a chunk leaves nothing on its node
+    assert local.local.is_dir() and not any(local.local.iterdir())  # only its private, empty folder
+    assert oct(local.local.stat().st_mode & 0o777) == "0o700"
     chunks, n, payload = local.compute([1])
-    assert not local.local.exists()  # nor one after its chunk
+    assert not any(local.local.iterdir())  # no chunk data stays after its chunk
     assert chunks == [1] and n == 4 and set(payload) == {1} and payload[1][:2] == b"PK"  # an .npz (zip)
     assert not local.job.p.parts.is_relative_to(tmp_path / "e")  # computed outside the driver's cache
+    folder = local.local
+    local.close()
+    assert not folder.exists()  # removed when the driver is done with the actor
 
 
 def test_a_killed_driver_resumes(data_and_reference, local_ray, tmp_path):
@@ -134,17 +138,19 @@ def test_cli_ray_flag_and_errors(tmp_path):
 
 def test_folders_of_dead_actors_are_swept(tmp_path):
     """An actor killed mid-chunk leaves its node-local folder; the next actor on the node removes
-    folders of processes that no longer run, and nothing else."""
+    folders of this host's processes that no longer run, and nothing else."""
     import os
     import subprocess
     import sys
 
-    from pipeline.extract.distributed import _sweep_dead_actor_folders
+    from pipeline.extract.distributed import _host, _sweep_dead_actor_folders
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead = tmp_path / f"featurecache-ray-{gone.stdout.strip()}-x1"
-    alive = tmp_path / f"featurecache-ray-{os.getpid()}-x2"
-    other = tmp_path / "featurecache-ray-notapid-x3"
-    for folder in (dead, alive, other):
+    host = _host()
+    dead = tmp_path / f"featurecache-ray-{gone.stdout.strip()}-{host}-x1"
+    alive = tmp_path / f"featurecache-ray-{os.getpid()}-{host}-x2"
+    elsewhere = tmp_path / f"featurecache-ray-{gone.stdout.strip()}-otherhost-x3"  # a /tmp shared with another host
+    odd = [tmp_path / "featurecache-ray-notapid-x4", tmp_path / f"featurecache-ray-{10**30}-{host}-x5"]
+    for folder in (dead, alive, elsewhere, *odd):
         (folder / "a.parts").mkdir(parents=True)
     _sweep_dead_actor_folders(tmp_path)
-    assert not dead.exists() and alive.exists() and other.exists()
+    assert not dead.exists() and alive.exists() and elsewhere.exists() and all(f.exists() for f in odd)

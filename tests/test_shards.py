@@ -63,7 +63,8 @@ def test_shard_cli(tmp_path):
 
 def test_shards_hash_only_their_own_images(tmp_path, monkeypatch):
     """--content-hash with shards: each shard hashes the images of its own chunks (not the whole data
-    set once per shard); the shard that assembles hashes the rest, and the file holds every hash."""
+    set once per shard) and leaves a note in `.parts`; the shard that assembles takes the others'
+    notes, so every file is hashed once in all, and the file holds every hash."""
     import pipeline.features.reuse as reuse
     data = make_folder(tmp_path / "d", per_class=5, splits=())       # 10 images: chunks 0, 1, 2
     single = extract(req(data), opts(tmp_path / "one", content_hash=True))
@@ -75,6 +76,6 @@ def test_shards_hash_only_their_own_images(tmp_path, monkeypatch):
     first = extract(req(data), opts(tmp_path / "h", shard=(0, 2), content_hash=True))
     assert len(hashed) == 6 and first.missing_chunks == [1]            # chunks 0 and 2: 6 images
     last = extract(req(data), opts(tmp_path / "h", shard=(1, 2), content_hash=True))
-    assert len(hashed) == 6 + 4 + 6 and last.path.exists()             # its 4, then the other shard's 6
+    assert len(hashed) == 6 + 4 and last.path.exists()                 # its 4; the other 6 from shard 0's note
     with FeatureFile(single.path) as a, FeatureFile(last.path) as b:
         assert list(a._f["hashes"].asstr()[:]) == list(b._f["hashes"].asstr()[:]) and "" not in list(b._f["hashes"].asstr()[:])

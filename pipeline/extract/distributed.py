@@ -61,45 +61,64 @@ class _ChunkWorker:
             raise UserError(f"this node computes cache key {p.key[:16]}, the driver {key[:16]}: install the same "
                             f"versions of the tool, Keras and the backend on every node")
         self.shared = transport == "shared" or (transport == "auto" and _sees(probe))
+        self.local: Path | None = None
         if not self.shared:  # chunks go to a node-local folder, then back to the driver
             import tempfile
             _sweep_dead_actor_folders(Path(tempfile.gettempdir()))
-            self.local = Path(tempfile.mkdtemp(prefix=f"featurecache-ray-{os.getpid()}-"))
+            # mkdtemp's private (0700) folder, for this actor's lifetime; its pid and host name it
+            self.local = Path(tempfile.mkdtemp(prefix=f"featurecache-ray-{os.getpid()}-{_host()}-"))
             p = dataclasses.replace(p, path=self.local / p.path.name)
             ChunkDir(p.parts, opts.chunk_units)  # the driver's chunk size (its meta.json's)
         self.job = _Extraction(p, opts, lambda m: None)
-        if not self.shared:  # nothing is left on the node between chunks, nor by an actor never handed one
-            shutil.rmtree(self.local, ignore_errors=True)
+        if self.local is not None:  # no chunk data stays on the node between chunks
+            shutil.rmtree(self.job.p.parts, ignore_errors=True)
 
     def compute(self, todo: list[int]) -> tuple[list[int], int, dict[int, bytes] | None]:
         """(chunks, images computed, the chunk files' bytes when the driver must write them)."""
-        if self.shared:
+        if self.local is None:
             return todo, self.job.compute_chunks(todo), None
-        try:  # our own mkdtemp folder: made again by compute_chunks, removed after each chunk
+        try:  # the parts folder inside our private folder: made by compute_chunks, removed after each chunk
             n = self.job.compute_chunks(todo)
             payload = {c: (self.job.p.parts / f"chunk-{c:06d}.npz").read_bytes() for c in todo}
         finally:
-            shutil.rmtree(self.local, ignore_errors=True)
+            shutil.rmtree(self.job.p.parts, ignore_errors=True)
         return todo, n, payload
+
+    def close(self) -> None:
+        """Remove this actor's node-local folder (the driver calls it when the job is done; an actor
+        killed mid-chunk leaves it to the sweep of the next actor on its node)."""
+        if getattr(self, "local", None) is not None:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+    __del__ = close
 
     def node(self) -> str:
         import socket
         return socket.gethostname()
 
 
+def _host() -> str:
+    import re
+    import socket
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+
+
 def _sweep_dead_actor_folders(tmp: Path) -> None:
-    """Remove node-local chunk folders of actors that died mid-chunk (killed when the driver
-    finished while they computed a re-issued straggler): `featurecache-ray-<pid>-*` of no live process."""
-    for folder in tmp.glob("featurecache-ray-*-*"):
-        pid = folder.name.split("-")[2]
-        if not pid.isdigit() or not folder.is_dir() or folder.is_symlink():
-            continue
+    """Remove node-local folders of actors that died (killed when the driver finished while they
+    computed a re-issued straggler): `featurecache-ray-<pid>-<this host>-*` owned by this user whose
+    pid runs no process here. Best effort: a folder it cannot judge is left alone."""
+    host, uid = _host(), os.getuid()
+    for folder in tmp.glob("featurecache-ray-*"):
         try:
+            pid, _, rest = folder.name[len("featurecache-ray-"):].partition("-")
+            if (not pid.isdigit() or not rest.startswith(host + "-") or folder.is_symlink() or not folder.is_dir()
+                    or folder.stat().st_uid != uid):
+                continue
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # alive, another user's
-            pass
+        except Exception:  # alive (another user's, PermissionError), or a pid out of range: leave it
+            continue
 
 
 def _sees(probe: tuple[str, str] | None) -> bool:
@@ -223,6 +242,8 @@ def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | Non
                 total=len(todo), unit="chunk", desc="extract (ray)", disable=not options.progress, file=sys.stderr),
                 receive)
         finally:
+            if transport != "shared":  # idle actors remove their node-local folders; busy ones are not waited for
+                ray.wait([actor.close.remote() for actor in made], num_returns=len(made), timeout=5)
             for actor in made:  # stragglers still computing a chunk another actor finished
                 ray.kill(actor)
             Path(probe[0]).unlink(missing_ok=True)

@@ -159,7 +159,11 @@ def cached_runner(model_key: tuple, build: Callable[[], Any], size: int, batch_s
     if hit is not None and hit[0] == rkey:
         return hit[1], hit[2]
     hit = _LAST.get("model")
-    model = hit[1] if hit is not None and hit[0] == rkey[:2] else build()
+    if hit is not None and hit[0] == rkey[:2]:
+        model = hit[1]
+    else:
+        _LAST.clear()  # one model at a time: not the new one beside the old one's runner
+        model = build()
     shape = tuple(int(d) for d in model.output.shape[1:])
     _LAST["model"] = (rkey[:2], model)
     runner = make_runner(model, size, batch_size, jit, n_images)

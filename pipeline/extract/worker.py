@@ -204,12 +204,18 @@ class _Extraction:
         if done:
             self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "
                      f"already extracted")
-        from pipeline.features.reuse import find_reuse, item_stats
-        mine = None  # a shard hashes the images of its own chunks only; the one that assembles, the rest
-        if shard is not None and opts.content_hash and self.listing.paths is not None:
-            mine = np.zeros(len(self.listing.paths), bool)
-            mine[self.unit_index[in_todo]] = True
-        stats = item_stats(self.listing.paths, opts.content_hash, mine)
+        from pipeline.features.reuse import fill_hashes, find_reuse, item_stats, read_hash_notes, write_hash_note
+        stats = item_stats(self.listing.paths)
+        mine = None  # a shard hashes the images of its own chunks and leaves a note; assembly hashes the rest
+        if opts.content_hash and stats is not None:
+            hashes = read_hash_notes(p.parts, len(self.listing.paths))
+            if shard is not None:
+                mine = np.zeros(len(self.listing.paths), bool)
+                mine[self.unit_index[in_todo]] = True
+            fill_hashes(hashes, self.listing.paths, (mine if mine is not None else True) & (hashes == ""))
+            if mine is not None and mine.any():
+                write_hash_note(p.parts, f"shard{shard[0]}of{shard[1]}", hashes, mine)
+            stats = (stats[0], stats[1], hashes)
         if opts.reuse and todo:
             self.reuse = find_reuse(p.path, p.key_material, self.listing.ids, stats, self.unit_index, self.unit_view)
         if self.reuse is not None:
@@ -238,9 +244,10 @@ class _Extraction:
                 if not got or is_complete(p.path):
                     return ExtractResult(p.path, p.key, cache_hit=False, computed=needed, shard=shard,
                                          n_chunks=n_chunks)
-                if mine is not None:
-                    from pipeline.features.reuse import fill_hashes
-                    stats = (stats[0], stats[1], fill_hashes(stats[2], self.listing.paths, ~mine))
+                if mine is not None:  # the other shards' notes, then whatever no note holds
+                    hashes = read_hash_notes(p.parts, len(self.listing.paths))
+                    hashes[mine] = stats[2][mine]
+                    stats = (stats[0], stats[1], fill_hashes(hashes, self.listing.paths, hashes == ""))
                 return self._assemble(chunks, stats, t0, needed, start, in_todo)
         return self._assemble(chunks, stats, t0, needed, start, in_todo)
 
@@ -293,13 +300,10 @@ class _Extraction:
             keras.mixed_precision.set_global_policy("float32")
 
     def _model_key(self) -> tuple:
-        """What decides the feature model's graph and weights (a weights file by its size and mtime)."""
+        """What decides the feature model's graph and weights (the weights by the cache key's own
+        identity of them: a weights file by its contents)."""
         req = self.p.request
-        weights = req.weights
-        if weights not in (None, "imagenet") and Path(str(weights)).is_file():
-            st = Path(str(weights)).stat()
-            weights = (str(Path(str(weights)).resolve()), st.st_size, st.st_mtime_ns)
-        return (self.p.spec, weights, self.p.size, req.pooling, req.layer, req.precision)
+        return (self.p.spec, self.p.key_material["weights"], self.p.size, req.pooling, req.layer, req.precision)
 
     def jobs(self) -> Iterator[tuple[int, Callable[[], np.ndarray]]]:
         """(tag, job) for the units to compute, in order; augmented views wrap the clean image's job.

@@ -78,6 +78,27 @@ def item_stats(paths: list[str] | None, content_hash: bool = False, only: np.nda
     return sizes, mtimes, hashes
 
 
+def read_hash_notes(parts: Path, n: int) -> np.ndarray:
+    """SHA-256 hex per listing position that shards of this request already took ("" elsewhere),
+    from their `hashes-*.json` notes in the cache's `.parts` folder."""
+    hashes = np.full(n, "", dtype=object)
+    for note in sorted(Path(parts).glob("hashes-*.json")) if Path(parts).is_dir() else []:
+        try:
+            for index, digest in json.loads(note.read_text()).items():
+                if 0 <= int(index) < n and isinstance(digest, str) and len(digest) == 64:
+                    hashes[int(index)] = digest
+        except (OSError, ValueError, AttributeError):
+            continue  # a note that cannot be read: those files are hashed again
+    return hashes
+
+
+def write_hash_note(parts: Path, name: str, hashes: np.ndarray, mask: np.ndarray) -> None:
+    """Leave the hashes a shard took (where `mask`) for the shard or extract that assembles."""
+    from pipeline.atomic import write_text_atomic
+    write_text_atomic(Path(parts) / f"hashes-{name}.json",
+                      json.dumps({str(i): hashes[i] for i in np.flatnonzero(mask) if hashes[i]}))
+
+
 def fill_hashes(hashes: np.ndarray, paths: list[str], mask: np.ndarray) -> np.ndarray:
     """`hashes` with the SHA-256 of paths[i] written where mask[i] (on the decode threads' count)."""
     from concurrent.futures import ThreadPoolExecutor
