@@ -199,8 +199,8 @@ def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | Non
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-        if address in (None, "local"):
-            kwargs["num_cpus"] = os.cpu_count()
+        if address in (None, "local"):  # "local": a new cluster even where another runs on this machine
+            kwargs.update(address="local", num_cpus=os.cpu_count())
         else:
             kwargs["address"] = address
         env = {k: v for k, v in os.environ.items() if k in ("KERAS_BACKEND", "KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")}
