@@ -314,10 +314,11 @@ def test_a_stage2_split_that_names_missing_images_is_refused(data, tmp_path):
         FineTuner(epochs=1, augment=None).fit(data.req, data.logistic, tmp_path / "run", split=split)
 
 
-JAX_DATA_PARALLEL = r"""
+# A fine-tune on several devices in a fresh process. Each test's script is its backend's prelude
+# (device set-up, `TUNER` options, a `placement(kernel)` report) followed by this shared body.
+DATA_PARALLEL_FIT = r"""
 import json, sys
 import numpy as np
-import jax
 from pipeline.data.sources import open_source
 from pipeline.extract import ExtractRequest
 from pipeline.finetune.tuner import FineTuner
@@ -325,22 +326,28 @@ from pipeline.heads.estimators import LogisticHead
 from pipeline.backbones.model import feature_model
 from pipeline.data.decode import load_file
 from pipeline import backbones
-root, run = sys.argv[1:3]
+root, run, trunk = sys.argv[1], sys.argv[2], {"1": True, "0": False}.get(sys.argv[3])
 req = ExtractRequest(data=root, backbone="vgg16", weights="none", image_size=32)
 listing = open_source(req.data, req.split).listing()
 images = np.stack([load_file(p, 32) for p in listing.paths])
 feats = np.asarray(feature_model(backbones.get("vgg16"), "none", 32)(images, training=False))
 train = np.flatnonzero(np.asarray(listing.splits) == "train")
 head = LogisticHead(C=1.0).fit(feats[train], np.asarray(listing.labels)[train], class_names=listing.class_names)
-tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=5, lr=1e-4, augment=None, class_weight="balanced")
-result = tuner.fit(req, head, run, cache_dir=run + "-cache")  # the trunk cache path (the default)
+tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=5, lr=1e-4, augment=None, trunk_cache=trunk, **TUNER)
+result = tuner.fit(req, head, run, cache_dir=run + "-cache")
 kernel = next(v for v in tuner.model_.trainable_variables if "kernel" in v.path)
 proba = tuner.predict_proba(list(listing.paths)[:3])
-json.dump({"devices": len(jax.devices()), "placed_on": len(kernel.value.sharding.device_set),
-           "val_n": result.metrics_after["val"]["n"], "epochs": result.epochs_run,
+json.dump({**placement(kernel), "val_n": result.metrics_after["val"]["n"], "epochs": result.epochs_run,
            "val_loss": result.history.get("val_loss"), "proba_ok": bool(np.allclose(proba.sum(1), 1, atol=1e-4))},
           open(run + ".json", "w"))
 """
+
+JAX_DATA_PARALLEL = r"""
+import jax
+TUNER = {"class_weight": "balanced"}
+def placement(kernel):
+    return {"devices": len(jax.devices()), "placed_on": len(kernel.value.sharding.device_set)}
+""" + DATA_PARALLEL_FIT
 
 
 def test_jax_data_parallel_over_two_virtual_devices(tmp_path):
@@ -353,8 +360,8 @@ def test_jax_data_parallel_over_two_virtual_devices(tmp_path):
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="",
                XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     run = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-c", JAX_DATA_PARALLEL, str(root), run], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", JAX_DATA_PARALLEL, str(root), run, "auto"], env=env,
+                          capture_output=True, text=True, timeout=600)  # the trunk cache path (the default)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(open(run + ".json").read())
     assert out["devices"] == 2 and out["placed_on"] == 2
@@ -362,34 +369,14 @@ def test_jax_data_parallel_over_two_virtual_devices(tmp_path):
 
 
 TF_MIRRORED = r"""
-import json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import numpy as np
-from pipeline.data.sources import open_source
-from pipeline.extract import ExtractRequest
-from pipeline.finetune.tuner import FineTuner, _tf_strategy
-from pipeline.heads.estimators import LogisticHead
-from pipeline.backbones.model import feature_model
-from pipeline.data.decode import load_file
-from pipeline import backbones
-root, run, trunk = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-req = ExtractRequest(data=root, backbone="vgg16", weights="none", image_size=32)
-listing = open_source(req.data, req.split).listing()
-images = np.stack([load_file(p, 32) for p in listing.paths])
-feats = np.asarray(feature_model(backbones.get("vgg16"), "none", 32)(images, training=False))
-train = np.flatnonzero(np.asarray(listing.splits) == "train")
-head = LogisticHead(C=1.0).fit(feats[train], np.asarray(listing.labels)[train], class_names=listing.class_names)
-tuner = FineTuner(unfreeze=["block5"], epochs=2, batch_size=5, lr=1e-4, augment=None, trunk_cache=trunk)
-result = tuner.fit(req, head, run, cache_dir=run + "-cache")
-kernel = next(v for v in tuner.model_.trainable_variables if "kernel" in v.path)
-proba = tuner.predict_proba(list(listing.paths)[:3])
-json.dump({"replicas": _tf_strategy().num_replicas_in_sync, "variable": type(kernel.value).__name__,
-           "val_n": result.metrics_after["val"]["n"], "epochs": result.epochs_run,
-           "val_loss": result.history.get("val_loss"), "proba_ok": bool(np.allclose(proba.sum(1), 1, atol=1e-4))},
-          open(run + ".json", "w"))
-"""
+from pipeline.finetune.tuner import _tf_strategy
+TUNER = {}
+def placement(kernel):
+    return {"replicas": _tf_strategy().num_replicas_in_sync, "variable": type(kernel.value).__name__}
+""" + DATA_PARALLEL_FIT
 
 
 @pytest.mark.parametrize("trunk", [True, False], ids=["trunk-cache", "images"])

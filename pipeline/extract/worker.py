@@ -204,15 +204,14 @@ class _Extraction:
         if done:
             self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "
                      f"already extracted")
-        from pipeline.features.reuse import fill_hashes, find_reuse, item_stats, read_hash_notes, write_hash_note
+        from pipeline.features.reuse import file_hashes, find_reuse, item_stats, write_hash_note
         stats = item_stats(self.listing.paths)
         mine = None  # a shard hashes the images of its own chunks and leaves a note; assembly hashes the rest
         if opts.content_hash and stats is not None:
-            hashes = read_hash_notes(p.parts, len(self.listing.paths))
             if shard is not None:
                 mine = np.zeros(len(self.listing.paths), bool)
                 mine[self.unit_index[in_todo]] = True
-            fill_hashes(hashes, self.listing.paths, (mine if mine is not None else True) & (hashes == ""))
+            hashes = file_hashes(self.listing.paths, p.parts, mine)
             if mine is not None and mine.any():
                 write_hash_note(p.parts, f"shard{shard[0]}of{shard[1]}", hashes, mine)
             stats = (stats[0], stats[1], hashes)
@@ -244,10 +243,8 @@ class _Extraction:
                 if not got or is_complete(p.path):
                     return ExtractResult(p.path, p.key, cache_hit=False, computed=needed, shard=shard,
                                          n_chunks=n_chunks)
-                if mine is not None:  # the other shards' notes, then whatever no note holds
-                    hashes = read_hash_notes(p.parts, len(self.listing.paths))
-                    hashes[mine] = stats[2][mine]
-                    stats = (stats[0], stats[1], fill_hashes(hashes, self.listing.paths, hashes == ""))
+                if mine is not None:  # every image's: the shards' notes (ours too), then what none holds
+                    stats = (stats[0], stats[1], file_hashes(self.listing.paths, p.parts))
                 return self._assemble(chunks, stats, t0, needed, start, in_todo)
         return self._assemble(chunks, stats, t0, needed, start, in_todo)
 

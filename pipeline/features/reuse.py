@@ -56,11 +56,9 @@ class Reuse:
         return tags, feats
 
 
-def item_stats(paths: list[str] | None, content_hash: bool = False, only: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """(size, mtime_ns, SHA-256 hex or None) of each file (-1 / "" where it cannot be read), or None
-    for in-memory sources. Hashing reads every file once more, on the decode threads' count; `only`
-    (a mask over `paths`) hashes just those (a shard's own images), leaving "" for the rest."""
+def item_stats(paths: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """(size, mtime_ns, None) of each file (-1 where it cannot be read), or None for in-memory
+    sources; with --content-hash the third slot is filled by `file_hashes`."""
     if paths is None:
         return None
     sizes = np.full(len(paths), -1, np.int64)
@@ -71,11 +69,14 @@ def item_stats(paths: list[str] | None, content_hash: bool = False, only: np.nda
         except OSError:
             continue
         sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
-    hashes = None
-    if content_hash:
-        hashes = fill_hashes(np.full(len(paths), "", dtype=object), paths,
-                             np.ones(len(paths), bool) if only is None else only)
-    return sizes, mtimes, hashes
+    return sizes, mtimes, None
+
+
+def file_hashes(paths: list[str], parts: Path, want: np.ndarray | None = None) -> np.ndarray:
+    """SHA-256 hex of the files where `want` (None: all): from the notes shards left in `parts`
+    where they hold it, else read now; "" where neither (outside `want`, or unreadable)."""
+    hashes = read_hash_notes(parts, len(paths))
+    return fill_hashes(hashes, paths, (True if want is None else want) & (hashes == ""))
 
 
 def read_hash_notes(parts: Path, n: int) -> np.ndarray:

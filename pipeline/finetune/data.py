@@ -48,9 +48,7 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
             self.epoch = first_epoch
 
         def order(self, epoch: int) -> np.ndarray:
-            if shuffle_seed is None:
-                return indices
-            return np.random.default_rng([int(shuffle_seed), int(epoch)]).permutation(indices)
+            return epoch_order(indices, shuffle_seed, epoch)
 
         def __len__(self) -> int:
             return -(-indices.size // batch_size)
@@ -100,10 +98,7 @@ def map_batches(data, rows_for_epoch, labels: np.ndarray, batch_size: int, shuff
             self.epoch = first_epoch
 
         def order(self, epoch: int) -> np.ndarray:
-            rows = np.asarray(rows_for_epoch(epoch), np.int64)
-            if shuffle_seed is None:
-                return rows
-            return np.random.default_rng([int(shuffle_seed), int(epoch)]).permutation(rows)
+            return epoch_order(np.asarray(rows_for_epoch(epoch), np.int64), shuffle_seed, epoch)
 
         def __len__(self) -> int:
             return -(-len(rows_for_epoch(self.epoch)) // batch_size)
@@ -122,6 +117,14 @@ def map_batches(data, rows_for_epoch, labels: np.ndarray, batch_size: int, shuff
             self.epoch += 1
 
     return _Maps()
+
+
+def epoch_order(rows: np.ndarray, shuffle_seed: int | None, epoch: int) -> np.ndarray:
+    """`rows` in epoch `epoch`'s order: shuffled by (seed, epoch), so a resumed run sees the order an
+    uninterrupted one would; unshuffled without a seed."""
+    if shuffle_seed is None:
+        return rows
+    return np.random.default_rng([int(shuffle_seed), int(epoch)]).permutation(rows)
 
 
 def finish_batch(x: np.ndarray, y: np.ndarray, devices: int, class_weights: np.ndarray | None,

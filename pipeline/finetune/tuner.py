@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -691,8 +692,8 @@ class FineTuner:
         if self.early_stopping is not None and val_idx.size == 0:
             raise UserError("early stopping watches the validation loss, but there are no validation images")
 
-        trunk = self._plan_trunk(request, spec, size, len(listing.ids),
-                                 Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE, say)
+        cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
+        trunk = self._plan_trunk(request, spec, size, len(listing.ids), cache_dir, say)
         fingerprint = self._fingerprint(request, head, parts)
         state = self._resume_state(run_dir, resume, fingerprint, say)
         cut = trunk[0] if trunk else None
@@ -710,8 +711,7 @@ class FineTuner:
         initial_epoch = int(state["epoch"]) if state is not None else 0
         maps = None
         if trunk is not None:
-            maps = self._trunk_maps(trunk[1], listing, parts, Path(cache_dir) if cache_dir else DEFAULT_CACHE,
-                                    progress, say)
+            maps = self._trunk_maps(trunk[1], listing, parts, cache_dir, progress, say)
             train_idx = parts["train"] = maps.pop("train_idx")
         with contextlib.ExitStack() as stack, _distribution(devices):
             if maps is not None:
@@ -914,12 +914,22 @@ def _tf_strategy():
     CPU's logical devices where the user split it in two or more (as tests do); else the default."""
     import tensorflow as tf
 
+    mirrored = _tf_mirrored()
+    return mirrored if mirrored is not None else tf.distribute.get_strategy()
+
+
+@functools.lru_cache(maxsize=1)
+def _tf_mirrored():
+    """The MirroredStrategy `_tf_strategy` uses (None: one device), made once per process: the devices
+    cannot change once TensorFlow has started."""
+    import tensorflow as tf
+
     if len(tf.config.list_physical_devices("GPU")) > 1:
         return tf.distribute.MirroredStrategy()
     cpus = tf.config.list_logical_devices("CPU")
     if not tf.config.list_physical_devices("GPU") and len(cpus) > 1:
         return tf.distribute.MirroredStrategy([d.name for d in cpus])
-    return tf.distribute.get_strategy()
+    return None
 
 
 def _tf_replicas() -> int:
