@@ -146,6 +146,28 @@ def test_unexpected_errors_are_one_line_unless_debug(debug):
         assert proc.stderr.strip() == "error: RuntimeError: kaput second line (run with --debug for the traceback)"
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["extract", "--pooling", "foo"], "Invalid value for '--pooling'"),
+    (["extrac"], "No such command 'extrac'"),
+    (["fit-head", "--head", "dense", "--dropout", "2"], "Invalid value for '--dropout'"),
+    (["runs", "--stage", "nope"], "Invalid value for '--stage'"),
+])
+def test_usage_errors_are_one_line(args, fragment):
+    line = _one_line_error(_no_tty_cli(*args), fragment)
+    assert "-h')" in line  # says where the help is
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--C", "abc"], "--C must be 'auto' or a positive number"),
+    (["--head", "dense", "--optimizer", "adam", "--lr-schedule", "exponential", "--exp-decay", "-1"], "decay"),
+])
+def test_fit_head_checks_its_options_before_extracting(tmp_path, args, fragment):
+    data = make_folder(tmp_path / "data", per_class=2)
+    cache = tmp_path / "cache"
+    _one_line_error(_no_tty_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, *args), fragment)
+    assert not list(cache.rglob("*.h5")), "extracted before rejecting the head's options"
+
+
 # ----------------------------------------------------------------------- 2. heads load without code
 class _Evil:
     """Unpickling this creates a file: stands in for code a crafted pickle would run."""

@@ -125,11 +125,11 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
         "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
         "head_batch_size", "early_stopping", "seed", "memory_budget")}
+    estimator = _make_head(head, head_opts).check_params()  # a bad option fails before any extraction
     ff = _open_cache(cache, kw)
     with ff:
         from pipeline.heads.training import check_finite
         check_finite(ff)
-        estimator = _make_head(head, head_opts)
         if sweep:
             run_id = _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
             mlflow_after(log_mlflow, ff.path.parent.parent, run_id, mlflow_experiment)

@@ -202,6 +202,10 @@ class _Head(ClassifierMixin, BaseEstimator):
 
     kind = "head"
 
+    def check_params(self) -> "_Head":
+        """Raise UserError for a bad parameter now, before any work (fit checks them again)."""
+        return self
+
     def _set_meta(self, X: Any, y: np.ndarray, class_names: Sequence[str] | None,
                   cache_key: str | None, feature_info: Mapping[str, Any] | None) -> int:
         y = np.asarray(y)
@@ -388,6 +392,11 @@ class LogisticHead(_Head):
         if not budget > 0:
             raise UserError(f"the memory budget must be a positive number of MB, not {self.memory_budget_mb!r}")
         return budget
+
+    def check_params(self) -> "LogisticHead":
+        self._given_C()
+        self.budget_mb()
+        return self
 
     def _given_C(self) -> float | None:
         """The fixed C, or None for 'auto'; UserError for anything else."""
@@ -684,6 +693,11 @@ class DenseHead(_Head):
         return make_schedule(self.lr_schedule, self.lr, self.epochs, lr_start=self.lr_start, lr_max=self.lr_max,
                              lr_min=self.lr_min, rampup_epochs=self.rampup_epochs,
                              sustain_epochs=self.sustain_epochs, exp_decay=self.exp_decay)
+
+    def check_params(self) -> "DenseHead":
+        self._validate()
+        self.schedule()
+        return self
 
     def _validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
