@@ -128,7 +128,7 @@ def bench_extract(args, files, tmp: Path) -> tuple[float, object]:
     for k, (p, c) in enumerate(files):
         link = tree / c / f"{k:07d}_{Path(p).name}"
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(p)
+        link.symlink_to(Path(p).resolve())  # a relative --data must not leave dangling links
     build_s = {"t": 0.0}
     orig = _Extraction._model
 

@@ -45,6 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=1, help="timed epochs after the warm-up one")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--augment", action="store_true", help="augment in our input path (keras.io side: none)")
+    ap.add_argument("--precision", choices=("auto", "float32", "mixed"), default="auto",
+                    help="mixed: bfloat16 where the GPU does it natively (float16 elsewhere); auto: mixed on a GPU, "
+                         "as `finetune` does (default)")
+    ap.add_argument("--repeat-files", type=int, default=1,
+                    help="list every photo this many times (a large epoch from a few hundred photos)")
     return ap.parse_args(argv)
 
 
@@ -64,18 +69,32 @@ def main(argv=None) -> None:
     from pipeline.data.sources import open_source
     from pipeline.extract import ExtractRequest
     from pipeline.finetune.data import make_batches
-    from pipeline.finetune.tuner import backbone_blocks, build_finetune_model, set_trainable
+    from pipeline.finetune.tuner import build_finetune_model, set_trainable
     from pipeline.heads.estimators import LogisticHead
 
     train_dir = Path(args.data) / "train"
     if not train_dir.is_dir():
         sys.exit(f"no image folder at {train_dir}; pass --data")
+    from pipeline.backend import accelerator, mixed_policy
+
     files = sorted(p for p in train_dir.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    files = files * max(1, args.repeat_files)
     files = files[:: max(1, len(files) // args.images)][: args.images]
     classes = sorted({p.parent.name for p in files})
-    print(f"Keras backend {keras.backend.backend()}; cpus {os.cpu_count()}; {len(files)} photos from {args.data}, "
-          f"batch {args.batch_size}, size {args.size}, {args.epochs} timed epoch(s) after one warm-up")
+    mixed = args.precision == "mixed" or (args.precision == "auto" and accelerator() == "gpu")
+    if mixed:
+        keras.mixed_precision.set_global_policy(mixed_policy())
+    print(f"Keras backend {keras.backend.backend()} on {accelerator() or 'cpu'}; cpus {os.cpu_count()}; {len(files)} photos "
+          f"from {args.data} ({args.repeat_files}x listed), batch {args.batch_size}, size {args.size}, "
+          f"policy {keras.mixed_precision.global_policy().name}, {args.epochs} timed epoch(s) after one warm-up")
     with tempfile.TemporaryDirectory() as tmp:
+        linked = []  # links beside the manifest (it refuses paths outside its folder), one name per listing
+        for k, p in enumerate(files):
+            link = Path(tmp, "files", p.parent.name, f"{k:07d}_{p.name}")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(p.resolve())
+            linked.append(link)
+        files = linked
         manifest = Path(tmp) / "subset.csv"
         with open(manifest, "w", newline="") as fh:
             csv.writer(fh).writerows([str(p), p.parent.name, "train"] for p in files)
@@ -89,7 +108,8 @@ def main(argv=None) -> None:
 
             def model_for(dtype_in: str):
                 probe = build_finetune_model(req, _dummy_head(LogisticHead, spec, req, classes, labels))
-                top = list(backbone_blocks(probe, spec))[:1]
+                names = [layer.name for layer in probe.get_layer("backbone").layers]
+                top = list(bb.block_spans(spec, names))[:1]  # the topmost block
                 set_trainable(probe, spec, top)
                 if dtype_in == "float32":  # keras.io feeds float images: same graph, float input
                     inp = keras.Input((args.size, args.size, 3), dtype="float32")
