@@ -30,8 +30,12 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert fit.returncode == 0, fit.stderr
     head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
 
-    bad = run_cli("finetune", "--run", head_run, "--unfreeze", "block9", "--cache-dir", cache)
+    runs_before = sorted(p.name for p in (Path(cache) / "runs").iterdir())
+    bad = run_cli("finetune", "--run", head_run, "--unfreeze", "block5", "--unfreeze", "block9", "--cache-dir", cache)
     assert bad.returncode == 2 and "block5" in bad.stderr and "Traceback" not in bad.stderr
+    # refused before the trunk cache was made or a run recorded
+    assert sorted(p.name for p in (Path(cache) / "runs").iterdir()) == runs_before
+    assert not list((Path(cache) / "features").glob("*-block4_pool-*"))
 
     ft = run_cli("finetune", "--run", head_run, "--unfreeze", "block5", "--epochs", "2", "--batch-size", "8",
                  "--augment", "flip,rotation=0.05", "--views", "1", "--cache-dir", cache, *_mlflow_args())
@@ -69,6 +73,8 @@ def test_finetune_cli_end_to_end(tmp_path):
 
     done = run_cli("finetune", "--resume", ft_run, "--cache-dir", cache)
     assert done.returncode == 2 and "already finished" in done.stderr
+    ignored = run_cli("finetune", "--resume", ft_run, "--epochs", "3", "--lr", "0.1", "--cache-dir", cache)
+    assert ignored.returncode == 2 and "leave out --lr, --epochs" in ignored.stderr, ignored.stderr
 
 
 def test_finetune_killed_then_resumed(tmp_path):

@@ -464,3 +464,21 @@ def test_property_junk_input_gives_exit_0_or_2_and_removes_nothing_outside(tmp_p
             assert sum(l.startswith("error:") for l in proc.stderr.splitlines()) == 1, proc.stderr
         assert before <= outside_cache(), data_arg
         assert sorted(p.name for p in (sibling / "inner").iterdir()) == ["keep0.txt", "keep1.txt", "keep2.txt"]
+
+
+def test_predict_refuses_an_empty_image_argument_and_a_folder_for_csv(tmp_path):
+    empty = _no_tty_cli("predict", "--backbone", "mobilenetv2", "--weights", "none", "")
+    _one_line_error(empty, "an image argument is empty")
+    image = make_folder(tmp_path / "d", per_class=1) / "train" / "ants" / "img_000.jpg"
+    folder_csv = _no_tty_cli("predict", "--run", "nosuch", str(image), "--csv", str(tmp_path))
+    _one_line_error(folder_csv, "is a folder; give a file name")  # before the run is even looked up
+    under_file = _no_tty_cli("runs", "compare", "a", "b", "--out", str(image / "x.png"))
+    _one_line_error(under_file, "is a file, not a folder")
+
+
+def test_output_of_a_closed_pipe_is_no_error(tmp_path):
+    """`cli.py backbones | head -1`: the reader leaves early; no `error: BrokenPipeError` line."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(f"'{sys.executable}' '{ROOT / 'cli.py'}' backbones --layers efficientnet_lite0 | true",
+                          shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert "error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -73,3 +73,31 @@ def test_mixed_precision_is_its_own_cache_entry(tiny_split_folder, tmp_path):
         np.testing.assert_allclose(b.load(), a.load(), rtol=0.05, atol=0.02)
     import keras
     assert keras.mixed_precision.global_policy().name == "float32"  # the policy is restored
+
+
+@pytest.mark.parametrize("splits, suggested", [
+    (("train", "validation"), "--split-names train,validation,test"),  # validation images were dropped
+    (("training", "validation"), "--split-names training,validation,test"),  # these became two classes
+    (("Train", "Val"), "--split-names Train,Val,test"),
+])
+def test_split_folders_under_other_names_are_refused_with_the_fix(tmp_path, splits, suggested):
+    from conftest import make_folder
+    from pipeline.data.sources import SplitConfig, open_source
+
+    root = make_folder(tmp_path / "d", per_class=2, splits=splits)
+    with pytest.raises(UserError, match=suggested):
+        open_source(str(root)).listing()
+    names = suggested.split()[-1].split(",")
+    listing = open_source(str(root), SplitConfig(folder_names=tuple(names))).listing()
+    assert listing.class_names == ["ants", "bees"] and set(listing.splits) == {"train", "val"}
+
+
+def test_other_folders_beside_split_folders_are_named_in_a_warning(tmp_path):
+    from conftest import make_folder
+    from pipeline.data.sources import open_source
+    from pipeline.errors import DataWarning
+
+    root = make_folder(tmp_path / "d", per_class=2, splits=("train", "val", "extra"))
+    with pytest.warns(DataWarning, match="ignoring folder.s. extra"):
+        listing = open_source(str(root)).listing()
+    assert set(listing.splits) == {"train", "val"} and len(listing) == 8

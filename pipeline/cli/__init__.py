@@ -39,6 +39,26 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
     return bool(ctx is not None and ctx.find_root().params.get("debug"))
 
 
+_RESUME_HINT = {  # what Ctrl-C leaves, per command
+    "extract": "finished chunks are kept; run the same command again to resume",
+    "fit-head": "finished extraction chunks are kept; run the same command again to resume",
+    "finetune": "the last finished epoch is checkpointed; `cli.py runs --stage finetune` shows the run, "
+                "`cli.py finetune --resume ID` continues it",
+}
+
+
+def check_output_file(path, option: str) -> None:
+    """Refuse an output file path that cannot be written (a folder, or under a file) before any work."""
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is a file, not a folder")
+
+
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
@@ -73,8 +93,15 @@ class _Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished chunks are kept; run the same command again to resume", err=True)
+            click.echo(f"interrupted: {_RESUME_HINT.get(ctx.invoked_subcommand or '', 'stopped; run the command again')}",
+                       err=True)
             sys.exit(130)
+        except BrokenPipeError:  # e.g. `cli.py runs | head -1`: the reader has gone, which is no error
+            try:
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - flushing the dead pipe at exit must not fail
+            except OSError:
+                pass
+            sys.exit(0)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback

@@ -255,6 +255,11 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
     """
     import json
 
+    from pipeline.cli import check_output_file
+
+    if out is not None:
+        check_output_file(out, "--out")
+
     from rich.console import Console
 
     from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from pipeline.backend import BACKENDS, select as select_backend
-from pipeline.cli import cli
+from pipeline.cli import check_output_file, cli
 from pipeline.cli.extract_cmds import skipped_message
 from pipeline.cli.head_cmds import predict_with_run, print_predictions, trust_pickle_option
 from pipeline.inference.embed import image_paths, imagenet_top_k
@@ -38,6 +38,8 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
     """
     if sum(x is not None for x in (run_id, model_file, backbone)) > 1:
         raise click.UsageError("give one of --run, --model and --backbone")
+    if csv_out is not None:
+        check_output_file(csv_out, "--csv")
     select_backend(backend)
     paths = image_paths(images)
     if model_file is not None:

@@ -24,6 +24,10 @@ from pipeline.data.decode import IMAGE_SUFFIXES, claimed_format
 from pipeline.errors import DataWarning, UserError
 
 SPLITS = ("train", "val", "test")
+# Folder names (lower case) that users give splits; one not in --split-names is refused, not taken for a class.
+_SPLIT_ALIASES = {"train": "train", "training": "train", "trn": "train",
+                  "val": "val", "valid": "val", "validation": "val", "dev": "val",
+                  "test": "test", "testing": "test", "tst": "test"}
 BUILTIN_DEFAULT = "builtin:digits"
 # Folders and files that tools and operating systems leave beside images; never data.
 HIDDEN_NAMES = frozenset({"@eaDir", "__MACOSX", ".ipynb_checkpoints", "Thumbs.db", ".DS_Store"})
@@ -210,10 +214,29 @@ class FolderSource(FileSource):
             raise UserError(f"data folder not found: {self.root} (give an image folder, a CSV manifest, "
                             f"tfds:NAME or {BUILTIN_DEFAULT})")
 
+    def _check_split_names(self, subdirs: list[Path], split_dirs: list[Path]) -> None:
+        """Folders that look like splits but are not named by --split-names would silently become classes
+        (or be ignored beside real split folders): refuse them, saying which --split-names reads them."""
+        lookalike = [d for d in subdirs if d not in split_dirs and d.name.lower() in _SPLIT_ALIASES]
+        if lookalike and tuple(self.split.folder_names) == SPLITS:  # names given on purpose are taken as given
+            names = dict(zip(SPLITS, self.split.folder_names))
+            for d in subdirs:
+                if d.name.lower() in _SPLIT_ALIASES:
+                    names[_SPLIT_ALIASES[d.name.lower()]] = d.name
+            raise UserError(f"{self.root} has folder(s) {', '.join(d.name for d in lookalike)} that look like "
+                            f"splits but --split-names is {','.join(self.split.folder_names)}; pass --split-names "
+                            f"{','.join(names[r] for r in SPLITS)} (the train,val,test folder names; any other names if these "
+                            f"are classes)")
+        others = [d.name for d in subdirs if d not in split_dirs]
+        if split_dirs and others:
+            warnings.warn(f"{self.root}: ignoring folder(s) {', '.join(others)}: only the split folders "
+                          f"{', '.join(self.split.folder_names)} are read", DataWarning, stacklevel=3)
+
     def _list(self) -> Listing:
         subdirs = sorted(p for p in self.root.iterdir() if p.is_dir() and not is_hidden(p.name))
         role_of = {name: role for name, role in zip(self.split.folder_names, SPLITS)}
         split_dirs = [d for d in subdirs if d.name in role_of]
+        self._check_split_names(subdirs, split_dirs)
         if split_dirs:
             groups = [(role_of[d.name], d) for d in split_dirs]
         else:

@@ -18,6 +18,8 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
     exactly as `extract` does."""
     out: list[str] = []
     for item in inputs:
+        if not str(item).strip():  # an unset $DIR would otherwise read the whole working folder
+            raise UserError("an image argument is empty; give image files or folders")
         p = Path(item).expanduser()
         if p.is_dir():
             out += sorted(str(f) for f in p.rglob("*") if f.is_file() and not is_hidden(f.relative_to(p)))
