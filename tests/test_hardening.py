@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_folder, run_cli
+from pipeline.errors import UserError
 from helpers_features import write_cache
 
 FAST = ["--backbone", "mobilenetv2", "--image-size", "32", "--weights", "none", "--dtype", "float32", "--no-progress"]
@@ -482,3 +484,34 @@ def test_output_of_a_closed_pipe_is_no_error(tmp_path):
     proc = subprocess.run(f"'{sys.executable}' '{ROOT / 'cli.py'}' backbones --layers efficientnet_lite0 | true",
                           shell=True, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert "error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_extract_of_nothing_readable_names_an_example_and_its_reason(tmp_path):
+    for cls in ("ants", "bees"):
+        folder = tmp_path / "d" / "train" / cls
+        folder.mkdir(parents=True)
+        (folder / "a.jpg").write_text("not a picture")
+    proc = _no_tty_cli("extract", "--data", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"), *FAST)
+    line = _one_line_error(proc, "no image could be read (2 listed)")
+    assert "a.jpg: " in line, line  # the reason, since nothing else was printed
+
+
+def test_fit_head_refuses_one_class_before_extracting(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=3, classes=("ants",))
+    cache = tmp_path / "c"
+    _one_line_error(_no_tty_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST),
+                    "needs at least two classes with training images")
+    assert not list(cache.rglob("*.h5")), "extracted before refusing"
+
+
+@pytest.mark.parametrize("name, lr, params, fragment", [
+    ("constant", float("inf"), {}, "lr (--lr) must be a positive number"),
+    ("exponential", 1e-3, {"lr_max": 0.0}, "lr_max (--lr-max) must be a positive number"),
+    ("exponential", 1e-3, {"lr_start": -1.0}, "lr_start (--lr-start) must be a non-negative number"),
+    ("cosine", 1e-3, {"lr_min": 1.0}, "lr_min (--lr-min, 1.0) must not exceed lr_max"),
+])
+def test_schedule_errors_name_the_option(name, lr, params, fragment):
+    from pipeline.heads.schedules import make_schedule
+
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        make_schedule(name, lr, 10, **params)

@@ -49,11 +49,30 @@ def _open_cache(cache: str | None, kw: dict):
         return FeatureFile(paths[0])
     request, options = build_request(kw)
     if not is_complete(plan(request, options.cache_dir).path):
+        _check_two_classes(request)
         click.echo("no cached features for this request yet: extracting first", err=True)
     result = extract(request, options)
     report_extraction(result)
     release_models()  # one extraction per command: the backbone's memory goes back before the head trains
     return FeatureFile(result.path)
+
+
+def _check_two_classes(request) -> None:
+    """Image files of one training class cannot make a head: say so before extracting them all."""
+    import numpy as np
+
+    from pipeline.data.sources import FileSource, open_source
+
+    source = open_source(request.data, request.split)
+    if not isinstance(source, FileSource):  # tfds and built-ins: listing may mean preparing the data set
+        return
+    listing = source.listing()
+    labels = np.asarray(listing.labels)[(np.asarray(listing.splits, dtype=object) == "train")
+                                        & (np.asarray(listing.labels) >= 0)]
+    if np.unique(labels).size < 2:
+        name = listing.class_names[int(labels[0])] if labels.size else "none"
+        raise UserError(f"fit-head needs at least two classes with training images, but {request.data} has "
+                        f"one ({name!r}); add a folder per class")
 
 
 def _make_head(head: str, opts: dict):

@@ -106,14 +106,19 @@ def assemble(
     numbers = chunks.done()
     n_rows = 0
     feat_shape: tuple[int, ...] | None = None
+    first_skip: tuple[int, str] | None = None
     for n in numbers:
         with np.load(chunks.path / f"chunk-{n:06d}.npz") as z:
             n_rows += z["index"].shape[0]
             if feat_shape is None and z["features"].shape[0]:
                 feat_shape = tuple(z["features"].shape[1:])
+            if first_skip is None and len(z["skipped_index"]):
+                first_skip = (int(z["skipped_index"][0]), str(z["skipped_reason"][0]))
     if feat_shape is None:
-        raise DegenerateFeatures("no image could be read, so there is nothing to store; check the data path "
-                                 "(the skipped files and reasons were printed above)")
+        example = (f"; e.g. {items.ids[first_skip[0]]}: {first_skip[1]}" if first_skip is not None
+                   and first_skip[0] < len(items.ids) else "")
+        raise DegenerateFeatures(f"no image could be read ({len(items.ids)} listed), so there is nothing to store; "
+                                 f"check the data path{example}")
     row_bytes = int(np.prod(feat_shape)) * np.dtype(dtype).itemsize
     chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(row_bytes, 1)))
     comp = {"gzip": dict(compression="gzip", compression_opts=4), "lzf": dict(compression="lzf")}

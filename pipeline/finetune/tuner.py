@@ -488,7 +488,7 @@ class FineTuner:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise UserError("epochs and batch_size must be 1 or more")
-        if self.lr is not None and not float(self.lr) > 0:
+        if self.lr is not None and not 0 < float(self.lr) < float("inf"):
             raise UserError(f"the learning rate must be positive, not {self.lr}")
         if not 0 <= float(self.label_smoothing) < 1:
             raise UserError(f"label_smoothing must be in [0, 1), not {self.label_smoothing}")

@@ -69,18 +69,22 @@ def make_schedule(name: str, lr: float, epochs: int, **params: Any) -> Callable[
     if unknown:
         raise UserError(f"schedule {name!r} takes no parameter {', '.join(unknown)}; "
                         f"it takes {', '.join(allowed) or 'none'}")
-    if not lr > 0:
-        raise UserError(f"the learning rate must be positive, not {lr}")
+    if not 0 < lr < float("inf"):
+        raise UserError(f"the learning rate lr (--lr) must be a positive number, not {lr}")
     p = {**allowed, **{k: v for k, v in params.items() if v is not None and k in allowed}}
-    lr_max = float(p.get("lr_max") or lr)
+    lr_max = float(lr if p.get("lr_max") is None else p["lr_max"])
     lr_start = float(lr_max / 10 if p.get("lr_start") is None else p["lr_start"])
     lr_min = float(lr_max / 100 if p.get("lr_min") is None else p["lr_min"])
     ramp, sustain = int(p.get("rampup_epochs", 0)), int(p.get("sustain_epochs", 0))
     decay = float(p.get("exp_decay", 0.8))
     if ramp < 0 or sustain < 0:
-        raise UserError("rampup_epochs and sustain_epochs must be >= 0")
+        raise UserError("rampup_epochs and sustain_epochs (--rampup-epochs, --sustain-epochs) must be 0 or more")
     if not 0 < decay <= 1:
-        raise UserError(f"exp_decay must be in (0, 1], not {decay}")
-    if lr_min > lr_max or lr_start < 0:
-        raise UserError(f"need 0 <= lr_start and lr_min <= lr_max (got lr_min={lr_min}, lr_max={lr_max})")
+        raise UserError(f"exp_decay (--exp-decay) must be in (0, 1], not {decay}")
+    for param, value in (("lr_max", lr_max), ("lr_start", lr_start), ("lr_min", lr_min)):
+        if not 0 <= value < float("inf") or (param == "lr_max" and value == 0):
+            raise UserError(f"{param} (--{param.replace('_', '-')}) must be a "
+                            f"{'positive' if param == 'lr_max' else 'non-negative'} number, not {value}")
+    if lr_min > lr_max:
+        raise UserError(f"lr_min (--lr-min, {lr_min}) must not exceed lr_max (--lr-max, {lr_max})")
     return Schedule(name, lr_start, lr_max, lr_min, ramp, sustain, decay, max(1, int(epochs)))
