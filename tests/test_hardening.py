@@ -515,3 +515,14 @@ def test_schedule_errors_name_the_option(name, lr, params, fragment):
 
     with pytest.raises(UserError, match=re.escape(fragment)):
         make_schedule(name, lr, 10, **params)
+
+
+def test_empty_listings_name_the_folder_and_cache_refuses_feature_options(tmp_path):
+    typo = tmp_path / "chache"
+    runs = _no_tty_cli("runs", "--cache-dir", str(typo))
+    assert runs.returncode == 0 and f"no runs recorded yet in {typo}" in runs.stdout, runs.stdout + runs.stderr
+    ls = _no_tty_cli("cache", "ls", "--cache-dir", str(typo))
+    assert ls.returncode == 0 and f"no cache entries in {typo}" in ls.stdout, ls.stdout + ls.stderr
+    cache = write_cache(tmp_path / "c", n_images=40, dim=4, n_classes=2)
+    mixed = _no_tty_cli("fit-head", "--cache", str(cache), "--backbone", "resnet50", "--cache-dir", str(tmp_path / "c"))
+    _one_line_error(mixed, "so --backbone would be ignored")

@@ -31,8 +31,12 @@ def cache_ls(cache_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    entries = find_entries(cache_dir)
+    if not entries:
+        click.echo(f"no cache entries in {Path(cache_dir).expanduser().resolve()}")
+        return
     table = Table("key", "backbone", "size", "pooling/layer", "rows", "MB", "data", "state", box=None)
-    for e in find_entries(cache_dir):
+    for e in entries:
         table.add_row(e.key[:16], e.backbone, str(e.image_size), e.pooling, str(e.rows),
                       f"{e.megabytes:.1f}", e.data, e.state)
     Console(width=160).print(table)

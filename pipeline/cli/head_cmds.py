@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import report_extraction, skipped_message
@@ -18,6 +19,11 @@ trust_pickle_option = click.option(
     "--trust-pickle", is_flag=True,
     help="Also load an old pickled head.joblib (from an older version); unpickling can run code, so only "
          "for runs you trust.")
+
+
+# extract options that decide which features a request reads (with --cache they would be ignored)
+_FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pooling", "layer", "dtype", "precision",
+                    "augment_copies", "augment_seed", "augment_ops", "split_names", "test_fraction", "split_seed"}
 
 
 def _float_or_auto(value: str) -> float | str:
@@ -144,6 +150,13 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
         "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
         "head_batch_size", "early_stopping", "seed", "memory_budget")}
+    if cache is not None:  # features named by --cache: extract options would be silently ignored
+        ctx = click.get_current_context()
+        given = [p.opts[0] for p in ctx.command.params if p.name in _FEATURE_OPTIONS
+                 and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        if given:
+            raise UserError(f"--cache names the features already, so {', '.join(given)} would be ignored; "
+                            f"leave them out, or leave out --cache to extract with them")
     estimator = _make_head(head, head_opts).check_params()  # a bad option fails before any extraction
     ff = _open_cache(cache, kw)
     with ff:
@@ -217,7 +230,8 @@ def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], 
     registry = Registry(cache_dir)
     records = registry.list(stage=stage, filters=parsed, sort=sort, descending=not asc)
     if not records:
-        click.echo("no runs recorded yet" + (" matching those filters" if stage or filters else ""))
+        click.echo("no runs recorded yet" + (" matching those filters" if stage or filters else "")
+                   + f" in {Path(cache_dir).expanduser().resolve()}")
         return
     Console(width=160).print(registry.table(records))
 
