@@ -526,3 +526,23 @@ def test_empty_listings_name_the_folder_and_cache_refuses_feature_options(tmp_pa
     cache = write_cache(tmp_path / "c", n_images=40, dim=4, n_classes=2)
     mixed = _no_tty_cli("fit-head", "--cache", str(cache), "--backbone", "resnet50", "--cache-dir", str(tmp_path / "c"))
     _one_line_error(mixed, "so --backbone would be ignored")
+
+
+def test_a_fit_head_run_outlives_its_cache_file(tmp_path):
+    """`cache rm` (or eviction) of the features a head was fitted on loses no work: predict reads the
+    backbone settings from the run, finetune extracts the recorded request again (same key)."""
+    data = make_folder(tmp_path / "d", per_class=4)
+    cache = tmp_path / "c"
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--C", "1")
+    assert fit.returncode == 0, fit.stderr
+    run_id = _run_id(fit.stdout)
+    (h5,) = list((cache / "features").glob("*.h5"))
+    removed = run_cli("cache", "rm", h5.stem.rsplit("-", 1)[1][:12], "--yes", "--cache-dir", str(cache))
+    assert removed.returncode == 0 and not h5.exists(), removed.stdout + removed.stderr
+    image = data / "val" / "bees" / "img_000.jpg"
+    pred = run_cli("predict", "--run", run_id, str(image), "--cache-dir", str(cache))
+    assert pred.returncode == 0 and "bees" in pred.stdout + pred.stderr, pred.stderr
+    ft = run_cli("finetune", "--run", run_id, "--epochs", "1", "--batch-size", "4", "--no-trunk-cache",
+                 "--cache-dir", str(cache), "--no-progress")
+    assert ft.returncode == 0, ft.stderr
+    assert h5.exists()  # the same request made the same file again

@@ -357,6 +357,8 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     if not cache:
         raise UserError(f"{run_dir}/config.json names no cache_file; fine-tuning starts from a fit-head run")
     head = load_head(run_dir)
+    if not Path(cache).exists() and isinstance(config.get("request"), Mapping):
+        cache = _remake_cache(config["request"], Path(cache))
     with FeatureFile(cache) as ff:
         req = ff.attrs.get("request")
         material = ff.attrs.get("key_material") or {}
@@ -371,6 +373,15 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
         request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
     return Stage2Inputs(request, head, Path(cache), config, split, val_source)
+
+
+def _remake_cache(request: Mapping[str, Any], gone: Path) -> str:
+    """The fit-head run's cache file was removed (`cache rm`, eviction): extract the run's recorded
+    request again into the same cache folder (unchanged data gives the same key and rows)."""
+    from pipeline.extract import RunOptions, extract
+
+    result = extract(ExtractRequest.from_json(dict(request)), RunOptions(cache_dir=gone.parent.parent))
+    return str(result.path)
 
 
 def _stage2_split(ff, config: Mapping[str, Any]) -> tuple[dict[str, list[str]], str]:

@@ -205,8 +205,13 @@ def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
     """The config.json of a fit-head run: cache, backbone, data, head kind and its parameters."""
     req = ff.attrs.get("request") if isinstance(ff.attrs.get("request"), Mapping) else {}
     data = ff.attrs.get("data") or req.get("data") or ff.path.stem
-    return {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
-            "data": data, "head": head.kind, "params": key_params(head), "head_params": head.get_params(), **extra}
+    config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
+              "data": data, "head": head.kind, "params": key_params(head), "head_params": head.get_params(), **extra}
+    if req:  # how the features were made, so the run outlives its cache file (`cache rm`, eviction)
+        material = ff.attrs.get("key_material")
+        spec = ((material.get("data") or {}).get("data") if isinstance(material, Mapping) else None)
+        config["request"] = {**req, "data": spec} if spec else dict(req)  # the resolved data path: the same key
+    return config
 
 
 def key_params(head: Head) -> dict[str, Any]:
