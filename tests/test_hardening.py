@@ -546,3 +546,11 @@ def test_a_fit_head_run_outlives_its_cache_file(tmp_path):
                  "--cache-dir", str(cache), "--no-progress")
     assert ft.returncode == 0, ft.stderr
     assert h5.exists()  # the same request made the same file again
+
+
+def test_export_checks_out_and_run_before_loading(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(_no_tty_cli("export", "--run", "nosuch", "--out", str(afile), "--cache-dir", str(tmp_path)),
+                    "exists and is not a folder")
+    _one_line_error(_no_tty_cli("export", "--run", "nosuch", "--cache-dir", str(tmp_path)), "unknown run ID")

@@ -134,7 +134,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     """
     check_format(fmt)
     out = Path(out).expanduser().absolute()
-    _check_target(out, force)
+    check_target(out, force)
     model = inference_model(run)
     size = int(model.input.shape[1])
     if int(model.output.shape[-1]) != len(run.class_names):
@@ -157,7 +157,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
                             f"{diff:.2g} > {VERIFY_TOLERANCE:g}); nothing was written. Run with --debug and report it")
         card["verified_max_abs_diff"] = diff
         (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
-        _check_target(out, force)  # again: the folder may have changed during the export
+        check_target(out, force)  # again: the folder may have changed during the export
         backup = None
         if out.exists():
             backup = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -171,7 +171,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     return ExportResult(out, out / FORMATS[fmt], card, diff)
 
 
-def _check_target(out: Path, force: bool) -> None:
+def check_target(out: Path, force: bool) -> None:
     """Refuse any --out but a new folder, an empty one, or (with --force) an earlier export."""
     if out.is_symlink():
         raise UserError(f"{out} is a symbolic link; give --out a real folder")
