@@ -154,3 +154,21 @@ def test_folders_of_dead_actors_are_swept(tmp_path):
         (folder / "a.parts").mkdir(parents=True)
     _sweep_dead_actor_folders(tmp_path)
     assert not dead.exists() and alive.exists() and elsewhere.exists() and all(f.exists() for f in odd)
+
+
+def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch, capfd):
+    """Ray's C++ client prints each failed connection retry to fd 2; only our error line is left."""
+    import os
+
+    from pipeline.errors import UserError
+    from pipeline.extract import distributed
+
+    def failing_init(**kwargs):
+        os.write(2, b"gcs_client.cc:210: Failed to get cluster ID from GCS server\n" * 20)
+        raise ConnectionError("Failed to connect to Ray cluster at 192.0.2.1:6379")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", failing_init)
+    with pytest.raises(UserError, match="could not reach a Ray cluster at '192.0.2.1:6379'"):
+        distributed._run_on_ray(ray, None, opts(tmp_path / "c"), [0], "192.0.2.1:6379", None, print, None)
+    assert "gcs_client" not in capfd.readouterr().err

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import os
 import sys
-import tempfile
+
+from pipeline.quiet_fd import muted_stderr
 
 
 class _QuietLoader(importlib.abc.Loader):
@@ -21,20 +21,8 @@ class _QuietLoader(importlib.abc.Loader):
     def exec_module(self, module) -> None:
         for finder in [f for f in sys.meta_path if isinstance(f, _QuietFinder)]:
             sys.meta_path.remove(finder)  # once is enough
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 2)
-            try:
-                self.inner.exec_module(module)
-            except BaseException:
-                os.dup2(saved, 2)
-                sink.seek(0)
-                sys.stderr.write(sink.read().decode(errors="replace"))
-                raise
-            finally:
-                os.dup2(saved, 2)
-                os.close(saved)
+        with muted_stderr():
+            self.inner.exec_module(module)
 
 
 class _QuietFinder(importlib.abc.MetaPathFinder):

@@ -15,6 +15,7 @@ are deterministic, whichever copy lands first wins).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -205,8 +206,12 @@ def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | Non
             kwargs["address"] = address
         env = {k: v for k, v in os.environ.items() if k in ("KERAS_BACKEND", "KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")}
         kwargs["runtime_env"] = {"env_vars": env} if env else None
+        from pipeline.quiet_fd import muted_stderr
+
         try:
-            ray.init(**kwargs)
+            remote = address not in (None, "local")  # (a local cluster's processes would inherit the mute)
+            with muted_stderr(show_on_error=False) if remote else contextlib.nullcontext():
+                ray.init(**kwargs)  # Ray's C++ client prints every failed retry to fd 2
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"could not reach a Ray cluster at {address!r} ({' '.join(str(exc).split())[:160]}); "
                             f"start one with `ray start --head` or drop the address for a local cluster") from None
