@@ -47,18 +47,6 @@ _RESUME_HINT = {  # what Ctrl-C leaves, per command
 }
 
 
-def check_output_file(path, option: str) -> None:
-    """Refuse an output file path that cannot be written (a folder, or under a file) before any work."""
-    from pathlib import Path
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"{option} {path}: {parent} is a file, not a folder")
-
-
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 

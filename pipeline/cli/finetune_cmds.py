@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from pipeline.cli import cli
-from pipeline.cli.options import mlflow_after, mlflow_check, mlflow_options, parse_augment
+from pipeline.cli.options import given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
 
@@ -65,9 +64,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     log_mlflow = mlflow_check(mlflow)
     registry = Registry(cache_dir)
     if resume_id:
-        ctx = click.get_current_context()
-        given = [param.opts[0] for param in ctx.command.params if param.name not in _RESUME_KEEPS
-                 and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE]
+        given = given_options(lambda name: name not in _RESUME_KEEPS)
         if given:
             raise UserError(f"--resume continues the run with its own settings; leave out {', '.join(given)} "
                             f"(or start a new run with --run)")
@@ -97,13 +94,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     from pipeline.heads.estimators import trusting_pickles
     with trusting_pickles(trust_pickle):
         inputs = stage2_inputs(parent.dir)
-    if not resume_id and unfreeze:  # a typo fails now, not after the trunk cache and a failed run record
-        from pipeline import backbones as bb
-        valid = [name for name, _ in bb.get(inputs.request.backbone).blocks]
-        unknown = [b for b in unfreeze if b not in valid]
-        if unknown:
-            raise UserError(f"{inputs.request.backbone} has no fine-tunable block {unknown[0]!r}; its top blocks "
-                            f"are: {', '.join(valid) or 'none'} (or --unfreeze-last N layers instead)")
+    if not resume_id:  # a typo in --unfreeze fails now, not after a failed run record
+        tuner.check_params(inputs.request.backbone)
     if not resume_id:
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
                   "head": f"finetune({inputs.head.kind})", "cache_file": str(inputs.cache_path),

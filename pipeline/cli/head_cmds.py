@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import report_extraction, skipped_message
-from pipeline.cli.options import build_request, extract_options, mlflow_after, mlflow_check, mlflow_options
+from pipeline.cli.options import (build_request, check_output_file, extract_options, given_options, mlflow_after,
+                                  mlflow_check, mlflow_options)
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
 
@@ -151,9 +151,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
         "head_batch_size", "early_stopping", "seed", "memory_budget")}
     if cache is not None:  # features named by --cache: extract options would be silently ignored
-        ctx = click.get_current_context()
-        given = [p.opts[0] for p in ctx.command.params if p.name in _FEATURE_OPTIONS
-                 and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        given = given_options(_FEATURE_OPTIONS.__contains__)
         if given:
             raise UserError(f"--cache names the features already, so {', '.join(given)} would be ignored; "
                             f"leave them out, or leave out --cache to extract with them")
@@ -287,8 +285,6 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
     Example: python cli.py runs compare 20261123-0002 20261123-0105
     """
     import json
-
-    from pipeline.cli import check_output_file
 
     if out is not None:
         check_output_file(out, "--out")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig
 from pipeline.errors import UserError
@@ -133,3 +134,21 @@ def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
                          progress=not kw["no_progress"], workers=kw.get("workers"),
                          allow_large=bool(kw.get("allow_large")))
     return request, options
+
+
+def given_options(wanted: Callable[[str], bool]) -> list[str]:
+    """The current command's options typed on the command line (not defaults) whose parameter name
+    `wanted` accepts, as their flags (e.g. ['--epochs']): for refusing options a mode would ignore."""
+    ctx = click.get_current_context()
+    return [p.opts[0] for p in ctx.command.params
+            if wanted(p.name) and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Refuse an output file path that cannot be written (a folder, or under a file) before any work."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} is a file, not a folder")

@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 
 from pipeline.backend import BACKENDS, select as select_backend
-from pipeline.cli import check_output_file, cli
+from pipeline.cli import cli
 from pipeline.cli.extract_cmds import skipped_message
+from pipeline.cli.options import check_output_file
 from pipeline.cli.head_cmds import predict_with_run, print_predictions, trust_pickle_option
 from pipeline.inference.embed import image_paths, imagenet_top_k
 from pipeline.extract import DEFAULT_CACHE

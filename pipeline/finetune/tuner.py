@@ -157,6 +157,17 @@ def trainable_layer_names(model) -> list[str]:
     return [layer.name for layer in _leaves(model) if layer.trainable and layer.trainable_weights]
 
 
+def check_blocks(spec: backbones.Backbone, unfreeze: Sequence[str], present: Sequence[str] | None = None) -> None:
+    """UserError naming the valid blocks when `unfreeze` holds a name that is not one of `spec`'s
+    fine-tunable top blocks (`present`: those found in a model, which a trunk cut may have removed)."""
+    valid = [name for name, _ in spec.blocks] if present is None else list(present)
+    unknown = [b for b in unfreeze if b not in valid]
+    if unknown:
+        listed = ", ".join(valid) or ("none (the cut removed them)" if present is not None else "none")
+        raise UserError(f"{spec.name} has no fine-tunable block {unknown[0]!r}; its top blocks are: {listed} "
+                        f"(or unfreeze the last N layers instead)")
+
+
 def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
                   unfreeze_last: int | None = None) -> list[str]:
     """Choose what trains: the head, plus whole top blocks of the backbone and/or its last N layers.
@@ -174,11 +185,7 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
     layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
     names = [layer.name for layer in backbone.layers]
     spans = backbones.block_spans(spec, names)
-    unknown = [b for b in unfreeze if b not in spans]
-    if unknown:
-        valid = ", ".join(spans) or "none (the cut removed them)"
-        raise UserError(f"{spec.name} has no fine-tunable block {unknown[0]!r}; its top blocks are: {valid} "
-                        f"(or unfreeze the last N layers instead)")
+    check_blocks(spec, unfreeze, present=list(spans))
     if unfreeze_last is not None and int(unfreeze_last) < 0:
         raise UserError(f"unfreeze_last must be 0 or more, not {unfreeze_last}")
     chosen: set[int] = set()
@@ -494,6 +501,14 @@ class FineTuner:
         head_lr = getattr(head, "lr", None) if getattr(head, "kind", "") == "dense" else None
         return float(head_lr) / 10 if head_lr else LOGISTIC_DEFAULT_LR
 
+    def check_params(self, backbone: str | None = None) -> "FineTuner":
+        """Raise UserError for a bad parameter now, before any work; with `backbone`, also for an
+        --unfreeze name that is not one of its blocks (`fit` checks both again)."""
+        self._check()
+        if backbone is not None and self.unfreeze:
+            check_blocks(backbones.get(backbone), self.unfreeze)
+        return self
+
     def _check(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -683,7 +698,7 @@ class FineTuner:
         metrics still run the whole saved model on the images.
         """
         say = log or (lambda m: None)
-        self._check()
+        self.check_params(request.backbone)  # an unknown block fails before the trunk cache is made
         t0 = time.perf_counter()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
