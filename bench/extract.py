@@ -122,13 +122,22 @@ def bench_backbone(args, model, n_images: int) -> float:
     return batches * bs / sec
 
 
-def bench_extract(args, files, tmp: Path) -> tuple[float, object]:
-    from pipeline.extract import ExtractRequest, RunOptions, _Extraction, extract
-    tree = tmp / "files"  # one link per listed file (repeats get their own names)
+def link_files(files: list[tuple[str, str]], tree: Path) -> list[Path]:
+    """tree/<class>/<k>_<name>: one link per listed (path, class), so repeats get their own names (a
+    manifest or folder refuses duplicates) and the data stays in place; links to resolved paths."""
+    links = []
     for k, (p, c) in enumerate(files):
         link = tree / c / f"{k:07d}_{Path(p).name}"
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(Path(p).resolve())  # a relative --data must not leave dangling links
+        links.append(link)
+    return links
+
+
+def bench_extract(args, files, tmp: Path) -> tuple[float, object]:
+    from pipeline.extract import ExtractRequest, RunOptions, _Extraction, extract
+    tree = tmp / "files"
+    link_files(files, tree)
     build_s = {"t": 0.0}
     orig = _Extraction._model
 

@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import keras
 
+    from extract import link_files
     from heads import _keras_io_input
     from pipeline import backbones as bb
     from pipeline.data.augment import AugmentConfig
@@ -88,13 +89,8 @@ def main(argv=None) -> None:
           f"from {args.data} ({args.repeat_files}x listed), batch {args.batch_size}, size {args.size}, "
           f"policy {keras.mixed_precision.global_policy().name}, {args.epochs} timed epoch(s) after one warm-up")
     with tempfile.TemporaryDirectory() as tmp:
-        linked = []  # links beside the manifest (it refuses paths outside its folder), one name per listing
-        for k, p in enumerate(files):
-            link = Path(tmp, "files", p.parent.name, f"{k:07d}_{p.name}")
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(p.resolve())
-            linked.append(link)
-        files = linked
+        # links beside the manifest (it refuses paths outside its folder), one name per listing
+        files = link_files([(str(p), p.parent.name) for p in files], Path(tmp, "files"))
         manifest = Path(tmp) / "subset.csv"
         with open(manifest, "w", newline="") as fh:
             csv.writer(fh).writerows([str(p), p.parent.name, "train"] for p in files)
