@@ -4,7 +4,8 @@ Not a test. Times, on a 3000 x 1280 / 5-class cache (synthetic but shaped like p
 EfficientNet features: non-negative, low-rank class structure plus noise, ~85-90% linear
 accuracy) or on a real cache given with --cache:
 
-  (i)   logistic   LogisticHead(C="auto") fit on all train rows (5-fold CV over the C grid + refit)
+  (i)   logistic   LogisticHead(C="auto") fit on all train rows (5-fold CV over the C grid + refit);
+                   then the svm head (KernelHead) and the default auto head (both, the better kept)
   (ii)  dense      DenseHead() defaults (hidden 256, 20 epochs, batch 64) fit on all train rows,
                    without and with per-epoch validation on the val rows
   (iii) sweep      `sweep(cache, "dense")` over the default 20-config grid
@@ -55,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--n-jobs", type=int, default=2, help="sweep and CV workers (default %(default)s)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["logistic", "dense", "sweep", "baseline"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["logistic", "svm", "dense", "sweep", "baseline"])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flower_photos_224"),
                     help="image folder (train/<class>/...) for (iv)")
     ap.add_argument("--backbone", default="efficientnet_lite0", help="backbone for (iv)")
@@ -213,6 +214,16 @@ def main(argv=None) -> None:
                   f"(C={head.C_:.3g}; load {load()})")
             head = LogisticHead(n_jobs=args.n_jobs).fit(Xtr, ytr, class_names=names)
             print(f"      held-out val accuracy when fit on train only: {acc(head):.3f}")
+        if "svm" not in args.skip:
+            from pipeline.heads.kernel import AutoHead, KernelHead
+            head, wall, cpu = timed(lambda: KernelHead(n_jobs=args.n_jobs).fit(Xall, yall, class_names=names))
+            print(f"(i-b) svm C=auto, {Xall.shape[0]} x {Xall.shape[1]}: {wall:.2f} s wall, {cpu:.2f} s cpu "
+                  f"(C={head.C_:.3g}, {head.n_support_} support vectors; load {load()})")
+            auto, wall, cpu = timed(lambda: AutoHead(n_jobs=args.n_jobs).fit(Xall, yall, class_names=names))
+            print(f"(i-c) auto (svm and logistic, the lower CV log loss kept: {auto.best_.kind}): {wall:.2f} s wall, "
+                  f"{cpu:.2f} s cpu")
+            head = KernelHead(n_jobs=args.n_jobs).fit(Xtr, ytr, class_names=names)
+            print(f"      svm held-out val accuracy when fit on train only: {acc(head):.3f}")
         if "dense" not in args.skip:
             _, warm, _ = timed(lambda: DenseHead(epochs=1).fit(Xtr[:256], ytr[:256], class_names=names))
             print(f"      (backend warm-up, first tiny fit in the process: {warm:.2f} s, not counted)")

@@ -26,7 +26,7 @@ def _run_id(stdout: str) -> str:
 def test_finetune_cli_end_to_end(tmp_path):
     data = make_folder(tmp_path / "d", per_class=8)
     cache = str(tmp_path / "c")
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1")
     assert fit.returncode == 0, fit.stderr
     head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
 
@@ -88,7 +88,7 @@ def test_finetune_killed_then_resumed(tmp_path):
 
     data = make_folder(tmp_path / "d", per_class=8)
     cache = tmp_path / "c"
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--C", "1")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--head", "logistic", "--C", "1")
     head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "finetune", "--run", head_run, "--epochs", "6",
@@ -121,7 +121,7 @@ def test_finetune_validates_on_the_fit_head_holdout_when_there_is_no_val_folder(
     those images (its 'before' column equals the head's val metrics), and early stopping works."""
     data = make_folder(tmp_path / "d", per_class=10, splits=("train", "test"))
     cache = str(tmp_path / "c")
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--dtype", "float32", "--C", "1")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--dtype", "float32", "--head", "logistic", "--C", "1")
     assert fit.returncode == 0, fit.stderr
     head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
     head_metrics = json.loads((Path(cache) / "runs" / head_run / "metrics.json").read_text())
@@ -138,3 +138,25 @@ def test_finetune_validates_on_the_fit_head_holdout_when_there_is_no_val_folder(
     assert metrics["before"]["val"]["accuracy"] == head_metrics["val"]["accuracy"]
     assert metrics["before"]["val"]["log_loss"] == pytest.approx(head_metrics["val"]["log_loss"], abs=1e-3)
     assert metrics["before"]["test"]["n"] == 20 and len(metrics["before"]) >= 2
+
+
+
+def test_finetune_from_an_svm_run_starts_from_its_kernel_head(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=8)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "svm")
+    assert fit.returncode == 0, fit.stderr
+    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+    ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--batch-size", "8", "--cache-dir", cache)
+    assert ft.returncode == 0, ft.stderr
+    run_dir = Path(cache) / "runs" / _run_id(ft.stdout)
+    assert json.loads((run_dir / "config.json").read_text())["head"] == "finetune(svm)"
+    model = keras.models.load_model(run_dir / "model.keras")
+
+    def names(layer) -> list[str]:
+        return [layer.name] + [n for sub in getattr(layer, "layers", []) for n in names(sub)]
+    assert {"head", "unit_length", "rbf_kernel", "logits", "probabilities"} <= set(names(model))
+    # the before column is the svm run's own val accuracy: the model starts as the fitted head
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    fit_val = json.loads((Path(cache) / "runs" / head_run / "metrics.json").read_text())["val"]["accuracy"]
+    assert abs(metrics["before"]["val"]["accuracy"] - fit_val) < 1e-9

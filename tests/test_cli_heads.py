@@ -22,7 +22,7 @@ def _run_id(stdout: str) -> str:
 def test_fit_head_from_extract_options_then_use_the_run(tmp_path):
     data = make_folder(tmp_path / "d", per_class=12)
     cache = str(tmp_path / "c")
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1.0")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1.0")
     assert fit.returncode == 0, fit.stderr
     assert "extracting first" in fit.stderr and "val   accuracy" in fit.stdout
     run_id = _run_id(fit.stdout)
@@ -31,7 +31,7 @@ def test_fit_head_from_extract_options_then_use_the_run(tmp_path):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["backbone"] == "vgg16" and cfg["head"] == "logistic"
 
-    again = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1.0")
+    again = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1.0")
     assert "extracting first" not in again.stderr and "cache hit" in again.stdout
 
     listing = run_cli("runs", "--cache-dir", cache)
@@ -96,7 +96,7 @@ def test_head_that_does_not_match_the_cache_is_refused(tmp_path):
     a = write_cache(tmp_path / "c", n_images=90, dim=16, key="aaaa000000000001", name="a")
     write_cache(tmp_path / "c", n_images=90, dim=24, key="bbbb000000000002", name="b")
     cache = str(tmp_path / "c")
-    fit = run_cli("fit-head", "--cache", str(a), "--C", "1", "--cache-dir", cache)
+    fit = run_cli("fit-head", "--cache", str(a), "--head", "logistic", "--C", "1", "--cache-dir", cache)
     assert fit.returncode == 0, fit.stderr
     from pipeline.heads.estimators import load_head
     from pipeline.features.store import FeatureFile
@@ -120,7 +120,7 @@ def test_every_dense_and_logistic_flag_reaches_the_head(tmp_path):
     assert params["hidden"] == [8, 4] and params["batchnorm"] and params["optimizer"] == "nadam"
     assert params["flatten"] == "flatten" and params["lr_schedule"] == "exponential" and params["exp_decay"] == 0.5
     assert params["batch_size"] == 16 and params["class_weight"] == "balanced" and params["seed"] == 3
-    logistic = run_cli("fit-head", "--cache", str(path), "--C", "0.5", "--class-weight", "balanced", "--jobs", "1",
+    logistic = run_cli("fit-head", "--cache", str(path), "--head", "logistic", "--C", "0.5", "--class-weight", "balanced", "--jobs", "1",
                        "--flatten", "max", "--cache-dir", cache)
     assert logistic.returncode == 0, logistic.stderr
     params = json.loads((Path(cache) / "runs" / _run_id(logistic.stdout) / "config.json").read_text())["head_params"]
@@ -145,7 +145,33 @@ def test_fit_head_streams_the_logistic_head_over_the_memory_budget(tmp_path):
     from pipeline.heads.estimators import load_head
     head = load_head(run_dir)
     assert head.streamed_ and head.stream_note_ == notes[0]
-    in_memory = run_cli("fit-head", "--cache", str(path), "--C", "0.1", "--cache-dir", cache)
+    in_memory = run_cli("fit-head", "--cache", str(path), "--head", "logistic", "--C", "0.1", "--cache-dir", cache)
     assert in_memory.returncode == 0 and "streamed" not in in_memory.stdout
     bad = run_cli("fit-head", "--cache", str(path), "--memory-budget", "0", "--cache-dir", cache)
     assert bad.returncode == 2 and "--memory-budget" in bad.stderr
+
+
+def test_default_head_is_auto_and_says_which_head_it_kept(tmp_path):
+    path = write_cache(tmp_path / "c", n_images=240, dim=32, n_classes=3, sep=1.0)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--cache", str(path), "--cache-dir", cache)
+    assert fit.returncode == 0, fit.stderr
+    line = next(l for l in fit.stdout.splitlines() if l.startswith("head auto: kept "))
+    kept = line.split()[3]
+    assert kept in ("svm", "logistic") and "CV log loss logistic " in line and ", svm " in line
+    run_dir = Path(cache) / "runs" / _run_id(fit.stdout)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["head"] == kept and cfg["head_choice"]["chosen"] == kept
+    svm = run_cli("fit-head", "--cache", str(path), "--head", "svm", "--C", "3", "--cache-dir", cache)
+    assert svm.returncode == 0 and "head auto" not in svm.stdout, svm.stderr
+    svm_dir = Path(cache) / "runs" / _run_id(svm.stdout)
+    assert json.loads((svm_dir / "metrics.json").read_text())["C"] == 3.0
+    assert (svm_dir / "head.npz").exists() and (svm_dir / "c_curve.png").exists()
+    runs = run_cli("runs", "--filter", "head=svm", "--cache-dir", cache)
+    assert svm_dir.name in runs.stdout
+    for args, words in [(["--C", "1"], "add --head svm or --head logistic"),
+                        (["--sweep"], "--sweep searches one head's grid")]:
+        bad = run_cli("fit-head", "--cache", str(path), *args, "--cache-dir", cache)
+        assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    sweep = run_cli("fit-head", "--cache", str(path), "--head", "svm", "--sweep", "--jobs", "2", "--cache-dir", cache)
+    assert sweep.returncode == 0 and "6 configs" in sweep.stdout, sweep.stderr

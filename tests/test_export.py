@@ -33,7 +33,7 @@ def head_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = make_folder(root / "d", per_class=12)
     cache = root / "c"
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--C", "1.0")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "logistic", "--C", "1.0")
     assert fit.returncode == 0, fit.stderr
     run_id = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
     return run_id, data, cache
@@ -201,4 +201,29 @@ def test_a_trunk_cache_finetune_exports(head_run, tmp_path, fmt):
     paths = [str(p) for p in sorted((data / "val").rglob("*.jpg"))[:6]]
     expected, _, _ = predict_paths(run, paths)
     got, _, _ = predict_files(open_model(result.model_path), paths)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["keras", "onnx"])
+def test_an_svm_head_run_exports_and_predicts_like_the_run(head_run, tmp_path, fmt):
+    """The svm head becomes UnitNormalization + Dense(exponential) kernel + Dense logits on top of the
+    backbone: the export's probabilities equal the run's own."""
+    if not _has(*FORMAT_NEEDS[fmt]):
+        pytest.skip(f"{fmt} export needs {FORMAT_NEEDS[fmt]}")
+    from pipeline.export import export_run, open_model
+    from pipeline.export.runtime import predict_files
+    from pipeline.inference.apply import load_run, predict_paths
+
+    _, data, cache = head_run
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "svm")
+    assert fit.returncode == 0 and "cache hit" in fit.stdout, fit.stderr
+    run_id = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+    run = load_run(cache, run_id)
+    assert run.head.kind == "svm"
+    result = export_run(run, fmt, tmp_path / fmt)
+    assert result.max_abs_diff <= 1e-4
+    paths = [str(p) for p in sorted((data / "val").rglob("*.jpg"))[:10]]
+    expected, kept, _ = predict_paths(run, paths)
+    got, kept2, _ = predict_files(open_model(result.model_path), paths)
+    assert kept == kept2
     np.testing.assert_allclose(got, expected, atol=1e-4)

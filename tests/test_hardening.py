@@ -193,7 +193,7 @@ def test_logistic_head_is_npz_json_and_old_pickles_need_trust_pickle(tmp_path):
 
     data = make_folder(tmp_path / "d", per_class=4)
     cache = str(tmp_path / "c")
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--C", "1.0")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1.0")
     assert fit.returncode == 0, fit.stderr
     run_dir = Path(cache) / "runs" / _run_id(fit.stdout)
     assert (run_dir / "head.npz").exists() and (run_dir / "head.json").exists()
@@ -373,7 +373,7 @@ def test_class_only_in_val_is_named_with_its_folder(tmp_path):
 def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
     data = make_folder(tmp_path / "d", per_class=4, classes=("ants", "bees", "wasps"))
     cache = tmp_path / "c"
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--C", "1.0")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--head", "logistic", "--C", "1.0")
     assert fit.returncode == 0, fit.stderr
     run_id = _run_id(fit.stdout)
     subset = make_folder(tmp_path / "s", per_class=3, classes=("ants", "wasps"), seed=5)
@@ -396,7 +396,7 @@ def test_fit_head_empty_cache_ref_and_non_finite_features(tmp_path):
     assert sorted(p.name for p in (cache / "features").iterdir()) == [path.name]  # nothing extracted
     with h5py.File(path, "r+") as f:
         f["features"][3] = np.nan
-    err = _one_line_error(run_cli("fit-head", "--cache", str(path), "--C", "1", "--cache-dir", str(cache)),
+    err = _one_line_error(run_cli("fit-head", "--cache", str(path), "--head", "logistic", "--C", "1", "--cache-dir", str(cache)),
                           "non-finite features")
     assert "--dtype float32" in err
 
@@ -533,7 +533,7 @@ def test_a_fit_head_run_outlives_its_cache_file(tmp_path):
     backbone settings from the run, finetune extracts the recorded request again (same key)."""
     data = make_folder(tmp_path / "d", per_class=4)
     cache = tmp_path / "c"
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--C", "1")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST, "--head", "logistic", "--C", "1")
     assert fit.returncode == 0, fit.stderr
     run_id = _run_id(fit.stdout)
     (h5,) = list((cache / "features").glob("*.h5"))

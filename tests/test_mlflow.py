@@ -31,7 +31,7 @@ def test_fit_head_logs_params_metrics_pngs_and_a_loadable_model(tmp_path, monkey
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # on by itself when the URI is set
     data = make_folder(tmp_path / "d", per_class=12)
     cache = tmp_path / "c"
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--C", "1.0",
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "logistic", "--C", "1.0",
                   "--mlflow-experiment", "ants-vs-bees", cwd=tmp_path)  # a user's sqlite store: ./mlruns artifacts
     assert fit.returncode == 0, fit.stderr
     assert "logged to MLflow run" in fit.stderr and "WARNING" not in fit.stderr
@@ -76,8 +76,8 @@ def test_dense_sweep_and_default_store(tmp_path, monkeypatch):
     dense = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "dense",
                     "--epochs", "3", "--mlflow")
     assert dense.returncode == 0, dense.stderr
-    sweep = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--sweep", "--jobs", "1",
-                    "--mlflow")
+    sweep = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "logistic", "--sweep",
+                    "--jobs", "1", "--mlflow")
     assert sweep.returncode == 0, sweep.stderr
     uri = f"sqlite:///{cache / 'mlflow.db'}"
     assert (cache / "mlflow.db").is_file()
@@ -103,13 +103,13 @@ def test_an_unreachable_server_warns_once_and_keeps_the_run(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
     data = make_folder(tmp_path / "d", per_class=6)
     cache = tmp_path / "c"
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--C", "1.0")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "logistic", "--C", "1.0")
     assert fit.returncode == 0, fit.stderr
     warnings = [l for l in fit.stderr.splitlines() if "MLflow logging failed" in l]
     assert len(warnings) == 1 and "Traceback" not in fit.stderr
     run_dir = cache / "runs" / _run_id(fit.stdout)
     assert json.loads((run_dir / "run.json").read_text())["status"] == "ok" and (run_dir / "head.npz").exists()
-    off = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--C", "1.0", "--no-mlflow")
+    off = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "logistic", "--C", "1.0", "--no-mlflow")
     assert off.returncode == 0 and "MLflow" not in off.stderr
 
 

@@ -82,8 +82,10 @@ def test_sweep_rejects_unknown_parameters_and_heads(cache):
     with FeatureFile(cache) as ff:
         with pytest.raises(UserError, match="no parameter"):
             sweep(ff, "dense", {"learning_rate": [0.1]})
-        with pytest.raises(UserError, match="unknown head type"):
-            sweep(ff, "svm", {"C": [1.0]})
+        with pytest.raises(UserError, match="a sweep needs one head type"):
+            sweep(ff, "auto", {"C": [1.0]})
+        with pytest.raises(UserError, match="a sweep needs one head type"):
+            sweep(ff, "nosuch", {"C": [1.0]})
 
 
 def test_parallel_dense_sweep_uses_worker_processes_without_deadlock():

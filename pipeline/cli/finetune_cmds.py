@@ -24,7 +24,7 @@ _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflo
                                                 "(EfficientNet-Lite: top, block7, block6).")
 @click.option("--unfreeze-last", type=click.IntRange(0), default=None, help="Or: train the backbone's last N layers.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
-              help="Default: a tenth of a dense head's LR; 2e-4 after a logistic head.")
+              help="Default: a tenth of a dense head's LR; 2e-4 after a logistic or svm head.")
 @click.option("--optimizer", type=click.Choice(["adam", "nadam", "rmsprop", "sgd"]), default="adam", show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="cosine",
               show_default=True, help="cosine: one ramp-up epoch, then down to lr/100.")

@@ -85,6 +85,18 @@ def _make_head(head: str, opts: dict):
     from pipeline.heads.estimators import DenseHead, LogisticHead, default_memory_budget_mb
 
     budget = opts["memory_budget"] if opts["memory_budget"] is not None else default_memory_budget_mb()
+    if head in ("auto", "svm"):
+        from pipeline.heads.kernel import AutoHead, KernelHead
+
+        C = _float_or_auto(opts["C"])
+        if head == "auto":
+            if C != "auto":
+                raise UserError("--C sets one head's regularization, but --head auto fits two heads (each picks C "
+                                "by CV); add --head svm or --head logistic to use --C")
+            return AutoHead(class_weight=opts["class_weight"], n_jobs=opts["jobs"], flatten=opts["flatten"],
+                            memory_budget_mb=budget)
+        return KernelHead(C=C, class_weight=opts["class_weight"], n_jobs=opts["jobs"],
+                          flatten=opts["flatten"], memory_budget_mb=budget)
     if head == "logistic":
         return LogisticHead(C=_float_or_auto(opts["C"]), class_weight=opts["class_weight"], n_jobs=opts["jobs"],
                             flatten=opts["flatten"], memory_budget_mb=budget)
@@ -101,8 +113,10 @@ def _make_head(head: str, opts: dict):
 @cli.command("fit-head")
 @click.option("--cache", default=None, help="Cache file path or key prefix (else: found/made from the "
                                             "extract options below).")
-@click.option("--head", type=click.Choice(["logistic", "dense"]), default="logistic", show_default=True)
-@click.option("--C", "C", default="auto", show_default=True, help="Logistic: inverse regularization, or auto (CV).")
+@click.option("--head", type=click.Choice(["auto", "svm", "logistic", "dense"]), default="auto", show_default=True,
+              help="auto fits svm and logistic and keeps the lower cross-validated log loss; svm: RBF kernel "
+                   "on unit-length features; logistic: linear; dense: a Keras MLP.")
+@click.option("--C", "C", default="auto", show_default=True, help="svm/logistic: inverse regularization, or auto (CV).")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes by 1/frequency.")
 @click.option("--jobs", type=click.IntRange(1), default=2, show_default=True, help="Parallel CV folds / sweep jobs.")
 @click.option("--flatten", type=click.Choice(["avg", "max", "flatten"]), default="avg", show_default=True,
@@ -139,7 +153,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
                  mlflow_experiment: str | None, **kw) -> None:
     """Train a classifier head on cached features and record the run.
 
-    Example: python cli.py fit-head --data ../shared/data/hymenoptera --head logistic
+    Example: python cli.py fit-head --data ../shared/data/hymenoptera
     """
     from rich.console import Console
 
@@ -155,6 +169,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         if given:
             raise UserError(f"--cache names the features already, so {', '.join(given)} would be ignored; "
                             f"leave them out, or leave out --cache to extract with them")
+    if sweep and head == "auto":
+        raise UserError("--sweep searches one head's grid; add --head svm, --head logistic or --head dense")
     estimator = _make_head(head, head_opts).check_params()  # a bad option fails before any extraction
     ff = _open_cache(cache, kw)
     with ff:
@@ -169,6 +185,11 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
                                    use_augmented=not no_augmented)
     if getattr(result.head, "streamed_", False):
         click.echo(result.head.stream_note_)
+    choice = result.extras.get("head_choice")
+    if choice:
+        losses = ", ".join(f"{k} {v:.4f}" for k, v in choice["cv_log_loss"].items() if v is not None)
+        click.echo(f"head auto: kept {choice['chosen']} (CV log loss {losses})"
+                   + (f"; {choice['note']}" if choice.get("note") else ""))
     for part in ("train", "val", "test"):
         if result.metrics.get(part, {}).get("n"):
             click.echo(f"{part:5s} {summary_line(result.metrics[part])}")

@@ -83,7 +83,9 @@ def _head_model(head, feature_shape: tuple[int, ...], spec_name: str = ""):
     if tuple(head.feature_shape_) != tuple(feature_shape):
         raise UserError(f"the head was fitted on features of shape {tuple(head.feature_shape_)}, but this "
                         f"backbone produces {tuple(feature_shape)}; use the cache the head was trained on")
-    if hasattr(head, "as_dense_weights"):  # LogisticHead: reduce as the head does, then one Dense
+    if hasattr(head, "as_dense_weights") or hasattr(head, "as_kernel_layers"):
+        # LogisticHead: reduce as the head does, then one Dense. KernelHead (svm): reduce, unit length,
+        # Dense(n_support, exponential) = the RBF kernel against the support vectors, then Dense logits.
         inp = keras.Input(feature_shape, name="features", dtype="float32")
         x = inp
         if len(feature_shape) > 1:
@@ -95,7 +97,14 @@ def _head_model(head, feature_shape: tuple[int, ...], spec_name: str = ""):
                     name="avg_pool", dtype="float32")(x)
             else:
                 x = (L.GlobalMaxPooling2D if rank == 3 else L.GlobalMaxPooling1D)(name="max_pool", dtype="float32")(x)
-        W, b = head.as_dense_weights()
+        if hasattr(head, "as_kernel_layers"):
+            W1, b1, W, b = head.as_kernel_layers()
+            x = L.UnitNormalization(name="unit_length", dtype="float32")(x)
+            kernel = L.Dense(W1.shape[1], activation="exponential", name="rbf_kernel", dtype="float32")
+            x = kernel(x)
+            kernel.set_weights([np.asarray(W1, np.float32), np.asarray(b1, np.float32)])
+        else:
+            W, b = head.as_dense_weights()
         dense = L.Dense(W.shape[1], name="logits", dtype="float32")
         x = dense(x)
         dense.set_weights([np.asarray(W, np.float32), np.asarray(b, np.float32)])
@@ -382,6 +391,7 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     return Stage2Inputs(request, head, Path(cache), config, split, val_source)
 
 
+
 def _remake_cache(request: Mapping[str, Any], gone: Path) -> str:
     """The fit-head run's cache file was removed (`cache rm`, eviction): extract the run's recorded
     request again into the same cache folder (unchanged data gives the same key and rows)."""
@@ -417,7 +427,7 @@ class FineTuner:
         are unfrozen and the disk has room; True / False to insist / never. views: augmented views
         per training image in that cache (epochs cycle through clean + views). Without the trunk
         cache every epoch draws a new augmented view of every image and runs the whole backbone.
-    lr: peak learning rate; None = a tenth of a dense head's lr, or 2e-4 for a logistic head.
+    lr: peak learning rate; None = a tenth of a dense head's lr, or 2e-4 for a logistic or svm head.
     optimizer: adam | nadam | rmsprop | sgd (momentum 0.9). lr_schedule: constant | exponential |
         cosine (`pipeline.heads.schedules.make_schedule`; `schedule_params` passes rampup_epochs etc.).
     epochs, batch_size (global batch, split over GPUs). early_stopping: patience in epochs on
@@ -497,7 +507,7 @@ class FineTuner:
         return cls.from_params(state["params"])
 
     def default_lr(self, head) -> float:
-        """A tenth of a dense head's learning rate; 2e-4 for a logistic head."""
+        """A tenth of a dense head's learning rate; 2e-4 for a logistic or svm head."""
         head_lr = getattr(head, "lr", None) if getattr(head, "kind", "") == "dense" else None
         return float(head_lr) / 10 if head_lr else LOGISTIC_DEFAULT_LR
 
@@ -679,7 +689,7 @@ class FineTuner:
             callbacks: Sequence[Any] = (), log: Callable[[str], None] | None = None,
             split: Mapping[str, Sequence[str]] | None = None, cache_dir: str | os.PathLike | None = None,
             progress: bool = False) -> FinetuneResult:
-        """Fine-tune `head` (a fitted LogisticHead or DenseHead) and its backbone on `request`'s images.
+        """Fine-tune `head` (a fitted svm, logistic or dense head) and its backbone on `request`'s images.
 
         Trains on the 'train' split, validates on 'val' (clean images; the model's augmentation is
         off in evaluation): `split` (image ids per split, `Stage2Inputs.split`) makes these stage

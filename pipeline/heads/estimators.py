@@ -1003,11 +1003,13 @@ def _history(h: Mapping[str, list]) -> dict[str, list[float]]:
 
 
 # --------------------------------------------------------------------------------------- factory
-HEAD_TYPES = {"logistic": LogisticHead, "dense": DenseHead}
+# The head registry: kind -> class. `pipeline.heads.kernel` adds "svm" and "auto" when it is imported
+# (which `pipeline.heads` does), so no file branches on kind names to build a head.
+HEAD_TYPES: dict[str, type] = {"logistic": LogisticHead, "dense": DenseHead}
 
 
-def make_head(kind: str, **params: Any) -> LogisticHead | DenseHead:
-    """A head by name ('logistic' | 'dense') with the given constructor parameters."""
+def make_head(kind: str, **params: Any) -> _Head:
+    """A head by name (a key of HEAD_TYPES: 'auto', 'svm', 'logistic', 'dense') with these constructor parameters."""
     if kind not in HEAD_TYPES:
         raise UserError(f"unknown head type {kind!r}; choose one of {', '.join(HEAD_TYPES)}")
     cls = HEAD_TYPES[kind]
@@ -1036,8 +1038,8 @@ def trusting_pickles(trust: bool = True) -> Iterator[None]:
         _TRUST_PICKLE.reset(token)
 
 
-def load_head(path: str | os.PathLike, trust_pickle: bool | None = None) -> LogisticHead | DenseHead:
-    """Load a saved head of either kind (by suffix: .keras = dense, .npz = logistic); a run folder
+def load_head(path: str | os.PathLike, trust_pickle: bool | None = None) -> _Head:
+    """Load a saved head of any kind (.keras = dense; .npz = logistic or svm, by its JSON); a run folder
     works too. An old pickled head.joblib loads only when trusted (`trust_pickle`, else the
     `trusting_pickles` block around the call), since unpickling can run code."""
     path = Path(path)
@@ -1051,6 +1053,14 @@ def load_head(path: str | os.PathLike, trust_pickle: bool | None = None) -> Logi
             raise UserError(f"{path} holds no head file (head.npz or head.keras); is it a fit-head run folder?")
     if path.suffix == ".keras":
         return DenseHead.load(path)
+    if path.suffix == ".npz":  # logistic or svm: the JSON beside it says which
+        from pipeline.heads.kernel import KERNEL_FORMAT, KernelHead  # noqa: PLC0415 - kernel imports this module
+        try:
+            fmt = json.loads(path.with_suffix(".json").read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            fmt = None  # LogisticHead.load says what is wrong
+        if fmt == KERNEL_FORMAT:
+            return KernelHead.load(path)
     return LogisticHead.load(path, trust_pickle=trust_pickle)
 
 

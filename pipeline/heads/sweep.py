@@ -29,6 +29,7 @@ from pipeline.features.store import FeatureFile
 
 DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
     "logistic": {"C": [float(c) for c in np.logspace(-4, 1, 11)]},
+    "svm": {"C": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]},
     "dense": {"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "dropout": [0.0, 0.3], "hidden": [(128,), (256,)]},
 }
 # Dense parameters that do not change the compiled model, so configs differing only in them share one.
@@ -90,7 +91,7 @@ def sweep(
     the others only with `keep_all`.
     """
     if head_type not in DEFAULT_GRIDS:
-        raise UserError(f"unknown head type {head_type!r}; choose logistic or dense")
+        raise UserError(f"a sweep needs one head type ({', '.join(DEFAULT_GRIDS)}), not {head_type!r}")
     configs = expand_grid(grid if grid is not None else DEFAULT_GRIDS[head_type])
     base = dict(base_params or {})
     make_head(head_type, **{**base, **configs[0]})  # fail fast on unknown parameter names
@@ -158,7 +159,7 @@ def _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_a
 
 def _tasks(head_type: str, base: Mapping[str, Any], configs: list[dict], n_jobs: int) -> list[list[dict]]:
     """Split configs into worker tasks: dense ones grouped by model structure, then balanced over jobs."""
-    if head_type == "logistic":
+    if head_type != "dense":
         n = max(1, min(n_jobs, len(configs)))
         return [configs[i::n] for i in range(n)]
     groups: dict[str, list[dict]] = {}
@@ -220,7 +221,7 @@ def _run_task(head_type, base, configs, train, y, val, yv, meta, limit_threads: 
     out = []
     for params in configs:
         full = {**base, **params}
-        if head_type == "logistic":
+        if head_type != "dense":
             full.setdefault("n_jobs", 1)
         head = make_head(head_type, **full)
         mode = full.get("flatten", "avg")
@@ -231,7 +232,7 @@ def _run_task(head_type, base, configs, train, y, val, yv, meta, limit_threads: 
             extras = {"best_epoch": head.best_epoch_ + 1, "epochs_run": head.n_epochs_}
         else:
             head.fit(train[mode], y, **kwargs)
-            extras = {"converged": head.converged_}
+            extras = {"converged": head.converged_} if head.kind == "logistic" else {"n_support": head.n_support_}
         secs = time.perf_counter() - t0
         report = classification_report(yv, head.predict_proba(val[mode]), meta["class_names"])
         out.append((params, report, secs, pickle.dumps(head), extras))
@@ -283,7 +284,8 @@ def _best_plots(best: SweepResult, run) -> None:
     if history and history.get("loss"):
         plot_history(history, run.path("curves.png"), title=f"best {head.kind} head of the sweep")
     if getattr(head, "cv_scores_", None):
-        plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_, scoring=head.scoring)
+        plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_,
+                     scoring=getattr(head, "scoring", "CV accuracy"))
     report = best.metrics
     if report.get("n") and report.get("confusion_matrix") is not None:
         plot_confusion_matrix(report["confusion_matrix"], report["class_names"], run.path("confusion_val.png"),

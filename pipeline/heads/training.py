@@ -23,7 +23,7 @@ from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_hi
 from pipeline.tracking.runs import Registry, Run
 from pipeline.features.store import FeatureFile
 
-Head = LogisticHead | DenseHead
+Head = LogisticHead | DenseHead  # or a pipeline.heads.kernel head (svm, auto)
 
 
 @dataclass
@@ -133,11 +133,15 @@ def fit_head_on_cache(feature_file: FeatureFile, head: Head, val_fraction: float
     head.fit(FeatureSource(ff, split.train), ff.labels[split.train], FeatureSource(ff, split.val),
              ff.labels[split.val], class_names=names, cache_key=ff.key, feature_info=feature_info_of(ff))
     fit_seconds = time.perf_counter() - t0
+    extras: dict[str, Any] = {}
+    if hasattr(head, "best_"):  # the auto head: what is recorded and saved is the head it chose
+        extras["head_choice"] = head.choice_
+        head = head.best_
     clean_train = split.train[ff.views[split.train] == 0]
     metrics: dict[str, Any] = {"train": evaluate_rows(head, ff, clean_train), "val": evaluate_rows(head, ff, split.val)}
     if split.test.size:
         metrics["test"] = evaluate_rows(head, ff, split.test)
-    return FitResult(head=head, split=split, metrics=metrics, fit_seconds=fit_seconds)
+    return FitResult(head=head, split=split, metrics=metrics, fit_seconds=fit_seconds, extras=extras)
 
 
 def evaluate_rows(head: Head, ff: FeatureFile, rows: np.ndarray) -> dict[str, Any]:
@@ -175,13 +179,13 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
     head = result.head
     files: dict[str, Path] = {"head": head.save(run.path(head_filename(head.kind)))}
     run.log_metrics({**result.metrics, "split": result.split.summary(), "fit_seconds": round(result.fit_seconds, 3),
-                     **_head_facts(head)})
+                     **_head_facts(head), **result.extras})
     history = result.history
     if history and history.get("loss"):
         files["curves"] = plot_history(history, run.path("curves.png"), title=f"{head.kind} head")
-    if isinstance(head, LogisticHead) and head.cv_scores_:
+    if getattr(head, "cv_scores_", None):  # logistic (log loss) or svm (accuracy) against C
         files["c_curve"] = plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_,
-                                        scoring=head.scoring)
+                                        scoring=getattr(head, "scoring", "CV accuracy"))
     for part in ("val", "test"):
         report = result.metrics.get(part)
         if report and report.get("n"):
@@ -198,6 +202,9 @@ def _head_facts(head: Head) -> dict[str, Any]:
         info = {"stream": head.stream_info_} if streamed and hasattr(head, "stream_info_") else {}
         return {"C": head.C_, "C_choice": head.C_note_, "converged": head.converged_,
                 "cv_scores": {f"{c:g}": s for c, s in head.cv_scores_.items()}, "streamed": streamed, **note, **info}
+    if head.kind == "svm":
+        return {"C": head.C_, "C_choice": head.C_note_, "gamma": head.gamma_, "n_support": head.n_support_,
+                "cv_scores": {f"{c:g}": s for c, s in head.cv_scores_.items()}, "cv_log_loss": head.cv_log_loss_}
     return {"epochs_run": head.n_epochs_, "best_epoch": head.best_epoch_ + 1, "streamed": streamed, **note}
 
 
@@ -217,7 +224,7 @@ def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
 def key_params(head: Head) -> dict[str, Any]:
     """The few parameters worth a column in the runs table."""
     p = head.get_params()
-    if isinstance(head, LogisticHead):
+    if head.kind in ("logistic", "svm", "auto"):
         keys = ["C", "class_weight", "flatten"]
     else:
         keys = ["hidden", "dropout", "lr", "lr_schedule", "epochs", "early_stopping", "class_weight"]
@@ -234,5 +241,9 @@ def fit_head_run(feature_file: FeatureFile, head: Head, registry: Registry | Non
     run = registry.start("fit-head", cfg)
     with run:
         result = fit_head_on_cache(ff, head, val_fraction=val_fraction, seed=seed, use_augmented=use_augmented)
+        if result.head is not head:  # auto: the config names the head that was kept, and the choice
+            run.update_config(run_config(ff, result.head, val_fraction=val_fraction, seed=seed,
+                                         use_augmented=use_augmented, head_choice=result.extras["head_choice"],
+                                         **(config or {})))
         save_fit(result, run)
     return result, run

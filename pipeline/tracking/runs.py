@@ -132,6 +132,11 @@ class Run:
         """Where to write artifact `name` inside this run's folder."""
         return self.dir / name
 
+    def update_config(self, config: Mapping[str, Any]) -> None:
+        """Replace config.json (e.g. once the auto head has chosen which head the run keeps)."""
+        self.config = dict(config)
+        _write_json(self.dir / "config.json", self.config)
+
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Merge `metrics` into metrics.json (rewritten atomically)."""
         self.metrics.update(metrics)

@@ -1,0 +1,404 @@
+"""`KernelHead` (kind "svm"): an RBF-kernel SVM on L2-normalized features, the default head.
+
+Why: on pooled CNN embeddings a kernel SVM on unit vectors beats a linear head clearly where
+classes are not linearly separable (flowers, EfficientNet-Lite0: 94.5% against the logistic head's
+92.5%) and ties it where they are. Probabilities come from a softmax over the SVM's one-vs-one
+decision values, fitted on out-of-fold decisions of the same cross-validation that picks C (Platt's
+method for many classes), so `predict` is the argmax of calibrated `predict_proba`.
+
+The whole head is `softmax(A @ k(x) + a)` with k(x)_j = exp(-gamma * |z - s_j|^2), z = x/|x| and
+s_j the support vectors, so it is three built-in Keras layers (`as_kernel_layers`): UnitNormalization,
+Dense(n_support, "exponential") and Dense(n_classes); export and fine-tuning use that stack. Kernel
+methods grow with rows squared, so the head refuses more than `max_rows` training rows (the CLI then
+falls back to the logistic head).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.svm import SVC
+from threadpoolctl import threadpool_limits
+
+from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.errors import UserError
+from pipeline.heads.estimators import (
+    FeatureSource, _Head, _matrix_batches, _n_rows, _params_for, _PAD_LOGIT, _read_head_json, _to_matrix, jsonable,
+    softmax,
+)
+
+KERNEL_FORMAT = "featurecache-svm-head"
+DEFAULT_SVM_CS: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
+MAX_ROWS = 20000
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 length (all-zero rows stay zero), in float64."""
+    x = np.asarray(x, np.float64)
+    norm = np.sqrt(np.maximum((x * x).sum(axis=1, keepdims=True), 1e-24))
+    return x / norm
+
+
+def cv_folds(y: np.ndarray, groups: Any, cv: int, random_state: int) -> tuple[list | None, str]:
+    """Stratified folds (grouped by image when rows repeat one): ([(train, test), ...], description);
+    (None, why) when a class has too few examples (images) to cross-validate."""
+    grouped = groups is not None and np.unique(groups).size < len(groups)
+    if grouped:  # images per class, not rows, bound the number of folds
+        groups = np.asarray(groups)
+        per_class = min(np.unique(groups[y == c]).size for c in np.unique(y))
+    else:
+        per_class = int(np.bincount(y)[np.unique(y)].min())
+    n_splits = min(int(cv), per_class)
+    if n_splits < 2:
+        return None, "a class has a single example, too few to cross-validate"
+    splitter = (StratifiedGroupKFold(n_splits, shuffle=True, random_state=random_state) if grouped
+                else StratifiedKFold(n_splits, shuffle=True, random_state=random_state))
+    folds = list(splitter.split(np.zeros(len(y)), y, groups if grouped else None))
+    return folds, f"{n_splits}-fold {'grouped ' if grouped else ''}CV"
+
+
+def _fit_fold(Z: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, C: float, gamma: float,
+              class_weight: str | None) -> np.ndarray:
+    svc = SVC(C=C, kernel="rbf", gamma=gamma, class_weight=class_weight, decision_function_shape="ovo")
+    svc.fit(Z[train], y[train])
+    return _ovo_all(svc, Z[test], np.unique(y))
+
+
+def _ovo_all(svc: SVC, Z: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """One-vs-one decisions for every pair of `classes` (a fold may miss a class: its pairs get 0)."""
+    dec = svc.decision_function(Z)
+    dec = dec.reshape(len(Z), -1)
+    k = len(classes)
+    if len(svc.classes_) == k:
+        return dec
+    out = np.zeros((len(Z), k * (k - 1) // 2))
+    pos = {int(c): i for i, c in enumerate(classes)}
+    fold_pairs = [(int(a), int(b)) for i, a in enumerate(svc.classes_) for b in svc.classes_[i + 1:]]
+    all_pairs = {(int(a), int(b)): j for j, (a, b) in enumerate(
+        (classes[i], classes[jj]) for i in range(k) for jj in range(i + 1, k))}
+    for col, pair in enumerate(fold_pairs):
+        if pair in all_pairs and pair[0] in pos and pair[1] in pos:
+            out[:, all_pairs[pair]] = dec[:, col]
+    return out
+
+
+def _pair_coefficients(svc: SVC) -> tuple[np.ndarray, np.ndarray]:
+    """(P, p0) with decision_function(Z) == K(Z, support vectors) @ P.T + p0 ('ovo' columns), from
+    libsvm's packed dual coefficients."""
+    n_cls = len(svc.classes_)
+    counts = svc.n_support_
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    pairs = [(i, j) for i in range(n_cls) for j in range(i + 1, n_cls)]
+    P = np.zeros((len(pairs), int(starts[-1])))
+    for p, (i, j) in enumerate(pairs):
+        si, sj = slice(starts[i], starts[i + 1]), slice(starts[j], starts[j + 1])
+        P[p, si] = svc.dual_coef_[j - 1, si]
+        P[p, sj] = svc.dual_coef_[i, sj]
+    return P, np.asarray(svc.intercept_, np.float64)  # (binary: sklearn's public attributes are already flipped)
+
+
+def _cross_fitted_log_loss(oof: np.ndarray, y: np.ndarray, folds: list) -> float:
+    """Log loss of the calibrated probabilities out of fold (the calibrator too is fitted without the
+    fold it scores): comparable to the logistic head's CV log loss on the same folds."""
+    classes = np.unique(y)
+    proba = np.zeros((y.size, classes.size))
+    for tr, te in folds:
+        cal = LogisticRegression(C=1.0, max_iter=1000).fit(oof[tr], y[tr])
+        proba[np.ix_(te, np.searchsorted(classes, cal.classes_))] = cal.predict_proba(oof[te])
+    picked = proba[np.arange(y.size), np.searchsorted(classes, y)]
+    return float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0))))
+
+
+class KernelHead(_Head):
+    """RBF-kernel SVM on unit-length features; C="auto" picks C from `Cs` by stratified CV accuracy.
+
+    gamma "scale" is 1 / (n_features * variance of the normalized training features), scikit-learn's
+    rule. The CV's out-of-fold one-vs-one decisions (at the chosen C) fit a multinomial logistic
+    calibrator; the final SVM refits on all rows. Folds run in parallel threads (`n_jobs`).
+    """
+
+    kind = "svm"
+
+    def __init__(self, C: float | str = "auto", Cs: Sequence[float] = DEFAULT_SVM_CS, gamma: float | str = "scale",
+                 cv: int = 5, class_weight: str | None = None, flatten: str = "avg", n_jobs: int | None = 1,
+                 random_state: int = 0, max_rows: int = MAX_ROWS, memory_budget_mb: float | None = None) -> None:
+        self.C = C
+        self.Cs = Cs
+        self.gamma = gamma
+        self.cv = cv
+        self.class_weight = class_weight
+        self.flatten = flatten
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.max_rows = max_rows
+        self.memory_budget_mb = memory_budget_mb
+
+    # ------------------------------------------------------------------------------ parameters
+    def check_params(self) -> "KernelHead":
+        self._given_C()
+        self._given_gamma()
+        if self.class_weight not in (None, "balanced"):
+            raise UserError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
+        if not (isinstance(self.max_rows, (int, np.integer)) and self.max_rows >= 2):
+            raise UserError(f"max_rows must be an integer >= 2, not {self.max_rows!r}")
+        return self
+
+    def _given_C(self) -> float | None:
+        if self.C == "auto":
+            return None
+        try:
+            C = float(self.C)
+        except (TypeError, ValueError):
+            raise UserError(f"C must be 'auto' or a positive number, not {self.C!r}") from None
+        if not (C > 0 and np.isfinite(C)):
+            raise UserError(f"C must be a positive number, not {self.C!r}")
+        return C
+
+    def _given_gamma(self) -> float | None:
+        if self.gamma == "scale":
+            return None
+        try:
+            g = float(self.gamma)
+        except (TypeError, ValueError):
+            raise UserError(f"gamma must be 'scale' or a positive number, not {self.gamma!r}") from None
+        if not (g > 0 and np.isfinite(g)):
+            raise UserError(f"gamma must be a positive number, not {self.gamma!r}")
+        return g
+
+    # ------------------------------------------------------------------------------------- fit
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, *, class_names: Sequence[str] | None = None,
+            cache_key: str | None = None, feature_info: Mapping[str, Any] | None = None,
+            groups: Any = None) -> "KernelHead":
+        """Fit on (X, y); X_val/y_val are accepted for a uniform head interface and not used.
+
+        groups: rows sharing a value stay in one CV fold (default for a FeatureSource: the image
+        index, so augmented views of an image never score their own copies).
+        """
+        self.check_params()
+        y = np.asarray(y, dtype=np.int64)
+        if _n_rows(X) != y.size:
+            raise ValueError(f"X has {_n_rows(X)} rows but y has {y.size}")
+        if y.size > self.max_rows:
+            raise UserError(f"the svm head fits at most {self.max_rows:,} training rows (its cost grows with rows "
+                            f"squared), and there are {y.size:,}; use --head logistic")
+        self._set_meta(X, y, class_names, cache_key, feature_info)
+        if self.memory_budget_mb is not None and 2 * y.size * self.n_features_in_ * 8 / 2**20 > self.memory_budget_mb:
+            raise UserError(f"the svm head needs the training features in memory "
+                            f"(~{2 * y.size * self.n_features_in_ * 8 / 2**20:,.3g} MB > budget "
+                            f"{self.memory_budget_mb:,.3g} MB); use --head logistic, which streams from the cache")
+        if groups is None and isinstance(X, FeatureSource):
+            groups = X.file.index[X.rows]
+        t0 = time.perf_counter()
+        Z = unit_rows(_to_matrix(X, self.flatten))
+        present = np.unique(y)
+        gamma = self._given_gamma()
+        self.gamma_ = float(gamma if gamma is not None else 1.0 / (Z.shape[1] * max(Z.var(), 1e-12)))
+        given = self._given_C()
+        Cs = [given] if given is not None else sorted(float(c) for c in self.Cs)
+        if not Cs or Cs[0] <= 0:
+            raise UserError("the C grid must hold positive numbers")
+        folds, how = cv_folds(y, groups, self.cv, self.random_state)
+        with threadpool_limits(1, user_api="blas"):
+            if folds is None:
+                self.C_, self.cv_scores_ = Cs[0] if given is None else given, {}
+                self.C_note_ = f"{'given' if given is not None else 'default'}: {how}"
+                oof = None
+            else:
+                jobs = [(C, tr, te) for C in Cs for tr, te in folds]
+                decs = Parallel(n_jobs=self.n_jobs, backend="threading")(
+                    delayed(_fit_fold)(Z, y, tr, te, C, self.gamma_, self.class_weight) for C, tr, te in jobs)
+                oof_by_C = {C: np.zeros((y.size, len(present) * (len(present) - 1) // 2)) for C in Cs}
+                for (C, _, te), dec in zip(jobs, decs):
+                    oof_by_C[C][te] = dec
+                self.cv_scores_ = {C: float(np.mean([(self._vote(oof_by_C[C][te], present) == y[te]).mean()
+                                                     for _, te in folds])) for C in Cs}
+                best = max(Cs, key=lambda c: (self.cv_scores_[c], -c))  # ties: the smaller C
+                self.C_ = best if given is None else given
+                self.C_note_ = "given" if given is not None else f"{how} (accuracy)"
+                oof = oof_by_C[self.C_]
+            svc = SVC(C=self.C_, kernel="rbf", gamma=self.gamma_, class_weight=self.class_weight,
+                      decision_function_shape="ovo").fit(Z, y)
+            P, p0 = _pair_coefficients(svc)
+            if oof is None:  # too few examples to cross-validate: calibrate on the training decisions
+                oof = svc.decision_function(Z).reshape(y.size, -1)
+            cal = LogisticRegression(C=1.0, max_iter=1000).fit(oof, y)
+            self.cv_log_loss_ = _cross_fitted_log_loss(oof, y, folds) if folds is not None else None
+        coef, inter = np.asarray(cal.coef_, np.float64), np.asarray(cal.intercept_, np.float64)
+        if coef.shape[0] == 1:  # binary: logits [0, z]
+            coef, inter = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, inter[0]])
+        A = np.zeros((self.n_classes_, P.shape[1]))
+        a = np.full(self.n_classes_, _PAD_LOGIT)
+        A[cal.classes_] = coef @ P
+        a[cal.classes_] = coef @ p0 + inter
+        self.support_vectors_ = Z[svc.support_].astype(np.float32)
+        self.coef_, self.intercept_ = A, a
+        self.n_support_ = int(svc.support_.size)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    @staticmethod
+    def _vote(dec: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """libsvm's one-vs-one vote (positive decision: the first class of the pair) -> class labels."""
+        k = len(classes)
+        if k == 2:  # sklearn's binary decision: positive means the second class
+            return classes[(dec[:, 0] > 0).astype(int)]
+        votes = np.zeros((dec.shape[0], k))
+        col = 0
+        for i in range(k):
+            for j in range(i + 1, k):
+                votes[:, i] += dec[:, col] > 0
+                votes[:, j] += dec[:, col] <= 0
+                col += 1
+        return classes[votes.argmax(axis=1)]
+
+    # --------------------------------------------------------------------------------- predict
+    def decision_function(self, X: Any, batch_size: int = 2048) -> np.ndarray:
+        """Calibrated logits (n, n_classes) whose softmax is `predict_proba`; rows go in batches."""
+        self._check_input(X)
+        sv = self.support_vectors_.astype(np.float64)
+        sv_sq = (sv * sv).sum(axis=1)
+        out = np.empty((_n_rows(X), self.n_classes_))
+        for start, xb in _matrix_batches(X, self.flatten, batch_size):
+            z = unit_rows(xb)
+            d2 = np.maximum((z * z).sum(axis=1, keepdims=True) + sv_sq - 2.0 * z @ sv.T, 0.0)
+            out[start:start + z.shape[0]] = np.exp(-self.gamma_ * d2) @ self.coef_.T + self.intercept_
+        return out
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (n, n_classes); classes absent from training get ~0."""
+        return softmax(self.decision_function(X))
+
+    def as_kernel_layers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(W1, b1, W2, b2): Dense(n_support, 'exponential') then Dense(n_classes) on unit-normalized
+        features give the logits: exp(2g z.s - 2g) = exp(-g |z - s|^2) for unit z and s."""
+        sv = self.support_vectors_.astype(np.float64)
+        g = self.gamma_
+        return 2.0 * g * sv.T, -g * (1.0 + (sv * sv).sum(axis=1)), self.coef_.T, self.intercept_
+
+    # ----------------------------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `<path>` (.npz arrays) and `<path minus suffix>.json` atomically; no pickle."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise UserError(f"an svm head is saved as a .npz file, not {path.name}")
+        arrays = {"support_vectors": self.support_vectors_, "coef": self.coef_, "intercept": self.intercept_}
+        meta = {"format": KERNEL_FORMAT, "version": 1, **self.metadata(), "C_": self.C_, "gamma_": self.gamma_,
+                "n_support": self.n_support_, "cv_scores": [[c, s] for c, s in self.cv_scores_.items()],
+                "C_note": self.C_note_, "cv_log_loss": self.cv_log_loss_}
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+        write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KernelHead":
+        """Load `head.npz` + `head.json` written by `save`."""
+        path = Path(path)
+        side = path.with_suffix(".json")
+        if not path.exists() or not side.exists():
+            raise UserError(f"an svm head needs both {path.name} and {side.name} in {path.parent}; one is missing")
+        meta = _read_head_json(side, KERNEL_FORMAT, "an svm head")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in ("support_vectors", "coef", "intercept")}
+        except Exception as exc:  # noqa: BLE001 - a damaged zip raises zipfile, OS or value errors
+            raise UserError(f"{path} is not a readable head file ({type(exc).__name__}: {exc}); re-run fit-head") \
+                from None
+        try:
+            head = cls(**_params_for(cls, meta["params"]))
+            head._load_meta(meta)
+            sv, coef, inter = arrays["support_vectors"], arrays["coef"], arrays["intercept"]
+            if (sv.ndim != 2 or sv.shape[1] != head.n_features_in_ or coef.shape != (head.n_classes_, sv.shape[0])
+                    or inter.shape != (head.n_classes_,)):
+                raise ValueError("arrays do not match the head's feature shape or classes")
+            head.support_vectors_, head.coef_, head.intercept_ = sv, coef, inter
+            head.C_, head.gamma_ = float(meta["C_"]), float(meta["gamma_"])
+            head.n_support_ = int(meta.get("n_support", sv.shape[0]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path} and {side.name} do not describe a valid svm head ({exc}); re-run fit-head") \
+                from None
+        head.cv_scores_ = {float(c): float(v) for c, v in meta.get("cv_scores") or []}
+        head.C_note_ = meta.get("C_note", "")
+        head.cv_log_loss_ = meta.get("cv_log_loss")
+        return head
+
+
+class AutoHead(_Head):
+    """The default head: fits the logistic and the svm head and keeps the one whose cross-validated
+    log loss (same folds, probabilities scored out of fold) is lower. Both fit in seconds on cached
+    features; which wins depends on the data (flowers: svm, 93.6% against 92.5%; hymenoptera:
+    logistic). `best_` is the chosen fitted head (what a run saves), `choice_` the scores and why.
+    The svm is skipped, with a note, where it cannot fit (over `max_rows` or the memory budget).
+    """
+
+    kind = "auto"
+
+    def __init__(self, class_weight: str | None = None, flatten: str = "avg", n_jobs: int | None = 1,
+                 random_state: int = 0, max_rows: int = MAX_ROWS, memory_budget_mb: float | None = None) -> None:
+        self.class_weight = class_weight
+        self.flatten = flatten
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.max_rows = max_rows
+        self.memory_budget_mb = memory_budget_mb
+
+    def _candidates(self) -> tuple:
+        from pipeline.heads.estimators import LogisticHead  # noqa: PLC0415
+
+        shared = dict(class_weight=self.class_weight, flatten=self.flatten, n_jobs=self.n_jobs,
+                      random_state=self.random_state, memory_budget_mb=self.memory_budget_mb)
+        return LogisticHead(**shared), KernelHead(max_rows=self.max_rows, **shared)
+
+    def check_params(self) -> "AutoHead":
+        for head in self._candidates():
+            head.check_params()
+        return self
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, **kw: Any) -> "AutoHead":
+        """Fit both candidates on (X, y) and keep the better by CV log loss; X_val/y_val are not used."""
+        logistic, svm = self._candidates()
+        logistic.fit(X, y, **kw)
+        scores: dict[str, float | None] = {
+            "logistic": -logistic.cv_scores_[logistic.C_] if logistic.cv_scores_ else None, "svm": None}
+        note = ""
+        try:
+            svm.fit(X, y, **kw)
+            scores["svm"] = svm.cv_log_loss_
+        except UserError as exc:
+            note = f"svm skipped: {exc}"
+        if scores["svm"] is not None and scores["logistic"] is not None and scores["svm"] < scores["logistic"]:
+            self.best_ = svm
+        else:
+            self.best_ = logistic
+            if not note and (scores["svm"] is None or scores["logistic"] is None):
+                note = "too few examples to cross-validate both heads: the logistic head is kept"
+        self.choice_ = {"chosen": self.best_.kind, "cv_log_loss": scores, **({"note": note} if note else {})}
+        for name in ("class_names_", "classes_", "n_classes_", "cache_key_", "feature_info_", "feature_shape_",
+                     "n_features_in_"):
+            setattr(self, name, getattr(self.best_, name))
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        return self.best_.predict_proba(X)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Saves the chosen head (load_head reads it back as that kind)."""
+        return self.best_.save(path)
+
+
+def _register() -> None:
+    from pipeline.heads.estimators import HEAD_TYPES  # noqa: PLC0415
+
+    HEAD_TYPES.setdefault("svm", KernelHead)
+    HEAD_TYPES.setdefault("auto", AutoHead)
+
+
+_register()

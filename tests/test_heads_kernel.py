@@ -1,0 +1,140 @@
+"""The svm head (RBF kernel on unit-length features) and the auto head that picks svm or logistic."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.svm import SVC
+
+from helpers_features import write_cache
+from pipeline.errors import UserError
+from pipeline.heads import AutoHead, KernelHead, LogisticHead, load_head, make_head
+from pipeline.heads.kernel import _pair_coefficients, unit_rows
+
+
+def rings(n: int = 360, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three classes by angle band of the first two coordinates: not linearly separable on the sphere
+    (class 0 owns two opposite bands), so a kernel head must beat a linear one."""
+    rng = np.random.default_rng(seed)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    band = (angle // (np.pi / 3)).astype(int) % 3
+    x = np.c_[np.cos(angle), np.sin(angle), 0.05 * rng.standard_normal((n, dim - 2))] * rng.uniform(0.5, 2, (n, 1))
+    return x.astype(np.float32), band.astype(np.int64)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_pair_coefficients_reproduce_sklearn_decisions(k):
+    rng = np.random.default_rng(k)
+    y = np.arange(120) % k
+    Z = unit_rows(rng.standard_normal((120, 6)) + 2 * np.eye(k, 6)[y])
+    svc = SVC(C=3, gamma=0.7, decision_function_shape="ovo").fit(Z, y)
+    P, p0 = _pair_coefficients(svc)
+    d2 = ((Z[:, None, :] - svc.support_vectors_[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(np.exp(-0.7 * d2) @ P.T + p0, svc.decision_function(Z).reshape(120, -1), atol=1e-9)
+
+
+def test_svm_beats_logistic_where_classes_are_not_linear_and_probabilities_are_consistent():
+    X, y = rings()
+    Xv, yv = rings(seed=1)
+    svm = KernelHead(n_jobs=2).fit(X, y)
+    lin = LogisticHead().fit(X, y)
+    acc_svm, acc_lin = (svm.predict(Xv) == yv).mean(), (lin.predict(Xv) == yv).mean()
+    assert acc_svm > 0.9 and acc_svm > acc_lin + 0.2
+    p = svm.predict_proba(Xv)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
+    assert (svm.predict(Xv) == p.argmax(axis=1)).all()
+    assert svm.C_ in svm.cv_scores_ and svm.C_note_.startswith("5-fold CV") and 0 < svm.cv_log_loss_ < 1
+    assert 0 < svm.n_support_ <= len(y) and svm.support_vectors_.shape == (svm.n_support_, X.shape[1])
+    # unit length: scaling a row does not change its prediction
+    np.testing.assert_allclose(svm.predict_proba(Xv * 7.5), p, atol=1e-6)
+
+
+def test_binary_svm_and_a_class_missing_from_training():
+    X, y = rings()
+    keep = y < 2
+    svm = KernelHead(C=3.0).fit(X[keep], y[keep], class_names=["a", "b", "c"])
+    assert svm.C_ == 3.0 and svm.C_note_ == "given"
+    p = svm.predict_proba(X)
+    assert p.shape == (len(X), 3) and p[:, 2].max() < 1e-9
+    assert (svm.predict(X[keep]) == y[keep]).mean() > 0.9
+
+
+def test_svm_save_load_roundtrip_and_load_head_dispatch(tmp_path):
+    X, y = rings()
+    svm = KernelHead().fit(X, y, class_names=["x", "y", "z"], cache_key="k1", feature_info={"backbone": "b"})
+    path = svm.save(tmp_path / "head.npz")
+    back = load_head(tmp_path)
+    assert isinstance(back, KernelHead) and back.class_names_ == ["x", "y", "z"] and back.cache_key_ == "k1"
+    np.testing.assert_allclose(back.predict_proba(X), svm.predict_proba(X), atol=1e-6)
+    assert back.C_ == svm.C_ and back.gamma_ == svm.gamma_ and back.cv_scores_ == svm.cv_scores_
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    meta["feature_shape"] = [X.shape[1] + 1]
+    side.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="do not describe a valid svm head"):
+        load_head(tmp_path)
+    path.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="not a readable head file"):
+        load_head(path)
+
+
+def test_svm_keras_stack_equals_predict_proba_on_feature_maps():
+    from pipeline.finetune.tuner import _head_model
+
+    rng = np.random.default_rng(0)
+    maps = rng.gamma(2.0, 1.0, (90, 3, 3, 8)).astype(np.float32)
+    y = np.arange(90) % 3
+    maps[np.arange(90), :, :, y] += 2.0
+    svm = KernelHead().fit(maps, y)
+    model = _head_model(svm, (3, 3, 8))
+    assert [l.name for l in model.layers][-3:] == ["rbf_kernel", "logits", "probabilities"]
+    np.testing.assert_allclose(np.asarray(model.predict(maps, verbose=0)), svm.predict_proba(maps), atol=1e-4)
+
+
+def test_svm_refuses_too_many_rows_and_bad_parameters():
+    X, y = rings()
+    with pytest.raises(UserError, match="at most 100 training rows.*--head logistic"):
+        KernelHead(max_rows=100).fit(X, y)
+    with pytest.raises(UserError, match="in memory .* > budget"):
+        KernelHead(memory_budget_mb=0.001).fit(X, y)
+    for bad, match in [({"C": -1}, "C must be"), ({"C": "x"}, "C must be"), ({"gamma": 0}, "gamma must be"),
+                       ({"class_weight": "x"}, "class_weight")]:
+        with pytest.raises(UserError, match=match):
+            KernelHead(**bad).check_params()
+    with pytest.raises(UserError, match="no parameter nosuch"):
+        make_head("svm", nosuch=1)
+
+
+def test_auto_head_keeps_the_lower_cv_log_loss():
+    X, y = rings()
+    auto = make_head("auto").fit(X, y)
+    assert isinstance(auto, AutoHead) and auto.best_.kind == "svm" and auto.choice_["chosen"] == "svm"
+    losses = auto.choice_["cv_log_loss"]
+    assert losses["svm"] < losses["logistic"]
+    np.testing.assert_allclose(auto.predict_proba(X), auto.best_.predict_proba(X))
+    # linearly separable blobs in 64-d: the svm may still fit, but the choice follows the scores
+    from helpers_features import blobs
+    Xb, yb = blobs(240, 64, 3, sep=1.0)
+    choice = AutoHead().fit(Xb, yb).choice_
+    scores = choice["cv_log_loss"]
+    assert choice["chosen"] == min(scores, key=scores.get)
+    # the svm cannot fit: the logistic head is kept, with the reason
+    small = AutoHead(max_rows=10).fit(X, y)
+    assert small.best_.kind == "logistic" and "svm skipped" in small.choice_["note"]
+
+
+def test_fit_head_on_a_cache_records_the_auto_choice(tmp_path):
+    from pipeline.heads.training import fit_head_run
+
+    path = write_cache(tmp_path / "c", n_images=200, dim=16, n_classes=3, sep=1.5)
+    from pipeline.features.store import FeatureFile
+    with FeatureFile(path) as ff:
+        result, run = fit_head_run(ff, AutoHead())
+    cfg = json.loads((run.dir / "config.json").read_text())
+    metrics = json.loads((run.dir / "metrics.json").read_text())
+    chosen = result.head.kind
+    assert cfg["head"] == chosen and cfg["head_choice"]["chosen"] == chosen == metrics["head_choice"]["chosen"]
+    assert type(load_head(run.dir)).__name__ == {"svm": "KernelHead", "logistic": "LogisticHead"}[chosen]
+    assert (run.dir / "c_curve.png").exists() and metrics["val"]["accuracy"] > 0.5
