@@ -1,16 +1,17 @@
-"""`KernelHead` (kind "svm"): an RBF-kernel SVM on L2-normalized features, the default head.
+"""`KernelHead` (kind "svm"): an RBF-kernel SVM on L2-normalized features; `AutoHead` (kind "auto",
+the default of `fit-head`): fits it and the logistic head and keeps the lower CV log loss.
 
-Why: on pooled CNN embeddings a kernel SVM on unit vectors beats a linear head clearly where
-classes are not linearly separable (flowers, EfficientNet-Lite0: 94.5% against the logistic head's
-92.5%) and ties it where they are. Probabilities come from a softmax over the SVM's one-vs-one
-decision values, fitted on out-of-fold decisions of the same cross-validation that picks C (Platt's
-method for many classes), so `predict` is the argmax of calibrated `predict_proba`.
+Why: on pooled CNN embeddings a kernel SVM on unit vectors beats a linear head where classes are not
+linearly separable (flowers, EfficientNet-Lite0: 93.6% against the logistic head's 92.5%) and ties or
+loses where they are (hymenoptera), hence the auto choice. Probabilities come from a softmax over the
+SVM's one-vs-one decision values, fitted on out-of-fold decisions of the same cross-validation that
+picks C (Platt's method for many classes), so `predict` is the argmax of calibrated `predict_proba`.
 
 The whole head is `softmax(A @ k(x) + a)` with k(x)_j = exp(-gamma * |z - s_j|^2), z = x/|x| and
 s_j the support vectors, so it is three built-in Keras layers (`as_kernel_layers`): UnitNormalization,
 Dense(n_support, "exponential") and Dense(n_classes); export and fine-tuning use that stack. Kernel
-methods grow with rows squared, so the head refuses more than `max_rows` training rows (the CLI then
-falls back to the logistic head).
+methods grow with rows squared, so the head refuses more than `max_rows` training rows, or features
+over the memory budget (the auto head then keeps the logistic one).
 """
 
 from __future__ import annotations
