@@ -121,6 +121,7 @@ def test_auto_head_keeps_the_lower_cv_log_loss():
     scores = choice["cv_log_loss"]
     assert choice["chosen"] == min(scores, key=scores.get)
     # the svm cannot fit: the logistic head is kept, with the reason
+    assert AutoHead().max_rows == 6000 < KernelHead().max_rows  # auto keeps the default head fast
     small = AutoHead(max_rows=10).fit(X, y)
     assert small.best_.kind == "logistic" and "svm skipped" in small.choice_["note"]
 
