@@ -126,3 +126,22 @@ def test_mlflow_wanted_but_missing_is_one_line(monkeypatch):
     assert mlflow_log.enabled(None) is False and mlflow_log.enabled(True) is True
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x.db")
     assert mlflow_log.enabled(None) is True and mlflow_log.enabled(False) is False
+
+
+def test_an_svm_head_is_logged_as_keras_layers_that_predict_like_the_head(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    data = make_folder(tmp_path / "d", per_class=10)
+    cache = tmp_path / "c"
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "svm", cwd=tmp_path)
+    assert fit.returncode == 0 and "logged to MLflow run" in fit.stderr, fit.stderr
+    run_id = _run_id(fit.stdout)
+    mrun = _mlflow_run(uri, run_id)
+    assert mrun.data.params["head"] == "svm"
+    from pipeline.features.store import FeatureFile
+    from pipeline.heads.estimators import load_head
+    head = load_head(cache / "runs" / run_id)
+    with FeatureFile(json.loads((cache / "runs" / run_id / "config.json").read_text())["cache_file"]) as ff:
+        feats = ff.load(ff.rows("val"))
+    got = np.asarray(mlflow.pyfunc.load_model(f"runs:/{mrun.info.run_id}/model").predict(feats))
+    np.testing.assert_allclose(got, head.predict_proba(feats), atol=1e-4)

@@ -205,7 +205,8 @@ def _log_history(mlflow, history: Mapping[str, list[float]]) -> None:
 
 
 def _log_model(mlflow, record: RunRecord) -> None:
-    """The head or model in MLflow's flavour: sklearn (skops) for logistic, keras otherwise."""
+    """The head or model in MLflow's flavour: sklearn (skops) for logistic, keras otherwise (an svm head
+    as its UnitNormalization + kernel + logits layers)."""
     if record.stage == "finetune" and (record.dir / "model.keras").is_file():
         import mlflow.keras
         from pipeline.heads.estimators import load_keras_file
@@ -227,6 +228,12 @@ def _log_model(mlflow, record: RunRecord) -> None:
     elif getattr(head, "model_", None) is not None:
         import mlflow.keras
         mlflow.keras.log_model(head.model_, name="model", pip_requirements=_requirements("keras"))
+    elif hasattr(head, "as_kernel_layers"):  # svm: its three Keras layers (as export and finetune build them)
+        import mlflow.keras
+        from pipeline.finetune.tuner import _head_model
+        backbone = (head.feature_info_ or {}).get("backbone", "")
+        mlflow.keras.log_model(_head_model(head, head.feature_shape_, backbone), name="model",
+                               pip_requirements=_requirements("keras"))
 
 
 def _requirements(*dists: str) -> list[str]:
