@@ -181,6 +181,9 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
             mlflow_after(log_mlflow, ff.path.parent.parent, run_id, mlflow_experiment)
             return
         from pipeline.heads.training import fit_head_run
+        if head == "auto":  # no bar for the CV fits: say what the next seconds (up to a minute) are
+            click.echo("head auto: fitting the logistic and the svm head (5-fold CV each) to keep the better",
+                       err=True)
         result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
                                    use_augmented=not no_augmented)
     if getattr(result.head, "streamed_", False):
