@@ -100,6 +100,7 @@ def test_svm_refuses_too_many_rows_and_bad_parameters():
     with pytest.raises(UserError, match="in memory .* > budget"):
         KernelHead(memory_budget_mb=0.001).fit(X, y)
     for bad, match in [({"C": -1}, "C must be"), ({"C": "x"}, "C must be"), ({"gamma": 0}, "gamma must be"),
+                       ({"C": float("inf")}, "C must be a finite positive number"),
                        ({"class_weight": "x"}, "class_weight")]:
         with pytest.raises(UserError, match=match):
             KernelHead(**bad).check_params()

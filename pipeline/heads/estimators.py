@@ -28,13 +28,13 @@ from joblib import parallel_config
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from pipeline.atomic import atomic_path, save_keras_atomic, write_text_atomic
 from pipeline.errors import UserError
+from pipeline.heads.folds import cv_folds
 from pipeline.heads.schedules import make_schedule
 from pipeline.heads.streaming import (
     as_float32, default_memory_budget_mb, fit_streamed_logistic, read_rows, read_sorted, row_spans,
@@ -183,6 +183,19 @@ def _matrix_batches(X: Any, flatten: str, batch_size: int) -> Iterator[tuple[int
             yield start, reduce_features(X.read(np.arange(start, stop)), flatten)
         else:
             yield start, reduce_features(np.asarray(X[start:stop]), flatten)
+
+
+def given_positive(value: Any, name: str, auto: str = "auto") -> float | None:
+    """None for the word `auto`, else `value` as a positive float; UserError naming `name` otherwise."""
+    if value == auto:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be '{auto}' or a positive number, not {value!r}") from None
+    if not number > 0:
+        raise UserError(f"{name} must be positive, not {number}")
+    return number
 
 
 def feature_info_of(ff: FeatureFile) -> dict[str, Any]:
@@ -400,15 +413,7 @@ class LogisticHead(_Head):
 
     def _given_C(self) -> float | None:
         """The fixed C, or None for 'auto'; UserError for anything else."""
-        if self.C == "auto":
-            return None
-        try:
-            C = float(self.C)
-        except (TypeError, ValueError):
-            raise UserError(f"C must be 'auto' or a positive number, not {self.C!r}") from None
-        if not C > 0:
-            raise UserError(f"C must be positive, not {C}")
-        return C
+        return given_positive(self.C, "C")
 
     def _fit_streamed(self, X: FeatureSource, y: np.ndarray, groups: Any, need_mb: float, budget_mb: float) -> None:
         """Fit from the cache in blocks (features over the budget), leaving the in-memory head's arrays."""
@@ -443,20 +448,9 @@ class LogisticHead(_Head):
         Cs = sorted(float(c) for c in self.Cs)
         if not Cs or Cs[0] <= 0:
             raise UserError("the C grid must hold positive numbers")
-        grouped = groups is not None and np.unique(groups).size < len(groups)
-        if grouped:  # images per class, not rows, bound the number of folds
-            groups = np.asarray(groups)
-            per_class = min(np.unique(groups[y == c]).size for c in np.unique(y))
-        else:
-            per_class = int(np.bincount(y)[np.unique(y)].min())
-        n_splits = min(int(self.cv), per_class)
-        if n_splits < 2:
-            return 1.0, {}, "default: a class has a single example, too few to cross-validate"
-        if grouped:
-            folds = StratifiedGroupKFold(n_splits, shuffle=True, random_state=self.random_state)
-            cv = list(folds.split(Xs, y, groups))
-        else:
-            cv = StratifiedKFold(n_splits, shuffle=True, random_state=self.random_state)
+        cv, how = cv_folds(y, groups, self.cv, self.random_state)
+        if cv is None:
+            return 1.0, {}, f"default: {how}"
         search = LogisticRegressionCV(
             Cs=Cs, cv=cv, scoring=self.scoring, l1_ratios=(0.0,), use_legacy_attributes=False, refit=False,
             class_weight=self.class_weight, max_iter=self.max_iter, tol=self.cv_tol, n_jobs=self.n_jobs,
@@ -467,8 +461,7 @@ class LogisticHead(_Head):
             search.fit(Xs, y)
         mean = np.asarray(search.scores_).reshape(-1, len(Cs)).mean(axis=0)
         best = int(np.argmax(mean))
-        how = f"{n_splits}-fold {'grouped ' if grouped else ''}CV ({self.scoring})"
-        return Cs[best], {c: float(s) for c, s in zip(Cs, mean)}, how
+        return Cs[best], {c: float(s) for c, s in zip(Cs, mean)}, f"{how} ({self.scoring})"
 
     def decision_function(self, X: Any, batch_size: int = 8192) -> np.ndarray:
         """Logits (n, n_classes) whose softmax is `predict_proba`, one column per class name; rows go
@@ -508,9 +501,7 @@ class LogisticHead(_Head):
     def save(self, path: str | os.PathLike) -> Path:
         """Write `<path>` (.npz: scaler and model arrays) and `<path minus suffix>.json` (parameters,
         classes, metadata), atomically; both load without executing code (no pickle)."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise UserError(f"a logistic head is saved as a .npz file, not {path.name}")
+        path = npz_head_path(path, "a logistic head")
         scaler, model = self.pipeline_.named_steps["scaler"], self.pipeline_.named_steps["logreg"]
         arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "scaler_var": scaler.var_,
                   "scaler_n_samples_seen": np.asarray(scaler.n_samples_seen_),
@@ -520,10 +511,7 @@ class LogisticHead(_Head):
                 "cv_scores": [[c, s] for c, s in self.cv_scores_.items()], "C_note": self.C_note_,
                 "converged": self.converged_, "streamed": getattr(self, "streamed_", False),
                 "stream_note": getattr(self, "stream_note_", "")}
-        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
-        write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
-        return path
+        return write_npz_head(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, trust_pickle: bool = False) -> "LogisticHead":
@@ -532,17 +520,9 @@ class LogisticHead(_Head):
         if path.suffix == ".joblib":
             return cls._load_pickle(path, trust_pickle)
         side = path.with_suffix(".json")
-        if not path.exists() or not side.exists():
-            raise UserError(f"a logistic head needs both {path.name} and {side.name} in {path.parent}; "
-                            f"one is missing")
-        meta = _read_head_json(side, _LOGISTIC_FORMAT, "a logistic head")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ("scaler_mean", "scaler_scale", "scaler_var", "scaler_n_samples_seen",
-                                            "coef", "intercept", "model_classes", "n_iter")}
-        except Exception as exc:  # noqa: BLE001 - a damaged zip raises zipfile, OS or value errors
-            raise UserError(f"{path} is not a readable head file ({type(exc).__name__}: {exc}); re-run fit-head") \
-                from None
+        meta, arrays = read_npz_head(path, _LOGISTIC_FORMAT, "a logistic head", (
+            "scaler_mean", "scaler_scale", "scaler_var", "scaler_n_samples_seen", "coef", "intercept", "model_classes",
+            "n_iter"))
         try:
             head = cls(**_params_for(cls, meta["params"]))
             head._load_meta(meta)
@@ -614,6 +594,38 @@ def _read_head_json(side: Path, fmt: str, what: str) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise UserError(f"{side} does not describe {what}")
     return meta
+
+
+def npz_head_path(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path, refused unless it ends in .npz (where `what`, e.g. "an svm head", is saved)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise UserError(f"{what} is saved as a .npz file, not {path.name}")
+    return path
+
+
+def write_npz_head(path: Path, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
+    """Write a head's arrays to `path` (.npz) and its description beside it (.json), each atomically."""
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+    write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
+    return path
+
+
+def read_npz_head(path: Path, fmt: str, what: str, keys: Sequence[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(description, arrays) of a head saved by `write_npz_head`, without pickle; UserError when either
+    file is missing, unreadable, of another format, or lacks one of `keys`."""
+    side = path.with_suffix(".json")
+    if not path.exists() or not side.exists():
+        raise UserError(f"{what} needs both {path.name} and {side.name} in {path.parent}; one is missing")
+    meta = _read_head_json(side, fmt, what)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in keys}
+    except Exception as exc:  # noqa: BLE001 - a damaged zip raises zipfile, OS or value errors
+        raise UserError(f"{path} is not a readable head file ({type(exc).__name__}: {exc}); re-run fit-head") \
+            from None
+    return meta, arrays
 
 
 def _params_for(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:

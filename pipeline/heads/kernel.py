@@ -16,7 +16,6 @@ over the memory budget (the auto head then keeps the logistic one).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -25,15 +24,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from joblib import Parallel, delayed
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
-from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.errors import UserError
+from pipeline.heads.folds import cv_folds
 from pipeline.heads.estimators import (
-    FeatureSource, _Head, _matrix_batches, _n_rows, _params_for, _PAD_LOGIT, _read_head_json, _to_matrix, jsonable,
-    softmax,
+    FeatureSource, _Head, _matrix_batches, _n_rows, _params_for, _PAD_LOGIT, _to_matrix, given_positive,
+    npz_head_path, read_npz_head, softmax, write_npz_head,
 )
 
 KERNEL_FORMAT = "featurecache-svm-head"
@@ -51,22 +49,11 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / norm
 
 
-def cv_folds(y: np.ndarray, groups: Any, cv: int, random_state: int) -> tuple[list | None, str]:
-    """Stratified folds (grouped by image when rows repeat one): ([(train, test), ...], description);
-    (None, why) when a class has too few examples (images) to cross-validate."""
-    grouped = groups is not None and np.unique(groups).size < len(groups)
-    if grouped:  # images per class, not rows, bound the number of folds
-        groups = np.asarray(groups)
-        per_class = min(np.unique(groups[y == c]).size for c in np.unique(y))
-    else:
-        per_class = int(np.bincount(y)[np.unique(y)].min())
-    n_splits = min(int(cv), per_class)
-    if n_splits < 2:
-        return None, "a class has a single example, too few to cross-validate"
-    splitter = (StratifiedGroupKFold(n_splits, shuffle=True, random_state=random_state) if grouped
-                else StratifiedKFold(n_splits, shuffle=True, random_state=random_state))
-    folds = list(splitter.split(np.zeros(len(y)), y, groups if grouped else None))
-    return folds, f"{n_splits}-fold {'grouped ' if grouped else ''}CV"
+def _finite(value: float | None, name: str) -> float | None:
+    """libsvm needs finite C and gamma (the logistic head takes C=inf: no penalty)."""
+    if value is not None and not np.isfinite(value):
+        raise UserError(f"{name} must be a finite positive number, not {value}")
+    return value
 
 
 def _fit_fold(Z: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, C: float, gamma: float,
@@ -156,26 +143,10 @@ class KernelHead(_Head):
         return self
 
     def _given_C(self) -> float | None:
-        if self.C == "auto":
-            return None
-        try:
-            C = float(self.C)
-        except (TypeError, ValueError):
-            raise UserError(f"C must be 'auto' or a positive number, not {self.C!r}") from None
-        if not (C > 0 and np.isfinite(C)):
-            raise UserError(f"C must be a positive number, not {self.C!r}")
-        return C
+        return _finite(given_positive(self.C, "C"), "C")
 
     def _given_gamma(self) -> float | None:
-        if self.gamma == "scale":
-            return None
-        try:
-            g = float(self.gamma)
-        except (TypeError, ValueError):
-            raise UserError(f"gamma must be 'scale' or a positive number, not {self.gamma!r}") from None
-        if not (g > 0 and np.isfinite(g)):
-            raise UserError(f"gamma must be a positive number, not {self.gamma!r}")
-        return g
+        return _finite(given_positive(self.gamma, "gamma", auto="scale"), "gamma")
 
     # ------------------------------------------------------------------------------------- fit
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, *, class_names: Sequence[str] | None = None,
@@ -194,9 +165,9 @@ class KernelHead(_Head):
             raise UserError(f"the svm head fits at most {self.max_rows:,} training rows here (its cost grows with "
                             f"rows squared), and there are {y.size:,}; use --head logistic")
         self._set_meta(X, y, class_names, cache_key, feature_info)
-        if self.memory_budget_mb is not None and 2 * y.size * self.n_features_in_ * 8 / 2**20 > self.memory_budget_mb:
-            raise UserError(f"the svm head needs the training features in memory "
-                            f"(~{2 * y.size * self.n_features_in_ * 8 / 2**20:,.3g} MB > budget "
+        need_mb = 2 * y.size * self.n_features_in_ * 8 / 2**20  # float64 features, normalized copy included
+        if self.memory_budget_mb is not None and need_mb > self.memory_budget_mb:
+            raise UserError(f"the svm head needs the training features in memory (~{need_mb:,.3g} MB > budget "
                             f"{self.memory_budget_mb:,.3g} MB); use --head logistic, which streams from the cache")
         if groups is None and isinstance(X, FeatureSource):
             groups = X.file.index[X.rows]
@@ -290,32 +261,19 @@ class KernelHead(_Head):
     # ----------------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
         """Write `<path>` (.npz arrays) and `<path minus suffix>.json` atomically; no pickle."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise UserError(f"an svm head is saved as a .npz file, not {path.name}")
+        path = npz_head_path(path, "an svm head")
         arrays = {"support_vectors": self.support_vectors_, "coef": self.coef_, "intercept": self.intercept_}
         meta = {"format": KERNEL_FORMAT, "version": 1, **self.metadata(), "C_": self.C_, "gamma_": self.gamma_,
                 "n_support": self.n_support_, "cv_scores": [[c, s] for c, s in self.cv_scores_.items()],
                 "C_note": self.C_note_, "cv_log_loss": self.cv_log_loss_}
-        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
-        write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
-        return path
+        return write_npz_head(path, arrays, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "KernelHead":
         """Load `head.npz` + `head.json` written by `save`."""
         path = Path(path)
         side = path.with_suffix(".json")
-        if not path.exists() or not side.exists():
-            raise UserError(f"an svm head needs both {path.name} and {side.name} in {path.parent}; one is missing")
-        meta = _read_head_json(side, KERNEL_FORMAT, "an svm head")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in ("support_vectors", "coef", "intercept")}
-        except Exception as exc:  # noqa: BLE001 - a damaged zip raises zipfile, OS or value errors
-            raise UserError(f"{path} is not a readable head file ({type(exc).__name__}: {exc}); re-run fit-head") \
-                from None
+        meta, arrays = read_npz_head(path, KERNEL_FORMAT, "an svm head", ("support_vectors", "coef", "intercept"))
         try:
             head = cls(**_params_for(cls, meta["params"]))
             head._load_meta(meta)

@@ -39,9 +39,9 @@ from scipy.optimize import minimize
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import get_scorer, log_loss
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from pipeline.errors import UserError
+from pipeline.heads.folds import cv_folds, is_grouped
 
 # A selection of rows is read as one contiguous slice (then indexed in memory) while it covers at
 # least 1/_DENSE_READ of the rows it spans: h5py point selections cost ~100x more per row.
@@ -305,20 +305,11 @@ def _stats_and_sample(blocks: Blocks, block_rows: int, n: int, dim: int,
 def _holdout(ys: np.ndarray, groups: Any, random_state: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
     """(train, held-out) positions of the subsample, 1/4 held out, stratified and grouped by image;
     None when a class has too few images to hold any out."""
-    grouped = groups is not None and np.unique(groups).size < len(groups)
-    if grouped:
-        per_class = min(np.unique(groups[ys == c]).size for c in np.unique(ys))
-    else:
-        per_class = int(np.bincount(ys)[np.unique(ys)].min())
-    n_splits = min(_HOLDOUT_SPLITS, per_class)
-    if n_splits < 2:
+    folds, _ = cv_folds(ys, groups, _HOLDOUT_SPLITS, random_state)
+    if folds is None:
         return None
-    if grouped:
-        folds = StratifiedGroupKFold(n_splits, shuffle=True, random_state=random_state).split(ys, ys, groups)
-    else:
-        folds = StratifiedKFold(n_splits, shuffle=True, random_state=random_state).split(ys, ys)
-    tr, ho = next(iter(folds))
-    return tr, ho, grouped
+    tr, ho = folds[0]
+    return tr, ho, is_grouped(groups)
 
 
 def _sample_fits(Xs: np.ndarray, ys: np.ndarray, sws: np.ndarray, groups: Any, C: float | None,
