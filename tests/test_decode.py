@@ -138,6 +138,20 @@ def test_augment_is_deterministic_and_varies_with_view_and_image():
     np.testing.assert_array_equal(augment(img, off, 0, 1, 0), img)
 
 
+@pytest.mark.parametrize("spec, message", [("rotation=15", "rotation must be between 0 and 0.5"),
+                                           ("zoom=1", "zoom must be between 0 and 0.9"),
+                                           ("brightness=-0.1", "brightness must be between 0 and 1"),
+                                           ("contrast=nan", "contrast must be between"),
+                                           ("flip=0", "flip takes no strength")])
+def test_out_of_range_augmentation_is_a_user_error(spec, message):
+    from pipeline.cli.options import parse_augment
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        parse_augment("flip," + spec if not spec.startswith("flip") else spec)
+    assert parse_augment("flip,rotation=0.5,zoom=0.9").rotation == 0.5  # the limits themselves are fine
+
+
 def test_loader_keeps_order_and_reports_skips():
     def job(i):
         if i % 4 == 3:

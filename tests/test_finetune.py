@@ -97,6 +97,8 @@ def test_vgg_block5_trainable_and_unknown_block_lists_names(data):
     assert names == ["block5_conv1", "block5_conv2", "block5_conv3", "logits"]
     assert not model.get_layer("preprocess_rgb_to_bgr").trainable
     assert set_trainable(model, VGG, (), unfreeze_last=2) == ["block5_conv3", "logits"]  # + weightless pool
+    with pytest.raises(UserError, match="more than the .* layers"):
+        set_trainable(model, VGG, (), unfreeze_last=100000)
     with pytest.raises(UserError) as err:
         set_trainable(model, VGG, ["block9"])
     assert "block9" in str(err.value) and all(b in str(err.value) for b in ("block5", "block4", "block3"))

@@ -170,6 +170,28 @@ def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch, capfd):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", failing_init)
+    monkeypatch.setattr(distributed, "_check_reachable", lambda address: None)  # as if the port answered
     with pytest.raises(UserError, match="could not reach a Ray cluster at '192.0.2.1:6379'"):
         distributed._run_on_ray(ray, None, opts(tmp_path / "c"), [0], "192.0.2.1:6379", None, print, None)
     assert "gcs_client" not in capfd.readouterr().err
+
+
+def test_an_address_nothing_listens_on_fails_in_seconds(tmp_path, monkeypatch):
+    """ray.init retries a dead address for minutes; the port check answers before it is called."""
+    import socket
+    import time
+
+    from pipeline.errors import UserError
+    from pipeline.extract import distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("ray.init was called"))
+    t = time.perf_counter()
+    with pytest.raises(UserError, match=f"could not reach a Ray cluster at '127.0.0.1:{port}'"):
+        distributed._run_on_ray(ray, None, opts(tmp_path / "c"), [0], f"127.0.0.1:{port}", None, print, None)
+    assert time.perf_counter() - t < 5
+    with pytest.raises(UserError, match="--ray takes host:port"):
+        distributed._check_reachable("no-port-here")

@@ -161,6 +161,8 @@ def test_registry_start_finish_list_filter_sort(tmp_path):
     assert [r.id for r in reg.list(sort="val.accuracy")] == [c.id, b.id, a.id]   # missing values last
     assert [r.id for r in reg.list(sort="val_f1", descending=False)] == [b.id, c.id, a.id]
     assert [r.id for r in reg.list(sort="params.lr")] == [b.id, c.id, a.id]
+    with pytest.raises(UserError, match="no run listed has a value for 'nosuch'"):
+        reg.list(sort="nosuch")  # a key no run has is a typo, not an order
     assert reg.get(c.id).val_accuracy == 0.95 and reg.get(b.id).val_f1 == 0.88
     info = json.loads((b.dir / "run.json").read_text())
     assert info["status"] == "ok" and info["ended"] and info["duration_s"] >= 0

@@ -104,6 +104,8 @@ def parse_augment(spec: str) -> AugmentConfig:
         if name not in defaults:
             raise UserError(f"unknown augmentation {name!r}; choose from {', '.join(defaults)}")
         if name == "flip":
+            if value:
+                raise UserError(f"flip takes no strength ({part!r}); name it to turn it on, leave it out to turn it off")
             chosen[name] = True
         else:
             try:

@@ -13,7 +13,14 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 AUGMENT_OPS = ("flip", "rotation", "zoom", "brightness", "contrast")
+# the largest strength each op can take and what it is measured in: a rotation past half a turn
+# repeats, a zoom range of 1 reaches a zero-size view, brightness and contrast past 1 only clip
+_LIMITS = {"rotation": (0.5, "a fraction of a full turn: 0.05 is +-18 degrees"),
+           "zoom": (0.9, "a relative range: 0.1 is 90% to 110%"),
+           "brightness": (1.0, "a relative range"), "contrast": (1.0, "a relative range")}
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,12 @@ class AugmentConfig:
     zoom: float = 0.1
     brightness: float = 0.1
     contrast: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name, (top, unit) in _LIMITS.items():
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= float(value) <= top:  # NaN fails too
+                raise UserError(f"augmentation {name} must be between 0 and {top} ({unit}), not {value!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)

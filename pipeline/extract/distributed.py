@@ -189,6 +189,24 @@ def _record_ray_figures(options: RunOptions, result: ExtractResult, n_chunks: in
     _write_json(record.dir / "metrics.json", metrics)
 
 
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Fail in seconds on a `host:port` (or `ray://host:port`) nothing listens on; `ray.init` itself
+    retries such an address for minutes before giving up."""
+    import socket
+
+    if address in (None, "local", "auto"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--ray takes host:port (e.g. 10.0.0.5:6379) or ray://host:port, not {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(f"could not reach a Ray cluster at {address!r} ({exc.strerror or exc}); start one with "
+                        f"`ray start --head` there, check the address, or drop it for a local cluster") from None
+
+
 def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | None, n_workers: int | None,
                 log: Log, on_chunk, transport: str = "auto") -> int:
     import uuid
@@ -208,6 +226,7 @@ def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | Non
         kwargs["runtime_env"] = {"env_vars": env} if env else None
         from pipeline.quiet_fd import muted_stderr
 
+        _check_reachable(address)
         try:
             remote = address not in (None, "local")  # (a local cluster's processes would inherit the mute)
             with muted_stderr(show_on_error=False) if remote else contextlib.nullcontext():

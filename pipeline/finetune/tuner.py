@@ -197,6 +197,9 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
     check_blocks(spec, unfreeze, present=list(spans))
     if unfreeze_last is not None and int(unfreeze_last) < 0:
         raise UserError(f"unfreeze_last must be 0 or more, not {unfreeze_last}")
+    if unfreeze_last and int(unfreeze_last) > len(layers):
+        raise UserError(f"--unfreeze-last {unfreeze_last} is more than the {len(layers)} layers {spec.name}'s backbone "
+                        f"has here; give at most {len(layers)} (or name blocks with --unfreeze)")
     chosen: set[int] = set()
     for block in unfreeze:
         start, end = spans[block]

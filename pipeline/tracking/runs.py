@@ -222,6 +222,9 @@ class Registry:
             records = [r for r in records if _matches(r.value(key), want)]
         present = [r for r in records if r.value(sort) is not None]
         missing = [r for r in records if r.value(sort) is None]
+        if records and not present:
+            raise UserError(f"no run listed has a value for {sort!r} to sort by; use started, duration, status, "
+                            f"val_accuracy, val_f1 or a dotted metrics/config key such as val.log_loss or backbone")
         try:
             present.sort(key=lambda r: r.value(sort), reverse=descending)
         except TypeError:
