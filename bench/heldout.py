@@ -9,6 +9,7 @@ before and after fine-tuning and the wall time of each command.
 
     .venv/bin/python bench/heldout.py                   # ../shared/data/flower_photos_224
     .venv/bin/python bench/heldout.py --data DIR --work /tmp/heldout
+    .venv/bin/python bench/heldout.py --backbone efficientnet_lite0   # other options go to fit-head
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flower_photos_224"))
     ap.add_argument("--work", default=None, help="manifest and cache folder (default: a temporary folder)")
-    args = ap.parse_args(argv)
+    args, fit_head_args = ap.parse_known_args(argv)
     root = Path(args.data)
     if not (root / "train").is_dir():
         sys.exit(f"{root} has no train/ folder")
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
     counts = write_manifest(root, manifest)
     print(f"{root.name}: {counts['train']} train / {counts['val']} val / {counts['test']} test (carved from train)")
     cache = ["--cache-dir", str(work / "cache")]
-    out, t_head = cli("fit-head", "--data", str(manifest), "--allow-outside-paths", *cache)
+    out, t_head = cli("fit-head", "--data", str(manifest), "--allow-outside-paths", *cache, *fit_head_args)
     head_run = re.search(r"run (\S+) saved in", out).group(1)
     print(f"fit-head ({t_head:.0f} s): " + "; ".join(l.strip() for l in out.splitlines()
                                                   if l.startswith(("val ", "test ")) and "accuracy" in l))
