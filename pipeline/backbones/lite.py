@@ -27,7 +27,7 @@ __all__ = [
     "build_lite", "load_lite_weights", "top_block_names", "weights_path",
 ]
 
-DEFAULT_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+DEFAULT_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}  # trained at (native)
 # name -> (width multiplier, depth multiplier, dropout before the classifier)
 _SCALING = {"efficientnet_lite0": (1.0, 1.0, 0.2), "efficientnet_lite1": (1.0, 1.1, 0.2),
             "efficientnet_lite2": (1.1, 1.2, 0.3)}

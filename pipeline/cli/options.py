@@ -8,6 +8,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
+from pipeline.backbones.table import DEFAULT_BACKBONE
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig
 from pipeline.errors import UserError
 from pipeline.backend import BACKENDS, select as select_backend
@@ -19,7 +20,7 @@ _EXTRACT_OPTIONS = [
     click.option("--data", default=BUILTIN_DEFAULT, show_default=True,
                  help="Image folder (one subfolder per class, optionally under train/val/test), "
                       "CSV manifest path,label[,split], tfds:NAME, or builtin:digits."),
-    click.option("--backbone", default="efficientnet_lite0", show_default=True,
+    click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
                  help="Backbone name; `cli.py backbones` lists them."),
     click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a weights file."),
     click.option("--image-size", type=int, default=None, help="Input size (default: the backbone's)."),

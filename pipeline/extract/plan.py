@@ -33,7 +33,7 @@ class ExtractRequest:
     """Everything that changes the features; all of it is hashed into the cache key."""
 
     data: str = BUILTIN_DEFAULT
-    backbone: str = "efficientnet_lite0"
+    backbone: str = backbones.DEFAULT_BACKBONE
     weights: str = "imagenet"
     image_size: int | None = None
     resize: str = "stretch"
