@@ -161,6 +161,7 @@ def test_usage_errors_are_one_line(args, fragment):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--C", "abc"], "--C must be 'auto' or a positive number"),
+    (["--head", "logistic", "--C", "nan"], "--C must be positive"),  # NaN passed the CLI's own parser once
     (["--head", "dense", "--optimizer", "adam", "--lr-schedule", "exponential", "--exp-decay", "-1"], "decay"),
 ])
 def test_fit_head_checks_its_options_before_extracting(tmp_path, args, fragment):

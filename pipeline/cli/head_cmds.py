@@ -27,15 +27,11 @@ _FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pool
 
 
 def _float_or_auto(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        c = float(value)
-    except ValueError:
-        raise UserError(f"--C must be 'auto' or a positive number, not {value!r}") from None
-    if c <= 0:
-        raise UserError("--C must be positive")
-    return c
+    """--C: 'auto' or a positive number (the heads' own parser, so NaN and such are refused alike)."""
+    from pipeline.heads.estimators import given_positive
+
+    number = given_positive(value, "--C")
+    return "auto" if number is None else number
 
 
 def _open_cache(cache: str | None, kw: dict):
