@@ -394,7 +394,6 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     return Stage2Inputs(request, head, Path(cache), config, split, val_source)
 
 
-
 def _remake_cache(request: Mapping[str, Any], gone: Path) -> str:
     """The fit-head run's cache file was removed (`cache rm`, eviction): extract the run's recorded
     request again into the same cache folder (unchanged data gives the same key and rows)."""

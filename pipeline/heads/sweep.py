@@ -285,7 +285,7 @@ def _best_plots(best: SweepResult, run) -> None:
         plot_history(history, run.path("curves.png"), title=f"best {head.kind} head of the sweep")
     if getattr(head, "cv_scores_", None):
         plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_,
-                     scoring=getattr(head, "scoring", "CV accuracy"))
+                     scoring=head.scoring)
     report = best.metrics
     if report.get("n") and report.get("confusion_matrix") is not None:
         plot_confusion_matrix(report["confusion_matrix"], report["class_names"], run.path("confusion_val.png"),

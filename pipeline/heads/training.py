@@ -185,7 +185,7 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
         files["curves"] = plot_history(history, run.path("curves.png"), title=f"{head.kind} head")
     if getattr(head, "cv_scores_", None):  # logistic (log loss) or svm (accuracy) against C
         files["c_curve"] = plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_,
-                                        scoring=getattr(head, "scoring", "CV accuracy"))
+                                        scoring=head.scoring)
     for part in ("val", "test"):
         report = result.metrics.get(part)
         if report and report.get("n"):
