@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     from pipeline.extract import ExtractRequest
     from pipeline.finetune.data import make_batches
     from pipeline.finetune.tuner import build_finetune_model, set_trainable
-    from pipeline.heads.estimators import LogisticHead
+    from pipeline.heads import LogisticHead
 
     train_dir = Path(args.data) / "train"
     if not train_dir.is_dir():

@@ -184,7 +184,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.cache) if args.cache else synthetic_cache(Path(tmp.name), args.n, args.dim, args.classes)
-    from pipeline.heads.estimators import DenseHead, LogisticHead
+    from pipeline.heads import DenseHead, LogisticHead
     from pipeline.tracking.metrics import classification_report
     from pipeline.heads.sweep import sweep
     from pipeline.heads.training import split_rows
@@ -215,7 +215,7 @@ def main(argv=None) -> None:
             head = LogisticHead(n_jobs=args.n_jobs).fit(Xtr, ytr, class_names=names)
             print(f"      held-out val accuracy when fit on train only: {acc(head):.3f}")
         if "svm" not in args.skip:
-            from pipeline.heads.kernel import AutoHead, KernelHead
+            from pipeline.heads import AutoHead, KernelHead
             head, wall, cpu = timed(lambda: KernelHead(n_jobs=args.n_jobs).fit(Xall, yall, class_names=names))
             print(f"(i-b) svm C=auto, {Xall.shape[0]} x {Xall.shape[1]}: {wall:.2f} s wall, {cpu:.2f} s cpu "
                   f"(C={head.C_:.3g}, {head.n_support_} support vectors; load {load()})")

@@ -101,7 +101,7 @@ def write_synthetic(folder: Path, n: int, dim: int, k: int, seed: int = 0) -> Pa
 
 def fit_child(path: str, budget: float) -> dict:
     """Child process: fit the logistic head on the train rows, score val; JSON-ready facts."""
-    from pipeline.heads.estimators import FeatureSource, LogisticHead
+    from pipeline.heads import FeatureSource, LogisticHead
 
     with FeatureFile(path) as ff:
         tr, va = ff.rows("train"), ff.rows("val")

@@ -170,14 +170,14 @@ def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
 DENSE = """
 import json, sys
 import numpy as np
-from pipeline.heads.estimators import DenseHead, _compile_settings
+from pipeline.heads.dense import DenseHead, compile_settings
 rng = np.random.default_rng(0)
 centers = rng.normal(0, 5, (3, 16))
 y = np.repeat(np.arange(3), 40)
 X = (centers[y] + rng.normal(0, 0.5, (120, 16))).astype(np.float32)
 head = DenseHead(hidden=(32,), epochs=20, batch_size=16).fit(X[::2], y[::2], X[1::2], y[1::2], class_names=list("abc"))
 p = head.predict_proba(X[1::2])
-json.dump({"settings": _compile_settings(), "sums": float(np.abs(p.sum(1) - 1).max()),
+json.dump({"settings": compile_settings(), "sums": float(np.abs(p.sum(1) - 1).max()),
            "acc": float((p.argmax(1) == y[1::2]).mean()), "epochs": head.n_epochs_}, open(sys.argv[1], "w"))
 """
 

@@ -98,7 +98,7 @@ def test_head_that_does_not_match_the_cache_is_refused(tmp_path):
     cache = str(tmp_path / "c")
     fit = run_cli("fit-head", "--cache", str(a), "--head", "logistic", "--C", "1", "--cache-dir", cache)
     assert fit.returncode == 0, fit.stderr
-    from pipeline.heads.estimators import load_head
+    from pipeline.heads import load_head
     from pipeline.features.store import FeatureFile
     from pipeline.errors import UserError
     head = load_head(Path(cache) / "runs" / _run_id(fit.stdout))
@@ -142,7 +142,7 @@ def test_fit_head_streams_the_logistic_head_over_the_memory_budget(tmp_path):
     params = json.loads((run_dir / "config.json").read_text())["head_params"]
     assert params["memory_budget_mb"] == 1.0
     assert (run_dir / "c_curve.png").exists()
-    from pipeline.heads.estimators import load_head
+    from pipeline.heads import load_head
     head = load_head(run_dir)
     assert head.streamed_ and head.stream_note_ == notes[0]
     in_memory = run_cli("fit-head", "--cache", str(path), "--head", "logistic", "--C", "0.1", "--cache-dir", cache)

@@ -12,7 +12,7 @@ from conftest import run_cli
 from helpers_features import write_cache
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
-from pipeline.heads.estimators import LogisticHead
+from pipeline.heads import LogisticHead
 from pipeline.heads.training import fit_head_run
 from pipeline.tracking.compare import (MISSING, compare, confusion_of, differing_params, format_value, load_history,
                                        metric_rows, plot_comparison, resolve)

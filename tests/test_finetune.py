@@ -21,7 +21,7 @@ from pipeline.extract import ExtractRequest  # noqa: E402
 from pipeline.finetune.tuner import (  # noqa: E402
     CHECKPOINT_FILE, FineTuner, build_finetune_model, read_checkpoint, set_trainable,
 )
-from pipeline.heads.estimators import DenseHead, LogisticHead  # noqa: E402
+from pipeline.heads import DenseHead, LogisticHead  # noqa: E402
 from pipeline.backbones.preprocessing import preprocessing_layers  # noqa: E402
 from pipeline.data.augment import AugmentConfig  # noqa: E402
 from pipeline.data.decode import load_file  # noqa: E402
@@ -324,7 +324,7 @@ import numpy as np
 from pipeline.data.sources import open_source
 from pipeline.extract import ExtractRequest
 from pipeline.finetune.tuner import FineTuner
-from pipeline.heads.estimators import LogisticHead
+from pipeline.heads import LogisticHead
 from pipeline.backbones.model import feature_model
 from pipeline.data.decode import load_file
 from pipeline import backbones

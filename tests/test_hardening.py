@@ -190,7 +190,7 @@ def _run_id(stdout: str) -> str:
 def test_logistic_head_is_npz_json_and_old_pickles_need_trust_pickle(tmp_path):
     import joblib
 
-    from pipeline.heads.estimators import load_head
+    from pipeline.heads import load_head
 
     data = make_folder(tmp_path / "d", per_class=4)
     cache = str(tmp_path / "c")
@@ -243,7 +243,7 @@ def test_head_files_load_without_pickle_or_unsafe_code(tmp_path):
     import keras
 
     from pipeline.errors import UserError
-    from pipeline.heads.estimators import LogisticHead, load_keras_file
+    from pipeline.heads import LogisticHead, load_keras_file
 
     x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
     y = np.arange(40) % 2

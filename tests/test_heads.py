@@ -10,9 +10,8 @@ import pytest
 from sklearn.metrics import log_loss
 
 from pipeline.errors import UserError
-from pipeline.heads.estimators import (
-    DenseHead, FeatureSource, LogisticHead, ReducedFeatures, load_head, make_head, reduce_features, softmax,
-)
+from pipeline.heads import DenseHead, FeatureSource, LogisticHead, ReducedFeatures, load_head, make_head
+from pipeline.heads.base import reduce_features, softmax
 from pipeline.heads.schedules import make_schedule
 from pipeline.features.store import FeatureFile
 
@@ -252,8 +251,8 @@ def test_reused_compiled_model_gives_the_same_fit_as_a_fresh_one():
     kw = dict(hidden=(16,), dropout=0.3, epochs=3, batch_size=32)
     fresh = DenseHead(lr=3e-3, **kw).fit(X, y, Xv, yv)
     reuse: dict = {}
-    DenseHead(lr=1e-2, **kw).fit(X, y, Xv, yv, _reuse=reuse)        # builds and compiles
-    again = DenseHead(lr=3e-3, **kw).fit(X, y, Xv, yv, _reuse=reuse)  # reset weights + optimizer, same graph
+    DenseHead(lr=1e-2, **kw).fit(X, y, Xv, yv, reuse=reuse)        # builds and compiles
+    again = DenseHead(lr=3e-3, **kw).fit(X, y, Xv, yv, reuse=reuse)  # reset weights + optimizer, same graph
     assert len(reuse) == 1
     np.testing.assert_allclose(again.history_["loss"], fresh.history_["loss"], rtol=1e-4)
     np.testing.assert_allclose(again.predict_proba(Xv), fresh.predict_proba(Xv), atol=1e-5)

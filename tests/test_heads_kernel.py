@@ -11,7 +11,7 @@ from sklearn.svm import SVC
 from helpers_features import write_cache
 from pipeline.errors import UserError
 from pipeline.heads import AutoHead, KernelHead, LogisticHead, load_head, make_head
-from pipeline.heads.kernel import _pair_coefficients, unit_rows
+from pipeline.heads.svm import _pair_coefficients, unit_rows
 
 
 def rings(n: int = 360, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -81,14 +81,12 @@ def test_svm_save_load_roundtrip_and_load_head_dispatch(tmp_path):
 
 
 def test_svm_keras_stack_equals_predict_proba_on_feature_maps():
-    from pipeline.finetune.tuner import _head_model
-
     rng = np.random.default_rng(0)
     maps = rng.gamma(2.0, 1.0, (90, 3, 3, 8)).astype(np.float32)
     y = np.arange(90) % 3
     maps[np.arange(90), :, :, y] += 2.0
     svm = KernelHead().fit(maps, y)
-    model = _head_model(svm, (3, 3, 8))
+    model = svm.keras_head((3, 3, 8))
     assert [l.name for l in model.layers][-3:] == ["rbf_kernel", "logits", "probabilities"]
     np.testing.assert_allclose(np.asarray(model.predict(maps, verbose=0)), svm.predict_proba(maps), atol=1e-4)
 

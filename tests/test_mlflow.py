@@ -139,9 +139,10 @@ def test_an_svm_head_is_logged_as_keras_layers_that_predict_like_the_head(tmp_pa
     mrun = _mlflow_run(uri, run_id)
     assert mrun.data.params["head"] == "svm"
     from pipeline.features.store import FeatureFile
-    from pipeline.heads.estimators import load_head
+    from pipeline.heads import load_head
     head = load_head(cache / "runs" / run_id)
     with FeatureFile(json.loads((cache / "runs" / run_id / "config.json").read_text())["cache_file"]) as ff:
         feats = ff.load(ff.rows("val"))
     got = np.asarray(mlflow.pyfunc.load_model(f"runs:/{mrun.info.run_id}/model").predict(feats))
     np.testing.assert_allclose(got, head.predict_proba(feats), atol=1e-4)
+

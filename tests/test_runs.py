@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.errors import UserError
-from pipeline.heads.estimators import DenseHead, FeatureSource, LogisticHead, load_head
+from pipeline.heads import DenseHead, FeatureSource, LogisticHead, load_head
 from pipeline.tracking.runs import Registry, format_duration
 from pipeline.features.store import FeatureFile
 from pipeline.heads.training import evaluate_on_cache, fit_head_on_cache, fit_head_run, predict_on_cache, split_rows
@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 class RecordingHead(LogisticHead):
     """A logistic head that remembers which cache rows it was given for training and validation."""
 
+    uses_validation = True  # so fit-head hands it the validation rows too
+
     def fit(self, X, y, X_val=None, y_val=None, **kw):
         self.seen_train_, self.seen_val_ = np.array(X.rows), np.array(X_val.rows)
-        return super().fit(X, y, X_val, y_val, **kw)
+        return super().fit(X, y, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.errors import UserError
-from pipeline.heads.estimators import DenseHead, FeatureSource, LogisticHead
+from pipeline.heads import DenseHead, FeatureSource, LogisticHead
 from pipeline.tracking.runs import Registry
 from pipeline.features.store import FeatureFile
 from pipeline.heads.sweep import _tasks, expand_grid, results_table, save_sweep, sweep

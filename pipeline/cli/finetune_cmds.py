@@ -91,7 +91,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                           augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
                           trunk_cache=trunk_cache, views=views, label_smoothing=label_smoothing,
                           verbose=2 if no_progress or not sys.stdout.isatty() else 1)  # per-step bar (ETA) or a line per epoch
-    from pipeline.heads.estimators import trusting_pickles
+    from pipeline.heads.registry import trusting_pickles
     with trusting_pickles(trust_pickle):
         inputs = stage2_inputs(parent.dir)
     if not resume_id:  # a typo in --unfreeze fails now, not after a failed run record

@@ -12,6 +12,7 @@ from pipeline.cli.options import (build_request, check_output_file, extract_opti
                                   mlflow_check, mlflow_options)
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
+from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                           help="Cache root (default: ./cache).")
@@ -26,22 +27,18 @@ _FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pool
                     "augment_copies", "augment_seed", "augment_ops", "split_names", "test_fraction", "split_seed"}
 
 
-def _float_or_auto(value: str) -> float | str:
-    """--C: 'auto' or a positive number (the heads' own parser, so NaN and such are refused alike)."""
-    from pipeline.heads.estimators import given_positive
-
-    number = given_positive(value, "--C")
-    return "auto" if number is None else number
-
-
-def _open_cache(cache: str | None, kw: dict):
+def open_cache(cache: str | None, kw: dict, command: str = "fit-head"):
     """The feature file named by --cache (path or key prefix), else by the extract options,
-    extracting first when the cache does not have it yet."""
+    extracting first when the cache does not have it yet (`command` names the caller in errors)."""
     from pipeline.features.cache import resolve
     from pipeline.extract import extract, plan, release_models
     from pipeline.features.store import FeatureFile, is_complete
 
     if cache is not None:
+        given = given_options(_FEATURE_OPTIONS.__contains__)
+        if given:  # features named by --cache: extract options would be silently ignored
+            raise UserError(f"--cache names the features already, so {', '.join(given)} would be ignored; "
+                            f"leave them out, or leave out --cache to extract with them")
         if not cache.strip():
             raise UserError("--cache is empty; give a cache file path or key prefix (`python cli.py cache ls`), "
                             "or leave --cache out to use the extract options")
@@ -51,7 +48,7 @@ def _open_cache(cache: str | None, kw: dict):
         return FeatureFile(paths[0])
     request, options = build_request(kw)
     if not is_complete(plan(request, options.cache_dir).path):
-        _check_two_classes(request)
+        _check_two_classes(request, command)
         click.echo("no cached features for this request yet: extracting first", err=True)
     result = extract(request, options)
     report_extraction(result)
@@ -59,7 +56,7 @@ def _open_cache(cache: str | None, kw: dict):
     return FeatureFile(result.path)
 
 
-def _check_two_classes(request) -> None:
+def _check_two_classes(request, command: str) -> None:
     """Image files of one training class cannot make a head: say so before extracting them all."""
     import numpy as np
 
@@ -73,45 +70,22 @@ def _check_two_classes(request) -> None:
                                         & (np.asarray(listing.labels) >= 0)]
     if np.unique(labels).size < 2:
         name = listing.class_names[int(labels[0])] if labels.size else "none"
-        raise UserError(f"fit-head needs at least two classes with training images, but {request.data} has "
+        raise UserError(f"{command} needs at least two classes with training images, but {request.data} has "
                         f"one ({name!r}); add a folder per class")
 
 
 def _make_head(head: str, opts: dict):
-    from pipeline.heads.estimators import DenseHead, LogisticHead, default_memory_budget_mb
+    """The head `--head` names, built by its own class from the options it takes."""
+    from pipeline.heads.registry import head_class
 
-    budget = opts["memory_budget"] if opts["memory_budget"] is not None else default_memory_budget_mb()
-    if head in ("auto", "svm"):
-        from pipeline.heads.kernel import AutoHead, KernelHead
-
-        C = _float_or_auto(opts["C"])
-        if head == "auto":
-            if C != "auto":
-                raise UserError("--C sets one head's regularization, but --head auto fits two heads (each picks C "
-                                "by CV); add --head svm or --head logistic to use --C")
-            return AutoHead(class_weight=opts["class_weight"], n_jobs=opts["jobs"], flatten=opts["flatten"],
-                            memory_budget_mb=budget)
-        return KernelHead(C=C, class_weight=opts["class_weight"], n_jobs=opts["jobs"],
-                          flatten=opts["flatten"], memory_budget_mb=budget)
-    if head == "logistic":
-        return LogisticHead(C=_float_or_auto(opts["C"]), class_weight=opts["class_weight"], n_jobs=opts["jobs"],
-                            flatten=opts["flatten"], memory_budget_mb=budget)
-    hidden = tuple(h for h in opts["hidden"] if h > 0) if opts["hidden"] else (256,)
-    return DenseHead(hidden=hidden, batchnorm=opts["batchnorm"], dropout=opts["dropout"], l2=opts["l2"],
-                     optimizer=opts["optimizer"], lr=opts["lr"], lr_schedule=opts["lr_schedule"],
-                     lr_start=opts["lr_start"], lr_min=opts["lr_min"], lr_max=opts["lr_max"],
-                     rampup_epochs=opts["rampup_epochs"], sustain_epochs=opts["sustain_epochs"],
-                     exp_decay=opts["exp_decay"], epochs=opts["epochs"], batch_size=opts["head_batch_size"],
-                     early_stopping=opts["early_stopping"], class_weight=opts["class_weight"],
-                     flatten=opts["flatten"], seed=opts["seed"], memory_budget_mb=budget)
+    return head_class(head).from_options(opts)
 
 
 @cli.command("fit-head")
 @click.option("--cache", default=None, help="Cache file path or key prefix (else: found/made from the "
                                             "extract options below).")
-@click.option("--head", type=click.Choice(["auto", "svm", "logistic", "dense"]), default="auto", show_default=True,
-              help="auto fits svm and logistic and keeps the lower cross-validated log loss; svm: RBF kernel "
-                   "on unit-length features; logistic: linear; dense: a Keras MLP.")
+@click.option("--head", type=click.Choice(list(HEAD_KINDS)), default=DEFAULT_KIND, show_default=True,
+              help="; ".join(f"{kind}: {summary}" for kind, (_, summary) in HEAD_KINDS.items()) + ".")
 @click.option("--C", "C", default="auto", show_default=True, help="svm/logistic: inverse regularization, or auto (CV).")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None, help="Weight classes by 1/frequency.")
 @click.option("--jobs", type=click.IntRange(1), default=2, show_default=True, help="Parallel CV folds / sweep jobs.")
@@ -160,15 +134,12 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
         "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
         "head_batch_size", "early_stopping", "seed", "memory_budget")}
-    if cache is not None:  # features named by --cache: extract options would be silently ignored
-        given = given_options(_FEATURE_OPTIONS.__contains__)
-        if given:
-            raise UserError(f"--cache names the features already, so {', '.join(given)} would be ignored; "
-                            f"leave them out, or leave out --cache to extract with them")
-    if sweep and head == "auto":
-        raise UserError("--sweep searches one head's grid; add --head svm, --head logistic or --head dense")
     estimator = _make_head(head, head_opts).check_params()  # a bad option fails before any extraction
-    ff = _open_cache(cache, kw)
+    if sweep and estimator.sweep_grid is None:
+        from pipeline.heads.registry import head_class
+        kinds = [f"--head {k}" for k in HEAD_KINDS if head_class(k).sweep_grid is not None]
+        raise UserError(f"--sweep searches one head's grid, and --head {head} has none; add {' or '.join(kinds)}")
+    ff = open_cache(cache, kw)
     with ff:
         from pipeline.heads.training import check_finite
         check_finite(ff)
@@ -177,9 +148,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
             mlflow_after(log_mlflow, ff.path.parent.parent, run_id, mlflow_experiment)
             return
         from pipeline.heads.training import fit_head_run
-        if head == "auto":  # no bar for the CV fits: say what the next seconds (up to a minute) are
-            click.echo("head auto: fitting the logistic and the svm head (5-fold CV each) to keep the better",
-                       err=True)
+        if estimator.fit_note():  # no bar for the CV fits: say what the next seconds (up to a minute) are
+            click.echo(estimator.fit_note(), err=True)
         result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
                                    use_augmented=not no_augmented)
     if getattr(result.head, "streamed_", False):

@@ -90,8 +90,9 @@ def mlflow_after(on: bool, cache_dir: Path, run_id: str | None, experiment: str 
     """Log a recorded run to MLflow and say where (a failure is one warning; the local run stays)."""
     if not on or not run_id:
         return
+    from pipeline.export.mlflow_model import log_model
     from pipeline.tracking import mlflow_log
-    mlflow_id = mlflow_log.log_run(cache_dir, run_id, experiment)
+    mlflow_id = mlflow_log.log_run(cache_dir, run_id, experiment, log_model=log_model)
     if mlflow_id:
         click.echo(f"logged to MLflow run {mlflow_id} ({mlflow_log.tracking_uri(cache_dir)})", err=True)
 

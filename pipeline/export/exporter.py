@@ -46,7 +46,7 @@ def inference_model(run):
     """The run as one Keras model (uint8 image -> probabilities) in float32: a finetune run's saved
     model, or a fit-head run's backbone rebuilt from its cache request with the head on top."""
     if run.model_path is not None:
-        from pipeline.heads.estimators import load_keras_file
+        from pipeline.heads.files import load_keras_file
         return float32_model(load_keras_file(run.model_path))
     from pipeline.backend import require
     from pipeline.finetune.tuner import build_finetune_model

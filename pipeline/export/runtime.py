@@ -114,7 +114,7 @@ def _onnx(path: Path, cpu_only: bool = False):
 
 def _keras(path: Path):
     from pipeline.backend import require
-    from pipeline.heads.estimators import load_keras_file
+    from pipeline.heads.files import load_keras_file
     require()
     model = load_keras_file(path)
     return (lambda x: model.predict(x, verbose=0, batch_size=len(x))), _square_size(model.input.shape, path), []

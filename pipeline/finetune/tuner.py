@@ -57,7 +57,6 @@ from pipeline.extract import DEFAULT_CACHE
 from pipeline.finetune.data import evaluate, make_batches, map_batches
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
-LOGISTIC_DEFAULT_LR = 2e-4
 MODEL_FILE = "model.keras"
 INFO_FILE = "finetune.json"
 CHECKPOINT_FILE = "checkpoint.json"
@@ -73,51 +72,6 @@ def _keras():
 
 
 # -------------------------------------------------------------------------------- model building
-def _head_model(head, feature_shape: tuple[int, ...], spec_name: str = ""):
-    """The stage-2 head as a nested Keras model named 'head' with its fitted weights (float32)."""
-    keras = _keras()
-    L = keras.layers
-    made_by = (getattr(head, "feature_info_", None) or {}).get("backbone")
-    if made_by and made_by != spec_name:
-        raise UserError(f"the head was fitted on {made_by} features, not {spec_name}; use the cache it was trained on")
-    if tuple(head.feature_shape_) != tuple(feature_shape):
-        raise UserError(f"the head was fitted on features of shape {tuple(head.feature_shape_)}, but this "
-                        f"backbone produces {tuple(feature_shape)}; use the cache the head was trained on")
-    if hasattr(head, "as_dense_weights") or hasattr(head, "as_kernel_layers"):
-        # LogisticHead: reduce as the head does, then one Dense. KernelHead (svm): reduce, unit length,
-        # Dense(n_support, exponential) = the RBF kernel against the support vectors, then Dense logits.
-        inp = keras.Input(feature_shape, name="features", dtype="float32")
-        x = inp
-        if len(feature_shape) > 1:
-            rank, mode = len(feature_shape), head.flatten
-            if mode == "flatten":
-                x = L.Flatten(name="flatten", dtype="float32")(x)
-            elif mode == "avg":
-                x = (L.GlobalAveragePooling2D if rank == 3 else L.GlobalAveragePooling1D)(
-                    name="avg_pool", dtype="float32")(x)
-            else:
-                x = (L.GlobalMaxPooling2D if rank == 3 else L.GlobalMaxPooling1D)(name="max_pool", dtype="float32")(x)
-        if hasattr(head, "as_kernel_layers"):
-            W1, b1, W, b = head.as_kernel_layers()
-            x = L.UnitNormalization(name="unit_length", dtype="float32")(x)
-            kernel = L.Dense(W1.shape[1], activation="exponential", name="rbf_kernel", dtype="float32")
-            x = kernel(x)
-            kernel.set_weights([np.asarray(W1, np.float32), np.asarray(b1, np.float32)])
-        else:
-            W, b = head.as_dense_weights()
-        dense = L.Dense(W.shape[1], name="logits", dtype="float32")
-        x = dense(x)
-        dense.set_weights([np.asarray(W, np.float32), np.asarray(b, np.float32)])
-        out = L.Activation("softmax", name="probabilities", dtype="float32")(x)
-        return keras.Model(inp, out, name="head")
-    source = getattr(head, "model_", None)
-    if source is None:
-        raise UserError("the head is not fitted; fit it (stage 2) before fine-tuning")
-    clone = keras.models.clone_model(source)
-    clone.set_weights(source.get_weights())
-    return keras.Model(clone.inputs[0], clone.outputs[0], name="head")
-
-
 def build_finetune_model(request: ExtractRequest, head):
     """The end-to-end model: raw uint8 RGB images in, class probabilities out (the extraction graph
     of `pipeline.backbones.model` with the head added; training augments in the input path).
@@ -134,7 +88,7 @@ def build_finetune_model(request: ExtractRequest, head):
     spec = backbones.get(request.backbone)
     size = spec.resolve_size(request.image_size)
     inputs, x = image_graph(spec, request.weights, size, request.pooling, request.layer)
-    head_model = _head_model(head, tuple(int(d) for d in x.shape[1:]), spec.name)
+    head_model = head.keras_head(tuple(int(d) for d in x.shape[1:]), spec.name)
     out = head_model(x)
     model = keras.Model(inputs, out, name=f"finetune_{spec.name}")
     _freeze_batchnorm(model)
@@ -364,7 +318,7 @@ class Stage2Inputs:
 def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     """Read a fit-head run folder: its config.json names the cache file, whose `request` says how
     the features were made; the head is loaded from the folder."""
-    from pipeline.heads.estimators import load_head
+    from pipeline.heads.registry import load_head
     from pipeline.features.store import FeatureFile
 
     run_dir = Path(run_dir)
@@ -509,9 +463,8 @@ class FineTuner:
         return cls.from_params(state["params"])
 
     def default_lr(self, head) -> float:
-        """A tenth of a dense head's learning rate; 2e-4 for a logistic or svm head."""
-        head_lr = getattr(head, "lr", None) if getattr(head, "kind", "") == "dense" else None
-        return float(head_lr) / 10 if head_lr else LOGISTIC_DEFAULT_LR
+        """The head's own fine-tuning LR (a tenth of a dense head's; 2e-4 under a logistic or svm head)."""
+        return head.finetune_lr()
 
     def check_params(self, backbone: str | None = None) -> "FineTuner":
         """Raise UserError for a bad parameter now, before any work; with `backbone`, also for an
@@ -556,7 +509,7 @@ class FineTuner:
             return None
         if isinstance(self.class_weight, Mapping):
             return {int(k): float(v) for k, v in self.class_weight.items()}
-        from pipeline.heads.estimators import balanced_class_weights
+        from pipeline.heads.dense import balanced_class_weights
 
         return {c: float(w) for c, w in enumerate(balanced_class_weights(y, n_classes))}
 

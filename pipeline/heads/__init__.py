@@ -1,6 +1,27 @@
-"""Stage 2: heads fitted on cached features (`estimators`: logistic and dense; `kernel`: svm and
-auto), LR schedules, training on a cache (`training`) and parallel sweeps (`sweep`)."""
+"""Stage 2: heads fitted on cached features, one module per kind (`logistic`, `dense`, `svm`, `auto`)
+behind one table (`registry`), what they share (`base`, `files`, `folds`, `streaming`, `schedules`),
+training on a cache (`training`) and parallel sweeps (`sweep`). To add a kind, see the README.
 
-from pipeline.heads.estimators import (DenseHead, FeatureSource, LogisticHead, ReducedFeatures,  # noqa: F401
-                                       feature_info_of, head_filename, jsonable, load_head, make_head)
-from pipeline.heads.kernel import AutoHead, KernelHead  # noqa: F401,E402 - registers "svm" and "auto"
+The names below are re-exported lazily (PEP 562), so `import pipeline.heads.registry` (the CLI's list
+of kinds) does not import scikit-learn or Keras.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AutoHead": "auto", "DenseHead": "dense", "balanced_class_weights": "dense", "KernelHead": "svm",
+    "LogisticHead": "logistic", "FeatureSource": "base", "Head": "base", "ReducedFeatures": "base",
+    "check_class_subset": "base", "feature_info_of": "base", "given_positive": "base", "jsonable": "base",
+    "load_keras_file": "files", "HEAD_KINDS": "registry", "head_class": "registry", "head_filename": "registry",
+    "load_head": "registry", "make_head": "registry", "trusting_pickles": "registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline.heads' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipeline.heads.{_EXPORTS[name]}"), name)

@@ -23,18 +23,10 @@ from joblib import Parallel, delayed
 from sklearn.model_selection import train_test_split
 
 from pipeline.errors import UserError
-from pipeline.heads.estimators import DenseHead, LogisticHead, ReducedFeatures, jsonable, feature_info_of, make_head
-from pipeline.tracking.metrics import classification_report
 from pipeline.features.store import FeatureFile
-
-DEFAULT_GRIDS: dict[str, dict[str, list[Any]]] = {
-    "logistic": {"C": [float(c) for c in np.logspace(-4, 1, 11)]},
-    "svm": {"C": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]},
-    "dense": {"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "dropout": [0.0, 0.3], "hidden": [(128,), (256,)]},
-}
-# Dense parameters that do not change the compiled model, so configs differing only in them share one.
-_SCHEDULE_ONLY = {"lr", "lr_schedule", "lr_start", "lr_max", "lr_min", "rampup_epochs", "sustain_epochs",
-                  "exp_decay", "epochs", "early_stopping", "memory_budget_mb", "verbose"}
+from pipeline.heads.base import FeatureSource, Head, ReducedFeatures, feature_info_of, jsonable
+from pipeline.heads.registry import HEAD_KINDS, head_class, make_head
+from pipeline.tracking.metrics import classification_report
 
 
 @dataclass
@@ -44,7 +36,7 @@ class SweepResult:
     params: dict[str, Any]
     metrics: dict[str, Any]
     fit_seconds: float
-    head: LogisticHead | DenseHead | None = None
+    head: Head | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,9 +82,11 @@ def sweep(
     stratified `val_fraction` holdout. The best result keeps its fitted head (`results[0].head`);
     the others only with `keep_all`.
     """
-    if head_type not in DEFAULT_GRIDS:
-        raise UserError(f"a sweep needs one head type ({', '.join(DEFAULT_GRIDS)}), not {head_type!r}")
-    configs = expand_grid(grid if grid is not None else DEFAULT_GRIDS[head_type])
+    cls = head_class(head_type) if head_type in HEAD_KINDS else None
+    if cls is None or cls.sweep_grid is None:
+        kinds = [k for k in HEAD_KINDS if head_class(k).sweep_grid is not None]
+        raise UserError(f"a sweep needs one head type ({', '.join(kinds)}), not {head_type!r}")
+    configs = expand_grid(grid if grid is not None else cls.sweep_grid)
     base = dict(base_params or {})
     make_head(head_type, **{**base, **configs[0]})  # fail fast on unknown parameter names
     train, y, val, yv, meta = _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_augmented)
@@ -128,7 +122,6 @@ def _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_a
     """Reduced train/val features (one per flatten mode in the grid), labels, and head metadata."""
     modes = sorted({c.get("flatten", base.get("flatten", "avg")) for c in configs})
     if isinstance(data, FeatureFile):
-        from pipeline.heads.estimators import FeatureSource  # noqa: PLC0415
         from pipeline.heads.training import split_rows  # noqa: PLC0415 - training imports plots; only needed here
 
         ff = data
@@ -158,14 +151,16 @@ def _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_a
 
 
 def _tasks(head_type: str, base: Mapping[str, Any], configs: list[dict], n_jobs: int) -> list[list[dict]]:
-    """Split configs into worker tasks: dense ones grouped by model structure, then balanced over jobs."""
-    if head_type != "dense":
+    """Split configs into worker tasks: grouped by compiled model structure where the head compiles one
+    (dense: configs differing only in `sweep_schedule_only` parameters share it), then balanced over jobs."""
+    cls = head_class(head_type)
+    if cls.sweep_schedule_only is None:
         n = max(1, min(n_jobs, len(configs)))
         return [configs[i::n] for i in range(n)]
     groups: dict[str, list[dict]] = {}
     for c in configs:
         full = {**base, **c}
-        key = repr(sorted((k, repr(v)) for k, v in full.items() if k not in _SCHEDULE_ONLY))
+        key = repr(sorted((k, repr(v)) for k, v in full.items() if k not in cls.sweep_schedule_only))
         groups.setdefault(key, []).append(c)
     tasks = list(groups.values())
     while len(tasks) < n_jobs and max(len(t) for t in tasks) > 1:  # split big groups to use every worker
@@ -173,13 +168,7 @@ def _tasks(head_type: str, base: Mapping[str, Any], configs: list[dict], n_jobs:
         big = tasks.pop()
         tasks += [big[: len(big) // 2], big[len(big) // 2:]]
     # longest first, so workers that finish early pick up the short tasks (LPT scheduling)
-    return sorted(tasks, key=lambda t: -sum(_cost({**base, **c}) for c in t))
-
-
-def _cost(params: Mapping[str, Any]) -> float:
-    """Rough relative cost of one dense fit: epochs x (hidden units + 1), for task ordering only."""
-    hidden = params.get("hidden", (256,))
-    return float(params.get("epochs", 20)) * (sum(int(h) for h in hidden) + 1)
+    return sorted(tasks, key=lambda t: -sum(cls.sweep_cost({**base, **c}) for c in t))
 
 
 def _quiet_worker() -> None:
@@ -221,18 +210,14 @@ def _run_task(head_type, base, configs, train, y, val, yv, meta, limit_threads: 
     out = []
     for params in configs:
         full = {**base, **params}
-        if head_type != "dense":
+        if "n_jobs" in head_class(head_type)._get_param_names():
             full.setdefault("n_jobs", 1)
         head = make_head(head_type, **full)
         mode = full.get("flatten", "avg")
         t0 = time.perf_counter()
         kwargs = dict(class_names=meta["class_names"], cache_key=meta["cache_key"], feature_info=meta["feature_info"])
-        if isinstance(head, DenseHead):
-            head.fit(train[mode], y, val[mode], yv, _reuse=reuse, **kwargs)
-            extras = {"best_epoch": head.best_epoch_ + 1, "epochs_run": head.n_epochs_}
-        else:
-            head.fit(train[mode], y, **kwargs)
-            extras = {"converged": head.converged_} if head.kind == "logistic" else {"n_support": head.n_support_}
+        head.fit_for_sweep(train[mode], y, val[mode], yv, reuse, **kwargs)
+        extras = head.sweep_facts()
         secs = time.perf_counter() - t0
         report = classification_report(yv, head.predict_proba(val[mode]), meta["class_names"])
         out.append((params, report, secs, pickle.dumps(head), extras))
@@ -259,7 +244,6 @@ def save_sweep(results: Sequence[SweepResult], run) -> dict[str, Any]:
     import json  # noqa: PLC0415
 
     from pipeline.atomic import write_text_atomic  # noqa: PLC0415
-    from pipeline.heads.estimators import head_filename  # noqa: PLC0415
 
     write_text_atomic(run.path("sweep.json"), json.dumps([r.row() for r in results], indent=2) + "\n")
     metrics: dict[str, Any] = {"n_configs": len(results)}
@@ -268,7 +252,7 @@ def save_sweep(results: Sequence[SweepResult], run) -> dict[str, Any]:
         metrics.update(best_params=jsonable(best.params), val=best.metrics,
                        sweep_seconds=best.extras.get("sweep_seconds"))
         if best.head is not None:
-            best.head.save(run.path(head_filename(best.head.kind)))
+            best.head.save(run.path(best.head.artifact))
         _best_plots(best, run)
     run.log_metrics(metrics)
     return metrics

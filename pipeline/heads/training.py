@@ -17,13 +17,11 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from pipeline.errors import UserError
-from pipeline.heads.estimators import DenseHead, FeatureSource, LogisticHead, feature_info_of, head_filename
+from pipeline.features.store import FeatureFile
+from pipeline.heads.base import FeatureSource, Head, feature_info_of
 from pipeline.tracking.metrics import classification_report
 from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history
 from pipeline.tracking.runs import Registry, Run
-from pipeline.features.store import FeatureFile
-
-Head = LogisticHead | DenseHead  # or a pipeline.heads.kernel head (svm, auto)
 
 
 @dataclass
@@ -130,13 +128,14 @@ def fit_head_on_cache(feature_file: FeatureFile, head: Head, val_fraction: float
     split = split_rows(ff, val_fraction, seed, use_augmented)
     names = list(ff.class_names) or [str(i) for i in range(int(ff.labels.max()) + 1)]
     t0 = time.perf_counter()
-    head.fit(FeatureSource(ff, split.train), ff.labels[split.train], FeatureSource(ff, split.val),
-             ff.labels[split.val], class_names=names, cache_key=ff.key, feature_info=feature_info_of(ff))
+    meta = dict(class_names=names, cache_key=ff.key, feature_info=feature_info_of(ff))
+    train = (FeatureSource(ff, split.train), ff.labels[split.train])
+    if head.uses_validation:  # the dense head watches the val loss (early stopping, curves)
+        head.fit(*train, FeatureSource(ff, split.val), ff.labels[split.val], **meta)
+    else:
+        head.fit(*train, **meta)
     fit_seconds = time.perf_counter() - t0
-    extras: dict[str, Any] = {}
-    if hasattr(head, "best_"):  # the auto head: what is recorded and saved is the head it chose
-        extras["head_choice"] = head.choice_
-        head = head.best_
+    head, extras = head.outcome()  # the auto head: what is recorded and saved is the head it chose
     clean_train = split.train[ff.views[split.train] == 0]
     metrics: dict[str, Any] = {"train": evaluate_rows(head, ff, clean_train), "val": evaluate_rows(head, ff, split.val)}
     if split.test.size:
@@ -177,9 +176,9 @@ def predict_on_cache(head: Head, ff: FeatureFile, rows: np.ndarray | None = None
 def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
     """Write the head, metrics.json and plots (curves, confusion matrices, C curve) into the run."""
     head = result.head
-    files: dict[str, Path] = {"head": head.save(run.path(head_filename(head.kind)))}
+    files: dict[str, Path] = {"head": head.save(run.path(head.artifact))}
     run.log_metrics({**result.metrics, "split": result.split.summary(), "fit_seconds": round(result.fit_seconds, 3),
-                     **_head_facts(head), **result.extras})
+                     **head.facts(), **result.extras})
     history = result.history
     if history and history.get("loss"):
         files["curves"] = plot_history(history, run.path("curves.png"), title=f"{head.kind} head")
@@ -195,40 +194,17 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
     return files
 
 
-def _head_facts(head: Head) -> dict[str, Any]:
-    streamed = bool(getattr(head, "streamed_", False))
-    note = {"stream_note": head.stream_note_} if streamed and getattr(head, "stream_note_", "") else {}
-    if isinstance(head, LogisticHead):
-        info = {"stream": head.stream_info_} if streamed and hasattr(head, "stream_info_") else {}
-        return {"C": head.C_, "C_choice": head.C_note_, "converged": head.converged_,
-                "cv_scores": {f"{c:g}": s for c, s in head.cv_scores_.items()}, "streamed": streamed, **note, **info}
-    if head.kind == "svm":
-        return {"C": head.C_, "C_choice": head.C_note_, "gamma": head.gamma_, "n_support": head.n_support_,
-                "cv_scores": {f"{c:g}": s for c, s in head.cv_scores_.items()}, "cv_log_loss": head.cv_log_loss_}
-    return {"epochs_run": head.n_epochs_, "best_epoch": head.best_epoch_ + 1, "streamed": streamed, **note}
-
-
 def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
     """The config.json of a fit-head run: cache, backbone, data, head kind and its parameters."""
     req = ff.attrs.get("request") if isinstance(ff.attrs.get("request"), Mapping) else {}
     data = ff.attrs.get("data") or req.get("data") or ff.path.stem
     config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
-              "data": data, "head": head.kind, "params": key_params(head), "head_params": head.get_params(), **extra}
+              "data": data, "head": head.kind, "params": head.key_params(), "head_params": head.get_params(), **extra}
     if req:  # how the features were made, so the run outlives its cache file (`cache rm`, eviction)
         material = ff.attrs.get("key_material")
         spec = ((material.get("data") or {}).get("data") if isinstance(material, Mapping) else None)
         config["request"] = {**req, "data": spec} if spec else dict(req)  # the resolved data path: the same key
     return config
-
-
-def key_params(head: Head) -> dict[str, Any]:
-    """The few parameters worth a column in the runs table."""
-    p = head.get_params()
-    if head.kind in ("logistic", "svm", "auto"):
-        keys = ["C", "class_weight", "flatten"]
-    else:
-        keys = ["hidden", "dropout", "lr", "lr_schedule", "epochs", "early_stopping", "class_weight"]
-    return {k: p[k] for k in keys if p.get(k) not in (None, False)}
 
 
 def fit_head_run(feature_file: FeatureFile, head: Head, registry: Registry | None = None,

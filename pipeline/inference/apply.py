@@ -47,7 +47,7 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> Loaded
             raise UserError(f"run {record.id} has no model.keras; it may have been cleaned up")
         names = record.config.get("class_names") or []
         return LoadedRun(record, request, list(names), model_path=model)
-    from pipeline.heads.estimators import load_head
+    from pipeline.heads.registry import load_head
     head = load_head(record.dir, trust_pickle=trust_pickle)
     return LoadedRun(record, request, list(head.class_names_), head=head)
 
@@ -84,7 +84,7 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
     """Paths, labels (as the run's class indices) and class names of the data to evaluate, from the
     listing alone: a class the run never saw or an empty split is refused before anything is extracted."""
     from pipeline.data.sources import open_source
-    from pipeline.heads.estimators import check_class_subset
+    from pipeline.heads.base import check_class_subset
     listing = open_source(data, run.request.split).listing()
     check_class_subset(listing.class_names, run.class_names, data)
     keep = [i for i, s in enumerate(listing.splits) if (split is None or s == split) and listing.labels[i] >= 0]
@@ -107,7 +107,7 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
     spec = bb.get(run.request.backbone)
     size = spec.resolve_size(run.request.image_size)
     if run.model_path is not None:
-        from pipeline.heads.estimators import load_keras_file
+        from pipeline.heads.files import load_keras_file
         model = load_keras_file(run.model_path)
         return run_model(model, paths, size, run.request.resize, batch_size)
     from pipeline.backbones.model import feature_model

@@ -3,8 +3,8 @@
 A run is logged after the tool has recorded it in its own registry, from what the run folder holds,
 so MLflow can never lose or block the local run: parameters (the flattened config), final metrics
 per split, per-epoch metrics (dense heads, fine-tuning), a sweep's configurations as child runs,
-the PNGs and JSON files, and the head or model in MLflow's own flavour (sklearn for a logistic
-head, serialized with skops rather than pickle; keras for dense heads and fine-tuned models).
+the PNGs and JSON files, and the head or model through the `log_model` the caller passes
+(`pipeline.export.mlflow_model`: each in MLflow's keras flavour).
 Tags carry the backbone, cache key and data fingerprint; the MLflow run id is written back into
 the tool's run.json. An active MLflow run is reused. With no MLFLOW_TRACKING_URI the store is
 `<cache>/mlflow.db` (SQLite; MLflow's file store is deprecated) with artifacts in
@@ -20,7 +20,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.errors import DataWarning, UserError
 from pipeline.tracking.compare import flatten
@@ -93,8 +93,10 @@ def _quiet() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = None) -> str | None:
-    """Log the recorded run `run_id` to MLflow; returns the MLflow run id, or None after one warning."""
+def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = None,
+            log_model: Callable[[Any, RunRecord], None] | None = None) -> str | None:
+    """Log the recorded run `run_id` to MLflow; returns the MLflow run id, or None after one warning.
+    `log_model(mlflow, record)` logs the run's model (the stages above know how; tracking does not)."""
     # An unreachable server should cost seconds, not MLflow's default minutes of retries; and
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: the process's environment is restored after.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -106,7 +108,7 @@ def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = 
         record = Registry(cache_dir).get(run_id)
         where = record.dir
         with _quiet():
-            mlflow_id, experiment_id, uri = _log(record, cache_dir, experiment)
+            mlflow_id, experiment_id, uri = _log(record, cache_dir, experiment, log_model)
         info = dict(record.info)
         info["mlflow"] = {"run_id": mlflow_id, "experiment_id": experiment_id, "tracking_uri": uri}
         _write_json(record.dir / "run.json", info)
@@ -124,7 +126,8 @@ def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = 
     return mlflow_id
 
 
-def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None) -> tuple[str, str, str]:
+def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None,
+         log_model: Callable[[Any, RunRecord], None] | None) -> tuple[str, str, str]:
     import mlflow
 
     uri = tracking_uri(cache_dir)
@@ -155,7 +158,8 @@ def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None
         for path in sorted(record.dir.iterdir()):
             if path.is_file() and path.suffix in _ARTIFACTS:
                 mlflow.log_artifact(str(path))
-        _log_model(mlflow, record)
+        if log_model is not None:
+            log_model(mlflow, record)
         _log_sweep(mlflow, record)
         return run.info.run_id, run.info.experiment_id, uri
 
@@ -204,39 +208,7 @@ def _log_history(mlflow, history: Mapping[str, list[float]]) -> None:
             client.log_batch(run_id, metrics=batch[start:start + 1000])
 
 
-def _log_model(mlflow, record: RunRecord) -> None:
-    """The head or model in MLflow's flavour: sklearn (skops) for logistic, keras otherwise (an svm head
-    as its UnitNormalization + kernel + logits layers)."""
-    if record.stage == "finetune" and (record.dir / "model.keras").is_file():
-        import mlflow.keras
-        from pipeline.heads.estimators import load_keras_file
-        mlflow.keras.log_model(load_keras_file(record.dir / "model.keras"), name="model",
-                               pip_requirements=_requirements("keras"))
-        return
-    if record.stage != "fit-head":
-        return
-    from pipeline.heads.estimators import load_head
-    try:
-        head = load_head(record.dir)
-    except UserError:
-        return  # an old pickled head is not loaded without --trust-pickle; the files are still logged
-    if getattr(head, "pipeline_", None) is not None:
-        import mlflow.sklearn
-        mlflow.sklearn.log_model(head.pipeline_, name="model", serialization_format="skops",
-                                 pyfunc_predict_fn="predict_proba",
-                                 pip_requirements=_requirements("scikit-learn", "skops", "numpy"))
-    elif getattr(head, "model_", None) is not None:
-        import mlflow.keras
-        mlflow.keras.log_model(head.model_, name="model", pip_requirements=_requirements("keras"))
-    elif hasattr(head, "as_kernel_layers"):  # svm: its three Keras layers (as export and finetune build them)
-        import mlflow.keras
-        from pipeline.finetune.tuner import _head_model
-        backbone = (head.feature_info_ or {}).get("backbone", "")
-        mlflow.keras.log_model(_head_model(head, head.feature_shape_, backbone), name="model",
-                               pip_requirements=_requirements("keras"))
-
-
-def _requirements(*dists: str) -> list[str]:
+def requirements(*dists: str) -> list[str]:
     """Pinned requirements of a logged model, given rather than inferred (MLflow's inference loads
     the model in a subprocess: seconds per run). Keras models also need their backend's library."""
     import importlib.metadata

@@ -1,5 +1,5 @@
-"""`KernelHead` (kind "svm"): an RBF-kernel SVM on L2-normalized features; `AutoHead` (kind "auto",
-the default of `fit-head`): fits it and the logistic head and keeps the lower CV log loss.
+"""`KernelHead` (kind "svm"): an RBF-kernel SVM on L2-normalized features (the `auto` head weighs it
+against the logistic head).
 
 Why: on pooled CNN embeddings a kernel SVM on unit vectors beats a linear head where classes are not
 linearly separable (flowers, EfficientNet-Lite0: 93.6% against the logistic head's 92.5%) and ties or
@@ -28,18 +28,16 @@ from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
 from pipeline.errors import UserError
-from pipeline.heads.folds import cv_folds
-from pipeline.heads.estimators import (
-    FeatureSource, _Head, _matrix_batches, _n_rows, _params_for, _PAD_LOGIT, _to_matrix, given_positive,
-    npz_head_path, read_npz_head, softmax, write_npz_head,
+from pipeline.heads.base import (
+    PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_module, keras_reduction, matrix_batches,
+    n_rows, option_budget, option_C, params_for, softmax, to_matrix,
 )
+from pipeline.heads.files import npz_head_path, read_npz_head, write_npz_head
+from pipeline.heads.folds import cv_folds
 
 KERNEL_FORMAT = "featurecache-svm-head"
 DEFAULT_SVM_CS: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
 MAX_ROWS = 20000
-# The auto head tries the svm up to this many training rows: an SVC fit grows as rows^2.3 (measured on
-# flowers features, 2 cores: 0.6 s at 2,000 rows, 2.7 s at 4,000, 14.6 s at 8,000), and the CV fits 21.
-AUTO_MAX_ROWS = 6000
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -107,7 +105,7 @@ def _cross_fitted_log_loss(oof: np.ndarray, y: np.ndarray, folds: list) -> float
     return float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0))))
 
 
-class KernelHead(_Head):
+class KernelHead(Head):
     """RBF-kernel SVM on unit-length features; C="auto" picks C from `Cs` by stratified CV accuracy.
 
     gamma "scale" is 1 / (n_features * variance of the normalized training features), scikit-learn's
@@ -116,6 +114,9 @@ class KernelHead(_Head):
     """
 
     kind = "svm"
+    file_format = KERNEL_FORMAT
+    key_param_names = ("C", "class_weight", "flatten")
+    sweep_grid = {"C": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]}
     scoring = "CV accuracy"  # what picks C (the logistic head's is a parameter): the c_curve.png label
 
     def __init__(self, C: float | str = "auto", Cs: Sequence[float] = DEFAULT_SVM_CS, gamma: float | str = "scale",
@@ -131,6 +132,11 @@ class KernelHead(_Head):
         self.random_state = random_state
         self.max_rows = max_rows
         self.memory_budget_mb = memory_budget_mb
+
+    @classmethod
+    def from_options(cls, opts: Mapping[str, Any]) -> "KernelHead":
+        return cls(C=option_C(opts), class_weight=opts.get("class_weight"), n_jobs=opts.get("jobs", 1),
+                   flatten=opts.get("flatten", "avg"), memory_budget_mb=option_budget(opts))
 
     # ------------------------------------------------------------------------------ parameters
     def check_params(self) -> "KernelHead":
@@ -149,18 +155,17 @@ class KernelHead(_Head):
         return _finite(given_positive(self.gamma, "gamma", auto="scale"), "gamma")
 
     # ------------------------------------------------------------------------------------- fit
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, *, class_names: Sequence[str] | None = None,
-            cache_key: str | None = None, feature_info: Mapping[str, Any] | None = None,
-            groups: Any = None) -> "KernelHead":
-        """Fit on (X, y); X_val/y_val are accepted for a uniform head interface and not used.
+    def fit(self, X: Any, y: Any, *, class_names: Sequence[str] | None = None, cache_key: str | None = None,
+            feature_info: Mapping[str, Any] | None = None, groups: Any = None) -> "KernelHead":
+        """Fit on (X, y): arrays (n, *feature_shape), a FeatureSource or ReducedFeatures.
 
         groups: rows sharing a value stay in one CV fold (default for a FeatureSource: the image
         index, so augmented views of an image never score their own copies).
         """
         self.check_params()
         y = np.asarray(y, dtype=np.int64)
-        if _n_rows(X) != y.size:
-            raise ValueError(f"X has {_n_rows(X)} rows but y has {y.size}")
+        if n_rows(X) != y.size:
+            raise ValueError(f"X has {n_rows(X)} rows but y has {y.size}")
         if y.size > self.max_rows:
             raise UserError(f"the svm head fits at most {self.max_rows:,} training rows here (its cost grows with "
                             f"rows squared), and there are {y.size:,}; use --head logistic")
@@ -172,7 +177,7 @@ class KernelHead(_Head):
         if groups is None and isinstance(X, FeatureSource):
             groups = X.file.index[X.rows]
         t0 = time.perf_counter()
-        Z = unit_rows(_to_matrix(X, self.flatten))
+        Z = unit_rows(to_matrix(X, self.flatten))
         present = np.unique(y)
         gamma = self._given_gamma()
         self.gamma_ = float(gamma if gamma is not None else 1.0 / (Z.shape[1] * max(Z.var(), 1e-12)))
@@ -210,7 +215,7 @@ class KernelHead(_Head):
         if coef.shape[0] == 1:  # binary: logits [0, z]
             coef, inter = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, inter[0]])
         A = np.zeros((self.n_classes_, P.shape[1]))
-        a = np.full(self.n_classes_, _PAD_LOGIT)
+        a = np.full(self.n_classes_, PAD_LOGIT)
         A[cal.classes_] = coef @ P
         a[cal.classes_] = coef @ p0 + inter
         self.support_vectors_ = Z[svc.support_].astype(np.float32)
@@ -240,8 +245,8 @@ class KernelHead(_Head):
         self._check_input(X)
         sv = self.support_vectors_.astype(np.float64)
         sv_sq = (sv * sv).sum(axis=1)
-        out = np.empty((_n_rows(X), self.n_classes_))
-        for start, xb in _matrix_batches(X, self.flatten, batch_size):
+        out = np.empty((n_rows(X), self.n_classes_))
+        for start, xb in matrix_batches(X, self.flatten, batch_size):
             z = unit_rows(xb)
             d2 = np.maximum((z * z).sum(axis=1, keepdims=True) + sv_sq - 2.0 * z @ sv.T, 0.0)
             out[start:start + z.shape[0]] = np.exp(-self.gamma_ * d2) @ self.coef_.T + self.intercept_
@@ -257,6 +262,30 @@ class KernelHead(_Head):
         sv = self.support_vectors_.astype(np.float64)
         g = self.gamma_
         return 2.0 * g * sv.T, -g * (1.0 + (sv * sv).sum(axis=1)), self.coef_.T, self.intercept_
+
+    # --------------------------------------------------------------------------- the tool's hooks
+    def facts(self) -> dict[str, Any]:
+        return {"C": self.C_, "C_choice": self.C_note_, "gamma": self.gamma_, "n_support": self.n_support_,
+                "cv_scores": {f"{c:g}": s for c, s in self.cv_scores_.items()}, "cv_log_loss": self.cv_log_loss_}
+
+    def sweep_facts(self) -> dict[str, Any]:
+        return {"n_support": self.n_support_}
+
+    def cv_log_loss(self) -> float | None:
+        """The cross-fitted log loss of the calibrated probabilities (None without CV)."""
+        return self.cv_log_loss_
+
+    def to_keras(self):
+        """Reduce, unit length, Dense(n_support, exponential) = the RBF kernel against the support
+        vectors, then Dense logits and softmax: three built-in layers."""
+        L = keras_module().layers
+        inp, x = keras_reduction(self.feature_shape_, self.flatten)
+        W1, b1, W, b = self.as_kernel_layers()
+        x = L.UnitNormalization(name="unit_length", dtype="float32")(x)
+        kernel = L.Dense(W1.shape[1], activation="exponential", name="rbf_kernel", dtype="float32")
+        x = kernel(x)
+        kernel.set_weights([np.asarray(W1, np.float32), np.asarray(b1, np.float32)])
+        return keras_logits_head(inp, x, W, b)
 
     # ----------------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
@@ -275,7 +304,7 @@ class KernelHead(_Head):
         side = path.with_suffix(".json")
         meta, arrays = read_npz_head(path, KERNEL_FORMAT, "an svm head", ("support_vectors", "coef", "intercept"))
         try:
-            head = cls(**_params_for(cls, meta["params"]))
+            head = cls(**params_for(cls, meta["params"]))
             head._load_meta(meta)
             sv, coef, inter = arrays["support_vectors"], arrays["coef"], arrays["intercept"]
             if (sv.ndim != 2 or sv.shape[1] != head.n_features_in_ or coef.shape != (head.n_classes_, sv.shape[0])
@@ -291,77 +320,3 @@ class KernelHead(_Head):
         head.C_note_ = meta.get("C_note", "")
         head.cv_log_loss_ = meta.get("cv_log_loss")
         return head
-
-
-class AutoHead(_Head):
-    """The default head: fits the logistic and the svm head and keeps the one whose cross-validated
-    log loss (same folds, probabilities scored out of fold) is lower. Both fit in seconds on cached
-    features; which wins depends on the data (flowers with Lite2: svm, 93.8% against 91.4%;
-    hymenoptera: logistic). `best_` is the chosen fitted head (what a run saves), `choice_` the scores and why.
-    The svm is skipped, with a note, over `max_rows` training rows (6,000: about a minute on 2 cores;
-    `--head svm` alone takes up to 20,000) or the memory budget.
-    """
-
-    kind = "auto"
-
-    def __init__(self, class_weight: str | None = None, flatten: str = "avg", n_jobs: int | None = 1,
-                 random_state: int = 0, max_rows: int = AUTO_MAX_ROWS, memory_budget_mb: float | None = None) -> None:
-        self.class_weight = class_weight
-        self.flatten = flatten
-        self.n_jobs = n_jobs
-        self.random_state = random_state
-        self.max_rows = max_rows
-        self.memory_budget_mb = memory_budget_mb
-
-    def _candidates(self) -> tuple:
-        from pipeline.heads.estimators import LogisticHead  # noqa: PLC0415
-
-        shared = dict(class_weight=self.class_weight, flatten=self.flatten, n_jobs=self.n_jobs,
-                      random_state=self.random_state, memory_budget_mb=self.memory_budget_mb)
-        return LogisticHead(**shared), KernelHead(max_rows=self.max_rows, **shared)
-
-    def check_params(self) -> "AutoHead":
-        for head in self._candidates():
-            head.check_params()
-        return self
-
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, **kw: Any) -> "AutoHead":
-        """Fit both candidates on (X, y) and keep the better by CV log loss; X_val/y_val are not used."""
-        logistic, svm = self._candidates()
-        logistic.fit(X, y, **kw)
-        scores: dict[str, float | None] = {
-            "logistic": -logistic.cv_scores_[logistic.C_] if logistic.cv_scores_ else None, "svm": None}
-        note = ""
-        try:
-            svm.fit(X, y, **kw)
-            scores["svm"] = svm.cv_log_loss_
-        except UserError as exc:
-            note = f"svm skipped: {exc}"
-        if scores["svm"] is not None and scores["logistic"] is not None and scores["svm"] < scores["logistic"]:
-            self.best_ = svm
-        else:
-            self.best_ = logistic
-            if not note and (scores["svm"] is None or scores["logistic"] is None):
-                note = "too few examples to cross-validate both heads: the logistic head is kept"
-        self.choice_ = {"chosen": self.best_.kind, "cv_log_loss": scores, **({"note": note} if note else {})}
-        for name in ("class_names_", "classes_", "n_classes_", "cache_key_", "feature_info_", "feature_shape_",
-                     "n_features_in_"):
-            setattr(self, name, getattr(self.best_, name))
-        return self
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        return self.best_.predict_proba(X)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Saves the chosen head (load_head reads it back as that kind)."""
-        return self.best_.save(path)
-
-
-def _register() -> None:
-    from pipeline.heads.estimators import HEAD_TYPES  # noqa: PLC0415
-
-    HEAD_TYPES.setdefault("svm", KernelHead)
-    HEAD_TYPES.setdefault("auto", AutoHead)
-
-
-_register()
