@@ -146,3 +146,21 @@ def test_an_svm_head_is_logged_as_keras_layers_that_predict_like_the_head(tmp_pa
     got = np.asarray(mlflow.pyfunc.load_model(f"runs:/{mrun.info.run_id}/model").predict(feats))
     np.testing.assert_allclose(got, head.predict_proba(feats), atol=1e-4)
 
+
+def test_an_audit_is_logged_with_its_counts_report_and_cleaned_manifest(tmp_path, monkeypatch):
+    import re
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    data = make_folder(tmp_path / "d", per_class=6)
+    fast = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--dtype", "float32", "--no-progress"]
+    proc = run_cli("audit", "--data", str(data), "--cache-dir", str(tmp_path / "c"), *fast, "--no-map", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "logged to MLflow run" in proc.stderr
+    run_id = re.search(r"audit (\S+) in", proc.stdout).group(1)
+    mrun = _mlflow_run(uri, run_id)
+    assert mrun.data.tags["featurecache.stage"] == "audit"
+    audit = json.loads((tmp_path / "c" / "runs" / run_id / "audit.json").read_text())
+    assert mrun.data.metrics["counts_images"] == audit["counts"]["images"] == 24
+    files = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(mrun.info.run_id)}
+    assert {"audit.json", "report.html", "cleaned.csv", "label_issues.csv"} <= files

@@ -109,7 +109,8 @@ def cli(debug: bool) -> None:
     """Transfer learning with cached backbone features: extract once, fit heads in seconds."""
 
 
-from pipeline.cli import cache_cmds, export_cmds, extract_cmds, finetune_cmds, head_cmds, predict_cmds  # noqa: E402,F401  (register commands)
+from pipeline.cli import (audit_cmds, cache_cmds, export_cmds, extract_cmds, finetune_cmds, head_cmds,  # noqa: E402,F401
+                          predict_cmds)  # (register commands)
 
 
 def main() -> None:

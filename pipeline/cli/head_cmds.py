@@ -190,7 +190,7 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
 
 
 @cli.group("runs", invoke_without_command=True)
-@click.option("--stage", type=click.Choice(["extract", "fit-head", "finetune"]), default=None)
+@click.option("--stage", type=click.Choice(["extract", "fit-head", "finetune", "audit"]), default=None)
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="e.g. backbone=efficientnet* or head=logistic (repeatable).")
 @click.option("--sort", default="started", show_default=True, help="started, duration, val_accuracy, val_f1, ...")

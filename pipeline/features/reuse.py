@@ -1,6 +1,7 @@
 """Incremental caches: a request that differs from a cached one only in its data listing (images
 added, removed or changed) copies the rows of unchanged images from the old file and computes only
-the rest, then writes a complete file under its own key. An image is unchanged when its id, file
+the rest, then writes a complete file under its own key. The old cache may come from another data
+source (a folder, then a manifest of some of its files): rows match by the file's own path. An image is unchanged when its id, file
 size and modification time (stored per row as `sizes` / `mtimes_ns`) are the same, or, where both
 caches were made with `--content-hash`, when its id and the SHA-256 of its bytes (`hashes`) are: then
 a touched or copied file with the same bytes is still reused, and a rewritten one with the same size
@@ -157,7 +158,7 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
     if unit_index is None or unit_view is None:
         unit_index = np.arange(len(ids))
         unit_view = np.zeros(len(ids), np.int8)
-    want, spec = _comparable(material), (material.get("data") or {}).get("data")
+    want = _comparable(material)
     our_views = _views_of(material)
     best: Reuse | None = None
     for path in sorted(Path(target).parent.glob("*.h5"), key=_mtime, reverse=True):
@@ -169,7 +170,9 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
                 if not a.get("complete", False) or "sizes" not in f or "mtimes_ns" not in f:
                     continue
                 theirs = json.loads(a["key_material"])
-                if _comparable(theirs) != want or (theirs.get("data") or {}).get("data") != spec:
+                # any data source: rows match by file path and size+time (or bytes), so a manifest of the
+                # same files (audit's cleaned.csv) reuses a folder's rows
+                if _comparable(theirs) != want:
                     continue
                 views = f["views"][:].astype(np.int64)
                 # their augmented views are ours when both seed them by name with the same settings

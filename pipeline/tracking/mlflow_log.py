@@ -27,7 +27,7 @@ from pipeline.tracking.compare import flatten
 from pipeline.tracking.runs import Registry, RunRecord, _write_json
 
 DEFAULT_EXPERIMENT = "featurecache"
-_ARTIFACTS = (".png", ".json")
+_ARTIFACTS = (".png", ".json", ".csv", ".html")  # .csv and .html: an audit's findings and report
 _MAX_PARAM = 6000  # MLflow's limit on one parameter value
 
 

@@ -28,7 +28,7 @@ from rich.table import Table
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import UserError
 
-STAGES = ("extract", "fit-head", "sweep", "finetune")
+STAGES = ("extract", "fit-head", "sweep", "finetune", "audit")
 STATUSES = ("running", "ok", "failed", "incomplete")
 
 

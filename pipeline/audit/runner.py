@@ -1,0 +1,345 @@
+"""The audit of one cache: label issues, duplicates and leakage, outliers, model errors and a 2-D map,
+from the cached embeddings (seconds; the backbone never runs), written into a run folder as audit.json,
+one CSV per finding, a cleaned manifest and a self-contained report.html."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from pipeline.atomic import write_text_atomic
+from pipeline.audit.duplicates import NearSettings, Pair, exact_pairs, near_pairs
+from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, cv_splits, fit_logistic, label_evidence,
+                                   oof_features, rank_issues)
+from pipeline.audit.outliers import outlier_scores
+from pipeline.audit.report import write_report
+from pipeline.errors import UserError
+from pipeline.features.neighbours import CosineIndex
+from pipeline.features.store import FeatureFile
+from pipeline.heads.base import FeatureSource, Head
+from pipeline.tracking.runs import Run
+
+AUDIT_VERSION = 1
+OUTLIER_Z = 3.5        # robust z-score from which an image is listed as an outlier
+RELABEL_CONFIDENCE = 0.9  # --relabel applies a suggestion only when its out-of-fold probability reaches this
+TOP_LOSSES = 20        # per split
+MAP_POINTS = 5000      # the 2-D map embeds at most this many images (flagged ones always)
+
+
+@dataclass
+class AuditOptions:
+    """How to audit: CV folds, the seed, the logistic C of the out-of-fold model, near-duplicate
+    thresholds, whether to draw the map, and whether the cleaned manifest applies suggested labels."""
+
+    cv: int = 5
+    seed: int = 0
+    C: float = DEFAULT_C
+    near: NearSettings = field(default_factory=NearSettings)
+    draw_map: bool = True
+    relabel: bool = False
+
+
+@dataclass
+class Audited:
+    """The audited images: clean labelled rows of the cache, their features and where they came from."""
+
+    rows: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+    paths: list[str]
+    splits: np.ndarray
+    class_names: list[str]
+
+
+def audited_images(ff: FeatureFile) -> Audited:
+    """The clean (not augmented), labelled images of the cache, features reduced as fit-head does
+    (feature maps averaged over space); UserError when nothing can be audited."""
+    labelled = ff.labels >= 0
+    if not labelled.any():
+        raise UserError(f"{ff.path.name} has no labels (every image is unlabelled); audit needs a labelled data "
+                        f"set, e.g. one sub-folder per class or a CSV manifest with labels")
+    rows = np.flatnonzero(labelled & (ff.views == 0))
+    y = ff.labels[rows].astype(np.int64)
+    if np.unique(y).size < 2:
+        name = ff.class_names[int(y[0])] if ff.class_names else str(int(y[0]))
+        raise UserError(f"audit needs at least two classes, but every labelled image of {ff.path.name} is {name!r}")
+    X = FeatureSource(ff, rows).load_reduced("avg")
+    names = list(ff.class_names) or [str(i) for i in range(int(y.max()) + 1)]
+    return Audited(rows, X, y, [ff.paths[r] for r in rows], ff.splits[rows].astype(str), names)
+
+
+def _sha256(path: str | None) -> str:
+    if not path:
+        return ""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return ""
+    return digest.hexdigest()
+
+
+def readable_files(paths: list[str]) -> list[str | None]:
+    """Each path where it is a file on this machine, else None (built-in and tfds images are not)."""
+    return [p if os.path.isfile(p) else None for p in paths]
+
+
+def _log_loss_rows(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return -np.log(np.clip(proba[np.arange(y.size), y], 1e-15, 1.0))
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    cm = np.zeros((k, k), np.int64)
+    np.add.at(cm, (y, pred), 1)
+    return cm
+
+
+def most_confused(cm: np.ndarray, names: list[str], top: int = 10) -> list[dict[str, Any]]:
+    """The off-diagonal cells of a confusion matrix, largest first (fastai's `most_confused`)."""
+    off = [(int(cm[i, j]), i, j) for i in range(cm.shape[0]) for j in range(cm.shape[1]) if i != j and cm[i, j]]
+    return [{"actual": names[i], "predicted": names[j], "count": n} for n, i, j in sorted(off, key=lambda t: (-t[0], t[1], t[2]))[:top]]
+
+
+def split_model_proba(ff: FeatureFile, img: Audited, ev: LabelEvidence, head: Head | None) -> dict[str, np.ndarray]:
+    """Probabilities for the val and test images of a model that did not train on them: the given
+    run's head, else the out-of-fold model's logistic regression fitted on the train split here."""
+    out: dict[str, np.ndarray] = {}
+    wanted = [s for s in ("val", "test") if (img.splits == s).any()]
+    if not wanted:
+        return out
+    if head is not None:
+        for s in wanted:
+            out[s] = head.predict_proba(FeatureSource(ff, img.rows[img.splits == s]))
+        return out
+    train = img.splits == "train"
+    if np.unique(img.y[train]).size < 2:
+        return out
+    Z = oof_features(img.X)
+    model = fit_logistic(Z[train], img.y[train], ev.C)
+    for s in wanted:
+        proba = np.zeros((int((img.splits == s).sum()), len(img.class_names)))
+        proba[:, model.classes_] = model.predict_proba(Z[img.splits == s])
+        out[s] = proba
+    return out
+
+
+def leakage(img: Audited, pairs: list[Pair], split_proba: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Cross-split pairs, and each evaluated split's accuracy with and without its images that copy an
+    image of an earlier split (val: of train; test: of train or val)."""
+    order = {"train": 0, "val": 1, "test": 2}
+    leaked: dict[str, set[int]] = {}
+    crossing = 0
+    for p in pairs:
+        sa, sb = img.splits[p.a], img.splits[p.b]
+        if sa == sb:
+            continue
+        crossing += 1
+        later, row = (sb, p.b) if order.get(sb, 3) > order.get(sa, 3) else (sa, p.a)
+        leaked.setdefault(later, set()).add(row)
+    accuracy: dict[str, Any] = {}
+    for s, proba in split_proba.items():
+        rows = np.flatnonzero(img.splits == s)
+        correct = proba.argmax(axis=1) == img.y[rows]
+        keep = ~np.isin(rows, sorted(leaked.get(s, set())))
+        accuracy[s] = {"before": float(correct.mean()), "after": float(correct[keep].mean()) if keep.any() else None,
+                       "n_before": int(rows.size), "n_after": int(keep.sum()), "removed": int((~keep).sum())}
+    return {"pairs": crossing, "accuracy": accuracy,
+            "leaked": {s: sorted(img.paths[r] for r in rows) for s, rows in leaked.items()}}
+
+
+def embedding_map(X: np.ndarray, keep: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates of the rows `keep` (t-SNE on a 50-component PCA of unit-length features)."""
+    from sklearn.decomposition import PCA  # noqa: PLC0415
+    from sklearn.manifold import TSNE  # noqa: PLC0415
+
+    from pipeline.features.neighbours import unit_rows  # noqa: PLC0415
+
+    Z = unit_rows(X[keep])
+    if Z.shape[0] < 5:
+        return np.zeros((Z.shape[0], 2)), "none"
+    Z = PCA(min(50, Z.shape[1], Z.shape[0]), random_state=seed).fit_transform(Z)
+    perplexity = float(min(30, max(2, (Z.shape[0] - 1) // 3)))
+    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500).fit_transform(Z)
+    return xy, "t-SNE"
+
+
+def _map_rows(n: int, flagged: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if n <= limit:
+        return np.arange(n)
+    rest = np.flatnonzero(~flagged)
+    rng = np.random.default_rng(seed)
+    extra = rng.choice(rest, max(0, limit - int(flagged.sum())), replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(flagged), extra]))
+
+
+def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: Head | None = None,
+                say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Audit the cache (the module docstring): the audit.json dict, with timings in `seconds`."""
+    t = {"start": time.perf_counter()}
+    img = audited_images(ff)
+    n, k = img.y.size, len(img.class_names)
+    if head is not None:
+        head.check_matches(ff)
+    say(f"audit: {n:,} labelled images, {k} classes, {img.X.shape[1]} features")
+    neigh = CosineIndex(img.X).self_query(max(KNN_K, options.near.neighbours))
+    t["neighbours"] = time.perf_counter()
+    folds = cv_splits(img.y, options.cv, options.seed)
+    ev = label_evidence(img.X, img.y, k, neigh, options.cv, options.seed, options.C)
+    issues, issue_score = rank_issues(img.y, ev.proba)
+    t["labels"] = time.perf_counter()
+    say(f"audit: label issues from {folds}-fold out-of-fold probabilities and {KNN_K} neighbours: {issues.size:,}")
+    files = readable_files(img.paths)
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        hashes = list(pool.map(_sha256, files))
+    exact = exact_pairs(hashes)
+    pairs = exact + near_pairs(neigh, files, options.near, exact)
+    t["duplicates"] = time.perf_counter()
+    say(f"audit: duplicates {len(exact)} exact, {len(pairs) - len(exact)} near")
+    z = outlier_scores(img.X, img.y)
+    out_rank = np.argsort(-z, kind="stable")
+    out_rows = out_rank[z[out_rank] >= OUTLIER_Z]
+    t["outliers"] = time.perf_counter()
+    split_proba = split_model_proba(ff, img, ev, head)
+    leaks = leakage(img, pairs, split_proba)
+    top_losses = _top_losses(img, ev, split_proba)
+    pred = ev.proba.argmax(axis=1)
+    cm = _confusion(img.y, pred, k)
+    t["errors"] = time.perf_counter()
+    flagged = np.zeros(n, bool)
+    flagged[issues] = True
+    flagged[out_rows] = True
+    for p in pairs:
+        flagged[[p.a, p.b]] = True
+    audit_map = None
+    if options.draw_map:
+        keep = _map_rows(n, flagged, MAP_POINTS, options.seed)
+        xy, method = embedding_map(img.X, keep, options.seed)
+        audit_map = {"method": method, "x": xy[:, 0].round(3).tolist(), "y": xy[:, 1].round(3).tolist(),
+                     "labels": img.y[keep].tolist(), "paths": [img.paths[i] for i in keep],
+                     "flagged": flagged[keep].tolist()}
+    t["map"] = time.perf_counter()
+    names = img.class_names
+    suggested = ev.proba.argmax(axis=1)
+    result = {
+        "version": AUDIT_VERSION, "data": ff.attrs.get("data") or str(ff.path), "cache_key": ff.key,
+        "class_names": names,
+        "label_issues": [{"path": img.paths[i], "split": img.splits[i], "given": names[img.y[i]],
+                          "suggested": names[suggested[i]], "score": round(float(issue_score[i]), 4),
+                          "suggested_probability": round(float(ev.proba[i, suggested[i]]), 4)} for i in issues],
+        "duplicates": [{"a": img.paths[p.a], "b": img.paths[p.b], "split_a": img.splits[p.a],
+                        "split_b": img.splits[p.b], "similarity": round(p.similarity, 4), "kind": p.kind,
+                        **({"pixel_correlation": round(p.pixel, 4)} if p.pixel is not None else {})}
+                       for p in sorted(pairs, key=lambda p: (p.kind != "exact", -p.similarity))],
+        "outliers": [{"path": img.paths[i], "split": img.splits[i], "label": names[img.y[i]],
+                      "score": round(float(z[i]), 3)} for i in out_rows],
+        "leakage": leaks,
+        "top_losses": top_losses,
+        "most_confused": most_confused(cm, names),
+        "confusion": {"split": "out-of-fold, all labelled images", "class_names": names, "matrix": cm.tolist()},
+        "out_of_fold": {"folds": folds, "logistic_C": ev.C, "knn_k": KNN_K,
+                        "accuracy": {"logistic": float((ev.logistic.argmax(1) == img.y).mean()),
+                                     "knn": float((ev.knn.argmax(1) == img.y).mean()),
+                                     "average": float((pred == img.y).mean())}},
+        "model": "run head" if head is not None else "logistic regression on the train split",
+    }
+    if audit_map is not None:
+        result["map"] = audit_map
+    result["counts"] = {"images": n, "label_issues": len(result["label_issues"]),
+                        "duplicates": len(pairs), "exact_duplicates": len(exact),
+                        "near_duplicates": len(pairs) - len(exact), "leakage_pairs": leaks["pairs"],
+                        "outliers": len(result["outliers"]), "top_losses": len(top_losses)}
+    marks = list(t.items())
+    result["seconds"] = {name: round(at - prev_at, 3) for (_, prev_at), (name, at) in zip(marks, marks[1:])}
+    result["seconds"]["total"] = round(time.perf_counter() - t["start"], 3)
+    result["_cleaning"] = {"flagged_issues": issues.tolist(), "outliers": out_rows.tolist(),
+                           "pairs": [(p.a, p.b) for p in pairs], "suggested": suggested.tolist(),
+                           "confidence": ev.proba.max(axis=1).tolist()}
+    result["_images"] = img
+    return result
+
+
+def _top_losses(img: Audited, ev: LabelEvidence, split_proba: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The highest-loss images per split: train scored out of fold, val/test by the held-out model."""
+    out = []
+    sources = {"train": (np.flatnonzero(img.splits == "train"), None)}
+    sources.update({s: (np.flatnonzero(img.splits == s), p) for s, p in split_proba.items()})
+    for s, (rows, proba) in sources.items():
+        if not rows.size:
+            continue
+        proba = ev.proba[rows] if proba is None else proba
+        loss = _log_loss_rows(proba, img.y[rows])
+        for j in np.argsort(-loss, kind="stable")[:TOP_LOSSES]:
+            pred = int(proba[j].argmax())
+            if pred == img.y[rows[j]]:
+                continue
+            out.append({"path": img.paths[rows[j]], "split": s, "given": img.class_names[img.y[rows[j]]],
+                        "predicted": img.class_names[pred], "probability": round(float(proba[j, pred]), 4),
+                        "loss": round(float(loss[j]), 4)})
+    return out
+
+
+def cleaned_rows(result: Mapping[str, Any], relabel: bool) -> list[tuple[str, str, str]]:
+    """(path, label, split) of the images to keep: without label issues (or, with `relabel`, with the
+    confident suggestions applied), outliers, and the second image of each duplicate pair (the val or
+    test one of a pair that crosses splits)."""
+    img: Audited = result["_images"]
+    c = result["_cleaning"]
+    order = {"train": 0, "val": 1, "test": 2}
+    drop = set(c["outliers"])
+    for a, b in c["pairs"]:
+        drop.add(max((a, b), key=lambda r: (order.get(img.splits[r], 3), r)))
+    labels = list(img.y)
+    for i in c["flagged_issues"]:
+        if relabel and c["confidence"][i] >= RELABEL_CONFIDENCE:
+            labels[i] = c["suggested"][i]
+        else:
+            drop.add(i)
+    return [(img.paths[i], img.class_names[labels[i]], img.splits[i]) for i in range(img.y.size) if i not in drop]
+
+
+CSV_COLUMNS = {
+    "label_issues": ("path", "split", "given", "suggested", "score", "suggested_probability"),
+    "duplicates": ("a", "b", "split_a", "split_b", "similarity", "kind", "pixel_correlation"),
+    "outliers": ("path", "split", "label", "score"),
+    "top_losses": ("path", "split", "given", "predicted", "probability", "loss"),
+}
+
+
+def _csv_text(rows: list[Mapping[str, Any]] | list[tuple], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else list(row))
+    return buf.getvalue()
+
+
+def write_audit(result: dict[str, Any], run: Run, relabel: bool = False) -> dict[str, Path]:
+    """Write audit.json, a CSV per finding, cleaned.csv and report.html into the run folder."""
+    files: dict[str, Path] = {}
+    cleaned = cleaned_rows(result, relabel)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": int(result["counts"]["images"])
+                         - len(cleaned), "relabel": relabel}
+    for name, columns in CSV_COLUMNS.items():
+        files[name] = run.path(f"{name}.csv")
+        write_text_atomic(files[name], _csv_text(public[name], columns))
+    files["cleaned"] = run.path("cleaned.csv")
+    write_text_atomic(files["cleaned"], _csv_text(cleaned, ("path", "label", "split")))
+    files["audit"] = run.path("audit.json")
+    public["run"] = run.id
+    write_text_atomic(files["audit"], json.dumps(public, indent=1) + "\n")
+    files["report"] = write_report(public, run.path("report.html"), lambda p: p if os.path.isfile(p) else None)
+    return files

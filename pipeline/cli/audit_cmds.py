@@ -1,0 +1,76 @@
+"""`audit`: what is wrong with the data (label issues, duplicates and leakage, outliers) and with the
+model (top losses, confused classes), from the cached features, as a recorded run with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli import cli
+from pipeline.cli.head_cmds import open_cache, trust_pickle_option
+from pipeline.cli.options import extract_options, mlflow_after, mlflow_check, mlflow_options
+
+
+@cli.command("audit")
+@click.option("--cache", default=None, help="Cache file path or key prefix (else: found/made from the "
+                                            "extract options below).")
+@click.option("--run", "run_id", default=None,
+              help="A fit-head run of this cache: its head scores val/test (leakage, top losses) instead of a "
+                   "logistic regression fitted on the train split here.")
+@click.option("--cv", type=click.IntRange(2), default=5, show_default=True,
+              help="Folds of the out-of-fold probabilities.")
+@click.option("--relabel", is_flag=True,
+              help="cleaned.csv applies confident suggested labels instead of dropping those images.")
+@click.option("--no-map", is_flag=True, help="Skip the 2-D embedding map (t-SNE: the slowest part).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@trust_pickle_option
+@extract_options
+@mlflow_options
+def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_map: bool, seed: int,
+              trust_pickle: bool, mlflow: bool | None, mlflow_experiment: str | None, **kw) -> None:
+    """Find likely label errors, duplicates and train/val leakage, outliers and model errors in a
+    cached data set; writes audit.json, CSVs, cleaned.csv and report.html into a new run folder.
+
+    Example: python cli.py audit --data ../shared/data/hymenoptera
+    """
+    from pipeline.audit.runner import AuditOptions, audit_cache, write_audit
+    from pipeline.errors import UserError
+    from pipeline.heads.training import check_finite
+    from pipeline.tracking.runs import Registry
+
+    log_mlflow = mlflow_check(mlflow)
+    head = None
+    if run_id is not None:
+        from pipeline.inference.apply import load_run
+        loaded = load_run(kw["cache_dir"], run_id, trust_pickle=trust_pickle)
+        if loaded.head is None:
+            raise UserError(f"run {loaded.record.id} is a fine-tune; audit --run takes a fit-head run, whose head "
+                            f"reads the cached features (a fine-tuned model would need the images again)")
+        head = loaded.head
+    ff = open_cache(cache, kw, command="audit")
+    options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map, relabel=relabel)
+    with ff:
+        check_finite(ff)
+        registry = Registry(ff.path.parent.parent)
+        config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
+                  "data": ff.attrs.get("data") or ff.path.stem, "cv": cv, "seed": seed, "relabel": relabel,
+                  "map": not no_map, **({"parent_run": run_id} if run_id else {})}
+        run = registry.start("audit", config)
+        with run:
+            result = audit_cache(ff, options, head, say=lambda line: click.echo(line, err=True))
+            files = write_audit(result, run, relabel)
+            run.log_metrics({"counts": result["counts"], "leakage": result["leakage"]["accuracy"],
+                             "out_of_fold": result["out_of_fold"], "seconds": result["seconds"]})
+    counts = result["counts"]
+    click.echo(f"{counts['images']:,} images: {counts['label_issues']} likely label errors, "
+               f"{counts['exact_duplicates']} exact and {counts['near_duplicates']} near duplicate pairs "
+               f"({counts['leakage_pairs']} across splits), {counts['outliers']} outliers")
+    for split, acc in result["leakage"]["accuracy"].items():
+        if acc["removed"]:
+            click.echo(f"{split}: accuracy {acc['before']:.4f} with its {acc['removed']} leaked images, "
+                       f"{acc['after']:.4f} without")
+    click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}")
+    click.echo(f"train without the flagged images: python cli.py fit-head --data {files['cleaned']} "
+               f"--allow-outside-paths", err=True)
+    mlflow_after(log_mlflow, Path(run.dir).parent.parent, run.id, mlflow_experiment)

@@ -1,0 +1,219 @@
+"""`audit`: planted faults are found (a flipped label, duplicates across splits, an outlier), leakage
+changes the recomputed accuracy, the cleaned manifest trains with no new extraction, the report shows
+the counts of audit.json, and bad input gets one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_folder, run_cli, write_image
+from helpers_features import write_cache
+from pipeline.audit.duplicates import NearSettings, near_pairs, thumbnail
+from pipeline.audit.outliers import outlier_scores
+from pipeline.audit.runner import AuditOptions, audit_cache, cleaned_rows, write_audit
+from pipeline.errors import UserError
+from pipeline.features.neighbours import CosineIndex
+from pipeline.features.store import FeatureFile
+from pipeline.tracking.runs import Registry
+
+FAST = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--no-progress", "--dtype", "float32"]
+NO_MAP = AuditOptions(draw_map=False)
+
+
+def _edit_cache(path: Path, edit) -> None:
+    """Change a finished synthetic cache in place (labels or feature rows) before it is audited."""
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        edit(f)
+
+
+# ------------------------------------------------------------------------------------ the seam
+def test_cosine_index_matches_brute_force_and_never_returns_the_own_group():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 16)).astype(np.float32)
+    groups = np.arange(300) // 2                        # rows 2i and 2i+1: two views of one image
+    got = CosineIndex(X, groups=groups, block_rows=64).self_query(5)
+    Z = X / np.linalg.norm(X, axis=1, keepdims=True)
+    sim = Z @ Z.T
+    sim[groups[:, None] == groups[None, :]] = -np.inf
+    want = np.argsort(-sim, axis=1)[:, :5]
+    np.testing.assert_array_equal(got.index, want)
+    np.testing.assert_allclose(got.similarity, np.take_along_axis(sim, want, axis=1), atol=1e-5)
+    assert not (groups[got.index] == groups[:, None]).any()
+
+
+# ----------------------------------------------------------------------------- planted faults
+def test_a_flipped_label_is_ranked_first_and_a_cross_split_copy_is_leakage(tmp_path):
+    path = write_cache(tmp_path, n_images=300, dim=24, n_classes=3, sep=1.5, seed=3)  # overlapping: some val errors
+    with FeatureFile(path) as ff:
+        train = np.flatnonzero(ff.splits == "train")
+        val = np.flatnonzero(ff.splits == "val")
+        labels = ff.labels.copy()
+        x = ff.load()
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
+    typical = np.linalg.norm(x[train] - means[labels[train]], axis=1)
+    flipped = int(train[np.argmin(typical)])                             # a clear member of its class...
+    labels[flipped] = (labels[flipped] + 1) % 3                           # ...given the wrong label
+    copy_from, copy_to = int(train[7]), int(val[0])
+    x[copy_to] = x[copy_from]                                             # a val image that copies a train one
+    labels[copy_to] = labels[copy_from]
+
+    def edit(f):
+        f["labels"][...] = labels
+        f["features"][...] = x.astype(f["features"].dtype)
+    _edit_cache(path, edit)
+
+    with FeatureFile(path) as ff:
+        result = audit_cache(ff, NO_MAP)
+    issues = result["label_issues"]
+    assert issues and issues[0]["path"] == f"img/{flipped:05d}.jpg"
+    assert issues[0]["given"] == f"class_{labels[flipped]}" and issues[0]["suggested"] != issues[0]["given"]
+    dup = [d for d in result["duplicates"] if {d["a"], d["b"]} == {f"img/{copy_from:05d}.jpg", f"img/{copy_to:05d}.jpg"}]
+    assert dup and dup[0]["kind"] == "near" and {dup[0]["split_a"], dup[0]["split_b"]} == {"train", "val"}
+    assert result["leakage"]["pairs"] >= 1
+    acc = result["leakage"]["accuracy"]["val"]
+    assert acc["removed"] >= 1 and acc["n_after"] == acc["n_before"] - acc["removed"]
+    # the copy is predicted right (its twin is in train): taking it out lowers the accuracy
+    assert acc["after"] < acc["before"]
+    assert result["counts"]["label_issues"] == len(issues)
+
+
+def test_an_image_far_from_its_class_tops_the_outlier_ranking():
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((3, 32)) * 3
+    y = np.repeat(np.arange(3), 60)
+    X = centres[y] + rng.standard_normal((180, 32))
+    X[10] = rng.standard_normal(32) * 3                  # not from any class
+    z = outlier_scores(X, y)
+    assert int(np.argmax(z)) == 10 and z[10] > 3.5
+
+
+def test_near_duplicates_need_the_same_layout_not_only_a_close_embedding(tmp_path):
+    from PIL import Image, ImageEnhance
+
+    rng = np.random.default_rng(2)
+    coarse = (rng.random((6, 8, 3)) * 255).astype(np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((160, 120), Image.BICUBIC))  # smooth, like a photo
+    other = np.asarray(Image.fromarray(base).transpose(Image.FLIP_TOP_BOTTOM))
+    files = {"orig": base, "other": other}
+    write_image(tmp_path / "orig.png", base, "png")
+    write_image(tmp_path / "other.png", other, "png")
+    im = Image.open(tmp_path / "orig.png")
+    im.save(tmp_path / "q50.jpg", "JPEG", quality=50)
+    im.resize((96, 72)).save(tmp_path / "small.png")
+    im.crop((8, 6, 152, 114)).save(tmp_path / "crop.png")
+    ImageEnhance.Brightness(im).enhance(1.1).save(tmp_path / "bright.png")
+    names = ["orig", "q50", "small", "crop", "bright", "other"]
+    paths = [str(tmp_path / f"{n}.{'jpg' if n == 'q50' else 'png'}") for n in names]
+    assert all(thumbnail(p) is not None for p in paths) and files
+    # every image is every other's neighbour at a high cosine: the layout check decides
+    from pipeline.features.neighbours import Neighbours
+    n = len(names)
+    idx = np.array([[j for j in range(n) if j != i] for i in range(n)])
+    neigh = Neighbours(idx, np.full(idx.shape, 0.9, np.float32))
+    pairs = near_pairs(neigh, paths, NearSettings(neighbours=n - 1))
+    found = {frozenset((names[p.a], names[p.b])) for p in pairs}
+    for copy in ("q50", "small", "crop", "bright"):
+        assert frozenset(("orig", copy)) in found, copy
+    assert not any("other" in pair for pair in found)
+    # unreadable images: only a cosine above embedding_only counts
+    blind = near_pairs(neigh, [None] * n, NearSettings(neighbours=n - 1))
+    assert blind == []
+
+
+def test_one_class_and_no_labels_are_one_line_errors(tmp_path):
+    one = write_cache(tmp_path / "one", n_images=40, labels=np.zeros(40, np.int64), n_classes=1)
+    none = write_cache(tmp_path / "none", n_images=40, labels=np.full(40, -1, np.int64))
+    with FeatureFile(one) as ff, pytest.raises(UserError, match="at least two classes"):
+        audit_cache(ff, NO_MAP)
+    with FeatureFile(none) as ff, pytest.raises(UserError, match="no labels"):
+        audit_cache(ff, NO_MAP)
+
+
+def test_tiny_classes_and_feature_maps_give_a_result(tmp_path):
+    """Fewer images in a class than folds: fewer folds; pooled=none maps: averaged as fit-head does."""
+    labels = np.array([0, 1, 2] * 10 + [2, 2])
+    path = write_cache(tmp_path, n_images=32, labels=labels, n_classes=3, feature_shape=(2, 2, 16), dim=16,
+                       split_fractions=(1, 0, 0))
+    with FeatureFile(path) as ff:
+        ff_classes = np.bincount(ff.labels)
+        result = audit_cache(ff, AuditOptions(cv=20))
+    assert result["out_of_fold"]["folds"] == int(ff_classes.min())
+    assert result["counts"]["images"] == 32 and len(result["map"]["x"]) == 32
+
+
+def test_write_audit_files_and_cleaned_rows(tmp_path):
+    path = write_cache(tmp_path, n_images=120, dim=16, n_classes=2, sep=1.5)
+    with FeatureFile(path) as ff:
+        result = audit_cache(ff, NO_MAP)
+        run = Registry(tmp_path).start("audit", {})
+        files = write_audit(result, run)
+    data = json.loads(files["audit"].read_text())
+    assert data["run"] == run.id and data["counts"]["images"] == 120
+    assert {"label_issues", "duplicates", "outliers", "leakage", "top_losses", "most_confused", "confusion"} <= set(data)
+    for name in ("label_issues", "duplicates", "outliers", "top_losses"):
+        lines = files[name].read_text().splitlines()
+        assert len(lines) == 1 + len(data[name])
+    kept = cleaned_rows(result, relabel=False)
+    assert len(kept) == 120 - data["cleaned"]["removed"]
+    relabelled = cleaned_rows(result, relabel=True)
+    assert len(relabelled) >= len(kept)
+
+
+# ------------------------------------------------------------------------------- as a user runs it
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_every_row(tmp_path):
+    data = make_folder(tmp_path / "data", per_class=8, classes=("red", "green", "blue"))
+    src = data / "train" / "red" / "img_000.jpg"
+    shutil.copy(src, data / "val" / "red" / "copy_of_train.jpg")            # leakage: the same bytes in val
+    cache = str(tmp_path / "cache")
+    proc = run_cli("audit", "--data", str(data), "--cache-dir", cache, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = Path(cache) / "runs" / re.search(r"audit (\S+) in", proc.stdout).group(1)
+    audit = json.loads((run_dir / "audit.json").read_text())
+    exact = [d for d in audit["duplicates"] if d["kind"] == "exact"]
+    assert len(exact) == 1 and {Path(exact[0]["a"]).name, Path(exact[0]["b"]).name} == {"img_000.jpg",
+                                                                                          "copy_of_train.jpg"}
+    assert audit["leakage"]["pairs"] >= 1 and audit["leakage"]["accuracy"]["val"]["removed"] >= 1
+    for name in ("report.html", "cleaned.csv", "label_issues.csv", "duplicates.csv", "outliers.csv", "top_losses.csv"):
+        assert (run_dir / name).is_file(), name
+    cleaned = (run_dir / "cleaned.csv").read_text().splitlines()
+    assert not any("copy_of_train" in line for line in cleaned)            # the val copy is dropped
+    assert len(cleaned) - 1 == audit["cleaned"]["images"]
+    runs = run_cli("runs", "--stage", "audit", "--cache-dir", cache)
+    assert run_dir.name in runs.stdout, runs.stdout + runs.stderr
+
+    fit = run_cli("fit-head", "--data", str(run_dir / "cleaned.csv"), "--allow-outside-paths", "--cache-dir", cache,
+                  *FAST, "--head", "logistic", "--C", "1.0")
+    assert fit.returncode == 0, fit.stderr
+    assert "computed 0" in fit.stdout + fit.stderr, fit.stdout + fit.stderr
+
+    if _chromium() is None:
+        pytest.skip("no chromium on PATH (CI installs Debian's chromium); the report's counts were not checked in a browser")
+    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                          f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", (run_dir / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    shown = {m.group(1): int(m.group(2)) for m in
+             re.finditer(r'<span class="count" data-key="([^"]+)">(\d+)</span>', dom.stdout)}
+    assert shown == audit["counts"]
+
+
+def test_cli_audit_bad_input_is_one_line(tmp_path):
+    one = make_folder(tmp_path / "one", per_class=4, classes=("only",))
+    proc = run_cli("audit", "--data", str(one), "--cache-dir", str(tmp_path / "c"), *FAST)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: audit needs at least two classes"), proc.stderr
+    missing_run = run_cli("audit", "--data", str(one), "--run", "nope", "--cache-dir", str(tmp_path / "c"), *FAST)
+    assert missing_run.returncode == 2 and "Traceback" not in missing_run.stderr
+    assert len(missing_run.stderr.strip().splitlines()) == 1, missing_run.stderr

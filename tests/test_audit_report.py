@@ -1,0 +1,183 @@
+"""The audit's HTML report: self-contained, escaped, bounded, robust to missing images, and rendered by
+a real browser (headless Chromium) with header counts equal to audit.json's."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.audit.report import MAX_CARDS, MAX_POINTS, write_report
+
+CLASSES = ["daisy", "roses", '<b>&"']  # the last one checks escaping of user data
+MISSING = "val/daisy/missing.jpg"      # not on disk: image_file returns None
+BROKEN = "train/roses/broken.jpg"      # on disk but not an image
+
+
+class _Counts(HTMLParser):
+    """Collects <span class="count" data-key=K>V</span> as {K: V}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, str] = {}
+        self._key: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "span" and "count" in (a.get("class") or "").split():
+            self._key, self.counts[a["data-key"]] = a["data-key"], ""
+
+    def handle_data(self, data):
+        if self._key is not None:
+            self.counts[self._key] += data
+
+    def handle_endtag(self, tag):
+        if tag == "span":
+            self._key = None
+
+
+def span_counts(page: str) -> dict[str, str]:
+    parser = _Counts()
+    parser.feed(page)
+    return parser.counts
+
+
+def make_audit(root: Path) -> tuple[dict, list[str]]:
+    """12 small JPEGs under root (train/val x 3 classes x 2) and an audit dict that refers to them."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for split in ("train", "val"):
+        for c, name in enumerate(CLASSES):
+            for k in range(2):
+                rel = f"{split}/{name}/{k}.jpg"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                arr = np.zeros((40, 60, 3), np.uint8)
+                arr[..., c] = 200
+                arr[10:30, 10 + 20 * k:30 + 20 * k] = rng.integers(0, 255, 3)
+                Image.fromarray(arr).save(root / rel, "JPEG")
+                paths.append(rel)
+    (root / BROKEN).write_bytes(b"not a jpeg at all")
+    label_issues = [{"path": paths[0], "split": "train", "given": "daisy", "suggested": CLASSES[2], "score": 0.93},
+                    {"path": MISSING, "split": "val", "given": CLASSES[2], "suggested": "roses", "score": 0.71}]
+    duplicates = [{"a": paths[1], "b": paths[7], "split_a": "train", "split_b": "val", "similarity": 1.0,
+                   "kind": "exact"},
+                  {"a": paths[2], "b": paths[9], "split_a": "train", "split_b": "val", "similarity": 0.974,
+                   "kind": "near"}]
+    outliers = [{"path": paths[4], "split": "train", "label": CLASSES[2], "score": 0.87},
+                {"path": BROKEN, "split": "train", "label": "roses", "score": 0.66}]
+    top_losses = [{"path": paths[6], "split": "val", "given": "daisy", "predicted": "roses", "probability": 0.91,
+                   "loss": 4.2},
+                  {"path": paths[0], "split": "train", "given": "daisy", "predicted": CLASSES[2],
+                   "probability": 0.8, "loss": 2.1}]
+    audit = {
+        "version": 1, "run": "run-0001", "data": str(root), "cache_key": "abc123def456",
+        "class_names": CLASSES,
+        "counts": {"images": len(paths), "label_issues": 2, "duplicates": 2, "exact_duplicates": 1,
+                   "near_duplicates": 1, "leakage_pairs": 2, "outliers": 2, "top_losses": 2},
+        "label_issues": label_issues, "duplicates": duplicates, "outliers": outliers,
+        "leakage": {"pairs": 2, "accuracy": {"val": {"before": 0.95, "after": 0.93, "n_before": 6, "n_after": 4,
+                                                     "removed": 2}}},
+        "top_losses": top_losses,
+        "most_confused": [{"actual": "daisy", "predicted": CLASSES[2], "count": 3}],
+        "confusion": {"split": "out-of-fold train", "class_names": CLASSES,
+                      "matrix": [[5, 1, 0], [0, 6, 0], [2, 0, 4]]},
+        "map": {"method": "umap", "x": rng.normal(size=12).tolist(), "y": rng.normal(size=12).tolist(),
+                "labels": [i // 2 % 3 for i in range(12)], "paths": paths,
+                "flagged": [i in (0, 4, 6) for i in range(12)]},
+    }
+    return audit, paths
+
+
+def resolver(root: Path, calls: list[str] | None = None):
+    def image_file(path: str) -> str | None:
+        if calls is not None:
+            calls.append(path)
+        file = root / path
+        return str(file) if file.exists() else None
+    return image_file
+
+
+def test_report_is_self_contained_escaped_and_robust(tmp_path):
+    audit, paths = make_audit(tmp_path / "data")
+    calls: list[str] = []
+    out = write_report(audit, tmp_path / "run" / "report.html", resolver(tmp_path / "data", calls))
+    assert out == tmp_path / "run" / "report.html" and out.is_file()
+    page = out.read_text(encoding="ascii")  # non-ASCII is written as character references
+    # Self-contained: nothing fetched from the network or from other files.
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert "<script" not in page and "<link" not in page and "url(" not in page
+    # Thumbnails are inline JPEGs of at most 112 px.
+    uris = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+    assert uris
+    with Image.open(io.BytesIO(base64.b64decode(uris[0]))) as im:
+        assert im.format == "JPEG" and max(im.size) <= 112
+    # User strings are escaped, never raw markup.
+    assert "&lt;b&gt;&amp;&quot;" in page and '<b>&"' not in page
+    # A missing image and an undecodable one become placeholders named after the file.
+    assert re.search(r'<div class="thumb missing" title="val/daisy/missing.jpg">missing.jpg</div>', page)
+    assert re.search(r'<div class="thumb missing" title="train/roses/broken.jpg">broken.jpg</div>', page)
+    # Each distinct path is resolved once (paths[0] is both a label issue and a top loss).
+    assert sorted(calls) == sorted(set(calls)) and paths[0] in calls
+    # Sections in order, header counts equal to audit.json, leakage marked, map drawn.
+    heads = re.findall(r"<h2>(.*?)</h2>", page)
+    assert heads == ["Label issues", "Duplicates &amp; leakage", "Outliers", "Model errors", "Confusion matrix",
+                     "Embedding map"]
+    assert span_counts(page) == {k: str(v) for k, v in audit["counts"].items()}
+    assert page.count('class="card leak"') == 2 and "&rarr;" in page
+    assert page.count("<circle") == 12 and page.count('stroke="#000"') == 3
+    assert "-2.0" in page  # accuracy change in points, val 95% -> 93%
+
+
+def test_missing_keys_say_not_computed(tmp_path):
+    out = write_report({"version": 1}, tmp_path / "report.html", lambda p: None)
+    page = out.read_text()
+    assert page.count("not computed") >= 6 and 'class="count"' not in page
+
+
+def test_work_is_bounded(tmp_path):
+    audit, paths = make_audit(tmp_path / "data")
+    audit["label_issues"] = [{"path": paths[i % 12], "split": "train", "given": "daisy", "suggested": "roses",
+                              "score": 1 - i / 100} for i in range(75)] + [{"path": f"x/{i}.jpg"} for i in range(5)]
+    n = MAX_POINTS + 5000
+    flagged = np.zeros(n, bool)
+    flagged[[3, 777, n - 1]] = True
+    audit["map"] = {"method": "pca", "x": np.arange(n, dtype=float).tolist(), "y": np.sin(np.arange(n)).tolist(),
+                    "labels": (np.arange(n) % 3).tolist(), "paths": [f"p{i}" for i in range(n)],
+                    "flagged": flagged.tolist()}
+    page = write_report(audit, tmp_path / "report.html", resolver(tmp_path / "data")).read_text()
+    section = page.split('<section id="label-issues">')[1].split("</section>")[0]
+    assert f"showing {MAX_CARDS} of 80" in section and section.count('class="thumb') == MAX_CARDS
+    assert "<td class=l>x/4.jpg</td>" in section  # the rest are listed as text
+    assert page.count("<circle") == MAX_POINTS and page.count('stroke="#000"') == 3
+    assert all(f"<title>p{i} (" in page for i in (3, 777, n - 1))
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs headless Chromium on PATH (`chromium` or `chromium-browser`); "
+                                                 "install it with `apt-get install -y chromium`")
+def test_report_renders_in_chromium(tmp_path):
+    audit, _ = make_audit(tmp_path / "data")
+    report = write_report(audit, tmp_path / "report.html", resolver(tmp_path / "data"))
+    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    png = tmp_path / "report.png"
+    subprocess.run(base + [f"--screenshot={png}", "--window-size=1200,2000", report.as_uri()],
+                   check=True, timeout=60, capture_output=True)
+    assert png.is_file()
+    with Image.open(png) as im:
+        pixels = np.asarray(im.convert("L"))
+    values, freq = np.unique(pixels, return_counts=True)
+    assert pixels.std() > 5 and (pixels != values[freq.argmax()]).mean() > 0.01, "blank screenshot"
+    dom = subprocess.run(base + ["--dump-dom", report.as_uri()], check=True, timeout=60, capture_output=True,
+                         text=True).stdout
+    assert span_counts(dom) == {k: str(v) for k, v in audit["counts"].items()}
