@@ -104,17 +104,17 @@ def cleanlab_anchor(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.asarray(ranked), proba
 
 
-def part_labels(name: str, root: Path, work: Path, cache: Path, seed: int) -> None:
+def part_labels(name: str, root: Path, work: Path, cache: Path, seed: int, details: bool = True) -> tuple:
     from pipeline.audit.labels import KNN_K, knn_oof, label_evidence, rank_issues
     from pipeline.audit.runner import audited_images
     from pipeline.features.neighbours import CosineIndex
     from pipeline.features.store import FeatureFile
 
     rows, truth = flip(listing(root), 0.05, seed)
-    result, wall, _ = audit(write_manifest(rows, work / f"{name}-flip5.csv"), cache, "--no-map")
+    result, wall, _ = audit(write_manifest(rows, work / f"{name}-flip5-seed{seed}.csv"), cache, "--no-map")
     ranked = [r["path"] for r in result["label_issues"]]
     p, r = precision_recall(ranked, set(ranked), truth)
-    print(f"labels {name}: {len(truth)} flipped of {sum(x[2] == 'train' for x in rows)} train; audit flags "
+    print(f"labels {name} seed {seed}: {len(truth)} flipped of {sum(x[2] == 'train' for x in rows)} train; audit flags "
           f"{len(ranked)}: top-N precision {p:.3f}, recall {r:.3f} (audit {result['seconds']['total']:.1f} s, "
           f"command {wall:.1f} s)")
     with FeatureFile(cache_file(cache, result["cache_key"])) as ff:
@@ -122,8 +122,10 @@ def part_labels(name: str, root: Path, work: Path, cache: Path, seed: int) -> No
     paths = np.asarray(img.paths)
     ranked_a, _ = cleanlab_anchor(img.X, img.y)
     pa, ra = precision_recall(list(paths[ranked_a]), set(paths[ranked_a]), truth)
-    print(f"labels {name}: anchor (cleanlab find_label_issues, LogisticRegression OOF) flags {ranked_a.size}: "
-          f"top-N precision {pa:.3f}, recall {ra:.3f}")
+    print(f"labels {name} seed {seed}: anchor (cleanlab find_label_issues, LogisticRegression OOF) flags "
+          f"{ranked_a.size}: top-N precision {pa:.3f}, recall {ra:.3f}")
+    if not details:
+        return p, r, pa, ra
     neigh = CosineIndex(img.X).self_query(KNN_K)
     ev = label_evidence(img.X, img.y, len(img.class_names), neigh)
     for source, proba in (("logistic alone", ev.logistic), ("kNN alone", ev.knn),
@@ -131,6 +133,7 @@ def part_labels(name: str, root: Path, work: Path, cache: Path, seed: int) -> No
         flagged, _ = rank_issues(img.y, proba)
         ps, rs = precision_recall(list(paths[flagged]), set(paths[flagged]), truth)
         print(f"labels {name}:   {source:15s} flags {flagged.size}: top-N precision {ps:.3f}, recall {rs:.3f}")
+    return p, r, pa, ra
 
 
 def variants(src: str, out: Path) -> dict[str, Path]:
@@ -250,6 +253,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="/tmp/bench-audit", help="Manifests, planted files and the cache.")
     ap.add_argument("--parts", default="labels,dups,outliers,clean,speed")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label-seeds", type=int, default=3, help="Flip seeds of the labels part (mean and range).")
     args = ap.parse_args(argv)
     work = Path(args.work)
     cache = work / "cache"
@@ -258,8 +262,13 @@ def main(argv=None) -> None:
         sys.exit(f"no {flowers}: this benchmark reads the shared photos")
     parts = set(args.parts.split(","))
     if "labels" in parts:
-        part_labels("flowers", flowers, work, cache, args.seed)
-        part_labels("hymenoptera", SHARED / "hymenoptera", work, cache, args.seed)
+        for name, root in (("flowers", flowers), ("hymenoptera", SHARED / "hymenoptera")):
+            got = np.asarray([part_labels(name, root, work, cache, s, details=s == args.seed)
+                              for s in range(args.seed, args.seed + args.label_seeds)])
+            mean, lo, hi = got.mean(axis=0), got.min(axis=0), got.max(axis=0)
+            print(f"labels {name} over {args.label_seeds} seeds: audit top-N precision {mean[0]:.3f} "
+                  f"({lo[0]:.3f}-{hi[0]:.3f}), recall {mean[1]:.3f} ({lo[1]:.3f}-{hi[1]:.3f}); anchor "
+                  f"{mean[2]:.3f} ({lo[2]:.3f}-{hi[2]:.3f}), {mean[3]:.3f} ({lo[3]:.3f}-{hi[3]:.3f})")
     if "dups" in parts:
         part_dups(flowers, work, cache, args.seed)
     if "outliers" in parts:

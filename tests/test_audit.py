@@ -129,6 +129,35 @@ def test_near_duplicates_need_the_same_layout_not_only_a_close_embedding(tmp_pat
     assert blind == []
 
 
+def test_copies_of_one_file_pair_with_the_earliest_split_and_are_not_also_near():
+    from pipeline.audit.duplicates import exact_pairs
+    from pipeline.features.neighbours import Neighbours
+
+    hashes = ["h", "x", "h", "h", ""]
+    splits = ["test", "train", "val", "train", "val"]     # listing order: test before train
+    pairs = exact_pairs(hashes, splits)
+    assert {(p.a, p.b) for p in pairs} == {(0, 3), (2, 3)}  # each copy with the train one
+    idx = np.array([[2, 3], [0, 2], [0, 3], [0, 2], [0, 1]])
+    neigh = Neighbours(idx, np.full(idx.shape, 0.99, np.float32))
+    near = near_pairs(neigh, [None] * 5, NearSettings(neighbours=2), hashes)
+    assert near and not any(hashes[p.a] and hashes[p.a] == hashes[p.b] for p in near)  # (0,1), (0,4), ... only
+
+
+def test_a_class_of_one_image_sits_out_of_the_folds_and_the_others_keep_their_evidence(tmp_path):
+    path = write_cache(tmp_path, n_images=61, n_classes=2, class_names=["a", "b", "c"], sep=2.0,
+                       split_fractions=(1, 0, 0))
+
+    def one_of_c(f):
+        labels = f["labels"][:]
+        labels[-1] = 2
+        f["labels"][...] = labels
+    _edit_cache(path, one_of_c)
+    with FeatureFile(path) as ff:
+        result = audit_cache(ff, NO_MAP)
+    assert result["out_of_fold"]["folds"] == 5
+    assert result["out_of_fold"]["accuracy"]["logistic"] > 0.8
+
+
 def test_one_class_and_no_labels_are_one_line_errors(tmp_path):
     one = write_cache(tmp_path / "one", n_images=40, labels=np.zeros(40, np.int64), n_classes=1)
     none = write_cache(tmp_path / "none", n_images=40, labels=np.full(40, -1, np.int64))
@@ -198,6 +227,15 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
                   *FAST, "--head", "logistic", "--C", "1.0")
     assert fit.returncode == 0, fit.stderr
     assert "computed 0" in fit.stdout + fit.stderr, fit.stdout + fit.stderr
+
+    fit_run = re.search(r"run (\S+) saved in", fit.stdout).group(1)
+    again = run_cli("audit", "--cache", re.search(r"wrote (\S+\.h5)", fit.stdout + fit.stderr).group(1),
+                    "--run", fit_run, "--relabel", "--no-map", "--cache-dir", cache)
+    assert again.returncode == 0, again.stderr
+    rerun = Path(cache) / "runs" / re.search(r"audit (\S+) in", again.stdout).group(1)
+    assert json.loads((rerun / "audit.json").read_text())["model"] == "run head"
+    assert json.loads((rerun / "config.json").read_text())["relabel"] is True
+    assert json.loads((rerun / "audit.json").read_text())["cleaned"]["relabel"] is True
 
     if _chromium() is None:
         pytest.skip("no chromium on PATH (CI installs Debian's chromium); the report's counts were not checked in a browser")

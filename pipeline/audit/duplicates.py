@@ -47,17 +47,22 @@ class Pair:
     pixel: float | None = None
 
 
-def exact_pairs(hashes: list[str]) -> list[Pair]:
-    """Pairs of rows with the same non-empty content hash (each image with the first of its group)."""
-    first: dict[str, int] = {}
-    out = []
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def exact_pairs(hashes: list[str], splits: list[str] | None = None) -> list[Pair]:
+    """Pairs of rows with the same non-empty content hash: each copy paired with its group's first
+    member in split order (train, val, test), so every later-split copy is a cross-split pair."""
+    groups: dict[str, list[int]] = {}
     for i, h in enumerate(hashes):
-        if not h:
+        if h:
+            groups.setdefault(h, []).append(i)
+    out = []
+    for rows in groups.values():
+        if len(rows) < 2:
             continue
-        if h in first:
-            out.append(Pair(first[h], i, 1.0, "exact", 1.0))
-        else:
-            first[h] = i
+        rows = sorted(rows, key=lambda r: (SPLIT_ORDER.get(splits[r], 3) if splits is not None else 0, r))
+        out += [Pair(min(rows[0], r), max(rows[0], r), 1.0, "exact", 1.0) for r in rows[1:]]
     return out
 
 
@@ -93,22 +98,24 @@ def layout_similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 def thumbnails(paths: list[str | None], workers: int | None = None) -> list[np.ndarray | None]:
     """`thumbnail` of each path (None for None), on a thread pool (decoding releases the GIL)."""
+    from pipeline.data.decode import load_libraries  # noqa: PLC0415
+
+    load_libraries()  # OpenCV and Pillow imported here, not concurrently by the threads
     workers = workers or max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda p: thumbnail(p) if p else None, paths))
 
 
 def near_pairs(neigh: Neighbours, files: list[str | None], settings: NearSettings = NearSettings(),
-               exact: list[Pair] | None = None) -> list[Pair]:
-    """Near-duplicate pairs among each row's nearest neighbours (see the module docstring); pairs already
-    found as exact are left out. `files[i]`: a readable image file of row i, or None."""
+               hashes: list[str] | None = None) -> list[Pair]:
+    """Near-duplicate pairs among each row's nearest neighbours (see the module docstring), leaving out
+    rows with the same content hash (exact duplicates). `files[i]`: a readable image file of row i, or None."""
     k = min(settings.neighbours, neigh.index.shape[1])
     idx, sim = neigh.index[:, :k], neigh.similarity[:, :k]
-    known = {(min(p.a, p.b), max(p.a, p.b)) for p in exact or []}
     cand: dict[tuple[int, int], float] = {}
     for i, j in zip(*np.nonzero((idx >= 0) & (sim >= settings.candidate))):
         a, b = sorted((int(i), int(idx[i, j])))
-        if (a, b) not in known:
+        if not (hashes is not None and hashes[a] and hashes[a] == hashes[b]):
             cand[(a, b)] = max(cand.get((a, b), -1.0), float(sim[i, j]))
     rows = sorted({r for pair in cand for r in pair})
     thumbs = dict(zip(rows, thumbnails([files[r] for r in rows])))

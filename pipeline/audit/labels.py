@@ -46,9 +46,11 @@ def oof_features(X: np.ndarray) -> np.ndarray:
 
 
 def cv_splits(y: np.ndarray, cv: int, seed: int) -> int:
-    """The number of folds a stratified CV of `y` can have (at most `cv`, at least 2), or 0 if none."""
+    """The folds a stratified CV of `y` gets: at most `cv`, at most the smallest class of two or more
+    images (a class of one image cannot be cross-checked and sits out); 0 when no class has two."""
     counts = np.bincount(y)
-    return min(int(cv), int(counts[counts > 0].min())) if counts.size else 0
+    counts = counts[counts >= 2]
+    return min(int(cv), int(counts.min())) if counts.size and len(counts) >= 2 else 0
 
 
 def fit_logistic(Z: np.ndarray, y: np.ndarray, C: float, max_iter: int = 500) -> LogisticRegression:
@@ -62,9 +64,12 @@ def logistic_oof(X: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed:
                  ) -> np.ndarray:
     """Out-of-fold probabilities (n, n_classes) of `fit_logistic` on `oof_features(X)`."""
     Z = oof_features(X)
-    proba = np.zeros((y.size, n_classes))
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(Z, y):
+    proba = np.full((y.size, n_classes), 1.0 / n_classes)  # rows of one-image classes: no evidence
+    rows = np.flatnonzero(np.bincount(y)[y] >= 2)
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(Z[rows], y[rows]):
+        train, test = rows[train], rows[test]
         model = fit_logistic(Z[train], y[train], C)
+        proba[test] = 0.0
         proba[np.ix_(test, model.classes_)] = model.predict_proba(Z[test])
     return proba
 

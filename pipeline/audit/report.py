@@ -195,7 +195,7 @@ def _duplicates(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
     out.append(f'<p>cross-split duplicate pairs: <b>{_e(leakage.get("pairs", "not computed"))}</b></p>')
     accuracy = leakage.get("accuracy")
     if not accuracy:
-        out.append('<p class="na">accuracy before/after removing leaked images: not computed (no run given)</p>')
+        out.append('<p class="na">accuracy before/after removing leaked images: not computed (no val or test split to score)</p>')
     else:
         rows = [[_e(split), _pct(a.get("before")), _pct(a.get("after")), _change(a.get("before"), a.get("after")),
                  _e(a.get("n_before", "")), _e(a.get("n_after", "")), _e(a.get("removed", ""))]

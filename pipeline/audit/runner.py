@@ -203,8 +203,8 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     files = readable_files(img.paths)
     with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
         hashes = list(pool.map(_sha256, files))
-    exact = exact_pairs(hashes)
-    pairs = exact + near_pairs(neigh, files, options.near, exact)
+    exact = exact_pairs(hashes, list(img.splits))
+    pairs = exact + near_pairs(neigh, files, options.near, hashes)
     t["duplicates"] = time.perf_counter()
     say(f"audit: duplicates {len(exact)} exact, {len(pairs) - len(exact)} near")
     z = outlier_scores(img.X, img.y)

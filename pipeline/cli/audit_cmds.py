@@ -48,10 +48,12 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_
             raise UserError(f"run {loaded.record.id} is a fine-tune; audit --run takes a fit-head run, whose head "
                             f"reads the cached features (a fine-tuned model would need the images again)")
         head = loaded.head
-    ff = open_cache(cache, kw, command="audit")
+    ff = open_cache(cache, kw, command="audit", splits=None)
     options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map, relabel=relabel)
     with ff:
         check_finite(ff)
+        if head is not None:  # a head of other features or classes: one line, before a run is recorded
+            head.check_matches(ff)
         registry = Registry(ff.path.parent.parent)
         config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
                   "data": ff.attrs.get("data") or ff.path.stem, "cv": cv, "seed": seed, "relabel": relabel,
@@ -68,8 +70,8 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_
                f"({counts['leakage_pairs']} across splits), {counts['outliers']} outliers")
     for split, acc in result["leakage"]["accuracy"].items():
         if acc["removed"]:
-            click.echo(f"{split}: accuracy {acc['before']:.4f} with its {acc['removed']} leaked images, "
-                       f"{acc['after']:.4f} without")
+            after = f"{acc['after']:.4f}" if acc["after"] is not None else "nothing left to score"
+            click.echo(f"{split}: accuracy {acc['before']:.4f} with its {acc['removed']} leaked images, {after} without")
     click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}")
     click.echo(f"train without the flagged images: python cli.py fit-head --data {files['cleaned']} "
                f"--allow-outside-paths", err=True)

@@ -27,9 +27,10 @@ _FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pool
                     "augment_copies", "augment_seed", "augment_ops", "split_names", "test_fraction", "split_seed"}
 
 
-def open_cache(cache: str | None, kw: dict, command: str = "fit-head"):
+def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: tuple[str, ...] | None = ("train",)):
     """The feature file named by --cache (path or key prefix), else by the extract options,
-    extracting first when the cache does not have it yet (`command` names the caller in errors)."""
+    extracting first when the cache does not have it yet (`command` names the caller in errors; before
+    extracting, image files must hold two classes in `splits`, None: in any split)."""
     from pipeline.features.cache import resolve
     from pipeline.extract import extract, plan, release_models
     from pipeline.features.store import FeatureFile, is_complete
@@ -48,7 +49,7 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head"):
         return FeatureFile(paths[0])
     request, options = build_request(kw)
     if not is_complete(plan(request, options.cache_dir).path):
-        _check_two_classes(request, command)
+        _check_two_classes(request, command, splits)
         click.echo("no cached features for this request yet: extracting first", err=True)
     result = extract(request, options)
     report_extraction(result)
@@ -56,8 +57,9 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head"):
     return FeatureFile(result.path)
 
 
-def _check_two_classes(request, command: str) -> None:
-    """Image files of one training class cannot make a head: say so before extracting them all."""
+def _check_two_classes(request, command: str, splits: tuple[str, ...] | None) -> None:
+    """Image files of one class (in `splits`; None: any) cannot make a head or an audit: say so before
+    extracting them all."""
     import numpy as np
 
     from pipeline.data.sources import FileSource, open_source
@@ -66,12 +68,18 @@ def _check_two_classes(request, command: str) -> None:
     if not isinstance(source, FileSource):  # tfds and built-ins: listing may mean preparing the data set
         return
     listing = source.listing()
-    labels = np.asarray(listing.labels)[(np.asarray(listing.splits, dtype=object) == "train")
-                                        & (np.asarray(listing.labels) >= 0)]
+    labels = np.asarray(listing.labels)
+    where = labels >= 0
+    if splits is not None:
+        where &= np.isin(np.asarray(listing.splits, dtype=object), list(splits))
+    labels = labels[where]
+    kind = "training images" if splits == ("train",) else "labelled images"
+    if labels.size == 0:
+        raise UserError(f"{command} needs {kind}, but {request.data} has none; give one sub-folder per class "
+                        f"or a CSV manifest with labels")
     if np.unique(labels).size < 2:
-        name = listing.class_names[int(labels[0])] if labels.size else "none"
-        raise UserError(f"{command} needs at least two classes with training images, but {request.data} has "
-                        f"one ({name!r}); add a folder per class")
+        raise UserError(f"{command} needs at least two classes with {kind}, but {request.data} has "
+                        f"one ({listing.class_names[int(labels[0])]!r}); add a folder per class")
 
 
 def _make_head(head: str, opts: dict):

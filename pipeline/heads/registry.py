@@ -91,6 +91,11 @@ def load_head(path: str | os.PathLike, trust_pickle: bool | None = None) -> "Hea
     if not candidates:
         raise UserError(f"{path.name} is not a head file (expected one of: "
                         f"{', '.join(sorted({cls.artifact for cls in classes}))})")
+    if not path.exists():
+        raise UserError(f"no head file at {path}; is it a fit-head run folder?")
+    if not path.with_suffix(".json").exists():
+        raise UserError(f"{path.name} needs {path.with_suffix('.json').name} beside it in {path.parent}, which is "
+                        f"missing; re-run fit-head")
     try:
         fmt = json.loads(path.with_suffix(".json").read_text()).get("format")
     except (OSError, ValueError, AttributeError):
