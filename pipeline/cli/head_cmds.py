@@ -123,8 +123,8 @@ def _make_head(head: str, opts: dict):
               help="Train from memory while the training features fit in MB, else stream them from the "
                    "cache file (default: a quarter of physical memory).")
 @click.option("--no-augmented", is_flag=True, help="Ignore augmented views in the cache.")
-@click.option("--sweep", is_flag=True, help="Grid search (C for logistic; lr x dropout x hidden for dense) "
-                                            "in parallel; the best is saved.")
+@click.option("--sweep", is_flag=True, help="Grid search over the head's own grid (C for svm and logistic; lr x "
+                                            "dropout x hidden for dense) in parallel; the best is saved.")
 @extract_options
 @mlflow_options
 def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, mlflow: bool | None,
@@ -188,7 +188,7 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
     run = registry.start("fit-head", run_config(ff, estimator, sweep=True, val_fraction=val_fraction,
                                                  seed=head_opts["seed"], use_augmented=use_augmented))
     with run:
-        base = {k: v for k, v in estimator.get_params().items() if k not in ("C", "lr", "dropout", "hidden")}
+        base = {k: v for k, v in estimator.get_params().items() if k not in estimator.sweep_grid}
         results = sweep(ff, head, n_jobs=head_opts["jobs"], base_params=base, val_fraction=val_fraction,
                         seed=head_opts["seed"], use_augmented=use_augmented)
         save_sweep(results, run)

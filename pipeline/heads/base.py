@@ -134,10 +134,12 @@ def _check_flatten(flatten: str, feature_shape: Sequence[int]) -> None:
 
 
 def n_rows(X: Any) -> int:
+    """Rows of any accepted feature input (array, FeatureSource, ReducedFeatures)."""
     return len(X) if isinstance(X, (FeatureSource, ReducedFeatures)) else int(np.shape(X)[0])
 
 
 def raw_shape(X: Any) -> tuple[int, ...]:
+    """The cache's feature shape of one row of any accepted input (before any reduction)."""
     if isinstance(X, (FeatureSource, ReducedFeatures)):
         return tuple(X.feature_shape)
     return tuple(np.shape(X)[1:])
@@ -212,6 +214,7 @@ class Head(ClassifierMixin, BaseEstimator):
     file_format: ClassVar[str] = ""                # the "format" its head.json names
     key_param_names: ClassVar[tuple[str, ...]] = ("class_weight", "flatten")  # runs-table columns
     uses_validation: ClassVar[bool] = False        # fit takes the validation rows (dense: early stopping)
+    tuple_params: ClassVar[tuple[str, ...]] = ()   # parameters that are tuples (JSON gives them back as lists)
     sweep_grid: ClassVar[dict[str, list[Any]] | None] = None  # `--sweep`'s default grid (None: no sweep)
     # parameters that leave a compiled model as it is: a sweep's configs differing only in them share one
     sweep_schedule_only: ClassVar[frozenset[str] | None] = None
@@ -380,10 +383,10 @@ def keras_logits_head(inp, x, W: np.ndarray, b: np.ndarray):
 
 
 def params_for(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Constructor arguments from saved params, dropping unknown ones and restoring tuples."""
+    """Constructor arguments from saved params, dropping unknown ones and restoring the class's tuples."""
     names = cls._get_param_names()
     out = {k: v for k, v in params.items() if k in names}
-    for k in ("hidden", "Cs"):
+    for k in getattr(cls, "tuple_params", ()):
         if isinstance(out.get(k), list):
             out[k] = tuple(out[k])
     return out
@@ -398,6 +401,7 @@ def check_class_subset(data_classes: Sequence[str], head_classes: Sequence[str],
 
 
 def short_names(names: Sequence[str], n: int = 4) -> str:
+    """'K classes: a, b, c, d, ...' for error messages."""
     names = list(names)
     head = ", ".join(map(str, names[:n]))
     return f"{len(names)} classes: {head}{', ...' if len(names) > n else ''}"

@@ -53,6 +53,7 @@ class DenseHead(Head):
     file_format = DENSE_FORMAT
     key_param_names = ("hidden", "dropout", "lr", "lr_schedule", "epochs", "early_stopping", "class_weight")
     uses_validation = True
+    tuple_params = ("hidden",)
     sweep_grid = {"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "dropout": [0.0, 0.3], "hidden": [(128,), (256,)]}
     sweep_schedule_only = frozenset({"lr", "lr_schedule", "lr_start", "lr_max", "lr_min", "rampup_epochs",
                                      "sustain_epochs", "exp_decay", "epochs", "early_stopping", "memory_budget_mb",

@@ -50,6 +50,7 @@ class LogisticHead(Head):
     kind = "logistic"
     file_format = LOGISTIC_FORMAT
     key_param_names = ("C", "class_weight", "flatten")
+    tuple_params = ("Cs",)
     sweep_grid = {"C": [float(c) for c in np.logspace(-4, 1, 11)]}
 
     def __init__(self, C: float | str = "auto", Cs: Sequence[float] = DEFAULT_CS, cv: int = 5,

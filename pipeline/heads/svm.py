@@ -116,6 +116,7 @@ class KernelHead(Head):
     kind = "svm"
     file_format = KERNEL_FORMAT
     key_param_names = ("C", "class_weight", "flatten")
+    tuple_params = ("Cs",)
     sweep_grid = {"C": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]}
     scoring = "CV accuracy"  # what picks C (the logistic head's is a parameter): the c_curve.png label
 
