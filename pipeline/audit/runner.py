@@ -5,12 +5,10 @@ one CSV per finding, a cleaned manifest and a self-contained report.html."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -25,6 +23,7 @@ from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.report import write_report
 from pipeline.errors import UserError
 from pipeline.features.neighbours import CosineIndex
+from pipeline.features.reuse import fill_hashes
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head
 from pipeline.tracking.runs import Run
@@ -76,19 +75,6 @@ def audited_images(ff: FeatureFile) -> Audited:
     X = FeatureSource(ff, rows).load_reduced("avg")
     names = list(ff.class_names) or [str(i) for i in range(int(y.max()) + 1)]
     return Audited(rows, X, y, [ff.paths[r] for r in rows], ff.splits[rows].astype(str), names)
-
-
-def _sha256(path: str | None) -> str:
-    if not path:
-        return ""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return ""
-    return digest.hexdigest()
 
 
 def readable_files(paths: list[str]) -> list[str | None]:
@@ -201,8 +187,8 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     t["labels"] = time.perf_counter()
     say(f"audit: label issues from {folds}-fold out-of-fold probabilities and {KNN_K} neighbours: {issues.size:,}")
     files = readable_files(img.paths)
-    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-        hashes = list(pool.map(_sha256, files))
+    readable = np.asarray([f is not None for f in files])
+    hashes = list(fill_hashes(np.full(len(files), "", dtype=object), img.paths, readable))
     exact = exact_pairs(hashes, list(img.splits))
     pairs = exact + near_pairs(neigh, files, options.near, hashes)
     t["duplicates"] = time.perf_counter()
