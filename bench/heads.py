@@ -18,6 +18,17 @@ accuracy) or on a real cache given with --cache:
                    row count; the printout says so. Conservative for this tool: extract's
                    one-off model build is scaled up with the rest, keras.io's warm-up epoch is not timed.
 
+  (v)   knn        KNNHead() (k and T by leave-one-image-out CV, calibrated) fit, and predict on the val rows
+
+With --quality (real photos, default Lite2 features, extracted once into --cache-dir; every head
+fitted on train, scored on val; nothing here is timed against a target):
+  - the knn head against the auto head and each other head on flowers, hymenoptera and digits:
+    val accuracy, log loss and ECE (15 bins);
+  - ECE and log loss before and after temperature scaling for the logistic, dense and knn heads
+    (calibrate=False against the default), and whether any prediction changed.
+
+    .venv/bin/python bench/heads.py --quality --cache-dir /tmp/bench-heads
+
 Runs on the Keras backend in force (KERAS_BACKEND=jax / torch / tensorflow); (iv)'s keras.io input
 is tf.data on TensorFlow and a Pillow PyDataset elsewhere.
 
@@ -56,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dim", type=int, default=1280)
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--n-jobs", type=int, default=2, help="sweep and CV workers (default %(default)s)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["logistic", "svm", "dense", "sweep", "baseline"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["logistic", "svm", "dense", "sweep", "baseline", "knn"])
+    ap.add_argument("--quality", action="store_true", help="accuracy, log loss and ECE of every head on real photos")
+    ap.add_argument("--cache-dir", default="/tmp/bench-heads", help="--quality's cache root (default %(default)s)")
+    ap.add_argument("--sets", default="flowers,hymenoptera,digits", help="--quality's data sets")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flower_photos_224"),
                     help="image folder (train/<class>/...) for (iv)")
     ap.add_argument("--backbone", default="efficientnet_lite0", help="backbone for (iv)")
@@ -180,8 +194,57 @@ def load() -> str:
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+QUALITY_DATA = {"flowers": str(REPO.parent / "shared" / "data" / "flower_photos_224"),
+                "hymenoptera": str(REPO.parent / "shared" / "data" / "hymenoptera"), "digits": "builtin:digits"}
+
+
+def quality(args) -> None:
+    """Val accuracy, log loss and ECE of every head kind (and each calibrated head without its
+    calibration) on real photos' cached features."""
+    from pipeline.extract import ExtractRequest, RunOptions, extract
+    from pipeline.heads import make_head
+    from pipeline.heads.base import FeatureSource, feature_info_of
+    from pipeline.heads.training import split_rows
+    from pipeline.tracking.metrics import classification_report
+
+    configs = [("auto", {}), ("knn", {}), ("knn", {"calibrate": False}), ("logistic", {}),
+               ("logistic", {"calibrate": False}), ("svm", {}), ("dense", {}), ("dense", {"calibrate": False})]
+    for name in args.sets.split(","):
+        result = extract(ExtractRequest(data=QUALITY_DATA[name]), RunOptions(cache_dir=Path(args.cache_dir),
+                                                                            progress=False))
+        with FeatureFile(result.path) as ff:
+            split = split_rows(ff)
+            Xtr, ytr = FeatureSource(ff, split.train), ff.labels[split.train]
+            Xva, yva = ff.load(split.val), ff.labels[split.val]
+            meta = dict(class_names=list(ff.class_names), feature_info=feature_info_of(ff))
+            print(f"\n{name}: {split.train.size} train rows, {split.val.size} val ({split.val_source}), "
+                  f"{len(ff.class_names)} classes, features {ff.feature_shape} ({result.path.name})")
+            print(f"  {'head':28s} {'val acc':>8s} {'log loss':>9s} {'ECE':>7s} {'T':>6s} {'fit s':>6s}")
+            preds = {}
+            for kind, params in configs:
+                head = make_head(kind, **params)
+                t = time.perf_counter()
+                head.fit(Xtr, ytr, **meta) if not head.uses_validation else head.fit(
+                    Xtr, ytr, Xva, yva, **meta)
+                seconds = time.perf_counter() - t
+                best, _ = head.outcome()
+                proba = best.predict_proba(Xva)
+                r = classification_report(yva, proba, ff.class_names)
+                label = kind + (" (uncalibrated)" if params else "") + (f" -> {best.kind}" if best is not head else "")
+                T = getattr(best, "temperature_", None)
+                print(f"  {label:28s} {r['accuracy']:8.4f} {r['log_loss']:9.4f} {r['ece']:7.4f} "
+                      f"{(f'{T:.3f}' if T else '-'):>6s} {seconds:6.1f}")
+                preds[(kind, bool(params))] = proba.argmax(axis=1)
+            for kind in ("knn", "logistic", "dense"):
+                same = (preds[(kind, False)] == preds[(kind, True)]).mean()
+                print(f"  {kind}: calibrated and uncalibrated predictions agree on {same:.1%} of val images")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.quality:
+        quality(args)
+        return
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.cache) if args.cache else synthetic_cache(Path(tmp.name), args.n, args.dim, args.classes)
     from pipeline.heads import DenseHead, LogisticHead
@@ -245,6 +308,15 @@ def main(argv=None) -> None:
             print(f"      best {best.params}: val macro-F1 {best.val_macro_f1:.3f}, accuracy {best.val_accuracy:.3f}; "
                   f"per-config fit {min(r.fit_seconds for r in results):.2f}-"
                   f"{max(r.fit_seconds for r in results):.2f} s")
+        if "knn" not in args.skip:
+            from pipeline.heads import KNNHead
+            head, wall, cpu = timed(lambda: KNNHead().fit(Xall, yall, class_names=names))
+            print(f"(v)   knn k,T=auto, {Xall.shape[0]} x {Xall.shape[1]}: fit {wall:.2f} s wall, {cpu:.2f} s cpu "
+                  f"(k={head.k_}, T={head.vote_temperature_:g}, calibration T={head.temperature_:.3f})")
+            _, wall, cpu = timed(lambda: head.predict_proba(Xva))
+            print(f"      predict {Xva.shape[0]} rows: {wall:.3f} s wall ({Xva.shape[0] / wall:,.0f} rows/s)")
+            head = KNNHead().fit(Xtr, ytr, class_names=names)
+            print(f"      knn held-out val accuracy when fit on train only: {acc(head):.3f}")
         if "baseline" not in args.skip:
             if "dense" in args.skip:
                 print("(iv)  needs (ii)'s dense fit time; run without --skip dense")

@@ -160,3 +160,25 @@ def test_finetune_from_an_svm_run_starts_from_its_kernel_head(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     fit_val = json.loads((Path(cache) / "runs" / head_run / "metrics.json").read_text())["val"]["accuracy"]
     assert abs(metrics["before"]["val"]["accuracy"] - fit_val) < 1e-9
+
+
+def test_finetune_from_a_knn_run_keeps_its_vote_fixed_and_trains_the_backbone(tmp_path):
+    data = make_folder(tmp_path / "d", per_class=8)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "knn", "--k", "3")
+    assert fit.returncode == 0, fit.stderr
+    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+    ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--batch-size", "8", "--cache-dir", cache)
+    assert ft.returncode == 0, ft.stderr
+    run_dir = Path(cache) / "runs" / _run_id(ft.stdout)
+    assert json.loads((run_dir / "config.json").read_text())["head"] == "finetune(knn)"
+    model = keras.models.load_model(run_dir / "model.keras")  # built-in layers and ops: loads without our code
+
+    def leaves(layer) -> list:
+        return [layer] + [x for sub in getattr(layer, "layers", []) for x in leaves(sub)]
+    by_name = {layer.name: layer for layer in leaves(model)}
+    assert {"similarity", "vote", "probabilities"} <= set(by_name)
+    assert not by_name["similarity"].trainable and not by_name["vote"].trainable
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    fit_val = json.loads((Path(cache) / "runs" / head_run / "metrics.json").read_text())["val"]["accuracy"]
+    assert abs(metrics["before"]["val"]["accuracy"] - fit_val) < 1e-9

@@ -156,10 +156,11 @@ def test_default_head_is_auto_and_says_which_head_it_kept(tmp_path):
     cache = str(tmp_path / "c")
     fit = run_cli("fit-head", "--cache", str(path), "--cache-dir", cache)
     assert fit.returncode == 0, fit.stderr
-    assert "head auto: fitting the logistic and the svm head" in fit.stderr
+    assert "head auto: fitting the logistic, the svm and the knn head" in fit.stderr
     line = next(l for l in fit.stdout.splitlines() if l.startswith("head auto: kept "))
     kept = line.split()[3]
-    assert kept in ("svm", "logistic") and "CV log loss logistic " in line and ", svm " in line
+    assert kept in ("svm", "logistic", "knn") and "CV log loss logistic " in line and ", svm " in line
+    assert ", knn " in line
     run_dir = Path(cache) / "runs" / _run_id(fit.stdout)
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["head"] == kept and cfg["head_choice"]["chosen"] == kept

@@ -204,10 +204,11 @@ def test_a_trunk_cache_finetune_exports(head_run, tmp_path, fmt):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["keras", "onnx"])
-def test_an_svm_head_run_exports_and_predicts_like_the_run(head_run, tmp_path, fmt):
+@pytest.mark.parametrize("kind,fmt", [("svm", "keras"), ("svm", "onnx"), ("knn", "onnx")])
+def test_an_svm_or_knn_head_run_exports_and_predicts_like_the_run(head_run, tmp_path, kind, fmt):
     """The svm head becomes UnitNormalization + Dense(exponential) kernel + Dense logits on top of the
-    backbone: the export's probabilities equal the run's own."""
+    backbone, the knn head UnitNormalization + Dense similarities + top-k + the one-hot vote (ONNX
+    TopK): the export's probabilities equal the run's own."""
     if not _has(*FORMAT_NEEDS[fmt]):
         pytest.skip(f"{fmt} export needs {FORMAT_NEEDS[fmt]}")
     from pipeline.export import export_run, open_model
@@ -215,11 +216,11 @@ def test_an_svm_head_run_exports_and_predicts_like_the_run(head_run, tmp_path, f
     from pipeline.inference.apply import load_run, predict_paths
 
     _, data, cache = head_run
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "svm")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", kind)
     assert fit.returncode == 0 and "cache hit" in fit.stdout, fit.stderr
     run_id = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
     run = load_run(cache, run_id)
-    assert run.head.kind == "svm"
+    assert run.head.kind == kind
     result = export_run(run, fmt, tmp_path / fmt)
     assert result.max_abs_diff <= 1e-4
     paths = [str(p) for p in sorted((data / "val").rglob("*.jpg"))[:10]]

@@ -40,7 +40,8 @@ def test_rendering_mentions_classes_and_numbers():
     for needle in ("ants", "bees", "precision", "0.750", "accuracy", "log loss", "val"):
         assert needle in text
     assert summary_line(r).startswith("accuracy 0.750 · macro-F1 ") and "(n=4)" in summary_line(r)
-    assert metrics_table(r).row_count == 2 + 3
+    assert metrics_table(r).row_count == 2 + 4  # classes; accuracy, macro avg, log loss, ECE
+    assert "ECE (15 bins)" in text and "ECE " in summary_line(r)
 
 
 def _png(path, size):

@@ -128,16 +128,17 @@ def test_mlflow_wanted_but_missing_is_one_line(monkeypatch):
     assert mlflow_log.enabled(None) is True and mlflow_log.enabled(False) is False
 
 
-def test_an_svm_head_is_logged_as_keras_layers_that_predict_like_the_head(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["svm", "knn"])
+def test_an_svm_or_knn_head_is_logged_as_keras_layers_that_predict_like_the_head(tmp_path, monkeypatch, kind):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     data = make_folder(tmp_path / "d", per_class=10)
     cache = tmp_path / "c"
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", "svm", cwd=tmp_path)
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *LITE, "--head", kind, cwd=tmp_path)
     assert fit.returncode == 0 and "logged to MLflow run" in fit.stderr, fit.stderr
     run_id = _run_id(fit.stdout)
     mrun = _mlflow_run(uri, run_id)
-    assert mrun.data.params["head"] == "svm"
+    assert mrun.data.params["head"] == kind
     from pipeline.features.store import FeatureFile
     from pipeline.heads import load_head
     head = load_head(cache / "runs" / run_id)

@@ -118,13 +118,17 @@ def _make_head(head: str, opts: dict):
 @click.option("--head-batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--early-stopping", type=click.IntRange(1), default=None, metavar="PATIENCE",
               help="Stop after PATIENCE epochs without val-loss gain; keep the best weights.")
+@click.option("--k", "k", default="auto", show_default=True, help="knn: neighbours that vote, or auto (CV).")
+@click.option("--vote-temperature", default="auto", show_default=True,
+              help="knn: T of the vote weights exp((similarity - 1) / T), or auto (CV).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=None, metavar="MB",
               help="Train from memory while the training features fit in MB, else stream them from the "
                    "cache file (default: a quarter of physical memory).")
 @click.option("--no-augmented", is_flag=True, help="Ignore augmented views in the cache.")
 @click.option("--sweep", is_flag=True, help="Grid search over the head's own grid (C for svm and logistic; lr x "
-                                            "dropout x hidden for dense) in parallel; the best is saved.")
+                                            "dropout x hidden for dense; k x T for knn) in parallel; the best "
+                                            "is saved.")
 @extract_options
 @mlflow_options
 def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, mlflow: bool | None,
@@ -141,7 +145,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     head_opts = {k: kw.pop(k) for k in list(kw) if k in (
         "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
         "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
-        "head_batch_size", "early_stopping", "seed", "memory_budget")}
+        "head_batch_size", "early_stopping", "seed", "memory_budget", "k", "vote_temperature")}
     estimator = _make_head(head, head_opts).check_params()  # a bad option fails before any extraction
     if sweep and estimator.sweep_grid is None:
         from pipeline.heads.registry import head_class
@@ -160,8 +164,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
             click.echo(estimator.fit_note(), err=True)
         result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
                                    use_augmented=not no_augmented)
-    if getattr(result.head, "streamed_", False):
-        click.echo(result.head.stream_note_)
+    if result.head.after_fit_note():
+        click.echo(result.head.after_fit_note())
     choice = result.extras.get("head_choice")
     if choice:
         losses = ", ".join(f"{k} {v:.4f}" for k, v in choice["cv_log_loss"].items() if v is not None)
@@ -315,48 +319,91 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
 @click.option("--run", "run_id", required=True, help="A fit-head or finetune run ID (or unique prefix).")
 @click.option("--data", required=True, help="Labelled data: folder, CSV manifest, tfds:NAME or builtin:digits.")
 @click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
+@click.option("--explain", type=click.IntRange(0), default=0, metavar="K",
+              help="knn head: list each misclassified image's K nearest training images (and in --csv, every image's).")
+@click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
+              help="Also write path, label, prediction, probabilities (and --explain's neighbours) per image here.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @trust_pickle_option
 @_cache_dir
-def evaluate_cmd(run_id: str, data: str, split: str, batch_size: int, trust_pickle: bool, cache_dir: Path) -> None:
+def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path | None, batch_size: int,
+                 trust_pickle: bool, cache_dir: Path) -> None:
     """Score a trained run on labelled images, through the same backbone and preprocessing.
 
     Example: python cli.py evaluate --run 20261122-2330 --data ../shared/data/hymenoptera --split val
     """
     from rich.console import Console
 
-    from pipeline.inference.apply import evaluate_run, load_run
+    from pipeline.cli.options import check_output_file
+    from pipeline.inference.apply import evaluate_run, load_run, write_predictions_csv
     from pipeline.tracking.metrics import metrics_table, summary_line
 
+    if csv_out is not None:
+        check_output_file(csv_out, "--csv")
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
-    report = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size)
+    result = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size, explain=explain)
+    report = result.report
     click.echo(summary_line(report))
     Console(width=110).print(metrics_table(report, title=f"{data} ({split})"))
+    if result.neighbours is not None:
+        Console(width=160).print(_explained_table(result, run.class_names))
+    if csv_out is not None:
+        write_predictions_csv(csv_out, result.paths, result.proba, run.class_names, result.neighbours, result.labels)
+        click.echo(f"wrote {csv_out}", err=True)
+
+
+def _explained_table(result, class_names: list[str], limit: int = 20):
+    """The misclassified images (most confident first) beside their nearest training images."""
+    import numpy as np
+    from rich.table import Table
+
+    pred = result.proba.argmax(axis=1)
+    wrong = np.flatnonzero(pred != result.labels)
+    wrong = wrong[np.argsort(-result.proba[wrong, pred[wrong]], kind="stable")]
+    table = Table(title=f"misclassified: {wrong.size} (first {min(limit, wrong.size)}), with their nearest "
+                        f"training images", title_justify="left")
+    for col in ("image", "label", "predicted", "nearest training images (similarity)"):
+        table.add_column(col)
+    for i in wrong[:limit]:
+        near = "\n".join(f"{p} ({s:.3f})" for p, s in result.neighbours[i])
+        table.add_row(result.paths[i], class_names[int(result.labels[i])],
+                      f"{class_names[int(pred[i])]} {result.proba[i, pred[i]]:.3f}", near)
+    return table
 
 
 def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | None, cache_dir: Path,
-                     batch_size: int, trust_pickle: bool = False) -> None:
-    """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV)."""
-    from pipeline.inference.apply import load_run, predict_paths
+                     batch_size: int, trust_pickle: bool = False, explain: int = 0) -> None:
+    """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV); with
+    `explain`, each image's nearest training images too (a knn head)."""
+    from pipeline.inference.apply import check_explain, explained, load_run, predict_paths, run_features
 
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
-    proba, kept, skipped = predict_paths(run, paths, batch_size)
-    print_predictions(paths, proba, kept, skipped, run.class_names, top_k, csv_out)
+    check_explain(run, explain)
+    if not explain:
+        proba, kept, skipped = predict_paths(run, paths, batch_size)
+        print_predictions(paths, proba, kept, skipped, run.class_names, top_k, csv_out)
+        return
+    feats, kept, skipped = run_features(run, paths, batch_size)
+    print_predictions(paths, run.head.predict_proba(feats), kept, skipped, run.class_names, top_k, csv_out,
+                      explained(run.head, feats, explain))
 
 
 def print_predictions(paths: list[str], proba, kept: list[int], skipped: list, class_names: list[str], top_k: int,
-                      csv_out: Path | None) -> None:
-    """One line per image with its top-k classes, the optional CSV, and the skipped files (stderr)."""
+                      csv_out: Path | None, neighbours: list | None = None) -> None:
+    """One line per image with its top-k classes (and, given `neighbours`, an indented line per nearest
+    training image), the optional CSV, and the skipped files (stderr)."""
     import numpy as np
 
     from pipeline.inference.apply import write_predictions_csv
 
     k = min(top_k, len(class_names))
-    for i, row in zip(kept, proba):
+    for j, (i, row) in enumerate(zip(kept, proba)):
         top = np.argsort(-row)[:k]
         click.echo(f"{paths[i]}\t" + "  ".join(f"{class_names[c]} {row[c]:.3f}" for c in top))
+        for path, sim in (neighbours[j] if neighbours is not None else []):
+            click.echo(f"    near {sim:.3f}  {path}")
     if csv_out:
-        write_predictions_csv(csv_out, [paths[i] for i in kept], proba, class_names)
+        write_predictions_csv(csv_out, [paths[i] for i in kept], proba, class_names, neighbours)
         click.echo(f"wrote {csv_out}", err=True)
     if skipped:
         click.echo(skipped_message(skipped), err=True)

@@ -25,15 +25,19 @@ from pipeline.extract import DEFAULT_CACHE
 @click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
               help="With --run or --model: also write path, prediction, probability and per-class columns here.")
+@click.option("--explain", type=click.IntRange(0), default=0, metavar="K",
+              help="With --run of a knn head: also show each image's K nearest training images (and in --csv).")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @trust_pickle_option
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Keras backend (default: KERAS_BACKEND).")
 def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | None, backbone: str | None, weights: str, top_k: int,
-                csv_out: Path | None, batch_size: int, trust_pickle: bool, cache_dir: Path, backend: str | None) -> None:
+                csv_out: Path | None, explain: int, batch_size: int, trust_pickle: bool, cache_dir: Path,
+                backend: str | None) -> None:
     """Predict classes for IMAGES (files or folders).
 
     Examples: python cli.py predict --run 20261122-2330 photos/ --csv preds.csv
+              python cli.py predict --run 20261203-1510 photo.jpg --explain 5   (a knn head)
               python cli.py predict --model export/model.onnx photos/
               python cli.py predict --backbone efficientnet_lite0 photo.jpg
     """
@@ -41,6 +45,9 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
         raise click.UsageError("give one of --run, --model and --backbone")
     if csv_out is not None:
         check_output_file(csv_out, "--csv")
+    if explain and not run_id:
+        raise click.UsageError("--explain shows the training images behind a run's predictions: add --run ID "
+                               "(a fit-head run with --head knn)")
     select_backend(backend)
     paths = image_paths(images)
     if model_file is not None:
@@ -51,7 +58,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
         print_predictions(paths, proba, kept, skipped, names, top_k, csv_out)
         return
     if run_id:
-        predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size, trust_pickle)
+        predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size, trust_pickle, explain)
         return
     if not backbone:
         raise click.UsageError("give --run ID (a trained run), --model FILE (an export) or --backbone NAME "

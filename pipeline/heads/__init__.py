@@ -1,6 +1,7 @@
-"""Stage 2: heads fitted on cached features, one module per kind (`logistic`, `dense`, `svm`, `auto`)
-behind one table (`registry`), what they share (`base`, `files`, `folds`, `streaming`, `schedules`),
-training on a cache (`training`) and parallel sweeps (`sweep`). To add a kind, see the README.
+"""Stage 2: heads fitted on cached features, one module per kind (`logistic`, `dense`, `svm`, `knn`,
+`auto`) behind one table (`registry`), what they share (`base`, `files`, `folds`, `calibration`,
+`streaming`, `schedules`), training on a cache (`training`) and parallel sweeps (`sweep`). To add a
+kind, see the README.
 
 The names below are re-exported lazily (PEP 562), so `import pipeline.heads.registry` (the CLI's list
 of kinds) does not import scikit-learn or Keras.
@@ -12,7 +13,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "AutoHead": "auto", "DenseHead": "dense", "balanced_class_weights": "dense", "KernelHead": "svm",
+    "AutoHead": "auto", "DenseHead": "dense", "balanced_class_weights": "dense", "KernelHead": "svm", "KNNHead": "knn",
     "LogisticHead": "logistic", "FeatureSource": "base", "Head": "base", "ReducedFeatures": "base",
     "check_class_subset": "base", "feature_info_of": "base", "given_positive": "base", "jsonable": "base",
     "load_keras_file": "files", "HEAD_KINDS": "registry", "head_class": "registry", "head_filename": "registry",

@@ -1,5 +1,5 @@
-"""`AutoHead` (kind "auto", the default of `fit-head`): fits the logistic and the svm head and keeps the
-one with the lower cross-validated log loss."""
+"""`AutoHead` (kind "auto", the default of `fit-head`): fits the logistic, the svm and the knn head and
+keeps the one with the lowest cross-validated log loss (each calibrated as it will be used)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.heads.base import Head, option_budget, option_C
+from pipeline.heads.knn import KNNHead
 from pipeline.heads.logistic import LogisticHead
 from pipeline.heads.svm import KernelHead
 
@@ -20,12 +21,13 @@ AUTO_MAX_ROWS = 6000
 
 
 class AutoHead(Head):
-    """The default head: fits the logistic and the svm head and keeps the one whose cross-validated
-    log loss (same folds, probabilities scored out of fold) is lower. Both fit in seconds on cached
-    features; which wins depends on the data (flowers with Lite2: svm, 93.8% against 91.4%;
-    hymenoptera: logistic). `best_` is the chosen fitted head (what a run saves), `choice_` the scores and why.
-    The svm is skipped, with a note, over `max_rows` training rows (6,000: about a minute on 2 cores;
-    `--head svm` alone takes up to 20,000) or the memory budget.
+    """The default head: fits the logistic, the svm and the knn head and keeps the one whose
+    cross-validated log loss (probabilities scored out of fold, calibrated as each head will be) is
+    lowest. All fit in seconds on cached features; which wins depends on the data (flowers with Lite2:
+    svm, 93.8% against 91.4%; hymenoptera: logistic). `best_` is the chosen fitted head (what a run
+    saves), `choice_` the scores and why. The svm is skipped, with a note, over `max_rows` training
+    rows (6,000: about a minute on 2 cores; `--head svm` alone takes up to 20,000) or the memory
+    budget; the knn over the memory budget.
     """
 
     kind = "auto"
@@ -42,18 +44,18 @@ class AutoHead(Head):
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "AutoHead":
         if option_C(opts) != "auto":
-            raise UserError("--C sets one head's regularization, but --head auto fits two heads (each picks C "
+            raise UserError("--C sets one head's regularization, but --head auto fits three heads (each picks C "
                             "by CV); add --head svm or --head logistic to use --C")
         return cls(class_weight=opts.get("class_weight"), n_jobs=opts.get("jobs", 1), flatten=opts.get("flatten", "avg"),
                    memory_budget_mb=option_budget(opts))
 
     def fit_note(self) -> str:
-        return "head auto: fitting the logistic and the svm head (5-fold CV each) to keep the better"
+        return "head auto: fitting the logistic, the svm and the knn head (cross-validated each) to keep the best"
 
     def _candidates(self) -> tuple:
-        shared = dict(class_weight=self.class_weight, flatten=self.flatten, n_jobs=self.n_jobs,
-                      random_state=self.random_state, memory_budget_mb=self.memory_budget_mb)
-        return LogisticHead(**shared), KernelHead(max_rows=self.max_rows, **shared)
+        shared = dict(flatten=self.flatten, random_state=self.random_state, memory_budget_mb=self.memory_budget_mb)
+        weighted = dict(class_weight=self.class_weight, n_jobs=self.n_jobs, **shared)
+        return LogisticHead(**weighted), KernelHead(max_rows=self.max_rows, **weighted), KNNHead(**shared)
 
     def check_params(self) -> "AutoHead":
         for head in self._candidates():
@@ -61,24 +63,32 @@ class AutoHead(Head):
         return self
 
     def fit(self, X: Any, y: Any, **kw: Any) -> "AutoHead":
-        """Fit both candidates on (X, y) and keep the better by CV log loss (`kw`: class names, cache key,
-        feature info, groups, as the candidates take them)."""
-        logistic, svm = self._candidates()
-        logistic.fit(X, y, **kw)
-        scores: dict[str, float | None] = {"logistic": logistic.cv_log_loss(), "svm": None}
-        note = ""
-        try:
-            svm.fit(X, y, **kw)
-            scores["svm"] = svm.cv_log_loss()
-        except UserError as exc:
-            note = f"svm skipped: {exc}"
-        if scores["svm"] is not None and scores["logistic"] is not None and scores["svm"] < scores["logistic"]:
-            self.best_ = svm
+        """Fit the candidates on (X, y) and keep the best by CV log loss (`kw`: class names, cache key,
+        feature info, groups, as the candidates take them). The logistic head always fits (it streams);
+        the others are skipped, with a note, where they refuse (too many rows, over the memory budget)."""
+        fitted: dict[str, Head] = {}
+        scores: dict[str, float | None] = {}
+        notes = []
+        for head in self._candidates():
+            try:
+                head.fit(X, y, **kw)
+            except UserError as exc:
+                if head.kind == "logistic":
+                    raise
+                notes.append(f"{head.kind} skipped: {exc}")
+                scores[head.kind] = None
+                continue
+            fitted[head.kind] = head
+            scores[head.kind] = head.cv_log_loss()
+        scored = {k: v for k, v in scores.items() if v is not None}
+        if scores.get("logistic") is None:
+            chosen = "logistic"
+            if len(scored) < len(fitted):
+                notes.append("too few examples to cross-validate every head: the logistic head is kept")
         else:
-            self.best_ = logistic
-            if not note and (scores["svm"] is None or scores["logistic"] is None):
-                note = "too few examples to cross-validate both heads: the logistic head is kept"
-        self.choice_ = {"chosen": self.best_.kind, "cv_log_loss": scores, **({"note": note} if note else {})}
+            chosen = min(scored, key=lambda k: (scored[k], k != "logistic"))
+        self.best_ = fitted[chosen]
+        self.choice_ = {"chosen": chosen, "cv_log_loss": scores, **({"note": "; ".join(notes)} if notes else {})}
         self.copy_meta(self.best_)
         return self
 

@@ -1,7 +1,7 @@
 """What every head shares: feature input (arrays, cache rows, reduced matrices), the `Head` base class
 (metadata, compatibility checks, the per-kind hooks the rest of the tool calls), and small helpers.
 
-A head kind lives in its own module (`logistic`, `dense`, `svm`, `auto`) and owns everything about
+A head kind lives in its own module (`logistic`, `dense`, `svm`, `knn`, `auto`) and owns everything about
 it: its artifact file, its facts for metrics.json, its key parameters, its Keras form (`to_keras`,
 which export, fine-tuning and MLflow use), its fine-tuning learning rate and its CLI options. The
 rest of the tool calls these hooks and never branches on a kind's name; `registry` maps names to classes.
@@ -218,6 +218,7 @@ class Head(ClassifierMixin, BaseEstimator):
     sweep_grid: ClassVar[dict[str, list[Any]] | None] = None  # `--sweep`'s default grid (None: no sweep)
     # parameters that leave a compiled model as it is: a sweep's configs differing only in them share one
     sweep_schedule_only: ClassVar[frozenset[str] | None] = None
+    explains: ClassVar[bool] = False               # `neighbours` names the training images behind a prediction
 
     # ------------------------------------------------------------------ hooks for the rest of the tool
     @classmethod
@@ -231,6 +232,10 @@ class Head(ClassifierMixin, BaseEstimator):
 
     def fit_note(self) -> str:
         """A line to print before a fit that runs a while without a progress bar ("" for none)."""
+        return ""
+
+    def after_fit_note(self) -> str:
+        """A line to print after a fit about how it went (streamed, memory held, ...; "" for none)."""
         return ""
 
     def outcome(self) -> tuple["Head", dict[str, Any]]:
@@ -258,6 +263,20 @@ class Head(ClassifierMixin, BaseEstimator):
         """The parameters worth a column in the runs table (the set ones of `key_param_names`)."""
         p = self.get_params()
         return {k: p[k] for k in self.key_param_names if p.get(k) not in (None, False)}
+
+    def neighbours(self, X: Any, k: int | None = None):
+        """The training rows nearest each row of X (`features.neighbours.Neighbours`): only heads that
+        keep their training images (`explains`) can say."""
+        raise UserError(f"--explain shows the training images behind each prediction, which only a knn head keeps; "
+                        f"this run's head is {self.kind} (fit one with --head knn)")
+
+    def neighbour_paths(self, nb: Any) -> list[list[str]]:
+        """The image path of each neighbour in `nb` (see `neighbours`)."""
+        raise UserError(f"the {self.kind} head keeps no training images")
+
+    def c_curve(self) -> tuple[dict[float, float], float, str] | None:
+        """(mean CV score per C, the chosen C, what the score is) for c_curve.png; None: no C was searched."""
+        return None
 
     def finetune_lr(self) -> float:
         """The learning rate fine-tuning starts from under this head (far below what fitted it)."""

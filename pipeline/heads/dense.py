@@ -15,10 +15,12 @@ import numpy as np
 from pipeline.atomic import save_keras_atomic, write_text_atomic
 from pipeline.errors import UserError
 from pipeline.heads.base import (
-    FeatureSource, Head, jsonable, keras_module, matrix_batches, n_rows, option_budget, params_for, raw_shape,
-    reduce_features, to_matrix,
+    FeatureSource, Head, ReducedFeatures, jsonable, keras_module, matrix_batches, n_rows, option_budget, params_for,
+    raw_shape, reduce_features, to_matrix,
 )
+from pipeline.heads.calibration import fit_temperature
 from pipeline.heads.files import load_keras_file, read_head_json
+from pipeline.heads.folds import cv_folds
 from pipeline.heads.schedules import make_schedule
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
@@ -65,7 +67,8 @@ class DenseHead(Head):
                  rampup_epochs: int | None = None, sustain_epochs: int | None = None,
                  exp_decay: float | None = None, epochs: int = 20, batch_size: int = 64,
                  early_stopping: int | None = None, class_weight: str | None = None, flatten: str = "avg",
-                 memory_budget_mb: float = 2048.0, seed: int = 0, verbose: int = 0) -> None:
+                 memory_budget_mb: float = 2048.0, seed: int = 0, verbose: int = 0, calibrate: bool = True,
+                 calibration_folds: int = 3) -> None:
         self.hidden = hidden
         self.batchnorm = batchnorm
         self.dropout = dropout
@@ -87,6 +90,8 @@ class DenseHead(Head):
         self.memory_budget_mb = memory_budget_mb
         self.seed = seed
         self.verbose = verbose
+        self.calibrate = calibrate
+        self.calibration_folds = calibration_folds
 
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "DenseHead":
@@ -103,13 +108,15 @@ class DenseHead(Head):
     def facts(self) -> dict[str, Any]:
         streamed = bool(getattr(self, "streamed_", False))
         note = {"stream_note": self.stream_note_} if streamed and getattr(self, "stream_note_", "") else {}
-        return {"epochs_run": self.n_epochs_, "best_epoch": self.best_epoch_ + 1, "streamed": streamed, **note}
+        return {"epochs_run": self.n_epochs_, "best_epoch": self.best_epoch_ + 1, "streamed": streamed,
+                "temperature": self.temperature_, "calibration": self.calibration_note_, **note}
 
     def sweep_facts(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch_ + 1, "epochs_run": self.n_epochs_}
 
     def fit_for_sweep(self, X: Any, y: Any, X_val: Any, y_val: Any, reuse: dict, **meta: Any) -> "DenseHead":
-        return self.fit(X, y, X_val, y_val, reuse=reuse, **meta)
+        """One fit of a sweep, not calibrated (the out-of-fold refits would multiply a sweep's cost)."""
+        return self.fit(X, y, X_val, y_val, reuse=reuse, calibrate_now=False, **meta)
 
     @classmethod
     def sweep_cost(cls, params: Mapping[str, Any]) -> float:
@@ -166,8 +173,10 @@ class DenseHead(Head):
     # -- fitting
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None, *, class_names: Sequence[str] | None = None,
             cache_key: str | None = None, feature_info: Mapping[str, Any] | None = None,
-            reuse: dict | None = None) -> "DenseHead":
-        """Train on (X, y), validating on (X_val, y_val) each epoch when given (needed for early stopping).
+            reuse: dict | None = None, groups: Any = None, calibrate_now: bool = True) -> "DenseHead":
+        """Train on (X, y), validating on (X_val, y_val) each epoch when given (needed for early stopping),
+        then (`calibrate`) fit a temperature on out-of-fold predictions of `calibration_folds` refits on
+        the training rows (grouped by image), never on the validation rows.
 
         X / X_val: arrays (n, *feature_shape) or FeatureSource. `reuse` (a dict the caller keeps)
         lets a sweep reuse compiled models between fits of the same structure.
@@ -200,9 +209,9 @@ class DenseHead(Head):
             train_rows = _streamed_rows(X, mean, scale, self.flatten)
             val_rows = _streamed_rows(X_val, mean, scale, self.flatten) if has_val else None
         else:
-            Xm = to_matrix(X, self.flatten)
-            mean, scale = _stats(Xm)
-            Xm = _standardize(Xm, mean, scale)
+            raw = to_matrix(X, self.flatten)
+            mean, scale = _stats(raw)
+            Xm = _standardize(raw, mean, scale)
             train_rows = Xm.__getitem__
             val_rows = _standardize(to_matrix(X_val, self.flatten), mean, scale).__getitem__ if has_val else None
         train = _batches(keras, y.size, train_rows, y, weights, int(self.batch_size), True, self.seed)
@@ -221,8 +230,38 @@ class DenseHead(Head):
         self.best_epoch_ = (int(stopper.best_epoch) if stopper is not None and stopper.best_weights is not None
                             else self.n_epochs_ - 1)
         self.model_ = self._export(keras, core, mean, scale)
+        self.temperature_, self.calibration_note_ = 1.0, "not calibrated (calibrate=False)"
+        if not calibrate_now:
+            self.calibration_note_ = "not calibrated: fitted by a sweep"
+        elif self.calibrate and self.streamed_:
+            self.calibration_note_ = "not calibrated: streamed from the cache (out-of-fold refits need memory)"
+        elif self.calibrate:
+            if groups is None and isinstance(X, FeatureSource):
+                groups = X.file.index[X.rows]
+            self._calibrate(raw, y, groups)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
+
+    def _calibrate(self, Xm: np.ndarray, y: np.ndarray, groups: Any) -> None:
+        """Temperature scaling on out-of-fold log-probabilities: `calibration_folds` refits with the same
+        parameters for the epochs the fit kept, each predicting the rows it did not see."""
+        folds, how = cv_folds(y, groups, self.calibration_folds, self.seed)
+        if folds is None:
+            self.calibration_note_ = f"not calibrated: {how}"
+            return
+        params = {**self.get_params(), "calibrate": False, "early_stopping": None, "epochs": self.best_epoch_ + 1,
+                  "verbose": 0}
+        oof = np.zeros((y.size, self.n_classes_))
+        for tr, te in folds:
+            part = DenseHead(**params).fit(ReducedFeatures(Xm[tr], self.feature_shape_, self.flatten), y[tr],
+                                          class_names=self.class_names_)
+            oof[te] = np.log(np.clip(part.predict_proba(ReducedFeatures(Xm[te], self.feature_shape_, self.flatten)),
+                                     1e-12, 1.0))
+        self.temperature_ = fit_temperature(oof, y)
+        self.calibration_note_ = f"temperature scaling on out-of-fold predictions ({how} refits)"
+        last = self.model_.get_layer("stack").get_layer("classes")
+        kernel, bias = last.get_weights()
+        last.set_weights([kernel / self.temperature_, bias / self.temperature_])
 
     def _sample_weights(self, y: np.ndarray, n_classes: int) -> np.ndarray | None:
         if self.class_weight != "balanced":
@@ -279,7 +318,8 @@ class DenseHead(Head):
         if path.suffix != ".keras":
             raise UserError(f"a dense head is saved as a .keras file, not {path.name}")
         meta = {"format": DENSE_FORMAT, "version": 1, **self.metadata(), "history": self.history_,
-                "best_epoch": self.best_epoch_, "streamed": self.streamed_}
+                "best_epoch": self.best_epoch_, "streamed": self.streamed_, "temperature": self.temperature_,
+                "calibration_note": self.calibration_note_}
         save_keras_atomic(self.model_, path)
         write_text_atomic(path.with_suffix(".json"), json.dumps(jsonable(meta), indent=2))
         return path
@@ -300,6 +340,8 @@ class DenseHead(Head):
         head.n_epochs_ = len(head.history_.get("loss", []))
         head.best_epoch_ = meta.get("best_epoch", head.n_epochs_ - 1)
         head.streamed_ = meta.get("streamed", False)
+        head.temperature_ = float(meta.get("temperature", 1.0))  # already inside the model's last layer
+        head.calibration_note_ = str(meta.get("calibration_note", "not calibrated (saved by an older version)"))
         head.model_ = load_keras_file(path)
         return head
 

@@ -22,6 +22,7 @@ from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_reduction, matrix_batches, n_rows,
     option_budget, option_C, params_for, softmax, to_matrix,
 )
+from pipeline.heads.calibration import fit_temperature, nll
 from pipeline.heads.files import load_joblib, npz_head_path, read_npz_head, write_npz_head
 from pipeline.heads.folds import cv_folds
 from pipeline.heads.streaming import default_memory_budget_mb, fit_streamed_logistic
@@ -57,7 +58,7 @@ class LogisticHead(Head):
                  class_weight: str | None = None, scoring: str = "neg_log_loss", max_iter: int = 300,
                  tol: float = 1e-4, cv_tol: float = 1e-3, flatten: str = "avg", n_jobs: int | None = 1,
                  random_state: int = 0, blas_threads: int | None = 1, backend: str = "threading",
-                 memory_budget_mb: float | None = None) -> None:
+                 memory_budget_mb: float | None = None, calibrate: bool = True) -> None:
         self.C = C
         self.Cs = Cs
         self.cv = cv
@@ -72,6 +73,7 @@ class LogisticHead(Head):
         self.blas_threads = blas_threads
         self.backend = backend
         self.memory_budget_mb = memory_budget_mb
+        self.calibrate = calibrate
 
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "LogisticHead":
@@ -99,7 +101,11 @@ class LogisticHead(Head):
         self.streamed_ = isinstance(X, FeatureSource) and need > budget
         self.stream_note_ = ""
         self._dense_cache = None
+        self.temperature_, self.calibration_note_ = 1.0, "not calibrated (calibrate=False)"
+        self._oof_logits = None
+        self.cv_log_loss_calibrated_ = None
         if self.streamed_:
+            self.calibration_note_ = "not calibrated: streamed from the cache (no out-of-fold predictions)"
             self._fit_streamed(X, y, groups, need, budget)
             self.fit_seconds_ = time.perf_counter() - t0
             return self
@@ -117,6 +123,8 @@ class LogisticHead(Head):
         self.converged_ = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
         self.pipeline_ = Pipeline([("scaler", scaler), ("logreg", model)])
         self._dense_cache = None
+        if self.calibrate:
+            self._calibrate(y)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -167,12 +175,14 @@ class LogisticHead(Head):
         """(C, {C: mean CV score}, how C was chosen)."""
         C = self._given_C()
         if C is not None:
+            self.calibration_note_ = "not calibrated: C was given (temperature scaling uses the CV of C='auto')"
             return C, {}, "given"
         Cs = sorted(float(c) for c in self.Cs)
         if not Cs or Cs[0] <= 0:
             raise UserError("the C grid must hold positive numbers")
         cv, how = cv_folds(y, groups, self.cv, self.random_state)
         if cv is None:
+            self.calibration_note_ = f"not calibrated: {how}"
             return 1.0, {}, f"default: {how}"
         search = LogisticRegressionCV(
             Cs=Cs, cv=cv, scoring=self.scoring, l1_ratios=(0.0,), use_legacy_attributes=False, refit=False,
@@ -184,6 +194,7 @@ class LogisticHead(Head):
             search.fit(Xs, y)
         mean = np.asarray(search.scores_).reshape(-1, len(Cs)).mean(axis=0)
         best = int(np.argmax(mean))
+        self._oof_logits = _oof_logits(search, Xs, cv, best, self.n_classes_, np.unique(y))
         return Cs[best], {c: float(s) for c, s in zip(Cs, mean)}, f"{how} ({self.scoring})"
 
     def decision_function(self, X: Any, batch_size: int = 8192) -> np.ndarray:
@@ -203,7 +214,8 @@ class LogisticHead(Head):
         return softmax(self.decision_function(X).astype(np.float64))
 
     def as_dense_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W, b) of one linear layer equal to scaler + model: logits = x @ W + b on reduced features.
+        """(W, b) of one linear layer equal to scaler + model: logits = x @ W + b on reduced features,
+        divided by the fitted temperature (so every Keras form and export carries the calibration).
 
         Stage 3 turns the head into `Dense(n_classes, softmax)` with these weights. Binary models
         (one coefficient row) become logits [0, z], whose softmax is the logistic probability.
@@ -217,9 +229,19 @@ class LogisticHead(Head):
             inter = np.array([0.0, inter[0]])
         W = np.zeros((coef.shape[1], self.n_classes_))
         b = np.full(self.n_classes_, PAD_LOGIT)
-        W[:, model.classes_] = coef.T
-        b[model.classes_] = inter
+        T = float(getattr(self, "temperature_", 1.0))
+        W[:, model.classes_] = coef.T / T
+        b[model.classes_] = inter / T
         return W, b
+
+    def _calibrate(self, y: np.ndarray) -> None:
+        """Temperature scaling on the out-of-fold logits of the CV that chose C (at that C)."""
+        if self._oof_logits is None:
+            return
+        self.temperature_ = fit_temperature(self._oof_logits, y)
+        self.cv_log_loss_calibrated_ = nll(self._oof_logits, y, self.temperature_)
+        self.calibration_note_ = "temperature scaling on out-of-fold logits of the C search"
+        self._oof_logits = None
 
     # -------------------------------------------------------------------------- the tool's hooks
     def facts(self) -> dict[str, Any]:
@@ -230,16 +252,26 @@ class LogisticHead(Head):
             if hasattr(self, "stream_info_"):
                 extra["stream"] = self.stream_info_
         return {"C": self.C_, "C_choice": self.C_note_, "converged": self.converged_,
+                "temperature": float(getattr(self, "temperature_", 1.0)),
+                "calibration": getattr(self, "calibration_note_", ""),
                 "cv_scores": {f"{c:g}": s for c, s in self.cv_scores_.items()}, "streamed": streamed, **extra}
+
+    def c_curve(self) -> tuple[dict[float, float], float, str] | None:
+        return (self.cv_scores_, self.C_, self.scoring) if getattr(self, "cv_scores_", None) else None
 
     def sweep_facts(self) -> dict[str, Any]:
         return {"converged": self.converged_}
 
+    def after_fit_note(self) -> str:
+        return self.stream_note_ if getattr(self, "streamed_", False) else ""
+
     def cv_log_loss(self) -> float | None:
-        """The CV log loss at the chosen C (None when C was given or too few rows to cross-validate)."""
+        """The CV log loss at the chosen C, after temperature scaling when calibrated (None when C was
+        given or too few rows to cross-validate)."""
         if self.scoring != "neg_log_loss" or not self.cv_scores_:
             return None
-        return -self.cv_scores_[self.C_]
+        calibrated = getattr(self, "cv_log_loss_calibrated_", None)
+        return calibrated if calibrated is not None else -self.cv_scores_[self.C_]
 
     def to_keras(self):
         """Reduce as the head does, then one Dense layer equal to scaler + model, then softmax."""
@@ -258,7 +290,9 @@ class LogisticHead(Head):
         meta = {"format": LOGISTIC_FORMAT, "version": 2, **self.metadata(), "C_": self.C_,
                 "cv_scores": [[c, s] for c, s in self.cv_scores_.items()], "C_note": self.C_note_,
                 "converged": self.converged_, "streamed": getattr(self, "streamed_", False),
-                "stream_note": getattr(self, "stream_note_", "")}
+                "stream_note": getattr(self, "stream_note_", ""),
+                "temperature": float(getattr(self, "temperature_", 1.0)),
+                "calibration_note": getattr(self, "calibration_note_", "")}
         return write_npz_head(path, arrays, meta)
 
     @classmethod
@@ -294,6 +328,8 @@ class LogisticHead(Head):
         head.cv_scores_ = {float(c): float(v) for c, v in meta.get("cv_scores") or []}
         head.C_note_, head.converged_ = meta.get("C_note", ""), meta.get("converged", True)
         head.streamed_, head.stream_note_ = bool(meta.get("streamed", False)), str(meta.get("stream_note", ""))
+        head.temperature_ = _temperature(meta.get("temperature", 1.0), side)
+        head.calibration_note_ = str(meta.get("calibration_note", "not calibrated (saved by an older version)"))
         return head
 
     @classmethod
@@ -319,3 +355,32 @@ class LogisticHead(Head):
         state = self.__dict__.copy()
         state.pop("_dense_cache", None)
         return state
+
+
+def _oof_logits(search: LogisticRegressionCV, Xs: np.ndarray, folds: list, best: int, n_classes: int,
+                classes: np.ndarray) -> np.ndarray | None:
+    """Out-of-fold logits (n, n_classes) of the CV's fits at the C it chose, from its coefficient
+    paths (no extra fit); None when the paths have an unexpected shape."""
+    paths = np.asarray(search.coefs_paths_)
+    if paths.ndim != 5 or paths.shape[0] != len(folds):  # (folds, l1 ratios, Cs, classes, features + 1)
+        return None
+    out = np.full((Xs.shape[0], n_classes), PAD_LOGIT)
+    for f, (_, te) in enumerate(folds):
+        coef = paths[f, 0, best]
+        z = Xs[te] @ coef[:, :-1].T + coef[:, -1]
+        if coef.shape[0] == 1:  # binary: logits [0, z]
+            out[np.ix_(te, classes)] = np.hstack([np.zeros_like(z), z])
+        else:
+            out[np.ix_(te, classes)] = z
+    return out
+
+
+def _temperature(value: Any, side: Path) -> float:
+    """A saved temperature, refused in one line unless a finite positive number."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (np.isfinite(t) and t > 0):
+        raise UserError(f"{side} has temperature {value!r}, which is not a positive number; re-run fit-head")
+    return t

@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 # kind -> (module:class, what it is). The first is fit-head's default.
 HEAD_KINDS: dict[str, tuple[str, str]] = {
     "auto": ("pipeline.heads.auto:AutoHead",
-             "fits svm and logistic and keeps the lower cross-validated log loss"),
+             "fits svm, logistic and knn and keeps the lowest cross-validated log loss"),
     "svm": ("pipeline.heads.svm:KernelHead", "RBF kernel on unit-length features"),
     "logistic": ("pipeline.heads.logistic:LogisticHead", "linear"),
     "dense": ("pipeline.heads.dense:DenseHead", "a Keras MLP"),
+    "knn": ("pipeline.heads.knn:KNNHead", "weighted vote of the nearest training images (explains itself)"),
 }
 DEFAULT_KIND = next(iter(HEAD_KINDS))
 LEGACY_PICKLE = "head.joblib"  # an old pickled logistic head, loaded only when trusted

@@ -5,7 +5,8 @@ Why: on pooled CNN embeddings a kernel SVM on unit vectors beats a linear head w
 linearly separable (flowers, EfficientNet-Lite0: 93.6% against the logistic head's 92.5%) and ties or
 loses where they are (hymenoptera), hence the auto choice. Probabilities come from a softmax over the
 SVM's one-vs-one decision values, fitted on out-of-fold decisions of the same cross-validation that
-picks C (Platt's method for many classes), so `predict` is the argmax of calibrated `predict_proba`.
+picks C (Platt's method for many classes; `calibration.fit_softmax_calibrator`, the same idea as the
+other heads' temperature scaling), so `predict` is the argmax of calibrated `predict_proba`.
 
 The whole head is `softmax(A @ k(x) + a)` with k(x)_j = exp(-gamma * |z - s_j|^2), z = x/|x| and
 s_j the support vectors, so it is three built-in Keras layers (`as_kernel_layers`): UnitNormalization,
@@ -23,7 +24,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
-from sklearn.linear_model import LogisticRegression
 from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
@@ -32,6 +32,7 @@ from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_module, keras_reduction, matrix_batches,
     n_rows, option_budget, option_C, params_for, softmax, to_matrix,
 )
+from pipeline.heads.calibration import cross_fitted_log_loss, fit_softmax_calibrator
 from pipeline.heads.files import npz_head_path, read_npz_head, write_npz_head
 from pipeline.heads.folds import cv_folds
 
@@ -91,18 +92,6 @@ def _pair_coefficients(svc: SVC) -> tuple[np.ndarray, np.ndarray]:
         P[p, si] = svc.dual_coef_[j - 1, si]
         P[p, sj] = svc.dual_coef_[i, sj]
     return P, np.asarray(svc.intercept_, np.float64)  # (binary: sklearn's public attributes are already flipped)
-
-
-def _cross_fitted_log_loss(oof: np.ndarray, y: np.ndarray, folds: list) -> float:
-    """Log loss of the calibrated probabilities out of fold (the calibrator too is fitted without the
-    fold it scores): comparable to the logistic head's CV log loss on the same folds."""
-    classes = np.unique(y)
-    proba = np.zeros((y.size, classes.size))
-    for tr, te in folds:
-        cal = LogisticRegression(C=1.0, max_iter=1000).fit(oof[tr], y[tr])
-        proba[np.ix_(te, np.searchsorted(classes, cal.classes_))] = cal.predict_proba(oof[te])
-    picked = proba[np.arange(y.size), np.searchsorted(classes, y)]
-    return float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0))))
 
 
 class KernelHead(Head):
@@ -210,8 +199,8 @@ class KernelHead(Head):
             P, p0 = _pair_coefficients(svc)
             if oof is None:  # too few examples to cross-validate: calibrate on the training decisions
                 oof = svc.decision_function(Z).reshape(y.size, -1)
-            cal = LogisticRegression(C=1.0, max_iter=1000).fit(oof, y)
-            self.cv_log_loss_ = _cross_fitted_log_loss(oof, y, folds) if folds is not None else None
+            cal = fit_softmax_calibrator(oof, y)
+            self.cv_log_loss_ = cross_fitted_log_loss(oof, y, folds) if folds is not None else None
         coef, inter = np.asarray(cal.coef_, np.float64), np.asarray(cal.intercept_, np.float64)
         if coef.shape[0] == 1:  # binary: logits [0, z]
             coef, inter = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, inter[0]])
@@ -268,6 +257,9 @@ class KernelHead(Head):
     def facts(self) -> dict[str, Any]:
         return {"C": self.C_, "C_choice": self.C_note_, "gamma": self.gamma_, "n_support": self.n_support_,
                 "cv_scores": {f"{c:g}": s for c, s in self.cv_scores_.items()}, "cv_log_loss": self.cv_log_loss_}
+
+    def c_curve(self) -> tuple[dict[float, float], float, str] | None:
+        return (self.cv_scores_, self.C_, self.scoring) if getattr(self, "cv_scores_", None) else None
 
     def sweep_facts(self) -> dict[str, Any]:
         return {"n_support": self.n_support_}

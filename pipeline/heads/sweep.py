@@ -267,9 +267,10 @@ def _best_plots(best: SweepResult, run) -> None:
     history = getattr(head, "history_", None)
     if history and history.get("loss"):
         plot_history(history, run.path("curves.png"), title=f"best {head.kind} head of the sweep")
-    if getattr(head, "cv_scores_", None):
-        plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_,
-                     scoring=head.scoring)
+    curve = head.c_curve()
+    if curve:
+        scores, chosen, scoring = curve
+        plot_c_curve(scores, run.path("c_curve.png"), chosen=chosen, scoring=scoring)
     report = best.metrics
     if report.get("n") and report.get("confusion_matrix") is not None:
         plot_confusion_matrix(report["confusion_matrix"], report["class_names"], run.path("confusion_val.png"),

@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head, feature_info_of
 from pipeline.tracking.metrics import classification_report
-from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history
+from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history, plot_reliability
 from pipeline.tracking.runs import Registry, Run
 
 
@@ -154,6 +154,14 @@ def evaluate_on_cache(head: Head, ff: FeatureFile, split: str | None = "test") -
     """Check the head fits this cache, then report metrics on the labelled clean rows of `split`
     (None: every split). The cache may hold a subset of the head's classes: its labels are mapped
     to the head's class indices (macro averages cover the classes present)."""
+    rows, labels = evaluation_rows(head, ff, split)
+    proba = head.predict_proba(FeatureSource(ff, rows))
+    return classification_report(labels, proba, head.class_names_)
+
+
+def evaluation_rows(head: Head, ff: FeatureFile, split: str | None = "test") -> tuple[np.ndarray, np.ndarray]:
+    """(the labelled clean rows of `split`, their labels as the head's class indices), after checking
+    the head fits this cache (which may hold a subset of its classes)."""
     head.check_matches(ff, class_subset=True)
     rows = ff.rows(split, "clean")
     rows = rows[ff.labels[rows] >= 0]
@@ -162,8 +170,7 @@ def evaluate_on_cache(head: Head, ff: FeatureFile, split: str | None = "test") -
         raise UserError(f"{ff.path.name} has no labelled images{where}")
     names = list(ff.class_names) or list(head.class_names_)
     to_head = np.asarray([list(head.class_names_).index(c) for c in names], np.int64)
-    proba = head.predict_proba(FeatureSource(ff, rows))
-    return classification_report(to_head[ff.labels[rows]], proba, head.class_names_)
+    return rows, to_head[ff.labels[rows]]
 
 
 def predict_on_cache(head: Head, ff: FeatureFile, rows: np.ndarray | None = None) -> np.ndarray:
@@ -174,7 +181,8 @@ def predict_on_cache(head: Head, ff: FeatureFile, rows: np.ndarray | None = None
 
 
 def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
-    """Write the head, metrics.json and plots (curves, confusion matrices, C curve) into the run."""
+    """Write the head, metrics.json and plots (curves, confusion matrices, C curve, the val reliability
+    diagram calibration_val.png) into the run."""
     head = result.head
     files: dict[str, Path] = {"head": head.save(run.path(head.artifact))}
     run.log_metrics({**result.metrics, "split": result.split.summary(), "fit_seconds": round(result.fit_seconds, 3),
@@ -182,15 +190,19 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
     history = result.history
     if history and history.get("loss"):
         files["curves"] = plot_history(history, run.path("curves.png"), title=f"{head.kind} head")
-    if getattr(head, "cv_scores_", None):  # logistic (log loss) or svm (accuracy) against C
-        files["c_curve"] = plot_c_curve(head.cv_scores_, run.path("c_curve.png"), chosen=head.C_,
-                                        scoring=head.scoring)
+    curve = head.c_curve()
+    if curve:  # logistic (log loss) or svm (accuracy) against C
+        scores, chosen, scoring = curve
+        files["c_curve"] = plot_c_curve(scores, run.path("c_curve.png"), chosen=chosen, scoring=scoring)
     for part in ("val", "test"):
         report = result.metrics.get(part)
         if report and report.get("n"):
             files[f"confusion_{part}"] = plot_confusion_matrix(
                 report["confusion_matrix"], report["class_names"], run.path(f"confusion_{part}.png"),
                 title=f"{part}: accuracy {report['accuracy']:.3f}")
+    val = result.metrics.get("val")
+    if val and val.get("reliability"):
+        files["calibration_val"] = plot_reliability(val, run.path("calibration_val.png"), title=f"{head.kind} head, val")
     return files
 
 

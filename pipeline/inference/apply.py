@@ -64,20 +64,57 @@ def _request_of(record: RunRecord) -> ExtractRequest:
     return ExtractRequest.from_json(req if isinstance(req, dict) else json.loads(req))
 
 
+@dataclass
+class Evaluated:
+    """What `evaluate_run` scored: the report, and per image its path, label (the run's class index),
+    probabilities and, with `explain`, its nearest training images [(path, similarity), ...]."""
+
+    report: dict[str, Any]
+    paths: list[str]
+    labels: np.ndarray
+    proba: np.ndarray
+    neighbours: list[list[tuple[str, float]]] | None = None
+
+
+def check_explain(run: LoadedRun, explain: int) -> None:
+    """UserError, before any work, when `--explain` asks a run whose head keeps no training images."""
+    if explain and run.head is None:
+        raise UserError(f"run {run.record.id} is a fine-tuned model; --explain needs a fit-head run with a knn head "
+                        f"(fit-head --head knn)")
+    if explain and not run.head.explains:
+        run.head.neighbours(np.zeros((0, *run.head.feature_shape_), np.float32), 1)  # raises its one-line reason
+
+
+def explained(head: Any, features: Any, k: int) -> list[list[tuple[str, float]]]:
+    """Each row's k nearest training images as [(path, similarity), ...], most similar first."""
+    nb = head.neighbours(features, k)
+    names = head.neighbour_paths(nb)
+    return [[(p, float(s)) for p, s in zip(row, sims)] for row, sims in zip(names, nb.similarity)]
+
+
 def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None = None,
-                 batch_size: int = 32, progress: bool = True) -> dict[str, Any]:
-    """Metrics of a run on a labelled data set (features cached like any extraction)."""
+                 batch_size: int = 32, progress: bool = True, explain: int = 0) -> Evaluated:
+    """Metrics of a run on a labelled data set (features cached like any extraction), with the
+    per-image predictions (and, with `explain`, each image's nearest training images)."""
     from pipeline.tracking.metrics import classification_report
 
+    check_explain(run, explain)
     paths, labels, names = _labelled_images(run, data, split)  # classes checked before any extraction
     if run.head is None:
         proba, kept, _ = predict_paths(run, paths, batch_size)
-        return classification_report(labels[kept], proba, run.class_names)
+        report = classification_report(labels[kept], proba, run.class_names)
+        return Evaluated(report, [paths[i] for i in kept], labels[kept], proba)
     request = replace(run.request, data=data, augment_copies=0)
     result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress))
-    from pipeline.heads.training import evaluate_on_cache
+    from pipeline.heads.base import FeatureSource
+    from pipeline.heads.training import evaluation_rows
     with FeatureFile(result.path) as ff:
-        return evaluate_on_cache(run.head, ff, split)
+        rows, row_labels = evaluation_rows(run.head, ff, split)
+        source = FeatureSource(ff, rows)
+        proba = run.head.predict_proba(source)
+        report = classification_report(row_labels, proba, run.head.class_names_)
+        near = explained(run.head, source, explain) if explain else None
+        return Evaluated(report, [ff.paths[r] for r in rows], row_labels, proba, near)
 
 
 def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
@@ -110,20 +147,38 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
         from pipeline.heads.files import load_keras_file
         model = load_keras_file(run.model_path)
         return run_model(model, paths, size, run.request.resize, batch_size)
-    from pipeline.backbones.model import feature_model
-    from pipeline.backend import require
-    require()
-    model = feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
-    feats, kept, skipped = run_model(model, paths, size, run.request.resize, batch_size)
+    feats, kept, skipped = run_features(run, paths, batch_size)
     return run.head.predict_proba(feats), kept, skipped
 
 
-def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, class_names: Sequence[str]) -> None:
-    """path, predicted class, its probability, then one probability column per class."""
+def run_features(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
+                 ) -> tuple[np.ndarray, list[int], list[str]]:
+    """A fit-head run's backbone features of image files: (features, positions kept, skipped)."""
+    from pipeline import backbones as bb
+    from pipeline.backbones.model import feature_model
+    from pipeline.backend import require
+    from pipeline.inference.embed import run_model
+
+    spec = bb.get(run.request.backbone)
+    size = spec.resolve_size(run.request.image_size)
+    require()
+    model = feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
+    return run_model(model, paths, size, run.request.resize, batch_size)
+
+
+def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, class_names: Sequence[str],
+                          neighbours: Sequence[Sequence[tuple[str, float]]] | None = None,
+                          labels: Sequence[int] | None = None) -> None:
+    """path, (label, when given), predicted class, its probability, one probability column per class,
+    then (with `neighbours`) neighbour_1, similarity_1, ... for the nearest training images."""
     from pipeline.atomic import atomic_path
+    k = max((len(n) for n in neighbours), default=0) if neighbours is not None else 0
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "prediction", "probability", *class_names])
-        for p, row in zip(paths, proba):
+        w.writerow(["path", *(["label"] if labels is not None else []), "prediction", "probability", *class_names,
+                    *(f"{c}_{i + 1}" for i in range(k) for c in ("neighbour", "similarity"))])
+        for j, (p, row) in enumerate(zip(paths, proba)):
             best = int(np.argmax(row))
-            w.writerow([p, class_names[best], f"{row[best]:.6f}", *(f"{v:.6f}" for v in row)])
+            near = [x for n, s in (neighbours[j] if neighbours is not None else []) for x in (n, f"{s:.4f}")]
+            w.writerow([p, *([class_names[int(labels[j])]] if labels is not None else []), class_names[best],
+                        f"{row[best]:.6f}", *(f"{v:.6f}" for v in row), *near, *[""] * (2 * k - len(near))])

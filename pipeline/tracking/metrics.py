@@ -1,8 +1,10 @@
 """Classification metrics as a JSON-ready dict, plus text and rich-table renderings of it.
 
 One dict shape for every stage (fit-head, finetune, sweeps) so runs can be compared and listed:
-`n`, `accuracy`, `macro_f1`, `weighted_f1`, `balanced_accuracy`, `log_loss` (None without
-probabilities), `per_class` {name: precision/recall/f1/support}, `confusion_matrix` (rows = true
+`n`, `accuracy`, `macro_f1`, `weighted_f1`, `balanced_accuracy`, `log_loss` (the negative
+log-likelihood; None without probabilities), `ece` (expected calibration error, 15 equal-width
+confidence bins; None without probabilities), `reliability` (those bins: mean confidence, accuracy and
+count each, for the reliability diagram), `per_class` {name: precision/recall/f1/support}, `confusion_matrix` (rows = true
 class, columns = predicted), `class_names`.
 """
 
@@ -15,6 +17,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
+
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
 
 
 def classification_report(
@@ -37,14 +41,16 @@ def classification_report(
     n = int(y_true.size)
     if n == 0:
         return {"n": 0, "accuracy": None, "macro_f1": None, "weighted_f1": None, "balanced_accuracy": None,
-                "log_loss": None, "per_class": {}, "confusion_matrix": [[0] * k for _ in range(k)],
+                "log_loss": None, "ece": None, "reliability": None, "per_class": {}, "confusion_matrix": [[0] * k for _ in range(k)],
                 "class_names": names}
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     present = s > 0  # macro averages over the classes that occur in y_true
-    ll = None
+    ll = ece = bins = None
     if proba is not None:
         clipped = np.clip(proba, 1e-15, 1.0)
         ll = float(log_loss(y_true, clipped / clipped.sum(axis=1, keepdims=True), labels=labels))
+        bins = reliability_bins(y_true, proba)
+        ece = expected_calibration_error(bins)
     return {
         "n": n,
         "accuracy": float(np.mean(y_true == y_pred)),
@@ -52,6 +58,8 @@ def classification_report(
         "weighted_f1": float(np.average(f, weights=s)),
         "balanced_accuracy": float(r[present].mean()),
         "log_loss": ll,
+        "ece": ece,
+        "reliability": bins,
         "per_class": {
             name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, name in enumerate(names)
@@ -61,6 +69,30 @@ def classification_report(
     }
 
 
+def reliability_bins(y_true: np.ndarray, proba: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """The top-class confidence of each row sorted into `n_bins` equal-width bins over [0, 1]: each
+    bin's mean confidence, accuracy and count (empty bins: None), as a reliability diagram plots them."""
+    y_true = np.asarray(y_true, np.int64)
+    proba = np.asarray(proba, np.float64)
+    conf = proba.max(axis=1)
+    right = proba.argmax(axis=1) == y_true
+    which = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    conf_sum = np.bincount(which, weights=conf, minlength=n_bins)
+    right_sum = np.bincount(which, weights=right.astype(np.float64), minlength=n_bins)
+    mean = lambda total: [float(t / c) if c else None for t, c in zip(total, count)]  # noqa: E731
+    return {"confidence": mean(conf_sum), "accuracy": mean(right_sum), "count": count.astype(int).tolist()}
+
+
+def expected_calibration_error(bins: Mapping[str, list]) -> float:
+    """ECE (Guo et al. 2017): the count-weighted mean |accuracy - confidence| over reliability bins."""
+    count = np.asarray(bins["count"], np.float64)
+    if count.sum() == 0:
+        return 0.0
+    gap = [abs(a - c) if n else 0.0 for a, c, n in zip(bins["accuracy"], bins["confidence"], count)]
+    return float(np.dot(count, gap) / count.sum())
+
+
 def summary_line(report: Mapping[str, Any]) -> str:
     """One line: accuracy, macro-F1, log loss and the number of examples."""
     if not report.get("n"):
@@ -68,6 +100,8 @@ def summary_line(report: Mapping[str, Any]) -> str:
     parts = [f"accuracy {report['accuracy']:.3f}", f"macro-F1 {report['macro_f1']:.3f}"]
     if report.get("log_loss") is not None:
         parts.append(f"log loss {report['log_loss']:.3f}")
+    if report.get("ece") is not None:
+        parts.append(f"ECE {report['ece']:.3f}")
     return " · ".join(parts) + f" (n={report['n']})"
 
 
@@ -88,6 +122,8 @@ def metrics_table(report: Mapping[str, Any], title: str | None = None, max_class
         table.add_row("macro avg", "", f"{report['balanced_accuracy']:.3f}", f"{report['macro_f1']:.3f}", "")
         if report.get("log_loss") is not None:
             table.add_row("log loss", "", "", f"{report['log_loss']:.3f}", "")
+        if report.get("ece") is not None:
+            table.add_row("ECE (15 bins)", "", "", f"{report['ece']:.3f}", "")
     return table
 
 

@@ -107,3 +107,31 @@ def plot_c_curve(cv_scores: Mapping[float, float], path: str | os.PathLike, chos
     ax.set_ylabel(scoring)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_reliability(report: Mapping, path: str | os.PathLike, title: str | None = None,
+                     figsize: tuple[float, float] = (5.0, 4.2), dpi: int = 100) -> Path:
+    """A reliability diagram from a metrics report's `reliability` bins: accuracy against confidence
+    per bin (bars; the diagonal is perfect calibration), with the ECE in the title."""
+    bins = report["reliability"]
+    n_bins = len(bins["count"])
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    acc = np.array([a if a is not None else 0.0 for a in bins["accuracy"]])
+    conf = np.array([c if c is not None else m for c, m in zip(bins["confidence"], centres)])
+    filled = np.asarray(bins["count"]) > 0
+    fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    ax = fig.subplots()
+    ax.bar(centres[filled], acc[filled], width=1.0 / n_bins, edgecolor="black", color="tab:blue", alpha=0.8,
+           label="accuracy")
+    ax.bar(centres[filled], (conf - acc)[filled], bottom=acc[filled], width=1.0 / n_bins, color="tab:red",
+           alpha=0.3, hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ece = report.get("ece")
+    ax.set_title((f"{title}: " if title else "") + (f"ECE {ece:.3f}" if ece is not None else ""))
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
