@@ -17,7 +17,6 @@ accuracy) or on a real cache given with --cache:
                    steady-state epoch for keras.io, one extract for ours) and scaled to the cache's
                    row count; the printout says so. Conservative for this tool: extract's
                    one-off model build is scaled up with the rest, keras.io's warm-up epoch is not timed.
-
   (v)   knn        KNNHead() (k and T by leave-one-image-out CV, calibrated) fit, and predict on the val rows
 
 With --quality (real photos, default Lite2 features, extracted once into --cache-dir; every head
@@ -25,7 +24,11 @@ fitted on train, scored on val; nothing here is timed against a target):
   - the knn head against the auto head and each other head on flowers, hymenoptera and digits:
     val accuracy, log loss and ECE (15 bins);
   - ECE and log loss before and after temperature scaling for the logistic, dense and knn heads
-    (calibrate=False against the default), and whether any prediction changed.
+    (calibrate=False against the default), and whether any prediction changed;
+  - beside each ECE, the ECE a perfectly calibrated head with the same confidences would show on this
+    many val images (labels drawn from its own probabilities, 200 draws): the noise floor;
+  - the same pooled over --folds folds of all labelled train+val images (every image predicted by a
+    head fitted without it), whose noise floor is lower.
 
     .venv/bin/python bench/heads.py --quality --cache-dir /tmp/bench-heads
 
@@ -71,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quality", action="store_true", help="accuracy, log loss and ECE of every head on real photos")
     ap.add_argument("--cache-dir", default="/tmp/bench-heads", help="--quality's cache root (default %(default)s)")
     ap.add_argument("--sets", default="flowers,hymenoptera,digits", help="--quality's data sets")
+    ap.add_argument("--folds", type=int, default=5, help="--quality: also ECE pooled over this many folds of "
+                                                         "all labelled images (0: skip)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flower_photos_224"),
                     help="image folder (train/<class>/...) for (iv)")
     ap.add_argument("--backbone", default="efficientnet_lite0", help="backbone for (iv)")
@@ -198,6 +203,21 @@ QUALITY_DATA = {"flowers": str(REPO.parent / "shared" / "data" / "flower_photos_
                 "hymenoptera": str(REPO.parent / "shared" / "data" / "hymenoptera"), "digits": "builtin:digits"}
 
 
+def ece_noise_floor(proba: np.ndarray, draws: int = 200, seed: int = 0) -> tuple[float, float]:
+    """The ECE a perfectly calibrated head with these confidences would show on this many images (labels
+    drawn from its own probabilities): mean and standard deviation over `draws`. A measured ECE near it
+    is as calibrated as this many images can tell."""
+    from pipeline.tracking.metrics import expected_calibration_error, reliability_bins
+
+    rng = np.random.default_rng(seed)
+    cum = np.cumsum(proba, axis=1)
+    out = []
+    for _ in range(draws):
+        y = np.minimum((rng.random((len(proba), 1)) > cum).sum(axis=1), proba.shape[1] - 1)
+        out.append(expected_calibration_error(reliability_bins(y, proba)))
+    return float(np.mean(out)), float(np.std(out))
+
+
 def quality(args) -> None:
     """Val accuracy, log loss and ECE of every head kind (and each calibrated head without its
     calibration) on real photos' cached features."""
@@ -219,7 +239,8 @@ def quality(args) -> None:
             meta = dict(class_names=list(ff.class_names), feature_info=feature_info_of(ff))
             print(f"\n{name}: {split.train.size} train rows, {split.val.size} val ({split.val_source}), "
                   f"{len(ff.class_names)} classes, features {ff.feature_shape} ({result.path.name})")
-            print(f"  {'head':28s} {'val acc':>8s} {'log loss':>9s} {'ECE':>7s} {'T':>6s} {'fit s':>6s}")
+            print(f"  {'head':28s} {'val acc':>8s} {'log loss':>9s} {'ECE':>7s} {'ECE if calibrated':>18s} "
+                  f"{'T':>6s} {'fit s':>6s}")
             preds = {}
             for kind, params in configs:
                 head = make_head(kind, **params)
@@ -232,12 +253,42 @@ def quality(args) -> None:
                 r = classification_report(yva, proba, ff.class_names)
                 label = kind + (" (uncalibrated)" if params else "") + (f" -> {best.kind}" if best is not head else "")
                 T = getattr(best, "temperature_", None)
+                floor, spread = ece_noise_floor(proba)
                 print(f"  {label:28s} {r['accuracy']:8.4f} {r['log_loss']:9.4f} {r['ece']:7.4f} "
-                      f"{(f'{T:.3f}' if T else '-'):>6s} {seconds:6.1f}")
+                      f"{f'{floor:.4f} ± {spread:.4f}':>18s} {(f'{T:.3f}' if T else '-'):>6s} {seconds:6.1f}")
                 preds[(kind, bool(params))] = proba.argmax(axis=1)
             for kind in ("knn", "logistic", "dense"):
                 same = (preds[(kind, False)] == preds[(kind, True)]).mean()
                 print(f"  {kind}: calibrated and uncalibrated predictions agree on {same:.1%} of val images")
+            if args.folds:
+                pooled_calibration(ff, split, configs[1:], meta, args.folds)
+
+
+def pooled_calibration(ff, split, configs, meta, folds: int) -> None:
+    """ECE over every labelled clean train+val image, each predicted by a head fitted on the other folds:
+    `folds` times the images of the val split alone, so a smaller noise floor."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from pipeline.heads import make_head
+    from pipeline.heads.base import FeatureSource
+    from pipeline.tracking.metrics import classification_report
+
+    rows = np.sort(np.concatenate([split.train[ff.views[split.train] == 0], split.val]))
+    y = ff.labels[rows]
+    X = ff.load(rows)
+    print(f"  pooled over {folds} folds of all {rows.size} labelled images (each predicted by a head fitted "
+          f"without its fold):")
+    for kind, params in configs:
+        proba = np.zeros((rows.size, len(ff.class_names)))
+        for tr, te in StratifiedKFold(folds, shuffle=True, random_state=0).split(rows, y):
+            head = make_head(kind, **params)
+            head.fit(FeatureSource(ff, rows[tr]), y[tr], **meta)
+            proba[te] = head.outcome()[0].predict_proba(X[te])
+        r = classification_report(y, proba, ff.class_names)
+        floor, spread = ece_noise_floor(proba, draws=50)
+        label = kind + (" (uncalibrated)" if params else "")
+        print(f"  {label:28s} {r['accuracy']:8.4f} {r['log_loss']:9.4f} {r['ece']:7.4f} "
+              f"{f'{floor:.4f} ± {spread:.4f}':>18s}")
 
 
 def main(argv=None) -> None:

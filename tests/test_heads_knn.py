@@ -52,6 +52,9 @@ def test_the_vote_is_dinos_weighted_knn_and_k_and_t_come_from_cv():
     assert (auto.k_, auto.vote_temperature_) != (1, 0.05) or auto.cv_log_loss_ == auto.cv_scores_["k=1 T=0.05"]
     assert auto.k_ in (1, 5, 25) and auto.temperature_ > 0
     assert (auto.predict(X[200:]) == y[200:]).mean() > 0.8
+    raw = KNNHead(ks=(1, 5, 25), vote_temperatures=(0.05, 0.5), calibrate=False).fit(X[:200], y[:200])
+    assert (raw.k_, raw.vote_temperature_, raw.temperature_) == (auto.k_, auto.vote_temperature_, 1.0)
+    np.testing.assert_array_equal(raw.predict(X[200:]), auto.predict(X[200:]))  # calibration moves no prediction
 
 
 def test_an_images_augmented_views_never_vote_for_it(tmp_path):

@@ -193,7 +193,7 @@ class KNNHead(Head):
         """(query rows, their neighbours' similarities and labels) for leave-one-image-out CV on a
         stratified sample of at most `cv_rows` training rows; None when nothing can be scored."""
         if len(ks) * len(ts) == 1 and not self.calibrate:
-            return None
+            return None  # nothing to choose or fit: no search
         rng = np.random.default_rng(self.random_state)
         if y.size > self.cv_rows:  # a sample stratified by class, in row order
             take = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:max(1, round(self.cv_rows * (y == c).mean()))]
@@ -211,9 +211,9 @@ class KNNHead(Head):
         yq = y[queries]
         best = None
         for k in ks:
-            for t in ts:
+            for t in ts:  # scored calibrated either way, so `calibrate` changes the probabilities, not k or T
                 z = vote_logits(sim, labels, self.n_classes_, k, t)
-                temp = fit_temperature(z, yq) if self.calibrate else 1.0
+                temp = fit_temperature(z, yq)
                 loss = nll(z, yq, temp)
                 acc = float((z.argmax(axis=1) == yq).mean())
                 self.cv_scores_[f"k={k} T={t:g}"] = loss
@@ -221,7 +221,9 @@ class KNNHead(Head):
                 if best is None or key < best[0]:
                     best = (key, k, t, temp, loss)
         _, self.k_, self.vote_temperature_, temp, self.cv_log_loss_ = best
-        if self.calibrate:
+        if not self.calibrate:
+            self.cv_log_loss_ = nll(vote_logits(sim, labels, self.n_classes_, self.k_, self.vote_temperature_), yq)
+        else:
             self.temperature_ = temp
             self.calibration_note_ = (f"temperature scaling on leave-one-image-out votes of {queries.size:,} "
                                       f"training rows")
