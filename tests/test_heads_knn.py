@@ -182,6 +182,9 @@ def test_knn_sweep_and_auto_take_part(tmp_path):
     sweep = run_cli("fit-head", "--cache", "k0000", "--cache-dir", cache, "--head", "knn", "--sweep")
     assert sweep.returncode == 0, sweep.stderr
     assert "k=" in sweep.stdout or "k " in sweep.stdout
+    plain = run_cli("fit-head", "--cache", "k0000", "--cache-dir", cache, "--head", "knn")
+    config = json.loads((Path(cache) / "runs" / _run_id(plain.stdout) / "config.json").read_text())
+    assert isinstance(config["params"]["k"], int) and config["head_params"]["k"] == "auto"  # chosen, and asked
     auto = run_cli("fit-head", "--cache", "k0000", "--cache-dir", cache)
     assert auto.returncode == 0, auto.stderr
     line = next(l for l in auto.stdout.splitlines() if l.startswith("head auto: kept"))

@@ -262,6 +262,13 @@ class KNNHead(Head):
                 "memory_rows": int(self.memory_.shape[0]), "memory_mb": round(self.memory_mb_, 1),
                 **({"note": self.note_} if self.note_ else {})}
 
+    def key_params(self) -> dict[str, Any]:
+        """k and T as chosen once fitted (the runs table shows `k=20 vote_temperature=0.07`, not auto)."""
+        params = super().key_params()
+        if hasattr(self, "k_"):
+            params.update(k=self.k_, vote_temperature=self.vote_temperature_)
+        return params
+
     def sweep_facts(self) -> dict[str, Any]:
         return {"k": self.k_, "T": self.vote_temperature_}
 

@@ -233,5 +233,7 @@ def fit_head_run(feature_file: FeatureFile, head: Head, registry: Registry | Non
             run.update_config(run_config(ff, result.head, val_fraction=val_fraction, seed=seed,
                                          use_augmented=use_augmented, head_choice=result.extras["head_choice"],
                                          **(config or {})))
+        elif result.head.key_params() != cfg["params"]:  # what the fit chose (knn: k and T) for the runs table
+            run.update_config({**cfg, "params": result.head.key_params()})
         save_fit(result, run)
     return result, run
