@@ -192,6 +192,39 @@ def test_interrupted_extraction_resumes_to_identical_features(tiny_split_folder,
         np.testing.assert_allclose(ff.load(), expected, atol=1e-3)
 
 
+def test_a_resumed_small_tail_gives_bit_identical_features(tmp_path, monkeypatch):
+    """Issue 24: with fewer than SMALL_JOB images left, the resumed tail ran eagerly (other kernels
+    than the frozen graph of the first run): float32 features differed by ~1e-17. The runner is now
+    chosen by the job's size, not by what is left, so the resume is exact."""
+    from conftest import make_folder
+    from pipeline.extract import runners
+    from pipeline.extract.runners import SMALL_JOB
+
+    data = make_folder(tmp_path / "d", per_class=(SMALL_JOB + 8) // 2, splits=())
+    request = req(data, backbone="efficientnet_lite0", image_size=64, dtype="float32")  # BN folds when frozen
+    full = extract(request, opts(tmp_path / "full", chunk_units=16))
+    with FeatureFile(full.path) as ff:
+        expected = ff.load()
+    calls = {"n": 0}
+    original = ex._ChunkWriter._flush
+
+    def dying_flush(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(ex._ChunkWriter, "_flush", dying_flush)
+    with pytest.raises(KeyboardInterrupt):
+        extract(request, opts(tmp_path / "c", chunk_units=16))
+    monkeypatch.setattr(ex._ChunkWriter, "_flush", original)
+    runners._LAST.clear()  # a resume is a new process: no runner kept from the first run
+    r = extract(request, opts(tmp_path / "c", chunk_units=16))
+    assert r.resumed_from == 32 and len(expected) - 32 < SMALL_JOB
+    with FeatureFile(r.path) as ff:
+        np.testing.assert_array_equal(ff.load(), expected)
+
+
 def test_too_small_image_size_and_bad_weights_are_user_errors(tiny_split_folder, tmp_path):
     with pytest.raises(UserError, match="too small"):
         plan(req(tiny_split_folder, backbone="inceptionv3", image_size=40), tmp_path)

@@ -335,9 +335,12 @@ class _Extraction:
         # decoding starts while the model is built and traced
         feed = Prefetcher(batches(self.jobs(), bs, (size, size, 3), self.options.workers), depth=2)
         if self._runner is None:  # once per job (a Ray actor computes many chunk sets with it)
-            self._runner, self._feat_shape = cached_runner(
-                self._model_key(), self._model, size, bs, self.options.jit,
-                n_images=needed if self.options.shard is None and not self._distributed else None)
+            # sized by the whole job's images to compute, not by those left (nor by a shard's or an actor's
+            # part): a resumed tail or another shard runs on the same kernels (frozen graph or eager) as
+            # the rest, so the features are bit-identical however the job was split or interrupted
+            job_images = int(np.count_nonzero(~self.reused))
+            self._runner, self._feat_shape = cached_runner(self._model_key(), self._model, size, bs,
+                                                           self.options.jit, n_images=job_images)
         runner, feat_shape = self._runner, self._feat_shape
         writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, feat_shape,
                              np.dtype(self.p.request.dtype), self.reuse)

@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 
 from pipeline.errors import UserError
-from pipeline.features.store import FeatureFile
+from pipeline.features.store import FeatureFile, structure_problem
 
 
 @dataclass
@@ -53,12 +53,16 @@ def find_entries(cache_dir: Path) -> list[Entry]:
         try:
             with h5py.File(path, "r") as f:
                 a = f.attrs
+                problem = structure_problem(f, path)
+                if problem:
+                    raise ValueError(problem)
                 out.append(Entry(path, str(a["key"]), str(a["backbone"]), int(a["image_size"]),
-                                 str(a["layer"] or a["pooling"]), int(a["n_rows"]), path.stat().st_size / 1e6,
-                                 str(a["data"]), "complete" if a.get("complete") else "incomplete"))
-        except (OSError, KeyError):
+                                 str(a["layer"] or a["pooling"]), int(f["features"].shape[0]),
+                                 path.stat().st_size / 1e6, str(a["data"]), "complete"))
+        except (OSError, KeyError, ValueError, TypeError) as exc:
             b, s, p, k = _name_parts(path)
-            out.append(Entry(path, k, b, s, p, "?", path.stat().st_size / 1e6, "?", "unreadable"))
+            state = f"damaged: {exc}" if isinstance(exc, ValueError) else "unreadable"
+            out.append(Entry(path, k, b, s, p, "?", path.stat().st_size / 1e6, "?", state))
     for parts in sorted(root.glob("*.parts")):
         b, s, p, k = _name_parts(parts)
         chunks = list(parts.glob("chunk-*.npz"))

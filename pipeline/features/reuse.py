@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.errors import DataWarning
+from pipeline.features.store import structure_problem
 
 # key material that may differ between a cache and the one it reuses rows from
 _FREE = ("data", "augment")
@@ -50,7 +54,7 @@ class Reuse:
             with h5py.File(self.base, "r") as f:
                 feats[order] = f["features"][rows[order]]
         except (OSError, KeyError) as exc:
-            from pipeline.errors import UserError
+            from pipeline.errors import DataWarning, UserError
             raise UserError(f"the cache this extraction copies unchanged rows from ({self.base.name}) vanished or "
                             f"changed during the run ({type(exc).__name__}); run the same command again: finished "
                             f"chunks are kept") from None
@@ -169,6 +173,11 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
                 a = f.attrs
                 if not a.get("complete", False) or "sizes" not in f or "mtimes_ns" not in f:
                     continue
+                problem = structure_problem(f, path)
+                if problem:
+                    warnings.warn(f"{path.name} is not used to reuse rows from: it is damaged ({problem})",
+                                  DataWarning, stacklevel=2)
+                    continue
                 theirs = json.loads(a["key_material"])
                 # any data source: rows match by file path and size+time (or bytes), so a manifest of the
                 # same files (audit's cleaned.csv) reuses a folder's rows
@@ -187,7 +196,7 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
                     old = {(i, int(s), int(m), int(v)): int(r) for i, s, m, v, r in
                            zip(old_ids, f["sizes"][:][usable], f["mtimes_ns"][:][usable], views[usable], usable)}
                 shape = tuple(f["features"].shape[1:])
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, TypeError, AttributeError):
             continue
         sizes, mtimes, hashes = stats
         tags, rows = [], []

@@ -198,10 +198,24 @@ class FeatureFile:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
             raise UserError(f"{self.path} is not a readable HDF5 cache file ({exc}); remove it and extract again") from None
-        a = self._f.attrs
-        if not a.get("complete", False):
+        try:
+            self._read()
+        except UserError:
             self._f.close()
+            raise
+        except Exception as exc:  # noqa: BLE001 - h5py and numpy raise many types for a damaged file
+            self._f.close()
+            raise UserError(damaged_message(self.path, f"{type(exc).__name__}: {exc}")) from None
+
+    def _read(self) -> None:
+        """Check the file's structure (cheap: attributes and shapes, no rows read), then load the small
+        per-row arrays and check their values; one UserError naming the file and the first problem."""
+        a = self._f.attrs
+        if "key" in a and not a.get("complete", False):
             raise UserError(f"{self.path} is incomplete; run the same extract again to finish it")
+        problem = structure_problem(self._f, self.path)
+        if problem:
+            raise UserError(damaged_message(self.path, problem))
         self.attrs: dict[str, Any] = {k: _decode_attr(v) for k, v in a.items()}
         self.class_names: list[str] = list(self.attrs["class_names"])
         self.features = self._f["features"]
@@ -213,6 +227,9 @@ class FeatureFile:
         self.skipped: list[tuple[str, str]] = list(
             zip(self._f["skipped_paths"].asstr()[:], self._f["skipped_reasons"].asstr()[:])
         )
+        problem = content_problem(self.labels, self.views, self.index, len(self.class_names))
+        if problem:
+            raise UserError(damaged_message(self.path, problem))
 
     @property
     def key(self) -> str:
@@ -263,6 +280,81 @@ class FeatureFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------------- validation
+# datasets with one entry per row, and their kinds: integer (i/u), string, float (features only)
+_ROW_DATASETS = {"labels": "int", "paths": "str", "splits": "str", "views": "int", "index": "int"}
+_OPTIONAL_ROW_DATASETS = {"sizes": "int", "mtimes_ns": "int", "hashes": "str"}
+_SKIP_DATASETS = ("skipped_paths", "skipped_reasons")
+MAX_INFLATION = 100  # declared rows may take at most this many times the file's bytes (compression)
+
+
+def damaged_message(path: Path, problem: str) -> str:
+    """The one line for a cache file that is not what this tool writes: what is wrong, and the way out."""
+    return (f"{path} is damaged or not a cache file written by this tool ({problem}); remove it "
+            f"(`python cli.py cache rm {path.name}`) and extract again, or copy it again from its source")
+
+
+def _kind_ok(ds: h5py.Dataset, kind: str) -> bool:
+    if kind == "str":
+        return h5py.check_string_dtype(ds.dtype) is not None
+    if kind == "int":
+        return ds.dtype.kind in "iu"
+    return ds.dtype.kind == "f"
+
+
+def structure_problem(f: h5py.File, path: Path) -> str:
+    """What is wrong with a cache file's attributes, datasets, dtypes and shapes ("" if nothing), from
+    metadata alone: no row is read, so a file declaring 10^9 rows is answered at once."""
+    a = f.attrs
+    if "key" not in a:
+        return "its attributes (key, class_names, request, ...) are missing"
+    if not a.get("complete", False):
+        return "it is marked incomplete, which a finished .h5 never is"
+    schema = a.get("schema")
+    if schema is not None and _decode_attr(schema) != SCHEMA_VERSION:
+        return f"schema {_decode_attr(schema)!r}, this tool reads schema {SCHEMA_VERSION}"
+    names = _decode_attr(a.get("class_names"))
+    if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        return "the class_names attribute is not a JSON list of names"
+    for attr in ("request", "key_material"):
+        if attr in a and not isinstance(_decode_attr(a[attr]), dict):
+            return f"the {attr} attribute is not a JSON object"
+    needed = ["features", *_ROW_DATASETS, *_SKIP_DATASETS]
+    for name in needed + [n for n in _OPTIONAL_ROW_DATASETS if n in f]:
+        if not isinstance(f.get(name), h5py.Dataset):
+            return f"the {name!r} dataset is missing"
+    feats = f["features"]
+    if feats.ndim not in (2, 3, 4) or not _kind_ok(feats, "float"):
+        return f"features are {feats.dtype} of shape {feats.shape}, not floating-point vectors or maps"
+    n = int(feats.shape[0])
+    for name, kind in {**_ROW_DATASETS, **{k: v for k, v in _OPTIONAL_ROW_DATASETS.items() if k in f}}.items():
+        ds = f[name]
+        if ds.shape != (n,):
+            return f"{name!r} has shape {ds.shape} but there are {n} feature rows"
+        if not _kind_ok(ds, kind):
+            return f"{name!r} holds {ds.dtype}, not {'integers' if kind == 'int' else 'strings'}"
+    a_len, b_len = (f[name].shape for name in _SKIP_DATASETS)
+    if len(a_len) != 1 or a_len != b_len or not all(_kind_ok(f[x], "str") for x in _SKIP_DATASETS):
+        return "the skipped-image lists disagree"
+    declared = feats.size * feats.dtype.itemsize
+    size = path.stat().st_size
+    if declared > MAX_INFLATION * max(size, 1) and declared > 2**20:
+        return (f"its features declare {n:,} rows ({declared / 1e9:,.1f} GB) but the file holds "
+                f"{size / 1e6:,.1f} MB")
+    return ""
+
+
+def content_problem(labels: np.ndarray, views: np.ndarray, index: np.ndarray, n_classes: int) -> str:
+    """What is wrong with the per-row values ("" if nothing): labels index class_names (-1 unlabelled)."""
+    if labels.size and (labels.min() < -1 or labels.max() >= n_classes):
+        return f"labels run from {int(labels.min())} to {int(labels.max())} but there are {n_classes} class names"
+    if views.size and views.min() < 0:
+        return "a view number is negative"
+    if index.size and index.min() < 0:
+        return "an image index is negative"
+    return ""
 
 
 def _decode_attr(value: Any) -> Any:
