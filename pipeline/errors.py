@@ -1,4 +1,7 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The one exception type the CLI turns into a one-line message and a non-zero exit, and the one
+mapping of filesystem errors (disk full, read-only, not a folder, no permission) to such a line."""
+
+import errno
 
 
 class UserError(Exception):
@@ -8,3 +11,25 @@ class UserError(Exception):
 class DataWarning(UserWarning):
     """Something odd but usable in the user's data (duplicate rows, mixed label case); the CLI prints
     it as one `warning: ...` line."""
+
+
+# errno -> what the user can do about it ({path}: the file or folder the system named)
+_FILESYSTEM_ADVICE = {
+    errno.ENOSPC: "no space left on the device holding {path}: free some space or point --cache-dir at another "
+                  "disk, then run the command again (finished extraction chunks are kept)",
+    errno.EDQUOT: "disk quota exceeded writing {path}: free some space or point --cache-dir at another disk",
+    errno.EROFS: "{path} is on a read-only file system: use a writable --cache-dir (copy the cache there to "
+                 "keep its files)",
+    errno.ENOTDIR: "{path}: a file stands where a folder is needed; check --cache-dir and the data path",
+    errno.EISDIR: "{path} is a folder where a file is needed; check the path",
+    errno.EACCES: "permission denied: {path}; check its permissions, or use a --cache-dir you can write",
+    errno.EPERM: "operation not permitted on {path}; check its permissions, or use a --cache-dir you can write",
+}
+
+
+def filesystem_message(exc: BaseException) -> str | None:
+    """One line for a filesystem error the user can fix (naming the path), or None for any other error."""
+    if not isinstance(exc, OSError) or exc.errno not in _FILESYSTEM_ADVICE:
+        return None
+    path = exc.filename if exc.filename is not None else "a file"
+    return _FILESYSTEM_ADVICE[exc.errno].format(path=path)

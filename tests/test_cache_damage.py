@@ -114,3 +114,93 @@ def test_a_damaged_reuse_candidate_is_skipped_with_a_warning_not_fatal(tmp_path)
     second = run_cli("extract", "--data", str(data), "--cache-dir", str(cache), *fast)
     assert second.returncode == 0, second.stderr
     assert f"warning: {old.name} is not used to reuse rows from: it is damaged" in second.stderr
+
+
+def test_filesystem_errors_are_one_line_that_names_the_path_and_what_to_do(tmp_path):
+    import errno
+
+    from pipeline.errors import filesystem_message
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    res = run_cli("extract", "--cache-dir", str(blocker / "sub"), "--backbone", "vgg16", "--weights", "none",
+                  "--image-size", "32", "--no-progress")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert f"{blocker}/sub/features: a file stands where a folder is needed" in res.stderr
+    # the errors root cannot cause here (root ignores permissions; no mounts): the mapping itself
+    for code, words in [(errno.ENOSPC, "no space left"), (errno.EROFS, "read-only"), (errno.EACCES, "permission")]:
+        text = filesystem_message(OSError(code, "boom", "/data/cache"))
+        assert words in text and "/data/cache" in text
+    assert filesystem_message(ValueError("no")) is None and filesystem_message(OSError(errno.EIO, "x")) is None
+
+
+def _interrupted(tmp_path, monkeypatch):
+    """An extraction stopped after two 4-image chunks: (request, options, its .parts folder)."""
+    from conftest import make_folder
+    from pipeline import extract as ex
+    from pipeline.extract import ExtractRequest, RunOptions, extract, plan
+
+    data = make_folder(tmp_path / "d", per_class=8)
+    request = ExtractRequest(data=str(data), backbone="vgg16", weights="none", image_size=32)
+    options = RunOptions(cache_dir=tmp_path / "c", progress=False, chunk_units=4)
+    calls = {"n": 0}
+    original = ex._ChunkWriter._flush
+
+    def dying_flush(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        original(self)
+
+    monkeypatch.setattr(ex._ChunkWriter, "_flush", dying_flush)
+    with pytest.raises(KeyboardInterrupt):
+        extract(request, options)
+    monkeypatch.setattr(ex._ChunkWriter, "_flush", original)
+    return request, options, plan(request, options.cache_dir).parts
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "pickled object array", "junk meta.json", "junk shards.json"])
+def test_a_damaged_unfinished_extraction_is_one_line_naming_the_file(tmp_path, monkeypatch, damage):
+    from pipeline.extract import extract
+
+    request, options, parts = _interrupted(tmp_path, monkeypatch)
+    chunk = parts / "chunk-000000.npz"
+    if damage == "random bytes":
+        chunk.write_bytes(np.random.default_rng(0).bytes(500))
+        target = chunk
+    elif damage == "pickled object array":
+        with open(chunk, "wb") as fh:
+            np.savez(fh, features=np.array([object()], dtype=object), index=np.zeros(1), views=np.zeros(1),
+                     skipped_index=np.zeros(0), skipped_reason=np.zeros(0))
+        target = chunk
+    elif damage == "junk meta.json":
+        target = parts / "meta.json"
+        target.write_text("{not json")
+    else:
+        target = parts / "shards.json"
+        target.write_text("[1, 2")
+    with pytest.raises(UserError) as err:
+        extract(request, options)
+    text = str(err.value)
+    assert str(target) in text and "damaged" in text and "--force" in text and "\n" not in text
+    extract(request, options.__class__(**{**options.__dict__, "force": True}))  # the way out works
+
+
+def test_a_run_whose_recorded_request_this_version_cannot_read_is_one_line(tmp_path):
+    import json
+
+    from conftest import make_folder
+
+    data = make_folder(tmp_path / "d", per_class=6)
+    cache = tmp_path / "c"
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), "--backbone", "vgg16", "--weights",
+                  "none", "--image-size", "32", "--no-progress", "--head", "logistic", "--C", "1")
+    assert fit.returncode == 0, fit.stderr
+    run_id = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+    config = cache / "runs" / run_id / "config.json"
+    cfg = json.loads(config.read_text())
+    cfg["request"]["from_the_future"] = 1
+    config.write_text(json.dumps(cfg))
+    res = run_cli("predict", "--run", run_id, str(data / "val"), "--cache-dir", str(cache))
+    assert res.returncode == 2 and "cannot read" in res.stderr and "from_the_future" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

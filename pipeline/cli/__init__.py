@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up
 
 import click
 
-from pipeline.errors import DataWarning, UserError
+from pipeline.errors import DataWarning, UserError, filesystem_message
 from pipeline.cli import quiet
 
 quiet.install()
@@ -95,6 +95,10 @@ class _Group(click.Group):
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
             if debug_enabled(ctx):
                 traceback.print_exc()
+            cause = exc if filesystem_message(exc) else (exc.__cause__ or exc.__context__)
+            if filesystem_message(cause):  # disk full, read-only, not a folder, no permission: say what to do
+                click.echo(f"error: {filesystem_message(cause)}", err=True)
+                sys.exit(2)
             message = " ".join(str(exc).split()) or "(no message)"
             if len(message) > 300:
                 message = message[:297] + "..."

@@ -59,13 +59,19 @@ class ExtractRequest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ExtractRequest":
-        d = dict(d)
-        d["augment"] = AugmentConfig(**d.get("augment", {}))
-        sp = dict(d.get("split", {}))
-        if "folder_names" in sp:
-            sp["folder_names"] = tuple(sp["folder_names"])
-        d["split"] = SplitConfig(**sp)
-        return cls(**d)
+        """The request a cache file or run recorded; UserError when it has fields this version does not
+        know (written by another version) or of the wrong shape."""
+        try:
+            d = dict(d)
+            d["augment"] = AugmentConfig(**(d.get("augment") or {}))
+            sp = dict(d.get("split") or {})
+            if "folder_names" in sp:
+                sp["folder_names"] = tuple(sp["folder_names"])
+            d["split"] = SplitConfig(**sp)
+            return cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"a recorded extraction request this version cannot read ({exc}); it was written by "
+                            f"another version or edited: re-run the command that made it") from None
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pipeline.data.sources import Listing
 from pipeline.errors import UserError
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
 from pipeline.extract.writer import ChunkWriter
-from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, is_complete
+from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, is_complete, read_parts_json
 
 Log = Callable[[str], None]
 
@@ -381,7 +381,7 @@ def _check_shards(p: Plan, shard: tuple[int, int], n_chunks: int, done: set[int]
     if shard == (0, 1):  # "compute every missing chunk here": fits any earlier split
         return
     if marker.exists():
-        known = json.loads(marker.read_text())
+        known = read_parts_json(marker, {"n": int, "n_chunks": int})
         if int(known["n"]) != shard[1] or int(known["n_chunks"]) != n_chunks:
             raise UserError(f"this extraction is already split into {known['n']} shards of {known['n_chunks']} "
                             f"chunks; use --shard I/{known['n']} with the same --chunk-size")
@@ -392,12 +392,10 @@ def _check_shards(p: Plan, shard: tuple[int, int], n_chunks: int, done: set[int]
 def _refuse_unfinished_shards(p: Plan, n_chunks: int, done: set[int]) -> None:
     """A plain extract after sharded runs assembles only when every chunk is there; else it says which
     chunks (and shards) are missing rather than silently doing the shards' work."""
-    import json
-
     marker = p.parts / SHARDS_FILE
     if not marker.exists():
         return
-    n = int(json.loads(marker.read_text())["n"])
+    n = read_parts_json(marker, {"n": int})["n"]
     missing = [c for c in range(n_chunks) if c not in done]
     if missing:
         shards = sorted({c % n for c in missing})

@@ -47,7 +47,7 @@ class ChunkDir:
         self.path.mkdir(parents=True, exist_ok=True)
         meta_file = self.path / "meta.json"
         if meta_file.exists():
-            chunk_units = int(json.loads(meta_file.read_text())["chunk_units"])
+            chunk_units = read_parts_json(meta_file, {"chunk_units": int})["chunk_units"]
         else:
             write_text_atomic(meta_file, json.dumps({"chunk_units": chunk_units}))
         self.chunk_units = chunk_units
@@ -63,8 +63,20 @@ class ChunkDir:
                 np.savez(fh, **arrays)
 
     def read(self, number: int) -> dict[str, np.ndarray]:
-        with np.load(self.path / f"chunk-{number:06d}.npz", allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        """A chunk's arrays (no pickle); UserError naming the chunk and the way out when it is damaged."""
+        path = self.path / f"chunk-{number:06d}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            missing = [k for k in CHUNK_ARRAYS if k not in arrays]
+            if missing:
+                raise ValueError(f"no {missing[0]!r} array")
+            n = arrays["index"].shape[0]
+            if arrays["features"].shape[:1] != (n,) or arrays["views"].shape != (n,):
+                raise ValueError("its arrays disagree on the number of rows")
+        except Exception as exc:  # noqa: BLE001 - numpy and zipfile raise many types for a damaged file
+            raise UserError(_parts_damage(path, f"{type(exc).__name__}: {exc}")) from None
+        return arrays
 
     def remove(self) -> None:
         self.remove_path(self.path)
@@ -75,6 +87,27 @@ class ChunkDir:
         path = Path(path)
         if path.suffix == ".parts" and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+
+CHUNK_ARRAYS = ("features", "index", "views", "skipped_index", "skipped_reason")
+
+
+def _parts_damage(path: Path, problem: str) -> str:
+    folder = path.parent
+    return (f"{path} is damaged ({problem}); remove the unfinished extraction (`python cli.py cache rm "
+            f"{folder.name}`) or run the same extract with --force to start it over")
+
+
+def read_parts_json(path: Path, fields: dict[str, type]) -> dict[str, Any]:
+    """A small JSON note of an unfinished extraction (meta.json, shards.json) with these typed fields;
+    UserError naming the file and the way out when it is unreadable or malformed."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return {k: t(data[k]) for k, t in fields.items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(_parts_damage(Path(path), f"{type(exc).__name__}: {exc}")) from None
 
 
 class DegenerateFeatures(UserError):
@@ -108,12 +141,15 @@ def assemble(
     feat_shape: tuple[int, ...] | None = None
     first_skip: tuple[int, str] | None = None
     for n in numbers:
-        with np.load(chunks.path / f"chunk-{n:06d}.npz") as z:
-            n_rows += z["index"].shape[0]
-            if feat_shape is None and z["features"].shape[0]:
-                feat_shape = tuple(z["features"].shape[1:])
-            if first_skip is None and len(z["skipped_index"]):
-                first_skip = (int(z["skipped_index"][0]), str(z["skipped_reason"][0]))
+        z = chunks.read(n)
+        n_rows += z["index"].shape[0]
+        if feat_shape is None and z["features"].shape[0]:
+            feat_shape = tuple(z["features"].shape[1:])
+        elif z["features"].shape[0] and tuple(z["features"].shape[1:]) != feat_shape:
+            raise UserError(_parts_damage(chunks.path / f"chunk-{n:06d}.npz",
+                                          f"features of shape {z['features'].shape[1:]}, others {feat_shape}"))
+        if first_skip is None and len(z["skipped_index"]):
+            first_skip = (int(z["skipped_index"][0]), str(z["skipped_reason"][0]))
     if feat_shape is None:
         example = (f"; e.g. {items.ids[first_skip[0]]}: {first_skip[1]}" if first_skip is not None
                    and first_skip[0] < len(items.ids) else "")

@@ -61,7 +61,11 @@ def _request_of(record: RunRecord) -> ExtractRequest:
                             f"unknown; re-run fit-head")
         with FeatureFile(cache_file) as ff:
             req = ff.attrs["request"]
-    return ExtractRequest.from_json(req if isinstance(req, dict) else json.loads(req))
+    try:
+        return ExtractRequest.from_json(req if isinstance(req, dict) else json.loads(req))
+    except (UserError, ValueError, TypeError) as exc:
+        raise UserError(f"run {record.id}: {record.dir / 'config.json'} holds an extraction request this version "
+                        f"cannot read ({exc}); re-run fit-head") from None
 
 
 @dataclass
