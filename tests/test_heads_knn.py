@@ -166,10 +166,12 @@ def test_fit_head_knn_then_predict_and_evaluate_explain(tmp_path):
     rows = list(csv.DictReader(ev_csv.open()))
     assert len(rows) == 16 and {r["label"] for r in rows} == {"ants", "bees"} and rows[0]["neighbour_1"]
 
-    logistic = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1")
-    refused = run_cli("predict", "--run", _run_id(logistic.stdout), str(image), "--explain", "2", "--cache-dir", cache)
-    assert refused.returncode != 0 and "only a knn head keeps" in refused.stderr
-    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    from pipeline.inference.apply import check_explain, load_run  # another head: refused before any work
+    run = load_run(Path(cache), run_id)
+    run.head = LogisticHead(C=1.0).fit(*blobs(20, 4, 2))
+    run.head.feature_shape_ = (512,)
+    with pytest.raises(UserError, match="only a knn head keeps"):
+        check_explain(run, 2)
     no_run = run_cli("predict", str(image), "--explain", "2", "--backbone", "vgg16")
     assert no_run.returncode != 0 and "--explain" in no_run.stderr
     too_big = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "knn", "--k", "500")

@@ -216,6 +216,7 @@ class DenseHead(Head):
             val_rows = _standardize(to_matrix(X_val, self.flatten), mean, scale).__getitem__ if has_val else None
         train = _batches(keras, y.size, train_rows, y, weights, int(self.batch_size), True, self.seed)
         val = _batches(keras, y_val.size, val_rows, y_val, None, 1024, False, self.seed) if has_val else None
+        reuse = {} if reuse is None else reuse  # the calibration's refits reuse this compiled model
         core = self._compiled_core(keras, n_classes, dim, reuse)
         callbacks: list[Any] = [keras.callbacks.LearningRateScheduler(schedule)]
         stopper = None
@@ -238,11 +239,11 @@ class DenseHead(Head):
         elif self.calibrate:
             if groups is None and isinstance(X, FeatureSource):
                 groups = X.file.index[X.rows]
-            self._calibrate(raw, y, groups)
+            self._calibrate(raw, y, groups, reuse)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def _calibrate(self, Xm: np.ndarray, y: np.ndarray, groups: Any) -> None:
+    def _calibrate(self, Xm: np.ndarray, y: np.ndarray, groups: Any, reuse: dict) -> None:
         """Temperature scaling on out-of-fold log-probabilities: `calibration_folds` refits with the same
         parameters for the epochs the fit kept, each predicting the rows it did not see."""
         folds, how = cv_folds(y, groups, self.calibration_folds, self.seed)
@@ -254,7 +255,7 @@ class DenseHead(Head):
         oof = np.zeros((y.size, self.n_classes_))
         for tr, te in folds:
             part = DenseHead(**params).fit(ReducedFeatures(Xm[tr], self.feature_shape_, self.flatten), y[tr],
-                                          class_names=self.class_names_)
+                                          class_names=self.class_names_, reuse=reuse)
             oof[te] = np.log(np.clip(part.predict_proba(ReducedFeatures(Xm[te], self.feature_shape_, self.flatten)),
                                      1e-12, 1.0))
         self.temperature_ = fit_temperature(oof, y)
