@@ -204,3 +204,22 @@ def test_a_run_whose_recorded_request_this_version_cannot_read_is_one_line(tmp_p
     res = run_cli("predict", "--run", run_id, str(data / "val"), "--cache-dir", str(cache))
     assert res.returncode == 2 and "cannot read" in res.stderr and "from_the_future" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreadable_chunk_is_a_filesystem_error_not_damage(tmp_path, monkeypatch):
+    """Permissions or I/O errors must not advise deleting good chunks as 'damaged'."""
+    import errno
+
+    from pipeline.features import store
+
+    chunks = store.ChunkDir(tmp_path / "x.parts", 4)
+    chunks.write(0, {"features": np.zeros((1, 2), "f4"), "index": np.zeros(1), "views": np.zeros(1),
+                     "skipped_index": np.zeros(0), "skipped_reason": np.zeros(0)})
+    assert chunks.read(0)["features"].shape == (1, 2)
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "x.parts" / "chunk-000000.npz"))
+
+    monkeypatch.setattr(store.np, "load", denied)
+    with pytest.raises(PermissionError):
+        chunks.read(0)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 
 from conftest import make_folder, run_cli
@@ -179,6 +180,10 @@ def test_finetune_from_a_knn_run_keeps_its_vote_fixed_and_trains_the_backbone(tm
     by_name = {layer.name: layer for layer in leaves(model)}
     assert {"similarity", "vote", "probabilities"} <= set(by_name)
     assert not by_name["similarity"].trainable and not by_name["vote"].trainable
+    from pipeline.heads import load_head
+    head = load_head(Path(cache) / "runs" / head_run)  # the memory did not move: only the backbone trained
+    np.testing.assert_array_equal(by_name["similarity"].get_weights()[0], head.memory_.T)
+    assert (by_name["vote"].get_weights()[0].argmax(axis=1) == head.memory_labels_).all()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     fit_val = json.loads((Path(cache) / "runs" / head_run / "metrics.json").read_text())["val"]["accuracy"]
     assert abs(metrics["before"]["val"]["accuracy"] - fit_val) < 1e-9

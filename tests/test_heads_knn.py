@@ -79,6 +79,14 @@ def test_knn_keras_form_predicts_like_the_head():
     head = KNNHead(k=9).fit(X[:120], y[:120], paths=[f"img/{i}.jpg" for i in range(120)])
     model = head.to_keras()  # built-in layers and keras.ops: top-k, exp, the one-hot vote
     np.testing.assert_allclose(np.asarray(model.predict(X[120:], verbose=0)), head.predict_proba(X[120:]), atol=1e-5)
+    # duplicated training images tie at the k-th similarity: still exactly k voters; a tiny T with far
+    # neighbours: weights relative to the nearest do not underflow to a uniform vote
+    dup = np.concatenate([X[:60], X[:60]])
+    for kw in ({"k": 3}, {"k": 5, "vote_temperature": 0.002}):
+        tied = KNNHead(calibrate=False, **({"vote_temperature": 0.1} | kw)).fit(dup, np.concatenate([y[:60], y[:60]]))
+        got, want = np.asarray(tied.to_keras().predict(X[120:], verbose=0)), tied.predict_proba(X[120:])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert (want.max(axis=1) > 0.5).all()
 
 
 def test_saved_head_round_trips_and_a_damaged_one_is_one_line(tmp_path):
@@ -183,7 +191,9 @@ def test_knn_sweep_and_auto_take_part(tmp_path):
     cache = str(tmp_path / "c")
     sweep = run_cli("fit-head", "--cache", "k0000", "--cache-dir", cache, "--head", "knn", "--sweep")
     assert sweep.returncode == 0, sweep.stderr
-    assert "k=" in sweep.stdout or "k " in sweep.stdout
+    assert "k=5 vote_temperature=" in sweep.stdout
+    best = load_head(Path(cache) / "runs" / _run_id(sweep.stdout))
+    assert best.kind == "knn" and best.memory_paths_.size == best.memory_.shape[0]  # --explain names images
     plain = run_cli("fit-head", "--cache", "k0000", "--cache-dir", cache, "--head", "knn")
     config = json.loads((Path(cache) / "runs" / _run_id(plain.stdout) / "config.json").read_text())
     assert isinstance(config["params"]["k"], int) and config["head_params"]["k"] == "auto"  # chosen, and asked

@@ -95,7 +95,7 @@ class _Group(click.Group):
         except Exception as exc:  # noqa: BLE001 - the last line of defence against a raw traceback
             if debug_enabled(ctx):
                 traceback.print_exc()
-            cause = exc if filesystem_message(exc) else (exc.__cause__ or exc.__context__)
+            cause = exc if filesystem_message(exc) else exc.__cause__
             if filesystem_message(cause):  # disk full, read-only, not a folder, no permission: say what to do
                 click.echo(f"error: {filesystem_message(cause)}", err=True)
                 sys.exit(2)

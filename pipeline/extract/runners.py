@@ -154,7 +154,8 @@ def cached_runner(model_key: tuple, build: Callable[[], Any], size: int, batch_s
                   jit: bool | None = None, n_images: int | None = None) -> tuple[Runner, tuple[int, ...]]:
     """(runner, feature shape) for the model `build()` makes, reusing this process's last one when
     `model_key` (everything that decides the graph and its weights) and the runner's settings match."""
-    rkey = (backend_name(), model_key, size, batch_size, jit)
+    small = n_images is not None and n_images < SMALL_JOB  # eager or frozen decides the kernels: part of the key
+    rkey = (backend_name(), model_key, size, batch_size, jit, small)
     hit = _LAST.get("runner")
     if hit is not None and hit[0] == rkey:
         return hit[1], hit[2]

@@ -150,7 +150,7 @@ class _Extraction:
         self._runner = None
         self._feat_shape: tuple[int, ...] = ()
         self._reuse_checked = False
-        self._distributed = False  # a Ray actor's job: always the frozen graph (same bytes on every worker)
+        self._distributed = False  # a Ray actor's job (chunk sets handed in by the driver)
 
     @property
     def n_chunks(self) -> int:

@@ -33,8 +33,10 @@ class Neighbours:
 class CosineIndex:
     """Exact cosine k-nearest-neighbour search over the rows of `base` (any float array, (n, d))."""
 
-    def __init__(self, base: np.ndarray, groups: np.ndarray | None = None, block_rows: int = 2048) -> None:
-        self.base = unit_rows(base)
+    def __init__(self, base: np.ndarray, groups: np.ndarray | None = None, block_rows: int = 2048,
+                 normalized: bool = False) -> None:
+        """`normalized`: the rows are unit-length float32 already (a kNN head's memory): used without a copy."""
+        self.base = np.asarray(base, np.float32) if normalized else unit_rows(base)
         self.groups = None if groups is None else np.asarray(groups)
         self.block_rows = int(block_rows)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import DataWarning
+from pipeline.errors import DataWarning, UserError
 from pipeline.features.store import structure_problem
 
 # key material that may differ between a cache and the one it reuses rows from
@@ -54,7 +54,6 @@ class Reuse:
             with h5py.File(self.base, "r") as f:
                 feats[order] = f["features"][rows[order]]
         except (OSError, KeyError) as exc:
-            from pipeline.errors import DataWarning, UserError
             raise UserError(f"the cache this extraction copies unchanged rows from ({self.base.name}) vanished or "
                             f"changed during the run ({type(exc).__name__}); run the same command again: finished "
                             f"chunks are kept") from None

@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from pipeline.atomic import atomic_path, write_text_atomic
-from pipeline.errors import UserError
+from pipeline.errors import UserError, filesystem_message
 
 SCHEMA_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk-(\d{6})\.npz$")
@@ -75,6 +75,8 @@ class ChunkDir:
             if arrays["features"].shape[:1] != (n,) or arrays["views"].shape != (n,):
                 raise ValueError("its arrays disagree on the number of rows")
         except Exception as exc:  # noqa: BLE001 - numpy and zipfile raise many types for a damaged file
+            if filesystem_message(exc):  # unreadable for another reason (permissions, I/O): not damage
+                raise
             raise UserError(_parts_damage(path, f"{type(exc).__name__}: {exc}")) from None
         return arrays
 
@@ -107,6 +109,8 @@ def read_parts_json(path: Path, fields: dict[str, type]) -> dict[str, Any]:
             raise ValueError("not a JSON object")
         return {k: t(data[k]) for k, t in fields.items()}
     except (OSError, ValueError, KeyError, TypeError) as exc:
+        if filesystem_message(exc):
+            raise
         raise UserError(_parts_damage(Path(path), f"{type(exc).__name__}: {exc}")) from None
 
 

@@ -139,7 +139,8 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
     EfficientNet); an unknown name raises UserError listing the valid ones. `unfreeze_last`: the
     last N layers of the backbone (in model order, weightless ones counted, as in
     `base.layers[-N:]`). BatchNormalization layers always stay frozen (so they run in inference
-    mode), the preprocessing layers too; the head is trainable. Returns the names of the layers
+    mode), the preprocessing layers too; the head is trainable, except the layers its Keras form built
+    frozen (a knn head's stored training matrix and labels). Returns the names of the layers
     training will change. Recompile the model after calling this.
     """
     keras = _keras()
@@ -160,7 +161,11 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
         chosen.update(range(start, end))
     if unfreeze_last:
         chosen.update(names.index(layer.name) for layer in layers[-int(unfreeze_last):])
+    heads = [layer for layer in model.layers if layer.name == "head" and isinstance(layer, keras.Model)]
+    fixed = [layer for head in heads for layer in _leaves(head) if not layer.trainable]  # e.g. a knn head's memory
     model.trainable = True  # propagates to every layer; then freeze what must not train
+    for layer in fixed:
+        layer.trainable = False
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i in chosen
     for layer in model.layers:

@@ -341,7 +341,10 @@ class DenseHead(Head):
         head.n_epochs_ = len(head.history_.get("loss", []))
         head.best_epoch_ = meta.get("best_epoch", head.n_epochs_ - 1)
         head.streamed_ = meta.get("streamed", False)
-        head.temperature_ = float(meta.get("temperature", 1.0))  # already inside the model's last layer
+        try:
+            head.temperature_ = float(meta.get("temperature", 1.0))  # already inside the model's last layer
+        except (TypeError, ValueError):
+            raise UserError(f"{side} has a temperature that is not a number; re-run fit-head") from None
         head.calibration_note_ = str(meta.get("calibration_note", "not calibrated (saved by an older version)"))
         head.model_ = load_keras_file(path)
         return head

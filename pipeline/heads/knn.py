@@ -7,12 +7,13 @@ needs no training, so a cache that grew by incremental extraction is a new head 
 vote temperature are chosen (unless given) by leave-one-image-out cross-validation on the training
 rows: each row's neighbours come from the shared cosine search (`features.neighbours`), never from
 its own image's augmented views. The vote v (per class, summing exp((s - 1) / T) over the k
-neighbours, normalized) becomes logits log(v + VOTE_FLOOR), and temperature scaling on the same
+neighbours, normalized; computed relative to the nearest neighbour's similarity, which leaves the
+normalized vote as it is and never underflows) becomes logits log(v + VOTE_FLOOR), and temperature scaling on the same
 out-of-fold votes calibrates them (`calibration`).
 
 Its Keras form is the same arithmetic in built-in layers and `keras.ops` (so it loads in safe mode):
 UnitNormalization, a Dense layer whose kernel is the training matrix (similarities), top-k, the
-weights, a Dense layer of one-hot labels (the vote), log and softmax; export and fine-tuning use it
+weights, an Embedding of one-hot labels gathered by the top-k indices (the vote), log and softmax; export and fine-tuning use it
 (fine-tuning keeps the stored training matrix fixed and moves the backbone's top blocks).
 """
 
@@ -71,7 +72,9 @@ def vote_logits(similarity: np.ndarray, labels: np.ndarray, n_classes: int, k: i
     first; missing neighbours have similarity -inf and label -1)."""
     s = np.asarray(similarity[:, :k], np.float64)
     lab = np.asarray(labels[:, :k], np.int64)
-    w = np.where(np.isfinite(s), np.exp((np.where(np.isfinite(s), s, 0.0) - 1.0) / temperature), 0.0)
+    finite = np.isfinite(s)
+    top = np.where(finite[:, :1], s[:, :1], 0.0)  # weights relative to the nearest: the same normalized vote,
+    w = np.where(finite, np.exp((np.where(finite, s, 0.0) - top) / temperature), 0.0)  # no underflow
     votes = np.zeros((s.shape[0], n_classes))
     rows = np.repeat(np.arange(s.shape[0]), s.shape[1])
     ok = lab.ravel() >= 0
@@ -178,12 +181,10 @@ class KNNHead(Head):
         self.cv_log_loss_ = None
         self.temperature_, self.calibration_note_ = 1.0, "not calibrated (calibrate=False)"
         self.note_ = ""
-        if smallest < 2 and len(ks) * len(ts) > 1:
-            self.note_ = "a class has a single training row: k and T are the grid's first, not chosen by CV"
         cv = self._cross_validate(y, groups, ks, ts)
         if cv is not None:
             self._choose(cv, y, ks, ts)
-        if smallest < ks[0]:
+        if smallest < self.k_:
             self.note_ = (self.note_ + "; " if self.note_ else "") + (
                 f"a class has {smallest} training row(s), fewer than k={self.k_}: its vote is outweighed")
         self.fit_seconds_ = time.perf_counter() - t0
@@ -201,7 +202,7 @@ class KNNHead(Head):
             queries = np.sort(take)
         else:
             queries = np.arange(y.size)
-        index = CosineIndex(self.memory_, groups=groups)
+        index = CosineIndex(self.memory_, groups=groups, normalized=True)
         nb = index.query(self.memory_[queries], ks[-1], query_groups=groups[queries])
         labels = np.where(nb.index >= 0, y[np.maximum(nb.index, 0)], -1)
         return queries, nb.similarity, labels
@@ -233,8 +234,8 @@ class KNNHead(Head):
         """The k (default: the head's k) most similar training rows of each row of X: indices into the
         head's memory (`memory_paths_` names their images) and cosine similarities, most similar first."""
         self._check_input(X)
-        k = int(self.k_ if k is None else k)
-        index = CosineIndex(self.memory_)
+        k = min(int(self.k_ if k is None else k), self.memory_.shape[0])
+        index = CosineIndex(self.memory_, normalized=True)
         parts = [index.query(xb, k) for _, xb in matrix_batches(X, self.flatten, batch_size)]
         if not parts:
             return Neighbours(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
@@ -284,9 +285,9 @@ class KNNHead(Head):
         return self.cv_log_loss_
 
     def to_keras(self):
-        """Reduce, unit length, similarities to the stored rows (a fixed Dense kernel), the k-th largest
-        as a threshold, weights exp((s - 1) / T), the vote (a fixed Dense of one-hot labels), then the
-        calibrated log-vote softmax: built-in layers and keras.ops only."""
+        """Reduce, unit length, similarities to the stored rows (a fixed Dense kernel), top-k, weights
+        exp((s - s_nearest) / T), each neighbour's one-hot label (a fixed Embedding), the weighted sum,
+        then the calibrated log-vote softmax: built-in layers and keras.ops only."""
         keras = keras_module()
         L, ops = keras.layers, keras.ops
         inp, x = keras_reduction(self.feature_shape_, self.flatten)
@@ -294,13 +295,14 @@ class KNNHead(Head):
         memory = L.Dense(self.memory_.shape[0], use_bias=False, name="similarity", dtype="float32", trainable=False)
         s = memory(x)
         memory.set_weights([np.ascontiguousarray(self.memory_.T, np.float32)])
-        kth = ops.top_k(s, self.k_, sorted=True)[0][:, -1:]
-        w = ops.exp((s - 1.0) / self.vote_temperature_) * ops.cast(ops.greater_equal(s, kth), "float32")
+        top, idx = ops.top_k(s, self.k_, sorted=True)               # exactly k neighbours, ties or not
+        w = ops.exp((top - top[:, :1]) / self.vote_temperature_)    # relative to the nearest: no underflow
         onehot = np.zeros((self.memory_.shape[0], self.n_classes_), np.float32)
         onehot[np.arange(self.memory_.shape[0]), self.memory_labels_] = 1.0
-        vote = L.Dense(self.n_classes_, use_bias=False, name="vote", dtype="float32", trainable=False)
-        v = vote(w)
+        vote = L.Embedding(self.memory_.shape[0], self.n_classes_, name="vote", dtype="float32", trainable=False)
+        labels = vote(idx)                                          # (batch, k, classes): each neighbour's label
         vote.set_weights([onehot])
+        v = ops.sum(labels * w[:, :, None], axis=1)
         v = v / ops.maximum(ops.sum(v, axis=1, keepdims=True), 1e-30)
         logits = ops.log(v + VOTE_FLOOR) / self.temperature_
         out = L.Activation("softmax", name="probabilities", dtype="float32")(logits)

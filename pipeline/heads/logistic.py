@@ -125,6 +125,7 @@ class LogisticHead(Head):
         self._dense_cache = None
         if self.calibrate:
             self._calibrate(y)
+        self._oof_logits = None
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 

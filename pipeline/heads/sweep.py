@@ -130,7 +130,8 @@ def _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_a
         val = {m: ReducedFeatures.of(FeatureSource(ff, split.val), m) for m in modes}
         y, yv = ff.labels[split.train].astype(np.int64), ff.labels[split.val].astype(np.int64)
         names = list(ff.class_names) or [str(i) for i in range(int(ff.labels.max()) + 1)]
-        meta = {"class_names": names, "cache_key": ff.key, "feature_info": feature_info_of(ff)}
+        meta = {"class_names": names, "cache_key": ff.key, "feature_info": feature_info_of(ff),
+                "groups": ff.index[split.train], "paths": [ff.paths[r] for r in split.train]}
         return train, y, val, yv, meta
     X, y = (np.asarray(a) for a in data)
     y = y.astype(np.int64)
@@ -216,6 +217,10 @@ def _run_task(head_type, base, configs, train, y, val, yv, meta, limit_threads: 
         mode = full.get("flatten", "avg")
         t0 = time.perf_counter()
         kwargs = dict(class_names=meta["class_names"], cache_key=meta["cache_key"], feature_info=meta["feature_info"])
+        if meta.get("groups") is not None:  # an image's augmented views stay in one CV fold (never vote for it)
+            kwargs["groups"] = meta["groups"]
+        if head.explains and meta.get("paths") is not None:
+            kwargs["paths"] = meta["paths"]
         head.fit_for_sweep(train[mode], y, val[mode], yv, reuse, **kwargs)
         extras = head.sweep_facts()
         secs = time.perf_counter() - t0
