@@ -212,6 +212,8 @@ class DenseHead(Head):
             raw = to_matrix(X, self.flatten)
             mean, scale = _stats(raw)
             Xm = _standardize(raw, mean, scale)
+            if not (self.calibrate and calibrate_now):
+                raw = None  # only the calibration's refits need the raw rows: hold one matrix, not two
             train_rows = Xm.__getitem__
             val_rows = _standardize(to_matrix(X_val, self.flatten), mean, scale).__getitem__ if has_val else None
         train = _batches(keras, y.size, train_rows, y, weights, int(self.batch_size), True, self.seed)
