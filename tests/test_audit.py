@@ -50,6 +50,54 @@ def test_cosine_index_matches_brute_force_and_never_returns_the_own_group():
     assert not (groups[got.index] == groups[:, None]).any()
 
 
+def test_the_approximate_search_finds_nearly_the_exact_neighbours_and_never_the_own_group():
+    """Above EXACT_ROWS rows self_neighbours switches to an HNSW graph (forced here on a small set):
+    the same neighbours up to a few misses, exact similarities, never the row itself or its group."""
+    from pipeline.features.neighbours import self_neighbours
+
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((40, 32)).astype(np.float32)
+    X = centres[rng.integers(0, 40, 2000)] + 0.3 * rng.standard_normal((2000, 32)).astype(np.float32)
+    groups = np.arange(2000) // 2
+    exact = self_neighbours(X, 10, groups)
+    approx = self_neighbours(X, 10, groups, exact_rows=0)
+    assert approx.index.shape == (2000, 10)
+    assert not (groups[approx.index] == groups[:, None]).any()
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.index, exact.index)])
+    assert recall > 0.95, recall
+    Z = X / np.linalg.norm(X, axis=1, keepdims=True)
+    np.testing.assert_allclose(approx.similarity, np.einsum("ij,ikj->ik", Z, Z[approx.index]), atol=1e-5)
+    assert (np.diff(approx.similarity, axis=1) <= 1e-6).all()     # most similar first
+
+
+def test_the_map_embeds_at_most_its_limit_even_when_more_images_are_flagged():
+    from pipeline.audit.runner import map_rows
+
+    flagged = np.zeros(1000, bool)
+    flagged[:700] = True
+    rows = map_rows(1000, flagged, 500, seed=0)
+    assert rows.size == 500 and flagged[rows].all() and np.unique(rows).size == 500
+    rows = map_rows(1000, np.arange(1000) < 100, 500, seed=0)
+    assert rows.size == 500 and set(range(100)) <= set(rows.tolist())
+
+
+def test_the_logistic_on_unit_rows_is_the_model_on_rows_scaled_to_unit_rms():
+    """fit_logistic scales C instead of copying the rows: the same probabilities as the scaled fit."""
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.audit.labels import fit_logistic
+    from pipeline.features.neighbours import unit_rows
+
+    rng = np.random.default_rng(0)
+    U = unit_rows(rng.standard_normal((400, 64)) + np.repeat(np.eye(4, 64) * 2, 100, axis=0))
+    y = np.repeat(np.arange(4), 100)
+    ours = fit_logistic(U, y, 0.01, max_iter=2000).predict_proba(U)
+    scaled = LogisticRegression(C=0.01, max_iter=2000, tol=1e-8).fit(U * 8.0, y).predict_proba(U * 8.0)
+    np.testing.assert_allclose(ours, scaled, atol=1e-2)          # the same model, up to where lbfgs stops
+    unscaled = LogisticRegression(C=0.01, max_iter=2000, tol=1e-8).fit(U, y).predict_proba(U)
+    assert np.abs(unscaled - scaled).max() > 0.1                 # what C unscaled would have fitted
+
+
 # ----------------------------------------------------------------------------- planted faults
 def test_a_flipped_label_is_ranked_first_and_a_cross_split_copy_is_leakage(tmp_path):
     path = write_cache(tmp_path, n_images=300, dim=24, n_classes=3, sep=1.5, seed=3)  # overlapping: some val errors

@@ -92,7 +92,11 @@ def test_every_format_round_trips_in_process(head_run, tmp_path, fmt):
     assert result.max_abs_diff <= 1e-4 and (tmp_path / fmt / "labels.txt").exists()
     paths = [str(p) for p in sorted((data / "val").rglob("*.jpg"))[:10]]
     expected, kept, _ = predict_paths(run, paths)
-    model = open_model(result.model_path)
+    if fmt == "savedmodel":  # it runs the ops it holds: opened only when trusted
+        from pipeline.errors import UserError
+        with pytest.raises(UserError, match="--trust-model"):
+            open_model(result.model_path)
+    model = open_model(result.model_path, trust_savedmodel=fmt == "savedmodel")
     assert model.class_names == ["ants", "bees"] and model.size == 64 and model.kind == fmt
     got, kept2, _ = predict_files(model, paths)
     assert kept == kept2
@@ -131,12 +135,15 @@ def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_pat
     (["predict", "--model", "{tmp}/missing.onnx", "{img}"], "model not found"),
     (["predict", "--model", "{tmp}/bad.onnx", "{img}"], "not a readable ONNX model"),
     (["predict", "--model", "{tmp}/x.pkl", "{img}"], "unknown model type"),
+    (["predict", "--model", "{tmp}/sm", "{img}"], "add --trust-model if you trust"),
     (["predict", "--model", "{tmp}/bad.onnx", "--run", "x", "{img}"], "one of --run, --model"),
 ])
 def test_export_and_predict_model_errors_are_one_line(args, fragment, tmp_path):
     make_folder(tmp_path / "d", per_class=1, splits=())
     (tmp_path / "bad.onnx").write_bytes(b"not onnx at all")
     (tmp_path / "x.pkl").write_bytes(b"\x80\x04.")
+    (tmp_path / "sm").mkdir()
+    (tmp_path / "sm" / "saved_model.pb").write_bytes(b"a SavedModel from elsewhere")
     img = str(next((tmp_path / "d").rglob("*.jpg")))
     args = [a.format(tmp=tmp_path, img=img) for a in args]
     res = run_cli(*args, "--cache-dir", str(tmp_path / "c")) if args[0] == "export" else run_cli(*args)

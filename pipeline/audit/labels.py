@@ -22,11 +22,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from pipeline.features.neighbours import Neighbours, unit_rows
+from pipeline.features.neighbours import Neighbours
 
 KNN_K = 20
 KNN_T = 0.07
-DEFAULT_C = 0.01  # on oof_features; measured on flowers and hymenoptera (bench/audit.py)
+DEFAULT_C = 0.01  # at unit RMS per feature (logistic_C); measured on flowers and hymenoptera (bench/audit.py)
 
 
 @dataclass
@@ -40,9 +40,11 @@ class LabelEvidence:
     C: float
 
 
-def oof_features(X: np.ndarray) -> np.ndarray:
-    """What the out-of-fold logistic regression reads: unit-length rows scaled by sqrt(d)."""
-    return unit_rows(X) * np.float32(np.sqrt(X.shape[1]))
+def logistic_C(C: float, dim: int) -> float:
+    """The C that, on unit-length rows, fits the same model as `C` on unit-length rows scaled by
+    sqrt(d) (unit RMS per feature, the scale `DEFAULT_C` was measured at): scaling the features by s
+    is scaling C by s^2, and scaling the rows would copy them (1 GB at 200,000 x 1,280)."""
+    return float(C) * float(dim)
 
 
 def cv_splits(y: np.ndarray, cv: int, seed: int) -> int:
@@ -53,24 +55,23 @@ def cv_splits(y: np.ndarray, cv: int, seed: int) -> int:
     return min(int(cv), int(counts.min())) if counts.size and len(counts) >= 2 else 0
 
 
-def fit_logistic(Z: np.ndarray, y: np.ndarray, C: float, max_iter: int = 500) -> LogisticRegression:
-    """The audit's logistic regression on `oof_features` rows."""
+def fit_logistic(U: np.ndarray, y: np.ndarray, C: float, max_iter: int = 500) -> LogisticRegression:
+    """The audit's logistic regression on unit-length rows `U` (`C` as at unit RMS per feature)."""
     with threadpool_limits(1, user_api="blas"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return LogisticRegression(C=C, max_iter=max_iter, tol=1e-3).fit(Z, y)
+        return LogisticRegression(C=logistic_C(C, U.shape[1]), max_iter=max_iter, tol=1e-3).fit(U, y)
 
 
-def logistic_oof(X: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0, C: float = DEFAULT_C
+def logistic_oof(U: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0, C: float = DEFAULT_C
                  ) -> np.ndarray:
-    """Out-of-fold probabilities (n, n_classes) of `fit_logistic` on `oof_features(X)`."""
-    Z = oof_features(X)
+    """Out-of-fold probabilities (n, n_classes) of `fit_logistic` on unit-length rows `U`."""
     proba = np.full((y.size, n_classes), 1.0 / n_classes)  # rows of one-image classes: no evidence
     rows = np.flatnonzero(np.bincount(y)[y] >= 2)
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(Z[rows], y[rows]):
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros((rows.size, 1)), y[rows]):
         train, test = rows[train], rows[test]
-        model = fit_logistic(Z[train], y[train], C)
+        model = fit_logistic(U[train], y[train], C)
         proba[test] = 0.0
-        proba[np.ix_(test, model.classes_)] = model.predict_proba(Z[test])
+        proba[np.ix_(test, model.classes_)] = model.predict_proba(U[test])
     return proba
 
 
@@ -88,11 +89,12 @@ def knn_oof(neigh: Neighbours, y: np.ndarray, n_classes: int, k: int = KNN_K, T:
     return (share * k + 1.0 / n_classes) / (k + 1.0)
 
 
-def label_evidence(X: np.ndarray, y: np.ndarray, n_classes: int, neigh: Neighbours, cv: int = 5, seed: int = 0,
+def label_evidence(U: np.ndarray, y: np.ndarray, n_classes: int, neigh: Neighbours, cv: int = 5, seed: int = 0,
                    C: float = DEFAULT_C) -> LabelEvidence:
-    """Both out-of-fold probability sources and their average (UserError-free: callers check classes)."""
+    """Both out-of-fold probability sources and their average, from unit-length rows `U` and their
+    neighbours (UserError-free: callers check classes)."""
     folds = cv_splits(y, cv, seed)
-    lr = logistic_oof(X, y, n_classes, folds, seed, C) if folds >= 2 else np.full((y.size, n_classes), 1 / n_classes)
+    lr = logistic_oof(U, y, n_classes, folds, seed, C) if folds >= 2 else np.full((y.size, n_classes), 1 / n_classes)
     kn = knn_oof(neigh, y, n_classes)
     return LabelEvidence(logistic=lr, knn=kn, proba=(lr + kn) / 2.0, folds=folds, C=C)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.features.neighbours import CosineIndex
+from pipeline.features.neighbours import self_neighbours
 
 CLASS_K = 10
 
@@ -25,7 +25,7 @@ def class_knn_distance(X: np.ndarray, y: np.ndarray, k: int = CLASS_K) -> np.nda
         if rows.size < 2:
             continue
         kk = min(k, rows.size - 1)
-        neigh = CosineIndex(X[rows]).self_query(kk)
+        neigh = self_neighbours(X[rows], kk)
         out[rows] = 1.0 - neigh.similarity.mean(axis=1)
     return out
 

@@ -18,11 +18,11 @@ import numpy as np
 from pipeline.atomic import write_text_atomic
 from pipeline.audit.duplicates import NearSettings, Pair, exact_pairs, near_pairs
 from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, cv_splits, fit_logistic, label_evidence,
-                                   oof_features, rank_issues)
+                                   rank_issues)
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.report import write_report
 from pipeline.errors import UserError
-from pipeline.features.neighbours import CosineIndex
+from pipeline.features.neighbours import self_neighbours, unit_rows
 from pipeline.features.reuse import fill_hashes
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head
@@ -30,9 +30,9 @@ from pipeline.tracking.runs import Run
 
 AUDIT_VERSION = 1
 OUTLIER_Z = 3.5        # robust z-score from which an image is listed as an outlier
-RELABEL_CONFIDENCE = 0.9  # --relabel applies a suggestion only when its out-of-fold probability reaches this
+RELABEL_CONFIDENCE = 0.7  # --relabel applies a suggestion from this out-of-fold probability (bench/audit.py)
 TOP_LOSSES = 20        # per split
-MAP_POINTS = 5000      # the 2-D map embeds at most this many images (flagged ones always)
+MAP_POINTS = 5000      # the 2-D map embeds at most this many images (flagged ones first)
 
 
 @dataclass
@@ -50,7 +50,8 @@ class AuditOptions:
 
 @dataclass
 class Audited:
-    """The audited images: clean labelled rows of the cache, their features and where they came from."""
+    """The audited images: clean labelled rows of the cache, their features (unit length: every audit
+    measure is a cosine) and where they came from."""
 
     rows: np.ndarray
     X: np.ndarray
@@ -62,7 +63,8 @@ class Audited:
 
 def audited_images(ff: FeatureFile) -> Audited:
     """The clean (not augmented), labelled images of the cache, features reduced as fit-head does
-    (feature maps averaged over space); UserError when nothing can be audited."""
+    (feature maps averaged over space) and scaled to unit length in place (one float32 copy in memory);
+    UserError when nothing can be audited."""
     labelled = ff.labels >= 0
     if not labelled.any():
         raise UserError(f"{ff.path.name} has no labels (every image is unlabelled); audit needs a labelled data "
@@ -73,6 +75,7 @@ def audited_images(ff: FeatureFile) -> Audited:
         name = ff.class_names[int(y[0])] if ff.class_names else str(int(y[0]))
         raise UserError(f"audit needs at least two classes, but every labelled image of {ff.path.name} is {name!r}")
     X = FeatureSource(ff, rows).load_reduced("avg")
+    X /= np.sqrt(np.maximum(np.einsum("ij,ij->i", X, X), 1e-24))[:, None]
     names = list(ff.class_names) or [str(i) for i in range(int(y.max()) + 1)]
     return Audited(rows, X, y, [ff.paths[r] for r in rows], ff.splits[rows].astype(str), names)
 
@@ -112,11 +115,10 @@ def split_model_proba(ff: FeatureFile, img: Audited, ev: LabelEvidence, head: He
     train = img.splits == "train"
     if np.unique(img.y[train]).size < 2:
         return out
-    Z = oof_features(img.X)
-    model = fit_logistic(Z[train], img.y[train], ev.C)
+    model = fit_logistic(img.X[train], img.y[train], ev.C)
     for s in wanted:
         proba = np.zeros((int((img.splits == s).sum()), len(img.class_names)))
-        proba[:, model.classes_] = model.predict_proba(Z[img.splits == s])
+        proba[:, model.classes_] = model.predict_proba(img.X[img.splits == s])
         out[s] = proba
     return out
 
@@ -150,8 +152,6 @@ def embedding_map(X: np.ndarray, keep: np.ndarray, seed: int = 0) -> tuple[np.nd
     from sklearn.decomposition import PCA  # noqa: PLC0415
     from sklearn.manifold import TSNE  # noqa: PLC0415
 
-    from pipeline.features.neighbours import unit_rows  # noqa: PLC0415
-
     Z = unit_rows(X[keep])
     if Z.shape[0] < 5:
         return np.zeros((Z.shape[0], 2)), "none"
@@ -161,13 +161,18 @@ def embedding_map(X: np.ndarray, keep: np.ndarray, seed: int = 0) -> tuple[np.nd
     return xy, "t-SNE"
 
 
-def _map_rows(n: int, flagged: np.ndarray, limit: int, seed: int) -> np.ndarray:
+def map_rows(n: int, flagged: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """The rows the map embeds: all when at most `limit`, else every flagged row and a seeded sample of
+    the others up to `limit` (a sample of the flagged ones when they alone exceed it: t-SNE's time grows
+    with its points)."""
     if n <= limit:
         return np.arange(n)
-    rest = np.flatnonzero(~flagged)
     rng = np.random.default_rng(seed)
-    extra = rng.choice(rest, max(0, limit - int(flagged.sum())), replace=False)
-    return np.sort(np.concatenate([np.flatnonzero(flagged), extra]))
+    marked = np.flatnonzero(flagged)
+    if marked.size >= limit:
+        return np.sort(rng.choice(marked, limit, replace=False))
+    extra = rng.choice(np.flatnonzero(~flagged), limit - marked.size, replace=False)
+    return np.sort(np.concatenate([marked, extra]))
 
 
 def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: Head | None = None,
@@ -179,7 +184,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     if head is not None:
         head.check_matches(ff)
     say(f"audit: {n:,} labelled images, {k} classes, {img.X.shape[1]} features")
-    neigh = CosineIndex(img.X).self_query(max(KNN_K, options.near.neighbours))
+    neigh = self_neighbours(img.X, max(KNN_K, options.near.neighbours), normalized=True)
     t["neighbours"] = time.perf_counter()
     folds = cv_splits(img.y, options.cv, options.seed)
     ev = label_evidence(img.X, img.y, k, neigh, options.cv, options.seed, options.C)
@@ -210,7 +215,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
         flagged[[p.a, p.b]] = True
     audit_map = None
     if options.draw_map:
-        keep = _map_rows(n, flagged, MAP_POINTS, options.seed)
+        keep = map_rows(n, flagged, MAP_POINTS, options.seed)
         xy, method = embedding_map(img.X, keep, options.seed)
         audit_map = {"method": method, "x": xy[:, 0].round(3).tolist(), "y": xy[:, 1].round(3).tolist(),
                      "labels": img.y[keep].tolist(), "paths": [img.paths[i] for i in keep],

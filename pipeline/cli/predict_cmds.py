@@ -29,11 +29,14 @@ from pipeline.extract import DEFAULT_CACHE
               help="With --run of a knn head: also show each image's K nearest training images (and in --csv).")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @trust_pickle_option
+@click.option("--trust-model", is_flag=True,
+              help="With --model: also open a SavedModel folder (it runs the TensorFlow ops it holds, file I/O "
+                   "included); only for models you trust.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Keras backend (default: KERAS_BACKEND).")
 def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | None, backbone: str | None, weights: str, top_k: int,
-                csv_out: Path | None, explain: int, batch_size: int, trust_pickle: bool, cache_dir: Path,
-                backend: str | None) -> None:
+                csv_out: Path | None, explain: int, batch_size: int, trust_pickle: bool, trust_model: bool,
+                cache_dir: Path, backend: str | None) -> None:
     """Predict classes for IMAGES (files or folders).
 
     Examples: python cli.py predict --run 20261122-2330 photos/ --csv preds.csv
@@ -52,7 +55,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
     paths = image_paths(images)
     if model_file is not None:
         from pipeline.export.runtime import open_model, predict_files
-        model = open_model(model_file)
+        model = open_model(model_file, trust_savedmodel=trust_model)
         proba, kept, skipped = predict_files(model, paths, batch_size)
         names = model.class_names or [str(i) for i in range(proba.shape[1])]
         print_predictions(paths, proba, kept, skipped, names, top_k, csv_out)

@@ -37,15 +37,21 @@ class ExportedModel:
         return np.asarray(self._call(images), np.float64)
 
 
-def open_model(path: str | Path, cpu_only: bool = False) -> ExportedModel:
+def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool = False) -> ExportedModel:
     """Load `path` (.onnx, .keras, .tflite or a SavedModel folder); one-line errors for anything else.
-    `cpu_only`: ONNX Runtime on its CPU provider (export's check), else every provider it has."""
+    `cpu_only`: ONNX Runtime on its CPU provider (export's check), else every provider it has.
+    `trust_savedmodel`: a SavedModel runs whatever TensorFlow ops it holds (file I/O included), like
+    unpickling, so it is opened only when the caller says it is trusted."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"model not found: {path}")
     if path.is_dir():
         if not (path / "saved_model.pb").is_file():
             raise UserError(f"{path} is a folder but not a SavedModel (no saved_model.pb); give the model file")
+        if not trust_savedmodel:
+            raise UserError(f"{path} is a SavedModel, which runs whatever TensorFlow ops it holds (reading and "
+                            f"writing files included), like unpickling: add --trust-model if you trust where it "
+                            f"came from, or use the same export as model.onnx or model.keras (safe to open)")
         kind, call, size, names = "savedmodel", *_savedmodel(path)
     elif path.suffix == ".onnx":
         kind, call, size, names = "onnx", *_onnx(path, cpu_only)
