@@ -136,12 +136,14 @@ def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_pat
     (["predict", "--model", "{tmp}/bad.onnx", "{img}"], "not a readable ONNX model"),
     (["predict", "--model", "{tmp}/x.pkl", "{img}"], "unknown model type"),
     (["predict", "--model", "{tmp}/sm", "{img}"], "add --trust-model if you trust"),
+    (["predict", "--model", "{tmp}/bad.tflite", "{img}"], "not a readable TFLite model"),
     (["predict", "--model", "{tmp}/bad.onnx", "--run", "x", "{img}"], "one of --run, --model"),
 ])
 def test_export_and_predict_model_errors_are_one_line(args, fragment, tmp_path):
     make_folder(tmp_path / "d", per_class=1, splits=())
     (tmp_path / "bad.onnx").write_bytes(b"not onnx at all")
     (tmp_path / "x.pkl").write_bytes(b"\x80\x04.")
+    (tmp_path / "bad.tflite").write_bytes(np.random.default_rng(0).bytes(3000))
     (tmp_path / "sm").mkdir()
     (tmp_path / "sm" / "saved_model.pb").write_bytes(b"a SavedModel from elsewhere")
     img = str(next((tmp_path / "d").rglob("*.jpg")))

@@ -153,6 +153,9 @@ def test_unexpected_errors_are_one_line_unless_debug(debug):
     (["extrac"], "No such command 'extrac'"),
     (["fit-head", "--head", "dense", "--dropout", "2"], "Invalid value for '--dropout'"),
     (["runs", "--stage", "nope"], "Invalid value for '--stage'"),
+    (["fit-head", "--head", "dense", "--l2", "nan"], "'nan' is not a finite number"),   # nan passes a range check
+    (["fit-head", "--seed", "-1"], "Invalid value for '--seed'"),
+    (["finetune", "--run", "x", "--lr", "inf"], "'inf' is not a finite number"),
 ])
 def test_usage_errors_are_one_line(args, fragment):
     line = _one_line_error(_no_tty_cli(*args), fragment)

@@ -9,7 +9,7 @@ import click
 
 from pipeline.cli import cli
 from pipeline.cli.head_cmds import open_cache, trust_pickle_option
-from pipeline.cli.options import extract_options, mlflow_after, mlflow_check, mlflow_options
+from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options
 
 
 @cli.command("audit")
@@ -23,7 +23,7 @@ from pipeline.cli.options import extract_options, mlflow_after, mlflow_check, ml
 @click.option("--relabel", is_flag=True,
               help="cleaned.csv applies confident suggested labels instead of dropping those images.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D embedding map (t-SNE: the slowest part).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @trust_pickle_option
 @extract_options
 @mlflow_options

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli import cli
-from pipeline.cli.options import given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
+from pipeline.cli.options import SEED, FiniteFloat, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
 
@@ -23,7 +23,7 @@ _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflo
                                                 "block7 (EfficientNet/Lite). Default: the topmost block "
                                                 "(EfficientNet-Lite: top, block7, block6).")
 @click.option("--unfreeze-last", type=click.IntRange(0), default=None, help="Or: train the backbone's last N layers.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=None,
               help="Default: a tenth of a dense head's LR; 2e-4 after a logistic or svm head.")
 @click.option("--optimizer", type=click.Choice(["adam", "nadam", "rmsprop", "sgd"]), default="adam", show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="cosine",
@@ -40,8 +40,8 @@ _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflo
                    "--no-trunk-cache runs the whole backbone on the images every epoch, with a new view each epoch.")
 @click.option("--views", type=click.IntRange(0), default=4, show_default=True,
               help="Trunk cache: augmented views per training image (epochs cycle clean, view 1, ..., view N).")
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--label-smoothing", type=FiniteFloat(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="No per-step progress bar (one line per epoch instead).")
 @click.option("--trust-pickle", is_flag=True, help="Also load an old pickled head.joblib from the fit-head run "
                                                    "(unpickling can run code; only for runs you trust).")

@@ -8,8 +8,8 @@ import click
 
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import report_extraction, skipped_message
-from pipeline.cli.options import (build_request, check_output_file, extract_options, given_options, mlflow_after,
-                                  mlflow_check, mlflow_options)
+from pipeline.cli.options import (SEED, FiniteFloat, build_request, check_output_file, extract_options, given_options,
+                                  mlflow_after, mlflow_check, mlflow_options)
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
 from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS
@@ -102,18 +102,18 @@ def _make_head(head: str, opts: dict):
 @click.option("--hidden", type=click.IntRange(0), multiple=True, help="Dense: hidden units (repeat for more "
                                                                      "layers; 0 for none). Default 256.")
 @click.option("--batchnorm", is_flag=True, help="Dense: BatchNormalization after each hidden layer.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--l2", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--l2", type=FiniteFloat(0), default=0.0, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adam", "nadam", "rmsprop", "sgd"]), default="adam", show_default=True)
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-3, show_default=True)
+@click.option("--lr", type=FiniteFloat(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="constant",
               show_default=True)
-@click.option("--lr-start", type=float, default=None, help="exponential: LR at epoch 0.")
-@click.option("--lr-min", type=float, default=None, help="exponential/cosine: floor.")
-@click.option("--lr-max", type=float, default=None, help="exponential: peak after ramp-up.")
+@click.option("--lr-start", type=FiniteFloat(), default=None, help="exponential: LR at epoch 0.")
+@click.option("--lr-min", type=FiniteFloat(), default=None, help="exponential/cosine: floor.")
+@click.option("--lr-max", type=FiniteFloat(), default=None, help="exponential: peak after ramp-up.")
 @click.option("--rampup-epochs", type=int, default=None)
 @click.option("--sustain-epochs", type=int, default=None)
-@click.option("--exp-decay", type=float, default=None)
+@click.option("--exp-decay", type=FiniteFloat(), default=None)
 @click.option("--epochs", type=click.IntRange(1), default=20, show_default=True)
 @click.option("--head-batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--early-stopping", type=click.IntRange(1), default=None, metavar="PATIENCE",
@@ -121,8 +121,8 @@ def _make_head(head: str, opts: dict):
 @click.option("--k", "k", default="auto", show_default=True, help="knn: neighbours that vote, or auto (CV).")
 @click.option("--vote-temperature", default="auto", show_default=True,
               help="knn: T of the vote weights exp((similarity - 1) / T), or auto (CV).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--memory-budget", type=click.FloatRange(0, min_open=True), default=None, metavar="MB",
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--memory-budget", type=FiniteFloat(0, min_open=True), default=None, metavar="MB",
               help="Train from memory while the training features fit in MB, else stream them from the "
                    "cache file (default: a quarter of physical memory).")
 @click.option("--no-augmented", is_flag=True, help="Ignore augmented views in the cache.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +16,21 @@ from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.extract import MAX_IMAGE_SIZE, DEFAULT_CACHE, DTYPES, POOLINGS, PRECISIONS, ExtractRequest, RunOptions
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.decode import RESIZE_METHODS
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option (optionally in a range) that also refuses nan and inf, which pass any range check."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # what NumPy, TensorFlow and JAX all accept as a seed
 
 _EXTRACT_OPTIONS = [
     click.option("--data", default=BUILTIN_DEFAULT, show_default=True,
@@ -35,15 +51,15 @@ _EXTRACT_OPTIONS = [
                  help="Compute precision; mixed = bfloat16 where the GPU does it natively, else float16."),
     click.option("--augment-copies", type=int, default=0, show_default=True,
                  help="Also store K augmented views of every training image."),
-    click.option("--augment-seed", type=int, default=0, show_default=True),
+    click.option("--augment-seed", type=SEED, default=0, show_default=True),
     click.option("--augment-ops", default="flip,rotation,zoom,brightness,contrast", show_default=True,
                  help="Augmentations for --augment-copies, each optionally =STRENGTH (e.g. rotation=0.1)."),
     click.option("--split-names", default="train,val,test", show_default=True,
                  help="Folder names of the train, val and test splits."),
-    click.option("--val-fraction", type=float, default=0.2, show_default=True,
+    click.option("--val-fraction", type=FiniteFloat(), default=0.2, show_default=True,
                  help="Validation share when the data has no split folders."),
-    click.option("--test-fraction", type=float, default=0.0, show_default=True),
-    click.option("--split-seed", type=int, default=0, show_default=True),
+    click.option("--test-fraction", type=FiniteFloat(), default=0.0, show_default=True),
+    click.option("--split-seed", type=SEED, default=0, show_default=True),
     click.option("--allow-outside-paths", is_flag=True,
                  help="Let a CSV manifest name files outside its own folder (refused by default)."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=False,

@@ -151,8 +151,12 @@ def _tflite(path: Path):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter announces its move to ai-edge-litert
-        interpreter = tf.lite.Interpreter(model_path=str(path))
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        try:
+            interpreter = tf.lite.Interpreter(model_path=str(path))
+            inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        except (ValueError, RuntimeError, UnicodeDecodeError, IndexError) as e:  # TFLite's error text can be undecodable bytes
+            raise UserError(f"{path.name} is not a readable TFLite model ({type(e).__name__}); export the run again "
+                            f"(cli.py export --format tflite) or give its .onnx or .keras") from None
 
     def call(x: np.ndarray) -> np.ndarray:
         interpreter.resize_tensor_input(inp["index"], x.shape)
