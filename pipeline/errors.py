@@ -8,6 +8,12 @@ class UserError(Exception):
     """A problem the user can fix (bad path, unknown name, bad value); the message says how."""
 
 
+class UncleanFileError(OSError):
+    """A filesystem error (disk full) inside the HDF5 library while it wrote a file: HDF5 keeps that file
+    half-closed and would crash the process when it shuts down, so the CLI leaves without that shutdown
+    after its one line (the temporary file is already removed, locks are released by the system)."""
+
+
 class DataWarning(UserWarning):
     """Something odd but usable in the user's data (duplicate rows, mixed label case); the CLI prints
     it as one `warning: ...` line."""

@@ -13,7 +13,7 @@ from pipeline.extract import ExtractRequest, RunOptions, extract, plan
 from pipeline.extract import runners
 from pipeline.features.store import ChunkDir, FeatureFile
 
-from conftest import make_folder, run_cli
+from conftest import ROOT, make_folder, run_cli
 from helpers_features import write_cache
 
 FAST = dict(backbone="mobilenetv2", weights="none", image_size=32, dtype="float32")
@@ -155,3 +155,78 @@ def test_backend_and_workers_options_reach_the_extraction(tiny_split_folder, tmp
     assert "wrote" in tf_run.stdout and path not in tf_run.stdout  # another backend, another key
     bad = run_cli(*common, "--workers", "0")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_too_little_space_for_the_assembly_is_one_line_before_hdf5_writes(tiny_split_folder, tmp_path, monkeypatch):
+    """A disk that would fill up inside HDF5 leaves the library unable to close the file (the process
+    crashed on exit): assembly checks the free space first, keeps the chunks and leaves no file."""
+    import collections
+    import shutil
+
+    from pipeline.features import store
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(store.shutil, "disk_usage",
+                        lambda p: collections.namedtuple("U", "total used free")(real(p).total, real(p).used, 1000))
+    with pytest.raises(UserError, match="no space left"):
+        extract(req(tiny_split_folder), opts(tmp_path / "c", chunk_units=4))
+    p = plan(req(tiny_split_folder), tmp_path / "c")
+    assert list(p.parts.glob("chunk-*.npz")) and not p.path.exists()
+    assert not list(p.path.parent.glob(".*.tmp"))
+
+
+_FULL_DISK_CHILD = r"""
+import sys
+import numpy as np
+from pathlib import Path
+from pipeline.errors import UncleanFileError
+from pipeline.features import store
+store.check_space = lambda target, need: None          # as if another writer filled the disk meanwhile
+chunks = store.ChunkDir(Path(sys.argv[1]), chunk_units=1000)
+rng = np.random.default_rng(0)
+n = 1990  # 2 MB of features: the data fits, the file's closing flush does not (what crashed on exit)
+for c in range(2):
+    idx = np.arange(c * 1000, min(n, (c + 1) * 1000))
+    chunks.write(c, {"features": rng.random((idx.size, 512)).astype(np.float16), "index": idx.astype(np.int32),
+                     "views": np.zeros(idx.size, np.int8), "skipped_index": np.zeros(0, np.int32),
+                     "skipped_reason": np.zeros(0, "<U1")})
+items = store.ItemTable([f"img{i}.jpg" for i in range(n)], rng.integers(0, 2, n), ["train"] * n, ["a", "b"])
+try:
+    store.assemble(chunks, Path(sys.argv[2]) / "x.h5", items, {"key": "k"})
+except UncleanFileError as e:
+    print("unclean", e.errno, e.filename, flush=True)
+    import os
+    os._exit(0)  # what the CLI does after its line (test below): a normal exit could crash in HDF5
+"""
+
+
+def test_a_disk_filling_up_inside_hdf5_is_reported_as_unclean_and_the_cli_leaves_without_crashing(tmp_path):
+    """On a real 2 MB tmpfs (needs root to mount; skipped elsewhere): the HDF5 write fails, assembly
+    raises UncleanFileError naming the target, and the CLI's exit for it is one line and code 2 (a
+    plain exit crashed in HDF5's shutdown: exit -11)."""
+    import os
+    import subprocess
+    import sys
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        child = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path / "parts"), str(mount)],
+                               capture_output=True, text=True, env=env, timeout=120)
+        assert f"unclean 28 {mount / 'x.h5'}" in child.stdout, child.stdout + child.stderr
+        assert not list(mount.iterdir())                  # no temporary file left
+        cli_child = ("import sys; from pipeline.errors import UncleanFileError; import pipeline.extract.worker as w\n"
+                     "def full(*a, **k): raise UncleanFileError(28, 'No space left on device', '/mnt/c/x.h5')\n"
+                     "w._recorded = full\nsys.argv = ['cli.py'] + sys.argv[1:]\nfrom pipeline.cli import main\nmain()")
+        data = make_folder(tmp_path / "d", per_class=1, splits=())
+        proc = subprocess.run([sys.executable, "-c", cli_child, "extract", "--data", str(data), "--cache-dir",
+                               str(tmp_path / "c"), "--backbone", "mobilenetv2", "--weights", "none", "--image-size",
+                               "32", "--dtype", "float32", "--no-progress"], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: no space left on the device holding /mnt/c/x.h5")
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -13,7 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up
 
 import click
 
-from pipeline.errors import DataWarning, UserError, filesystem_message
+from pipeline.errors import DataWarning, UncleanFileError, UserError, filesystem_message
 from pipeline.cli import quiet
 
 quiet.install()
@@ -98,6 +98,10 @@ class _Group(click.Group):
             cause = exc if filesystem_message(exc) else exc.__cause__
             if filesystem_message(cause):  # disk full, read-only, not a folder, no permission: say what to do
                 click.echo(f"error: {filesystem_message(cause)}", err=True)
+                if isinstance(cause, UncleanFileError):  # HDF5 would crash at shutdown: leave without it
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(2)
                 sys.exit(2)
             message = " ".join(str(exc).split()) or "(no message)"
             if len(message) > 300:

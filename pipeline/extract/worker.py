@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.data.augment import augmented_view, name_index
 from pipeline.data.sources import Listing
-from pipeline.errors import UserError
+from pipeline.errors import UncleanFileError, UserError
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, is_complete, read_parts_json
@@ -105,6 +105,8 @@ def _under_lock(p: Plan, options: RunOptions, log: Log) -> tuple[RunOptions, Ext
 
 def _disk_error(exc: OSError, p: Plan) -> UserError | OSError:
     """Disk-full and permission errors as one line naming the folder; finished chunks stay."""
+    if isinstance(exc, UncleanFileError):  # the CLI must leave without HDF5's shutdown: keep the type
+        return exc
     where = Path(exc.filename).parent if getattr(exc, "filename", None) else p.path.parent
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return UserError(f"no space left on the disk holding {where}; free some space (or use --cache-dir on "

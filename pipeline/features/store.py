@@ -19,6 +19,7 @@ end under a temporary name and renamed, so a file named `*.h5` is always complet
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -31,7 +32,7 @@ import h5py
 import numpy as np
 
 from pipeline.atomic import atomic_path, write_text_atomic
-from pipeline.errors import UserError, filesystem_message
+from pipeline.errors import UncleanFileError, UserError, filesystem_message
 
 SCHEMA_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk-(\d{6})\.npz$")
@@ -162,56 +163,90 @@ def assemble(
     row_bytes = int(np.prod(feat_shape)) * np.dtype(dtype).itemsize
     chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(row_bytes, 1)))
     comp = {"gzip": dict(compression="gzip", compression_opts=4), "lzf": dict(compression="lzf")}
+    if not compression:  # a compressed file's size is unknown before it is written
+        check_space(target, n_rows * row_bytes + sum(len(i) + 80 for i in items.ids) + (1 << 20))
     with atomic_path(target, suffix=".h5") as tmp:
-        with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset(
-                "features", shape=(n_rows, *feat_shape), dtype=dtype,
-                chunks=(chunk_rows, *feat_shape), **comp.get(compression or "", {}),
-            )
-            index = np.empty(n_rows, np.int32)
-            views = np.empty(n_rows, np.int8)
-            skipped: dict[int, str] = {}
-            pos = 0
-            first: np.ndarray | None = None
-            varies = False
-            for n in numbers:
-                c = chunks.read(n)
-                k = c["index"].shape[0]
-                if k:
-                    rows = c["features"].astype(dtype, copy=False)
-                    first = rows[0] if first is None else first
-                    varies = varies or bool(np.any(rows != first))
-                feats[pos:pos + k] = c["features"].astype(dtype, copy=False)
-                index[pos:pos + k] = c["index"]
-                views[pos:pos + k] = c["views"]
-                for i, r in zip(c["skipped_index"], c["skipped_reason"]):
-                    skipped.setdefault(int(i), str(r))
-                pos += k
-            if n_rows > 1 and not varies:
-                raise DegenerateFeatures(
-                    f"every image gave the same feature vector (e.g. all zeros), so a head could not learn "
-                    f"anything; with --weights none use trained weights, or --dtype float32")
-            f["index"] = index
-            f["views"] = views
-            f["labels"] = np.asarray(items.labels, np.int32)[index]
-            f.create_dataset("paths", data=[items.ids[i] for i in index], dtype=_STR)
-            f.create_dataset("splits", data=[items.splits[i] for i in index], dtype=_STR)
-            if items.sizes is not None and items.mtimes_ns is not None:
-                f["sizes"] = np.asarray(items.sizes, np.int64)[index]
-                f["mtimes_ns"] = np.asarray(items.mtimes_ns, np.int64)[index]
-            if items.hashes is not None:
-                f.create_dataset("hashes", data=[items.hashes[i] for i in index], dtype=_STR)
-            order = sorted(skipped)
-            f.create_dataset("skipped_paths", data=[items.ids[i] for i in order], dtype=_STR)
-            f.create_dataset("skipped_reasons", data=[skipped[i] for i in order], dtype=_STR)
-            for name, value in attrs.items():
-                f.attrs[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-            f.attrs["class_names"] = json.dumps(list(items.class_names))
-            f.attrs["schema"] = SCHEMA_VERSION
-            f.attrs["n_rows"] = n_rows
-            f.attrs["feature_shape"] = json.dumps(list(feat_shape))
-            f.attrs["complete"] = True
+        try:
+            _write_h5(tmp, chunks, numbers, items, attrs, n_rows, feat_shape, dtype, chunk_rows,
+                      comp.get(compression or "", {}))
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, UserError) or not _out_of_space(e):
+                raise
+            raise UncleanFileError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from None
     return target
+
+
+def check_space(target: Path, need: int) -> None:
+    """OSError(ENOSPC) naming `target` when its folder has less than `need` bytes free: a disk that fills
+    up inside HDF5 leaves the library unable to close the file (the process would crash on exit)."""
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"writing needs about {need / 2**20:,.0f} MB, {free / 2**20:,.0f} MB free",
+                      str(target))
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """Whether an HDF5 error comes from a full disk or quota (h5py gives OSError or RuntimeError, the
+    errno in the text)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "errno = 28" in text or "errno = 122" in text or "No space left" in text
+
+
+def _write_h5(tmp: Path, chunks: ChunkDir, numbers: list[int], items: ItemTable, attrs: dict[str, Any], n_rows: int,
+              feat_shape: tuple[int, ...], dtype: str, chunk_rows: int, comp: dict[str, Any]) -> None:
+    """The body of `assemble`: every chunk's rows and the item tables into a new HDF5 file at `tmp`."""
+    with h5py.File(tmp, "w") as f:
+        feats = f.create_dataset(
+            "features", shape=(n_rows, *feat_shape), dtype=dtype,
+            chunks=(chunk_rows, *feat_shape), **comp,
+        )
+        index = np.empty(n_rows, np.int32)
+        views = np.empty(n_rows, np.int8)
+        skipped: dict[int, str] = {}
+        pos = 0
+        first: np.ndarray | None = None
+        varies = False
+        for n in numbers:
+            c = chunks.read(n)
+            k = c["index"].shape[0]
+            if k:
+                rows = c["features"].astype(dtype, copy=False)
+                first = rows[0] if first is None else first
+                varies = varies or bool(np.any(rows != first))
+            feats[pos:pos + k] = c["features"].astype(dtype, copy=False)
+            index[pos:pos + k] = c["index"]
+            views[pos:pos + k] = c["views"]
+            for i, r in zip(c["skipped_index"], c["skipped_reason"]):
+                skipped.setdefault(int(i), str(r))
+            pos += k
+        if n_rows > 1 and not varies:
+            raise DegenerateFeatures(
+                "every image gave the same feature vector (e.g. all zeros), so a head could not learn "
+                "anything; with --weights none use trained weights, or --dtype float32")
+        f["index"] = index
+        f["views"] = views
+        f["labels"] = np.asarray(items.labels, np.int32)[index]
+        f.create_dataset("paths", data=[items.ids[i] for i in index], dtype=_STR)
+        f.create_dataset("splits", data=[items.splits[i] for i in index], dtype=_STR)
+        if items.sizes is not None and items.mtimes_ns is not None:
+            f["sizes"] = np.asarray(items.sizes, np.int64)[index]
+            f["mtimes_ns"] = np.asarray(items.mtimes_ns, np.int64)[index]
+        if items.hashes is not None:
+            f.create_dataset("hashes", data=[items.hashes[i] for i in index], dtype=_STR)
+        order = sorted(skipped)
+        f.create_dataset("skipped_paths", data=[items.ids[i] for i in order], dtype=_STR)
+        f.create_dataset("skipped_reasons", data=[skipped[i] for i in order], dtype=_STR)
+        for name, value in attrs.items():
+            f.attrs[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        f.attrs["class_names"] = json.dumps(list(items.class_names))
+        f.attrs["schema"] = SCHEMA_VERSION
+        f.attrs["n_rows"] = n_rows
+        f.attrs["feature_shape"] = json.dumps(list(feat_shape))
+        f.attrs["complete"] = True
 
 
 # ----------------------------------------------------------------------------------------- reading
