@@ -237,3 +237,22 @@ def test_an_svm_or_knn_head_run_exports_and_predicts_like_the_run(head_run, tmp_
     got, kept2, _ = predict_files(open_model(result.model_path), paths)
     assert kept == kept2
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_a_model_card_with_an_unknown_resize_rule_is_one_line(tmp_path):
+    """The card says how images were resized for the cache; a rule this version does not know would
+    give other inputs than the run saw (it reached the decoder as a KeyError)."""
+    import json
+
+    from pipeline.errors import UserError
+    from pipeline.export.runtime import open_model
+
+    inp = keras.Input((8, 8, 3), dtype="uint8")
+    model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(
+        keras.layers.Rescaling(1 / 255)(inp))))
+    model.save(tmp_path / "model.keras")
+    (tmp_path / "model_card.json").write_text(json.dumps({"input": {"resize": "squash"}}))
+    with pytest.raises(UserError, match="unknown resize rule 'squash'"):
+        open_model(tmp_path / "model.keras")
+    (tmp_path / "model_card.json").write_text(json.dumps({"input": {"resize": "crop"}}))
+    assert open_model(tmp_path / "model.keras").resize == "crop"

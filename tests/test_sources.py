@@ -101,3 +101,25 @@ def test_other_folders_beside_split_folders_are_named_in_a_warning(tmp_path):
     with pytest.warns(DataWarning, match="ignoring folder.s. extra"):
         listing = open_source(str(root)).listing()
     assert set(listing.splits) == {"train", "val"} and len(listing) == 8
+
+
+def test_an_unreadable_class_folder_is_named_as_unreadable_not_empty(tmp_path, monkeypatch):
+    """os.walk skips folders it cannot read: a class folder without read permission was reported as
+    'empty' (simulated here: as root, permissions do not stop reads)."""
+    import os
+
+    from conftest import make_folder
+    from pipeline.data.sources import open_source
+
+    root = make_folder(tmp_path / "d", per_class=2, splits=())
+    locked = next(p for p in sorted(root.iterdir()) if p.is_dir())
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == os.fspath(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UserError, match=f"cannot read {locked} \\(Permission denied\\)"):
+        open_source(str(root)).listing()

@@ -278,7 +278,11 @@ class FolderSource(FileSource):
 def _visible_files(folder: Path) -> list[Path]:
     """Files under `folder` at any depth, skipping hidden and tool folders and files (`is_hidden`)."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+
+    def unreadable(err: OSError) -> None:  # os.walk would skip it silently: a folder it cannot read is not empty
+        raise UserError(f"cannot read {err.filename} ({err.strerror}); check its permissions") from None
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not is_hidden(d)]
         out += [Path(dirpath) / f for f in filenames if not is_hidden(f) and os.path.isfile(os.path.join(dirpath, f))]
     return out
