@@ -458,3 +458,16 @@ def test_a_fine_tune_that_lowers_val_accuracy_says_so():
     assert "--unfreeze" in worse and "\n" not in worse
     assert "training images" not in note(0.9, 0.8, n_train=5000)
     assert note(0.925, 0.960) is None and note(0.9, 0.8, n_val=0) is None
+
+
+def test_the_trunk_cache_keeps_the_extractions_dtype(data):
+    """A run extracted with --dtype float32 (random-init maps underflow float16, which extract refuses)
+    gets a float32 trunk cache; it was always float16, then refused, with advice to pass a --dtype that
+    finetune does not have."""
+    import dataclasses
+
+    from pipeline.finetune.trunk import trunk_request
+
+    assert trunk_request(data.req, "block4_pool", 2, AugmentConfig(), 1).dtype == data.req.dtype == "float16"
+    wide = trunk_request(dataclasses.replace(data.req, dtype="float32"), "block4_pool", 2, AugmentConfig(), 1)
+    assert wide.dtype == "float32" and wide.layer == "block4_pool" and wide.pooling == "none"

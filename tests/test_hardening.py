@@ -301,6 +301,16 @@ def test_bad_manifests_are_refused_in_one_line(imgs, tmp_path, name, text, fragm
         assert "line(s) 3" in err
 
 
+def test_swapped_columns_are_named_before_the_rows_look_like_duplicates(imgs):
+    """label,path with a class repeated: the 'path' ants appears twice with different 'labels', which
+    was reported as a conflict instead of the swap."""
+    from pipeline.data.sources import open_source
+
+    manifest = _manifest(imgs, "swapped2.csv", f"ants,{A0}\nants,{A1}\nbees,{B0}\nbees,{B1}\n")
+    with pytest.raises(UserError, match="columns look swapped"):
+        open_source(str(manifest)).listing()
+
+
 def test_manifest_headers_delimiters_bom_and_labels(imgs):
     from pipeline.data.sources import open_source
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,10 @@ def _libs() -> dict[str, Any]:
                 from PIL import Image, ImageOps, UnidentifiedImageError
 
                 cv2.setNumThreads(1)  # parallelism comes from the loader's threads, one image each
+                # Pillow warns (with a source line, around the tool's summary) from 89M pixels; this
+                # module bounds decoding itself (MAX_PIXELS after a reduced decode), and Pillow's
+                # DecompressionBombError (from 179M) still becomes a DecodeError
+                warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
                 _LIBS.update(cv2=cv2, Image=Image, ImageOps=ImageOps, UnidentifiedImageError=UnidentifiedImageError)
     return _LIBS
 

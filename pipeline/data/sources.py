@@ -377,6 +377,7 @@ class CsvSource(FileSource):
         cols, rows, header = self._columns(rows)
         if not rows:
             raise UserError(f"{self.path} has a header but lists no images")
+        self._check_swapped(rows, cols, self.path.parent)  # before the rows' checks, which it explains
         width = len(cols) if header else None
         base = self.path.parent
         entries: dict[str, tuple[int, str, str | None]] = {}
@@ -413,7 +414,6 @@ class CsvSource(FileSource):
             shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
             raise UserError(f"{self.path}: empty label on line(s) {shown}; give every image a label or remove "
                             f"those rows")
-        self._check_swapped(rows, cols, base)
         if outside:
             line, raw = outside[0]
             raise UserError(f"{self.path} line {line}: {raw} lies outside the manifest's folder {base} "

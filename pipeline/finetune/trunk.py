@@ -35,12 +35,13 @@ def cut_layer(spec: backbones.Backbone, layer_names: list[str], unfreeze: Sequen
 
 
 def trunk_request(request: ExtractRequest, cut: str, views: int, augment, seed: int) -> ExtractRequest:
-    """Stage 1's request for the trunk cache: the same images, backbone, size and resize, cut at
-    `cut` without pooling, with `views` augmented copies of every training image."""
+    """Stage 1's request for the trunk cache: the same images, backbone, size, resize and storage
+    dtype (float32 where stage 1 needed it: random-init maps underflow float16, which extract
+    refuses), cut at `cut` without pooling, with `views` augmented copies of every training image."""
     from pipeline.data.augment import AugmentConfig
 
     copies = int(views) if augment is not None else 0
-    return dataclasses.replace(request, layer=cut, pooling="none", dtype="float16", augment_copies=copies,
+    return dataclasses.replace(request, layer=cut, pooling="none", dtype=request.dtype, augment_copies=copies,
                                augment_seed=int(seed), augment=augment if augment is not None else AugmentConfig())
 
 

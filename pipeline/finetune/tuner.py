@@ -581,7 +581,7 @@ class FineTuner:
         if is_complete(target.path):
             return cut, treq
         shape = backbone.get_layer(cut).output.shape[1:]
-        need = 2 * int(np.prod(shape)) * n_images * (1 + int(self.views))
+        need = np.dtype(treq.dtype).itemsize * int(np.prod(shape)) * n_images * (1 + int(self.views))
         if target.parts.is_dir():  # a half-built trunk cache already holds part of it
             need -= sum(f.stat().st_size for f in target.parts.glob("chunk-*.npz"))
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -762,10 +762,11 @@ class FineTuner:
             val_rows = np.asarray([row_of[(str(ids[i]), 0)] for i in parts["val"].tolist()
                                    if (str(ids[i]), 0) in row_of], np.int64)
             budget = default_memory_budget_mb() * 1e6
-            if ff.features.size * 2 <= budget:
-                data = ff.load(None, dtype="float16")
+            stored = ff.features.dtype  # float16, or float32 as stage 1 was extracted
+            if ff.features.size * stored.itemsize <= budget:
+                data = ff.load(None, dtype=stored)
             else:
-                say(f"the trunk cache ({ff.features.size * 2 / 1e9:.1f} GB) exceeds the memory budget; "
+                say(f"the trunk cache ({ff.features.size * stored.itemsize / 1e9:.1f} GB) exceeds the memory budget; "
                     f"reading batches from disk")
                 data = ff
             return {"file": ff, "data": data, "labels": np.asarray(ff.labels), "val_rows": val_rows,
