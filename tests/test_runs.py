@@ -208,3 +208,27 @@ def _render(table) -> str:
     console = Console(width=250, record=True, color_system=None)
     console.print(table)
     return console.export_text()
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("run.json", "[1, 2]", "run.json holds a list, not a JSON object"),
+    ("config.json", "{not json", "config.json is not readable JSON"),
+    ("metrics.json", '"x"', "metrics.json holds a str, not a JSON object"),
+])
+def test_a_damaged_run_file_is_listed_as_damaged_and_named_when_the_run_is_used(tmp_path, name, text, problem):
+    """Run folders are read through one check: `runs` still lists the others (a list in run.json was
+    an AttributeError for the whole listing), and using the run names the file."""
+    from pipeline.inference.apply import load_run
+
+    reg = Registry(tmp_path)
+    for stage in ("fit-head", "fit-head"):
+        with reg.start(stage, {"data": "d"}) as run:
+            run.log_metrics({"val": {"accuracy": 0.5}})
+    bad = reg.ids()[0]
+    (tmp_path / "runs" / bad / name).write_text(text)
+    listed = {r.id: r for r in reg.list()}
+    assert set(listed) == set(reg.ids()) and listed[bad].status == "damaged"
+    assert [d for d in listed[bad].damaged if d.startswith(problem)] == listed[bad].damaged
+    assert next(r for i, r in listed.items() if i != bad).status == "ok"
+    with pytest.raises(UserError, match=f"run {bad} is damaged: {problem}"):
+        load_run(tmp_path, bad)

@@ -55,6 +55,7 @@ from pipeline.extract import ExtractRequest
 from pipeline.data.augment import AugmentConfig
 from pipeline.extract import DEFAULT_CACHE
 from pipeline.finetune.data import evaluate, make_batches, map_batches
+from pipeline.tracking.runs import read_object
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
 MODEL_FILE = "model.keras"
@@ -327,10 +328,10 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     from pipeline.features.store import FeatureFile
 
     run_dir = Path(run_dir)
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{run_dir} has no readable config.json; is it a fit-head run folder?") from None
+    config, problem = read_object(run_dir / "config.json")
+    if problem or not config:
+        raise UserError(f"{run_dir} has no readable config.json ({problem or 'missing'}); is it a fit-head run "
+                        f"folder?")
     cache = config.get("cache_file")
     if not cache:
         raise UserError(f"{run_dir}/config.json names no cache_file; fine-tuning starts from a fit-head run")

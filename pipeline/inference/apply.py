@@ -35,6 +35,9 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> Loaded
     """Find a fit-head or finetune run and load its head or model; one-line errors otherwise.
     `trust_pickle` allows an old pickled head.joblib (unpickling can run code)."""
     record = Registry(cache_dir).get(run_id)
+    if record.damaged:
+        raise UserError(f"run {record.id} is damaged: {'; '.join(record.damaged)} in {record.dir}; run the command "
+                        f"that made it again, or remove it (python cli.py runs rm {record.id})")
     if record.stage not in ("fit-head", "finetune"):
         raise UserError(f"run {record.id} is a {record.stage} run; evaluate and predict take fit-head or "
                         f"finetune runs (`python cli.py runs --stage fit-head`)")

@@ -50,11 +50,19 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _read_json(path: Path) -> Any:
+def read_object(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A run file's JSON object, or ({}, what is wrong with it): a run folder's files are read through
+    this one check, so a damaged or hand-edited one is named instead of failing later. A missing file
+    is ({}, None): metrics.json is written only at the end."""
+    if not path.exists():
+        return {}, None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {}, f"{path.name} is not readable JSON ({type(exc).__name__})"
+    if not isinstance(data, dict):
+        return {}, f"{path.name} holds a {type(data).__name__}, not a JSON object"
+    return data, None
 
 
 @dataclass
@@ -71,6 +79,7 @@ class RunRecord:
     metrics: dict[str, Any]
     dir: Path
     info: dict[str, Any] = field(default_factory=dict)
+    damaged: list[str] = field(default_factory=list)  # what is wrong with its files (read_object)
 
     def value(self, key: str) -> Any:
         """A field, val_accuracy / val_f1, or a dotted key looked up in metrics then config (`params.lr`)."""
@@ -196,15 +205,18 @@ class Registry:
 
     def record(self, run_id: str) -> RunRecord:
         folder = self.root / run_id
-        info = _read_json(folder / "run.json") or {}
-        status = info.get("status", "incomplete")
+        read = {name: read_object(folder / f"{name}.json") for name in ("run", "config", "metrics")}
+        info, config, metrics = (read[name][0] for name in ("run", "config", "metrics"))
+        damaged = [problem for _, problem in read.values() if problem]
+        status = str(info.get("status", "incomplete"))
         if status == "running" and not _alive(info):
             status = "incomplete"
+        if damaged:
+            status = "damaged"
         return RunRecord(
-            id=run_id, stage=info.get("stage", "?"), status=status, started=info.get("started", ""),
-            ended=info.get("ended"), duration_s=info.get("duration_s"),
-            config=_read_json(folder / "config.json") or {}, metrics=_read_json(folder / "metrics.json") or {},
-            dir=folder, info=info,
+            id=run_id, stage=str(info.get("stage", "?")), status=status, started=str(info.get("started", "")),
+            ended=info.get("ended"), duration_s=info.get("duration_s") if isinstance(info.get("duration_s"), (int, float))
+            else None, config=config, metrics=metrics, dir=folder, info=info, damaged=damaged,
         )
 
     def list(self, stage: str | None = None, filters: Mapping[str, Any] | None = None, sort: str = "started",
@@ -357,7 +369,7 @@ def _num(v: float | None) -> str:
 
 
 def _status_text(status: str) -> str:
-    colour = {"ok": "green", "failed": "red", "running": "yellow", "incomplete": "magenta"}.get(status)
+    colour = {"ok": "green", "failed": "red", "running": "yellow", "incomplete": "magenta", "damaged": "red"}.get(status)
     return f"[{colour}]{status}[/{colour}]" if colour else status
 
 
