@@ -180,3 +180,32 @@ def test_augmented_views_follow_their_image_and_are_reused(tmp_path):
     # another augmentation seed: only the clean rows are reused
     other = extract(req(data, augment_copies=2, augment_seed=5), opts(cache))
     assert (other.computed, other.reused) == (2 * 10, 18)
+
+
+def test_a_candidate_whose_rows_are_not_this_requests_width_is_skipped_with_a_warning(tmp_path):
+    """A file that records the same request but holds features of another width (damaged or crafted)
+    failed the grown extraction with numpy's 'all the input array dimensions...'; it is skipped with a
+    warning and every image is computed."""
+    import json
+    import warnings
+
+    import h5py
+
+    from pipeline.errors import DataWarning
+
+    data = make_folder(tmp_path / "d", per_class=3, splits=())
+    cache = tmp_path / "c"
+    first = extract(req(data), opts(cache))
+    with h5py.File(first.path, "r+") as f:
+        n, width = f["features"].shape
+        del f["features"]
+        f["features"] = np.ones((n, width + 3), np.float16)
+        f.attrs["feature_shape"] = json.dumps([width + 3])
+    _add(data, "ants", ["new_0.jpg"], seed=1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        grown = extract(req(data), opts(cache))
+    assert any(issubclass(w.category, DataWarning) and "not reusing rows" in str(w.message) for w in seen)
+    assert (grown.computed, grown.reused) == (7, 0)
+    with FeatureFile(grown.path) as ff:
+        assert ff.feature_shape == (width,)

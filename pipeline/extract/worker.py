@@ -14,6 +14,7 @@ import fcntl
 import functools
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,7 +23,7 @@ import numpy as np
 
 from pipeline.data.augment import augmented_view, name_index
 from pipeline.data.sources import Listing
-from pipeline.errors import UncleanFileError, UserError
+from pipeline.errors import DataWarning, UncleanFileError, UserError
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, is_complete, read_parts_json
@@ -101,6 +102,14 @@ def _under_lock(p: Plan, options: RunOptions, log: Log) -> tuple[RunOptions, Ext
     if is_complete(p.path):
         return options, ExtractResult(p.path, p.key, cache_hit=True)
     return options, None
+
+
+class _ReuseMismatch(Exception):
+    """The reuse candidate's rows are not as wide as this request's (a damaged or crafted file)."""
+
+    def __init__(self, theirs: tuple[int, ...], ours: tuple[int, ...]) -> None:
+        super().__init__(f"{theirs} != {ours}")
+        self.theirs, self.ours = theirs, ours
 
 
 def _disk_error(exc: OSError, p: Plan) -> UserError | OSError:
@@ -227,7 +236,18 @@ class _Extraction:
         t0 = time.perf_counter()
         try:
             if todo:
-                self._compute(chunks, todo, total, needed)
+                try:
+                    self._compute(chunks, todo, total, needed)
+                except _ReuseMismatch as mismatch:  # a damaged candidate: skipped, as the reuse search skips others
+                    warnings.warn(f"not reusing rows from {self.reuse.base.name}: it records this request but holds "
+                                  f"features of shape {mismatch.theirs} where this backbone makes {mismatch.ours} "
+                                  f"(a damaged file: python cli.py cache rm {self.reuse.base.name}); computing them",
+                                  DataWarning, stacklevel=2)
+                    self.reuse = None
+                    self.reused[:] = False
+                    self.compute = in_todo & ~self.reused
+                    needed = int(np.count_nonzero(self.compute))
+                    self._compute(chunks, todo, total, needed)
         finally:
             if shard is None and not chunks.done() and not (p.parts / SHARDS_FILE).exists():
                 chunks.remove()  # nothing finished: leave no empty partial behind (shards may share it)
@@ -344,6 +364,9 @@ class _Extraction:
             self._runner, self._feat_shape = cached_runner(self._model_key(), self._model, size, bs,
                                                            self.options.jit, n_images=job_images)
         runner, feat_shape = self._runner, self._feat_shape
+        if self.reuse is not None and tuple(self.reuse.feature_shape) != tuple(feat_shape):
+            feed.close()  # nothing written yet: the caller starts again without the candidate
+            raise _ReuseMismatch(tuple(self.reuse.feature_shape), tuple(feat_shape))
         writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, feat_shape,
                              np.dtype(self.p.request.dtype), self.reuse)
         bar = tqdm(total=needed, unit="img", desc=f"extract {self.p.spec.name}",
