@@ -181,8 +181,9 @@ def check_space(target: Path, need: int) -> None:
     up inside HDF5 leaves the library unable to close the file (the process would crash on exit)."""
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < need:
+    usage = shutil.disk_usage(folder)
+    free = usage.free
+    if usage.total and free < need:  # some network and FUSE file systems report no sizes at all
         raise OSError(errno.ENOSPC, f"writing needs about {need / 2**20:,.0f} MB, {free / 2**20:,.0f} MB free",
                       str(target))
 
