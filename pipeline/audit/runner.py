@@ -74,8 +74,7 @@ def audited_images(ff: FeatureFile) -> Audited:
     if np.unique(y).size < 2:
         name = ff.class_names[int(y[0])] if ff.class_names else str(int(y[0]))
         raise UserError(f"audit needs at least two classes, but every labelled image of {ff.path.name} is {name!r}")
-    X = FeatureSource(ff, rows).load_reduced("avg")
-    X /= np.sqrt(np.maximum(np.einsum("ij,ij->i", X, X), 1e-24))[:, None]
+    X = unit_rows(FeatureSource(ff, rows).load_reduced("avg"), in_place=True)
     names = list(ff.class_names) or [str(i) for i in range(int(y.max()) + 1)]
     return Audited(rows, X, y, [ff.paths[r] for r in rows], ff.splits[rows].astype(str), names)
 

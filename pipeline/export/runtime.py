@@ -65,7 +65,8 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
     card = _read_card(path)
     labels = _read_labels(path)
     names = labels or names or card.get("class_names") or []
-    resize = (card.get("input") or {}).get("resize", "stretch") if isinstance(card.get("input"), dict) else "stretch"
+    card_input = card.get("input")
+    resize = card_input.get("resize", "stretch") if isinstance(card_input, dict) else "stretch"
     if resize not in RESIZE_METHODS:
         raise UserError(f"{_beside(path, 'model_card.json')} names an unknown resize rule {resize!r} (known: "
                         f"{', '.join(RESIZE_METHODS)}); re-export the model or fix input.resize in the card")

@@ -29,10 +29,14 @@ QUERY_BLOCK = 16_384     # approximate search answers this many queries at a tim
 RESCORE_BLOCK = 1_024    # candidates rescored exactly for this many queries at a time (~100 MB at 1,280 wide)
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 length as float32 (all-zero rows stay zero)."""
+def unit_rows(x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """Rows scaled to unit L2 length as float32 (all-zero rows stay zero); `in_place`: scale the given
+    float32 array itself (no second copy of a large matrix)."""
     x = np.asarray(x, np.float32)
     norm = np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), 1e-24))
+    if in_place:
+        x /= norm[:, None]
+        return x
     return x / norm[:, None]
 
 
@@ -128,8 +132,7 @@ def approximate_self_query(base: np.ndarray, k: int, groups: np.ndarray | None =
         sample = np.random.default_rng(seed).choice(n, min(n, PCA_SAMPLE), replace=False)
         pca = faiss.PCAMatrix(d, HNSW_DIM)
         pca.train(base[np.sort(sample)])
-        walk = pca.apply(base)
-        walk /= np.sqrt(np.maximum(np.einsum("ij,ij->i", walk, walk), 1e-24))[:, None]
+        walk = unit_rows(pca.apply(base), in_place=True)
     index = faiss.IndexHNSWFlat(walk.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     index.add(walk)
