@@ -1,12 +1,18 @@
-"""Mute file descriptor 2 around C++ code that prints straight to it (TensorFlow's start-up lines,
-Ray's connection retries), where Python's logging settings cannot reach."""
+"""File descriptor 2 around C/C++ code that prints straight to it, where Python's logging settings
+cannot reach: muted (TensorFlow's start-up lines, Ray's connection retries) or filtered for a whole
+command (decoder warnings about damaged images counted into one line)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import io
 import os
+import re
+import select
 import sys
 import tempfile
+import threading
 from typing import Iterator
 
 
@@ -29,3 +35,115 @@ def muted_stderr(show_on_error: bool = True) -> Iterator[None]:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+# Lines C libraries print straight to fd 2: (family, pattern, counted). Counted families are about the
+# user's images (folded into one summary line); the rest is set-up chatter, dropped.
+_CHATTER = (
+    ("libjpeg", re.compile(rb"^(Corrupt JPEG data|Premature end of JPEG file|Invalid SOS parameters|"
+                           rb"Inconsistent progression sequence|Warning: unknown JFIF revision|"
+                           rb"Huffman table 0x|Bogus (virtual array|Huffman|DQT|marker))"), True),
+    ("libpng", re.compile(rb"^libpng warning: "), True),
+    ("tflite", re.compile(rb"^INFO: Created TensorFlow Lite "), False),
+)
+
+
+class NativeChatter:
+    """Filter what C code writes to file descriptor 2 for the length of a command: decoder warnings
+    about damaged image data (libjpeg's `Corrupt JPEG data: ...`, libpng's) are counted and summarized
+    in one `note:` line at the end, TFLite's delegate announcement is dropped, everything else passes
+    on at once. Python's own stderr (progress, errors) keeps writing to the terminal directly.
+
+    fd 2 becomes a pipe read by a thread; it is restored on exit even when the block raises."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.first: dict[str, str] = {}
+
+    def __enter__(self) -> "NativeChatter":
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        self._saved = os.dup(2)
+        read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)  # room for bursts
+        os.dup2(write_end, 2)
+        os.close(write_end)
+        self._read_end = read_end
+        self._python_stderr = None
+        if _writes_to_fd2(sys.stderr):  # Python's own lines go straight to the terminal, unfiltered
+            self._python_stderr = sys.stderr
+            sys.stderr = io.TextIOWrapper(io.FileIO(self._saved, "w", closefd=False),
+                                          encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                                          errors="backslashreplace", line_buffering=True, write_through=True)
+        self._thread = threading.Thread(target=self._pump, name="native-stderr", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._python_stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            sys.stderr = self._python_stderr
+        os.dup2(self._saved, 2)  # the pipe's last writer here closes: the pump sees the end
+        self._thread.join(timeout=2.0)  # a child process still holding the pipe is not waited for
+        if not self._thread.is_alive():  # (else both stay open: the pump must never write to a reused fd)
+            os.close(self._read_end)
+            os.close(self._saved)
+        line = self.summary()
+        if line:
+            with contextlib.suppress(OSError, ValueError):
+                print(line, file=sys.stderr, flush=True)
+
+    def summary(self) -> str | None:
+        """One line for the damaged-data warnings seen, or None."""
+        if not self.counts:
+            return None
+        total = sum(self.counts.values())
+        which = ", ".join(f"{n} from {family}" for family, n in self.counts.items())
+        example = next(iter(self.first.values()))
+        return (f"note: the image decoders warned {total} time(s) about damaged data ({which}; first: '{example}'); "
+                f"such images are kept as they decode")
+
+    def _pump(self) -> None:
+        pending = b""
+        while True:
+            try:
+                ready, _, _ = select.select([self._read_end], [], [], 0.2)
+                data = os.read(self._read_end, 65536) if ready else None
+            except (OSError, ValueError):
+                break
+            if data is None:  # quiet for a moment: pass on a partial line (a C progress bar) as it is
+                if pending:
+                    self._pass(pending)
+                    pending = b""
+                continue
+            if not data:
+                break
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                self._line(line)
+        if pending:
+            self._line(pending)
+
+    def _line(self, line: bytes) -> None:
+        for family, pattern, counted in _CHATTER:
+            if pattern.match(line):
+                if counted:
+                    self.counts[family] = self.counts.get(family, 0) + 1
+                    self.first.setdefault(family, line.decode(errors="replace").strip())
+                return
+        self._pass(line + b"\n")
+
+    def _pass(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._saved, data)
+
+
+def _writes_to_fd2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        return False

@@ -76,10 +76,20 @@ def mixed_formats_folder(tmp_path: Path) -> Path:
     good = io.BytesIO()
     Image.fromarray(_img(rng, 0)).save(good, "JPEG")
     (root / "a" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (root / "a" / "damaged_scan.jpg").write_bytes(damage_scan(good.getvalue()))  # kept: libjpeg repairs it
     (root / "a" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     (root / "b" / "notes.txt").write_text("not an image")
     (root / "b" / "empty.jpg").write_bytes(b"")
     return root
+
+
+def damage_scan(jpeg: bytes) -> bytes:
+    """A stray restart marker in the middle of a JPEG's scan data: header and end intact, libjpeg
+    prints `Corrupt JPEG data: premature end of data segment` and decodes the rest."""
+    sos = jpeg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big")
+    mid = (start + len(jpeg) - 2) // 2
+    return jpeg[:mid] + b"\xff\xd0" + jpeg[mid:]
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pipeline.data import decode as dec
 from pipeline.data.augment import AugmentConfig, augment
 from pipeline.data.loader import batches
 
-from conftest import _img
+from conftest import _img, damage_scan
 
 
 def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
@@ -221,3 +221,26 @@ def test_a_very_large_header_gives_no_pillow_warning_on_stderr(tmp_path):
                           timeout=120)
     assert proc.returncode == 0 and "('PNG', 10000, 9500)" in proc.stdout, proc.stderr
     assert "DecompressionBombWarning" not in proc.stderr, proc.stderr
+
+
+def test_damaged_scan_warnings_from_libjpeg_are_counted_into_one_line(capfd):
+    """A JPEG with junk inside its scan data decodes (libjpeg repairs it) and prints its own warning
+    straight to fd 2; a command's NativeChatter counts it into one note and passes other C lines on."""
+    import os
+
+    from pipeline.quiet_fd import NativeChatter
+
+    good = _encode(_photo(), "JPEG")
+    damaged = damage_scan(good)
+    capfd.readouterr()
+    with NativeChatter() as chatter:
+        img = dec.decode(damaged)
+        os.write(2, b"a line from some other C library\n")
+    assert img.shape == (60, 90, 3)
+    assert chatter.counts == {"libjpeg": 1} and chatter.first["libjpeg"].startswith("Corrupt JPEG data")
+    err = capfd.readouterr().err
+    assert "a line from some other C library" in err and "note: the image decoders warned 1 time(s)" in err
+    assert not [line for line in err.splitlines() if line.startswith("Corrupt JPEG data")]
+    with NativeChatter() as quiet:
+        dec.decode(good)
+    assert quiet.counts == {} and quiet.summary() is None

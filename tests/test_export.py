@@ -256,3 +256,27 @@ def test_a_model_card_with_an_unknown_resize_rule_is_one_line(tmp_path):
         open_model(tmp_path / "model.keras")
     (tmp_path / "model_card.json").write_text(json.dumps({"input": {"resize": "crop"}}))
     assert open_model(tmp_path / "model.keras").resize == "crop"
+
+
+@pytest.mark.skipif(not _has("tensorflow"), reason="TFLite conversion needs TensorFlow")
+def test_a_tflite_holding_tensorflow_ops_is_refused_before_anything_runs(tmp_path):
+    """Select-TF ("Flex") ops inside a .tflite can write files like a SavedModel: refused in one line."""
+    import tensorflow as tf
+
+    written = tmp_path / "written.txt"
+
+    class Writer(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, 3], tf.uint8)])
+        def serve(self, x):
+            tf.io.write_file(str(written), tf.strings.as_string(tf.reduce_sum(tf.cast(x, tf.int32))))
+            return tf.nn.softmax(tf.reshape(tf.cast(x, tf.float32), [1, -1])[:, :2])
+
+    module = Writer()
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([module.serve.get_concrete_function()], module)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS, tf.lite.OpsSet.SELECT_TF_OPS]
+    (tmp_path / "flex.tflite").write_bytes(converter.convert())
+    make_folder(tmp_path / "d", per_class=1, splits=())
+    img = str(next((tmp_path / "d").rglob("*.jpg")))
+    res = run_cli("predict", "--model", str(tmp_path / "flex.tflite"), img)
+    assert res.returncode == 2 and "FlexWriteFile" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not written.exists()

@@ -15,6 +15,7 @@ import click
 
 from pipeline.errors import DataWarning, UncleanFileError, UserError, filesystem_message
 from pipeline.cli import quiet
+from pipeline.quiet_fd import NativeChatter
 
 quiet.install()
 
@@ -74,7 +75,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with NativeChatter():  # decoder warnings about damaged images: one summary line, not one each
+                return super().invoke(ctx)
         except UserError as exc:
             if debug_enabled(ctx):
                 traceback.print_exc()

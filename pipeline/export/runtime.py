@@ -9,6 +9,7 @@ rule from `model_card.json` beside it (else the model's input shape and the defa
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -157,9 +158,15 @@ def _tflite(path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter announces its move to ai-edge-litert
         try:
+            custom = _tflite_custom_ops(path)
+            if custom:  # select-TF ("Flex") ops can do what a SavedModel can (read, write files); others need code
+                raise UserError(f"{path.name} uses operations outside TFLite's built-in set ({', '.join(custom[:4])}"
+                                f"{', ...' if len(custom) > 4 else ''}), which this tool does not run: TensorFlow ops "
+                                f"inside a .tflite can read and write files like a SavedModel; export with cli.py "
+                                f"export --format tflite (built-in ops only) or give the model's .onnx or .keras")
             interpreter = tf.lite.Interpreter(model_path=str(path))
             inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-        except (ValueError, RuntimeError, UnicodeDecodeError, IndexError) as e:  # TFLite's error text can be undecodable bytes
+        except (ValueError, RuntimeError, UnicodeDecodeError, IndexError, struct.error) as e:  # TFLite's error text can be undecodable bytes
             raise UserError(f"{path.name} is not a readable TFLite model ({type(e).__name__}); export the run again "
                             f"(cli.py export --format tflite) or give its .onnx or .keras") from None
 
@@ -171,6 +178,19 @@ def _tflite(path: Path):
         return interpreter.get_tensor(out["index"]).copy()
 
     return call, _square_size(inp["shape"].tolist(), path), []
+
+
+def _tflite_custom_ops(path: Path) -> list[str]:
+    """The custom operator names a .tflite file declares ("FlexWriteFile", ...), read from its flatbuffer
+    before any interpreter is built; ValueError when the file is not a TFLite flatbuffer."""
+    data = path.read_bytes()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ValueError("no TFL3 identifier")
+    from tensorflow.lite.python import schema_py_generated as schema  # TFLite's generated flatbuffer reader
+
+    model = schema.Model.GetRootAsModel(data, 0)
+    names = (model.OperatorCodes(i).CustomCode() for i in range(model.OperatorCodesLength()))
+    return sorted({name.decode(errors="replace") for name in names if name})
 
 
 def predict_files(model: ExportedModel, paths: list[str], batch_size: int = 32
