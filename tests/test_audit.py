@@ -70,6 +70,28 @@ def test_the_approximate_search_finds_nearly_the_exact_neighbours_and_never_the_
     assert (np.diff(approx.similarity, axis=1) <= 1e-6).all()     # most similar first
 
 
+def test_one_projection_serves_the_search_over_all_rows_and_over_a_subset():
+    """The audit projects wide rows once (search_space) and walks every approximate search, global
+    and per class, on those rows: a class's search on its slice of the shared projection finds
+    nearly its exact neighbours with exact similarities, and a projection of other rows is refused."""
+    from pipeline.features.neighbours import HNSW_DIM, search_space, self_neighbours, unit_rows
+
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((30, HNSW_DIM + 64)).astype(np.float32)
+    X = unit_rows(centres[rng.integers(0, 30, 1500)] + 0.3 * rng.standard_normal((1500, HNSW_DIM + 64)).astype(np.float32))
+    walk = search_space(X)
+    assert walk.shape == (1500, HNSW_DIM)
+    np.testing.assert_allclose(np.linalg.norm(walk, axis=1), 1.0, atol=1e-5)
+    rows = np.flatnonzero(rng.random(1500) < 0.5)
+    exact = self_neighbours(X[rows], 10, normalized=True)
+    approx = self_neighbours(X[rows], 10, normalized=True, exact_rows=0, walk=walk[rows])
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.index, exact.index)])
+    assert recall > 0.9, recall
+    np.testing.assert_allclose(approx.similarity, np.einsum("ij,ikj->ik", X[rows], X[rows][approx.index]), atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        self_neighbours(X[rows], 10, normalized=True, exact_rows=0, walk=walk)
+
+
 def test_the_map_embeds_at_most_its_limit_even_when_more_images_are_flagged():
     from pipeline.audit.runner import map_rows
 

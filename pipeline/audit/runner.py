@@ -22,7 +22,7 @@ from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, cv_splits, f
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.report import write_report
 from pipeline.errors import UserError
-from pipeline.features.neighbours import self_neighbours, unit_rows
+from pipeline.features.neighbours import EXACT_ROWS, search_space, self_neighbours, unit_rows
 from pipeline.features.reuse import fill_hashes
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head
@@ -183,8 +183,14 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     if head is not None:
         head.check_matches(ff)
     say(f"audit: {n:,} labelled images, {k} classes, {img.X.shape[1]} features")
-    neigh = self_neighbours(img.X, max(KNN_K, options.near.neighbours), normalized=True)
+    walk = search_space(img.X) if n > EXACT_ROWS else None  # one projection for every approximate search
+    neigh = self_neighbours(img.X, max(KNN_K, options.near.neighbours), normalized=True, walk=walk)
     t["neighbours"] = time.perf_counter()
+    z = outlier_scores(img.X, img.y, walk=walk)
+    del walk  # (the projection is not needed again: free it before the logistic's fold copies)
+    out_rank = np.argsort(-z, kind="stable")
+    out_rows = out_rank[z[out_rank] >= OUTLIER_Z]
+    t["outliers"] = time.perf_counter()
     folds = cv_splits(img.y, options.cv, options.seed)
     ev = label_evidence(img.X, img.y, k, neigh, options.cv, options.seed, options.C)
     issues, issue_score = rank_issues(img.y, ev.proba)
@@ -197,10 +203,6 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     pairs = exact + near_pairs(neigh, files, options.near, hashes)
     t["duplicates"] = time.perf_counter()
     say(f"audit: duplicates {len(exact)} exact, {len(pairs) - len(exact)} near")
-    z = outlier_scores(img.X, img.y)
-    out_rank = np.argsort(-z, kind="stable")
-    out_rows = out_rank[z[out_rank] >= OUTLIER_Z]
-    t["outliers"] = time.perf_counter()
     split_proba = split_model_proba(ff, img, ev, head)
     leaks = leakage(img, pairs, split_proba)
     top_losses = _top_losses(img, ev, split_proba)
