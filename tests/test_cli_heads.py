@@ -177,3 +177,43 @@ def test_default_head_is_auto_and_says_which_head_it_kept(tmp_path):
         assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     sweep = run_cli("fit-head", "--cache", str(path), "--head", "svm", "--sweep", "--jobs", "2", "--cache-dir", cache)
     assert sweep.returncode == 0 and "6 configs" in sweep.stdout, sweep.stderr
+
+
+def test_fit_head_ranks_several_backbones_by_cv_and_keeps_the_best(tmp_path):
+    """`--backbone a,b`: each is extracted, the head is fitted and cross-validated on each training
+    set, the ranking is printed and recorded, and the run is the head on the best; names and options
+    that cannot apply to several backbones are refused before anything is extracted."""
+    from pipeline.features.store import FeatureFile
+    from pipeline.heads.logistic import LogisticHead
+    from pipeline.heads.ranking import score_cache
+
+    data = make_folder(tmp_path / "d", per_class=12)
+    cache = tmp_path / "c"
+    opts = ["--data", str(data), "--cache-dir", str(cache), "--weights", "none", "--image-size", "32",
+            "--no-progress", "--dtype", "float32"]
+    two = ["--backbone", "vgg16,mobilenetv2"]
+    for extra, says in ((["--backbone", "vgg16,resnet9000"], "unknown backbone 'resnet9000'"),
+                        ([*two, "--head", "logistic", "--sweep"], "rank the backbones first"),
+                        ([*two, "--layer", "block4_pool"], "names a layer of one backbone"),
+                        ([*two, "--head", "dense"], "rank the backbones with the default head"),
+                        (["--backbone", "vgg16,,mobilenetv2"], "has an empty name")):
+        bad = run_cli("fit-head", *opts, *extra)
+        assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr, (extra, bad.stderr)
+        assert not list(cache.glob("features/*.h5"))
+
+    fit = run_cli("fit-head", *opts, *two, "--head", "logistic")
+    assert fit.returncode == 0, fit.stderr
+    assert "backbones ranked by the head's cross-validated log loss" in fit.stdout
+    kept = fit.stdout.split("backbone ranking: kept ")[1].split()[0]
+    cfg = json.loads((cache / "runs" / _run_id(fit.stdout) / "config.json").read_text())
+    ranking = cfg["backbone_ranking"]
+    assert ranking[0]["backbone"] == kept == cfg["backbone"] and ranking[0]["cache_key"] == cfg["cache_key"]
+    assert sorted(r["backbone"] for r in ranking) == ["mobilenetv2", "vgg16"]
+    assert ranking[0]["cv_log_loss"] <= ranking[1]["cv_log_loss"]
+    files = sorted(cache.glob("features/*.h5"))
+    assert len(files) == 2
+    for path in files:  # the recorded scores are the head's on that backbone's training rows
+        with FeatureFile(path) as ff:
+            (r,) = [r for r in ranking if r["cache_key"] == ff.key]
+            again = score_cache(ff, r["backbone"], LogisticHead).as_json()
+        assert again["cv_log_loss"] == r["cv_log_loss"] and again["train_rows"] == r["train_rows"] == 24

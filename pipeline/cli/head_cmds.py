@@ -151,7 +151,14 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         from pipeline.heads.registry import head_class
         kinds = [f"--head {k}" for k in HEAD_KINDS if head_class(k).sweep_grid is not None]
         raise UserError(f"--sweep searches one head's grid, and --head {head} has none; add {' or '.join(kinds)}")
-    ff = open_cache(cache, kw)
+    backbones = backbone_list(kw["backbone"])
+    ranking = None
+    if len(backbones) > 1:
+        _check_ranking_options(backbones, kw, sweep, cache, estimator)
+        ff, ranking = rank_backbones(backbones, kw, lambda: _make_head(head, head_opts), head_opts["seed"],
+                                     not no_augmented)
+    else:
+        ff = open_cache(cache, {**kw, "backbone": backbones[0]})
     with ff:
         from pipeline.heads.training import check_finite
         check_finite(ff)
@@ -163,7 +170,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         if estimator.fit_note():  # no bar for the CV fits: say what the next seconds (up to a minute) are
             click.echo(estimator.fit_note(), err=True)
         result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
-                                   use_augmented=not no_augmented)
+                                   use_augmented=not no_augmented,
+                                   config={"backbone_ranking": [r.as_json() for r in ranking]} if ranking else None)
     if result.head.after_fit_note():
         click.echo(result.head.after_fit_note())
     choice = result.extras.get("head_choice")
@@ -179,6 +187,70 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         from pipeline.tracking.metrics import metrics_table
         Console(width=110).print(metrics_table(result.metrics["val"], title="val"))
     mlflow_after(log_mlflow, Path(run.dir).parent.parent, run.id, mlflow_experiment)
+
+
+def backbone_list(spec: str) -> list[str]:
+    """`--backbone a,b,c` as names (one name: a list of one), each checked against the backbone table
+    before anything is extracted."""
+    from pipeline.backbones.table import get
+
+    names = [b.strip() for b in spec.split(",")]
+    if not all(names):
+        raise UserError(f"--backbone {spec!r} has an empty name; give names separated by commas, e.g. "
+                        f"efficientnet_lite0,efficientnet_lite2")
+    dupes = sorted({b for b in names if names.count(b) > 1})
+    if dupes:
+        raise UserError(f"--backbone names {', '.join(dupes)} twice; name each backbone once")
+    for name in names:
+        get(name)  # unknown names: one line, before the first extraction
+    return names
+
+
+def _check_ranking_options(backbones: list[str], kw: dict, sweep: bool, cache: str | None, estimator) -> None:
+    """Options that describe one backbone cannot apply to several: refuse them before extracting."""
+    if estimator.uses_validation:
+        raise UserError(f"--head {estimator.kind} is scored on the val split, which would then not be held out; "
+                        f"rank the backbones with the default head, then fit --head {estimator.kind} on the one kept")
+    if cache is not None:
+        raise UserError("--cache names one backbone's features; leave it out to rank several --backbone values")
+    if sweep:
+        raise UserError("--sweep searches one backbone's head grid; rank the backbones first (without --sweep), "
+                        "then sweep with --backbone set to the one kept")
+    if kw["layer"]:
+        raise UserError(f"--layer {kw['layer']} names a layer of one backbone; leave it out to rank "
+                        f"{', '.join(backbones)} on their pooled features")
+    if kw["weights"] not in ("imagenet", "none"):
+        raise UserError("--weights FILE holds one backbone's weights; rank backbones with --weights imagenet (or none)")
+
+
+def rank_backbones(backbones: list[str], kw: dict, make_head, seed: int, use_augmented: bool):
+    """Extract (or find) each backbone's features, fit the head on each training set, print the
+    ranking by cross-validated log loss and return the best cache (open) and the ranking, best first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.features.store import FeatureFile
+    from pipeline.heads.ranking import ranked, score_cache
+    from pipeline.heads.training import check_finite
+
+    scores, paths = [], {}
+    for i, name in enumerate(backbones, 1):
+        click.echo(f"backbone {i}/{len(backbones)}: {name}", err=True)
+        with open_cache(None, {**kw, "backbone": name}) as ff:
+            check_finite(ff)
+            scores.append(score_cache(ff, name, make_head, kw["val_fraction"], seed, use_augmented))
+            paths[name] = ff.path
+    order = ranked(scores)
+    table = Table(title="backbones ranked by the head's cross-validated log loss on the training images")
+    for col in ("rank", "backbone", "head", "CV log loss", "CV accuracy", "width", "extract img/s"):
+        table.add_column(col, justify="left" if col in ("backbone", "head") else "right")
+    for rank, s in enumerate(order, 1):
+        table.add_row(str(rank), s.backbone, s.head, f"{s.cv_log_loss:.4f}",
+                      "-" if s.cv_accuracy is None else f"{s.cv_accuracy:.4f}", str(s.width),
+                      "-" if s.images_per_s is None else f"{s.images_per_s:.1f}")
+    Console(width=110).print(table)
+    click.echo(f"backbone ranking: kept {order[0].backbone}")
+    return FeatureFile(paths[order[0].backbone]), order
 
 
 def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, use_augmented: bool) -> str:

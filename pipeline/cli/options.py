@@ -37,7 +37,8 @@ _EXTRACT_OPTIONS = [
                  help="Image folder (one subfolder per class, optionally under train/val/test), "
                       "CSV manifest path,label[,split], tfds:NAME, or builtin:digits."),
     click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
-                 help="Backbone name; `cli.py backbones` lists them."),
+                 help="Backbone name; `cli.py backbones` lists them. fit-head: several, comma-separated (a,b,c), "
+                      "ranks them by cross-validation on the training images and keeps the best."),
     click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a weights file."),
     click.option("--image-size", type=int, default=None, help="Input size (default: the backbone's)."),
     click.option("--resize", type=click.Choice(RESIZE_METHODS), default="stretch", show_default=True,

@@ -92,6 +92,13 @@ class AutoHead(Head):
         self.copy_meta(self.best_)
         return self
 
+    def cv_log_loss(self) -> float | None:
+        """The kept head's (what chose it)."""
+        return self.best_.cv_log_loss()
+
+    def cv_accuracy(self) -> float | None:
+        return self.best_.cv_accuracy()
+
     def outcome(self) -> tuple[Head, dict[str, Any]]:
         """The chosen head (what a run records and saves) and why it was chosen."""
         return self.best_, {"head_choice": self.choice_}

@@ -246,6 +246,15 @@ class Head(ClassifierMixin, BaseEstimator):
         """What metrics.json records about the fit beyond the metrics (C, epochs, streaming, ...)."""
         return {}
 
+    def cv_log_loss(self) -> float | None:
+        """Log loss of the fitted head's probabilities scored out of fold on its training rows, as it
+        will be used (calibrated); None for a head that does not cross-validate (dense, C given, ...)."""
+        return None
+
+    def cv_accuracy(self) -> float | None:
+        """Accuracy of the same out-of-fold predictions as `cv_log_loss` (None where that is None)."""
+        return None
+
     def sweep_facts(self) -> dict[str, Any]:
         """The few facts a sweep's table shows beside each configuration."""
         return {}

@@ -178,7 +178,7 @@ class KNNHead(Head):
         groups = np.arange(y.size) if groups is None else np.asarray(groups)
         self.k_, self.vote_temperature_ = ks[0], ts[0]
         self.cv_scores_: dict[str, float] = {}
-        self.cv_log_loss_ = None
+        self.cv_log_loss_ = self.cv_accuracy_ = None
         self.temperature_, self.calibration_note_ = 1.0, "not calibrated (calibrate=False)"
         self.note_ = ""
         cv = self._cross_validate(y, groups, ks, ts)
@@ -221,7 +221,8 @@ class KNNHead(Head):
                 key = (loss, -acc, k, t)
                 if best is None or key < best[0]:
                     best = (key, k, t, temp, loss)
-        _, self.k_, self.vote_temperature_, temp, self.cv_log_loss_ = best
+        (_, neg_acc, *_), self.k_, self.vote_temperature_, temp, self.cv_log_loss_ = best
+        self.cv_accuracy_ = -neg_acc
         if not self.calibrate:
             self.cv_log_loss_ = nll(vote_logits(sim, labels, self.n_classes_, self.k_, self.vote_temperature_), yq)
         else:
@@ -283,6 +284,10 @@ class KNNHead(Head):
     def cv_log_loss(self) -> float | None:
         """Leave-one-image-out log loss of the calibrated vote at the chosen k and T (None without CV)."""
         return self.cv_log_loss_
+
+    def cv_accuracy(self) -> float | None:
+        """Leave-one-image-out accuracy of the vote at the chosen k and T (None without CV)."""
+        return getattr(self, "cv_accuracy_", None)
 
     def to_keras(self):
         """Reduce, unit length, similarities to the stored rows (a fixed Dense kernel), top-k, weights

@@ -104,6 +104,7 @@ class LogisticHead(Head):
         self.temperature_, self.calibration_note_ = 1.0, "not calibrated (calibrate=False)"
         self._oof_logits = None
         self.cv_log_loss_calibrated_ = None
+        self.cv_accuracy_ = None
         if self.streamed_:
             self.calibration_note_ = "not calibrated: streamed from the cache (no out-of-fold predictions)"
             self._fit_streamed(X, y, groups, need, budget)
@@ -115,6 +116,8 @@ class LogisticHead(Head):
             Xs = scaler.transform(Xm)
             del Xm
             self.C_, self.cv_scores_, self.C_note_ = self._choose_C(Xs, y, groups)
+            if self._oof_logits is not None:
+                self.cv_accuracy_ = float(np.mean(self._oof_logits.argmax(axis=1) == y))
             model = LogisticRegression(C=self.C_, class_weight=self.class_weight, max_iter=self.max_iter,
                                        tol=self.tol, random_state=self.random_state)
             with warnings.catch_warnings(record=True) as caught:
@@ -273,6 +276,10 @@ class LogisticHead(Head):
             return None
         calibrated = getattr(self, "cv_log_loss_calibrated_", None)
         return calibrated if calibrated is not None else -self.cv_scores_[self.C_]
+
+    def cv_accuracy(self) -> float | None:
+        """Accuracy of the out-of-fold predictions at the chosen C (None where `cv_log_loss` is)."""
+        return getattr(self, "cv_accuracy_", None) if self.cv_log_loss() is not None else None
 
     def to_keras(self):
         """Reduce as the head does, then one Dense layer equal to scaler + model, then softmax."""

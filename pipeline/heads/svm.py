@@ -268,6 +268,10 @@ class KernelHead(Head):
         """The cross-fitted log loss of the calibrated probabilities (None without CV)."""
         return self.cv_log_loss_
 
+    def cv_accuracy(self) -> float | None:
+        """The out-of-fold vote's accuracy at the C used, mean over folds (None without CV)."""
+        return self.cv_scores_.get(self.C_) if self.cv_log_loss_ is not None else None
+
     def to_keras(self):
         """Reduce, unit length, Dense(n_support, exponential) = the RBF kernel against the support
         vectors, then Dense logits and softmax: three built-in layers."""
