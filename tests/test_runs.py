@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import sklearn
 from rich.console import Console
 
 from pipeline.errors import UserError
@@ -117,6 +120,9 @@ def test_fit_head_run_records_config_metrics_artifacts(aug_cache, tmp_path):
     rec = registry.get(run.id[:17])
     assert rec.status == "ok" and rec.stage == "fit-head" and rec.duration_s >= 0 and rec.val_accuracy > 0.8
     assert isinstance(load_head(run.dir), LogisticHead)
+    env = json.loads((run.dir / "run.json").read_text())["environment"]  # what can move a trained figure
+    assert env["python"] == platform.python_version() and env["cpu_count"] == os.cpu_count() and env["cpu"]
+    assert env["packages"]["numpy"] == np.__version__ and env["packages"]["scikit-learn"] == sklearn.__version__
 
 
 def test_dense_fit_head_run_writes_keras_head_and_training_curves(aug_cache, tmp_path):

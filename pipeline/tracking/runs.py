@@ -1,6 +1,7 @@
 """Runs registry: one folder per run of any stage under `<cache_dir>/runs/<id>/`.
 
-Each folder holds `run.json` (stage, status, start/end times, duration, pid/host), `config.json`
+Each folder holds `run.json` (stage, status, start/end times, duration, pid/host, the environment:
+CPU, Python and library versions, since those can move a trained figure), `config.json`
 (what the run was asked to do), `metrics.json` (what it measured) and its artifacts and plots.
 All JSON is written atomically. IDs sort by start time: `20261122-233015-a1b2`.
 
@@ -13,9 +14,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import fnmatch
+import functools
 import json
 import os
+import platform
 import secrets
+import sys
 import shutil
 import socket
 import time
@@ -30,6 +34,32 @@ from pipeline.errors import UserError
 
 STAGES = ("extract", "fit-head", "sweep", "finetune", "audit")
 STATUSES = ("running", "ok", "failed", "incomplete")
+
+
+ENVIRONMENT_PACKAGES = ("numpy", "scikit-learn", "h5py", "keras", "tensorflow", "jax", "jaxlib", "torch", "opencv-python-headless")
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict[str, Any]:
+    """What a run ran on (CPU model and cores, OS, Python, the numeric libraries installed, by their
+    distribution metadata: nothing is imported). The same command can train a different model on
+    other CPU kernels or library versions (README, 'Where the 95.8% went'); this says which."""
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    packages = {}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "os": platform.platform(),
+            "python": sys.version.split()[0], "packages": packages}
 
 
 def _now() -> _dt.datetime:
@@ -135,7 +165,8 @@ class Run:
         self.metrics: dict[str, Any] = {}
         self._t0 = time.monotonic()
         self._info = {"id": run_id, "stage": stage, "status": "running", "started": _now().isoformat(),
-                      "ended": None, "duration_s": None, "pid": os.getpid(), "host": socket.gethostname()}
+                      "ended": None, "duration_s": None, "pid": os.getpid(), "host": socket.gethostname(),
+                      "environment": environment()}
 
     def path(self, name: str) -> Path:
         """Where to write artifact `name` inside this run's folder."""
