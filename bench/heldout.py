@@ -4,12 +4,15 @@ Not a test. The fine-tuning defaults were chosen on flowers' val split, so the v
 selected one. This script carves a test split out of flowers' train folder (every image whose
 name hashes to 0 mod 5: about 20%, never trained on, never looked at while choosing the recipe),
 writes a manifest for it (`path,label,split`, read in place), and runs the README's two commands
-with their defaults: `fit-head`, then `finetune --run <that run>`. It prints val and test accuracy
-before and after fine-tuning and the wall time of each command.
+with their defaults: `fit-head`, then `finetune --run <that run>`, once per `--seeds` value (each is
+passed as `--seed` to both: the heads' CV folds, the fine-tune's augmentation, shuffling and
+initialisation change; the split does not). It prints val and test accuracy before and after
+fine-tuning and the wall time of each command, then the mean and the range over the seeds.
 
     .venv/bin/python bench/heldout.py                   # ../shared/data/flower_photos_224
     .venv/bin/python bench/heldout.py --data DIR --work /tmp/heldout
     .venv/bin/python bench/heldout.py --backbone efficientnet_lite0   # other options go to fit-head
+    .venv/bin/python bench/heldout.py --seeds 0,1,2 --work /tmp/heldout  # the README's figures
 """
 
 from __future__ import annotations
@@ -55,10 +58,28 @@ def cli(*args: str) -> tuple[str, float]:
     return proc.stdout, time.perf_counter() - t
 
 
+def accuracies(stdout: str) -> dict[str, float]:
+    """{'val': ..., 'test': ...} from fit-head's summary lines, or {'val': (before, after), ...} from
+    finetune's comparison lines."""
+    out: dict = {}
+    for part, acc in re.findall(r"^(val|test)\s+accuracy ([0-9.]+)", stdout, re.M):
+        out[part] = float(acc)
+    for part, before, after in re.findall(r"^(val|test)\s+accuracy\s+([0-9.]+) -> ([0-9.]+)", stdout, re.M):
+        out[part] = (float(before), float(after))
+    return out
+
+
+def spread(values: list[float]) -> str:
+    """'93.9% (93.5-94.3)': mean and range in percent."""
+    return f"{100 * sum(values) / len(values):.1f}% ({100 * min(values):.1f}-{100 * max(values):.1f})"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flower_photos_224"))
     ap.add_argument("--work", default=None, help="manifest and cache folder (default: a temporary folder)")
+    ap.add_argument("--seeds", default="0", help="comma-separated --seed values, one fit-head + finetune each")
+    ap.add_argument("--no-finetune", action="store_true", help="head-only figures")
     args, fit_head_args = ap.parse_known_args(argv)
     root = Path(args.data)
     if not (root / "train").is_dir():
@@ -69,15 +90,29 @@ def main(argv=None) -> None:
     counts = write_manifest(root, manifest)
     print(f"{root.name}: {counts['train']} train / {counts['val']} val / {counts['test']} test (carved from train)")
     cache = ["--cache-dir", str(work / "cache")]
-    out, t_head = cli("fit-head", "--data", str(manifest), "--allow-outside-paths", *cache, *fit_head_args)
-    head_run = re.search(r"run (\S+) saved in", out).group(1)
-    print(f"fit-head ({t_head:.0f} s): " + "; ".join(l.strip() for l in out.splitlines()
-                                                  if l.startswith(("val ", "test ")) and "accuracy" in l))
-    out, t_ft = cli("finetune", "--run", head_run, *cache)
-    print(f"finetune ({t_ft:.0f} s):")
-    for line in out.splitlines():
-        if re.match(r"(val|test)\s+(accuracy|log_loss)", line):
-            print("   ", line)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    figures: dict[str, list[float]] = {}
+    for seed in seeds:
+        out, t_head = cli("fit-head", "--data", str(manifest), "--allow-outside-paths", *cache, *fit_head_args,
+                          "--seed", str(seed))
+        head_run = re.search(r"run (\S+) saved in", out).group(1)
+        print(f"seed {seed}: fit-head ({t_head:.0f} s): " + "; ".join(
+            l.strip() for l in out.splitlines() if l.startswith(("val ", "test ")) and "accuracy" in l), flush=True)
+        for part, acc in accuracies(out).items():
+            figures.setdefault(f"head-only {part}", []).append(acc)
+        if args.no_finetune:
+            continue
+        out, t_ft = cli("finetune", "--run", head_run, *cache, "--seed", str(seed))
+        print(f"seed {seed}: finetune ({t_ft:.0f} s):")
+        for line in out.splitlines():
+            if re.match(r"(val|test)\s+(accuracy|log_loss)", line):
+                print("   ", line)
+        for part, (_, after) in accuracies(out).items():
+            figures.setdefault(f"fine-tuned {part}", []).append(after)
+        sys.stdout.flush()
+    print(f"over seeds {args.seeds}: mean (min-max)")
+    for name, values in figures.items():
+        print(f"    {name:16s} {spread(values)}")
 
 
 if __name__ == "__main__":

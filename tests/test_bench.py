@@ -38,3 +38,12 @@ def test_bench_backbones_runs(tmp_path):
                   "--weights", "none", "--image-size", "32", "--dtype", "float32", "--head", "logistic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "kept " in proc.stdout and "test accuracy" in proc.stdout and "of 1 data sets" in proc.stdout
+
+
+def test_bench_heldout_reports_over_seeds(tmp_path):
+    make_folder(tmp_path / "photos", per_class=10)
+    proc = _bench("heldout.py", "--data", str(tmp_path / "photos"), "--work", str(tmp_path / "w"), "--seeds", "0,1",
+                  "--no-finetune", "--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--dtype",
+                  "float32", "--head", "logistic", cwd=tmp_path)
+    assert proc.stdout.count("fit-head (") == 2 and "over seeds 0,1" in proc.stdout
+    assert "head-only val" in proc.stdout
