@@ -1,8 +1,8 @@
 """Does `fit-head --backbone a,b,c` keep the backbone that is best on held-out data? Not a test: a
 benchmark whose figures go in the README.
 
-For each data set it runs `fit-head --backbone a,b,c` (the ranking: a linear probe cross-validated on
-the training images), then `fit-head --backbone x` for each (cache hits: the default auto head) and
+For each data set it runs `fit-head --backbone a,b,c` (the ranking: the head's cross-validated log loss
+on the training images), then `fit-head --backbone x` for each (cache hits: the default auto head) and
 prints the CV scores beside each backbone's held-out accuracy: the test split where there is one
 (flowers: carved from train by bench/heldout.py's name hash; digits: --test-fraction 0.2), else val
 (hymenoptera); val is printed too. A pick within 0.5 points of the held-out best counts as right.
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-backbones-"))
     work.mkdir(parents=True, exist_ok=True)
     cache = ["--cache-dir", str(work / "cache"), *extra]
-    right = 0
+    right = scored = 0
     sets = [s.strip() for s in args.sets.split(",")]
     for name in sets:
         given = data_args(name, work)
@@ -80,14 +80,15 @@ def main(argv=None) -> None:
         pick = ranking[0]["backbone"]
         ok = held[pick][part] >= best - 0.005
         right += ok
+        scored += 1
         print(f"{name} (ranking command {seconds:.0f} s, extractions included):")
         for r in ranking:
             h = held[r["backbone"]]
             print(f"    {r['backbone']:20s} {r['head']:8s} CV log loss {r['cv_log_loss']:.4f}  CV accuracy "
-                  f"{r['cv_accuracy']:.4f}  " + "  ".join(f"{p} accuracy {a:.4f}" for p, a in h.items()))
+                  f"{r['cv_accuracy'] or float('nan'):.4f}  " + "  ".join(f"{p} accuracy {a:.4f}" for p, a in h.items()))
         print(f"    kept {pick}: {part} {held[pick][part]:.4f}, best {best:.4f} -> "
               f"{'right (within 0.5 points)' if ok else 'WRONG'}")
-    print(f"the ranking kept the held-out best (within 0.5 points) on {right} of {len(sets)} data sets")
+    print(f"the ranking kept the held-out best (within 0.5 points) on {right} of {scored} data sets")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,26 @@ def test_one_projection_serves_the_search_over_all_rows_and_over_a_subset():
         self_neighbours(X[rows], 10, normalized=True, exact_rows=0, walk=walk)
 
 
+def test_the_outlier_distances_of_large_classes_walk_one_shared_projection(monkeypatch):
+    """Classes above EXACT_ROWS (lowered here) are searched approximately on slices of one projection
+    made once for all classes; their k-NN distances stay close to the exact ones."""
+    import pipeline.audit.outliers as outliers
+    from pipeline.features.neighbours import HNSW_DIM, search_space, unit_rows
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 300)
+    centres = rng.standard_normal((30, HNSW_DIM + 64)).astype(np.float32)
+    X = unit_rows(centres[rng.integers(0, 30, y.size)] + 0.4 * rng.standard_normal((y.size, HNSW_DIM + 64)).astype(np.float32))
+    exact = outliers.class_knn_distance(X, y)
+    made = []
+    monkeypatch.setattr(outliers, "search_space", lambda base: made.append(base.shape) or search_space(base))
+    monkeypatch.setattr(outliers, "EXACT_ROWS", 200)
+    approx = outliers.class_knn_distance(X, y)
+    assert made == [X.shape]                      # one projection, of every row, for the three classes
+    ratio = approx / exact
+    assert np.median(ratio) < 1.02 and (ratio >= 1 - 1e-5).all()   # the graph can only miss, never invent, neighbours
+
+
 def test_the_map_embeds_at_most_its_limit_even_when_more_images_are_flagged():
     from pipeline.audit.runner import map_rows
 

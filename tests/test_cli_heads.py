@@ -196,6 +196,9 @@ def test_fit_head_ranks_several_backbones_by_cv_and_keeps_the_best(tmp_path):
                         ([*two, "--head", "logistic", "--sweep"], "rank the backbones first"),
                         ([*two, "--layer", "block4_pool"], "names a layer of one backbone"),
                         ([*two, "--head", "dense"], "rank the backbones with the default head"),
+                        ([*two, "--head", "logistic", "--C", "1.0"], "not cross-validated"),
+                        (["--backbone", "vgg16,inceptionv3"], "too small for inceptionv3"),
+                        (["--backbone", "vgg16,VGG16"], "twice"),
                         (["--backbone", "vgg16,,mobilenetv2"], "has an empty name")):
         bad = run_cli("fit-head", *opts, *extra)
         assert bad.returncode != 0 and says in bad.stderr and "Traceback" not in bad.stderr, (extra, bad.stderr)

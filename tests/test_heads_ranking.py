@@ -36,6 +36,19 @@ def test_heads_without_cross_validation_report_no_cv_scores():
     assert DenseHead.cv_log_loss(DenseHead()) is None and DenseHead.cv_accuracy(DenseHead()) is None
 
 
+@pytest.mark.parametrize("make", [LogisticHead, lambda: LogisticHead(C=1.0), KernelHead, lambda: KernelHead(C=1.0),
+                                  KNNHead, lambda: KNNHead(k=5, vote_temperature=0.1, calibrate=False),
+                                  lambda: KNNHead(k=5, vote_temperature=0.1), AutoHead])
+def test_a_head_says_before_fitting_whether_the_fit_will_give_cv_scores(make):
+    """`fit-head --backbone a,b` refuses a head that will not cross-validate before extracting anything:
+    what `cross_validates` promises must be what the fit gives."""
+    x, y = blobs(90, 16, 3, seed=0)
+    head = make()
+    promised = head.cross_validates()
+    assert promised == (head.fit(x, y).cv_log_loss() is not None)
+    assert DenseHead().cross_validates() is False
+
+
 def test_backbones_rank_by_cv_log_loss_then_accuracy_then_the_order_given():
     def entry(name, loss, acc):
         return BackboneScore(name, name, "svm", loss, acc, 8, 100, None)

@@ -121,7 +121,8 @@ def test_fit_head_run_records_config_metrics_artifacts(aug_cache, tmp_path):
     assert rec.status == "ok" and rec.stage == "fit-head" and rec.duration_s >= 0 and rec.val_accuracy > 0.8
     assert isinstance(load_head(run.dir), LogisticHead)
     env = json.loads((run.dir / "run.json").read_text())["environment"]  # what can move a trained figure
-    assert env["python"] == platform.python_version() and env["cpu_count"] == os.cpu_count() and env["cpu"]
+    assert env["python"] == platform.python_version() and env["cpu_count"] == len(os.sched_getaffinity(0)) and env["cpu"]
+    assert env["keras_backend"] in ("tensorflow", "jax", "torch") and isinstance(env["gpus"], list)
     assert env["packages"]["numpy"] == np.__version__ and env["packages"]["scikit-learn"] == sklearn.__version__
 
 

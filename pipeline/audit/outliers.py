@@ -28,7 +28,8 @@ def class_knn_distance(X: np.ndarray, y: np.ndarray, k: int = CLASS_K, walk: np.
         if rows.size < 2:
             continue
         kk = min(k, rows.size - 1)
-        neigh = self_neighbours(X[rows], kk, walk=None if walk is None or rows.size <= EXACT_ROWS else walk[rows])
+        neigh = self_neighbours(X[rows], kk, exact_rows=EXACT_ROWS,
+                                walk=None if walk is None or rows.size <= EXACT_ROWS else walk[rows])
         out[rows] = 1.0 - neigh.similarity.mean(axis=1)
     return out
 

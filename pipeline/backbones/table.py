@@ -150,6 +150,13 @@ def weights_identity(spec: Backbone, weights: str) -> str:
     return f"file:{h.hexdigest()[:32]}"
 
 
+def check_weights_size(spec: Backbone, weights: str, image_size: int) -> None:
+    """One line when Keras has no ImageNet weights for this backbone at this input size (MobileNets)."""
+    if weights.lower() == "imagenet" and spec.imagenet_sizes and image_size not in spec.imagenet_sizes:
+        raise UserError(f"{spec.name} ImageNet weights exist for sizes {', '.join(map(str, spec.imagenet_sizes))}"
+                        f"; pick one with --image-size or use --weights none")
+
+
 def build(spec: Backbone, weights: str, image_size: int, include_top: bool = False):
     """Build the backbone (a keras.Model on preprocessed input); errors become one-line UserErrors."""
     import keras
@@ -158,9 +165,8 @@ def build(spec: Backbone, weights: str, image_size: int, include_top: bool = Fal
     set_random_seed(0)  # weights=none must give the same features every time
     w: str | None = None if weights.lower() == "none" else ("imagenet" if weights.lower() == "imagenet" else
                                                             str(Path(weights).expanduser()))
-    if w == "imagenet" and spec.imagenet_sizes and image_size not in spec.imagenet_sizes and not include_top:
-        raise UserError(f"{spec.name} ImageNet weights exist for sizes {', '.join(map(str, spec.imagenet_sizes))}"
-                        f"; pick one with --image-size or use --weights none")
+    if not include_top:
+        check_weights_size(spec, weights, image_size)
     fn = _resolve(spec.builder)
     kwargs = dict(spec.builder_kwargs, include_top=include_top, weights=w)
     if not include_top:

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from pipeline.backbones.table import check_weights_size, get
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import report_extraction, skipped_message
 from pipeline.cli.options import (SEED, FiniteFloat, build_request, check_output_file, extract_options, given_options,
                                   mlflow_after, mlflow_check, mlflow_options)
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
+from pipeline.extract.plan import check_size, plan
 from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
@@ -192,22 +194,20 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
 def backbone_list(spec: str) -> list[str]:
     """`--backbone a,b,c` as names (one name: a list of one), each checked against the backbone table
     before anything is extracted."""
-    from pipeline.backbones.table import get
-
     names = [b.strip() for b in spec.split(",")]
     if not all(names):
         raise UserError(f"--backbone {spec!r} has an empty name; give names separated by commas, e.g. "
                         f"efficientnet_lite0,efficientnet_lite2")
-    dupes = sorted({b for b in names if names.count(b) > 1})
+    rows = [get(name).name for name in names]  # unknown names: one line, before the first extraction
+    dupes = sorted({n for n in rows if rows.count(n) > 1})
     if dupes:
         raise UserError(f"--backbone names {', '.join(dupes)} twice; name each backbone once")
-    for name in names:
-        get(name)  # unknown names: one line, before the first extraction
     return names
 
 
 def _check_ranking_options(backbones: list[str], kw: dict, sweep: bool, cache: str | None, estimator) -> None:
-    """Options that describe one backbone cannot apply to several: refuse them before extracting."""
+    """Options that describe one backbone cannot apply to several, and each backbone must take the
+    request: refuse before the first extraction, not after it."""
     if estimator.uses_validation:
         raise UserError(f"--head {estimator.kind} is scored on the val split, which would then not be held out; "
                         f"rank the backbones with the default head, then fit --head {estimator.kind} on the one kept")
@@ -219,8 +219,16 @@ def _check_ranking_options(backbones: list[str], kw: dict, sweep: bool, cache: s
     if kw["layer"]:
         raise UserError(f"--layer {kw['layer']} names a layer of one backbone; leave it out to rank "
                         f"{', '.join(backbones)} on their pooled features")
-    if kw["weights"] not in ("imagenet", "none"):
+    if kw["weights"].lower() not in ("imagenet", "none"):
         raise UserError("--weights FILE holds one backbone's weights; rank backbones with --weights imagenet (or none)")
+    if not estimator.cross_validates():
+        raise UserError(f"--head {estimator.kind} with these options is not cross-validated (a given --C, say), "
+                        f"so backbones cannot be ranked by it; leave --C at auto or use the default --head auto")
+    for name in backbones:  # sizes, weights packages, data: what each extraction would refuse
+        request, options = build_request({**kw, "backbone": name})
+        p = plan(request, options.cache_dir)
+        check_size(p.size, options.allow_large)
+        check_weights_size(p.spec, request.weights, p.size)
 
 
 def rank_backbones(backbones: list[str], kw: dict, make_head, seed: int, use_augmented: bool):

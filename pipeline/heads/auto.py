@@ -99,6 +99,9 @@ class AutoHead(Head):
     def cv_accuracy(self) -> float | None:
         return self.best_.cv_accuracy()
 
+    def cross_validates(self) -> bool:
+        return True  # the logistic candidate picks C by CV
+
     def outcome(self) -> tuple[Head, dict[str, Any]]:
         """The chosen head (what a run records and saves) and why it was chosen."""
         return self.best_, {"head_choice": self.choice_}

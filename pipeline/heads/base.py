@@ -246,13 +246,19 @@ class Head(ClassifierMixin, BaseEstimator):
         """What metrics.json records about the fit beyond the metrics (C, epochs, streaming, ...)."""
         return {}
 
+    def cross_validates(self) -> bool:
+        """Whether a fit with these parameters will give `cv_log_loss` (enough rows given): known before
+        fitting, so a command that ranks by it can refuse first."""
+        return False
+
     def cv_log_loss(self) -> float | None:
         """Log loss of the fitted head's probabilities scored out of fold on its training rows, as it
         will be used (calibrated); None for a head that does not cross-validate (dense, C given, ...)."""
         return None
 
     def cv_accuracy(self) -> float | None:
-        """Accuracy of the same out-of-fold predictions as `cv_log_loss` (None where that is None)."""
+        """Accuracy of the head's out-of-fold predictions (the svm: its one-vs-one vote) at the chosen
+        parameters; None where `cv_log_loss` is None or the head keeps no such predictions."""
         return None
 
     def sweep_facts(self) -> dict[str, Any]:

@@ -285,6 +285,10 @@ class KNNHead(Head):
         """Leave-one-image-out log loss of the calibrated vote at the chosen k and T (None without CV)."""
         return self.cv_log_loss_
 
+    def cross_validates(self) -> bool:
+        ks, ts = self._grid()
+        return bool(self.calibrate) or len(ks) * len(ts) > 1
+
     def cv_accuracy(self) -> float | None:
         """Leave-one-image-out accuracy of the vote at the chosen k and T (None without CV)."""
         return getattr(self, "cv_accuracy_", None)

@@ -277,8 +277,12 @@ class LogisticHead(Head):
         calibrated = getattr(self, "cv_log_loss_calibrated_", None)
         return calibrated if calibrated is not None else -self.cv_scores_[self.C_]
 
+    def cross_validates(self) -> bool:
+        return self._given_C() is None
+
     def cv_accuracy(self) -> float | None:
-        """Accuracy of the out-of-fold predictions at the chosen C (None where `cv_log_loss` is)."""
+        """Accuracy of the out-of-fold predictions at the chosen C (None where `cv_log_loss` is, and when
+        streamed: its C search scores a sample and keeps no out-of-fold predictions)."""
         return getattr(self, "cv_accuracy_", None) if self.cv_log_loss() is not None else None
 
     def to_keras(self):

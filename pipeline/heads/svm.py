@@ -268,6 +268,9 @@ class KernelHead(Head):
         """The cross-fitted log loss of the calibrated probabilities (None without CV)."""
         return self.cv_log_loss_
 
+    def cross_validates(self) -> bool:
+        return True  # C given or not, the calibrator is fitted on out-of-fold decisions
+
     def cv_accuracy(self) -> float | None:
         """The out-of-fold vote's accuracy at the C used, mean over folds (None without CV)."""
         return self.cv_scores_.get(self.C_) if self.cv_log_loss_ is not None else None

@@ -12,6 +12,8 @@ or flat `val_accuracy` / `val_macro_f1`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as _dt
 import fnmatch
 import functools
@@ -30,36 +32,48 @@ from typing import Any, Mapping, Sequence
 from rich.table import Table
 
 from pipeline.atomic import write_text_atomic
+from pipeline.backend import name as backend_name
 from pipeline.errors import UserError
 
 STAGES = ("extract", "fit-head", "sweep", "finetune", "audit")
 STATUSES = ("running", "ok", "failed", "incomplete")
 
 
-ENVIRONMENT_PACKAGES = ("numpy", "scikit-learn", "h5py", "keras", "tensorflow", "jax", "jaxlib", "torch", "opencv-python-headless")
+ENVIRONMENT_PACKAGES = ("numpy", "scikit-learn", "h5py", "Pillow", "faiss-cpu", "keras", "tensorflow", "tensorflow-cpu",
+                        "jax", "jaxlib", "torch", "opencv-python-headless", "opencv-python")
+
+
+def environment() -> dict[str, Any]:
+    """What a run ran on (CPU model and the cores this process may use, NVIDIA GPUs, OS, Python, the
+    Keras backend, the numeric libraries installed, by their distribution metadata: nothing is
+    imported). The same command can train a different model on other CPU kernels or library versions
+    (README, 'Where the 95.8% went'); this says which."""
+    return copy.deepcopy(_environment())
 
 
 @functools.lru_cache(maxsize=1)
-def environment() -> dict[str, Any]:
-    """What a run ran on (CPU model and cores, OS, Python, the numeric libraries installed, by their
-    distribution metadata: nothing is imported). The same command can train a different model on
-    other CPU kernels or library versions (README, 'Where the 95.8% went'); this says which."""
+def _environment() -> dict[str, Any]:
     from importlib import metadata
 
-    cpu = platform.processor() or platform.machine()
+    cpu = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
+    gpus = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        with contextlib.suppress(OSError):
+            gpus += [line.split(":", 1)[1].strip() for line in info.read_text(errors="replace").splitlines()
+                     if line.startswith("Model:")]
     packages = {}
     for name in ENVIRONMENT_PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             packages[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "os": platform.platform(),
-            "python": sys.version.split()[0], "packages": packages}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": cores, "gpus": gpus,
+            "os": platform.platform(), "python": sys.version.split()[0], "keras_backend": backend_name(),
+            "packages": packages}
 
 
 def _now() -> _dt.datetime:
