@@ -58,6 +58,5 @@ def score_cache(ff: FeatureFile, backbone: str, make_head: Callable[[], Head], v
 
 
 def ranked(scores: list[BackboneScore]) -> list[BackboneScore]:
-    """Best first: lowest CV log loss, then highest CV accuracy, then the order given."""
-    order = {id(s): i for i, s in enumerate(scores)}
-    return sorted(scores, key=lambda s: (s.cv_log_loss, -(s.cv_accuracy or 0.0), order[id(s)]))
+    """Best first: lowest CV log loss, then highest CV accuracy, then the order given (a stable sort)."""
+    return sorted(scores, key=lambda s: (s.cv_log_loss, -(s.cv_accuracy or 0.0)))

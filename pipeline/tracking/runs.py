@@ -21,9 +21,9 @@ import json
 import os
 import platform
 import secrets
-import sys
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
