@@ -34,7 +34,7 @@ def test_bench_finetune_runs(tmp_path, repeat="2"):  # photos listed twice: the 
 
 
 def test_bench_backbones_runs(tmp_path):
-    proc = _bench("backbones.py", "--sets", "digits", "--backbones", "vgg16,mobilenetv2", "--work", str(tmp_path),
+    proc = _bench("backbones.py", "--sets", "digits", "--backbones", "efficientnet_lite0,mobilenetv2", "--work", str(tmp_path),
                   "--weights", "none", "--image-size", "32", "--dtype", "float32", "--head", "logistic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "kept " in proc.stdout and "test accuracy" in proc.stdout and "of 1 data sets" in proc.stdout
