@@ -1,6 +1,7 @@
 """Backbones: the table of supported CNNs (`table`), their preprocessing (`preprocessing`), the
 frozen feature graph (`model`), EfficientNet-Lite with offline weights (`lite`, `lite_weights`,
-`torchfile`) and ImageNet class names (`imagenet`)."""
+`torchfile`), keras-hub presets (`hub`) and ImageNet class names (`imagenet`)."""
 
 from pipeline.backbones.table import (DEFAULT_BACKBONE, PREPROCESS, TABLE, Backbone, _resolve,  # noqa: F401
-                                      block_spans, build, get, weights_identity)
+                                      block_spans, build, check_output, get,
+                                      weights_identity)

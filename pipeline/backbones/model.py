@@ -57,10 +57,28 @@ def image_graph(spec: Backbone, weights: str, image_size: int, pooling: str = "a
 
     inputs, x = preprocessed_input(spec, image_size)
     x = backbone_cut(spec, weights, image_size, layer, include_top)(x, training=False)
-    if len(x.shape) == 4 and pooling != "none":
-        pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        x = pool(name=f"features_{pooling}_pool")(x)
-    return inputs, x
+    return inputs, pooled(x, pooling, spec.name)
+
+
+def pooled(x, pooling: str, name: str):
+    """Global pooling of a feature map (N, H, W, C) or a token sequence (N, T, C); `cls` takes a
+    sequence's first token (built-in layers only, so saved models load with plain Keras)."""
+    import keras
+
+    L = keras.layers
+    if pooling == "none" or len(x.shape) == 2:
+        return x
+    if pooling == "cls":
+        if len(x.shape) != 3:
+            raise UserError(f"--pooling cls takes a transformer's class token; {name} gives feature maps of shape "
+                            f"{tuple(x.shape[1:])}: use --pooling avg or max")
+        first = L.Cropping1D((0, int(x.shape[1]) - 1), name="features_cls_token")(x)
+        return L.Flatten(name="features_cls_pool")(first)
+    if len(x.shape) == 3:
+        pool = L.GlobalAveragePooling1D if pooling == "avg" else L.GlobalMaxPooling1D
+    else:
+        pool = L.GlobalAveragePooling2D if pooling == "avg" else L.GlobalMaxPooling2D
+    return pool(name=f"features_{pooling}_pool")(x)
 
 
 def feature_model(spec: Backbone, weights: str, image_size: int, pooling: str = "avg", layer: str | None = None):
@@ -68,7 +86,7 @@ def feature_model(spec: Backbone, weights: str, image_size: int, pooling: str = 
     import keras
 
     inputs, out = image_graph(spec, weights, image_size, pooling, layer)
-    return keras.Model(inputs, out, name=f"{spec.name}_features")
+    return keras.Model(inputs, out, name=f"{spec.slug}_features")
 
 
 def classifier_model(spec: Backbone, weights: str):
@@ -76,4 +94,4 @@ def classifier_model(spec: Backbone, weights: str):
     import keras
 
     inputs, out = image_graph(spec, weights, spec.default_size, pooling="none", include_top=True)
-    return keras.Model(inputs, out, name=f"{spec.name}_imagenet")
+    return keras.Model(inputs, out, name=f"{spec.slug}_imagenet")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.backbones import hub
 from pipeline.backbones.preprocessing import STYLES
 from pipeline.errors import UserError
 
@@ -38,6 +39,11 @@ class Backbone:
     imagenet_sizes: tuple[int, ...] = ()  # sizes ImageNet weights exist for, where Keras restricts them
     builder_kwargs: dict[str, Any] = field(default_factory=dict)
     finetune_blocks: int = 1  # how many of `blocks` `finetune` unfreezes by default (measured where > 1)
+
+    @property
+    def slug(self) -> str:
+        """The name as Keras and file names take it (a hub preset's folder path has slashes)."""
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name).strip("_")
 
     def resolve_size(self, image_size: int | None) -> int:
         """The input size to use, checked against what the backbone can take."""
@@ -119,19 +125,25 @@ DEFAULT_BACKBONE = "efficientnet_lite2"
 
 
 def get(name: str) -> Backbone:
-    """The table row for `name` (case-insensitive), or a one-line error listing the choices."""
+    """The table row for `name` (case-insensitive; `hub:PRESET` for a keras-hub preset, read from the
+    preset's files), or a one-line error listing the choices."""
+    if hub.is_hub(name):
+        return Backbone(**hub.row_fields(name))
     key = name.lower().replace("-", "_")
     if key not in TABLE:
         key = key.replace("_", "") if key.replace("_", "") in TABLE else key
     if key not in TABLE:
         raise UserError(f"unknown backbone {name!r}; `python cli.py backbones` lists them "
-                        f"({', '.join(sorted(TABLE)[:6])}, ...)")
+                        f"({', '.join(sorted(TABLE)[:6])}, ...), or hub:PRESET for a keras-hub preset")
     return TABLE[key]
 
 
 def weights_identity(spec: Backbone, weights: str) -> str:
     """A short string that changes whenever the weights would: hashed into the cache key."""
     w = weights.lower()
+    if spec.family == hub.FAMILY:
+        hub.check_weights(weights)
+        return hub.identity(spec.builder_kwargs["preset"], weights)
     if w == "none":
         return "none:seed=0"
     if w == "imagenet":
@@ -155,6 +167,18 @@ def check_weights_size(spec: Backbone, weights: str, image_size: int) -> None:
     if weights.lower() == "imagenet" and spec.imagenet_sizes and image_size not in spec.imagenet_sizes:
         raise UserError(f"{spec.name} ImageNet weights exist for sizes {', '.join(map(str, spec.imagenet_sizes))}"
                         f"; pick one with --image-size or use --weights none")
+
+
+def check_output(spec: Backbone, pooling: str, layer: str | None) -> None:
+    """One line for an output a backbone cannot give: `--pooling cls` (a transformer's class token)
+    from a CNN, or `--layer` from a keras-hub preset (its intermediate layers are not reachable yet)."""
+    if spec.family == hub.FAMILY:
+        if layer:
+            raise UserError(f"--layer is not supported for keras-hub backbones yet: {spec.name} gives its last "
+                            f"layer's features (pooled with --pooling avg, max or cls)")
+    elif pooling == "cls":
+        raise UserError(f"--pooling cls takes a transformer's class token; {spec.name} gives feature maps: use "
+                        f"--pooling avg or max (or a keras-hub transformer, --backbone hub:PRESET)")
 
 
 def build(spec: Backbone, weights: str, image_size: int, include_top: bool = False):

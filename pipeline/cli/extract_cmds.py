@@ -120,3 +120,6 @@ def backbones_cmd(name: str | None, layers: bool) -> None:
     for s in specs:
         table.add_row(s.name, str(s.default_size), s.preprocess, ", ".join(n for n, _ in s.blocks))
     Console(width=120).print(table)
+    if not name:
+        click.echo("hub:PRESET: a keras-hub preset by name (downloaded by keras-hub) or a local preset folder "
+                   "(pip install -e \".[hub]\")")

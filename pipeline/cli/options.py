@@ -9,6 +9,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
+from pipeline.backbones.hub import qualified
 from pipeline.backbones.table import DEFAULT_BACKBONE
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig
 from pipeline.errors import UserError
@@ -38,13 +39,15 @@ _EXTRACT_OPTIONS = [
                       "CSV manifest path,label[,split], tfds:NAME, or builtin:digits."),
     click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
                  help="Backbone name; `cli.py backbones` lists them. fit-head: several, comma-separated (a,b,c), "
-                      "ranks them by cross-validation on the training images and keeps the best."),
+                      "ranks them by cross-validation on the training images and keeps the best. hub:PRESET: a "
+                      "keras-hub preset by name or local folder."),
     click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a weights file."),
     click.option("--image-size", type=int, default=None, help="Input size (default: the backbone's)."),
     click.option("--resize", type=click.Choice(RESIZE_METHODS), default="stretch", show_default=True,
                  help="stretch to a square, or crop: shorter side to size, then centre crop."),
     click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True,
-                 help="Global pooling of the feature map; none keeps full maps."),
+                 help="Global pooling of the feature map (a transformer's tokens); cls: the class token "
+                      "(keras-hub transformers); none keeps full maps."),
     click.option("--layer", default=None, help="Take features from this intermediate layer."),
     click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
                  help="Stored feature dtype."),
@@ -143,7 +146,7 @@ def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
     if kw["image_size"] is not None and kw["image_size"] < 1:
         raise UserError("--image-size must be a positive number of pixels")
     request = ExtractRequest(
-        data=kw["data"], backbone=kw["backbone"], weights=kw["weights"], image_size=kw["image_size"],
+        data=kw["data"], backbone=qualified(kw["backbone"]), weights=kw["weights"], image_size=kw["image_size"],
         resize=kw["resize"], pooling=kw["pooling"], layer=kw["layer"], dtype=kw["dtype"],
         precision=kw["precision"], augment_copies=kw["augment_copies"], augment_seed=kw["augment_seed"],
         augment=parse_augment(kw["augment_ops"]),

@@ -20,7 +20,7 @@ from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig, open_source
 from pipeline.errors import UserError
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache"
-POOLINGS = ("avg", "max", "none")
+POOLINGS = ("avg", "max", "cls", "none")  # cls: a transformer's class token (keras-hub presets)
 DTYPES = ("float16", "float32")
 PRECISIONS = ("float32", "mixed")
 MAX_IMAGE_SIZE = 2048  # larger needs RunOptions.allow_large (--allow-large): memory grows with size^2
@@ -155,6 +155,7 @@ def plan(request: ExtractRequest, cache_dir: Path = DEFAULT_CACHE) -> Plan:
     """Resolve a request into its cache key and file path (fast: lists files, imports no Keras)."""
     spec = backbones.get(request.backbone)
     size = spec.resolve_size(request.image_size)
+    backbones.check_output(spec, request.pooling, request.layer)
     source = open_source(request.data, request.split)
     backend = backend_name()
     material = {
@@ -177,5 +178,5 @@ def plan(request: ExtractRequest, cache_dir: Path = DEFAULT_CACHE) -> Plan:
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     tail = request.layer or request.pooling
-    name = f"{spec.name}-{size}-{tail}-{key[:16]}.h5".replace("/", "_")
+    name = f"{spec.slug}-{size}-{tail}-{key[:16]}.h5".replace("/", "_")
     return Plan(request, spec, size, material, key, Path(cache_dir) / "features" / name, source)

@@ -72,4 +72,4 @@ def assemble(spec: backbones.Backbone, size: int, trunk, top):
     from pipeline.backbones.model import preprocessed_input
 
     inputs, x = preprocessed_input(spec, size)
-    return keras.Model(inputs, top(trunk(x, training=False)), name=f"finetune_{spec.name}")
+    return keras.Model(inputs, top(trunk(x, training=False)), name=f"finetune_{spec.slug}")

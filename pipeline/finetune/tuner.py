@@ -91,7 +91,7 @@ def build_finetune_model(request: ExtractRequest, head):
     inputs, x = image_graph(spec, request.weights, size, request.pooling, request.layer)
     head_model = head.keras_head(tuple(int(d) for d in x.shape[1:]), spec.name)
     out = head_model(x)
-    model = keras.Model(inputs, out, name=f"finetune_{spec.name}")
+    model = keras.Model(inputs, out, name=f"finetune_{spec.slug}")
     _freeze_batchnorm(model)
     return model
 
@@ -476,9 +476,18 @@ class FineTuner:
         """Raise UserError for a bad parameter now, before any work; with `backbone`, also for an
         --unfreeze name that is not one of its blocks (`fit` checks both again)."""
         self._check()
-        if backbone is not None and self.unfreeze:
-            check_blocks(backbones.get(backbone), self.unfreeze)
+        if backbone is not None:
+            spec = backbones.get(backbone)
+            if self.unfreeze:
+                check_blocks(spec, self.unfreeze)
+            self._check_has_blocks(spec)
         return self
+
+    def _check_has_blocks(self, spec: backbones.Backbone) -> None:
+        """A backbone with no listed top blocks (a keras-hub preset) fine-tunes only by --unfreeze-last."""
+        if not spec.blocks and not self.unfreeze_last:
+            raise UserError(f"{spec.name} lists no fine-tunable top blocks (keras-hub presets keep their "
+                            f"transformer blocks inside one layer); --unfreeze-last 1 trains its whole tower")
 
     def _check(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -549,6 +558,7 @@ class FineTuner:
 
     def _blocks(self, spec: backbones.Backbone, layer_names: list[str]) -> tuple[str, ...]:
         """The blocks to unfreeze: as given, else the table's default count of topmost blocks."""
+        self._check_has_blocks(spec)
         if self.unfreeze is not None:
             return self.unfreeze
         return tuple(list(backbones.block_spans(spec, layer_names))[:max(1, int(spec.finetune_blocks))])
