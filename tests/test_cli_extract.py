@@ -151,3 +151,16 @@ def test_backbones_lists_every_family():
         assert name in proc.stdout, name
     layers = run_cli("backbones", "vgg16", "--layers")
     assert layers.returncode == 0 and "block5_conv3" in layers.stdout.split()
+    assert "hub:PRESET" in proc.stdout  # keras-hub presets are named beside the table
+
+
+def test_pip_install_gives_a_featurecache_command_that_is_cli_py():
+    """`pip install -e .` (the README's set-up, and CI's) puts `featurecache` beside the interpreter."""
+    import importlib.metadata
+    points = importlib.metadata.entry_points(group="console_scripts", name="featurecache")
+    assert [p.value for p in points] == ["pipeline.cli:main"], "reinstall: pip install -e ."
+    script = Path(sys.executable).parent / "featurecache"
+    proc = subprocess.run([str(script), "backbones"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == run_cli("backbones").stdout, proc.stderr
+    usage = subprocess.run([str(script), "nope"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "see 'featurecache -h'" in usage.stderr

@@ -124,4 +124,6 @@ from pipeline.cli import (audit_cmds, cache_cmds, export_cmds, extract_cmds, fin
 
 
 def main() -> None:
-    cli(prog_name="cli.py")
+    """`python cli.py ...`, or the `featurecache` command that `pip install` puts on the PATH."""
+    script = os.path.basename(sys.argv[0] or "")
+    cli(prog_name="cli.py" if script.endswith(".py") or not script else script)
