@@ -61,6 +61,34 @@ def test_bad_preset_names_are_one_line(name, fragment, tmp_path, monkeypatch):
         backbones.get(name)
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    ({"image_converter.json": None}, "has no image_converter.json, which says how the preset scales pixels"),
+    ({"config.json": '{"config": null}'}, "is not a keras-hub preset file"),
+    ({"config.json": "{not json"}, "cannot read keras-hub preset file"),
+    ({"image_converter.json": '{"config": {"image_size": [32, 32], "scale": "x"}}'}, "is not a number"),
+])
+def test_a_damaged_preset_folder_is_one_line(preset, tmp_path, damage, fragment):
+    folder = tmp_path / "p"
+    folder.mkdir()
+    for f in preset.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    for name, text in damage.items():
+        (folder / name).unlink() if text is None else (folder / name).write_text(text)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        backbones.get(f"hub:{folder}")
+
+
+def test_keras_hub_handles_are_names_not_folders_and_long_paths_make_short_file_names(tmp_path):
+    assert hub.qualified("hub:kaggle://keras/vit/keras/vit_base_patch16_224_imagenet/3") == \
+        "hub:kaggle://keras/vit/keras/vit_base_patch16_224_imagenet/3"
+    assert hub.qualified("hub:hf://google/siglip") == "hub:hf://google/siglip"
+    from pipeline.extract import ExtractRequest
+    assert ExtractRequest(backbone="hub:./x").backbone == f"hub:{Path('x').resolve()}"  # the API records it too
+    row = backbones.Backbone("hub:" + "/very_long_folder_name" * 20, "m:f", "in-model", 32, ())
+    assert len(row.slug) <= 80 and row.slug != backbones.Backbone("hub:/other" + row.name[10:], "m:f", "in-model",
+                                                                   32, ()).slug
+
+
 def test_outputs_a_backbone_cannot_give_are_refused(preset, tmp_path):
     vit = backbones.get(f"hub:{preset}")
     with pytest.raises(UserError, match="--layer is not supported for keras-hub"):
@@ -112,8 +140,40 @@ def test_a_hub_preset_through_every_stage(preset, tmp_path):
     assert by_model.stdout == pred.stdout, by_model.stderr
     onnx = run_cli("export", "--run", run_id, "--format", "onnx", "--out", str(tmp_path / "onnx"), "--cache-dir", cache)
     assert onnx.returncode == 2 and "tf2onnx" in onnx.stderr and "Traceback" not in onnx.stderr
-    refused = run_cli("finetune", "--run", run_id, "--epochs", "1", "--cache-dir", cache)
-    assert refused.returncode == 2 and "--unfreeze-last 1 trains its whole tower" in refused.stderr, refused.stderr
-    ft = run_cli("finetune", "--run", run_id, "--epochs", "1", "--unfreeze-last", "1", "--batch-size", "8",
-                 "--no-progress", "--cache-dir", cache)
+    refused = run_cli("finetune", "--run", run_id, "--unfreeze", "block7", "--cache-dir", cache)
+    assert refused.returncode == 2 and "its top blocks are: block1, block0" in refused.stderr, refused.stderr
+    # the default: the topmost transformer block trains, nothing else of the tower
+    ft = run_cli("finetune", "--run", run_id, "--epochs", "1", "--batch-size", "8", "--no-progress",
+                 "--cache-dir", cache)
     assert ft.returncode == 0 and "1 epoch(s)" in ft.stdout, ft.stderr
+    import keras
+    tuned = keras.models.load_model(Path(cache) / "runs" / re.search(r"; run (\S+)", ft.stdout).group(1) /
+                                    "model.keras").get_layer("backbone").layers[-1]
+    changed = {w.path.split("/")[1] for w, v in zip(keras_hub.models.Backbone.from_preset(str(preset)).weights,
+                                                    tuned.weights)
+               if np.abs(np.asarray(w) - np.asarray(v)).max() > 0}
+    assert changed == {"transformer_block_2"}, changed  # keras-hub numbers the blocks from 1
+    # a saved keras-hub tower does not keep which inner blocks train: resuming is refused, not wrong
+    state_file = Path(cache) / "runs" / re.search(r"; run (\S+)", ft.stdout).group(1) / "checkpoint.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "complete": False}))  # as if killed after its last epoch
+    info_file = state_file.parent / "run.json"
+    info_file.write_text(json.dumps({**json.loads(info_file.read_text()), "status": "incomplete"}))
+    resumed = run_cli("finetune", "--resume", state_file.parent.name, "--cache-dir", cache)
+    assert resumed.returncode == 2 and "resuming a fine-tune of hub:" in resumed.stderr, resumed.stderr
+
+
+def test_transformer_blocks_are_found_inside_dinov2_and_siglip_towers():
+    """ViT and SigLIP keep `encoder_layers`, DINOv2 its encoder layer's `layers`: one finder for all,
+    and `train_blocks` leaves exactly the chosen block's weights trainable."""
+    dino = keras_hub.models.DINOV2Backbone(
+        patch_size=14, num_layers=3, hidden_dim=16, num_heads=2, intermediate_dim=32, layer_scale_init_value=1.0,
+        num_register_tokens=0, use_mask_token=False, use_swiglu_ffn=False, image_shape=(28, 28, 3),
+        position_embedding_shape=(28, 28))
+    siglip = keras_hub.models.SigLIPVisionEncoder(patch_size=8, hidden_dim=16, num_layers=2, num_heads=2,
+                                                  intermediate_dim=32, image_shape=(32, 32, 3))
+    assert list(hub.nested_blocks(dino)) == ["block2", "block1", "block0"]
+    assert list(hub.nested_blocks(siglip)) == ["block1", "block0"]
+    hub.train_blocks(dino, [hub.nested_blocks(dino)["block2"]])
+    assert {w.path.split("/")[1] for w in dino.trainable_weights} == {"layers_2"}
+    assert hub.nested_blocks(backbones.build(backbones.get("vgg16"), "none", 32)) == {}

@@ -5,3 +5,4 @@ frozen feature graph (`model`), EfficientNet-Lite with offline weights (`lite`, 
 from pipeline.backbones.table import (DEFAULT_BACKBONE, PREPROCESS, TABLE, Backbone, _resolve,  # noqa: F401
                                       block_spans, build, check_output, get,
                                       weights_identity)
+from pipeline.backbones.hub import nested_blocks, train_blocks  # noqa: F401

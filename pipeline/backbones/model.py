@@ -4,7 +4,7 @@
       -> image_to_float (float32 0..255)
       -> the backbone's preprocessing (built-in Keras layers, `preprocessing`)
       -> backbone (a frozen nested model named "backbone", cut at --layer)
-      -> [global avg/max pooling]
+      -> [global avg/max pooling of a map or tokens, or a transformer's class token]
       -> [a head: fine-tuning and export]
 
 Augmentation is not in the graph: it runs in the input path (`pipeline.data.augment`, seeded by
@@ -53,8 +53,6 @@ def preprocessed_input(spec: Backbone, image_size: int):
 def image_graph(spec: Backbone, weights: str, image_size: int, pooling: str = "avg", layer: str | None = None,
                 include_top: bool = False):
     """(uint8 input tensor, output tensor) of the graph above, without a head."""
-    import keras
-
     inputs, x = preprocessed_input(spec, image_size)
     x = backbone_cut(spec, weights, image_size, layer, include_top)(x, training=False)
     return inputs, pooled(x, pooling, spec.name)
@@ -66,14 +64,19 @@ def pooled(x, pooling: str, name: str):
     import keras
 
     L = keras.layers
-    if pooling == "none" or len(x.shape) == 2:
+    if pooling == "none":
         return x
     if pooling == "cls":
+        if len(x.shape) == 2:
+            raise UserError(f"--pooling cls takes a transformer's class token; {name} gives one pooled vector "
+                            f"per image already: use --pooling avg")
         if len(x.shape) != 3:
             raise UserError(f"--pooling cls takes a transformer's class token; {name} gives feature maps of shape "
                             f"{tuple(x.shape[1:])}: use --pooling avg or max")
         first = L.Cropping1D((0, int(x.shape[1]) - 1), name="features_cls_token")(x)
         return L.Flatten(name="features_cls_pool")(first)
+    if len(x.shape) == 2:
+        return x
     if len(x.shape) == 3:
         pool = L.GlobalAveragePooling1D if pooling == "avg" else L.GlobalMaxPooling1D
     else:

@@ -42,8 +42,12 @@ class Backbone:
 
     @property
     def slug(self) -> str:
-        """The name as Keras and file names take it (a hub preset's folder path has slashes)."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name).strip("_")
+        """The name as Keras and file names take it (a hub preset's folder path has slashes; a long
+        one keeps its end and a hash of the whole, so file names stay under 255 bytes)."""
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name).strip("_")
+        if len(slug) > 80:
+            slug = f"{slug[:12]}_{hashlib.sha256(self.name.encode()).hexdigest()[:8]}_{slug[-50:].lstrip('_')}"
+        return slug
 
     def resolve_size(self, image_size: int | None) -> int:
         """The input size to use, checked against what the backbone can take."""
@@ -219,9 +223,12 @@ def _explain_build_error(spec: Backbone, weights: str | None, size: int, exc: Ex
 
 
 def block_spans(spec: Backbone, layer_names: list[str]) -> dict[str, tuple[int, int]]:
-    """Map each top block to its [start, end) range of layer indices in `layer_names` (model order)."""
+    """Map each top block to its [start, end) range of layer indices in `layer_names` (model order);
+    a keras-hub preset's transformer blocks are not layers of the model but inside one (`hub`)."""
     starts: list[tuple[str, int]] = []
     for name, start in spec.blocks:
+        if start.startswith(hub.NESTED):  # inside one layer: `hub.nested_blocks` finds them
+            continue
         if start.startswith("after:"):
             anchor = start[6:]
             if anchor not in layer_names:

@@ -9,7 +9,6 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from pipeline.backbones.hub import qualified
 from pipeline.backbones.table import DEFAULT_BACKBONE
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig
 from pipeline.errors import UserError
@@ -146,7 +145,7 @@ def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
     if kw["image_size"] is not None and kw["image_size"] < 1:
         raise UserError("--image-size must be a positive number of pixels")
     request = ExtractRequest(
-        data=kw["data"], backbone=qualified(kw["backbone"]), weights=kw["weights"], image_size=kw["image_size"],
+        data=kw["data"], backbone=kw["backbone"], weights=kw["weights"], image_size=kw["image_size"],
         resize=kw["resize"], pooling=kw["pooling"], layer=kw["layer"], dtype=kw["dtype"],
         precision=kw["precision"], augment_copies=kw["augment_copies"], augment_seed=kw["augment_seed"],
         augment=parse_augment(kw["augment_ops"]),

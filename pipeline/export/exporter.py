@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from pipeline.backbones import hub
-from pipeline.backend import name as backend_name
 from pipeline.errors import UserError
 
 # format -> the model's name inside the export folder
@@ -135,9 +134,10 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     earlier export and `force` is given; any other existing folder is refused.
     """
     check_format(fmt)
-    if fmt == "onnx" and hub.is_hub(run.request.backbone) and backend_name() == "tensorflow":
-        raise UserError("ONNX export of a keras-hub backbone fails in tf2onnx (it has no Erfc, which their exact "
-                        "GELU uses); export --format keras, savedmodel or tflite")
+    if fmt == "onnx" and hub.is_hub(run.request.backbone):
+        raise UserError("ONNX export of a keras-hub backbone fails in both converters (tf2onnx has no Erfc, which "
+                        "their exact GELU uses; jax2onnx cannot trace their patch embedding); export --format "
+                        "keras, savedmodel or tflite")
     out = Path(out).expanduser().absolute()
     check_target(out, force)
     model = inference_model(run)

@@ -47,6 +47,8 @@ class ExtractRequest:
     split: SplitConfig = SplitConfig()
 
     def __post_init__(self) -> None:
+        # a keras-hub preset folder is recorded by its absolute path, so a run replays from anywhere
+        object.__setattr__(self, "backbone", backbones.hub.qualified(self.backbone))
         _choice("--pooling", self.pooling, POOLINGS)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--precision", self.precision, PRECISIONS)

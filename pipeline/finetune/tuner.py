@@ -150,7 +150,8 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
     layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
     names = [layer.name for layer in backbone.layers]
     spans = backbones.block_spans(spec, names)
-    check_blocks(spec, unfreeze, present=list(spans))
+    nested = backbones.nested_blocks(backbone)  # a keras-hub tower's transformer blocks (else none)
+    check_blocks(spec, unfreeze, present=list(spans) + list(nested))
     if unfreeze_last is not None and int(unfreeze_last) < 0:
         raise UserError(f"unfreeze_last must be 0 or more, not {unfreeze_last}")
     if unfreeze_last and int(unfreeze_last) > len(layers):
@@ -158,8 +159,8 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
                         f"has here; give at most {len(layers)} (or name blocks with --unfreeze)")
     chosen: set[int] = set()
     for block in unfreeze:
-        start, end = spans[block]
-        chosen.update(range(start, end))
+        if block in spans:
+            chosen.update(range(*spans[block]))
     if unfreeze_last:
         chosen.update(names.index(layer.name) for layer in layers[-int(unfreeze_last):])
     heads = [layer for layer in model.layers if layer.name == "head" and isinstance(layer, keras.Model)]
@@ -169,6 +170,9 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
         layer.trainable = False
     for i, layer in enumerate(backbone.layers):
         layer.trainable = i in chosen
+    deep = [nested[block] for block in unfreeze if block in nested]
+    if deep:
+        backbones.train_blocks(backbone, deep + [backbone.layers[i] for i in chosen])
     for layer in model.layers:
         if layer.name.startswith("preprocess_"):
             layer.trainable = False
@@ -486,8 +490,8 @@ class FineTuner:
     def _check_has_blocks(self, spec: backbones.Backbone) -> None:
         """A backbone with no listed top blocks (a keras-hub preset) fine-tunes only by --unfreeze-last."""
         if not spec.blocks and not self.unfreeze_last:
-            raise UserError(f"{spec.name} lists no fine-tunable top blocks (keras-hub presets keep their "
-                            f"transformer blocks inside one layer); --unfreeze-last 1 trains its whole tower")
+            raise UserError(f"{spec.name} lists no fine-tunable top blocks (a keras-hub CNN preset); "
+                            f"--unfreeze-last 1 trains its whole tower")
 
     def _check(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -561,7 +565,9 @@ class FineTuner:
         self._check_has_blocks(spec)
         if self.unfreeze is not None:
             return self.unfreeze
-        return tuple(list(backbones.block_spans(spec, layer_names))[:max(1, int(spec.finetune_blocks))])
+        present = [*backbones.block_spans(spec, layer_names), *(n for n, start in spec.blocks if start.startswith(
+            backbones.hub.NESTED))]
+        return tuple(present[:max(1, int(spec.finetune_blocks))])
 
     def _plan_trunk(self, request: ExtractRequest, spec: backbones.Backbone, size: int, n_images: int,
                     cache_dir: Path, say: Callable[[str], None]) -> tuple[str, ExtractRequest] | None:
@@ -582,6 +588,8 @@ class FineTuner:
             return None
         if self.unfreeze_last:
             return skip("the trunk cache needs whole blocks (--unfreeze), not --unfreeze-last")
+        if spec.family == backbones.hub.FAMILY:
+            return skip("a keras-hub preset keeps its blocks inside one layer, so there is no cut to cache below")
         backbone = backbone_cut(spec, "none", size, request.layer)  # layer names and shapes only
         names = [layer.name for layer in backbone.layers]
         cut = cut_layer(spec, names, self._blocks(spec, names))
@@ -702,6 +710,9 @@ class FineTuner:
         cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
         trunk = self._plan_trunk(request, spec, size, len(listing.ids), cache_dir, say)
         fingerprint = self._fingerprint(request, head, parts)
+        if resume and spec.family == backbones.hub.FAMILY and (read_checkpoint(run_dir) or {}).get("model"):
+            raise UserError(f"resuming a fine-tune of {spec.name} is not supported yet (a saved keras-hub tower "
+                            f"does not keep which of its inner layers train); start it again from the head run")
         state = self._resume_state(run_dir, resume, fingerprint, say)
         cut = trunk[0] if trunk else None
         if state is not None and state.get("trunk_cut") != cut:  # e.g. the disk filled up since
