@@ -4,6 +4,7 @@ function, found only when a GPU session was being prepared."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,15 @@ def test_bench_backbones_runs(tmp_path):
                   "--weights", "none", "--image-size", "32", "--dtype", "float32", "--head", "logistic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "kept " in proc.stdout and "test accuracy" in proc.stdout and "of 1 data sets" in proc.stdout
+
+
+def test_bench_quality_prints_the_readme_rows(tmp_path):
+    proc = _bench("quality.py", "--rows", "digits", "--work", str(tmp_path), "--backbone", "mobilenetv2", "--weights",
+                  "none", "--image-size", "32", "--dtype", "float32", "--head", "logistic", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    row = next(l for l in proc.stdout.splitlines() if l.startswith("| digits |"))
+    assert re.search(r"\*\*\d+\.\d%\*\*", row) and "fit-head --data builtin:digits" in row
+    assert "environment: " in proc.stdout and "cores" in proc.stdout
 
 
 def test_bench_heldout_reports_over_seeds(tmp_path):
