@@ -120,7 +120,8 @@ class TorchRunner(Runner):
     def _start(self, x: np.ndarray) -> Any:
         torch = self.torch
         with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+            t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+            t = t.to(self.device, non_blocking=True)  # a no-op for a tensor already there (bench/extract.py)
             return self.model(t, training=False).float()  # queued on CUDA; synchronous on the CPU
 
     def _finish(self, out: Any) -> np.ndarray:
