@@ -16,6 +16,7 @@ head kept with its CV log loss, and the wall times. The held-out rows over seeds
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def run_row(name: str, data: str, finetune: bool, work: Path, fit_head_args: lis
     out, t_head = cli("fit-head", "--data", data, *cache, *fit_head_args)
     head_run = re.search(r"run (\S+) saved in", out).group(1)
     val = accuracies(out).get("val")
-    command = " ".join(["fit-head --data", data, *fit_head_args])
+    shown = os.path.relpath(data, REPO) if Path(data).is_absolute() else data  # as the README writes it
+    command = " ".join(["fit-head --data", shown, *fit_head_args])
     row = f"| {name} | `{command}` | **{100 * val:.1f}%** ({kept_head(out) or 'head as asked'}); {t_head:.0f} s |"
     print(row, flush=True)
     if not finetune:
