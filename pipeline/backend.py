@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.versions import version
 
 BACKENDS = ("tensorflow", "jax", "torch")
 _LIBRARY = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
@@ -72,11 +73,7 @@ def require() -> str:
 
 def library_version(backend: str | None = None) -> str:
     """The installed version of the backend's library (part of the cache key)."""
-    dist = _LIBRARY.get(backend or name(), backend or name())
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
+    return version(_LIBRARY.get(backend or name(), backend or name()))
 
 
 def accelerator() -> str | None:

@@ -16,13 +16,13 @@ float 0..255 pixels like every row with in-model preprocessing; its output is a 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.versions import version
 
 PREFIX = "hub:"
 NESTED = "nested:"  # a block's start in a hub row: the I-th of the tower's own transformer blocks
@@ -224,15 +224,12 @@ def identity(preset_handle: str, weights: str) -> str:
     or a named preset's Kaggle handle; with keras-hub's version (its code builds the model from the
     config); `none` weights are seeded random."""
     kind = "none:seed=0" if weights.lower() == "none" else "preset"
-    try:
-        version = importlib.metadata.version("keras-hub")
-    except importlib.metadata.PackageNotFoundError:
-        version = "absent"
+    hub_version = version("keras-hub")
     folder = Path(preset_handle)
     if folder.is_absolute() and folder.is_dir():
-        return f"{kind}:folder:{folder_hash(folder)}:keras-hub-{version}"
+        return f"{kind}:folder:{folder_hash(folder)}:keras-hub-{hub_version}"
     kaggle = _keras_hub().models.Backbone.presets.get(preset_handle, {}).get("kaggle_handle", preset_handle)
-    return f"{kind}:{kaggle}:keras-hub-{version}"
+    return f"{kind}:{kaggle}:keras-hub-{hub_version}"
 
 
 _HASHES: dict[tuple, str] = {}  # one hash per folder state in a process: a ViT-L preset is 1.2 GB

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.versions import version
+
 RESIZE_METHODS = ("stretch", "crop")
 # One list of what every command reads: extension -> the format Pillow names in the header.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -71,24 +73,13 @@ def _cv2():
 def identity() -> dict[str, Any]:
     """What of the decoder goes into the cache key: libraries, versions and the rule (read from
     package metadata, so the cache-hit path imports neither OpenCV nor Pillow)."""
-    return {"library": f"opencv-{_dist_version(*_OPENCV_DISTS)}", "header": f"pillow-{_dist_version('pillow')}",
+    return {"library": f"opencv-{version(*_OPENCV_DISTS)}", "header": f"pillow-{version('pillow')}",
             "rule": RULE_VERSION, "reduced_scale": "jpeg 1/2,1/4,1/8 while shorter side >= size",
             "exif": "orientation applied", "resize": "area down, bilinear up"}
 
 
 _OPENCV_DISTS = ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
                  "opencv-contrib-python")
-
-
-def _dist_version(*dists: str) -> str:
-    import importlib.metadata
-
-    for dist in dists:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "absent"
 
 
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
-import importlib.metadata
 import io
 import os
 import warnings
@@ -22,6 +21,7 @@ import numpy as np
 
 from pipeline.data.decode import IMAGE_SUFFIXES, claimed_format
 from pipeline.errors import DataWarning, UserError
+from pipeline.versions import version
 
 SPLITS = ("train", "val", "test")
 # Folder names (lower case) that users give splits; one not in --split-names is refused, not taken for a class.
@@ -107,13 +107,6 @@ def hash_split(keys: Sequence[str], labels: np.ndarray, cfg: SplitConfig) -> lis
 def _split_dict(cfg: SplitConfig) -> dict[str, Any]:
     return {"folder_names": list(cfg.folder_names), "val_fraction": cfg.val_fraction,
             "test_fraction": cfg.test_fraction, "seed": cfg.seed}
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
 
 
 class Source:
@@ -510,7 +503,7 @@ class DigitsSource(Source):
                 "split": _split_dict(self.split)}
 
     def fingerprint(self, listing: Listing | None = None) -> str:
-        return f"sklearn-digits:{_version('scikit-learn')}"
+        return f"sklearn-digits:{version('scikit-learn')}"
 
     def raw_images(self, listing: Listing, indices: Sequence[int], size: int, method: str
                    ) -> Iterator[Callable[[], np.ndarray]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import importlib.metadata
 import io
 import json
 import os
@@ -26,6 +25,7 @@ import numpy as np
 
 from pipeline.backbones import hub
 from pipeline.errors import UserError
+from pipeline.versions import version
 
 # format -> the model's name inside the export folder
 FORMATS: dict[str, str] = {"keras": "model.keras", "onnx": "model.onnx", "savedmodel": "saved_model",
@@ -266,7 +266,7 @@ def model_card(run, fmt: str, size: int, n_outputs: int) -> dict[str, Any]:
         "head": record.config.get("head"),
         "data": {"source": record.config.get("data", request.data), "cache_key": record.config.get("cache_key")},
         "metrics": _metric_summary(record.metrics),
-        "tool": {"name": "featurecache", "version": _version("featurecache"),
+        "tool": {"name": "featurecache", "version": version("featurecache", default=None),
                  "keras": keras.__version__, "keras_backend": keras.backend.backend()},
     }
 
@@ -282,8 +282,3 @@ def _metric_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None

@@ -6,7 +6,6 @@ identical request is answered from disk in well under a second.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.decode import RESIZE_METHODS, identity as decoder_identity
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig, open_source
 from pipeline.errors import UserError
+from pipeline.versions import version
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache"
 POOLINGS = ("avg", "max", "cls", "none")  # cls: a transformer's class token (keras-hub presets)
@@ -118,13 +118,6 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "absent"
-
-
 @dataclass
 class Plan:
     """The resolved request: backbone row, input size, key material and file names. No Keras."""
@@ -176,7 +169,7 @@ def plan(request: ExtractRequest, cache_dir: Path = DEFAULT_CACHE) -> Plan:
         "data": source.identity(),
         "backend": backend,
         "decoder": decoder_identity(),
-        "versions": {"keras": _version("keras"), backend: library_version(backend)},
+        "versions": {"keras": version("keras"), backend: library_version(backend)},
     }
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     tail = request.layer or request.pooling

@@ -34,6 +34,7 @@ from rich.table import Table
 from pipeline.atomic import write_text_atomic
 from pipeline.backend import name as backend_name
 from pipeline.errors import UserError
+from pipeline.versions import version
 
 STAGES = ("extract", "fit-head", "sweep", "finetune", "audit")
 STATUSES = ("running", "ok", "failed", "incomplete")
@@ -53,8 +54,6 @@ def environment() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> dict[str, Any]:
-    from importlib import metadata
-
     cpu = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -66,10 +65,7 @@ def _environment() -> dict[str, Any]:
         with contextlib.suppress(OSError):
             gpus += [line.split(":", 1)[1].strip() for line in info.read_text(errors="replace").splitlines()
                      if line.startswith("Model:")]
-    packages = {}
-    for name in ENVIRONMENT_PACKAGES:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            packages[name] = metadata.version(name)
+    packages = {name: v for name in ENVIRONMENT_PACKAGES if (v := version(name, default=None))}
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu or platform.processor() or platform.machine(), "cpu_count": cores, "gpus": gpus,
             "os": platform.platform(), "python": sys.version.split()[0], "keras_backend": backend_name(),
