@@ -36,7 +36,6 @@ class Preset:
     """A resolved preset: `handle` is what keras-hub loads (a name, or a folder's absolute path)."""
 
     handle: str
-    folder: Path | None
     image_size: int | None
     scale: Any  # the image converter's scale and offset: pixels * scale + offset (scalars or per channel)
     offset: Any
@@ -112,7 +111,7 @@ def open_preset(name: str) -> Preset:
         if size is None:
             shape = config["config"].get("image_shape")
             size = int(shape[0]) if isinstance(shape, (list, tuple)) and shape and shape[0] else None
-        return Preset(str(folder), folder, size, scale, offset, _n_blocks(config))
+        return Preset(str(folder), size, scale, offset, _n_blocks(config))
     keras_hub = _keras_hub()
     try:
         converter = keras_hub.layers.ImageConverter.from_preset(handle)
@@ -126,7 +125,7 @@ def open_preset(name: str) -> Preset:
         config = load_json(handle)
     except Exception:  # an older or newer keras-hub: no blocks listed, --unfreeze-last still works
         config = {}
-    return Preset(handle, None, size, converter.scale, converter.offset, _n_blocks(config))
+    return Preset(handle, size, converter.scale, converter.offset, _n_blocks(config))
 
 
 def _n_blocks(config: dict) -> int:
@@ -162,7 +161,8 @@ def row_fields(name: str) -> dict[str, Any]:
     blocks = tuple((f"block{i}", f"{NESTED}{i}") for i in reversed(range(preset.n_blocks)))
     return dict(name=PREFIX + preset.handle, builder="pipeline.backbones.hub:build", preprocess="in-model",
                 default_size=preset.image_size or 224, blocks=blocks, family=FAMILY,
-                builder_kwargs={"preset": preset.handle})
+                builder_kwargs={"preset": preset.handle, "image_size": preset.image_size, "scale": preset.scale,
+                                "offset": preset.offset})
 
 
 def _tower_blocks(model) -> list:
@@ -170,7 +170,7 @@ def _tower_blocks(model) -> list:
     SigLIP), or the list of layers of its encoder layer (DINOv2); [] for a CNN."""
     import keras
 
-    candidates = [model, *[layer for layer in getattr(model, "layers", [])]]
+    candidates = [model, *getattr(model, "layers", [])]
     for layer in candidates:
         blocks = getattr(layer, "encoder_layers", None)
         if isinstance(blocks, (list, tuple)) and blocks:
@@ -270,8 +270,10 @@ def scaling_layer(scale: Any, offset: Any):
                                       dtype="float32")
 
 
-def build(preset: str, include_top: bool, weights: str | None, input_shape: tuple[int, int, int] | None = None):
-    """The preset's image tower behind its pixel scaling: float 0..255 (size, size, 3) in."""
+def build(preset: str, include_top: bool, weights: str | None, input_shape: tuple[int, int, int] | None = None,
+          image_size: int | None = None, scale: Any = None, offset: Any = None):
+    """The preset's image tower behind its pixel scaling: float 0..255 (size, size, 3) in. The
+    preset's size, scale and offset come from its row (`row_fields`), read once from its files."""
     import keras
 
     if include_top:
@@ -279,9 +281,8 @@ def build(preset: str, include_top: bool, weights: str | None, input_shape: tupl
                         "(a head fitted on their features)")
     check_weights(weights or "none")
     keras_hub = _keras_hub()
-    facts = open_preset(PREFIX + preset)
-    size = input_shape[0] if input_shape else facts.image_size
-    kwargs = {"image_shape": (size, size, 3)} if size and size != facts.image_size else {}
+    size = input_shape[0] if input_shape else image_size
+    kwargs = {"image_shape": (size, size, 3)} if size and size != image_size else {}
     try:
         model = keras_hub.models.Backbone.from_preset(preset, load_weights=weights == "imagenet", **kwargs)
     except UserError:
@@ -290,13 +291,13 @@ def build(preset: str, include_top: bool, weights: str | None, input_shape: tupl
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if kwargs:
             raise UserError(f"keras-hub preset {preset} cannot take --image-size {size} ({first}); its size is "
-                            f"{facts.image_size}") from None
-        if facts.folder is not None:
+                            f"{image_size}") from None
+        if Path(preset).is_dir():
             raise UserError(f"could not load the keras-hub preset folder {preset} ({first}); save it again") from None
         raise UserError(_fetch_error(preset, exc)) from None
     tower = getattr(model, "vision_encoder", None) or model
     pixels = keras.Input((size, size, 3), name="pixels", dtype="float32")
-    x = scaling_layer(facts.scale, facts.offset)(pixels)
+    x = scaling_layer(scale, offset)(pixels)
     out = tower({"images": x} if isinstance(tower.input, dict) else x)
     if isinstance(out, dict):  # towers with several outputs: the last hidden state is the feature
         out = out.get("sequence_output", next(iter(out.values())))
