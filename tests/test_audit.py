@@ -112,6 +112,27 @@ def test_the_outlier_distances_of_large_classes_walk_one_shared_projection(monke
     assert np.median(ratio) < 1.02 and (ratio >= 1 - 1e-5).all()   # the graph can only miss, never invent, neighbours
 
 
+def test_the_outlier_distances_taken_from_the_global_neighbours_equal_a_search_per_class(monkeypatch):
+    """Rows with k of their class among their global neighbours take those, the others are searched
+    within their class: the same distances as searching every class, exact and approximate alike."""
+    import pipeline.audit.outliers as outliers
+    from pipeline.features.neighbours import HNSW_DIM, CosineIndex, unit_rows
+
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), 300)
+    centres = rng.standard_normal((3, HNSW_DIM + 64)).astype(np.float32)
+    X = unit_rows(0.25 * centres[y] + rng.standard_normal((y.size, HNSW_DIM + 64)).astype(np.float32))
+    neigh = CosineIndex(X, normalized=True).self_query(12)
+    same = (y[neigh.index] == y[:, None]).sum(axis=1)
+    assert 0 < (same < 8).sum() < y.size // 4     # both paths are taken
+    exact = outliers.class_knn_distance(X, y, k=8)
+    np.testing.assert_allclose(outliers.class_knn_distance(X, y, k=8, neigh=neigh), exact, rtol=1e-5)
+    monkeypatch.setattr(outliers, "EXACT_ROWS", 200)    # classes of 300: the missing rows go through the projection
+    approx = outliers.class_knn_distance(X, y, k=8, neigh=neigh)
+    ratio = approx / exact
+    assert np.median(ratio) < 1.02 and (ratio >= 1 - 1e-5).all()
+
+
 def test_the_map_embeds_at_most_its_limit_even_when_more_images_are_flagged():
     from pipeline.audit.runner import map_rows
 

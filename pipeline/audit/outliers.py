@@ -5,38 +5,81 @@ robust z-score within that class (median and MAD), so a spread-out class does no
 Measuring within the class matters: photos of another data set dropped into several classes form a
 cluster of their own, so each is near the others and a plain kNN distance over all images misses
 them (bench/audit.py); within one class they are few, and far from the rest.
+
+The audit has every image's nearest neighbours over all classes already: an image with k of its own
+class among them takes those (they are its class's k nearest), and only the others are searched
+within their class, so the outliers cost a fraction of a search of their own.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.features.neighbours import EXACT_ROWS, search_space, self_neighbours
+from pipeline.features.neighbours import EXACT_ROWS, RESCORE_BLOCK, CosineIndex, Neighbours, search_space, self_neighbours
 
 CLASS_K = 10
+CANDIDATES = 2          # a large class's missing rows are found among this many x k candidates on the projection
+WHOLE_CLASS_SHARE = 0.25  # above this share of a large class missing, its own graph is cheaper than the searches
 
 
-def class_knn_distance(X: np.ndarray, y: np.ndarray, k: int = CLASS_K, walk: np.ndarray | None = None) -> np.ndarray:
-    """Mean cosine distance of each row to its k nearest other rows of the same label (NaN for a
-    class of one). `walk`: the rows' `search_space`, shared by classes too large for exact search
-    (made here when needed and not given)."""
-    out = np.full(y.size, np.nan)
-    if walk is None and np.bincount(y).max() > EXACT_ROWS:
+def _from_global(y: np.ndarray, sizes: np.ndarray, neigh: Neighbours, k: int) -> np.ndarray:
+    """Each row's mean cosine distance to the first k(row) rows of its own class in `neigh` (the
+    global neighbours, most similar first); NaN where fewer are listed. k(row) = min(k, class - 1)."""
+    idx, sim = neigh.index, neigh.similarity
+    same = (idx >= 0) & (y[np.maximum(idx, 0)] == y[:, None])
+    want = np.minimum(k, sizes[y] - 1)
+    take = same & (np.cumsum(same, axis=1) <= want[:, None])
+    got = take.sum(axis=1)
+    total = np.where(take, sim, 0.0).sum(axis=1)
+    return np.where((got == want) & (want > 0), 1.0 - total / np.maximum(want, 1), np.nan)
+
+
+def _search_rows(X: np.ndarray, rows: np.ndarray, ask: np.ndarray, kk: int, walk: np.ndarray | None) -> np.ndarray:
+    """Mean cosine distance of rows `ask` to their kk nearest other rows among `rows` (one class):
+    exact for a small class; for a large one, 2kk candidates from exact search on the projection
+    `walk`, rescored at full width (as the approximate search does)."""
+    if walk is None:
+        got = CosineIndex(X[rows], groups=rows, normalized=True).query(X[ask], kk, query_groups=ask)
+        return 1.0 - got.similarity.mean(axis=1)
+    cand = CosineIndex(walk[rows], groups=rows, normalized=True).query(walk[ask], min(rows.size - 1, CANDIDATES * kk),
+                                                                       query_groups=ask).index
+    members = rows[np.maximum(cand, 0)]
+    sim = np.empty(cand.shape, np.float32)
+    for a in range(0, ask.size, RESCORE_BLOCK):  # a bounded gather at a time
+        sim[a:a + RESCORE_BLOCK] = np.einsum("ij,ikj->ik", X[ask[a:a + RESCORE_BLOCK]], X[members[a:a + RESCORE_BLOCK]])
+    sim[cand < 0] = -np.inf
+    return 1.0 - np.sort(sim, axis=1)[:, ::-1][:, :kk].mean(axis=1)
+
+
+def class_knn_distance(X: np.ndarray, y: np.ndarray, k: int = CLASS_K, walk: np.ndarray | None = None,
+                       neigh: Neighbours | None = None) -> np.ndarray:
+    """Mean cosine distance of each unit-length row to its k nearest other rows of the same label (NaN
+    for a class of one). `neigh`: every row's nearest rows over all labels, where the caller has them
+    (the module docstring); `walk`: the rows' `search_space`, shared by classes too large for exact
+    search (made here when needed and not given)."""
+    sizes = np.bincount(y)
+    out = np.full(y.size, np.nan) if neigh is None else _from_global(y, sizes, neigh, k)
+    if walk is None and sizes.max() > EXACT_ROWS and np.isnan(out).any():
         walk = search_space(X)
     for c in np.unique(y):
         rows = np.flatnonzero(y == c)
-        if rows.size < 2:
+        ask = rows[np.isnan(out[rows])]
+        if rows.size < 2 or ask.size == 0:
             continue
         kk = min(k, rows.size - 1)
-        neigh = self_neighbours(X[rows], kk, exact_rows=EXACT_ROWS,
-                                walk=None if walk is None or rows.size <= EXACT_ROWS else walk[rows])
-        out[rows] = 1.0 - neigh.similarity.mean(axis=1)
+        if rows.size <= EXACT_ROWS or ask.size <= WHOLE_CLASS_SHARE * rows.size:
+            out[ask] = _search_rows(X, rows, ask, kk, None if rows.size <= EXACT_ROWS else walk)
+        else:
+            whole = self_neighbours(X[rows], kk, normalized=True, exact_rows=EXACT_ROWS, walk=walk[rows])
+            d = 1.0 - whole.similarity.mean(axis=1)
+            out[ask] = d[np.isnan(out[rows])]
     return out
 
 
-def outlier_scores(X: np.ndarray, y: np.ndarray, k: int = CLASS_K, walk: np.ndarray | None = None) -> np.ndarray:
+def outlier_scores(X: np.ndarray, y: np.ndarray, k: int = CLASS_K, walk: np.ndarray | None = None,
+                   neigh: Neighbours | None = None) -> np.ndarray:
     """Robust z-score of `class_knn_distance` within each class (0 for classes too small to tell)."""
-    d = class_knn_distance(X, y, k, walk)
+    d = class_knn_distance(X, y, k, walk, neigh)
     z = np.zeros(y.size)
     for c in np.unique(y):
         rows = np.flatnonzero((y == c) & np.isfinite(d))
