@@ -115,6 +115,39 @@ def test_huge_images_are_refused_before_decoding(monkeypatch):
     assert dec.decode(jpeg, size=25).shape == (25, 25, 3)  # 1/8 decode: 625 pixels fit the limit
 
 
+def _with_sof_size(jpeg: bytes, w: int, h: int) -> bytes:
+    """The JPEG with its frame header (SOF) claiming w x h."""
+    i = 2
+    while jpeg[i + 1] not in (0xC0, 0xC2):
+        i += 2 + int.from_bytes(jpeg[i + 2:i + 4], "big")
+    return jpeg[:i + 5] + h.to_bytes(2, "big") + w.to_bytes(2, "big") + jpeg[i + 9:]
+
+
+def test_the_quick_header_reader_agrees_with_pillow_and_leaves_the_unusual_to_it():
+    """JPEG (baseline, progressive, with EXIF and ICC segments before the frame) and PNG sizes are read
+    without Pillow, equal to Pillow's; anything else or anything odd returns None (Pillow reads it)."""
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = [_encode(_photo(37, 91), "JPEG"), _encode(_photo(120, 33), "JPEG", progressive=True),
+             _encode(_photo(64, 48), "JPEG", exif=exif.tobytes(), icc_profile=bytes(3000)),
+             _encode(_photo(50, 70), "PNG"), _encode(_img(rng, 1, 40)[:, :30], "PNG", optimize=True)]
+    for data in cases:
+        with Image.open(io.BytesIO(data)) as im:
+            assert dec.quick_size(data)[1:] == im.size
+        assert dec.read_header(data)[1:] == dec.quick_size(data)[1:]
+    jpeg = cases[0]
+    sos = jpeg.index(b"\xff\xda")
+    assert dec.quick_size(jpeg[:20]) is None                    # cut inside the header
+    assert dec.quick_size(jpeg[:2] + jpeg[sos:]) is None         # scan data before any frame header
+    assert dec.quick_size(_encode(_photo(), "BMP")) is None and dec.quick_size(b"") is None
+    with pytest.raises(dec.DecodeError, match="corrupt"):        # so Pillow still names what is wrong
+        dec.decode(jpeg[:20])
+    with pytest.raises(dec.DecodeError, match="too large to decode safely"):  # where Pillow's bomb check was
+        dec.read_header(_with_sof_size(jpeg, 20_000, 20_000))
+    assert dec.read_header(_with_sof_size(jpeg, 9_000, 7_000)) == ("JPEG", 9_000, 7_000)
+
+
 def test_resize_stretch_and_crop():
     img = _photo(60, 90)
     assert dec.resize(img, 32).shape == (32, 32, 3)
