@@ -162,9 +162,10 @@ def keras_io_baseline(args, n_rows: int, epochs: int, head_fit_seconds: float) -
           f" + dense head {head_fit_seconds:.1f} s = {ours:.0f} s;  ratio keras.io / ours = {keras_io / ours:.1f}x")
 
 
-def _keras_io_input(keras, paths: list[str], labels: list[int], size: int):
+def _keras_io_input(keras, paths: list[str], labels: list[int], size: int, batch: int = 32):
     """The keras.io input: tf.data (decode_image + resize, AUTOTUNE) on TensorFlow; on JAX/PyTorch,
-    where tf.data is not there, a keras PyDataset reading with Pillow in 2 worker threads."""
+    where tf.data is not there, a keras PyDataset reading with Pillow in 2 worker threads; `batch`
+    images a batch (the recipe's 32)."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -173,15 +174,15 @@ def _keras_io_input(keras, paths: list[str], labels: list[int], size: int):
             return tf.image.resize(tf.cast(img, tf.float32), (size, size)), label
 
         return (tf.data.Dataset.from_tensor_slices((paths, labels)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(32).prefetch(tf.data.AUTOTUNE))
+                .batch(batch).prefetch(tf.data.AUTOTUNE))
     from PIL import Image
 
     class Photos(keras.utils.PyDataset):
         def __len__(self):
-            return -(-len(paths) // 32)
+            return -(-len(paths) // batch)
 
         def __getitem__(self, i):
-            part = range(i * 32, min(len(paths), (i + 1) * 32))
+            part = range(i * batch, min(len(paths), (i + 1) * batch))
             x = np.stack([np.asarray(Image.open(paths[j]).convert("RGB").resize((size, size)), np.float32)
                           for j in part])
             return x, np.asarray([labels[j] for j in part])

@@ -443,6 +443,36 @@ def test_trunk_cache_trains_the_top_on_cached_maps_and_saves_an_image_model(data
         data.req, data.logistic, {})
 
 
+def test_a_padded_batch_has_the_loss_of_the_unpadded_one(monkeypatch):
+    """Padding (to the replicas, and on JAX to the whole batch: one compiled step) adds weight-0 rows
+    and weighs the real ones padded/real, so Keras' mean loss over all rows is the real rows' mean,
+    class weights included; on JAX the multiple is the batch size, rounded up to the replicas."""
+    import keras
+
+    import pipeline.backend
+    from pipeline.finetune.data import finish_batch
+    from pipeline.finetune.tuner import batch_multiple
+
+    rng = np.random.default_rng(0)
+    x = rng.random((5, 4, 4, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 1, 0], np.int32)
+    proba = rng.dirichlet(np.ones(3), 5).astype(np.float32)
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    cw = np.array([1.0, 2.0, 0.5], np.float32)
+    for multiple in (2, 8):
+        px, py, w = finish_batch(x, y, multiple, None, None)
+        assert px.shape[0] == py.size == w.size == 5 + (-5) % multiple and (w[5:] == 0).all()
+        padded_proba = np.concatenate([proba, np.repeat(proba[:1], py.size - 5, axis=0)])
+        np.testing.assert_allclose(float(loss(py, padded_proba, sample_weight=w)), float(loss(y, proba)), rtol=1e-5)
+        _, _, wc = finish_batch(x, y, multiple, cw, None)
+        np.testing.assert_allclose(float(loss(py, padded_proba, sample_weight=wc)),
+                                   float(loss(y, proba, sample_weight=cw[y])), rtol=1e-5)
+    monkeypatch.setattr(pipeline.backend, "name", lambda: "jax")
+    assert batch_multiple(32, 1) == 32 and batch_multiple(30, 4) == 32
+    monkeypatch.setattr(pipeline.backend, "name", lambda: "tensorflow")
+    assert batch_multiple(32, 1) == 1 and batch_multiple(30, 2) == 2
+
+
 def test_a_fine_tune_that_lowers_val_accuracy_says_so():
     """When val accuracy drops, the result says the head-only run stays the better model (and why,
     on small data); no note when it rises or without val."""

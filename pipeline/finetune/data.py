@@ -4,8 +4,10 @@
 run sees exactly the batches, and the views, an uninterrupted one would.
 
 On several devices (JAX data parallel) every batch must split evenly, so batches are padded to a
-multiple of the device count with weight-0 copies: every image counts once, the padding not at
-all. Class weights travel the same way, as per-sample weights.
+multiple of the device count with weight-0 copies, and on JAX to the whole batch size (one shape,
+one compiled step): every image counts once, the padding not at all, and the real rows weigh
+padded/real so a padded batch's mean loss is the unpadded one's (Keras divides by all the rows).
+Class weights travel the same way, as per-sample weights.
 """
 
 from __future__ import annotations
@@ -142,11 +144,13 @@ def finish_batch(x: np.ndarray, y: np.ndarray, devices: int, class_weights: np.n
 
 def pad_to_multiple(x: np.ndarray, y: np.ndarray, multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, y, sample weights) padded with copies of the first row to a multiple of `multiple`;
-    weights are 1 for real rows and 0 for the padding."""
+    weights are 0 for the padding and (padded rows / real rows) for the real ones, so the weighted
+    sum over all rows divided by their number (Keras' mean loss) is the real rows' mean."""
     n = y.size
     extra = (-n) % multiple if n else 0
     w = np.ones(n + extra, np.float32)
     if extra:
+        w[:n] = (n + extra) / n
         w[n:] = 0.0
         x = np.concatenate([x, np.repeat(x[:1], extra, axis=0)])
         y = np.concatenate([y, np.repeat(y[:1], extra)])

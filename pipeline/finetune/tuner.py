@@ -724,7 +724,8 @@ class FineTuner:
         y_train = np.asarray(listing.labels)[train_idx]
         class_weights = self._class_weights(y_train, len(class_names))
         devices = _data_parallel_devices()
-        replicas = len(devices) if devices else _tf_replicas()  # batches padded to a multiple of these
+        replicas = len(devices) if devices else _tf_replicas()
+        pad = batch_multiple(int(self.batch_size), replicas)  # every batch is padded to a multiple of this
         cw = None if class_weights is None else np.asarray([class_weights[c] for c in range(len(class_names))])
         initial_epoch = int(state["epoch"]) if state is not None else 0
         maps = None
@@ -736,10 +737,10 @@ class FineTuner:
                 stack.callback(maps["file"].close)
             model, fit_model, trainable = self._model(request, head, spec, lr,
                                                       run_dir / state["model"] if state else None,
-                                                      weighted=replicas > 1, cut=cut)
+                                                      weighted=pad > 1, cut=cut)
             from pipeline.backend import set_random_seed
             set_random_seed(int(self.seed))
-            batches = dict(size=size, resize=request.resize, batch_size=int(self.batch_size), devices=replicas)
+            batches = dict(size=size, resize=request.resize, batch_size=int(self.batch_size), devices=pad)
             eval_sets = {name: make_batches(source, listing, idx, **batches)
                          for name, idx in (("val", val_idx), ("test", test_idx)) if idx.size}
             one_hot = len(class_names) if float(self.label_smoothing) else None
@@ -749,7 +750,7 @@ class FineTuner:
                                         first_epoch=initial_epoch, class_weights=cw, augment=self.augment,
                                         one_hot=one_hot, **batches)
             else:
-                common = dict(batch_size=int(self.batch_size), devices=replicas, one_hot=one_hot)
+                common = dict(batch_size=int(self.batch_size), devices=pad, one_hot=one_hot)
                 train_ds = map_batches(maps["data"], maps["train_rows"], maps["labels"], shuffle_seed=int(self.seed),
                                        first_epoch=initial_epoch, class_weights=cw, **common)
                 fit_val = (map_batches(maps["data"], lambda epoch: maps["val_rows"], maps["labels"], **common)
@@ -949,6 +950,18 @@ def _tf_mirrored():
     if not tf.config.list_physical_devices("GPU") and len(cpus) > 1:
         return tf.distribute.MirroredStrategy([d.name for d in cpus])
     return None
+
+
+def batch_multiple(batch_size: int, replicas: int) -> int:
+    """What every training and evaluation batch is padded to a multiple of (weight-0 rows): the
+    replicas a data-parallel step splits it over, and on JAX the whole batch size, as JAX compiles a
+    step per batch shape: on an H200 a short last batch's compile (16 s for Lite0) fell inside the
+    first epoch and fine-tuned at 40 img/s against 705 with one shape (bench/gpu/diagnose.sh)."""
+    from pipeline.backend import name as backend_name
+
+    if backend_name() == "jax":
+        return -(-int(batch_size) // replicas) * replicas
+    return int(replicas)
 
 
 def _tf_replicas() -> int:
