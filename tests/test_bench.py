@@ -34,6 +34,19 @@ def test_bench_finetune_runs(tmp_path, repeat="2"):  # photos listed twice: the 
     assert "ratio ours / keras.io" in proc.stdout and "8 photos" in proc.stdout, proc.stdout
 
 
+def test_bench_gpu_diagnosis_runs_its_loader_and_extraction_breakdowns(tmp_path):
+    """bench/gpu/diagnose.py (what bench/gpu/diagnose.sh runs on a GPU machine) on a CPU, tiny."""
+    make_folder(tmp_path / "photos", per_class=3, splits=("train",))
+    diag = "gpu/diagnose.py"
+    proc = _bench(diag, "loader", "--data", "photos/train", "--limit", "0", "--repeat", "2", "--batch-size", "4",
+                  "--workers", "1,2", "--variants", "as-is,cvt", cwd=tmp_path)
+    assert re.search(r"loader as-is threads x2 +\d+ img/s", proc.stdout) and "loader cvt" in proc.stdout, proc.stdout
+    proc = _bench(diag, "extract", "--data", "photos/train", "--limit", "0", "--repeat", "2", "--batch-size", "4",
+                  "--image-size", "32", "--backbone", "mobilenetv2", "--weights", "none", "--runs", "1",
+                  "--precision", "float32", cwd=tmp_path)
+    assert re.search(r"extract cold .*: 12 rows in", proc.stdout) and "assemble (HDF5)" in proc.stdout, proc.stdout
+
+
 def test_bench_backbones_runs(tmp_path):
     proc = _bench("backbones.py", "--sets", "digits", "--backbones", "efficientnet_lite0,mobilenetv2", "--work", str(tmp_path),
                   "--weights", "none", "--image-size", "32", "--dtype", "float32", "--head", "logistic", cwd=tmp_path)
