@@ -3,13 +3,13 @@ model (top losses, confused classes), from the cached features, as a recorded ru
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
 from pipeline.cli import cli
 from pipeline.cli.head_cmds import open_cache, trust_pickle_option
 from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options
+from pipeline.layout import CacheLayout
 
 
 @cli.command("audit")
@@ -54,7 +54,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_
         check_finite(ff)
         if head is not None:  # a head of other features or classes: one line, before a run is recorded
             head.check_matches(ff)
-        registry = Registry(ff.path.parent.parent)
+        registry = Registry(CacheLayout.of(ff.path).root)
         config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
                   "data": ff.attrs.get("data") or ff.path.stem, "cv": cv, "seed": seed, "relabel": relabel,
                   "map": not no_map, **({"parent_run": run_id} if run_id else {})}
@@ -75,4 +75,4 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_
     click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}")
     click.echo(f"train without the flagged images: python cli.py fit-head --data {files['cleaned']} "
                f"--allow-outside-paths", err=True)
-    mlflow_after(log_mlflow, Path(run.dir).parent.parent, run.id, mlflow_experiment)
+    mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)

@@ -15,6 +15,7 @@ from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
 from pipeline.extract.plan import check_size, plan
 from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS
+from pipeline.layout import CacheLayout
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                           help="Cache root (default: ./cache).")
@@ -166,7 +167,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         check_finite(ff)
         if sweep:
             run_id = _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
-            mlflow_after(log_mlflow, ff.path.parent.parent, run_id, mlflow_experiment)
+            mlflow_after(log_mlflow, CacheLayout.of(ff.path).root, run_id, mlflow_experiment)
             return
         from pipeline.heads.training import fit_head_run
         if estimator.fit_note():  # no bar for the CV fits: say what the next seconds (up to a minute) are
@@ -188,7 +189,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     if result.metrics.get("val", {}).get("n"):
         from pipeline.tracking.metrics import metrics_table
         Console(width=110).print(metrics_table(result.metrics["val"], title="val"))
-    mlflow_after(log_mlflow, Path(run.dir).parent.parent, run.id, mlflow_experiment)
+    mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
 
 
 def backbone_list(spec: str) -> list[str]:
@@ -268,7 +269,7 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
     from pipeline.heads.sweep import results_table, save_sweep, sweep
     from pipeline.heads.training import run_config
 
-    registry = Registry(ff.path.parent.parent)
+    registry = Registry(CacheLayout.of(ff.path).root)
     run = registry.start("fit-head", run_config(ff, estimator, sweep=True, val_fraction=val_fraction,
                                                  seed=head_opts["seed"], use_augmented=use_augmented))
     with run:

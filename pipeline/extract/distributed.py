@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from pipeline.errors import UserError
 from pipeline.extract.plan import ExtractRequest, ExtractResult, RunOptions, check_size, plan
+from pipeline.locking import exclusive_lock
 
 Log = Callable[[str], None]
 MAX_RESTARTS = 4  # replacement actors per job before giving up
@@ -142,7 +143,7 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
     chunk (tests use it to kill a worker or the driver mid-run). `transport`: 'auto' (each actor
     writes to the shared `.parts` folder if it sees it, else sends chunks back), 'shared' or 'driver'.
     """
-    from pipeline.extract.worker import _Extraction, _locked, _recorded, _under_lock
+    from pipeline.extract.worker import _Extraction, _recorded, _under_lock
     from pipeline.features.store import ChunkDir, is_complete
 
     p = plan(request, options.cache_dir)
@@ -150,7 +151,7 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
         return ExtractResult(p.path, p.key, cache_hit=True)
     check_size(p.size, options.allow_large)
     ray = _ray()
-    with _locked(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
+    with exclusive_lock(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
         options, hit = _under_lock(p, options, log)
         if hit is not None:
             return hit

@@ -17,6 +17,7 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.decode import RESIZE_METHODS, identity as decoder_identity
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig, open_source
 from pipeline.errors import UserError
+from pipeline.layout import CacheLayout
 from pipeline.versions import version
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache"
@@ -174,4 +175,4 @@ def plan(request: ExtractRequest, cache_dir: Path = DEFAULT_CACHE) -> Plan:
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
     tail = request.layer or request.pooling
     name = f"{spec.slug}-{size}-{tail}-{key[:16]}.h5".replace("/", "_")
-    return Plan(request, spec, size, material, key, Path(cache_dir) / "features" / name, source)
+    return Plan(request, spec, size, material, key, CacheLayout(cache_dir).features / name, source)

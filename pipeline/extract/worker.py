@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import sys
 import time
@@ -27,32 +26,13 @@ from pipeline.errors import DataWarning, UncleanFileError, UserError
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, is_complete, read_parts_json
+from pipeline.locking import exclusive_lock
 
 Log = Callable[[str], None]
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _locked(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[bool]:
-    """Hold an exclusive lock on `path` (released by the OS even after kill -9); yields whether it is
-    held. When another process holds it: call `on_wait` and wait, or without one, yield False."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is None:
-                yield False
-                return
-            on_wait()
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _clean_leftovers(p: Plan, log: Log) -> None:
@@ -69,7 +49,7 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
     p = plan(request, options.cache_dir)
     if not options.force and is_complete(p.path):
         if p.parts.exists() or any(p.path.parent.glob(f".{p.path.name}.*.tmp")):
-            with contextlib.suppress(OSError), _locked(p.lock) as got:
+            with contextlib.suppress(OSError), exclusive_lock(p.lock) as got:
                 if got:
                     _clean_leftovers(p, log)
         return ExtractResult(p.path, p.key, cache_hit=True)
@@ -82,9 +62,9 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
                 raise UserError("--force cannot be combined with --shard; remove the cache (`cache rm`) first")
             i, n = options.shard
             shard_lock = p.path.with_suffix(f".shard-{i}-of-{n}.lock")
-            with _locked(shard_lock, lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
+            with exclusive_lock(shard_lock, lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
                 return _recorded(p, options, log)
-        with _locked(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
+        with exclusive_lock(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
             options, hit = _under_lock(p, options, log)
             return hit or _recorded(p, options, log)
     except OSError as exc:
@@ -261,7 +241,7 @@ class _Extraction:
                 return ExtractResult(p.path, p.key, cache_hit=False, seconds=time.perf_counter() - t0,
                                      computed=needed, shard=shard, n_chunks=n_chunks, missing_chunks=missing,
                                      reused=int(np.count_nonzero(self.reused & in_todo)))
-            with _locked(p.lock) as got:  # the last shard to finish assembles, unless one already does
+            with exclusive_lock(p.lock) as got:  # the last shard to finish assembles, unless one already does
                 if not got or is_complete(p.path):
                     return ExtractResult(p.path, p.key, cache_hit=False, computed=needed, shard=shard,
                                          n_chunks=n_chunks)

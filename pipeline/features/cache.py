@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -16,6 +15,8 @@ import h5py
 
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile, structure_problem
+from pipeline.layout import CacheLayout
+from pipeline.locking import is_locked
 
 
 @dataclass
@@ -31,10 +32,6 @@ class Entry:
     state: str  # 'complete', 'partial (N chunks)' or 'unreadable'
 
 
-def _features_dir(cache_dir: Path) -> Path:
-    return Path(cache_dir) / "features"
-
-
 def _name_parts(path: Path) -> tuple[str, str, str, str]:
     """backbone, size, pooling/layer and key prefix from `<backbone>-<size>-<pool>-<key16>`."""
     stem = path.name.split(".")[0]
@@ -46,7 +43,7 @@ def _name_parts(path: Path) -> tuple[str, str, str, str]:
 def find_entries(cache_dir: Path) -> list[Entry]:
     """Every finished `.h5` file and every unfinished `.parts` folder under the cache."""
     out: list[Entry] = []
-    root = _features_dir(cache_dir)
+    root = CacheLayout(cache_dir).features
     if not root.is_dir():
         return out
     for path in sorted(root.glob("*.h5")):
@@ -131,7 +128,7 @@ def select_for_removal(ref: str, cache_dir: Path) -> list[Entry]:
     ref = _check_ref(ref)
     hits = match_entries(ref, cache_dir)
     if not hits:
-        where = _features_dir(cache_dir)
+        where = CacheLayout(cache_dir).features
         if "/" in ref:
             raise UserError(f"{ref} is not an entry of the cache in {where}; cache rm removes only cache entries "
                             f"(by key prefix, see `python cli.py cache ls`), never other paths")
@@ -223,13 +220,13 @@ def describe(ref: str, cache_dir: Path) -> str:
 def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
     """Delete these entries (files or partial folders) and their lock files; refuses, before deleting
     anything, an entry outside the cache or one an extraction is writing right now."""
-    root = os.path.realpath(_features_dir(cache_dir))
+    root = os.path.realpath(CacheLayout(cache_dir).features)
     for e in entries:
         parent = os.path.realpath(e.path.parent)
         if parent != root:
             raise UserError(f"{e.path} is not inside the cache folder {root}; nothing removed")
         shard_locks = e.path.parent.glob(e.path.with_suffix("").name + ".shard-*-of-*.lock")
-        if _being_written(e.path.with_suffix(".lock")) or any(_being_written(lock) for lock in shard_locks):
+        if is_locked(e.path.with_suffix(".lock")) or any(is_locked(lock) for lock in shard_locks):
             raise UserError(f"an extraction is writing {e.path.name} right now; nothing removed; wait for it "
                             f"to finish or stop it first")
     removed = []
@@ -247,22 +244,6 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
                 shard_lock.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def _being_written(lock: Path) -> bool:
-    """Whether a live extraction holds this lock file (extract keeps an exclusive flock on it)."""
-    if not lock.is_file():
-        return False
-    try:
-        with open(lock, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-    except OSError:
-        return False
-    return False
 
 
 def remove_entry(ref: str, cache_dir: Path) -> list[Path]:

@@ -55,6 +55,7 @@ from pipeline.extract import ExtractRequest
 from pipeline.data.augment import AugmentConfig
 from pipeline.extract import DEFAULT_CACHE
 from pipeline.finetune.data import evaluate, make_batches, map_batches
+from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import read_object
 
 OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
@@ -363,7 +364,7 @@ def _remake_cache(request: Mapping[str, Any], gone: Path) -> str:
     request again into the same cache folder (unchanged data gives the same key and rows)."""
     from pipeline.extract import RunOptions, extract
 
-    result = extract(ExtractRequest.from_json(dict(request)), RunOptions(cache_dir=gone.parent.parent))
+    result = extract(ExtractRequest.from_json(dict(request)), RunOptions(cache_dir=CacheLayout.of(gone).root))
     return str(result.path)
 
 

@@ -19,6 +19,7 @@ from sklearn.model_selection import train_test_split
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head, feature_info_of
+from pipeline.layout import CacheLayout
 from pipeline.tracking.metrics import classification_report
 from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history, plot_reliability
 from pipeline.tracking.runs import Registry, Run
@@ -224,7 +225,7 @@ def fit_head_run(feature_file: FeatureFile, head: Head, registry: Registry | Non
                  use_augmented: bool = True) -> tuple[FitResult, Run]:
     """Fit and evaluate as a recorded 'fit-head' run (default registry: the cache's folder)."""
     ff = feature_file
-    registry = registry or Registry(ff.path.parent.parent)
+    registry = registry or Registry(CacheLayout.of(ff.path).root)
     cfg = run_config(ff, head, val_fraction=val_fraction, seed=seed, use_augmented=use_augmented, **(config or {}))
     run = registry.start("fit-head", cfg)
     with run:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.errors import DataWarning, UserError
+from pipeline.layout import CacheLayout
 from pipeline.tracking.compare import flatten
 from pipeline.tracking.runs import Registry, RunRecord, _write_json
 
@@ -103,7 +104,7 @@ def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = 
                                             "MLFLOW_TRACKING_URI")}
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    where = Path(cache_dir) / "runs" / run_id
+    where = CacheLayout(cache_dir).run(run_id)
     try:
         record = Registry(cache_dir).get(run_id)
         where = record.dir

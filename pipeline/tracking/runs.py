@@ -34,6 +34,7 @@ from rich.table import Table
 from pipeline.atomic import write_text_atomic
 from pipeline.backend import name as backend_name
 from pipeline.errors import UserError
+from pipeline.layout import CacheLayout
 from pipeline.versions import version
 
 STAGES = ("extract", "fit-head", "sweep", "finetune", "audit")
@@ -220,7 +221,7 @@ class Registry:
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
         self.cache_dir = Path(cache_dir)
-        self.root = self.cache_dir / "runs"
+        self.root = CacheLayout(cache_dir).runs
 
     def start(self, stage: str, config: Mapping[str, Any]) -> Run:
         """Create `runs/<id>/` with config.json and run.json (status 'running')."""

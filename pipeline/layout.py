@@ -1,0 +1,40 @@
+"""Where things live in a cache folder, named once: `<root>/features/` (each key's HDF5 file, with
+its chunk folder and lock beside it) and `<root>/runs/<id>/` (one folder per run). Every module that
+finds a cache's features or runs, or the cache a features file or run folder belongs to, asks here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+FEATURES = "features"
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The folders of the cache at `root`."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "CacheLayout":
+        """The cache a features file (`<root>/features/<name>.h5`) or a run folder (`<root>/runs/<id>`)
+        sits in."""
+        return cls(Path(path).parent.parent)
+
+    @property
+    def features(self) -> Path:
+        return self.root / FEATURES
+
+    @property
+    def runs(self) -> Path:
+        return self.root / RUNS
+
+    def run(self, run_id: str) -> Path:
+        """The folder of run `run_id`."""
+        return self.runs / run_id
