@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.data.decode import RESIZE_METHODS
 from pipeline.errors import UserError
+from pipeline.inference.embed import map_files
 
 
 @dataclass
@@ -197,18 +198,7 @@ def predict_files(model: ExportedModel, paths: list[str], batch_size: int = 32
                   ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Probabilities of an exported model for image files, decoded and resized exactly as the
     run's cache was (the card's size and resize rule): (probabilities, kept positions, skipped)."""
-    from pipeline.inference.embed import image_batches
-
-    outs, kept, skipped = [], [], []
-    for batch in image_batches(paths, model.size, model.resize, batch_size):
-        skipped += [(paths[t], reason) for t, reason in batch.skipped]
-        if batch.tags.size:
-            outs.append(model.predict(batch.images))
-            kept += batch.tags.tolist()
-    if not outs:
-        raise UserError(f"none of the {len(paths)} file(s) could be read as an image"
-                        + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
-    proba = np.concatenate(outs)
+    proba, kept, skipped = map_files(model.predict, paths, model.size, model.resize, batch_size)
     if model.class_names and len(model.class_names) != proba.shape[1]:
         raise UserError(f"labels.txt beside {model.path.name} names {len(model.class_names)} classes but the model "
                         f"outputs {proba.shape[1]}; re-export the model")

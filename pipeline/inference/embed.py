@@ -4,7 +4,7 @@ decode, resize and model graph as extraction, on any Keras backend."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -43,22 +43,29 @@ def image_batches(paths: Sequence[str], size: int, resize: str, batch_size: int 
     return batches(jobs, batch_size, (size, size, 3), workers)
 
 
-def run_model(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32
-              ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """Model outputs for every readable image: (outputs, kept positions, [(skipped path, reason)])."""
-    from pipeline.extract.runners import make_runner
-
-    runner = make_runner(model, size, batch_size)
+def map_files(fn: Callable[[np.ndarray], np.ndarray], paths: Sequence[str], size: int, resize: str,
+              batch_size: int = 32) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """`fn` (uint8 image batches -> output rows) over every readable image, decoded and resized as
+    extraction does: (outputs, kept positions, [(skipped path, reason)]); UserError when none reads.
+    The one loop behind `predict`/`evaluate` of a run and `predict --model` of an export."""
     outs, kept, skipped = [], [], []
     for batch in image_batches(paths, size, resize, batch_size):
         skipped += [(paths[t], reason) for t, reason in batch.skipped]
         if batch.tags.size:
-            outs.append(runner(batch.images))
+            outs.append(np.asarray(fn(batch.images)))
             kept += batch.tags.tolist()
     if not outs:
         raise UserError(f"none of the {len(paths)} file(s) could be read as an image"
                         + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     return np.concatenate(outs), kept, skipped
+
+
+def run_model(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32
+              ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+    """A Keras model's outputs for every readable image (`map_files` through extraction's runner)."""
+    from pipeline.extract.runners import make_runner
+
+    return map_files(make_runner(model, size, batch_size), paths, size, resize, batch_size)
 
 
 def imagenet_top_k(backbone: str, weights: str, paths: Sequence[str], k: int = 5, resize: str = "crop",
