@@ -11,6 +11,7 @@ from pipeline.cli import cli
 from pipeline.cli.options import SEED, FiniteFloat, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
+from pipeline.heads.schedules import OPTIMIZERS
 
 
 _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflow", "mlflow_experiment"}
@@ -25,7 +26,7 @@ _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflo
 @click.option("--unfreeze-last", type=click.IntRange(0), default=None, help="Or: train the backbone's last N layers.")
 @click.option("--lr", type=FiniteFloat(0, min_open=True), default=None,
               help="Default: a tenth of a dense head's LR; 2e-4 after a logistic or svm head.")
-@click.option("--optimizer", type=click.Choice(["adam", "nadam", "rmsprop", "sgd"]), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="cosine",
               show_default=True, help="cosine: one ramp-up epoch, then down to lr/100.")
 @click.option("--epochs", type=click.IntRange(1), default=8, show_default=True)

@@ -15,6 +15,7 @@ from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE
 from pipeline.extract.plan import check_size, plan
 from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS
+from pipeline.heads.schedules import OPTIMIZERS
 from pipeline.layout import CacheLayout
 
 _cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
@@ -107,7 +108,7 @@ def _make_head(head: str, opts: dict):
 @click.option("--batchnorm", is_flag=True, help="Dense: BatchNormalization after each hidden layer.")
 @click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--l2", type=FiniteFloat(0), default=0.0, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adam", "nadam", "rmsprop", "sgd"]), default="adam", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--lr", type=FiniteFloat(0, min_open=True), default=1e-3, show_default=True)
 @click.option("--lr-schedule", type=click.Choice(["constant", "exponential", "cosine"]), default="constant",
               show_default=True)

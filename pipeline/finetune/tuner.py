@@ -55,10 +55,10 @@ from pipeline.extract import ExtractRequest
 from pipeline.data.augment import AugmentConfig
 from pipeline.extract import DEFAULT_CACHE
 from pipeline.finetune.data import evaluate, make_batches, map_batches
+from pipeline.heads.schedules import check_optimizer, make_optimizer
 from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import read_object
 
-OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
 MODEL_FILE = "model.keras"
 INFO_FILE = "finetune.json"
 CHECKPOINT_FILE = "checkpoint.json"
@@ -495,8 +495,7 @@ class FineTuner:
                             f"--unfreeze-last 1 trains its whole tower")
 
     def _check(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(self.optimizer)
         if int(self.epochs) < 1 or int(self.batch_size) < 1:
             raise UserError("epochs and batch_size must be 1 or more")
         if self.lr is not None and not 0 < float(self.lr) < float("inf"):
@@ -532,12 +531,6 @@ class FineTuner:
         from pipeline.heads.dense import balanced_class_weights
 
         return {c: float(w) for c, w in enumerate(balanced_class_weights(y, n_classes))}
-
-    def _optimizer(self, keras, lr: float):
-        opts = keras.optimizers
-        if self.optimizer == "sgd":
-            return opts.SGD(learning_rate=lr, momentum=0.9)
-        return {"adam": opts.Adam, "nadam": opts.Nadam, "rmsprop": opts.RMSprop}[self.optimizer](learning_rate=lr)
 
     def _resume_state(self, run_dir: Path, resume: bool, fingerprint: str, say: Callable[[str], None]):
         """The checkpoint state to continue from, None to start afresh; refuses mismatched ones."""
@@ -659,7 +652,7 @@ class FineTuner:
                 smooth = float(self.label_smoothing)  # one-hot labels then (`data.finish_batch`)
                 loss = (keras.losses.CategoricalCrossentropy(label_smoothing=smooth) if smooth
                         else "sparse_categorical_crossentropy")
-                fit_model.compile(optimizer=self._optimizer(keras, lr), loss=loss, jit_compile="auto", **accuracy)
+                fit_model.compile(optimizer=make_optimizer(keras, self.optimizer, lr), loss=loss, jit_compile="auto", **accuracy)
                 return model, fit_model, trainable
         finally:
             keras.mixed_precision.set_global_policy(previous_policy)

@@ -21,9 +21,8 @@ from pipeline.heads.base import (
 from pipeline.heads.calibration import fit_temperature
 from pipeline.heads.files import load_keras_file, read_head_json
 from pipeline.heads.folds import cv_folds
-from pipeline.heads.schedules import make_schedule
+from pipeline.heads.schedules import check_optimizer, make_optimizer, make_schedule
 
-OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
 DENSE_FORMAT = "featurecache-dense-head"
 
 
@@ -151,8 +150,7 @@ class DenseHead(Head):
         return self
 
     def _validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        check_optimizer(self.optimizer)
         if not 0 <= self.dropout < 1:
             raise UserError(f"dropout must be in [0, 1), not {self.dropout}")
         if self.l2 < 0 or int(self.epochs) < 1 or int(self.batch_size) < 1:
@@ -283,7 +281,7 @@ class DenseHead(Head):
                 v.assign(np.zeros(v.shape, v.dtype))
         else:
             core = _build_stack(keras, dim, n_classes, self, train=True)
-            core.compile(optimizer=_optimizer(keras, self.optimizer, self.lr), loss="sparse_categorical_crossentropy",
+            core.compile(optimizer=make_optimizer(keras, self.optimizer, self.lr), loss="sparse_categorical_crossentropy",
                          metrics=["accuracy"], **compile_settings())
             if reuse is not None:
                 reuse[key] = (core, {v.path: np.array(v.numpy()) for v in core.variables})
@@ -403,11 +401,6 @@ def _build_stack(keras, dim: int, n_classes: int, head: DenseHead, train: bool, 
     return keras.Model(inp, out, name=name)
 
 
-def _optimizer(keras, name: str, lr: float):
-    opts = keras.optimizers
-    if name == "sgd":
-        return opts.SGD(learning_rate=lr, momentum=0.9)
-    return {"adam": opts.Adam, "nadam": opts.Nadam, "rmsprop": opts.RMSprop}[name](learning_rate=lr)
 
 
 def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:

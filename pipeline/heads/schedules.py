@@ -1,4 +1,5 @@
-"""Learning-rate schedules for the dense head, as picklable `epoch -> lr` callables.
+"""Learning-rate schedules, as picklable `epoch -> lr` callables, and the optimizers by name: what the
+dense head and fine-tuning train with (one list, checked in one place).
 
 Used through `keras.callbacks.LearningRateScheduler(schedule)`; plain objects (not closures) so a
 head holding one can be sent to joblib worker processes.
@@ -13,6 +14,22 @@ from typing import Any, Callable
 from pipeline.errors import UserError
 
 SCHEDULES = ("constant", "exponential", "cosine")
+OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
+
+
+def check_optimizer(name: str) -> None:
+    """UserError unless `name` is one of OPTIMIZERS."""
+    if name not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizer(keras, name: str, lr: float):
+    """The Keras optimizer `name` (one of OPTIMIZERS; sgd with momentum 0.9) at learning rate `lr`."""
+    check_optimizer(name)
+    opts = keras.optimizers
+    if name == "sgd":
+        return opts.SGD(learning_rate=lr, momentum=0.9)
+    return {"adam": opts.Adam, "nadam": opts.Nadam, "rmsprop": opts.RMSprop}[name](learning_rate=lr)
 
 # The parameters each schedule accepts (None = derived from `lr`, see `make_schedule`).
 _PARAMS: dict[str, dict[str, Any]] = {
