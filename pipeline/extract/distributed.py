@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from pipeline.errors import UserError
 from pipeline.extract.plan import ExtractRequest, ExtractResult, RunOptions, check_size, plan
+from pipeline.features.store import chunk_file
 from pipeline.locking import exclusive_lock
 
 Log = Callable[[str], None]
@@ -81,7 +82,7 @@ class _ChunkWorker:
             return todo, self.job.compute_chunks(todo), None
         try:  # the parts folder inside our private folder: made by compute_chunks, removed after each chunk
             n = self.job.compute_chunks(todo)
-            payload = {c: (self.job.p.parts / f"chunk-{c:06d}.npz").read_bytes() for c in todo}
+            payload = {c: chunk_file(self.job.p.parts, c).read_bytes() for c in todo}
         finally:
             shutil.rmtree(self.job.p.parts, ignore_errors=True)
         return todo, n, payload
@@ -256,7 +257,7 @@ def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | Non
             return made[-1]
 
         def receive(chunk: int, data: bytes) -> None:  # a chunk sent back by an actor without the shared folder
-            with atomic_path(p.parts / f"chunk-{chunk:06d}.npz", suffix=".npz") as tmp:
+            with atomic_path(chunk_file(p.parts, chunk), suffix=".npz") as tmp:
                 Path(tmp).write_bytes(data)
 
         actors = [make() for _ in range(count)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 
 from pipeline.errors import UserError
-from pipeline.features.store import FeatureFile, structure_problem
+from pipeline.features.store import FeatureFile, chunk_files, structure_problem
 from pipeline.layout import CacheLayout
 from pipeline.locking import is_locked
 
@@ -62,7 +62,7 @@ def find_entries(cache_dir: Path) -> list[Entry]:
             out.append(Entry(path, k, b, s, p, "?", path.stat().st_size / 1e6, "?", state))
     for parts in sorted(root.glob("*.parts")):
         b, s, p, k = _name_parts(parts)
-        chunks = list(parts.glob("chunk-*.npz"))
+        chunks = chunk_files(parts)
         size = sum(c.stat().st_size for c in chunks) / 1e6
         out.append(Entry(parts, k, b, s, p, "?", size, "?", f"partial ({len(chunks)} chunks)"))
     for tmp in sorted(root.glob(".*.h5.*.tmp")):  # left by an assembly that was killed
@@ -166,7 +166,7 @@ def entry_mtime(e: Entry) -> float:
     try:
         times = [e.path.stat().st_mtime]
         if e.path.is_dir():
-            times += [c.stat().st_mtime for c in e.path.glob("chunk-*.npz")]
+            times += [c.stat().st_mtime for c in chunk_files(e.path)]
     except OSError:
         return time.time()
     return max(times)

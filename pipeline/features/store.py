@@ -40,6 +40,19 @@ _STR = h5py.string_dtype()
 
 
 # ----------------------------------------------------------------------------------------- writing
+def chunk_file(folder: str | os.PathLike, number: int) -> Path:
+    """The file of chunk `number` in an extraction's parts folder (the one place chunk files are named)."""
+    return Path(folder) / f"chunk-{int(number):06d}.npz"
+
+
+def chunk_files(folder: str | os.PathLike) -> list[Path]:
+    """The finished chunk files in a parts folder, by number (none when it is missing)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _CHUNK_RE.match(p.name))
+
+
 class ChunkDir:
     """The folder of finished extraction chunks for one cache key; each chunk file is atomic."""
 
@@ -55,17 +68,17 @@ class ChunkDir:
 
     def done(self) -> list[int]:
         """Numbers of the chunks already written completely."""
-        return sorted(int(m.group(1)) for p in self.path.iterdir() if (m := _CHUNK_RE.match(p.name)))
+        return [int(_CHUNK_RE.match(p.name).group(1)) for p in chunk_files(self.path)]
 
     def write(self, number: int, arrays: dict[str, np.ndarray]) -> None:
         """Write chunk `number` atomically: it either exists whole or not at all."""
-        with atomic_path(self.path / f"chunk-{number:06d}.npz", suffix=".npz") as tmp:
+        with atomic_path(chunk_file(self.path, number), suffix=".npz") as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
 
     def read(self, number: int) -> dict[str, np.ndarray]:
         """A chunk's arrays (no pickle); UserError naming the chunk and the way out when it is damaged."""
-        path = self.path / f"chunk-{number:06d}.npz"
+        path = chunk_file(self.path, number)
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -151,7 +164,7 @@ def assemble(
         if feat_shape is None and z["features"].shape[0]:
             feat_shape = tuple(z["features"].shape[1:])
         elif z["features"].shape[0] and tuple(z["features"].shape[1:]) != feat_shape:
-            raise UserError(_parts_damage(chunks.path / f"chunk-{n:06d}.npz",
+            raise UserError(_parts_damage(chunk_file(chunks.path, n),
                                           f"features of shape {z['features'].shape[1:]}, others {feat_shape}"))
         if first_skip is None and len(z["skipped_index"]):
             first_skip = (int(z["skipped_index"][0]), str(z["skipped_reason"][0]))

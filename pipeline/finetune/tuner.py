@@ -55,6 +55,7 @@ from pipeline.extract import ExtractRequest
 from pipeline.data.augment import AugmentConfig
 from pipeline.extract import DEFAULT_CACHE
 from pipeline.finetune.data import evaluate, make_batches, map_batches
+from pipeline.features.store import chunk_files
 from pipeline.heads.schedules import check_optimizer, make_optimizer
 from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import read_object
@@ -596,7 +597,7 @@ class FineTuner:
         shape = backbone.get_layer(cut).output.shape[1:]
         need = np.dtype(treq.dtype).itemsize * int(np.prod(shape)) * n_images * (1 + int(self.views))
         if target.parts.is_dir():  # a half-built trunk cache already holds part of it
-            need -= sum(f.stat().st_size for f in target.parts.glob("chunk-*.npz"))
+            need -= sum(f.stat().st_size for f in chunk_files(target.parts))
         cache_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(cache_dir).free
         if need > free // 2:
