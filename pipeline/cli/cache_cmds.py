@@ -8,12 +8,10 @@ from pathlib import Path
 import click
 
 from pipeline.cli import cli
+from pipeline.cli.options import cache_dir_option
 from pipeline.errors import UserError
 from pipeline.features.cache import describe, find_entries
-from pipeline.extract import DEFAULT_CACHE
 
-_cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
-                          help="Cache root (default: ./cache).")
 
 
 @cli.group("cache")
@@ -22,7 +20,7 @@ def cache_group() -> None:
 
 
 @cache_group.command("ls")
-@_cache_dir
+@cache_dir_option
 def cache_ls(cache_dir: Path) -> None:
     """List cache entries: key, backbone, size, pooling, rows, data, state.
 
@@ -44,7 +42,7 @@ def cache_ls(cache_dir: Path) -> None:
 
 @cache_group.command("info")
 @click.argument("ref")
-@_cache_dir
+@cache_dir_option
 def cache_info(ref: str, cache_dir: Path) -> None:
     """Describe one entry (key prefix or path): schema, attributes, counts per split and class.
 
@@ -61,7 +59,7 @@ def cache_info(ref: str, cache_dir: Path) -> None:
 @click.option("--larger-than", metavar="SIZE", default=None, help="Entries larger than SIZE, e.g. 500MB, 2GB.")
 @click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Remove --all/--older-than/--larger-than matches without asking.")
-@_cache_dir
+@cache_dir_option
 def cache_rm(refs: tuple[str, ...], everything: bool, older_than: str | None, larger_than: str | None,
              dry_run: bool, yes: bool, cache_dir: Path) -> None:
     """Remove cache entries, finished or partial: by key prefix (as `cache ls` shows), or evict by rule.

@@ -9,8 +9,8 @@ import click
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli import cli
 from pipeline.cli.head_cmds import trust_pickle_option
+from pipeline.cli.options import cache_dir_option
 from pipeline.export.exporter import FORMATS
-from pipeline.extract import DEFAULT_CACHE
 
 
 @cli.command("export")
@@ -21,7 +21,7 @@ from pipeline.extract import DEFAULT_CACHE
               help="Folder to write (default: the run's folder/export/FORMAT).")
 @click.option("--force", is_flag=True, help="Replace an earlier export in --out.")
 @trust_pickle_option
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
+@cache_dir_option
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Keras backend (default: KERAS_BACKEND).")
 def export_cmd(run_id: str, fmt: str, out: Path | None, force: bool, trust_pickle: bool, cache_dir: Path,
                backend: str | None) -> None:

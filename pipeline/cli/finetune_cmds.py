@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 
 from pipeline.cli import cli
-from pipeline.cli.options import SEED, FiniteFloat, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
+from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
-from pipeline.extract import DEFAULT_CACHE
 from pipeline.heads.schedules import OPTIMIZERS
 
 
@@ -46,7 +45,7 @@ _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflo
 @click.option("--no-progress", is_flag=True, help="No per-step progress bar (one line per epoch instead).")
 @click.option("--trust-pickle", is_flag=True, help="Also load an old pickled head.joblib from the fit-head run "
                                                    "(unpickling can run code; only for runs you trust).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
+@cache_dir_option
 @mlflow_options
 def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str, ...], unfreeze_last: int | None,
                  lr: float | None, optimizer: str, lr_schedule: str, epochs: int, batch_size: int,

@@ -9,17 +9,14 @@ import click
 from pipeline.backbones.table import check_weights_size, get
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import report_extraction, skipped_message
-from pipeline.cli.options import (SEED, FiniteFloat, build_request, check_output_file, extract_options, given_options,
-                                  mlflow_after, mlflow_check, mlflow_options)
+from pipeline.cli.options import (SEED, FiniteFloat, build_request, cache_dir_option, check_output_file, extract_options,
+                                  given_options, mlflow_after, mlflow_check, mlflow_options)
 from pipeline.errors import UserError
-from pipeline.extract import DEFAULT_CACHE
 from pipeline.extract.plan import check_size, plan
 from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS
 from pipeline.heads.schedules import OPTIMIZERS
 from pipeline.layout import CacheLayout
 
-_cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
-                          help="Cache root (default: ./cache).")
 trust_pickle_option = click.option(
     "--trust-pickle", is_flag=True,
     help="Also load an old pickled head.joblib (from an older version); unpickling can run code, so only "
@@ -289,7 +286,7 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
               help="e.g. backbone=efficientnet* or head=logistic (repeatable).")
 @click.option("--sort", default="started", show_default=True, help="started, duration, val_accuracy, val_f1, ...")
 @click.option("--asc", is_flag=True, help="Ascending order.")
-@_cache_dir
+@cache_dir_option
 @click.pass_context
 def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], sort: str, asc: bool,
                cache_dir: Path) -> None:
@@ -320,7 +317,7 @@ def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], 
 
 @runs_group.command("show")
 @click.argument("run_id")
-@_cache_dir
+@cache_dir_option
 def runs_show(run_id: str, cache_dir: Path) -> None:
     """Print one run: config, metrics and files.
 
@@ -341,7 +338,7 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
 @click.argument("run_ids", nargs=-1, required=True)
 @click.option("--force", is_flag=True, help="Also remove a run that is still running.")
 @click.option("--dry-run", is_flag=True, help="List the run folders that would be removed.")
-@_cache_dir
+@cache_dir_option
 def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Path) -> None:
     """Remove run folders under <cache-dir>/runs/ by full ID or unambiguous prefix.
 
@@ -361,7 +358,7 @@ def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Pat
               help="Split whose confusion matrices are plotted.")
 @click.option("--no-plot", is_flag=True, help="Only print the table; write no PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of a table.")
-@_cache_dir
+@cache_dir_option
 def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot: bool, as_json: bool,
                  cache_dir: Path) -> None:
     """Compare two or more runs: differing parameters, metrics per split, curves and confusion matrices.
@@ -407,7 +404,7 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
               help="Also write path, label, prediction, probabilities (and --explain's neighbours) per image here.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @trust_pickle_option
-@_cache_dir
+@cache_dir_option
 def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path | None, batch_size: int,
                  trust_pickle: bool, cache_dir: Path) -> None:
     """Score a trained run on labelled images, through the same backbone and preprocessing.

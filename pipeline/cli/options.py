@@ -32,6 +32,9 @@ class FiniteFloat(click.FloatRange):
 
 SEED = click.IntRange(0, 2**32 - 1)  # what NumPy, TensorFlow and JAX all accept as a seed
 
+cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
+                                help="Cache root (default: ./cache).")  # every command's, declared once
+
 _EXTRACT_OPTIONS = [
     click.option("--data", default=BUILTIN_DEFAULT, show_default=True,
                  help="Image folder (one subfolder per class, optionally under train/val/test), "
@@ -65,8 +68,7 @@ _EXTRACT_OPTIONS = [
     click.option("--split-seed", type=SEED, default=0, show_default=True),
     click.option("--allow-outside-paths", is_flag=True,
                  help="Let a CSV manifest name files outside its own folder (refused by default)."),
-    click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, show_default=False,
-                 help="Cache root (default: ./cache)."),
+    cache_dir_option,
     click.option("--batch-size", type=int, default=32, show_default=True),
     click.option("--chunk-size", type=int, default=512, show_default=True,
                  help="Images per resumable chunk written while extracting."),

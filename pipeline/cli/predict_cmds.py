@@ -9,10 +9,9 @@ import click
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli import cli
 from pipeline.cli.extract_cmds import skipped_message
-from pipeline.cli.options import check_output_file
+from pipeline.cli.options import cache_dir_option, check_output_file
 from pipeline.cli.head_cmds import predict_with_run, print_predictions, trust_pickle_option
 from pipeline.inference.embed import image_paths, imagenet_top_k
-from pipeline.extract import DEFAULT_CACHE
 
 
 @cli.command("predict")
@@ -32,7 +31,7 @@ from pipeline.extract import DEFAULT_CACHE
 @click.option("--trust-model", is_flag=True,
               help="With --model: also open a SavedModel folder (it runs the TensorFlow ops it holds, file I/O "
                    "included); only for models you trust.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE, help="Cache root.")
+@cache_dir_option
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Keras backend (default: KERAS_BACKEND).")
 def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | None, backbone: str | None, weights: str, top_k: int,
                 csv_out: Path | None, explain: int, batch_size: int, trust_pickle: bool, trust_model: bool,
