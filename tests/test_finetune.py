@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -365,7 +366,7 @@ def test_jax_data_parallel_over_two_virtual_devices(tmp_path):
     proc = subprocess.run([sys.executable, "-c", JAX_DATA_PARALLEL, str(root), run, "auto"], env=env,
                           capture_output=True, text=True, timeout=600)  # the trunk cache path (the default)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(open(run + ".json").read())
+    out = json.loads(Path(run + ".json").read_text())
     assert out["devices"] == 2 and out["placed_on"] == 2
     assert out["val_n"] == 14 and out["epochs"] == 2 and len(out["val_loss"]) == 2 and out["proba_ok"]
 
@@ -393,7 +394,7 @@ def test_tensorflow_mirrored_strategy_over_two_virtual_cpus(tmp_path, trunk):
     proc = subprocess.run([sys.executable, "-c", TF_MIRRORED, str(root), run, "1" if trunk else "0"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(open(run + ".json").read())
+    out = json.loads(Path(run + ".json").read_text())
     assert out["replicas"] == 2 and out["variable"] == "MirroredVariable", out
     assert out["val_n"] == 14 and out["epochs"] == 2 and len(out["val_loss"]) == 2 and out["proba_ok"]
 

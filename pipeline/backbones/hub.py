@@ -115,7 +115,7 @@ def open_preset(name: str) -> Preset:
     keras_hub = _keras_hub()
     try:
         converter = keras_hub.layers.ImageConverter.from_preset(handle)
-    except Exception as exc:  # keras-hub raises ValueError, FileNotFoundError or network errors
+    except Exception as exc:  # noqa: BLE001 - keras-hub raises ValueError, FileNotFoundError or network errors
         raise UserError(_fetch_error(handle, exc)) from None
     if converter.scale is None and converter.offset is None:
         raise UserError(f"keras-hub preset {handle!r} has no image converter scaling; it cannot be used here")
@@ -123,7 +123,7 @@ def open_preset(name: str) -> Preset:
     try:
         from keras_hub.src.utils.preset_utils import load_json  # the config alone, without the weights
         config = load_json(handle)
-    except Exception:  # an older or newer keras-hub: no blocks listed, --unfreeze-last still works
+    except Exception:  # noqa: BLE001 - an older or newer keras-hub: no blocks listed, --unfreeze-last still works
         config = {}
     return Preset(handle, size, converter.scale, converter.offset, _n_blocks(config))
 
@@ -287,7 +287,7 @@ def build(preset: str, include_top: bool, weights: str | None, input_shape: tupl
         model = keras_hub.models.Backbone.from_preset(preset, load_weights=weights == "imagenet", **kwargs)
     except UserError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure to build becomes one line
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if kwargs:
             raise UserError(f"keras-hub preset {preset} cannot take --image-size {size} ({first}); its size is "

@@ -187,8 +187,6 @@ def check_output(spec: Backbone, pooling: str, layer: str | None) -> None:
 
 def build(spec: Backbone, weights: str, image_size: int, include_top: bool = False):
     """Build the backbone (a keras.Model on preprocessed input); errors become one-line UserErrors."""
-    import keras
-
     from pipeline.backend import set_random_seed
     set_random_seed(0)  # weights=none must give the same features every time
     w: str | None = None if weights.lower() == "none" else ("imagenet" if weights.lower() == "imagenet" else
@@ -203,7 +201,7 @@ def build(spec: Backbone, weights: str, image_size: int, include_top: bool = Fal
         return fn(**kwargs)
     except UserError:
         raise
-    except Exception as exc:  # keras raises ValueError/Exception for downloads, sizes and bad files
+    except Exception as exc:  # noqa: BLE001 - keras raises ValueError/Exception for downloads, sizes and bad files
         raise UserError(_explain_build_error(spec, w, image_size, exc)) from None
 
 

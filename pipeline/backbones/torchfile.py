@@ -148,7 +148,7 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         keys = unpickler.load()
     except TorchFileError:
         raise
-    except Exception as exc:  # EOFError, UnpicklingError, ValueError, ...: all mean "bad file"
+    except Exception as exc:  # noqa: BLE001 - EOFError, UnpicklingError, ValueError, ...: all mean "bad file"
         if isinstance(exc, EOFError) or f.tell() >= len(data):
             raise TorchFileError(f"{path}: truncated torch file (ends inside the pickled header)") from None
         msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__

@@ -151,7 +151,7 @@ def read_header(data: bytes) -> tuple[str, int, int]:
         magic = claimed_format(data)
         raise DecodeError(f"corrupt {magic} (unreadable header)" if magic else "not an image (unrecognised format)"
                           ) from None
-    except Exception as exc:  # a recognised header that is broken
+    except Exception as exc:  # noqa: BLE001 - a recognised header that is broken
         raise DecodeError(f"corrupt header ({type(exc).__name__})") from None
     if fmt not in FORMATS:
         raise DecodeError(f"unsupported format {fmt} (supported: JPEG, PNG, BMP, GIF, WebP, TIFF)")
@@ -197,7 +197,7 @@ def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
                 top = 65535.0 if arr.max(initial=0) > 255 else 255.0
                 return np.repeat(np.round(arr * (255.0 / top)).astype(np.uint8)[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"), np.uint8)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - Pillow's errors on a damaged file are many
         raise DecodeError(f"corrupt or truncated {fmt} ({str(exc).splitlines()[0][:80] or type(exc).__name__})") from None
 
 

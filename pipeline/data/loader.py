@@ -9,6 +9,7 @@ between processes; `bench/extract.py --loader-only` measures it. A job that rais
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -96,8 +97,6 @@ class Prefetcher:
     _END = object()
 
     def __init__(self, source: Iterable, depth: int = 2) -> None:
-        import queue
-
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         load_libraries()  # in the caller's thread, before the decode threads start (see there)
@@ -111,12 +110,12 @@ class Prefetcher:
                     try:
                         self._q.put(item, timeout=0.1)
                         break
-                    except Exception:  # queue.Full
+                    except queue.Full:
                         continue
                 if self._stop.is_set():
                     break
             self._q.put(self._END)
-        except BaseException as exc:  # surfaced to the consumer
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the consumer
             self._q.put(exc)
 
     def __iter__(self) -> Iterator:
@@ -133,5 +132,5 @@ class Prefetcher:
         while self._thread.is_alive():
             try:
                 self._q.get_nowait()
-            except Exception:
+            except queue.Empty:
                 self._thread.join(0.05)

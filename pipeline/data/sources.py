@@ -533,7 +533,7 @@ class TfdsSource(Source):
         import tensorflow_datasets as tfds
         try:
             builder = tfds.builder(self.name)
-        except Exception as exc:  # tfds raises its own not-found errors
+        except Exception as exc:  # noqa: BLE001 - tfds raises its own not-found errors
             raise UserError(f"tfds data set {self.name!r} not found: {str(exc).splitlines()[0]}") from None
         if not builder.is_prepared():
             raise UserError(f"tfds data set {self.name!r} is not downloaded and this machine may be offline; "

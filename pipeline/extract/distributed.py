@@ -120,7 +120,7 @@ def _sweep_dead_actor_folders(tmp: Path) -> None:
             os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
-        except Exception:  # alive (another user's, PermissionError), or a pid out of range: leave it
+        except Exception:  # noqa: BLE001 - alive (another user's, PermissionError), or a pid out of range: leave it
             continue
 
 

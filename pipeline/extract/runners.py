@@ -80,7 +80,7 @@ def tf_inference_fn(model, size: int, jit: bool) -> Callable:
     try:
         from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
         frozen = convert_variables_to_constants_v2(fn.get_concrete_function(spec))
-    except Exception:  # a private API, or too large a graph: the tf.function is just as correct
+    except Exception:  # noqa: BLE001 - a private API, or too large a graph: the tf.function is just as correct
         return fn
     return lambda x: frozen(tf.convert_to_tensor(x, dtype))[0]
 

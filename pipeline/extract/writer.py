@@ -100,7 +100,7 @@ class ChunkWriter(threading.Thread):
                     seen = max(seen, max(t for t, _ in skipped))
                 while self.pos < last and seen >= self.need_last[self.pos]:
                     self._flush()
-        except BaseException as exc:  # surfaced to the main thread on its next put/finish
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the main thread on its next put/finish
             self.error = exc
 
     def _flush(self) -> None:
