@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import cli
-from pipeline.cli.head_cmds import open_cache, trust_pickle_option
-from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options
+from pipeline.cli.head_cmds import open_cache
+from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options, trust_pickle_option
 from pipeline.layout import CacheLayout
 
 
-@cli.command("audit")
+@click.command("audit")
 @click.option("--cache", default=None, help="Cache file path or key prefix (else: found/made from the "
                                             "extract options below).")
 @click.option("--run", "run_id", default=None,

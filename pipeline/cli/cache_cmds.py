@@ -7,14 +7,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import cli
 from pipeline.cli.options import cache_dir_option
 from pipeline.errors import UserError
 from pipeline.features.cache import describe, find_entries
 
 
 
-@cli.group("cache")
+@click.group("cache")
 def cache_group() -> None:
     """List, describe and remove cached feature files."""
 

@@ -7,13 +7,11 @@ from pathlib import Path
 import click
 
 from pipeline.backend import BACKENDS, select as select_backend
-from pipeline.cli import cli
-from pipeline.cli.head_cmds import trust_pickle_option
-from pipeline.cli.options import cache_dir_option
+from pipeline.cli.options import cache_dir_option, trust_pickle_option
 from pipeline.export.exporter import FORMATS
 
 
-@cli.command("export")
+@click.command("export")
 @click.option("--run", "run_id", required=True, help="A fit-head or finetune run ID (or unique prefix).")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="keras", show_default=True,
               help="keras (.keras), onnx (ONNX Runtime), savedmodel (TF Serving), tflite (LiteRT).")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli import cli
 from pipeline.cli.options import build_request, extract_options, mlflow_after, mlflow_check, mlflow_options
 from pipeline import backbones as bb
 from pipeline.errors import UserError
@@ -48,7 +47,7 @@ def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
     return f"skipped {len(skipped)} file(s) that could not be used as images: {shown}{more} {tail}".rstrip()
 
 
-@cli.command("extract")
+@click.command("extract")
 @extract_options
 @click.option("--force", is_flag=True, help="Recompute even when the cache has this request.")
 @click.option("--content-hash", is_flag=True,
@@ -95,7 +94,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-@cli.command("backbones")
+@click.command("backbones")
 @click.argument("name", required=False)
 @click.option("--layers", is_flag=True, help="With NAME: list its layer names (builds the model).")
 def backbones_cmd(name: str | None, layers: bool) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli import cli
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
 from pipeline.heads.schedules import OPTIMIZERS
@@ -16,7 +15,7 @@ from pipeline.heads.schedules import OPTIMIZERS
 _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflow", "mlflow_experiment"}
 
 
-@cli.command("finetune")
+@click.command("finetune")
 @click.option("--run", "run_id", default=None, help="The fit-head run to start from.")
 @click.option("--resume", "resume_id", default=None, help="Continue this interrupted finetune run instead.")
 @click.option("--unfreeze", multiple=True, help="Top block(s) to train, e.g. block5 (VGG), conv5 (ResNet), "

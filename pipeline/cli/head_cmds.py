@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
 from pipeline.backbones.table import check_weights_size, get
-from pipeline.cli import cli
-from pipeline.cli.extract_cmds import report_extraction, skipped_message
-from pipeline.cli.options import (SEED, FiniteFloat, build_request, cache_dir_option, check_output_file, extract_options,
+from pipeline.cli.extract_cmds import report_extraction
+from pipeline.cli.options import (SEED, FiniteFloat, build_request, extract_options,
                                   given_options, mlflow_after, mlflow_check, mlflow_options)
 from pipeline.errors import UserError
 from pipeline.extract.plan import check_size, plan
 from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS
 from pipeline.heads.schedules import OPTIMIZERS
 from pipeline.layout import CacheLayout
-
-trust_pickle_option = click.option(
-    "--trust-pickle", is_flag=True,
-    help="Also load an old pickled head.joblib (from an older version); unpickling can run code, so only "
-         "for runs you trust.")
-
 
 # extract options that decide which features a request reads (with --cache they would be ignored)
 _FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pooling", "layer", "dtype", "precision",
@@ -90,7 +82,7 @@ def _make_head(head: str, opts: dict):
     return head_class(head).from_options(opts)
 
 
-@cli.command("fit-head")
+@click.command("fit-head")
 @click.option("--cache", default=None, help="Cache file path or key prefix (else: found/made from the "
                                             "extract options below).")
 @click.option("--head", type=click.Choice(list(HEAD_KINDS)), default=DEFAULT_KIND, show_default=True,
@@ -278,211 +270,3 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
     Console(width=120).print(results_table(results, title=f"sweep ({len(results)} configs, best first)"))
     click.echo(f"best saved in run {run.id} ({run.dir})")
     return run.id
-
-
-@cli.group("runs", invoke_without_command=True)
-@click.option("--stage", type=click.Choice(["extract", "fit-head", "finetune", "audit"]), default=None)
-@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
-              help="e.g. backbone=efficientnet* or head=logistic (repeatable).")
-@click.option("--sort", default="started", show_default=True, help="started, duration, val_accuracy, val_f1, ...")
-@click.option("--asc", is_flag=True, help="Ascending order.")
-@cache_dir_option
-@click.pass_context
-def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], sort: str, asc: bool,
-               cache_dir: Path) -> None:
-    """List recorded runs of every stage as a table.
-
-    Example: python cli.py runs --stage fit-head --sort val_accuracy
-    """
-    if ctx.invoked_subcommand is not None:
-        return
-    from rich.console import Console
-
-    from pipeline.tracking.runs import Registry
-
-    parsed = {}
-    for f in filters:
-        key, sep, value = f.partition("=")
-        if not sep:
-            raise UserError(f"--filter takes KEY=VALUE, not {f!r}")
-        parsed[key] = value
-    registry = Registry(cache_dir)
-    records = registry.list(stage=stage, filters=parsed, sort=sort, descending=not asc)
-    if not records:
-        click.echo("no runs recorded yet" + (" matching those filters" if stage or filters else "")
-                   + f" in {Path(cache_dir).expanduser().resolve()}")
-        return
-    Console(width=160).print(registry.table(records))
-
-
-@runs_group.command("show")
-@click.argument("run_id")
-@cache_dir_option
-def runs_show(run_id: str, cache_dir: Path) -> None:
-    """Print one run: config, metrics and files.
-
-    Example: python cli.py runs show 20261122-2330
-    """
-    import json
-
-    from pipeline.tracking.runs import Registry
-
-    r = Registry(cache_dir).get(run_id)
-    click.echo(f"run {r.id}  stage {r.stage}  status {r.status}  started {r.started}  duration {r.duration_s}s")
-    click.echo("config: " + json.dumps(r.config, indent=2, default=str))
-    click.echo("metrics: " + json.dumps(r.metrics, indent=2, default=str))
-    click.echo("files: " + ", ".join(sorted(p.name for p in r.dir.iterdir())))
-
-
-@runs_group.command("rm")
-@click.argument("run_ids", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Also remove a run that is still running.")
-@click.option("--dry-run", is_flag=True, help="List the run folders that would be removed.")
-@cache_dir_option
-def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Path) -> None:
-    """Remove run folders under <cache-dir>/runs/ by full ID or unambiguous prefix.
-
-    Example: python cli.py runs rm 20261122-2330
-    """
-    from pipeline.tracking.runs import Registry
-
-    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run):
-        click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
-
-
-@runs_group.command("compare")
-@click.argument("run_ids", nargs=-1)
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Where to write the PNG (default: <cache-dir>/runs/compare-<id>-<id>.png).")
-@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True,
-              help="Split whose confusion matrices are plotted.")
-@click.option("--no-plot", is_flag=True, help="Only print the table; write no PNG.")
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of a table.")
-@cache_dir_option
-def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot: bool, as_json: bool,
-                 cache_dir: Path) -> None:
-    """Compare two or more runs: differing parameters, metrics per split, curves and confusion matrices.
-
-    Example: python cli.py runs compare 20261123-0002 20261123-0105
-    """
-    import json
-
-    if out is not None:
-        check_output_file(out, "--out")
-
-    from rich.console import Console
-
-    from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path,
-                                           plot_comparison, resolve)
-    from pipeline.tracking.runs import Registry
-
-    if out is not None:
-        if out.is_dir():
-            raise UserError(f"--out {out} is a folder; give a file path ending in .png")
-        if out.suffix.lower() != ".png":
-            raise UserError(f"--out {out} does not end in .png; the plot is a PNG")
-    registry = Registry(cache_dir)
-    cmp = compare(resolve(registry, run_ids))
-    plot = None
-    if not no_plot:
-        plot = plot_comparison(cmp.runs, out or default_plot_path(registry, cmp.runs), split=split)
-    if as_json:
-        click.echo(json.dumps(comparison_json(cmp, plot), indent=2, default=str))
-    else:
-        Console(width=max(160, 34 + 23 * len(cmp.runs))).print(comparison_table(cmp))
-    if plot is not None:
-        click.echo(f"wrote {plot}", err=as_json)
-
-
-@cli.command("evaluate")
-@click.option("--run", "run_id", required=True, help="A fit-head or finetune run ID (or unique prefix).")
-@click.option("--data", required=True, help="Labelled data: folder, CSV manifest, tfds:NAME or builtin:digits.")
-@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
-@click.option("--explain", type=click.IntRange(0), default=0, metavar="K",
-              help="knn head: list each misclassified image's K nearest training images (and in --csv, every image's).")
-@click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
-              help="Also write path, label, prediction, probabilities (and --explain's neighbours) per image here.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@trust_pickle_option
-@cache_dir_option
-def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path | None, batch_size: int,
-                 trust_pickle: bool, cache_dir: Path) -> None:
-    """Score a trained run on labelled images, through the same backbone and preprocessing.
-
-    Example: python cli.py evaluate --run 20261122-2330 --data ../shared/data/hymenoptera --split val
-    """
-    from rich.console import Console
-
-    from pipeline.cli.options import check_output_file
-    from pipeline.inference.apply import evaluate_run, load_run, write_predictions_csv
-    from pipeline.tracking.metrics import metrics_table, summary_line
-
-    if csv_out is not None:
-        check_output_file(csv_out, "--csv")
-    run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
-    result = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size, explain=explain)
-    report = result.report
-    click.echo(summary_line(report))
-    Console(width=110).print(metrics_table(report, title=f"{data} ({split})"))
-    if result.neighbours is not None:
-        Console(width=160).print(_explained_table(result, run.class_names))
-    if csv_out is not None:
-        write_predictions_csv(csv_out, result.paths, result.proba, run.class_names, result.neighbours, result.labels)
-        click.echo(f"wrote {csv_out}", err=True)
-
-
-def _explained_table(result, class_names: list[str], limit: int = 20):
-    """The misclassified images (most confident first) beside their nearest training images."""
-    import numpy as np
-    from rich.table import Table
-
-    pred = result.proba.argmax(axis=1)
-    wrong = np.flatnonzero(pred != result.labels)
-    wrong = wrong[np.argsort(-result.proba[wrong, pred[wrong]], kind="stable")]
-    table = Table(title=f"misclassified: {wrong.size} (first {min(limit, wrong.size)}), with their nearest "
-                        f"training images", title_justify="left")
-    for col in ("image", "label", "predicted", "nearest training images (similarity)"):
-        table.add_column(col)
-    for i in wrong[:limit]:
-        near = "\n".join(f"{p} ({s:.3f})" for p, s in result.neighbours[i])
-        table.add_row(result.paths[i], class_names[int(result.labels[i])],
-                      f"{class_names[int(pred[i])]} {result.proba[i, pred[i]]:.3f}", near)
-    return table
-
-
-def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | None, cache_dir: Path,
-                     batch_size: int, trust_pickle: bool = False, explain: int = 0) -> None:
-    """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV); with
-    `explain`, each image's nearest training images too (a knn head)."""
-    from pipeline.inference.apply import check_explain, explained, load_run, predict_paths, run_features
-
-    run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
-    check_explain(run, explain)
-    if not explain:
-        proba, kept, skipped = predict_paths(run, paths, batch_size)
-        print_predictions(paths, proba, kept, skipped, run.class_names, top_k, csv_out)
-        return
-    feats, kept, skipped = run_features(run, paths, batch_size)
-    print_predictions(paths, run.head.predict_proba(feats), kept, skipped, run.class_names, top_k, csv_out,
-                      explained(run.head, feats, explain))
-
-
-def print_predictions(paths: list[str], proba, kept: list[int], skipped: list, class_names: list[str], top_k: int,
-                      csv_out: Path | None, neighbours: list | None = None) -> None:
-    """One line per image with its top-k classes (and, given `neighbours`, an indented line per nearest
-    training image), the optional CSV, and the skipped files (stderr)."""
-    import numpy as np
-
-    from pipeline.inference.apply import write_predictions_csv
-
-    k = min(top_k, len(class_names))
-    for j, (i, row) in enumerate(zip(kept, proba)):
-        top = np.argsort(-row)[:k]
-        click.echo(f"{paths[i]}\t" + "  ".join(f"{class_names[c]} {row[c]:.3f}" for c in top))
-        for path, sim in (neighbours[j] if neighbours is not None else []):
-            click.echo(f"    near {sim:.3f}  {path}")
-    if csv_out:
-        write_predictions_csv(csv_out, [paths[i] for i in kept], proba, class_names, neighbours)
-        click.echo(f"wrote {csv_out}", err=True)
-    if skipped:
-        click.echo(skipped_message(skipped), err=True)

@@ -35,6 +35,11 @@ SEED = click.IntRange(0, 2**32 - 1)  # what NumPy, TensorFlow and JAX all accept
 cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
                                 help="Cache root (default: ./cache).")  # every command's, declared once
 
+trust_pickle_option = click.option(
+    "--trust-pickle", is_flag=True,
+    help="Also load an old pickled head.joblib (from an older version); unpickling can run code, so only "
+         "for runs you trust.")
+
 _EXTRACT_OPTIONS = [
     click.option("--data", default=BUILTIN_DEFAULT, show_default=True,
                  help="Image folder (one subfolder per class, optionally under train/val/test), "

@@ -1,4 +1,5 @@
-"""`predict`: a trained run's classes, or a backbone's own ImageNet top-k, for image files."""
+"""`predict`: a trained run's classes, or a backbone's own ImageNet top-k, for image files; `evaluate`: a
+trained run's metrics on labelled images."""
 
 from __future__ import annotations
 
@@ -7,14 +8,12 @@ from pathlib import Path
 import click
 
 from pipeline.backend import BACKENDS, select as select_backend
-from pipeline.cli import cli
 from pipeline.cli.extract_cmds import skipped_message
-from pipeline.cli.options import cache_dir_option, check_output_file
-from pipeline.cli.head_cmds import predict_with_run, print_predictions, trust_pickle_option
+from pipeline.cli.options import cache_dir_option, check_output_file, trust_pickle_option
 from pipeline.inference.embed import image_paths, imagenet_top_k
 
 
-@cli.command("predict")
+@click.command("predict")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--run", "run_id", default=None, help="A fit-head or finetune run ID (or unique prefix).")
 @click.option("--model", "model_file", type=click.Path(path_type=Path), default=None,
@@ -70,5 +69,98 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
         click.echo(path)
         for idx, name, p in top:
             click.echo(f"  {p:6.1%}  {idx:4d}  {name}")
+    if skipped:
+        click.echo(skipped_message(skipped), err=True)
+
+
+@click.command("evaluate")
+@click.option("--run", "run_id", required=True, help="A fit-head or finetune run ID (or unique prefix).")
+@click.option("--data", required=True, help="Labelled data: folder, CSV manifest, tfds:NAME or builtin:digits.")
+@click.option("--split", type=click.Choice(["all", "train", "val", "test"]), default="all", show_default=True)
+@click.option("--explain", type=click.IntRange(0), default=0, metavar="K",
+              help="knn head: list each misclassified image's K nearest training images (and in --csv, every image's).")
+@click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
+              help="Also write path, label, prediction, probabilities (and --explain's neighbours) per image here.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@trust_pickle_option
+@cache_dir_option
+def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path | None, batch_size: int,
+                 trust_pickle: bool, cache_dir: Path) -> None:
+    """Score a trained run on labelled images, through the same backbone and preprocessing.
+
+    Example: python cli.py evaluate --run 20261122-2330 --data ../shared/data/hymenoptera --split val
+    """
+    from rich.console import Console
+
+    from pipeline.inference.apply import evaluate_run, load_run, write_predictions_csv
+    from pipeline.tracking.metrics import metrics_table, summary_line
+
+    if csv_out is not None:
+        check_output_file(csv_out, "--csv")
+    run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
+    result = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size, explain=explain)
+    report = result.report
+    click.echo(summary_line(report))
+    Console(width=110).print(metrics_table(report, title=f"{data} ({split})"))
+    if result.neighbours is not None:
+        Console(width=160).print(_explained_table(result, run.class_names))
+    if csv_out is not None:
+        write_predictions_csv(csv_out, result.paths, result.proba, run.class_names, result.neighbours, result.labels)
+        click.echo(f"wrote {csv_out}", err=True)
+
+
+def _explained_table(result, class_names: list[str], limit: int = 20):
+    """The misclassified images (most confident first) beside their nearest training images."""
+    import numpy as np
+    from rich.table import Table
+
+    pred = result.proba.argmax(axis=1)
+    wrong = np.flatnonzero(pred != result.labels)
+    wrong = wrong[np.argsort(-result.proba[wrong, pred[wrong]], kind="stable")]
+    table = Table(title=f"misclassified: {wrong.size} (first {min(limit, wrong.size)}), with their nearest "
+                        f"training images", title_justify="left")
+    for col in ("image", "label", "predicted", "nearest training images (similarity)"):
+        table.add_column(col)
+    for i in wrong[:limit]:
+        near = "\n".join(f"{p} ({s:.3f})" for p, s in result.neighbours[i])
+        table.add_row(result.paths[i], class_names[int(result.labels[i])],
+                      f"{class_names[int(pred[i])]} {result.proba[i, pred[i]]:.3f}", near)
+    return table
+
+
+def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | None, cache_dir: Path,
+                     batch_size: int, trust_pickle: bool = False, explain: int = 0) -> None:
+    """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV); with
+    `explain`, each image's nearest training images too (a knn head)."""
+    from pipeline.inference.apply import check_explain, explained, load_run, predict_paths, run_features
+
+    run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
+    check_explain(run, explain)
+    if not explain:
+        proba, kept, skipped = predict_paths(run, paths, batch_size)
+        print_predictions(paths, proba, kept, skipped, run.class_names, top_k, csv_out)
+        return
+    feats, kept, skipped = run_features(run, paths, batch_size)
+    print_predictions(paths, run.head.predict_proba(feats), kept, skipped, run.class_names, top_k, csv_out,
+                      explained(run.head, feats, explain))
+
+
+def print_predictions(paths: list[str], proba, kept: list[int], skipped: list, class_names: list[str], top_k: int,
+                      csv_out: Path | None, neighbours: list | None = None) -> None:
+    """One line per image with its top-k classes (and, given `neighbours`, an indented line per nearest
+    training image), the optional CSV, and the skipped files (stderr)."""
+    import numpy as np
+
+    from pipeline.inference.apply import write_predictions_csv
+
+    k = min(top_k, len(class_names))
+    for j, (i, row) in enumerate(zip(kept, proba)):
+        top = np.argsort(-row)[:k]
+        click.echo(f"{paths[i]}\t" + "  ".join(f"{class_names[c]} {row[c]:.3f}" for c in top))
+        for path, sim in (neighbours[j] if neighbours is not None else []):
+            click.echo(f"    near {sim:.3f}  {path}")
+    if csv_out:
+        write_predictions_csv(csv_out, [paths[i] for i in kept], proba, class_names, neighbours)
+        click.echo(f"wrote {csv_out}", err=True)
     if skipped:
         click.echo(skipped_message(skipped), err=True)

@@ -1,0 +1,124 @@
+"""`runs`: list, show, remove and compare the recorded runs of every stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli.options import cache_dir_option, check_output_file
+from pipeline.errors import UserError
+
+
+@click.group("runs", invoke_without_command=True)
+@click.option("--stage", type=click.Choice(["extract", "fit-head", "finetune", "audit"]), default=None)
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="e.g. backbone=efficientnet* or head=logistic (repeatable).")
+@click.option("--sort", default="started", show_default=True, help="started, duration, val_accuracy, val_f1, ...")
+@click.option("--asc", is_flag=True, help="Ascending order.")
+@cache_dir_option
+@click.pass_context
+def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], sort: str, asc: bool,
+               cache_dir: Path) -> None:
+    """List recorded runs of every stage as a table.
+
+    Example: python cli.py runs --stage fit-head --sort val_accuracy
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+
+    from pipeline.tracking.runs import Registry
+
+    parsed = {}
+    for f in filters:
+        key, sep, value = f.partition("=")
+        if not sep:
+            raise UserError(f"--filter takes KEY=VALUE, not {f!r}")
+        parsed[key] = value
+    registry = Registry(cache_dir)
+    records = registry.list(stage=stage, filters=parsed, sort=sort, descending=not asc)
+    if not records:
+        click.echo("no runs recorded yet" + (" matching those filters" if stage or filters else "")
+                   + f" in {Path(cache_dir).expanduser().resolve()}")
+        return
+    Console(width=160).print(registry.table(records))
+
+
+@runs_group.command("show")
+@click.argument("run_id")
+@cache_dir_option
+def runs_show(run_id: str, cache_dir: Path) -> None:
+    """Print one run: config, metrics and files.
+
+    Example: python cli.py runs show 20261122-2330
+    """
+    import json
+
+    from pipeline.tracking.runs import Registry
+
+    r = Registry(cache_dir).get(run_id)
+    click.echo(f"run {r.id}  stage {r.stage}  status {r.status}  started {r.started}  duration {r.duration_s}s")
+    click.echo("config: " + json.dumps(r.config, indent=2, default=str))
+    click.echo("metrics: " + json.dumps(r.metrics, indent=2, default=str))
+    click.echo("files: " + ", ".join(sorted(p.name for p in r.dir.iterdir())))
+
+
+@runs_group.command("rm")
+@click.argument("run_ids", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Also remove a run that is still running.")
+@click.option("--dry-run", is_flag=True, help="List the run folders that would be removed.")
+@cache_dir_option
+def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Path) -> None:
+    """Remove run folders under <cache-dir>/runs/ by full ID or unambiguous prefix.
+
+    Example: python cli.py runs rm 20261122-2330
+    """
+    from pipeline.tracking.runs import Registry
+
+    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run):
+        click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
+
+
+@runs_group.command("compare")
+@click.argument("run_ids", nargs=-1)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Where to write the PNG (default: <cache-dir>/runs/compare-<id>-<id>.png).")
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True,
+              help="Split whose confusion matrices are plotted.")
+@click.option("--no-plot", is_flag=True, help="Only print the table; write no PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of a table.")
+@cache_dir_option
+def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot: bool, as_json: bool,
+                 cache_dir: Path) -> None:
+    """Compare two or more runs: differing parameters, metrics per split, curves and confusion matrices.
+
+    Example: python cli.py runs compare 20261123-0002 20261123-0105
+    """
+    import json
+
+    if out is not None:
+        check_output_file(out, "--out")
+
+    from rich.console import Console
+
+    from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path,
+                                           plot_comparison, resolve)
+    from pipeline.tracking.runs import Registry
+
+    if out is not None:
+        if out.is_dir():
+            raise UserError(f"--out {out} is a folder; give a file path ending in .png")
+        if out.suffix.lower() != ".png":
+            raise UserError(f"--out {out} does not end in .png; the plot is a PNG")
+    registry = Registry(cache_dir)
+    cmp = compare(resolve(registry, run_ids))
+    plot = None
+    if not no_plot:
+        plot = plot_comparison(cmp.runs, out or default_plot_path(registry, cmp.runs), split=split)
+    if as_json:
+        click.echo(json.dumps(comparison_json(cmp, plot), indent=2, default=str))
+    else:
+        Console(width=max(160, 34 + 23 * len(cmp.runs))).print(comparison_table(cmp))
+    if plot is not None:
+        click.echo(f"wrote {plot}", err=as_json)
