@@ -135,18 +135,18 @@ def link_files(files: list[tuple[str, str]], tree: Path) -> list[Path]:
 
 
 def bench_extract(args, files, tmp: Path) -> tuple[float, object]:
-    from pipeline.extract import ExtractRequest, RunOptions, _Extraction, extract
+    from pipeline.extract import ExtractRequest, RunOptions, ExtractionJob, extract
     tree = tmp / "files"
     link_files(files, tree)
     build_s = {"t": 0.0}
-    orig = _Extraction._model
+    orig = ExtractionJob._model
 
     def timed_model(self):
         model, sec = timed(lambda: orig(self))
         build_s["t"] += sec
         return model
 
-    _Extraction._model = timed_model
+    ExtractionJob._model = timed_model
     try:
         req = ExtractRequest(data=str(tree), backbone=args.backbone, weights=args.weights,
                              image_size=args.image_size, precision=args.precision, dtype="float32")
@@ -154,7 +154,7 @@ def bench_extract(args, files, tmp: Path) -> tuple[float, object]:
                                                              progress=False, force=True, workers=args.workers),
                                             log=lambda m: None))
     finally:
-        _Extraction._model = orig
+        ExtractionJob._model = orig
     return result.n_rows / (sec - build_s["t"]), result
 
 

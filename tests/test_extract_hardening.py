@@ -220,7 +220,7 @@ def test_a_disk_filling_up_inside_hdf5_is_reported_as_unclean_and_the_cli_leaves
         assert not list(mount.iterdir())                  # no temporary file left
         cli_child = ("import sys; from pipeline.errors import UncleanFileError; import pipeline.extract.worker as w\n"
                      "def full(*a, **k): raise UncleanFileError(28, 'No space left on device', '/mnt/c/x.h5')\n"
-                     "w._recorded = full\nsys.argv = ['cli.py'] + sys.argv[1:]\nfrom pipeline.cli import main\nmain()")
+                     "w.run_recorded = full\nsys.argv = ['cli.py'] + sys.argv[1:]\nfrom pipeline.cli import main\nmain()")
         data = make_folder(tmp_path / "d", per_class=1, splits=())
         proc = subprocess.run([sys.executable, "-c", cli_child, "extract", "--data", str(data), "--cache-dir",
                                str(tmp_path / "c"), "--backbone", "mobilenetv2", "--weights", "none", "--image-size",

@@ -250,7 +250,7 @@ class Breakdown:
         self.wrap(ChunkDir, "write", "  of which chunk np.savez+fsync")
         self.wrap(os, "fsync", "fsync (any file, any thread)")
         self.wrap(W, "assemble", "assemble (HDF5)")
-        self.wrap(W._Extraction, "_compute", "compute (decode..writer)")
+        self.wrap(W.ExtractionJob, "_compute", "compute (decode..writer)")
         orig_iter = Prefetcher.__iter__
         bd = self
 
@@ -319,7 +319,7 @@ def cmd_extract(args) -> None:
     for label in ("cold (build + compile)", "warm (cached runner)")[:args.runs]:
         bd.reset()
         build = {"t": 0.0}
-        orig_model = W._Extraction._model
+        orig_model = W.ExtractionJob._model
 
         def timed_model(self, _orig=orig_model):
             t = time.perf_counter()
@@ -328,14 +328,14 @@ def cmd_extract(args) -> None:
             finally:
                 build["t"] += time.perf_counter() - t
 
-        W._Extraction._model = timed_model
+        W.ExtractionJob._model = timed_model
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 u0 = _usage()
                 rate, result = bench_extract(ns, files, Path(tmp))
                 u1 = _usage()
         finally:
-            W._Extraction._model = orig_model
+            W.ExtractionJob._model = orig_model
         bd.print(label, result.n_rows / rate + build["t"], result.n_rows, build["t"])
         cpu, wall = u1[0] - u0[0], u1[4] - u0[4]
         print(f"    process CPU {cpu:.1f} s over {wall:.1f} s wall (links + extract): {cpu / wall:.1f} cores busy",

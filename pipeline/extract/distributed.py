@@ -1,6 +1,6 @@
 """Extraction on a Ray cluster: `extract --ray [ADDRESS]` (extra `.[ray]`, imported only when used).
 
-The driver plans the units and chunks exactly as a plain run (`worker._Extraction`). Ray actors,
+The driver plans the units and chunks exactly as a plain run (`worker.ExtractionJob`). Ray actors,
 one per GPU where the cluster has GPUs, else `--workers` CPU actors, each build the model once and
 compute whole chunks. Where an actor sees the driver's `.parts` folder (a shared filesystem: the
 driver leaves a probe file there and each actor looks for it) it writes its chunks there, each
@@ -52,7 +52,7 @@ class _ChunkWorker:
 
     def __init__(self, request: dict[str, Any], options: dict[str, Any], key: str, cwd: str,
                  probe: tuple[str, str] | None = None, transport: str = "auto") -> None:
-        from pipeline.extract.worker import _Extraction
+        from pipeline.extract.worker import ExtractionJob
         from pipeline.features.store import ChunkDir
 
         if os.path.isdir(cwd):  # relative --data paths mean what they mean on the driver
@@ -72,7 +72,7 @@ class _ChunkWorker:
             self.local = Path(tempfile.mkdtemp(prefix=f"featurecache-ray-{os.getpid()}-{_host()}-"))
             p = dataclasses.replace(p, path=self.local / p.path.name)
             ChunkDir(p.parts, opts.chunk_units)  # the driver's chunk size (its meta.json's)
-        self.job = _Extraction(p, opts, lambda m: None)
+        self.job = ExtractionJob(p, opts, lambda m: None)
         if self.local is not None:  # no chunk data stays on the node between chunks
             shutil.rmtree(self.job.p.parts, ignore_errors=True)
 
@@ -144,7 +144,7 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
     chunk (tests use it to kill a worker or the driver mid-run). `transport`: 'auto' (each actor
     writes to the shared `.parts` folder if it sees it, else sends chunks back), 'shared' or 'driver'.
     """
-    from pipeline.extract.worker import _Extraction, _recorded, _under_lock
+    from pipeline.extract.worker import ExtractionJob, run_recorded, prepare_key
     from pipeline.features.store import ChunkDir, is_complete
 
     p = plan(request, options.cache_dir)
@@ -153,10 +153,10 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
     check_size(p.size, options.allow_large)
     ray = _ray()
     with exclusive_lock(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
-        options, hit = _under_lock(p, options, log)
+        options, hit = prepare_key(p, options, log)
         if hit is not None:
             return hit
-        plan_job = _Extraction(p, options, log)
+        plan_job = ExtractionJob(p, options, log)
         if not plan_job.unit_index.size:
             raise UserError(f"{request.data} contains no images")
         chunks = ChunkDir(p.parts, options.chunk_units)
@@ -173,7 +173,7 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
                                 f"driver can see them ({p.parts}): the cache folder must be on a filesystem every "
                                 f"node shares (give --cache-dir on it)")
         seconds = time.perf_counter() - t0
-        result = _recorded(p, options, log)  # every chunk is there: this only assembles (and records the run)
+        result = run_recorded(p, options, log)  # every chunk is there: this only assembles (and records the run)
         result.computed, result.seconds = computed, seconds
         result.images_per_s = computed / seconds if computed and seconds > 0 else 0.0
         _record_ray_figures(options, result, len(todo))

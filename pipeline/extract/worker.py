@@ -63,15 +63,15 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
             i, n = options.shard
             shard_lock = p.path.with_suffix(f".shard-{i}-of-{n}.lock")
             with exclusive_lock(shard_lock, lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
-                return _recorded(p, options, log)
+                return run_recorded(p, options, log)
         with exclusive_lock(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
-            options, hit = _under_lock(p, options, log)
-            return hit or _recorded(p, options, log)
+            options, hit = prepare_key(p, options, log)
+            return hit or run_recorded(p, options, log)
     except OSError as exc:
         raise _disk_error(exc, p) from None
 
 
-def _under_lock(p: Plan, options: RunOptions, log: Log) -> tuple[RunOptions, ExtractResult | None]:
+def prepare_key(p: Plan, options: RunOptions, log: Log) -> tuple[RunOptions, ExtractResult | None]:
     """Holding the key's lock: clean up after killed runs, then either start over (--force: the
     options come back with force and reuse off) or find that another process finished the file."""
     _clean_leftovers(p, log)
@@ -105,7 +105,7 @@ def _disk_error(exc: OSError, p: Plan) -> UserError | OSError:
     return exc
 
 
-def _recorded(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
+def run_recorded(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
     """Run the extraction inside a runs-registry record."""
     from pipeline.backend import name as backend_name
     from pipeline.tracking.runs import Registry
@@ -114,7 +114,7 @@ def _recorded(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
               "params": {"size": p.size, "pooling": p.request.layer or p.request.pooling,
                          "weights": p.request.weights, "aug": p.request.augment_copies}}
     with Registry(options.cache_dir).start("extract", config) as run:
-        result = _Extraction(p, options, log).run()
+        result = ExtractionJob(p, options, log).run()
         run.finish("ok", {"rows": result.n_rows, "skipped": len(result.skipped), "seconds": result.seconds,
                           "images_per_s": result.images_per_s, "resumed_from": result.resumed_from,
                           "computed": result.computed, "reused": result.reused,
@@ -123,7 +123,7 @@ def _recorded(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
     return result
 
 
-class _Extraction:
+class ExtractionJob:
     """One extraction job: lays out the units (image, view), runs the pipeline, assembles the file."""
 
     def __init__(self, p: Plan, options: RunOptions, log: Log) -> None:
