@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.features.neighbours import EXACT_ROWS, RESCORE_BLOCK, CosineIndex, Neighbours, search_space, self_neighbours
+from pipeline.features.neighbours import (EXACT_ROWS, CosineIndex, Neighbours, exact_cosines, search_space,
+                                         self_neighbours)
 
 CLASS_K = 10
 CANDIDATES = 2          # a large class's missing rows are found among this many x k candidates on the projection
@@ -43,10 +44,7 @@ def _search_rows(X: np.ndarray, rows: np.ndarray, ask: np.ndarray, kk: int, walk
         return 1.0 - got.similarity.mean(axis=1)
     cand = CosineIndex(walk[rows], groups=rows, normalized=True).query(walk[ask], min(rows.size - 1, CANDIDATES * kk),
                                                                        query_groups=ask).index
-    members = rows[np.maximum(cand, 0)]
-    sim = np.empty(cand.shape, np.float32)
-    for a in range(0, ask.size, RESCORE_BLOCK):  # a bounded gather at a time
-        sim[a:a + RESCORE_BLOCK] = np.einsum("ij,ikj->ik", X[ask[a:a + RESCORE_BLOCK]], X[members[a:a + RESCORE_BLOCK]])
+    sim = exact_cosines(X, ask, np.where(cand >= 0, rows[np.maximum(cand, 0)], -1))
     sim[cand < 0] = -np.inf
     return 1.0 - np.sort(sim, axis=1)[:, ::-1][:, :kk].mean(axis=1)
 

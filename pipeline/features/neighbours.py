@@ -28,7 +28,7 @@ HNSW_EF_CONSTRUCTION = 40
 HNSW_EF_SEARCH = 64      # at least; 2 x the candidates asked for when more
 QUERY_BLOCK = 16_384     # approximate search answers this many queries at a time (bounded result memory)
 RESCORE_BLOCK = 1_024    # candidates rescored exactly for this many queries at a time (~100 MB at 1,280 wide)
-RESCORE_THREADS = 2      # blocks rescored at once (a gather is memory-bound: 2 threads took 200,000 rows 19 s -> 12 s)
+RESCORE_THREADS = 2      # blocks rescored at once (`exact_cosines`)
 
 
 def unit_rows(x: np.ndarray, in_place: bool = False) -> np.ndarray:
@@ -132,6 +132,23 @@ def search_space(base: np.ndarray, seed: int = 0) -> np.ndarray:
     return unit_rows(pca.apply(base), in_place=True)
 
 
+def exact_cosines(base: np.ndarray, rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(len(rows), c) cosines of unit-length `base[rows]` with their candidate rows `candidates` (row
+    numbers into `base`; -1 gives a meaningless value the caller masks): how an approximate search's
+    proposals are rescored exactly at full width, a bounded gather at a time on two threads (numpy
+    frees the GIL; a gather is memory-bound: 2 threads took 200,000 rows 19 s -> 12 s)."""
+    rows = np.asarray(rows)
+    sim = np.empty(candidates.shape, np.float32)
+
+    def rescore(r: int) -> None:
+        e = min(rows.size, r + RESCORE_BLOCK)
+        sim[r:e] = np.einsum("ij,ikj->ik", base[rows[r:e]], base[np.maximum(candidates[r:e], 0)])
+
+    with ThreadPoolExecutor(min(RESCORE_THREADS, os.cpu_count() or 1)) as pool:
+        list(pool.map(rescore, range(0, rows.size, RESCORE_BLOCK)))
+    return sim
+
+
 def approximate_self_query(base: np.ndarray, k: int, groups: np.ndarray | None = None, seed: int = 0,
                            walk: np.ndarray | None = None) -> Neighbours:
     """`CosineIndex.self_query` through a faiss HNSW graph, for unit-length float32 rows `base`.
@@ -162,14 +179,7 @@ def approximate_self_query(base: np.ndarray, k: int, groups: np.ndarray | None =
         b = min(n, a + QUERY_BLOCK)
         _, idx = index.search(walk[a:b], want)
         bad = (idx < 0) | (g[np.maximum(idx, 0)] == g[a:b, None])
-        sim = np.empty(idx.shape, np.float32)
-
-        def rescore(r: int) -> None:  # exact cosines, a bounded gather at a time (numpy frees the GIL)
-            e = min(b, r + RESCORE_BLOCK)
-            sim[r - a:e - a] = np.einsum("ij,ikj->ik", base[r:e], base[np.maximum(idx[r - a:e - a], 0)])
-
-        with ThreadPoolExecutor(min(RESCORE_THREADS, os.cpu_count() or 1)) as pool:
-            list(pool.map(rescore, range(a, b, RESCORE_BLOCK)))
+        sim = exact_cosines(base, np.arange(a, b), idx)
         sim[bad] = -np.inf
         top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
         s = np.take_along_axis(sim, top, axis=1)
