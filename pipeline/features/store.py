@@ -88,7 +88,7 @@ class ChunkDir:
             n = arrays["index"].shape[0]
             if arrays["features"].shape[:1] != (n,) or arrays["views"].shape != (n,):
                 raise ValueError("its arrays disagree on the number of rows")
-        except Exception as exc:
+        except Exception as exc:  # numpy and zipfile raise many types for a damaged file
             if filesystem_message(exc):  # unreadable for another reason (permissions, I/O): not damage
                 raise
             raise UserError(_parts_damage(path, f"{type(exc).__name__}: {exc}")) from None
