@@ -596,8 +596,7 @@ class FineTuner:
             return cut, treq
         shape = backbone.get_layer(cut).output.shape[1:]
         need = np.dtype(treq.dtype).itemsize * int(np.prod(shape)) * n_images * (1 + int(self.views))
-        if target.parts.is_dir():  # a half-built trunk cache already holds part of it
-            need -= sum(f.stat().st_size for f in chunk_files(target.parts))
+        need -= sum(f.stat().st_size for f in chunk_files(target.parts))  # what a half-built trunk cache holds
         cache_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(cache_dir).free
         if need > free // 2:
