@@ -228,9 +228,9 @@ def main(argv=None) -> None:
                                         shuffle_seed=0, devices=batch_multiple(args.batch_size, 1),  # as finetune pads
                                         augment=AugmentConfig() if args.augment and side != "ours-noaug" else None)
                     if side == "ours-f32":
-                        data = _AsFloat(keras, data)
+                        data = _Mapped(keras, data, _as_float)
                     elif side == "ours-pad":
-                        data = _Padded(keras, data, args.batch_size)
+                        data = _Mapped(keras, data, _padded_to(args.batch_size))
                     rates[side] = epochs_per_s(model, data, side, len(files))
                 elif side == "keras.io" or side.startswith("keras.io@"):
                     batch = int(side.split("@")[1]) if "@" in side else args.keras_io_batch
@@ -289,10 +289,10 @@ def _time_getitem(data):
     return Timer()
 
 
-def _AsFloat(keras, inner):
-    """`inner`'s batches with x cast to float32 (the keras.io dtype), same order and augmentation."""
+def _Mapped(keras, inner, fn):
+    """`inner`'s batches through `fn` (same order and augmentation): for the ablations below."""
 
-    class AsFloat(keras.utils.PyDataset):
+    class Mapped(keras.utils.PyDataset):
         def __init__(self):
             super().__init__(workers=2, use_multiprocessing=False, max_queue_size=4)
 
@@ -300,34 +300,25 @@ def _AsFloat(keras, inner):
             return len(inner)
 
         def __getitem__(self, i):
-            x, *rest = inner[i]
-            return (x.astype(np.float32), *rest)
+            return fn(inner[i])
 
         def on_epoch_end(self):
             inner.on_epoch_end()
 
-    return AsFloat()
+    return Mapped()
 
 
-def _Padded(keras, inner, batch_size):
-    """`inner`'s batches padded to `batch_size` rows with weight-0 copies (one batch shape: one compile)."""
+def _as_float(batch):
+    """x cast to float32 (the keras.io dtype)."""
+    x, *rest = batch
+    return (x.astype(np.float32), *rest)
+
+
+def _padded_to(batch_size):
+    """Batches padded to `batch_size` rows with weight-0 copies (one batch shape: one compile)."""
     from pipeline.finetune.data import pad_to_multiple
 
-    class Padded(keras.utils.PyDataset):
-        def __init__(self):
-            super().__init__(workers=2, use_multiprocessing=False, max_queue_size=4)
-
-        def __len__(self):
-            return len(inner)
-
-        def __getitem__(self, i):
-            x, y = inner[i][:2]
-            return pad_to_multiple(x, y, batch_size)
-
-        def on_epoch_end(self):
-            inner.on_epoch_end()
-
-    return Padded()
+    return lambda batch: pad_to_multiple(batch[0], batch[1], batch_size)
 
 
 def _InMemory(keras, x, y, batch_size):

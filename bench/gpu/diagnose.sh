@@ -19,18 +19,8 @@
 #   extract-resnet50 as extract-lite0, ResNet50 (weights none)
 # PARTS picks some; SMOKE=1 runs tiny sizes on a CPU (e.g. SMOKE=1 SKIP_WHEELS=1 PYTHON=.venv/bin/python).
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
-py="${PYTHON:-python3}"
+source "$(dirname "$0")/setup.sh"
 BUDGET="${BUDGET:-270}"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ -z "${SKIP_WHEELS:-}" ]; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "wheel install failed"; exit 1; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-photos="$(realpath "${PHOTOS:-.photos}")"
-[ -d "$photos/train" ] || { echo "no $photos/train: run bash bench/gpu/prepare.sh here first and carry .photos"; exit 1; }
 if [ -n "${SMOKE:-}" ]; then
     lrep=1; llim=48; lbs=16; lw="1,2"; lw1=2; erep=2; elim=16; ebs=8; size=96; fimg=28; fbs=8; kio=8; ep=1
 else

