@@ -156,7 +156,8 @@ def main(argv=None) -> None:
     from pipeline.data.sources import open_source
     from pipeline.extract import ExtractRequest
     from pipeline.finetune.data import make_batches
-    from pipeline.finetune.tuner import batch_multiple, build_finetune_model, set_trainable
+    from pipeline.finetune.devices import batch_multiple
+    from pipeline.finetune.model import build_finetune_model, set_trainable
     from pipeline.heads import LogisticHead
 
     sides = [x.strip() for x in args.sides.split(",") if x.strip()]

@@ -19,9 +19,10 @@ from pipeline import backbones  # noqa: E402
 from pipeline.data.sources import open_source  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.extract import ExtractRequest  # noqa: E402
-from pipeline.finetune.tuner import (  # noqa: E402
-    CHECKPOINT_FILE, FineTuner, build_finetune_model, read_checkpoint, set_trainable,
-)
+from pipeline.finetune.checkpoints import CHECKPOINT_FILE, read_checkpoint  # noqa: E402
+from pipeline.finetune.handover import split_parts  # noqa: E402
+from pipeline.finetune.model import build_finetune_model, set_trainable  # noqa: E402
+from pipeline.finetune.tuner import FineTuner  # noqa: E402
 from pipeline.heads import DenseHead, LogisticHead  # noqa: E402
 from pipeline.backbones.preprocessing import preprocessing_layers  # noqa: E402
 from pipeline.data.augment import AugmentConfig  # noqa: E402
@@ -106,7 +107,7 @@ def test_vgg_block5_trainable_and_unknown_block_lists_names(data):
 
 
 def trainable_layer_set(model):
-    from pipeline.finetune.tuner import trainable_layer_names
+    from pipeline.finetune.model import trainable_layer_names
     return set(trainable_layer_names(model))
 
 
@@ -237,7 +238,7 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     """A cache made by `extract` + a head saved in a run folder whose config.json names the cache:
     the rebuilt model reproduces the head's predictions on the cached (float32) features."""
     from pipeline.extract import RunOptions, extract
-    from pipeline.finetune.tuner import stage2_inputs
+    from pipeline.finetune.handover import stage2_inputs
     from pipeline.features.store import FeatureFile
 
     req = ExtractRequest(data=str(data.root), backbone="vgg16", weights="none", image_size=32, dtype="float32")
@@ -307,8 +308,8 @@ def test_without_a_val_split_a_seeded_holdout_is_validated_and_early_stopping_wo
     assert len(result.history["val_loss"]) == result.epochs_run
     assert result.best_epoch is not None and 1 <= result.best_epoch <= result.epochs_run
     again = FineTuner(unfreeze=["block5"], epochs=1, batch_size=8, lr=1e-4, augment=None, seed=1)
-    assert again._split(req, listing, None)[0]["val"].tolist() == FineTuner(seed=1)._split(
-        req, listing, None)[0]["val"].tolist()  # seeded: the same images every time
+    assert split_parts(req, listing, None, again.val_fraction, again.seed)[0]["val"].tolist() == split_parts(
+        req, listing, None, FineTuner(seed=1).val_fraction, 1)[0]["val"].tolist()  # seeded: the same images every time
 
 
 def test_a_stage2_split_that_names_missing_images_is_refused(data, tmp_path):
@@ -375,10 +376,10 @@ TF_MIRRORED = r"""
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from pipeline.finetune.tuner import _tf_strategy
+from pipeline.finetune.devices import tf_strategy
 TUNER = {}
 def placement(kernel):
-    return {"replicas": _tf_strategy().num_replicas_in_sync, "variable": type(kernel.value).__name__}
+    return {"replicas": tf_strategy().num_replicas_in_sync, "variable": type(kernel.value).__name__}
 """ + DATA_PARALLEL_FIT
 
 
@@ -452,7 +453,7 @@ def test_a_padded_batch_has_the_loss_of_the_unpadded_one(monkeypatch):
 
     import pipeline.backend
     from pipeline.finetune.data import finish_batch
-    from pipeline.finetune.tuner import batch_multiple
+    from pipeline.finetune.devices import batch_multiple
 
     rng = np.random.default_rng(0)
     x = rng.random((5, 4, 4, 3)).astype(np.float32)
@@ -477,7 +478,7 @@ def test_a_padded_batch_has_the_loss_of_the_unpadded_one(monkeypatch):
 def test_a_fine_tune_that_lowers_val_accuracy_says_so():
     """When val accuracy drops, the result says the head-only run stays the better model (and why,
     on small data); no note when it rises or without val."""
-    from pipeline.finetune.tuner import FinetuneResult
+    from pipeline.finetune.results import FinetuneResult
 
     def note(before, after, n_train=244, n_val=153):
         r = SimpleNamespace(metrics_before={"val": {"n": n_val, "accuracy": before}},

@@ -56,7 +56,9 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
 
     Example: python cli.py finetune --run 20261122-2330 --unfreeze block7 --epochs 3
     """
-    from pipeline.finetune.tuner import FineTuner, format_comparison, stage2_inputs
+    from pipeline.finetune.handover import stage2_inputs
+    from pipeline.finetune.results import format_comparison
+    from pipeline.finetune.tuner import FineTuner
     from pipeline.tracking.plots import plot_confusion_matrix, plot_history
     from pipeline.tracking.runs import Registry, Run
 

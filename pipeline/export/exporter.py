@@ -50,7 +50,7 @@ def inference_model(run):
         from pipeline.heads.files import load_keras_file
         return float32_model(load_keras_file(run.model_path))
     from pipeline.backend import require
-    from pipeline.finetune.tuner import build_finetune_model
+    from pipeline.finetune.model import build_finetune_model
     require()
     return build_finetune_model(run.request, run.head)
 

@@ -10,18 +10,29 @@ is an ordinary cache entry (resumable, a hit next time).
     image -> cast -> preprocessing -> trunk (frozen, cut at the block boundary) -> top -> probabilities
                                       `--------- cached once per view ----------'   trains
 
-`split_at` builds both halves from the fine-tune model so they share its layers, `assemble` puts
-them back into one image-in model for `model.keras`, predict and export.
+`plan_trunk` decides whether a run can train this way (whole blocks unfrozen, room on the disk),
+`trunk_maps` extracts or finds the trunk cache and maps the split onto its rows, `split_at` builds
+both halves from the fine-tune model so they share its layers, and `assemble` puts them back into
+one image-in model for `model.keras`, predict and export.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
 
 from pipeline import backbones
+from pipeline.backbones.model import backbone_cut, preprocessed_input
+from pipeline.data.augment import AugmentConfig
 from pipeline.errors import UserError
-from pipeline.extract import ExtractRequest
+from pipeline.extract import ExtractRequest, RunOptions, extract, plan, release_models
+from pipeline.features.store import FeatureFile, chunk_files, is_complete
+from pipeline.finetune.model import unfrozen_blocks
+from pipeline.heads.streaming import default_memory_budget_mb
 
 
 def cut_layer(spec: backbones.Backbone, layer_names: list[str], unfreeze: Sequence[str]) -> str | None:
@@ -38,8 +49,6 @@ def trunk_request(request: ExtractRequest, cut: str, views: int, augment, seed: 
     """Stage 1's request for the trunk cache: the same images, backbone, size, resize and storage
     dtype (float32 where stage 1 needed it: random-init maps underflow float16, which extract
     refuses), cut at `cut` without pooling, with `views` augmented copies of every training image."""
-    from pipeline.data.augment import AugmentConfig
-
     copies = int(views) if augment is not None else 0
     return dataclasses.replace(request, layer=cut, pooling="none", dtype=request.dtype, augment_copies=copies,
                                augment_seed=int(seed), augment=augment if augment is not None else AugmentConfig())
@@ -48,7 +57,7 @@ def trunk_request(request: ExtractRequest, cut: str, views: int, augment, seed: 
 def split_at(model, cut: str) -> tuple[Any, Any]:
     """(trunk, top) of a fine-tune model (`build_finetune_model`): the backbone up to `cut`, and
     `cut`'s output -> rest of the backbone -> pooling -> head. Both share the model's layers."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     backbone = model.get_layer("backbone")
     cut_tensor = backbone.get_layer(cut).output
@@ -67,9 +76,79 @@ def split_at(model, cut: str) -> tuple[Any, Any]:
 
 def assemble(spec: backbones.Backbone, size: int, trunk, top):
     """One model, uint8 images in, probabilities out: preprocessing -> trunk -> top."""
-    import keras
-
-    from pipeline.backbones.model import preprocessed_input
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     inputs, x = preprocessed_input(spec, size)
     return keras.Model(inputs, top(trunk(x, training=False)), name=f"finetune_{spec.slug}")
+
+
+def plan_trunk(request: ExtractRequest, spec: backbones.Backbone, size: int, n_images: int, cache_dir: Path,
+               say: Callable[[str], None], *, trunk_cache: bool | None, unfreeze: Sequence[str] | None,
+               unfreeze_last: int | None, views: int, augment, seed: int) -> tuple[str, ExtractRequest] | None:
+    """(cut layer, the trunk cache's request) when training can run on cached trunk maps
+    (this module), else None (then every epoch runs the whole backbone on the images)."""
+    def skip(why: str) -> None:
+        if trunk_cache:  # asked for explicitly
+            raise UserError(f"no trunk cache: {why}; drop --trunk-cache to train on the images")
+        say(f"{why}: training on the images instead (slower)")
+
+    if trunk_cache is False:
+        return None
+    if unfreeze_last:
+        return skip("the trunk cache needs whole blocks (--unfreeze), not --unfreeze-last")
+    if spec.family == backbones.hub.FAMILY:
+        return skip("a keras-hub preset keeps its blocks inside one layer, so there is no cut to cache below")
+    backbone = backbone_cut(spec, "none", size, request.layer)  # layer names and shapes only
+    names = [layer.name for layer in backbone.layers]
+    cut = cut_layer(spec, names, unfrozen_blocks(spec, names, unfreeze, unfreeze_last))
+    if cut is None:
+        return None  # head only: nothing below to cache
+    treq = trunk_request(request, cut, int(views), augment, int(seed))
+    target = plan(treq, cache_dir)
+    if is_complete(target.path):
+        return cut, treq
+    shape = backbone.get_layer(cut).output.shape[1:]
+    need = np.dtype(treq.dtype).itemsize * int(np.prod(shape)) * n_images * (1 + int(views))
+    need -= sum(f.stat().st_size for f in chunk_files(target.parts))  # what a half-built trunk cache holds
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free
+    if need > free // 2:
+        return skip(f"the trunk cache would take {need / 1e9:.1f} GB of the {free / 1e9:.1f} GB free in {cache_dir}")
+    return cut, treq
+
+
+def trunk_maps(trunk_req: ExtractRequest, listing, parts: Mapping[str, np.ndarray], cache_dir: Path, progress: bool,
+               say: Callable[[str], None], batch_size: int) -> dict[str, Any]:
+    """Extract (or find) the trunk cache and map the split onto its rows: {file, data (in memory
+    when it fits a quarter of RAM, else the FeatureFile), labels, train_rows(epoch), val_rows,
+    train_idx (the training images the cache holds)}."""
+    res = extract(trunk_req, RunOptions(cache_dir=cache_dir, progress=progress, batch_size=int(batch_size)),
+                  log=say)
+    release_models()  # the trunk model is not needed while training: free its memory
+    say(("trunk cache hit: " if res.cache_hit else "trunk cache: ") + str(res.path))
+    ff = FeatureFile(res.path)
+    try:
+        ids = np.asarray(listing.ids, dtype=object)
+        row_of = {(p, int(v)): r for r, (p, v) in enumerate(zip(ff.paths, ff.views.tolist()))}
+        n_views = 1 + int(ff.views.max(initial=0))
+        train = [i for i in parts["train"].tolist() if (str(ids[i]), 0) in row_of]
+        if len(train) < parts["train"].size:
+            say(f"{parts['train'].size - len(train)} training image(s) could not be read; training without them")
+        by_view = [np.asarray([row_of.get((str(ids[i]), v), row_of[(str(ids[i]), 0)]) for i in train], np.int64)
+                   for v in range(n_views)]
+        val_rows = np.asarray([row_of[(str(ids[i]), 0)] for i in parts["val"].tolist()
+                               if (str(ids[i]), 0) in row_of], np.int64)
+        budget = default_memory_budget_mb() * 1e6
+        stored = ff.features.dtype  # float16, or float32 as stage 1 was extracted
+        if ff.features.size * stored.itemsize <= budget:
+            data = ff.load(None, dtype=stored)
+        else:
+            say(f"the trunk cache ({ff.features.size * stored.itemsize / 1e9:.1f} GB) exceeds the memory budget; "
+                f"reading batches from disk")
+            data = ff
+        return {"file": ff, "data": data, "labels": np.asarray(ff.labels), "val_rows": val_rows,
+                "train_rows": lambda epoch: by_view[int(epoch) % n_views],
+                "train_idx": np.asarray(train, np.int64)}
+    except BaseException:
+        ff.close()
+        raise

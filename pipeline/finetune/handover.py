@@ -1,0 +1,118 @@
+"""The hand-over from stage 2: what a fit-head run folder gives fine-tuning (the cache's request,
+the fitted head, the cache file), and the train/val/test images, so fine-tuning validates on the
+same images the head was validated on and its before/after table compares like with like."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from pipeline.errors import UserError
+from pipeline.extract import ExtractRequest, RunOptions, extract
+from pipeline.features.store import FeatureFile
+from pipeline.heads.registry import load_head
+from pipeline.heads.training import split_rows
+from pipeline.layout import CacheLayout
+from pipeline.tracking.runs import read_object
+
+
+@dataclass
+class Stage2Inputs:
+    """What fine-tuning needs from a fit-head run: the cache's request, the head and the cache file."""
+
+    request: ExtractRequest
+    head: Any
+    cache_path: Path
+    config: dict[str, Any]
+    split: dict[str, list[str]] | None = None  # image ids per split, as the head was trained and validated
+    val_source: str = "val split"
+
+
+def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
+    """Read a fit-head run folder: its config.json names the cache file, whose `request` says how
+    the features were made; the head is loaded from the folder."""
+    run_dir = Path(run_dir)
+    config, problem = read_object(run_dir / "config.json")
+    if problem or not config:
+        raise UserError(f"{run_dir} has no readable config.json ({problem or 'missing'}); is it a fit-head run "
+                        f"folder?")
+    cache = config.get("cache_file")
+    if not cache:
+        raise UserError(f"{run_dir}/config.json names no cache_file; fine-tuning starts from a fit-head run")
+    head = load_head(run_dir)
+    if not Path(cache).exists() and isinstance(config.get("request"), Mapping):
+        cache = _remake_cache(config["request"], Path(cache))
+    with FeatureFile(cache) as ff:
+        req = ff.attrs.get("request")
+        material = ff.attrs.get("key_material") or {}
+        key = ff.key
+        split, val_source = _stage2_split(ff, config)
+    if not isinstance(req, Mapping):
+        raise UserError(f"{cache} records no extraction request; extract it again with this version")
+    if head.cache_key_ and head.cache_key_ != key:
+        raise UserError(f"the head in {run_dir} was fitted on cache {head.cache_key_[:16]}, not {Path(cache).name}")
+    request = ExtractRequest.from_json(req)
+    spec = (material.get("data") or {}).get("data") if isinstance(material, Mapping) else None
+    if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
+        request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
+    return Stage2Inputs(request, head, Path(cache), config, split, val_source)
+
+
+def _remake_cache(request: Mapping[str, Any], gone: Path) -> str:
+    """The fit-head run's cache file was removed (`cache rm`, eviction): extract the run's recorded
+    request again into the same cache folder (unchanged data gives the same key and rows)."""
+    result = extract(ExtractRequest.from_json(dict(request)), RunOptions(cache_dir=CacheLayout.of(gone).root))
+    return str(result.path)
+
+
+def _stage2_split(ff, config: Mapping[str, Any]) -> tuple[dict[str, list[str]], str]:
+    """The image ids stage 2 trained, validated and tested on (its 'val' split or its seeded
+    holdout of train, recomputed from the run's val_fraction and seed), so fine-tuning validates on
+    the same images and its before/after table compares like with like."""
+    try:
+        rows = split_rows(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)), use_augmented=False)
+    except UserError:
+        return {}, "none"
+    paths = np.asarray(ff.paths, dtype=object)
+    return ({name: sorted(set(paths[r].tolist())) for name, r in
+             (("train", rows.train), ("val", rows.val), ("test", rows.test))}, rows.val_source)
+
+
+
+def split_parts(request: ExtractRequest, listing, split: Mapping[str, Sequence[str]] | None,
+                val_fraction: float, seed: int) -> tuple[dict[str, np.ndarray], str]:
+    """({train, val, test: listing indices}, where val came from): stage 2's split when given
+    (image ids), else the data's own splits with a seeded, stratified holdout of train as val
+    when it has no 'val' split."""
+    labels = np.asarray(listing.labels)
+    if split:
+        pos = {str(i): n for n, i in enumerate(listing.ids)}
+        missing = [i for part in split.values() for i in part if str(i) not in pos]
+        if missing:
+            raise UserError(f"{len(missing)} image(s) the head was trained or validated on are no longer in "
+                            f"{request.data} (e.g. {missing[0]}); fine-tune on the data as it was extracted, "
+                            f"or extract and fit the head again")
+        parts = {k: np.asarray(sorted(pos[str(i)] for i in split.get(k, ())), np.int64)
+                 for k in ("train", "val", "test")}
+        return parts, "stage-2 split"
+    splits = np.asarray(listing.splits)
+    labelled = labels >= 0
+    parts = {k: np.flatnonzero((splits == k) & labelled) for k in ("train", "val", "test")}
+    if parts["val"].size or not 0 < float(val_fraction) < 1 or parts["train"].size < 2:
+        return parts, "val split" if parts["val"].size else "none"
+    train = parts["train"]
+    counts = np.bincount(labels[train])
+    strat = labels[train] if counts[counts > 0].min() >= 2 else None
+    try:
+        keep, held = train_test_split(train, test_size=float(val_fraction), random_state=int(seed),
+                                      stratify=strat)
+    except ValueError:  # too few images per class to stratify
+        keep, held = train_test_split(train, test_size=float(val_fraction), random_state=int(seed))
+    parts.update(train=np.sort(keep), val=np.sort(held))
+    return parts, "holdout"

@@ -1,0 +1,162 @@
+"""Fine-tuning's model: the extraction graph rebuilt with the fitted head on top, and what trains.
+
+The model is rebuilt exactly as the cache was made (backbone, weights, image size, resize,
+preprocessing, layer cut and pooling, all read from the cache's `ExtractRequest`) with the fitted
+head on top, so before any training it predicts what the head predicted on cached features:
+
+    image (uint8 0..255, size x size x 3) -> image_to_float
+      -> preprocessing (`pipeline.backbones.preprocessing`: the same layers as extraction)
+      -> backbone (a nested model named "backbone", called with training=False)
+      -> [global avg/max pooling, as the cache]
+      -> head (a nested model named "head": the head's own Keras form, `head.keras_head`)
+
+Only built-in Keras layers are used, so `model.keras` loads with plain `keras.models.load_model`
+without importing this package.
+
+Batch normalization: in Keras 3 a nested functional model called with `training=False` still
+receives the OUTER call's `training=True` during `fit` (the graph replay overrides the stored
+argument), so `training=False` alone does not keep BatchNorm in inference mode. What does is that
+every BatchNormalization layer is frozen (`trainable=False`; Keras 3 runs a frozen BN layer in
+inference mode), which `build_finetune_model` and `set_trainable` always ensure; it is saved with
+the model. Dropout layers inside a backbone (EfficientNet's stochastic depth) stay active while
+training, as usual.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from pipeline import backbones
+from pipeline.backbones.model import image_graph
+from pipeline.errors import UserError
+from pipeline.extract import ExtractRequest
+
+
+def keras_module():
+    """keras, imported on first use: with TensorFlow it takes seconds."""
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
+
+    return keras
+
+
+def build_finetune_model(request: ExtractRequest, head):
+    """The end-to-end model: raw uint8 RGB images in, class probabilities out (the extraction graph
+    of `pipeline.backbones.model` with the head added; training augments in the input path).
+
+    The backbone is rebuilt from `request` (the cache's request) and frozen, BatchNorm included;
+    the head layers carry the head's fitted weights and are trainable. Its predictions equal
+    `head.predict_proba` on features of the same images. Layers
+    are created under the current Keras dtype policy (set mixed_float16 around the call for mixed
+    precision); augmentation, preprocessing and head always compute in float32/float64.
+    """
+    keras = keras_module()
+    spec = backbones.get(request.backbone)
+    size = spec.resolve_size(request.image_size)
+    inputs, x = image_graph(spec, request.weights, size, request.pooling, request.layer)
+    head_model = head.keras_head(tuple(int(d) for d in x.shape[1:]), spec.name)
+    out = head_model(x)
+    model = keras.Model(inputs, out, name=f"finetune_{spec.slug}")
+    _freeze_batchnorm(model)
+    return model
+
+
+# --------------------------------------------------------------------------------- trainability
+def _leaves(model) -> list:
+    """Every non-container layer of `model`, nested models walked through, in order."""
+    keras = keras_module()
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            out.extend(_leaves(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def _freeze_batchnorm(model) -> None:
+    keras = keras_module()
+    for layer in _leaves(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+
+
+def trainable_layer_names(model) -> list[str]:
+    """Names of the layers whose weights training will change (trainable, with trainable weights)."""
+    return [layer.name for layer in _leaves(model) if layer.trainable and layer.trainable_weights]
+
+
+def check_blocks(spec: backbones.Backbone, unfreeze: Sequence[str], present: Sequence[str] | None = None) -> None:
+    """UserError naming the valid blocks when `unfreeze` holds a name that is not one of `spec`'s
+    fine-tunable top blocks (`present`: those found in a model, which a trunk cut may have removed)."""
+    valid = [name for name, _ in spec.blocks] if present is None else list(present)
+    unknown = [b for b in unfreeze if b not in valid]
+    if unknown:
+        listed = ", ".join(valid) or ("none (the cut removed them)" if present is not None else "none")
+        raise UserError(f"{spec.name} has no fine-tunable block {unknown[0]!r}; its top blocks are: {listed} "
+                        f"(or unfreeze the last N layers instead)")
+
+
+def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
+                  unfreeze_last: int | None = None) -> list[str]:
+    """Choose what trains: the head, plus whole top blocks of the backbone and/or its last N layers.
+
+    `unfreeze`: block names from `spec.blocks` (e.g. ['block5'] for VGG16, ['top', 'block7'] for
+    EfficientNet); an unknown name raises UserError listing the valid ones. `unfreeze_last`: the
+    last N layers of the backbone (in model order, weightless ones counted, as in
+    `base.layers[-N:]`). BatchNormalization layers always stay frozen (so they run in inference
+    mode), the preprocessing layers too; the head is trainable, except the layers its Keras form built
+    frozen (a knn head's stored training matrix and labels). Returns the names of the layers
+    training will change. Recompile the model after calling this.
+    """
+    keras = keras_module()
+    unfreeze = (unfreeze,) if isinstance(unfreeze, str) else tuple(unfreeze)
+    backbone = model.get_layer("backbone")
+    layers = [layer for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
+    names = [layer.name for layer in backbone.layers]
+    spans = backbones.block_spans(spec, names)
+    nested = backbones.nested_blocks(backbone)  # a keras-hub tower's transformer blocks (else none)
+    check_blocks(spec, unfreeze, present=list(spans) + list(nested))
+    if unfreeze_last is not None and int(unfreeze_last) < 0:
+        raise UserError(f"unfreeze_last must be 0 or more, not {unfreeze_last}")
+    if unfreeze_last and int(unfreeze_last) > len(layers):
+        raise UserError(f"--unfreeze-last {unfreeze_last} is more than the {len(layers)} layers {spec.name}'s backbone "
+                        f"has here; give at most {len(layers)} (or name blocks with --unfreeze)")
+    chosen: set[int] = set()
+    for block in unfreeze:
+        if block in spans:
+            chosen.update(range(*spans[block]))
+    if unfreeze_last:
+        chosen.update(names.index(layer.name) for layer in layers[-int(unfreeze_last):])
+    heads = [layer for layer in model.layers if layer.name == "head" and isinstance(layer, keras.Model)]
+    fixed = [layer for head in heads for layer in _leaves(head) if not layer.trainable]  # e.g. a knn head's memory
+    model.trainable = True  # propagates to every layer; then freeze what must not train
+    for layer in fixed:
+        layer.trainable = False
+    for i, layer in enumerate(backbone.layers):
+        layer.trainable = i in chosen
+    deep = [nested[block] for block in unfreeze if block in nested]
+    if deep:
+        backbones.train_blocks(backbone, deep + [backbone.layers[i] for i in chosen])
+    for layer in model.layers:
+        if layer.name.startswith("preprocess_"):
+            layer.trainable = False
+    _freeze_batchnorm(model)
+    return trainable_layer_names(model)
+
+
+def check_has_blocks(spec: backbones.Backbone, unfreeze_last: int | None) -> None:
+    """A backbone with no listed top blocks (a keras-hub preset) fine-tunes only by --unfreeze-last."""
+    if not spec.blocks and not unfreeze_last:
+        raise UserError(f"{spec.name} lists no fine-tunable top blocks (a keras-hub CNN preset); "
+                        f"--unfreeze-last 1 trains its whole tower")
+
+
+def unfrozen_blocks(spec: backbones.Backbone, layer_names: list[str], unfreeze: Sequence[str] | None,
+                    unfreeze_last: int | None) -> tuple[str, ...]:
+    """The blocks to unfreeze: `unfreeze` as given, else the table's `finetune_blocks` topmost blocks."""
+    check_has_blocks(spec, unfreeze_last)
+    if unfreeze is not None:
+        return tuple(unfreeze)
+    present = [*backbones.block_spans(spec, layer_names), *(n for n, start in spec.blocks if start.startswith(
+        backbones.hub.NESTED))]
+    return tuple(present[:max(1, int(spec.finetune_blocks))])
