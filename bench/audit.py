@@ -1,6 +1,6 @@
 """How well `audit` finds faults planted with a seed into real photos (it is never told which), against
 cleanlab's documented recipe on the same cached features. Not a test: a benchmark whose figures go
-in the README.
+in docs/benchmarks.md (Audit: planted faults).
 
     .venv/bin/python bench/audit.py                      # flowers + hymenoptera from ../shared/data
     .venv/bin/python bench/audit.py --parts labels,dups --work /tmp/bench-audit

@@ -1,5 +1,5 @@
 """Does `fit-head --backbone a,b,c` keep the backbone that is best on held-out data? Not a test: a
-benchmark whose figures go in the README.
+benchmark whose figures go in docs/heads.md (Choosing the backbone).
 
 For each data set it runs `fit-head --backbone a,b,c` (the ranking: the head's cross-validated log loss
 on the training images), then `fit-head --backbone x` for each (cache hits: the default auto head) and

@@ -3,8 +3,8 @@
 Not a test. The fine-tuning defaults were chosen on flowers' val split, so the val figure is a
 selected one. This script carves a test split out of flowers' train folder (every image whose
 name hashes to 0 mod 5: about 20%, never trained on, never looked at while choosing the recipe),
-writes a manifest for it (`path,label,split`, read in place), and runs the README's two commands
-with their defaults: `fit-head`, then `finetune --run <that run>`, once per `--seeds` value (each is
+writes a manifest for it (`path,label,split`, read in place), and runs the two commands of
+docs/quality.md with their defaults: `fit-head`, then `finetune --run <that run>`, once per `--seeds` value (each is
 passed as `--seed` to both: the heads' CV folds, the fine-tune's augmentation, shuffling and
 initialisation change; the split does not). It prints val and test accuracy before and after
 fine-tuning and the wall time of each command, then the mean and the range over the seeds.
@@ -12,7 +12,7 @@ fine-tuning and the wall time of each command, then the mean and the range over 
     .venv/bin/python bench/heldout.py                   # ../shared/data/flower_photos_224
     .venv/bin/python bench/heldout.py --data DIR --work /tmp/heldout
     .venv/bin/python bench/heldout.py --backbone efficientnet_lite0   # other options go to fit-head
-    .venv/bin/python bench/heldout.py --seeds 0,1,2 --work /tmp/heldout  # the README's figures
+    .venv/bin/python bench/heldout.py --seeds 0,1,2 --work /tmp/heldout  # docs/quality.md's figures
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""The README's quality table, regenerated from the current code: one command per row, as a user runs it.
+"""docs/quality.md's quality table, regenerated from the current code: one command per row, as a user runs it.
 
 Not a test. Each row runs `cli.py fit-head` on a data set with the defaults (in a fresh cache, so
 the time includes the extraction), then, unless `--no-finetune`, `cli.py finetune --run <it>` with
-the defaults, and prints the row as the README's table has it: the val accuracy, the head the auto
+the defaults, and prints the row as docs/quality.md's table has it: the val accuracy, the head the auto
 head kept with its CV log loss, and the wall times. The held-out rows over seeds come from
 `bench/heldout.py --seeds 0,1,2` (`--rows heldout` runs it here too). It ends with the environment
-(CPU, cores, library versions), because fine-tuned figures move between machines (README, Quality).
+(CPU, cores, library versions), because fine-tuned figures move between machines (docs/quality.md).
 
     .venv/bin/python bench/quality.py                         # every row (about 35 minutes on 2 cores)
     .venv/bin/python bench/quality.py --no-finetune           # head-only rows (about 3 minutes)
@@ -56,7 +56,7 @@ def run_row(name: str, data: str, finetune: bool, work: Path, fit_head_args: lis
     out, t_head = cli("fit-head", "--data", data, *cache, *fit_head_args)
     head_run = re.search(r"run (\S+) saved in", out).group(1)
     val = accuracies(out).get("val")
-    shown = os.path.relpath(data, REPO) if Path(data).is_absolute() else data  # as the README writes it
+    shown = os.path.relpath(data, REPO) if Path(data).is_absolute() else data  # as docs/quality.md writes it
     command = " ".join(["fit-head --data", shown, *fit_head_args])
     row = f"| {name} | `{command}` | **{100 * val:.1f}%** ({kept_head(out) or 'head as asked'}); {t_head:.0f} s |"
     print(row, flush=True)

@@ -54,7 +54,7 @@ def test_bench_backbones_runs(tmp_path):
     assert "kept " in proc.stdout and "test accuracy" in proc.stdout and "of 1 data sets" in proc.stdout
 
 
-def test_bench_quality_prints_the_readme_rows(tmp_path):
+def test_bench_quality_prints_the_quality_table_rows(tmp_path):
     proc = _bench("quality.py", "--rows", "digits", "--work", str(tmp_path), "--backbone", "mobilenetv2", "--weights",
                   "none", "--image-size", "32", "--dtype", "float32", "--head", "logistic", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -28,7 +28,7 @@ CROPS = (1.0, 0.9, 0.8)  # shares of the side kept by the centre crops compared
 
 @dataclass(frozen=True)
 class NearSettings:
-    """Thresholds of the near-duplicate test (chosen by bench/audit.py, figures in the README)."""
+    """Thresholds of the near-duplicate test (chosen by bench/audit.py, figures in docs/benchmarks.md)."""
 
     candidate: float = 0.6
     pixel: float = 0.95

@@ -6,7 +6,7 @@ Two sources of out-of-sample evidence, both seconds on cached embeddings, averag
   cross-validated (stratified K folds): each image is scored by a model that never saw it;
 - a weighted vote of its k nearest other images by cosine similarity (DINO's kNN: k=20, weights
   exp(similarity / 0.07)): leave-one-out by construction.
-On flowers with 5% of training labels flipped (bench/audit.py, README) unit-length features ranked
+On flowers with 5% of training labels flipped (bench/audit.py, docs/benchmarks.md) unit-length features ranked
 flips better than standardized ones (top-N precision 0.84 against 0.68 at seed 0) and the average
 with the neighbours flagged fewer images at the same recall.
 """

@@ -124,7 +124,7 @@ _ROWS: list[Backbone] = [
 TABLE: dict[str, Backbone] = {b.name: b for b in _ROWS}
 # The backbone `extract`, `fit-head` and `predict` use unless told. Lite2 at 224 (its native size is
 # 260) gave the best head-only accuracy measured with cli.py on flowers_224, hymenoptera and a
-# held-out flowers split, ahead of Lite0 at 224 and of Lite2 at 260 (README, Quality).
+# held-out flowers split, ahead of Lite0 at 224 and of Lite2 at 260 (docs/quality.md).
 DEFAULT_BACKBONE = "efficientnet_lite2"
 
 

@@ -1,7 +1,7 @@
 """Stage 2: heads fitted on cached features, one module per kind (`logistic`, `dense`, `svm`, `knn`,
 `auto`) behind one table (`registry`), what they share (`base`, `files`, `folds`, `calibration`,
 `streaming`, `schedules`), training on a cache (`training`) and parallel sweeps (`sweep`). To add a
-kind, see the README.
+kind, see docs/heads.md (Adding a head kind).
 
 The names below are re-exported lazily (PEP 562), so `import pipeline.heads.registry` (the CLI's list
 of kinds) does not import scikit-learn or Keras.

@@ -49,7 +49,7 @@ def environment() -> dict[str, Any]:
     """What a run ran on (CPU model and the cores this process may use, NVIDIA GPUs, OS, Python, the
     Keras backend, the numeric libraries installed, by their distribution metadata: nothing is
     imported). The same command can train a different model on other CPU kernels or library versions
-    (README, 'Where the 95.8% went'); this says which."""
+    (docs/quality.md, 'Where the 95.8% went'); this says which."""
     return copy.deepcopy(_environment())
 
 
