@@ -97,7 +97,7 @@ def bench_backbone(args, model, n_images: int) -> float:
     import numpy as np
 
     from pipeline.backend import name
-    from pipeline.extract.runners import make_runner
+    from pipeline.extract.mapper import make_runner
     s, bs = args.image_size, args.batch_size
     runner = make_runner(model, s, bs)
     x = np.random.default_rng(0).integers(0, 256, (bs, s, s, 3), dtype=np.uint8)

@@ -164,7 +164,7 @@ def _request(manifest: Path, backbone: str):
 def bench_ray(root: Path, n: int, backbone: str, tmp: Path) -> None:
     """(a) the same extraction as one process, on Ray with 1 worker and with 2 workers."""
     from pipeline.extract import RunOptions, extract
-    from pipeline.extract.distributed import extract_ray
+    from pipeline.extract.ray_distributor import extract_ray
     manifest = _manifest(tmp / "a.csv", _flower_files(root, n))
     req = _request(manifest, backbone)
     results = {}

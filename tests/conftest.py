@@ -117,7 +117,7 @@ def _no_outside_mlflow(monkeypatch):
 def _fresh_models():
     """Each test builds its own feature model: the one a process keeps for its next extraction
     (`release_models`) would let one test's fake runner or model reach the next."""
-    from pipeline.extract.runners import release_models
+    from pipeline.extract.mapper import release_models
     release_models()
     yield
     release_models()

@@ -144,7 +144,7 @@ def _interrupted(tmp_path, monkeypatch):
     request = ExtractRequest(data=str(data), backbone="vgg16", weights="none", image_size=32)
     options = RunOptions(cache_dir=tmp_path / "c", progress=False, chunk_units=4)
     calls = {"n": 0}
-    original = ex._ChunkWriter._flush
+    original = ex.ChunkWriter._flush
 
     def dying_flush(self):
         calls["n"] += 1
@@ -152,10 +152,10 @@ def _interrupted(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         original(self)
 
-    monkeypatch.setattr(ex._ChunkWriter, "_flush", dying_flush)
+    monkeypatch.setattr(ex.ChunkWriter, "_flush", dying_flush)
     with pytest.raises(KeyboardInterrupt):
         extract(request, options)
-    monkeypatch.setattr(ex._ChunkWriter, "_flush", original)
+    monkeypatch.setattr(ex.ChunkWriter, "_flush", original)
     return request, options, plan(request, options.cache_dir).parts
 
 

@@ -173,7 +173,7 @@ def test_interrupted_extraction_resumes_to_identical_features(tiny_split_folder,
     with FeatureFile(full.path) as ff:
         expected = ff.load()
     calls = {"n": 0}
-    original = ex._ChunkWriter._flush
+    original = ex.ChunkWriter._flush
 
     def dying_flush(self):
         calls["n"] += 1
@@ -181,10 +181,10 @@ def test_interrupted_extraction_resumes_to_identical_features(tiny_split_folder,
             raise KeyboardInterrupt
         original(self)
 
-    monkeypatch.setattr(ex._ChunkWriter, "_flush", dying_flush)
+    monkeypatch.setattr(ex.ChunkWriter, "_flush", dying_flush)
     with pytest.raises(KeyboardInterrupt):
         extract(req(tiny_split_folder), opts(tmp_path / "c", chunk_units=4))
-    monkeypatch.setattr(ex._ChunkWriter, "_flush", original)
+    monkeypatch.setattr(ex.ChunkWriter, "_flush", original)
     p = plan(req(tiny_split_folder), tmp_path / "c")
     assert not p.path.exists() and len(list(p.parts.glob("chunk-*.npz"))) == 2
     r = extract(req(tiny_split_folder), opts(tmp_path / "c", chunk_units=4))
@@ -198,8 +198,8 @@ def test_a_resumed_small_tail_gives_bit_identical_features(tmp_path, monkeypatch
     than the frozen graph of the first run): float32 features differed by ~1e-17. The runner is now
     chosen by the job's size, not by what is left, so the resume is exact."""
     from conftest import make_folder
-    from pipeline.extract import runners
-    from pipeline.extract.runners import SMALL_JOB
+    from pipeline.extract import mapper as runners
+    from pipeline.extract.mapper import SMALL_JOB
 
     data = make_folder(tmp_path / "d", per_class=(SMALL_JOB + 8) // 2, splits=())
     request = req(data, backbone="efficientnet_lite0", image_size=64, dtype="float32")  # BN folds when frozen
@@ -207,7 +207,7 @@ def test_a_resumed_small_tail_gives_bit_identical_features(tmp_path, monkeypatch
     with FeatureFile(full.path) as ff:
         expected = ff.load()
     calls = {"n": 0}
-    original = ex._ChunkWriter._flush
+    original = ex.ChunkWriter._flush
 
     def dying_flush(self):
         calls["n"] += 1
@@ -215,10 +215,10 @@ def test_a_resumed_small_tail_gives_bit_identical_features(tmp_path, monkeypatch
             raise KeyboardInterrupt
         original(self)
 
-    monkeypatch.setattr(ex._ChunkWriter, "_flush", dying_flush)
+    monkeypatch.setattr(ex.ChunkWriter, "_flush", dying_flush)
     with pytest.raises(KeyboardInterrupt):
         extract(request, opts(tmp_path / "c", chunk_units=16))
-    monkeypatch.setattr(ex._ChunkWriter, "_flush", original)
+    monkeypatch.setattr(ex.ChunkWriter, "_flush", original)
     runners._LAST.clear()  # a resume is a new process: no runner kept from the first run
     r = extract(request, opts(tmp_path / "c", chunk_units=16))
     assert r.resumed_from == 32 and len(expected) - 32 < SMALL_JOB

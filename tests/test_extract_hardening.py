@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract, plan
-from pipeline.extract import runners
+from pipeline.extract import mapper as runners
 from pipeline.features.store import ChunkDir, FeatureFile
 
 from conftest import ROOT, make_folder, run_cli
@@ -106,7 +106,7 @@ def test_resume_after_a_kill_before_assembly_reports_honestly(tiny_split_folder,
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.extract.worker.assemble", killed)
+    monkeypatch.setattr("pipeline.extract.runner.assemble", killed)
     with pytest.raises(KeyboardInterrupt):
         extract(req(tiny_split_folder), opts(tmp_path / "c", chunk_units=4))
     monkeypatch.undo()
@@ -218,7 +218,7 @@ def test_a_disk_filling_up_inside_hdf5_is_reported_as_unclean_and_the_cli_leaves
                                capture_output=True, text=True, env=env, timeout=120)
         assert f"unclean 28 {mount / 'x.h5'}" in child.stdout, child.stdout + child.stderr
         assert not list(mount.iterdir())                  # no temporary file left
-        cli_child = ("import sys; from pipeline.errors import UncleanFileError; import pipeline.extract.worker as w\n"
+        cli_child = ("import sys; from pipeline.errors import UncleanFileError; import pipeline.extract.distributor as w\n"
                      "def full(*a, **k): raise UncleanFileError(28, 'No space left on device', '/mnt/c/x.h5')\n"
                      "w.run_recorded = full\nsys.argv = ['cli.py'] + sys.argv[1:]\nfrom pipeline.cli import main\nmain()")
         data = make_folder(tmp_path / "d", per_class=1, splits=())

@@ -45,7 +45,7 @@ def _same(path, reference) -> None:
 
 
 def test_local_cluster_byte_identical_and_a_killed_worker_is_replaced(data_and_reference, local_ray, tmp_path):
-    from pipeline.extract.distributed import extract_ray
+    from pipeline.extract.ray_distributor import extract_ray
     data, *reference = data_and_reference
     result = extract_ray(req(data), opts(tmp_path / "a"), n_workers=2)
     assert result.n_rows == 20 and result.computed == 20
@@ -68,7 +68,7 @@ def test_chunks_sent_back_to_the_driver_without_a_shared_folder(data_and_referen
     """transport='driver' (what an actor that does not see the driver's probe file does): it computes
     into a node-local folder and returns each chunk's bytes; the driver writes them, and the file is
     byte-identical. 'auto' on one machine sees the probe and writes to the shared folder."""
-    from pipeline.extract.distributed import _ChunkWorker, _sees, extract_ray
+    from pipeline.extract.ray_distributor import _ChunkWorker, _sees, extract_ray
     data, *reference = data_and_reference
     result = extract_ray(req(data), opts(tmp_path / "d"), n_workers=2, transport="driver")
     assert result.n_rows == 20 and result.computed == 20
@@ -92,7 +92,7 @@ def test_chunks_sent_back_to_the_driver_without_a_shared_folder(data_and_referen
 
 
 def test_a_killed_driver_resumes(data_and_reference, local_ray, tmp_path):
-    from pipeline.extract.distributed import extract_ray
+    from pipeline.extract.ray_distributor import extract_ray
     data, *reference = data_and_reference
 
     def die(n_done, actors):
@@ -112,7 +112,7 @@ def test_a_killed_driver_resumes(data_and_reference, local_ray, tmp_path):
 def test_two_node_cluster(data_and_reference, tmp_path):
     from ray.cluster_utils import Cluster
 
-    from pipeline.extract.distributed import extract_ray
+    from pipeline.extract.ray_distributor import extract_ray
     data, *reference = data_and_reference
     if ray.is_initialized():
         ray.shutdown()
@@ -144,7 +144,7 @@ def test_folders_of_dead_actors_are_swept(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.extract.distributed import _host, _sweep_dead_actor_folders
+    from pipeline.extract.ray_distributor import _host, _sweep_dead_actor_folders
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = _host()
     dead = tmp_path / f"featurecache-ray-{gone.stdout.strip()}-{host}-x1"
@@ -162,7 +162,7 @@ def test_an_unreachable_cluster_is_one_line(tmp_path, monkeypatch, capfd):
     import os
 
     from pipeline.errors import UserError
-    from pipeline.extract import distributed
+    from pipeline.extract import ray_distributor as distributed
 
     def failing_init(**kwargs):
         os.write(2, b"gcs_client.cc:210: Failed to get cluster ID from GCS server\n" * 20)
@@ -182,7 +182,7 @@ def test_an_address_nothing_listens_on_fails_in_seconds(tmp_path, monkeypatch):
     import time
 
     from pipeline.errors import UserError
-    from pipeline.extract import distributed
+    from pipeline.extract import ray_distributor as distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

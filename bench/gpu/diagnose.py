@@ -235,8 +235,8 @@ class Breakdown:
         self._undo.append((owner, attr, orig))
 
     def install(self) -> Breakdown:
-        import pipeline.extract.runners as R
-        import pipeline.extract.worker as W
+        import pipeline.extract.mapper as R
+        import pipeline.extract.runner as W
         from pipeline.data.loader import Prefetcher
         from pipeline.extract.writer import ChunkWriter
         from pipeline.features.store import ChunkDir
@@ -315,7 +315,7 @@ def cmd_extract(args) -> None:
     bd = Breakdown().install()
     ns = argparse.Namespace(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                             precision=args.precision, batch_size=args.batch_size, workers=args.workers)
-    import pipeline.extract.worker as W
+    import pipeline.extract.runner as W
     for label in ("cold (build + compile)", "warm (cached runner)")[:args.runs]:
         bd.reset()
         build = {"t": 0.0}

@@ -74,7 +74,7 @@ def extract_cmd(force: bool, content_hash: bool, shard: str | None, ray_address:
     if ray_address is not None:
         if shard is not None:
             raise UserError("--ray and --shard are two ways to spread the work; use one")
-        from pipeline.extract.distributed import extract_ray
+        from pipeline.extract.ray_distributor import extract_ray
         n_workers, options.workers = options.workers, None
         result = extract_ray(request, options, ray_address, n_workers)
     else:

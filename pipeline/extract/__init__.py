@@ -1,9 +1,11 @@
-"""Stage 1: plan a request into a cache key (`plan`), run the frozen backbone over the data once
-on any Keras backend (`worker`, `runners`), and store the features chunk by chunk (`writer`)."""
+"""Stage 1, named by its flow: plan a request into a cache key (`plan`), guard it once and hand it
+to a distributor (`distributor`: local, --shard; `ray_distributor`), whose runner (`runner`) runs
+reader -> mapper (`mapper`: the backbone on any Keras backend) -> writer (`writer`) chunk by chunk."""
 
+from pipeline.extract.distributor import Distributor, extract, local, shard  # noqa: F401
+from pipeline.extract.mapper import make_runner, release_models, tf_inference_fn  # noqa: F401
 from pipeline.extract.plan import (DEFAULT_CACHE, DTYPES, KEY_VERSION, MAX_IMAGE_SIZE, POOLINGS,  # noqa: F401
                                    PRECISIONS, ExtractRequest, ExtractResult, Plan, RunOptions, plan)
-from pipeline.extract.runners import make_runner, release_models, tf_inference_fn  # noqa: F401
-from pipeline.extract.worker import ExtractionJob, extract  # noqa: F401
-from pipeline.extract.writer import ChunkWriter as _ChunkWriter  # noqa: F401
+from pipeline.extract.runner import ExtractionJob  # noqa: F401
+from pipeline.extract.writer import ChunkWriter  # noqa: F401
 from pipeline.features.store import assemble  # noqa: F401

@@ -112,6 +112,7 @@ class ExtractResult:
     shard: tuple[int, int] | None = None
     n_chunks: int = 0
     missing_chunks: list[int] = field(default_factory=list)  # a shard's run: chunks other shards still owe
+    distributor: str = "local"  # how it was computed: local | shard | ray
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -63,7 +63,7 @@ def map_files(fn: Callable[[np.ndarray], np.ndarray], paths: Sequence[str], size
 def run_model(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32
               ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """A Keras model's outputs for every readable image (`map_files` through extraction's runner)."""
-    from pipeline.extract.runners import make_runner
+    from pipeline.extract.mapper import make_runner
 
     return map_files(make_runner(model, size, batch_size), paths, size, resize, batch_size)
 

@@ -1,6 +1,7 @@
 """Extraction on a Ray cluster: `extract --ray [ADDRESS]` (extra `.[ray]`, imported only when used).
 
-The driver plans the units and chunks exactly as a plain run (`worker.ExtractionJob`). Ray actors,
+The driver plans the units and chunks exactly as a plain run (`runner.ExtractionJob`), under the
+same guard (`distributor.extract`; this is its `on_ray` distributor). Ray actors,
 one per GPU where the cluster has GPUs, else `--workers` CPU actors, each build the model once and
 compute whole chunks. Where an actor sees the driver's `.parts` folder (a shared filesystem: the
 driver leaves a probe file there and each actor looks for it) it writes its chunks there, each
@@ -18,17 +19,26 @@ import collections
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
+import socket
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm import tqdm
+
+from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.errors import UserError
-from pipeline.extract.plan import ExtractRequest, ExtractResult, RunOptions, check_size, plan
-from pipeline.features.store import chunk_file
-from pipeline.locking import exclusive_lock
+from pipeline.extract.distributor import Distributor, extract, local
+from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, plan
+from pipeline.extract.runner import ExtractionJob
+from pipeline.features.store import ChunkDir, chunk_file
+from pipeline.quiet_fd import muted_stderr
 
 Log = Callable[[str], None]
 MAX_RESTARTS = 4  # replacement actors per job before giving up
@@ -40,7 +50,7 @@ def _stderr(message: str) -> None:
 
 def _ray():
     try:
-        import ray
+        import ray  # noqa: PLC0415 - the optional extra .[ray]
     except ImportError:
         raise UserError("--ray needs Ray: pip install -e \".[ray]\"") from None
     return ray
@@ -52,9 +62,6 @@ class _ChunkWorker:
 
     def __init__(self, request: dict[str, Any], options: dict[str, Any], key: str, cwd: str,
                  probe: tuple[str, str] | None = None, transport: str = "auto") -> None:
-        from pipeline.extract.worker import ExtractionJob
-        from pipeline.features.store import ChunkDir
-
         if os.path.isdir(cwd):  # relative --data paths mean what they mean on the driver
             os.chdir(cwd)
         req = ExtractRequest.from_json(request)
@@ -66,7 +73,6 @@ class _ChunkWorker:
         self.shared = transport == "shared" or (transport == "auto" and _sees(probe))
         self.local: Path | None = None
         if not self.shared:  # chunks go to a node-local folder, then back to the driver
-            import tempfile
             _sweep_dead_actor_folders(Path(tempfile.gettempdir()))
             # mkdtemp's private (0700) folder, for this actor's lifetime; its pid and host name it
             self.local = Path(tempfile.mkdtemp(prefix=f"featurecache-ray-{os.getpid()}-{_host()}-"))
@@ -96,13 +102,10 @@ class _ChunkWorker:
     __del__ = close
 
     def node(self) -> str:
-        import socket
         return socket.gethostname()
 
 
 def _host() -> str:
-    import re
-    import socket
     return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 
 
@@ -137,32 +140,28 @@ def _sees(probe: tuple[str, str] | None) -> bool:
 def extract_ray(request: ExtractRequest, options: RunOptions, address: str | None = None,
                 n_workers: int | None = None, log: Log = _stderr,
                 on_chunk: Callable[[int, list], None] | None = None, transport: str = "auto") -> ExtractResult:
-    """Compute the missing chunks of `request` on Ray actors, then assemble on the driver.
+    """`extract` with the Ray distributor (`on_ray`): the missing chunks of `request` on Ray actors,
+    assembled on the driver; the same guard as every extraction (cache hit, lock, --force, disk errors)."""
+    _ray()  # a missing extra is one line before any lock is taken or run recorded
+    return extract(request, options, log, distributor=on_ray(address, n_workers, on_chunk, transport))
+
+
+def on_ray(address: str | None = None, n_workers: int | None = None,
+           on_chunk: Callable[[int, list], None] | None = None, transport: str = "auto") -> Distributor:
+    """The Ray distributor (`distributor.Distributor`'s signature).
 
     `address`: None or 'local' starts a local cluster, 'auto' joins the running one, else a
     `ray://` or `host:port` address. `on_chunk(n_done, actors)` is called after each finished
     chunk (tests use it to kill a worker or the driver mid-run). `transport`: 'auto' (each actor
     writes to the shared `.parts` folder if it sees it, else sends chunks back), 'shared' or 'driver'.
     """
-    from pipeline.extract.worker import ExtractionJob, run_recorded, prepare_key
-    from pipeline.features.store import ChunkDir, is_complete
 
-    p = plan(request, options.cache_dir)
-    if not options.force and is_complete(p.path):
-        return ExtractResult(p.path, p.key, cache_hit=True)
-    check_size(p.size, options.allow_large)
-    ray = _ray()
-    with exclusive_lock(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
-        options, hit = prepare_key(p, options, log)
-        if hit is not None:
-            return hit
-        plan_job = ExtractionJob(p, options, log)
-        if not plan_job.unit_index.size:
-            raise UserError(f"{request.data} contains no images")
+    def distribute(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
+        ray = _ray()
         chunks = ChunkDir(p.parts, options.chunk_units)
         options = dataclasses.replace(options, chunk_units=chunks.chunk_units)  # the folder's, for every actor
-        done = set(chunks.done())
-        todo = [c for c in range(plan_job.n_chunks) if c not in done]
+        job = ExtractionJob(p, options, log)
+        todo = job.plan_chunks()
         t0 = time.perf_counter()
         computed = 0
         if todo:
@@ -173,29 +172,17 @@ def extract_ray(request: ExtractRequest, options: RunOptions, address: str | Non
                                 f"driver can see them ({p.parts}): the cache folder must be on a filesystem every "
                                 f"node shares (give --cache-dir on it)")
         seconds = time.perf_counter() - t0
-        result = run_recorded(p, options, log)  # every chunk is there: this only assembles (and records the run)
-        result.computed, result.seconds = computed, seconds
+        result = local(p, options, log)  # every chunk is there: this only assembles
+        result.computed, result.seconds, result.distributor = computed, seconds, "ray"
         result.images_per_s = computed / seconds if computed and seconds > 0 else 0.0
-        _record_ray_figures(options, result, len(todo))
         return result
 
-
-def _record_ray_figures(options: RunOptions, result: ExtractResult, n_chunks: int) -> None:
-    """The run record's figures are the Ray job's, not the driver's assembly step's."""
-    if not result.run_id:
-        return
-    from pipeline.tracking.runs import Registry, _write_json
-    record = Registry(options.cache_dir).get(result.run_id)
-    metrics = {**record.metrics, "computed": result.computed, "seconds": round(result.seconds, 3),
-               "images_per_s": result.images_per_s, "distributor": "ray", "chunks_on_ray": n_chunks}
-    _write_json(record.dir / "metrics.json", metrics)
+    return distribute
 
 
 def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
     """Fail in seconds on a `host:port` (or `ray://host:port`) nothing listens on; `ray.init` itself
     retries such an address for minutes before giving up."""
-    import socket
-
     if address in (None, "local", "auto"):
         return
     hostport = address.split("://", 1)[-1].rstrip("/")
@@ -211,12 +198,6 @@ def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
 
 def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | None, n_workers: int | None,
                 log: Log, on_chunk, transport: str = "auto") -> int:
-    import uuid
-
-    from tqdm import tqdm
-
-    from pipeline.atomic import atomic_path, write_text_atomic
-
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -226,8 +207,6 @@ def _run_on_ray(ray, p, options: RunOptions, todo: list[int], address: str | Non
             kwargs["address"] = address
         env = {k: v for k, v in os.environ.items() if k in ("KERAS_BACKEND", "KERAS_HOME", "TF_CPP_MIN_LOG_LEVEL")}
         kwargs["runtime_env"] = {"env_vars": env} if env else None
-        from pipeline.quiet_fd import muted_stderr
-
         _check_reachable(address)
         try:
             remote = address not in (None, "local")  # (a local cluster's processes would inherit the mute)
@@ -333,7 +312,6 @@ def _schedule(ray, actors: list, make, todo: list[int], log: Log, on_chunk, bar,
 
 def _raise_user_error(exc: BaseException) -> None:
     """A worker's UserError (bad data, a node with other library versions) ends the job in one line."""
-    import re
     found = re.search(r"UserError: (.+)", str(exc))
     if found:
         raise UserError(found.group(1).strip()) from None

@@ -1,87 +1,45 @@
-"""Stage 1's job: lay out the units (image, view), run reader -> backbone -> writer, assemble.
+"""Stage 1's runner: one extraction job, chunk by chunk: reader -> mapper -> writer, then assembly.
 
-Reader: the source's per-image jobs (decode, resize, seeded augmentation) on the loader's
-threads, in order, a few batches ahead. Backbone: the backend's runner, one batch in flight.
-Writer: a thread writing finished chunks atomically. The three overlap; a killed run resumes from
-its last finished chunk and ends with the same features.
+Reader: the source's per-image jobs (decode, resize, seeded augmentation, `pipeline.data`) on the
+loader's threads, in order, a few batches ahead. Mapper: the backend's backbone call
+(`mapper.py`), one batch in flight. Writer: a thread writing finished chunks atomically
+(`writer.py`). The three overlap; a killed run resumes from its last finished chunk and ends with
+the same features.
+
+Every way of running (`distributor.py`: local, --shard; `ray_distributor.py`) drives the same
+public steps of `ExtractionJob`: `plan_chunks` (which chunks are left, shard bookkeeping),
+`look_for_reuse`, `compute` (or `compute_chunks` for a Ray actor's share), `assemble`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import functools
+import json
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterator
 
+import h5py
 import numpy as np
+from tqdm import tqdm
 
+from pipeline.atomic import write_text_atomic
+from pipeline.backbones import model as backbone_model
+from pipeline.backend import mixed_policy
 from pipeline.data.augment import augmented_view, name_index
+from pipeline.data.loader import Prefetcher, batches
 from pipeline.data.sources import Listing
-from pipeline.errors import DataWarning, UncleanFileError, UserError
-from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
+from pipeline.errors import DataWarning, UserError
+from pipeline.extract.mapper import cached_runner
+from pipeline.extract.plan import ExtractResult, Plan, RunOptions
 from pipeline.extract.writer import ChunkWriter
-from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, is_complete, read_parts_json
-from pipeline.locking import exclusive_lock
+from pipeline.features.reuse import file_hashes, find_reuse, item_stats, write_hash_note
+from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, read_parts_json
 
 Log = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-def _clean_leftovers(p: Plan, log: Log) -> None:
-    """Under the lock: remove temporary files of a killed assembly and the parts of a finished key."""
-    for tmp in p.path.parent.glob(f".{p.path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
-        log(f"removed {tmp.name}, left by an interrupted assembly")
-    if p.parts.exists() and is_complete(p.path):
-        ChunkDir.remove_path(p.parts)
-
-
-def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Log = _stderr) -> ExtractResult:
-    """Return the cache file for `request`, computing (or resuming) it only when needed."""
-    p = plan(request, options.cache_dir)
-    if not options.force and is_complete(p.path):
-        if p.parts.exists() or any(p.path.parent.glob(f".{p.path.name}.*.tmp")):
-            with contextlib.suppress(OSError), exclusive_lock(p.lock) as got:
-                if got:
-                    _clean_leftovers(p, log)
-        return ExtractResult(p.path, p.key, cache_hit=True)
-    check_size(p.size, options.allow_large)
-    from pipeline.backend import require
-    require()
-    try:
-        if options.shard is not None:  # shards run side by side: each holds its own lock, not the key's
-            if options.force:
-                raise UserError("--force cannot be combined with --shard; remove the cache (`cache rm`) first")
-            i, n = options.shard
-            shard_lock = p.path.with_suffix(f".shard-{i}-of-{n}.lock")
-            with exclusive_lock(shard_lock, lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
-                return run_recorded(p, options, log)
-        with exclusive_lock(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
-            options, hit = prepare_key(p, options, log)
-            return hit or run_recorded(p, options, log)
-    except OSError as exc:
-        raise _disk_error(exc, p) from None
-
-
-def prepare_key(p: Plan, options: RunOptions, log: Log) -> tuple[RunOptions, ExtractResult | None]:
-    """Holding the key's lock: clean up after killed runs, then either start over (--force: the
-    options come back with force and reuse off) or find that another process finished the file."""
-    _clean_leftovers(p, log)
-    if options.force:
-        p.path.unlink(missing_ok=True)
-        ChunkDir.remove_path(p.parts)
-        return RunOptions(**{**asdict(options), "force": False, "reuse": False}), None
-    if is_complete(p.path):
-        return options, ExtractResult(p.path, p.key, cache_hit=True)
-    return options, None
+SHARDS_FILE = "shards.json"  # in the parts folder: how many shards split this job's chunks
 
 
 class _ReuseMismatch(Exception):
@@ -90,37 +48,6 @@ class _ReuseMismatch(Exception):
     def __init__(self, theirs: tuple[int, ...], ours: tuple[int, ...]) -> None:
         super().__init__(f"{theirs} != {ours}")
         self.theirs, self.ours = theirs, ours
-
-
-def _disk_error(exc: OSError, p: Plan) -> UserError | OSError:
-    """Disk-full and permission errors as one line naming the folder; finished chunks stay."""
-    if isinstance(exc, UncleanFileError):  # the CLI must leave without HDF5's shutdown: keep the type
-        return exc
-    where = Path(exc.filename).parent if getattr(exc, "filename", None) else p.path.parent
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return UserError(f"no space left on the disk holding {where}; free some space (or use --cache-dir on "
-                         f"another disk) and run the same command again: finished chunks are kept")
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return UserError(f"cannot write to {where} ({exc.strerror}); choose a writable --cache-dir")
-    return exc
-
-
-def run_recorded(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
-    """Run the extraction inside a runs-registry record."""
-    from pipeline.backend import name as backend_name
-    from pipeline.tracking.runs import Registry
-    config = {"backbone": p.spec.name, "data": p.request.data, "head": None, "cache_key": p.key,
-              "cache_path": str(p.path), "request": p.request.to_json(), "backend": backend_name(),
-              "params": {"size": p.size, "pooling": p.request.layer or p.request.pooling,
-                         "weights": p.request.weights, "aug": p.request.augment_copies}}
-    with Registry(options.cache_dir).start("extract", config) as run:
-        result = ExtractionJob(p, options, log).run()
-        run.finish("ok", {"rows": result.n_rows, "skipped": len(result.skipped), "seconds": result.seconds,
-                          "images_per_s": result.images_per_s, "resumed_from": result.resumed_from,
-                          "computed": result.computed, "reused": result.reused,
-                          "reused_from": str(result.reused_from) if result.reused_from else None})
-    result.run_id = run.id
-    return result
 
 
 class ExtractionJob:
@@ -141,12 +68,15 @@ class ExtractionJob:
         self._runner = None
         self._feat_shape: tuple[int, ...] = ()
         self._reuse_checked = False
-        self._distributed = False  # a Ray actor's job (chunk sets handed in by the driver)
+        self.chunks: ChunkDir | None = None  # the parts folder, from `plan_chunks` (or `n_chunks`)
 
     @property
     def n_chunks(self) -> int:
-        """Chunks of this job at the chunk size the parts folder was started with (its meta.json)."""
-        return -(-self.unit_index.size // ChunkDir(self.p.parts, self.options.chunk_units).chunk_units)
+        """Chunks of this job at the chunk size the parts folder was started with (its meta.json; read
+        once: a finished job's parts folder is gone, and asking must not make it again)."""
+        if self.chunks is None:
+            self.chunks = ChunkDir(self.p.parts, self.options.chunk_units)
+        return -(-self.unit_index.size // self.chunks.chunk_units)
 
     def compute_chunks(self, todo: list[int]) -> int:
         """Compute and write exactly the chunks `todo` (a distributed worker's share; no assembly);
@@ -154,9 +84,7 @@ class ExtractionJob:
         twice (a re-issued straggler) is simply written twice with the same content."""
         chunks = ChunkDir(self.p.parts, self.options.chunk_units)
         total = self.unit_index.size
-        self._distributed = True
         if not self._reuse_checked and self.options.reuse:
-            from pipeline.features.reuse import find_reuse, item_stats
             # size + mtime only: hashing here would read the whole data set once per worker
             self.reuse = find_reuse(self.p.path, self.p.key_material, self.listing.ids,
                                     item_stats(self.listing.paths), self.unit_index, self.unit_view)
@@ -167,57 +95,73 @@ class ExtractionJob:
         in_todo = np.zeros(total, bool)
         for c in todo:
             in_todo[c * u:(c + 1) * u] = True
-        self.compute = in_todo & ~self.reused
-        needed = int(np.count_nonzero(self.compute))
+        self.compute_mask = in_todo & ~self.reused
+        needed = int(np.count_nonzero(self.compute_mask))
         if todo:
             self._compute(chunks, sorted(todo), total, needed)
         return needed
 
-    def run(self) -> ExtractResult:
-        p, opts = self.p, self.options
-        total = self.unit_index.size
+    def plan_chunks(self, shard: tuple[int, int] | None = None) -> list[int]:
+        """The chunks still to compute (of shard I/N's share: chunks c with c % N == I), with the shard
+        bookkeeping: a sharded run records the split in the parts folder and refuses another one; an
+        unsharded run refuses to do the work of shards that have not finished."""
+        p, total = self.p, self.unit_index.size
         if total == 0:
             raise UserError(f"{p.request.data} contains no images")
-        chunks = ChunkDir(p.parts, opts.chunk_units)
-        u = chunks.chunk_units
+        self.chunks = ChunkDir(p.parts, self.options.chunk_units)
+        u = self.chunks.chunk_units
         n_chunks = -(-total // u)
-        done = set(chunks.done())
-        shard = opts.shard
+        done = set(self.chunks.done())
+        self.shard = shard
         if shard is not None:
             _check_shards(p, shard, n_chunks, done)
         else:
             _refuse_unfinished_shards(p, n_chunks, done)
-        todo = [c for c in range(n_chunks) if c not in done and (shard is None or c % shard[1] == shard[0])]
-        in_todo = np.zeros(total, bool)
-        for c in todo:
-            in_todo[c * u:(c + 1) * u] = True
-        start = min(todo[0] * u, total) if todo else total
+        self.todo = [c for c in range(n_chunks) if c not in done and (shard is None or c % shard[1] == shard[0])]
+        self.in_todo = np.zeros(total, bool)
+        for c in self.todo:
+            self.in_todo[c * u:(c + 1) * u] = True
+        self.start = min(self.todo[0] * u, total) if self.todo else total
         if done:
             self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "
                      f"already extracted")
-        from pipeline.features.reuse import file_hashes, find_reuse, item_stats, write_hash_note
+        return self.todo
+
+    def look_for_reuse(self) -> None:
+        """Before computing the planned chunks: the files' identities (size, mtime; with --content-hash
+        their SHA-256, a shard hashing only its own images and leaving a note for the assembly), and
+        an older cache of the same request whose rows of unchanged images can be copied."""
+        p, opts = self.p, self.options
         stats = item_stats(self.listing.paths)
-        mine = None  # a shard hashes the images of its own chunks and leaves a note; assembly hashes the rest
+        self.hashed_all = True
         if opts.content_hash and stats is not None:
-            if shard is not None:
+            mine = None
+            if self.shard is not None:
                 mine = np.zeros(len(self.listing.paths), bool)
-                mine[self.unit_index[in_todo]] = True
+                mine[self.unit_index[self.in_todo]] = True
+                self.hashed_all = False
             hashes = file_hashes(self.listing.paths, p.parts, mine)
             if mine is not None and mine.any():
-                write_hash_note(p.parts, f"shard{shard[0]}of{shard[1]}", hashes, mine)
+                write_hash_note(p.parts, f"shard{self.shard[0]}of{self.shard[1]}", hashes, mine)
             stats = (stats[0], stats[1], hashes)
-        if opts.reuse and todo:
+        self.stats = stats
+        if opts.reuse and self.todo:
             self.reuse = find_reuse(p.path, p.key_material, self.listing.ids, stats, self.unit_index, self.unit_view)
         if self.reuse is not None:
             self.reused[self.reuse.tags] = True
             self.log(f"reusing {self.reuse.tags.size} feature row(s) of unchanged images from {self.reuse.base.name}")
-        self.compute = in_todo & ~self.reused
-        needed = int(np.count_nonzero(self.compute))
-        t0 = time.perf_counter()
+
+    def compute(self) -> int:
+        """Compute and write the planned chunks (reader -> mapper -> writer); returns the images computed.
+        A reuse candidate whose rows turn out the wrong width is dropped and everything computed."""
+        p, total = self.p, self.unit_index.size
+        self.compute_mask = self.in_todo & ~self.reused
+        self.needed = int(np.count_nonzero(self.compute_mask))
+        self.t0 = time.perf_counter()
         try:
-            if todo:
+            if self.todo:
                 try:
-                    self._compute(chunks, todo, total, needed)
+                    self._compute(self.chunks, self.todo, total, self.needed)
                 except _ReuseMismatch as mismatch:  # a damaged candidate: skipped, as the reuse search skips others
                     warnings.warn(f"not reusing rows from {self.reuse.base.name}: it records this request but holds "
                                   f"features of shape {mismatch.theirs} where this backbone makes {mismatch.ours} "
@@ -225,35 +169,32 @@ class ExtractionJob:
                                   DataWarning, stacklevel=2)
                     self.reuse = None
                     self.reused[:] = False
-                    self.compute = in_todo & ~self.reused
-                    needed = int(np.count_nonzero(self.compute))
-                    self._compute(chunks, todo, total, needed)
+                    self.compute_mask = self.in_todo & ~self.reused
+                    self.needed = int(np.count_nonzero(self.compute_mask))
+                    self._compute(self.chunks, self.todo, total, self.needed)
         finally:
-            if shard is None and not chunks.done() and not (p.parts / SHARDS_FILE).exists():
-                chunks.remove()  # nothing finished: leave no empty partial behind (shards may share it)
-        if shard is not None:
-            if is_complete(p.path) or not p.parts.exists():  # another shard assembled meanwhile
-                return ExtractResult(p.path, p.key, cache_hit=False, computed=needed, shard=shard,
-                                     n_chunks=n_chunks)
-            finished = set(chunks.done())
-            missing = [c for c in range(n_chunks) if c not in finished]
-            if missing:
-                return ExtractResult(p.path, p.key, cache_hit=False, seconds=time.perf_counter() - t0,
-                                     computed=needed, shard=shard, n_chunks=n_chunks, missing_chunks=missing,
-                                     reused=int(np.count_nonzero(self.reused & in_todo)))
-            with exclusive_lock(p.lock) as got:  # the last shard to finish assembles, unless one already does
-                if not got or is_complete(p.path):
-                    return ExtractResult(p.path, p.key, cache_hit=False, computed=needed, shard=shard,
-                                         n_chunks=n_chunks)
-                if mine is not None:  # every image's: the shards' notes (ours too), then what none holds
-                    stats = (stats[0], stats[1], file_hashes(self.listing.paths, p.parts))
-                return self._assemble(chunks, stats, t0, needed, start, in_todo)
-        return self._assemble(chunks, stats, t0, needed, start, in_todo)
+            if self.shard is None and not self.chunks.done() and not (p.parts / SHARDS_FILE).exists():
+                self.chunks.remove()  # nothing finished: leave no empty partial behind (shards may share it)
+        return self.needed
 
-    def _assemble(self, chunks: ChunkDir, stats, t0: float, needed: int, start: int, in_todo: np.ndarray
-                  ) -> ExtractResult:
-        p, opts = self.p, self.options
-        seconds = time.perf_counter() - t0
+    def missing_chunks(self) -> list[int]:
+        """Chunks no run has finished yet (a shard's run: what other shards still owe)."""
+        done = set(self.chunks.done())
+        return [c for c in range(self.n_chunks) if c not in done]
+
+    def shard_result(self, missing: list[int] | None = None) -> ExtractResult:
+        """A shard's result when it does not assemble: the file is not (or already) there."""
+        extra = {} if missing is None else {"seconds": time.perf_counter() - self.t0, "missing_chunks": missing,
+                                            "reused": int(np.count_nonzero(self.reused & self.in_todo))}
+        return ExtractResult(self.p.path, self.p.key, cache_hit=False, computed=self.needed, shard=self.shard,
+                             n_chunks=self.n_chunks, distributor="shard", **extra)
+
+    def assemble(self) -> ExtractResult:
+        """Every chunk is there: write the HDF5 file (items, attributes, features) and remove the parts."""
+        p, opts, chunks = self.p, self.options, self.chunks
+        if not self.hashed_all:  # every image's: the shards' notes (ours too), then what none holds
+            self.stats = (self.stats[0], self.stats[1], file_hashes(self.listing.paths, p.parts))
+        seconds = time.perf_counter() - self.t0
         attrs = {
             "key": p.key, "request": p.request.to_json(), "key_material": p.key_material,
             "backbone": p.spec.name, "weights": p.request.weights, "weights_id": p.key_material["weights"],
@@ -266,7 +207,7 @@ class ExtractionJob:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 3),
         }
         items = ItemTable(self.listing.ids, self.listing.labels, self.listing.splits, self.listing.class_names,
-                          *(stats if stats is not None else (None, None, None)))
+                          *(self.stats if self.stats is not None else (None, None, None)))
         try:
             assemble(chunks, p.path, items, attrs, dtype=p.request.dtype, compression=opts.compression)
         except DegenerateFeatures as exc:
@@ -276,24 +217,23 @@ class ExtractionJob:
         with _h5_open(p.path) as f:
             n_rows = int(f.attrs["n_rows"])
             skipped = list(zip(f["skipped_paths"].asstr()[:], f["skipped_reasons"].asstr()[:]))
-        computed = needed
+        computed = self.needed
         return ExtractResult(p.path, p.key, cache_hit=False, n_rows=n_rows, skipped=skipped, seconds=seconds,
                              images_per_s=computed / seconds if computed and seconds > 0 else 0.0,
-                             resumed_from=start, computed=computed,
-                             reused=int(np.count_nonzero(self.reused & in_todo)),
+                             resumed_from=self.start, computed=computed,
+                             reused=int(np.count_nonzero(self.reused & self.in_todo)),
                              reused_from=self.reuse.base if self.reuse is not None else None,
-                             shard=opts.shard, n_chunks=-(-self.unit_index.size // chunks.chunk_units))
+                             shard=self.shard, n_chunks=self.n_chunks,
+                             distributor="local" if self.shard is None else "shard")
 
     # -- the worker
     def _model(self):
-        import keras
+        import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
-        from pipeline.backbones.model import feature_model
         if self.p.request.precision == "mixed":
-            from pipeline.backend import mixed_policy
             keras.mixed_precision.set_global_policy(mixed_policy())
         try:
-            return feature_model(self.p.spec, self.p.request.weights, self.p.size,
+            return backbone_model.feature_model(self.p.spec, self.p.request.weights, self.p.size,
                                  self.p.request.pooling, self.p.request.layer)
         finally:
             keras.mixed_precision.set_global_policy("float32")
@@ -310,7 +250,7 @@ class ExtractionJob:
         req, size = self.p.request, self.p.size
         for a, b in zip(self.pass_bounds[:-1], self.pass_bounds[1:]):
             lo, hi = int(a), int(b)
-            tags = np.arange(lo, hi)[self.compute[lo:hi]]
+            tags = np.arange(lo, hi)[self.compute_mask[lo:hi]]
             if not tags.size:
                 continue
             indices = self.unit_index[tags]
@@ -323,10 +263,6 @@ class ExtractionJob:
                 yield tag, job
 
     def _compute(self, chunks: ChunkDir, todo: list[int], total: int, needed: int) -> None:
-        from tqdm import tqdm
-
-        from pipeline.data.loader import Prefetcher, batches
-        from pipeline.extract.runners import cached_runner
         size, bs = self.p.size, self.options.batch_size
         if needed == 0:  # every unit left is copied from an older cache: no model, no decoding
             writer = ChunkWriter(chunks, self.unit_index, self.unit_view, todo, total, self.reuse.feature_shape,
@@ -374,14 +310,8 @@ class ExtractionJob:
         bar.update(int(batch.tags.size) + len(batch.skipped))
 
 
-SHARDS_FILE = "shards.json"
-
-
 def _check_shards(p: Plan, shard: tuple[int, int], n_chunks: int, done: set[int]) -> None:
     """Record the shard count in the parts folder; refuse a run that splits the chunks differently."""
-    import json
-
-    from pipeline.atomic import write_text_atomic
     marker = p.parts / SHARDS_FILE
     if shard == (0, 1):  # "compute every missing chunk here": fits any earlier split
         return
@@ -411,5 +341,4 @@ def _refuse_unfinished_shards(p: Plan, n_chunks: int, done: set[int]) -> None:
 
 
 def _h5_open(path: Path):
-    import h5py
     return h5py.File(path, "r")
