@@ -79,3 +79,31 @@ def test_shards_hash_only_their_own_images(tmp_path, monkeypatch):
     assert len(hashed) == 6 + 4 and last.path.exists()                 # its 4; the other 6 from shard 0's note
     with FeatureFile(single.path) as a, FeatureFile(last.path) as b:
         assert list(a._f["hashes"].asstr()[:]) == list(b._f["hashes"].asstr()[:]) and "" not in list(b._f["hashes"].asstr()[:])
+
+
+def test_every_distributor_runs_behind_the_same_guard(tmp_path):
+    """`extract(..., distributor=)` (how --ray plugs in): the distributor is called only on a miss,
+    under the key's lock, inside a run record naming it, and a full disk in it is one UserError line."""
+    import errno
+
+    from pipeline.extract import local
+    from pipeline.locking import is_locked
+    from pipeline.tracking.runs import Registry
+
+    data = make_folder(tmp_path / "d", per_class=2, splits=())
+    calls = []
+
+    def mine(p, options, log):
+        calls.append(is_locked(p.lock))
+        return local(p, options, log)
+
+    first = extract(req(data), opts(tmp_path / "c"), distributor=mine)
+    assert calls == [True] and first.n_rows == 4 and first.distributor == "local"
+    assert Registry(tmp_path / "c").get(first.run_id).metrics["distributor"] == "local"
+    assert extract(req(data), opts(tmp_path / "c"), distributor=mine).cache_hit and calls == [True]
+
+    def full(p, options, log):
+        raise OSError(errno.ENOSPC, "No space left on device", str(p.parts / "chunk-000000.npz"))
+
+    with pytest.raises(UserError, match="no space left on the disk holding .*finished chunks are kept"):
+        extract(req(data), opts(tmp_path / "e"), distributor=full)
