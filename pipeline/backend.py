@@ -80,13 +80,13 @@ def accelerator() -> str | None:
     """'gpu' when the backend sees a GPU, else None (imports the backend's library)."""
     b = name()
     if b == "tensorflow":
-        import tensorflow as tf
+        import tensorflow as tf  # noqa: PLC0415 - only the active backend's library, and slow to import
         return "gpu" if tf.config.list_physical_devices("GPU") else None
     if b == "jax":
-        import jax
+        import jax  # noqa: PLC0415 - only the active backend's library, and slow to import
         return "gpu" if any(d.platform in ("gpu", "cuda", "rocm") for d in jax.devices()) else None
     if b == "torch":
-        import torch
+        import torch  # noqa: PLC0415 - only the active backend's library, and slow to import
         return "gpu" if torch.cuda.is_available() else None
     return None
 
@@ -97,14 +97,14 @@ def mixed_policy() -> str:
     b = name()
     if accelerator() == "gpu":
         if b == "torch":
-            import torch
+            import torch  # noqa: PLC0415 - only the active backend's library, and slow to import
             return "mixed_bfloat16" if torch.cuda.is_bf16_supported() else "mixed_float16"
         if b == "tensorflow":
-            import tensorflow as tf
+            import tensorflow as tf  # noqa: PLC0415 - only the active backend's library, and slow to import
             gpus = tf.config.list_physical_devices("GPU")
             cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
             return "mixed_bfloat16" if tuple(cc) >= (8, 0) else "mixed_float16"
-        import jax
+        import jax  # noqa: PLC0415 - only the active backend's library, and slow to import
         cc = str(getattr(jax.devices()[0], "compute_capability", "8.0"))
         return "mixed_bfloat16" if float(cc) >= 8.0 else "mixed_float16"
     return "mixed_float16"
@@ -117,13 +117,13 @@ class _NoTensorFlow:
 def set_random_seed(seed: int) -> None:
     """`keras.utils.set_random_seed`, except that on JAX and PyTorch it does not import TensorFlow
     just to seed it (Keras seeds TensorFlow whenever it is installed)."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     if name() == "tensorflow":
         keras.utils.set_random_seed(seed)
         return
     try:
-        from keras.src.utils import rng_utils
+        from keras.src.utils import rng_utils  # noqa: PLC0415 - Keras, slow to import (a private module)
         saved = rng_utils.tf
     except (ImportError, AttributeError):  # another Keras layout: seeding TensorFlow is harmless
         keras.utils.set_random_seed(seed)

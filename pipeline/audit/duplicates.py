@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data.decode import load_file, load_libraries
 from pipeline.features.neighbours import Neighbours
 
 THUMB = 24  # thumbnail side for the layout check
@@ -71,8 +72,6 @@ def thumbnail(path: str) -> np.ndarray | None:
     length, as rows of one (len(CROPS), THUMB*THUMB) array; None when unreadable or flat."""
     import cv2  # noqa: PLC0415 - OpenCV loads on first use
 
-    from pipeline.data.decode import load_file  # noqa: PLC0415
-
     try:
         img = load_file(path, LOAD).astype(np.float32)
     except Exception:  # noqa: BLE001 - any file that cannot be decoded just has no thumbnail
@@ -98,8 +97,6 @@ def layout_similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 def thumbnails(paths: list[str | None], workers: int | None = None) -> list[np.ndarray | None]:
     """`thumbnail` of each path (None for None), on a thread pool (decoding releases the GIL)."""
-    from pipeline.data.decode import load_libraries  # noqa: PLC0415
-
     load_libraries()  # OpenCV and Pillow imported here, not concurrently by the threads
     workers = workers or max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:

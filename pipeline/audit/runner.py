@@ -151,8 +151,8 @@ def leakage(img: Audited, pairs: list[Pair], split_proba: Mapping[str, np.ndarra
 
 def embedding_map(X: np.ndarray, keep: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """2-D coordinates of the rows `keep` (t-SNE on a 50-component PCA of unit-length features)."""
-    from sklearn.decomposition import PCA  # noqa: PLC0415
-    from sklearn.manifold import TSNE  # noqa: PLC0415
+    from sklearn.decomposition import PCA  # noqa: PLC0415 - only for the map, which --no-map skips
+    from sklearn.manifold import TSNE  # noqa: PLC0415 - only for the map, which --no-map skips
 
     Z = unit_rows(X[keep])
     if Z.shape[0] < 5:

@@ -2,7 +2,7 @@
 frozen feature graph (`model`), EfficientNet-Lite with offline weights (`lite`, `lite_weights`,
 `torchfile`), keras-hub presets (`hub`) and ImageNet class names (`imagenet`)."""
 
-from pipeline.backbones.table import (DEFAULT_BACKBONE, PREPROCESS, TABLE, Backbone, _resolve,  # noqa: F401
+from pipeline.backbones.table import (DEFAULT_BACKBONE, PREPROCESS, TABLE, Backbone,  # noqa: F401
                                       block_spans, build, check_output, get,
                                       weights_identity)
 from pipeline.backbones.hub import nested_blocks, train_blocks  # noqa: F401

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import UserError
 from pipeline.versions import version
 
@@ -121,7 +123,8 @@ def open_preset(name: str) -> Preset:
         raise UserError(f"keras-hub preset {handle!r} has no image converter scaling; it cannot be used here")
     size = converter.image_size[0] if converter.image_size else None
     try:
-        from keras_hub.src.utils.preset_utils import load_json  # the config alone, without the weights
+        # the config alone, without the weights:
+        from keras_hub.src.utils.preset_utils import load_json  # noqa: PLC0415 - keras-hub: heavy and optional
         config = load_json(handle)
     except Exception:  # noqa: BLE001 - an older or newer keras-hub: no blocks listed, --unfreeze-last still works
         config = {}
@@ -148,7 +151,7 @@ def _fetch_error(handle: str, exc: Exception) -> str:
 
 def _keras_hub():
     try:
-        import keras_hub  # heavy and optional: imported only for hub backbones
+        import keras_hub  # noqa: PLC0415 - heavy and optional (.[hub]): imported only for hub backbones
     except ImportError:
         raise UserError("keras-hub backbones need keras-hub: pip install -e \".[hub]\"") from None
     return keras_hub
@@ -168,7 +171,7 @@ def row_fields(name: str) -> dict[str, Any]:
 def _tower_blocks(model) -> list:
     """A keras-hub image tower's transformer blocks, bottom first: its `encoder_layers` (ViT, CLIP,
     SigLIP), or the list of layers of its encoder layer (DINOv2); [] for a CNN."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     candidates = [model, *getattr(model, "layers", [])]
     for layer in candidates:
@@ -186,7 +189,7 @@ def _tower_blocks(model) -> list:
 def nested_blocks(backbone) -> dict[str, Any]:
     """{block name: layer} of the transformer blocks inside a hub backbone model (the fine-tune
     model's "backbone"), topmost first, named as `row_fields` names them."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     for tower in [backbone, *backbone.layers]:
         if isinstance(tower, keras.Model):
@@ -259,8 +262,7 @@ def check_weights(weights: str) -> None:
 
 def scaling_layer(scale: Any, offset: Any):
     """pixels * scale + offset per channel, as a built-in Normalization layer (float32)."""
-    import keras
-    import numpy as np
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     s = np.broadcast_to(np.asarray(1.0 if scale is None else scale, np.float64), (3,))
     o = np.broadcast_to(np.asarray(0.0 if offset is None else offset, np.float64), (3,))
@@ -274,7 +276,7 @@ def build(preset: str, include_top: bool, weights: str | None, input_shape: tupl
           image_size: int | None = None, scale: Any = None, offset: Any = None):
     """The preset's image tower behind its pixel scaling: float 0..255 (size, size, 3) in. The
     preset's size, scale and offset come from its row (`row_fields`), read once from its files."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     if include_top:
         raise UserError("keras-hub backbones have no ImageNet classifier here; predict with --run RUN "

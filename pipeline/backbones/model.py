@@ -23,7 +23,7 @@ from pipeline.errors import UserError
 def backbone_cut(spec: Backbone, weights: str, image_size: int, layer: str | None = None,
                  include_top: bool = False):
     """The frozen backbone (preprocessed float input) cut at `layer`, as a model named 'backbone'."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     base = build(spec, weights, image_size, include_top=include_top)
     out = base.output
@@ -41,7 +41,7 @@ def backbone_cut(spec: Backbone, weights: str, image_size: int, layer: str | Non
 
 def preprocessed_input(spec: Backbone, image_size: int):
     """(uint8 image input, the backbone's preprocessed float input): the graph's first half."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = cast_layer()(inputs)
@@ -61,7 +61,7 @@ def image_graph(spec: Backbone, weights: str, image_size: int, pooling: str = "a
 def pooled(x, pooling: str, name: str):
     """Global pooling of a feature map (N, H, W, C) or a token sequence (N, T, C); `cls` takes a
     sequence's first token (built-in layers only, so saved models load with plain Keras)."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     L = keras.layers
     if pooling == "none":
@@ -86,7 +86,7 @@ def pooled(x, pooling: str, name: str):
 
 def feature_model(spec: Backbone, weights: str, image_size: int, pooling: str = "avg", layer: str | None = None):
     """Stage 1's frozen feature extractor: uint8 images in, (N, D) or (N, H, W, C) features out."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     inputs, out = image_graph(spec, weights, image_size, pooling, layer)
     return keras.Model(inputs, out, name=f"{spec.slug}_features")
@@ -94,7 +94,7 @@ def feature_model(spec: Backbone, weights: str, image_size: int, pooling: str = 
 
 def classifier_model(spec: Backbone, weights: str):
     """The backbone with its own ImageNet top at its default size: uint8 images in, 1000 probabilities out."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     inputs, out = image_graph(spec, weights, spec.default_size, pooling="none", include_top=True)
     return keras.Model(inputs, out, name=f"{spec.slug}_imagenet")

@@ -25,7 +25,7 @@ STYLES = {
 
 def cast_layer():
     """uint8 (or any) pixels -> float32 0..255; the first layer of every graph."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     return keras.layers.Rescaling(1.0, name="image_to_float", dtype="float32")
 
@@ -38,7 +38,7 @@ def preprocessing_layers(style: str) -> list:
     bias -mean): exact for integer pixels even where matmuls run in TF32. 'in-model': none.
     They compute in float32 whatever the global dtype policy.
     """
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     L = keras.layers
     if style == "in-model":

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.backbones import hub
+from pipeline.backbones.lite_weights import weights_path
 from pipeline.backbones.preprocessing import STYLES
+from pipeline.backend import set_random_seed
 from pipeline.errors import UserError
 
 # Preprocessing styles (implemented once, as Keras layers, in `preprocessing`).
@@ -152,7 +154,6 @@ def weights_identity(spec: Backbone, weights: str) -> str:
         return "none:seed=0"
     if w == "imagenet":
         if spec.family == "efficientnet_lite":
-            from pipeline.backbones.lite_weights import weights_path
             p = weights_path(spec.name)
             return f"imagenet:{p.name}:{p.stat().st_size}"
         return f"imagenet:keras-{importlib.metadata.version('keras')}:{spec.builder.split(':')[1]}"
@@ -187,7 +188,6 @@ def check_output(spec: Backbone, pooling: str, layer: str | None) -> None:
 
 def build(spec: Backbone, weights: str, image_size: int, include_top: bool = False):
     """Build the backbone (a keras.Model on preprocessed input); errors become one-line UserErrors."""
-    from pipeline.backend import set_random_seed
     set_random_seed(0)  # weights=none must give the same features every time
     w: str | None = None if weights.lower() == "none" else ("imagenet" if weights.lower() == "imagenet" else
                                                             str(Path(weights).expanduser()))

@@ -8,7 +8,10 @@ import click
 
 from pipeline.cli.head_cmds import open_cache
 from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options, trust_pickle_option
+from pipeline.errors import UserError
+from pipeline.inference.apply import load_run
 from pipeline.layout import CacheLayout
+from pipeline.tracking.runs import Registry
 
 
 @click.command("audit")
@@ -33,15 +36,13 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_
 
     Example: python cli.py audit --data ../shared/data/hymenoptera
     """
-    from pipeline.audit.runner import AuditOptions, audit_cache, write_audit
-    from pipeline.errors import UserError
-    from pipeline.heads.training import check_finite
-    from pipeline.tracking.runs import Registry
+    from pipeline.audit.runner import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+        AuditOptions, audit_cache, write_audit)
+    from pipeline.heads.training import check_finite  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
 
     log_mlflow = mlflow_check(mlflow)
     head = None
     if run_id is not None:
-        from pipeline.inference.apply import load_run
         loaded = load_run(kw["cache_dir"], run_id, trust_pickle=trust_pickle)
         if loaded.head is None:
             raise UserError(f"run {loaded.record.id} is a fine-tune; audit --run takes a fit-head run, whose head "

@@ -6,10 +6,13 @@ import sys
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from pipeline.cli.options import cache_dir_option
 from pipeline.errors import UserError
-from pipeline.features.cache import describe, find_entries
+from pipeline.features.cache import (describe, find_entries, remove_entries, select_for_eviction,
+                                     select_for_removal)
 
 
 
@@ -25,9 +28,6 @@ def cache_ls(cache_dir: Path) -> None:
 
     Example: python cli.py cache ls
     """
-    from rich.console import Console
-    from rich.table import Table
-
     entries = find_entries(cache_dir)
     if not entries:
         click.echo(f"no cache entries in {Path(cache_dir).expanduser().resolve()}")
@@ -69,8 +69,6 @@ def cache_rm(refs: tuple[str, ...], everything: bool, older_than: str | None, la
     Examples: python cli.py cache rm 3b124ac0
               python cli.py cache rm --older-than 30d --larger-than 500MB --dry-run
     """
-    from pipeline.features.cache import remove_entries, select_for_eviction, select_for_removal
-
     bulk = everything or older_than is not None or larger_than is not None
     if refs and bulk:
         raise UserError("give entry keys or --all/--older-than/--larger-than, not both")

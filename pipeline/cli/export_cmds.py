@@ -8,7 +8,9 @@ import click
 
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli.options import cache_dir_option, trust_pickle_option
-from pipeline.export.exporter import FORMATS
+from pipeline.export.exporter import FORMATS, check_format, check_target, export_run
+from pipeline.inference.apply import load_run
+from pipeline.tracking.runs import Registry
 
 
 @click.command("export")
@@ -31,16 +33,10 @@ def export_cmd(run_id: str, fmt: str, out: Path | None, force: bool, trust_pickl
     Examples: python cli.py export --run 20261122-2330 --format onnx
               python cli.py predict --model cache/runs/20261122-2330/export/onnx/model.onnx photos/
     """
-    from pipeline.export.exporter import check_target
-    from pipeline.tracking.runs import Registry
-
     if out is not None:  # a bad --out or run ID fails before the run's model is loaded
         check_target(out, force)
     Registry(cache_dir).get(run_id)
     select_backend(backend)
-    from pipeline.export.exporter import check_format, export_run
-    from pipeline.inference.apply import load_run
-
     check_format(fmt)
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     folder = out if out is not None else run.record.dir / "export" / fmt

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import click
+from rich.console import Console
+from rich.table import Table
 
 from pipeline.cli.options import build_request, extract_options, mlflow_after, mlflow_check, mlflow_options
 from pipeline import backbones as bb
 from pipeline.errors import UserError
 from pipeline.extract import extract
+from pipeline.extract.ray_distributor import extract_ray
 
 
 def report_extraction(result) -> None:
@@ -74,7 +77,6 @@ def extract_cmd(force: bool, content_hash: bool, shard: str | None, ray_address:
     if ray_address is not None:
         if shard is not None:
             raise UserError("--ray and --shard are two ways to spread the work; use one")
-        from pipeline.extract.ray_distributor import extract_ray
         n_workers, options.workers = options.workers, None
         result = extract_ray(request, options, ray_address, n_workers)
     else:
@@ -102,9 +104,6 @@ def backbones_cmd(name: str | None, layers: bool) -> None:
 
     Example: python cli.py backbones mobilenetv2 --layers
     """
-    from rich.console import Console
-    from rich.table import Table
-
     if name:
         spec = bb.get(name)
         if layers:

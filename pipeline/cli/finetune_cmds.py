@@ -9,7 +9,10 @@ import click
 
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
+from pipeline.finetune.results import format_comparison
+from pipeline.heads.registry import trusting_pickles
 from pipeline.heads.schedules import OPTIMIZERS
+from pipeline.tracking.runs import Registry, Run
 
 
 _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflow", "mlflow_experiment"}
@@ -56,11 +59,10 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
 
     Example: python cli.py finetune --run 20261122-2330 --unfreeze block7 --epochs 3
     """
-    from pipeline.finetune.handover import stage2_inputs
-    from pipeline.finetune.results import format_comparison
-    from pipeline.finetune.tuner import FineTuner
-    from pipeline.tracking.plots import plot_confusion_matrix, plot_history
-    from pipeline.tracking.runs import Registry, Run
+    from pipeline.finetune.handover import stage2_inputs  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.finetune.tuner import FineTuner  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.tracking.plots import (  # noqa: PLC0415 - matplotlib: keeps `--help` fast
+        plot_confusion_matrix, plot_history)
 
     log_mlflow = mlflow_check(mlflow)
     registry = Registry(cache_dir)
@@ -92,7 +94,6 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                           augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
                           trunk_cache=trunk_cache, views=views, label_smoothing=label_smoothing,
                           verbose=2 if no_progress or not sys.stdout.isatty() else 1)  # per-step bar (ETA) or a line per epoch
-    from pipeline.heads.registry import trusting_pickles
     with trusting_pickles(trust_pickle):
         inputs = stage2_inputs(parent.dir)
     if not resume_id:  # a typo in --unfreeze fails now, not after a failed run record

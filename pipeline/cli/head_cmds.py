@@ -4,16 +4,25 @@ from __future__ import annotations
 
 
 import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from pipeline.backbones.table import check_weights_size, get
 from pipeline.cli.extract_cmds import report_extraction
 from pipeline.cli.options import (SEED, FiniteFloat, build_request, extract_options,
                                   given_options, mlflow_after, mlflow_check, mlflow_options)
+from pipeline.data.sources import FileSource, open_source
 from pipeline.errors import UserError
+from pipeline.extract import extract, release_models
 from pipeline.extract.plan import check_size, plan
-from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS
+from pipeline.features.cache import resolve
+from pipeline.features.store import FeatureFile, is_complete
+from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS, head_class
 from pipeline.heads.schedules import OPTIMIZERS
 from pipeline.layout import CacheLayout
+from pipeline.tracking.metrics import metrics_table, summary_line
+from pipeline.tracking.runs import Registry
 
 # extract options that decide which features a request reads (with --cache they would be ignored)
 _FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pooling", "layer", "dtype", "precision",
@@ -24,10 +33,6 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
     """The feature file named by --cache (path or key prefix), else by the extract options,
     extracting first when the cache does not have it yet (`command` names the caller in errors; before
     extracting, image files must hold two classes in `splits`, None: in any split)."""
-    from pipeline.features.cache import resolve
-    from pipeline.extract import extract, plan, release_models
-    from pipeline.features.store import FeatureFile, is_complete
-
     if cache is not None:
         given = given_options(_FEATURE_OPTIONS.__contains__)
         if given:  # features named by --cache: extract options would be silently ignored
@@ -53,10 +58,6 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
 def _check_two_classes(request, command: str, splits: tuple[str, ...] | None) -> None:
     """Image files of one class (in `splits`; None: any) cannot make a head or an audit: say so before
     extracting them all."""
-    import numpy as np
-
-    from pipeline.data.sources import FileSource, open_source
-
     source = open_source(request.data, request.split)
     if not isinstance(source, FileSource):  # tfds and built-ins: listing may mean preparing the data set
         return
@@ -77,8 +78,6 @@ def _check_two_classes(request, command: str, splits: tuple[str, ...] | None) ->
 
 def _make_head(head: str, opts: dict):
     """The head `--head` names, built by its own class from the options it takes."""
-    from pipeline.heads.registry import head_class
-
     return head_class(head).from_options(opts)
 
 
@@ -130,10 +129,6 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
 
     Example: python cli.py fit-head --data ../shared/data/hymenoptera
     """
-    from rich.console import Console
-
-    from pipeline.tracking.metrics import summary_line
-
     log_mlflow = mlflow_check(mlflow)
     head_opts = {k: kw.pop(k) for k in list(kw) if k in (
         "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
@@ -141,7 +136,6 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         "head_batch_size", "early_stopping", "seed", "memory_budget", "k", "vote_temperature")}
     estimator = _make_head(head, head_opts).check_params()  # a bad option fails before any extraction
     if sweep and estimator.sweep_grid is None:
-        from pipeline.heads.registry import head_class
         kinds = [f"--head {k}" for k in HEAD_KINDS if head_class(k).sweep_grid is not None]
         raise UserError(f"--sweep searches one head's grid, and --head {head} has none; add {' or '.join(kinds)}")
     backbones = backbone_list(kw["backbone"])
@@ -153,13 +147,13 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     else:
         ff = open_cache(cache, {**kw, "backbone": backbones[0]})
     with ff:
-        from pipeline.heads.training import check_finite
+        from pipeline.heads.training import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+            check_finite, fit_head_run)
         check_finite(ff)
         if sweep:
             run_id = _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
             mlflow_after(log_mlflow, CacheLayout.of(ff.path).root, run_id, mlflow_experiment)
             return
-        from pipeline.heads.training import fit_head_run
         if estimator.fit_note():  # no bar for the CV fits: say what the next seconds (up to a minute) are
             click.echo(estimator.fit_note(), err=True)
         result, run = fit_head_run(ff, estimator, val_fraction=kw["val_fraction"], seed=head_opts["seed"],
@@ -177,7 +171,6 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
             click.echo(f"{part:5s} {summary_line(result.metrics[part])}")
     click.echo(f"fit in {result.fit_seconds:.2f}s; run {run.id} saved in {run.dir}")
     if result.metrics.get("val", {}).get("n"):
-        from pipeline.tracking.metrics import metrics_table
         Console(width=110).print(metrics_table(result.metrics["val"], title="val"))
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
 
@@ -225,12 +218,8 @@ def _check_ranking_options(backbones: list[str], kw: dict, sweep: bool, cache: s
 def rank_backbones(backbones: list[str], kw: dict, make_head, seed: int, use_augmented: bool):
     """Extract (or find) each backbone's features, fit the head on each training set, print the
     ranking by cross-validated log loss and return the best cache (open) and the ranking, best first."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline.features.store import FeatureFile
-    from pipeline.heads.ranking import ranked, score_cache
-    from pipeline.heads.training import check_finite
+    from pipeline.heads.ranking import ranked, score_cache  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.heads.training import check_finite  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
 
     scores, paths = [], {}
     for i, name in enumerate(backbones, 1):
@@ -253,11 +242,9 @@ def rank_backbones(backbones: list[str], kw: dict, make_head, seed: int, use_aug
 
 
 def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, use_augmented: bool) -> str:
-    from rich.console import Console
-
-    from pipeline.tracking.runs import Registry
-    from pipeline.heads.sweep import results_table, save_sweep, sweep
-    from pipeline.heads.training import run_config
+    from pipeline.heads.sweep import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+        results_table, save_sweep, sweep)
+    from pipeline.heads.training import run_config  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
 
     registry = Registry(CacheLayout.of(ff.path).root)
     run = registry.start("fit-head", run_config(ff, estimator, sweep=True, val_fraction=val_fraction,

@@ -16,6 +16,8 @@ from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.extract import MAX_IMAGE_SIZE, DEFAULT_CACHE, DTYPES, POOLINGS, PRECISIONS, ExtractRequest, RunOptions
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.decode import RESIZE_METHODS
+from pipeline.export.mlflow_model import log_model
+from pipeline.tracking import mlflow_log
 
 
 class FiniteFloat(click.FloatRange):
@@ -105,7 +107,6 @@ def mlflow_options(fn: Callable) -> Callable:
 
 def mlflow_check(flag: bool | None) -> bool:
     """Whether to log to MLflow; refuses before any work when it is wanted but not installed."""
-    from pipeline.tracking import mlflow_log
     on = mlflow_log.enabled(flag)
     if on:
         mlflow_log.require()
@@ -116,8 +117,6 @@ def mlflow_after(on: bool, cache_dir: Path, run_id: str | None, experiment: str 
     """Log a recorded run to MLflow and say where (a failure is one warning; the local run stays)."""
     if not on or not run_id:
         return
-    from pipeline.export.mlflow_model import log_model
-    from pipeline.tracking import mlflow_log
     mlflow_id = mlflow_log.log_run(cache_dir, run_id, experiment, log_model=log_model)
     if mlflow_id:
         click.echo(f"logged to MLflow run {mlflow_id} ({mlflow_log.tracking_uri(cache_dir)})", err=True)

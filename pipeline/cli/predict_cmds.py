@@ -6,11 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli.extract_cmds import skipped_message
 from pipeline.cli.options import cache_dir_option, check_output_file, trust_pickle_option
+from pipeline.export.runtime import open_model, predict_files
+from pipeline.inference.apply import (check_explain, evaluate_run, explained, load_run, predict_paths, run_features,
+                                      write_predictions_csv)
 from pipeline.inference.embed import image_paths, imagenet_top_k
+from pipeline.tracking.metrics import metrics_table, summary_line
 
 
 @click.command("predict")
@@ -52,7 +59,6 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
     select_backend(backend)
     paths = image_paths(images)
     if model_file is not None:
-        from pipeline.export.runtime import open_model, predict_files
         model = open_model(model_file, trust_savedmodel=trust_model)
         proba, kept, skipped = predict_files(model, paths, batch_size)
         names = model.class_names or [str(i) for i in range(proba.shape[1])]
@@ -90,11 +96,6 @@ def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path
 
     Example: python cli.py evaluate --run 20261122-2330 --data ../shared/data/hymenoptera --split val
     """
-    from rich.console import Console
-
-    from pipeline.inference.apply import evaluate_run, load_run, write_predictions_csv
-    from pipeline.tracking.metrics import metrics_table, summary_line
-
     if csv_out is not None:
         check_output_file(csv_out, "--csv")
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
@@ -111,9 +112,6 @@ def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path
 
 def _explained_table(result, class_names: list[str], limit: int = 20):
     """The misclassified images (most confident first) beside their nearest training images."""
-    import numpy as np
-    from rich.table import Table
-
     pred = result.proba.argmax(axis=1)
     wrong = np.flatnonzero(pred != result.labels)
     wrong = wrong[np.argsort(-result.proba[wrong, pred[wrong]], kind="stable")]
@@ -132,8 +130,6 @@ def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | 
                      batch_size: int, trust_pickle: bool = False, explain: int = 0) -> None:
     """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV); with
     `explain`, each image's nearest training images too (a knn head)."""
-    from pipeline.inference.apply import check_explain, explained, load_run, predict_paths, run_features
-
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     check_explain(run, explain)
     if not explain:
@@ -149,10 +145,6 @@ def print_predictions(paths: list[str], proba, kept: list[int], skipped: list, c
                       csv_out: Path | None, neighbours: list | None = None) -> None:
     """One line per image with its top-k classes (and, given `neighbours`, an indented line per nearest
     training image), the optional CSV, and the skipped files (stderr)."""
-    import numpy as np
-
-    from pipeline.inference.apply import write_predictions_csv
-
     k = min(top_k, len(class_names))
     for j, (i, row) in enumerate(zip(kept, proba)):
         top = np.argsort(-row)[:k]

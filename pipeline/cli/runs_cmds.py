@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
+from rich.console import Console
 
 from pipeline.cli.options import cache_dir_option, check_output_file
 from pipeline.errors import UserError
+from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path, plot_comparison,
+                                       resolve)
+from pipeline.tracking.runs import Registry
 
 
 @click.group("runs", invoke_without_command=True)
@@ -26,10 +31,6 @@ def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], 
     """
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
-
-    from pipeline.tracking.runs import Registry
-
     parsed = {}
     for f in filters:
         key, sep, value = f.partition("=")
@@ -53,10 +54,6 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
 
     Example: python cli.py runs show 20261122-2330
     """
-    import json
-
-    from pipeline.tracking.runs import Registry
-
     r = Registry(cache_dir).get(run_id)
     click.echo(f"run {r.id}  stage {r.stage}  status {r.status}  started {r.started}  duration {r.duration_s}s")
     click.echo("config: " + json.dumps(r.config, indent=2, default=str))
@@ -74,8 +71,6 @@ def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Pat
 
     Example: python cli.py runs rm 20261122-2330
     """
-    from pipeline.tracking.runs import Registry
-
     for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run):
         click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
 
@@ -95,18 +90,8 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
 
     Example: python cli.py runs compare 20261123-0002 20261123-0105
     """
-    import json
-
     if out is not None:
         check_output_file(out, "--out")
-
-    from rich.console import Console
-
-    from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path,
-                                           plot_comparison, resolve)
-    from pipeline.tracking.runs import Registry
-
-    if out is not None:
         if out.is_dir():
             raise UserError(f"--out {out} is a folder; give a file path ending in .png")
         if out.suffix.lower() != ".png":

@@ -8,6 +8,7 @@ position in the listing, and an incremental cache can copy it (`features/reuse.p
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -47,7 +48,7 @@ class AugmentConfig:
 def augment(image: np.ndarray, cfg: AugmentConfig, seed: int, view: int, index: int) -> np.ndarray:
     """One random view of a uint8 (H, W, 3) image: flip, rotation + zoom (reflected borders),
     brightness, contrast; returns uint8. Deterministic in (seed, view, index)."""
-    import cv2
+    import cv2  # noqa: PLC0415 - OpenCV loads on first use: a cache hit never augments
 
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(view), int(index)])
     draws = rng.random(5)  # always five draws, so turning one op off does not move the others
@@ -73,8 +74,6 @@ def augment(image: np.ndarray, cfg: AugmentConfig, seed: int, view: int, index: 
 
 def name_index(item_id: str) -> int:
     """A stable 64-bit index for an image's id (its path in the listing): the seed of its cached views."""
-    import hashlib
-
     return int.from_bytes(hashlib.blake2b(str(item_id).encode(), digest_size=8).digest(), "little")
 
 

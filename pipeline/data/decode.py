@@ -54,8 +54,8 @@ def _libs() -> dict[str, Any]:
     if not _LIBS:
         with _IMPORT_LOCK:
             if not _LIBS:
-                import cv2
-                from PIL import Image, ImageOps, UnidentifiedImageError
+                import cv2  # noqa: PLC0415 - lazy, so a cache hit imports neither (see load_libraries)
+                from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 - as OpenCV above
 
                 cv2.setNumThreads(1)  # parallelism comes from the loader's threads, one image each
                 # Pillow warns (with a source line, around the tool's summary) from 89M pixels; this

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.data.decode import IMAGE_SUFFIXES, claimed_format
+from pipeline.data.decode import IMAGE_SUFFIXES, claimed_format, load_file, resize, to_rgb
 from pipeline.errors import DataWarning, UserError
 from pipeline.versions import version
 
@@ -190,7 +190,6 @@ class FileSource(Source):
 
     def raw_images(self, listing: Listing, indices: Sequence[int], size: int, method: str
                    ) -> Iterator[Callable[[], np.ndarray]]:
-        from pipeline.data.decode import load_file
         paths = listing.paths or []
         for i in indices:
             yield functools.partial(load_file, paths[i], size, method)
@@ -484,7 +483,7 @@ class DigitsSource(Source):
         self.split = split
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # noqa: PLC0415 - scikit-learn (1 s): not on a cache hit
         d = load_digits()
         gray = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1), d.target.astype(np.int32)
@@ -507,7 +506,6 @@ class DigitsSource(Source):
 
     def raw_images(self, listing: Listing, indices: Sequence[int], size: int, method: str
                    ) -> Iterator[Callable[[], np.ndarray]]:
-        from pipeline.data.decode import resize
         pixels, _ = self._arrays()
         for i in indices:
             yield functools.partial(resize, pixels[i], size, method)
@@ -524,13 +522,14 @@ class TfdsSource(Source):
         self.split = split
         self.spec = f"tfds:{name}"
         try:
-            import tensorflow_datasets as tfds  # noqa: F401
+            import tensorflow_datasets as tfds  # noqa: F401, PLC0415 - optional extra .[tfds] (imports TensorFlow)
         except ImportError:
             raise UserError("tfds: sources need tensorflow-datasets: pip install tensorflow-datasets "
                             "(or pip install -e .[tfds])") from None
 
     def _builder(self):
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # noqa: PLC0415 - optional extra .[tfds] (imports TensorFlow)
+
         try:
             builder = tfds.builder(self.name)
         except Exception as exc:  # noqa: BLE001 - tfds raises its own not-found errors
@@ -569,7 +568,6 @@ class TfdsSource(Source):
                    ) -> Iterator[Callable[[], np.ndarray]]:
         """Streams the prepared splits in order (tensorflow-datasets needs TensorFlow); `indices`
         must be ascending (one pass). Decoding happens in tfds; resizing in the job."""
-        from pipeline.data.decode import resize, to_rgb
         builder = self._builder()
         wanted = np.zeros(len(listing), bool)
         wanted[np.asarray(indices, np.int64)] = True

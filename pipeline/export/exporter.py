@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import importlib.util
 import io
 import json
 import os
@@ -23,8 +24,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import backbones as bb
+from pipeline.atomic import save_keras_atomic
 from pipeline.backbones import hub
+from pipeline.backbones.table import weights_identity
+from pipeline.backend import require
+from pipeline.data import decode
 from pipeline.errors import UserError
+from pipeline.export.runtime import open_model
+from pipeline.finetune.model import build_finetune_model
+from pipeline.heads.files import load_keras_file
 from pipeline.versions import version
 
 # format -> the model's name inside the export folder
@@ -47,10 +56,7 @@ def inference_model(run):
     """The run as one Keras model (uint8 image -> probabilities) in float32: a finetune run's saved
     model, or a fit-head run's backbone rebuilt from its cache request with the head on top."""
     if run.model_path is not None:
-        from pipeline.heads.files import load_keras_file
         return float32_model(load_keras_file(run.model_path))
-    from pipeline.backend import require
-    from pipeline.finetune.model import build_finetune_model
     require()
     return build_finetune_model(run.request, run.head)
 
@@ -58,7 +64,7 @@ def inference_model(run):
 def float32_model(model):
     """`model` unchanged when it computes in float32, else a float32 copy with the same weights
     (a fine-tune saved under mixed precision): ONNX and LiteRT converters need float32 graphs."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     policies = {getattr(getattr(l, "dtype_policy", None), "name", "float32") for l in _leaves(model)}
     if policies <= {"float32"}:
@@ -71,7 +77,7 @@ def float32_model(model):
 
 
 def _leaves(model) -> list:
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
     out = []
     for layer in model.layers:
         out += _leaves(layer) if isinstance(layer, keras.Model) else [layer]
@@ -94,14 +100,14 @@ def _float32_config(obj: Any, key: str = "") -> Any:
 
 def check_format(fmt: str) -> None:
     """Refuse, in one line, a format this installation or backend cannot write (before any work)."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     backend = keras.backend.backend()
     if fmt in ("savedmodel", "tflite"):
         try:
-            import tensorflow  # noqa: F401 - these formats are TensorFlow's; the import is needed anyway
+            import tensorflow  # noqa: F401, PLC0415 - these formats are TensorFlow's (optional, and slow to import)
         except ImportError:
             raise UserError(f"--format {fmt} needs TensorFlow (pip install tensorflow); keras and onnx "
                             f"export work without it") from None
@@ -119,7 +125,6 @@ def check_format(fmt: str) -> None:
 
 
 def _importable(module: str) -> bool:
-    import importlib.util
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
@@ -154,7 +159,6 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
         (staging / "labels.txt").write_text("".join(f"{name}\n" for name in run.class_names))
         probe = probe_images(size)
         expected = np.asarray(model.predict(probe, verbose=0), np.float64)
-        from pipeline.export.runtime import open_model
         got = open_model(target, cpu_only=True, trust_savedmodel=True).predict(probe)  # just written here
         diff = float(np.max(np.abs(got - expected)))
         if not diff <= VERIFY_TOLERANCE:
@@ -197,10 +201,9 @@ def check_target(out: Path, force: bool) -> None:
 def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
     """One format, with the converters' own chatter kept off the terminal."""
     if fmt == "keras":
-        from pipeline.atomic import save_keras_atomic
         save_keras_atomic(model, target)
         return
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
     spec = [keras.InputSpec(shape=(None, *model.input.shape[1:]), dtype="uint8")]
     with _quiet():
         try:
@@ -217,7 +220,7 @@ def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
 
 def _onnx_metadata(path: Path, card: dict[str, Any]) -> None:
     """Class names (JSON list, output order) and the model card as ONNX metadata_props."""
-    import onnx
+    import onnx  # noqa: PLC0415 - optional extra .[export], only for --format onnx
 
     proto = onnx.load(str(path))
     onnx.helper.set_model_props(proto, {"class_names": json.dumps(card["class_names"]),
@@ -243,11 +246,7 @@ def probe_images(size: int, n: int = 4) -> np.ndarray:
 
 def model_card(run, fmt: str, size: int, n_outputs: int) -> dict[str, Any]:
     """What a serving stack (or a person) needs to feed the model and trust its output."""
-    import keras
-
-    from pipeline import backbones as bb
-    from pipeline.backbones.table import weights_identity
-    from pipeline.data import decode
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     record, request = run.record, run.request
     spec = bb.get(request.backbone)

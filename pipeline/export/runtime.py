@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.backend import require
 from pipeline.data.decode import RESIZE_METHODS
 from pipeline.errors import UserError
+from pipeline.heads.files import load_keras_file
 from pipeline.inference.embed import map_files
 
 
@@ -108,7 +111,7 @@ def _square_size(shape, path: Path) -> int:
 
 def _onnx(path: Path, cpu_only: bool = False):
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # noqa: PLC0415 - optional, and only for .onnx models
     except ImportError:
         raise UserError("running an .onnx model needs onnxruntime: pip install onnxruntime") from None
     try:
@@ -126,8 +129,6 @@ def _onnx(path: Path, cpu_only: bool = False):
 
 
 def _keras(path: Path):
-    from pipeline.backend import require
-    from pipeline.heads.files import load_keras_file
     require()
     model = load_keras_file(path)
     return (lambda x: model.predict(x, verbose=0, batch_size=len(x))), _square_size(model.input.shape, path), []
@@ -135,7 +136,7 @@ def _keras(path: Path):
 
 def _tensorflow(what: str):
     try:
-        import tensorflow as tf
+        import tensorflow as tf  # noqa: PLC0415 - optional here, and takes seconds to import
     except ImportError:
         raise UserError(f"running a {what} needs TensorFlow (pip install tensorflow); .onnx and .keras "
                         f"exports run without it") from None
@@ -155,7 +156,6 @@ def _savedmodel(path: Path):
 
 def _tflite(path: Path):
     tf = _tensorflow(".tflite model")
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter announces its move to ai-edge-litert
         try:
@@ -187,7 +187,8 @@ def _tflite_custom_ops(path: Path) -> list[str]:
     data = path.read_bytes()
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ValueError("no TFL3 identifier")
-    from tensorflow.lite.python import schema_py_generated as schema  # TFLite's generated flatbuffer reader
+    # TFLite's generated flatbuffer reader:
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415 - TensorFlow, optional and slow
 
     model = schema.Model.GetRootAsModel(data, 0)
     names = (model.OperatorCodes(i).CustomCode() for i in range(model.OperatorCodesLength()))

@@ -70,7 +70,7 @@ def tf_inference_fn(model, size: int, jit: bool) -> Callable:
     """The TensorFlow batch -> features function: XLA-compiled where `jit`, else on the CPU the
     graph with frozen weights as constants; falls back to the plain tf.function where freezing
     fails (a private API; graphs over protobuf's 2 GB limit)."""
-    import tensorflow as tf
+    import tensorflow as tf  # noqa: PLC0415 - only on the TensorFlow backend, which takes seconds to import
 
     dtype = model.inputs[0].dtype
     fn = tf.function(lambda x: model(x, training=False), jit_compile=jit, reduce_retracing=True)
@@ -78,7 +78,9 @@ def tf_inference_fn(model, size: int, jit: bool) -> Callable:
         return fn
     spec = tf.TensorSpec([None, size, size, 3], dtype)
     try:
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+        from tensorflow.python.framework.convert_to_constants import (  # noqa: PLC0415 - TensorFlow's, as above
+            convert_variables_to_constants_v2,
+        )
         frozen = convert_variables_to_constants_v2(fn.get_concrete_function(spec))
     except Exception:  # noqa: BLE001 - a private API, or too large a graph: the tf.function is just as correct
         return fn
@@ -88,8 +90,8 @@ def tf_inference_fn(model, size: int, jit: bool) -> Callable:
 class JaxRunner(Runner):
     def __init__(self, model, batch_size: int) -> None:
         super().__init__(pad_to=batch_size)
-        import jax
-        import jax.numpy as jnp
+        import jax  # noqa: PLC0415 - only on the JAX backend
+        import jax.numpy as jnp  # noqa: PLC0415 - only on the JAX backend
 
         self.trainable = [v.value for v in model.trainable_variables]
         self.non_trainable = [v.value for v in model.non_trainable_variables]
@@ -110,7 +112,7 @@ class JaxRunner(Runner):
 class TorchRunner(Runner):
     def __init__(self, model) -> None:
         super().__init__(pad_to=None)
-        import torch
+        import torch  # noqa: PLC0415 - only on the PyTorch backend
 
         self.torch = torch
         self.model = model

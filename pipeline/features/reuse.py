@@ -15,15 +15,20 @@ name (no `"seeding": "name"` in their key) lend their clean rows only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
+from pipeline.atomic import write_text_atomic
+from pipeline.data.loader import default_workers
 from pipeline.errors import DataWarning, UserError
 from pipeline.features.store import structure_problem
 
@@ -42,8 +47,6 @@ class Reuse:
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(tags, features) of the reused units with lo <= tag < hi, read from the base file."""
-        import h5py
-
         a, b = np.searchsorted(self.tags, [lo, hi])
         tags, rows = self.tags[a:b], self.rows[a:b]
         if not tags.size:
@@ -99,16 +102,12 @@ def read_hash_notes(parts: Path, n: int) -> np.ndarray:
 
 def write_hash_note(parts: Path, name: str, hashes: np.ndarray, mask: np.ndarray) -> None:
     """Leave the hashes a shard took (where `mask`) for the shard or extract that assembles."""
-    from pipeline.atomic import write_text_atomic
     write_text_atomic(Path(parts) / f"hashes-{name}.json",
                       json.dumps({str(i): hashes[i] for i in np.flatnonzero(mask) if hashes[i]}))
 
 
 def fill_hashes(hashes: np.ndarray, paths: list[str], mask: np.ndarray) -> np.ndarray:
     """`hashes` with the SHA-256 of paths[i] written where mask[i] (on the decode threads' count)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pipeline.data.loader import default_workers
     where = np.flatnonzero(mask)
     with ThreadPoolExecutor(default_workers()) as pool:  # hashlib releases the GIL on large buffers
         hashes[where] = list(pool.map(_sha256, [paths[i] for i in where]))
@@ -116,8 +115,6 @@ def fill_hashes(hashes: np.ndarray, paths: list[str], mask: np.ndarray) -> np.nd
 
 
 def _sha256(path: str) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     try:
         with open(path, "rb") as fh:
@@ -154,8 +151,6 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
     """The finished cache beside `target` with the same request but another data listing that
     shares the most unchanged rows with ours; None when there is none. Our units are
     (listing position `unit_index`, view `unit_view`); without them, the clean views only."""
-    import h5py
-
     if stats is None:
         return None
     if unit_index is None or unit_view is None:

@@ -1,5 +1,20 @@
-"""Stage 3: fine-tune the backbone's top blocks end to end, starting from a fitted head."""
+"""Stage 3: fine-tune the backbone's top blocks end to end, starting from a fitted head.
 
-from pipeline.finetune.handover import stage2_inputs  # noqa: F401
-from pipeline.finetune.model import build_finetune_model, set_trainable  # noqa: F401
-from pipeline.finetune.tuner import FineTuner  # noqa: F401
+The names below are re-exported lazily (PEP 562), so `import pipeline.finetune.model` (which export
+needs, and the CLI imports for `--help`) does not import the trainer and scikit-learn with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"stage2_inputs": "handover", "build_finetune_model": "model", "set_trainable": "model",
+            "FineTuner": "tuner"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline.finetune' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"pipeline.finetune.{_EXPORTS[name]}"), name)

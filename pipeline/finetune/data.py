@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.data.augment import augmented_view
 from pipeline.data.loader import default_workers, ordered_map
+from pipeline.tracking.metrics import classification_report
 
 
 def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, batch_size: int,
@@ -33,7 +34,7 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
     `augment` (an AugmentConfig; training only) gives each image a random view per epoch.
     `one_hot` (the class count): labels as one-hot rows, for a label-smoothed loss.
     """
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     indices = np.asarray(indices, np.int64)
     labels = np.asarray(listing.labels)
@@ -89,7 +90,7 @@ def map_batches(data, rows_for_epoch, labels: np.ndarray, batch_size: int, shuff
     rows of `data` (an array, or a FeatureFile read per batch) to use that epoch, e.g. one view of
     every training image; shuffled by (seed, epoch) like `make_batches`, so a resumed run sees the
     batches an uninterrupted one would. `labels` is per row of `data`."""
-    import keras
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     devices = max(1, int(devices))
     in_memory = isinstance(data, np.ndarray)
@@ -183,8 +184,6 @@ def predict_batches(model, batches) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(model, batches, class_names: Sequence[str]) -> dict[str, Any]:
     """`pipeline.tracking.metrics.classification_report` of the model on labelled batches."""
-    from pipeline.tracking.metrics import classification_report
-
     y, p = predict_batches(model, batches)
     if y.size == 0:
         return classification_report(y, np.zeros((0, len(class_names))), class_names)

@@ -15,7 +15,7 @@ from typing import Any
 _EXPORTS = {
     "AutoHead": "auto", "DenseHead": "dense", "balanced_class_weights": "dense", "KernelHead": "svm", "KNNHead": "knn",
     "LogisticHead": "logistic", "FeatureSource": "base", "Head": "base", "ReducedFeatures": "base",
-    "check_class_subset": "base", "feature_info_of": "base", "given_positive": "base", "jsonable": "base",
+    "check_class_subset": "base", "feature_info_of": "base", "given_positive": "base", "jsonable": "files",
     "load_keras_file": "files", "HEAD_KINDS": "registry", "head_class": "registry", "head_filename": "registry",
     "load_head": "registry", "make_head": "registry", "trusting_pickles": "registry",
 }

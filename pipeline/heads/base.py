@@ -17,6 +17,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
+from pipeline.heads.files import jsonable
 from pipeline.heads.streaming import as_float32, default_memory_budget_mb, read_rows, read_sorted, row_spans
 
 FLATTEN_MODES = ("flatten", "avg", "max")
@@ -28,7 +29,7 @@ LINEAR_FINETUNE_LR = 2e-4  # fine-tuning LR under a head fitted in closed form (
 
 def keras_module():
     """Keras, imported on first use: TensorFlow takes seconds to import and most heads never need it."""
-    import keras  # noqa: PLC0415
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     return keras
 
@@ -439,18 +440,5 @@ def short_names(names: Sequence[str], n: int = 4) -> str:
     names = list(names)
     head = ", ".join(map(str, names[:n]))
     return f"{len(names)} classes: {head}{', ...' if len(names) > n else ''}"
-
-
-def jsonable(obj: Any) -> Any:
-    """Parameters/metadata as plain JSON types (tuples -> lists, numpy scalars -> Python)."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 

@@ -12,7 +12,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from pipeline import backend
 from pipeline.atomic import save_keras_atomic, write_text_atomic
+from pipeline.backend import set_random_seed
 from pipeline.errors import UserError
 from pipeline.heads.base import (
     FeatureSource, Head, ReducedFeatures, jsonable, keras_module, matrix_batches, n_rows, option_budget, params_for,
@@ -30,12 +32,10 @@ def compile_settings() -> dict[str, Any]:
     """How the small dense stack trains fastest on each backend: TensorFlow runs 32 steps per call
     without XLA (compiling costs more than it saves for a model this small); JAX must be jitted (un-jitted
     it dispatches op by op, ~6x slower); PyTorch takes one step per call and no torch.compile."""
-    from pipeline.backend import name as backend_name
-
-    backend = backend_name()
-    if backend == "jax":
+    name = backend.name()
+    if name == "jax":
         return {"steps_per_execution": 32, "jit_compile": True}
-    if backend == "torch":
+    if name == "torch":
         return {"steps_per_execution": 1, "jit_compile": False}
     return {"steps_per_execution": 32, "jit_compile": False}
 
@@ -193,7 +193,6 @@ class DenseHead(Head):
         if has_val and raw_shape(X_val) != self.feature_shape_:
             raise ValueError(f"X_val has feature shape {raw_shape(X_val)}, X has {self.feature_shape_}")
         t0 = time.perf_counter()
-        from pipeline.backend import set_random_seed
         set_random_seed(int(self.seed))
         dim = self.n_features_in_
         need = (n_rows(X) + (n_rows(X_val) if has_val else 0)) * dim * 4 / 2**20

@@ -8,16 +8,29 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import joblib  # only for old pickled heads, loaded with --trust-pickle
 import numpy as np
 
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.errors import UserError
-from pipeline.heads.base import jsonable, keras_module
+
+
+def jsonable(obj: Any) -> Any:
+    """Parameters/metadata as plain JSON types (tuples -> lists, numpy scalars -> Python)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def load_joblib(path: str | os.PathLike) -> dict[str, Any]:
     """An old pickled head's state; only called once the user trusted it (unpickling can run code)."""
+    import joblib  # noqa: PLC0415 - only for old pickled heads (--trust-pickle), and 40 ms to import
+
     try:
         state = joblib.load(path)
     except FileNotFoundError:
@@ -78,8 +91,10 @@ def load_keras_file(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
+
     try:
-        return keras_module().saving.load_model(path, compile=False, safe_mode=True)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as exc:  # noqa: BLE001 - Keras raises many types for damaged files
         text = " ".join(str(exc).split())
         if "safe_mode" in text or "unsafe" in text.lower():

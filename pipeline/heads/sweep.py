@@ -11,6 +11,7 @@ oversubscribe the cores, and prints nothing.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pickle
 import sys
@@ -20,8 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
+from rich.table import Table
 from sklearn.model_selection import train_test_split
 
+from pipeline import backend
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head, ReducedFeatures, feature_info_of, jsonable
@@ -122,7 +126,7 @@ def _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_a
     """Reduced train/val features (one per flatten mode in the grid), labels, and head metadata."""
     modes = sorted({c.get("flatten", base.get("flatten", "avg")) for c in configs})
     if isinstance(data, FeatureFile):
-        from pipeline.heads.training import split_rows  # noqa: PLC0415 - training imports plots; only needed here
+        from pipeline.heads.training import split_rows  # noqa: PLC0415 - matplotlib: kept out of the sweep workers
 
         ff = data
         split = split_rows(ff, val_fraction, seed, use_augmented)
@@ -187,18 +191,16 @@ def _quiet_worker() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)
         os.close(devnull)
-    from pipeline.backend import name  # noqa: PLC0415
-
-    if name() == "tensorflow" and "tensorflow" not in sys.modules:
-        import tensorflow as tf  # noqa: PLC0415
+    if backend.name() == "tensorflow" and "tensorflow" not in sys.modules:
+        import tensorflow as tf  # noqa: PLC0415 - only on TensorFlow, after the thread settings above
 
         try:
             tf.config.threading.set_intra_op_parallelism_threads(1)
             tf.config.threading.set_inter_op_parallelism_threads(1)
         except RuntimeError:  # already initialized in this (reused) worker
             pass
-    elif name() == "torch":
-        import torch  # noqa: PLC0415
+    elif backend.name() == "torch":
+        import torch  # noqa: PLC0415 - only on PyTorch, after the thread settings above
 
         torch.set_num_threads(1)
 
@@ -231,8 +233,6 @@ def _run_task(head_type, base, configs, train, y, val, yv, meta, limit_threads: 
 
 def results_table(results: Sequence[SweepResult], title: str | None = None):
     """Rich table of sweep results, best first: rank, parameters, val accuracy / macro-F1 / log loss, time."""
-    from rich.table import Table  # noqa: PLC0415
-
     table = Table(title=title, title_justify="left")
     for name in ("#", "parameters", "val acc", "val F1", "val log loss", "fit s"):
         table.add_column(name, justify="left" if name == "parameters" else "right")
@@ -246,10 +246,6 @@ def results_table(results: Sequence[SweepResult], title: str | None = None):
 
 def save_sweep(results: Sequence[SweepResult], run) -> dict[str, Any]:
     """Write sweep.json (every result) and the best head into a `runs.Run`; returns the metrics logged."""
-    import json  # noqa: PLC0415
-
-    from pipeline.atomic import write_text_atomic  # noqa: PLC0415
-
     write_text_atomic(run.path("sweep.json"), json.dumps([r.row() for r in results], indent=2) + "\n")
     metrics: dict[str, Any] = {"n_configs": len(results)}
     if results:
@@ -266,7 +262,8 @@ def save_sweep(results: Sequence[SweepResult], run) -> dict[str, Any]:
 def _best_plots(best: SweepResult, run) -> None:
     """The best configuration's PNGs, as any fit-head run has them: training curves (dense heads),
     the C curve (logistic heads) and the val confusion matrix."""
-    from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history  # noqa: PLC0415
+    from pipeline.tracking.plots import (  # noqa: PLC0415 - matplotlib: kept out of the sweep workers
+        plot_c_curve, plot_confusion_matrix, plot_history)
 
     head = best.head
     history = getattr(head, "history_", None)

@@ -14,10 +14,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline import backbones as bb
+from pipeline.atomic import atomic_path
+from pipeline.backbones import model as backbone_model
+from pipeline.backend import require
+from pipeline.data.sources import open_source
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract
-from pipeline.tracking.runs import Registry, RunRecord
 from pipeline.features.store import FeatureFile
+from pipeline.heads.files import load_keras_file
+from pipeline.heads.registry import load_head
+from pipeline.inference.embed import run_model
+from pipeline.tracking.metrics import classification_report
+from pipeline.tracking.runs import Registry, RunRecord
 
 
 @dataclass
@@ -50,7 +59,6 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> Loaded
             raise UserError(f"run {record.id} has no model.keras; it may have been cleaned up")
         names = record.config.get("class_names") or []
         return LoadedRun(record, request, list(names), model_path=model)
-    from pipeline.heads.registry import load_head
     head = load_head(record.dir, trust_pickle=trust_pickle)
     return LoadedRun(record, request, list(head.class_names_), head=head)
 
@@ -103,8 +111,6 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
                  batch_size: int = 32, progress: bool = True, explain: int = 0) -> Evaluated:
     """Metrics of a run on a labelled data set (features cached like any extraction), with the
     per-image predictions (and, with `explain`, each image's nearest training images)."""
-    from pipeline.tracking.metrics import classification_report
-
     check_explain(run, explain)
     paths, labels, names = _labelled_images(run, data, split)  # classes checked before any extraction
     if run.head is None:
@@ -113,8 +119,8 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
         return Evaluated(report, [paths[i] for i in kept], labels[kept], proba)
     request = replace(run.request, data=data, augment_copies=0)
     result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress))
-    from pipeline.heads.base import FeatureSource
-    from pipeline.heads.training import evaluation_rows
+    from pipeline.heads.base import FeatureSource  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.heads.training import evaluation_rows  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     with FeatureFile(result.path) as ff:
         rows, row_labels = evaluation_rows(run.head, ff, split)
         source = FeatureSource(ff, rows)
@@ -127,8 +133,7 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
 def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
     """Paths, labels (as the run's class indices) and class names of the data to evaluate, from the
     listing alone: a class the run never saw or an empty split is refused before anything is extracted."""
-    from pipeline.data.sources import open_source
-    from pipeline.heads.base import check_class_subset
+    from pipeline.heads.base import check_class_subset  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     listing = open_source(data, run.request.split).listing()
     check_class_subset(listing.class_names, run.class_names, data)
     keep = [i for i, s in enumerate(listing.splits) if (split is None or s == split) and listing.labels[i] >= 0]
@@ -145,13 +150,9 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
 def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
                   ) -> tuple[np.ndarray, list[int], list[str]]:
     """Class probabilities for image files: (probabilities, positions kept, [(skipped path, reason)])."""
-    from pipeline import backbones as bb
-    from pipeline.inference.embed import run_model
-
     spec = bb.get(run.request.backbone)
     size = spec.resolve_size(run.request.image_size)
     if run.model_path is not None:
-        from pipeline.heads.files import load_keras_file
         model = load_keras_file(run.model_path)
         return run_model(model, paths, size, run.request.resize, batch_size)
     feats, kept, skipped = run_features(run, paths, batch_size)
@@ -161,15 +162,10 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
 def run_features(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
                  ) -> tuple[np.ndarray, list[int], list[str]]:
     """A fit-head run's backbone features of image files: (features, positions kept, skipped)."""
-    from pipeline import backbones as bb
-    from pipeline.backbones.model import feature_model
-    from pipeline.backend import require
-    from pipeline.inference.embed import run_model
-
     spec = bb.get(run.request.backbone)
     size = spec.resolve_size(run.request.image_size)
     require()
-    model = feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
+    model = backbone_model.feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
     return run_model(model, paths, size, run.request.resize, batch_size)
 
 
@@ -178,7 +174,6 @@ def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, c
                           labels: Sequence[int] | None = None) -> None:
     """path, (label, when given), predicted class, its probability, one probability column per class,
     then (with `neighbours`) neighbour_1, similarity_1, ... for the nearest training images."""
-    from pipeline.atomic import atomic_path
     k = max((len(n) for n in neighbours), default=0) if neighbours is not None else 0
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)

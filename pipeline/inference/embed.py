@@ -3,13 +3,21 @@ decode, resize and model graph as extraction, on any Keras backend."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from pipeline import backbones as bb
+from pipeline.backbones.imagenet import decode_top_k
+from pipeline.backbones.model import classifier_model
+from pipeline.backend import require
+from pipeline.data.decode import load_file
+from pipeline.data.loader import batches
 from pipeline.data.sources import is_hidden
 from pipeline.errors import UserError
+from pipeline.extract import make_runner
 
 
 def image_paths(inputs: Sequence[str]) -> list[str]:
@@ -35,10 +43,6 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
 def image_batches(paths: Sequence[str], size: int, resize: str, batch_size: int = 32,
                   workers: int | None = None) -> Iterator:
     """`loader.Batch`es of uint8 images (tags = positions in `paths`), decoded in parallel, in order."""
-    import functools
-
-    from pipeline.data.decode import load_file
-    from pipeline.data.loader import batches
     jobs = ((i, functools.partial(load_file, p, size, resize)) for i, p in enumerate(paths))
     return batches(jobs, batch_size, (size, size, 3), workers)
 
@@ -63,19 +67,12 @@ def map_files(fn: Callable[[np.ndarray], np.ndarray], paths: Sequence[str], size
 def run_model(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32
               ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """A Keras model's outputs for every readable image (`map_files` through extraction's runner)."""
-    from pipeline.extract.mapper import make_runner
-
     return map_files(make_runner(model, size, batch_size), paths, size, resize, batch_size)
 
 
 def imagenet_top_k(backbone: str, weights: str, paths: Sequence[str], k: int = 5, resize: str = "crop",
                    batch_size: int = 16) -> tuple[list[tuple[str, list[tuple[int, str, float]]]], list[tuple[str, str]]]:
     """The backbone's own ImageNet top-k for each image: a quick check that weights loaded right."""
-    from pipeline import backbones as bb
-    from pipeline.backbones.imagenet import decode_top_k
-    from pipeline.backbones.model import classifier_model
-    from pipeline.backend import require
-
     spec = bb.get(backbone)
     if weights.lower() == "none":
         raise UserError("ImageNet predictions need trained weights: use --weights imagenet or a weights file")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
@@ -316,12 +317,11 @@ def plot_comparison(records: Sequence[RunRecord], path: str | os.PathLike, split
                     dpi: int = 100) -> Path:
     """Training curves overlaid (train solid, val dashed, a colour per run; C curves of logistic
     heads) above the runs' row-normalized confusion matrices of `split`; written atomically."""
-    import numpy as np
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.figure import Figure  # noqa: PLC0415 - matplotlib (0.3 s): keeps `--help` fast
+    from matplotlib.lines import Line2D  # noqa: PLC0415 - matplotlib (0.3 s): keeps `--help` fast
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415 - matplotlib (0.3 s): keeps `--help` fast
 
-    from pipeline.tracking.plots import _save
+    from pipeline.tracking.plots import save_figure  # noqa: PLC0415 - matplotlib (0.3 s): keeps `--help` fast
 
     n = len(records)
     colours = [f"C{i % 10}" for i in range(n)]
@@ -395,4 +395,4 @@ def plot_comparison(records: Sequence[RunRecord], path: str | os.PathLike, split
     for ax in cm_axes[n:]:
         ax.set_axis_off()
     bottom.suptitle(f"confusion matrices ({split}, rows normalized)", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -16,7 +16,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
 
@@ -28,6 +27,9 @@ def classification_report(
     y_pred: Sequence[int] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Metrics of predictions against integer labels; give `proba` (n, k) and/or `y_pred` (n,)."""
+    from sklearn.metrics import (  # noqa: PLC0415 - scikit-learn (1 s): keeps `--help` fast
+        confusion_matrix, log_loss, precision_recall_fscore_support)
+
     y_true = np.asarray(y_true, dtype=np.int64)
     if proba is None and y_pred is None:
         raise ValueError("give class probabilities or predicted labels")

@@ -14,18 +14,22 @@ the tool's run.json. An active MLflow run is reused. With no MLFLOW_TRACKING_URI
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.errors import DataWarning, UserError
+from pipeline.features.store import FeatureFile
 from pipeline.layout import CacheLayout
 from pipeline.tracking.compare import flatten
-from pipeline.tracking.runs import Registry, RunRecord, _write_json
+from pipeline.tracking.runs import Registry, RunRecord, write_json
 
 DEFAULT_EXPERIMENT = "featurecache"
 _ARTIFACTS = (".png", ".json", ".csv", ".html")  # .csv and .html: an audit's findings and report
@@ -39,7 +43,6 @@ def enabled(flag: bool | None) -> bool:
 
 def require() -> None:
     """Refuse `--mlflow` in one line, before any work, when MLflow is not installed."""
-    import importlib.util
     if importlib.util.find_spec("mlflow") is None:
         raise UserError("--mlflow needs MLflow: pip install -e \".[mlflow]\" (or unset MLFLOW_TRACKING_URI)")
 
@@ -112,7 +115,7 @@ def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = 
             mlflow_id, experiment_id, uri = _log(record, cache_dir, experiment, log_model)
         info = dict(record.info)
         info["mlflow"] = {"run_id": mlflow_id, "experiment_id": experiment_id, "tracking_uri": uri}
-        _write_json(record.dir / "run.json", info)
+        write_json(record.dir / "run.json", info)
     except Exception as exc:  # noqa: BLE001 - tracking must never lose or fail the local run
         text = " ".join(str(exc).split())[:200]
         warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {text}); the run is kept in {where}",
@@ -129,7 +132,7 @@ def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = 
 
 def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None,
          log_model: Callable[[Any, RunRecord], None] | None) -> tuple[str, str, str]:
-    import mlflow
+    import mlflow  # noqa: PLC0415 - optional extra .[mlflow], imported only when logging
 
     uri = tracking_uri(cache_dir)
     own_store = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports the variable
@@ -182,7 +185,6 @@ def _fingerprint(cache_file: str | None) -> str | None:
     """The data fingerprint stored in the cache file the run used (None when it is gone)."""
     if not cache_file or not Path(cache_file).is_file():
         return None
-    from pipeline.features.store import FeatureFile
     try:
         with FeatureFile(cache_file) as ff:
             value = ff.attrs.get("data_fingerprint")
@@ -198,8 +200,7 @@ def _param_text(value: Any) -> str:
 
 def _log_history(mlflow, history: Mapping[str, list[float]]) -> None:
     """Per-epoch metrics (step = epoch) in one batch call."""
-    from mlflow.entities import Metric
-    import time
+    from mlflow.entities import Metric  # noqa: PLC0415 - optional extra .[mlflow], imported only when logging
 
     now = int(time.time() * 1000)
     batch = [Metric(key, float(v), now, step) for key, values in history.items() for step, v in enumerate(values)]
@@ -212,9 +213,8 @@ def _log_history(mlflow, history: Mapping[str, list[float]]) -> None:
 def requirements(*dists: str) -> list[str]:
     """Pinned requirements of a logged model, given rather than inferred (MLflow's inference loads
     the model in a subprocess: seconds per run). Keras models also need their backend's library."""
-    import importlib.metadata
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
-    import keras
     names = list(dists)
     if "keras" in names:
         names.append({"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[keras.backend.backend()])

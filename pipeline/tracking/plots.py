@@ -19,7 +19,8 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.atomic import atomic_path
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write `fig` as a PNG atomically (no half-written plot in a run folder) and return its path."""
     path = Path(path)
     FigureCanvasAgg(fig)
     with atomic_path(path, suffix=".png") as tmp:
@@ -54,7 +55,7 @@ def plot_history(history: Mapping[str, Sequence[float]], path: str | os.PathLike
             ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, class_names: Sequence[str],
@@ -89,7 +90,7 @@ def plot_confusion_matrix(cm: Sequence[Sequence[int]] | np.ndarray, class_names:
     ax.set_ylabel("true")
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_c_curve(cv_scores: Mapping[float, float], path: str | os.PathLike, chosen: float | None = None,
@@ -106,7 +107,7 @@ def plot_c_curve(cv_scores: Mapping[float, float], path: str | os.PathLike, chos
     ax.set_xlabel("C (inverse regularization)")
     ax.set_ylabel(scoring)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_reliability(report: Mapping, path: str | os.PathLike, title: str | None = None,
@@ -134,4 +135,4 @@ def plot_reliability(report: Mapping, path: str | os.PathLike, title: str | None
     ece = report.get("ece")
     ax.set_title((f"{title}: " if title else "") + (f"ECE {ece:.3f}" if ece is not None else ""))
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)

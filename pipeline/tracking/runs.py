@@ -77,7 +77,8 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now().astimezone()
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
+    """A run folder's JSON file, written atomically (arrays and paths as plain values)."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
@@ -186,12 +187,12 @@ class Run:
     def update_config(self, config: Mapping[str, Any]) -> None:
         """Replace config.json (e.g. once the auto head has chosen which head the run keeps)."""
         self.config = dict(config)
-        _write_json(self.dir / "config.json", self.config)
+        write_json(self.dir / "config.json", self.config)
 
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Merge `metrics` into metrics.json (rewritten atomically)."""
         self.metrics.update(metrics)
-        _write_json(self.dir / "metrics.json", self.metrics)
+        write_json(self.dir / "metrics.json", self.metrics)
 
     def finish(self, status: str = "ok", metrics: Mapping[str, Any] | None = None, error: str | None = None) -> None:
         """Record the end: status ('ok' | 'failed'), end time, duration, final metrics."""
@@ -202,7 +203,7 @@ class Run:
         self._info.update(status=status, ended=_now().isoformat(), duration_s=round(time.monotonic() - self._t0, 3))
         if error:
             self._info["error"] = error
-        _write_json(self.dir / "run.json", self._info)
+        write_json(self.dir / "run.json", self._info)
 
     def __enter__(self) -> "Run":
         return self
@@ -236,8 +237,8 @@ class Registry:
         else:  # pragma: no cover - 100 collisions in one second
             raise RuntimeError("could not allocate a run ID")
         run = Run(self, run_id, stage, dict(config))
-        _write_json(run.dir / "config.json", run.config)
-        _write_json(run.dir / "run.json", run._info)
+        write_json(run.dir / "config.json", run.config)
+        write_json(run.dir / "run.json", run._info)
         return run
 
     def ids(self) -> list[str]:
