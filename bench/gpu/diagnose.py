@@ -235,13 +235,14 @@ class Breakdown:
         self._undo.append((owner, attr, orig))
 
     def install(self) -> Breakdown:
+        import pipeline.extract.distributor as D
         import pipeline.extract.mapper as R
         import pipeline.extract.runner as W
         from pipeline.data.loader import Prefetcher
         from pipeline.extract.writer import ChunkWriter
         from pipeline.features.store import ChunkDir
-        self.wrap(W, "plan", "plan (listing, key)")
-        self.wrap(R, "cached_runner", "runner (build+wrap)")
+        self.wrap(D, "plan", "plan (listing, key)")
+        self.wrap(W, "cached_runner", "runner (build+wrap)")  # as the runner module calls it
         self.wrap(R.Runner, "submit", "submit")
         self.wrap(R.Runner, "collect", "collect")
         self.wrap(ChunkWriter, "put", "writer.put (main, blocking)")
