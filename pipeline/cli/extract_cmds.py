@@ -30,6 +30,11 @@ def report_extraction(result) -> None:
         else:
             click.echo(f"every chunk is present; {result.path.name} is assembled by another process")
         return
+    if result.distributor == "concat":
+        rate = f" at {result.images_per_s:.1f} images/s" if result.computed else ""
+        click.echo(f"wrote {result.path} ({result.n_rows} rows joined from {len(result.parts)} backbone caches; "
+                   f"computed {result.computed}{rate})")
+        return
     reused = f"reused {result.reused} unchanged from {result.reused_from.name}, " if result.reused else ""
     if result.computed:
         click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed {result.computed} at "

@@ -14,7 +14,7 @@ from pipeline.cli.options import (SEED, FiniteFloat, build_request, extract_opti
                                   given_options, mlflow_after, mlflow_check, mlflow_options)
 from pipeline.data.sources import FileSource, open_source
 from pipeline.errors import UserError
-from pipeline.extract import extract, release_models
+from pipeline.extract import cache_path, extract, is_concat, part_names, part_requests, release_models
 from pipeline.extract.plan import check_size, plan
 from pipeline.features.cache import resolve
 from pipeline.features.store import FeatureFile, is_complete
@@ -46,7 +46,7 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
             raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
         return FeatureFile(paths[0])
     request, options = build_request(kw)
-    if not is_complete(plan(request, options.cache_dir).path):
+    if not is_complete(cache_path(request, options.cache_dir)):
         _check_two_classes(request, command, splits)
         click.echo("no cached features for this request yet: extracting first", err=True)
     result = extract(request, options)
@@ -176,13 +176,14 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
 
 
 def backbone_list(spec: str) -> list[str]:
-    """`--backbone a,b,c` as names (one name: a list of one), each checked against the backbone table
-    before anything is extracted."""
+    """`--backbone a,b,c` as names (one name: a list of one; 'a+b' a concatenation), each checked
+    against the backbone table before anything is extracted."""
     names = [b.strip() for b in spec.split(",")]
     if not all(names):
         raise UserError(f"--backbone {spec!r} has an empty name; give names separated by commas, e.g. "
                         f"efficientnet_lite0,efficientnet_lite2")
-    rows = [get(name).name for name in names]  # unknown names: one line, before the first extraction
+    # unknown names: one line, before the first extraction
+    rows = ["+".join(get(n).name for n in part_names(name)) if is_concat(name) else get(name).name for name in names]
     dupes = sorted({n for n in rows if rows.count(n) > 1})
     if dupes:
         raise UserError(f"--backbone names {', '.join(dupes)} twice; name each backbone once")
@@ -210,9 +211,10 @@ def _check_ranking_options(backbones: list[str], kw: dict, sweep: bool, cache: s
                         f"so backbones cannot be ranked by it; leave --C at auto or use the default --head auto")
     for name in backbones:  # sizes, weights packages, data: what each extraction would refuse
         request, options = build_request({**kw, "backbone": name})
-        p = plan(request, options.cache_dir)
-        check_size(p.size, options.allow_large)
-        check_weights_size(p.spec, request.weights, p.size)
+        for part in part_requests(request) if is_concat(name) else [request]:
+            p = plan(part, options.cache_dir)
+            check_size(p.size, options.allow_large)
+            check_weights_size(p.spec, part.weights, p.size)
 
 
 def rank_backbones(backbones: list[str], kw: dict, make_head, seed: int, use_augmented: bool):
@@ -231,7 +233,8 @@ def rank_backbones(backbones: list[str], kw: dict, make_head, seed: int, use_aug
     order = ranked(scores)
     table = Table(title="backbones ranked by the head's cross-validated log loss on the training images")
     for col in ("rank", "backbone", "head", "CV log loss", "CV accuracy", "width", "extract img/s"):
-        table.add_column(col, justify="left" if col in ("backbone", "head") else "right")
+        table.add_column(col, justify="left" if col in ("backbone", "head") else "right",
+                         overflow="fold" if col == "backbone" else "ellipsis")
     for rank, s in enumerate(order, 1):
         table.add_row(str(rank), s.backbone, s.head, f"{s.cv_log_loss:.4f}",
                       "-" if s.cv_accuracy is None else f"{s.cv_accuracy:.4f}", str(s.width),

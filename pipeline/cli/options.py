@@ -48,7 +48,8 @@ _EXTRACT_OPTIONS = [
                       "CSV manifest path,label[,split], tfds:NAME, or builtin:digits."),
     click.option("--backbone", default=DEFAULT_BACKBONE, show_default=True,
                  help="Backbone name; `cli.py backbones` lists them. fit-head: several, comma-separated (a,b,c), "
-                      "ranks them by cross-validation on the training images and keeps the best. hub:PRESET: a "
+                      "ranks them by cross-validation on the training images and keeps the best. a+b: the pooled "
+                      "features of both side by side (each extracted once, then joined). hub:PRESET: a "
                       "keras-hub preset by name or local folder."),
     click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a weights file."),
     click.option("--image-size", type=int, default=None, help="Input size (default: the backbone's)."),

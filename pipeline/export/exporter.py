@@ -31,6 +31,7 @@ from pipeline.backbones.table import weights_identity
 from pipeline.backend import require
 from pipeline.data import decode
 from pipeline.errors import UserError
+from pipeline.extract import is_concat
 from pipeline.export.runtime import open_model
 from pipeline.finetune.model import build_finetune_model
 from pipeline.heads.files import load_keras_file
@@ -139,6 +140,10 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     earlier export and `force` is given; any other existing folder is refused.
     """
     check_format(fmt)
+    if is_concat(run.request.backbone):
+        raise UserError(f"run {run.record.id} joins the features of {run.request.backbone.replace('+', ' and ')}, "
+                        f"which export cannot make one model of yet; export a run of one backbone, or use "
+                        f"`predict --run {run.record.id}`")
     if fmt == "onnx" and hub.is_hub(run.request.backbone):
         raise UserError("ONNX export of a keras-hub backbone fails in both converters (tf2onnx has no Erfc, which "
                         "their exact GELU uses; jax2onnx cannot trace their patch embedding); export --format "

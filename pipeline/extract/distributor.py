@@ -24,6 +24,7 @@ from typing import Callable
 from pipeline.backend import name as backend_name
 from pipeline.backend import require
 from pipeline.errors import UncleanFileError, UserError
+from pipeline.extract.concat import extract_concat, is_concat
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
 from pipeline.extract.runner import ExtractionJob
 from pipeline.features.store import ChunkDir, is_complete
@@ -67,7 +68,13 @@ def shard(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
 def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Log = _stderr,
             distributor: Distributor | None = None) -> ExtractResult:
     """Return the cache file for `request`, computing (or resuming) it only when needed: by
-    `distributor` (default: `shard` with `options.shard`, else `local`)."""
+    `distributor` (default: `shard` with `options.shard`, else `local`). A concatenation 'a+b'
+    extracts each backbone through this guard, then joins them (`concat.py`)."""
+    if is_concat(request.backbone):
+        if distributor is not None:
+            raise UserError(f"--backbone {request.backbone} joins finished caches; extract each backbone with --ray "
+                            f"first, then join them without it")
+        return extract_concat(request, options, log, extract)
     p = plan(request, options.cache_dir)
     if not options.force and is_complete(p.path):
         if p.parts.exists() or any(p.path.parent.glob(f".{p.path.name}.*.tmp")):

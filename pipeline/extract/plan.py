@@ -49,7 +49,8 @@ class ExtractRequest:
 
     def __post_init__(self) -> None:
         # a keras-hub preset folder is recorded by its absolute path, so a run replays from anywhere
-        object.__setattr__(self, "backbone", backbones.hub.qualified(self.backbone))
+        # (each part of a concatenation 'a+b')
+        object.__setattr__(self, "backbone", "+".join(backbones.hub.qualified(b) for b in self.backbone.split("+")))
         _choice("--pooling", self.pooling, POOLINGS)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--precision", self.precision, PRECISIONS)
@@ -112,7 +113,8 @@ class ExtractResult:
     shard: tuple[int, int] | None = None
     n_chunks: int = 0
     missing_chunks: list[int] = field(default_factory=list)  # a shard's run: chunks other shards still owe
-    distributor: str = "local"  # how it was computed: local | shard | ray
+    distributor: str = "local"  # how it was computed: local | shard | ray | concat (joined caches)
+    parts: list[Path] = field(default_factory=list)  # a concatenation 'a+b': the backbone caches it joins
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -263,6 +263,63 @@ def _write_h5(tmp: Path, chunks: ChunkDir, numbers: list[int], items: ItemTable,
         f.attrs["complete"] = True
 
 
+def concatenate(sources: Sequence[str | os.PathLike], target: Path, attrs: dict[str, Any],
+                dtype: str = "float16", block_rows: int = 4096) -> Path:
+    """One cache file whose rows are the rows of `sources` side by side (`--backbone a+b`): the
+    same images and views in every source, pooled vectors joined in source order. A row one source
+    skipped is skipped here too. Written under a temporary name, then renamed; `attrs` describe it."""
+    files = [FeatureFile(s) for s in sources]
+    try:
+        first = files[0]
+        for ff in files:
+            if len(ff.feature_shape) != 1:
+                raise UserError(f"{ff.path} holds feature maps of shape {ff.feature_shape}; concatenating "
+                                f"backbones takes pooled vectors (leave --pooling at avg or max)")
+            if ff.class_names != first.class_names:
+                raise UserError(f"{ff.path} and {first.path} list different classes; extract both from the same data")
+        keys = [dict(zip(zip(ff.paths, ff.views.tolist()), range(len(ff)))) for ff in files]
+        rows = [r for r, key in enumerate(zip(first.paths, first.views.tolist())) if all(key in k for k in keys)]
+        sel = np.asarray(rows, np.int64)
+        where = [np.asarray([k[(first.paths[r], int(first.views[r]))] for r in rows], np.int64) for k in keys]
+        widths = [ff.feature_shape[0] for ff in files]
+        n_rows, width = sel.size, sum(widths)
+        if n_rows == 0:
+            raise UserError(f"{', '.join(str(ff.path) for ff in files)} share no image; extract them from the same data")
+        skipped = dict(first.skipped)
+        for ff in files[1:]:
+            for path, reason in ff.skipped:
+                skipped.setdefault(path, reason)
+        check_space(target, n_rows * width * np.dtype(dtype).itemsize + (1 << 20))
+        with atomic_path(target, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+            feats = f.create_dataset("features", shape=(n_rows, width), dtype=dtype,
+                                     chunks=(max(1, min(n_rows, (1 << 20) // (width * np.dtype(dtype).itemsize))),
+                                             width))
+            for start in range(0, n_rows, block_rows):
+                block = [ff.features[np.sort(w[start:start + block_rows])] for ff, w in zip(files, where)]
+                orders = [np.argsort(np.argsort(w[start:start + block_rows])) for w in where]
+                feats[start:start + block_rows] = np.hstack([b[o] for b, o in zip(block, orders)]).astype(dtype)
+            src = first._f
+            for name in ("index", "views", "labels", "sizes", "mtimes_ns"):
+                if name in src:
+                    f[name] = src[name][:][sel]
+            for name in ("paths", "splits", "hashes"):
+                if name in src:
+                    f.create_dataset(name, data=src[name].asstr()[:][sel].tolist(), dtype=_STR)
+            f.create_dataset("skipped_paths", data=list(skipped), dtype=_STR)
+            f.create_dataset("skipped_reasons", data=list(skipped.values()), dtype=_STR)
+            for name, value in attrs.items():
+                f.attrs[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+            f.attrs["class_names"] = json.dumps(list(first.class_names))
+            f.attrs["schema"] = SCHEMA_VERSION
+            f.attrs["n_rows"] = n_rows
+            f.attrs["feature_shape"] = json.dumps([width])
+            f.attrs["complete"] = True
+    finally:
+        for ff in files:
+            ff.close()
+    return target
+
+
 # ----------------------------------------------------------------------------------------- reading
 def is_complete(path: str | os.PathLike) -> bool:
     """True when `path` is a finished cache file (cheap: reads one attribute)."""

@@ -36,7 +36,7 @@ from pipeline.backend import name as backend_name
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.sources import open_source
 from pipeline.errors import UserError
-from pipeline.extract import DEFAULT_CACHE, ExtractRequest
+from pipeline.extract import DEFAULT_CACHE, ExtractRequest, is_concat, part_names
 from pipeline.finetune.checkpoints import INFO_FILE, MODEL_FILE, read_checkpoint, resume_state
 from pipeline.finetune.data import make_batches, map_batches, predict_on_batch
 from pipeline.finetune.devices import batch_multiple, data_parallel_devices, distribution, tf_replicas, tf_strategy
@@ -151,6 +151,9 @@ class FineTuner:
         """Raise UserError for a bad parameter now, before any work; with `backbone`, also for an
         --unfreeze name that is not one of its blocks (`fit` checks both again)."""
         self._check()
+        if backbone is not None and is_concat(backbone):
+            raise UserError(f"fine-tuning trains one backbone, and this head was fitted on {backbone.replace('+', ' and ')} "
+                            f"joined; fit a head on one of them (--backbone {part_names(backbone)[0]}) and fine-tune that run")
         if backbone is not None:
             spec = backbones.get(backbone)
             if self.unfreeze:

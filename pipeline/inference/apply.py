@@ -20,7 +20,7 @@ from pipeline.backbones import model as backbone_model
 from pipeline.backend import require
 from pipeline.data.sources import open_source
 from pipeline.errors import UserError
-from pipeline.extract import ExtractRequest, RunOptions, extract
+from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, part_requests
 from pipeline.features.store import FeatureFile
 from pipeline.heads.files import load_keras_file
 from pipeline.heads.registry import load_head
@@ -150,9 +150,9 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
 def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
                   ) -> tuple[np.ndarray, list[int], list[str]]:
     """Class probabilities for image files: (probabilities, positions kept, [(skipped path, reason)])."""
-    spec = bb.get(run.request.backbone)
-    size = spec.resolve_size(run.request.image_size)
     if run.model_path is not None:
+        spec = bb.get(run.request.backbone)
+        size = spec.resolve_size(run.request.image_size)
         model = load_keras_file(run.model_path)
         return run_model(model, paths, size, run.request.resize, batch_size)
     feats, kept, skipped = run_features(run, paths, batch_size)
@@ -161,12 +161,27 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
 
 def run_features(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
                  ) -> tuple[np.ndarray, list[int], list[str]]:
-    """A fit-head run's backbone features of image files: (features, positions kept, skipped)."""
-    spec = bb.get(run.request.backbone)
-    size = spec.resolve_size(run.request.image_size)
+    """A fit-head run's backbone features of image files: (features, positions kept, skipped); for a
+    concatenation 'a+b', each backbone's features of the images every one of them read, side by side."""
     require()
-    model = backbone_model.feature_model(spec, run.request.weights, size, run.request.pooling, run.request.layer)
-    return run_model(model, paths, size, run.request.resize, batch_size)
+    outs = []
+    for request in part_requests(run.request) if is_concat(run.request.backbone) else [run.request]:
+        spec = bb.get(request.backbone)
+        size = spec.resolve_size(request.image_size)
+        model = backbone_model.feature_model(spec, request.weights, size, request.pooling, request.layer)
+        outs.append(run_model(model, paths, size, request.resize, batch_size))
+    if len(outs) == 1:
+        return outs[0]
+    kept = sorted(set.intersection(*(set(k) for _, k, _ in outs)))
+    columns = []
+    for f, k, _ in outs:
+        row_of = {i: r for r, i in enumerate(k)}
+        columns.append(f[[row_of[i] for i in kept]])
+    feats = np.hstack(columns)
+    skipped = list(outs[0][2])
+    for _, _, more in outs[1:]:
+        skipped += [s for s in more if s not in skipped]
+    return feats, kept, skipped
 
 
 def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, class_names: Sequence[str],
