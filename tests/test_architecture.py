@@ -88,3 +88,10 @@ def test_no_import_cycles_and_no_private_names_across_modules():
 def test_no_module_is_over_700_lines():
     long = {str(p.relative_to(ROOT)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 700}
     assert not long, long
+
+
+def test_command_modules_import_shared_helpers_not_each_other():
+    modules = _modules()
+    sideways = [f"{name} imports {target}" for name, path in modules.items() if name.endswith("_cmds")
+                for target, _, _ in _imports(name, path, modules) if target.endswith("_cmds") and target != name]
+    assert not sideways, sideways

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import click
 
-from pipeline.cli.head_cmds import open_cache
 from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options, trust_pickle_option
+from pipeline.cli.shared import open_cache
 from pipeline.errors import UserError
 from pipeline.inference.apply import load_run
 from pipeline.layout import CacheLayout

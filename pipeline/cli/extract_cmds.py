@@ -7,52 +7,11 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli.options import build_request, extract_options, mlflow_after, mlflow_check, mlflow_options
+from pipeline.cli.shared import report_extraction
 from pipeline import backbones as bb
 from pipeline.errors import UserError
 from pipeline.extract import extract
 from pipeline.extract.ray_distributor import extract_ray
-
-
-def report_extraction(result) -> None:
-    """Print what an extraction did: cache hit or rate, and any skipped files."""
-    if result.cache_hit:
-        click.echo(f"cache hit: {result.path}")
-        return
-    if result.shard is not None and (result.missing_chunks or not result.n_rows):
-        i, n = result.shard
-        click.echo(f"shard {i}/{n}: computed {result.computed} image(s)"
-                   + (f", reused {result.reused}" if result.reused else ""))
-        if result.missing_chunks:
-            owners = sorted({c % n for c in result.missing_chunks})
-            click.echo(f"{result.n_chunks - len(result.missing_chunks)} of {result.n_chunks} chunks present; "
-                       f"waiting for shard(s) {', '.join(f'{k}/{n}' for k in owners)}; the last shard to finish "
-                       f"(or a plain extract afterwards) assembles {result.path.name}")
-        else:
-            click.echo(f"every chunk is present; {result.path.name} is assembled by another process")
-        return
-    if result.distributor == "concat":
-        rate = f" at {result.images_per_s:.1f} images/s" if result.computed else ""
-        click.echo(f"wrote {result.path} ({result.n_rows} rows joined from {len(result.parts)} backbone caches; "
-                   f"computed {result.computed}{rate})")
-        return
-    reused = f"reused {result.reused} unchanged from {result.reused_from.name}, " if result.reused else ""
-    if result.computed:
-        click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed {result.computed} at "
-                   f"{result.images_per_s:.1f} images/s)")
-    elif reused:
-        click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed 0)")
-    else:
-        click.echo(f"wrote {result.path} ({result.n_rows} rows, assembled from finished chunks)")
-    if result.skipped:
-        click.echo(skipped_message(result.skipped, "(listed in the file's skipped_paths and skipped_reasons)"),
-                   err=True)
-
-
-def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
-    """One line: how many files were skipped, the first few with their reasons."""
-    shown = ", ".join(f"{p} ({reason})" for p, reason in skipped[:5])
-    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-    return f"skipped {len(skipped)} file(s) that could not be used as images: {shown}{more} {tail}".rstrip()
 
 
 @click.command("extract")

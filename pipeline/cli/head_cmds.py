@@ -1,79 +1,24 @@
-"""Stage 2 commands: `fit-head`, `runs`, `evaluate`; and `predict --run`."""
+"""Stage 2's command: `fit-head` (one head, a sweep, or backbones ranked)."""
 
 from __future__ import annotations
 
-
 import click
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.backbones.table import check_weights_size, get
-from pipeline.cli.extract_cmds import report_extraction
 from pipeline.cli.options import (SEED, FiniteFloat, build_request, extract_options,
-                                  given_options, mlflow_after, mlflow_check, mlflow_options)
-from pipeline.data.sources import FileSource, open_source
+                                  mlflow_after, mlflow_check, mlflow_options)
+from pipeline.cli.shared import open_cache
 from pipeline.errors import UserError
-from pipeline.extract import cache_path, extract, is_concat, part_names, part_requests, release_models
+from pipeline.extract import is_concat, part_names, part_requests
 from pipeline.extract.plan import check_size, plan
-from pipeline.features.cache import resolve
-from pipeline.features.store import FeatureFile, is_complete
+from pipeline.features.store import FeatureFile
 from pipeline.heads.registry import DEFAULT_KIND, HEAD_KINDS, head_class
 from pipeline.heads.schedules import OPTIMIZERS
 from pipeline.layout import CacheLayout
 from pipeline.tracking.metrics import metrics_table, summary_line
 from pipeline.tracking.runs import Registry
-
-# extract options that decide which features a request reads (with --cache they would be ignored)
-_FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pooling", "layer", "dtype", "precision",
-                    "augment_copies", "augment_seed", "augment_ops", "split_names", "test_fraction", "split_seed"}
-
-
-def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: tuple[str, ...] | None = ("train",)):
-    """The feature file named by --cache (path or key prefix), else by the extract options,
-    extracting first when the cache does not have it yet (`command` names the caller in errors; before
-    extracting, image files must hold two classes in `splits`, None: in any split)."""
-    if cache is not None:
-        given = given_options(_FEATURE_OPTIONS.__contains__)
-        if given:  # features named by --cache: extract options would be silently ignored
-            raise UserError(f"--cache names the features already, so {', '.join(given)} would be ignored; "
-                            f"leave them out, or leave out --cache to extract with them")
-        if not cache.strip():
-            raise UserError("--cache is empty; give a cache file path or key prefix (`python cli.py cache ls`), "
-                            "or leave --cache out to use the extract options")
-        paths = [p for p in resolve(cache, kw["cache_dir"]) if p.suffix == ".h5"]
-        if len(paths) != 1:
-            raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
-        return FeatureFile(paths[0])
-    request, options = build_request(kw)
-    if not is_complete(cache_path(request, options.cache_dir)):
-        _check_two_classes(request, command, splits)
-        click.echo("no cached features for this request yet: extracting first", err=True)
-    result = extract(request, options)
-    report_extraction(result)
-    release_models()  # one extraction per command: the backbone's memory goes back before the head trains
-    return FeatureFile(result.path)
-
-
-def _check_two_classes(request, command: str, splits: tuple[str, ...] | None) -> None:
-    """Image files of one class (in `splits`; None: any) cannot make a head or an audit: say so before
-    extracting them all."""
-    source = open_source(request.data, request.split)
-    if not isinstance(source, FileSource):  # tfds and built-ins: listing may mean preparing the data set
-        return
-    listing = source.listing()
-    labels = np.asarray(listing.labels)
-    where = labels >= 0
-    if splits is not None:
-        where &= np.isin(np.asarray(listing.splits, dtype=object), list(splits))
-    labels = labels[where]
-    kind = "training images" if splits == ("train",) else "labelled images"
-    if labels.size == 0:
-        raise UserError(f"{command} needs {kind}, but {request.data} has none; give one sub-folder per class "
-                        f"or a CSV manifest with labels")
-    if np.unique(labels).size < 2:
-        raise UserError(f"{command} needs at least two classes with {kind}, but {request.data} has "
-                        f"one ({listing.class_names[int(labels[0])]!r}); add a folder per class")
 
 
 def _make_head(head: str, opts: dict):

@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.backend import BACKENDS, select as select_backend
-from pipeline.cli.extract_cmds import skipped_message
 from pipeline.cli.options import cache_dir_option, check_output_file, trust_pickle_option
+from pipeline.cli.shared import skipped_message
 from pipeline.export.runtime import open_model, predict_files
 from pipeline.inference.apply import (check_explain, evaluate_run, explained, load_run, predict_paths, run_features,
                                       write_predictions_csv)

@@ -1,0 +1,109 @@
+"""What several commands share beyond their options: finding (or making) the cache a command reads,
+and telling what an extraction did. Command modules import from here and from `options`, never from
+each other."""
+
+from __future__ import annotations
+
+import click
+import numpy as np
+
+from pipeline.cli.options import build_request, given_options
+from pipeline.data.sources import FileSource, open_source
+from pipeline.errors import UserError
+from pipeline.extract import cache_path, extract, release_models
+from pipeline.features.cache import resolve
+from pipeline.features.store import FeatureFile, is_complete
+
+
+def report_extraction(result) -> None:
+    """Print what an extraction did: cache hit or rate, and any skipped files."""
+    if result.cache_hit:
+        click.echo(f"cache hit: {result.path}")
+        return
+    if result.shard is not None and (result.missing_chunks or not result.n_rows):
+        i, n = result.shard
+        click.echo(f"shard {i}/{n}: computed {result.computed} image(s)"
+                   + (f", reused {result.reused}" if result.reused else ""))
+        if result.missing_chunks:
+            owners = sorted({c % n for c in result.missing_chunks})
+            click.echo(f"{result.n_chunks - len(result.missing_chunks)} of {result.n_chunks} chunks present; "
+                       f"waiting for shard(s) {', '.join(f'{k}/{n}' for k in owners)}; the last shard to finish "
+                       f"(or a plain extract afterwards) assembles {result.path.name}")
+        else:
+            click.echo(f"every chunk is present; {result.path.name} is assembled by another process")
+        return
+    if result.distributor == "concat":
+        rate = f" at {result.images_per_s:.1f} images/s" if result.computed else ""
+        click.echo(f"wrote {result.path} ({result.n_rows} rows joined from {len(result.parts)} backbone caches; "
+                   f"computed {result.computed}{rate})")
+        return
+    reused = f"reused {result.reused} unchanged from {result.reused_from.name}, " if result.reused else ""
+    if result.computed:
+        click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed {result.computed} at "
+                   f"{result.images_per_s:.1f} images/s)")
+    elif reused:
+        click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed 0)")
+    else:
+        click.echo(f"wrote {result.path} ({result.n_rows} rows, assembled from finished chunks)")
+    if result.skipped:
+        click.echo(skipped_message(result.skipped, "(listed in the file's skipped_paths and skipped_reasons)"),
+                   err=True)
+
+
+def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
+    """One line: how many files were skipped, the first few with their reasons."""
+    shown = ", ".join(f"{p} ({reason})" for p, reason in skipped[:5])
+    more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    return f"skipped {len(skipped)} file(s) that could not be used as images: {shown}{more} {tail}".rstrip()
+
+
+# extract options that decide which features a request reads (with --cache they would be ignored)
+FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pooling", "layer", "dtype", "precision",
+                    "augment_copies", "augment_seed", "augment_ops", "split_names", "test_fraction", "split_seed"}
+
+
+def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: tuple[str, ...] | None = ("train",)):
+    """The feature file named by --cache (path or key prefix), else by the extract options,
+    extracting first when the cache does not have it yet (`command` names the caller in errors; before
+    extracting, image files must hold two classes in `splits`, None: in any split)."""
+    if cache is not None:
+        given = given_options(FEATURE_OPTIONS.__contains__)
+        if given:  # features named by --cache: extract options would be silently ignored
+            raise UserError(f"--cache names the features already, so {', '.join(given)} would be ignored; "
+                            f"leave them out, or leave out --cache to extract with them")
+        if not cache.strip():
+            raise UserError("--cache is empty; give a cache file path or key prefix (`python cli.py cache ls`), "
+                            "or leave --cache out to use the extract options")
+        paths = [p for p in resolve(cache, kw["cache_dir"]) if p.suffix == ".h5"]
+        if len(paths) != 1:
+            raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
+        return FeatureFile(paths[0])
+    request, options = build_request(kw)
+    if not is_complete(cache_path(request, options.cache_dir)):
+        check_two_classes(request, command, splits)
+        click.echo("no cached features for this request yet: extracting first", err=True)
+    result = extract(request, options)
+    report_extraction(result)
+    release_models()  # one extraction per command: the backbone's memory goes back before the head trains
+    return FeatureFile(result.path)
+
+
+def check_two_classes(request, command: str, splits: tuple[str, ...] | None) -> None:
+    """Image files of one class (in `splits`; None: any) cannot make a head or an audit: say so before
+    extracting them all."""
+    source = open_source(request.data, request.split)
+    if not isinstance(source, FileSource):  # tfds and built-ins: listing may mean preparing the data set
+        return
+    listing = source.listing()
+    labels = np.asarray(listing.labels)
+    where = labels >= 0
+    if splits is not None:
+        where &= np.isin(np.asarray(listing.splits, dtype=object), list(splits))
+    labels = labels[where]
+    kind = "training images" if splits == ("train",) else "labelled images"
+    if labels.size == 0:
+        raise UserError(f"{command} needs {kind}, but {request.data} has none; give one sub-folder per class "
+                        f"or a CSV manifest with labels")
+    if np.unique(labels).size < 2:
+        raise UserError(f"{command} needs at least two classes with {kind}, but {request.data} has "
+                        f"one ({listing.class_names[int(labels[0])]!r}); add a folder per class")
