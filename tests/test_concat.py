@@ -1,6 +1,6 @@
 """`--backbone a+b`: two backbones' pooled features side by side as one cache view, through every
-stage that reads a cache (fit-head, its ranking, predict and evaluate with the run), and a one-line
-refusal where one backbone graph is needed (finetune, export) or an option describes one backbone."""
+stage that reads a cache (fit-head, its ranking, predict and evaluate with the run, cache ls), export
+as one model, and a one-line refusal where one backbone trains (finetune) or an option describes one."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def test_a_concatenation_is_each_backbones_rows_side_by_side_and_a_cache_of_its_
         extract(req(data, f"{A}+"), opts(cache))
 
 
-def test_fit_head_ranks_and_predicts_with_a_concatenation_and_finetune_and_export_refuse_it(tmp_path):
+def test_fit_head_ranks_predicts_and_exports_a_concatenation_and_finetune_refuses_it(tmp_path):
     data = make_folder(tmp_path / "d", per_class=6)
     common = ["--data", str(data), "--cache-dir", str(tmp_path / "c"), "--weights", "none", "--image-size", "32",
               "--dtype", "float32", "--no-progress"]
@@ -83,7 +83,20 @@ def test_fit_head_ranks_and_predicts_with_a_concatenation_and_finetune_and_expor
     assert sorted(cached) == sorted(row["path"] for row in rows)
     for row in rows:
         assert abs(float(row["bees"]) - cached[row["path"]]) < 1e-4
-    for command in (["finetune", "--run", run_id], ["export", "--run", run_id]):
-        refused = run_cli(*command, "--cache-dir", str(tmp_path / "c"))
-        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-        assert "one backbone" in refused.stderr and "Traceback" not in refused.stderr
+    listed = run_cli("cache", "ls", "--cache-dir", str(tmp_path / "c"))
+    assert listed.returncode == 0 and "mobilenetv2+vgg16" in listed.stdout and "damaged" not in listed.stdout
+    # export: both backbones on one uint8 input, joined, then the head; it predicts what the run predicts
+    exported = run_cli("export", "--run", run_id, "--format", "keras", "--cache-dir", str(tmp_path / "c"),
+                       "--out", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr
+    served = tmp_path / "served.csv"
+    pred = run_cli("predict", "--model", str(tmp_path / "export" / "model.keras"), str(data / "val"),
+                   "--csv", str(served))
+    assert pred.returncode == 0, pred.stderr
+    by_model = {row["path"]: float(row["bees"]) for row in csv.DictReader(served.open())}
+    assert sorted(by_model) == sorted(cached)
+    for path, p in by_model.items():
+        assert abs(p - cached[path]) < 1e-4
+    refused = run_cli("finetune", "--run", run_id, "--cache-dir", str(tmp_path / "c"))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "one backbone" in refused.stderr and "Traceback" not in refused.stderr

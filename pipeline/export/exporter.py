@@ -31,9 +31,9 @@ from pipeline.backbones.table import weights_identity
 from pipeline.backend import require
 from pipeline.data import decode
 from pipeline.errors import UserError
-from pipeline.extract import is_concat
+from pipeline.extract import is_concat, part_requests
 from pipeline.export.runtime import open_model
-from pipeline.finetune.model import build_finetune_model
+from pipeline.finetune.model import build_inference_model
 from pipeline.heads.files import load_keras_file
 from pipeline.versions import version
 
@@ -59,7 +59,7 @@ def inference_model(run):
     if run.model_path is not None:
         return float32_model(load_keras_file(run.model_path))
     require()
-    return build_finetune_model(run.request, run.head)
+    return build_inference_model(run.request, run.head)
 
 
 def float32_model(model):
@@ -140,10 +140,6 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     earlier export and `force` is given; any other existing folder is refused.
     """
     check_format(fmt)
-    if is_concat(run.request.backbone):
-        raise UserError(f"run {run.record.id} joins the features of {run.request.backbone.replace('+', ' and ')}, "
-                        f"which export cannot make one model of yet; export a run of one backbone, or use "
-                        f"`predict --run {run.record.id}`")
     if fmt == "onnx" and hub.is_hub(run.request.backbone):
         raise UserError("ONNX export of a keras-hub backbone fails in both converters (tf2onnx has no Erfc, which "
                         "their exact GELU uses; jax2onnx cannot trace their patch embedding); export --format "
@@ -254,7 +250,10 @@ def model_card(run, fmt: str, size: int, n_outputs: int) -> dict[str, Any]:
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     record, request = run.record, run.request
-    spec = bb.get(request.backbone)
+    parts = part_requests(request) if is_concat(request.backbone) else [request]
+    described = [{"name": bb.get(r.backbone).name, "weights": r.weights,
+                  "weights_identity": weights_identity(bb.get(r.backbone), r.weights),
+                  "pooling": r.pooling, "layer": r.layer} for r in parts]
     return {
         "run_id": record.id, "stage": record.stage, "format": fmt, "file": FORMATS[fmt],
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -264,9 +263,8 @@ def model_card(run, fmt: str, size: int, n_outputs: int) -> dict[str, Any]:
         "output": {"shape": [None, n_outputs], "meaning": "class probabilities (softmax)",
                    "labels": "labels.txt, one class per line in output order"},
         "class_names": list(run.class_names),
-        "backbone": {"name": spec.name, "weights": request.weights,
-                     "weights_identity": weights_identity(spec, request.weights),
-                     "pooling": request.pooling, "layer": request.layer},
+        # a concatenation 'a+b': one entry per backbone, features joined in this order
+        "backbone": described[0] if len(described) == 1 else described,
         "head": record.config.get("head"),
         "data": {"source": record.config.get("data", request.data), "cache_key": record.config.get("cache_key")},
         "metrics": _metric_summary(record.metrics),

@@ -4,7 +4,8 @@ Each backbone is extracted as usual (its own cache entry: a hit where present, r
 with every other request for it), then one derived cache file joins their rows, image by image
 and view by view. Its key is the hash of the parts' keys, so it is found again like any cache and
 changes whenever a part would. Heads, audits, `evaluate` and `predict --run` read it as they read
-any cache; fine-tuning and export, which need one backbone graph, refuse it with what to do.
+any cache, and `export` makes one model of it (every backbone on the same input, joined, then the
+head); fine-tuning, which trains one backbone, refuses it with what to do.
 What it gave on flowers and hymenoptera: docs/heads.md ("Two backbones side by side").
 """
 
@@ -112,7 +113,9 @@ def extract_concat(request: ExtractRequest, options: RunOptions, log: Log,
                      "backbone": SEP.join(p.spec.name for p in cp.parts), "weights": request.weights,
                      "pooling": request.pooling, "layer": "", "dtype": request.dtype, "data": request.data,
                      "data_fingerprint": cp.parts[0].key_material["data"]["fingerprint"],
-                     "image_size": json.dumps([p.size for p in cp.parts]), "resize": request.resize,
+                     # one size where the parts share it (what `cache ls` shows), else 0 and each part's
+                     "image_size": cp.parts[0].size if len({p.size for p in cp.parts}) == 1 else 0,
+                     "image_sizes": [p.size for p in cp.parts], "resize": request.resize,
                      "parts": [str(r.path) for r in results],
                      "extract_seconds": round(sum(r.seconds for r in results), 3)}
             concatenate([r.path for r in results], cp.path, attrs, dtype=request.dtype)

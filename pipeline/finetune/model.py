@@ -29,7 +29,7 @@ from typing import Sequence
 from pipeline import backbones
 from pipeline.backbones.model import image_graph
 from pipeline.errors import UserError
-from pipeline.extract import ExtractRequest
+from pipeline.extract import ExtractRequest, is_concat, part_requests
 
 
 def keras_module():
@@ -56,6 +56,32 @@ def build_finetune_model(request: ExtractRequest, head):
     head_model = head.keras_head(tuple(int(d) for d in x.shape[1:]), spec.name)
     out = head_model(x)
     model = keras.Model(inputs, out, name=f"finetune_{spec.slug}")
+    _freeze_batchnorm(model)
+    return model
+
+
+def build_inference_model(request: ExtractRequest, head):
+    """A fit-head run as one image-in model: `build_finetune_model`, or for a concatenation 'a+b'
+    every backbone's extraction graph on the same uint8 input, their pooled features joined in the
+    cache's order, then the head (one input size: the parts must resize to the same pixels)."""
+    if not is_concat(request.backbone):
+        return build_finetune_model(request, head)
+    keras = keras_module()
+    parts = part_requests(request)
+    specs = [backbones.get(r.backbone) for r in parts]
+    sizes = [spec.resolve_size(r.image_size) for spec, r in zip(specs, parts)]
+    if len(set(sizes)) > 1:
+        shown = ", ".join(f"{spec.name} {size}" for spec, size in zip(specs, sizes))
+        raise UserError(f"one model takes one image size, but these backbones take different ones ({shown} "
+                        f"pixels); fit the head on caches extracted with one --image-size to export it")
+    image = keras.Input((sizes[0], sizes[0], 3), dtype="uint8", name="image")
+    joined = []
+    for spec, r in zip(specs, parts):
+        tower_in, x = image_graph(spec, r.weights, sizes[0], r.pooling, r.layer)
+        joined.append(keras.Model(tower_in, x, name=f"tower_{spec.slug}")(image))
+    x = keras.layers.Concatenate(name="joined_features")(joined)
+    out = head.keras_head((int(x.shape[-1]),), "+".join(spec.name for spec in specs))(x)
+    model = keras.Model(image, out, name="joined_" + "_".join(spec.slug for spec in specs))
     _freeze_batchnorm(model)
     return model
 
