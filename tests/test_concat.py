@@ -1,5 +1,5 @@
 """`--backbone a+b`: two backbones' pooled features side by side as one cache view, through every
-stage that reads a cache (fit-head, its ranking, predict and evaluate with the run, cache ls), export
+stage that reads a cache (fit-head, its ranking, audit, predict and evaluate with the run, cache ls), export
 as one model, and a one-line refusal where one backbone trains (finetune) or an option describes one."""
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ def test_fit_head_ranks_predicts_and_exports_a_concatenation_and_finetune_refuse
     assert sorted(cached) == sorted(row["path"] for row in rows)
     for row in rows:
         assert abs(float(row["bees"]) - cached[row["path"]]) < 1e-4
+    audited = run_cli("audit", *common, "--backbone", f"{A}+{B}", "--no-map")
+    assert audited.returncode == 0, audited.stderr
+    assert "1792 features" in audited.stdout + audited.stderr      # 1280 (mobilenetv2) + 512 (vgg16)
     listed = run_cli("cache", "ls", "--cache-dir", str(tmp_path / "c"))
     assert listed.returncode == 0 and "mobilenetv2+vgg16" in listed.stdout and "damaged" not in listed.stdout
     # export: both backbones on one uint8 input, joined, then the head; it predicts what the run predicts
