@@ -251,9 +251,8 @@ def model_card(run, fmt: str, size: int, n_outputs: int) -> dict[str, Any]:
 
     record, request = run.record, run.request
     parts = part_requests(request) if is_concat(request.backbone) else [request]
-    described = [{"name": bb.get(r.backbone).name, "weights": r.weights,
-                  "weights_identity": weights_identity(bb.get(r.backbone), r.weights),
-                  "pooling": r.pooling, "layer": r.layer} for r in parts]
+    described = [{"name": spec.name, "weights": r.weights, "weights_identity": weights_identity(spec, r.weights),
+                  "pooling": r.pooling, "layer": r.layer} for r, spec in ((r, bb.get(r.backbone)) for r in parts)]
     return {
         "run_id": record.id, "stage": record.stage, "format": fmt, "file": FORMATS[fmt],
         "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -35,7 +35,8 @@ Log = Callable[[str], None]
 Distributor = Callable[[Plan, RunOptions, Log], ExtractResult]
 
 
-def _stderr(message: str) -> None:
+def to_stderr(message: str) -> None:
+    """The default log of an extraction: one line on stderr."""
     print(message, file=sys.stderr)
 
 
@@ -65,7 +66,7 @@ def shard(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
         return job.assemble()
 
 
-def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Log = _stderr,
+def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Log = to_stderr,
             distributor: Distributor | None = None) -> ExtractResult:
     """Return the cache file for `request`, computing (or resuming) it only when needed: by
     `distributor` (default: `shard` with `options.shard`, else `local`). A concatenation 'a+b'

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.errors import UserError
-from pipeline.extract.distributor import Distributor, extract, local
+from pipeline.extract.distributor import Distributor, extract, local, to_stderr
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, plan
 from pipeline.extract.runner import ExtractionJob
 from pipeline.features.store import ChunkDir, chunk_file
@@ -42,10 +42,6 @@ from pipeline.quiet_fd import muted_stderr
 
 Log = Callable[[str], None]
 MAX_RESTARTS = 4  # replacement actors per job before giving up
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def _ray():
@@ -138,7 +134,7 @@ def _sees(probe: tuple[str, str] | None) -> bool:
 
 
 def extract_ray(request: ExtractRequest, options: RunOptions, address: str | None = None,
-                n_workers: int | None = None, log: Log = _stderr,
+                n_workers: int | None = None, log: Log = to_stderr,
                 on_chunk: Callable[[int, list], None] | None = None, transport: str = "auto") -> ExtractResult:
     """`extract` with the Ray distributor (`on_ray`): the missing chunks of `request` on Ray actors,
     assembled on the driver; the same guard as every extraction (cache hit, lock, --force, disk errors)."""

@@ -91,15 +91,18 @@ class ExtractionJob:
             if self.reuse is not None:
                 self.reused[self.reuse.tags] = True
             self._reuse_checked = True
-        u = chunks.chunk_units
-        in_todo = np.zeros(total, bool)
-        for c in todo:
-            in_todo[c * u:(c + 1) * u] = True
-        self.compute_mask = in_todo & ~self.reused
+        self.compute_mask = self._units_of(todo, chunks.chunk_units) & ~self.reused
         needed = int(np.count_nonzero(self.compute_mask))
         if todo:
             self._compute(chunks, sorted(todo), total, needed)
         return needed
+
+    def _units_of(self, chunks: list[int], chunk_units: int) -> np.ndarray:
+        """A mask over the job's units: those in `chunks`."""
+        mask = np.zeros(self.unit_index.size, bool)
+        for c in chunks:
+            mask[c * chunk_units:(c + 1) * chunk_units] = True
+        return mask
 
     def plan_chunks(self, shard: tuple[int, int] | None = None) -> list[int]:
         """The chunks still to compute (of shard I/N's share: chunks c with c % N == I), with the shard
@@ -109,8 +112,7 @@ class ExtractionJob:
         if total == 0:
             raise UserError(f"{p.request.data} contains no images")
         self.chunks = ChunkDir(p.parts, self.options.chunk_units)
-        u = self.chunks.chunk_units
-        n_chunks = -(-total // u)
+        u, n_chunks = self.chunks.chunk_units, self.n_chunks
         done = set(self.chunks.done())
         self.shard = shard
         if shard is not None:
@@ -118,9 +120,7 @@ class ExtractionJob:
         else:
             _refuse_unfinished_shards(p, n_chunks, done)
         self.todo = [c for c in range(n_chunks) if c not in done and (shard is None or c % shard[1] == shard[0])]
-        self.in_todo = np.zeros(total, bool)
-        for c in self.todo:
-            self.in_todo[c * u:(c + 1) * u] = True
+        self.in_todo = self._units_of(self.todo, u)
         self.start = min(self.todo[0] * u, total) if self.todo else total
         if done:
             self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "

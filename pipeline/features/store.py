@@ -252,15 +252,21 @@ def _write_h5(tmp: Path, chunks: ChunkDir, numbers: list[int], items: ItemTable,
         if items.hashes is not None:
             f.create_dataset("hashes", data=[items.hashes[i] for i in index], dtype=_STR)
         order = sorted(skipped)
-        f.create_dataset("skipped_paths", data=[items.ids[i] for i in order], dtype=_STR)
-        f.create_dataset("skipped_reasons", data=[skipped[i] for i in order], dtype=_STR)
-        for name, value in attrs.items():
-            f.attrs[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-        f.attrs["class_names"] = json.dumps(list(items.class_names))
-        f.attrs["schema"] = SCHEMA_VERSION
-        f.attrs["n_rows"] = n_rows
-        f.attrs["feature_shape"] = json.dumps(list(feat_shape))
-        f.attrs["complete"] = True
+        _finish(f, {items.ids[i]: skipped[i] for i in order}, attrs, items.class_names, n_rows, feat_shape)
+
+
+def _finish(f: h5py.File, skipped: dict[str, str], attrs: dict[str, Any], class_names: Sequence[str], n_rows: int,
+            feat_shape: Sequence[int]) -> None:
+    """The last of a cache file: the skipped images, the attributes, the schema and, last, `complete`."""
+    f.create_dataset("skipped_paths", data=list(skipped), dtype=_STR)
+    f.create_dataset("skipped_reasons", data=list(skipped.values()), dtype=_STR)
+    for name, value in attrs.items():
+        f.attrs[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    f.attrs["class_names"] = json.dumps(list(class_names))
+    f.attrs["schema"] = SCHEMA_VERSION
+    f.attrs["n_rows"] = n_rows
+    f.attrs["feature_shape"] = json.dumps(list(feat_shape))
+    f.attrs["complete"] = True
 
 
 def concatenate(sources: Sequence[str | os.PathLike], target: Path, attrs: dict[str, Any],
@@ -305,15 +311,7 @@ def concatenate(sources: Sequence[str | os.PathLike], target: Path, attrs: dict[
             for name in ("paths", "splits", "hashes"):
                 if name in src:
                     f.create_dataset(name, data=src[name].asstr()[:][sel].tolist(), dtype=_STR)
-            f.create_dataset("skipped_paths", data=list(skipped), dtype=_STR)
-            f.create_dataset("skipped_reasons", data=list(skipped.values()), dtype=_STR)
-            for name, value in attrs.items():
-                f.attrs[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-            f.attrs["class_names"] = json.dumps(list(first.class_names))
-            f.attrs["schema"] = SCHEMA_VERSION
-            f.attrs["n_rows"] = n_rows
-            f.attrs["feature_shape"] = json.dumps([width])
-            f.attrs["complete"] = True
+            _finish(f, skipped, attrs, first.class_names, n_rows, (width,))
     finally:
         for ff in files:
             ff.close()
