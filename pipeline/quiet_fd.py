@@ -78,6 +78,8 @@ class NativeChatter:
             sys.stderr = io.TextIOWrapper(io.FileIO(self._saved, "w", closefd=False),
                                           encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
                                           errors="backslashreplace", line_buffering=True, write_through=True)
+        self._stop = threading.Event()
+        self._drained = threading.Event()
         self._thread = threading.Thread(target=self._pump, name="native-stderr", daemon=True)
         self._thread.start()
         return self
@@ -87,11 +89,9 @@ class NativeChatter:
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.flush()
             sys.stderr = self._python_stderr
-        os.dup2(self._saved, 2)  # the pipe's last writer here closes: the pump sees the end
-        self._thread.join(timeout=2.0)  # a child process still holding the pipe is not waited for
-        if not self._thread.is_alive():  # (else both stay open: the pump must never write to a reused fd)
-            os.close(self._read_end)
-            os.close(self._saved)
+        os.dup2(self._saved, 2)  # nothing in this process writes to the pipe any more
+        self._stop.set()  # the pump reads what is still in the pipe, then reports drained
+        self._drained.wait(timeout=60.0)  # not an end-of-file: a child process may still hold the pipe
         line = self.summary()
         if line:
             with contextlib.suppress(OSError, ValueError):
@@ -108,10 +108,15 @@ class NativeChatter:
                 f"such images are kept as they decode")
 
     def _pump(self) -> None:
+        """Read the pipe until its end. Once asked to stop, read whatever is already in it (everything this
+        process wrote before fd 2 was restored), count it, and say so; a child process still holding the
+        pipe (a worker pool) is then only passed on, and the pump closes both descriptors at the end."""
         pending = b""
+        counting = True
         while True:
+            stopping = self._stop.is_set()
             try:
-                ready, _, _ = select.select([self._read_end], [], [], 0.2)
+                ready, _, _ = select.select([self._read_end], [], [], 0.0 if stopping and counting else 0.2)
                 data = os.read(self._read_end, 65536) if ready else None
             except (OSError, ValueError):
                 break
@@ -119,14 +124,27 @@ class NativeChatter:
                 if pending:
                     self._pass(pending)
                     pending = b""
+                if stopping and counting:
+                    counting = False
+                    self._drained.set()
                 continue
             if not data:
                 break
             *lines, pending = (pending + data).split(b"\n")
             for line in lines:
-                self._line(line)
+                self._take(line, counting)
         if pending:
-            self._line(pending)
+            self._take(pending, counting)
+        self._drained.set()
+        for fd in (self._read_end, self._saved):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _take(self, line: bytes, counting: bool) -> None:
+        if counting:
+            self._line(line)
+        else:
+            self._pass(line + b"\n")
 
     def _line(self, line: bytes) -> None:
         for family, pattern, counted in _CHATTER:

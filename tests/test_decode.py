@@ -277,3 +277,35 @@ def test_damaged_scan_warnings_from_libjpeg_are_counted_into_one_line(capfd):
     with NativeChatter() as quiet:
         dec.decode(good)
     assert quiet.counts == {} and quiet.summary() is None
+
+
+def test_chatter_counts_everything_written_before_exit_while_a_child_holds_the_pipe(capfd):
+    """A worker process that inherited fd 2 keeps the pipe open, so no end-of-file comes: the summary
+    must still count every line this process wrote before the block ended, however slowly the pump gets
+    through them (CI once lost a line under load when the pump was given 2 s to reach an end-of-file),
+    and must not wait for the child to exit; the child's later lines are still passed on."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.quiet_fd import NativeChatter
+
+    class SlowPump(NativeChatter):  # a starved pump thread, as on a loaded machine
+        def _line(self, line: bytes) -> None:
+            time.sleep(0.001)
+            super()._line(line)
+
+    capfd.readouterr()
+    with SlowPump() as chatter:
+        child = subprocess.Popen([sys.executable, "-c", "import os, sys; sys.stdin.read(); os.write(2, b'late child line\\n')"],
+                                 stdin=subprocess.PIPE)
+        os.write(2, b"".join(b"Corrupt JPEG data: %d extraneous bytes before marker 0xd9\n" % i for i in range(3000)))
+    try:
+        assert chatter.counts == {"libjpeg": 3000}
+        assert "note: the image decoders warned 3000 time(s)" in capfd.readouterr().err
+    finally:
+        child.stdin.close()  # the child was alive (holding the pipe) all along; now it writes and ends
+        child.wait(timeout=30)
+    time.sleep(0.5)
+    assert "late child line" in capfd.readouterr().err
