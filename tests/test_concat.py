@@ -13,6 +13,7 @@ from conftest import make_folder, run_cli
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, RunOptions, cache_path, extract
 from pipeline.features.store import FeatureFile
+from pipeline.tracking.runs import Registry
 
 A, B = "mobilenetv2", "vgg16"  # random weights at 32 px: the mechanics, in seconds
 
@@ -39,7 +40,11 @@ def test_a_concatenation_is_each_backbones_rows_side_by_side_and_a_cache_of_its_
         assert j.paths == fa.paths == fb.paths and list(j.splits) == list(fa.splits)
         np.testing.assert_array_equal(j.load(), np.hstack([fa.load(), fb.load()]))
         assert j.attrs["backbone"] == f"{A}+{B}" and j.key != fa.key
-    assert extract(req(data, f"{A}+{B}"), opts(cache)).cache_hit
+    run = Registry(cache).get(joined.run_id)                 # the join is a recorded extract run (--mlflow logs it)
+    assert run.stage == "extract" and run.config["backbone"] == f"{A}+{B}" and run.config["cache_key"] == joined.key
+    assert run.status == "ok" and run.metrics["rows"] == joined.n_rows and run.metrics["computed"] == 2 * 16
+    again = extract(req(data, f"{A}+{B}"), opts(cache))
+    assert again.cache_hit and again.run_id is None
     swapped = extract(req(data, f"{B}+{A}"), opts(cache))
     assert swapped.path != joined.path                       # the order of the parts is part of the key
     with pytest.raises(UserError, match="names a layer of one backbone"):

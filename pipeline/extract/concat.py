@@ -21,11 +21,13 @@ from typing import Callable
 import h5py
 
 from pipeline import backbones
+from pipeline.backend import name as backend_name
 from pipeline.errors import UserError
 from pipeline.extract.plan import KEY_VERSION, ExtractRequest, ExtractResult, Plan, RunOptions, plan
 from pipeline.features.store import concatenate, is_complete
 from pipeline.layout import CacheLayout
 from pipeline.locking import exclusive_lock
+from pipeline.tracking.runs import Registry
 
 SEP = "+"
 Log = Callable[[str], None]
@@ -103,26 +105,43 @@ def extract_concat(request: ExtractRequest, options: RunOptions, log: Log,
     for i, part in enumerate(cp.parts, 1):
         log(f"backbone {i}/{len(cp.parts)} of {request.backbone}: {part.spec.name}")
         results.append(extract_one(part.request, options, log))
-    joined = False
+    run_id = None
     with exclusive_lock(cp.lock, lambda: log(f"another extract of this request is running; waiting ({cp.lock})")):
         if options.force or not is_complete(cp.path):
-            joined = True
-            attrs = {"key": cp.key, "request": request.to_json(),
-                     "key_material": {"key_version": KEY_VERSION, "concat": [p.key for p in cp.parts],
-                                      "data": cp.parts[0].key_material["data"]},
-                     "backbone": SEP.join(p.spec.name for p in cp.parts), "weights": request.weights,
-                     "pooling": request.pooling, "layer": "", "dtype": request.dtype, "data": request.data,
-                     "data_fingerprint": cp.parts[0].key_material["data"]["fingerprint"],
-                     # one size where the parts share it (what `cache ls` shows), else 0 and each part's
-                     "image_size": cp.parts[0].size if len({p.size for p in cp.parts}) == 1 else 0,
-                     "image_sizes": [p.size for p in cp.parts], "resize": request.resize,
-                     "parts": [str(r.path) for r in results],
-                     "extract_seconds": round(sum(r.seconds for r in results), 3)}
-            concatenate([r.path for r in results], cp.path, attrs, dtype=request.dtype)
+            run_id = _join(cp, request, options, results)
     computed, seconds = sum(r.computed for r in results), sum(r.seconds for r in results)
-    return ExtractResult(cp.path, cp.key, cache_hit=not joined, n_rows=_n_rows(cp.path), seconds=seconds,
-                         computed=computed, images_per_s=computed / seconds if computed and seconds > 0 else 0.0,
-                         skipped=results[0].skipped, distributor="concat", parts=[r.path for r in results])
+    result = ExtractResult(cp.path, cp.key, cache_hit=run_id is None, n_rows=_n_rows(cp.path), seconds=seconds,
+                           computed=computed, images_per_s=computed / seconds if computed and seconds > 0 else 0.0,
+                           skipped=results[0].skipped, distributor="concat", parts=[r.path for r in results])
+    result.run_id = run_id
+    return result
+
+
+def _join(cp: ConcatPlan, request: ExtractRequest, options: RunOptions, results: list[ExtractResult]) -> str:
+    """Write the derived file joining the parts' rows, recorded as an `extract` run (so `runs` lists it
+    and `--mlflow` logs it); returns the run's id."""
+    attrs = {"key": cp.key, "request": request.to_json(),
+             "key_material": {"key_version": KEY_VERSION, "concat": [p.key for p in cp.parts],
+                              "data": cp.parts[0].key_material["data"]},
+             "backbone": SEP.join(p.spec.name for p in cp.parts), "weights": request.weights,
+             "pooling": request.pooling, "layer": "", "dtype": request.dtype, "data": request.data,
+             "data_fingerprint": cp.parts[0].key_material["data"]["fingerprint"],
+             # one size where the parts share it (what `cache ls` shows), else 0 and each part's
+             "image_size": cp.parts[0].size if len({p.size for p in cp.parts}) == 1 else 0,
+             "image_sizes": [p.size for p in cp.parts], "resize": request.resize,
+             "parts": [str(r.path) for r in results],
+             "extract_seconds": round(sum(r.seconds for r in results), 3)}
+    config = {"backbone": attrs["backbone"], "data": request.data, "head": None, "cache_key": cp.key,
+              "cache_path": str(cp.path), "request": request.to_json(), "backend": backend_name(),
+              "parts": [p.key for p in cp.parts],
+              "params": {"size": attrs["image_size"] or attrs["image_sizes"], "pooling": request.pooling,
+                         "weights": request.weights}}
+    with Registry(options.cache_dir).start("extract", config) as run:
+        concatenate([r.path for r in results], cp.path, attrs, dtype=request.dtype)
+        run.finish("ok", {"rows": _n_rows(cp.path), "computed": sum(r.computed for r in results),
+                          "seconds": attrs["extract_seconds"], "distributor": "concat",
+                          "parts_computed": [r.computed for r in results]})
+    return run.id
 
 
 def _n_rows(path: Path) -> int:
