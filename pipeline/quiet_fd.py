@@ -89,8 +89,8 @@ class NativeChatter:
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.flush()
             sys.stderr = self._python_stderr
+        self._stop.set()  # the pump reads what is in the pipe, then reports drained (and closes at its end)
         os.dup2(self._saved, 2)  # nothing in this process writes to the pipe any more
-        self._stop.set()  # the pump reads what is still in the pipe, then reports drained
         self._drained.wait(timeout=60.0)  # not an end-of-file: a child process may still hold the pipe
         line = self.summary()
         if line:
@@ -111,6 +111,16 @@ class NativeChatter:
         """Read the pipe until its end. Once asked to stop, read whatever is already in it (everything this
         process wrote before fd 2 was restored), count it, and say so; a child process still holding the
         pipe (a worker pool) is then only passed on, and the pump closes both descriptors at the end."""
+        try:
+            self._read_until_end()
+        finally:  # whatever ends the reading, the command's exit must not wait for it
+            self._drained.set()
+            if self._stop.is_set():  # (not before: the command still writes to both descriptors)
+                for fd in (self._read_end, self._saved):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+    def _read_until_end(self) -> None:
         pending = b""
         counting = True
         while True:
@@ -135,10 +145,6 @@ class NativeChatter:
                 self._take(line, counting)
         if pending:
             self._take(pending, counting)
-        self._drained.set()
-        for fd in (self._read_end, self._saved):
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def _take(self, line: bytes, counting: bool) -> None:
         if counting:
