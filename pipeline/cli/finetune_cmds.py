@@ -42,7 +42,9 @@ _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflo
                    "--no-trunk-cache runs the whole backbone on the images every epoch, with a new view each epoch.")
 @click.option("--views", type=click.IntRange(0), default=4, show_default=True,
               help="Trunk cache: augmented views per training image (epochs cycle clean, view 1, ..., view N).")
-@click.option("--label-smoothing", type=FiniteFloat(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--label-smoothing", type=FiniteFloat(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Soften the one-hot targets; 0 measured better on thousands of images, 0.1 on a few hundred "
+                   "(docs/quality.md).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--no-progress", is_flag=True, help="No per-step progress bar (one line per epoch instead).")
 @click.option("--trust-pickle", is_flag=True, help="Also load an old pickled head.joblib from the fit-head run "
