@@ -108,18 +108,20 @@ def extract_concat(request: ExtractRequest, options: RunOptions, log: Log,
     run_id = None
     with exclusive_lock(cp.lock, lambda: log(f"another extract of this request is running; waiting ({cp.lock})")):
         if options.force or not is_complete(cp.path):
-            run_id = _join(cp, request, options, results)
+            run_id, n_rows = _join(cp, request, options, results)
+        else:  # another process joined it while this one waited
+            n_rows = _n_rows(cp.path)
     computed, seconds = sum(r.computed for r in results), sum(r.seconds for r in results)
-    result = ExtractResult(cp.path, cp.key, cache_hit=run_id is None, n_rows=_n_rows(cp.path), seconds=seconds,
-                           computed=computed, images_per_s=computed / seconds if computed and seconds > 0 else 0.0,
-                           skipped=results[0].skipped, distributor="concat", parts=[r.path for r in results])
-    result.run_id = run_id
-    return result
+    return ExtractResult(cp.path, cp.key, cache_hit=run_id is None, n_rows=n_rows, seconds=seconds,
+                         computed=computed, images_per_s=computed / seconds if computed and seconds > 0 else 0.0,
+                         skipped=results[0].skipped, distributor="concat", parts=[r.path for r in results],
+                         run_id=run_id)
 
 
-def _join(cp: ConcatPlan, request: ExtractRequest, options: RunOptions, results: list[ExtractResult]) -> str:
+def _join(cp: ConcatPlan, request: ExtractRequest, options: RunOptions,
+          results: list[ExtractResult]) -> tuple[str, int]:
     """Write the derived file joining the parts' rows, recorded as an `extract` run (so `runs` lists it
-    and `--mlflow` logs it); returns the run's id."""
+    and `--mlflow` logs it); returns the run's id and the file's rows."""
     attrs = {"key": cp.key, "request": request.to_json(),
              "key_material": {"key_version": KEY_VERSION, "concat": [p.key for p in cp.parts],
                               "data": cp.parts[0].key_material["data"]},
@@ -137,11 +139,11 @@ def _join(cp: ConcatPlan, request: ExtractRequest, options: RunOptions, results:
               "params": {"size": attrs["image_size"] or attrs["image_sizes"], "pooling": request.pooling,
                          "weights": request.weights}}
     with Registry(options.cache_dir).start("extract", config) as run:
-        concatenate([r.path for r in results], cp.path, attrs, dtype=request.dtype)
-        run.finish("ok", {"rows": _n_rows(cp.path), "computed": sum(r.computed for r in results),
+        n_rows = concatenate([r.path for r in results], cp.path, attrs, dtype=request.dtype)
+        run.finish("ok", {"rows": n_rows, "computed": sum(r.computed for r in results),
                           "seconds": attrs["extract_seconds"], "distributor": "concat",
                           "parts_computed": [r.computed for r in results]})
-    return run.id
+    return run.id, n_rows
 
 
 def _n_rows(path: Path) -> int:

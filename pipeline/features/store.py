@@ -270,10 +270,11 @@ def _finish(f: h5py.File, skipped: dict[str, str], attrs: dict[str, Any], class_
 
 
 def concatenate(sources: Sequence[str | os.PathLike], target: Path, attrs: dict[str, Any],
-                dtype: str = "float16", block_rows: int = 4096) -> Path:
-    """One cache file whose rows are the rows of `sources` side by side (`--backbone a+b`): the
-    same images and views in every source, pooled vectors joined in source order. A row one source
-    skipped is skipped here too. Written under a temporary name, then renamed; `attrs` describe it."""
+                dtype: str = "float16", block_rows: int = 4096) -> int:
+    """Write `target`, one cache file whose rows are the rows of `sources` side by side (`--backbone
+    a+b`): the same images and views in every source, pooled vectors joined in source order. A row one
+    source skipped is skipped here too. Written under a temporary name, then renamed; `attrs` describe
+    it. Returns its number of rows."""
     files = [FeatureFile(s) for s in sources]
     try:
         first = files[0]
@@ -315,7 +316,7 @@ def concatenate(sources: Sequence[str | os.PathLike], target: Path, attrs: dict[
     finally:
         for ff in files:
             ff.close()
-    return target
+    return n_rows
 
 
 # ----------------------------------------------------------------------------------------- reading
