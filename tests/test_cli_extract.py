@@ -30,11 +30,10 @@ def test_extract_then_cache_hit_fast_without_tensorflow(tiny_split_folder, tmp_p
     first = run_cli("extract", "--data", str(tiny_split_folder), "--cache-dir", cache, *FAST)
     assert first.returncode == 0, first.stderr
     assert "wrote" in first.stdout and ".h5" in first.stdout
-    t = time.perf_counter()
     second = run_cli("extract", "--data", str(tiny_split_folder), "--cache-dir", cache, *FAST)
-    elapsed = time.perf_counter() - t
     assert second.returncode == 0 and second.stdout.startswith("cache hit: ")
-    assert elapsed < 3.0, f"cache hit took {elapsed:.2f}s"  # importing TensorFlow alone takes longer
+    # fast because the hit path never imports TensorFlow (seconds on its own): checked directly, as a
+    # wall-clock bound on a child process is at the mercy of a loaded 2-core CI machine
     probe = subprocess.run(  # the hit path must not import TensorFlow at all
         [sys.executable, "-c", "import sys; from pipeline.extract import extract, ExtractRequest, RunOptions;"
          f"r = extract(ExtractRequest(data={str(tiny_split_folder)!r}, backbone='vgg16', weights='none',"

@@ -114,7 +114,7 @@ def test_second_request_is_a_cache_hit_and_force_recomputes(tiny_split_folder, t
     mtime = r1.path.stat().st_mtime_ns
     t = time.perf_counter()
     r2 = extract(req(tiny_split_folder), opts(tmp_path / "c", batch_size=7))  # batch size is not in the key
-    assert r2.cache_hit and r2.path == r1.path and time.perf_counter() - t < 2
+    assert r2.cache_hit and r2.path == r1.path and time.perf_counter() - t < 10  # ms unloaded: a hang guard
     assert r1.path.stat().st_mtime_ns == mtime
     from pipeline.tracking.runs import Registry
     runs = Registry(tmp_path / "c").list()
