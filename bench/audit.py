@@ -15,8 +15,9 @@ later manifest of the same files reuses those rows):
   (200 planted pairs): recall, and cross-split pairs reported against the planted count.
 - outliers: 20 hymenoptera photos dropped into flowers' training classes: how many are in the top 40
   of the outlier ranking; cleanlab's `OutOfDistribution` on the features beside it.
-- clean: 10% of flowers' training labels flipped: head-only (auto head) val accuracy with clean
-  labels, noisy labels, and noisy labels minus what `cleaned.csv` drops (same val images throughout).
+- clean: 10% of flowers' training labels flipped, over 10 seeds: head-only (auto head) val accuracy
+  with clean labels, noisy labels, and `cleaned.csv` (with and without `--relabel`), same val images
+  throughout; recovery as a ratio of means, against one clean fit and against clean fits missing 1%.
 - speed: the whole audit of clean flowers with the map (t-SNE) and the report.
 - scale: the whole audit (with map and report) of a synthetic --scale-rows x 1280 float16 cache
   (bench/scale.py's generator: 5 classes, low-rank class structure plus noise, 80/20 train/val) in a
@@ -234,17 +235,24 @@ def part_outliers(root: Path, work: Path, cache: Path, seed: int) -> None:
           f"cleanlab OutOfDistribution top 40: {sum(p in dropped for p in theirs)}")
 
 
-def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 3) -> None:
+def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 10) -> None:
     """10% of training labels flipped (per seed): val accuracy (clean val labels, the same val images
-    throughout) of the auto head trained on clean labels, on noisy ones, on cleaned.csv (its drops),
-    on cleaned.csv of `--relabel`, and on the noisy labels minus exactly the flipped images (an oracle
-    no audit can beat by dropping)."""
-    from pipeline.heads.auto import AutoHead
+    throughout) of the auto head trained on noisy labels, on cleaned.csv, on cleaned.csv of `--relabel`,
+    on the noisy labels minus every listed label issue (the rule before 2026-12-05), and minus exactly
+    the flipped images (an oracle no audit can beat by dropping).
+
+    What the noise cost is measured against clean labels twice: one fit on every training image, and
+    the mean of `seeds` fits each missing a random 1% of them. One image in a hundred moves this head's
+    val accuracy by up to 1.5 points (the svm's C choice moves with it), and the single fit sits at the
+    top of that spread, so it overstates what the noise cost. Recovery is the ratio of the means over
+    seeds (a per-seed ratio divides by 8-19 val images and swings from negative to over 100%)."""
     from pipeline.features.store import FeatureFile
+    from pipeline.heads.auto import AutoHead
 
     rows = listing(root)
     clean_lab = {p: c for p, c, _ in rows}
-    recovered: dict[str, list[float]] = {}
+    acc_of: dict[str, list[float]] = {}
+    X = names = va = None
     for s in range(seed, seed + seeds):
         noisy, truth = flip(rows, 0.10, s + 1)
         manifest = write_manifest(noisy, work / f"flowers-flip10-seed{s}.csv")
@@ -258,6 +266,7 @@ def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 3) -
         tr, va = split == "train", split == "val"
         y_noisy = np.asarray([names.index(c) for _, c, _ in noisy])
         y_clean = np.asarray([names.index(clean_lab[p]) for p, _, _ in noisy])
+        paths = [p for p, _, _ in noisy]
 
         def acc(mask: np.ndarray, y: np.ndarray) -> float:
             head = AutoHead(n_jobs=2).fit(X[mask], y[mask], class_names=names)
@@ -265,20 +274,34 @@ def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 3) -
 
         def from_cleaned(folder: Path) -> tuple[np.ndarray, np.ndarray]:
             kept = {r["path"]: r["label"] for r in csv.DictReader((folder / "cleaned.csv").open())}
-            mask = np.asarray([p in kept for p, _, _ in noisy])
+            mask = np.asarray([p in kept for p in paths])
             y = np.asarray([names.index(kept.get(p, c)) for p, c, _ in noisy])
             return tr & mask, y
 
-        a_clean, a_noisy = acc(tr, y_clean), acc(tr, y_noisy)
-        lost = a_clean - a_noisy
-        got = {"cleaned.csv (drops)": acc(*from_cleaned(run)), "cleaned.csv with --relabel": acc(*from_cleaned(run_relabel)),
-               "oracle: drop exactly the flipped": acc(tr & ~np.isin([p for p, _, _ in noisy], list(truth)), y_noisy)}
-        print(f"clean seed {s}: 10% flipped ({len(truth)}); val accuracy clean labels {a_clean:.4f}, noisy {a_noisy:.4f}; "
-              + ", ".join(f"{k} {a:.4f} ({(a - a_noisy) / lost:.0%})" for k, a in got.items()))
+        if s == seed:
+            acc_of["clean labels, one fit on all"] = [acc(tr, y_clean)]
+        rng = np.random.default_rng(1000 + s)
+        train_rows = np.flatnonzero(tr)
+        less = tr.copy()
+        less[rng.choice(train_rows, max(1, train_rows.size // 100), replace=False)] = False
+        listed = {d["path"] for d in result["label_issues"]}
+        got = {"clean labels, 1% left out": acc(less, y_clean), "noisy": acc(tr, y_noisy),
+               "cleaned.csv": acc(*from_cleaned(run)), "cleaned.csv with --relabel": acc(*from_cleaned(run_relabel)),
+               "every listed label issue dropped": acc(tr & ~np.isin(paths, list(listed)), y_noisy),
+               "oracle: drop exactly the flipped": acc(tr & ~np.isin(paths, list(truth)), y_noisy)}
+        print(f"clean seed {s}: 10% flipped ({len(truth)}), val accuracy " + ", ".join(f"{k} {a:.4f}" for k, a in got.items()),
+              flush=True)
         for k, a in got.items():
-            recovered.setdefault(k, []).append((a - a_noisy) / lost if lost > 0 else float("nan"))
-    for k, v in recovered.items():
-        print(f"clean over {seeds} seeds: {k} recovers {np.mean(v):.0%} ({min(v):.0%} to {max(v):.0%}) of what the noise cost")
+            acc_of.setdefault(k, []).append(a)
+    noisy = np.mean(acc_of["noisy"])
+    for base in ("clean labels, one fit on all", "clean labels, 1% left out"):
+        lost = np.mean(acc_of[base]) - noisy
+        print(f"clean over {seeds} seeds, against {base} ({np.mean(acc_of[base]):.4f}; noisy {noisy:.4f}, the noise "
+              f"cost {lost * 100:.2f} points): " + ", ".join(
+                  f"{k} {np.mean(v):.4f} recovers {(np.mean(v) - noisy) / lost:.0%}" for k, v in acc_of.items()
+                  if k not in ("noisy", "clean labels, one fit on all", "clean labels, 1% left out")))
+    spread = acc_of["clean labels, 1% left out"]
+    print(f"clean: the clean-label fits with 1% left out range {min(spread):.4f}-{max(spread):.4f}")
 
 
 def part_speed(root: Path, work: Path, cache: Path) -> None:
@@ -367,6 +390,9 @@ def main(argv=None) -> None:
     ap.add_argument("--parts", default="labels,dups,outliers,clean,speed,scale")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label-seeds", type=int, default=3, help="Flip seeds of the labels part (mean and range).")
+    ap.add_argument("--clean-seed", type=int, default=100,
+                    help="First flip seed of the clean part (0-11 chose cleaned.csv's rule on 2026-12-05).")
+    ap.add_argument("--clean-seeds", type=int, default=10, help="Flip seeds of the clean part.")
     ap.add_argument("--scale-rows", type=int, default=200_000, help="Rows of the scale part's synthetic cache.")
     args = ap.parse_args(argv)
     work = Path(args.work)
@@ -389,7 +415,7 @@ def main(argv=None) -> None:
     if "outliers" in parts:
         part_outliers(flowers, work, cache, args.seed)
     if "clean" in parts:
-        part_clean(flowers, work, cache, args.seed, args.label_seeds)
+        part_clean(flowers, work, cache, args.clean_seed, args.clean_seeds)
     if "speed" in parts:
         part_speed(flowers, work, cache)
     if "scale" in parts:

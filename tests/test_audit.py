@@ -17,7 +17,7 @@ from conftest import make_folder, run_cli, write_image
 from helpers_features import write_cache
 from pipeline.audit.duplicates import NearSettings, near_pairs, thumbnail
 from pipeline.audit.outliers import outlier_scores
-from pipeline.audit.runner import AuditOptions, audit_cache, cleaned_rows, write_audit
+from pipeline.audit.runner import AuditOptions, Audited, audit_cache, cleaned_rows, write_audit
 from pipeline.errors import UserError
 from pipeline.features.neighbours import CosineIndex
 from pipeline.features.store import FeatureFile
@@ -308,6 +308,20 @@ def test_write_audit_files_and_cleaned_rows(tmp_path):
     assert len(relabelled) >= len(kept)
 
 
+def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_confident_ones():
+    """Of four flagged label issues: a confident flip (p(given) 0.05, suggestion 0.9) is dropped, or
+    relabelled with --relabel; one with an unsure suggestion but p(given) 0.1 is dropped either way; a
+    hard image (p(given) 0.3) keeps its label either way; an outlier and a duplicate's later copy go."""
+    img = Audited(rows=np.arange(7), X=np.zeros((7, 2)), y=np.array([0, 0, 1, 1, 0, 1, 0]),
+                  paths=[f"p{i}" for i in range(7)], splits=np.array(["train"] * 6 + ["val"]), class_names=["a", "b"])
+    result = {"_images": img, "_cleaning": {
+        "flagged_issues": [0, 1, 2, 3], "outliers": [4], "pairs": [(5, 6)], "suggested": [1, 1, 0, 0, 0, 1, 0],
+        "confidence": [0.9, 0.55, 0.6, 0.65, 0.5, 0.5, 0.5], "given_probability": [0.05, 0.1, 0.4, 0.3, 0.5, 0.5, 0.5]}}
+    assert cleaned_rows(result, relabel=False) == [("p2", "b", "train"), ("p3", "b", "train"), ("p5", "b", "train")]
+    relabelled = cleaned_rows(result, relabel=True)
+    assert relabelled == [("p0", "b", "train"), ("p2", "b", "train"), ("p3", "b", "train"), ("p5", "b", "train")]
+
+
 # ------------------------------------------------------------------------------- as a user runs it
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
@@ -331,6 +345,7 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     cleaned = (run_dir / "cleaned.csv").read_text().splitlines()
     assert not any("copy_of_train" in line for line in cleaned)            # the val copy is dropped
     assert len(cleaned) - 1 == audit["cleaned"]["images"]
+    assert f"cleaned.csv leaves out {audit['cleaned']['removed']} images" in proc.stderr, proc.stderr
     runs = run_cli("runs", "--stage", "audit", "--cache-dir", cache)
     assert run_dir.name in runs.stdout, runs.stdout + runs.stderr
 
@@ -346,7 +361,8 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     rerun = Path(cache) / "runs" / re.search(r"audit (\S+) in", again.stdout).group(1)
     assert json.loads((rerun / "audit.json").read_text())["model"] == "run head"
     assert json.loads((rerun / "config.json").read_text())["relabel"] is True
-    assert json.loads((rerun / "audit.json").read_text())["cleaned"]["relabel"] is True
+    relabelled = json.loads((rerun / "audit.json").read_text())["cleaned"]
+    assert relabelled["relabel"] is True and f"relabels {relabelled['relabelled']};" in again.stderr, again.stderr
 
     if _chromium() is None:
         pytest.skip("no chromium on PATH (CI installs Debian's chromium); the report's counts were not checked in a browser")

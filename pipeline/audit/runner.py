@@ -31,6 +31,7 @@ from pipeline.tracking.runs import Run
 AUDIT_VERSION = 1
 OUTLIER_Z = 3.5        # robust z-score from which an image is listed as an outlier
 RELABEL_CONFIDENCE = 0.7  # --relabel applies a suggestion from this out-of-fold probability (bench/audit.py)
+DROP_BELOW = 0.2  # cleaned.csv drops a label issue whose given label has an out-of-fold probability under this
 TOP_LOSSES = 20        # per split
 MAP_POINTS = 5000      # the 2-D map embeds at most this many images (flagged ones first)
 
@@ -262,7 +263,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     result["seconds"]["total"] = round(time.perf_counter() - t["start"], 3)
     result["_cleaning"] = {"flagged_issues": issues.tolist(), "outliers": out_rows.tolist(),
                            "pairs": [(p.a, p.b) for p in pairs], "suggested": suggested.tolist(),
-                           "confidence": ev.proba.max(axis=1).tolist()}
+                           "confidence": ev.proba.max(axis=1).tolist(), "given_probability": (1.0 - issue_score).tolist()}
     result["_images"] = img
     return result
 
@@ -288,9 +289,11 @@ def _top_losses(img: Audited, ev: LabelEvidence, split_proba: Mapping[str, np.nd
 
 
 def cleaned_rows(result: Mapping[str, Any], relabel: bool) -> list[tuple[str, str, str]]:
-    """(path, label, split) of the images to keep: without label issues (or, with `relabel`, with the
-    confident suggestions applied), outliers, and the second image of each duplicate pair (the val or
-    test one of a pair that crosses splits)."""
+    """(path, label, split) of the images to keep: without the label issues whose given label the
+    evidence all but rules out (out-of-fold probability under DROP_BELOW; with `relabel`, confident
+    suggestions are applied first), outliers, and the second image of each duplicate pair (the val or
+    test one of a pair that crosses splits). The other label issues stay, with their labels: most are
+    hard images, not wrong ones, and training without them cost more than it gained (bench/audit.py)."""
     img: Audited = result["_images"]
     c = result["_cleaning"]
     order = {"train": 0, "val": 1, "test": 2}
@@ -301,7 +304,7 @@ def cleaned_rows(result: Mapping[str, Any], relabel: bool) -> list[tuple[str, st
     for i in c["flagged_issues"]:
         if relabel and c["confidence"][i] >= RELABEL_CONFIDENCE:
             labels[i] = c["suggested"][i]
-        else:
+        elif c["given_probability"][i] < DROP_BELOW:
             drop.add(i)
     return [(img.paths[i], img.class_names[labels[i]], img.splits[i]) for i in range(img.y.size) if i not in drop]
 
@@ -328,8 +331,11 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False) -> dict
     files: dict[str, Path] = {}
     cleaned = cleaned_rows(result, relabel)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
+    given = {p: label for p, label in zip(result["_images"].paths, (result["class_names"][i] for i in result["_images"].y))}
     public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": int(result["counts"]["images"])
-                         - len(cleaned), "relabel": relabel}
+                         - len(cleaned), "relabel": relabel, "relabelled": sum(given[p] != c for p, c, _ in cleaned),
+                         "label_issues_dropped_below": DROP_BELOW}
+    result["cleaned"] = public["cleaned"]
     for name, columns in CSV_COLUMNS.items():
         files[name] = run.path(f"{name}.csv")
         write_text_atomic(files[name], _csv_text(public[name], columns))

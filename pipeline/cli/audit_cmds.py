@@ -23,7 +23,8 @@ from pipeline.tracking.runs import Registry
 @click.option("--cv", type=click.IntRange(2), default=5, show_default=True,
               help="Folds of the out-of-fold probabilities.")
 @click.option("--relabel", is_flag=True,
-              help="cleaned.csv applies confident suggested labels instead of dropping those images.")
+              help="cleaned.csv keeps a label issue with its suggested label where that has an out-of-fold "
+                   "probability of 0.7 or more, instead of dropping it.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D embedding map (t-SNE: the slowest part).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @trust_pickle_option
@@ -73,6 +74,9 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_
             after = f"{acc['after']:.4f}" if acc["after"] is not None else "nothing left to score"
             click.echo(f"{split}: accuracy {acc['before']:.4f} with its {acc['removed']} leaked images, {after} without")
     click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}")
-    click.echo(f"train without the flagged images: python cli.py fit-head --data {files['cleaned']} "
+    cleaned = result["cleaned"]
+    relabelled = f", relabels {cleaned['relabelled']}" if cleaned["relabel"] else ""
+    click.echo(f"cleaned.csv leaves out {cleaned['removed']} images (the label errors it is sure of, outliers, "
+               f"duplicate copies){relabelled}; train on it: python cli.py fit-head --data {files['cleaned']} "
                f"--allow-outside-paths", err=True)
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
