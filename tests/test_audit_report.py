@@ -136,10 +136,19 @@ def test_report_is_self_contained_escaped_and_robust(tmp_path):
     assert "-2.0" in page  # accuracy change in points, val 95% -> 93%
 
 
+def test_the_header_says_what_cleaned_csv_keeps_and_how_to_train_on_it(tmp_path):
+    cleaned = {"file": "cleaned.csv", "images": 90, "removed": 10, "relabel": True, "relabelled": 4}
+    page = write_report({"cleaned": cleaned}, tmp_path / "run" / "report.html", lambda p: None).read_text()
+    assert "cleaned.csv keeps 90 images, 10 removed, 4 relabelled" in page
+    assert f"fit-head --data {tmp_path / 'run' / 'cleaned.csv'} --allow-outside-paths" in page
+    page = write_report({"cleaned": {**cleaned, "relabel": False}}, tmp_path / "r.html", lambda p: None).read_text()
+    assert "10 removed; train on it" in page and "relabelled" not in page
+
+
 def test_missing_keys_say_not_computed(tmp_path):
     out = write_report({"version": 1}, tmp_path / "report.html", lambda p: None)
     page = out.read_text()
-    assert page.count("not computed") >= 6 and 'class="count"' not in page
+    assert page.count("not computed") >= 6 and 'class="count"' not in page and 'class="cleaned"' not in page
 
 
 def test_work_is_bounded(tmp_path):

@@ -37,7 +37,7 @@ body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 a
  max-width:1400px;color:#222;background:#fafafa}
 h1{font-size:22px;margin:0 0 8px}h2{font-size:18px;margin:28px 0 8px;border-bottom:2px solid #ddd}
 dl.meta{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0 0 8px}
-dl.meta dt{color:#666}dl.meta dd{margin:0;word-break:break-all}
+dl.meta dt{color:#666}dl.meta dd{margin:0;word-break:break-all}p.cleaned code{word-break:break-all}
 .counts{display:flex;flex-wrap:wrap;gap:6px}.counts span.item{background:#fff;border:1px solid #ddd;
  border-radius:12px;padding:2px 10px}.count{font-weight:600}
 nav a{margin-right:12px}
@@ -144,7 +144,18 @@ def _cards(items: Any, card: Callable[[Mapping[str, Any]], str], headers: Sequen
     return "".join(out)
 
 
-def _header(audit: Mapping[str, Any]) -> str:
+def _cleaned(audit: Mapping[str, Any], folder: Path) -> str:
+    """What cleaned.csv keeps and the command that trains on it (nothing where the audit has no `cleaned`)."""
+    c = audit.get("cleaned")
+    if not isinstance(c, Mapping) or "images" not in c:
+        return ""
+    relabelled = f", {_e(c.get('relabelled', 0))} relabelled" if c.get("relabel") else ""
+    command = f"python cli.py fit-head --data {folder / str(c.get('file', 'cleaned.csv'))} --allow-outside-paths"
+    return (f'<p class="cleaned">cleaned.csv keeps {_e(c["images"])} images, {_e(c.get("removed", "?"))} '
+            f"removed{relabelled}; train on it: <code>{_e(command)}</code></p>")
+
+
+def _header(audit: Mapping[str, Any], folder: Path) -> str:
     meta = "".join(f"<dt>{label}</dt><dd>{_e(audit[key]) if key in audit else 'not computed'}</dd>"
                    for key, label in (("data", "data"), ("run", "run"), ("cache_key", "cache key")))
     counts = audit.get("counts")
@@ -156,7 +167,7 @@ def _header(audit: Mapping[str, Any]) -> str:
         summary = '<span class="na">counts not computed</span>'
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS)
     return (f"<h1>Data audit</h1><dl class=meta>{meta}</dl><div class=counts>{summary}</div>"
-            f"<nav><p>{nav}</p></nav>")
+            f"{_cleaned(audit, folder)}<nav><p>{nav}</p></nav>")
 
 
 def _label_issues(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
@@ -323,6 +334,7 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
                  image_file: Callable[[str], str | None]) -> Path:
     """Write `out` (report.html): a self-contained page (no network, no external files: CSS inline, thumbnails as
     base64 data URIs, the embedding map as inline SVG) showing every finding of `audit` (the audit.json dict)."""
+    out = Path(out)
     thumbs = _Thumbs(image_file)
     parts = (_label_issues(audit, thumbs), _duplicates(audit, thumbs), _outliers(audit, thumbs),
              _model_errors(audit, thumbs), _confusion(audit), _map(audit))
@@ -330,8 +342,7 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
                        for (sid, title), body in zip(SECTIONS, parts))
     title = _e(f"Data audit: {audit.get('run') or audit.get('data') or ''}")
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head><body>{_header(audit)}{sections}</body></html>\n")
+            f"<style>{CSS}</style></head><body>{_header(audit, out.parent)}{sections}</body></html>\n")
     # Non-ASCII as character references: the file is then correct whatever the locale's encoding.
-    out = Path(out)
     write_text_atomic(out, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
     return out
