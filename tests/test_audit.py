@@ -320,6 +320,7 @@ def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_co
     assert cleaned_rows(result, relabel=False) == [("p2", "b", "train"), ("p3", "b", "train"), ("p5", "b", "train")]
     relabelled = cleaned_rows(result, relabel=True)
     assert relabelled == [("p0", "b", "train"), ("p2", "b", "train"), ("p3", "b", "train"), ("p5", "b", "train")]
+    assert cleaned_rows(result, relabel=False, drop_below=1.0) == [("p5", "b", "train")]  # every listed issue
 
 
 # ------------------------------------------------------------------------------- as a user runs it
@@ -356,13 +357,15 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
 
     fit_run = re.search(r"run (\S+) saved in", fit.stdout).group(1)
     again = run_cli("audit", "--cache", re.search(r"wrote (\S+\.h5)", fit.stdout + fit.stderr).group(1),
-                    "--run", fit_run, "--relabel", "--no-map", "--cache-dir", cache)
+                    "--run", fit_run, "--relabel", "--drop-below", "1", "--no-map", "--cache-dir", cache)
     assert again.returncode == 0, again.stderr
     rerun = Path(cache) / "runs" / re.search(r"audit (\S+) in", again.stdout).group(1)
     assert json.loads((rerun / "audit.json").read_text())["model"] == "run head"
-    assert json.loads((rerun / "config.json").read_text())["relabel"] is True
+    config = json.loads((rerun / "config.json").read_text())
+    assert config["relabel"] is True and config["drop_below"] == 1.0
     relabelled = json.loads((rerun / "audit.json").read_text())["cleaned"]
     assert relabelled["relabel"] is True and f"relabels {relabelled['relabelled']};" in again.stderr, again.stderr
+    assert relabelled["label_issues_dropped_below"] == 1.0
 
     if _chromium() is None:
         pytest.skip("no chromium on PATH (CI installs Debian's chromium); the report's counts were not checked in a browser")

@@ -288,9 +288,9 @@ def _top_losses(img: Audited, ev: LabelEvidence, split_proba: Mapping[str, np.nd
     return out
 
 
-def cleaned_rows(result: Mapping[str, Any], relabel: bool) -> list[tuple[str, str, str]]:
+def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW) -> list[tuple[str, str, str]]:
     """(path, label, split) of the images to keep: without the label issues whose given label the
-    evidence all but rules out (out-of-fold probability under DROP_BELOW; with `relabel`, confident
+    evidence all but rules out (out-of-fold probability under `drop_below`, 1 drops them all; with `relabel`, confident
     suggestions are applied first), outliers, and the second image of each duplicate pair (the val or
     test one of a pair that crosses splits). The other label issues stay, with their labels: most are
     hard images, not wrong ones, and training without them cost more than it gained (bench/audit.py)."""
@@ -304,7 +304,7 @@ def cleaned_rows(result: Mapping[str, Any], relabel: bool) -> list[tuple[str, st
     for i in c["flagged_issues"]:
         if relabel and c["confidence"][i] >= RELABEL_CONFIDENCE:
             labels[i] = c["suggested"][i]
-        elif c["given_probability"][i] < DROP_BELOW:
+        elif c["given_probability"][i] < drop_below:
             drop.add(i)
     return [(img.paths[i], img.class_names[labels[i]], img.splits[i]) for i in range(img.y.size) if i not in drop]
 
@@ -326,15 +326,16 @@ def _csv_text(rows: list[Mapping[str, Any]] | list[tuple], columns: tuple[str, .
     return buf.getvalue()
 
 
-def write_audit(result: dict[str, Any], run: Run, relabel: bool = False) -> dict[str, Path]:
+def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_below: float = DROP_BELOW
+                ) -> dict[str, Path]:
     """Write audit.json, a CSV per finding, cleaned.csv and report.html into the run folder."""
     files: dict[str, Path] = {}
-    cleaned = cleaned_rows(result, relabel)
+    cleaned = cleaned_rows(result, relabel, drop_below)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     given = {p: label for p, label in zip(result["_images"].paths, (result["class_names"][i] for i in result["_images"].y))}
     public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": int(result["counts"]["images"])
                          - len(cleaned), "relabel": relabel, "relabelled": sum(given[p] != c for p, c, _ in cleaned),
-                         "label_issues_dropped_below": DROP_BELOW}
+                         "label_issues_dropped_below": drop_below}
     result["cleaned"] = public["cleaned"]
     for name, columns in CSV_COLUMNS.items():
         files[name] = run.path(f"{name}.csv")

@@ -25,23 +25,28 @@ from pipeline.tracking.runs import Registry
 @click.option("--relabel", is_flag=True,
               help="cleaned.csv keeps a label issue with its suggested label where that has an out-of-fold "
                    "probability of 0.7 or more, instead of dropping it.")
+@click.option("--drop-below", type=click.FloatRange(0.0, 1.0), default=None,
+              help="cleaned.csv drops a label issue whose given label has an out-of-fold probability under this "
+                   "(default 0.2); the others stay in with their labels (mostly hard images, not wrong ones). "
+                   "1 drops every listed issue.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D embedding map (t-SNE: the slowest part).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @trust_pickle_option
 @extract_options
 @mlflow_options
-def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_map: bool, seed: int,
-              trust_pickle: bool, mlflow: bool | None, mlflow_experiment: str | None, **kw) -> None:
+def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, drop_below: float | None, no_map: bool,
+              seed: int, trust_pickle: bool, mlflow: bool | None, mlflow_experiment: str | None, **kw) -> None:
     """Find likely label errors, duplicates and train/val leakage, outliers and model errors in a
     cached data set; writes audit.json, CSVs, cleaned.csv and report.html into a new run folder.
 
     Example: python cli.py audit --data ../shared/data/hymenoptera
     """
     from pipeline.audit.runner import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
-        AuditOptions, audit_cache, write_audit)
+        DROP_BELOW, AuditOptions, audit_cache, write_audit)
     from pipeline.heads.training import check_finite  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
 
     log_mlflow = mlflow_check(mlflow)
+    drop_below = DROP_BELOW if drop_below is None else drop_below
     head = None
     if run_id is not None:
         loaded = load_run(kw["cache_dir"], run_id, trust_pickle=trust_pickle)
@@ -58,11 +63,11 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, no_
         registry = Registry(CacheLayout.of(ff.path).root)
         config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
                   "data": ff.attrs.get("data") or ff.path.stem, "cv": cv, "seed": seed, "relabel": relabel,
-                  "map": not no_map, **({"parent_run": run_id} if run_id else {})}
+                  "drop_below": drop_below, "map": not no_map, **({"parent_run": run_id} if run_id else {})}
         run = registry.start("audit", config)
         with run:
             result = audit_cache(ff, options, head, say=lambda line: click.echo(line, err=True))
-            files = write_audit(result, run, relabel)
+            files = write_audit(result, run, relabel, drop_below)
             run.log_metrics({"counts": result["counts"], "leakage": result["leakage"]["accuracy"],
                              "out_of_fold": result["out_of_fold"], "seconds": result["seconds"]})
     counts = result["counts"]
