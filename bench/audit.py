@@ -230,6 +230,10 @@ def part_outliers(root: Path, work: Path, cache: Path, seed: int) -> None:
     known = {p for p, finding in reviewed(root).items() if finding == "not_the_class"}
     print(f"outliers: our top 40 also holds {sum(p in known for p in ours)} of flowers' own reviewed photos of no "
           f"flower of their class: {sum(p in known or p in dropped for p in ours)} of 40 do not belong")
+    issues = {d["path"] for d in result["label_issues"]}
+    print(f"outliers: the audit flags {sum(p in listed or p in issues for p in dropped)} of the 20 foreign photos "
+          f"({sum(p in issues for p in dropped)} as label issues of the {len(issues)} listed, "
+          f"{sum(p in listed for p in dropped)} as outliers)")
     print(f"outliers: of 20 foreign photos, {sum(p in dropped for p in ours)} in our top 40 "
           f"(listed as outliers: {sum(p in listed for p in dropped)} of {len(listed)} listed); "
           f"cleanlab OutOfDistribution top 40: {sum(p in dropped for p in theirs)}")
