@@ -304,6 +304,13 @@ def test_write_audit_files_and_cleaned_rows(tmp_path):
         assert len(lines) == 1 + len(data[name])
     kept = cleaned_rows(result, relabel=False)
     assert len(kept) == 120 - data["cleaned"]["removed"]
+    # each listed label issue says what cleaned.csv did with it, in audit.json and label_issues.csv
+    labels = {p: c for p, c, _ in kept}
+    assert data["label_issues"] and {d["cleaned"] for d in data["label_issues"]} <= {"dropped", "kept"}
+    for d in data["label_issues"]:
+        assert (d["cleaned"] == "dropped") == (d["path"] not in labels)
+        assert d["cleaned"] == "dropped" or labels[d["path"]] == d["given"]
+    assert files["label_issues"].read_text().splitlines()[0].endswith(",cleaned")
     relabelled = cleaned_rows(result, relabel=True)
     assert len(relabelled) >= len(kept)
 

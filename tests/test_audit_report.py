@@ -142,7 +142,10 @@ def test_the_header_says_what_cleaned_csv_keeps_and_how_to_train_on_it(tmp_path)
     assert "cleaned.csv keeps 90 images, 10 removed, 4 relabelled" in page
     assert f"fit-head --data {tmp_path / 'run' / 'cleaned.csv'} --allow-outside-paths" in page
     page = write_report({"cleaned": {**cleaned, "relabel": False}}, tmp_path / "r.html", lambda p: None).read_text()
-    assert "10 removed; train on it" in page and "relabelled" not in page
+    assert "10 removed; train on it" in page and " relabelled;" not in page
+    issue = {"path": "a.jpg", "split": "train", "given": "daisy", "suggested": "roses", "score": 0.9, "cleaned": "dropped"}
+    page = write_report({"label_issues": [issue]}, tmp_path / "i.html", lambda p: None).read_text()
+    assert '<span class="cleaned-dropped">dropped in cleaned.csv</span>' in page
 
 
 def test_missing_keys_say_not_computed(tmp_path):

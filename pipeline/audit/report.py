@@ -58,6 +58,7 @@ table.cm th.v{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left}
 .legend{display:flex;flex-wrap:wrap;gap:4px 14px;max-width:700px;font-size:12px}
 .sw{display:inline-block;width:10px;height:10px;border-radius:50%;margin-right:4px}
 svg.map{background:#fff;border:1px solid #ddd}
+.cleaned-dropped{color:#d62728}.cleaned-kept{color:#777}.cleaned-relabelled{color:#1f77b4}
 """
 
 
@@ -174,10 +175,16 @@ def _label_issues(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
     def card(it: Mapping[str, Any]) -> str:
         return (f'<div class="card">{thumbs(it.get("path", ""))}given <b>{_e(it.get("given", "?"))}</b> &rarr; '
                 f'suggested <b>{_e(it.get("suggested", "?"))}</b><br>score {_num(it.get("score"))} '
-                f'&middot; {_e(it.get("split", ""))}<div class="path">{_e(it.get("path", ""))}</div></div>')
-    return _cards(audit.get("label_issues"), card, ["path", "split", "given", "suggested", "score"],
+                f'&middot; {_e(it.get("split", ""))}{_in_cleaned(it)}<div class="path">{_e(it.get("path", ""))}</div></div>')
+    return _cards(audit.get("label_issues"), card, ["path", "split", "given", "suggested", "score", "cleaned.csv"],
                   lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("given", "")),
-                              _e(it.get("suggested", "")), _num(it.get("score"))])
+                              _e(it.get("suggested", "")), _num(it.get("score")), _e(it.get("cleaned", ""))])
+
+
+def _in_cleaned(issue: Mapping[str, Any]) -> str:
+    """What cleaned.csv did with a label issue (dropped, kept, relabelled), where the audit says."""
+    return f'<br><span class="cleaned-{_e(issue["cleaned"])}">{_e(issue["cleaned"])} in cleaned.csv</span>' \
+        if "cleaned" in issue else ""
 
 
 def _is_leak(pair: Mapping[str, Any]) -> bool:

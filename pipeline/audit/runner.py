@@ -310,7 +310,7 @@ def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = D
 
 
 CSV_COLUMNS = {
-    "label_issues": ("path", "split", "given", "suggested", "score", "suggested_probability"),
+    "label_issues": ("path", "split", "given", "suggested", "score", "suggested_probability", "cleaned"),
     "duplicates": ("a", "b", "split_a", "split_b", "similarity", "kind", "pixel_correlation"),
     "outliers": ("path", "split", "label", "score"),
     "top_losses": ("path", "split", "given", "predicted", "probability", "loss"),
@@ -337,6 +337,9 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
                          - len(cleaned), "relabel": relabel, "relabelled": sum(given[p] != c for p, c, _ in cleaned),
                          "label_issues_dropped_below": drop_below}
     result["cleaned"] = public["cleaned"]
+    kept = {p: c for p, c, _ in cleaned}
+    public["label_issues"] = [{**d, "cleaned": "dropped" if d["path"] not in kept else
+                               "relabelled" if kept[d["path"]] != d["given"] else "kept"} for d in public["label_issues"]]
     for name, columns in CSV_COLUMNS.items():
         files[name] = run.path(f"{name}.csv")
         write_text_atomic(files[name], _csv_text(public[name], columns))
