@@ -315,7 +315,7 @@ def test_write_audit_files_and_cleaned_rows(tmp_path):
     assert len(relabelled) >= len(kept)
 
 
-def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_confident_ones():
+def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_confident_ones(tmp_path):
     """Of four flagged label issues: a confident flip (p(given) 0.05, suggestion 0.9) is dropped, or
     relabelled with --relabel; one with an unsure suggestion but p(given) 0.1 is dropped either way; a
     hard image (p(given) 0.3) keeps its label either way; an outlier and a duplicate's later copy go."""
@@ -328,6 +328,15 @@ def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_co
     relabelled = cleaned_rows(result, relabel=True)
     assert relabelled == [("p0", "b", "train"), ("p2", "b", "train"), ("p3", "b", "train"), ("p5", "b", "train")]
     assert cleaned_rows(result, relabel=False, drop_below=1.0) == [("p5", "b", "train")]  # every listed issue
+
+    # write_audit: the counts and what happened to each listed issue, by row (paths may repeat)
+    img.paths[1] = img.paths[2] = "same.jpg"
+    result.update(class_names=["a", "b"], counts={"images": 7}, duplicates=[], outliers=[], top_losses=[],
+                  label_issues=[{"path": img.paths[i], "given": "ab"[img.y[i]]} for i in (0, 1, 2, 3)])
+    data = json.loads(write_audit(result, Registry(tmp_path).start("audit", {}), relabel=True)["audit"].read_text())
+    assert data["cleaned"] == {"file": "cleaned.csv", "images": 4, "removed": 3, "relabel": True, "relabelled": 1,
+                               "label_issues_dropped_below": 0.2}
+    assert [d["cleaned"] for d in data["label_issues"]] == ["relabelled", "dropped", "kept", "kept"]
 
 
 # ------------------------------------------------------------------------------- as a user runs it

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -151,7 +152,8 @@ def _cleaned(audit: Mapping[str, Any], folder: Path) -> str:
     if not isinstance(c, Mapping) or "images" not in c:
         return ""
     relabelled = f", {_e(c.get('relabelled', 0))} relabelled" if c.get("relabel") else ""
-    command = f"python cli.py fit-head --data {folder / str(c.get('file', 'cleaned.csv'))} --allow-outside-paths"
+    manifest = shlex.quote(str(folder / str(c.get("file", "cleaned.csv"))))
+    command = f"python cli.py fit-head --data {manifest} --allow-outside-paths"
     return (f'<p class="cleaned">cleaned.csv keeps {_e(c["images"])} images, {_e(c.get("removed", "?"))} '
             f"removed{relabelled}; train on it: <code>{_e(command)}</code></p>")
 

@@ -288,25 +288,48 @@ def _top_losses(img: Audited, ev: LabelEvidence, split_proba: Mapping[str, np.nd
     return out
 
 
-def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW) -> list[tuple[str, str, str]]:
-    """(path, label, split) of the images to keep: without the label issues whose given label the
-    evidence all but rules out (out-of-fold probability under `drop_below`, 1 drops them all; with `relabel`, confident
-    suggestions are applied first), outliers, and the second image of each duplicate pair (the val or
-    test one of a pair that crosses splits). The other label issues stay, with their labels: most are
-    hard images, not wrong ones, and training without them cost more than it gained (bench/audit.py)."""
+@dataclass
+class Cleaning:
+    """What cleaned.csv does, by row of the audited images: each row's label (suggestions applied), the
+    rows it drops, and per listed label issue (in the order listed) dropped, kept or relabelled."""
+
+    labels: np.ndarray
+    drop: set[int]
+    issue_actions: list[str]
+
+
+def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW) -> Cleaning:
+    """Drop the label issues whose given label the evidence all but rules out (out-of-fold probability
+    under `drop_below`; 1 drops every issue not relabelled), with `relabel` after applying suggestions
+    of RELABEL_CONFIDENCE or more; drop outliers and the later split's image of each duplicate pair.
+    The other issues stay with their labels: most are hard images, not wrong ones, and training without
+    them cost more than it gained (bench/audit.py)."""
     img: Audited = result["_images"]
     c = result["_cleaning"]
     order = {"train": 0, "val": 1, "test": 2}
     drop = set(c["outliers"])
     for a, b in c["pairs"]:
         drop.add(max((a, b), key=lambda r: (order.get(img.splits[r], 3), r)))
-    labels = list(img.y)
+    labels = img.y.copy()
     for i in c["flagged_issues"]:
         if relabel and c["confidence"][i] >= RELABEL_CONFIDENCE:
             labels[i] = c["suggested"][i]
         elif c["given_probability"][i] < drop_below:
             drop.add(i)
-    return [(img.paths[i], img.class_names[labels[i]], img.splits[i]) for i in range(img.y.size) if i not in drop]
+    actions = ["dropped" if i in drop else "relabelled" if labels[i] != img.y[i] else "kept"
+               for i in c["flagged_issues"]]
+    return Cleaning(labels, drop, actions)
+
+
+def _kept_rows(img: Audited, plan: Cleaning) -> list[tuple[str, str, str]]:
+    return [(img.paths[i], img.class_names[plan.labels[i]], img.splits[i]) for i in range(img.y.size)
+            if i not in plan.drop]
+
+
+def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW
+                 ) -> list[tuple[str, str, str]]:
+    """(path, label, split) of the images cleaned.csv keeps (`plan_cleaning`)."""
+    return _kept_rows(result["_images"], plan_cleaning(result, relabel, drop_below))
 
 
 CSV_COLUMNS = {
@@ -328,18 +351,20 @@ def _csv_text(rows: list[Mapping[str, Any]] | list[tuple], columns: tuple[str, .
 
 def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_below: float = DROP_BELOW
                 ) -> dict[str, Path]:
-    """Write audit.json, a CSV per finding, cleaned.csv and report.html into the run folder."""
+    """Write audit.json, a CSV per finding, cleaned.csv and report.html into the run folder; sets
+    result["cleaned"] (what cleaned.csv keeps, as audit.json says) for the caller to report."""
     files: dict[str, Path] = {}
-    cleaned = cleaned_rows(result, relabel, drop_below)
+    img: Audited = result["_images"]
+    plan = plan_cleaning(result, relabel, drop_below)
+    cleaned = _kept_rows(img, plan)
+    kept = np.setdiff1d(np.arange(img.y.size), np.fromiter(plan.drop, np.int64, len(plan.drop)))
     public = {k: v for k, v in result.items() if not k.startswith("_")}
-    given = {p: label for p, label in zip(result["_images"].paths, (result["class_names"][i] for i in result["_images"].y))}
-    public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": int(result["counts"]["images"])
-                         - len(cleaned), "relabel": relabel, "relabelled": sum(given[p] != c for p, c, _ in cleaned),
+    public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": len(plan.drop), "relabel": relabel,
+                         "relabelled": int((plan.labels[kept] != img.y[kept]).sum()),
                          "label_issues_dropped_below": drop_below}
     result["cleaned"] = public["cleaned"]
-    kept = {p: c for p, c, _ in cleaned}
-    public["label_issues"] = [{**d, "cleaned": "dropped" if d["path"] not in kept else
-                               "relabelled" if kept[d["path"]] != d["given"] else "kept"} for d in public["label_issues"]]
+    public["label_issues"] = [{**issue, "cleaned": action}
+                              for issue, action in zip(public["label_issues"], plan.issue_actions)]
     for name, columns in CSV_COLUMNS.items():
         files[name] = run.path(f"{name}.csv")
         write_text_atomic(files[name], _csv_text(public[name], columns))

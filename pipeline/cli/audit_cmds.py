@@ -3,6 +3,8 @@ model (top losses, confused classes), from the cached features, as a recorded ru
 
 from __future__ import annotations
 
+import shlex
+
 
 import click
 
@@ -24,11 +26,11 @@ from pipeline.tracking.runs import Registry
               help="Folds of the out-of-fold probabilities.")
 @click.option("--relabel", is_flag=True,
               help="cleaned.csv keeps a label issue with its suggested label where that has an out-of-fold "
-                   "probability of 0.7 or more, instead of dropping it.")
+                   "probability of 0.7 or more (before --drop-below applies to the rest).")
 @click.option("--drop-below", type=click.FloatRange(0.0, 1.0), default=None,
               help="cleaned.csv drops a label issue whose given label has an out-of-fold probability under this "
                    "(default 0.2); the others stay in with their labels (mostly hard images, not wrong ones). "
-                   "1 drops every listed issue.")
+                   "1 drops every listed issue that --relabel does not relabel.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D embedding map (t-SNE: the slowest part).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @trust_pickle_option
@@ -81,7 +83,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}")
     cleaned = result["cleaned"]
     relabelled = f", relabels {cleaned['relabelled']}" if cleaned["relabel"] else ""
-    click.echo(f"cleaned.csv leaves out {cleaned['removed']} images (the label errors it is sure of, outliers, "
-               f"duplicate copies){relabelled}; train on it: python cli.py fit-head --data {files['cleaned']} "
-               f"--allow-outside-paths", err=True)
+    click.echo(f"cleaned.csv leaves out {cleaned['removed']} images (label issues under --drop-below "
+               f"{cleaned['label_issues_dropped_below']:g}, outliers, duplicate copies){relabelled}; train on it: "
+               f"python cli.py fit-head --data {shlex.quote(str(files['cleaned']))} --allow-outside-paths", err=True)
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
