@@ -256,7 +256,6 @@ def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 10) 
     rows = listing(root)
     clean_lab = {p: c for p, c, _ in rows}
     acc_of: dict[str, list[float]] = {}
-    X = names = va = None
     for s in range(seed, seed + seeds):
         noisy, truth = flip(rows, 0.10, s + 1)
         manifest = write_manifest(noisy, work / f"flowers-flip10-seed{s}.csv")

@@ -290,12 +290,16 @@ def _top_losses(img: Audited, ev: LabelEvidence, split_proba: Mapping[str, np.nd
 
 @dataclass
 class Cleaning:
-    """What cleaned.csv does, by row of the audited images: each row's label (suggestions applied), the
-    rows it drops, and per listed label issue (in the order listed) dropped, kept or relabelled."""
+    """What cleaned.csv does, by row of the audited images: each row's label (suggestions applied),
+    which rows it keeps, and per listed label issue (in the order listed) dropped, kept or relabelled."""
 
     labels: np.ndarray
-    drop: set[int]
+    keep: np.ndarray
     issue_actions: list[str]
+
+    def rows(self, img: Audited) -> list[tuple[str, str, str]]:
+        """(path, label, split) of the kept rows: cleaned.csv's lines."""
+        return [(img.paths[i], img.class_names[self.labels[i]], img.splits[i]) for i in np.flatnonzero(self.keep)]
 
 
 def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW) -> Cleaning:
@@ -307,29 +311,25 @@ def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = 
     img: Audited = result["_images"]
     c = result["_cleaning"]
     order = {"train": 0, "val": 1, "test": 2}
-    drop = set(c["outliers"])
+    keep = np.ones(img.y.size, bool)
+    keep[c["outliers"]] = False
     for a, b in c["pairs"]:
-        drop.add(max((a, b), key=lambda r: (order.get(img.splits[r], 3), r)))
+        keep[max((a, b), key=lambda r: (order.get(img.splits[r], 3), r))] = False
     labels = img.y.copy()
     for i in c["flagged_issues"]:
         if relabel and c["confidence"][i] >= RELABEL_CONFIDENCE:
             labels[i] = c["suggested"][i]
         elif c["given_probability"][i] < drop_below:
-            drop.add(i)
-    actions = ["dropped" if i in drop else "relabelled" if labels[i] != img.y[i] else "kept"
+            keep[i] = False
+    actions = ["dropped" if not keep[i] else "relabelled" if labels[i] != img.y[i] else "kept"
                for i in c["flagged_issues"]]
-    return Cleaning(labels, drop, actions)
-
-
-def _kept_rows(img: Audited, plan: Cleaning) -> list[tuple[str, str, str]]:
-    return [(img.paths[i], img.class_names[plan.labels[i]], img.splits[i]) for i in range(img.y.size)
-            if i not in plan.drop]
+    return Cleaning(labels, keep, actions)
 
 
 def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW
                  ) -> list[tuple[str, str, str]]:
     """(path, label, split) of the images cleaned.csv keeps (`plan_cleaning`)."""
-    return _kept_rows(result["_images"], plan_cleaning(result, relabel, drop_below))
+    return plan_cleaning(result, relabel, drop_below).rows(result["_images"])
 
 
 CSV_COLUMNS = {
@@ -356,11 +356,10 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
     files: dict[str, Path] = {}
     img: Audited = result["_images"]
     plan = plan_cleaning(result, relabel, drop_below)
-    cleaned = _kept_rows(img, plan)
-    kept = np.setdiff1d(np.arange(img.y.size), np.fromiter(plan.drop, np.int64, len(plan.drop)))
+    cleaned = plan.rows(img)
     public = {k: v for k, v in result.items() if not k.startswith("_")}
-    public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": len(plan.drop), "relabel": relabel,
-                         "relabelled": int((plan.labels[kept] != img.y[kept]).sum()),
+    public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": int((~plan.keep).sum()),
+                         "relabel": relabel, "relabelled": int((plan.labels != img.y)[plan.keep].sum()),
                          "label_issues_dropped_below": drop_below}
     result["cleaned"] = public["cleaned"]
     public["label_issues"] = [{**issue, "cleaned": action}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shlex
 
-
 import click
 
 from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options, trust_pickle_option
