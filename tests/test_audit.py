@@ -401,3 +401,6 @@ def test_cli_audit_bad_input_is_one_line(tmp_path):
     missing_run = run_cli("audit", "--data", str(one), "--run", "nope", "--cache-dir", str(tmp_path / "c"), *FAST)
     assert missing_run.returncode == 2 and "Traceback" not in missing_run.stderr
     assert len(missing_run.stderr.strip().splitlines()) == 1, missing_run.stderr
+    bad = run_cli("audit", "--data", str(one), "--drop-below", "1.5", "--cache-dir", str(tmp_path / "c"), *FAST)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--drop-below" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
