@@ -19,7 +19,11 @@ from typing import Iterator
 @contextlib.contextmanager
 def muted_stderr(show_on_error: bool = True) -> Iterator[None]:
     """Send fd 2 to a temporary file for the block; on an exception, write what it caught to stderr
-    first when `show_on_error` (the chatter may explain the failure), then re-raise."""
+    first when `show_on_error` (the chatter may explain the failure), then re-raise.
+
+    fd 2 is the whole process's: other threads (image decoding overlaps TensorFlow's import) write into
+    the mute too. Their decoder warnings about the user's images are passed on afterwards, so that a
+    command's NativeChatter still counts them; only the set-up chatter is dropped."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
@@ -32,6 +36,13 @@ def muted_stderr(show_on_error: bool = True) -> Iterator[None]:
                 sink.seek(0)
                 sys.stderr.write(sink.read().decode(errors="replace"))
             raise
+        else:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            kept = b"".join(line for line in sink.read().splitlines(keepends=True) if is_counted(line))
+            if kept:
+                with contextlib.suppress(OSError):
+                    os.write(2, kept if kept.endswith(b"\n") else kept + b"\n")
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -46,6 +57,11 @@ _CHATTER = (
     ("libpng", re.compile(rb"^libpng warning: "), True),
     ("tflite", re.compile(rb"^INFO: Created TensorFlow Lite "), False),
 )
+
+
+def is_counted(line: bytes) -> bool:
+    """Whether a line C code printed is a decoder's warning about an image's data (one NativeChatter counts)."""
+    return any(counted and pattern.match(line) for _, pattern, counted in _CHATTER)
 
 
 class NativeChatter:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 
 import numpy as np
 import pytest
@@ -309,3 +310,24 @@ def test_chatter_counts_everything_written_before_exit_while_a_child_holds_the_p
         child.wait(timeout=30)
     time.sleep(0.5)
     assert "late child line" in capfd.readouterr().err
+
+
+def test_a_mute_around_tensorflows_import_keeps_the_decoder_warnings_of_threads_decoding_meanwhile(capfd):
+    """Decoding overlaps TensorFlow's import, whose start-up lines are muted by pointing fd 2 (the
+    whole process's) at a temporary file: a damaged image decoded by another thread in that window
+    must still be counted (CI once lost its note under load), while the start-up chatter stays muted."""
+    import threading
+
+    from pipeline.quiet_fd import NativeChatter, muted_stderr
+
+    damaged = damage_scan(_encode(_photo(), "JPEG"))
+    capfd.readouterr()
+    with NativeChatter() as chatter:
+        with muted_stderr():
+            os.write(2, b"I0000 cuda_dnn.cc:8310] Unable to register cuDNN factory\n")
+            decoder = threading.Thread(target=dec.decode, args=(damaged,))
+            decoder.start()
+            decoder.join()
+    assert chatter.counts == {"libjpeg": 1}, chatter.counts
+    err = capfd.readouterr().err
+    assert "note: the image decoders warned 1 time(s)" in err and "cuDNN" not in err, err
