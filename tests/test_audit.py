@@ -5,6 +5,7 @@ the counts of audit.json, and bad input gets one line."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -50,9 +51,10 @@ def test_cosine_index_matches_brute_force_and_never_returns_the_own_group():
     assert not (groups[got.index] == groups[:, None]).any()
 
 
-def test_the_approximate_search_finds_nearly_the_exact_neighbours_and_never_the_own_group():
+def test_the_approximate_search_finds_nearly_the_exact_neighbours_and_never_the_own_group(monkeypatch):
     """Above EXACT_ROWS rows self_neighbours switches to an HNSW graph (forced here on a small set):
-    the same neighbours up to a few misses, exact similarities, never the row itself or its group."""
+    the same neighbours up to a few misses, exact similarities, never the row itself or its group;
+    and the same answer again, on any number of threads (an audit must not change between runs)."""
     from pipeline.features.neighbours import self_neighbours
 
     rng = np.random.default_rng(1)
@@ -68,6 +70,11 @@ def test_the_approximate_search_finds_nearly_the_exact_neighbours_and_never_the_
     Z = X / np.linalg.norm(X, axis=1, keepdims=True)
     np.testing.assert_allclose(approx.similarity, np.einsum("ij,ikj->ik", Z, Z[approx.index]), atol=1e-5)
     assert (np.diff(approx.similarity, axis=1) <= 1e-6).all()     # most similar first
+    for threads in (1, 4):  # the graph is built on os.cpu_count() threads
+        monkeypatch.setattr(os, "cpu_count", lambda: threads)
+        again = self_neighbours(X, 10, groups, exact_rows=0)
+        np.testing.assert_array_equal(again.index, approx.index)
+        np.testing.assert_array_equal(again.similarity, approx.similarity)
 
 
 def test_one_projection_serves_the_search_over_all_rows_and_over_a_subset():
