@@ -14,7 +14,8 @@ later manifest of the same files reuses those rows):
 - dups: 50 training images copied into val as JPEG-50, 0.6x, centre-90% and +10%-bright variants
   (200 planted pairs): recall, and cross-split pairs reported against the planted count.
 - outliers: 20 hymenoptera photos dropped into flowers' training classes: how many are in the top 40
-  of the outlier ranking; cleanlab's `OutOfDistribution` on the features beside it.
+  of the outlier ranking; cleanlab's `OutOfDistribution` on the features beside it; then the spread
+  over `--plant-seeds` plants (from all of hymenoptera, its ants alone, its bees alone).
 - clean: 10% of flowers' training labels flipped, over 10 seeds: head-only (auto head) val accuracy
   with clean labels, noisy labels, and `cleaned.csv` (with and without `--relabel`), same val images
   throughout; recovery as a ratio of means, against one clean fit and against clean fits missing 1%.
@@ -204,7 +205,7 @@ def part_dups(root: Path, work: Path, cache: Path, seed: int) -> None:
           f"{cross} = {cross / len(planted):.2f}x planted")
 
 
-def part_outliers(root: Path, work: Path, cache: Path, seed: int) -> None:
+def part_outliers(root: Path, work: Path, cache: Path, seed: int, plant_seeds: int = 20) -> None:
     from cleanlab.outlier import OutOfDistribution
 
     from pipeline.audit.outliers import outlier_scores
@@ -237,6 +238,45 @@ def part_outliers(root: Path, work: Path, cache: Path, seed: int) -> None:
     print(f"outliers: of 20 foreign photos, {sum(p in dropped for p in ours)} in our top 40 "
           f"(listed as outliers: {sum(p in listed for p in dropped)} of {len(listed)} listed); "
           f"cleanlab OutOfDistribution top 40: {sum(p in dropped for p in theirs)}")
+    plant_spread(rows, foreign, classes, work, cache, known, plant_seeds)
+
+
+def plant_spread(rows: list, foreign: list, classes: list[str], work: Path, cache: Path, known: set[str],
+                 seeds: int) -> None:
+    """How the outlier figure moves with the plant: 20 photos drawn with each of `seeds` seeds from all
+    of hymenoptera, from its ants alone and from its bees alone, ranked by the audit's own outlier
+    score (in process, on rows of one cache holding flowers and every hymenoptera photo)."""
+    from pipeline.audit.outliers import outlier_scores
+    from pipeline.features.neighbours import unit_rows
+    from pipeline.features.store import FeatureFile
+    from pipeline.heads.base import FeatureSource
+
+    every = [(p, classes[i % len(classes)], "train") for i, (p, _, _) in enumerate(foreign)]
+    result, _, _ = audit(write_manifest(rows + every, work / "flowers-all-foreign.csv"), cache, "--no-map")
+    with FeatureFile(cache_file(cache, result["cache_key"])) as ff:
+        at = {ff.paths[r]: r for r in range(len(ff.paths)) if ff.views[r] == 0}
+        own = np.asarray([at[p] for p, _, _ in rows])
+        X_own = FeatureSource(ff, np.sort(own)).load_reduced("avg")[np.argsort(np.argsort(own))]
+        X_all = FeatureSource(ff, np.sort([at[p] for p, _, _ in foreign])).load_reduced("avg")
+    order = np.argsort([at[p] for p, _, _ in foreign])
+    X_foreign = np.empty_like(X_all)
+    X_foreign[order] = X_all
+    y_own = np.asarray([classes.index(c) for _, c, _ in rows])
+    own_known = np.asarray([p in known for p, _, _ in rows])
+    for name, pool in (("any", np.arange(len(foreign))),
+                       ("ants", np.flatnonzero(["/ants/" in p for p, _, _ in foreign])),
+                       ("bees", np.flatnonzero(["/bees/" in p for p, _, _ in foreign]))):
+        got = []
+        for seed in range(seeds):
+            pick = pool[np.random.default_rng(seed).choice(pool.size, 20, replace=False)]
+            X = unit_rows(np.concatenate([X_own, X_foreign[pick]]).astype(np.float32), in_place=True)
+            y = np.concatenate([y_own, np.arange(20) % len(classes)])
+            top = np.argsort(-outlier_scores(X, y), kind="stable")[:40]
+            got.append(((top >= len(rows)).sum(), own_known[top[top < len(rows)]].sum()))
+        got = np.asarray(got)
+        print(f"outliers: 20 photos from {name} of hymenoptera, {seeds} plant seeds: {got[:, 0].mean():.1f} in the top 40 "
+              f"({got[:, 0].min()}-{got[:, 0].max()}), with {got[:, 1].mean():.1f} of flowers' own reviewed photos of no "
+              f"flower of their class")
 
 
 def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 10) -> None:
@@ -398,6 +438,7 @@ def main(argv=None) -> None:
     ap.add_argument("--clean-seed", type=int, default=100,
                     help="First flip seed of the clean part (0-11 chose cleaned.csv's rule on 2026-12-05).")
     ap.add_argument("--clean-seeds", type=int, default=10, help="Flip seeds of the clean part.")
+    ap.add_argument("--plant-seeds", type=int, default=20, help="Plant seeds of the outliers part's spread.")
     ap.add_argument("--scale-rows", type=int, default=200_000, help="Rows of the scale part's synthetic cache.")
     args = ap.parse_args(argv)
     work = Path(args.work)
@@ -423,7 +464,7 @@ def main(argv=None) -> None:
     if "dups" in parts:
         part_dups(flowers, work, cache, args.seed)
     if "outliers" in parts:
-        part_outliers(flowers, work, cache, args.seed)
+        part_outliers(flowers, work, cache, args.seed, args.plant_seeds)
     if "clean" in parts:
         part_clean(flowers, work, cache, args.clean_seed, args.clean_seeds)
     if "speed" in parts:
