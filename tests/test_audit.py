@@ -214,6 +214,34 @@ def test_an_image_far_from_its_class_tops_the_outlier_ranking():
     assert int(np.argmax(z)) == 10 and z[10] > 3.5
 
 
+def test_foreign_images_that_vouch_for_each_other_outrank_real_images_between_two_classes():
+    """A group of foreign images dropped 4 per class sit near each other, which lowers each one's
+    distance to its class; real images between two classes are about as far from theirs. The
+    neighbourhood term (the z of an image's nearest images overall) lifts the first, which sit among
+    outliers, over the second, which sit among ordinary images of the other class."""
+    from pipeline.audit.outliers import class_knn_distance, class_z
+    from pipeline.features.neighbours import unit_rows
+
+    found_old, found_new = [], []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        centres = rng.standard_normal((3, 32)) * 2
+        y = np.repeat(np.arange(3), 60)
+        X = centres[y] + rng.standard_normal((180, 32))
+        foreign = rng.standard_normal(32) * 2 + 0.5 * rng.standard_normal((12, 32))
+        between = np.stack([0.3 * centres[c] + 0.7 * centres[(c + 1) % 3] + rng.standard_normal(32)
+                            for c in (0, 1, 2) * 4])
+        X = unit_rows(np.vstack([X, foreign, between]).astype(np.float32))
+        y = np.concatenate([y, np.arange(12) % 3, np.arange(12) % 3])
+        planted = set(range(180, 192))
+        old = class_z(class_knn_distance(X, y), y)
+        new = outlier_scores(X, y)
+        found_old.append(len(planted & set(np.argsort(-old)[:12].tolist())))
+        found_new.append(len(planted & set(np.argsort(-new)[:12].tolist())))
+    assert all(n > o for n, o in zip(found_new, found_old)), (found_old, found_new)
+    assert sum(found_new) >= 48, found_new
+
+
 def test_near_duplicates_need_the_same_layout_not_only_a_close_embedding(tmp_path):
     from PIL import Image, ImageEnhance
 
