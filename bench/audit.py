@@ -205,7 +205,7 @@ def part_dups(root: Path, work: Path, cache: Path, seed: int) -> None:
           f"{cross} = {cross / len(planted):.2f}x planted")
 
 
-def part_outliers(root: Path, work: Path, cache: Path, seed: int, plant_seeds: int = 20) -> None:
+def part_outliers(root: Path, work: Path, cache: Path, seed: int, plant_seeds: int = 20, plant_start: int = 0) -> None:
     from cleanlab.outlier import OutOfDistribution
 
     from pipeline.audit.outliers import outlier_scores
@@ -238,12 +238,12 @@ def part_outliers(root: Path, work: Path, cache: Path, seed: int, plant_seeds: i
     print(f"outliers: of 20 foreign photos, {sum(p in dropped for p in ours)} in our top 40 "
           f"(listed as outliers: {sum(p in listed for p in dropped)} of {len(listed)} listed); "
           f"cleanlab OutOfDistribution top 40: {sum(p in dropped for p in theirs)}")
-    plant_spread(rows, foreign, classes, work, cache, known, plant_seeds)
+    plant_spread(rows, foreign, classes, work, cache, known, range(plant_start, plant_start + plant_seeds))
 
 
 def plant_spread(rows: list, foreign: list, classes: list[str], work: Path, cache: Path, known: set[str],
-                 seeds: int) -> None:
-    """How the outlier figure moves with the plant: 20 photos drawn with each of `seeds` seeds from all
+                 seeds: range) -> None:
+    """How the outlier figure moves with the plant: 20 photos drawn with each of `seeds` from all
     of hymenoptera, from its ants alone and from its bees alone, ranked by the audit's own outlier
     score (in process, on rows of one cache holding flowers and every hymenoptera photo)."""
     from pipeline.audit.outliers import outlier_scores
@@ -267,14 +267,14 @@ def plant_spread(rows: list, foreign: list, classes: list[str], work: Path, cach
                        ("ants", np.flatnonzero(["/ants/" in p for p, _, _ in foreign])),
                        ("bees", np.flatnonzero(["/bees/" in p for p, _, _ in foreign]))):
         got = []
-        for seed in range(seeds):
+        for seed in seeds:
             pick = pool[np.random.default_rng(seed).choice(pool.size, 20, replace=False)]
             X = unit_rows(np.concatenate([X_own, X_foreign[pick]]).astype(np.float32), in_place=True)
             y = np.concatenate([y_own, np.arange(20) % len(classes)])
             top = np.argsort(-outlier_scores(X, y), kind="stable")[:40]
             got.append(((top >= len(rows)).sum(), own_known[top[top < len(rows)]].sum()))
         got = np.asarray(got)
-        print(f"outliers: 20 photos from {name} of hymenoptera, {seeds} plant seeds: {got[:, 0].mean():.1f} in the top 40 "
+        print(f"outliers: 20 photos from {name} of hymenoptera, plant seeds {seeds.start}-{seeds.stop - 1}: {got[:, 0].mean():.1f} in the top 40 "
               f"({got[:, 0].min()}-{got[:, 0].max()}), with {got[:, 1].mean():.1f} of flowers' own reviewed photos of no "
               f"flower of their class")
 
@@ -439,6 +439,8 @@ def main(argv=None) -> None:
                     help="First flip seed of the clean part (0-11 chose cleaned.csv's rule on 2026-12-05).")
     ap.add_argument("--clean-seeds", type=int, default=10, help="Flip seeds of the clean part.")
     ap.add_argument("--plant-seeds", type=int, default=20, help="Plant seeds of the outliers part's spread.")
+    ap.add_argument("--plant-seed-start", type=int, default=0,
+                    help="First plant seed of the spread (the neighbourhood weight was chosen on 0-59; 60 on are fresh).")
     ap.add_argument("--scale-rows", type=int, default=200_000, help="Rows of the scale part's synthetic cache.")
     args = ap.parse_args(argv)
     work = Path(args.work)
@@ -464,7 +466,7 @@ def main(argv=None) -> None:
     if "dups" in parts:
         part_dups(flowers, work, cache, args.seed)
     if "outliers" in parts:
-        part_outliers(flowers, work, cache, args.seed, args.plant_seeds)
+        part_outliers(flowers, work, cache, args.seed, args.plant_seeds, args.plant_seed_start)
     if "clean" in parts:
         part_clean(flowers, work, cache, args.clean_seed, args.clean_seeds)
     if "speed" in parts:

@@ -242,6 +242,25 @@ def test_foreign_images_that_vouch_for_each_other_outrank_real_images_between_tw
     assert sum(found_new) >= 48, found_new
 
 
+def test_a_tiny_class_with_a_duplicate_pair_lists_no_image_of_another_class():
+    """A class of three, two of them copies: its median distance is shared by half the class, so its
+    MAD is 0. Its third image must not score in the thousands, and must not lift the ordinary images
+    of the class it sits among into the outliers (their neighbourhood holds it)."""
+    from pipeline.features.neighbours import self_neighbours, unit_rows
+
+    rng = np.random.default_rng(3)
+    centre = rng.standard_normal(32) * 2
+    ordinary = centre + rng.standard_normal((60, 32))
+    a = rng.standard_normal(32) * 2
+    b = ordinary[0] + 0.05 * rng.standard_normal(32)  # the tiny class's third image, among the others
+    X = unit_rows(np.vstack([ordinary, a, a, b]).astype(np.float32))
+    y = np.concatenate([np.ones(60, int), np.zeros(3, int)])
+    for neigh in (None, self_neighbours(X, 20, normalized=True)):  # the fallback and the runner's table
+        z = outlier_scores(X, y, neigh=neigh)
+        assert np.isfinite(z).all() and np.abs(z).max() < 50, np.abs(z).max()
+        assert (z[:60] < 3.5).all(), np.sort(z[:60])[-5:]
+
+
 def test_near_duplicates_need_the_same_layout_not_only_a_close_embedding(tmp_path):
     from PIL import Image, ImageEnhance
 

@@ -90,8 +90,11 @@ def outlier_scores(X: np.ndarray, y: np.ndarray, k: int = CLASS_K, walk: np.ndar
     """Robust z-score within each class of: the `class_knn_distance` z plus AROUND_WEIGHT times the
     mean of that z over the row's AROUND_K nearest rows overall (the module docstring); 0 for
     classes too small to tell. `neigh`: every row's nearest rows, where the caller has them."""
+    fresh = neigh is None or neigh.index.shape[1] < AROUND_K
+    if fresh and walk is None and X.shape[0] > EXACT_ROWS:
+        walk = search_space(X)  # once, for the class distances and the neighbourhood alike
     z = class_z(class_knn_distance(X, y, k, walk, neigh), y)
-    if neigh is None or neigh.index.shape[1] < AROUND_K:
+    if fresh:
         neigh = self_neighbours(X, AROUND_K, normalized=True, walk=walk)
     idx = neigh.index[:, :AROUND_K]
     listed = idx >= 0
@@ -100,13 +103,19 @@ def outlier_scores(X: np.ndarray, y: np.ndarray, k: int = CLASS_K, walk: np.ndar
 
 
 def class_z(d: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Robust z-score (median, MAD) of `d` within each class; 0 for classes of under 3 finite values."""
+    """Robust z-score (median, MAD) of `d` within each class; 0 for classes of under 3 finite values or
+    of one value. Where half a class or more shares the median (duplicates), the MAD is 0 and the mean
+    absolute deviation stands in for it, so nothing scores in the thousands for being a little apart."""
     z = np.zeros(y.size)
     for c in np.unique(y):
         rows = np.flatnonzero((y == c) & np.isfinite(d))
         if rows.size < 3:
             continue
-        med = np.median(d[rows])
-        mad = np.median(np.abs(d[rows] - med)) * 1.4826
-        z[rows] = (d[rows] - med) / max(mad, 1e-6)
+        dev = d[rows] - np.median(d[rows])
+        spread = np.median(np.abs(dev)) * 1.4826
+        if spread < 1e-6:
+            spread = np.mean(np.abs(dev)) * 1.2533
+        if spread < 1e-6:
+            continue
+        z[rows] = dev / spread
     return z
