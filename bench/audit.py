@@ -15,7 +15,7 @@ later manifest of the same files reuses those rows):
   (200 planted pairs): recall, and cross-split pairs reported against the planted count.
 - outliers: 20 hymenoptera photos dropped into flowers' training classes: how many are in the top 40
   of the outlier ranking; cleanlab's `OutOfDistribution` on the features beside it; then the spread
-  over `--plant-seeds` plants (from all of hymenoptera, its ants alone, its bees alone).
+  over `--plant-seeds` plants from `--plant-seed-start` (from all of hymenoptera, its ants alone, its bees alone).
 - clean: 10% of flowers' training labels flipped, over 10 seeds: head-only (auto head) val accuracy
   with clean labels, noisy labels, and `cleaned.csv` (with and without `--relabel`), same val images
   throughout; recovery as a ratio of means, against one clean fit and against clean fits missing 1%.
