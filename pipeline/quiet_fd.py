@@ -13,7 +13,7 @@ import select
 import sys
 import tempfile
 import threading
-from typing import Iterator
+from typing import IO, Iterator
 
 
 @contextlib.contextmanager
@@ -31,21 +31,26 @@ def muted_stderr(show_on_error: bool = True) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            os.dup2(saved, 2)
-            if show_on_error:
-                sink.seek(0)
-                sys.stderr.write(sink.read().decode(errors="replace"))
+            _pass_on(sink, saved, everything=show_on_error)
             raise
         else:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            kept = b"".join(line for line in sink.read().splitlines(keepends=True) if is_counted(line))
-            if kept:
-                with contextlib.suppress(OSError):
-                    os.write(2, kept if kept.endswith(b"\n") else kept + b"\n")
+            _pass_on(sink, saved, everything=False)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def _pass_on(sink: IO[bytes], saved: int, everything: bool) -> None:
+    """Restore fd 2 and write to it what the mute caught: everything (an error's explanation), or only
+    the decoder warnings a NativeChatter counts."""
+    os.dup2(saved, 2)
+    sink.seek(0)
+    caught = sink.read()
+    if not everything:
+        caught = b"".join(line for line in caught.splitlines(keepends=True) if is_counted(line))
+    if caught:
+        with contextlib.suppress(OSError):
+            os.write(2, caught if caught.endswith(b"\n") else caught + b"\n")
 
 
 # Lines C libraries print straight to fd 2: (family, pattern, counted). Counted families are about the

@@ -331,3 +331,22 @@ def test_a_mute_around_tensorflows_import_keeps_the_decoder_warnings_of_threads_
     assert chatter.counts == {"libjpeg": 1}, chatter.counts
     err = capfd.readouterr().err
     assert "note: the image decoders warned 1 time(s)" in err and "cuDNN" not in err, err
+
+
+@pytest.mark.parametrize("show_on_error", [True, False])
+def test_a_mute_that_ends_in_an_error_still_passes_on_the_decoder_warnings(capfd, show_on_error):
+    """On an error the mute shows what it caught (the chatter may explain the failure) or, with
+    show_on_error=False (Ray's connection retries), nothing but the decoder warnings: either way they
+    reach the command's NativeChatter and are counted."""
+    from pipeline.quiet_fd import NativeChatter, muted_stderr
+
+    capfd.readouterr()
+    with NativeChatter() as chatter:
+        with pytest.raises(RuntimeError), muted_stderr(show_on_error=show_on_error):
+            os.write(2, b"set-up chatter that explains the failure\n")
+            os.write(2, b"Corrupt JPEG data: 3 extraneous bytes before marker 0xd9\n")
+            raise RuntimeError("failed")
+    assert chatter.counts == {"libjpeg": 1}, chatter.counts
+    err = capfd.readouterr().err
+    assert "note: the image decoders warned 1 time(s)" in err, err
+    assert ("set-up chatter that explains the failure" in err) == show_on_error, err
