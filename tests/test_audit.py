@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -388,9 +389,47 @@ def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_co
     result.update(class_names=["a", "b"], counts={"images": 7}, duplicates=[], outliers=[], top_losses=[],
                   label_issues=[{"path": img.paths[i], "given": "ab"[img.y[i]]} for i in (0, 1, 2, 3)])
     data = json.loads(write_audit(result, Registry(tmp_path).start("audit", {}), relabel=True)["audit"].read_text())
-    assert data["cleaned"] == {"file": "cleaned.csv", "images": 4, "removed": 3, "relabel": True, "relabelled": 1,
-                               "label_issues_dropped_below": 0.2}
+    assert {k: v for k, v in data["cleaned"].items() if k != "command"} == {
+        "file": "cleaned.csv", "images": 4, "removed": 3, "relabel": True, "relabelled": 1,
+        "label_issues_dropped_below": 0.2}
     assert [d["cleaned"] for d in data["label_issues"]] == ["relabelled", "dropped", "kept", "kept"]
+
+
+def test_the_retrain_command_asks_for_the_cached_features_and_only_for_files(tmp_path):
+    """fit-head reuses cached rows only for the same extraction: the command carries the cache's
+    options that are not defaults, a backend other than TensorFlow and a cache folder other than the
+    default; built-in and tfds: images cannot be named by a manifest, so no command is offered."""
+    from pipeline.audit.runner import retrain_command
+    from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest
+
+    request = ExtractRequest(data="/photos", backbone="efficientnet_lite0", dtype="float32", pooling="max").to_json()
+    where = {"data": "/photos", "request": json.dumps(request), "backend": "jax", "cache_root": str(tmp_path / "c")}
+    words = shlex.split(retrain_command({"_retrain": where}, tmp_path / "a b" / "cleaned.csv"))
+    assert words == ["python", "cli.py", "fit-head", "--data", str(tmp_path / "a b" / "cleaned.csv"),
+                     "--allow-outside-paths", "--backbone", "efficientnet_lite0", "--pooling", "max", "--dtype",
+                     "float32", "--backend", "jax", "--cache-dir", str(tmp_path / "c")]
+    plain = {**where, "request": json.dumps(ExtractRequest().to_json()), "backend": "tensorflow",
+             "cache_root": str(DEFAULT_CACHE)}
+    assert retrain_command({"_retrain": plain}, Path("/r/cleaned.csv")) == (
+        "python cli.py fit-head --data /r/cleaned.csv --allow-outside-paths")
+    for data in ("builtin:digits", "tfds:beans"):
+        assert retrain_command({"_retrain": {**where, "data": data}}, Path("/r/cleaned.csv")) is None
+
+
+def test_cleaning_keeps_one_copy_of_a_pair_and_relabels_only_to_another_label():
+    """A duplicate pair whose earlier copy goes anyway (an outlier here, a dropped label issue there)
+    keeps its later copy, so the image stays once; a label issue that confident learning alone lists
+    (its suggestion is its given label, p 0.8) is not 'relabelled' to itself: --drop-below 1 drops it
+    with --relabel as without."""
+    img = Audited(rows=np.arange(7), X=np.zeros((7, 2)), y=np.array([0, 0, 0, 1, 1, 0, 1]),
+                  paths=[f"p{i}" for i in range(7)], splits=np.array(["train", "val", "train", "test", "train",
+                                                                       "train", "train"]), class_names=["a", "b"])
+    result = {"_images": img, "_cleaning": {
+        "flagged_issues": [2, 6], "outliers": [0], "pairs": [(1, 0), (2, 3)], "suggested": [0, 0, 1, 1, 1, 0, 1],
+        "confidence": [0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.8], "given_probability": [0.9, 0.9, 0.05, 0.9, 0.9, 0.9, 0.8]}}
+    assert [p for p, _, _ in cleaned_rows(result, relabel=False)] == ["p1", "p3", "p4", "p5", "p6"]
+    assert [p for p, _, _ in cleaned_rows(result, relabel=False, drop_below=1.0)] == ["p1", "p3", "p4", "p5"]
+    assert [p for p, _, _ in cleaned_rows(result, relabel=True, drop_below=1.0)] == ["p1", "p2", "p4", "p5"]
 
 
 # ------------------------------------------------------------------------------- as a user runs it
@@ -420,8 +459,12 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     runs = run_cli("runs", "--stage", "audit", "--cache-dir", cache)
     assert run_dir.name in runs.stdout, runs.stdout + runs.stderr
 
-    fit = run_cli("fit-head", "--data", str(run_dir / "cleaned.csv"), "--allow-outside-paths", "--cache-dir", cache,
-                  *FAST, "--head", "logistic", "--C", "1.0")
+    # the command the audit prints (and audit.json holds) trains on cleaned.csv with the cache's options
+    printed = re.search(r"train on it: (.*)$", proc.stderr, re.M).group(1)
+    assert printed == audit["cleaned"]["command"]
+    words = shlex.split(printed)
+    assert words[:3] == ["python", "cli.py", "fit-head"] and "--cache-dir" in words and "vgg16" in words
+    fit = run_cli(*words[2:], "--no-progress", "--head", "logistic", "--C", "1.0")
     assert fit.returncode == 0, fit.stderr
     assert "computed 0" in fit.stdout + fit.stderr, fit.stdout + fit.stderr
 

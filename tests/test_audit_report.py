@@ -4,6 +4,7 @@ a real browser (headless Chromium) with header counts equal to audit.json's."""
 from __future__ import annotations
 
 import base64
+import html
 import io
 import re
 import shutil
@@ -137,12 +138,15 @@ def test_report_is_self_contained_escaped_and_robust(tmp_path):
 
 
 def test_the_header_says_what_cleaned_csv_keeps_and_how_to_train_on_it(tmp_path):
-    cleaned = {"file": "cleaned.csv", "images": 90, "removed": 10, "relabel": True, "relabelled": 4}
+    command = "python cli.py fit-head --data '/a b/cleaned.csv' --allow-outside-paths --backbone vgg16"
+    cleaned = {"file": "cleaned.csv", "images": 90, "removed": 10, "relabel": True, "relabelled": 4, "command": command}
     page = write_report({"cleaned": cleaned}, tmp_path / "run" / "report.html", lambda p: None).read_text()
-    assert "cleaned.csv keeps 90 images, 10 removed, 4 relabelled" in page
-    assert f"fit-head --data {tmp_path / 'run' / 'cleaned.csv'} --allow-outside-paths" in page
+    assert "cleaned.csv keeps 90 images, 10 removed (train, val and test alike), 4 relabelled" in page
+    assert f"train on it: <code>{html.escape(command)}</code>" in page
     page = write_report({"cleaned": {**cleaned, "relabel": False}}, tmp_path / "r.html", lambda p: None).read_text()
-    assert "10 removed; train on it" in page and " relabelled;" not in page
+    assert "10 removed (train, val and test alike); train on it" in page and " relabelled;" not in page
+    page = write_report({"cleaned": {**cleaned, "command": None}}, tmp_path / "b.html", lambda p: None).read_text()
+    assert "train on it" not in page and "which a manifest cannot load" in page
     issue = {"path": "a.jpg", "split": "train", "given": "daisy", "suggested": "roses", "score": 0.9, "cleaned": "dropped"}
     page = write_report({"label_issues": [issue]}, tmp_path / "i.html", lambda p: None).read_text()
     assert '<span class="cleaned-dropped">dropped in cleaned.csv</span>' in page

@@ -13,7 +13,6 @@ import base64
 import html
 import io
 import os
-import shlex
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -146,19 +145,20 @@ def _cards(items: Any, card: Callable[[Mapping[str, Any]], str], headers: Sequen
     return "".join(out)
 
 
-def _cleaned(audit: Mapping[str, Any], folder: Path) -> str:
+def _cleaned(audit: Mapping[str, Any]) -> str:
     """What cleaned.csv keeps and the command that trains on it (nothing where the audit has no `cleaned`)."""
     c = audit.get("cleaned")
     if not isinstance(c, Mapping) or "images" not in c:
         return ""
     relabelled = f", {_e(c.get('relabelled', 0))} relabelled" if c.get("relabel") else ""
-    manifest = shlex.quote(str(folder / str(c.get("file", "cleaned.csv"))))
-    command = f"python cli.py fit-head --data {manifest} --allow-outside-paths"
+    command = c.get("command")
+    use = (f"train on it: <code>{_e(command)}</code>" if command else
+           "it names built-in or tfds: images, which a manifest cannot load")
     return (f'<p class="cleaned">cleaned.csv keeps {_e(c["images"])} images, {_e(c.get("removed", "?"))} '
-            f"removed{relabelled}; train on it: <code>{_e(command)}</code></p>")
+            f"removed (train, val and test alike){relabelled}; {use}</p>")
 
 
-def _header(audit: Mapping[str, Any], folder: Path) -> str:
+def _header(audit: Mapping[str, Any]) -> str:
     meta = "".join(f"<dt>{label}</dt><dd>{_e(audit[key]) if key in audit else 'not computed'}</dd>"
                    for key, label in (("data", "data"), ("run", "run"), ("cache_key", "cache key")))
     counts = audit.get("counts")
@@ -170,7 +170,7 @@ def _header(audit: Mapping[str, Any], folder: Path) -> str:
         summary = '<span class="na">counts not computed</span>'
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS)
     return (f"<h1>Data audit</h1><dl class=meta>{meta}</dl><div class=counts>{summary}</div>"
-            f"{_cleaned(audit, folder)}<nav><p>{nav}</p></nav>")
+            f"{_cleaned(audit)}<nav><p>{nav}</p></nav>")
 
 
 def _label_issues(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
@@ -351,7 +351,7 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
                        for (sid, title), body in zip(SECTIONS, parts))
     title = _e(f"Data audit: {audit.get('run') or audit.get('data') or ''}")
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head><body>{_header(audit, out.parent)}{sections}</body></html>\n")
+            f"<style>{CSS}</style></head><body>{_header(audit)}{sections}</body></html>\n")
     # Non-ASCII as character references: the file is then correct whatever the locale's encoding.
     write_text_atomic(out, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
     return out

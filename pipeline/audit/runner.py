@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,14 @@ from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, cv_splits, f
                                    rank_issues)
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.report import write_report
+from pipeline.data.sources import names_files
 from pipeline.errors import UserError
+from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest
 from pipeline.features.neighbours import EXACT_ROWS, search_space, self_neighbours, unit_rows
 from pipeline.features.reuse import fill_hashes
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head
+from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import Run
 
 AUDIT_VERSION = 1
@@ -263,8 +267,11 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     result["seconds"]["total"] = round(time.perf_counter() - t["start"], 3)
     result["_cleaning"] = {"flagged_issues": issues.tolist(), "outliers": out_rows.tolist(),
                            "pairs": [(p.a, p.b) for p in pairs], "suggested": suggested.tolist(),
-                           "confidence": ev.proba.max(axis=1).tolist(), "given_probability": (1.0 - issue_score).tolist()}
+                           "confidence": ev.proba.max(axis=1).tolist(),
+                           "given_probability": ev.proba[np.arange(n), img.y].tolist()}
     result["_images"] = img
+    result["_retrain"] = {"data": str(ff.attrs.get("data") or ""), "request": ff.attrs.get("request"),
+                          "backend": ff.attrs.get("backend"), "cache_root": str(CacheLayout.of(ff.path).root)}
     return result
 
 
@@ -313,14 +320,16 @@ def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = 
     order = {"train": 0, "val": 1, "test": 2}
     keep = np.ones(img.y.size, bool)
     keep[c["outliers"]] = False
-    for a, b in c["pairs"]:
-        keep[max((a, b), key=lambda r: (order.get(img.splits[r], 3), r))] = False
     labels = img.y.copy()
     for i in c["flagged_issues"]:
-        if relabel and c["confidence"][i] >= RELABEL_CONFIDENCE:
+        if relabel and c["suggested"][i] != img.y[i] and c["confidence"][i] >= RELABEL_CONFIDENCE:
             labels[i] = c["suggested"][i]
         elif c["given_probability"][i] < drop_below:
             keep[i] = False
+    for a, b in c["pairs"]:  # one copy goes: the later split's, unless the other is gone already
+        later, earlier = sorted((a, b), key=lambda r: (order.get(img.splits[r], 3), r), reverse=True)
+        if keep[earlier]:
+            keep[later] = False
     actions = ["dropped" if not keep[i] else "relabelled" if labels[i] != img.y[i] else "kept"
                for i in c["flagged_issues"]]
     return Cleaning(labels, keep, actions)
@@ -330,6 +339,29 @@ def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = D
                  ) -> list[tuple[str, str, str]]:
     """(path, label, split) of the images cleaned.csv keeps (`plan_cleaning`)."""
     return plan_cleaning(result, relabel, drop_below).rows(result["_images"])
+
+
+def retrain_command(result: Mapping[str, Any], manifest: Path) -> str | None:
+    """The fit-head command that trains on cleaned.csv and reuses every cached row: the cache's
+    extraction options that are not defaults, its backend if not TensorFlow, its cache folder if not
+    the default; None where the audited images are not files (built-in or tfds: images)."""
+    r = result.get("_retrain") or {}
+    if not names_files(r.get("data") or ""):
+        return None
+    words = ["python", "cli.py", "fit-head", "--data", str(manifest), "--allow-outside-paths"]
+    request = r.get("request")
+    try:
+        if request:
+            words += ExtractRequest.from_json(json.loads(request) if isinstance(request, str) else request
+                                              ).feature_flags()
+    except (UserError, ValueError):  # a cache of another version: the plain command, as before
+        pass
+    if r.get("backend") and r["backend"] != "tensorflow":
+        words += ["--backend", str(r["backend"])]
+    root = Path(r.get("cache_root") or DEFAULT_CACHE).resolve()
+    if root != DEFAULT_CACHE.resolve():
+        words += ["--cache-dir", str(root)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 CSV_COLUMNS = {
@@ -360,7 +392,8 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
     public = {k: v for k, v in result.items() if not k.startswith("_")}
     public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": int((~plan.keep).sum()),
                          "relabel": relabel, "relabelled": int((plan.labels != img.y)[plan.keep].sum()),
-                         "label_issues_dropped_below": drop_below}
+                         "label_issues_dropped_below": drop_below,
+                         "command": retrain_command(result, run.path("cleaned.csv"))}
     result["cleaned"] = public["cleaned"]
     public["label_issues"] = [{**issue, "cleaned": action}
                               for issue, action in zip(public["label_issues"], plan.issue_actions)]

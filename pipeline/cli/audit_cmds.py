@@ -3,7 +3,6 @@ model (top losses, confused classes), from the cached features, as a recorded ru
 
 from __future__ import annotations
 
-import shlex
 
 import click
 
@@ -82,7 +81,10 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}")
     cleaned = result["cleaned"]
     relabelled = f", relabels {cleaned['relabelled']}" if cleaned["relabel"] else ""
+    use = (f"train on it: {cleaned['command']}" if cleaned["command"] else
+           "it names built-in or tfds: images, which a manifest cannot load: audit a folder or manifest of "
+           "files to train on a cleaned set")
     click.echo(f"cleaned.csv leaves out {cleaned['removed']} images (label issues under --drop-below "
-               f"{cleaned['label_issues_dropped_below']:g}, outliers, duplicate copies){relabelled}; train on it: "
-               f"python cli.py fit-head --data {shlex.quote(str(files['cleaned']))} --allow-outside-paths", err=True)
+               f"{cleaned['label_issues_dropped_below']:g}, outliers, duplicate copies; train, val and test "
+               f"alike){relabelled}; {use}", err=True)
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)

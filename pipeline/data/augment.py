@@ -44,6 +44,11 @@ class AugmentConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def ops_spec(self) -> str:
+        """The `--augment-ops` value that asks for this config ('flip,rotation=0.05,...'; ops at 0 left out)."""
+        return ",".join(name if name == "flip" else f"{name}={value:g}"
+                        for name, value in self.as_dict().items() if value)
+
 
 def augment(image: np.ndarray, cfg: AugmentConfig, seed: int, view: int, index: int) -> np.ndarray:
     """One random view of a uint8 (H, W, 3) image: flip, rotation + zoom (reflected borders),

@@ -581,6 +581,12 @@ class TfdsSource(Source):
             offset += n
 
 
+def names_files(data: str) -> bool:
+    """Whether a `--data` value lists image files (a folder or a manifest), not built-in or tfds: images
+    (whose names a manifest cannot load)."""
+    return not data.startswith(("builtin:", "tfds:"))
+
+
 def open_source(data: str, split: SplitConfig = SplitConfig()) -> Source:
     """Pick the source for a `--data` value: builtin:NAME, tfds:NAME, a CSV/TSV manifest, or a folder."""
     if not data or not data.strip():

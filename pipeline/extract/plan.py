@@ -61,6 +61,21 @@ class ExtractRequest:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def feature_flags(self) -> list[str]:
+        """The command-line options, other than the data and its split, that ask for these features
+        again (those not at their defaults): what a command on another listing of the same files
+        needs in order to reuse their cached rows (audit's cleaned.csv)."""
+        default = ExtractRequest()
+        flags: list[str] = []
+        for name in ("backbone", "weights", "image_size", "resize", "pooling", "layer", "dtype", "precision",
+                     "augment_copies", "augment_seed"):
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                flags += [f"--{name.replace('_', '-')}", str(value)]
+        if self.augment_copies and self.augment != default.augment:
+            flags += ["--augment-ops", self.augment.ops_spec()]
+        return flags
+
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ExtractRequest":
         """The request a cache file or run recorded; UserError when it has fields this version does not
