@@ -43,14 +43,13 @@ MAP_POINTS = 5000      # the 2-D map embeds at most this many images (flagged on
 @dataclass
 class AuditOptions:
     """How to audit: CV folds, the seed, the logistic C of the out-of-fold model, near-duplicate
-    thresholds, whether to draw the map, and whether the cleaned manifest applies suggested labels."""
+    thresholds and whether to draw the map (what cleaned.csv does is `write_audit`'s to say)."""
 
     cv: int = 5
     seed: int = 0
     C: float = DEFAULT_C
     near: NearSettings = field(default_factory=NearSettings)
     draw_map: bool = True
-    relabel: bool = False
 
 
 @dataclass

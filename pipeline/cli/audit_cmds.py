@@ -55,7 +55,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
                             f"reads the cached features (a fine-tuned model would need the images again)")
         head = loaded.head
     ff = open_cache(cache, kw, command="audit", splits=None)
-    options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map, relabel=relabel)
+    options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map)
     with ff:
         check_finite(ff)
         if head is not None:  # a head of other features or classes: one line, before a run is recorded
