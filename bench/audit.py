@@ -255,12 +255,12 @@ def plant_spread(rows: list, foreign: list, classes: list[str], work: Path, cach
     result, _, _ = audit(write_manifest(rows + every, work / "flowers-all-foreign.csv"), cache, "--no-map")
     with FeatureFile(cache_file(cache, result["cache_key"])) as ff:
         at = {ff.paths[r]: r for r in range(len(ff.paths)) if ff.views[r] == 0}
-        own = np.asarray([at[p] for p, _, _ in rows])
-        X_own = FeatureSource(ff, np.sort(own)).load_reduced("avg")[np.argsort(np.argsort(own))]
-        X_all = FeatureSource(ff, np.sort([at[p] for p, _, _ in foreign])).load_reduced("avg")
-    order = np.argsort([at[p] for p, _, _ in foreign])
-    X_foreign = np.empty_like(X_all)
-    X_foreign[order] = X_all
+
+        def features(listed: list) -> np.ndarray:  # in the listing's order (the file is read in its own)
+            where = np.asarray([at[p] for p, _, _ in listed])
+            return FeatureSource(ff, np.sort(where)).load_reduced("avg")[np.argsort(np.argsort(where))]
+
+        X_own, X_foreign = features(rows), features(foreign)
     y_own = np.asarray([classes.index(c) for _, c, _ in rows])
     own_known = np.asarray([p in known for p, _, _ in rows])
     for name, pool in (("any", np.arange(len(foreign))),

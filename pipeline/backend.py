@@ -19,6 +19,7 @@ from pipeline.errors import UserError
 from pipeline.versions import version
 
 BACKENDS = ("tensorflow", "jax", "torch")
+DEFAULT = "tensorflow"  # what Keras picks when neither KERAS_BACKEND nor keras.json names one
 _LIBRARY = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 _EXTRA = {"tensorflow": "pip install -e .", "jax": 'pip install -e ".[jax]"', "torch": 'pip install -e ".[torch]"'}
 
@@ -36,7 +37,7 @@ def name() -> str:
         configured = json.loads((home / "keras.json").read_text()).get("backend")
     except (OSError, ValueError, AttributeError):
         configured = None
-    return _canonical(configured) if configured else "tensorflow"
+    return _canonical(configured) if configured else DEFAULT
 
 
 def _canonical(value: str) -> str:

@@ -64,9 +64,18 @@ _CHATTER = (
 )
 
 
+def _family(line: bytes) -> tuple[str, bool] | None:
+    """The chatter family of a line C code printed and whether it is counted; None for other lines."""
+    for family, pattern, counted in _CHATTER:
+        if pattern.match(line):
+            return family, counted
+    return None
+
+
 def is_counted(line: bytes) -> bool:
     """Whether a line C code printed is a decoder's warning about an image's data (one NativeChatter counts)."""
-    return any(counted and pattern.match(line) for _, pattern, counted in _CHATTER)
+    found = _family(line)
+    return found is not None and found[1]
 
 
 class NativeChatter:
@@ -174,13 +183,13 @@ class NativeChatter:
             self._pass(line + b"\n")
 
     def _line(self, line: bytes) -> None:
-        for family, pattern, counted in _CHATTER:
-            if pattern.match(line):
-                if counted:
-                    self.counts[family] = self.counts.get(family, 0) + 1
-                    self.first.setdefault(family, line.decode(errors="replace").strip())
-                return
-        self._pass(line + b"\n")
+        found = _family(line)
+        if found is None:
+            self._pass(line + b"\n")
+        elif found[1]:
+            family = found[0]
+            self.counts[family] = self.counts.get(family, 0) + 1
+            self.first.setdefault(family, line.decode(errors="replace").strip())
 
     def _pass(self, data: bytes) -> None:
         with contextlib.suppress(OSError):

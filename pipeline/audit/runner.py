@@ -22,6 +22,7 @@ from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, cv_splits, f
                                    rank_issues)
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.report import write_report
+from pipeline.backend import DEFAULT as DEFAULT_BACKEND
 from pipeline.data.sources import names_files
 from pipeline.errors import UserError
 from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest
@@ -342,7 +343,7 @@ def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = D
 
 def retrain_command(result: Mapping[str, Any], manifest: Path) -> str | None:
     """The fit-head command that trains on cleaned.csv and reuses every cached row: the cache's
-    extraction options that are not defaults, its backend if not TensorFlow, its cache folder if not
+    extraction options that are not defaults, its backend if not Keras' default, its cache folder if not
     the default; None where the audited images are not files (built-in or tfds: images)."""
     r = result.get("_retrain") or {}
     if not names_files(r.get("data") or ""):
@@ -355,7 +356,7 @@ def retrain_command(result: Mapping[str, Any], manifest: Path) -> str | None:
                                               ).feature_flags()
     except (UserError, ValueError):  # a cache of another version: the plain command, as before
         pass
-    if r.get("backend") and r["backend"] != "tensorflow":
+    if r.get("backend") and r["backend"] != DEFAULT_BACKEND:
         words += ["--backend", str(r["backend"])]
     root = Path(r.get("cache_root") or DEFAULT_CACHE).resolve()
     if root != DEFAULT_CACHE.resolve():
