@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -427,6 +428,17 @@ def part_scale(work: Path, cache: Path, rows: int) -> None:
         break
 
 
+def counted(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least` (argparse turns the error into one line)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"whole number from {least}"
+    return parse
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/bench-audit", help="Manifests, planted files and the cache.")
@@ -438,11 +450,15 @@ def main(argv=None) -> None:
     ap.add_argument("--clean-seed", type=int, default=100,
                     help="First flip seed of the clean part (0-11 chose cleaned.csv's rule on 2026-12-05).")
     ap.add_argument("--clean-seeds", type=int, default=10, help="Flip seeds of the clean part.")
-    ap.add_argument("--plant-seeds", type=int, default=20, help="Plant seeds of the outliers part's spread.")
-    ap.add_argument("--plant-seed-start", type=int, default=0,
+    ap.add_argument("--plant-seeds", type=counted(1), default=20, help="Plant seeds of the outliers part's spread.")
+    ap.add_argument("--plant-seed-start", type=counted(0), default=0,
                     help="First plant seed of the spread (the neighbourhood weight was chosen on 0-59; 60 on are fresh).")
     ap.add_argument("--scale-rows", type=int, default=200_000, help="Rows of the scale part's synthetic cache.")
     args = ap.parse_args(argv)
+    label_sets = ("flowers", "hymenoptera")
+    unknown = [n for n in args.label_data.split(",") if n not in label_sets]
+    if unknown:  # before any part runs, not after minutes of another
+        ap.error(f"--label-data takes {', '.join(label_sets)}, not {unknown[0]!r}")
     work = Path(args.work)
     cache = work / "cache"
     flowers = SHARED / "flower_photos_224"
@@ -452,8 +468,6 @@ def main(argv=None) -> None:
     if "labels" in parts:
         sets = {"flowers": flowers, "hymenoptera": SHARED / "hymenoptera"}
         for name in args.label_data.split(","):
-            if name not in sets:
-                sys.exit(f"--label-data takes {', '.join(sets)}, not {name!r}")
             got = np.asarray([part_labels(name, sets[name], work, cache, s, details=s == args.seed)
                               for s in range(args.seed, args.seed + args.label_seeds)])
             mean, lo, hi = got.mean(axis=0), got.min(axis=0), got.max(axis=0)
