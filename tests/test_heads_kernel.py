@@ -46,9 +46,25 @@ def test_svm_beats_logistic_where_classes_are_not_linear_and_probabilities_are_c
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-9)
     assert (svm.predict(Xv) == p.argmax(axis=1)).all()
     assert svm.C_ in svm.cv_scores_ and svm.C_note_.startswith("5-fold CV") and 0 < svm.cv_log_loss_ < 1
+    assert svm.cv_accuracy() == svm.cv_accuracies_[svm.C_] and set(svm.cv_accuracies_) == set(svm.cv_scores_)
     assert 0 < svm.n_support_ <= len(y) and svm.support_vectors_.shape == (svm.n_support_, X.shape[1])
     # unit length: scaling a row does not change its prediction
     np.testing.assert_allclose(svm.predict_proba(Xv * 7.5), p, atol=1e-6)
+
+
+def test_svm_picks_the_C_whose_calibrated_out_of_fold_log_loss_is_lowest():
+    """CV accuracy moves by an image or two between Cs (flowers: C 1, 3 or 10 as 1% of the rows changed,
+    1.5 points of val apart); the calibrated log loss is what the auto head compares heads by."""
+    rng = np.random.default_rng(3)
+    y = np.arange(300) % 3
+    X = rng.standard_normal((300, 8)) + 1.2 * np.eye(3, 8)[y]  # overlapping classes: the Cs differ
+    svm = KernelHead(Cs=(0.1, 1.0, 10.0, 100.0), n_jobs=2).fit(X, y)
+    losses = svm.cv_scores_
+    assert svm.C_ == min(losses, key=lambda c: (losses[c], c)) and svm.cv_log_loss_ == losses[svm.C_]
+    assert len(set(losses.values())) > 1 and svm.C_note_.endswith("(calibrated log loss)")
+    assert all(0 <= a <= 1 for a in svm.cv_accuracies_.values()) and svm.cv_accuracy() == svm.cv_accuracies_[svm.C_]
+    facts = svm.facts()
+    assert facts["cv_scores"] == {f"{c:g}": v for c, v in losses.items()} and facts["cv_log_loss"] == losses[svm.C_]
 
 
 def test_binary_svm_and_a_class_missing_from_training():
@@ -69,8 +85,14 @@ def test_svm_save_load_roundtrip_and_load_head_dispatch(tmp_path):
     assert isinstance(back, KernelHead) and back.class_names_ == ["x", "y", "z"] and back.cache_key_ == "k1"
     np.testing.assert_allclose(back.predict_proba(X), svm.predict_proba(X), atol=1e-6)
     assert back.C_ == svm.C_ and back.gamma_ == svm.gamma_ and back.cv_scores_ == svm.cv_scores_
+    assert back.cv_accuracies_ == svm.cv_accuracies_ and back.cv_accuracy() == svm.cv_accuracy()
     side = path.with_suffix(".json")
     meta = json.loads(side.read_text())
+    old = {**meta, "version": 1, "cv_scores": meta["cv_accuracies"]}  # version 1 kept CV accuracies only
+    del old["cv_accuracies"]
+    side.write_text(json.dumps(old))
+    back = load_head(tmp_path)
+    assert back.cv_scores_ == {} and back.cv_accuracy() == svm.cv_accuracy() and back.c_curve() is None
     meta["feature_shape"] = [X.shape[1] + 1]
     side.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="do not describe a valid svm head"):

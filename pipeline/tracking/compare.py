@@ -39,7 +39,7 @@ HIGHER_BETTER = frozenset({"accuracy", "balanced_accuracy", "macro_f1", "weighte
 LOWER_BETTER = frozenset({"log_loss"})
 SPLIT_ORDER = ("train", "val", "test")
 _REPORT_SKIP = frozenset({"per_class", "confusion_matrix", "class_names"})
-_FACT_SKIP = frozenset({"cv_scores", "comparison", "after"})  # curve data (plotted) and repeats of the splits
+_FACT_SKIP = frozenset({"cv_scores", "cv_accuracies", "comparison", "after"})  # curve data (plotted) and repeats of the splits
 
 
 class _Missing:
