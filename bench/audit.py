@@ -287,10 +287,10 @@ def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 10) 
     the flipped images (an oracle no audit can beat by dropping).
 
     What the noise cost is measured against clean labels twice: one fit on every training image, and
-    the mean of `seeds` fits each missing a random 1% of them. One image in a hundred moves this head's
-    val accuracy by up to 1.5 points (the svm's C choice moves with it), and the single fit sits at the
-    top of that spread, so it overstates what the noise cost. Recovery is the ratio of the means over
-    seeds (a per-seed ratio divides by 8-19 val images and swings from negative to over 100%)."""
+    the mean of `seeds` fits each missing a random 1% of them (while the svm picked C by CV accuracy, one
+    image in a hundred moved this head's val accuracy by up to 1.5 points and the single fit sat above
+    that spread; by CV log loss the two agree). Recovery is the ratio of the means over seeds (a
+    per-seed ratio divides by 8-19 val images and swings from negative to over 100%)."""
     from pipeline.features.store import FeatureFile
     from pipeline.heads.auto import AutoHead
 

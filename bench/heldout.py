@@ -13,6 +13,7 @@ fine-tuning and the wall time of each command, then the mean and the range over 
     .venv/bin/python bench/heldout.py --data DIR --work /tmp/heldout
     .venv/bin/python bench/heldout.py --backbone efficientnet_lite0   # other options go to fit-head
     .venv/bin/python bench/heldout.py --seeds 0,1,2 --work /tmp/heldout  # docs/quality.md's figures
+    .venv/bin/python bench/heldout.py --seeds 0,1,2 --also="--label-smoothing 0"  # and a second finetune each
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import csv
 import hashlib
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -80,6 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default=None, help="manifest and cache folder (default: a temporary folder)")
     ap.add_argument("--seeds", default="0", help="comma-separated --seed values, one fit-head + finetune each")
     ap.add_argument("--no-finetune", action="store_true", help="head-only figures")
+    ap.add_argument("--also", action="append", default=[], metavar="OPTIONS",
+                    help='one more finetune per seed from the same head with these options, e.g. --also="--label-smoothing 0"'
+                         " (repeatable)")
     args, fit_head_args = ap.parse_known_args(argv)
     root = Path(args.data)
     if not (root / "train").is_dir():
@@ -102,14 +107,15 @@ def main(argv=None) -> None:
             figures.setdefault(f"head-only {part}", []).append(acc)
         if args.no_finetune:
             continue
-        out, t_ft = cli("finetune", "--run", head_run, *cache, "--seed", str(seed))
-        print(f"seed {seed}: finetune ({t_ft:.0f} s):")
-        for line in out.splitlines():
-            if re.match(r"(val|test)\s+(accuracy|log_loss)", line):
-                print("   ", line)
-        for part, (_, after) in accuracies(out).items():
-            figures.setdefault(f"fine-tuned {part}", []).append(after)
-        sys.stdout.flush()
+        for extra in ["", *args.also]:
+            out, t_ft = cli("finetune", "--run", head_run, *cache, "--seed", str(seed), *shlex.split(extra))
+            print(f"seed {seed}: finetune{' ' + extra if extra else ''} ({t_ft:.0f} s):")
+            for line in out.splitlines():
+                if re.match(r"(val|test)\s+(accuracy|log_loss)", line):
+                    print("   ", line)
+            for part, (_, after) in accuracies(out).items():
+                figures.setdefault(f"fine-tuned{' ' + extra if extra else ''} {part}", []).append(after)
+            sys.stdout.flush()
     print(f"over seeds {args.seeds}: mean (min-max)")
     for name, values in figures.items():
         print(f"    {name:16s} {spread(values)}")

@@ -72,6 +72,16 @@ def test_bench_heldout_reports_over_seeds(tmp_path):
     assert "head-only val" in proc.stdout
 
 
+def test_bench_heldout_fine_tunes_once_more_per_seed_with_also(tmp_path):
+    make_folder(tmp_path / "photos", per_class=6)
+    proc = _bench("heldout.py", "--data", str(tmp_path / "photos"), "--work", str(tmp_path / "w"), "--seeds", "0",
+                  "--also=--epochs 1 --label-smoothing 0", "--backbone", "vgg16", "--weights", "none",
+                  "--image-size", "32", "--dtype", "float32", "--head", "logistic", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "seed 0: finetune (" in proc.stdout and "seed 0: finetune --epochs 1 --label-smoothing 0 (" in proc.stdout
+    assert re.search(r"fine-tuned --epochs 1 --label-smoothing 0 val\s+\d", proc.stdout)
+
+
 def test_bench_heldout_reads_both_commands_figures():
     """The fine-tune's before -> after lines (which the smoke test above skips) and fit-head's lines."""
     sys.path.insert(0, str(ROOT / "bench"))
