@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -501,3 +502,19 @@ def test_cli_audit_bad_input_is_one_line(tmp_path):
     bad = run_cli("audit", "--data", str(one), "--drop-below", "1.5", "--cache-dir", str(tmp_path / "c"), *FAST)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--drop-below" in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_audit_help_states_the_cleaning_thresholds_without_importing_scikit_learn(tmp_path):
+    """The thresholds live in pipeline.audit.rules, so `--help` names the values the audit uses and stays off
+    scikit-learn's import."""
+    from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
+
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom pipeline.cli import cli\n"
+            "r = CliRunner().invoke(cli, ['audit', '--help'], terminal_width=400)\n"
+            "print(r.output)\nprint('sklearn loaded:', 'sklearn' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    out = " ".join(proc.stdout.split())
+    assert f"out-of-fold probability of {RELABEL_CONFIDENCE:g} or more" in out
+    assert re.search(rf"--drop-below .*\[default: {DROP_BELOW:g};", out), out
+    assert "sklearn loaded: False" in out

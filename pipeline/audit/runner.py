@@ -22,6 +22,7 @@ from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, cv_splits, f
                                    rank_issues)
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.report import write_report
+from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.backend import DEFAULT as DEFAULT_BACKEND
 from pipeline.data.sources import names_files
 from pipeline.errors import UserError
@@ -35,8 +36,6 @@ from pipeline.tracking.runs import Run
 
 AUDIT_VERSION = 1
 OUTLIER_Z = 3.5        # robust z-score from which an image is listed as an outlier
-RELABEL_CONFIDENCE = 0.7  # --relabel applies a suggestion from this out-of-fold probability (bench/audit.py)
-DROP_BELOW = 0.2  # cleaned.csv drops a label issue whose given label has an out-of-fold probability under this
 TOP_LOSSES = 20        # per split
 MAP_POINTS = 5000      # the 2-D map embeds at most this many images (flagged ones first)
 

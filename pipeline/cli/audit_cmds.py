@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options, trust_pickle_option
 from pipeline.cli.shared import open_cache
 from pipeline.errors import UserError
@@ -24,29 +25,27 @@ from pipeline.tracking.runs import Registry
               help="Folds of the out-of-fold probabilities.")
 @click.option("--relabel", is_flag=True,
               help="cleaned.csv keeps a label issue with its suggested label where that has an out-of-fold "
-                   "probability of 0.7 or more (before --drop-below applies to the rest).")
-@click.option("--drop-below", type=click.FloatRange(0.0, 1.0), default=None,
-              help="cleaned.csv drops a label issue whose given label has an out-of-fold probability under this "
-                   "(default 0.2); the others stay in with their labels (mostly hard images, not wrong ones). "
+                   f"probability of {RELABEL_CONFIDENCE:g} or more (before --drop-below applies to the rest).")
+@click.option("--drop-below", type=click.FloatRange(0.0, 1.0), default=DROP_BELOW, show_default=True,
+              help="cleaned.csv drops a label issue whose given label has an out-of-fold probability under this; "
+                   "the others stay in with their labels (mostly hard images, not wrong ones). "
                    "1 drops every listed issue that --relabel does not relabel.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D embedding map (t-SNE: the slowest part).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @trust_pickle_option
 @extract_options
 @mlflow_options
-def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, drop_below: float | None, no_map: bool,
+def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, drop_below: float, no_map: bool,
               seed: int, trust_pickle: bool, mlflow: bool | None, mlflow_experiment: str | None, **kw) -> None:
     """Find likely label errors, duplicates and train/val leakage, outliers and model errors in a
     cached data set; writes audit.json, CSVs, cleaned.csv and report.html into a new run folder.
 
     Example: python cli.py audit --data ../shared/data/hymenoptera
     """
-    from pipeline.audit.runner import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
-        DROP_BELOW, AuditOptions, audit_cache, write_audit)
+    from pipeline.audit.runner import AuditOptions, audit_cache, write_audit  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.heads.training import check_finite  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
 
     log_mlflow = mlflow_check(mlflow)
-    drop_below = DROP_BELOW if drop_below is None else drop_below
     head = None
     if run_id is not None:
         loaded = load_run(kw["cache_dir"], run_id, trust_pickle=trust_pickle)
