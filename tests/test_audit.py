@@ -447,6 +447,7 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     assert proc.returncode == 0, proc.stderr
     run_dir = Path(cache) / "runs" / re.search(r"audit (\S+) in", proc.stdout).group(1)
     audit = json.loads((run_dir / "audit.json").read_text())
+    assert audit["version"] == 2  # the outlier score's neighbourhood term and cleaned.command
     exact = [d for d in audit["duplicates"] if d["kind"] == "exact"]
     assert len(exact) == 1 and {Path(exact[0]["a"]).name, Path(exact[0]["b"]).name} == {"img_000.jpg",
                                                                                           "copy_of_train.jpg"}

@@ -34,7 +34,7 @@ from pipeline.heads.base import FeatureSource, Head
 from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import Run
 
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2  # 2 (2026-12-05): an outlier's score holds its neighbourhood's term; cleaned.command added
 OUTLIER_Z = 3.5        # robust z-score from which an image is listed as an outlier
 TOP_LOSSES = 20        # per split
 MAP_POINTS = 5000      # the 2-D map embeds at most this many images (flagged ones first)
