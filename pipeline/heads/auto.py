@@ -24,7 +24,7 @@ class AutoHead(Head):
     """The default head: fits the logistic, the svm and the knn head and keeps the one whose
     cross-validated log loss (probabilities scored out of fold, calibrated as each head will be) is
     lowest. All fit in seconds on cached features; which wins depends on the data (flowers with Lite2:
-    svm, 93.8% against 91.4%; hymenoptera: logistic). `best_` is the chosen fitted head (what a run
+    svm, 93.1% against 91.4%; hymenoptera: logistic). `best_` is the chosen fitted head (what a run
     saves), `choice_` the scores and why. The svm is skipped, with a note, over `max_rows` training
     rows (6,000: about a minute on 2 cores; `--head svm` alone takes up to 20,000) or the memory
     budget; the knn over the memory budget.
