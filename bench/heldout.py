@@ -108,13 +108,14 @@ def main(argv=None) -> None:
         if args.no_finetune:
             continue
         for extra in ["", *args.also]:
+            suffix = f" {extra}" if extra else ""  # names this fine-tune's lines and figures
             out, t_ft = cli("finetune", "--run", head_run, *cache, "--seed", str(seed), *shlex.split(extra))
-            print(f"seed {seed}: finetune{' ' + extra if extra else ''} ({t_ft:.0f} s):")
+            print(f"seed {seed}: finetune{suffix} ({t_ft:.0f} s):")
             for line in out.splitlines():
                 if re.match(r"(val|test)\s+(accuracy|log_loss)", line):
                     print("   ", line)
             for part, (_, after) in accuracies(out).items():
-                figures.setdefault(f"fine-tuned{' ' + extra if extra else ''} {part}", []).append(after)
+                figures.setdefault(f"fine-tuned{suffix} {part}", []).append(after)
             sys.stdout.flush()
     print(f"over seeds {args.seeds}: mean (min-max)")
     for name, values in figures.items():

@@ -404,12 +404,12 @@ def test_the_retrain_command_asks_for_the_cached_features_and_only_for_files(tmp
     from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest
 
     request = ExtractRequest(data="/photos", backbone="efficientnet_lite0", dtype="float32", pooling="max").to_json()
-    where = {"data": "/photos", "request": json.dumps(request), "backend": "jax", "cache_root": str(tmp_path / "c")}
+    where = {"data": "/photos", "request": request, "backend": "jax", "cache_root": str(tmp_path / "c")}
     words = shlex.split(retrain_command({"_retrain": where}, tmp_path / "a b" / "cleaned.csv"))
     assert words == ["python", "cli.py", "fit-head", "--data", str(tmp_path / "a b" / "cleaned.csv"),
                      "--allow-outside-paths", "--backbone", "efficientnet_lite0", "--pooling", "max", "--dtype",
                      "float32", "--backend", "jax", "--cache-dir", str(tmp_path / "c")]
-    plain = {**where, "request": json.dumps(ExtractRequest().to_json()), "backend": "tensorflow",
+    plain = {**where, "request": ExtractRequest().to_json(), "backend": "tensorflow",
              "cache_root": str(DEFAULT_CACHE)}
     assert retrain_command({"_retrain": plain}, Path("/r/cleaned.csv")) == (
         "python cli.py fit-head --data /r/cleaned.csv --allow-outside-paths")

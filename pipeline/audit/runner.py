@@ -348,11 +348,9 @@ def retrain_command(result: Mapping[str, Any], manifest: Path) -> str | None:
     if not names_files(r.get("data") or ""):
         return None
     words = ["python", "cli.py", "fit-head", "--data", str(manifest), "--allow-outside-paths"]
-    request = r.get("request")
-    try:
-        if request:
-            words += ExtractRequest.from_json(json.loads(request) if isinstance(request, str) else request
-                                              ).feature_flags()
+    try:  # the request as FeatureFile.attrs decodes it: a dict, or None in a cache that records none
+        if r.get("request"):
+            words += ExtractRequest.from_json(r["request"]).feature_flags()
     except (UserError, ValueError):  # a cache of another version: the plain command, as before
         pass
     if r.get("backend") and r["backend"] != DEFAULT_BACKEND:

@@ -3,7 +3,6 @@ model (top losses, confused classes), from the cached features, as a recorded ru
 
 from __future__ import annotations
 
-
 import click
 
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
@@ -42,7 +41,8 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
 
     Example: python cli.py audit --data ../shared/data/hymenoptera
     """
-    from pipeline.audit.runner import AuditOptions, audit_cache, write_audit  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.audit.runner import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+        AuditOptions, audit_cache, write_audit)
     from pipeline.heads.training import check_finite  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
 
     log_mlflow = mlflow_check(mlflow)
