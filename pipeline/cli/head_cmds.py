@@ -58,7 +58,9 @@ def _make_head(head: str, opts: dict):
 @click.option("--k", "k", default="auto", show_default=True, help="knn: neighbours that vote, or auto (CV).")
 @click.option("--vote-temperature", default="auto", show_default=True,
               help="knn: T of the vote weights exp((similarity - 1) / T), or auto (CV).")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Draws the heads' CV folds, the dense head's weights and batches, and the val split "
+                   "carved from train where the data has none.")
 @click.option("--memory-budget", type=FiniteFloat(0, min_open=True), default=None, metavar="MB",
               help="Train from memory while the training features fit in MB, else stream them from the "
                    "cache file (default: a quarter of physical memory).")

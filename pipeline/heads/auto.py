@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.heads.base import Head, option_budget, option_C
+from pipeline.heads.base import Head, option_budget, option_C, option_seed
 from pipeline.heads.knn import KNNHead
 from pipeline.heads.logistic import LogisticHead
 from pipeline.heads.svm import KernelHead
@@ -47,7 +47,7 @@ class AutoHead(Head):
             raise UserError("--C sets one head's regularization, but --head auto fits three heads (each picks C "
                             "by CV); add --head svm or --head logistic to use --C")
         return cls(class_weight=opts.get("class_weight"), n_jobs=opts.get("jobs", 1), flatten=opts.get("flatten", "avg"),
-                   memory_budget_mb=option_budget(opts))
+                   random_state=option_seed(opts), memory_budget_mb=option_budget(opts))
 
     def fit_note(self) -> str:
         return "head auto: fitting the logistic, the svm and the knn head (cross-validated each) to keep the best"

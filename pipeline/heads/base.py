@@ -195,6 +195,12 @@ def option_budget(opts: Mapping[str, Any]) -> float:
     return float(given) if given is not None else default_memory_budget_mb()
 
 
+def option_seed(opts: Mapping[str, Any]) -> int:
+    """`--seed` from fit-head's options: it draws the head's CV folds (and the dense head's batches),
+    so fits over several seeds show how much the figure is the draw of its folds."""
+    return int(opts.get("seed") or 0)
+
+
 def feature_info_of(ff: FeatureFile) -> dict[str, Any]:
     """The cache attributes that identify how its features were made (backbone, weights, ...)."""
     return {k: ff.attrs[k] for k in FEATURE_INFO_KEYS if k in ff.attrs}

@@ -29,7 +29,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.features.neighbours import CosineIndex, Neighbours, unit_rows
 from pipeline.heads.base import (
-    FeatureSource, Head, keras_module, keras_reduction, matrix_batches, n_rows, option_budget, params_for, softmax,
+    FeatureSource, Head, keras_module, keras_reduction, matrix_batches, n_rows, option_budget, option_seed, params_for, softmax,
     to_matrix,
 )
 from pipeline.heads.calibration import fit_temperature, nll
@@ -115,7 +115,7 @@ class KNNHead(Head):
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "KNNHead":
         return cls(k=opts.get("k") or "auto", vote_temperature=opts.get("vote_temperature") or "auto",
-                   flatten=opts.get("flatten", "avg"), random_state=opts.get("seed", 0) or 0,
+                   flatten=opts.get("flatten", "avg"), random_state=option_seed(opts),
                    memory_budget_mb=option_budget(opts))
 
     # ------------------------------------------------------------------------------ parameters

@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from pipeline.errors import UserError
 from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_reduction, matrix_batches, n_rows,
-    option_budget, option_C, params_for, softmax, to_matrix,
+    option_budget, option_C, option_seed, params_for, softmax, to_matrix,
 )
 from pipeline.heads.calibration import fit_temperature, nll
 from pipeline.heads.files import load_joblib, npz_head_path, read_npz_head, write_npz_head
@@ -78,7 +78,8 @@ class LogisticHead(Head):
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "LogisticHead":
         return cls(C=option_C(opts), class_weight=opts.get("class_weight"), n_jobs=opts.get("jobs", 1),
-                   flatten=opts.get("flatten", "avg"), memory_budget_mb=option_budget(opts))
+                   flatten=opts.get("flatten", "avg"), random_state=option_seed(opts),
+                   memory_budget_mb=option_budget(opts))
 
     def fit(self, X: Any, y: Any, *, class_names: Sequence[str] | None = None, cache_key: str | None = None,
             feature_info: Mapping[str, Any] | None = None, groups: Any = None) -> "LogisticHead":

@@ -30,7 +30,7 @@ from threadpoolctl import threadpool_limits
 from pipeline.errors import UserError
 from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_module, keras_reduction, matrix_batches,
-    n_rows, option_budget, option_C, params_for, softmax, to_matrix,
+    n_rows, option_budget, option_C, option_seed, params_for, softmax, to_matrix,
 )
 from pipeline.heads.calibration import cross_fitted_log_loss, fit_softmax_calibrator
 from pipeline.heads.files import npz_head_path, read_npz_head, write_npz_head
@@ -128,7 +128,8 @@ class KernelHead(Head):
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "KernelHead":
         return cls(C=option_C(opts), class_weight=opts.get("class_weight"), n_jobs=opts.get("jobs", 1),
-                   flatten=opts.get("flatten", "avg"), memory_budget_mb=option_budget(opts))
+                   flatten=opts.get("flatten", "avg"), random_state=option_seed(opts),
+                   memory_budget_mb=option_budget(opts))
 
     # ------------------------------------------------------------------------------ parameters
     def check_params(self) -> "KernelHead":
