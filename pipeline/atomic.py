@@ -33,7 +33,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def write_text_atomic(target: str | os.PathLike, text: str) -> None:
     """Write a small text file (JSON, config) atomically."""
     with atomic_path(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")  # what every reader here decodes, whatever the locale
 
 
 def save_keras_atomic(model, target: str | os.PathLike, weights_only: bool = False) -> Path:

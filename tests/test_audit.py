@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_folder, run_cli, write_image
+from conftest import ROOT, make_folder, run_cli, write_image
 from helpers_features import write_cache
 from pipeline.audit.duplicates import NearSettings, near_pairs, thumbnail
 from pipeline.audit.outliers import outlier_scores
@@ -290,6 +290,16 @@ def test_a_class_of_four_lists_its_ordinary_images_no_more_than_a_large_class_do
         X[-1] = rng.standard_normal(32) * 2.5  # now a far image in the class of four
         assert int(np.argmax(outlier_scores(unit_rows(X.astype(np.float32)), y))) == y.size - 1
     assert listed[0.0] >= 12 and listed[outliers.PRIOR_IMAGES] * 3 <= listed[0.0], listed
+    # where small classes outnumber large ones, the spread they are pooled with is a large class's (the
+    # median over all classes was a small one's: 9 listed of the small classes' 1,200, 0.75% per image)
+    small = large = 0
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        y = np.repeat(np.arange(13), [150] * 3 + [4] * 10)
+        X = unit_rows((rng.standard_normal((13, 32))[y] * 2 + rng.standard_normal((y.size, 32))).astype(np.float32))
+        z = outlier_scores(X, y)
+        small, large = small + int((z[y >= 3] >= 3.5).sum()), large + int((z[y < 3] >= 3.5).sum())
+    assert small / (30 * 40) <= large / (30 * 450), (small, large)
     assert class_z(np.array([1.0, 1.0, 1.0, 2.0]), np.zeros(4, int))[3] > 0
 
 
@@ -353,6 +363,10 @@ def test_a_class_of_one_image_sits_out_of_the_folds_and_the_others_keep_their_ev
         result = audit_cache(ff, NO_MAP)
     assert result["out_of_fold"]["folds"] == 5
     assert result["out_of_fold"]["accuracy"]["logistic"] > 0.8
+    # nothing can vouch for the lone image's label: listed or not, cleaned.csv keeps it (and its class)
+    lone = f"img/{60:05d}.jpg"
+    assert (lone, "c", "train") in cleaned_rows(result, relabel=False)
+    assert (lone, "c", "train") in cleaned_rows(result, relabel=True, drop_below=1.0)
 
 
 def test_one_class_and_no_labels_are_one_line_errors(tmp_path):
@@ -463,6 +477,58 @@ def test_cleaning_keeps_one_copy_of_a_pair_and_relabels_only_to_another_label():
     assert [p for p, _, _ in cleaned_rows(result, relabel=True, drop_below=1.0)] == ["p1", "p2", "p4", "p5"]
 
 
+def test_copies_in_three_splits_keep_one_copy_even_when_the_first_goes():
+    """Copies pair with their group's first member (or chain through a middle one): when that one is
+    dropped, one copy stays, the earliest split's, and no later copy of it (test kept no copy of val)."""
+    img = Audited(rows=np.arange(7), X=np.zeros((7, 2)), y=np.zeros(7, int),
+                  paths=[f"p{i}" for i in range(7)],
+                  splits=np.array(["train", "val", "test", "train", "train", "val", "test"]), class_names=["a"])
+    result = {"_images": img, "_cleaning": {
+        "flagged_issues": [], "outliers": [0, 3], "pairs": [(0, 1), (0, 2), (3, 4), (3, 5), (5, 6)],
+        "suggested": [0] * 7, "confidence": [0.9] * 7, "given_probability": [0.9] * 7}}
+    assert [p for p, _, _ in cleaned_rows(result, relabel=False)] == ["p1", "p4"]
+
+
+def test_top_losses_list_the_misclassified_even_below_unsure_right_answers():
+    """With three classes a right answer at p 0.34 has a higher loss than a wrong one at 0.45: the
+    top losses are taken among the errors, so those five are listed, not crowded out."""
+    from pipeline.audit.labels import LabelEvidence
+    from pipeline.audit.runner import _top_losses
+
+    y = np.zeros(30, int)
+    proba = np.tile([0.34, 0.33, 0.33], (30, 1))
+    proba[25:] = [0.45, 0.55, 0.0]
+    img = Audited(rows=np.arange(30), X=np.zeros((30, 2)), y=y, paths=[f"p{i}" for i in range(30)],
+                  splits=np.array(["train"] * 30), class_names=["a", "b", "c"])
+    ev = LabelEvidence(logistic=proba, knn=proba, proba=proba, folds=5, C=0.01)
+    listed = _top_losses(img, ev, {})
+    assert [d["path"] for d in listed] == [f"p{i}" for i in range(25, 30)]
+    assert {d["predicted"] for d in listed} == {"b"}
+
+
+def test_a_wrong_label_copied_twice_is_still_found(tmp_path):
+    """A copy at cosine 1 outvoted every other neighbour, so an image copied with its wrong label
+    vouched for itself; copies now neither vote for each other nor train each other's fold."""
+    path = write_cache(tmp_path, n_images=300, dim=24, n_classes=3, sep=1.5, seed=3)
+    with FeatureFile(path) as ff:
+        train = np.flatnonzero(ff.splits == "train")
+        labels = ff.labels.copy()
+        x = ff.load()
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
+    typical = np.linalg.norm(x[train] - means[labels[train]], axis=1)
+    flipped, twin = (int(r) for r in train[np.argsort(typical)[:2]])
+    labels[flipped] = (labels[flipped] + 1) % 3
+    x[twin], labels[twin] = x[flipped], labels[flipped]
+
+    def edit(f):
+        f["labels"][...] = labels
+        f["features"][...] = x.astype(f["features"].dtype)
+    _edit_cache(path, edit)
+    with FeatureFile(path) as ff:
+        result = audit_cache(ff, NO_MAP)
+    assert {d["path"] for d in result["label_issues"][:2]} == {f"img/{flipped:05d}.jpg", f"img/{twin:05d}.jpg"}
+
+
 # ------------------------------------------------------------------------------- as a user runs it
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
@@ -549,3 +615,17 @@ def test_audit_help_states_the_cleaning_thresholds_without_importing_scikit_lear
     assert f"out-of-fold probability of {RELABEL_CONFIDENCE:g} or more" in out
     assert re.search(rf"--drop-below .*\[default: {DROP_BELOW:g};", out), out
     assert "sklearn loaded: False" in out
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path):
+    """audit.json, the CSVs and cleaned.csv hold paths as given ('café/…'); under a C locale Python's
+    default encoding is ASCII, which raised a traceback, and cp1252 would write what the manifest
+    reader (UTF-8) misreads."""
+    code = ("import sys; from pipeline.atomic import write_text_atomic; "
+            "write_text_atomic(sys.argv[1], 'path\\ncaf\\u00e9/rose.jpg\\n')")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONIOENCODING": "ascii"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.csv")], env=env, cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.csv").read_bytes() == "path\ncafé/rose.jpg\n".encode("utf-8")

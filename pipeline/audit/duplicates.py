@@ -67,6 +67,24 @@ def exact_pairs(hashes: list[str], splits: list[str] | None = None) -> list[Pair
     return out
 
 
+def copy_groups(n: int, pairs: list[Pair]) -> np.ndarray:
+    """A group id per row: rows joined by a chain of duplicate pairs share the smallest row number of
+    their group (union-find), every other row is its own group."""
+    parent = np.arange(n)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return int(i)
+
+    for p in pairs:
+        a, b = root(p.a), root(p.b)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    return np.asarray([root(i) for i in range(n)], dtype=np.int64)
+
+
 def thumbnail(path: str) -> np.ndarray | None:
     """Grey THUMB x THUMB thumbnails of the whole image and of its centre CROPS, each zero mean and unit
     length, as rows of one (len(CROPS), THUMB*THUMB) array; None when unreadable or flat."""

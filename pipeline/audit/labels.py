@@ -62,24 +62,41 @@ def fit_logistic(U: np.ndarray, y: np.ndarray, C: float, max_iter: int = 500) ->
         return LogisticRegression(C=logistic_C(C, U.shape[1]), max_iter=max_iter, tol=1e-3).fit(U, y)
 
 
-def logistic_oof(U: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0, C: float = DEFAULT_C
-                 ) -> np.ndarray:
-    """Out-of-fold probabilities (n, n_classes) of `fit_logistic` on unit-length rows `U`."""
+def logistic_oof(U: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0, C: float = DEFAULT_C,
+                 groups: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold probabilities (n, n_classes) of `fit_logistic` on unit-length rows `U`. `groups`
+    (`duplicates.copy_groups`): copies of one image join the fold of the group's first row, so no copy
+    is scored by a model trained on another; every other row keeps its stratified fold."""
     proba = np.full((y.size, n_classes), 1.0 / n_classes)  # rows of one-image classes: no evidence
     rows = np.flatnonzero(np.bincount(y)[y] >= 2)
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros((rows.size, 1)), y[rows]):
-        train, test = rows[train], rows[test]
+    fold = np.full(y.size, -1)
+    for f, (_, test) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed)
+                                  .split(np.zeros((rows.size, 1)), y[rows])):
+        fold[rows[test]] = f
+    if groups is not None:
+        first = fold[groups]
+        fold = np.where((fold >= 0) & (first >= 0), first, fold)
+    for f in range(folds):
+        train, test = np.flatnonzero((fold >= 0) & (fold != f)), np.flatnonzero(fold == f)
+        if not test.size:
+            continue
         model = fit_logistic(U[train], y[train], C)
         proba[test] = 0.0
         proba[np.ix_(test, model.classes_)] = model.predict_proba(U[test])
     return proba
 
 
-def knn_oof(neigh: Neighbours, y: np.ndarray, n_classes: int, k: int = KNN_K, T: float = KNN_T) -> np.ndarray:
+def knn_oof(neigh: Neighbours, y: np.ndarray, n_classes: int, k: int = KNN_K, T: float = KNN_T,
+            groups: np.ndarray | None = None) -> np.ndarray:
     """Leave-one-out class probabilities from each row's k nearest other rows (weights exp(sim / T)),
-    smoothed towards uniform by one pseudo-vote so no class is ever exactly 0."""
-    idx, sim = neigh.index[:, :k], neigh.similarity[:, :k]
+    smoothed towards uniform by one pseudo-vote so no class is ever exactly 0. `groups`: a row's
+    copies (`duplicates.copy_groups`) do not vote for it (a copy at cosine 1 would outvote the rest);
+    the next listed neighbours stand in where the table has more than k."""
+    idx, sim = neigh.index, neigh.similarity
     ok = idx >= 0
+    if groups is not None:
+        ok &= groups[np.maximum(idx, 0)] != groups[:, None]
+    ok &= np.cumsum(ok, axis=1) <= k
     w = np.where(ok, np.exp((np.where(ok, sim, 0.0) - 1.0) / T), 0.0)
     votes = np.zeros((y.size, n_classes))
     rows = np.repeat(np.arange(y.size), idx.shape[1])
@@ -90,12 +107,13 @@ def knn_oof(neigh: Neighbours, y: np.ndarray, n_classes: int, k: int = KNN_K, T:
 
 
 def label_evidence(U: np.ndarray, y: np.ndarray, n_classes: int, neigh: Neighbours, cv: int = 5, seed: int = 0,
-                   C: float = DEFAULT_C) -> LabelEvidence:
+                   C: float = DEFAULT_C, groups: np.ndarray | None = None) -> LabelEvidence:
     """Both out-of-fold probability sources and their average, from unit-length rows `U` and their
-    neighbours (UserError-free: callers check classes)."""
+    neighbours (UserError-free: callers check classes); `groups`: copies never vouch for each other."""
     folds = cv_splits(y, cv, seed)
-    lr = logistic_oof(U, y, n_classes, folds, seed, C) if folds >= 2 else np.full((y.size, n_classes), 1 / n_classes)
-    kn = knn_oof(neigh, y, n_classes)
+    lr = (logistic_oof(U, y, n_classes, folds, seed, C, groups) if folds >= 2
+          else np.full((y.size, n_classes), 1 / n_classes))
+    kn = knn_oof(neigh, y, n_classes, groups=groups)
     return LabelEvidence(logistic=lr, knn=kn, proba=(lr + kn) / 2.0, folds=folds, C=C)
 
 

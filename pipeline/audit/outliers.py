@@ -14,7 +14,7 @@ photos, each far from its own class, and gains. On flowers with 20 hymenoptera p
 fresh plant seeds, docs/benchmarks.md) the top 40 held 27.2 images that do not belong before and 30.3
 after; 20 ants planted together: 11.7 of them in the top 40 before, 15.2 after.
 
-Each robust z pools a small class's spread with the median class's (`class_z`): three distances in
+Each robust z pools a small class's spread with the median large class's (`class_z`): three distances in
 a class of four make a narrow spread by chance, and its ordinary images were listed 7x as often as a
 large class's.
 
@@ -35,7 +35,7 @@ CLASS_K = 10
 AROUND_K = 10           # the nearest images overall whose class z-scores make an image's neighbourhood
 AROUND_WEIGHT = 0.5     # measured on flowers with planted photos (bench/audit.py): 0.5 and 1 tie, 0.5 lists fewer
 CANDIDATES = 2          # a large class's missing rows are found among this many x k candidates on the projection
-PRIOR_IMAGES = 20      # a class's spread is pooled with the median class's as if that were 20 more images
+PRIOR_IMAGES = 20      # a class's spread is pooled with the median large class's as if that were 20 more images
 WHOLE_CLASS_SHARE = 0.25  # above this share of a large class missing, its own graph is cheaper than the searches
 
 
@@ -111,10 +111,10 @@ def class_z(d: np.ndarray, y: np.ndarray, prior: float = PRIOR_IMAGES) -> np.nda
     """Robust z-score of `d` within each class: the deviation from the class's median over its spread
     (MAD); 0 for classes of under 3 finite values. Where half a class or more shares the median
     (duplicates), the MAD is 0 and the mean absolute deviation stands in for it. A small class's spread
-    is a noisy estimate, so it is pooled with the median class's spread as if that were `prior` more
-    images (the class's variance and the median one's, weighted n : prior): a class of four no longer
-    lists its own members for a spread that three distances happened to make narrow, and a large
-    class keeps its own scale."""
+    is a noisy estimate, so it is pooled with the median spread of the classes of `prior` images or
+    more (of all, where none is that large) as if that were `prior` more images (variances weighted
+    n : prior): a class of four no longer lists its own members for a spread that three distances
+    happened to make narrow, and a large class keeps its own scale."""
     z = np.zeros(y.size)
     spreads = []
     for c in np.unique(y):
@@ -126,8 +126,9 @@ def class_z(d: np.ndarray, y: np.ndarray, prior: float = PRIOR_IMAGES) -> np.nda
         if spread < 1e-6:
             spread = np.mean(np.abs(dev)) * 1.2533
         spreads.append((rows, dev, spread))
-    known = [s for _, _, s in spreads if s >= 1e-6]
-    typical = float(np.median(known)) if known else 0.0
+    known = [(rows.size, s) for rows, _, s in spreads if s >= 1e-6]
+    large = [s for size, s in known if size >= prior] or [s for _, s in known]  # small classes' spreads run low
+    typical = float(np.median(large)) if large else 0.0
     for rows, dev, spread in spreads:
         pooled = np.sqrt((rows.size * spread ** 2 + prior * typical ** 2) / (rows.size + prior))
         if pooled >= 1e-6:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from pipeline.atomic import write_text_atomic
-from pipeline.audit.duplicates import NearSettings, Pair, exact_pairs, near_pairs
+from pipeline.audit.duplicates import SPLIT_ORDER, NearSettings, Pair, copy_groups, exact_pairs, near_pairs
 from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, cv_splits, fit_logistic, label_evidence,
                                    rank_issues)
 from pipeline.audit.outliers import outlier_scores
@@ -197,21 +197,22 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     out_rank = np.argsort(-z, kind="stable")
     out_rows = out_rank[z[out_rank] >= OUTLIER_Z]
     t["outliers"] = time.perf_counter()
-    folds = cv_splits(img.y, options.cv, options.seed)
-    # the logistic reads the projection where there is one: 5x less to read per pass over 200,000
-    # rows, and as good a ranking on flowers (top-N precision within one image over 3 seeds, bench/audit.py)
-    U = img.X if walk is None else walk
-    ev = label_evidence(U, img.y, k, neigh, options.cv, options.seed, options.C)
-    issues, issue_score = rank_issues(img.y, ev.proba)
-    t["labels"] = time.perf_counter()
-    say(f"audit: label issues from {folds}-fold out-of-fold probabilities and {KNN_K} neighbours: {issues.size:,}")
     files = readable_files(img.paths)
     readable = np.asarray([f is not None for f in files])
     hashes = list(fill_hashes(np.full(len(files), "", dtype=object), img.paths, readable))
     exact = exact_pairs(hashes, list(img.splits))
     pairs = exact + near_pairs(neigh, files, options.near, hashes)
+    groups = copy_groups(n, pairs)  # copies of one image never vouch for each other's label
     t["duplicates"] = time.perf_counter()
     say(f"audit: duplicates {len(exact)} exact, {len(pairs) - len(exact)} near")
+    folds = cv_splits(img.y, options.cv, options.seed)
+    # the logistic reads the projection where there is one: 5x less to read per pass over 200,000
+    # rows, and as good a ranking on flowers (top-N precision within one image over 3 seeds, bench/audit.py)
+    U = img.X if walk is None else walk
+    ev = label_evidence(U, img.y, k, neigh, options.cv, options.seed, options.C, groups)
+    issues, issue_score = rank_issues(img.y, ev.proba)
+    t["labels"] = time.perf_counter()
+    say(f"audit: label issues from {folds}-fold out-of-fold probabilities and {KNN_K} neighbours: {issues.size:,}")
     split_proba = split_model_proba(ff, img, ev, head, U)
     leaks = leakage(img, pairs, split_proba)
     top_losses = _top_losses(img, ev, split_proba)
@@ -275,7 +276,8 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
 
 
 def _top_losses(img: Audited, ev: LabelEvidence, split_proba: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """The highest-loss images per split: train scored out of fold, val/test by the held-out model."""
+    """The highest-loss misclassified images per split (TOP_LOSSES each): train scored out of fold,
+    val/test by the held-out model."""
     out = []
     sources = {"train": (np.flatnonzero(img.splits == "train"), None)}
     sources.update({s: (np.flatnonzero(img.splits == s), p) for s, p in split_proba.items()})
@@ -284,10 +286,9 @@ def _top_losses(img: Audited, ev: LabelEvidence, split_proba: Mapping[str, np.nd
             continue
         proba = ev.proba[rows] if proba is None else proba
         loss = _log_loss_rows(proba, img.y[rows])
-        for j in np.argsort(-loss, kind="stable")[:TOP_LOSSES]:
+        wrong = np.flatnonzero(proba.argmax(axis=1) != img.y[rows])
+        for j in wrong[np.argsort(-loss[wrong], kind="stable")][:TOP_LOSSES]:
             pred = int(proba[j].argmax())
-            if pred == img.y[rows[j]]:
-                continue
             out.append({"path": img.paths[rows[j]], "split": s, "given": img.class_names[img.y[rows[j]]],
                         "predicted": img.class_names[pred], "probability": round(float(proba[j, pred]), 4),
                         "loss": round(float(loss[j]), 4)})
@@ -311,24 +312,31 @@ class Cleaning:
 def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW) -> Cleaning:
     """Drop the label issues whose given label the evidence all but rules out (out-of-fold probability
     under `drop_below`; 1 drops every issue not relabelled), with `relabel` after applying suggestions
-    of RELABEL_CONFIDENCE or more; drop outliers and the later split's image of each duplicate pair.
-    The other issues stay with their labels: most are hard images, not wrong ones, and training without
-    them cost more than it gained (bench/audit.py)."""
+    of RELABEL_CONFIDENCE or more; drop outliers, and of each group of copies (duplicate pairs chained)
+    keep one: the earliest split's that is still kept. The other issues stay with their labels: most
+    are hard images, not wrong ones, and training without them cost more than it gained
+    (bench/audit.py). An image whose class has no other labelled image stays as it is: nothing can
+    vouch for its label, so its issue is evidence of nothing, and dropping it would drop the class."""
     img: Audited = result["_images"]
     c = result["_cleaning"]
-    order = {"train": 0, "val": 1, "test": 2}
     keep = np.ones(img.y.size, bool)
     keep[c["outliers"]] = False
     labels = img.y.copy()
+    alone = np.bincount(img.y)[img.y] < 2
     for i in c["flagged_issues"]:
+        if alone[i]:
+            continue
         if relabel and c["suggested"][i] != img.y[i] and c["confidence"][i] >= RELABEL_CONFIDENCE:
             labels[i] = c["suggested"][i]
         elif c["given_probability"][i] < drop_below:
             keep[i] = False
-    for a, b in c["pairs"]:  # one copy goes: the later split's, unless the other is gone already
-        later, earlier = sorted((a, b), key=lambda r: (order.get(img.splits[r], 3), r), reverse=True)
-        if keep[earlier]:
-            keep[later] = False
+    groups = copy_groups(img.y.size, [Pair(a, b, 1.0, "") for a, b in c["pairs"]])
+    copies: dict[int, list[int]] = {}
+    for r in sorted({r for pair in c["pairs"] for r in pair}, key=lambda r: (SPLIT_ORDER.get(img.splits[r], 3), r)):
+        copies.setdefault(int(groups[r]), []).append(r)
+    for members in copies.values():
+        kept = [r for r in members if keep[r]]
+        keep[kept[1:]] = False  # the earliest split's copy stays (val keeps no copy of train)
     actions = ["dropped" if not keep[i] else "relabelled" if labels[i] != img.y[i] else "kept"
                for i in c["flagged_issues"]]
     return Cleaning(labels, keep, actions)

@@ -157,7 +157,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     try:
         target = staging / FORMATS[fmt]
         _write_model(model, fmt, target, card)
-        (staging / "labels.txt").write_text("".join(f"{name}\n" for name in run.class_names))
+        (staging / "labels.txt").write_text("".join(f"{name}\n" for name in run.class_names), encoding="utf-8")
         probe = probe_images(size)
         expected = np.asarray(model.predict(probe, verbose=0), np.float64)
         got = open_model(target, cpu_only=True, trust_savedmodel=True).predict(probe)  # just written here
@@ -216,7 +216,7 @@ def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
     elif fmt == "savedmodel":
         extra = target / "assets.extra"
         extra.mkdir(exist_ok=True)
-        (extra / "labels.txt").write_text("".join(f"{n}\n" for n in card["class_names"]))
+        (extra / "labels.txt").write_text("".join(f"{n}\n" for n in card["class_names"]), encoding="utf-8")
 
 
 def _onnx_metadata(path: Path, card: dict[str, Any]) -> None:

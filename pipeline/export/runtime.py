@@ -98,7 +98,7 @@ def _read_labels(path: Path) -> list[str]:
     labels = _beside(path, "labels.txt")
     if not labels.is_file():
         return []
-    return [line.rstrip("\n") for line in labels.read_text().splitlines() if line.strip()]
+    return [line.rstrip("\n") for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _square_size(shape, path: Path) -> int:

@@ -190,7 +190,7 @@ def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, c
     """path, (label, when given), predicted class, its probability, one probability column per class,
     then (with `neighbours`) neighbour_1, similarity_1, ... for the nearest training images."""
     k = max((len(n) for n in neighbours), default=0) if neighbours is not None else 0
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["path", *(["label"] if labels is not None else []), "prediction", "probability", *class_names,
                     *(f"{c}_{i + 1}" for i in range(k) for c in ("neighbour", "similarity"))])
