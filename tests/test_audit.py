@@ -577,6 +577,9 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     relabelled = json.loads((rerun / "audit.json").read_text())["cleaned"]
     assert relabelled["relabel"] is True and f"relabels {relabelled['relabelled']};" in again.stderr, again.stderr
     assert relabelled["label_issues_dropped_below"] == 1.0
+    not_a_head = run_cli("audit", "--data", str(data), "--run", run_dir.name, "--no-map", "--cache-dir", cache)
+    assert not_a_head.returncode == 2 and len(not_a_head.stderr.strip().splitlines()) == 1, not_a_head.stderr
+    assert "was made by audit; --run takes a fit-head or finetune run" in not_a_head.stderr, not_a_head.stderr
 
     if _chromium() is None:
         pytest.skip("no chromium on PATH (CI installs Debian's chromium); the report's counts were not checked in a browser")

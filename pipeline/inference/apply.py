@@ -48,8 +48,8 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> Loaded
         raise UserError(f"run {record.id} is damaged: {'; '.join(record.damaged)} in {record.dir}; run the command "
                         f"that made it again, or remove it (python cli.py runs rm {record.id})")
     if record.stage not in ("fit-head", "finetune"):
-        raise UserError(f"run {record.id} is a {record.stage} run; evaluate and predict take fit-head or "
-                        f"finetune runs (`python cli.py runs --stage fit-head`)")
+        raise UserError(f"run {record.id} was made by {record.stage}; --run takes a fit-head or finetune run, whose head "
+                        f"or model evaluate, predict and audit use (`python cli.py runs --stage fit-head` lists them)")
     if record.status != "ok":
         raise UserError(f"run {record.id} did not finish (status {record.status}); pick a finished run")
     request = _request_of(record)
