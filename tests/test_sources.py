@@ -123,3 +123,12 @@ def test_an_unreadable_class_folder_is_named_as_unreadable_not_empty(tmp_path, m
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(UserError, match=f"cannot read {locked} \\(Permission denied\\)"):
         open_source(str(root)).listing()
+
+
+def test_one_owner_of_the_named_source_prefixes():
+    """open_source and names_files (the audit's "can a manifest load these?") read one function."""
+    from pipeline.data.sources import named_source, names_files
+
+    assert named_source("builtin:digits") == "builtin" and named_source("tfds:beans") == "tfds"
+    assert named_source("photos/tfds:x") is None and named_source("tfds") is None
+    assert not names_files("tfds:beans") and names_files("photos") and names_files("m.csv")

@@ -581,22 +581,32 @@ class TfdsSource(Source):
             offset += n
 
 
+NAMED_SOURCES = ("builtin", "tfds")  # `--data KIND:NAME`: images by name, not files
+
+
+def named_source(data: str) -> str | None:
+    """'builtin' or 'tfds' where a `--data` value names a data set by prefix (images a manifest cannot
+    load), else None (a folder or a manifest of files): the one owner of those prefixes."""
+    return next((kind for kind in NAMED_SOURCES if data.startswith(f"{kind}:")), None)
+
+
 def names_files(data: str) -> bool:
     """Whether a `--data` value lists image files (a folder or a manifest), not built-in or tfds: images
     (whose names a manifest cannot load)."""
-    return not data.startswith(("builtin:", "tfds:"))
+    return named_source(data) is None
 
 
 def open_source(data: str, split: SplitConfig = SplitConfig()) -> Source:
     """Pick the source for a `--data` value: builtin:NAME, tfds:NAME, a CSV/TSV manifest, or a folder."""
     if not data or not data.strip():
         raise UserError(f"--data is empty; give an image folder, a CSV manifest, tfds:NAME or {BUILTIN_DEFAULT}")
-    if data.startswith("builtin:"):
+    kind = named_source(data)
+    if kind == "builtin":
         if data != BUILTIN_DEFAULT:
             raise UserError(f"unknown built-in data set {data!r}; the built-in one is {BUILTIN_DEFAULT}")
         return DigitsSource(split)
-    if data.startswith("tfds:"):
-        return TfdsSource(data[5:], split)
+    if kind == "tfds":
+        return TfdsSource(data[len("tfds:"):], split)
     p = Path(os.path.expanduser(data))
     if p.is_file() and _is_image_file(p):
         raise UserError(f"--data {data} is a single image; give a folder with one subfolder per class, or a CSV "
