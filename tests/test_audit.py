@@ -171,25 +171,34 @@ def test_the_logistic_on_unit_rows_is_the_model_on_rows_scaled_to_unit_rms():
 
 
 # ----------------------------------------------------------------------------- planted faults
-def test_a_flipped_label_is_ranked_first_and_a_cross_split_copy_is_leakage(tmp_path):
-    path = write_cache(tmp_path, n_images=300, dim=24, n_classes=3, sep=1.5, seed=3)  # overlapping: some val errors
+def _three_classes(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A cache of 3 slightly overlapping classes (some val errors): its path, splits, labels and
+    features, and its train rows, the clearest members of their class first (the ones to flip)."""
+    path = write_cache(tmp_path, n_images=300, dim=24, n_classes=3, sep=1.5, seed=3)
     with FeatureFile(path) as ff:
-        train = np.flatnonzero(ff.splits == "train")
-        val = np.flatnonzero(ff.splits == "val")
-        labels = ff.labels.copy()
-        x = ff.load()
+        splits, labels, x = ff.splits.copy(), ff.labels.copy(), ff.load()
+    train = np.flatnonzero(splits == "train")
     means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
     typical = np.linalg.norm(x[train] - means[labels[train]], axis=1)
-    flipped = int(train[np.argmin(typical)])                             # a clear member of its class...
-    labels[flipped] = (labels[flipped] + 1) % 3                           # ...given the wrong label
-    copy_from, copy_to = int(train[7]), int(val[0])
-    x[copy_to] = x[copy_from]                                             # a val image that copies a train one
-    labels[copy_to] = labels[copy_from]
+    return path, splits, labels, x, train[np.argsort(typical, kind="stable")]
 
+
+def _rewrite(path: Path, labels: np.ndarray, x: np.ndarray) -> None:
     def edit(f):
         f["labels"][...] = labels
         f["features"][...] = x.astype(f["features"].dtype)
     _edit_cache(path, edit)
+
+
+def test_a_flipped_label_is_ranked_first_and_a_cross_split_copy_is_leakage(tmp_path):
+    path, splits, labels, x, clearest = _three_classes(tmp_path)
+    train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+    flipped = int(clearest[0])                                            # a clear member of its class...
+    labels[flipped] = (labels[flipped] + 1) % 3                           # ...given the wrong label
+    copy_from, copy_to = int(train[7]), int(val[0])
+    x[copy_to] = x[copy_from]                                             # a val image that copies a train one
+    labels[copy_to] = labels[copy_from]
+    _rewrite(path, labels, x)
 
     with FeatureFile(path) as ff:
         result = audit_cache(ff, NO_MAP)
@@ -509,21 +518,11 @@ def test_top_losses_list_the_misclassified_even_below_unsure_right_answers():
 def test_a_wrong_label_copied_twice_is_still_found(tmp_path):
     """A copy at cosine 1 outvoted every other neighbour, so an image copied with its wrong label
     vouched for itself; copies now neither vote for each other nor train each other's fold."""
-    path = write_cache(tmp_path, n_images=300, dim=24, n_classes=3, sep=1.5, seed=3)
-    with FeatureFile(path) as ff:
-        train = np.flatnonzero(ff.splits == "train")
-        labels = ff.labels.copy()
-        x = ff.load()
-    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
-    typical = np.linalg.norm(x[train] - means[labels[train]], axis=1)
-    flipped, twin = (int(r) for r in train[np.argsort(typical)[:2]])
+    path, _, labels, x, clearest = _three_classes(tmp_path)
+    flipped, twin = (int(r) for r in clearest[:2])
     labels[flipped] = (labels[flipped] + 1) % 3
     x[twin], labels[twin] = x[flipped], labels[flipped]
-
-    def edit(f):
-        f["labels"][...] = labels
-        f["features"][...] = x.astype(f["features"].dtype)
-    _edit_cache(path, edit)
+    _rewrite(path, labels, x)
     with FeatureFile(path) as ff:
         result = audit_cache(ff, NO_MAP)
     assert {d["path"] for d in result["label_issues"][:2]} == {f"img/{flipped:05d}.jpg", f"img/{twin:05d}.jpg"}

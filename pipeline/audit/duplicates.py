@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -67,9 +68,9 @@ def exact_pairs(hashes: list[str], splits: list[str] | None = None) -> list[Pair
     return out
 
 
-def copy_groups(n: int, pairs: list[Pair]) -> np.ndarray:
-    """A group id per row: rows joined by a chain of duplicate pairs share the smallest row number of
-    their group (union-find), every other row is its own group."""
+def copy_groups(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """A group id per row: rows joined by a chain of duplicate pairs (row numbers a, b) share the
+    smallest row number of their group (union-find), every other row is its own group."""
     parent = np.arange(n)
 
     def root(i: int) -> int:
@@ -78,8 +79,8 @@ def copy_groups(n: int, pairs: list[Pair]) -> np.ndarray:
             i = parent[i]
         return int(i)
 
-    for p in pairs:
-        a, b = root(p.a), root(p.b)
+    for first, second in pairs:
+        a, b = root(first), root(second)
         if a != b:
             parent[max(a, b)] = min(a, b)
     return np.asarray([root(i) for i in range(n)], dtype=np.int64)

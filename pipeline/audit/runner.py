@@ -202,7 +202,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     hashes = list(fill_hashes(np.full(len(files), "", dtype=object), img.paths, readable))
     exact = exact_pairs(hashes, list(img.splits))
     pairs = exact + near_pairs(neigh, files, options.near, hashes)
-    groups = copy_groups(n, pairs)  # copies of one image never vouch for each other's label
+    groups = copy_groups(n, [(p.a, p.b) for p in pairs])  # copies of one image never vouch for each other's label
     t["duplicates"] = time.perf_counter()
     say(f"audit: duplicates {len(exact)} exact, {len(pairs) - len(exact)} near")
     folds = cv_splits(img.y, options.cv, options.seed)
@@ -330,7 +330,7 @@ def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = 
             labels[i] = c["suggested"][i]
         elif c["given_probability"][i] < drop_below:
             keep[i] = False
-    groups = copy_groups(img.y.size, [Pair(a, b, 1.0, "") for a, b in c["pairs"]])
+    groups = copy_groups(img.y.size, c["pairs"])
     copies: dict[int, list[int]] = {}
     for r in sorted({r for pair in c["pairs"] for r in pair}, key=lambda r: (SPLIT_ORDER.get(img.splits[r], 3), r)):
         copies.setdefault(int(groups[r]), []).append(r)
