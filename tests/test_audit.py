@@ -215,6 +215,15 @@ def test_a_flipped_label_is_ranked_first_and_a_cross_split_copy_is_leakage(tmp_p
     assert result["counts"]["label_issues"] == len(issues)
 
 
+def test_the_seed_draws_the_out_of_fold_folds_and_the_same_seed_repeats_them(tmp_path):
+    path, *_ = _three_classes(tmp_path)
+    with FeatureFile(path) as ff:
+        runs = [audit_cache(ff, AuditOptions(seed=seed, draw_map=False)) for seed in (0, 0, 1)]
+    scores = [[(i["path"], i["score"]) for i in r["label_issues"]] for r in runs]
+    assert scores[0] == scores[1]
+    assert scores[0] != scores[2]  # other folds, other out-of-fold probabilities (the kNN vote has no folds)
+
+
 def test_an_image_far_from_its_class_tops_the_outlier_ranking():
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((3, 32)) * 3
@@ -567,12 +576,12 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
 
     fit_run = re.search(r"run (\S+) saved in", fit.stdout).group(1)
     again = run_cli("audit", "--cache", re.search(r"wrote (\S+\.h5)", fit.stdout + fit.stderr).group(1),
-                    "--run", fit_run, "--relabel", "--drop-below", "1", "--no-map", "--cache-dir", cache)
+                    "--run", fit_run, "--relabel", "--drop-below", "1", "--no-map", "--seed", "3", "--cache-dir", cache)
     assert again.returncode == 0, again.stderr
     rerun = Path(cache) / "runs" / re.search(r"audit (\S+) in", again.stdout).group(1)
     assert json.loads((rerun / "audit.json").read_text())["model"] == "run head"
     config = json.loads((rerun / "config.json").read_text())
-    assert config["relabel"] is True and config["drop_below"] == 1.0
+    assert config["relabel"] is True and config["drop_below"] == 1.0 and config["seed"] == 3
     relabelled = json.loads((rerun / "audit.json").read_text())["cleaned"]
     assert relabelled["relabel"] is True and f"relabels {relabelled['relabelled']};" in again.stderr, again.stderr
     assert relabelled["label_issues_dropped_below"] == 1.0

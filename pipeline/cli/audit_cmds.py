@@ -30,7 +30,8 @@ from pipeline.tracking.runs import Registry
                    "the others stay in with their labels (mostly hard images, not wrong ones). "
                    "1 drops every listed issue that --relabel does not relabel.")
 @click.option("--no-map", is_flag=True, help="Skip the 2-D embedding map (t-SNE: the slowest part).")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True,
+              help="Draws the out-of-fold CV folds, the map's t-SNE and, on large caches, the images it shows.")
 @trust_pickle_option
 @extract_options
 @mlflow_options
