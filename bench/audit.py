@@ -21,6 +21,8 @@ later manifest of the same files reuses those rows):
   without `--relabel`), same val images throughout; recovery as a ratio of means, against one clean
   fit and against clean fits missing 1%, with its bootstrap standard error over seeds.
 - speed: the whole audit of clean flowers with the map (t-SNE) and the report.
+- `--without-reviewed`: the labels and outliers parts leave tf_flowers' reviewed faults out of flowers
+  before planting, so the planted faults compete with no known fault of the data set's own.
 - scale: the whole audit (with map and report) of a synthetic --scale-rows x 1280 float16 cache
   (bench/scale.py's generator: 5 classes, low-rank class structure plus noise, 80/20 train/val) in a
   child process: wall seconds, the audit's timings, peak RSS; and the recall of the approximate
@@ -38,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -49,12 +51,12 @@ SHARED = REPO.parent / "shared" / "data"
 IMAGES = {".jpg", ".jpeg", ".png"}
 
 
-def listing(root: Path) -> list[tuple[str, str, str]]:
-    """(absolute path, class, split) of a train/ val/ folder tree."""
+def listing(root: Path, leave_out: Collection[str] = ()) -> list[tuple[str, str, str]]:
+    """(absolute path, class, split) of a train/ val/ folder tree, less the absolute paths `leave_out`."""
     rows = []
     for split in ("train", "val", "test"):
         for p in sorted((root / split).rglob("*")) if (root / split).is_dir() else []:
-            if p.suffix.lower() in IMAGES:
+            if p.suffix.lower() in IMAGES and str(p.resolve()) not in leave_out:
                 rows.append((str(p.resolve()), p.parent.name, split))
     return rows
 
@@ -123,15 +125,17 @@ def cleanlab_anchor(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.asarray(ranked), proba
 
 
-def part_labels(name: str, root: Path, work: Path, cache: Path, seed: int, details: bool = True) -> tuple:
+def part_labels(name: str, root: Path, work: Path, cache: Path, seed: int, details: bool = True,
+                leave_out: Collection[str] = ()) -> tuple:
     from pipeline.audit.labels import KNN_K, knn_oof, label_evidence, rank_issues
     from pipeline.audit.runner import audited_images
     from pipeline.features.neighbours import CosineIndex
     from pipeline.features.store import FeatureFile
     from pipeline.heads.base import FeatureSource
 
-    rows, truth = flip(listing(root), 0.05, seed)
-    result, wall, _ = audit(write_manifest(rows, work / f"{name}-flip5-seed{seed}.csv"), cache, "--no-map")
+    rows, truth = flip(listing(root, leave_out), 0.05, seed)
+    tag = "-without-reviewed" if leave_out else ""
+    result, wall, _ = audit(write_manifest(rows, work / f"{name}{tag}-flip5-seed{seed}.csv"), cache, "--no-map")
     ranked = [r["path"] for r in result["label_issues"]]
     p, r = precision_recall(ranked, set(ranked), truth)
     known = reviewed(root)
@@ -207,7 +211,8 @@ def part_dups(root: Path, work: Path, cache: Path, seed: int) -> None:
           f"{cross} = {cross / len(planted):.2f}x planted")
 
 
-def part_outliers(root: Path, work: Path, cache: Path, seed: int, plant_seeds: int = 20, plant_start: int = 0) -> None:
+def part_outliers(root: Path, work: Path, cache: Path, seed: int, plant_seeds: int = 20, plant_start: int = 0,
+                  leave_out: Collection[str] = ()) -> None:
     from cleanlab.outlier import OutOfDistribution
 
     from pipeline.audit.outliers import outlier_scores
@@ -215,13 +220,14 @@ def part_outliers(root: Path, work: Path, cache: Path, seed: int, plant_seeds: i
     from pipeline.features.store import FeatureFile
     from pipeline.heads.base import FeatureSource
 
-    rows = listing(root)
+    rows = listing(root, leave_out)
     classes = sorted({r[1] for r in rows})
     rng = np.random.default_rng(seed)
     foreign = listing(SHARED / "hymenoptera")
     dropped = [foreign[i][0] for i in rng.choice(len(foreign), 20, replace=False)]
     extra = [(p, classes[i % len(classes)], "train") for i, p in enumerate(dropped)]
-    result, _, _ = audit(write_manifest(rows + extra, work / "flowers-outliers.csv"), cache, "--no-map")
+    tag = "-without-reviewed" if leave_out else ""
+    result, _, _ = audit(write_manifest(rows + extra, work / f"flowers{tag}-outliers.csv"), cache, "--no-map")
     with FeatureFile(cache_file(cache, result["cache_key"])) as ff:
         img = audited_images(ff)
         raw = FeatureSource(ff, img.rows).load_reduced("avg")
@@ -254,7 +260,7 @@ def plant_spread(rows: list, foreign: list, classes: list[str], work: Path, cach
     from pipeline.heads.base import FeatureSource
 
     every = [(p, classes[i % len(classes)], "train") for i, (p, _, _) in enumerate(foreign)]
-    result, _, _ = audit(write_manifest(rows + every, work / "flowers-all-foreign.csv"), cache, "--no-map")
+    result, _, _ = audit(write_manifest(rows + every, work / f"flowers-all-foreign-{len(rows)}.csv"), cache, "--no-map")
     with FeatureFile(cache_file(cache, result["cache_key"])) as ff:
         at = {ff.paths[r]: r for r in range(len(ff.paths)) if ff.views[r] == 0}
 
@@ -482,6 +488,9 @@ def main(argv=None) -> None:
     ap.add_argument("--plant-seeds", type=counted(1), default=20, help="Plant seeds of the outliers part's spread.")
     ap.add_argument("--plant-seed-start", type=counted(0), default=0,
                     help="First plant seed of the spread (the neighbourhood weight was chosen on 0-59; 60 on are fresh).")
+    ap.add_argument("--without-reviewed", action="store_true",
+                    help="Leave tf_flowers' reviewed faults (bench/flowers_reviewed.csv) out of flowers before the labels "
+                         "and outliers parts plant theirs, so the planted faults are the only known ones.")
     ap.add_argument("--scale-rows", type=int, default=200_000, help="Rows of the scale part's synthetic cache.")
     args = ap.parse_args(argv)
     label_sets = ("flowers", "hymenoptera")
@@ -497,7 +506,8 @@ def main(argv=None) -> None:
     if "labels" in parts:
         sets = {"flowers": flowers, "hymenoptera": SHARED / "hymenoptera"}
         for name in args.label_data.split(","):
-            got = np.asarray([part_labels(name, sets[name], work, cache, s, details=s == args.seed)
+            got = np.asarray([part_labels(name, sets[name], work, cache, s, details=s == args.seed,
+                                          leave_out=reviewed(sets[name]) if args.without_reviewed else ())
                               for s in range(args.seed, args.seed + args.label_seeds)])
             mean, lo, hi = got.mean(axis=0), got.min(axis=0), got.max(axis=0)
             print(f"labels {name} over {args.label_seeds} seeds: audit top-N precision {mean[0]:.3f} "
@@ -509,7 +519,8 @@ def main(argv=None) -> None:
     if "dups" in parts:
         part_dups(flowers, work, cache, args.seed)
     if "outliers" in parts:
-        part_outliers(flowers, work, cache, args.seed, args.plant_seeds, args.plant_seed_start)
+        part_outliers(flowers, work, cache, args.seed, args.plant_seeds, args.plant_seed_start,
+                      reviewed(flowers) if args.without_reviewed else ())
     if "clean" in parts:
         part_clean(flowers, work, cache, args.clean_seed, args.clean_seeds, tuple(args.clean_heads.split(",")))
     if "speed" in parts:
