@@ -503,3 +503,40 @@ def test_the_trunk_cache_keeps_the_extractions_dtype(data):
     assert trunk_request(data.req, "block4_pool", 2, AugmentConfig(), 1).dtype == data.req.dtype == "float16"
     wide = trunk_request(dataclasses.replace(data.req, dtype="float32"), "block4_pool", 2, AugmentConfig(), 1)
     assert wide.dtype == "float32" and wide.layer == "block4_pool" and wide.pooling == "none"
+
+
+def test_fine_tuning_batches_show_each_image_once_per_epoch_and_a_resumed_fit_sees_the_same(data):
+    """Keras fetches a PyDataset's batches ahead on worker threads and calls its on_epoch_end once
+    more before the first epoch (`EpochIterator.reset`); whatever it does, every epoch must show each
+    training image once, the order must turn over, and a fit resumed at epoch 1 (`first_epoch`, as
+    `finetune --resume` builds it) must see the batches the uninterrupted fit saw from epoch 1 on."""
+    from pipeline.finetune.data import make_batches
+
+    def shown(first_epoch: int) -> list[list[int]]:
+        seen = []
+
+        class Record(keras.layers.Layer):
+            def call(self, x):
+                if not isinstance(x, keras.KerasTensor):
+                    seen.append(keras.ops.convert_to_numpy(x))
+                return keras.ops.mean(keras.ops.cast(x, "float32"), axis=(1, 2))
+
+            def compute_output_shape(self, shape):
+                return (shape[0], shape[-1])
+
+        source = open_source(data.req.data, data.req.split)
+        batches = make_batches(source, data.listing, data.train, 32, data.req.resize, batch_size=4, shuffle_seed=7,
+                               first_epoch=first_epoch)
+        model = keras.Sequential([keras.Input((32, 32, 3), dtype="uint8"), Record(), keras.layers.Dense(2)])
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
+        model.fit(batches, epochs=3, initial_epoch=first_epoch, verbose=0, shuffle=False)  # as the loop calls it
+        images = np.concatenate(seen).astype(np.float32)
+        gap = np.abs(images[:, None] - data.images[None].astype(np.float32)).mean(axis=(2, 3, 4))
+        assert (gap.min(axis=1) < 1.0).all()  # each image shown is one of the listing's
+        rows, n = gap.argmin(axis=1), data.train.size
+        return [rows[e * n:(e + 1) * n].tolist() for e in range(rows.size // n)]
+
+    whole = shown(0)
+    assert len(whole) == 3 and all(sorted(epoch) == sorted(data.train.tolist()) for epoch in whole)
+    assert whole[0] != whole[1] != whole[2]
+    assert shown(1) == whole[1:]

@@ -33,6 +33,9 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
     batches are (x, y, sample weights), padded to a multiple of `devices` with weight-0 rows.
     `augment` (an AugmentConfig; training only) gives each image a random view per epoch.
     `one_hot` (the class count): labels as one-hot rows, for a label-smoothed loss.
+    The epoch counts Keras' `on_epoch_end` calls, and Keras makes one before the first epoch too
+    (`EpochIterator.reset`), so fit's epoch e reads the order and views of e + 1: a resumed fit
+    (`first_epoch`) does the same, so it sees the batches an uninterrupted one would (tested).
     """
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
