@@ -497,6 +497,10 @@ def main(argv=None) -> None:
     unknown = [n for n in args.label_data.split(",") if n not in label_sets]
     if unknown:  # before any part runs, not after minutes of another
         ap.error(f"--label-data takes {', '.join(label_sets)}, not {unknown[0]!r}")
+    from pipeline.heads.registry import HEAD_KINDS
+    odd = [k for k in args.clean_heads.split(",") if k not in HEAD_KINDS]
+    if odd:
+        ap.error(f"--clean-heads takes {', '.join(HEAD_KINDS)}, not {odd[0]!r}")
     work = Path(args.work)
     cache = work / "cache"
     flowers = SHARED / "flower_photos_224"

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, make_folder
 
 
@@ -98,10 +100,23 @@ def test_bench_heldout_reads_both_commands_figures():
 
 
 def test_bench_audit_refuses_bad_seed_counts_in_one_line(tmp_path):
-    for args in (("--plant-seeds", "0"), ("--plant-seed-start", "-1"), ("--label-data", "cifar")):
+    for args in (("--plant-seeds", "0"), ("--plant-seed-start", "-1"), ("--label-data", "cifar"),
+                 ("--clean-heads", "auto,bogus")):
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "audit.py"), *args, "--parts", "labels",
                                "--work", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert args[0] in last or "cifar" in last, proc.stderr
+
+
+def test_bench_audit_recovery_is_a_ratio_of_means_with_a_spread_over_seeds():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from audit import recovery
+
+    same = {"noisy": [0.90] * 4, "clean": [1.00] * 4, "cleaned": [0.95] * 4}
+    assert recovery(same, "cleaned", "clean") == pytest.approx((0.5, 0.0))
+    # per seed 0% and 100%: the ratio of means (50%), not a mean of ratios, and seeds that disagree spread it
+    mixed = {"noisy": [0.90, 0.80], "clean": [1.00, 0.90], "cleaned": [0.90, 0.90]}
+    share, se = recovery(mixed, "cleaned", "clean")
+    assert share == pytest.approx(0.5) and se > 0.1
