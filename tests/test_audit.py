@@ -18,7 +18,8 @@ import pytest
 
 from conftest import ROOT, make_folder, run_cli, write_image
 from helpers_features import write_cache
-from pipeline.audit.duplicates import NearSettings, near_pairs, thumbnail
+from pipeline.audit.duplicates import NearSettings, copy_groups, near_pairs, thumbnail
+from pipeline.audit.labels import oof_folds
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.runner import AuditOptions, Audited, audit_cache, cleaned_rows, write_audit
 from pipeline.errors import UserError
@@ -385,6 +386,49 @@ def test_a_class_of_one_image_sits_out_of_the_folds_and_the_others_keep_their_ev
     lone = f"img/{60:05d}.jpg"
     assert (lone, "c", "train") in cleaned_rows(result, relabel=False)
     assert (lone, "c", "train") in cleaned_rows(result, relabel=True, drop_below=1.0)
+
+
+def test_a_class_whose_images_are_copies_of_one_is_one_image_to_the_audit(tmp_path):
+    """Copies never vouch for each other, so a class made of copies of one image has nothing to vouch
+    for it: it sits out of the folds like a class of one (all of it in one fold once left a training
+    fold with a single class: a traceback), and cleaned.csv keeps one copy instead of dropping the class."""
+    labels = np.r_[[0, 0], np.ones(18)].astype(np.int64)
+    two = write_cache(tmp_path / "two", n_images=20, n_classes=2, labels=labels, split_fractions=(1, 0, 0))
+    three = write_cache(tmp_path / "three", n_images=62, n_classes=2, class_names=["a", "b", "c"], sep=2.0,
+                        split_fractions=(1, 0, 0))
+
+    def copies(first: int, label: int | None = None):
+        def edit(f):
+            x = f["features"][...]
+            x[first + 1] = x[first]
+            f["features"][...] = x
+            if label is not None:
+                y = f["labels"][...]
+                y[first:first + 2] = label
+                f["labels"][...] = y
+        return edit
+    _edit_cache(two, copies(0))
+    _edit_cache(three, copies(60, label=2))
+    for path, first, name in ((two, 0, None), (three, 60, "c")):
+        with FeatureFile(path) as ff:
+            result = audit_cache(ff, NO_MAP)
+        name = name or result["class_names"][0]
+        pair = {f"img/{first:05d}.jpg", f"img/{first + 1:05d}.jpg"}
+        assert any({d["a"], d["b"]} == pair for d in result["duplicates"])
+        for relabel, drop_below in ((False, 0.2), (True, 1.0)):
+            kept = [r for r in cleaned_rows(result, relabel, drop_below) if r[0] in pair]
+            assert len(kept) == 1 and kept[0][1] == name, (path.name, relabel, kept)
+    assert result["out_of_fold"]["folds"] == 5 and result["out_of_fold"]["accuracy"]["logistic"] > 0.8
+
+
+def test_copies_of_an_image_share_a_fold_even_when_their_first_sits_out():
+    y = np.ones(40, np.int64)
+    y[:20] = 0
+    y[0] = 2                                          # row 0: the one image of its class (no fold)
+    groups = copy_groups(40, [(0, 25), (0, 33)])       # rows 25 and 33 (class 1) copy it
+    for seed in range(10):
+        fold = oof_folds(y, 5, seed, groups)
+        assert fold[0] == -1 and fold[25] == fold[33] >= 0, seed
 
 
 def test_one_class_and_no_labels_are_one_line_errors(tmp_path):

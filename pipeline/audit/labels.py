@@ -47,12 +47,44 @@ def logistic_C(C: float, dim: int) -> float:
     return float(C) * float(dim)
 
 
-def cv_splits(y: np.ndarray, cv: int, seed: int) -> int:
+def class_images(y: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Per row, the distinct images of its class: rows of one class that are copies of one image (one
+    `duplicates.copy_groups` group) count once, since copies cannot vouch for each other."""
+    if groups is None or not y.size:
+        return np.bincount(y)[y]
+    distinct = np.unique(np.stack([y, np.asarray(groups)], axis=1), axis=0)
+    return np.bincount(distinct[:, 0], minlength=int(y.max()) + 1)[y]
+
+
+def cv_splits(y: np.ndarray, cv: int, seed: int, groups: np.ndarray | None = None) -> int:
     """The folds a stratified CV of `y` gets: at most `cv`, at most the smallest class of two or more
-    images (a class of one image cannot be cross-checked and sits out); 0 when no class has two."""
-    counts = np.bincount(y)
+    distinct images (`class_images`; a class of one image cannot be cross-checked and sits out); 0
+    when no two classes can be."""
+    per_row = class_images(y, groups)
+    counts = np.asarray([per_row[y == c][0] for c in np.unique(y)])
     counts = counts[counts >= 2]
     return min(int(cv), int(counts.min())) if counts.size and len(counts) >= 2 else 0
+
+
+def oof_folds(y: np.ndarray, folds: int, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
+    """The CV fold of each row; -1 for rows of classes with fewer than two distinct images (they sit
+    out). Stratified by class; `groups` (`duplicates.copy_groups`): every copy of one image joins the
+    fold of the group's first row that has one, so no copy is scored by a model trained on another."""
+    fold = np.full(y.size, -1)
+    rows = np.flatnonzero(class_images(y, groups) >= 2)
+    if folds < 2 or not rows.size:
+        return fold
+    for f, (_, test) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed)
+                                  .split(np.zeros((rows.size, 1)), y[rows])):
+        fold[rows[test]] = f
+    if groups is not None:
+        groups = np.asarray(groups)
+        placed = np.flatnonzero(fold >= 0)
+        first_group, first_at = np.unique(groups[placed], return_index=True)  # rows ascending: the first placed
+        group_fold = np.full(int(groups.max()) + 1, -1)
+        group_fold[first_group] = fold[placed[first_at]]
+        fold = np.where(fold >= 0, group_fold[groups], fold)
+    return fold
 
 
 def fit_logistic(U: np.ndarray, y: np.ndarray, C: float, max_iter: int = 500) -> LogisticRegression:
@@ -64,21 +96,14 @@ def fit_logistic(U: np.ndarray, y: np.ndarray, C: float, max_iter: int = 500) ->
 
 def logistic_oof(U: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0, C: float = DEFAULT_C,
                  groups: np.ndarray | None = None) -> np.ndarray:
-    """Out-of-fold probabilities (n, n_classes) of `fit_logistic` on unit-length rows `U`. `groups`
-    (`duplicates.copy_groups`): copies of one image join the fold of the group's first row, so no copy
-    is scored by a model trained on another; every other row keeps its stratified fold."""
-    proba = np.full((y.size, n_classes), 1.0 / n_classes)  # rows of one-image classes: no evidence
-    rows = np.flatnonzero(np.bincount(y)[y] >= 2)
-    fold = np.full(y.size, -1)
-    for f, (_, test) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed)
-                                  .split(np.zeros((rows.size, 1)), y[rows])):
-        fold[rows[test]] = f
-    if groups is not None:
-        first = fold[groups]
-        fold = np.where((fold >= 0) & (first >= 0), first, fold)
+    """Out-of-fold probabilities (n, n_classes) of `fit_logistic` on unit-length rows `U`, over the
+    folds of `oof_folds` (copies of one image in one fold); rows that sit out, and the rows of a fold
+    whose training rows hold a single class, keep the uniform row: no evidence."""
+    proba = np.full((y.size, n_classes), 1.0 / n_classes)
+    fold = oof_folds(y, folds, seed, groups)
     for f in range(folds):
         train, test = np.flatnonzero((fold >= 0) & (fold != f)), np.flatnonzero(fold == f)
-        if not test.size:
+        if not test.size or np.unique(y[train]).size < 2:
             continue
         model = fit_logistic(U[train], y[train], C)
         proba[test] = 0.0
@@ -110,7 +135,7 @@ def label_evidence(U: np.ndarray, y: np.ndarray, n_classes: int, neigh: Neighbou
                    C: float = DEFAULT_C, groups: np.ndarray | None = None) -> LabelEvidence:
     """Both out-of-fold probability sources and their average, from unit-length rows `U` and their
     neighbours (UserError-free: callers check classes); `groups`: copies never vouch for each other."""
-    folds = cv_splits(y, cv, seed)
+    folds = cv_splits(y, cv, seed, groups)
     lr = (logistic_oof(U, y, n_classes, folds, seed, C, groups) if folds >= 2
           else np.full((y.size, n_classes), 1 / n_classes))
     kn = knn_oof(neigh, y, n_classes, groups=groups)

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.atomic import write_text_atomic
+from pipeline.data.decode import FORMATS
 
 THUMB = 112          # thumbnail box, pixels
 MAX_CARDS = 60       # thumbnails per section; the rest are listed as text
@@ -87,7 +88,7 @@ def _change(before: Any, after: Any) -> str:
 def _thumbnail(file: str | os.PathLike) -> str | None:
     """JPEG data URI of a <=112 px thumbnail, or None when the file cannot be read or decoded."""
     try:
-        with Image.open(file) as im:
+        with Image.open(file, formats=FORMATS) as im:  # what extraction decodes, no wider (no EPS, no PSD)
             im.draft("RGB", (2 * THUMB, 2 * THUMB))  # JPEG: decode at reduced scale, far faster
             small = ImageOps.exif_transpose(im).convert("RGB")
         small.thumbnail((THUMB, THUMB))
@@ -215,7 +216,7 @@ def _duplicates(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
     out.append(f'<p>cross-split duplicate pairs: <b>{_e(leakage.get("pairs", "not computed"))}</b></p>')
     accuracy = leakage.get("accuracy")
     if not accuracy:
-        out.append('<p class="na">accuracy before/after removing leaked images: not computed (no val or test split to score)</p>')
+        out.append('<p class="na">accuracy before/after removing leaked images: not computed (no val or test split to score, or a train split of one class to score them with)</p>')
     else:
         rows = [[_e(split), _pct(a.get("before")), _pct(a.get("after")), _change(a.get("before"), a.get("after")),
                  _e(a.get("n_before", "")), _e(a.get("n_after", "")), _e(a.get("removed", ""))]

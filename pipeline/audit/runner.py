@@ -18,8 +18,8 @@ import numpy as np
 
 from pipeline.atomic import write_text_atomic
 from pipeline.audit.duplicates import SPLIT_ORDER, NearSettings, Pair, copy_groups, exact_pairs, near_pairs
-from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, cv_splits, fit_logistic, label_evidence,
-                                   rank_issues)
+from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, class_images, cv_splits, fit_logistic,
+                                   label_evidence, rank_issues)
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.report import write_report
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
@@ -205,7 +205,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     groups = copy_groups(n, [(p.a, p.b) for p in pairs])  # copies of one image never vouch for each other's label
     t["duplicates"] = time.perf_counter()
     say(f"audit: duplicates {len(exact)} exact, {len(pairs) - len(exact)} near")
-    folds = cv_splits(img.y, options.cv, options.seed)
+    folds = cv_splits(img.y, options.cv, options.seed, groups)
     # the logistic reads the projection where there is one: 5x less to read per pass over 200,000
     # rows, and as good a ranking on flowers (top-N precision within one image over 3 seeds, bench/audit.py)
     U = img.X if walk is None else walk
@@ -315,14 +315,16 @@ def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = 
     of RELABEL_CONFIDENCE or more; drop outliers, and of each group of copies (duplicate pairs chained)
     keep one: the earliest split's that is still kept. The other issues stay with their labels: most
     are hard images, not wrong ones, and training without them cost more than it gained
-    (bench/audit.py). An image whose class has no other labelled image stays as it is: nothing can
-    vouch for its label, so its issue is evidence of nothing, and dropping it would drop the class."""
+    (bench/audit.py). An image whose class has no other labelled image (or only copies of it) stays as
+    it is: nothing can vouch for its label, so its issue is evidence of nothing, and dropping it would
+    drop the class."""
     img: Audited = result["_images"]
     c = result["_cleaning"]
     keep = np.ones(img.y.size, bool)
     keep[c["outliers"]] = False
     labels = img.y.copy()
-    alone = np.bincount(img.y)[img.y] < 2
+    groups = copy_groups(img.y.size, c["pairs"])
+    alone = class_images(img.y, groups) < 2  # one image, or copies of one: nothing can vouch for the class
     for i in c["flagged_issues"]:
         if alone[i]:
             continue
@@ -330,7 +332,6 @@ def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = 
             labels[i] = c["suggested"][i]
         elif c["given_probability"][i] < drop_below:
             keep[i] = False
-    groups = copy_groups(img.y.size, c["pairs"])
     copies: dict[int, list[int]] = {}
     for r in sorted({r for pair in c["pairs"] for r in pair}, key=lambda r: (SPLIT_ORDER.get(img.splits[r], 3), r)):
         copies.setdefault(int(groups[r]), []).append(r)
