@@ -477,6 +477,34 @@ def test_write_audit_files_and_cleaned_rows(tmp_path):
     assert len(relabelled) >= len(kept)
 
 
+def test_a_class_cleaning_empties_is_named_in_audit_json_and_by_the_command(tmp_path):
+    """Two images labelled "c" that sit deep in class a: both are confident label issues, cleaned.csv
+    drops both, and the user hears that a head fitted on it will not know "c"."""
+    path, splits, labels, x, clearest = _three_classes(tmp_path)
+    with FeatureFile(path) as ff:
+        names = list(ff.class_names)
+    a = [int(r) for r in clearest if labels[r] == 0][:2]
+    with FeatureFile(path) as ff:
+        result = audit_cache(ff, NO_MAP)
+        run = Registry(tmp_path).start("audit", {})
+        write_audit(result, run)
+    assert result["cleaned"]["classes_left_out"] == []
+    labels = labels.copy()
+    labels[a] = 2
+    labels[(labels == 2) & (np.arange(labels.size) != a[0]) & (np.arange(labels.size) != a[1])] = 1
+    _rewrite(path, labels, x)
+    with FeatureFile(path) as ff:
+        result = audit_cache(ff, NO_MAP)
+        run = Registry(tmp_path).start("audit", {})
+        files = write_audit(result, run)
+    assert result["cleaned"]["classes_left_out"] == [names[2]]
+    assert json.loads(files["audit"].read_text())["cleaned"]["classes_left_out"] == [names[2]]
+    assert all(label != names[2] for _, label, split in cleaned_rows(result, relabel=False) if split == "train")
+    proc = run_cli("audit", "--cache", str(path), "--cache-dir", str(tmp_path / "runs"), "--no-map")
+    assert proc.returncode == 0, proc.stderr
+    assert f"cleaned.csv keeps no training image of {names[2]!r}: a head fitted on it will not know" in proc.stderr
+
+
 def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_confident_ones(tmp_path):
     """Of four flagged label issues: a confident flip (p(given) 0.05, suggestion 0.9) is dropped, or
     relabelled with --relabel; one with an unsure suggestion but p(given) 0.1 is dropped either way; a

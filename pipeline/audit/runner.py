@@ -343,6 +343,18 @@ def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = 
     return Cleaning(labels, keep, actions)
 
 
+def classes_left_out(img: Audited, plan: Cleaning) -> list[str]:
+    """The classes that had training images and have none in cleaned.csv (every one of them a confident
+    label issue, an outlier or a copy): a head fitted on it will not know them, which the user should
+    hear rather than find out."""
+    train = img.splits == "train"
+    if not train.any():
+        train = np.ones(img.y.size, bool)
+    before = set(img.y[train].tolist())
+    after = set(plan.labels[train & plan.keep].tolist())
+    return [img.class_names[c] for c in sorted(before - after)]
+
+
 def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW
                  ) -> list[tuple[str, str, str]]:
     """(path, label, split) of the images cleaned.csv keeps (`plan_cleaning`)."""
@@ -399,6 +411,7 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
     public["cleaned"] = {"file": "cleaned.csv", "images": len(cleaned), "removed": int((~plan.keep).sum()),
                          "relabel": relabel, "relabelled": int((plan.labels != img.y)[plan.keep].sum()),
                          "label_issues_dropped_below": drop_below,
+                         "classes_left_out": classes_left_out(img, plan),
                          "command": retrain_command(result, run.path("cleaned.csv"))}
     result["cleaned"] = public["cleaned"]
     public["label_issues"] = [{**issue, "cleaned": action}

@@ -87,4 +87,8 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     click.echo(f"cleaned.csv leaves out {cleaned['removed']} images (label issues under --drop-below "
                f"{cleaned['label_issues_dropped_below']:g}, outliers, duplicate copies; train, val and test "
                f"alike){relabelled}; {use}", err=True)
+    if cleaned["classes_left_out"]:
+        click.echo(f"cleaned.csv keeps no training image of {', '.join(map(repr, cleaned['classes_left_out']))}: "
+                   f"a head fitted on it will not know that class; look at its images in report.html "
+                   f"(--drop-below 0 keeps every label issue in)", err=True)
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
