@@ -499,6 +499,7 @@ def test_a_class_cleaning_empties_is_named_in_audit_json_and_by_the_command(tmp_
         files = write_audit(result, run)
     assert result["cleaned"]["classes_left_out"] == [names[2]]
     assert json.loads(files["audit"].read_text())["cleaned"]["classes_left_out"] == [names[2]]
+    assert f"cleaned.csv keeps no training image of {names[2]}" in files["report"].read_text()
     assert all(label != names[2] for _, label, split in cleaned_rows(result, relabel=False) if split == "train")
     proc = run_cli("audit", "--cache", str(path), "--cache-dir", str(tmp_path / "runs"), "--no-map")
     assert proc.returncode == 0, proc.stderr

@@ -51,7 +51,7 @@ nav a{margin-right:12px}
 div.thumb{display:flex;align-items:center;justify-content:center;text-align:center;color:#555;
  font-size:11px;word-break:break-all;overflow:hidden;box-sizing:border-box;padding:4px}
 .path{color:#666;word-break:break-all}.badge{background:#d62728;color:#fff;border-radius:3px;
- padding:0 4px;font-size:11px}.na,.none,.note{color:#777;font-style:italic}
+ padding:0 4px;font-size:11px}.na,.none,.note{color:#777;font-style:italic}.warn{color:#d62728;font-weight:bold}
 table{border-collapse:collapse;background:#fff;margin:8px 0}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f0f0f0}
 td.l,th.l{text-align:left}table.cm td{min-width:28px;text-align:center}
@@ -155,8 +155,11 @@ def _cleaned(audit: Mapping[str, Any]) -> str:
     command = c.get("command")
     use = (f"train on it: <code>{_e(command)}</code>" if command else
            "it names built-in or tfds: images, which a manifest cannot load")
+    gone = c.get("classes_left_out") or []
+    warn = (f'<p class="cleaned warn">cleaned.csv keeps no training image of {_e(", ".join(map(str, gone)))}: a head '
+            f"fitted on it will not know {'that class' if len(gone) == 1 else 'those classes'}</p>" if gone else "")
     return (f'<p class="cleaned">cleaned.csv keeps {_e(c["images"])} images, {_e(c.get("removed", "?"))} '
-            f"removed (train, val and test alike){relabelled}; {use}</p>")
+            f"removed (train, val and test alike){relabelled}; {use}</p>{warn}")
 
 
 def _header(audit: Mapping[str, Any]) -> str:
