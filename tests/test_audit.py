@@ -527,7 +527,7 @@ def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_co
     data = json.loads(write_audit(result, Registry(tmp_path).start("audit", {}), relabel=True)["audit"].read_text())
     assert {k: v for k, v in data["cleaned"].items() if k != "command"} == {
         "file": "cleaned.csv", "images": 4, "removed": 3, "relabel": True, "relabelled": 1,
-        "label_issues_dropped_below": 0.2}
+        "label_issues_dropped_below": 0.2, "classes_left_out": ["a"]}  # a's train images: relabelled, dropped, outlier
     assert [d["cleaned"] for d in data["label_issues"]] == ["relabelled", "dropped", "kept", "kept"]
 
 
@@ -670,6 +670,46 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     shown = {m.group(1): int(m.group(2)) for m in
              re.finditer(r'<span class="count" data-key="([^"]+)">(\d+)</span>', dom.stdout)}
     assert shown == audit["counts"]
+
+
+def test_cli_audit_with_a_run_reads_that_runs_features_and_refuses_a_head_that_saw_its_val(tmp_path):
+    """--run: the audit reads the run's own features (its backbone and options, no new extraction),
+    refuses extract options its head could not read, refuses a head trained on another split of the same
+    images (its val accuracy would not be held out), and records the run's full id; --cache of a file
+    outside a cache's features/ is refused; the retrain command's paths are absolute."""
+    data = make_folder(tmp_path / "data", per_class=10, classes=("red", "green", "blue"), splits=())
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", "cache", *FAST, "--split-seed", "1",
+                  "--head", "logistic", "--C", "1.0", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr
+    run_id = re.search(r"run (\S+) saved in", fit.stdout).group(1)
+
+    audit = run_cli("audit", "--run", run_id[:-2], "--cache-dir", "cache", "--no-map", "--no-progress", cwd=tmp_path)
+    assert audit.returncode == 0, audit.stderr
+    assert "extracting first" not in audit.stderr and "computed" not in audit.stdout + audit.stderr, audit.stderr
+    run_dir = tmp_path / "cache" / "runs" / re.search(r"audit (\S+) in", audit.stdout).group(1)
+    assert json.loads((run_dir / "audit.json").read_text())["model"] == "run head"
+    assert json.loads((run_dir / "config.json").read_text())["parent_run"] == run_id
+    words = shlex.split(re.search(r"train on it: (.*)$", audit.stderr, re.M).group(1))
+    assert Path(words[words.index("--data") + 1]).is_absolute() and words[words.index("--data") + 1].endswith("cleaned.csv")
+    assert Path(words[words.index("--cache-dir") + 1]).is_absolute()
+
+    other = run_cli("audit", "--run", run_id, "--image-size", "48", "--cache-dir", "cache", "--no-map", cwd=tmp_path)
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert "--image-size" in other.stderr and "sets the features" in other.stderr
+
+    resplit = run_cli("extract", "--data", str(data), "--cache-dir", "cache", *FAST, cwd=tmp_path)  # split seed 0
+    assert resplit.returncode == 0, resplit.stderr
+    key = re.search(r"wrote (\S+\.h5)", resplit.stdout + resplit.stderr).group(1)
+    seen = run_cli("audit", "--cache", key, "--run", run_id, "--cache-dir", "cache", "--no-map", cwd=tmp_path)
+    assert seen.returncode == 2 and len(seen.stderr.strip().splitlines()) == 1, seen.stderr
+    assert "trained on" in seen.stderr and "not be held out" in seen.stderr
+
+    outside = tmp_path / "elsewhere" / "copy.h5"
+    outside.parent.mkdir()
+    shutil.copy(tmp_path / key if not Path(key).is_absolute() else key, outside)
+    loose = run_cli("audit", "--cache", str(outside), "--no-map", cwd=tmp_path)
+    assert loose.returncode == 2 and "not in a cache folder's features/" in loose.stderr, loose.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_audit_bad_input_is_one_line(tmp_path):
