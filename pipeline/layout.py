@@ -27,6 +27,13 @@ class CacheLayout:
         sits in."""
         return cls(Path(path).parent.parent)
 
+    @classmethod
+    def holding(cls, features_file: str | os.PathLike) -> "CacheLayout | None":
+        """The cache a features file sits in, or None when it is not in a cache's `features/` folder
+        (a copy elsewhere: runs recorded beside it would land in an arbitrary folder)."""
+        path = Path(features_file).resolve()
+        return cls(path.parent.parent) if path.parent.name == FEATURES else None
+
     @property
     def features(self) -> Path:
         return self.root / FEATURES

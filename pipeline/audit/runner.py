@@ -364,14 +364,19 @@ def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = D
 def retrain_command(result: Mapping[str, Any], manifest: Path) -> str | None:
     """The fit-head command that trains on cleaned.csv and reuses every cached row: the cache's
     extraction options that are not defaults, its backend if not Keras' default, its cache folder if not
-    the default; None where the audited images are not files (built-in or tfds: images)."""
+    the default; every path absolute, so it runs from the repository root wherever the audit ran; None
+    where the audited images are not files (built-in or tfds: images)."""
     r = result.get("_retrain") or {}
     if not names_files(r.get("data") or ""):
         return None
-    words = ["python", "cli.py", "fit-head", "--data", str(manifest), "--allow-outside-paths"]
+    words = ["python", "cli.py", "fit-head", "--data", str(Path(manifest).resolve()), "--allow-outside-paths"]
     try:  # the request as FeatureFile.attrs decodes it: a dict, or None in a cache that records none
         if r.get("request"):
-            words += ExtractRequest.from_json(r["request"]).feature_flags()
+            flags = ExtractRequest.from_json(r["request"]).feature_flags()
+            for i in range(len(flags) - 1):  # a weights file named relative to here: absolute, as every path
+                if flags[i] == "--weights" and flags[i + 1] not in ("imagenet", "none") and Path(flags[i + 1]).exists():
+                    flags[i + 1] = str(Path(flags[i + 1]).resolve())
+            words += flags
     except (UserError, ValueError):  # a cache of another version: the plain command, as before
         pass
     if r.get("backend") and r["backend"] != DEFAULT_BACKEND:

@@ -3,14 +3,18 @@ model (top losses, confused classes), from the cached features, as a recorded ru
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
-from pipeline.cli.options import SEED, extract_options, mlflow_after, mlflow_check, mlflow_options, trust_pickle_option
-from pipeline.cli.shared import open_cache
+from pipeline.cli.options import (SEED, extract_options, given_options, mlflow_after, mlflow_check, mlflow_options,
+                                  trust_pickle_option)
+from pipeline.cli.shared import FEATURE_OPTIONS, open_cache
 from pipeline.errors import UserError
+from pipeline.features.store import FeatureFile
 from pipeline.inference.apply import load_run
-from pipeline.layout import CacheLayout
+from pipeline.layout import FEATURES, CacheLayout
 from pipeline.tracking.runs import Registry
 
 
@@ -47,23 +51,30 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     from pipeline.heads.training import check_finite  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
 
     log_mlflow = mlflow_check(mlflow)
-    head = None
+    head, loaded, request = None, None, None
     if run_id is not None:
         loaded = load_run(kw["cache_dir"], run_id, trust_pickle=trust_pickle)
         if loaded.head is None:
             raise UserError(f"run {loaded.record.id} is a fine-tune; audit --run takes a fit-head run, whose head "
                             f"reads the cached features (a fine-tuned model would need the images again)")
         head = loaded.head
-    ff = open_cache(cache, kw, command="audit", splits=None)
+        request = run_request(loaded, cache)
+    ff = open_cache(cache, kw, command="audit", splits=None, request=request)
     options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map)
     with ff:
+        layout = CacheLayout.holding(ff.path)
+        if layout is None:
+            raise UserError(f"{ff.path} is not in a cache folder's {FEATURES}/ folder, where the audit records its run "
+                            f"and cleaned.csv's command finds the rows; copy it into <cache>/{FEATURES}/ and give "
+                            f"--cache-dir <cache>")
         check_finite(ff)
         if head is not None:  # a head of other features or classes: one line, before a run is recorded
             head.check_matches(ff)
-        registry = Registry(CacheLayout.of(ff.path).root)
+            check_held_out(loaded, ff)
+        registry = Registry(layout.root)
         config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
                   "data": ff.attrs.get("data") or ff.path.stem, "cv": cv, "seed": seed, "relabel": relabel,
-                  "drop_below": drop_below, "map": not no_map, **({"parent_run": run_id} if run_id else {})}
+                  "drop_below": drop_below, "map": not no_map, **({"parent_run": loaded.record.id} if loaded else {})}
         run = registry.start("audit", config)
         with run:
             result = audit_cache(ff, options, head, say=lambda line: click.echo(line, err=True))
@@ -92,3 +103,34 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
                    f"a head fitted on it will not know that class; look at its images in report.html "
                    f"(--drop-below 0 keeps every label issue in)", err=True)
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
+
+
+def run_request(loaded, cache: str | None):
+    """The extraction request an audit with --run reads: the run's own (its backbone and options), on
+    --data where given, else on the run's data; None where --cache names the features. Other extract
+    options would ask for features the head cannot read: refused before anything is extracted."""
+    from dataclasses import replace  # noqa: PLC0415 - only with --run
+
+    if cache is not None:
+        return None
+    given = [flag for flag in given_options(FEATURE_OPTIONS.__contains__) if flag != "--data"]
+    if given:
+        raise UserError(f"--run {loaded.record.id} sets the features (its backbone and extraction options), so "
+                        f"{', '.join(given)} would be ignored or unreadable by its head; leave them out")
+    data = click.get_current_context().params["data"] if given_options("data".__eq__) else loaded.request.data
+    return replace(loaded.request, data=data)
+
+
+def check_held_out(loaded, ff) -> None:
+    """Refuse a run whose head trained on images this audit scores as val or test: its accuracy there,
+    and the leakage figures from it, would not be held out (a head fitted on another split of them)."""
+    cache_file = loaded.record.config.get("cache_file")
+    if not cache_file or not Path(cache_file).is_file() or Path(cache_file).resolve() == Path(ff.path).resolve():
+        return  # the same cache: its val and test were never trained on; a cache gone: nothing to compare
+    with FeatureFile(cache_file) as trained_on:
+        seen = {p for p, s in zip(trained_on.paths, trained_on.splits.astype(str)) if s == "train"}
+    scored = [p for p, s in zip(ff.paths, ff.splits.astype(str)) if s in ("val", "test") and p in seen]
+    if scored:
+        raise UserError(f"run {loaded.record.id}'s head trained on {len(set(scored))} of the val/test images this "
+                        f"audit scores (e.g. {scored[0]}), so its accuracy there would not be held out; audit with "
+                        f"that run's own split (leave out --cache and the split options) or without --run")

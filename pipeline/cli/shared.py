@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.cli.options import build_request, given_options
 from pipeline.data.sources import FileSource, open_source
 from pipeline.errors import UserError
-from pipeline.extract import cache_path, extract, release_models
+from pipeline.extract import ExtractRequest, cache_path, extract, release_models
 from pipeline.features.cache import resolve
 from pipeline.features.store import FeatureFile, is_complete
 
@@ -62,8 +62,9 @@ FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pooli
                     "augment_copies", "augment_seed", "augment_ops", "split_names", "test_fraction", "split_seed"}
 
 
-def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: tuple[str, ...] | None = ("train",)):
-    """The feature file named by --cache (path or key prefix), else by the extract options,
+def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: tuple[str, ...] | None = ("train",),
+               request: ExtractRequest | None = None):
+    """The feature file named by --cache (path or key prefix), else by `request` or the extract options,
     extracting first when the cache does not have it yet (`command` names the caller in errors; before
     extracting, image files must hold two classes in `splits`, None: in any split)."""
     if cache is not None:
@@ -78,7 +79,8 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
         if len(paths) != 1:
             raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
         return FeatureFile(paths[0])
-    request, options = build_request(kw)
+    built, options = build_request(kw)
+    request = request or built
     if not is_complete(cache_path(request, options.cache_dir)):
         check_two_classes(request, command, splits)
         click.echo("no cached features for this request yet: extracting first", err=True)
