@@ -707,8 +707,10 @@ def test_cli_audit_with_a_run_reads_that_runs_features_and_refuses_a_head_that_s
     outside = tmp_path / "elsewhere" / "copy.h5"
     outside.parent.mkdir()
     shutil.copy(tmp_path / key if not Path(key).is_absolute() else key, outside)
-    loose = run_cli("audit", "--cache", str(outside), "--no-map", cwd=tmp_path)
-    assert loose.returncode == 2 and "not in a cache folder's features/" in loose.stderr, loose.stderr
+    for command in ("audit", "fit-head"):  # each would record its run in the file's grandparent
+        loose = run_cli(command, "--cache", str(outside), cwd=tmp_path)
+        assert loose.returncode == 2 and "not in a cache folder's features/" in loose.stderr, loose.stderr
+        assert len(loose.stderr.strip().splitlines()) == 1, loose.stderr
     assert not (tmp_path / "runs").exists()
 
 

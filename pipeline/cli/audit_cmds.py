@@ -14,7 +14,7 @@ from pipeline.cli.shared import FEATURE_OPTIONS, open_cache
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
 from pipeline.inference.apply import load_run
-from pipeline.layout import FEATURES, CacheLayout
+from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import Registry
 
 
@@ -62,16 +62,11 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     ff = open_cache(cache, kw, command="audit", splits=None, request=request)
     options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map)
     with ff:
-        layout = CacheLayout.holding(ff.path)
-        if layout is None:
-            raise UserError(f"{ff.path} is not in a cache folder's {FEATURES}/ folder, where the audit records its run "
-                            f"and cleaned.csv's command finds the rows; copy it into <cache>/{FEATURES}/ and give "
-                            f"--cache-dir <cache>")
         check_finite(ff)
         if head is not None:  # a head of other features or classes: one line, before a run is recorded
             head.check_matches(ff)
             check_held_out(loaded, ff)
-        registry = Registry(layout.root)
+        registry = Registry(CacheLayout.of(ff.path).root)  # open_cache: a file in a cache's features/
         config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
                   "data": ff.attrs.get("data") or ff.path.stem, "cv": cv, "seed": seed, "relabel": relabel,
                   "drop_below": drop_below, "map": not no_map, **({"parent_run": loaded.record.id} if loaded else {})}

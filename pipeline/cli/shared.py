@@ -13,6 +13,7 @@ from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, cache_path, extract, release_models
 from pipeline.features.cache import resolve
 from pipeline.features.store import FeatureFile, is_complete
+from pipeline.layout import FEATURES, CacheLayout
 
 
 def report_extraction(result) -> None:
@@ -78,7 +79,12 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
         paths = [p for p in resolve(cache, kw["cache_dir"]) if p.suffix == ".h5"]
         if len(paths) != 1:
             raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
-        return FeatureFile(paths[0])
+        ff = FeatureFile(paths[0])
+        if CacheLayout.holding(ff.path) is None:  # runs go beside the features: <cache>/runs/
+            ff.close()
+            raise UserError(f"{ff.path} is not in a cache folder's {FEATURES}/ folder, where {command} records its "
+                            f"run beside it; copy it into <cache>/{FEATURES}/ and give --cache-dir <cache>")
+        return ff
     built, options = build_request(kw)
     request = request or built
     if not is_complete(cache_path(request, options.cache_dir)):
