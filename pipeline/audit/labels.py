@@ -48,20 +48,19 @@ def logistic_C(C: float, dim: int) -> float:
 
 
 def class_images(y: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """Per row, the distinct images of its class: rows of one class that are copies of one image (one
-    `duplicates.copy_groups` group) count once, since copies cannot vouch for each other."""
+    """The distinct images of each class (index: class number): rows of one class that are copies of
+    one image (one `duplicates.copy_groups` group) count once, since copies cannot vouch for each other."""
     if groups is None or not y.size:
-        return np.bincount(y)[y]
+        return np.bincount(y)
     distinct = np.unique(np.stack([y, np.asarray(groups)], axis=1), axis=0)
-    return np.bincount(distinct[:, 0], minlength=int(y.max()) + 1)[y]
+    return np.bincount(distinct[:, 0], minlength=int(y.max()) + 1)
 
 
 def cv_splits(y: np.ndarray, cv: int, seed: int, groups: np.ndarray | None = None) -> int:
     """The folds a stratified CV of `y` gets: at most `cv`, at most the smallest class of two or more
     distinct images (`class_images`; a class of one image cannot be cross-checked and sits out); 0
     when no two classes can be."""
-    per_row = class_images(y, groups)
-    counts = np.asarray([per_row[y == c][0] for c in np.unique(y)])
+    counts = class_images(y, groups)
     counts = counts[counts >= 2]
     return min(int(cv), int(counts.min())) if counts.size and len(counts) >= 2 else 0
 
@@ -71,7 +70,7 @@ def oof_folds(y: np.ndarray, folds: int, seed: int = 0, groups: np.ndarray | Non
     out). Stratified by class; `groups` (`duplicates.copy_groups`): every copy of one image joins the
     fold of the group's first row that has one, so no copy is scored by a model trained on another."""
     fold = np.full(y.size, -1)
-    rows = np.flatnonzero(class_images(y, groups) >= 2)
+    rows = np.flatnonzero(class_images(y, groups)[y] >= 2)
     if folds < 2 or not rows.size:
         return fold
     for f, (_, test) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed)

@@ -324,7 +324,7 @@ def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = 
     keep[c["outliers"]] = False
     labels = img.y.copy()
     groups = copy_groups(img.y.size, c["pairs"])
-    alone = class_images(img.y, groups) < 2  # one image, or copies of one: nothing can vouch for the class
+    alone = class_images(img.y, groups)[img.y] < 2  # one image, or copies of one: nothing can vouch for the class
     for i in c["flagged_issues"]:
         if alone[i]:
             continue

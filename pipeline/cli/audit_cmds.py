@@ -58,7 +58,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
             raise UserError(f"run {loaded.record.id} is a fine-tune; audit --run takes a fit-head run, whose head "
                             f"reads the cached features (a fine-tuned model would need the images again)")
         head = loaded.head
-        request = run_request(loaded, cache)
+        request = run_request(loaded, cache, kw)
     ff = open_cache(cache, kw, command="audit", splits=None, request=request)
     options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map)
     with ff:
@@ -100,7 +100,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
 
 
-def run_request(loaded, cache: str | None):
+def run_request(loaded, cache: str | None, kw: dict):
     """The extraction request an audit with --run reads: the run's own (its backbone and options), on
     --data where given, else on the run's data; None where --cache names the features. Other extract
     options would ask for features the head cannot read: refused before anything is extracted."""
@@ -108,12 +108,12 @@ def run_request(loaded, cache: str | None):
 
     if cache is not None:
         return None
-    given = [flag for flag in given_options(FEATURE_OPTIONS.__contains__) if flag != "--data"]
-    if given:
+    given = given_options(FEATURE_OPTIONS.__contains__)
+    others = [flag for flag in given if flag != "--data"]
+    if others:
         raise UserError(f"--run {loaded.record.id} sets the features (its backbone and extraction options), so "
-                        f"{', '.join(given)} would be ignored or unreadable by its head; leave them out")
-    data = click.get_current_context().params["data"] if given_options("data".__eq__) else loaded.request.data
-    return replace(loaded.request, data=data)
+                        f"{', '.join(others)} would be ignored or unreadable by its head; leave them out")
+    return replace(loaded.request, data=kw["data"] if "--data" in given else loaded.request.data)
 
 
 def check_held_out(loaded, ff) -> None:
