@@ -120,3 +120,15 @@ def test_bench_audit_recovery_is_a_ratio_of_means_with_a_spread_over_seeds():
     mixed = {"noisy": [0.90, 0.80], "clean": [1.00, 0.90], "cleaned": [0.90, 0.90]}
     share, se = recovery(mixed, "cleaned", "clean")
     assert share == pytest.approx(0.5) and se > 0.1
+
+
+def test_bench_audit_listing_leaves_out_the_named_paths(tmp_path):
+    """--without-reviewed: the planted data set is the folder less the reviewed faults."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from audit import listing
+
+    root = make_folder(tmp_path / "data", per_class=3)
+    every = listing(root)
+    gone = {every[0][0], every[4][0]}
+    kept = listing(root, gone)
+    assert len(every) == 12 and len(kept) == 10 and not gone & {p for p, _, _ in kept}
