@@ -505,15 +505,10 @@ def test_the_trunk_cache_keeps_the_extractions_dtype(data):
     assert wide.dtype == "float32" and wide.layer == "block4_pool" and wide.pooling == "none"
 
 
-@pytest.mark.xfail(keras.backend.backend() == "jax", strict=True,
-                   reason="Keras-JAX builds the compiled loss from one batch pulled through the loader's worker "
-                          "queue; the batches queued behind it are served first in the next epoch, so each epoch "
-                          "mixes two orders and misses the build batch; seen with this fresh model, not yet "
-                          "checked in the fine-tuning loop, whose resume test passes on JAX")
 def test_fine_tuning_batches_show_each_image_once_per_epoch_and_a_resumed_fit_sees_the_same(data):
-    """Keras fetches a PyDataset's batches ahead on worker threads and calls its on_epoch_end once
-    more before the first epoch (`EpochIterator.reset`); whatever it does, every epoch must show each
-    training image once, the order must turn over, and a fit resumed at epoch 1 (`first_epoch`, as
+    """Keras calls a PyDataset's on_epoch_end once more before the first epoch (`EpochIterator.reset`),
+    and Keras-JAX and -PyTorch pull one batch before it to build the compiled loss; whatever Keras
+    does, every epoch must show each training image once, the order must turn over, and a fit resumed at epoch 1 (`first_epoch`, as
     `finetune --resume` builds it) must see the batches the uninterrupted fit saw from epoch 1 on."""
     from pipeline.finetune.data import make_batches
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,6 +22,8 @@ import numpy as np
 from pipeline.data.augment import augmented_view
 from pipeline.data.loader import default_workers, ordered_map
 from pipeline.tracking.metrics import classification_report
+
+PREFETCH = 2  # training batches read ahead of the one the model is on
 
 
 def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, batch_size: int,
@@ -36,6 +39,7 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
     The epoch counts Keras' `on_epoch_end` calls, and Keras makes one before the first epoch too
     (`EpochIterator.reset`), so fit's epoch e reads the order and views of e + 1: a resumed fit
     (`first_epoch`) does the same, so it sees the batches an uninterrupted one would (tested).
+    Decoding overlaps training: the next `PREFETCH` batches of the epoch are read ahead on a thread.
     """
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
@@ -50,8 +54,14 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
 
     class _Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
-            super().__init__(workers=2, use_multiprocessing=False, max_queue_size=4)
+            # one Keras worker: no Keras queue. Keras' queue keeps batches fetched before an epoch
+            # ends (Keras-JAX pulls one to build the compiled loss) and serves them in the next
+            # epoch; this loader prefetches itself instead, keyed by (epoch, batch), so a batch
+            # read ahead is only ever served in the epoch it was read for.
+            super().__init__(workers=1, use_multiprocessing=False)
             self.epoch = first_epoch
+            self.ahead: dict[tuple[int, int], Future] = {}
+            self.pool: ThreadPoolExecutor | None = None
 
         def order(self, epoch: int) -> np.ndarray:
             return epoch_order(indices, shuffle_seed, epoch)
@@ -59,13 +69,13 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
         def __len__(self) -> int:
             return -(-indices.size // batch_size)
 
-        def load(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        def load(self, ids: Sequence[int], epoch: int) -> tuple[np.ndarray, np.ndarray]:
             if memory is not None:
                 jobs = [(i, (lambda i=i: memory[i])) for i in ids]
             else:
                 jobs = list(zip(ids, source.raw_images(listing, ids, size, resize)))
             if augment is not None:  # view = epoch + 1 (view 0 is the clean image)
-                jobs = [(i, functools.partial(augmented_view, job, augment, int(shuffle_seed or 0), self.epoch + 1, i))
+                jobs = [(i, functools.partial(augmented_view, job, augment, int(shuffle_seed or 0), epoch + 1, i))
                         for i, job in jobs]
             kept, images = [], []
             for i, result in ordered_map(jobs, n_workers, len(jobs)):
@@ -76,12 +86,25 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
                 return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int32)
             return np.stack(images), labels[np.asarray(kept)].astype(np.int32)
 
+        def batch(self, epoch: int, i: int):
+            """Batch `i` of epoch `epoch`: what `__getitem__` serves, whenever it is read."""
+            ids = self.order(epoch)[i * batch_size:(i + 1) * batch_size].tolist()
+            return finish_batch(*self.load(ids, epoch), devices, class_weights, one_hot)
+
         def __getitem__(self, i: int):
-            ids = self.order(self.epoch)[i * batch_size:(i + 1) * batch_size].tolist()
-            return finish_batch(*self.load(ids), devices, class_weights, one_hot)
+            epoch = self.epoch
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="finetune-batches")
+            for j in range(i + 1, min(i + 1 + PREFETCH, len(self))):
+                if (epoch, j) not in self.ahead:
+                    self.ahead[(epoch, j)] = self.pool.submit(self.batch, epoch, j)
+            ready = self.ahead.pop((epoch, i), None)
+            return ready.result() if ready is not None else self.batch(epoch, i)
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
+            for key in [key for key in self.ahead if key[0] < self.epoch]:
+                self.ahead.pop(key).cancel()  # read ahead for an epoch that is over
 
     return _Batches()
 
