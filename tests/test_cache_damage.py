@@ -99,6 +99,32 @@ def test_every_command_refuses_a_damaged_file_in_one_line_and_cache_ls_lists_it(
     assert "damaged" in listing.stdout
 
 
+def test_a_damaged_file_at_the_requests_own_key_is_refused_not_extracted_over(tmp_path):
+    """A key's file is renamed into place finished, so one there unfinished (truncated by a full disk or
+    a copy cut short) is damaged: every command that would extract says so in one line and leaves it
+    as it is (it said 'no cached features yet' and extracted over it); `extract --force` replaces it."""
+    from conftest import make_folder
+
+    fast = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--dtype", "float32", "--no-progress"]
+    data = make_folder(tmp_path / "d", per_class=4)
+    cache = tmp_path / "c"
+    assert run_cli("extract", "--data", str(data), "--cache-dir", str(cache), *fast).returncode == 0
+    (path,) = (cache / "features").glob("*.h5")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    for command in ("extract", "fit-head", "audit"):
+        res = run_cli(command, "--data", str(data), "--cache-dir", str(cache), *fast)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (command, res.stderr)
+        assert res.stderr.strip().splitlines() == [res.stderr.strip()], (command, res.stderr)
+        assert str(path) in res.stderr, res.stderr
+        assert "damaged" in res.stderr and f"cache rm {path.name}" in res.stderr and "yet" not in res.stderr
+        assert path.read_bytes() == whole[: len(whole) // 2], command
+    again = run_cli("extract", "--data", str(data), "--cache-dir", str(cache), "--force", *fast)
+    assert again.returncode == 0, again.stderr
+    with FeatureFile(path) as ff:
+        assert len(ff) == 16
+
+
 def test_a_damaged_reuse_candidate_is_skipped_with_a_warning_not_fatal(tmp_path):
     from conftest import make_folder
 

@@ -24,7 +24,7 @@ from pipeline import backbones
 from pipeline.backend import name as backend_name
 from pipeline.errors import UserError
 from pipeline.extract.plan import KEY_VERSION, ExtractRequest, ExtractResult, Plan, RunOptions, plan
-from pipeline.features.store import concatenate, is_complete
+from pipeline.features.store import concatenate, is_complete, refuse_damaged
 from pipeline.layout import CacheLayout
 from pipeline.locking import exclusive_lock
 from pipeline.tracking.runs import Registry
@@ -101,6 +101,8 @@ def extract_concat(request: ExtractRequest, options: RunOptions, log: Log,
     cp = plan_concat(request, options.cache_dir)
     if not options.force and is_complete(cp.path):
         return ExtractResult(cp.path, cp.key, cache_hit=True)
+    if not options.force:
+        refuse_damaged(cp.path)
     results = []
     for i, part in enumerate(cp.parts, 1):
         log(f"backbone {i}/{len(cp.parts)} of {request.backbone}: {part.spec.name}")

@@ -27,7 +27,7 @@ from pipeline.errors import UncleanFileError, UserError
 from pipeline.extract.concat import extract_concat, is_concat
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
 from pipeline.extract.runner import ExtractionJob
-from pipeline.features.store import ChunkDir, is_complete
+from pipeline.features.store import ChunkDir, is_complete, refuse_damaged
 from pipeline.locking import exclusive_lock
 from pipeline.tracking.runs import Registry
 
@@ -83,6 +83,8 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
                 if got:
                     _clean_leftovers(p, log)
         return ExtractResult(p.path, p.key, cache_hit=True)
+    if not options.force:
+        refuse_damaged(p.path)
     check_size(p.size, options.allow_large)
     require()
     distribute = distributor or (shard if options.shard is not None else local)

@@ -329,6 +329,15 @@ def is_complete(path: str | os.PathLike) -> bool:
         return False
 
 
+def refuse_damaged(path: str | os.PathLike) -> None:
+    """Raise the one-line damage error (what is wrong, the way out) for a file at `path` that is not a
+    finished cache file; nothing where there is none. A key's file is renamed into place finished,
+    so one that is there unfinished is damaged: a command must say so, not extract over it as if the
+    cache were empty."""
+    if Path(path).exists() and not is_complete(path):
+        FeatureFile(path).close()
+
+
 class FeatureFile:
     """Read access to one finished cache file; arrays other than `features` are loaded eagerly.
 
@@ -342,7 +351,7 @@ class FeatureFile:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
-            raise UserError(f"{self.path} is not a readable HDF5 cache file ({exc}); remove it and extract again") from None
+            raise UserError(damaged_message(self.path, f"not readable as HDF5: {exc}")) from None
         try:
             self._read()
         except UserError:
@@ -357,7 +366,7 @@ class FeatureFile:
         per-row arrays and check their values; one UserError naming the file and the first problem."""
         a = self._f.attrs
         if "key" in a and not a.get("complete", False):
-            raise UserError(f"{self.path} is incomplete; run the same extract again to finish it")
+            raise UserError(damaged_message(self.path, "it is marked incomplete, which a finished .h5 never is"))
         problem = structure_problem(self._f, self.path)
         if problem:
             raise UserError(damaged_message(self.path, problem))
