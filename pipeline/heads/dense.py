@@ -113,6 +113,14 @@ class DenseHead(Head):
     def sweep_facts(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch_ + 1, "epochs_run": self.n_epochs_}
 
+    def after_fit_note(self) -> str:
+        """Streaming, and that early stopping read the val split: its figures then chose the epoch."""
+        notes = [self.stream_note_] if getattr(self, "streamed_", False) and self.stream_note_ else []
+        if self.early_stopping is not None:
+            notes.append(f"early stopping kept epoch {self.best_epoch_ + 1} of {self.n_epochs_} by the val loss, so "
+                         f"the val figures below are not held out (the test split's are)")
+        return "; ".join(notes)
+
     def fit_for_sweep(self, X: Any, y: Any, X_val: Any, y_val: Any, reuse: dict, **meta: Any) -> "DenseHead":
         """One fit of a sweep, not calibrated (the out-of-fold refits would multiply a sweep's cost)."""
         return self.fit(X, y, X_val, y_val, reuse=reuse, calibrate_now=False, **meta)
