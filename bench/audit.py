@@ -290,6 +290,15 @@ def plant_spread(rows: list, foreign: list, classes: list[str], work: Path, cach
 CLEAN_HEADS = ("auto", "logistic", "knn", "dense")
 
 
+def paired(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    """(mean of ours - theirs over seeds, its standard error): on the same seeds, so the plant's own
+    spread cancels; (nan, nan) for no seeds, SE nan for one."""
+    d = np.asarray(ours, float) - np.asarray(theirs, float)
+    if not d.size:
+        return float("nan"), float("nan")
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+
+
 def recovery(acc_of: dict[str, list[float]], name: str, base: str, draws: int = 2000) -> tuple[float, float]:
     """(share of the noise's cost that `name` wins back, as a ratio of means over seeds; its bootstrap
     standard error, resampling seeds). The per-seed ratio is useless: it divides by a few val images."""
@@ -522,6 +531,9 @@ def main(argv=None) -> None:
                   f"counting reviewed faults {mean[4]:.3f} ({lo[4]:.3f}-{hi[4]:.3f}); seeds with the audit's "
                   f"precision at least the anchor's: {int(np.sum(got[:, 0] >= got[:, 2]))} of {len(got)}, "
                   f"its recall: {int(np.sum(got[:, 1] >= got[:, 3]))} of {len(got)}")
+            (dp, sp), (dr, sr) = paired(got[:, 0], got[:, 2]), paired(got[:, 1], got[:, 3])
+            print(f"labels {name}: audit minus anchor on the same seeds: top-N precision {dp:+.3f} +- {sp:.3f}, "
+                  f"recall {dr:+.3f} +- {sr:.3f} (standard errors)")
     if "dups" in parts:
         part_dups(flowers, work, cache, args.seed)
     if "outliers" in parts:

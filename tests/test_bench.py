@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, make_folder
@@ -108,6 +109,16 @@ def test_bench_audit_refuses_bad_seed_counts_in_one_line(tmp_path):
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert args[0] in last or "cifar" in last, proc.stderr
+
+
+def test_bench_audit_compares_with_the_anchor_seed_by_seed():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from audit import paired
+
+    assert paired(np.array([0.8, 0.9, 0.7]), np.array([0.8, 0.9, 0.7])) == (0.0, 0.0)
+    diff, se = paired(np.array([0.9, 0.7, 0.8, 0.6]), np.array([0.8, 0.8, 0.8, 0.8]))
+    assert diff == pytest.approx(-0.05) and se == pytest.approx(np.std([0.1, -0.1, 0.0, -0.2], ddof=1) / 2)
+    assert np.isnan(paired(np.array([0.5]), np.array([0.4]))[1])
 
 
 def test_bench_audit_recovery_is_a_ratio_of_means_with_a_spread_over_seeds():
