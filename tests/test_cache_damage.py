@@ -185,6 +185,17 @@ def _interrupted(tmp_path, monkeypatch):
     return request, options, plan(request, options.cache_dir).parts
 
 
+def test_a_cache_key_naming_only_an_unfinished_extraction_says_so(tmp_path, monkeypatch):
+    """`--cache KEY` where the key names only a .parts folder: not 'give a longer key', which cannot help."""
+    request, options, parts = _interrupted(tmp_path, monkeypatch)
+    key = parts.name.split(".")[0].rsplit("-", 1)[1]
+    for command in ("fit-head", "audit"):
+        res = run_cli(command, "--cache", key, "--cache-dir", str(options.cache_dir))
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"names only an extraction that has not finished ({parts.name})" in res.stderr, res.stderr
+        assert "longer key" not in res.stderr
+
+
 @pytest.mark.parametrize("damage", ["random bytes", "pickled object array", "junk meta.json", "junk shards.json"])
 def test_a_damaged_unfinished_extraction_is_one_line_naming_the_file(tmp_path, monkeypatch, damage):
     from pipeline.extract import extract

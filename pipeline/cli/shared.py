@@ -76,7 +76,11 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
         if not cache.strip():
             raise UserError("--cache is empty; give a cache file path or key prefix (`python cli.py cache ls`), "
                             "or leave --cache out to use the extract options")
-        paths = [p for p in resolve(cache, kw["cache_dir"]) if p.suffix == ".h5"]
+        hits = resolve(cache, kw["cache_dir"])
+        paths = [p for p in hits if p.suffix == ".h5"]
+        if not paths and all(p.suffix in (".parts", ".tmp") for p in hits):  # a longer key would not help
+            raise UserError(f"--cache {cache!r} names only an extraction that has not finished ({hits[0].name}); "
+                            f"wait for the one running, or run the same extract again to finish it")
         if len(paths) != 1:
             raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
         ff = FeatureFile(paths[0])
