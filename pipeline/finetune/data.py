@@ -23,7 +23,7 @@ from pipeline.data.augment import augmented_view
 from pipeline.data.loader import default_workers, ordered_map
 from pipeline.tracking.metrics import classification_report
 
-PREFETCH = 2  # training batches read ahead of the one the model is on
+PREFETCH = 2  # batches read ahead of the one the model is on, side by side (as Keras' 2 workers did)
 
 
 def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, batch_size: int,
@@ -39,7 +39,7 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
     The epoch counts Keras' `on_epoch_end` calls, and Keras makes one before the first epoch too
     (`EpochIterator.reset`), so fit's epoch e reads the order and views of e + 1: a resumed fit
     (`first_epoch`) does the same, so it sees the batches an uninterrupted one would (tested).
-    Decoding overlaps training: the next `PREFETCH` batches of the epoch are read ahead on a thread.
+    Decoding overlaps training: the next `PREFETCH` batches of the epoch are read ahead, side by side.
     """
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
@@ -94,7 +94,7 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
         def __getitem__(self, i: int):
             epoch = self.epoch
             if self.pool is None:
-                self.pool = ThreadPoolExecutor(1, thread_name_prefix="finetune-batches")
+                self.pool = ThreadPoolExecutor(PREFETCH, thread_name_prefix="finetune-batches")
             for j in range(i + 1, min(i + 1 + PREFETCH, len(self))):
                 if (epoch, j) not in self.ahead:
                     self.ahead[(epoch, j)] = self.pool.submit(self.batch, epoch, j)
