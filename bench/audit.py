@@ -271,6 +271,7 @@ def plant_spread(rows: list, foreign: list, classes: list[str], work: Path, cach
         X_own, X_foreign = features(rows), features(foreign)
     y_own = np.asarray([classes.index(c) for _, c, _ in rows])
     own_known = np.asarray([p in known for p, _, _ in rows])
+    imagenet_view(X_own, y_own, classes, X_foreign, ["/bees/" in p for p, _, _ in foreign])
     for name, pool in (("any", np.arange(len(foreign))),
                        ("ants", np.flatnonzero(["/ants/" in p for p, _, _ in foreign])),
                        ("bees", np.flatnonzero(["/bees/" in p for p, _, _ in foreign]))):
@@ -285,6 +286,29 @@ def plant_spread(rows: list, foreign: list, classes: list[str], work: Path, cach
         print(f"outliers: 20 photos from {name} of hymenoptera, plant seeds {seeds.start}-{seeds.stop - 1}: {got[:, 0].mean():.1f} in the top 40 "
               f"({got[:, 0].min()}-{got[:, 0].max()}), with {got[:, 1].mean():.1f} of flowers' own reviewed photos of no "
               f"flower of their class")
+
+
+def imagenet_view(X_own: np.ndarray, y_own: np.ndarray, classes: list[str], X_foreign: np.ndarray,
+                  bees: list[bool]) -> None:
+    """What the default backbone's own ImageNet classifier (linear on the cached pooled features) calls
+    flowers' photos and the planted ones: why bees hide among the flowers and ants do not."""
+    from pipeline.backbones.imagenet import class_names
+    from pipeline.backbones.lite_weights import weights_path
+    from pipeline.backbones.table import DEFAULT_BACKBONE
+    from pipeline.backbones.torchfile import load_state_dict
+
+    state = load_state_dict(weights_path(DEFAULT_BACKBONE))
+    W, b = state["_fc.weight"].astype(np.float32), state["_fc.bias"].astype(np.float32)
+    names = class_names()
+    bee, ant = names.index("bee"), names.index("ant")
+    top_own = (X_own.astype(np.float32) @ W.T + b).argmax(axis=1)
+    top_foreign = (X_foreign.astype(np.float32) @ W.T + b).argmax(axis=1)
+    bees = np.asarray(bees)
+    per_class = ", ".join(f"{c} {int(((top_own == bee) & (y_own == i)).sum())}" for i, c in enumerate(classes))
+    print(f"outliers: {DEFAULT_BACKBONE}'s ImageNet classifier calls {int((top_own == bee).sum())} of flowers' "
+          f"{top_own.size} photos 'bee' ({per_class}) and {int((top_own == ant).sum())} 'ant'; hymenoptera's bee "
+          f"photos: {int((top_foreign[bees] == bee).sum())} of {int(bees.sum())} 'bee', its ant photos "
+          f"{int((top_foreign[~bees] == ant).sum())} of {int((~bees).sum())} 'ant'")
 
 
 CLEAN_HEADS = ("auto", "logistic", "knn", "dense")

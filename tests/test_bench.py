@@ -121,6 +121,26 @@ def test_bench_audit_compares_with_the_anchor_seed_by_seed():
     assert np.isnan(paired(np.array([0.5]), np.array([0.4]))[1])
 
 
+def test_bench_audit_counts_what_the_backbones_imagenet_classifier_calls_the_photos(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from audit import imagenet_view
+
+    from pipeline.backbones.imagenet import class_names
+    from pipeline.backbones.lite_weights import weights_path
+    from pipeline.backbones.table import DEFAULT_BACKBONE
+    from pipeline.backbones.torchfile import load_state_dict
+
+    W = load_state_dict(weights_path(DEFAULT_BACKBONE))["_fc.weight"].astype(np.float32)
+    bee, ant = (W[class_names().index(name)] for name in ("bee", "ant"))
+    unit = 50 * np.eye(W.shape[1], dtype=np.float32)[:1]
+    X_own = np.concatenate([50 * bee[None] / np.linalg.norm(bee), unit, unit])  # a bee photo, two others
+    X_foreign = np.stack([50 * bee / np.linalg.norm(bee), 50 * ant / np.linalg.norm(ant), unit[0]])
+    imagenet_view(X_own, np.array([1, 0, 1]), ["a", "b"], X_foreign, [True, False, False])
+    out = capsys.readouterr().out
+    assert "calls 1 of flowers' 3 photos 'bee' (a 0, b 1) and 0 'ant'" in out, out
+    assert "bee photos: 1 of 1 'bee', its ant photos 1 of 2 'ant'" in out, out
+
+
 def test_bench_audit_recovery_is_a_ratio_of_means_with_a_spread_over_seeds():
     sys.path.insert(0, str(ROOT / "bench"))
     from audit import recovery
