@@ -80,6 +80,28 @@ def test_a_damaged_cache_file_is_one_line_naming_it_and_the_problem(good, tmp_pa
     assert "\n" not in text and str(path) in text and DAMAGE[case][1] in text and "cache rm" in text
 
 
+@pytest.mark.parametrize("error, said, not_said", [
+    ("Unable to synchronously open file (unable to open file: name = 'x', errno = 13, error message = "
+     "'Permission denied', flags = 0, o_flags = 0)", "cannot be read: permission denied", "cache rm"),
+    ("Unable to synchronously open file (unable to lock file, errno = 37, error message = 'No locks available')",
+     "HDF5_USE_FILE_LOCKING=FALSE", "cache rm"),
+    ("Unable to synchronously open file (file signature not found)", "is damaged", "permission"),
+])
+def test_a_file_hdf5_cannot_open_is_called_damaged_only_when_it_is(good, monkeypatch, error, said, not_said):
+    """A good file this process may not read, or one on a file system without locks, must not be called
+    damaged: the way out of damage is removing the file."""
+    import pipeline.features.store as store
+
+    def refuse(*args, **kwargs):
+        raise OSError(error)
+
+    monkeypatch.setattr(store.h5py, "File", refuse)
+    with pytest.raises(UserError) as err:
+        FeatureFile(good)
+    text = str(err.value)
+    assert str(good) in text and said in text and not_said not in text and "\n" not in text, text
+
+
 def test_the_good_file_still_opens(good):
     with FeatureFile(good) as ff:
         assert len(ff) == 120 and len(ff.class_names) == 3
@@ -100,8 +122,8 @@ def test_every_command_refuses_a_damaged_file_in_one_line_and_cache_ls_lists_it(
 
 
 def test_a_damaged_file_at_the_requests_own_key_is_refused_not_extracted_over(tmp_path):
-    """A key's file is renamed into place finished, so one there unfinished (truncated by a full disk or
-    a copy cut short) is damaged: every command that would extract says so in one line and leaves it
+    """A key's file is renamed into place finished, so one there unfinished (truncated when it was copied
+    in: a full disk, a copy cut short) is damaged: every command that would extract says so in one line and leaves it
     as it is (it said 'no cached features yet' and extracted over it); `extract --force` replaces it."""
     from conftest import make_folder
 

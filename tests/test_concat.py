@@ -47,6 +47,12 @@ def test_a_concatenation_is_each_backbones_rows_side_by_side_and_a_cache_of_its_
     assert again.cache_hit and again.run_id is None
     swapped = extract(req(data, f"{B}+{A}"), opts(cache))
     assert swapped.path != joined.path                       # the order of the parts is part of the key
+    whole = joined.path.read_bytes()                         # a damaged joined file is refused, left, --force replaces it
+    joined.path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError, match="is damaged") as err:
+        extract(req(data, f"{A}+{B}"), opts(cache))
+    assert str(joined.path) in str(err.value) and joined.path.stat().st_size == len(whole) // 2
+    assert not extract(req(data, f"{A}+{B}"), opts(cache, force=True)).cache_hit
     with pytest.raises(UserError, match="names a layer of one backbone"):
         extract(req(data, f"{A}+{B}", layer="block_1_expand"), opts(cache))
     with pytest.raises(UserError, match="feature maps"):

@@ -505,6 +505,27 @@ def test_the_trunk_cache_keeps_the_extractions_dtype(data):
     assert wide.dtype == "float32" and wide.layer == "block4_pool" and wide.pooling == "none"
 
 
+def test_fine_tuning_batches_read_ahead_until_closed(data):
+    """The loader reads the next batches of the epoch ahead; close (the tuner calls it when a run ends,
+    however it ends) drops them and stops its threads, and a closed loader still serves batches."""
+    from pipeline.finetune.data import PREFETCH, make_batches
+
+    source = open_source(data.req.data, data.req.split)
+    batches = make_batches(source, data.listing, data.train, 32, data.req.resize, batch_size=2, shuffle_seed=7)
+    first = batches[0]
+    assert sorted(batches.ahead) == [(0, j) for j in range(1, 1 + PREFETCH)]
+    batches.close()
+    assert not batches.ahead and batches.pool is None
+    again = batches[0]
+    np.testing.assert_array_equal(first[0], again[0])
+    assert sorted(batches.ahead) == [(0, j) for j in range(1, 1 + PREFETCH)]
+    batches.on_epoch_end()  # what was read ahead for epoch 0 is never served in epoch 1
+    assert not batches.ahead
+    batches[0]
+    assert sorted(batches.ahead) == [(1, j) for j in range(1, 1 + PREFETCH)]
+    batches.close()
+
+
 def test_fine_tuning_batches_show_each_image_once_per_epoch_and_a_resumed_fit_sees_the_same(data):
     """Keras calls a PyDataset's on_epoch_end once more before the first epoch (`EpochIterator.reset`),
     and Keras-JAX and -PyTorch pull one batch before it to build the compiled loss; whatever Keras

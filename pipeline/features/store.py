@@ -351,7 +351,7 @@ class FeatureFile:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
-            raise UserError(damaged_message(self.path, f"not readable as HDF5: {exc}")) from None
+            raise UserError(open_failure(self.path, exc)) from None
         try:
             self._read()
         except UserError:
@@ -442,6 +442,18 @@ _ROW_DATASETS = {"labels": "int", "paths": "str", "splits": "str", "views": "int
 _OPTIONAL_ROW_DATASETS = {"sizes": "int", "mtimes_ns": "int", "hashes": "str"}
 _SKIP_DATASETS = ("skipped_paths", "skipped_reasons")
 MAX_INFLATION = 100  # declared rows may take at most this many times the file's bytes (compression)
+
+
+def open_failure(path: Path, exc: OSError) -> str:
+    """The one line for a cache file HDF5 cannot open: a good file this process may not read, or one
+    on a file system without locks, must not be called damaged (whose way out is removing it)."""
+    text = str(exc)
+    if "Permission denied" in text or "errno = 13" in text or not os.access(path, os.R_OK):
+        return f"{path} cannot be read: permission denied; ask for read access to it, or copy it into a cache of your own"
+    if "unable to lock file" in text.lower() or "file locking" in text.lower():
+        return (f"{path} cannot be opened: HDF5 could not lock it ({text}); another process may be writing "
+                f"it, or its file system has no locks: then set HDF5_USE_FILE_LOCKING=FALSE, or copy it to a local disk")
+    return damaged_message(path, f"not readable as HDF5: {text}")
 
 
 def damaged_message(path: Path, problem: str) -> str:

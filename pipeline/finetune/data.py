@@ -13,6 +13,7 @@ Class weights travel the same way, as per-sample weights.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
@@ -62,6 +63,9 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
             self.epoch = first_epoch
             self.ahead: dict[tuple[int, int], Future] = {}
             self.pool: ThreadPoolExecutor | None = None
+            # TensorFlow reads batches on tf.data's thread, which under a MirroredStrategy can run on
+            # past the build's throwaway iterator while on_epoch_end sweeps `ahead`
+            self.lock = threading.Lock()
 
         def order(self, epoch: int) -> np.ndarray:
             return epoch_order(indices, shuffle_seed, epoch)
@@ -92,19 +96,31 @@ def make_batches(source, listing, indices: np.ndarray, size: int, resize: str, b
             return finish_batch(*self.load(ids, epoch), devices, class_weights, one_hot)
 
         def __getitem__(self, i: int):
-            epoch = self.epoch
-            if self.pool is None:
-                self.pool = ThreadPoolExecutor(PREFETCH, thread_name_prefix="finetune-batches")
-            for j in range(i + 1, min(i + 1 + PREFETCH, len(self))):
-                if (epoch, j) not in self.ahead:
-                    self.ahead[(epoch, j)] = self.pool.submit(self.batch, epoch, j)
-            ready = self.ahead.pop((epoch, i), None)
+            with self.lock:
+                epoch = self.epoch
+                if self.pool is None:
+                    self.pool = ThreadPoolExecutor(PREFETCH, thread_name_prefix="finetune-batches")
+                for j in range(i + 1, min(i + 1 + PREFETCH, len(self))):
+                    if (epoch, j) not in self.ahead:
+                        self.ahead[(epoch, j)] = self.pool.submit(self.batch, epoch, j)
+                ready = self.ahead.pop((epoch, i), None)
             return ready.result() if ready is not None else self.batch(epoch, i)
 
         def on_epoch_end(self) -> None:
-            self.epoch += 1
-            for key in [key for key in self.ahead if key[0] < self.epoch]:
-                self.ahead.pop(key).cancel()  # read ahead for an epoch that is over
+            with self.lock:
+                self.epoch += 1
+                for key in [key for key in self.ahead if key[0] < self.epoch]:
+                    self.ahead.pop(key).cancel()  # read ahead for an epoch that is over
+
+        def close(self) -> None:
+            """Stop reading ahead (a finished or interrupted run must not wait for batches no one reads)."""
+            with self.lock:
+                for future in self.ahead.values():
+                    future.cancel()
+                self.ahead.clear()
+                if self.pool is not None:
+                    self.pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = None
 
     return _Batches()
 

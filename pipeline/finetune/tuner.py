@@ -328,8 +328,8 @@ class FineTuner:
             eval_sets = {name: make_batches(source, listing, idx, **batches)
                          for name, idx in (("val", val_idx), ("test", test_idx)) if idx.size}
             one_hot = len(class_names) if float(self.label_smoothing) else None
-            fit_val = make_batches(source, listing, val_idx, one_hot=one_hot, **batches) if val_idx.size else None
             if maps is None:
+                fit_val = make_batches(source, listing, val_idx, one_hot=one_hot, **batches) if val_idx.size else None
                 train_ds = make_batches(source, listing, train_idx, shuffle_seed=int(self.seed),
                                         first_epoch=initial_epoch, class_weights=cw, augment=self.augment,
                                         one_hot=one_hot, **batches)
@@ -339,6 +339,9 @@ class FineTuner:
                                        first_epoch=initial_epoch, class_weights=cw, **common)
                 fit_val = (map_batches(maps["data"], lambda epoch: maps["val_rows"], maps["labels"], **common)
                            if maps["val_rows"].size else None)  # never image batches into the top half
+            for reader in (*eval_sets.values(), fit_val, train_ds):
+                if hasattr(reader, "close"):  # image batches read ahead: stop when the run ends, however it ends
+                    stack.callback(reader.close)
             ctx = TrainContext(run_dir=run_dir, request=request, head=head, spec=spec, size=size,
                                class_names=class_names, parts=parts, val_source=val_source, params=self.get_params(),
                                fingerprint=fingerprint, lr=lr, state=state, trunk_cut=cut, model=model,

@@ -118,7 +118,7 @@ class DenseHead(Head):
         notes = [self.stream_note_] if getattr(self, "streamed_", False) and self.stream_note_ else []
         if self.early_stopping is not None:
             notes.append(f"early stopping kept epoch {self.best_epoch_ + 1} of {self.n_epochs_} by the val loss, so "
-                         f"the val figures below are not held out (a test split's are)")
+                         f"the val figures below are not held out")
         return "; ".join(notes)
 
     def fit_for_sweep(self, X: Any, y: Any, X_val: Any, y_val: Any, reuse: dict, **meta: Any) -> "DenseHead":
