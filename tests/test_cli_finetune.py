@@ -46,10 +46,11 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert "val   accuracy" in ft.stdout and "->" in ft.stdout
     ft_run = _run_id(ft.stdout)
     run_dir = Path(cache) / "runs" / ft_run
-    for name in ("model.keras", "curves.png", "confusion_val.png", "metrics.json"):
+    for name in ("model.keras", "curves.png", "confusion_val.png", "calibration_val.png", "metrics.json"):
         assert (run_dir / name).exists(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "before" in metrics and "after" in metrics and metrics["epochs_run"] == 2
+    assert "val   ece" in ft.stdout and f"recalibrated: temperature {metrics['temperature']:.3f}" in ft.stderr
     model = keras.models.load_model(run_dir / "model.keras")
     assert model.output_shape == (None, 2)
 

@@ -157,6 +157,12 @@ def test_training_two_epochs_writes_checkpoints_and_metrics(data, trained):
         assert part["val"]["n"] == data.val.size and "confusion_matrix" in part["val"]
     assert set(r.run_metrics()) >= {"val", "before", "after", "comparison"}
     assert r.trainable_layers == ["block5_conv1", "block5_conv2", "block5_conv3", "logits"]
+    # recalibrated on val (calibrate.py): recorded, and the saved model predicts what the figures say
+    info = json.loads((run / "finetune.json").read_text())
+    assert info["temperature"] == r.temperature == r.run_metrics()["temperature"] and "ece" in r.comparison["val"]
+    assert r.calibration.startswith(f"temperature {r.temperature:.3f} fitted on the {data.val.size} val images")
+    pred = trained.tuner.model_.predict(data.images[data.val], verbose=0).argmax(axis=1)
+    assert np.mean(pred == data.y[data.val]) == pytest.approx(r.metrics_after["val"]["accuracy"])
     # Only block5 (and the head) moved; the rest of the backbone is as built.
     fresh = backbones.build(VGG, "none", 32)
     tuned = trained.tuner.model_.get_layer("backbone")
@@ -406,6 +412,7 @@ def test_trunk_cache_trains_the_top_on_cached_maps_and_saves_an_image_model(data
     takes images: it predicts what its top predicts on the cached clean maps, only block5 and the
     head moved, and the next run with the same settings finds the trunk cache."""
     from pipeline.features.store import FeatureFile
+    from pipeline.heads.calibration import temperature_scaled
 
     cache, said = tmp_path / "cache", []
     tuner = FineTuner(unfreeze=["block5"], epochs=3, batch_size=8, lr=1e-3, augment=AugmentConfig(), views=2, seed=1)
@@ -424,7 +431,8 @@ def test_trunk_cache_trains_the_top_on_cached_maps_and_saves_an_image_model(data
         maps = maps[order]  # back to data.val's order
     model = keras.models.load_model(tmp_path / "run" / "model.keras")
     by_image = np.asarray(model.predict(data.images[data.val], verbose=0))
-    by_map = np.asarray(model.get_layer("top").predict(maps, verbose=0))
+    by_map = np.asarray(model.get_layer("top").predict(maps, verbose=0), np.float64)
+    by_map = temperature_scaled(np.log(np.maximum(by_map, 1e-12)), result.temperature)  # recalibrated on top
     np.testing.assert_allclose(by_image, by_map, atol=2e-2)  # the maps are stored as float16
     np.testing.assert_allclose(by_image, tuner.predict_proba([data.paths[i] for i in data.val]), atol=1e-5)
     fresh = backbones.build(VGG, "none", 32)

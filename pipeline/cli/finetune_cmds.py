@@ -64,7 +64,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     from pipeline.finetune.handover import stage2_inputs  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.finetune.tuner import FineTuner  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.tracking.plots import (  # noqa: PLC0415 - matplotlib: keeps `--help` fast
-        plot_confusion_matrix, plot_history)
+        plot_confusion_matrix, plot_history, plot_reliability)
 
     log_mlflow = mlflow_check(mlflow)
     registry = Registry(cache_dir)
@@ -120,6 +120,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         if val and val.get("n"):
             plot_confusion_matrix(val["confusion_matrix"], val["class_names"], run.path("confusion_val.png"),
                                   title=f"val after fine-tuning: accuracy {val['accuracy']:.3f}")
+            plot_reliability(val, run.path("calibration_val.png"), title="val after fine-tuning")
         run.finish("ok")
     click.echo(f"validated on {result.n_val} images ({result.val_source}); trained on {result.n_train}")
     click.echo(format_comparison(result.comparison))

@@ -226,7 +226,11 @@ def predict_batches(model, batches) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(model, batches, class_names: Sequence[str]) -> dict[str, Any]:
     """`pipeline.tracking.metrics.classification_report` of the model on labelled batches."""
-    y, p = predict_batches(model, batches)
+    return report(*predict_batches(model, batches), class_names)
+
+
+def report(y: np.ndarray, p: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """`classification_report` of probabilities `p` for labels `y` (none: the empty report)."""
     if y.size == 0:
         return classification_report(y, np.zeros((0, len(class_names))), class_names)
     with warnings.catch_warnings():

@@ -17,7 +17,8 @@ from pipeline.extract import ExtractRequest
 from pipeline.finetune.checkpoints import (
     BEST_WEIGHTS, FORMAT, MODEL_FILE, drop_checkpoints, make_checkpointer, write_info, write_state,
 )
-from pipeline.finetune.data import evaluate
+from pipeline.finetune.calibrate import recalibrate, with_temperature
+from pipeline.finetune.data import evaluate, predict_batches, report
 from pipeline.finetune.model import keras_module
 from pipeline.finetune.results import FinetuneResult
 from pipeline.heads.schedules import make_schedule
@@ -91,19 +92,26 @@ def train(ctx: TrainContext, callbacks: Sequence[Any], say: Callable[[str], None
         if best_epoch != state["epoch"]:
             say(f"restoring the weights of epoch {best_epoch} (lowest validation loss)")
             fit_model.load_weights(str(run_dir / BEST_WEIGHTS))
-    after = {name: evaluate(model, ds, ctx.class_names) for name, ds in ctx.eval_sets.items()}
+    preds = {name: predict_batches(model, ds) for name, ds in ctx.eval_sets.items()}
+    cal = recalibrate(preds, int(p["seed"]))
+    if cal.temperature != 1.0:
+        say(f"recalibrated: {cal.note}")
+    after = {name: report(preds[name][0], cal.proba[name], ctx.class_names) for name in preds}
+    model = ctx.model = with_temperature(model, cal.temperature)
     model_path = save_keras_atomic(model, run_dir / MODEL_FILE)
     result = FinetuneResult(
         model_path=model_path, history={k: list(v) for k, v in state["history"].items()},
         metrics_before=before, metrics_after=after, epochs_run=int(state["epoch"]), best_epoch=best_epoch,
         stopped_early=bool(state.get("stopped_early")), lr=ctx.lr, trainable_layers=list(state["trainable_layers"]),
         resumed_from=initial_epoch, seconds=time.perf_counter() - t0, n_train=int(ctx.parts["train"].size),
-        n_val=int(ctx.parts["val"].size), class_names=ctx.class_names, val_source=ctx.val_source)
+        n_val=int(ctx.parts["val"].size), class_names=ctx.class_names, val_source=ctx.val_source,
+        temperature=cal.temperature, calibration=cal.note)
     write_info(run_dir, {"format": FORMAT, "version": 1, "class_names": ctx.class_names, "image_size": ctx.size,
                          "resize": ctx.request.resize, "request": ctx.request.to_json(), "backbone": ctx.spec.name,
                          "head": getattr(ctx.head, "kind", "?"), "head_cache_key": ctx.head.cache_key_,
                          "params": p, "lr": ctx.lr, "epochs_run": result.epochs_run, "best_epoch": best_epoch,
-                         "trainable_layers": result.trainable_layers, "history": result.history})
+                         "trainable_layers": result.trainable_layers, "history": result.history,
+                         "temperature": cal.temperature, "calibration": cal.note})
     state["complete"] = True
     write_state(run_dir, state)
     if not p["keep_checkpoint"]:

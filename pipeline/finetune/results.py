@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 
 def compare_metrics(before: Mapping[str, Any], after: Mapping[str, Any],
-                    keys: Sequence[str] = ("accuracy", "macro_f1", "balanced_accuracy", "log_loss")) -> dict:
+                    keys: Sequence[str] = ("accuracy", "macro_f1", "balanced_accuracy", "log_loss", "ece")) -> dict:
     """{split: {metric: {before, after, change}}} for the splits in both, for a side-by-side table."""
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for split in after:
@@ -53,6 +53,8 @@ class FinetuneResult:
     n_val: int
     class_names: list[str] = field(default_factory=list)
     val_source: str = "val split"  # 'stage-2 split' | 'val split' | 'holdout' | 'none'
+    temperature: float = 1.0  # fitted on val after training and folded into the saved model (`calibrate.py`)
+    calibration: str = ""  # how, or why not
 
     @property
     def comparison(self) -> dict:
@@ -78,6 +80,6 @@ class FinetuneResult:
                    epochs_run=self.epochs_run, best_epoch=self.best_epoch, stopped_early=self.stopped_early,
                    lr=self.lr, trainable_layers=len(self.trainable_layers), resumed_from=self.resumed_from,
                    fit_seconds=round(self.seconds, 3), train_images=self.n_train, val_images=self.n_val,
-                   val_source=self.val_source)
+                   val_source=self.val_source, temperature=self.temperature, calibration=self.calibration)
         return out
 

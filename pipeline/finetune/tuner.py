@@ -10,6 +10,7 @@ each job it runs lives in its own module of this package:
     devices.py      TensorFlow's MirroredStrategy / JAX's DataParallel, and the batch padding
     checkpoints.py  per-epoch checkpoints, resume, the run folder's files
     loop.py         the epochs, the best epoch's weights, before/after metrics
+    calibrate.py    the finished model's temperature, fitted on its val predictions
     results.py      `FinetuneResult` and the before/after comparison
 
 API:
@@ -348,7 +349,8 @@ class FineTuner:
                                fit_model=fit_model, trainable=trainable, train_ds=train_ds, fit_val=fit_val,
                                eval_sets=eval_sets)
             result = train(ctx, callbacks, say, t0)
-        self.model_, self.class_names_, self.image_size_, self.resize_ = model, class_names, size, request.resize
+        # the trained model, recalibrated (`calibrate.py`): what was saved
+        self.model_, self.class_names_, self.image_size_, self.resize_ = ctx.model, class_names, size, request.resize
         self.result_ = result
         return result
 
