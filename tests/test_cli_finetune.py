@@ -51,6 +51,7 @@ def test_finetune_cli_end_to_end(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "before" in metrics and "after" in metrics and metrics["epochs_run"] == 2
     assert "val   ece" in ft.stdout and f"recalibrated: temperature {metrics['temperature']:.3f}" in ft.stderr
+    assert "early stopping kept" not in ft.stdout  # no early stopping: val picked no epoch
     model = keras.models.load_model(run_dir / "model.keras")
     assert model.output_shape == (None, 2)
 
@@ -140,6 +141,8 @@ def test_finetune_validates_on_the_fit_head_holdout_when_there_is_no_val_folder(
     assert metrics["before"]["val"]["accuracy"] == head_metrics["val"]["accuracy"]
     assert metrics["before"]["val"]["log_loss"] == pytest.approx(head_metrics["val"]["log_loss"], abs=1e-3)
     assert metrics["before"]["test"]["n"] == 20 and len(metrics["before"]) >= 2
+    assert (f"note: early stopping kept epoch {metrics['best_epoch']} by the val loss, so the val figures are not "
+            f"held out") in ft.stdout
 
 
 

@@ -40,7 +40,7 @@ def test_without_val_images_nothing_is_recalibrated_and_the_note_says_why():
     y, p = _underconfident(50, 0)
     for preds in ({"test": (y, p)}, {"val": (y[:1], p[:1]), "test": (y, p)}):
         cal = recalibrate(preds)
-        assert cal.temperature == 1.0 and "no validation images" in cal.note
+        assert cal.temperature == 1.0 and "fewer than 2 validation images or classes" in cal.note
         np.testing.assert_array_equal(cal.proba["test"], p)
 
 

@@ -2,12 +2,13 @@
 end to end (with label smoothing by default) moves its confidence: Lite0 on flowers went from val
 ECE 0.024 to 0.122 while its accuracy rose 0.936 -> 0.952 (the default `finetune`, 2026-12-05). So
 the finished model gets one temperature (Guo et al. 2017; `pipeline.heads.calibration`), fitted on
-its validation images, which fine-tuning already reads (to pick an epoch) and never trains on. It
-changes no prediction.
+its validation images, which fine-tuning already reads (for its validation loss) and never trains
+on. It changes no prediction.
 
-The val figures a run reports stay honest: each half of the val images is scored with the temperature
-fitted on the other half (cross-fitting); the test split's figures, and the saved model, use the one
-fitted on all of them.
+The temperature does not make the val figures a run reports optimistic: each half of the val images
+is scored with the temperature fitted on the other half (cross-fitting); the test split's figures, and
+the saved model, use the one fitted on all of them. (Early stopping, where asked for, picks the epoch
+by the val loss; the run says so.)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def recalibrate(preds: dict[str, tuple[np.ndarray, np.ndarray]], seed: int = 0) 
     Without val images (or with too few to fit) the temperature stays 1 and the note says why."""
     y_val, p_val = preds.get("val", (np.zeros(0, np.int64), None))
     if p_val is None or y_val.size < 2 or np.unique(y_val).size < 2:
-        return Recalibration(1.0, "not recalibrated: no validation images to fit a temperature on",
+        return Recalibration(1.0, "not recalibrated: fewer than 2 validation images or classes to fit a temperature on",
                              {name: np.asarray(p, np.float64) for name, (_, p) in preds.items()})
     z = log_proba(p_val)
     temperature = fit_temperature(z, y_val)

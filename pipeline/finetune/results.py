@@ -60,6 +60,13 @@ class FinetuneResult:
     def comparison(self) -> dict:
         return compare_metrics(self.metrics_before, self.metrics_after)
 
+    def early_stopping_note(self) -> str | None:
+        """One line when early stopping kept an epoch by the val loss: the val figures then chose it."""
+        if self.best_epoch is None or not self.n_val:
+            return None
+        return (f"note: early stopping kept epoch {self.best_epoch} by the val loss, so the val figures are not "
+                f"held out")
+
     def worse_note(self, parent_run: str) -> str | None:
         """One line when fine-tuning lowered val accuracy (the head-only run is then the better
         model), with what to try; None otherwise or without val."""
