@@ -7,7 +7,8 @@ writes a manifest for it (`path,label,split`, read in place), and runs the two c
 docs/quality.md with their defaults: `fit-head`, then `finetune --run <that run>`, once per `--seeds` value (each is
 passed as `--seed` to both: the heads' CV folds, the fine-tune's augmentation, shuffling and
 initialisation change; the split does not). It prints val and test accuracy before and after
-fine-tuning and the wall time of each command, then the mean and the range over the seeds.
+fine-tuning (and log loss and ECE after it) and the wall time of each command, then the mean and
+the range over the seeds.
 
     .venv/bin/python bench/heldout.py                   # ../shared/data/flower_photos_224
     .venv/bin/python bench/heldout.py --data DIR --work /tmp/heldout
@@ -71,6 +72,12 @@ def accuracies(stdout: str) -> dict[str, float]:
     return out
 
 
+def after_values(stdout: str, metric: str) -> dict[str, float]:
+    """{'val': after, 'test': after} of one metric (log_loss, ece) from finetune's comparison lines."""
+    return {part: float(after) for part, after in
+            re.findall(rf"^(val|test)\s+{metric}\s+[0-9.]+ -> ([0-9.]+)", stdout, re.M)}
+
+
 def spread(values: list[float]) -> str:
     """'93.9% (93.5-94.3)': mean and range in percent."""
     return f"{100 * sum(values) / len(values):.1f}% ({100 * min(values):.1f}-{100 * max(values):.1f})"
@@ -96,7 +103,8 @@ def main(argv=None) -> None:
     print(f"{root.name}: {counts['train']} train / {counts['val']} val / {counts['test']} test (carved from train)")
     cache = ["--cache-dir", str(work / "cache")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    figures: dict[str, list[float]] = {}
+    figures: dict[str, list[float]] = {}  # accuracies, shown in percent
+    plain: dict[str, list[float]] = {}  # log loss and ECE after fine-tuning
     for seed in seeds:
         out, t_head = cli("fit-head", "--data", str(manifest), "--allow-outside-paths", *cache, *fit_head_args,
                           "--seed", str(seed))
@@ -112,14 +120,19 @@ def main(argv=None) -> None:
             out, t_ft = cli("finetune", "--run", head_run, *cache, "--seed", str(seed), *shlex.split(extra))
             print(f"seed {seed}: finetune{suffix} ({t_ft:.0f} s):")
             for line in out.splitlines():
-                if re.match(r"(val|test)\s+(accuracy|log_loss)", line):
+                if re.match(r"(val|test)\s+(accuracy|log_loss|ece)", line):
                     print("   ", line)
             for part, (_, after) in accuracies(out).items():
                 figures.setdefault(f"fine-tuned{suffix} {part}", []).append(after)
+            for metric in ("log_loss", "ece"):
+                for part, after in after_values(out, metric).items():
+                    plain.setdefault(f"fine-tuned{suffix} {part} {metric}", []).append(after)
             sys.stdout.flush()
     print(f"over seeds {args.seeds}: mean (min-max)")
     for name, values in figures.items():
         print(f"    {name:16s} {spread(values)}")
+    for name, values in plain.items():
+        print(f"    {name:16s} {sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_bench_heldout_reads_both_commands_figures():
     """The fine-tune's before -> after lines (which the smoke test above skips) and fit-head's lines."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
-        from heldout import accuracies, spread
+        from heldout import accuracies, after_values, spread
     finally:
         sys.path.remove(str(ROOT / "bench"))
     fit = "train accuracy 1.000 · log loss 0.01\nval   accuracy 0.932 · macro-F1 0.933\ntest  accuracy 0.939 · x\n"
@@ -97,6 +97,7 @@ def test_bench_heldout_reads_both_commands_figures():
     tuned = ("val   accuracy           0.932 -> 0.941 (+0.009)\nval   log_loss           0.203 -> 0.256\n"
              "test  accuracy           0.939 -> 0.947 (+0.008)\n")
     assert accuracies(tuned) == {"val": (0.932, 0.941), "test": (0.939, 0.947)}
+    assert after_values(tuned, "log_loss") == {"val": 0.256} and after_values(tuned, "ece") == {}
     assert spread([0.947, 0.949, 0.951]) == "94.9% (94.7-95.1)"
 
 
