@@ -124,8 +124,9 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         run.finish("ok")
     click.echo(f"validated on {result.n_val} images ({result.val_source}); trained on {result.n_train}")
     click.echo(format_comparison(result.comparison))
-    if result.early_stopping_note():
-        click.echo(result.early_stopping_note())
+    held = result.early_stopping_note()
+    if held:
+        click.echo(held)
     note = result.worse_note(parent.id)
     if note:
         click.echo(note, err=True)
