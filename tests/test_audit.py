@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from browser import Page, chromium
 from conftest import ROOT, make_folder, run_cli, write_image
 from helpers_features import write_cache
 from pipeline.audit.duplicates import NearSettings, copy_groups, near_pairs, thumbnail
@@ -611,10 +612,6 @@ def test_a_wrong_label_copied_twice_is_still_found(tmp_path):
 
 
 # ------------------------------------------------------------------------------- as a user runs it
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_every_row(tmp_path):
     data = make_folder(tmp_path / "data", per_class=8, classes=("red", "green", "blue"))
     src = data / "train" / "red" / "img_000.jpg"
@@ -662,14 +659,17 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     assert not_a_head.returncode == 2 and len(not_a_head.stderr.strip().splitlines()) == 1, not_a_head.stderr
     assert "was made by audit; --run takes a fit-head or finetune run" in not_a_head.stderr, not_a_head.stderr
 
-    if _chromium() is None:
+    if chromium() is None:
         pytest.skip("no chromium on PATH (CI installs Debian's chromium); the report's counts were not checked in a browser")
-    dom = subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+    dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
                           f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", (run_dir / "report.html").as_uri()],
                          capture_output=True, text=True, timeout=120)
     shown = {m.group(1): int(m.group(2)) for m in
              re.finditer(r'<span class="count" data-key="([^"]+)">(\d+)</span>', dom.stdout)}
     assert shown == audit["counts"]
+    with Page((run_dir / "report.html").as_uri(), tmp_path / "review") as page:  # reviewed, untouched: cleaned.csv
+        assert page.evaluate("window.reviewedCsv()") == (run_dir / "cleaned.csv").read_text()
+        assert page.evaluate("document.querySelectorAll('select.decide').length") > 0
 
 
 def test_cli_audit_with_a_run_reads_that_runs_features_and_refuses_a_head_that_saw_its_val(tmp_path):

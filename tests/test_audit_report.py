@@ -4,10 +4,11 @@ a real browser (headless Chromium) with header counts equal to audit.json's."""
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
+import json
 import re
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,7 +17,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser import Page, chromium
+from pipeline.audit import review as reviewing
 from pipeline.audit.report import MAX_CARDS, MAX_POINTS, write_report
+from pipeline.audit.review import DROP, Review
 
 CLASSES = ["daisy", "roses", '<b>&"']  # the last one checks escaping of user data
 MISSING = "val/daisy/missing.jpg"      # not on disk: image_file returns None
@@ -176,16 +180,12 @@ def test_work_is_bounded(tmp_path):
     assert all(f"<title>p{i} (" in page for i in (3, 777, n - 1))
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(_chromium() is None, reason="needs headless Chromium on PATH (`chromium` or `chromium-browser`); "
+@pytest.mark.skipif(chromium() is None, reason="needs headless Chromium on PATH (`chromium` or `chromium-browser`); "
                                                  "install it with `apt-get install -y chromium`")
 def test_report_renders_in_chromium(tmp_path):
     audit, _ = make_audit(tmp_path / "data")
     report = write_report(audit, tmp_path / "report.html", resolver(tmp_path / "data"))
-    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    base = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
     png = tmp_path / "report.png"
     subprocess.run(base + [f"--screenshot={png}", "--window-size=1200,2000", report.as_uri()],
                    check=True, timeout=60, capture_output=True)
@@ -197,3 +197,94 @@ def test_report_renders_in_chromium(tmp_path):
     dom = subprocess.run(base + ["--dump-dom", report.as_uri()], check=True, timeout=60, capture_output=True,
                          text=True).stdout
     assert span_counts(dom) == {k: str(v) for k, v in audit["counts"].items()}
+
+
+# ------------------------------------------------------------------------------- reviewing in the page
+COMMAND = "python cli.py fit-head --data /r/cleaned.csv --allow-outside-paths"
+ODD = ['/d/train/a,b "c".jpg', "/d/val/caf\u00e9 </script><b>.jpg"]  # a comma, quotes, non-ASCII, markup
+
+
+def make_review(paths: list[str]) -> Review:
+    """Rows in cleaned.csv's order: every path of `paths` plus ODD; cleaned.csv drops rows 1 and 4 and
+    relabels row 2 (roses -> the third class)."""
+    rows = [*paths, *ODD]
+    given = [i // 2 % 3 for i in range(len(rows))]
+    cleaned = list(given)
+    cleaned[1], cleaned[4], cleaned[2] = DROP, DROP, 2
+    splits = ["train" if r.startswith("train") or "/train/" in r else "val" for r in rows]
+    return Review(paths=rows, splits=splits, given=given, cleaned=cleaned, classes=CLASSES, key="run-0001")
+
+
+def cleaned_csv(review: Review, choice: dict[int, int] | None = None) -> str:
+    """What cleaned.csv holds for `review` (as runner writes it), with `choice` applied."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "split"])
+    for i, (p, s, c) in enumerate(zip(review.paths, review.splits, review.cleaned)):
+        c = (choice or {}).get(i, c)
+        if c != DROP:
+            writer.writerow([p, review.classes[c], s])
+    return buf.getvalue()
+
+
+def test_the_page_carries_a_menu_per_image_and_its_rows_safely(tmp_path, monkeypatch):
+    audit, paths = make_audit(tmp_path / "data")
+    audit["cleaned"] = {"file": "cleaned.csv", "images": 12, "removed": 2, "command": COMMAND}
+    review = make_review(paths)
+    page = write_report(audit, tmp_path / "report.html", resolver(tmp_path / "data"), review=review).read_text()
+    # a menu on every card whose image is a row: label issue 0, duplicate sides 1/7 and 2/9, outlier 4, top loss 6 and 0
+    menus = re.findall(r'<select class="decide" data-row="(\d+)"', page)
+    assert sorted(map(int, menus)) == [0, 0, 1, 2, 4, 6, 7, 9]
+    assert "Download cleaned-reviewed.csv" in page and page.count("<script") == 2
+    # the rows are JSON that no path can break out of, and the page stays ASCII
+    data = re.search(r'<script type="application/json" id="review-data">(.*?)</script>', page, re.S).group(1)
+    assert "</script>" not in data and "<" not in data
+    parsed = json.loads(data)
+    assert [parsed["prefix"] + r[0] for r in parsed["rows"]] == review.paths
+    assert parsed["cleaned"] == {"1": DROP, "2": 2, "4": DROP} and parsed["key"] == "run-0001"
+    # no command (built-in or tfds: images a manifest cannot name), or too many rows: no script, no menus
+    audit["cleaned"]["command"] = None
+    page = write_report(audit, tmp_path / "b.html", resolver(tmp_path / "data"), review=review).read_text()
+    assert "<script" not in page and 'class="decide"' not in page
+    audit["cleaned"]["command"] = COMMAND
+    monkeypatch.setattr(reviewing, "MAX_ROWS", 5)
+    page = write_report(audit, tmp_path / "c.html", resolver(tmp_path / "data"), review=review).read_text()
+    assert "<script" not in page and 'class="decide"' not in page
+    assert "Reviewing in this page takes at most 5 images, and this audit has 14: edit cleaned.csv" in page
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs headless Chromium on PATH (`chromium` or `chromium-browser`); "
+                                                "install it with `apt-get install -y chromium`")
+def test_a_review_in_the_browser_builds_the_manifest_and_survives_a_reload(tmp_path):
+    audit, paths = make_audit(tmp_path / "data")
+    audit["cleaned"] = {"file": "cleaned.csv", "images": 12, "removed": 2, "command": COMMAND}
+    review = make_review(paths)
+    report = write_report(audit, tmp_path / "report.html", resolver(tmp_path / "data"), review=review)
+    choose = ("(function (row, value) {{ var s = document.querySelector('select.decide[data-row=\"' + row + '\"]');"
+              " s.value = String(value); s.dispatchEvent(new Event('change', {{bubbles: true}})); }})({}, {})")
+    menus_of = "Array.from(document.querySelectorAll('select.decide[data-row=\"{}\"]')).map(s => s.value)"
+    with Page(report.as_uri(), tmp_path / "profile") as page:
+        # untouched, the page builds cleaned.csv to the byte (quoting, non-ASCII and order included)
+        assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review)
+        assert page.evaluate("document.getElementById('review-changes').textContent") == "0"
+        assert page.evaluate(menus_of.format(0)) == ["0", "0"]                 # one image, two sections
+        assert page.evaluate("Array.from(document.querySelector('select.decide[data-row=\"0\"]').options)"
+                             ".map(o => o.textContent)") == ["drop it", "keep: daisy", f"relabel: {CLASSES[1]}",
+                                                             f"relabel: {CLASSES[2]}"]
+        page.evaluate(choose.format(0, DROP))   # drop a label issue cleaned.csv kept
+        page.evaluate(choose.format(1, 0))      # keep a copy cleaned.csv dropped, with its label
+        page.evaluate(choose.format(6, 2))      # relabel a top loss
+        want = cleaned_csv(review, {0: DROP, 1: 0, 6: 2})
+        assert page.evaluate("window.reviewedCsv()") == want
+        assert page.evaluate(menus_of.format(0)) == [str(DROP), str(DROP)]      # its other menu follows
+        assert page.evaluate("document.getElementById('review-changes').textContent") == "3"
+        assert page.evaluate("document.querySelectorAll('.card.changed').length") == 4
+        page.evaluate(choose.format(6, 0))      # back to what cleaned.csv does: no longer a change
+        assert page.evaluate("document.getElementById('review-changes').textContent") == "2"
+        page.goto(report.as_uri())              # a reload keeps the choices
+        assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: DROP, 1: 0})
+        page.evaluate("document.getElementById('review-reset').click()")
+        assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review)
+        page.evaluate("localStorage.setItem('featurecache-review:run-0001', '{\"0\": 99, \"length\": 1, \"3\": -1}')")
+        page.goto(report.as_uri())              # stored choices this page cannot mean are ignored
+        assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {3: DROP})

@@ -1,7 +1,8 @@
 """Self-contained HTML report of an audit (audit.json): one file, no network, no external files.
 
 CSS is inline, thumbnails are base64 JPEG data URIs and the embedding map is an inline SVG, so the
-page can be mailed or archived as is. Every string from the audit (paths, class names, splits) is
+page can be mailed or archived as is. Its one script (where the audited images are files a manifest
+can name) is the review (`pipeline.audit.review`): menus per image and the reviewed manifest. Every string from the audit (paths, class names, splits) is
 user data and goes through `html.escape`. Work is bounded: at most `MAX_CARDS` thumbnails per
 section, each distinct image decoded once, and at most `MAX_POINTS` points on the map. Any image
 that is missing or cannot be decoded becomes a grey placeholder, never an exception.
@@ -20,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from pipeline.atomic import write_text_atomic
+from pipeline.audit import review as reviewing
+from pipeline.audit.review import Review
 from pipeline.data.decode import FORMATS
 
 THUMB = 112          # thumbnail box, pixels
@@ -126,6 +129,25 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 0,
     return f'<table{f" class={cls}" if cls else ""}><tr>{head}</tr>{body}</table>'
 
 
+class _Decide:
+    """Each image's review menu (`review.Review.control`), or nothing where the page has no review."""
+
+    def __init__(self, review: Review | None):
+        self.review = review if review is not None and not review.too_large else None
+
+    def __call__(self, path: Any) -> str:
+        return self.review.control(path) if self.review is not None else ""
+
+    def column(self, headers: Sequence[str], row: Callable[[Mapping[str, Any]], Sequence[str]], key: str = "path"):
+        """The text table's headers and row cells, with a last column of menus where the page reviews."""
+        if self.review is None:
+            return headers, row
+        return [*headers, "your manifest"], lambda it: [*row(it), self(it.get(key, ""))]
+
+
+NO_REVIEW = _Decide(None)
+
+
 def _cards(items: Any, card: Callable[[Mapping[str, Any]], str], headers: Sequence[str],
            row: Callable[[Mapping[str, Any]], Sequence[str]], pairs: bool = False) -> str:
     """The first MAX_CARDS items as cards, the next MAX_ROWS as a collapsed text table."""
@@ -162,7 +184,7 @@ def _cleaned(audit: Mapping[str, Any]) -> str:
             f"removed (train, val and test alike){relabelled}; {use}</p>{warn}")
 
 
-def _header(audit: Mapping[str, Any]) -> str:
+def _header(audit: Mapping[str, Any], review: Review | None = None) -> str:
     meta = "".join(f"<dt>{label}</dt><dd>{_e(audit[key]) if key in audit else 'not computed'}</dd>"
                    for key, label in (("data", "data"), ("run", "run"), ("cache_key", "cache key")))
     counts = audit.get("counts")
@@ -174,17 +196,26 @@ def _header(audit: Mapping[str, Any]) -> str:
         summary = '<span class="na">counts not computed</span>'
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS)
     return (f"<h1>Data audit</h1><dl class=meta>{meta}</dl><div class=counts>{summary}</div>"
-            f"{_cleaned(audit)}<nav><p>{nav}</p></nav>")
+            f"{_cleaned(audit)}{reviewing.panel(review, _command(audit))}<nav><p>{nav}</p></nav>")
 
 
-def _label_issues(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
+def _command(audit: Mapping[str, Any]) -> str | None:
+    """The command that trains on cleaned.csv (None for built-in or tfds: images): no command, no review."""
+    c = audit.get("cleaned")
+    return c.get("command") if isinstance(c, Mapping) else None
+
+
+def _label_issues(audit: Mapping[str, Any], thumbs: _Thumbs, decide: _Decide = NO_REVIEW) -> str:
     def card(it: Mapping[str, Any]) -> str:
         return (f'<div class="card">{thumbs(it.get("path", ""))}given <b>{_e(it.get("given", "?"))}</b> &rarr; '
                 f'suggested <b>{_e(it.get("suggested", "?"))}</b><br>score {_num(it.get("score"))} '
-                f'&middot; {_e(it.get("split", ""))}{_in_cleaned(it)}<div class="path">{_e(it.get("path", ""))}</div></div>')
-    return _cards(audit.get("label_issues"), card, ["path", "split", "given", "suggested", "score", "cleaned.csv"],
-                  lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("given", "")),
-                              _e(it.get("suggested", "")), _num(it.get("score")), _e(it.get("cleaned", ""))])
+                f'&middot; {_e(it.get("split", ""))}{_in_cleaned(it)}{decide(it.get("path", ""))}'
+                f'<div class="path">{_e(it.get("path", ""))}</div></div>')
+    headers, row = decide.column(["path", "split", "given", "suggested", "score", "cleaned.csv"],
+                                 lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("given", "")),
+                                             _e(it.get("suggested", "")), _num(it.get("score")),
+                                             _e(it.get("cleaned", ""))])
+    return _cards(audit.get("label_issues"), card, headers, row)
 
 
 def _in_cleaned(issue: Mapping[str, Any]) -> str:
@@ -198,9 +229,9 @@ def _is_leak(pair: Mapping[str, Any]) -> bool:
     return bool(a) and bool(b) and a != b
 
 
-def _duplicates(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
+def _duplicates(audit: Mapping[str, Any], thumbs: _Thumbs, decide: _Decide = NO_REVIEW) -> str:
     def side(pair: Mapping[str, Any], k: str) -> str:
-        return (f'<div>{thumbs(pair.get(k, ""))}<b>{_e(pair.get("split_" + k, ""))}</b>'
+        return (f'<div>{thumbs(pair.get(k, ""))}<b>{_e(pair.get("split_" + k, ""))}</b>{decide(pair.get(k, ""))}'
                 f'<div class="path">{_e(pair.get(k, ""))}</div></div>')
 
     def card(pair: Mapping[str, Any]) -> str:
@@ -208,11 +239,12 @@ def _duplicates(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
         return (f'<div class="card{" leak" if leak else ""}"><div class="imgs">{side(pair, "a")}{side(pair, "b")}'
                 f'</div>similarity {_num(pair.get("similarity"))} &middot; {_e(pair.get("kind", "?"))}'
                 f'{" <span class=badge>leakage</span>" if leak else ""}</div>')
-    out = [_cards(audit.get("duplicates"), card, ["a", "b", "splits", "similarity", "kind"],
-                  lambda p: [_e(p.get("a", "")), _e(p.get("b", "")),
-                             _e(f'{p.get("split_a", "")} / {p.get("split_b", "")}'),
-                             _num(p.get("similarity")), _e(p.get("kind", "")) + (" (leakage)" if _is_leak(p) else "")],
-                  pairs=True), "<h3>Leakage</h3>"]
+    def row(p: Mapping[str, Any]) -> list[str]:
+        menus = [decide(p.get("a", "")), decide(p.get("b", ""))] if decide.review is not None else []
+        return [_e(p.get("a", "")), _e(p.get("b", "")), _e(f'{p.get("split_a", "")} / {p.get("split_b", "")}'),
+                _num(p.get("similarity")), _e(p.get("kind", "")) + (" (leakage)" if _is_leak(p) else ""), *menus]
+    headers = ["a", "b", "splits", "similarity", "kind"] + (["your manifest: a", "b"] if decide.review is not None else [])
+    out = [_cards(audit.get("duplicates"), card, headers, row, pairs=True), "<h3>Leakage</h3>"]
     leakage = audit.get("leakage")
     if not isinstance(leakage, Mapping):
         return "".join(out + ['<p class="na">not computed</p>'])
@@ -229,28 +261,28 @@ def _duplicates(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
     return "".join(out)
 
 
-def _outliers(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
+def _outliers(audit: Mapping[str, Any], thumbs: _Thumbs, decide: _Decide = NO_REVIEW) -> str:
     def card(it: Mapping[str, Any]) -> str:
         return (f'<div class="card">{thumbs(it.get("path", ""))}<b>{_e(it.get("label", "?"))}</b> &middot; '
-                f'{_e(it.get("split", ""))}<br>score {_num(it.get("score"))}'
+                f'{_e(it.get("split", ""))}<br>score {_num(it.get("score"))}{decide(it.get("path", ""))}'
                 f'<div class="path">{_e(it.get("path", ""))}</div></div>')
-    return _cards(audit.get("outliers"), card, ["path", "split", "label", "score"],
-                  lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("label", "")),
-                              _num(it.get("score"))])
+    headers, row = decide.column(["path", "split", "label", "score"],
+                                 lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("label", "")),
+                                             _num(it.get("score"))])
+    return _cards(audit.get("outliers"), card, headers, row)
 
 
-def _model_errors(audit: Mapping[str, Any], thumbs: _Thumbs) -> str:
+def _model_errors(audit: Mapping[str, Any], thumbs: _Thumbs, decide: _Decide = NO_REVIEW) -> str:
     def card(it: Mapping[str, Any]) -> str:
         return (f'<div class="card">{thumbs(it.get("path", ""))}given <b>{_e(it.get("given", "?"))}</b><br>'
                 f'predicted <b>{_e(it.get("predicted", "?"))}</b> ({_num(it.get("probability"), ".2f")})<br>'
-                f'loss {_num(it.get("loss"), ".2f")} &middot; {_e(it.get("split", ""))}'
+                f'loss {_num(it.get("loss"), ".2f")} &middot; {_e(it.get("split", ""))}{decide(it.get("path", ""))}'
                 f'<div class="path">{_e(it.get("path", ""))}</div></div>')
-    out = ["<h3>Top losses</h3>",
-           _cards(audit.get("top_losses"), card, ["path", "split", "given", "predicted", "probability", "loss"],
-                  lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("given", "")),
-                              _e(it.get("predicted", "")), _num(it.get("probability"), ".2f"),
-                              _num(it.get("loss"), ".2f")]),
-           "<h3>Most confused</h3>"]
+    headers, row = decide.column(["path", "split", "given", "predicted", "probability", "loss"],
+                                 lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("given", "")),
+                                             _e(it.get("predicted", "")), _num(it.get("probability"), ".2f"),
+                                             _num(it.get("loss"), ".2f")])
+    out = ["<h3>Top losses</h3>", _cards(audit.get("top_losses"), card, headers, row), "<h3>Most confused</h3>"]
     confused = audit.get("most_confused")
     if confused is None:
         out.append('<p class="na">not computed</p>')
@@ -344,18 +376,23 @@ SECTIONS = (("label-issues", "Label issues"), ("duplicates", "Duplicates &amp; l
 
 
 def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
-                 image_file: Callable[[str], str | None]) -> Path:
+                 image_file: Callable[[str], str | None], review: Review | None = None) -> Path:
     """Write `out` (report.html): a self-contained page (no network, no external files: CSS inline, thumbnails as
-    base64 data URIs, the embedding map as inline SVG) showing every finding of `audit` (the audit.json dict)."""
+    base64 data URIs, the embedding map as inline SVG) showing every finding of `audit` (the audit.json dict).
+    With `review` (the audited images in cleaned.csv's order) and a cleaned.csv a manifest can train on,
+    each image gets a menu and the page builds the reviewed manifest (`pipeline.audit.review`)."""
     out = Path(out)
     thumbs = _Thumbs(image_file)
-    parts = (_label_issues(audit, thumbs), _duplicates(audit, thumbs), _outliers(audit, thumbs),
-             _model_errors(audit, thumbs), _confusion(audit), _map(audit))
+    review = review if _command(audit) else None
+    decide = _Decide(review)
+    parts = (_label_issues(audit, thumbs, decide), _duplicates(audit, thumbs, decide), _outliers(audit, thumbs, decide),
+             _model_errors(audit, thumbs, decide), _confusion(audit), _map(audit))
     sections = "".join(f'<section id="{sid}"><h2>{title}</h2>{body}</section>'
                        for (sid, title), body in zip(SECTIONS, parts))
     title = _e(f"Data audit: {audit.get('run') or audit.get('data') or ''}")
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}</style></head><body>{_header(audit)}{sections}</body></html>\n")
+            f"<style>{CSS}{reviewing.CSS}</style></head><body>{_header(audit, review)}{sections}"
+            f"{reviewing.script(review, _command(audit))}</body></html>\n")
     # Non-ASCII as character references: the file is then correct whatever the locale's encoding.
     write_text_atomic(out, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
     return out

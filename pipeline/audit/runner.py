@@ -22,6 +22,7 @@ from pipeline.audit.labels import (DEFAULT_C, KNN_K, LabelEvidence, class_images
                                    label_evidence, rank_issues)
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.report import write_report
+from pipeline.audit.review import DROP, Review
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.backend import DEFAULT as DEFAULT_BACKEND
 from pipeline.data.sources import names_files
@@ -429,5 +430,8 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
     files["audit"] = run.path("audit.json")
     public["run"] = run.id
     write_text_atomic(files["audit"], json.dumps(public, indent=1) + "\n")
-    files["report"] = write_report(public, run.path("report.html"), lambda p: p if os.path.isfile(p) else None)
+    review = Review(paths=img.paths, splits=[str(s) for s in img.splits], given=img.y.tolist(),
+                    cleaned=np.where(plan.keep, plan.labels, DROP).tolist(), classes=img.class_names, key=run.id)
+    files["report"] = write_report(public, run.path("report.html"), lambda p: p if os.path.isfile(p) else None,
+                                   review=review)
     return files

@@ -1,0 +1,165 @@
+"""Reviewing an audit in its report: a person decides per flagged image (drop it, keep its label, give it
+another) and downloads the manifest that follows, instead of taking cleaned.csv's rule as it is.
+
+cleaned.csv applies a rule, and a rule is wrong some of the time: crowd workers confirmed about half of
+the label issues confident learning flagged on benchmark test sets (Northcutt et al. 2021). So each
+image in the report carries a menu, preset to what cleaned.csv did with it; the page builds the same
+lines cleaned.csv holds (its rows are embedded as JSON, ASCII only, `<` escaped, so no path can end the
+script) with the person's choices applied, and keeps them in the browser's localStorage under the run's
+id, so a reload loses no work. Nothing runs but the page's own script; nothing is fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+MAX_ROWS = 100_000  # images a page embeds to build the reviewed manifest (~60 bytes each)
+DROP = -1
+FILE_NAME = "cleaned-reviewed.csv"
+
+
+@dataclass
+class Review:
+    """The audited images in cleaned.csv's order: path, split and given label (an index into
+    `classes`) per row, and what cleaned.csv does with each (DROP or the label it writes)."""
+
+    paths: Sequence[str]
+    splits: Sequence[str]
+    given: Sequence[int]
+    cleaned: Sequence[int]
+    classes: Sequence[str]
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        self.row = {}
+        for i, p in enumerate(self.paths):
+            self.row.setdefault(str(p), i)
+
+    @property
+    def too_large(self) -> bool:
+        return len(self.paths) > MAX_ROWS
+
+    def payload(self) -> str:
+        """The rows as compact JSON for a <script type="application/json">: a shared path prefix, each
+        row [rest of path, given label, split], and the rows cleaned.csv drops or relabels."""
+        paths = [str(p) for p in self.paths]
+        prefix = os.path.commonprefix(paths) if paths else ""
+        prefix = prefix[:prefix.rfind("/") + 1]
+        split_names = sorted(set(map(str, self.splits)))
+        split_of = {s: k for k, s in enumerate(split_names)}
+        rows = [[p[len(prefix):], int(g), split_of[str(s)]] for p, g, s in zip(paths, self.given, self.splits)]
+        changes = {str(i): int(c) for i, (g, c) in enumerate(zip(self.given, self.cleaned)) if int(c) != int(g)}
+        data = {"key": str(self.key), "file": FILE_NAME, "classes": [str(c) for c in self.classes],
+                "splits": split_names, "prefix": prefix, "rows": rows, "cleaned": changes}
+        text = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+        return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+    def control(self, path: object) -> str:
+        """The menu for one image (empty where the image is not among the rows, or the page is too large
+        to review); the page's script fills in its choices."""
+        i = self.row.get(str(path))
+        if i is None or self.too_large:
+            return ""
+        return f'<select class="decide" data-row="{i}" aria-label="in your manifest"></select>'
+
+
+def panel(review: Review | None, command: str | None) -> str:
+    """What the header says about reviewing: the download and reset buttons, or why there are none."""
+    if review is None or command is None:
+        return ""
+    if review.too_large:
+        return (f'<p class="note">Reviewing in this page takes at most {MAX_ROWS:,} images, and this audit has '
+                f"{len(review.paths):,}: edit cleaned.csv (or label_issues.csv) instead.</p>")
+    return (f'<div class="review" id="review"><b>Review</b>: each image below has a menu, preset to what '
+            f"cleaned.csv does with it (drop it, keep its label, or give it another). "
+            f'<span id="review-changes">0</span> of your choices differ from cleaned.csv. '
+            f'<button type="button" id="review-download">Download {FILE_NAME}</button> '
+            f'<button type="button" id="review-reset">Back to cleaned.csv\'s choices</button>'
+            f'<br><span class="note">Your choices stay in this browser; train on the downloaded file with the '
+            f"command above, naming it in place of cleaned.csv.</span>"
+            f'<noscript><br><span class="warn">Reviewing needs JavaScript, which is off.</span></noscript></div>')
+
+
+def script(review: Review | None, command: str | None) -> str:
+    """The data and the page's script ('' where there is nothing to review)."""
+    if review is None or command is None or review.too_large:
+        return ""
+    return (f'<script type="application/json" id="review-data">{review.payload()}</script>'
+            f"<script>{SCRIPT}</script>")
+
+
+CSS = """
+.review{position:sticky;top:0;z-index:2;background:#fff8e1;border:1px solid #e0c060;border-radius:6px;padding:8px 12px;margin:8px 0}
+select.decide{display:block;margin:4px 0;max-width:100%;font-size:12px}
+.card.changed,tr.changed{outline:3px solid #ff7f0e}
+"""
+
+# One script: reads the rows, fills every menu, keeps the person's choices (only those that differ from
+# cleaned.csv's) in localStorage and builds the manifest as Python's csv module writes cleaned.csv.
+SCRIPT = """
+(function () {
+  "use strict";
+  var R = JSON.parse(document.getElementById("review-data").textContent);
+  var store = "featurecache-review:" + R.key, choice = {};
+  try { choice = JSON.parse(localStorage.getItem(store) || "{}") || {}; } catch (e) { choice = {}; }
+  Object.keys(choice).forEach(function (i) {  // only choices this page can mean
+    var a = choice[i];
+    if (!/^[0-9]+$/.test(i) || !(i in R.rows) || typeof a !== "number" || a !== Math.floor(a) || a < -1 || a >= R.classes.length) delete choice[i];
+  });
+  function preset(i) { return (i in R.cleaned) ? R.cleaned[i] : R.rows[i][1]; }
+  function current(i) { return (i in choice) ? choice[i] : preset(i); }
+  function field(v) { return /[",\\r\\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
+  window.reviewedCsv = function () {
+    var out = ["path,label,split"];
+    for (var i = 0; i < R.rows.length; i++) {
+      var a = current(i), r = R.rows[i];
+      if (a < 0) continue;
+      out.push([R.prefix + r[0], R.classes[a], R.splits[r[2]]].map(field).join(","));
+    }
+    return out.join("\\n") + "\\n";
+  };
+  var menus = document.querySelectorAll("select.decide");
+  function fill(sel) {
+    var given = R.rows[+sel.dataset.row][1];
+    var add = function (value, text) {
+      var o = document.createElement("option"); o.value = String(value); o.textContent = text; sel.appendChild(o);
+    };
+    add(-1, "drop it");
+    add(given, "keep: " + R.classes[given]);
+    R.classes.forEach(function (c, k) { if (k !== given) add(k, "relabel: " + c); });
+  }
+  function show() {
+    var changed = Object.keys(choice).length;
+    var boxes = [];  // a card (a duplicate pair's holds two menus) or table row, marked if any choice in it changed
+    menus.forEach(function (sel) {
+      var i = +sel.dataset.row, box = sel.closest(".card") || sel.closest("tr");
+      sel.value = String(current(i));
+      if (box) { box.classList.remove("changed"); if (i in choice) boxes.push(box); }
+    });
+    boxes.forEach(function (box) { box.classList.add("changed"); });
+    document.getElementById("review-changes").textContent = String(changed);
+  }
+  function save() {
+    try { localStorage.setItem(store, JSON.stringify(choice)); } catch (e) { /* private mode: this visit only */ }
+  }
+  menus.forEach(fill);
+  document.addEventListener("change", function (ev) {
+    var sel = ev.target;
+    if (!sel.matches || !sel.matches("select.decide")) return;
+    var i = +sel.dataset.row, a = +sel.value;
+    if (a === preset(i)) delete choice[i]; else choice[i] = a;
+    save(); show();
+  });
+  document.getElementById("review-reset").addEventListener("click", function () { choice = {}; save(); show(); });
+  document.getElementById("review-download").addEventListener("click", function () {
+    var url = URL.createObjectURL(new Blob([window.reviewedCsv()], {type: "text/csv"}));
+    var a = document.createElement("a");
+    a.href = url; a.download = R.file; document.body.appendChild(a); a.click(); a.remove();
+    setTimeout(function () { URL.revokeObjectURL(url); }, 1000);
+  });
+  show();
+})();
+"""
