@@ -622,6 +622,7 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     run_dir = Path(cache) / "runs" / re.search(r"audit (\S+) in", proc.stdout).group(1)
     audit = json.loads((run_dir / "audit.json").read_text())
     assert audit["version"] == 2  # the outlier score's neighbourhood term and cleaned.command
+    assert "report.html (review the findings there: drop, keep or relabel each image" in proc.stdout, proc.stdout
     exact = [d for d in audit["duplicates"] if d["kind"] == "exact"]
     assert len(exact) == 1 and {Path(exact[0]["a"]).name, Path(exact[0]["b"]).name} == {"img_000.jpg",
                                                                                           "copy_of_train.jpg"}
@@ -755,3 +756,16 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "m.csv").read_bytes() == "path\ncafé/rose.jpg\n".encode("utf-8")
+
+
+def test_cli_audit_of_built_in_images_offers_no_command_and_no_review(tmp_path):
+    """builtin: images have names, not files: cleaned.csv is a list to read, so neither a retrain command
+    nor the report's review (whose download would be a manifest no command can load) is offered."""
+    proc = run_cli("audit", "--data", "builtin:digits", "--cache-dir", str(tmp_path / "cache"), *FAST, "--no-map")
+    assert proc.returncode == 0, proc.stderr
+    assert "which a manifest cannot load" in proc.stderr and "train on it" not in proc.stderr, proc.stderr
+    assert "review the findings there" not in proc.stdout, proc.stdout
+    run_dir = tmp_path / "cache" / "runs" / re.search(r"audit (\S+) in", proc.stdout).group(1)
+    page = (run_dir / "report.html").read_text()
+    assert json.loads((run_dir / "audit.json").read_text())["cleaned"]["command"] is None
+    assert "<script" not in page and 'class="decide"' not in page

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.audit.review import MAX_ROWS as REVIEW_MAX_ROWS
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.cli.options import (SEED, extract_options, given_options, mlflow_after, mlflow_check, mlflow_options,
                                   trust_pickle_option)
@@ -84,8 +85,10 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
         if acc["removed"]:
             after = f"{acc['after']:.4f}" if acc["after"] is not None else "nothing left to score"
             click.echo(f"{split}: accuracy {acc['before']:.4f} with its {acc['removed']} leaked images, {after} without")
-    click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}")
     cleaned = result["cleaned"]
+    review = (" (review the findings there: drop, keep or relabel each image, and download the manifest)"
+              if cleaned["command"] and counts["images"] <= REVIEW_MAX_ROWS else "")
+    click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}{review}")
     relabelled = f", relabels {cleaned['relabelled']}" if cleaned["relabel"] else ""
     use = (f"train on it: {cleaned['command']}" if cleaned["command"] else
            "it names built-in or tfds: images, which a manifest cannot load: audit a folder or manifest of "
