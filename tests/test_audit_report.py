@@ -268,9 +268,10 @@ def test_a_review_in_the_browser_builds_the_manifest_and_survives_a_reload(tmp_p
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review)
         assert page.evaluate("document.getElementById('review-changes').textContent") == "0"
         assert page.evaluate(menus_of.format(0)) == ["0", "0"]                 # one image, two sections
-        assert page.evaluate("Array.from(document.querySelector('select.decide[data-row=\"0\"]').options)"
-                             ".map(o => o.textContent)") == ["drop it", "keep: daisy", f"relabel: {CLASSES[1]}",
-                                                             f"relabel: {CLASSES[2]}"]
+        options = page.evaluate("Array.from(document.querySelectorAll('select.decide[data-row=\"0\"]'))"
+                                ".map(s => Array.from(s.options).map(o => o.textContent))")
+        assert options == [["drop it", "keep: daisy", f"relabel: {CLASSES[2]} (suggested)", "relabel: roses"],
+                           ["drop it", "keep: daisy", f"relabel: {CLASSES[2]} (predicted)", "relabel: roses"]]
         page.evaluate(choose.format(0, DROP))   # drop a label issue cleaned.csv kept
         page.evaluate(choose.format(1, 0))      # keep a copy cleaned.csv dropped, with its label
         page.evaluate(choose.format(6, 2))      # relabel a top loss

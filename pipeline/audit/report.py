@@ -135,14 +135,16 @@ class _Decide:
     def __init__(self, review: Review | None):
         self.review = review if review is not None and not review.too_large else None
 
-    def __call__(self, path: Any) -> str:
-        return self.review.control(path) if self.review is not None else ""
+    def __call__(self, path: Any, hint: Any = None, why: str = "suggested") -> str:
+        return self.review.control(path, hint, why) if self.review is not None else ""
 
-    def column(self, headers: Sequence[str], row: Callable[[Mapping[str, Any]], Sequence[str]], key: str = "path"):
-        """The text table's headers and row cells, with a last column of menus where the page reviews."""
+    def column(self, headers: Sequence[str], row: Callable[[Mapping[str, Any]], Sequence[str]],
+               hint: str | None = None, why: str = "suggested"):
+        """The text table's headers and row cells, with a last column of menus where the page reviews
+        (`hint`: the item's key naming the class to offer first)."""
         if self.review is None:
             return headers, row
-        return [*headers, "your manifest"], lambda it: [*row(it), self(it.get(key, ""))]
+        return [*headers, "your manifest"], lambda it: [*row(it), self(it.get("path", ""), it.get(hint), why)]
 
 
 NO_REVIEW = _Decide(None)
@@ -209,12 +211,12 @@ def _label_issues(audit: Mapping[str, Any], thumbs: _Thumbs, decide: _Decide = N
     def card(it: Mapping[str, Any]) -> str:
         return (f'<div class="card">{thumbs(it.get("path", ""))}given <b>{_e(it.get("given", "?"))}</b> &rarr; '
                 f'suggested <b>{_e(it.get("suggested", "?"))}</b><br>score {_num(it.get("score"))} '
-                f'&middot; {_e(it.get("split", ""))}{_in_cleaned(it)}{decide(it.get("path", ""))}'
+                f'&middot; {_e(it.get("split", ""))}{_in_cleaned(it)}{decide(it.get("path", ""), it.get("suggested"))}'
                 f'<div class="path">{_e(it.get("path", ""))}</div></div>')
     headers, row = decide.column(["path", "split", "given", "suggested", "score", "cleaned.csv"],
                                  lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("given", "")),
                                              _e(it.get("suggested", "")), _num(it.get("score")),
-                                             _e(it.get("cleaned", ""))])
+                                             _e(it.get("cleaned", ""))], hint="suggested")
     return _cards(audit.get("label_issues"), card, headers, row)
 
 
@@ -276,12 +278,13 @@ def _model_errors(audit: Mapping[str, Any], thumbs: _Thumbs, decide: _Decide = N
     def card(it: Mapping[str, Any]) -> str:
         return (f'<div class="card">{thumbs(it.get("path", ""))}given <b>{_e(it.get("given", "?"))}</b><br>'
                 f'predicted <b>{_e(it.get("predicted", "?"))}</b> ({_num(it.get("probability"), ".2f")})<br>'
-                f'loss {_num(it.get("loss"), ".2f")} &middot; {_e(it.get("split", ""))}{decide(it.get("path", ""))}'
+                f'loss {_num(it.get("loss"), ".2f")} &middot; {_e(it.get("split", ""))}'
+                f'{decide(it.get("path", ""), it.get("predicted"), "predicted")}'
                 f'<div class="path">{_e(it.get("path", ""))}</div></div>')
     headers, row = decide.column(["path", "split", "given", "predicted", "probability", "loss"],
                                  lambda it: [_e(it.get("path", "")), _e(it.get("split", "")), _e(it.get("given", "")),
                                              _e(it.get("predicted", "")), _num(it.get("probability"), ".2f"),
-                                             _num(it.get("loss"), ".2f")])
+                                             _num(it.get("loss"), ".2f")], hint="predicted", why="predicted")
     out = ["<h3>Top losses</h3>", _cards(audit.get("top_losses"), card, headers, row), "<h3>Most confused</h3>"]
     confused = audit.get("most_confused")
     if confused is None:

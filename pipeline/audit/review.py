@@ -11,6 +11,7 @@ id, so a reload loses no work. Nothing runs but the page's own script; nothing i
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ class Review:
         self.row = {}
         for i, p in enumerate(self.paths):
             self.row.setdefault(str(p), i)
+        self.class_index = {str(c): k for k, c in enumerate(self.classes)}
 
     @property
     def too_large(self) -> bool:
@@ -57,13 +59,16 @@ class Review:
         text = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
         return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
-    def control(self, path: object) -> str:
+    def control(self, path: object, hint: object = None, why: str = "suggested") -> str:
         """The menu for one image (empty where the image is not among the rows, or the page is too large
-        to review); the page's script fills in its choices."""
+        to review); the page's script fills in its choices, `hint` (a class name: the audit's suggestion,
+        the model's prediction) first among the relabellings, marked `why`."""
         i = self.row.get(str(path))
         if i is None or self.too_large:
             return ""
-        return f'<select class="decide" data-row="{i}" aria-label="in your manifest"></select>'
+        k = self.class_index.get(str(hint)) if hint is not None else None
+        extra = f' data-hint="{k}" data-why="{html.escape(why, quote=True)}"' if k is not None else ""
+        return f'<select class="decide" data-row="{i}"{extra} aria-label="in your manifest"></select>'
 
 
 def panel(review: Review | None, command: str | None) -> str:
@@ -127,9 +132,11 @@ SCRIPT = """
     var add = function (value, text) {
       var o = document.createElement("option"); o.value = String(value); o.textContent = text; sel.appendChild(o);
     };
+    var hint = sel.dataset.hint === undefined ? -1 : +sel.dataset.hint;
     add(-1, "drop it");
     add(given, "keep: " + R.classes[given]);
-    R.classes.forEach(function (c, k) { if (k !== given) add(k, "relabel: " + c); });
+    if (hint >= 0 && hint !== given) add(hint, "relabel: " + R.classes[hint] + " (" + sel.dataset.why + ")");
+    R.classes.forEach(function (c, k) { if (k !== given && k !== hint) add(k, "relabel: " + c); });
   }
   function show() {
     var changed = Object.keys(choice).length;
