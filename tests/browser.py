@@ -38,10 +38,17 @@ class Page:
                    "--remote-debugging-pipe", "about:blank"]
         # bash (dash takes no descriptor above 9) moves the pipe ends onto 3 and 4, where Chromium looks for them
         shell = f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w} {to_browser_r}<&- {from_browser_w}>&-'
-        self.proc = subprocess.Popen(["bash", "-c", shell, "bash", *command], pass_fds=(to_browser_r, from_browser_w),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_browser_r)
-        os.close(from_browser_w)
+        try:
+            self.proc = subprocess.Popen(["bash", "-c", shell, "bash", *command],
+                                         pass_fds=(to_browser_r, from_browser_w),
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except BaseException:
+            for fd in (self._to_browser, self._from_browser):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_browser_r)
+            os.close(from_browser_w)
         self._buffer = b""
         self._id = 0
         self._session = None
@@ -63,16 +70,21 @@ class Page:
                 raise TimeoutError(f"{url} did not finish loading")
             time.sleep(0.05)
 
+    def downloads_to(self, folder: Path) -> None:
+        """Save what the page downloads into `folder` (under the name the page gives it)."""
+        self._call("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)}, browser=True)
+
     def evaluate(self, expression: str) -> Any:
         reply = self._call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
         if "exceptionDetails" in reply:
             raise RuntimeError(f"{expression!r} threw: {reply['exceptionDetails']}")
         return reply["result"].get("value")
 
-    def _call(self, method: str, params: dict) -> dict:
+    def _call(self, method: str, params: dict, browser: bool = False) -> dict:
+        """Send one command (to the page once attached, or to the browser) and wait for its answer."""
         self._id += 1
         message = {"id": self._id, "method": method, "params": params}
-        if self._session is not None:
+        if self._session is not None and not browser:
             message["sessionId"] = self._session
         os.write(self._to_browser, json.dumps(message).encode() + b"\0")
         deadline = time.monotonic() + self.timeout

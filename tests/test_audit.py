@@ -669,7 +669,7 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
              re.finditer(r'<span class="count" data-key="([^"]+)">(\d+)</span>', dom.stdout)}
     assert shown == audit["counts"]
     with Page((run_dir / "report.html").as_uri(), tmp_path / "review") as page:  # reviewed, untouched: cleaned.csv
-        assert page.evaluate("window.reviewedCsv()") == (run_dir / "cleaned.csv").read_text()
+        assert page.evaluate("window.reviewedCsv()") == (run_dir / "cleaned.csv").read_bytes().decode("utf-8")
         assert page.evaluate("document.querySelectorAll('select.decide').length") > 0
 
 

@@ -134,9 +134,12 @@ class _Decide:
 
     def __init__(self, review: Review | None):
         self.review = review if review is not None and not review.too_large else None
+        self.menus = 0
 
     def __call__(self, path: Any, hint: Any = None, why: str = "suggested") -> str:
-        return self.review.control(path, hint, why) if self.review is not None else ""
+        menu = self.review.control(path, hint, why) if self.review is not None else ""
+        self.menus += bool(menu)
+        return menu
 
     def column(self, headers: Sequence[str], row: Callable[[Mapping[str, Any]], Sequence[str]],
                hint: str | None = None, why: str = "suggested"):
@@ -186,7 +189,7 @@ def _cleaned(audit: Mapping[str, Any]) -> str:
             f"removed (train, val and test alike){relabelled}; {use}</p>{warn}")
 
 
-def _header(audit: Mapping[str, Any], review: Review | None = None) -> str:
+def _header(audit: Mapping[str, Any], review: Review | None = None, menus: int = 0) -> str:
     meta = "".join(f"<dt>{label}</dt><dd>{_e(audit[key]) if key in audit else 'not computed'}</dd>"
                    for key, label in (("data", "data"), ("run", "run"), ("cache_key", "cache key")))
     counts = audit.get("counts")
@@ -198,7 +201,7 @@ def _header(audit: Mapping[str, Any], review: Review | None = None) -> str:
         summary = '<span class="na">counts not computed</span>'
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS)
     return (f"<h1>Data audit</h1><dl class=meta>{meta}</dl><div class=counts>{summary}</div>"
-            f"{_cleaned(audit)}{reviewing.panel(review, _command(audit))}<nav><p>{nav}</p></nav>")
+            f"{_cleaned(audit)}{reviewing.panel(review, _command(audit), menus)}<nav><p>{nav}</p></nav>")
 
 
 def _command(audit: Mapping[str, Any]) -> str | None:
@@ -394,8 +397,8 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
                        for (sid, title), body in zip(SECTIONS, parts))
     title = _e(f"Data audit: {audit.get('run') or audit.get('data') or ''}")
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{CSS}{reviewing.CSS}</style></head><body>{_header(audit, review)}{sections}"
-            f"{reviewing.script(review, _command(audit))}</body></html>\n")
+            f"<style>{CSS}{reviewing.CSS}</style></head><body>{_header(audit, review, decide.menus)}{sections}"
+            f"{reviewing.script(review, _command(audit), decide.menus)}</body></html>\n")
     # Non-ASCII as character references: the file is then correct whatever the locale's encoding.
     write_text_atomic(out, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
     return out

@@ -35,9 +35,13 @@ class Review:
     key: str = ""
 
     def __post_init__(self) -> None:
-        self.row = {}
+        self.row: dict[str, int] = {}
+        shared = set()  # a path two rows share (paths may repeat): its menu could not say which row it means
         for i, p in enumerate(self.paths):
-            self.row.setdefault(str(p), i)
+            if self.row.setdefault(str(p), i) != i:
+                shared.add(str(p))
+        for p in shared:
+            del self.row[p]
         self.class_index = {str(c): k for k, c in enumerate(self.classes)}
 
     @property
@@ -71,26 +75,31 @@ class Review:
         return f'<select class="decide" data-row="{i}"{extra} aria-label="in your manifest"></select>'
 
 
-def panel(review: Review | None, command: str | None) -> str:
-    """What the header says about reviewing: the download and reset buttons, or why there are none."""
+def panel(review: Review | None, command: str | None, menus: int) -> str:
+    """What the header says about reviewing: the download and reset buttons, or why there are none
+    (nothing where the images are not files a manifest can name, or no image shown has a menu)."""
     if review is None or command is None:
         return ""
     if review.too_large:
         return (f'<p class="note">Reviewing in this page takes at most {MAX_ROWS:,} images, and this audit has '
                 f"{len(review.paths):,}: edit cleaned.csv (or label_issues.csv) instead.</p>")
-    return (f'<div class="review" id="review"><b>Review</b>: each image below has a menu, preset to what '
+    if not menus:
+        return ""
+    return (f'<div class="review" id="review"><b>Review</b>: each image shown below has a menu, preset to what '
             f"cleaned.csv does with it (drop it, keep its label, or give it another). "
             f'<span id="review-changes">0</span> of your choices differ from cleaned.csv. '
             f'<button type="button" id="review-download">Download {FILE_NAME}</button> '
             f'<button type="button" id="review-reset">Back to cleaned.csv\'s choices</button>'
             f'<br><span class="note">Your choices stay in this browser; train on the downloaded file with the '
             f"command above, naming it in place of cleaned.csv.</span>"
+            f'<span id="review-unsaved" class="warn" hidden><br>This browser would not store your choices: '
+            f"download the manifest before you close the page.</span>"
             f'<noscript><br><span class="warn">Reviewing needs JavaScript, which is off.</span></noscript></div>')
 
 
-def script(review: Review | None, command: str | None) -> str:
+def script(review: Review | None, command: str | None, menus: int) -> str:
     """The data and the page's script ('' where there is nothing to review)."""
-    if review is None or command is None or review.too_large:
+    if review is None or command is None or review.too_large or not menus:
         return ""
     return (f'<script type="application/json" id="review-data">{review.payload()}</script>'
             f"<script>{SCRIPT}</script>")
@@ -102,20 +111,26 @@ select.decide{display:block;margin:4px 0;max-width:100%;font-size:12px}
 .card.changed,tr.changed{outline:3px solid #ff7f0e}
 """
 
-# One script: reads the rows, fills every menu, keeps the person's choices (only those that differ from
-# cleaned.csv's) in localStorage and builds the manifest as Python's csv module writes cleaned.csv.
+# One script: reads the rows, fills the menus, keeps the person's choices (only those that differ from
+# cleaned.csv's) in localStorage and builds the manifest as `runner.csv_text` writes cleaned.csv. A menu
+# holds drop, keep, the hint and the current choice until it is first used, then every class: with a
+# thousand classes, every class in every menu (up to ~5,000 of them) froze the page for minutes.
 SCRIPT = """
 (function () {
   "use strict";
   var R = JSON.parse(document.getElementById("review-data").textContent);
   var store = "featurecache-review:" + R.key, choice = {};
-  try { choice = JSON.parse(localStorage.getItem(store) || "{}") || {}; } catch (e) { choice = {}; }
-  Object.keys(choice).forEach(function (i) {  // only choices this page can mean
+  function has(o, i) { return Object.prototype.hasOwnProperty.call(o, i); }
+  function preset(i) { return has(R.cleaned, i) ? R.cleaned[i] : R.rows[i][1]; }
+  function current(i) { return has(choice, i) ? choice[i] : preset(i); }
+  try { choice = JSON.parse(localStorage.getItem(store) || "{}"); } catch (e) { choice = {}; }
+  if (!choice || typeof choice !== "object" || Array.isArray(choice)) choice = {};
+  Object.keys(choice).forEach(function (i) {  // only choices this page can mean, and that change something
     var a = choice[i];
-    if (!/^[0-9]+$/.test(i) || !(i in R.rows) || typeof a !== "number" || a !== Math.floor(a) || a < -1 || a >= R.classes.length) delete choice[i];
+    var ok = /^[0-9]+$/.test(i) && +i < R.rows.length && typeof a === "number" && a === Math.floor(a) &&
+             a >= -1 && a < R.classes.length && a !== preset(+i);
+    if (!ok) delete choice[i];
   });
-  function preset(i) { return (i in R.cleaned) ? R.cleaned[i] : R.rows[i][1]; }
-  function current(i) { return (i in choice) ? choice[i] : preset(i); }
   function field(v) { return /[",\\r\\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
   window.reviewedCsv = function () {
     var out = ["path,label,split"];
@@ -127,32 +142,46 @@ SCRIPT = """
     return out.join("\\n") + "\\n";
   };
   var menus = document.querySelectorAll("select.decide");
-  function fill(sel) {
-    var given = R.rows[+sel.dataset.row][1];
-    var add = function (value, text) {
-      var o = document.createElement("option"); o.value = String(value); o.textContent = text; sel.appendChild(o);
-    };
-    var hint = sel.dataset.hint === undefined ? -1 : +sel.dataset.hint;
-    add(-1, "drop it");
-    add(given, "keep: " + R.classes[given]);
-    if (hint >= 0 && hint !== given) add(hint, "relabel: " + R.classes[hint] + " (" + sel.dataset.why + ")");
-    R.classes.forEach(function (c, k) { if (k !== given && k !== hint) add(k, "relabel: " + c); });
+  function fill(sel, all) {
+    var given = R.rows[+sel.dataset.row][1], hint = sel.dataset.hint === undefined ? -1 : +sel.dataset.hint;
+    var values = [-1, given];
+    if (hint >= 0 && hint !== given) values.push(hint);
+    if (all) R.classes.forEach(function (c, k) { if (values.indexOf(k) < 0) values.push(k); });
+    else if (values.indexOf(current(+sel.dataset.row)) < 0) values.push(current(+sel.dataset.row));
+    sel.textContent = "";
+    values.forEach(function (k) {
+      var o = document.createElement("option");
+      o.value = String(k);
+      o.textContent = k < 0 ? "drop it" : k === given ? "keep: " + R.classes[k] :
+        "relabel: " + R.classes[k] + (k === hint ? " (" + sel.dataset.why + ")" : "");
+      sel.appendChild(o);
+    });
+    sel.dataset.full = all ? "1" : "";
+    sel.value = String(current(+sel.dataset.row));
   }
   function show() {
-    var changed = Object.keys(choice).length;
     var boxes = [];  // a card (a duplicate pair's holds two menus) or table row, marked if any choice in it changed
     menus.forEach(function (sel) {
       var i = +sel.dataset.row, box = sel.closest(".card") || sel.closest("tr");
       sel.value = String(current(i));
-      if (box) { box.classList.remove("changed"); if (i in choice) boxes.push(box); }
+      if (sel.value !== String(current(i))) fill(sel, false);  // a choice made in another menu of this image
+      if (box) { box.classList.remove("changed"); if (has(choice, i)) boxes.push(box); }
     });
     boxes.forEach(function (box) { box.classList.add("changed"); });
-    document.getElementById("review-changes").textContent = String(changed);
+    document.getElementById("review-changes").textContent = String(Object.keys(choice).length);
   }
   function save() {
-    try { localStorage.setItem(store, JSON.stringify(choice)); } catch (e) { /* private mode: this visit only */ }
+    var stored = true;
+    try { localStorage.setItem(store, JSON.stringify(choice)); } catch (e) { stored = false; }
+    document.getElementById("review-unsaved").hidden = stored;
   }
-  menus.forEach(fill);
+  function open(ev) {
+    var sel = ev.target;
+    if (sel.matches && sel.matches("select.decide") && !sel.dataset.full) fill(sel, true);
+  }
+  menus.forEach(function (sel) { fill(sel, false); });
+  document.addEventListener("focusin", open);
+  document.addEventListener("mousedown", open);
   document.addEventListener("change", function (ev) {
     var sel = ev.target;
     if (!sel.matches || !sel.matches("select.decide")) return;

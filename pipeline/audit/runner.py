@@ -4,8 +4,6 @@ one CSV per finding, a cleaned manifest and a self-contained report.html."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shlex
@@ -396,13 +394,18 @@ CSV_COLUMNS = {
 }
 
 
-def _csv_text(rows: list[Mapping[str, Any]] | list[tuple], columns: tuple[str, ...]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else list(row))
-    return buf.getvalue()
+def csv_field(value: Any) -> str:
+    """One CSV field: quoted (quotes doubled) where it holds a comma, a quote or a line break. Python's
+    csv module quotes a lone carriage return only from 3.11.9/3.12.3 on; this does on every version, as
+    the report's review does when it builds the same lines (`review.SCRIPT`)."""
+    text = "" if value is None else str(value)
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
+
+
+def csv_text(rows: list[Mapping[str, Any]] | list[tuple], columns: tuple[str, ...]) -> str:
+    """A header line of `columns`, then one line per row (a mapping by column, or values in order)."""
+    lines = [columns, *([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row for row in rows)]
+    return "".join(",".join(map(csv_field, line)) + "\n" for line in lines)
 
 
 def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_below: float = DROP_BELOW
@@ -424,9 +427,9 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
                               for issue, action in zip(public["label_issues"], plan.issue_actions)]
     for name, columns in CSV_COLUMNS.items():
         files[name] = run.path(f"{name}.csv")
-        write_text_atomic(files[name], _csv_text(public[name], columns))
+        write_text_atomic(files[name], csv_text(public[name], columns))
     files["cleaned"] = run.path("cleaned.csv")
-    write_text_atomic(files["cleaned"], _csv_text(cleaned, ("path", "label", "split")))
+    write_text_atomic(files["cleaned"], csv_text(cleaned, ("path", "label", "split")))
     files["audit"] = run.path("audit.json")
     public["run"] = run.id
     write_text_atomic(files["audit"], json.dumps(public, indent=1) + "\n")
