@@ -52,6 +52,7 @@ class Page:
         self._buffer = b""
         self._id = 0
         self._session = None
+        self._page_enabled = False
         try:
             target = self._call("Target.createTarget", {"url": "about:blank"})["targetId"]
             self._session = self._call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
@@ -69,6 +70,17 @@ class Page:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not finish loading")
             time.sleep(0.05)
+
+    def run_first(self, source: str) -> str:
+        """Run `source` in every document loaded from now on, before the page's own scripts (in the
+        order added); returns an id for `stop_running`."""
+        if not self._page_enabled:
+            self._call("Page.enable", {})
+            self._page_enabled = True
+        return self._call("Page.addScriptToEvaluateOnNewDocument", {"source": source})["identifier"]
+
+    def stop_running(self, identifier: str) -> None:
+        self._call("Page.removeScriptToEvaluateOnNewDocument", {"identifier": identifier})
 
     def downloads_to(self, folder: Path) -> None:
         """Save what the page downloads into `folder` (under the name the page gives it)."""

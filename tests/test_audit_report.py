@@ -275,16 +275,40 @@ def test_the_page_carries_a_menu_per_image_and_its_rows_safely(tmp_path, monkeyp
     assert "Reviewing in this page takes at most 5 images, and this audit has 15: edit cleaned.csv" in page
 
 
+STORE = "featurecache-review:run-0001"
+
+
 def reload(page: Page, report: Path, stored: str) -> None:
-    """Load `report` again until the page's storage holds `stored`. A page's localStorage is read once,
-    whole, at its first use (the review's script, on load), so a page that holds it later held it then;
-    a write in the previous page reaches the next one asynchronously (a race seen under load)."""
-    for _ in range(50):
+    """Load `report` again until what its script read from storage on load is `stored`: a write in the
+    previous document reaches the next one asynchronously (a race seen under load). The read runs before
+    the page's own script, so that script read the same or newer."""
+    seen = page.run_first(f"window.__storedOnLoad = localStorage.getItem({json.dumps(STORE)});")
+    try:
+        for _ in range(50):
+            page.goto(report.as_uri())
+            if page.evaluate("window.__storedOnLoad") == stored:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"the page never loaded with {stored} stored")
+    finally:
+        page.stop_running(seen)
+
+
+def load_with_stored(page: Page, report: Path, stored: str) -> None:
+    """Load `report` with `stored` put in its storage before its script runs (no race)."""
+    put = page.run_first(f"localStorage.setItem({json.dumps(STORE)}, {json.dumps(stored)});")
+    try:
         page.goto(report.as_uri())
-        if page.evaluate("localStorage.getItem('featurecache-review:run-0001')") == stored:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the page's storage never held {stored}")
+    finally:
+        page.stop_running(put)
+
+
+def assert_menus_show(page: Page, review: Review, choice: dict[int, int]) -> None:
+    """Every menu shows its image's current choice, and holds it among its options."""
+    shown = page.evaluate("Array.from(document.querySelectorAll('select.decide'))"
+                          ".map(s => [+s.dataset.row, s.value, s.selectedIndex])")
+    assert shown and all(index >= 0 and value == str(choice.get(row, review.cleaned[row]))
+                         for row, value, index in shown), shown
 
 
 @pytest.mark.skipif(chromium() is None, reason="needs headless Chromium on PATH (`chromium` or `chromium-browser`); "
@@ -310,11 +334,18 @@ def test_a_review_in_the_browser_builds_the_manifest_and_survives_a_reload(tmp_p
         page.evaluate("document.querySelector('select.decide').dispatchEvent(new FocusEvent('focusin', {bubbles: true}))")
         assert page.evaluate(OPTIONS_OF.format(0))[0] == ["drop it", "keep: daisy", f"relabel: {CLASSES[2]} (suggested)",
                                                           "relabel: roses"]
+        page.evaluate("document.querySelector('select.decide').dispatchEvent(new FocusEvent('focusout', {bubbles: true}))")
+        assert len(page.evaluate(OPTIONS_OF.format(0))[0]) == 3                 # closed again: short again
+        assert_menus_show(page, review, {})     # row 2's relabelling, no hint of its own, is among its options
+        page.evaluate(CHOOSE.format(0, 1))      # a class the other menu of the image does not hold closed
+        assert page.evaluate(MENUS_OF.format(0)) == ["1", "1"]
+        assert_menus_show(page, review, {0: 1})
         page.evaluate(CHOOSE.format(0, DROP))   # drop a label issue cleaned.csv kept
         page.evaluate(CHOOSE.format(1, 0))      # keep a copy cleaned.csv dropped, with its label
         page.evaluate(CHOOSE.format(6, 2))      # relabel a top loss
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: DROP, 1: 0, 6: 2})
         assert page.evaluate(MENUS_OF.format(0)) == [str(DROP), str(DROP)]      # its other menu follows
+        assert_menus_show(page, review, {0: DROP, 1: 0, 6: 2})
         assert page.evaluate(CHANGES) == "3"
         assert page.evaluate("document.querySelectorAll('.card.changed').length") == 4  # a pair's card once
         page.evaluate(CHOOSE.format(6, 0))      # back to what cleaned.csv does: no longer a change
@@ -323,17 +354,17 @@ def test_a_review_in_the_browser_builds_the_manifest_and_survives_a_reload(tmp_p
         reload(page, report, '{"0":-1,"1":0}')  # a reload keeps the choices
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: DROP, 1: 0})
         assert page.evaluate(MENUS_OF.format(1)) == ["0"] and page.evaluate(CHANGES) == "2"
+        assert_menus_show(page, review, {0: DROP, 1: 0})
         page.evaluate("document.getElementById('review-reset').click()")
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review)
-        # stored choices this page cannot mean, or that change nothing, are ignored; so is stored non-objects
-        stored = '{"0": 99, "length": 1, "3": -1, "2": 2, "5": 1.5}'
-        page.evaluate(f"localStorage.setItem('featurecache-review:run-0001', {json.dumps(stored)})")
-        reload(page, report, stored)
+        assert_menus_show(page, review, {})
+        # stored choices this page cannot mean, or that change nothing, are ignored; so are stored non-objects
+        load_with_stored(page, report, '{"0": 99, "length": 1, "3": -1, "2": 2, "5": 1.5, "07": -1}')
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {3: DROP}) and page.evaluate(CHANGES) == "1"
         for stored in ("5", "true", '"abc"', "[1, 2]", "null", "{"):
-            page.evaluate(f"localStorage.setItem('featurecache-review:run-0001', {json.dumps(stored)})")
-            reload(page, report, stored)
+            load_with_stored(page, report, stored)
             assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review), stored
+            assert_menus_show(page, review, {})
         # a browser that will not store the choices says so
         page.evaluate("Storage.prototype.setItem = function () { throw new Error('quota'); }")
         page.evaluate(CHOOSE.format(0, DROP))
@@ -358,5 +389,6 @@ def test_a_thousand_classes_leave_the_review_quick(tmp_path):
         assert page.evaluate("document.querySelectorAll('select.decide option').length") <= 3 * menus
         page.evaluate(CHOOSE.format(0, 999))
         assert page.evaluate(OPTIONS_OF.format(0))[0][-1] == "relabel: class 996"
+        assert set(page.evaluate(MENUS_OF.format(0))) == {"999"}            # every menu of the image, closed too
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: 999})
     assert time.perf_counter() - started < 60

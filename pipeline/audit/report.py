@@ -386,7 +386,8 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
     """Write `out` (report.html): a self-contained page (no network, no external files: CSS inline, thumbnails as
     base64 data URIs, the embedding map as inline SVG) showing every finding of `audit` (the audit.json dict).
     With `review` (the audited images in cleaned.csv's order) and a cleaned.csv a manifest can train on,
-    each image gets a menu and the page builds the reviewed manifest (`pipeline.audit.review`)."""
+    each image gets a menu and the page builds the reviewed manifest (`pipeline.audit.review`); how many
+    menus it holds goes to `review.menus`."""
     out = Path(out)
     thumbs = _Thumbs(image_file)
     review = review if _command(audit) else None
@@ -399,6 +400,8 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{CSS}{reviewing.CSS}</style></head><body>{_header(audit, review, decide.menus)}{sections}"
             f"{reviewing.script(review, _command(audit), decide.menus)}</body></html>\n")
+    if review is not None:
+        review.menus = decide.menus
     # Non-ASCII as character references: the file is then correct whatever the locale's encoding.
     write_text_atomic(out, page.encode("ascii", "xmlcharrefreplace").decode("ascii"))
     return out

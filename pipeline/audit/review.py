@@ -33,6 +33,7 @@ class Review:
     cleaned: Sequence[int]
     classes: Sequence[str]
     key: str = ""
+    menus: int = 0  # how many menus the report holds (`report.write_report` sets it)
 
     def __post_init__(self) -> None:
         self.row: dict[str, int] = {}
@@ -85,8 +86,8 @@ def panel(review: Review | None, command: str | None, menus: int) -> str:
                 f"{len(review.paths):,}: edit cleaned.csv (or label_issues.csv) instead.</p>")
     if not menus:
         return ""
-    return (f'<div class="review" id="review"><b>Review</b>: each image shown below has a menu, preset to what '
-            f"cleaned.csv does with it (drop it, keep its label, or give it another). "
+    return (f'<div class="review" id="review"><b>Review</b>: the images below carry menus, preset to what '
+            f"cleaned.csv does with each (drop it, keep its label, or give it another). "
             f'<span id="review-changes">0</span> of your choices differ from cleaned.csv. '
             f'<button type="button" id="review-download">Download {FILE_NAME}</button> '
             f'<button type="button" id="review-reset">Back to cleaned.csv\'s choices</button>'
@@ -127,7 +128,7 @@ SCRIPT = """
   if (!choice || typeof choice !== "object" || Array.isArray(choice)) choice = {};
   Object.keys(choice).forEach(function (i) {  // only choices this page can mean, and that change something
     var a = choice[i];
-    var ok = /^[0-9]+$/.test(i) && +i < R.rows.length && typeof a === "number" && a === Math.floor(a) &&
+    var ok = /^(0|[1-9][0-9]*)$/.test(i) && +i < R.rows.length && typeof a === "number" && a === Math.floor(a) &&
              a >= -1 && a < R.classes.length && a !== preset(+i);
     if (!ok) delete choice[i];
   });
@@ -175,13 +176,15 @@ SCRIPT = """
     try { localStorage.setItem(store, JSON.stringify(choice)); } catch (e) { stored = false; }
     document.getElementById("review-unsaved").hidden = stored;
   }
-  function open(ev) {
-    var sel = ev.target;
-    if (sel.matches && sel.matches("select.decide") && !sel.dataset.full) fill(sel, true);
-  }
+  function menu(ev) { return ev.target.matches && ev.target.matches("select.decide") ? ev.target : null; }
+  function open(ev) { var sel = menu(ev); if (sel && !sel.dataset.full) fill(sel, true); }
   menus.forEach(function (sel) { fill(sel, false); });
   document.addEventListener("focusin", open);
   document.addEventListener("mousedown", open);
+  document.addEventListener("focusout", function (ev) {  // closed again: short again, so menus opened stay cheap
+    var sel = menu(ev);
+    if (sel && sel.dataset.full) fill(sel, false);
+  });
   document.addEventListener("change", function (ev) {
     var sel = ev.target;
     if (!sel.matches || !sel.matches("select.decide")) return;

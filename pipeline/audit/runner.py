@@ -411,7 +411,8 @@ def csv_text(rows: list[Mapping[str, Any]] | list[tuple], columns: tuple[str, ..
 def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_below: float = DROP_BELOW
                 ) -> dict[str, Path]:
     """Write audit.json, a CSV per finding, cleaned.csv and report.html into the run folder; sets
-    result["cleaned"] (what cleaned.csv keeps, as audit.json says) for the caller to report."""
+    result["cleaned"] (what cleaned.csv keeps, as audit.json says) and result["review_menus"] (how many
+    images' menus the report holds to review) for the caller to report."""
     files: dict[str, Path] = {}
     img: Audited = result["_images"]
     plan = plan_cleaning(result, relabel, drop_below)
@@ -437,4 +438,5 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
                     cleaned=np.where(plan.keep, plan.labels, DROP).tolist(), classes=img.class_names, key=run.id)
     files["report"] = write_report(public, run.path("report.html"), lambda p: p if os.path.isfile(p) else None,
                                    review=review)
+    result["review_menus"] = review.menus
     return files

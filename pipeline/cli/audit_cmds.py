@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 
-from pipeline.audit.review import MAX_ROWS as REVIEW_MAX_ROWS
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.cli.options import (SEED, extract_options, given_options, mlflow_after, mlflow_check, mlflow_options,
                                   trust_pickle_option)
@@ -86,9 +85,8 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
             after = f"{acc['after']:.4f}" if acc["after"] is not None else "nothing left to score"
             click.echo(f"{split}: accuracy {acc['before']:.4f} with its {acc['removed']} leaked images, {after} without")
     cleaned = result["cleaned"]
-    shown = sum(counts[k] for k in ("label_issues", "duplicates", "outliers", "top_losses"))
     review = (" (review the findings there: drop, keep or relabel each image, and download the manifest)"
-              if cleaned["command"] and shown and counts["images"] <= REVIEW_MAX_ROWS else "")
+              if result["review_menus"] else "")
     click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}{review}")
     relabelled = f", relabels {cleaned['relabelled']}" if cleaned["relabel"] else ""
     use = (f"train on it: {cleaned['command']}" if cleaned["command"] else
