@@ -61,15 +61,23 @@ class Page:
             self.close()
             raise
 
-    def goto(self, url: str) -> None:
+    def goto(self, url: str, session: str | None = None) -> None:
         """Load `url` and wait until the document (scripts included) has finished loading."""
-        self._call("Page.navigate", {"url": url})
+        self._call("Page.navigate", {"url": url}, session=session)
         deadline = time.monotonic() + self.timeout
         scheme = url.split(":", 1)[0] + ":"
-        while self.evaluate("document.readyState + ' ' + location.protocol") != f"complete {scheme}":
+        while self.evaluate("document.readyState + ' ' + location.protocol", session) != f"complete {scheme}":
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not finish loading")
             time.sleep(0.05)
+
+    def open_tab(self, url: str) -> Tab:
+        """A second tab of the same browser (the same storage) with `url` loaded."""
+        target = self._call("Target.createTarget", {"url": "about:blank"}, browser=True)["targetId"]
+        tab = Tab(self, self._call("Target.attachToTarget", {"targetId": target, "flatten": True},
+                                   browser=True)["sessionId"])
+        tab.goto(url)
+        return tab
 
     def run_first(self, source: str) -> str:
         """Run `source` in every document loaded from now on, before the page's own scripts (in the
@@ -86,18 +94,19 @@ class Page:
         """Save what the page downloads into `folder` (under the name the page gives it)."""
         self._call("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)}, browser=True)
 
-    def evaluate(self, expression: str) -> Any:
-        reply = self._call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+    def evaluate(self, expression: str, session: str | None = None) -> Any:
+        reply = self._call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session)
         if "exceptionDetails" in reply:
             raise RuntimeError(f"{expression!r} threw: {reply['exceptionDetails']}")
         return reply["result"].get("value")
 
-    def _call(self, method: str, params: dict, browser: bool = False) -> dict:
-        """Send one command (to the page once attached, or to the browser) and wait for its answer."""
+    def _call(self, method: str, params: dict, browser: bool = False, session: str | None = None) -> dict:
+        """Send one command (to this tab once attached, to `session`'s, or to the browser) and wait for
+        its answer."""
         self._id += 1
         message = {"id": self._id, "method": method, "params": params}
-        if self._session is not None and not browser:
-            message["sessionId"] = self._session
+        if not browser and (session or self._session) is not None:
+            message["sessionId"] = session or self._session
         os.write(self._to_browser, json.dumps(message).encode() + b"\0")
         deadline = time.monotonic() + self.timeout
         while True:
@@ -134,3 +143,16 @@ class Page:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Tab:
+    """Another tab of a Page's browser (`Page.open_tab`)."""
+
+    def __init__(self, page: Page, session: str):
+        self.page, self.session = page, session
+
+    def goto(self, url: str) -> None:
+        self.page.goto(url, self.session)
+
+    def evaluate(self, expression: str) -> Any:
+        return self.page.evaluate(expression, self.session)

@@ -365,6 +365,23 @@ def test_a_review_in_the_browser_builds_the_manifest_and_survives_a_reload(tmp_p
             load_with_stored(page, report, stored)
             assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review), stored
             assert_menus_show(page, review, {})
+        # the same report in a second tab: each follows the other's choices
+        other = page.open_tab(report.as_uri())
+        other.evaluate(CHOOSE.format(9, DROP))
+        for _ in range(100):
+            if page.evaluate(CHANGES) == "1":
+                break
+            time.sleep(0.05)
+        assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {9: DROP})
+        assert page.evaluate(MENUS_OF.format(9)) == [str(DROP)]
+        page.evaluate(CHOOSE.format(0, DROP))
+        for _ in range(100):
+            if other.evaluate(CHANGES) == "2":
+                break
+            time.sleep(0.05)
+        assert other.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: DROP, 9: DROP})
+        assert other.evaluate(MENUS_OF.format(0)) == [str(DROP), str(DROP)]
+        page.evaluate("document.getElementById('review-reset').click()")
         # a browser that will not store the choices says so
         page.evaluate("Storage.prototype.setItem = function () { throw new Error('quota'); }")
         page.evaluate(CHOOSE.format(0, DROP))

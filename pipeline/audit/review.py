@@ -124,14 +124,19 @@ SCRIPT = """
   function has(o, i) { return Object.prototype.hasOwnProperty.call(o, i); }
   function preset(i) { return has(R.cleaned, i) ? R.cleaned[i] : R.rows[i][1]; }
   function current(i) { return has(choice, i) ? choice[i] : preset(i); }
-  try { choice = JSON.parse(localStorage.getItem(store) || "{}"); } catch (e) { choice = {}; }
-  if (!choice || typeof choice !== "object" || Array.isArray(choice)) choice = {};
-  Object.keys(choice).forEach(function (i) {  // only choices this page can mean, and that change something
-    var a = choice[i];
-    var ok = /^(0|[1-9][0-9]*)$/.test(i) && +i < R.rows.length && typeof a === "number" && a === Math.floor(a) &&
-             a >= -1 && a < R.classes.length && a !== preset(+i);
-    if (!ok) delete choice[i];
-  });
+  function load(text) {  // stored choices: only those this page can mean, and that change something
+    var got = {};
+    try { got = JSON.parse(text || "{}"); } catch (e) { got = {}; }
+    if (!got || typeof got !== "object" || Array.isArray(got)) got = {};
+    Object.keys(got).forEach(function (i) {
+      var a = got[i];
+      var ok = /^(0|[1-9][0-9]*)$/.test(i) && +i < R.rows.length && typeof a === "number" &&
+               a === Math.floor(a) && a >= -1 && a < R.classes.length && a !== preset(+i);
+      if (!ok) delete got[i];
+    });
+    return got;
+  }
+  try { choice = load(localStorage.getItem(store)); } catch (e) { choice = {}; }
   function field(v) { return /[",\\r\\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
   window.reviewedCsv = function () {
     var out = ["path,label,split"];
@@ -193,6 +198,9 @@ SCRIPT = """
     save(); show();
   });
   document.getElementById("review-reset").addEventListener("click", function () { choice = {}; save(); show(); });
+  window.addEventListener("storage", function (ev) {  // the same report open twice: each follows the other
+    if (ev.key === store) { choice = load(ev.newValue); show(); }
+  });
   document.getElementById("review-download").addEventListener("click", function () {
     var url = URL.createObjectURL(new Blob([window.reviewedCsv()], {type: "text/csv"}));
     var a = document.createElement("a");
