@@ -2,10 +2,11 @@
 
 CSS is inline, thumbnails are base64 JPEG data URIs and the embedding map is an inline SVG, so the
 page can be mailed or archived as is. Its one script (where the audited images are files a manifest
-can name) is the review (`pipeline.audit.review`): menus per image and the reviewed manifest. Every string from the audit (paths, class names, splits) is
-user data and goes through `html.escape`. Work is bounded: at most `MAX_CARDS` thumbnails per
-section, each distinct image decoded once, and at most `MAX_POINTS` points on the map. Any image
-that is missing or cannot be decoded becomes a grey placeholder, never an exception.
+can name) is the review (`pipeline.audit.review`): menus per image and the reviewed manifest. Every
+string from the audit (paths, class names, splits) is user data and goes through `html.escape`. Work
+is bounded: at most `MAX_CARDS` thumbnails per section, each distinct image decoded once, and at most
+`MAX_POINTS` points on the map. Any image that is missing or cannot be decoded becomes a grey
+placeholder, never an exception.
 """
 
 from __future__ import annotations
