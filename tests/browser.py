@@ -90,6 +90,17 @@ class Page:
     def stop_running(self, identifier: str) -> None:
         self._call("Page.removeScriptToEvaluateOnNewDocument", {"identifier": identifier})
 
+    def press(self, key: str) -> None:
+        """Press and release one key in the focused element, as a person types it: a letter (its
+        character too) or 'Tab'."""
+        code = key if len(key) > 1 else "Key" + key.upper()
+        vk = 9 if key == "Tab" else ord(key.upper())
+        self._call("Input.dispatchKeyEvent", {"type": "rawKeyDown", "key": key, "code": code,
+                                              "windowsVirtualKeyCode": vk})
+        if len(key) == 1:
+            self._call("Input.dispatchKeyEvent", {"type": "char", "key": key, "text": key})
+        self._call("Input.dispatchKeyEvent", {"type": "keyUp", "key": key, "code": code, "windowsVirtualKeyCode": vk})
+
     def downloads_to(self, folder: Path) -> None:
         """Save what the page downloads into `folder` (under the name the page gives it)."""
         self._call("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)}, browser=True)

@@ -414,3 +414,21 @@ def test_the_same_report_in_two_tabs_keeps_one_set_of_choices(tmp_path):
             time.sleep(0.05)
         assert other.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: DROP, 9: DROP})
         assert other.evaluate(MENUS_OF.format(0)) == [str(DROP), str(DROP)]
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs headless Chromium on PATH")
+def test_the_review_works_from_the_keyboard(tmp_path):
+    """A closed menu lists drop, keep, then the suggestion, so the browser's type-ahead makes D, K and R
+    those three; Tab moves to the next image's menu (letters typed within a second form one search)."""
+    report, review = reviewed_report(tmp_path)
+    with Page(report.as_uri(), tmp_path / "profile") as page:
+        page.evaluate("document.querySelector('select.decide').focus()")
+        for key, want in (("d", DROP), ("r", 2), ("k", 0)):
+            page.press(key)
+            assert page.evaluate(MENUS_OF.format(0)) == [str(want)] * 2, key
+            assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: want} if want else {})
+            time.sleep(1.1)
+        page.press("Tab")
+        assert page.evaluate("document.activeElement.dataset.row") == "1"
+        page.press("k")                         # keep the copy cleaned.csv drops
+        assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {1: 0})

@@ -91,8 +91,9 @@ def panel(review: Review | None, command: str | None, menus: int) -> str:
             f'<span id="review-changes">0</span> of your choices differ from cleaned.csv. '
             f'<button type="button" id="review-download">Download {FILE_NAME}</button> '
             f'<button type="button" id="review-reset">Back to cleaned.csv\'s choices</button>'
-            f'<br><span class="note">Your choices stay in this browser; train on the downloaded file with the '
-            f"command above, naming it in place of cleaned.csv.</span>"
+            f'<br><span class="note">Keys: Tab to the next menu; D drops, K keeps, R relabels as suggested. '
+            f"Your choices stay in this browser; train on the downloaded file with the command above, naming "
+            f"it in place of cleaned.csv.</span>"
             f'<span id="review-unsaved" class="warn" hidden><br>This browser would not store your choices: '
             f"download the manifest before you close the page.</span>"
             f'<noscript><br><span class="warn">Reviewing needs JavaScript, which is off.</span></noscript></div>')
