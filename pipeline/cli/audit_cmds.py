@@ -42,7 +42,8 @@ from pipeline.tracking.runs import Registry
 def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, drop_below: float, no_map: bool,
               seed: int, trust_pickle: bool, mlflow: bool | None, mlflow_experiment: str | None, **kw) -> None:
     """Find likely label errors, duplicates and train/val leakage, outliers and model errors in a
-    cached data set; writes audit.json, CSVs, cleaned.csv and report.html into a new run folder.
+    cached data set; writes audit.json, CSVs, cleaned.csv and report.html into a new run folder
+    (in report.html, review each finding and download the manifest with your choices).
 
     Example: python cli.py audit --data ../shared/data/hymenoptera
     """
