@@ -202,7 +202,7 @@ def _header(audit: Mapping[str, Any], review: Review | None = None, menus: int =
         summary = '<span class="na">counts not computed</span>'
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS)
     return (f"<h1>Data audit</h1><dl class=meta>{meta}</dl><div class=counts>{summary}</div>"
-            f"{_cleaned(audit)}{reviewing.panel(review, _command(audit), menus)}<nav><p>{nav}</p></nav>")
+            f"{_cleaned(audit)}{reviewing.panel(review, menus)}<nav><p>{nav}</p></nav>")
 
 
 def _command(audit: Mapping[str, Any]) -> str | None:
@@ -391,7 +391,7 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
     menus it holds goes to `review.menus`."""
     out = Path(out)
     thumbs = _Thumbs(image_file)
-    review = review if _command(audit) else None
+    review = review if _command(audit) else None  # no command: the images are not files a manifest can name
     decide = _Decide(review)
     parts = (_label_issues(audit, thumbs, decide), _duplicates(audit, thumbs, decide), _outliers(audit, thumbs, decide),
              _model_errors(audit, thumbs, decide), _confusion(audit), _map(audit))
@@ -400,7 +400,7 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
     title = _e(f"Data audit: {audit.get('run') or audit.get('data') or ''}")
     page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{CSS}{reviewing.CSS}</style></head><body>{_header(audit, review, decide.menus)}{sections}"
-            f"{reviewing.script(review, _command(audit), decide.menus)}</body></html>\n")
+            f"{reviewing.script(review, decide.menus)}</body></html>\n")
     if review is not None:
         review.menus = decide.menus
     # Non-ASCII as character references: the file is then correct whatever the locale's encoding.

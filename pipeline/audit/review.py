@@ -76,10 +76,11 @@ class Review:
         return f'<select class="decide" data-row="{i}"{extra} aria-label="in your manifest"></select>'
 
 
-def panel(review: Review | None, command: str | None, menus: int) -> str:
+def panel(review: Review | None, menus: int) -> str:
     """What the header says about reviewing: the download and reset buttons, or why there are none
-    (nothing where the images are not files a manifest can name, or no image shown has a menu)."""
-    if review is None or command is None:
+    (nothing without a review, e.g. for images that are not files a manifest can name, or where no
+    image shown has a menu)."""
+    if review is None:
         return ""
     if review.too_large:
         return (f'<p class="note">Reviewing in this page takes at most {MAX_ROWS:,} images, and this audit has '
@@ -99,9 +100,9 @@ def panel(review: Review | None, command: str | None, menus: int) -> str:
             f'<noscript><br><span class="warn">Reviewing needs JavaScript, which is off.</span></noscript></div>')
 
 
-def script(review: Review | None, command: str | None, menus: int) -> str:
+def script(review: Review | None, menus: int) -> str:
     """The data and the page's script ('' where there is nothing to review)."""
-    if review is None or command is None or review.too_large or not menus:
+    if review is None or review.too_large or not menus:
         return ""
     return (f'<script type="application/json" id="review-data">{review.payload()}</script>'
             f"<script>{SCRIPT}</script>")
