@@ -115,7 +115,7 @@ class DenseHead(Head):
 
     def after_fit_note(self) -> str:
         """Streaming, and that early stopping read the val split: its figures then chose the epoch."""
-        notes = [self.stream_note_] if getattr(self, "streamed_", False) and self.stream_note_ else []
+        notes = [self.stream_note_] if getattr(self, "stream_note_", "") else []  # "" unless it streamed
         if self.early_stopping is not None:
             notes.append(f"early stopping kept epoch {self.best_epoch_ + 1} of {self.n_epochs_} by the val loss, so "
                          f"the val figures below are not held out")
