@@ -142,6 +142,25 @@ def test_bench_audit_counts_what_the_backbones_imagenet_classifier_calls_the_pho
     assert "bee photos: 1 of 1 'bee', its ant photos 1 of 2 'ant'" in out, out
 
 
+def test_bench_audit_anchor_scores_each_row_in_its_place_when_it_shuffles_them():
+    """The anchor shuffles its rows (in folder order its folds gather the flips) and must hand back each
+    row's own out-of-fold probabilities: misplaced rows would score ~half of them against the wrong class."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from audit import cleanlab_anchor
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 60)
+    X = rng.normal(size=(120, 8)) + 6.0 * truth[:, None]
+    y = truth.copy()
+    flipped = {0, 1, 2, 60, 61, 62}  # listed first in their folders, as the bench plants
+    y[list(flipped)] = 1 - y[list(flipped)]
+    for order_seed in (None, 0, 7):
+        ranked, proba = cleanlab_anchor(X, y, order_seed=order_seed)
+        assert (proba.argmax(axis=1) == truth).mean() > 0.95, order_seed
+        assert (proba[list(flipped), y[list(flipped)]] < 0.5).all(), order_seed  # the flips' own rows doubt them
+        assert set(ranked.tolist()) <= set(np.flatnonzero(proba.argmax(axis=1) != y).tolist()) | flipped
+
+
 def test_bench_audit_recovery_is_a_ratio_of_means_with_a_spread_over_seeds():
     sys.path.insert(0, str(ROOT / "bench"))
     from audit import recovery
