@@ -352,6 +352,33 @@ def recovery(acc_of: dict[str, list[float]], name: str, base: str, draws: int = 
     return ratio(every), float(np.nanstd([ratio(rng.integers(0, noisy.size, noisy.size)) for _ in range(draws)]))
 
 
+def features_in_order(cache: Path, key: str, paths: list[str]) -> tuple[np.ndarray, list[str]]:
+    """(the cached features of `paths`, in that order, clean views; the cache's class names)."""
+    from pipeline.features.store import FeatureFile
+
+    with FeatureFile(cache_file(cache, key)) as ff:
+        by_path = {p: i for i, p in enumerate(ff.paths) if ff.views[i] == 0}
+        return ff.load()[np.asarray([by_path[p] for p in paths])], list(ff.class_names)
+
+
+def read_cleaned(folder: Path, noisy: list[tuple[str, str, str]], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(which of the `noisy` rows the run's cleaned.csv keeps, each row's class number there: its
+    cleaned label where kept, its noisy one where dropped)."""
+    kept = {r["path"]: r["label"] for r in csv.DictReader((folder / "cleaned.csv").open())}
+    return (np.asarray([p in kept for p, _, _ in noisy]),
+            np.asarray([names.index(kept.get(p, c)) for p, c, _ in noisy]))
+
+
+def fresh_head(kind: str):
+    """An unfitted head of `kind`; those that cross-validate in parallel get both cores."""
+    from pipeline.heads.registry import make_head
+
+    head = make_head(kind)
+    if "n_jobs" in head.get_params():
+        head.set_params(n_jobs=2)
+    return head
+
+
 def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 10,
                heads: tuple[str, ...] = CLEAN_HEADS) -> None:
     """10% of training labels flipped (per seed): val accuracy (clean val labels, the same val images
@@ -364,9 +391,6 @@ def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 10,
     to 1.5 points with one image in a hundred, and one fit can sit above that spread). Recovery is the
     ratio of the means over seeds, with its bootstrap standard error over seeds: heads that noise costs
     little (the auto head: 1.5 points, 8 val images) cannot tell 65% from 80% in 20 seeds."""
-    from pipeline.features.store import FeatureFile
-    from pipeline.heads.registry import make_head
-
     rows = listing(root)
     clean_lab = {p: c for p, c, _ in rows}
     acc_of: dict[str, dict[str, list[float]]] = {kind: {} for kind in heads}
@@ -376,20 +400,15 @@ def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 10,
         result, _, run = audit(manifest, cache, "--no-map")
         _, _, run_relabel = audit(manifest, cache, "--no-map", "--relabel")
         _, _, run_all = audit(manifest, cache, "--no-map", "--drop-below", "1")  # the rule before 2026-12-05
-        with FeatureFile(cache_file(cache, result["cache_key"])) as ff:
-            by_path = {p: i for i, p in enumerate(ff.paths) if ff.views[i] == 0}
-            names = list(ff.class_names)
-            X = ff.load()[np.asarray([by_path[p] for p, _, _ in noisy])]
+        paths = [p for p, _, _ in noisy]
+        X, names = features_in_order(cache, result["cache_key"], paths)
         split = np.asarray([sp for _, _, sp in noisy])
         tr, va = split == "train", split == "val"
         y_noisy = np.asarray([names.index(c) for _, c, _ in noisy])
         y_clean = np.asarray([names.index(clean_lab[p]) for p, _, _ in noisy])
-        paths = [p for p, _, _ in noisy]
 
         def from_cleaned(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-            kept = {r["path"]: r["label"] for r in csv.DictReader((folder / "cleaned.csv").open())}
-            mask = np.asarray([p in kept for p in paths])
-            y = np.asarray([names.index(kept.get(p, c)) for p, c, _ in noisy])
+            mask, y = read_cleaned(folder, noisy, names)
             return tr & mask, y
 
         rng = np.random.default_rng(1000 + s)
@@ -405,9 +424,7 @@ def part_clean(root: Path, work: Path, cache: Path, seed: int, seeds: int = 10,
         for kind in heads:
             got = {}
             for name, (mask, y) in sets.items():
-                head = make_head(kind)
-                if "n_jobs" in head.get_params():  # the heads that cross-validate in parallel: both cores
-                    head.set_params(n_jobs=2)
+                head = fresh_head(kind)
                 head.fit(X[mask], y[mask], class_names=names)
                 got[name] = float((head.predict(X[va]) == y_clean[va]).mean())
             print(f"clean seed {s}, {kind} head: 10% flipped ({len(truth)}), val accuracy "
@@ -442,9 +459,6 @@ def part_clean_cv(root: Path, work: Path, cache: Path, seed: int, seeds: int = 1
     every seed: 3,116 scored images make them steady where val's 547 were not)."""
     from sklearn.model_selection import StratifiedKFold
 
-    from pipeline.features.store import FeatureFile
-    from pipeline.heads.registry import make_head
-
     rows = [(p, c, "train") for p, c, _ in listing(root)]
     names = sorted({c for _, c, _ in rows})
     paths = [p for p, _, _ in rows]
@@ -458,9 +472,7 @@ def part_clean_cv(root: Path, work: Path, cache: Path, seed: int, seeds: int = 1
         right = 0
         for f in range(folds):
             train = keep & (fold != f)
-            head = make_head(kind)
-            if "n_jobs" in head.get_params():
-                head.set_params(n_jobs=2)
+            head = fresh_head(kind)
             head.fit(X[train], y[train], class_names=names)
             right += int((head.predict(X[fold == f]) == y_clean[fold == f]).sum())
         return right / y_clean.size
@@ -474,19 +486,11 @@ def part_clean_cv(root: Path, work: Path, cache: Path, seed: int, seeds: int = 1
         result, _, run = audit(manifest, cache, "--no-map")
         _, _, run_relabel = audit(manifest, cache, "--no-map", "--relabel")
         if X is None:
-            with FeatureFile(cache_file(cache, result["cache_key"])) as ff:
-                by_path = {q: i for i, q in enumerate(ff.paths) if ff.views[i] == 0}
-                X = ff.load()[np.asarray([by_path[q] for q in paths])]
+            X, _ = features_in_order(cache, result["cache_key"], paths)
         y_noisy = np.asarray([names.index(c) for _, c, _ in noisy])
-
-        def from_cleaned(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-            kept = {r["path"]: r["label"] for r in csv.DictReader((folder / "cleaned.csv").open())}
-            return (np.asarray([q in kept for q in paths]),
-                    np.asarray([names.index(kept.get(q, c)) for q, c, _ in noisy]))
-
         everything = np.ones(y_clean.size, bool)
-        sets = {"noisy": (everything, y_noisy), "cleaned.csv": from_cleaned(run),
-                "cleaned.csv with --relabel": from_cleaned(run_relabel),
+        sets = {"noisy": (everything, y_noisy), "cleaned.csv": read_cleaned(run, noisy, names),
+                "cleaned.csv with --relabel": read_cleaned(run_relabel, noisy, names),
                 "oracle: drop exactly the flipped": (~np.isin(paths, list(truth)), y_noisy)}
         for kind in heads:
             if kind not in clean_acc:
