@@ -21,7 +21,7 @@ later manifest of the same files reuses those rows):
   kind (auto, logistic, knn, dense) with clean labels, noisy labels, and `cleaned.csv` (with and
   without `--relabel`), same val images throughout; recovery as a ratio of means, against one clean
   fit and against clean fits missing 1%, with its bootstrap standard error over seeds.
-- clean-cv (not run by default: ~55 min on 2 cores for auto, logistic and knn over 10 seeds): the clean
+- clean-cv (not run by default: ~65 min on 2 cores for auto, logistic and knn over 10 seeds): the clean
   part cross-fitted. 10% of every flowers label flipped, one audit, each head scored out of fold on all
   3,116 images rather than val's 547, so the auto head's recovery has a standard error it can be judged by.
 - speed: the whole audit of clean flowers with the map (t-SNE) and the report.
