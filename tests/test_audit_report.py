@@ -303,6 +303,15 @@ def load_with_stored(page: Page, report: Path, stored: str) -> None:
         page.stop_running(put)
 
 
+def settle(tab, expression: str, want: object, tries: int = 100) -> None:
+    """Wait (up to `tries` x 0.05 s) until `expression` in `tab` reads `want`: a choice saved in one tab
+    reaches another through a storage event, asynchronously. The caller's assertions judge the result."""
+    for _ in range(tries):
+        if tab.evaluate(expression) == want:
+            return
+        time.sleep(0.05)
+
+
 def assert_menus_show(page: Page, review: Review, choice: dict[int, int]) -> None:
     """Every menu shows its image's current choice, and holds it among its options."""
     shown = page.evaluate("Array.from(document.querySelectorAll('select.decide'))"
@@ -401,17 +410,11 @@ def test_the_same_report_in_two_tabs_keeps_one_set_of_choices(tmp_path):
     with Page(report.as_uri(), tmp_path / "profile") as page:
         other = page.open_tab(report.as_uri())
         other.evaluate(CHOOSE.format(9, DROP))
-        for _ in range(100):
-            if page.evaluate(CHANGES) == "1":
-                break
-            time.sleep(0.05)
+        settle(page, CHANGES, "1")
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {9: DROP})
         assert page.evaluate(MENUS_OF.format(9)) == [str(DROP)]
         page.evaluate(CHOOSE.format(0, DROP))
-        for _ in range(100):
-            if other.evaluate(CHANGES) == "2":
-                break
-            time.sleep(0.05)
+        settle(other, CHANGES, "2")
         assert other.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: DROP, 9: DROP})
         assert other.evaluate(MENUS_OF.format(0)) == [str(DROP), str(DROP)]
 
