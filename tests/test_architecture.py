@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "pipeline"
-SHARED = {"atomic", "errors", "versions", "backend", "layout", "locking", "quiet_fd"}
+SHARED = {"atomic", "errors", "versions", "backend", "layout", "locking", "quiet_fd", "sheets"}
 # each room and the level it sits at (docs/architecture.md, "Rules"): a room imports only rooms below
 # it, or shared modules; within a room, anything.
 LEVEL = {"data": 1, "backbones": 1, "features": 2, "tracking": 3, "extract": 4, "heads": 4,

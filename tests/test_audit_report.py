@@ -21,7 +21,7 @@ from browser import Page, chromium
 from pipeline.audit import review as reviewing
 from pipeline.audit.report import MAX_CARDS, MAX_POINTS, write_report
 from pipeline.audit.review import DROP, Review
-from pipeline.audit.runner import csv_text
+from pipeline.sheets import csv_text
 
 CLASSES = ["daisy", "roses", '<b>&"']  # the last one checks escaping of user data
 MISSING = "val/daisy/missing.jpg"      # not on disk: image_file returns None

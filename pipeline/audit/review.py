@@ -115,7 +115,7 @@ select.decide{display:block;margin:4px 0;max-width:100%;font-size:12px}
 """
 
 # One script: reads the rows, fills the menus, keeps the person's choices (only those that differ from
-# cleaned.csv's) in localStorage and builds the manifest as `runner.csv_text` writes cleaned.csv. A menu
+# cleaned.csv's) in localStorage and builds the manifest as `sheets.csv_text` writes cleaned.csv. A menu
 # holds drop, keep, the hint and the current choice until it is first used, then every class: with a
 # thousand classes, every class in every menu (up to ~5,000 of them) froze the page for minutes.
 SCRIPT = """

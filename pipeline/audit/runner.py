@@ -31,6 +31,7 @@ from pipeline.features.reuse import fill_hashes
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head
 from pipeline.layout import CacheLayout
+from pipeline.sheets import csv_text
 from pipeline.tracking.runs import Run
 
 AUDIT_VERSION = 2  # 2 (2026-12-05): an outlier's score holds its neighbourhood's term; cleaned.command added
@@ -394,20 +395,6 @@ CSV_COLUMNS = {
 }
 
 
-def csv_field(value: Any) -> str:
-    """One CSV field: quoted (quotes doubled) where it holds a comma, a quote or a line break. Python's
-    csv module quotes a lone carriage return only from 3.11.9/3.12.3 on; this does on every version, as
-    the report's review does when it builds the same lines (`review.SCRIPT`)."""
-    text = "" if value is None else str(value)
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
-
-
-def csv_text(rows: list[Mapping[str, Any]] | list[tuple], columns: tuple[str, ...]) -> str:
-    """A header line of `columns`, then one line per row (a mapping by column, or values in order)."""
-    lines = [columns, *([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row for row in rows)]
-    return "".join(",".join(map(csv_field, line)) + "\n" for line in lines)
-
-
 def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_below: float = DROP_BELOW
                 ) -> dict[str, Path]:
     """Write audit.json, a CSV per finding, cleaned.csv and report.html into the run folder; sets
@@ -428,7 +415,7 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
                               for issue, action in zip(public["label_issues"], plan.issue_actions)]
     for name, columns in CSV_COLUMNS.items():
         files[name] = run.path(f"{name}.csv")
-        write_text_atomic(files[name], csv_text(public[name], columns))
+        write_text_atomic(files[name], csv_text(public[name], columns, spreadsheet=True))
     files["cleaned"] = run.path("cleaned.csv")
     write_text_atomic(files["cleaned"], csv_text(cleaned, ("path", "label", "split")))
     files["audit"] = run.path("audit.json")

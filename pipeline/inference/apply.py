@@ -25,6 +25,7 @@ from pipeline.features.store import FeatureFile
 from pipeline.heads.files import load_keras_file
 from pipeline.heads.registry import load_head
 from pipeline.inference.embed import run_model
+from pipeline.sheets import formula_safe
 from pipeline.tracking.metrics import classification_report
 from pipeline.tracking.runs import Registry, RunRecord
 
@@ -188,14 +189,18 @@ def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, c
                           neighbours: Sequence[Sequence[tuple[str, float]]] | None = None,
                           labels: Sequence[int] | None = None) -> None:
     """path, (label, when given), predicted class, its probability, one probability column per class,
-    then (with `neighbours`) neighbour_1, similarity_1, ... for the nearest training images."""
+    then (with `neighbours`) neighbour_1, similarity_1, ... for the nearest training images; text a
+    spreadsheet would run as a formula gets a leading apostrophe (`sheets.formula_safe`)."""
     k = max((len(n) for n in neighbours), default=0) if neighbours is not None else 0
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", *(["label"] if labels is not None else []), "prediction", "probability", *class_names,
-                    *(f"{c}_{i + 1}" for i in range(k) for c in ("neighbour", "similarity"))])
+        writer = csv.writer(fh)
+
+        def write(cells: list) -> None:  # every cell through formula_safe: predictions open in spreadsheets
+            writer.writerow([formula_safe(c) for c in cells])
+        write(["path", *(["label"] if labels is not None else []), "prediction", "probability", *class_names,
+               *(f"{c}_{i + 1}" for i in range(k) for c in ("neighbour", "similarity"))])
         for j, (p, row) in enumerate(zip(paths, proba)):
             best = int(np.argmax(row))
             near = [x for n, s in (neighbours[j] if neighbours is not None else []) for x in (n, f"{s:.4f}")]
-            w.writerow([p, *([class_names[int(labels[j])]] if labels is not None else []), class_names[best],
-                        f"{row[best]:.6f}", *(f"{v:.6f}" for v in row), *near, *[""] * (2 * k - len(near))])
+            write([p, *([class_names[int(labels[j])]] if labels is not None else []), class_names[best],
+                   f"{row[best]:.6f}", *(f"{v:.6f}" for v in row), *near, *[""] * (2 * k - len(near))])
