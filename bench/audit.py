@@ -605,7 +605,8 @@ def counted(least: int) -> Callable[[str], int]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/bench-audit", help="Manifests, planted files and the cache.")
-    ap.add_argument("--parts", default="labels,dups,outliers,clean,speed,scale")
+    ap.add_argument("--parts", default="labels,dups,outliers,clean,speed,scale",
+                    help="Comma-separated parts to run; clean-cv (all images, cross-fitted: ~1 hour) is not a default.")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--label-seeds", type=int, default=3, help="Flip seeds of the labels part (mean and range).")
     ap.add_argument("--label-data", default="flowers,hymenoptera",
@@ -627,6 +628,10 @@ def main(argv=None) -> None:
     unknown = [n for n in args.label_data.split(",") if n not in label_sets]
     if unknown:  # before any part runs, not after minutes of another
         ap.error(f"--label-data takes {', '.join(label_sets)}, not {unknown[0]!r}")
+    known_parts = ("labels", "dups", "outliers", "clean", "clean-cv", "speed", "scale")
+    odd_parts = [p for p in args.parts.split(",") if p not in known_parts]
+    if odd_parts:  # a misspelt part ran nothing and said nothing
+        ap.error(f"--parts takes {', '.join(known_parts)}, not {odd_parts[0]!r}")
     from pipeline.heads.registry import HEAD_KINDS
     odd = [k for k in args.clean_heads.split(",") if k not in HEAD_KINDS]
     if odd:

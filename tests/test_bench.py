@@ -101,15 +101,16 @@ def test_bench_heldout_reads_both_commands_figures():
     assert spread([0.947, 0.949, 0.951]) == "94.9% (94.7-95.1)"
 
 
-def test_bench_audit_refuses_bad_seed_counts_in_one_line(tmp_path):
+def test_bench_audit_refuses_bad_options_in_one_line(tmp_path):
     for args in (("--plant-seeds", "0"), ("--plant-seed-start", "-1"), ("--label-data", "cifar"),
-                 ("--clean-heads", "auto,bogus")):
-        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "audit.py"), *args, "--parts", "labels",
+                 ("--clean-heads", "auto,bogus"), ("--parts", "labels,clean_cv")):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "audit.py"), "--parts", "labels", *args,
                                "--work", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert args[0] in last or "cifar" in last, proc.stderr
+        assert "clean_cv" not in args[1] or "'clean_cv'" in last, proc.stderr
 
 
 def test_bench_audit_compares_with_the_anchor_seed_by_seed():
