@@ -184,3 +184,38 @@ def test_bench_audit_listing_leaves_out_the_named_paths(tmp_path):
     gone = {every[0][0], every[4][0]}
     kept = listing(root, gone)
     assert len(every) == 12 and len(kept) == 10 and not gone & {p for p, _, _ in kept}
+
+
+def test_bench_audit_clean_cv_scores_every_image_by_heads_that_never_saw_it(tmp_path, capsys):
+    """--parts clean-cv on a tiny folder: one audit of the flipped manifest, each training set fitted
+    fold by fold, every image scored once; the oracle set is the noisy one less exactly the flips."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import audit as bench
+
+    root = make_folder(tmp_path / "data", per_class=10, classes=("a", "b", "c"))
+    fitted = []
+    real_fresh_head = bench.fresh_head
+
+    def counting(kind):
+        head = real_fresh_head(kind)
+        fit = head.fit
+        head.fit = lambda X, y, **kw: fitted.append(len(y)) or fit(X, y, **kw)
+        return head
+
+    bench.fresh_head = counting
+    try:
+        bench.part_clean_cv(root, tmp_path, tmp_path / "cache", seed=0, seeds=1, heads=("logistic",), folds=3)
+    finally:
+        bench.fresh_head = real_fresh_head
+    out = capsys.readouterr().out
+    line = re.search(r"clean-cv seed 0, logistic head: 10% flipped \((\d+) of 60\), 3-fold accuracy on every image "
+                     r"clean labels (\S+), noisy (\S+), cleaned.csv (\S+), cleaned.csv with --relabel (\S+), "
+                     r"oracle: drop exactly the flipped (\S+)", out)
+    assert line, out
+    flipped = int(line.group(1))
+    assert flipped == 6 and all(0.0 <= float(a) <= 1.0 for a in line.groups()[1:])
+    assert float(line.group(2)) >= 0.95  # the generated classes are apart: clean labels score nearly every image right
+    # 5 training sets x 3 folds; each fold trains on 2 of 3 folds of what the set keeps, the oracle 60 - 6 flips
+    assert len(fitted) == 15 and sum(fitted[:3]) == 2 * 60 and sum(fitted[-3:]) == 2 * (60 - flipped)
+    assert re.search(rf"clean-cv over 1 seeds, logistic head \(clean {line.group(2)}, noisy {line.group(3)}: the noise cost",
+                     out), out
