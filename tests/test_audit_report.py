@@ -244,7 +244,10 @@ def test_the_page_carries_a_menu_per_image_and_its_rows_safely(tmp_path, monkeyp
     # a menu on every card whose image is a row: label issue 0, duplicate sides 1/7 and 2/9, outlier 4, top loss 6 and 0
     menus = re.findall(r'<select class="decide" data-row="(\d+)"', page)
     assert sorted(map(int, menus)) == [0, 0, 1, 2, 4, 6, 7, 9]
-    assert "Download cleaned-reviewed.csv" in page and page.count("<script") == 2
+    assert "Download cleaned-reviewed-run-0001.csv" in page and page.count("<script") == 2
+    # the download is named after the audit run; what a file name should not hold is left out
+    assert reviewing.Review([], [], [], [], [], key="../2026 12:05").file_name == "cleaned-reviewed-20261205.csv"
+    assert reviewing.Review([], [], [], [], [], key="").file_name == "cleaned-reviewed.csv"
     # the rows are JSON that no path can break out of, and the page stays ASCII
     data = re.search(r'<script type="application/json" id="review-data">(.*?)</script>', page, re.S).group(1)
     assert "</script>" not in data and "<" not in data
@@ -329,7 +332,7 @@ def test_a_review_in_the_browser_builds_the_manifest_and_survives_a_reload(tmp_p
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review)
         page.downloads_to(tmp_path / "downloads")
         page.evaluate("document.getElementById('review-download').click()")
-        got = tmp_path / "downloads" / "cleaned-reviewed.csv"
+        got = tmp_path / "downloads" / "cleaned-reviewed-run-0001.csv"
         for _ in range(200):
             if got.is_file():
                 break

@@ -14,12 +14,13 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
 MAX_ROWS = 100_000  # images a page embeds to build the reviewed manifest (~60 bytes each)
 DROP = -1
-FILE_NAME = "cleaned-reviewed.csv"
+FILE_STEM = "cleaned-reviewed"  # the download: cleaned-reviewed-<audit run id>.csv (`Review.file_name`)
 
 
 @dataclass
@@ -46,6 +47,13 @@ class Review:
         self.class_index = {str(c): k for k, c in enumerate(self.classes)}
 
     @property
+    def file_name(self) -> str:
+        """The manifest the page downloads, named after the audit run, so reviews of two audits do not
+        land as one name and a browser's "(1)" (characters a file name should not hold left out)."""
+        key = re.sub(r"[^A-Za-z0-9._-]", "", str(self.key)).strip(".")
+        return f"{FILE_STEM}-{key}.csv" if key else f"{FILE_STEM}.csv"
+
+    @property
     def too_large(self) -> bool:
         return len(self.paths) > MAX_ROWS
 
@@ -59,7 +67,7 @@ class Review:
         split_of = {s: k for k, s in enumerate(split_names)}
         rows = [[p[len(prefix):], int(g), split_of[str(s)]] for p, g, s in zip(paths, self.given, self.splits)]
         changes = {str(i): int(c) for i, (g, c) in enumerate(zip(self.given, self.cleaned)) if int(c) != int(g)}
-        data = {"key": str(self.key), "file": FILE_NAME, "classes": [str(c) for c in self.classes],
+        data = {"key": str(self.key), "file": self.file_name, "classes": [str(c) for c in self.classes],
                 "splits": split_names, "prefix": prefix, "rows": rows, "cleaned": changes}
         text = json.dumps(data, ensure_ascii=True, separators=(",", ":"))
         return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -90,7 +98,7 @@ def panel(review: Review | None, menus: int) -> str:
     return (f'<div class="review" id="review"><b>Review</b>: the images below carry menus, preset to what '
             f"cleaned.csv does with each (drop it, keep its label, or give it another). "
             f'<span id="review-changes">0</span> of your choices differ from cleaned.csv. '
-            f'<button type="button" id="review-download">Download {FILE_NAME}</button> '
+            f'<button type="button" id="review-download">Download {html.escape(review.file_name)}</button> '
             f'<button type="button" id="review-reset">Back to cleaned.csv\'s choices</button>'
             f'<br><span class="note">Keys: Tab to the next menu; D drops, K keeps, R relabels as suggested. '
             f"Your choices stay in this browser; train on the downloaded file with the command above, naming "
