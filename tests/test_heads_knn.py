@@ -17,6 +17,7 @@ from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource
 from pipeline.heads.calibration import fit_temperature, nll
+from pipeline.heads.folds import cv_folds
 from pipeline.heads.knn import VOTE_FLOOR, KNNHead
 from pipeline.heads.logistic import LogisticHead
 from pipeline.heads.registry import load_head, make_head
@@ -48,13 +49,31 @@ def test_the_vote_is_dinos_weighted_knn_and_k_and_t_come_from_cv():
     votes = _brute_force_vote(X[:200], y[:200], X[200:], 7, 0.1, 3)
     np.testing.assert_allclose(head.predict_proba(X[200:]), (votes + VOTE_FLOOR) / (1 + 3 * VOTE_FLOOR), atol=1e-5)
     auto = KNNHead(ks=(1, 5, 25), vote_temperatures=(0.05, 0.5)).fit(X[:200], y[:200])
-    assert len(auto.cv_scores_) == 6 and auto.cv_log_loss_ == min(auto.cv_scores_.values())
-    assert (auto.k_, auto.vote_temperature_) != (1, 0.05) or auto.cv_log_loss_ == auto.cv_scores_["k=1 T=0.05"]
+    assert len(auto.cv_scores_) == 6  # leave-one-image-out, which chooses k and T
+    assert auto.cv_scores_[f"k={auto.k_} T={auto.vote_temperature_:g}"] == min(auto.cv_scores_.values())
     assert auto.k_ in (1, 5, 25) and auto.temperature_ > 0
     assert (auto.predict(X[200:]) == y[200:]).mean() > 0.8
     raw = KNNHead(ks=(1, 5, 25), vote_temperatures=(0.05, 0.5), calibrate=False).fit(X[:200], y[:200])
     assert (raw.k_, raw.vote_temperature_, raw.temperature_) == (auto.k_, auto.vote_temperature_, 1.0)
     np.testing.assert_array_equal(raw.predict(X[200:]), auto.predict(X[200:]))  # calibration moves no prediction
+
+
+def test_the_cv_log_loss_is_the_chosen_votes_on_the_other_heads_folds():
+    """What the auto head compares: the vote at the chosen k and T, each row voted on by the other folds
+    of `cv_folds` (the logistic and svm heads' folds, same seed) only, the temperature fitted without
+    the fold it scores; written out here by brute force."""
+    X, y = blobs(300, 16, 3, sep=0.6)
+    head = KNNHead(ks=(5, 25), vote_temperatures=(0.05, 0.5), random_state=3).fit(X, y)
+    folds, _ = cv_folds(y, None, 5, 3)
+    logits = np.zeros((y.size, 3))
+    for train, test in folds:
+        logits[test] = np.log(_brute_force_vote(X[train], y[train], X[test], head.k_, head.vote_temperature_, 3)
+                              + VOTE_FLOOR)
+    want = sum(nll(logits[test], y[test], fit_temperature(logits[train], y[train])) * test.size
+               for train, test in folds) / y.size
+    assert head.cv_log_loss_ == pytest.approx(want, rel=1e-6) and head.cv_how_.startswith("5-fold CV")
+    assert head.cv_accuracy_ == pytest.approx((logits.argmax(axis=1) == y).mean())
+    assert head.facts()["cv_log_loss_on"] == head.cv_how_
 
 
 def test_an_images_augmented_views_never_vote_for_it(tmp_path):
@@ -65,7 +84,7 @@ def test_an_images_augmented_views_never_vote_for_it(tmp_path):
         head = KNNHead(k=5, vote_temperature=0.07)
         head.fit(FeatureSource(ff, rows), ff.labels[rows])
         groups = ff.index[rows]
-        queries, _, _ = head._cross_validate(ff.labels[rows], groups, [5], [0.07])
+        queries, *_ = head._cross_validate(ff.labels[rows], groups, [5], [0.07])
         nb = head.neighbours(FeatureSource(ff, rows[queries]), 5)
         from pipeline.features.neighbours import CosineIndex
         cv = CosineIndex(head.memory_, groups=groups).query(head.memory_[queries], 5, query_groups=groups[queries])
