@@ -13,8 +13,8 @@ out-of-fold votes calibrates them (`calibration`). The CV log loss it reports, w
 compares with the logistic and svm heads' figures, is the chosen vote's on *their* folds (`cv_folds`,
 the same seed): each row voted on by the other folds' rows only, the temperature fitted without the
 fold it scores. Leave-one-out lets every other row vote, so it ran ahead of the others' 5-fold
-figures: on flowers cleaned by `audit` the knn won folds by 0.002 that it lost by 0.015 on theirs
-(bench/audit.py --parts clean-cv).
+figures: on flowers cleaned by `audit` the knn led the svm by 0.0025 on a fold where it trailed by
+0.012 on the svm's folds, and was kept, scoring 9 images fewer (bench/audit.py --parts clean-cv).
 
 Its Keras form is the same arithmetic in built-in layers and `keras.ops` (so it loads in safe mode):
 UnitNormalization, a Dense layer whose kernel is the training matrix (similarities), top-k, the
