@@ -624,18 +624,16 @@ def main(argv=None) -> None:
                          "and outliers parts plant theirs, so the planted faults are the only known ones.")
     ap.add_argument("--scale-rows", type=int, default=200_000, help="Rows of the scale part's synthetic cache.")
     args = ap.parse_args(argv)
-    label_sets = ("flowers", "hymenoptera")
-    unknown = [n for n in args.label_data.split(",") if n not in label_sets]
-    if unknown:  # before any part runs, not after minutes of another
-        ap.error(f"--label-data takes {', '.join(label_sets)}, not {unknown[0]!r}")
-    known_parts = ("labels", "dups", "outliers", "clean", "clean-cv", "speed", "scale")
-    odd_parts = [p for p in args.parts.split(",") if p not in known_parts]
-    if odd_parts:  # a misspelt part ran nothing and said nothing
-        ap.error(f"--parts takes {', '.join(known_parts)}, not {odd_parts[0]!r}")
     from pipeline.heads.registry import HEAD_KINDS
-    odd = [k for k in args.clean_heads.split(",") if k not in HEAD_KINDS]
-    if odd:
-        ap.error(f"--clean-heads takes {', '.join(HEAD_KINDS)}, not {odd[0]!r}")
+
+    # names checked before any part runs, not after minutes of another (a misspelt part ran nothing and said nothing)
+    for flag, given, known in (("--label-data", args.label_data, ("flowers", "hymenoptera")),
+                               ("--parts", args.parts, ("labels", "dups", "outliers", "clean", "clean-cv", "speed",
+                                                        "scale")),
+                               ("--clean-heads", args.clean_heads, tuple(HEAD_KINDS))):
+        odd = [n for n in given.split(",") if n not in known]
+        if odd:
+            ap.error(f"{flag} takes {', '.join(known)}, not {odd[0]!r}")
     work = Path(args.work)
     cache = work / "cache"
     flowers = SHARED / "flower_photos_224"

@@ -186,7 +186,7 @@ def test_bench_audit_listing_leaves_out_the_named_paths(tmp_path):
     assert len(every) == 12 and len(kept) == 10 and not gone & {p for p, _, _ in kept}
 
 
-def test_bench_audit_clean_cv_scores_every_image_by_heads_that_never_saw_it(tmp_path, capsys):
+def test_bench_audit_clean_cv_scores_every_image_by_heads_that_never_saw_it(tmp_path, capsys, monkeypatch):
     """--parts clean-cv on a tiny folder: one audit of the flipped manifest, each training set fitted
     fold by fold, every image scored once; the oracle set is the noisy one less exactly the flips."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -202,11 +202,8 @@ def test_bench_audit_clean_cv_scores_every_image_by_heads_that_never_saw_it(tmp_
         head.fit = lambda X, y, **kw: fitted.append(len(y)) or fit(X, y, **kw)
         return head
 
-    bench.fresh_head = counting
-    try:
-        bench.part_clean_cv(root, tmp_path, tmp_path / "cache", seed=0, seeds=1, heads=("logistic",), folds=3)
-    finally:
-        bench.fresh_head = real_fresh_head
+    monkeypatch.setattr(bench, "fresh_head", counting)
+    bench.part_clean_cv(root, tmp_path, tmp_path / "cache", seed=0, seeds=1, heads=("logistic",), folds=3)
     out = capsys.readouterr().out
     line = re.search(r"clean-cv seed 0, logistic head: 10% flipped \((\d+) of 60\), 3-fold accuracy on every image "
                      r"clean labels (\S+), noisy (\S+), cleaned.csv (\S+), cleaned.csv with --relabel (\S+), "
