@@ -3,6 +3,7 @@ function, found only when a GPU session was being prepared."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -103,7 +104,8 @@ def test_bench_heldout_reads_both_commands_figures():
 
 def test_bench_audit_refuses_bad_options_in_one_line(tmp_path):
     for args in (("--plant-seeds", "0"), ("--plant-seed-start", "-1"), ("--label-data", "cifar"),
-                 ("--clean-heads", "auto,bogus"), ("--parts", "labels,clean_cv")):
+                 ("--clean-heads", "auto,bogus"), ("--parts", "labels,clean_cv"), ("--clean-heads", "svm:Q=3"),
+                 ("--clean-heads", "svm:C=-1"), ("--clean-heads", "svm:C"), ("--drop-grid", "0.1,2")):
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "audit.py"), "--parts", "labels", *args,
                                "--work", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -111,6 +113,18 @@ def test_bench_audit_refuses_bad_options_in_one_line(tmp_path):
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert args[0] in last or "cifar" in last, proc.stderr
         assert "clean_cv" not in args[1] or "'clean_cv'" in last, proc.stderr
+
+
+def test_bench_head_specs_set_parameters():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import audit as bench
+
+    assert bench.head_spec("svm:C=3:cv=1") == ("svm", {"C": 3.0, "cv": 1})
+    head = bench.fresh_head("svm:C=0.5:cv=1")
+    assert (head.C, head.cv, head.n_jobs) == (0.5, 1, 2)
+    for bad in ("svm:C", "svm:=3", "svm:C=x"):
+        with pytest.raises(ValueError, match="name=number"):
+            bench.head_spec(bad)
 
 
 def test_bench_audit_compares_with_the_anchor_seed_by_seed():
@@ -202,17 +216,33 @@ def test_bench_audit_clean_cv_scores_every_image_by_heads_that_never_saw_it(tmp_
         head.fit = lambda X, y, **kw: fitted.append(len(y)) or fit(X, y, **kw)
         return head
 
+    real_audit = bench.audit
+
+    def audit_then_trim(manifest, cache, *extra):  # the grid's run folder keeps 30 rows: its set must be those
+        result, wall, run = real_audit(manifest, cache, *extra)
+        if "--drop-below" in extra:
+            lines = (run / "cleaned.csv").read_text().splitlines(keepends=True)
+            (run / "cleaned.csv").write_text("".join(lines[:31]))
+        return result, wall, run
+
     monkeypatch.setattr(bench, "fresh_head", counting)
-    bench.part_clean_cv(root, tmp_path, tmp_path / "cache", seed=0, seeds=1, heads=("logistic",), folds=3)
+    monkeypatch.setattr(bench, "audit", audit_then_trim)
+    bench.part_clean_cv(root, tmp_path, tmp_path / "cache", seed=0, seeds=1, heads=("logistic",), folds=3,
+                        drop_grid=(1.0,))
     out = capsys.readouterr().out
     line = re.search(r"clean-cv seed 0, logistic head: 10% flipped \((\d+) of 60\), 3-fold accuracy on every image "
                      r"clean labels (\S+), noisy (\S+), cleaned.csv (\S+), cleaned.csv with --relabel (\S+), "
-                     r"oracle: drop exactly the flipped (\S+)", out)
+                     r"oracle: drop exactly the flipped (\S+), cleaned.csv --drop-below 1 (\S+)", out)
     assert line, out
     flipped = int(line.group(1))
     assert flipped == 6 and all(0.0 <= float(a) <= 1.0 for a in line.groups()[1:])
     assert float(line.group(2)) >= 0.95  # the generated classes are apart: clean labels score nearly every image right
-    # 5 training sets x 3 folds; each fold trains on 2 of 3 folds of what the set keeps, the oracle 60 - 6 flips
-    assert len(fitted) == 15 and sum(fitted[:3]) == 2 * 60 and sum(fitted[-3:]) == 2 * (60 - flipped)
+    # 6 training sets x 3 folds; each fold trains on 2 of 3 folds of what the set keeps, the oracle 60 - 6 flips
+    assert len(fitted) == 18 and sum(fitted[:3]) == 2 * 60 and sum(fitted[12:15]) == 2 * (60 - flipped)
+    # the grid's set is the cleaned.csv of its own audit run, with --drop-below 1 (trimmed above to 30 rows)
+    below = [run for run in (tmp_path / "cache" / "runs").iterdir()
+             if json.loads((run / "config.json").read_text()).get("drop_below") == 1]
+    assert len(below) == 1 and json.loads((below[0] / "audit.json").read_text())["cleaned"]["label_issues_dropped_below"] == 1
+    assert sum(fitted[15:]) == 2 * 30 < sum(fitted[6:9])
     assert re.search(rf"clean-cv over 1 seeds, logistic head \(clean {line.group(2)}, noisy {line.group(3)}: the noise cost",
                      out), out
