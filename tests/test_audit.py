@@ -20,7 +20,7 @@ from browser import Page, chromium
 from conftest import ROOT, make_folder, run_cli, write_image
 from helpers_features import write_cache
 from pipeline.audit.duplicates import NearSettings, copy_groups, near_pairs, thumbnail
-from pipeline.audit.labels import oof_folds
+from pipeline.audit.labels import logistic_oof, oof_folds
 from pipeline.audit.outliers import outlier_scores
 from pipeline.audit.runner import AuditOptions, Audited, audit_cache, cleaned_rows, write_audit
 from pipeline.errors import UserError
@@ -430,6 +430,27 @@ def test_copies_of_an_image_share_a_fold_even_when_their_first_sits_out():
     for seed in range(10):
         fold = oof_folds(y, 5, seed, groups)
         assert fold[0] == -1 and fold[25] == fold[33] >= 0, seed
+
+
+def test_a_class_whose_copies_fill_one_fold_gets_no_evidence_rather_than_zero():
+    """Class 0: two distinct images, one of them copied twice; the copies join their first's fold, so on
+    some seeds every row of class 0 sits in one fold and that fold's model never saw the class: those
+    rows keep the uniform row (no evidence), never p(given) 0, which would list and drop them."""
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 4 + [1] * 10 + [2] * 10)
+    U = rng.normal(size=(y.size, 8)) + 3.0 * np.eye(8)[y]
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    groups = copy_groups(y.size, [(0, 1), (0, 2)])
+    gathered = 0
+    for seed in range(20):
+        fold = oof_folds(y, 2, seed, groups)
+        alone = np.unique(fold[:4]).size == 1
+        gathered += alone
+        proba = logistic_oof(U, y, 3, 2, seed, groups=groups)
+        assert (proba[np.arange(y.size), y] > 0).all(), seed
+        if alone:
+            assert np.allclose(proba[:4], 1 / 3), seed
+    assert gathered  # the case happens on these seeds
 
 
 def test_one_class_and_no_labels_are_one_line_errors(tmp_path):

@@ -96,12 +96,14 @@ def fit_logistic(U: np.ndarray, y: np.ndarray, C: float, max_iter: int = 500) ->
 def logistic_oof(U: np.ndarray, y: np.ndarray, n_classes: int, folds: int, seed: int = 0, C: float = DEFAULT_C,
                  groups: np.ndarray | None = None) -> np.ndarray:
     """Out-of-fold probabilities (n, n_classes) of `fit_logistic` on unit-length rows `U`, over the
-    folds of `oof_folds` (copies of one image in one fold); rows that sit out, and the rows of a fold
-    whose training rows hold a single class, keep the uniform row: no evidence."""
+    folds of `oof_folds` (copies of one image in one fold); rows that sit out, the rows of a fold
+    whose training rows hold a single class, and rows whose class the fold's model never saw (a small
+    class whose copies all joined one fold) keep the uniform row: no evidence, not p(given) 0."""
     proba = np.full((y.size, n_classes), 1.0 / n_classes)
     fold = oof_folds(y, folds, seed, groups)
     for f in range(folds):
         train, test = np.flatnonzero((fold >= 0) & (fold != f)), np.flatnonzero(fold == f)
+        test = test[np.isin(y[test], y[train])]
         if not test.size or np.unique(y[train]).size < 2:
             continue
         model = fit_logistic(U[train], y[train], C)
