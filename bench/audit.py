@@ -626,6 +626,17 @@ def counted(least: int) -> Callable[[str], int]:
     return parse
 
 
+def probabilities(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers from 0 to 1 (argparse turns the error into one line)."""
+    values = tuple(float(v) for v in text.split(",") if v.strip())
+    if any(not 0 <= v <= 1 for v in values):
+        raise ValueError(text)
+    return values
+
+
+probabilities.__name__ = "comma-separated --drop-below values from 0 to 1"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/bench-audit", help="Manifests, planted files and the cache.")
@@ -641,7 +652,7 @@ def main(argv=None) -> None:
     ap.add_argument("--clean-heads", default=",".join(CLEAN_HEADS),
                     help="Head kinds the clean parts fit on each training set (auto is fit-head's default); "
                          "kind:name=number sets a parameter (svm:C=3:cv=1, an svm at C 3 without its CV: ~5x faster).")
-    ap.add_argument("--drop-grid", default="",
+    ap.add_argument("--drop-grid", type=probabilities, default="",
                     help="clean-cv also scores cleaned.csv of each of these comma-separated --drop-below values "
                          "(0.1,0.3,0.5: the default 0.2 against its neighbours).")
     ap.add_argument("--plant-seeds", type=counted(1), default=20, help="Plant seeds of the outliers part's spread.")
@@ -669,12 +680,6 @@ def main(argv=None) -> None:
             fresh_head(spec).check_params()
         except (ValueError, UserError) as e:
             ap.error(f"--clean-heads {spec}: {e}")
-    try:
-        drop_grid = tuple(float(v) for v in args.drop_grid.split(",") if v.strip())
-    except ValueError:
-        drop_grid = (-1.0,)
-    if any(not 0 <= v <= 1 for v in drop_grid):
-        ap.error(f"--drop-grid takes comma-separated --drop-below values from 0 to 1, not {args.drop_grid!r}")
     work = Path(args.work)
     cache = work / "cache"
     flowers = SHARED / "flower_photos_224"
@@ -707,7 +712,7 @@ def main(argv=None) -> None:
         part_clean(flowers, work, cache, args.clean_seed, args.clean_seeds, tuple(args.clean_heads.split(",")))
     if "clean-cv" in parts:
         part_clean_cv(flowers, work, cache, args.clean_seed, args.clean_seeds, tuple(args.clean_heads.split(",")),
-                      drop_grid=drop_grid)
+                      drop_grid=args.drop_grid)
     if "speed" in parts:
         part_speed(flowers, work, cache)
     if "scale" in parts:
