@@ -25,17 +25,55 @@ from conftest import ROOT
 BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 PRESENT = [b for b, mod in BACKENDS.items() if importlib.util.find_spec(mod) is not None]
 
-# Make `import tensorflow` (and any submodule) fail in the child process, then run the CLI.
-BLOCKED_CLI = """
-import runpy, sys
+# Make `import tensorflow` (and any submodule) fail in the child process.
+_BLOCK = """
+import sys
 class _Block:
     def find_spec(self, name, path=None, target=None):
         if name == "tensorflow" or name.startswith("tensorflow."):
             raise ImportError("tensorflow is blocked in this test")
 sys.meta_path.insert(0, _Block())
-sys.argv = ["cli.py", *sys.argv[1:]]
-runpy.run_path(%r, run_name="__main__")
-""" % str(ROOT / "cli.py")
+"""
+
+# ...then run the CLI commands sent one JSON line at a time on stdin, in this one process (click's runner),
+# answering each with a `@@result` line: its exit code and output. Keras and JAX load once for all the
+# commands of a test rather than once per command (~15 s each).
+BLOCKED_SESSION = _BLOCK + """
+import json, traceback
+from click.testing import CliRunner
+from pipeline.cli import cli
+for line in sys.stdin:
+    r = CliRunner().invoke(cli, json.loads(line), prog_name="cli.py")
+    err = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += "".join(traceback.format_exception(r.exception))
+    print("@@result " + json.dumps({"code": r.exit_code, "stdout": r.stdout, "stderr": err}), flush=True)
+"""
+
+
+class BlockedSession:
+    """A child process on JAX with TensorFlow blocked, running CLI commands (`run`) one after another."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.log = cwd / "session-stderr.txt"  # what the process itself writes (its end, if it dies)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", BLOCKED_SESSION], env=_env("jax"), cwd=cwd, text=True,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        self.proc.stdin.write(json.dumps(list(args)) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("@@result "):
+                got = json.loads(line[len("@@result "):])
+                return subprocess.CompletedProcess(["cli.py", *args], got["code"], got["stdout"], got["stderr"])
+        raise AssertionError(f"the session ended (exit {self.proc.wait()}) during {args}: "
+                             f"{self.log.read_text()[-3000:]}")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
 
 FEATURES = """
 import json, sys
@@ -90,15 +128,11 @@ def per_backend(photos, tmp_path_factory) -> dict[str, dict]:
     return out
 
 
-def test_other_backends_never_load_tensorflow(per_backend):
-    others = [b for b in per_backend if b != "tensorflow"]
-    if not others:
-        pytest.skip("neither JAX nor PyTorch is installed")
-    for backend in others:
-        assert not per_backend[backend]["tf_loaded"], backend
-
-
-def test_features_agree_across_backends(per_backend):
+def test_features_agree_across_backends_and_the_others_never_load_tensorflow(per_backend):
+    """One test over both facts, so that the extraction on every backend runs once, not on each test worker."""
+    for backend in per_backend:
+        if backend != "tensorflow":
+            assert not per_backend[backend]["tf_loaded"], backend
     if len(per_backend) < 2:
         pytest.skip(f"only {PRESENT} installed; parity needs two of {list(BACKENDS)}")
     names = list(per_backend)
@@ -122,10 +156,10 @@ def test_torch_backend_or_reason():
 @pytest.mark.skipif("jax" not in PRESENT, reason="JAX is not installed: pip install -e '.[jax]'")
 def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
     cache = str(tmp_path / "cache")
+    session = BlockedSession(tmp_path)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-c", BLOCKED_CLI, *args], env=_env("jax"), capture_output=True,
-                              text=True, timeout=600, cwd=tmp_path)
+        proc = session.run(*args)
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
@@ -158,13 +192,12 @@ def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
         by_model = cli("predict", "--model", str(tmp_path / "onnx" / "model.onnx"), str(photos / "a"))
         assert [l.split("\t")[1].split()[0] for l in by_model.stdout.splitlines()] == \
             [l.split("\t")[1].split()[0] for l in pred.stdout.splitlines()]
-        refused = subprocess.run([sys.executable, "-c", BLOCKED_CLI, "export", "--run", run_id, "--format",
-                                  "savedmodel", "--cache-dir", cache], env=_env("jax"), capture_output=True,
-                                 text=True, timeout=300, cwd=tmp_path)
+        refused = session.run("export", "--run", run_id, "--format", "savedmodel", "--cache-dir", cache)
         assert refused.returncode == 2 and "needs TensorFlow" in refused.stderr
     if importlib.util.find_spec("mlflow"):
         logged = cli("fit-head", *common, "--head", "dense", "--hidden", "8", "--epochs", "2", "--mlflow")
         assert "logged to MLflow run" in logged.stderr and "MLflow logging failed" not in logged.stderr
+    session.close()
 
 
 DENSE = """

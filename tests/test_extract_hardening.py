@@ -146,7 +146,7 @@ def test_allow_large_lifts_the_size_cap():
 def test_backend_and_workers_options_reach_the_extraction(tiny_split_folder, tmp_path):
     common = ("extract", "--data", str(tiny_split_folder), "--backbone", "mobilenetv2", "--image-size", "32",
               "--weights", "none", "--dtype", "float32", "--no-progress", "--cache-dir", str(tmp_path / "c"))
-    proc = run_cli(*common, "--backend", "jax", "--workers", "1")
+    proc = run_cli(*common, "--backend", "jax", "--workers", "1", isolated=True)  # Keras picks a backend per process
     assert proc.returncode == 0, proc.stderr
     path = proc.stdout.split("wrote ")[1].split(" (")[0]
     with FeatureFile(path) as ff:

@@ -22,7 +22,7 @@ quiet.install()
 _show_warning = warnings.showwarning
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """DataWarnings are for the user: one `warning: ...` line, no source location."""
     if issubclass(category, DataWarning):
         click.echo(f"warning: {message}", err=True)
@@ -30,7 +30,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
         _show_warning(message, category, filename, lineno, file, line)
 
 
-warnings.showwarning = _one_line_warning
+warnings.showwarning = one_line_warning
 
 
 def debug_enabled(ctx: click.Context | None = None) -> bool:
