@@ -675,6 +675,8 @@ def main(argv=None) -> None:
         odd = [n for n in given.split(",") if n not in known]
         if odd:
             ap.error(f"{flag} takes {', '.join(known)}, not {odd[0]!r}")
+    if args.drop_grid and "clean-cv" not in args.parts.split(","):  # read by clean-cv alone: not ignored in silence
+        ap.error("--drop-grid is read by --parts clean-cv only; add clean-cv to --parts or leave --drop-grid out")
     for spec in args.clean_heads.split(","):  # a parameter the head lacks or a bad value: refused now, not an hour in
         try:
             fresh_head(spec).check_params()

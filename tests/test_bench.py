@@ -105,7 +105,8 @@ def test_bench_heldout_reads_both_commands_figures():
 def test_bench_audit_refuses_bad_options_in_one_line(tmp_path):
     for args in (("--plant-seeds", "0"), ("--plant-seed-start", "-1"), ("--label-data", "cifar"),
                  ("--clean-heads", "auto,bogus"), ("--parts", "labels,clean_cv"), ("--clean-heads", "svm:Q=3"),
-                 ("--clean-heads", "svm:C=-1"), ("--clean-heads", "svm:C"), ("--drop-grid", "0.1,2")):
+                 ("--clean-heads", "svm:C=-1"), ("--clean-heads", "svm:C"), ("--drop-grid", "0.1,2"),
+                 ("--drop-grid", "0.3")):  # --parts labels: clean-cv alone reads it
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / "audit.py"), "--parts", "labels", *args,
                                "--work", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                               env=dict(os.environ, PYTHONPATH=str(ROOT)))

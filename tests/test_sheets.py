@@ -54,3 +54,7 @@ def test_predictions_are_inert_in_a_spreadsheet(tmp_path):
     assert rows[0] == ["path", "label", "prediction", "probability", "'" + EVIL, "-1", "neighbour_1", "similarity_1"]
     assert rows[1] == ["'=a.jpg", "-1", "'" + EVIL, "0.900000", "0.900000", "0.100000", "'+n.jpg", "0.5000"]
     assert rows[2] == ["b.jpg", "'" + EVIL, "-1", "0.800000", "0.200000", "0.800000", "m.jpg", "-0.2500"]
+    assert b"\r\n" not in out.read_bytes()  # lines end as the audit's CSVs do
+    write_predictions_csv(out, ["a\rb.jpg"], np.array([[0.9, 0.1]]), ["x", "y"])
+    assert b'\n"a\rb.jpg",' in out.read_bytes()  # a lone carriage return is quoted, on every Python
+    assert list(csv.reader(out.open(newline="", encoding="utf-8")))[1][0] == "a\rb.jpg"
