@@ -112,8 +112,8 @@ def class_z(d: np.ndarray, y: np.ndarray, prior: float = PRIOR_IMAGES) -> np.nda
     (MAD); 0 for classes of under 3 finite values. Where half a class or more shares the median
     (duplicates), the MAD is 0 and the mean absolute deviation stands in for it. A small class's spread
     is a noisy estimate, so it is pooled with the median spread of the classes of `prior` images or
-    more (of all, where none is that large) as if that were `prior` more images (variances weighted
-    n : prior): a class of four no longer lists its own members for a spread that three distances
+    more (of all, each made unbiased for its few values, where none is that large) as if that were
+    `prior` more images (variances weighted n : prior): a class of four no longer lists its own members for a spread that three distances
     happened to make narrow, and a large class keeps its own scale."""
     z = np.zeros(y.size)
     spreads = []
@@ -127,10 +127,22 @@ def class_z(d: np.ndarray, y: np.ndarray, prior: float = PRIOR_IMAGES) -> np.nda
             spread = np.mean(np.abs(dev)) * 1.2533
         spreads.append((rows, dev, spread))
     known = [(rows.size, s) for rows, _, s in spreads if s >= 1e-6]
-    large = [s for size, s in known if size >= prior] or [s for _, s in known]  # small classes' spreads run low
+    # where no class is that large, the small classes' spreads, each made unbiased for its few values: one
+    # deviation from a median of three is 0, so 1.4826 x MAD runs low and ordinary images were listed ~8x as often
+    large = [s for size, s in known if size >= prior] or [s * mad_correction(size) for size, s in known]
     typical = float(np.median(large)) if large else 0.0
     for rows, dev, spread in spreads:
         pooled = np.sqrt((rows.size * spread ** 2 + prior * typical ** 2) / (rows.size + prior))
         if pooled >= 1e-6:
             z[rows] = dev / pooled
     return z
+
+
+# Croux & Rousseeuw (1992), "Time-efficient algorithms for two highly robust estimators of scale": the
+# factor that makes 1.4826 x MAD of n normal values unbiased (n / (n - 0.8) from 10 on).
+_MAD_SMALL_N = {2: 1.196, 3: 1.495, 4: 1.363, 5: 1.206, 6: 1.200, 7: 1.140, 8: 1.129, 9: 1.107}
+
+
+def mad_correction(n: int) -> float:
+    """The small-sample factor for 1.4826 x MAD of `n` values."""
+    return _MAD_SMALL_N.get(n, n / (n - 0.8) if n > 9 else 1.0)
