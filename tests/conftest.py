@@ -103,39 +103,60 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300, isolated: bool = F
     """Run `python cli.py ARGS` as a user would; returns the completed process (text output).
 
     By default in this process, through click's test runner: the same group, commands, one-line
-    errors, exit codes, stdout and stderr, without importing TensorFlow again for every call (5-10 s
-    each, the largest part of the suite's time). `isolated=True` starts a fresh `python cli.py`, for
-    what only a process of its own shows: start-up output, what C code writes to fd 2, state that a
-    command leaves in its process (MLflow's tracking URI, Ray)."""
+    errors, exit codes, stdout and stderr (what C code and child processes write to fd 1 and 2 too),
+    without importing TensorFlow again for every call (5-10 s each, the largest part of the suite's
+    time). `isolated=True` starts a fresh `python cli.py`, for what only a process of its own shows:
+    start-up and shutdown (a crash at exit), state a command leaves in its process (MLflow's tracking
+    URI, Ray, the Keras backend), TensorFlow's own first import."""
     if isolated:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
         return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, capture_output=True,
                               text=True, timeout=timeout, env=env)
-    return _in_process(args, Path(cwd))
+    return _in_process(args, Path(cwd), timeout)
 
 
-def _in_process(args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess:
-    """`cli.py ARGS` run by click's CliRunner in `cwd`, with Python's default warning filters and the
-    CLI's one-line warnings (pytest records warnings otherwise); an exception that escaped the group (it
-    never should) is appended to stderr as the traceback a process would print, with exit code 1."""
+def _in_process(args: tuple[str, ...], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    """`cli.py ARGS` run by click's CliRunner in `cwd`, as a fresh process would run it where it can be:
+    fd 1 and 2 captured, Python's default warning filters with the CLI's one-line warnings and every
+    other warning printed to stderr (pytest records them otherwise), tracebacks of threads and of
+    unraisable exceptions printed too, the environment restored after. A command still running after
+    `timeout` seconds ends the test worker with every thread's traceback (faulthandler), as a
+    subprocess's timeout failed the test. An exception that escaped the group (it never should) is
+    appended to stderr as the traceback a process would print, with exit code 1."""
+    import faulthandler
+    import threading
     import traceback
     import warnings
+    from unittest import mock
 
     from click.testing import CliRunner
 
     from pipeline.cli import cli, group
+    from pipeline.errors import DataWarning
 
-    before = os.getcwd()
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, DataWarning):
+            group.one_line_warning(message, category, filename, lineno, file, line)
+        else:
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    before, hooks = os.getcwd(), (threading.excepthook, sys.unraisablehook)
     os.chdir(cwd)
+    faulthandler.dump_traceback_later(timeout, exit=True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), mock.patch.dict(os.environ):
             warnings.resetwarnings()  # then Python's defaults, as a fresh process has them
             for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
                 warnings.simplefilter("ignore", category)
             warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
-            warnings.showwarning = group.one_line_warning
-            result = CliRunner().invoke(cli, list(args), prog_name="cli.py", catch_exceptions=True)
+            # set once per process by pipeline.data.decode when it loads Pillow: lost with pytest's per-test filters
+            warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+            warnings.showwarning = show
+            threading.excepthook, sys.unraisablehook = threading.__excepthook__, sys.__unraisablehook__
+            result = CliRunner(capture="fd").invoke(cli, list(args), prog_name="cli.py", catch_exceptions=True)
     finally:
+        faulthandler.cancel_dump_traceback_later()
+        threading.excepthook, sys.unraisablehook = hooks
         os.chdir(before)
     stderr, code = result.stderr, result.exit_code
     if result.exception is not None and not isinstance(result.exception, SystemExit):

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,7 @@ import json, traceback
 from click.testing import CliRunner
 from pipeline.cli import cli
 for line in sys.stdin:
-    r = CliRunner().invoke(cli, json.loads(line), prog_name="cli.py")
+    r = CliRunner(capture="fd").invoke(cli, json.loads(line), prog_name="cli.py")  # fd 1 and 2 too
     err = r.stderr
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         err += "".join(traceback.format_exception(r.exception))
@@ -52,27 +54,43 @@ for line in sys.stdin:
 
 
 class BlockedSession:
-    """A child process on JAX with TensorFlow blocked, running CLI commands (`run`) one after another."""
+    """A child process on JAX with TensorFlow blocked, running CLI commands (`run`) one after another;
+    each answers within `timeout` seconds, and the process must end cleanly (`close`: exit 0, no traceback)."""
 
-    def __init__(self, cwd: Path) -> None:
+    def __init__(self, cwd: Path, timeout: float = 600) -> None:
+        self.timeout = timeout
         self.log = cwd / "session-stderr.txt"  # what the process itself writes (its end, if it dies)
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-c", BLOCKED_SESSION], env=_env("jax"), cwd=cwd, text=True,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout] + [self.lines.put(None)],
+                         daemon=True).start()
 
     def run(self, *args: str) -> subprocess.CompletedProcess:
         self.proc.stdin.write(json.dumps(list(args)) + "\n")
         self.proc.stdin.flush()
-        for line in self.proc.stdout:
+        while True:
+            try:
+                line = self.lines.get(timeout=self.timeout)
+            except queue.Empty:
+                raise AssertionError(f"{args} took over {self.timeout} s") from None
+            if line is None:
+                raise AssertionError(f"the session ended (exit {self.proc.wait()}) during {args}: "
+                                     f"{self.log.read_text()[-3000:]}")
             if line.startswith("@@result "):
                 got = json.loads(line[len("@@result "):])
                 return subprocess.CompletedProcess(["cli.py", *args], got["code"], got["stdout"], got["stderr"])
-        raise AssertionError(f"the session ended (exit {self.proc.wait()}) during {args}: "
-                             f"{self.log.read_text()[-3000:]}")
 
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+    def close(self) -> int:
+        """End the session; its exit code (a crash at shutdown shows here)."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                return self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
 
 
 FEATURES = """
@@ -157,7 +175,14 @@ def test_torch_backend_or_reason():
 def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
     cache = str(tmp_path / "cache")
     session = BlockedSession(tmp_path)
+    try:
+        _every_stage(session, photos, tmp_path, cache)
+    finally:
+        code = session.close()
+    assert code == 0 and "Traceback" not in session.log.read_text(), session.log.read_text()[-3000:]
 
+
+def _every_stage(session: BlockedSession, photos: Path, tmp_path: Path, cache: str) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess:
         proc = session.run(*args)
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -197,7 +222,6 @@ def test_every_stage_runs_on_jax_with_tensorflow_blocked(photos, tmp_path):
     if importlib.util.find_spec("mlflow"):
         logged = cli("fit-head", *common, "--head", "dense", "--hidden", "8", "--epochs", "2", "--mlflow")
         assert "logged to MLflow run" in logged.stderr and "MLflow logging failed" not in logged.stderr
-    session.close()
 
 
 DENSE = """

@@ -1,4 +1,5 @@
-"""Stage 1 as a user runs it: `python cli.py extract|backbones|cache` in a subprocess."""
+"""Stage 1 as a user runs it: `python cli.py extract|backbones|cache` (`run_cli`; killed and concurrent runs in
+processes of their own)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_folder, run_cli
+
+from pipeline.extract.mapper import release_models
 
 FAST = ["--backbone", "vgg16", "--weights", "none", "--image-size", "32", "--no-progress"]
 
@@ -98,6 +101,7 @@ def test_kill_9_mid_extraction_then_rerun_gives_same_features(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not list((cache / "features").glob("*.h5")), "killed too late: the extraction had finished"
+    release_models()  # the rerun builds its model afresh, as a new process would, not the reference's
     rerun = run_cli(*args, "--cache-dir", str(cache))
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stderr

@@ -67,7 +67,7 @@ def test_fit_head_refuses_a_constant_cache_in_one_line(tmp_path):
 
 def test_huge_image_size_is_refused_quickly(tiny_split_folder, tmp_path):
     proc = run_cli("extract", "--data", str(tiny_split_folder), "--image-size", "99999", "--weights", "none",
-                   "--cache-dir", str(tmp_path / "c"), timeout=60)
+                   "--cache-dir", str(tmp_path / "c"), timeout=60, isolated=True)  # were it built: not in the test's process
     assert proc.returncode == 2 and "--allow-large" in proc.stderr and "Traceback" not in proc.stderr
 
 
