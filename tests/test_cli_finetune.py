@@ -39,7 +39,8 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert not list((Path(cache) / "features").glob("*-block4_pool-*"))
 
     ft = run_cli("finetune", "--run", head_run, "--unfreeze", "block5", "--epochs", "2", "--batch-size", "8",
-                 "--augment", "flip,rotation=0.05", "--views", "1", "--cache-dir", cache, *_mlflow_args())
+                 "--augment", "flip,rotation=0.05", "--views", "1", "--cache-dir", cache, *_mlflow_args(),
+                 isolated=bool(_mlflow_args()))  # MLflow keeps its tracking URI in the process that logged
     assert ft.returncode == 0, ft.stderr
     # the default: the frozen layers below block5 ran once per image and view, into the cache
     assert "trunk cache: " in ft.stderr and len(list((Path(cache) / "features").glob("*-block4_pool-*.h5"))) == 1
@@ -54,6 +55,8 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert "early stopping kept" not in ft.stdout  # no early stopping: val picked no epoch
     model = keras.models.load_model(run_dir / "model.keras")
     assert model.output_shape == (None, 2)
+    loss, accuracy = model.evaluate(np.zeros((2, 32, 32, 3), "float32"), np.array([0, 1]), verbose=0)  # compiled
+    assert np.isfinite(loss) and accuracy == 0.5
 
     listing = run_cli("runs", "--stage", "finetune", "--cache-dir", cache)
     assert ft_run in listing.stdout
