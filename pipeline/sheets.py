@@ -5,7 +5,7 @@ to run (CWE-1236, OWASP "CSV injection"); manifests the tool reads back (cleaned
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what Excel, LibreOffice and Sheets read as a formula
 
@@ -35,5 +35,10 @@ def csv_text(rows: list[Mapping[str, Any]] | list[tuple], columns: tuple[str, ..
     """A header line of `columns`, then one line per row (a mapping by column, or values in order);
     `spreadsheet`: every field through `formula_safe` (for files people open, not files the tool reads)."""
     lines = [columns, *([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row for row in rows)]
-    field = (lambda v: csv_field(formula_safe(v))) if spreadsheet else csv_field
-    return "".join(",".join(map(field, line)) + "\n" for line in lines)
+    return "".join(csv_line(line, spreadsheet) for line in lines)
+
+
+def csv_line(cells: Sequence[Any], spreadsheet: bool = False) -> str:
+    """One CSV line of `cells`, ending in "\n" (`csv_text`'s lines; for files written a line at a time);
+    `spreadsheet`: every field through `formula_safe`."""
+    return ",".join(csv_field(formula_safe(v)) if spreadsheet else csv_field(v) for v in cells) + "\n"

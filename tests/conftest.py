@@ -115,6 +115,11 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300, isolated: bool = F
     return _in_process(args, Path(cwd), timeout)
 
 
+def run_cli_isolated(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`run_cli(..., isolated=True)`: for modules whose every command needs a process of its own."""
+    return run_cli(*args, isolated=True, **kwargs)
+
+
 def _in_process(args: tuple[str, ...], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     """`cli.py ARGS` run by click's CliRunner in `cwd`, as a fresh process would run it where it can be:
     fd 1 and 2 captured, Python's default warning filters with the CLI's one-line warnings and every

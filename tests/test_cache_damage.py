@@ -6,7 +6,6 @@ info`, `fit-head` and `audit`."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,18 +13,13 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import run_cli as _run_cli
-
+# each command in a process of its own: HDF5 reports damage from C on fd 2, and a file it cannot close
+# ends the process, so what C code prints and how the process ends are what is checked
+from conftest import run_cli_isolated as run_cli
 from helpers_features import write_cache
 
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
-
-
-def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """`python cli.py ARGS` in a process of its own: HDF5 reports damage from C on fd 2, and a file it
-    cannot close ends the process, so what C code prints and how the process ends are what is checked."""
-    return _run_cli(*args, isolated=True, **kwargs)
 
 
 def _replace(f: h5py.File, name: str, **kw) -> None:

@@ -69,7 +69,7 @@ def test_dense_head_and_sweep_on_a_cache_file(tmp_path):
                      r"held out", dense.stdout), dense.stdout
     sweep = run_cli("fit-head", "--cache", path.stem.rsplit("-", 1)[1], "--head", "dense", "--sweep",
                     "--epochs", "3", "--jobs", "2", "--cache-dir", cache,
-                    isolated=True)  # its workers' start-up would write to fd 2, which only a process of its own shows
+                    isolated=True)  # its workers start from a fresh process, as a user's
     assert sweep.returncode == 0, sweep.stderr
     assert "best saved in run" in sweep.stdout and "sweep" in sweep.stdout
     best = Path(cache) / "runs" / sweep.stdout.split("best saved in run ")[1].split()[0]

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import make_folder, run_cli as _run_cli
-
-
-def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """`python cli.py ARGS` in a process of its own, as a user's: MLflow keeps its tracking URI and
-    logging handlers in the process that set them."""
-    return _run_cli(*args, isolated=True, **kwargs)
-
+# each command in a process of its own, as a user's: MLflow keeps its tracking URI and logging handlers
+# in the process that set them
+from conftest import make_folder, run_cli_isolated as run_cli
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is not installed (pip install -e '.[mlflow]')")
 

@@ -3,21 +3,13 @@ byte-identical features to a single process; a killed worker or driver loses not
 
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pytest
 
-from conftest import make_folder, run_cli as _run_cli
-
+# each command in a process of its own: Ray's client lives in the process that started it
+from conftest import make_folder, run_cli_isolated as run_cli
 from pipeline.extract import ExtractRequest, RunOptions, extract, plan
 from pipeline.features.store import FeatureFile
-
-
-def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    """`python cli.py ARGS` in a process of its own: Ray's client lives in the process that started it."""
-    return _run_cli(*args, isolated=True, **kwargs)
-
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
 

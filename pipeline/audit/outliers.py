@@ -113,8 +113,8 @@ def class_z(d: np.ndarray, y: np.ndarray, prior: float = PRIOR_IMAGES) -> np.nda
     (duplicates), the MAD is 0 and the mean absolute deviation stands in for it. A small class's spread
     is a noisy estimate, so it is pooled with the median spread of the classes of `prior` images or
     more (of all, each made unbiased for its few values, where none is that large) as if that were
-    `prior` more images (variances weighted n : prior): a class of four no longer lists its own members for a spread that three distances
-    happened to make narrow, and a large class keeps its own scale."""
+    `prior` more images (variances weighted n : prior): a class of four no longer lists its own members
+    for a spread that three distances happened to make narrow, and a large class keeps its own scale."""
     z = np.zeros(y.size)
     spreads = []
     for c in np.unique(y):

@@ -24,7 +24,7 @@ from pipeline.features.store import FeatureFile
 from pipeline.heads.files import load_keras_file
 from pipeline.heads.registry import load_head
 from pipeline.inference.embed import run_model
-from pipeline.sheets import csv_field, formula_safe
+from pipeline.sheets import csv_line
 from pipeline.tracking.metrics import classification_report
 from pipeline.tracking.runs import Registry, RunRecord
 
@@ -193,7 +193,7 @@ def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, c
     k = max((len(n) for n in neighbours), default=0) if neighbours is not None else 0
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         def write(cells: list) -> None:  # as the audit's CSVs: "\n" lines, every cell inert in a spreadsheet
-            fh.write(",".join(csv_field(formula_safe(c)) for c in cells) + "\n")
+            fh.write(csv_line(cells, spreadsheet=True))
         write(["path", *(["label"] if labels is not None else []), "prediction", "probability", *class_names,
                *(f"{c}_{i + 1}" for i in range(k) for c in ("neighbour", "similarity"))])
         for j, (p, row) in enumerate(zip(paths, proba)):
