@@ -135,27 +135,15 @@ def link_files(files: list[tuple[str, str]], tree: Path) -> list[Path]:
 
 
 def bench_extract(args, files, tmp: Path) -> tuple[float, object]:
-    from pipeline.extract import ExtractRequest, RunOptions, ExtractionJob, extract
+    from pipeline.extract import ExtractRequest, RunOptions, extract
     tree = tmp / "files"
     link_files(files, tree)
-    build_s = {"t": 0.0}
-    orig = ExtractionJob._model
-
-    def timed_model(self):
-        model, sec = timed(lambda: orig(self))
-        build_s["t"] += sec
-        return model
-
-    ExtractionJob._model = timed_model
-    try:
-        req = ExtractRequest(data=str(tree), backbone=args.backbone, weights=args.weights,
-                             image_size=args.image_size, precision=args.precision, dtype="float32")
-        result, sec = timed(lambda: extract(req, RunOptions(cache_dir=tmp / "cache", batch_size=args.batch_size,
-                                                             progress=False, force=True, workers=args.workers),
-                                            log=lambda m: None))
-    finally:
-        ExtractionJob._model = orig
-    return result.n_rows / (sec - build_s["t"]), result
+    req = ExtractRequest(data=str(tree), backbone=args.backbone, weights=args.weights,
+                         image_size=args.image_size, precision=args.precision, dtype="float32")
+    result, sec = timed(lambda: extract(req, RunOptions(cache_dir=tmp / "cache", batch_size=args.batch_size,
+                                                         progress=False, force=True, workers=args.workers),
+                                        log=lambda m: None))
+    return result.n_rows / (sec - result.model_seconds), result
 
 
 def bench_naive_pil(args, model, files) -> float:

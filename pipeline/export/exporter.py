@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,8 +232,10 @@ def _onnx_metadata(path: Path, card: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence Python-level prints of the converters (they print signatures and 'Saved artifact')."""
-    with contextlib.redirect_stdout(io.StringIO()):
+    """Silence Python-level prints of the converters (they print signatures and 'Saved artifact'), and
+    the FutureWarning that Keras' own numpy-2 shim for tf2onnx sets off (`hasattr(np, "object")`)."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"In the future `np\.object` will be defined", category=FutureWarning)
         yield
 
 

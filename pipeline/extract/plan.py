@@ -130,6 +130,7 @@ class ExtractResult:
     missing_chunks: list[int] = field(default_factory=list)  # a shard's run: chunks other shards still owe
     distributor: str = "local"  # how it was computed: local | shard | ray | concat (joined caches)
     parts: list[Path] = field(default_factory=list)  # a concatenation 'a+b': the backbone caches it joins
+    model_seconds: float = 0.0  # of `seconds`, building the backbone (0 where this process kept it, or Ray's actors built it)
 
 
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:

@@ -68,6 +68,7 @@ class ExtractionJob:
         self._runner = None
         self._feat_shape: tuple[int, ...] = ()
         self._reuse_checked = False
+        self.model_seconds = 0.0  # building the backbone model, in this process (`_timed_model`)
         self.chunks: ChunkDir | None = None  # the parts folder, from `plan_chunks` (or `n_chunks`)
 
     @property
@@ -187,7 +188,7 @@ class ExtractionJob:
         extra = {} if missing is None else {"seconds": time.perf_counter() - self.t0, "missing_chunks": missing,
                                             "reused": int(np.count_nonzero(self.reused & self.in_todo))}
         return ExtractResult(self.p.path, self.p.key, cache_hit=False, computed=self.needed, shard=self.shard,
-                             n_chunks=self.n_chunks, distributor="shard", **extra)
+                             n_chunks=self.n_chunks, distributor="shard", model_seconds=self.model_seconds, **extra)
 
     def assemble(self) -> ExtractResult:
         """Every chunk is there: write the HDF5 file (items, attributes, features) and remove the parts."""
@@ -223,7 +224,7 @@ class ExtractionJob:
                              resumed_from=self.start, computed=computed,
                              reused=int(np.count_nonzero(self.reused & self.in_todo)),
                              reused_from=self.reuse.base if self.reuse is not None else None,
-                             shard=self.shard, n_chunks=self.n_chunks,
+                             shard=self.shard, n_chunks=self.n_chunks, model_seconds=self.model_seconds,
                              distributor="local" if self.shard is None else "shard")
 
     # -- the worker
@@ -237,6 +238,15 @@ class ExtractionJob:
                                  self.p.request.pooling, self.p.request.layer)
         finally:
             keras.mixed_precision.set_global_policy("float32")
+
+    def _timed_model(self):
+        """`_model`, its seconds added to `model_seconds`: the build is not image throughput, and a
+        benchmark of steady-state speed (bench/extract.py) leaves it out."""
+        t = time.perf_counter()
+        try:
+            return self._model()
+        finally:
+            self.model_seconds += time.perf_counter() - t
 
     def _model_key(self) -> tuple:
         """What decides the feature model's graph and weights (the weights by the cache key's own
@@ -277,7 +287,7 @@ class ExtractionJob:
             # part): a resumed tail or another shard runs on the same kernels (frozen graph or eager) as
             # the rest, so the features are bit-identical however the job was split or interrupted
             job_images = int(np.count_nonzero(~self.reused))
-            self._runner, self._feat_shape = cached_runner(self._model_key(), self._model, size, bs,
+            self._runner, self._feat_shape = cached_runner(self._model_key(), self._timed_model, size, bs,
                                                            self.options.jit, n_images=job_images)
         runner, feat_shape = self._runner, self._feat_shape
         if self.reuse is not None and tuple(self.reuse.feature_shape) != tuple(feat_shape):
