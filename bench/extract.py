@@ -110,13 +110,13 @@ def bench_backbone(args, model, n_images: int) -> float:
     elif name() == "tensorflow":
         import tensorflow as tf
         x = tf.constant(x)
-    runner._finish(runner._start(x))  # compile
+    runner.collect(runner.submit(x))  # compile (a full batch: submit pads nothing, x stays on the device)
     batches = max(3, n_images // bs)
 
     def run():
-        handles = [runner._start(x) for _ in range(batches)]
+        handles = [runner.submit(x) for _ in range(batches)]
         for h in handles[-2:]:
-            runner._finish(h)
+            runner.collect(h)
 
     _, sec = timed(run)
     return batches * bs / sec
