@@ -4,6 +4,7 @@ the counts of audit.json, and bad input gets one line."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -522,8 +523,10 @@ def test_write_audit_files_and_cleaned_rows(tmp_path):
 
 
 def test_a_class_cleaning_empties_is_named_in_audit_json_and_by_the_command(tmp_path):
-    """Two images labelled "c" that sit deep in class a: both are confident label issues, cleaned.csv
-    drops both, and the user hears that a head fitted on it will not know "c"."""
+    """Two training images labelled "c" that sit deep in class a: both are confident label issues and
+    cleaned.csv drops both; it then drops c's val image too (fit-head refuses a class with val images
+    but no training images, so the printed command would fail), and the user hears that a head fitted
+    on it will not know "c"."""
     path, splits, labels, x, clearest = _three_classes(tmp_path)
     with FeatureFile(path) as ff:
         names = list(ff.class_names)
@@ -532,10 +535,11 @@ def test_a_class_cleaning_empties_is_named_in_audit_json_and_by_the_command(tmp_
         result = audit_cache(ff, NO_MAP)
         run = Registry(tmp_path).start("audit", {})
         write_audit(result, run)
-    assert result["cleaned"]["classes_left_out"] == []
+    assert result["cleaned"]["classes_left_out"] == [] and result["cleaned"]["splits_emptied"] == []
     labels = labels.copy()
+    c_val = int(np.flatnonzero((labels == 2) & (splits == "val"))[0])
     labels[a] = 2
-    labels[(labels == 2) & (np.arange(labels.size) != a[0]) & (np.arange(labels.size) != a[1])] = 1
+    labels[(labels == 2) & ~np.isin(np.arange(labels.size), [*a, c_val])] = 1
     _rewrite(path, labels, x)
     with FeatureFile(path) as ff:
         result = audit_cache(ff, NO_MAP)
@@ -543,11 +547,39 @@ def test_a_class_cleaning_empties_is_named_in_audit_json_and_by_the_command(tmp_
         files = write_audit(result, run)
     assert result["cleaned"]["classes_left_out"] == [names[2]]
     assert json.loads(files["audit"].read_text())["cleaned"]["classes_left_out"] == [names[2]]
-    assert f"cleaned.csv keeps no training image of {names[2]}" in files["report"].read_text()
-    assert all(label != names[2] for _, label, split in cleaned_rows(result, relabel=False) if split == "train")
+    assert f"cleaned.csv keeps no training image of {names[2]!r}, so none of its val" in html.unescape(
+        files["report"].read_text())
+    rows = cleaned_rows(result, relabel=False)
+    assert all(label != names[2] for _, label, _ in rows)  # c's val image goes with its training images
+    assert {label for _, label, split in rows if split != "train"} <= {label for _, label, split in rows if split == "train"}
     proc = run_cli("audit", "--cache", str(path), "--cache-dir", str(tmp_path / "runs"), "--no-map")
     assert proc.returncode == 0, proc.stderr
-    assert f"cleaned.csv keeps no training image of {names[2]!r}: a head fitted on it will not know" in proc.stderr
+    assert (f"cleaned.csv keeps no training image of {names[2]!r}, so none of its val or test images either: a head "
+            f"fitted on it will not know that class") in proc.stderr
+
+    # the rule alone: c's training images (rows 2, 3) both dropped, its val image (row 5) in no finding
+    img = Audited(rows=np.arange(6), X=np.zeros((6, 2)), y=np.array([0, 1, 2, 2, 0, 2]), paths=[f"p{i}" for i in range(6)],
+                  splits=np.array(["train"] * 4 + ["val"] * 2), class_names=["a", "b", "c"])
+    result = {"_images": img, "_cleaning": {"flagged_issues": [2, 3], "outliers": [], "pairs": [],
+                                            "suggested": [0, 1, 0, 0, 0, 2], "confidence": [0.9] * 6,
+                                            "given_probability": [0.9, 0.9, 0.05, 0.05, 0.9, 0.9]}}
+    assert cleaned_rows(result, relabel=False) == [("p0", "a", "train"), ("p1", "b", "train"), ("p4", "a", "val")]
+
+
+def test_cleaning_that_empties_val_says_fit_head_will_hold_out_training_images(tmp_path):
+    """Every val image a copy of a training image: cleaned.csv keeps none of them, and the user hears
+    that fit-head on it holds out part of the training images as val instead."""
+    path, splits, labels, x, _ = _three_classes(tmp_path)
+    train, val = np.flatnonzero(splits == "train"), np.flatnonzero(splits == "val")
+    x[val], labels[val] = x[train[:val.size]], labels[train[:val.size]]
+    _rewrite(path, labels, x)
+    proc = run_cli("audit", "--cache", str(path), "--no-map")
+    assert proc.returncode == 0, proc.stderr
+    (found,) = (path.parent.parent / "runs").glob("*/audit.json")  # the run goes beside the cache file
+    data = json.loads(found.read_text())
+    assert data["cleaned"]["splits_emptied"] == ["val"]
+    assert "val" not in {line.rsplit(",", 1)[1] for line in (found.parent / "cleaned.csv").read_text().splitlines()[1:]}
+    assert "cleaned.csv keeps no val image" in proc.stderr and "holds out part of the training images" in proc.stderr
 
 
 def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_confident_ones(tmp_path):
@@ -571,7 +603,8 @@ def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_co
     data = json.loads(write_audit(result, Registry(tmp_path).start("audit", {}), relabel=True)["audit"].read_text())
     assert {k: v for k, v in data["cleaned"].items() if k != "command"} == {
         "file": "cleaned.csv", "images": 4, "removed": 3, "relabel": True, "relabelled": 1,
-        "label_issues_dropped_below": 0.2, "classes_left_out": ["a"]}  # a's train images: relabelled, dropped, outlier
+        "label_issues_dropped_below": 0.2, "classes_left_out": ["a"],  # a's train images: relabelled, dropped, outlier
+        "splits_emptied": ["val"]}  # p6, a's only val image: the later copy of p5
     assert [d["cleaned"] for d in data["label_issues"]] == ["relabelled", "dropped", "kept", "kept"]
 
 
@@ -703,6 +736,17 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     assert not_a_head.returncode == 2 and len(not_a_head.stderr.strip().splitlines()) == 1, not_a_head.stderr
     assert "was made by audit; --run takes a fit-head or finetune run" in not_a_head.stderr, not_a_head.stderr
 
+    # --cache reads the features as extracted: images changed or gone since are named, once
+    assert "since they were extracted" not in again.stderr, again.stderr  # nothing changed: no warning
+    (data / "train" / "green" / "img_001.jpg").unlink()
+    shutil.copy(data / "train" / "blue" / "img_002.jpg", data / "train" / "red" / "img_003.jpg")
+    stale = run_cli("audit", "--cache", json.loads((run_dir / "config.json").read_text())["cache_file"], "--no-map",
+                    "--cache-dir", cache)
+    assert stale.returncode == 0, stale.stderr
+    assert re.search(r"^warning: 2 of the audited images changed or went missing since they were extracted \(e\.g\. "
+                     r".*img_00[13]\.jpg: (missing|changed)\).*audit with --data .* to extract those again first$",
+                     stale.stderr, re.M), stale.stderr
+
     if chromium() is None:
         pytest.skip("no chromium on PATH (CI installs Debian's chromium); the report's counts were not checked in a browser")
     with Page((run_dir / "report.html").as_uri(), tmp_path / "chrome") as page:
@@ -764,9 +808,10 @@ def test_cli_audit_bad_input_is_one_line(tmp_path):
     missing_run = run_cli("audit", "--data", str(one), "--run", "nope", "--cache-dir", str(tmp_path / "c"), *FAST)
     assert missing_run.returncode == 2 and "Traceback" not in missing_run.stderr
     assert len(missing_run.stderr.strip().splitlines()) == 1, missing_run.stderr
-    bad = run_cli("audit", "--data", str(one), "--drop-below", "1.5", "--cache-dir", str(tmp_path / "c"), *FAST)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--drop-below" in bad.stderr, bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    for value in ("1.5", "nan"):  # nan passes any range check: it would have dropped nothing and written NaN to JSON
+        bad = run_cli("audit", "--data", str(one), "--drop-below", value, "--cache-dir", str(tmp_path / "c"), *FAST)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--drop-below" in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_audit_help_states_the_cleaning_thresholds_without_importing_scikit_learn(tmp_path):

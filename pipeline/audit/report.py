@@ -184,8 +184,12 @@ def _cleaned(audit: Mapping[str, Any]) -> str:
     use = (f"train on it: <code>{_e(command)}</code>" if command else
            "it names built-in or tfds: images, which a manifest cannot load")
     gone = c.get("classes_left_out") or []
-    warn = (f'<p class="cleaned warn">cleaned.csv keeps no training image of {_e(", ".join(map(str, gone)))}: a head '
-            f"fitted on it will not know {'that class' if len(gone) == 1 else 'those classes'}</p>" if gone else "")
+    warn = (f'<p class="cleaned warn">cleaned.csv keeps no training image of {_e(", ".join(map(repr, gone)))}, so '
+            f"none of its val or test images either: a head fitted on it will not know "
+            f"{'that class' if len(gone) == 1 else 'those classes'}</p>" if gone else "")
+    if "val" in (c.get("splits_emptied") or []):
+        warn += ('<p class="cleaned warn">cleaned.csv keeps no val image: fit-head on it holds out part of the '
+                 "training images as val instead</p>")
     return (f'<p class="cleaned">cleaned.csv keeps {_e(c["images"])} images, {_e(c.get("removed", "?"))} '
             f"removed (train, val and test alike){relabelled}; {use}</p>{warn}")
 

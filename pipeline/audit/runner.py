@@ -338,21 +338,34 @@ def plan_cleaning(result: Mapping[str, Any], relabel: bool, drop_below: float = 
     for members in copies.values():
         kept = [r for r in members if keep[r]]
         keep[kept[1:]] = False  # the earliest split's copy stays (val keeps no copy of train)
+    train = img.splits == "train"
+    if train.any():  # a class with no training image left loses its val and test images too: fit-head
+        taught = np.zeros(len(img.class_names), bool)  # refuses a class it has val images but no training images of
+        taught[labels[train & keep]] = True
+        keep &= train | taught[labels]
     actions = ["dropped" if not keep[i] else "relabelled" if labels[i] != img.y[i] else "kept"
                for i in c["flagged_issues"]]
     return Cleaning(labels, keep, actions)
 
 
 def classes_left_out(img: Audited, plan: Cleaning) -> list[str]:
-    """The classes that had training images and have none in cleaned.csv (every one of them a confident
-    label issue, an outlier or a copy): a head fitted on it will not know them, which the user should
-    hear rather than find out."""
+    """The classes of the audited images that cleaned.csv keeps no training image of (every one a
+    confident label issue, an outlier or a copy), and so none of at all (`plan_cleaning`): a head fitted
+    on it will not know them, which the user should hear rather than find out."""
     train = img.splits == "train"
     if not train.any():
         train = np.ones(img.y.size, bool)
-    before = set(img.y[train].tolist())
+    before = set(img.y.tolist())
     after = set(plan.labels[train & plan.keep].tolist())
     return [img.class_names[c] for c in sorted(before - after)]
+
+
+def splits_emptied(img: Audited, plan: Cleaning) -> list[str]:
+    """The splits other than train that the audited images have and cleaned.csv keeps none of (each
+    image a copy of an earlier split's, a label issue or an outlier): without val, fit-head holds out
+    part of the training images instead, which the user should hear."""
+    return [s for s in sorted(set(img.splits.tolist()) - {"train"}, key=lambda s: (SPLIT_ORDER.get(s, 3), s))
+            if not (plan.keep & (img.splits == s)).any()]
 
 
 def cleaned_rows(result: Mapping[str, Any], relabel: bool, drop_below: float = DROP_BELOW
@@ -409,6 +422,7 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
                          "relabel": relabel, "relabelled": int((plan.labels != img.y)[plan.keep].sum()),
                          "label_issues_dropped_below": drop_below,
                          "classes_left_out": classes_left_out(img, plan),
+                         "splits_emptied": splits_emptied(img, plan),
                          "command": retrain_command(result, run.path("cleaned.csv"))}
     result["cleaned"] = public["cleaned"]
     public["label_issues"] = [{**issue, "cleaned": action}

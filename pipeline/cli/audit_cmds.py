@@ -3,15 +3,18 @@ model (top losses, confused classes), from the cached features, as a recorded ru
 
 from __future__ import annotations
 
+import shlex
+import warnings
 from pathlib import Path
 
 import click
 
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
-from pipeline.cli.options import (SEED, extract_options, given_options, mlflow_after, mlflow_check, mlflow_options,
+from pipeline.cli.options import (SEED, FiniteFloat, extract_options, given_options, mlflow_after, mlflow_check, mlflow_options,
                                   trust_pickle_option)
 from pipeline.cli.shared import FEATURE_OPTIONS, open_cache
-from pipeline.errors import UserError
+from pipeline.errors import DataWarning, UserError
+from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
 from pipeline.inference.apply import load_run
 from pipeline.layout import CacheLayout
@@ -29,7 +32,7 @@ from pipeline.tracking.runs import Registry
 @click.option("--relabel", is_flag=True,
               help="cleaned.csv keeps a label issue with its suggested label where that has an out-of-fold "
                    f"probability of {RELABEL_CONFIDENCE:g} or more (before --drop-below applies to the rest).")
-@click.option("--drop-below", type=click.FloatRange(0.0, 1.0), default=DROP_BELOW, show_default=True,
+@click.option("--drop-below", type=FiniteFloat(0.0, 1.0), default=DROP_BELOW, show_default=True,
               help="cleaned.csv drops a label issue whose given label has an out-of-fold probability under this; "
                    "the others stay in with their labels (mostly hard images, not wrong ones). "
                    "1 drops every listed issue that --relabel does not relabel.")
@@ -64,6 +67,8 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map)
     with ff:
         check_finite(ff)
+        if cache is not None:  # --data and --run extract what changed first; --cache reads the file as it is
+            warn_changed_images(ff)
         if head is not None:  # a head of other features or classes: one line, before a run is recorded
             head.check_matches(ff)
             check_held_out(loaded, ff)
@@ -96,11 +101,29 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     click.echo(f"cleaned.csv leaves out {cleaned['removed']} images (label issues under --drop-below "
                f"{cleaned['label_issues_dropped_below']:g}, outliers, duplicate copies; train, val and test "
                f"alike){relabelled}; {use}", err=True)
-    if cleaned["classes_left_out"]:
-        click.echo(f"cleaned.csv keeps no training image of {', '.join(map(repr, cleaned['classes_left_out']))}: "
-                   f"a head fitted on it will not know that class; look at its images in report.html "
-                   f"(--drop-below 0 keeps every label issue in)", err=True)
+    gone = cleaned["classes_left_out"]
+    if gone:
+        which = "that class" if len(gone) == 1 else "those classes"
+        click.echo(f"cleaned.csv keeps no training image of {', '.join(map(repr, gone))}, so none of its val or "
+                   f"test images either: a head fitted on it will not know {which}; look at its images in "
+                   f"report.html (--drop-below 0 keeps every label issue in)", err=True)
+    if "val" in cleaned["splits_emptied"]:
+        click.echo("cleaned.csv keeps no val image (each a copy of a training image, a label issue or an outlier): "
+                   "fit-head on it holds out part of the training images as val instead", err=True)
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
+
+
+def warn_changed_images(ff: FeatureFile) -> None:
+    """One warning where image files of the cache changed or went missing since they were extracted:
+    the findings describe the cached features, while the report shows the files as they are now."""
+    changed = changed_files(ff, ff.rows(views="clean"))
+    if changed:
+        path, how = changed[0]
+        data = ff.attrs.get("data")
+        again = f"audit with --data {shlex.quote(str(data))}" if data else "extract them again"
+        warnings.warn(f"{len(changed)} of the audited images changed or went missing since they were extracted (e.g. "
+                      f"{path}: {how}): the findings describe the cached features, and cleaned.csv still lists them; "
+                      f"{again} to extract those again first", DataWarning, stacklevel=2)
 
 
 def run_request(loaded, cache: str | None, kw: dict):

@@ -30,7 +30,7 @@ import numpy as np
 from pipeline.atomic import write_text_atomic
 from pipeline.data.loader import default_workers
 from pipeline.errors import DataWarning, UserError
-from pipeline.features.store import structure_problem
+from pipeline.features.store import FeatureFile, structure_problem
 
 # key material that may differ between a cache and the one it reuses rows from
 _FREE = ("data", "augment")
@@ -77,6 +77,26 @@ def item_stats(paths: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndar
             continue
         sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
     return sizes, mtimes, None
+
+
+def changed_files(ff: FeatureFile, rows: np.ndarray) -> list[tuple[str, str]]:
+    """(path, "missing" or "changed") of the image files of `rows` that are gone, or whose size or
+    modification time differs from what `ff` recorded when it extracted them: its features of them
+    describe other pixels. Empty where the cache records no files."""
+    recorded = ff.file_stats()
+    if recorded is None:
+        return []
+    rows = np.asarray(rows, np.int64)
+    paths = [ff.paths[int(r)] for r in rows]
+    sizes, mtimes, _ = item_stats(paths)
+    then_sizes, then_mtimes = recorded[0][rows], recorded[1][rows]
+    out = []
+    for i, path in enumerate(paths):
+        if sizes[i] < 0 and then_sizes[i] >= 0:
+            out.append((path, "missing"))
+        elif sizes[i] != then_sizes[i] or mtimes[i] != then_mtimes[i]:
+            out.append((path, "changed"))
+    return out
 
 
 def file_hashes(paths: list[str], parts: Path, want: np.ndarray | None = None) -> np.ndarray:

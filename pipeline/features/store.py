@@ -389,6 +389,13 @@ class FeatureFile:
     def key(self) -> str:
         return str(self.attrs["key"])
 
+    def file_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(size, mtime_ns) per row of each image file as it was when extracted (-1 where it could not
+        be read then); None where the cache records none (built-in and tfds: images)."""
+        if "sizes" not in self._f or "mtimes_ns" not in self._f:
+            return None
+        return self._f["sizes"][:], self._f["mtimes_ns"][:]
+
     @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.features.shape[1:])
