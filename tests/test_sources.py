@@ -132,3 +132,25 @@ def test_one_owner_of_the_named_source_prefixes():
     assert named_source("builtin:digits") == "builtin" and named_source("tfds:beans") == "tfds"
     assert named_source("photos/tfds:x") is None and named_source("tfds") is None
     assert not names_files("tfds:beans") and names_files("photos") and names_files("m.csv")
+
+
+def test_a_class_folder_name_is_read_as_a_manifest_label_is(tmp_path):
+    """Without spaces at its ends: a folder ' ants ' and the manifest an audit writes from it (labels
+    stripped) name one class, so a head fitted on either scores the other; a name of spaces alone and
+    two names that differ only in them are refused in one line."""
+    from conftest import make_folder
+    from pipeline.data.sources import open_source
+
+    root = make_folder(tmp_path / "d", per_class=2, classes=(" ants ", "bees"))
+    listing = open_source(str(root)).listing()
+    assert listing.class_names == ["ants", "bees"] and len(listing) == 8
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label,split\n" + "".join(
+        f'"{p}"," {listing.class_names[l]} ",{s}\n' for p, l, s in zip(listing.paths, listing.labels, listing.splits)))
+    assert open_source(str(manifest)).listing().class_names == listing.class_names
+    blank = make_folder(tmp_path / "blank", per_class=2, classes=("   ", "bees"))
+    with pytest.raises(UserError, match="has a name of spaces alone; rename it"):
+        open_source(str(blank)).listing()
+    twins = make_folder(tmp_path / "twins", per_class=2, classes=("ants", "ants "), splits=())
+    with pytest.raises(UserError, match="'ants' and 'ants ' in .* differ only in spaces at their ends"):
+        open_source(str(twins)).listing()

@@ -174,6 +174,15 @@ def check_train_classes(listing: Listing, where=None) -> None:
                         f"check the name for a typo or add training images of that class")
 
 
+def class_name(folder: Path) -> str:
+    """A class folder's class name: its name without spaces at the ends, as a manifest's labels are read
+    (so cleaned.csv and exported labels name the same classes); UserError for a name of spaces alone."""
+    name = folder.name.strip()
+    if not name:
+        raise UserError(f"class folder {str(folder)!r} has a name of spaces alone; rename it to the class's name")
+    return name
+
+
 class FileSource(Source):
     """Shared logic of sources whose items are image files on disk."""
 
@@ -239,7 +248,13 @@ class FolderSource(FileSource):
             if not classes:
                 raise UserError(f"{base} has no class subfolders; expected one subfolder per class "
                                 f"(e.g. {base}/cats/*.jpg)")
-            per_class += [(role, c.name, c) for c in classes]
+            per_class += [(role, class_name(c), c) for c in classes]
+            named: dict[str, Path] = {}
+            for _, name, folder in per_class[len(per_class) - len(classes):]:
+                if named.setdefault(name, folder) != folder:
+                    raise UserError(f"class folders {named[name].name!r} and {folder.name!r} in {base} differ only in "
+                                    f"spaces at their ends, which class names leave out (as a manifest's labels do); "
+                                    f"rename one")
         class_names = sorted({name for _, name, _ in per_class})
         index = {n: i for i, n in enumerate(class_names)}
         paths, labels, splits, rel = [], [], [], []
