@@ -110,6 +110,12 @@ def test_head_that_does_not_match_the_cache_is_refused(tmp_path):
         head.check_matches(other)
 
 
+def test_class_names_in_messages_are_quoted_so_a_comma_in_one_reads_as_one():
+    from pipeline.heads.base import short_names
+    assert short_names(['daisy, "white"', "rose"]) == """2 classes: 'daisy, "white"', 'rose'"""
+    assert short_names(list("abcdef")) == "6 classes: 'a', 'b', 'c', 'd', ..."
+
+
 def test_every_dense_and_logistic_flag_reaches_the_head(tmp_path):
     path = write_cache(tmp_path / "c", n_images=120, dim=16, n_classes=2, feature_shape=(2, 2, 16))
     cache = str(tmp_path / "c")

@@ -71,3 +71,15 @@ def test_plots_do_not_touch_pyplot_state(tmp_path):
         import matplotlib.pyplot as plt
 
         assert plt.get_fignums() == []
+
+
+def test_a_class_name_the_font_cannot_draw_warns_nobody(tmp_path):
+    """CJK names under DejaVu Sans: matplotlib warned once per glyph, with its source line, on the
+    user's terminal (fit-head prints nothing else there); the PNG is still written."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _png(plot_confusion_matrix([[3, 1], [0, 4]], ["日本", "桜"], tmp_path / "cjk.png", figsize=(4, 4), dpi=50),
+             (200, 200))
+    assert not [w for w in seen if "Glyph" in str(w.message)], [str(w.message) for w in seen]

@@ -118,4 +118,5 @@ def check_two_classes(request, command: str, splits: tuple[str, ...] | None) -> 
                         f"or a CSV manifest with labels")
     if np.unique(labels).size < 2:
         raise UserError(f"{command} needs at least two classes with {kind}, but {request.data} has "
-                        f"one ({listing.class_names[int(labels[0])]!r}); add a folder per class")
+                        f"one ({listing.class_names[int(labels[0])]!r}); add images of another class (a folder per "
+                        f"class, or rows with other labels in a manifest)")

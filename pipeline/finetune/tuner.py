@@ -49,6 +49,7 @@ from pipeline.finetune.model import (
 )
 from pipeline.finetune.results import FinetuneResult
 from pipeline.finetune.trunk import assemble, plan_trunk, split_at, trunk_maps
+from pipeline.heads.base import short_names
 from pipeline.heads.dense import balanced_class_weights
 from pipeline.heads.schedules import check_optimizer, make_optimizer
 from pipeline.inference.embed import image_batches
@@ -283,8 +284,8 @@ class FineTuner:
         source = open_source(request.data, request.split)
         listing = source.listing()
         if list(listing.class_names) != class_names:
-            raise UserError(f"the head's classes ({', '.join(class_names[:4])}...) differ from the data's "
-                            f"({', '.join(listing.class_names[:4])}...); fine-tune on the data the head was fitted on")
+            raise UserError(f"the head's classes ({short_names(class_names)}) differ from the data's "
+                            f"({short_names(listing.class_names)}); fine-tune on the data the head was fitted on")
         parts, val_source = split_parts(request, listing, split, self.val_fraction, self.seed)
         train_idx, val_idx, test_idx = parts["train"], parts["val"], parts["test"]
         if train_idx.size == 0:

@@ -442,9 +442,9 @@ def check_class_subset(data_classes: Sequence[str], head_classes: Sequence[str],
 
 
 def short_names(names: Sequence[str], n: int = 4) -> str:
-    """'K classes: a, b, c, d, ...' for error messages."""
+    """"K classes: 'a', 'b', 'c', 'd', ..." for error messages (quoted: a name may hold a comma or spaces)."""
     names = list(names)
-    head = ", ".join(map(str, names[:n]))
+    head = ", ".join(map(repr, map(str, names[:n])))
     return f"{len(names)} classes: {head}{', ...' if len(names) > n else ''}"
 
 

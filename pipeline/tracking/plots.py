@@ -8,6 +8,7 @@ exactly figsize * dpi (no tight bounding box), so callers can rely on it.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -20,10 +21,13 @@ from pipeline.atomic import atomic_path
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write `fig` as a PNG atomically (no half-written plot in a run folder) and return its path."""
+    """Write `fig` as a PNG atomically (no half-written plot in a run folder) and return its path. A
+    class name in a script the font lacks (CJK under DejaVu Sans) draws as boxes, without matplotlib's
+    warning per glyph (with its source line) on the terminal: the name is right in every other file."""
     path = Path(path)
     FigureCanvasAgg(fig)
-    with atomic_path(path, suffix=".png") as tmp:
+    with atomic_path(path, suffix=".png") as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from", category=UserWarning)
         with open(tmp, "wb") as fh:
             fig.savefig(fh, format="png", dpi=fig.dpi)
     return path
