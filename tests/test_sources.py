@@ -154,3 +154,23 @@ def test_a_class_folder_name_is_read_as_a_manifest_label_is(tmp_path):
     twins = make_folder(tmp_path / "twins", per_class=2, classes=("ants", "ants "), splits=())
     with pytest.raises(UserError, match="'ants' and 'ants ' in .* differ only in spaces at their ends"):
         open_source(str(twins)).listing()
+
+
+def test_a_file_or_class_folder_not_named_in_utf8_is_refused_by_name(tmp_path):
+    """Latin-1 bytes in a name: Python holds them as surrogates, which the fingerprint's hash, HDF5 and
+    the reports cannot encode (a traceback's last line before); one line naming the file instead."""
+    import os
+
+    from conftest import make_folder
+    from pipeline.data.sources import open_source
+
+    for bad in (b"caf\xe9_x.jpg", b"caf\xe9"):
+        root = make_folder(tmp_path / bad.decode("latin1").replace("\xe9", "e"), per_class=2)
+        target = os.fsencode(root / "train" / "ants") + b"/" + bad
+        if bad.endswith(b".jpg"):
+            os.link(os.fsencode(root / "train" / "ants" / "img_000.jpg"), target)
+        else:
+            os.mkdir(target)
+            os.link(os.fsencode(root / "train" / "ants" / "img_000.jpg"), target + b"/a.jpg")
+        with pytest.raises(UserError, match=r"caf\\xe9.* is not named in UTF-8.*rename it"):
+            open_source(str(root)).listing()

@@ -177,7 +177,7 @@ def check_train_classes(listing: Listing, where=None) -> None:
 def class_name(folder: Path) -> str:
     """A class folder's class name: its name without spaces at the ends, as a manifest's labels are read
     (so cleaned.csv and exported labels name the same classes); UserError for a name of spaces alone."""
-    name = folder.name.strip()
+    name = utf8_named(folder).name.strip()
     if not name:
         raise UserError(f"class folder {str(folder)!r} has a name of spaces alone; rename it to the class's name")
     return name
@@ -291,8 +291,20 @@ def _visible_files(folder: Path) -> list[Path]:
 
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        out += [Path(dirpath) / f for f in filenames if not is_hidden(f) and os.path.isfile(os.path.join(dirpath, f))]
+        out += [utf8_named(Path(dirpath) / f) for f in filenames
+                if not is_hidden(f) and os.path.isfile(os.path.join(dirpath, f))]
     return out
+
+
+def utf8_named(path: Path) -> Path:
+    """`path`, or UserError where its name is not UTF-8 (Python holds the stray bytes as surrogates,
+    which no cache, manifest or report can store)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{os.fsencode(path)!r} is not named in UTF-8, which the cache stores names in; rename it "
+                        f"(e.g. convmv -f latin1 -t utf8 --notest -r on its folder)") from None
+    return path
 
 
 class CsvSource(FileSource):
