@@ -424,17 +424,35 @@ def test_the_same_report_in_two_tabs_keeps_one_set_of_choices(tmp_path):
 
 @pytest.mark.skipif(chromium() is None, reason="needs headless Chromium on PATH")
 def test_the_review_works_from_the_keyboard(tmp_path):
-    """A closed menu lists drop, keep, then the suggestion, so the browser's type-ahead makes D, K and R
-    those three; Tab moves to the next image's menu (letters typed within a second form one search)."""
+    """D drops, K keeps, R takes the suggestion, typed as fast as a person types: the page's own keys.
+    Left to the browser's type-ahead, a second R moved on to the next class starting with "r", R on a
+    card without a suggestion relabelled anyway, and D then K within a second searched for "dk"."""
     report, review = reviewed_report(tmp_path)
     with Page(report.as_uri(), tmp_path / "profile") as page:
         page.evaluate("document.querySelector('select.decide').focus()")
-        for key, want in (("d", DROP), ("r", 2), ("k", 0)):
+        for key, want in (("d", DROP), ("k", 0), ("r", 2), ("r", 2), ("D", DROP), ("r", 2), ("k", 0)):
             page.press(key)
             assert page.evaluate(MENUS_OF.format(0)) == [str(want)] * 2, key
-            assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: want} if want else {})
-            time.sleep(1.1)
+            assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {0: want} if want else {}), key
         page.press("Tab")
         assert page.evaluate("document.activeElement.dataset.row") == "1"
+        page.press("r")                         # a duplicate's menu: no suggestion, so nothing changes
+        assert page.evaluate(MENUS_OF.format(1)) == [str(DROP)] and page.evaluate(CHANGES) == "0"
         page.press("k")                         # keep the copy cleaned.csv drops
         assert page.evaluate("window.reviewedCsv()") == cleaned_csv(review, {1: 0})
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs headless Chromium on PATH")
+def test_the_page_warns_where_the_choices_leave_a_class_with_val_images_and_no_training_image(tmp_path):
+    """fit-head refuses a manifest with val images of a class and no training image of it: the page says
+    so while the choices would make one (cleaned.csv never does), and stops once they no longer do."""
+    report, review = reviewed_report(tmp_path)
+    orphans = "document.getElementById('review-orphans')"
+    with Page(report.as_uri(), tmp_path / "profile") as page:
+        assert page.evaluate(f"{orphans}.hidden") is True
+        load_with_stored(page, report, '{"3": -1}')  # roses' one training image cleaned.csv keeps: dropped
+        assert page.evaluate(f"{orphans}.hidden") is False
+        assert ("keeps val or test images of 'roses' but no training image of that class, which fit-head refuses"
+                in page.evaluate(f"{orphans}.textContent"))
+        page.evaluate(CHOOSE.format(2, 1))            # a training image cleaned.csv relabels: kept as roses
+        assert page.evaluate(f"{orphans}.hidden") is True

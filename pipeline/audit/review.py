@@ -100,11 +100,12 @@ def panel(review: Review | None, menus: int) -> str:
             f'<span id="review-changes">0</span> of your choices differ from cleaned.csv. '
             f'<button type="button" id="review-download">Download {html.escape(review.file_name)}</button> '
             f'<button type="button" id="review-reset">Back to cleaned.csv\'s choices</button>'
-            f'<br><span class="note">Keys: Tab to the next menu; D drops, K keeps, R relabels as suggested. '
+            f'<br><span class="note">Keys: Tab to the next menu; D drops, K keeps, R relabels as suggested (where a card suggests). '
             f"Your choices stay in this browser; train on the downloaded file with the command above, naming "
             f"it in place of cleaned.csv.</span>"
             f'<span id="review-unsaved" class="warn" hidden><br>This browser would not store your choices: '
             f"download the manifest before you close the page.</span>"
+            '<span id="review-orphans" class="warn" hidden></span>'
             f'<noscript><br><span class="warn">Reviewing needs JavaScript, which is off.</span></noscript></div>')
 
 
@@ -123,7 +124,9 @@ select.decide{display:block;margin:4px 0;max-width:100%;font-size:12px}
 """
 
 # One script: reads the rows, fills the menus, keeps the person's choices (only those that differ from
-# cleaned.csv's) in localStorage and builds the manifest as `sheets.csv_text` writes cleaned.csv. A menu
+# cleaned.csv's) in localStorage, warns where they would leave a class with val images and no training
+# images (fit-head refuses that), and builds the manifest as `sheets.csv_text` writes cleaned.csv. D, K and
+# R are the page's own keys (the browser's type-ahead moved a second R to the next class). A menu
 # holds drop, keep, the hint and the current choice until it is first used, then every class: with a
 # thousand classes, every class in every menu (up to ~5,000 of them) froze the page for minutes.
 SCRIPT = """
@@ -185,6 +188,24 @@ SCRIPT = """
     });
     boxes.forEach(function (box) { box.classList.add("changed"); });
     document.getElementById("review-changes").textContent = String(Object.keys(choice).length);
+    var taught = {}, needed = {}, trains = false;  // fit-head refuses a class with val images and no training images
+    for (var i = 0; i < R.rows.length; i++) {
+      var a = current(i), train = R.splits[R.rows[i][2]] === "train";
+      trains = trains || train;
+      if (a >= 0) { if (train) taught[a] = true; else needed[a] = true; }
+    }
+    var orphans = Object.keys(needed).filter(function (a) { return trains && !has(taught, a); });
+    var warn = document.getElementById("review-orphans");
+    warn.hidden = !orphans.length;
+    warn.textContent = orphans.length ? "\u00a0Your manifest keeps val or test images of " +
+      orphans.map(function (a) { return "'" + R.classes[+a] + "'"; }).join(", ") + " but no training image of " +
+      (orphans.length > 1 ? "those classes" : "that class") + ", which fit-head refuses: keep one of " +
+      (orphans.length > 1 ? "their" : "its") + " training images, or drop those." : "";
+  }
+  function choose(sel, a) {  // one image's choice; every menu of it follows (show)
+    var i = +sel.dataset.row;
+    if (a === preset(i)) delete choice[i]; else choice[i] = a;
+    save(); show();
   }
   function save() {
     var stored = true;
@@ -201,11 +222,16 @@ SCRIPT = """
     if (sel && sel.dataset.full) fill(sel, false);
   });
   document.addEventListener("change", function (ev) {
-    var sel = ev.target;
-    if (!sel.matches || !sel.matches("select.decide")) return;
-    var i = +sel.dataset.row, a = +sel.value;
-    if (a === preset(i)) delete choice[i]; else choice[i] = a;
-    save(); show();
+    var sel = menu(ev);
+    if (sel) choose(sel, +sel.value);
+  });
+  document.addEventListener("keydown", function (ev) {  // the page's keys, not the browser's type-ahead, which
+    var sel = menu(ev), key = String(ev.key || "").toLowerCase();  // moved on to the next "r..." class
+    if (!sel || ev.altKey || ev.ctrlKey || ev.metaKey || ["d", "k", "r"].indexOf(key) < 0) return;
+    ev.preventDefault();
+    var row = R.rows[+sel.dataset.row], hint = sel.dataset.hint === undefined ? null : +sel.dataset.hint;
+    if (key === "r" && hint === null) return;  // no suggestion on this card: R changes nothing
+    choose(sel, key === "d" ? -1 : key === "k" ? row[1] : hint);
   });
   document.getElementById("review-reset").addEventListener("click", function () { choice = {}; save(); show(); });
   window.addEventListener("storage", function (ev) {  // the same report open twice: each follows the other
