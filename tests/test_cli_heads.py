@@ -84,6 +84,18 @@ def test_dense_head_and_sweep_on_a_cache_file(tmp_path):
     (["predict", "--run", "nope", "{img}"], "unknown run ID"),
     (["fit-head", "--cache", "ffffffffff"], "no cache entry"),
     (["fit-head", "--cache", "{cache_file}", "--C", "-1"], "--C"),
+    # a head option the head does not read, or that --sweep searches, was ignored without a word
+    (["fit-head", "--cache", "{cache_file}", "--head", "svm", "--hidden", "64"],
+     "--hidden is not read by --head svm; leave it out, or use --head dense"),
+    (["fit-head", "--cache", "{cache_file}", "--head", "knn", "--C", "3"], "--C is not read by --head knn"),
+    (["fit-head", "--cache", "{cache_file}", "--head", "logistic", "--k", "5", "--epochs", "3"],
+     "--epochs, --k are not read by --head logistic; leave them out"),
+    (["fit-head", "--cache", "{cache_file}", "--head", "auto", "--vote-temperature", "0.1"],
+     "--vote-temperature is not read by --head auto; leave it out, or use --head knn"),
+    (["fit-head", "--cache", "{cache_file}", "--head", "svm", "--sweep", "--C", "3"],
+     "--sweep searches --C over its own grid"),
+    (["fit-head", "--cache", "{cache_file}", "--head", "dense", "--sweep", "--hidden", "64"],
+     "--sweep searches --hidden over its own grid"),
 ])
 def test_stage2_errors_are_one_line(args, fragment, tmp_path):
     path = write_cache(tmp_path / "c", n_images=60, dim=8)
@@ -94,6 +106,16 @@ def test_stage2_errors_are_one_line(args, fragment, tmp_path):
     proc = run_cli(*args, "--cache-dir", str(tmp_path / "c"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert fragment in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_knn_sweep_on_fewer_training_images_than_its_largest_k_leaves_that_k_out(tmp_path):
+    """The grid's k 50 needs 51 training rows; a sweep on fewer refused itself ('give a smaller --k',
+    which --sweep then refuses) where a knn fit trims its own grid."""
+    path = write_cache(tmp_path / "c", n_images=60, dim=8)
+    proc = run_cli("fit-head", "--cache", str(path), "--head", "knn", "--sweep", "--jobs", "1",
+                   "--cache-dir", str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    assert "sweep (9 configs, best first)" in proc.stdout, proc.stdout  # k 5, 10, 20 x three temperatures
 
 
 def test_head_that_does_not_match_the_cache_is_refused(tmp_path):

@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.backbones.table import check_weights_size, get
-from pipeline.cli.options import (SEED, FiniteFloat, build_request, extract_options,
+from pipeline.cli.options import (SEED, FiniteFloat, build_request, extract_options, given_options,
                                   mlflow_after, mlflow_check, mlflow_options)
 from pipeline.cli.shared import open_cache
 from pipeline.errors import UserError
@@ -24,6 +24,11 @@ from pipeline.tracking.runs import Registry
 def _make_head(head: str, opts: dict):
     """The head `--head` names, built by its own class from the options it takes."""
     return head_class(head).from_options(opts)
+
+
+HEAD_OPTIONS = ("C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
+                "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay",
+                "epochs", "head_batch_size", "early_stopping", "seed", "memory_budget", "k", "vote_temperature")
 
 
 @click.command("fit-head")
@@ -77,14 +82,12 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     Example: python cli.py fit-head --data ../shared/data/hymenoptera
     """
     log_mlflow = mlflow_check(mlflow)
-    head_opts = {k: kw.pop(k) for k in list(kw) if k in (
-        "C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "dropout", "l2", "optimizer", "lr",
-        "lr_schedule", "lr_start", "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
-        "head_batch_size", "early_stopping", "seed", "memory_budget", "k", "vote_temperature")}
+    head_opts = {k: kw.pop(k) for k in list(kw) if k in HEAD_OPTIONS}
     estimator = _make_head(head, head_opts).check_params()  # a bad option fails before any extraction
     if sweep and estimator.sweep_grid is None:
         kinds = [f"--head {k}" for k in HEAD_KINDS if head_class(k).sweep_grid is not None]
         raise UserError(f"--sweep searches one head's grid, and --head {head} has none; add {' or '.join(kinds)}")
+    refuse_unread_options(head, sweep)
     backbones = backbone_list(kw["backbone"])
     ranking = None
     if len(backbones) > 1:
@@ -120,6 +123,26 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     if result.metrics.get("val", {}).get("n"):
         Console(width=110).print(metrics_table(result.metrics["val"], title="val"))
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
+
+
+def refuse_unread_options(kind: str, sweep: bool) -> None:
+    """Head options typed for a head kind that does not read them (each kind names its own in
+    `options`), or that `--sweep` searches over its grid, are refused by name: ignored, they would
+    change nothing, and the run would not say so."""
+    cls = head_class(kind)
+    unread = [name for name in HEAD_OPTIONS if name not in cls.options and not (sweep and name == "jobs")]
+    names = [name for name in unread if given_options(name.__eq__)]
+    flags = given_options(names.__contains__)
+    if flags:
+        readers = [f"--head {k}" for k in HEAD_KINDS if k != kind and set(names) <= head_class(k).options]
+        them = "it" if len(flags) == 1 else "them"
+        raise UserError(f"{', '.join(flags)} {'is' if len(flags) == 1 else 'are'} not read by --head {kind}; leave "
+                        f"{them} out" + (f", or use {' or '.join(readers)}" if readers else ""))
+    searched = given_options(lambda name: sweep and name in (cls.sweep_grid or {}))
+    if searched:
+        grid = "; ".join(f"{name} {values}" for name, values in cls.sweep_grid.items())
+        raise UserError(f"--sweep searches {', '.join(searched)} over its own grid ({grid}); leave "
+                        f"{'it' if len(searched) == 1 else 'them'} out, or fit one value without --sweep")
 
 
 def backbone_list(spec: str) -> list[str]:

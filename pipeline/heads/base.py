@@ -223,6 +223,8 @@ class Head(ClassifierMixin, BaseEstimator):
     uses_validation: ClassVar[bool] = False        # fit takes the validation rows (dense: early stopping)
     tuple_params: ClassVar[tuple[str, ...]] = ()   # parameters that are tuples (JSON gives them back as lists)
     sweep_grid: ClassVar[dict[str, list[Any]] | None] = None  # `--sweep`'s default grid (None: no sweep)
+    # the fit-head options (their parameter names) this kind reads in `from_options`: others given are refused
+    options: ClassVar[frozenset[str]] = frozenset()
     # parameters that leave a compiled model as it is: a sweep's configs differing only in them share one
     sweep_schedule_only: ClassVar[frozenset[str] | None] = None
     explains: ClassVar[bool] = False               # `neighbours` names the training images behind a prediction
@@ -236,6 +238,11 @@ class Head(ClassifierMixin, BaseEstimator):
     def check_params(self) -> "Head":
         """Raise UserError for a bad parameter now, before any work (fit checks them again)."""
         return self
+
+    @classmethod
+    def sweep_fits(cls, configs: list[dict[str, Any]], n_train: int) -> list[dict[str, Any]]:
+        """The sweep's grid points that can be fitted on `n_train` training rows (all, for most kinds)."""
+        return configs
 
     def fit_note(self) -> str:
         """A line to print before a fit that runs a while without a progress bar ("" for none)."""

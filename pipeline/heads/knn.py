@@ -102,6 +102,7 @@ class KNNHead(Head):
     key_param_names = ("k", "vote_temperature", "flatten")
     tuple_params = ("ks", "vote_temperatures")
     sweep_grid = {"k": [5, 10, 20, 50], "vote_temperature": [0.03, 0.07, 0.1]}
+    options = frozenset({"k", "vote_temperature", "flatten", "seed", "memory_budget"})
     scoring = "CV log loss"
     explains = True
 
@@ -125,6 +126,17 @@ class KNNHead(Head):
         return cls(k=opts.get("k") or "auto", vote_temperature=opts.get("vote_temperature") or "auto",
                    flatten=opts.get("flatten", "avg"), random_state=option_seed(opts),
                    memory_budget_mb=option_budget(opts))
+
+    @classmethod
+    def sweep_fits(cls, configs: list[dict[str, Any]], n_train: int) -> list[dict[str, Any]]:
+        """The grid's k values a vote can take on `n_train` rows (more than k others), as a fit's auto
+        grid is trimmed; UserError where none can."""
+        fits = [c for c in configs if "k" not in c or int(c["k"]) <= n_train - 1]
+        if not fits:
+            smallest = min(int(c["k"]) for c in configs)
+            raise UserError(f"the knn sweep's smallest k, {smallest}, needs more than {smallest} training rows, and "
+                            f"there are {n_train}; fit --head knn without --sweep (its k is chosen by CV)")
+        return fits
 
     # ------------------------------------------------------------------------------ parameters
     def check_params(self) -> "KNNHead":

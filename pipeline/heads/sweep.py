@@ -94,6 +94,7 @@ def sweep(
     base = dict(base_params or {})
     make_head(head_type, **{**base, **configs[0]})  # fail fast on unknown parameter names
     train, y, val, yv, meta = _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_augmented)
+    configs = cls.sweep_fits(configs, int(y.size))
     tasks = _tasks(head_type, base, configs, n_jobs)
     started = time.perf_counter()
     if n_jobs == 1 or len(tasks) == 1:
