@@ -174,3 +174,22 @@ def test_a_file_or_class_folder_not_named_in_utf8_is_refused_by_name(tmp_path):
             os.link(os.fsencode(root / "train" / "ants" / "img_000.jpg"), target + b"/a.jpg")
         with pytest.raises(UserError, match=r"caf\\xe9.* is not named in UTF-8.*rename it"):
             open_source(str(root)).listing()
+
+
+def test_a_class_name_with_a_line_break_or_tab_is_refused_where_it_is_read(tmp_path):
+    """labels.txt holds a class per line and predict prints them tab-separated: a label "line1\\nline2"
+    made an exported model that predict --model refused for good ('names 3 classes but the model
+    outputs 2'). Refused in one line by the manifest's line, or by the folder's name."""
+    from conftest import make_folder
+    from pipeline.data.sources import open_source
+
+    root = make_folder(tmp_path / "d", per_class=2)
+    manifest = tmp_path / "m.csv"
+    files = sorted(str(p) for p in root.rglob("*.jpg"))
+    broken = "line1\nline2"
+    manifest.write_text("path,label\n" + "".join(f'"{p}","{"ants" if k % 2 else broken}"\n' for k, p in enumerate(files)))
+    with pytest.raises(UserError, match=r"m\.csv line 2: the label 'line1\\nline2' holds a line break, tab"):
+        open_source(str(manifest)).listing()
+    tabbed = make_folder(tmp_path / "t", per_class=2, classes=("a\tb", "c"))
+    with pytest.raises(UserError, match=r"class folder .*a\\tb.* holds a line break, tab or other control"):
+        open_source(str(tabbed)).listing()

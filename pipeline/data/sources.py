@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,12 +175,19 @@ def check_train_classes(listing: Listing, where=None) -> None:
                         f"check the name for a typo or add training images of that class")
 
 
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # a line break, tab or other control character
+CONTROL_NOTE = ("holds a line break, tab or other control character, which a class name cannot carry (labels.txt "
+                "holds one per line, predict prints them tab-separated); rename the class")
+
+
 def class_name(folder: Path) -> str:
     """A class folder's class name: its name without spaces at the ends, as a manifest's labels are read
     (so cleaned.csv and exported labels name the same classes); UserError for a name of spaces alone."""
     name = utf8_named(folder).name.strip()
     if not name:
         raise UserError(f"class folder {str(folder)!r} has a name of spaces alone; rename it to the class's name")
+    if CONTROL.search(name):
+        raise UserError(f"class folder {str(folder)!r} has a name that {CONTROL_NOTE}")
     return name
 
 
@@ -412,6 +420,8 @@ class CsvSource(FileSource):
             if not label:
                 empty.append(line)
                 continue
+            if CONTROL.search(label):
+                raise UserError(f"{self.path} line {line}: the label {label!r} {CONTROL_NOTE}")
             if s and s not in SPLITS:
                 raise UserError(f"{self.path} line {line}: split must be train, val or test, not {s!r}")
             p = Path(os.path.expanduser(raw_path))
