@@ -517,6 +517,11 @@ def test_fit_head_refuses_one_class_before_extracting(tmp_path):
     _one_line_error(_no_tty_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST),
                     "needs at least two classes with training images")
     assert not list(cache.rglob("*.h5")), "extracted before refusing"
+    # data that names no splits: a --val-fraction that draws every image into val is what leaves none
+    flat = make_folder(tmp_path / "flat", per_class=6, splits=())
+    _one_line_error(_no_tty_cli("fit-head", "--data", str(flat), "--val-fraction", "0.99", "--cache-dir", str(cache),
+                                *FAST), "--val-fraction 0.99 and --test-fraction 0 leave none of")
+    assert not list(cache.rglob("*.h5")), "extracted before refusing"
 
 
 @pytest.mark.parametrize("name, lr, params, fragment", [
