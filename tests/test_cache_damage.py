@@ -80,6 +80,15 @@ def test_a_damaged_cache_file_is_one_line_naming_it_and_the_problem(good, tmp_pa
     assert time.perf_counter() - t < 5
     text = str(err.value)
     assert "\n" not in text and str(path) in text and DAMAGE[case][1] in text and "cache rm" in text
+    assert f"cache rm {path.name} --cache-dir {tmp_path}`" in text  # the cache it is in, wherever that is
+
+
+def test_a_damaged_file_outside_a_cache_folder_is_not_sent_to_cache_rm(good, tmp_path):
+    """`cache rm` names entries of a cache folder: for a file elsewhere its advice could only fail."""
+    path = _damaged(good, tmp_path / "loose", next(iter(DAMAGE)))
+    with pytest.raises(UserError, match=r"delete it \(it is in no cache's features/ folder\)") as err:
+        FeatureFile(path)
+    assert "cache rm" not in str(err.value)
 
 
 @pytest.mark.parametrize("error, said, not_said", [

@@ -23,6 +23,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.errors import UncleanFileError, UserError, filesystem_message
+from pipeline.layout import CacheLayout
 
 SCHEMA_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk-(\d{6})\.npz$")
@@ -464,9 +466,14 @@ def open_failure(path: Path, exc: OSError) -> str:
 
 
 def damaged_message(path: Path, problem: str) -> str:
-    """The one line for a cache file that is not what this tool writes: what is wrong, and the way out."""
-    return (f"{path} is damaged or not a cache file written by this tool ({problem}); remove it "
-            f"(`python cli.py cache rm {path.name}`) and extract again, or copy it again from its source")
+    """The one line for a cache file that is not what this tool writes: what is wrong, and the way out
+    (`cache rm` with the cache folder it sits in; a file outside any cache folder, which `cache rm`
+    cannot name, the user deletes)."""
+    layout = CacheLayout.holding(path)
+    remove = (f"remove it (`python cli.py cache rm {path.name} --cache-dir {shlex.quote(str(layout.root))}`) and "
+              f"extract again" if layout is not None else "delete it (it is in no cache's features/ folder)")
+    return (f"{path} is damaged or not a cache file written by this tool ({problem}); {remove}, or copy it again "
+            f"from its source")
 
 
 def _kind_ok(ds: h5py.Dataset, kind: str) -> bool:
