@@ -99,8 +99,10 @@ def train(ctx: TrainContext, callbacks: Sequence[Any], say: Callable[[str], None
     after = {name: report(preds[name][0], cal.proba[name], ctx.class_names) for name in preds}
     model = ctx.model = with_temperature(model, cal.temperature)
     # saved compiled as a user evaluates it, with integer labels: training's loss (label smoothing, one-hot)
-    # is not the model's, and the trunk-cache and recalibrated models are new Keras models, uncompiled
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    # is not the model's, and the trunk-cache and recalibrated models are new Keras models, uncompiled. Plain
+    # SGD keeps no state per weight: with RMSprop's default, loading warned that the saved optimizer's 2
+    # variables did not match the slots it builds for the trainable weights
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model_path = save_keras_atomic(model, run_dir / MODEL_FILE)
     result = FinetuneResult(
         model_path=model_path, history={k: list(v) for k, v in state["history"].items()},
