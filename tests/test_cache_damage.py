@@ -222,11 +222,13 @@ def test_a_cache_key_naming_only_an_unfinished_extraction_says_so(tmp_path, monk
     """`--cache KEY` where the key names only a .parts folder: not 'give a longer key', which cannot help."""
     request, options, parts = _interrupted(tmp_path, monkeypatch)
     key = parts.name.split(".")[0].rsplit("-", 1)[1]
-    for command in ("fit-head", "audit"):
-        res = run_cli(command, "--cache", key, "--cache-dir", str(options.cache_dir))
+    for command in (["fit-head", "--cache"], ["audit", "--cache"], ["cache", "info"]):
+        res = run_cli(*command, key, "--cache-dir", str(options.cache_dir))
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
         assert f"names only an extraction that has not finished ({parts.name})" in res.stderr, res.stderr
         assert "longer key" not in res.stderr
+    folder = run_cli("fit-head", "--cache", str(options.cache_dir / "features"), "--cache-dir", str(options.cache_dir))
+    assert folder.returncode == 2 and "is a folder; give a cache file (.h5) in it or a key prefix" in folder.stderr
 
 
 @pytest.mark.parametrize("damage", ["random bytes", "pickled object array", "junk meta.json", "junk shards.json"])

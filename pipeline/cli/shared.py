@@ -11,7 +11,7 @@ from pipeline.cli.options import build_request, given_options
 from pipeline.data.sources import FileSource, open_source
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, cache_path, extract, release_models
-from pipeline.features.cache import resolve
+from pipeline.features.cache import finished_file
 from pipeline.features.store import FeatureFile
 from pipeline.layout import FEATURES, CacheLayout
 
@@ -76,14 +76,7 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
         if not cache.strip():
             raise UserError("--cache is empty; give a cache file path or key prefix (`python cli.py cache ls`), "
                             "or leave --cache out to use the extract options")
-        hits = resolve(cache, kw["cache_dir"])
-        paths = [p for p in hits if p.suffix == ".h5"]
-        if not paths and all(p.suffix in (".parts", ".tmp") for p in hits):  # a longer key would not help
-            raise UserError(f"--cache {cache!r} names only an extraction that has not finished ({hits[0].name}); "
-                            f"wait for the one running, or run the same extract again to finish it")
-        if len(paths) != 1:
-            raise UserError(f"--cache {cache!r} matches {len(paths)} finished cache files; give a path or longer key")
-        ff = FeatureFile(paths[0])
+        ff = FeatureFile(finished_file(cache, kw["cache_dir"], f"--cache {cache!r}"))
         if CacheLayout.holding(ff.path) is None:  # runs go beside the features: <cache>/runs/
             ff.close()
             raise UserError(f"{ff.path} is not in a cache folder's {FEATURES}/ folder, where {command} records its "

@@ -85,6 +85,25 @@ def resolve(ref: str, cache_dir: Path) -> list[Path]:
     return hits
 
 
+def finished_file(ref: str, cache_dir: Path, name: str) -> Path:
+    """The one finished cache file (.h5) `ref` names (a key prefix, an entry's name or a path), else a
+    UserError that says why (`name` says what was given, e.g. "--cache 'ab12'"): only an extraction that
+    has not finished (a longer key cannot help), a folder, nothing, or several files, named."""
+    hits = resolve(ref, cache_dir)
+    paths = [p for p in hits if p.suffix == ".h5" and not p.is_dir()]
+    if len(paths) == 1:
+        return paths[0]
+    if not paths and hits and all(p.suffix in (".parts", ".tmp") for p in hits):
+        raise UserError(f"{name} names only an extraction that has not finished ({hits[0].name}); wait for the one "
+                        f"running, or run the same extract again to finish it")
+    if len(hits) == 1 and hits[0].is_dir():
+        raise UserError(f"{name} is a folder; give a cache file (.h5) in it or a key prefix (`python cli.py cache ls`)")
+    if not paths:
+        raise UserError(f"{name} names no finished cache file ({hits[0].name}); `python cli.py cache ls` lists them")
+    shown = ", ".join(p.name for p in paths[:3]) + (" and more" if len(paths) > 3 else "")
+    raise UserError(f"{name} matches {len(paths)} finished cache files ({shown}); give a longer key prefix or a path")
+
+
 def _check_ref(ref: str) -> str:
     if not ref or not ref.strip():
         raise UserError("an empty cache entry name was given; give a key prefix from `python cli.py cache ls`")
@@ -191,10 +210,7 @@ def select_for_eviction(cache_dir: Path, everything: bool = False, older_than: s
 
 def describe(ref: str, cache_dir: Path) -> str:
     """A readable summary of one finished cache file."""
-    paths = [p for p in resolve(ref, cache_dir) if p.suffix == ".h5"]
-    if len(paths) != 1:
-        raise UserError(f"{ref!r} matches {len(paths)} finished files; give a longer key prefix")
-    with FeatureFile(paths[0]) as ff:
+    with FeatureFile(finished_file(ref, cache_dir, repr(ref))) as ff:
         lines = [f"path: {ff.path}", f"rows: {len(ff)}  feature shape: {ff.feature_shape}  "
                  f"dtype: {ff.features.dtype}"]
         for k in ("key", "backbone", "weights", "weights_id", "image_size", "resize", "preprocessing", "pooling",
