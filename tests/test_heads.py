@@ -168,6 +168,11 @@ def test_logistic_save_load_roundtrip(tmp_path, data3):
     (tmp_path / "junk.json").write_text((tmp_path / "head.json").read_text())
     with pytest.raises(UserError, match="not a readable head file"):
         LogisticHead.load(tmp_path / "junk.npz")
+    # a head.json that names no format: several kinds save head.npz, so none of them is named
+    (tmp_path / "head.json").write_text('{"class_names": 5}')
+    with pytest.raises(UserError, match=r"head\.json is damaged or not written by this tool \(no format") as err:
+        load_head(tmp_path)
+    assert "svm" not in str(err.value).split("(")[0] and "an svm head" not in str(err.value)
 
 
 def test_head_errors_are_one_line_user_errors(data3):

@@ -98,10 +98,15 @@ def load_head(path: str | os.PathLike, trust_pickle: bool | None = None) -> "Hea
         raise UserError(f"{path.name} needs {path.with_suffix('.json').name} beside it in {path.parent}, which is "
                         f"missing; re-run fit-head")
     try:
-        fmt = json.loads(path.with_suffix(".json").read_text()).get("format")
+        fmt, readable = json.loads(path.with_suffix(".json").read_text()).get("format"), True
     except (OSError, ValueError, AttributeError):
-        fmt = None  # the first candidate's load says what is wrong
+        fmt, readable = None, False  # the first candidate's load says what is wrong
     chosen = [cls for cls in candidates if cls.file_format == fmt]
+    if readable and not chosen and len(candidates) > 1:  # which kind it was cannot be told: naming one misleads
+        found = f"format {fmt!r}" if fmt is not None else "no format"
+        raise UserError(f"{path.with_suffix('.json')} is damaged or not written by this tool ({found}, where a head "
+                        f"of this tool names one of {', '.join(sorted(c.file_format for c in candidates))}); re-run "
+                        f"fit-head")
     if fmt is not None and not chosen:
         raise UserError(f"{path.with_suffix('.json')} names no head format this tool knows ({fmt!r}); re-run fit-head")
     return (chosen or candidates)[0].load(path)  # no readable description: that load says what is missing
