@@ -152,6 +152,14 @@ def test_a_damaged_file_at_the_requests_own_key_is_refused_not_extracted_over(tm
         assert str(path) in res.stderr, res.stderr
         assert "damaged" in res.stderr and f"cache rm {path.name}" in res.stderr and "yet" not in res.stderr
         assert path.read_bytes() == whole[: len(whole) // 2], command
+    listed = run_cli("cache", "ls", "--cache-dir", str(cache))  # as the docs say: damaged, not "unreadable"
+    assert listed.returncode == 0 and "damaged: not readable as HDF5" in listed.stdout, listed.stdout
+    (tmp_path / "c2" / "features").mkdir(parents=True)  # beside another data set's extraction, which looks for reuse
+    shutil.copy(path, tmp_path / "c2" / "features" / path.name)
+    other = run_cli("extract", "--data", str(make_folder(tmp_path / "d2", per_class=4, seed=1)), "--cache-dir",
+                    str(tmp_path / "c2"), *fast)
+    assert other.returncode == 0, other.stderr
+    assert f"warning: {path.name} is not used to reuse rows from: it is damaged (not readable as HDF5)" in other.stderr
     again = run_cli("extract", "--data", str(data), "--cache-dir", str(cache), "--force", *fast)
     assert again.returncode == 0, again.stderr
     with FeatureFile(path) as ff:

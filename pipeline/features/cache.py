@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 
 from pipeline.errors import UserError
-from pipeline.features.store import FeatureFile, chunk_files, structure_problem
+from pipeline.features.store import FeatureFile, chunk_files, not_damaged, structure_problem
 from pipeline.layout import CacheLayout
 from pipeline.locking import is_locked
 
@@ -58,7 +58,9 @@ def find_entries(cache_dir: Path) -> list[Entry]:
                                  path.stat().st_size / 1e6, str(a["data"]), "complete"))
         except (OSError, KeyError, ValueError, TypeError) as exc:
             b, s, p, k = _name_parts(path)
-            state = f"damaged: {exc}" if isinstance(exc, ValueError) else "unreadable"
+            why = not_damaged(path, exc) if isinstance(exc, OSError) else ""
+            state = (f"unreadable: {why}" if why else f"damaged: {exc}" if isinstance(exc, ValueError)
+                     else "damaged: not readable as HDF5" if isinstance(exc, OSError) else f"damaged: {exc}")
             out.append(Entry(path, k, b, s, p, "?", path.stat().st_size / 1e6, "?", state))
     for parts in sorted(root.glob("*.parts")):
         b, s, p, k = _name_parts(parts)

@@ -30,7 +30,7 @@ import numpy as np
 from pipeline.atomic import write_text_atomic
 from pipeline.data.loader import default_workers
 from pipeline.errors import DataWarning, UserError
-from pipeline.features.store import FeatureFile, structure_problem
+from pipeline.features.store import FeatureFile, not_damaged, structure_problem
 
 # key material that may differ between a cache and the one it reuses rows from
 _FREE = ("data", "augment")
@@ -210,7 +210,12 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
                     old = {(i, int(s), int(m), int(v)): int(r) for i, s, m, v, r in
                            zip(old_ids, f["sizes"][:][usable], f["mtimes_ns"][:][usable], views[usable], usable)}
                 shape = tuple(f["features"].shape[1:])
-        except (OSError, KeyError, ValueError, TypeError, AttributeError):
+        except OSError as exc:
+            if not not_damaged(path, exc):  # a file of this cache HDF5 cannot read: said, as for damage found above
+                warnings.warn(f"{path.name} is not used to reuse rows from: it is damaged (not readable as HDF5)",
+                              DataWarning, stacklevel=2)
+            continue
+        except (KeyError, ValueError, TypeError, AttributeError):
             continue
         sizes, mtimes, hashes = stats
         tags, rows = [], []

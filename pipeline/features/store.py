@@ -453,13 +453,25 @@ _SKIP_DATASETS = ("skipped_paths", "skipped_reasons")
 MAX_INFLATION = 100  # declared rows may take at most this many times the file's bytes (compression)
 
 
+def not_damaged(path: Path, exc: OSError) -> str:
+    """Why HDF5 could not open a file that need not be damaged ("" where it is damaged): no read
+    permission, or a file system without locks."""
+    text = str(exc)
+    if "Permission denied" in text or "errno = 13" in text or not os.access(path, os.R_OK):
+        return "permission denied"
+    if "unable to lock file" in text.lower() or "file locking" in text.lower():
+        return "no file locks"
+    return ""
+
+
 def open_failure(path: Path, exc: OSError) -> str:
     """The one line for a cache file HDF5 cannot open: a good file this process may not read, or one
     on a file system without locks, must not be called damaged (whose way out is removing it)."""
     text = str(exc)
-    if "Permission denied" in text or "errno = 13" in text or not os.access(path, os.R_OK):
+    why = not_damaged(path, exc)
+    if why == "permission denied":
         return f"{path} cannot be read: permission denied; ask for read access to it, or copy it into a cache of your own"
-    if "unable to lock file" in text.lower() or "file locking" in text.lower():
+    if why:
         return (f"{path} cannot be opened: HDF5 could not lock it ({text}); another process may be writing "
                 f"it, or its file system has no locks: then set HDF5_USE_FILE_LOCKING=FALSE, or copy it to a local disk")
     return damaged_message(path, f"not readable as HDF5: {text}")
