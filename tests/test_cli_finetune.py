@@ -119,6 +119,12 @@ def test_finetune_killed_then_resumed(tmp_path):
     assert not (ft_dir / "model.keras").exists(), "killed too late"
     listing = run_cli("runs", "--stage", "finetune", "--cache-dir", str(cache))
     assert "incomplete" in listing.stdout
+    from pipeline.cli.finetune_cmds import RESUME_LOCK
+    from pipeline.locking import exclusive_lock
+    with exclusive_lock(ft_dir / RESUME_LOCK) as held:  # another process resuming it: refused, not run beside it
+        assert held
+        twice = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", str(cache))
+    assert twice.returncode == 2 and "is being resumed by another process" in twice.stderr, twice.stderr
     resumed = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", str(cache), timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     metrics = json.loads((ft_dir / "metrics.json").read_text())

@@ -21,7 +21,7 @@ from pipeline.errors import UserError  # noqa: E402
 from pipeline.extract import ExtractRequest  # noqa: E402
 from pipeline.finetune.checkpoints import CHECKPOINT_FILE, read_checkpoint  # noqa: E402
 from pipeline.finetune.handover import split_parts  # noqa: E402
-from pipeline.finetune.model import build_finetune_model, set_trainable  # noqa: E402
+from pipeline.finetune.model import build_finetune_model, set_trainable, unfrozen_blocks  # noqa: E402
 from pipeline.finetune.tuner import FineTuner  # noqa: E402
 from pipeline.heads import DenseHead, LogisticHead  # noqa: E402
 from pipeline.backbones.preprocessing import preprocessing_layers  # noqa: E402
@@ -99,6 +99,10 @@ def test_vgg_block5_trainable_and_unknown_block_lists_names(data):
     assert names == ["block5_conv1", "block5_conv2", "block5_conv3", "logits"]
     assert not model.get_layer("preprocess_rgb_to_bgr").trainable
     assert set_trainable(model, VGG, (), unfreeze_last=2) == ["block5_conv3", "logits"]  # + weightless pool
+    # --unfreeze-last alone trains those layers alone: the default top block beside them hid a small N
+    layer_names = [layer.name for layer in model.get_layer("backbone").layers]
+    assert unfrozen_blocks(VGG, layer_names, None, 2) == () and unfrozen_blocks(VGG, layer_names, None, None) == ("block5",)
+    assert unfrozen_blocks(VGG, layer_names, ["block4"], 2) == ("block4",)
     with pytest.raises(UserError, match="more than the .* layers"):
         set_trainable(model, VGG, (), unfreeze_last=100000)
     with pytest.raises(UserError) as err:

@@ -9,6 +9,7 @@ import click
 
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
+from pipeline.locking import exclusive_lock
 from pipeline.finetune.results import format_comparison
 from pipeline.heads.registry import trusting_pickles
 from pipeline.heads.schedules import OPTIMIZERS
@@ -18,13 +19,17 @@ from pipeline.tracking.runs import Registry, Run
 _RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflow", "mlflow_experiment"}
 
 
+RESUME_LOCK = ".resume.lock"  # in the run folder, held by the one process resuming it
+
+
 @click.command("finetune")
 @click.option("--run", "run_id", default=None, help="The fit-head run to start from.")
 @click.option("--resume", "resume_id", default=None, help="Continue this interrupted finetune run instead.")
 @click.option("--unfreeze", multiple=True, help="Top block(s) to train, e.g. block5 (VGG), conv5 (ResNet), "
                                                 "block7 (EfficientNet/Lite). Default: the topmost block "
                                                 "(EfficientNet-Lite: top, block7, block6).")
-@click.option("--unfreeze-last", type=click.IntRange(0), default=None, help="Or: train the backbone's last N layers.")
+@click.option("--unfreeze-last", type=click.IntRange(1), default=None,
+              help="Or: train the backbone's last N layers (with --unfreeze: those blocks too).")
 @click.option("--lr", type=FiniteFloat(0, min_open=True), default=None,
               help="Default: a tenth of a dense head's LR; 2e-4 after a logistic or svm head.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adam", show_default=True)
@@ -76,9 +81,15 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     if resume_id:
         record = registry.get(resume_id)
         if record.stage != "finetune":
-            raise UserError(f"--resume takes a finetune run; {record.id} is a {record.stage} run")
+            raise UserError(f"--resume takes a finetune run; {record.id} is a run of {record.stage}")
         if record.status == "ok":
             raise UserError(f"finetune run {record.id} already finished; nothing to resume")
+        if record.status == "running":
+            raise UserError(f"finetune run {record.id} is still running (pid {record.info.get('pid')} on "
+                            f"{record.info.get('host')}); resume it once it has stopped")
+        # held until the command ends: a second --resume of the run at the same time is refused, not run beside it
+        if not click.get_current_context().with_resource(exclusive_lock(record.dir / RESUME_LOCK)):
+            raise UserError(f"finetune run {record.id} is being resumed by another process; wait for it to finish")
         parent = registry.get(record.config["parent_run"])
         tuner = FineTuner.from_checkpoint(record.dir)
         if no_progress:
@@ -89,7 +100,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
             raise click.UsageError("give --run ID (a fit-head run) or --resume ID (an interrupted finetune run)")
         parent = registry.get(run_id)
         if parent.stage != "fit-head":
-            raise UserError(f"finetune starts from a fit-head run; {parent.id} is a {parent.stage} run")
+            raise UserError(f"finetune starts from a fit-head run; {parent.id} is a run of {parent.stage}")
         tuner = FineTuner(unfreeze=list(unfreeze) or None, unfreeze_last=unfreeze_last, lr=lr, optimizer=optimizer,
                           lr_schedule=lr_schedule, epochs=epochs, batch_size=batch_size,
                           early_stopping=early_stopping, class_weight=class_weight,

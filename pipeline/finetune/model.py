@@ -179,10 +179,14 @@ def check_has_blocks(spec: backbones.Backbone, unfreeze_last: int | None) -> Non
 
 def unfrozen_blocks(spec: backbones.Backbone, layer_names: list[str], unfreeze: Sequence[str] | None,
                     unfreeze_last: int | None) -> tuple[str, ...]:
-    """The blocks to unfreeze: `unfreeze` as given, else the table's `finetune_blocks` topmost blocks."""
+    """The blocks to unfreeze: `unfreeze` as given; none where only `unfreeze_last` is (the last N layers
+    alone: with the default top block beside them, a small N changed nothing); else the table's
+    `finetune_blocks` topmost blocks."""
     check_has_blocks(spec, unfreeze_last)
     if unfreeze is not None:
         return tuple(unfreeze)
+    if unfreeze_last:
+        return ()
     present = [*backbones.block_spans(spec, layer_names), *(n for n, start in spec.blocks if start.startswith(
         backbones.hub.NESTED))]
     return tuple(present[:max(1, int(spec.finetune_blocks))])
