@@ -125,6 +125,9 @@ def test_finetune_killed_then_resumed(tmp_path):
         assert held
         twice = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", str(cache))
     assert twice.returncode == 2 and "is being resumed by another process" in twice.stderr, twice.stderr
+    parent_rm = run_cli("runs", "rm", head_run, "--cache-dir", str(cache))  # the resume reads it again
+    assert parent_rm.returncode == 2 and f"unfinished run {ft_dir.name} (finetune, incomplete)" in parent_rm.stderr
+    assert (cache / "runs" / head_run).is_dir()
     resumed = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", str(cache), timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     metrics = json.loads((ft_dir / "metrics.json").read_text())

@@ -331,6 +331,14 @@ class Registry:
                                 f"nothing removed; stop it first or pass --force")
             if r.id not in {x.id for x in records}:
                 records.append(r)
+        leaving = {r.id for r in records}
+        waiting = [x for x in self.list() if x.id not in leaving and x.status not in ("ok", "damaged")
+                   and x.config.get("parent_run") in leaving] if not force else []
+        if waiting:  # a resume reads its parent run again: removing the parent loses the checkpointed epochs
+            w = waiting[0]
+            raise UserError(f"run {w.config['parent_run']} is where unfinished run {w.id} ({w.stage}, {w.status}) "
+                            f"starts, and resuming it reads that run again; nothing removed; resume it first "
+                            f"(python cli.py finetune --resume {w.id}), remove it too, or pass --force")
         root = os.path.realpath(self.root)
         for r in records:
             inside = (os.path.realpath(r.dir.parent) == root if r.dir.is_symlink()
