@@ -151,6 +151,20 @@ def test_failed_run_is_marked_failed(tmp_path):
 
 
 # ------------------------------------------------------------------------------ registry
+def test_runs_rm_keeps_the_run_an_unfinished_finetune_resumes_from_and_only_that(tmp_path):
+    """A finetune's --resume reads its parent run again; an audit of a run (parent_run too) does not."""
+    reg = Registry(tmp_path)
+    fit = reg.start("fit-head", {})
+    fit.finish()
+    audit = reg.start("audit", {"parent_run": fit.id})
+    audit.finish("failed", error="KeyboardInterrupt")
+    tune = reg.start("finetune", {"parent_run": fit.id})
+    tune.finish("failed", error="KeyboardInterrupt")
+    with pytest.raises(UserError, match=f"unfinished run {tune.id} .finetune, failed.*finetune --resume {tune.id}"):
+        reg.remove([fit.id])
+    assert reg.remove([fit.id, tune.id]) and [r.id for r in reg.list()] == [audit.id]  # the audit did not block it
+
+
 def test_registry_start_finish_list_filter_sort(tmp_path):
     reg = Registry(tmp_path)
     a = reg.start("extract", {"backbone": "efficientnetb0", "data": "flowers"})

@@ -148,6 +148,10 @@ def test_a_class_folder_name_is_read_as_a_manifest_label_is(tmp_path):
     manifest.write_text("path,label,split\n" + "".join(
         f'"{p}"," {listing.class_names[l]} ",{s}\n' for p, l, s in zip(listing.paths, listing.labels, listing.splits)))
     assert open_source(str(manifest)).listing().class_names == listing.class_names
+    no_train = make_folder(tmp_path / "nt", per_class=2, classes=("ants",))
+    make_folder(tmp_path / "nt", per_class=2, classes=(" bees ",), splits=("val",))
+    with pytest.raises(UserError, match=r"class 'bees' has val images \(folder .*/val/ bees \) but no training"):
+        open_source(str(no_train)).listing()  # the folder as it is spelt on disk
     blank = make_folder(tmp_path / "blank", per_class=2, classes=("   ", "bees"))
     with pytest.raises(UserError, match="has a name of spaces alone; rename it"):
         open_source(str(blank)).listing()

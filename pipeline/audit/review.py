@@ -197,7 +197,7 @@ SCRIPT = """
     var orphans = Object.keys(needed).filter(function (a) { return trains && !has(taught, a); });
     var warn = document.getElementById("review-orphans");
     warn.hidden = !orphans.length;
-    warn.textContent = orphans.length ? "\u00a0Your manifest keeps val or test images of " +
+    warn.textContent = orphans.length ? " Your manifest keeps val or test images of " +
       orphans.map(function (a) { return "'" + R.classes[+a] + "'"; }).join(", ") + " but no training image of " +
       (orphans.length > 1 ? "those classes" : "that class") + ", which fit-head refuses: keep one of " +
       (orphans.length > 1 ? "their" : "its") + " training images, or drop those." : "";

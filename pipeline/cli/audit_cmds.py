@@ -14,6 +14,7 @@ from pipeline.cli.options import (SEED, FiniteFloat, extract_options, given_opti
                                   trust_pickle_option)
 from pipeline.cli.shared import FEATURE_OPTIONS, open_cache
 from pipeline.errors import DataWarning, UserError
+from pipeline.extract import ExtractRequest
 from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
 from pipeline.inference.apply import load_run
@@ -108,8 +109,8 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
                    f"test images either: a head fitted on it will not know {which}; look at its images in "
                    f"report.html (--drop-below 0 keeps every label issue in)", err=True)
     if "val" in cleaned["splits_emptied"]:
-        click.echo("cleaned.csv keeps no val image (each a copy of a training image, a label issue or an outlier): "
-                   "fit-head on it holds out part of the training images as val instead", err=True)
+        click.echo("cleaned.csv keeps no val image: fit-head on it holds out part of the training images as val "
+                   "instead", err=True)
     mlflow_after(log_mlflow, CacheLayout.of(run.dir).root, run.id, mlflow_experiment)
 
 
@@ -120,7 +121,11 @@ def warn_changed_images(ff: FeatureFile) -> None:
     if changed:
         path, how = changed[0]
         data = ff.attrs.get("data")
-        again = f"audit with --data {shlex.quote(str(data))}" if data else "extract them again"
+        try:  # the cache's own extraction options, so the advice reads the same features again
+            flags = ExtractRequest.from_json(ff.attrs["request"]).feature_flags() if ff.attrs.get("request") else []
+        except (UserError, ValueError):
+            flags = []
+        again = (f"audit with {shlex.join(['--data', str(data), *flags])}" if data else "extract them again")
         warnings.warn(f"{len(changed)} of the audited images changed or went missing since they were extracted (e.g. "
                       f"{path}: {how}): the findings describe the cached features, and cleaned.csv still lists them; "
                       f"{again} to extract those again first", DataWarning, stacklevel=2)

@@ -285,8 +285,8 @@ class FolderSource(FileSource):
 
     def _where(self, listing: Listing, rows: np.ndarray) -> str:
         role = listing.splits[int(rows[0])]
-        name = listing.class_names[int(listing.labels[int(rows[0])])]
-        folder = self.root / self.split.folder_names[SPLITS.index(role)] / name
+        base = self.root / self.split.folder_names[SPLITS.index(role)]
+        folder = base / Path(listing.paths[int(rows[0])]).relative_to(base).parts[0]  # as spelt on disk
         return f"folder {folder}"
 
 

@@ -332,7 +332,7 @@ class Registry:
             if r.id not in {x.id for x in records}:
                 records.append(r)
         leaving = {r.id for r in records}
-        waiting = [x for x in self.list() if x.id not in leaving and x.status not in ("ok", "damaged")
+        waiting = [x for x in self.list("finetune") if x.id not in leaving and x.status not in ("ok", "damaged")
                    and x.config.get("parent_run") in leaving] if not force else []
         if waiting:  # a resume reads its parent run again: removing the parent loses the checkpointed epochs
             w = waiting[0]
