@@ -382,16 +382,8 @@ def retrain_command(result: Mapping[str, Any], manifest: Path) -> str | None:
     r = result.get("_retrain") or {}
     if not names_files(r.get("data") or ""):
         return None
-    words = ["python", "cli.py", "fit-head", "--data", str(Path(manifest).resolve()), "--allow-outside-paths"]
-    try:  # the request as FeatureFile.attrs decodes it: a dict, or None in a cache that records none
-        if r.get("request"):
-            flags = ExtractRequest.from_json(r["request"]).feature_flags()
-            for i in range(len(flags) - 1):  # a weights file named relative to here: absolute, as every path
-                if flags[i] == "--weights" and flags[i + 1] not in ("imagenet", "none") and Path(flags[i + 1]).exists():
-                    flags[i + 1] = str(Path(flags[i + 1]).resolve())
-            words += flags
-    except (UserError, ValueError):  # a cache of another version: the plain command, as before
-        pass
+    words = ["python", "cli.py", "fit-head", "--data", str(Path(manifest).resolve()), "--allow-outside-paths",
+             *ExtractRequest.recorded_flags(r.get("request"))]  # another version's request: the plain command
     if r.get("backend") and r["backend"] != DEFAULT_BACKEND:
         words += ["--backend", str(r["backend"])]
     root = Path(r.get("cache_root") or DEFAULT_CACHE).resolve()

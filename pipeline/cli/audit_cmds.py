@@ -120,12 +120,9 @@ def warn_changed_images(ff: FeatureFile) -> None:
     changed = changed_files(ff, ff.rows(views="clean"))
     if changed:
         path, how = changed[0]
-        data = ff.attrs.get("data")
-        try:  # the cache's own extraction options, so the advice reads the same features again
-            flags = ExtractRequest.from_json(ff.attrs["request"]).feature_flags() if ff.attrs.get("request") else []
-        except (UserError, ValueError):
-            flags = []
-        again = (f"audit with {shlex.join(['--data', str(data), *flags])}" if data else "extract them again")
+        data = ff.attrs.get("data")  # with the cache's own extraction options: the advice reads the same features
+        again = (f"audit with {shlex.join(['--data', str(data), *ExtractRequest.recorded_flags(ff.attrs.get('request'))])}"
+                 if data else "extract them again")
         warnings.warn(f"{len(changed)} of the audited images changed or went missing since they were extracted (e.g. "
                       f"{path}: {how}): the findings describe the cached features, and cleaned.csv still lists them; "
                       f"{again} to extract those again first", DataWarning, stacklevel=2)

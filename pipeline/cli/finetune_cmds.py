@@ -9,10 +9,10 @@ import click
 
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
-from pipeline.locking import exclusive_lock
 from pipeline.finetune.results import format_comparison
 from pipeline.heads.registry import trusting_pickles
 from pipeline.heads.schedules import OPTIMIZERS
+from pipeline.locking import exclusive_lock
 from pipeline.tracking.runs import Registry, Run
 
 

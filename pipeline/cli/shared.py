@@ -102,9 +102,9 @@ def check_two_classes(request, command: str, splits: tuple[str, ...] | None) -> 
     listing = source.listing()
     labels = np.asarray(listing.labels)
     where = labels >= 0
+    labelled = int(where.sum())
     if splits is not None:
         where &= np.isin(np.asarray(listing.splits, dtype=object), list(splits))
-    labelled = int((labels >= 0).sum())
     labels = labels[where]
     kind = "training images" if splits == ("train",) else "labelled images"
     if labels.size == 0 and labelled and listing.split_origin.startswith("hash"):

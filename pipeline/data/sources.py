@@ -256,13 +256,14 @@ class FolderSource(FileSource):
             if not classes:
                 raise UserError(f"{base} has no class subfolders; expected one subfolder per class "
                                 f"(e.g. {base}/cats/*.jpg)")
-            per_class += [(role, class_name(c), c) for c in classes]
             named: dict[str, Path] = {}
-            for _, name, folder in per_class[len(per_class) - len(classes):]:
+            for folder in classes:
+                name = class_name(folder)
                 if named.setdefault(name, folder) != folder:
                     raise UserError(f"class folders {named[name].name!r} and {folder.name!r} in {base} differ only in "
                                     f"spaces at their ends, which class names leave out (as a manifest's labels do); "
                                     f"rename one")
+                per_class.append((role, name, folder))
         class_names = sorted({name for _, name, _ in per_class})
         index = {n: i for i, n in enumerate(class_names)}
         paths, labels, splits, rel = [], [], [], []

@@ -77,6 +77,19 @@ class ExtractRequest:
         return flags
 
     @classmethod
+    def recorded_flags(cls, recorded: dict[str, Any] | None) -> list[str]:
+        """`feature_flags` of the request a cache recorded, a weights file named absolutely (the command
+        may run from elsewhere); [] where it records none, or one of another version."""
+        try:
+            flags = cls.from_json(recorded).feature_flags() if recorded else []
+        except (UserError, ValueError):
+            return []
+        for i in range(len(flags) - 1):
+            if flags[i] == "--weights" and flags[i + 1] not in ("imagenet", "none") and Path(flags[i + 1]).exists():
+                flags[i + 1] = str(Path(flags[i + 1]).resolve())
+        return flags
+
+    @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ExtractRequest":
         """The request a cache file or run recorded; UserError when it has fields this version does not
         know (written by another version) or of the wrong shape."""

@@ -59,8 +59,7 @@ def find_entries(cache_dir: Path) -> list[Entry]:
         except (OSError, KeyError, ValueError, TypeError) as exc:
             b, s, p, k = _name_parts(path)
             why = not_damaged(path, exc) if isinstance(exc, OSError) else ""
-            state = (f"unreadable: {why}" if why else f"damaged: {exc}" if isinstance(exc, ValueError)
-                     else "damaged: not readable as HDF5" if isinstance(exc, OSError) else f"damaged: {exc}")
+            state = f"unreadable: {why}" if why else f"damaged: {'not readable as HDF5' if isinstance(exc, OSError) else exc}"
             out.append(Entry(path, k, b, s, p, "?", path.stat().st_size / 1e6, "?", state))
     for parts in sorted(root.glob("*.parts")):
         b, s, p, k = _name_parts(parts)

@@ -31,7 +31,7 @@ class AutoHead(Head):
     """
 
     kind = "auto"
-    options = frozenset({"C", "class_weight", "jobs", "flatten", "seed", "memory_budget"})  # --C: refused below
+    options = Head.shared_options | {"C", "class_weight", "jobs"}  # --C: refused in from_options
 
     def __init__(self, class_weight: str | None = None, flatten: str = "avg", n_jobs: int | None = 1,
                  random_state: int = 0, max_rows: int = AUTO_MAX_ROWS, memory_budget_mb: float | None = None) -> None:

@@ -225,6 +225,8 @@ class Head(ClassifierMixin, BaseEstimator):
     sweep_grid: ClassVar[dict[str, list[Any]] | None] = None  # `--sweep`'s default grid (None: no sweep)
     # the fit-head options (their parameter names) this kind reads in `from_options`: others given are refused
     options: ClassVar[frozenset[str]] = frozenset()
+    # every kind's: how feature maps become vectors, the seed, the memory budget
+    shared_options: ClassVar[frozenset[str]] = frozenset({"flatten", "seed", "memory_budget"})
     # parameters that leave a compiled model as it is: a sweep's configs differing only in them share one
     sweep_schedule_only: ClassVar[frozenset[str] | None] = None
     explains: ClassVar[bool] = False               # `neighbours` names the training images behind a prediction

@@ -56,9 +56,9 @@ class DenseHead(Head):
     uses_validation = True
     tuple_params = ("hidden",)
     sweep_grid = {"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "dropout": [0.0, 0.3], "hidden": [(128,), (256,)]}
-    options = frozenset({"hidden", "batchnorm", "dropout", "l2", "optimizer", "lr", "lr_schedule", "lr_start", "lr_min",
-                         "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs", "head_batch_size",
-                         "early_stopping", "class_weight", "flatten", "seed", "memory_budget"})
+    options = Head.shared_options | {"hidden", "batchnorm", "dropout", "l2", "optimizer", "lr", "lr_schedule", "lr_start",
+                                     "lr_min", "lr_max", "rampup_epochs", "sustain_epochs", "exp_decay", "epochs",
+                                     "head_batch_size", "early_stopping", "class_weight"}
     sweep_schedule_only = frozenset({"lr", "lr_schedule", "lr_start", "lr_max", "lr_min", "rampup_epochs",
                                      "sustain_epochs", "exp_decay", "epochs", "early_stopping", "memory_budget_mb",
                                      "verbose"})

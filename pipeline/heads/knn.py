@@ -102,7 +102,7 @@ class KNNHead(Head):
     key_param_names = ("k", "vote_temperature", "flatten")
     tuple_params = ("ks", "vote_temperatures")
     sweep_grid = {"k": [5, 10, 20, 50], "vote_temperature": [0.03, 0.07, 0.1]}
-    options = frozenset({"k", "vote_temperature", "flatten", "seed", "memory_budget"})
+    options = Head.shared_options | {"k", "vote_temperature"}
     scoring = "CV log loss"
     explains = True
 

@@ -53,7 +53,7 @@ class LogisticHead(Head):
     key_param_names = ("C", "class_weight", "flatten")
     tuple_params = ("Cs",)
     sweep_grid = {"C": [float(c) for c in np.logspace(-4, 1, 11)]}
-    options = frozenset({"C", "class_weight", "jobs", "flatten", "seed", "memory_budget"})
+    options = Head.shared_options | {"C", "class_weight", "jobs"}
 
     def __init__(self, C: float | str = "auto", Cs: Sequence[float] = DEFAULT_CS, cv: int = 5,
                  class_weight: str | None = None, scoring: str = "neg_log_loss", max_iter: int = 300,

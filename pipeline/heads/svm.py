@@ -109,7 +109,7 @@ class KernelHead(Head):
     key_param_names = ("C", "class_weight", "flatten")
     tuple_params = ("Cs",)
     sweep_grid = {"C": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0]}
-    options = frozenset({"C", "class_weight", "jobs", "flatten", "seed", "memory_budget"})
+    options = Head.shared_options | {"C", "class_weight", "jobs"}
     scoring = "CV log loss (calibrated)"  # what picks C, lower is better: the c_curve.png label
 
     def __init__(self, C: float | str = "auto", Cs: Sequence[float] = DEFAULT_SVM_CS, gamma: float | str = "scale",
