@@ -135,6 +135,38 @@ def test_finetune_killed_then_resumed(tmp_path):
     assert (ft_dir / "model.keras").exists()
 
 
+def test_finetune_interrupted_after_training_is_recorded_by_resume(tmp_path, monkeypatch):
+    """Ctrl-C after the last epoch (the model saved, checkpoints dropped) but before the run was recorded:
+    --resume trains nothing and records it (it refused 'already finished', leaving a failed run)."""
+    import pipeline.tracking.plots as plots
+
+    data = make_folder(tmp_path / "d", per_class=4)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1")
+    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(plots, "plot_history", interrupted)
+        ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--batch-size", "8", "--no-trunk-cache",
+                     "--no-progress", "--cache-dir", cache)
+    assert ft.returncode == 130 and "finetune --resume ID` continues it" in ft.stderr, ft.stderr
+    ft_dir = Path(cache) / "runs" / ft.stderr.split("run ", 1)[1].split(":")[0]
+    assert (ft_dir / "model.keras").exists() and json.loads((ft_dir / "run.json").read_text())["status"] == "failed"
+    model_bytes = (ft_dir / "model.keras").read_bytes()
+    resumed = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", cache)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "training had finished before the interruption" in resumed.stderr and "val   accuracy" in resumed.stdout
+    assert json.loads((ft_dir / "run.json").read_text())["status"] == "ok"
+    metrics = json.loads((ft_dir / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and "after" in metrics and (ft_dir / "curves.png").exists()
+    assert (ft_dir / "model.keras").read_bytes() == model_bytes  # not trained again
+    again = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", cache)
+    assert again.returncode == 2 and "already finished" in again.stderr
+
+
 def test_finetune_validates_on_the_fit_head_holdout_when_there_is_no_val_folder(tmp_path):
     """train/ and test/ only: fit-head holds out a seeded 20% of train; finetune validates on exactly
     those images (its 'before' column equals the head's val metrics), and early stopping works."""

@@ -9,6 +9,7 @@ import click
 
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
+from pipeline.finetune.checkpoints import finished_result
 from pipeline.finetune.results import format_comparison
 from pipeline.heads.registry import trusting_pickles
 from pipeline.heads.schedules import OPTIMIZERS
@@ -107,11 +108,13 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                           augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
                           trunk_cache=trunk_cache, views=views, label_smoothing=label_smoothing,
                           verbose=2 if no_progress or not sys.stdout.isatty() else 1)  # per-step bar (ETA) or a line per epoch
-    with trusting_pickles(trust_pickle):
-        inputs = stage2_inputs(parent.dir)
+    # interrupted after its training finished (while plotting or logging): nothing to train, only to record
+    finished = finished_result(record.dir) if resume_id else None
+    if finished is None:
+        with trusting_pickles(trust_pickle):
+            inputs = stage2_inputs(parent.dir)
     if not resume_id:  # a typo in --unfreeze fails now, not after a failed run record
         tuner.check_params(inputs.request.backbone)
-    if not resume_id:
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
                   "head": f"finetune({inputs.head.kind})", "cache_file": str(inputs.cache_path),
                   "request": inputs.request.to_json(), "class_names": list(inputs.head.class_names_),
@@ -119,11 +122,14 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                              "lr": lr or tuner.default_lr(inputs.head), "epochs": epochs},
                   "finetune_params": tuner.get_params()}
         run = registry.start("finetune", config)
-    click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
+    if finished is None:
+        click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
+    else:
+        click.echo(f"run {run.id}: its training had finished before the interruption; recording the results", err=True)
     with run:
-        result = tuner.fit(inputs.request, inputs.head, run.dir, resume=bool(resume_id),
-                           log=lambda m: click.echo(m, err=True), split=inputs.split, cache_dir=cache_dir,
-                           progress=not no_progress)
+        result = finished or tuner.fit(inputs.request, inputs.head, run.dir, resume=bool(resume_id),
+                                       log=lambda m: click.echo(m, err=True), split=inputs.split,
+                                       cache_dir=cache_dir, progress=not no_progress)
         run.log_metrics(result.run_metrics())
         if result.history.get("loss"):
             plot_history(result.history, run.path("curves.png"), title="fine-tuning")

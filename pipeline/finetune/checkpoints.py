@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.atomic import save_keras_atomic, write_text_atomic
 from pipeline.errors import UserError
+from pipeline.finetune.results import FinetuneResult
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "finetune.json"
@@ -111,6 +112,20 @@ def resume_state(run_dir: Path, resume: bool, fingerprint: str, say: Callable[[s
         raise UserError(f"checkpoint model {run_dir / state['model']} is missing; cannot resume")
     say(f"resuming after epoch {state['epoch']} of {state['epochs']}")
     return state
+
+
+def finished_result(run_dir: Path) -> FinetuneResult | None:
+    """The result of a run whose training finished (checkpoint complete, model and finetune.json
+    written) but whose record did not (interrupted while plotting or logging), else None: what
+    `finetune --resume` records instead of refusing a run with nothing left to train."""
+    state = read_checkpoint(run_dir)
+    if not (state or {}).get("complete") or not (run_dir / MODEL_FILE).is_file():
+        return None
+    try:
+        saved = json.loads((run_dir / INFO_FILE).read_text()).get("result")
+    except (OSError, ValueError):
+        return None
+    return FinetuneResult.from_json(saved, run_dir / MODEL_FILE) if isinstance(saved, dict) else None
 
 
 def drop_checkpoints(run_dir: Path) -> None:

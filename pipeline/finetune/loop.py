@@ -116,7 +116,7 @@ def train(ctx: TrainContext, callbacks: Sequence[Any], say: Callable[[str], None
                          "head": getattr(ctx.head, "kind", "?"), "head_cache_key": ctx.head.cache_key_,
                          "params": p, "lr": ctx.lr, "epochs_run": result.epochs_run, "best_epoch": best_epoch,
                          "trainable_layers": result.trainable_layers, "history": result.history,
-                         "temperature": cal.temperature, "calibration": cal.note})
+                         "temperature": cal.temperature, "calibration": cal.note, "result": result.to_json()})
     state["complete"] = True
     write_state(run_dir, state)
     if not p["keep_checkpoint"]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -55,6 +55,16 @@ class FinetuneResult:
     val_source: str = "val split"  # 'stage-2 split' | 'val split' | 'holdout' | 'none'
     temperature: float = 1.0  # fitted on val after training and folded into the saved model (`calibrate.py`)
     calibration: str = ""  # how, or why not
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain values, kept in the run folder so a run interrupted after training records it on --resume."""
+        return {**asdict(self), "model_path": str(self.model_path)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], model_path: Path) -> "FinetuneResult":
+        """The result `to_json` kept; `model_path`: where the run folder is now."""
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, "model_path": model_path})
 
     @property
     def comparison(self) -> dict:
