@@ -113,6 +113,8 @@ def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_pat
     bad = run_cli("export", "--run", run_id, "--out", str(mine), "--cache-dir", str(cache))
     assert bad.returncode == 2 and "not empty" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    under_file = run_cli("export", "--run", run_id, "--out", str(mine / "notes.txt" / "m"), "--cache-dir", str(cache))
+    assert under_file.returncode == 2 and "notes.txt is a file, not a folder" in under_file.stderr, under_file.stderr
 
     from pipeline.errors import UserError
     from pipeline.export import export_run

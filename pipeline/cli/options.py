@@ -35,7 +35,7 @@ class FiniteFloat(click.FloatRange):
 SEED = click.IntRange(0, 2**32 - 1)  # what NumPy, TensorFlow and JAX all accept as a seed
 
 cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
-                                help="Cache root (default: ./cache).")  # every command's, declared once
+                                help="Cache root (default: the cache/ folder of this checkout, wherever the command runs).")  # every command's, declared once
 
 trust_pickle_option = click.option(
     "--trust-pickle", is_flag=True,

@@ -187,6 +187,9 @@ def check_target(out: Path, force: bool) -> None:
     if out.is_symlink():
         raise UserError(f"{out} is a symbolic link; give --out a real folder")
     if not out.exists():
+        above = next((p for p in out.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UserError(f"--out {out}: {above} is a file, not a folder; give --out a new folder")
         return
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; give --out a new folder")

@@ -268,7 +268,7 @@ class FineTuner:
 
         Trunk cache (`trunk_cache` None = where it applies, True, False): with whole blocks unfrozen,
         the frozen part below them runs once per image and view through stage 1's extraction into
-        `cache_dir` (default ./cache; `progress` shows its bar), and training runs on those maps,
+        `cache_dir` (default DEFAULT_CACHE, the checkout's cache/; `progress` shows its bar), and training runs on those maps,
         the view cycling each epoch (clean, then `views` seeded augmented ones); before/after
         metrics still run the whole saved model on the images.
         """
