@@ -522,6 +522,12 @@ def test_fit_head_refuses_one_class_before_extracting(tmp_path):
     _one_line_error(_no_tty_cli("fit-head", "--data", str(flat), "--val-fraction", "0.99", "--cache-dir", str(cache),
                                 *FAST), "--val-fraction 0.99 and --test-fraction 0 leave none of")
     assert not list(cache.rglob("*.h5")), "extracted before refusing"
+    # train/ only and --val-fraction 0: refused before the head's fitting note and before a run is recorded
+    only_train = make_folder(tmp_path / "only_train", per_class=4, splits=("train",))
+    none_held = run_cli("fit-head", "--data", str(only_train), "--val-fraction", "0", "--cache-dir", str(cache), *FAST)
+    _one_line_error(none_held, "give --val-fraction between 0 and 1")
+    stages = [json.loads(f.read_text())["stage"] for f in (cache / "runs").glob("*/run.json")]
+    assert "head auto: fitting" not in none_held.stderr and stages == ["extract"], (stages, none_held.stderr)
 
 
 @pytest.mark.parametrize("name, lr, params, fragment", [

@@ -98,8 +98,9 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
         ff = open_cache(cache, {**kw, "backbone": backbones[0]})
     with ff:
         from pipeline.heads.training import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
-            check_finite, fit_head_run)
+            check_finite, fit_head_run, split_rows)
         check_finite(ff)
+        split_rows(ff, kw["val_fraction"], head_opts["seed"], not no_augmented)  # before the fit's note and run record
         if sweep:
             run_id = _run_sweep(ff, head, estimator, head_opts, kw["val_fraction"], not no_augmented)
             mlflow_after(log_mlflow, CacheLayout.of(ff.path).root, run_id, mlflow_experiment)

@@ -57,8 +57,8 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
         val, source, held = val_clean, "val split", np.zeros(0, ff.index.dtype)
     else:
         if not 0 < val_fraction < 1:
-            raise UserError(f"the cache has no 'val' split and val_fraction={val_fraction} holds out nothing; "
-                            "use a fraction between 0 and 1")
+            raise UserError(f"the cache has no 'val' split and a val fraction of {val_fraction} holds out nothing; "
+                            "give --val-fraction between 0 and 1")
         val, held = _holdout(ff, np.flatnonzero(train_mask & clean), val_fraction, seed)
         source = "holdout"
     views_ok = np.ones_like(clean) if use_augmented else clean
@@ -226,6 +226,7 @@ def fit_head_run(feature_file: FeatureFile, head: Head, registry: Registry | Non
     """Fit and evaluate as a recorded 'fit-head' run (default registry: the cache's folder)."""
     ff = feature_file
     registry = registry or Registry(CacheLayout.of(ff.path).root)
+    split_rows(ff, val_fraction, seed, use_augmented)  # data that cannot be split fails before a run is recorded
     cfg = run_config(ff, head, val_fraction=val_fraction, seed=seed, use_augmented=use_augmented, **(config or {}))
     run = registry.start("fit-head", cfg)
     with run:
