@@ -35,6 +35,8 @@ def test_finetune_cli_end_to_end(tmp_path):
     runs_before = sorted(p.name for p in (Path(cache) / "runs").iterdir())
     bad = run_cli("finetune", "--run", head_run, "--unfreeze", "block5", "--unfreeze", "block9", "--cache-dir", cache)
     assert bad.returncode == 2 and "block5" in bad.stderr and "Traceback" not in bad.stderr
+    zero = run_cli("finetune", "--run", head_run, "--unfreeze-last", "0", "--cache-dir", cache)
+    assert zero.returncode == 2 and "'--unfreeze-last': 0 is not in the range x>=1" in zero.stderr, zero.stderr
     # refused before the trunk cache was made or a run recorded
     assert sorted(p.name for p in (Path(cache) / "runs").iterdir()) == runs_before
     assert not list((Path(cache) / "features").glob("*-block4_pool-*"))
