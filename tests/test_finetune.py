@@ -272,6 +272,42 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
         build_finetune_model(wrong, inputs.head)
 
 
+def test_stage2_inputs_warns_of_changed_images_and_refuses_a_head_of_other_features(data, tmp_path):
+    """An image replaced since extraction: one DataWarning (fine-tuning reads the new pixels, the head
+    learnt the old). With the cache removed too, the run's data is extracted again to other features:
+    refused with what to do (it named two cache keys)."""
+    import shutil
+    import warnings
+
+    from pipeline.errors import DataWarning
+    from pipeline.extract import RunOptions, extract
+    from pipeline.finetune.handover import stage2_inputs
+    from pipeline.features.store import FeatureFile
+
+    root = Path(shutil.copytree(data.root, tmp_path / "data"))
+    req = ExtractRequest(data=str(root), backbone="vgg16", weights="none", image_size=32, dtype="float32")
+    res = extract(req, RunOptions(cache_dir=tmp_path / "cache", progress=False))
+    run = tmp_path / "runs" / "fit"
+    run.mkdir(parents=True)
+    with FeatureFile(res.path) as ff:
+        rows = ff.rows("train")
+        LogisticHead(C=1.0).fit(ff.load(rows), ff.labels[rows], class_names=ff.class_names, cache_key=ff.key,
+                                feature_info={"backbone": "vgg16"}).save(run / "head.npz")
+    (run / "config.json").write_text(json.dumps({"cache_file": str(res.path), "cache_key": res.key,
+                                                 "request": req.to_json()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        stage2_inputs(run)  # nothing changed: no warning
+    image = next(root.rglob("*.jpg"))
+    image.write_bytes(next(p for p in root.rglob("*.jpg") if p != image).read_bytes())
+    os.utime(image, (1_000_000_000, 1_000_000_000))
+    with pytest.warns(DataWarning, match=f"1 of the images changed .*{image.name}: changed.*fit-head on the data again"):
+        stage2_inputs(run)
+    res.path.unlink()
+    with pytest.raises(UserError, match="now gives .*changed since\\); fit-head on the data again"):
+        stage2_inputs(run)
+
+
 @pytest.mark.parametrize("AUG", [None, AugmentConfig(flip=True, rotation=0.0, zoom=0.0, brightness=0.1, contrast=0.0)],
                          ids=["plain", "augmented"])
 @pytest.mark.parametrize("TRUNK", [False, True], ids=["images", "trunk-cache"])

@@ -7,14 +7,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pipeline.errors import UserError
+from pipeline.errors import DataWarning, UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract
+from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
 from pipeline.heads.registry import load_head
 from pipeline.heads.training import split_rows
@@ -53,10 +55,19 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
         material = ff.attrs.get("key_material") or {}
         key = ff.key
         split, val_source = _stage2_split(ff, config)
+        changed = changed_files(ff, ff.rows(views="clean"))
     if not isinstance(req, Mapping):
         raise UserError(f"{cache} records no extraction request; extract it again with this version")
-    if head.cache_key_ and head.cache_key_ != key:
-        raise UserError(f"the head in {run_dir} was fitted on cache {head.cache_key_[:16]}, not {Path(cache).name}")
+    if head.cache_key_ and head.cache_key_ != key:  # the cache was extracted again from data that changed since
+        raise UserError(f"the head in {run_dir} was fitted on features {head.cache_key_[:16]}, but the run's data now "
+                        f"gives {Path(cache).name} (images added, removed or changed since); fit-head on the data "
+                        f"again and fine-tune that run")
+    if changed:
+        path, how = changed[0]
+        warnings.warn(f"{len(changed)} of the images changed or went missing since the head's features were "
+                      f"extracted (e.g. {path}: {how}): fine-tuning reads them as they are now, and the head learnt "
+                      f"the old ones; fit-head on the data again for a head of the same pixels", DataWarning,
+                      stacklevel=2)
     request = ExtractRequest.from_json(req)
     spec = (material.get("data") or {}).get("data") if isinstance(material, Mapping) else None
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
