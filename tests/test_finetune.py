@@ -299,6 +299,7 @@ def test_stage2_inputs_warns_of_changed_images_and_refuses_a_head_of_other_featu
         warnings.simplefilter("error", DataWarning)
         stage2_inputs(run)  # nothing changed: no warning
     image = next(root.rglob("*.jpg"))
+    original, stat = image.read_bytes(), image.stat()
     image.write_bytes(next(p for p in root.rglob("*.jpg") if p != image).read_bytes())
     os.utime(image, (1_000_000_000, 1_000_000_000))
     with pytest.warns(DataWarning, match=f"1 of the images changed .*{image.name}: changed.*fit-head on the data again"):
@@ -306,6 +307,10 @@ def test_stage2_inputs_warns_of_changed_images_and_refuses_a_head_of_other_featu
     res.path.unlink()
     with pytest.raises(UserError, match="now gives .*changed since\\); fit-head on the data again"):
         stage2_inputs(run)
+    assert not list((tmp_path / "cache" / "features").glob("*.h5")), "extracted before refusing"
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert stage2_inputs(run).cache_path == res.path and res.path.exists()  # unchanged data: extracted again, the same key
 
 
 @pytest.mark.parametrize("AUG", [None, AugmentConfig(flip=True, rotation=0.0, zoom=0.0, brightness=0.1, contrast=0.0)],

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from pipeline.errors import DataWarning, UserError
-from pipeline.extract import ExtractRequest, RunOptions, extract
+from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, plan
 from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
 from pipeline.heads.registry import load_head
@@ -49,7 +49,7 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
         raise UserError(f"{run_dir}/config.json names no cache_file; fine-tuning starts from a fit-head run")
     head = load_head(run_dir)
     if not Path(cache).exists() and isinstance(config.get("request"), Mapping):
-        cache = _remake_cache(config["request"], Path(cache))
+        cache = _remake_cache(config["request"], Path(cache), head.cache_key_, run_dir)
     with FeatureFile(cache) as ff:
         req = ff.attrs.get("request")
         material = ff.attrs.get("key_material") or {}
@@ -58,10 +58,8 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
         changed = changed_files(ff, ff.rows(views="clean"))
     if not isinstance(req, Mapping):
         raise UserError(f"{cache} records no extraction request; extract it again with this version")
-    if head.cache_key_ and head.cache_key_ != key:  # the cache was extracted again from data that changed since
-        raise UserError(f"the head in {run_dir} was fitted on features {head.cache_key_[:16]}, but the run's data now "
-                        f"gives {Path(cache).name} (images added, removed or changed since); fit-head on the data "
-                        f"again and fine-tune that run")
+    if head.cache_key_ and head.cache_key_ != key:
+        raise UserError(_other_features(run_dir, head.cache_key_, Path(cache).name))
     if changed:
         path, how = changed[0]
         warnings.warn(f"{len(changed)} of the images changed or went missing since the head's features were "
@@ -75,11 +73,21 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     return Stage2Inputs(request, head, Path(cache), config, split, val_source)
 
 
-def _remake_cache(request: Mapping[str, Any], gone: Path) -> str:
+def _other_features(run_dir: Path, head_key: str, now: str) -> str:
+    return (f"the head in {run_dir} was fitted on features {head_key[:16]}, but the run's data now gives {now} "
+            f"(images added, removed or changed since); fit-head on the data again and fine-tune that run")
+
+
+def _remake_cache(request: Mapping[str, Any], gone: Path, head_key: str | None, run_dir: Path) -> str:
     """The fit-head run's cache file was removed (`cache rm`, eviction): extract the run's recorded
-    request again into the same cache folder (unchanged data gives the same key and rows)."""
-    result = extract(ExtractRequest.from_json(dict(request)), RunOptions(cache_dir=CacheLayout.of(gone).root))
-    return str(result.path)
+    request again into the same cache folder (unchanged data gives the same key and rows). Data that
+    changed since plans another key: refused before extracting features the head cannot read."""
+    req, root = ExtractRequest.from_json(dict(request)), CacheLayout.of(gone).root
+    if head_key and not is_concat(req.backbone):
+        planned = plan(req, root)
+        if planned.key != head_key:
+            raise UserError(_other_features(run_dir, head_key, planned.path.name))
+    return str(extract(req, RunOptions(cache_dir=root)).path)
 
 
 def _stage2_split(ff, config: Mapping[str, Any]) -> tuple[dict[str, list[str]], str]:
