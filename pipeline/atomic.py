@@ -9,6 +9,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def umask_mode(folder: bool = False) -> int:
+    """The mode a plain open() (or mkdir) creates under this process's umask: tempfile makes its
+    files 0600 and folders 0700, and a cache shared between users and machines must not be."""
+    try:  # Linux says it without changing it (os.umask can only be read by setting it)
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("Umask:"))
+        mask = int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto `target` only on success.
@@ -20,6 +32,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, umask_mode())
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:

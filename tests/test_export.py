@@ -283,3 +283,26 @@ def test_a_tflite_holding_tensorflow_ops_is_refused_before_anything_runs(tmp_pat
     res = run_cli("predict", "--model", str(tmp_path / "flex.tflite"), img)
     assert res.returncode == 2 and "FlexWriteFile" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not written.exists()
+
+
+def test_written_files_and_folders_follow_the_umask(head_run, tmp_path):
+    """Atomic writes and the export's staging folder were made by tempfile (files 0600, folders 0700)
+    and kept those modes: a cache or export shared with other users could not be read by them."""
+    import os
+    import stat
+
+    from pipeline.atomic import write_text_atomic
+
+    run_id, _, cache = head_run
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "ship"
+        exp = run_cli("export", "--run", run_id, "--out", str(out), "--cache-dir", str(cache))
+        write_text_atomic(tmp_path / "run.json", "{}")
+    finally:
+        os.umask(old)
+    assert exp.returncode == 0, exp.stderr
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(out) == 0o755 and {p.name: mode(p) for p in out.iterdir()} == {
+        "labels.txt": 0o644, "model.keras": 0o644, "model_card.json": 0o644}
+    assert mode(tmp_path / "run.json") == 0o644

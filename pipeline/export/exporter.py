@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import backbones as bb
-from pipeline.atomic import save_keras_atomic
+from pipeline.atomic import save_keras_atomic, umask_mode
 from pipeline.backbones import hub
 from pipeline.backbones.table import weights_identity
 from pipeline.backend import require
@@ -155,6 +155,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     card = model_card(run, fmt, size, int(model.output.shape[-1]))
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(staging, umask_mode(folder=True))  # renamed to --out: mkdtemp's 0700 would keep others out
     try:
         target = staging / FORMATS[fmt]
         _write_model(model, fmt, target, card)
