@@ -37,6 +37,8 @@ def test_finetune_cli_end_to_end(tmp_path):
     assert bad.returncode == 2 and "block5" in bad.stderr and "Traceback" not in bad.stderr
     zero = run_cli("finetune", "--run", head_run, "--unfreeze-last", "0", "--cache-dir", cache)
     assert zero.returncode == 2 and "'--unfreeze-last': 0 is not in the range x>=1" in zero.stderr, zero.stderr
+    no_trunk = run_cli("finetune", "--run", head_run, "--unfreeze-last", "2", "--trunk-cache", "--cache-dir", cache)
+    assert no_trunk.returncode == 2 and "no trunk cache: " in no_trunk.stderr, no_trunk.stderr
     # refused before the trunk cache was made or a run recorded
     assert sorted(p.name for p in (Path(cache) / "runs").iterdir()) == runs_before
     assert not list((Path(cache) / "features").glob("*-block4_pool-*"))

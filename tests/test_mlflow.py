@@ -44,6 +44,8 @@ def test_fit_head_logs_params_metrics_pngs_and_a_loadable_model(tmp_path, monkey
     assert mlflow.get_experiment(mrun.info.experiment_id).name == "ants-vs-bees"
     info = json.loads((run_dir / "run.json").read_text())
     assert info["mlflow"]["run_id"] == mrun.info.run_id                       # linked both ways
+    show = run_cli("runs", "show", run_id, "--cache-dir", str(cache))
+    assert f"mlflow: run {mrun.info.run_id} (experiment {mrun.info.experiment_id})" in show.stdout, show.stdout
     assert mrun.data.tags["backbone"] == "efficientnet_lite0" and len(mrun.data.tags["cache_key"]) == 64
     assert mrun.data.tags.get("data_fingerprint")
     assert mrun.data.params["head"] == "logistic" and mrun.data.params["head_params.C"] == "1.0"

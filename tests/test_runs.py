@@ -165,6 +165,26 @@ def test_runs_rm_keeps_the_run_an_unfinished_finetune_resumes_from_and_only_that
     assert reg.remove([fit.id, tune.id]) and [r.id for r in reg.list()] == [audit.id]  # the audit did not block it
 
 
+
+def test_runs_rm_does_not_keep_a_parent_for_a_finetune_with_no_epoch_to_resume(tmp_path):
+    """A finetune that failed before its first checkpointed epoch starts over on --resume: its parent
+    can go (runs rm refused it, and the advice to resume first was refused too)."""
+    from conftest import run_cli
+    from pipeline.finetune.checkpoints import write_state
+
+    reg = Registry(tmp_path)
+    fit = reg.start("fit-head", {})
+    fit.finish()
+    early, late = (reg.start("finetune", {"parent_run": fit.id}) for _ in range(2))
+    early.finish("failed", error="UserError: no trunk cache")
+    write_state(late.dir, {"epoch": 1, "model": "checkpoints/epoch-001.keras", "complete": False})
+    late.finish("failed", error="KeyboardInterrupt")
+    kept = run_cli("runs", "rm", fit.id, "--cache-dir", str(tmp_path))
+    assert kept.returncode == 2 and f"unfinished run {late.id}" in kept.stderr, kept.stderr
+    gone = run_cli("runs", "rm", fit.id, late.id, "--cache-dir", str(tmp_path))
+    assert gone.returncode == 0 and [r.id for r in reg.list()] == [early.id], gone.stderr
+
+
 def test_registry_start_finish_list_filter_sort(tmp_path):
     reg = Registry(tmp_path)
     a = reg.start("extract", {"backbone": "efficientnetb0", "data": "flowers"})

@@ -10,9 +10,10 @@ from rich.console import Console
 
 from pipeline.cli.options import cache_dir_option, check_output_file
 from pipeline.errors import UserError
+from pipeline.finetune.checkpoints import read_checkpoint
 from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path, plot_comparison,
                                        resolve)
-from pipeline.tracking.runs import Registry
+from pipeline.tracking.runs import Registry, RunRecord
 
 
 @click.group("runs", invoke_without_command=True)
@@ -58,12 +59,17 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
     click.echo(f"run {r.id}  stage {r.stage}  status {r.status}  started {r.started}  duration {r.duration_s}s")
     click.echo("config: " + json.dumps(r.config, indent=2, default=str))
     click.echo("metrics: " + json.dumps(r.metrics, indent=2, default=str))
+    logged = r.info.get("mlflow")
+    if isinstance(logged, dict) and logged.get("run_id"):
+        click.echo(f"mlflow: run {logged['run_id']} (experiment {logged.get('experiment_id')}) in "
+                   f"{logged.get('tracking_uri')}")
     click.echo("files: " + ", ".join(sorted(p.name for p in r.dir.iterdir())))
 
 
 @runs_group.command("rm")
 @click.argument("run_ids", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Also remove a run that is still running.")
+@click.option("--force", is_flag=True, help="Also remove a run that is still running, or the run an unfinished "
+                                           "finetune would resume from.")
 @click.option("--dry-run", is_flag=True, help="List the run folders that would be removed.")
 @cache_dir_option
 def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Path) -> None:
@@ -71,8 +77,17 @@ def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Pat
 
     Example: python cli.py runs rm 20261122-2330
     """
-    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run):
+    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run, resumable=_has_epochs):
         click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
+
+
+def _has_epochs(run: RunRecord) -> bool:
+    """An unfinished finetune run with a checkpointed epoch, which --resume continues from its parent
+    run (one without starts over, so removing the parent loses nothing); unreadable: assume so."""
+    try:
+        return bool((read_checkpoint(run.dir) or {}).get("model"))
+    except UserError:
+        return True
 
 
 @runs_group.command("compare")

@@ -82,6 +82,16 @@ def assemble(spec: backbones.Backbone, size: int, trunk, top):
     return keras.Model(inputs, top(trunk(x, training=False)), name=f"finetune_{spec.slug}")
 
 
+def no_trunk_reason(spec: backbones.Backbone, unfreeze_last: int | None) -> str | None:
+    """Why no trunk cache can serve these settings whatever the data (None: one may); `FineTuner.check_params`
+    refuses an explicit --trunk-cache for it before a run is recorded."""
+    if unfreeze_last:
+        return "the trunk cache needs whole blocks (--unfreeze), not --unfreeze-last"
+    if spec.family == backbones.hub.FAMILY:
+        return "a keras-hub preset keeps its blocks inside one layer, so there is no cut to cache below"
+    return None
+
+
 def plan_trunk(request: ExtractRequest, spec: backbones.Backbone, size: int, n_images: int, cache_dir: Path,
                say: Callable[[str], None], *, trunk_cache: bool | None, unfreeze: Sequence[str] | None,
                unfreeze_last: int | None, views: int, augment, seed: int) -> tuple[str, ExtractRequest] | None:
@@ -94,10 +104,9 @@ def plan_trunk(request: ExtractRequest, spec: backbones.Backbone, size: int, n_i
 
     if trunk_cache is False:
         return None
-    if unfreeze_last:
-        return skip("the trunk cache needs whole blocks (--unfreeze), not --unfreeze-last")
-    if spec.family == backbones.hub.FAMILY:
-        return skip("a keras-hub preset keeps its blocks inside one layer, so there is no cut to cache below")
+    why = no_trunk_reason(spec, unfreeze_last)
+    if why:
+        return skip(why)
     backbone = backbone_cut(spec, "none", size, request.layer)  # layer names and shapes only
     names = [layer.name for layer in backbone.layers]
     cut = cut_layer(spec, names, unfrozen_blocks(spec, names, unfreeze, unfreeze_last))

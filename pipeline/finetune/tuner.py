@@ -48,7 +48,7 @@ from pipeline.finetune.model import (
     unfrozen_blocks,
 )
 from pipeline.finetune.results import FinetuneResult
-from pipeline.finetune.trunk import assemble, plan_trunk, split_at, trunk_maps
+from pipeline.finetune.trunk import assemble, no_trunk_reason, plan_trunk, split_at, trunk_maps
 from pipeline.heads.base import short_names
 from pipeline.heads.dense import balanced_class_weights
 from pipeline.heads.schedules import check_optimizer, make_optimizer
@@ -161,6 +161,9 @@ class FineTuner:
             if self.unfreeze:
                 check_blocks(spec, self.unfreeze)
             check_has_blocks(spec, self.unfreeze_last)
+            why = no_trunk_reason(spec, self.unfreeze_last) if self.trunk_cache else None
+            if why:
+                raise UserError(f"no trunk cache: {why}; drop --trunk-cache to train on the images")
         return self
 
     def _check(self) -> None:

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from rich.table import Table
 
@@ -317,11 +317,13 @@ class Registry:
             raise UserError(f"no run {wanted!r} in {self.root}; `python cli.py runs` lists them")
         return self.record(hits[0])
 
-    def remove(self, run_ids: Sequence[str], force: bool = False, dry_run: bool = False) -> list[Path]:
+    def remove(self, run_ids: Sequence[str], force: bool = False, dry_run: bool = False,
+               resumable: Callable[["RunRecord"], bool] | None = None) -> list[Path]:
         """Delete run folders (only under `<cache_dir>/runs/`), each by full ID or unambiguous prefix.
 
         Every ID is checked before anything is deleted; a run still running (status running, its
-        process alive) is refused unless `force`.
+        process alive) is refused unless `force`, as is the parent of an unfinished finetune run that
+        `resumable` says holds work to resume (default: every unfinished one).
         """
         records: list[RunRecord] = []
         for run_id in run_ids:
@@ -333,7 +335,7 @@ class Registry:
                 records.append(r)
         leaving = {r.id for r in records}
         waiting = [x for x in self.list("finetune") if x.id not in leaving and x.status not in ("ok", "damaged")
-                   and x.config.get("parent_run") in leaving] if not force else []
+                   and x.config.get("parent_run") in leaving and (resumable is None or resumable(x))] if not force else []
         if waiting:  # a resume reads its parent run again: removing the parent loses the checkpointed epochs
             w = waiting[0]
             raise UserError(f"run {w.config['parent_run']} is where unfinished run {w.id} ({w.stage}, {w.status}) "
