@@ -168,3 +168,29 @@ def test_pip_install_gives_a_featurecache_command_that_is_cli_py():
     assert proc.returncode == 0 and proc.stdout == run_cli("backbones").stdout, proc.stderr
     usage = subprocess.run([str(script), "nope"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "see 'featurecache -h'" in usage.stderr
+
+
+def test_every_commands_help_keeps_its_examples_whole_and_shows_no_empty_range():
+    """--help of each command: every example command on lines of its own (click rewrapped them into one
+    paragraph, splitting a command mid-way), and no 'x<=None' for an unbounded number option."""
+    import click
+
+    from pipeline.cli import cli
+
+    def commands(group: click.Group, prefix: tuple[str, ...] = ()):
+        for name, cmd in group.commands.items():
+            yield (*prefix, name)
+            if isinstance(cmd, click.Group):
+                yield from commands(cmd, (*prefix, name))
+
+    examples = 0
+    for path in commands(cli):
+        shown = run_cli(*path, "--help")
+        assert shown.returncode == 0, (path, shown.stderr)
+        assert "None]" not in shown.stdout, (path, shown.stdout)
+        for line in shown.stdout.splitlines():
+            assert line.count("python cli.py") <= 1, (path, line)
+            if "python cli.py" in line:  # the whole command on its line
+                examples += 1
+                assert line.strip().startswith(("Example: python cli.py", "Examples: python cli.py", "python cli.py")), line
+    assert examples >= 15

@@ -49,6 +49,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     cached data set; writes audit.json, CSVs, cleaned.csv and report.html into a new run folder
     (in report.html, review each finding and download the manifest with your choices).
 
+    \b
     Example: python cli.py audit --data ../shared/data/hymenoptera
     """
     from pipeline.audit.runner import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast

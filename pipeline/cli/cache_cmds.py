@@ -26,6 +26,7 @@ def cache_group() -> None:
 def cache_ls(cache_dir: Path) -> None:
     """List cache entries: key, backbone, size, pooling, rows, data, state.
 
+    \b
     Example: python cli.py cache ls
     """
     entries = find_entries(cache_dir)
@@ -45,6 +46,7 @@ def cache_ls(cache_dir: Path) -> None:
 def cache_info(ref: str, cache_dir: Path) -> None:
     """Describe one entry (key prefix or path): schema, attributes, counts per split and class.
 
+    \b
     Example: python cli.py cache info 3b124ac0
     """
     click.echo(describe(ref, cache_dir))
@@ -66,6 +68,7 @@ def cache_rm(refs: tuple[str, ...], everything: bool, older_than: str | None, la
     Only entries of the cache under --cache-dir are ever removed; a prefix matching several keys
     removes nothing.
 
+    \b
     Examples: python cli.py cache rm 3b124ac0
               python cli.py cache rm --older-than 30d --larger-than 500MB --dry-run
     """

@@ -30,6 +30,7 @@ def export_cmd(run_id: str, fmt: str, out: Path | None, force: bool, trust_pickl
     Writes the model, labels.txt (class names in output order) and model_card.json, after checking
     that the written file reproduces the run's probabilities.
 
+    \b
     Examples: python cli.py export --run 20261122-2330 --format onnx
               python cli.py predict --model cache/runs/20261122-2330/export/onnx/model.onnx photos/
     """

@@ -31,6 +31,7 @@ def extract_cmd(force: bool, content_hash: bool, shard: str | None, ray_address:
                 mlflow_experiment: str | None, **kw) -> None:
     """Run the frozen backbone once over --data and cache the features in HDF5.
 
+    \b
     Example: python cli.py extract --data ../shared/data/hymenoptera --backbone mobilenetv2 --image-size 160
     """
     log_mlflow = mlflow_check(mlflow)
@@ -66,6 +67,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def backbones_cmd(name: str | None, layers: bool) -> None:
     """List the backbones (name, input size, preprocessing, top blocks), or one backbone's layers.
 
+    \b
     Example: python cli.py backbones mobilenetv2 --layers
     """
     if name:

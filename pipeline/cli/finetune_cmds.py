@@ -65,6 +65,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                  mlflow_experiment: str | None) -> None:
     """Fine-tune the backbone's top blocks with the fitted head on top, on the raw images.
 
+    \b
     Example: python cli.py finetune --run 20261122-2330 --unfreeze block7 --epochs 3
     """
     from pipeline.finetune.handover import stage2_inputs  # noqa: PLC0415 - scikit-learn: keeps `--help` fast

@@ -79,6 +79,7 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
                  mlflow_experiment: str | None, **kw) -> None:
     """Train a classifier head on cached features and record the run.
 
+    \b
     Example: python cli.py fit-head --data ../shared/data/hymenoptera
     """
     log_mlflow = mlflow_check(mlflow)

@@ -31,6 +31,10 @@ class FiniteFloat(click.FloatRange):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         return rv
 
+    def _describe_range(self) -> str:
+        """Nothing for an unbounded one: click's own text read 'x<=None' in --help."""
+        return "" if self.min is None and self.max is None else super()._describe_range()
+
 
 SEED = click.IntRange(0, 2**32 - 1)  # what NumPy, TensorFlow and JAX all accept as a seed
 
@@ -70,9 +74,9 @@ _EXTRACT_OPTIONS = [
                  help="Augmentations for --augment-copies, each optionally =STRENGTH (e.g. rotation=0.1)."),
     click.option("--split-names", default="train,val,test", show_default=True,
                  help="Folder names of the train, val and test splits."),
-    click.option("--val-fraction", type=FiniteFloat(), default=0.2, show_default=True,
+    click.option("--val-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.2, show_default=True,
                  help="Validation share when the data has no split folders."),
-    click.option("--test-fraction", type=FiniteFloat(), default=0.0, show_default=True),
+    click.option("--test-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True),
     click.option("--split-seed", type=SEED, default=0, show_default=True),
     click.option("--allow-outside-paths", is_flag=True,
                  help="Let a CSV manifest name files outside its own folder (refused by default)."),

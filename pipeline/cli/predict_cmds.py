@@ -44,6 +44,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
                 cache_dir: Path, backend: str | None) -> None:
     """Predict classes for IMAGES (files or folders).
 
+    \b
     Examples: python cli.py predict --run 20261122-2330 photos/ --csv preds.csv
               python cli.py predict --run 20261203-1510 photo.jpg --explain 5   (a knn head)
               python cli.py predict --model export/model.onnx photos/
@@ -94,6 +95,7 @@ def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path
                  trust_pickle: bool, cache_dir: Path) -> None:
     """Score a trained run on labelled images, through the same backbone and preprocessing.
 
+    \b
     Example: python cli.py evaluate --run 20261122-2330 --data ../shared/data/hymenoptera --split val
     """
     if csv_out is not None:

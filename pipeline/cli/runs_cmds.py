@@ -28,6 +28,7 @@ def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], 
                cache_dir: Path) -> None:
     """List recorded runs of every stage as a table.
 
+    \b
     Example: python cli.py runs --stage fit-head --sort val_accuracy
     """
     if ctx.invoked_subcommand is not None:
@@ -53,6 +54,7 @@ def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], 
 def runs_show(run_id: str, cache_dir: Path) -> None:
     """Print one run: config, metrics and files.
 
+    \b
     Example: python cli.py runs show 20261122-2330
     """
     r = Registry(cache_dir).get(run_id)
@@ -75,6 +77,7 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
 def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Path) -> None:
     """Remove run folders under <cache-dir>/runs/ by full ID or unambiguous prefix.
 
+    \b
     Example: python cli.py runs rm 20261122-2330
     """
     for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run, resumable=_has_epochs):
@@ -103,6 +106,7 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
                  cache_dir: Path) -> None:
     """Compare two or more runs: differing parameters, metrics per split, curves and confusion matrices.
 
+    \b
     Example: python cli.py runs compare 20261123-0002 20261123-0105
     """
     if out is not None:
