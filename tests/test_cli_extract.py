@@ -194,3 +194,20 @@ def test_every_commands_help_keeps_its_examples_whole_and_shows_no_empty_range()
                 examples += 1
                 assert line.strip().startswith(("Example: python cli.py", "Examples: python cli.py", "python cli.py")), line
     assert examples >= 15
+
+
+def test_ctrl_c_says_how_to_resume_and_with_force_to_drop_it(tmp_path, monkeypatch):
+    """Ctrl-C: exit 130 and one line saying what is kept; after --force, running the same command again
+    recomputed every kept chunk, so the line says to leave --force out."""
+    import pipeline.cli.extract_cmds as extract_cmds
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extract_cmds, "extract", interrupted)
+    data = str(make_folder(tmp_path / "d", per_class=2))
+    plain = run_cli("extract", "--data", data, "--cache-dir", str(tmp_path / "c"), *FAST)
+    assert plain.returncode == 130 and "interrupted: finished chunks are kept; run the same command again to resume" \
+        in plain.stderr, plain.stderr
+    forced = run_cli("extract", "--data", data, "--cache-dir", str(tmp_path / "c"), "--force", *FAST)
+    assert forced.returncode == 130 and "run the same command without --force to resume" in forced.stderr, forced.stderr

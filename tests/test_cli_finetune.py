@@ -156,8 +156,8 @@ def test_finetune_interrupted_after_training_is_recorded_by_resume(tmp_path, mon
         patch.setattr(plots, "plot_history", interrupted)
         ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--batch-size", "8", "--no-trunk-cache",
                      "--no-progress", "--cache-dir", cache)
-    assert ft.returncode == 130 and "finetune --resume ID` continues it" in ft.stderr, ft.stderr
     ft_dir = Path(cache) / "runs" / ft.stderr.split("run ", 1)[1].split(":")[0]
+    assert ft.returncode == 130 and f"finetune --resume {ft_dir.name}` continues it" in ft.stderr, ft.stderr
     assert (ft_dir / "model.keras").exists() and json.loads((ft_dir / "run.json").read_text())["status"] == "failed"
     model_bytes = (ft_dir / "model.keras").read_bytes()
     resumed = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", cache)

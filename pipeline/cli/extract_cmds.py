@@ -6,6 +6,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli.interrupts import set_resume_hint
 from pipeline.cli.options import build_request, extract_options, mlflow_after, mlflow_check, mlflow_options
 from pipeline.cli.shared import report_extraction
 from pipeline import backbones as bb
@@ -37,6 +38,8 @@ def extract_cmd(force: bool, content_hash: bool, shard: str | None, ray_address:
     log_mlflow = mlflow_check(mlflow)
     request, options = build_request(kw)
     options.force = force
+    if force:  # run again as it was, --force would recompute the kept chunks too
+        set_resume_hint("finished chunks are kept; run the same command without --force to resume")
     options.content_hash = content_hash
     options.shard = parse_shard(shard) if shard is not None else None
     if ray_address is not None:

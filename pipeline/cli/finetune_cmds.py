@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.cli.interrupts import set_resume_hint
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
 from pipeline.finetune.checkpoints import finished_result
@@ -127,6 +128,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
     else:
         click.echo(f"run {run.id}: its training had finished before the interruption; recording the results", err=True)
+    set_resume_hint(f"the last finished epoch is checkpointed; `cli.py finetune --resume {run.id}` continues it")
     with run:
         result = finished or tuner.fit(inputs.request, inputs.head, run.dir, resume=bool(resume_id),
                                        log=lambda m: click.echo(m, err=True), split=inputs.split,

@@ -15,6 +15,7 @@ import click
 
 from pipeline.errors import DataWarning, UncleanFileError, UserError, filesystem_message
 from pipeline.cli import quiet
+from pipeline.cli.interrupts import resume_hint
 from pipeline.quiet_fd import NativeChatter
 
 quiet.install()
@@ -38,14 +39,6 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
     if os.environ.get("FEATURECACHE_DEBUG", "").strip() not in ("", "0"):
         return True
     return bool(ctx is not None and ctx.find_root().params.get("debug"))
-
-
-_RESUME_HINT = {  # what Ctrl-C leaves, per command
-    "extract": "finished chunks are kept; run the same command again to resume",
-    "fit-head": "finished extraction chunks are kept; run the same command again to resume",
-    "finetune": "the last finished epoch is checkpointed; `cli.py runs --stage finetune` shows the run, "
-                "`cli.py finetune --resume ID` continues it",
-}
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -83,8 +76,7 @@ class _Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo(f"interrupted: {_RESUME_HINT.get(ctx.invoked_subcommand or '', 'stopped; run the command again')}",
-                       err=True)
+            click.echo(f"interrupted: {resume_hint(ctx)}", err=True)
             sys.exit(130)
         except BrokenPipeError:  # e.g. `cli.py runs | head -1`: the reader has gone, which is no error
             try:
