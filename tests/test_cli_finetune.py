@@ -35,6 +35,7 @@ def test_finetune_cli_end_to_end(tmp_path):
     runs_before = sorted(p.name for p in (Path(cache) / "runs").iterdir())
     bad = run_cli("finetune", "--run", head_run, "--unfreeze", "block5", "--unfreeze", "block9", "--cache-dir", cache)
     assert bad.returncode == 2 and "block5" in bad.stderr and "Traceback" not in bad.stderr
+    assert "or --unfreeze-last N to train the last N layers instead" in bad.stderr
     zero = run_cli("finetune", "--run", head_run, "--unfreeze-last", "0", "--cache-dir", cache)
     assert zero.returncode == 2 and "'--unfreeze-last': 0 is not in the range x>=1" in zero.stderr, zero.stderr
     no_trunk = run_cli("finetune", "--run", head_run, "--unfreeze-last", "2", "--trunk-cache", "--cache-dir", cache)

@@ -45,6 +45,9 @@ def test_fit_head_from_extract_options_then_use_the_run(tmp_path):
     ev = run_cli("evaluate", "--run", run_id, "--data", str(data), "--split", "val", "--cache-dir", cache)
     assert ev.returncode == 0, ev.stderr
     assert "accuracy" in ev.stdout and "(n=24)" in ev.stdout  # 12 per class in val
+    no_test = run_cli("evaluate", "--run", run_id, "--data", str(data), "--split", "test", "--cache-dir", cache)
+    assert no_test.returncode == 2 and "its labelled images are in train, val: give --split train or --split val, " \
+        "or --split all" in no_test.stderr, no_test.stderr
 
     out_csv = tmp_path / "p.csv"
     pred = run_cli("predict", "--run", run_id, str(data / "val" / "ants"), "--csv", str(out_csv),

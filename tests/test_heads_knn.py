@@ -133,7 +133,7 @@ def test_bad_knn_input_is_one_line():
     with pytest.raises(UserError, match="budget"):
         KNNHead(memory_budget_mb=1e-4).fit(X, y)
     tiny = KNNHead(k=5, vote_temperature=0.1).fit(X, np.r_[np.zeros(38, int), [1, 1]])
-    assert "fewer than k=5" in tiny.after_fit_note()
+    assert "a class has 2 training row(s), fewer than k=5" in tiny.after_fit_note() and "(--k 2 " in tiny.after_fit_note()
     with pytest.raises(UserError, match="only a knn head keeps"):
         LogisticHead(C=1.0).fit(X, y).neighbours(X, 3)
 

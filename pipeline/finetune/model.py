@@ -119,7 +119,7 @@ def check_blocks(spec: backbones.Backbone, unfreeze: Sequence[str], present: Seq
     if unknown:
         listed = ", ".join(valid) or ("none (the cut removed them)" if present is not None else "none")
         raise UserError(f"{spec.name} has no fine-tunable block {unknown[0]!r}; its top blocks are: {listed} "
-                        f"(or unfreeze the last N layers instead)")
+                        f"(or --unfreeze-last N to train the last N layers instead)")
 
 
 def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),

@@ -208,7 +208,8 @@ class KNNHead(Head):
             self._score_on_folds(cv, y, groups)
         if smallest < self.k_:
             self.note_ = (self.note_ + "; " if self.note_ else "") + (
-                f"a class has {smallest} training row(s), fewer than k={self.k_}: its vote is outweighed")
+                f"a class has {smallest} training row(s), fewer than k={self.k_}: its vote is outweighed "
+                f"(--k {max(1, smallest)} lets it count fully)")
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 

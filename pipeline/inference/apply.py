@@ -138,7 +138,12 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
     check_class_subset(listing.class_names, run.class_names, data)
     keep = [i for i, s in enumerate(listing.splits) if (split is None or s == split) and listing.labels[i] >= 0]
     if not keep:
-        raise UserError(f"{data} has no labelled images" + (f" in split {split!r}" if split else ""))
+        held = sorted({s for s, label in zip(listing.splits, listing.labels) if label >= 0})
+        if split and held:
+            raise UserError(f"{data} has no labelled images in split {split!r}; its labelled images are in "
+                            f"{', '.join(held)}: give --split {' or --split '.join(held)}, or --split all")
+        raise UserError(f"{data} has no labelled images" + (f" in split {split!r}" if split else "")
+                        + "; evaluate needs labels (a folder per class, or a manifest's label column)")
     if listing.paths is None:
         if run.head is None:
             raise UserError("evaluating a fine-tuned model needs image files (a folder or CSV manifest)")
