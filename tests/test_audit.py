@@ -789,7 +789,7 @@ def test_cli_audit_with_a_run_reads_that_runs_features_and_refuses_a_head_that_s
     key = re.search(r"wrote (\S+\.h5)", resplit.stdout + resplit.stderr).group(1)
     seen = run_cli("audit", "--cache", key, "--run", run_id, "--cache-dir", "cache", "--no-map", cwd=tmp_path)
     assert seen.returncode == 2 and len(seen.stderr.strip().splitlines()) == 1, seen.stderr
-    assert "trained on" in seen.stderr and "not be held out" in seen.stderr
+    assert "trained on" in seen.stderr and "not be held out" in seen.stderr and "(leave out --data and --cache)" in seen.stderr
 
     outside = tmp_path / "elsewhere" / "copy.h5"
     outside.parent.mkdir()

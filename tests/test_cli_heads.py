@@ -229,6 +229,7 @@ def test_fit_head_ranks_several_backbones_by_cv_and_keeps_the_best(tmp_path):
     two = ["--backbone", "vgg16,mobilenetv2"]
     for extra, says in ((["--backbone", "vgg16,resnet9000"], "unknown backbone 'resnet9000'"),
                         ([*two, "--head", "logistic", "--sweep"], "rank the backbones first"),
+                        ([*two, "--sweep"], "rank the backbones first"),  # not: add --head svm, then this
                         ([*two, "--layer", "block4_pool"], "names a layer of one backbone"),
                         ([*two, "--head", "dense"], "rank the backbones with the default head"),
                         ([*two, "--head", "logistic", "--C", "1.0"], "not cross-validated"),

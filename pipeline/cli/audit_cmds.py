@@ -156,5 +156,5 @@ def check_held_out(loaded, ff) -> None:
     scored = [p for p, s in zip(ff.paths, ff.splits.astype(str)) if s in ("val", "test") and p in seen]
     if scored:
         raise UserError(f"run {loaded.record.id}'s head trained on {len(set(scored))} of the val/test images this "
-                        f"audit scores (e.g. {scored[0]}), so its accuracy there would not be held out; audit with "
-                        f"that run's own split (leave out --cache and the split options) or without --run")
+                        f"audit scores (e.g. {scored[0]}), so its accuracy there would not be held out; audit the data "
+                        f"that run was fitted on, split as it was (leave out --data and --cache), or without --run")

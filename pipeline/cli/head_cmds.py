@@ -85,14 +85,17 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     log_mlflow = mlflow_check(mlflow)
     head_opts = {k: kw.pop(k) for k in list(kw) if k in HEAD_OPTIONS}
     estimator = _make_head(head, head_opts).check_params()  # a bad option fails before any extraction
+    backbones = backbone_list(kw["backbone"])
+    if sweep and len(backbones) > 1:  # first: the --head advice below would lead into this refusal
+        raise UserError("--sweep searches one backbone's head grid; rank the backbones first (without --sweep), "
+                        "then sweep with --backbone set to the one kept")
     if sweep and estimator.sweep_grid is None:
         kinds = [f"--head {k}" for k in HEAD_KINDS if head_class(k).sweep_grid is not None]
         raise UserError(f"--sweep searches one head's grid, and --head {head} has none; add {' or '.join(kinds)}")
     refuse_unread_options(head, sweep)
-    backbones = backbone_list(kw["backbone"])
     ranking = None
     if len(backbones) > 1:
-        _check_ranking_options(backbones, kw, sweep, cache, estimator)
+        _check_ranking_options(backbones, kw, cache, estimator)
         ff, ranking = rank_backbones(backbones, kw, lambda: _make_head(head, head_opts), head_opts["seed"],
                                      not no_augmented)
     else:
@@ -162,7 +165,7 @@ def backbone_list(spec: str) -> list[str]:
     return names
 
 
-def _check_ranking_options(backbones: list[str], kw: dict, sweep: bool, cache: str | None, estimator) -> None:
+def _check_ranking_options(backbones: list[str], kw: dict, cache: str | None, estimator) -> None:
     """Options that describe one backbone cannot apply to several, and each backbone must take the
     request: refuse before the first extraction, not after it."""
     if estimator.uses_validation:
@@ -170,9 +173,6 @@ def _check_ranking_options(backbones: list[str], kw: dict, sweep: bool, cache: s
                         f"rank the backbones with the default head, then fit --head {estimator.kind} on the one kept")
     if cache is not None:
         raise UserError("--cache names one backbone's features; leave it out to rank several --backbone values")
-    if sweep:
-        raise UserError("--sweep searches one backbone's head grid; rank the backbones first (without --sweep), "
-                        "then sweep with --backbone set to the one kept")
     if kw["layer"]:
         raise UserError(f"--layer {kw['layer']} names a layer of one backbone; leave it out to rank "
                         f"{', '.join(backbones)} on their pooled features")
