@@ -200,7 +200,10 @@ def test_default_head_is_auto_and_says_which_head_it_kept(tmp_path):
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["head"] == kept and cfg["head_choice"]["chosen"] == kept
     svm = run_cli("fit-head", "--cache", str(path), "--head", "svm", "--C", "3", "--cache-dir", cache)
-    assert svm.returncode == 0 and "head auto" not in svm.stdout, svm.stderr
+    assert svm.returncode == 0 and "head auto" not in svm.stdout and "note:" not in svm.stderr, svm.stderr
+    elsewhere = run_cli("fit-head", "--cache", str(path), "--head", "logistic", "--cache-dir", str(Path(cache) / "other"))
+    assert elsewhere.returncode == 0 and f"lies in the cache {Path(path).parents[1]}: the run is recorded there, not " \
+        f"in --cache-dir" in elsewhere.stderr and not (Path(cache) / "other").exists(), elsewhere.stderr
     svm_dir = Path(cache) / "runs" / _run_id(svm.stdout)
     assert json.loads((svm_dir / "metrics.json").read_text())["C"] == 3.0
     assert (svm_dir / "head.npz").exists() and (svm_dir / "c_curve.png").exists()

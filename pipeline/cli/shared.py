@@ -4,6 +4,8 @@ each other."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 import numpy as np
 
@@ -81,6 +83,10 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
             ff.close()
             raise UserError(f"{ff.path} is not in a cache folder's {FEATURES}/ folder, where {command} records its "
                             f"run beside it; copy it into <cache>/{FEATURES}/ and give --cache-dir <cache>")
+        root = CacheLayout.of(ff.path).root
+        if given_options({"cache_dir"}.__contains__) and root.resolve() != Path(kw["cache_dir"]).expanduser().resolve():
+            click.echo(f"note: {ff.path.name} lies in the cache {root}: the run is recorded there, not in "
+                       f"--cache-dir {kw['cache_dir']}", err=True)
         return ff
     built, options = build_request(kw)
     request = request or built
