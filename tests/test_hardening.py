@@ -491,6 +491,13 @@ def test_predict_refuses_an_empty_image_argument_and_a_folder_for_csv(tmp_path):
     _one_line_error(folder_csv, "is a folder; give a file name")  # before the run is even looked up
     under_file = _no_tty_cli("runs", "compare", "a", "b", "--out", str(image / "x.png"))
     _one_line_error(under_file, "is a file, not a folder")
+    # an image being predicted (or any file but a CSV) is not replaced by the CSV; nor an image by the plot
+    before = image.read_bytes()
+    over_image = run_cli("predict", "--run", "nosuch", str(image), "--csv", str(image))
+    _one_line_error(over_image, "exists and is not a .csv file, so writing would replace it")
+    _one_line_error(run_cli("runs", "compare", "a", "b", "--out", str(image)), "exists and is not a .png file")
+    _one_line_error(run_cli("predict", "--run", "nosuch", str(image), "--csv", "-"), "would write a file named '-'")
+    assert image.read_bytes() == before
 
 
 def test_output_of_a_closed_pipe_is_no_error(tmp_path):

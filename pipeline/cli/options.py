@@ -178,11 +178,17 @@ def given_options(wanted: Callable[[str], bool]) -> list[str]:
             if wanted(p.name) and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
 
 
-def check_output_file(path: str | Path, option: str) -> None:
-    """Refuse an output file path that cannot be written (a folder, or under a file) before any work."""
+def check_output_file(path: str | Path, option: str, suffix: str = ".csv") -> None:
+    """Refuse an output file path that cannot be written (a folder, or under a file), or that would
+    replace a file of another kind (an image being predicted, an exported model), before any work."""
+    if str(path) == "-":
+        raise UserError(f"{option} - would write a file named '-'; give a file name ending in {suffix}")
     path = Path(path).expanduser()
     if path.is_dir():
         raise UserError(f"{option} {path} is a folder; give a file name")
+    if (path.exists() or path.is_symlink()) and path.suffix.lower() != suffix:
+        raise UserError(f"{option} {path} exists and is not a {suffix} file, so writing would replace it; give a "
+                        f"new file name (an existing {suffix} file is replaced)")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise UserError(f"{option} {path}: {parent} is a file, not a folder")

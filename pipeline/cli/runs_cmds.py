@@ -110,7 +110,7 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
     Example: python cli.py runs compare 20261123-0002 20261123-0105
     """
     if out is not None:
-        check_output_file(out, "--out")
+        check_output_file(out, "--out", suffix=".png")
         if out.is_dir():
             raise UserError(f"--out {out} is a folder; give a file path ending in .png")
         if out.suffix.lower() != ".png":
