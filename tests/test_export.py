@@ -247,7 +247,7 @@ def test_a_model_card_with_an_unknown_resize_rule_is_one_line(tmp_path):
     give other inputs than the run saw (it reached the decoder as a KeyError)."""
     import json
 
-    from pipeline.errors import UserError
+    from pipeline.errors import DataWarning, UserError
     from pipeline.export.runtime import open_model
 
     inp = keras.Input((8, 8, 3), dtype="uint8")
@@ -259,6 +259,43 @@ def test_a_model_card_with_an_unknown_resize_rule_is_one_line(tmp_path):
         open_model(tmp_path / "model.keras")
     (tmp_path / "model_card.json").write_text(json.dumps({"input": {"resize": "crop"}}))
     assert open_model(tmp_path / "model.keras").resize == "crop"
+    (tmp_path / "model_card.json").unlink()  # a model file copied on its own: said, not silently 'stretch'
+    with pytest.warns(DataWarning, match="no model_card.json beside model.keras: assuming .*'stretch' and numbering"):
+        assert open_model(tmp_path / "model.keras").resize == "stretch"
+
+
+def test_an_onnx_file_on_its_own_reads_the_card_it_carries(head_run, tmp_path):
+    """model.onnx copied without its folder: the card in its metadata gives the resize rule and classes
+    (it fell back to 'stretch' without a word, and a crop export predicted other classes)."""
+    if not _has(*FORMAT_NEEDS["onnx"]):
+        pytest.skip(f"onnx export needs {FORMAT_NEEDS['onnx']}")
+    import json
+    import shutil
+    import warnings
+
+    import onnx
+
+    from pipeline.errors import DataWarning
+    from pipeline.export import export_run, open_model
+    from pipeline.inference.apply import load_run
+
+    run_id, _, cache = head_run
+    result = export_run(load_run(cache, run_id), "onnx", tmp_path / "onnx")
+    proto = onnx.load(str(result.model_path))
+    for prop in proto.metadata_props:
+        if prop.key == "model_card":
+            card = json.loads(prop.value)
+            card["input"]["resize"] = "crop"
+            prop.value = json.dumps(card)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    onnx.save(proto, str(alone / "model.onnx"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        model = open_model(alone / "model.onnx")
+    assert model.resize == "crop" and model.class_names == ["ants", "bees"] and model.card["run_id"] == run_id
+    shutil.copy(result.model_path.parent / "model_card.json", alone)  # the file beside it still wins
+    assert open_model(alone / "model.onnx").resize == "stretch"
 
 
 @pytest.mark.skipif(not _has("tensorflow"), reason="TFLite conversion needs TensorFlow")

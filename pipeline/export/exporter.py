@@ -160,6 +160,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
         target = staging / FORMATS[fmt]
         _write_model(model, fmt, target, card)
         (staging / "labels.txt").write_text("".join(f"{name}\n" for name in run.class_names), encoding="utf-8")
+        (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")  # read by open_model below
         probe = probe_images(size)
         expected = np.asarray(model.predict(probe, verbose=0), np.float64)
         got = open_model(target, cpu_only=True, trust_savedmodel=True).predict(probe)  # just written here

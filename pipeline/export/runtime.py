@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline.backend import require
 from pipeline.data.decode import RESIZE_METHODS
-from pipeline.errors import UserError
+from pipeline.errors import DataWarning, UserError
 from pipeline.heads.files import load_keras_file
 from pipeline.inference.embed import map_files
 
@@ -60,16 +60,21 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
                             f"came from, or use the same export as model.onnx or model.keras (safe to open)")
         kind, call, size, names = "savedmodel", *_savedmodel(path)
     elif path.suffix == ".onnx":
-        kind, call, size, names = "onnx", *_onnx(path, cpu_only)
+        kind, (call, size, names, embedded) = "onnx", _onnx(path, cpu_only)
     elif path.suffix == ".keras":
         kind, call, size, names = "keras", *_keras(path)
     elif path.suffix == ".tflite":
         kind, call, size, names = "tflite", *_tflite(path)
     else:
         raise UserError(f"{path.name}: unknown model type; --model takes .onnx, .keras, .tflite or a SavedModel folder")
-    card = _read_card(path)
+    card = _read_card(path) or (embedded if kind == "onnx" else {})  # an ONNX file carries its card too
     labels = _read_labels(path)
     names = labels or names or card.get("class_names") or []
+    if not card:
+        warnings.warn(f"no model_card.json beside {path.name}: assuming the images are resized by 'stretch'"
+                      + ("" if names else " and numbering the classes")
+                      + "; keep the export folder's files together (a model exported with --resize crop or pad "
+                        "predicts otherwise)", DataWarning, stacklevel=2)
     card_input = card.get("input")
     resize = card_input.get("resize", "stretch") if isinstance(card_input, dict) else "stretch"
     if resize not in RESIZE_METHODS:
@@ -124,8 +129,13 @@ def _onnx(path: Path, cpu_only: bool = False):
         raise UserError(f"{path.name} takes {inp.type}, not uint8 images; predict --model takes models written "
                         f"by `cli.py export`")
     meta = session.get_modelmeta().custom_metadata_map
-    names = json.loads(meta["class_names"]) if "class_names" in meta else []
-    return (lambda x: session.run(None, {inp.name: x})[0]), _square_size(inp.shape, path), names
+    try:
+        names = json.loads(meta["class_names"]) if "class_names" in meta else []
+        card = json.loads(meta["model_card"]) if "model_card" in meta else {}
+    except ValueError:
+        raise UserError(f"{path.name}'s metadata (class_names, model_card) is not valid JSON; re-export the model") from None
+    return ((lambda x: session.run(None, {inp.name: x})[0]), _square_size(inp.shape, path), names,
+            card if isinstance(card, dict) else {})
 
 
 def _keras(path: Path):
