@@ -393,6 +393,11 @@ def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
     subset = make_folder(tmp_path / "s", per_class=3, classes=("ants", "wasps"), seed=5)
     ev = run_cli("evaluate", "--run", run_id, "--data", str(subset), "--cache-dir", str(cache))
     assert ev.returncode == 0 and "(n=12)" in ev.stdout, ev.stderr
+    (subset / "val" / "ants" / "zero.jpg").write_bytes(b"")  # not scored: said, on a fresh extraction and a hit
+    for _ in range(2):
+        ev = run_cli("evaluate", "--run", run_id, "--data", str(subset), "--split", "val", "--cache-dir", str(cache))
+        assert ev.returncode == 0 and "(n=6)" in ev.stdout and "skipped 1 file(s) that could not be used as images: " \
+            in ev.stderr and "zero.jpg" in ev.stderr, ev.stderr
     other = make_folder(tmp_path / "o", per_class=3, classes=("ants", "moths"), seed=6)
     before = sorted((cache / "features").iterdir())
     err = _one_line_error(run_cli("evaluate", "--run", run_id, "--data", str(other), "--cache-dir", str(cache)),

@@ -110,6 +110,8 @@ def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path
     if csv_out is not None:
         write_predictions_csv(csv_out, result.paths, result.proba, run.class_names, result.neighbours, result.labels)
         click.echo(f"wrote {csv_out}", err=True)
+    if result.skipped:  # not scored: the report's n leaves them out
+        click.echo(skipped_message(result.skipped), err=True)
 
 
 def _explained_table(result, class_names: list[str], limit: int = 20):

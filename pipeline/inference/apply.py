@@ -7,7 +7,7 @@ was trained on (rebuilt from the cache file's stored request), then through the 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -89,6 +89,7 @@ class Evaluated:
     labels: np.ndarray
     proba: np.ndarray
     neighbours: list[list[tuple[str, float]]] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of files that could not be read
 
 
 def check_explain(run: LoadedRun, explain: int) -> None:
@@ -114,9 +115,9 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
     check_explain(run, explain)
     paths, labels, names = _labelled_images(run, data, split)  # classes checked before any extraction
     if run.head is None:
-        proba, kept, _ = predict_paths(run, paths, batch_size)
+        proba, kept, skipped = predict_paths(run, paths, batch_size)
         report = classification_report(labels[kept], proba, run.class_names)
-        return Evaluated(report, [paths[i] for i in kept], labels[kept], proba)
+        return Evaluated(report, [paths[i] for i in kept], labels[kept], proba, skipped=list(skipped))
     request = replace(run.request, data=data, augment_copies=0)
     result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress))
     from pipeline.heads.base import FeatureSource  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
@@ -127,7 +128,9 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
         proba = run.head.predict_proba(source)
         report = classification_report(row_labels, proba, run.head.class_names_)
         near = explained(run.head, source, explain) if explain else None
-        return Evaluated(report, [ff.paths[r] for r in rows], row_labels, proba, near)
+        wanted = set(paths)  # the split's files (every file of the data where the source lists none)
+        skipped = [(path, why) for path, why in ff.skipped if not wanted or path in wanted]
+        return Evaluated(report, [ff.paths[r] for r in rows], row_labels, proba, near, skipped)
 
 
 def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
