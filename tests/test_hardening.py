@@ -502,6 +502,12 @@ def test_predict_refuses_an_empty_image_argument_and_a_folder_for_csv(tmp_path):
     _one_line_error(over_image, "exists and is not a .csv file, so writing would replace it")
     _one_line_error(run_cli("runs", "compare", "a", "b", "--out", str(image)), "exists and is not a .png file")
     _one_line_error(run_cli("predict", "--run", "nosuch", str(image), "--csv", "-"), "would write a file named '-'")
+    # options the chosen mode does not read: refused, not ignored (a --csv with --backbone was never written)
+    _one_line_error(run_cli("predict", "--backbone", "mobilenetv2", str(image), "--csv", str(tmp_path / "p.csv")),
+                    "--csv does nothing with --backbone; leave it out")
+    _one_line_error(run_cli("predict", "--run", "nosuch", str(image), "--weights", "w.h5", "--trust-model"),
+                    "--weights, --trust-model do nothing with --run; leave them out")
+    assert not (tmp_path / "p.csv").exists()
     assert image.read_bytes() == before
 
 
@@ -592,3 +598,17 @@ def test_export_checks_out_and_run_before_loading(tmp_path):
     _one_line_error(_no_tty_cli("export", "--run", "nosuch", "--out", str(afile), "--cache-dir", str(tmp_path)),
                     "exists and is not a folder")
     _one_line_error(_no_tty_cli("export", "--run", "nosuch", "--cache-dir", str(tmp_path)), "unknown run ID")
+
+
+def test_offline_imagenet_weights_advice_offers_weights_none_only_where_it_works(tmp_path):
+    """Keras cannot download weights here: extract may go on with --weights none, but predict --backbone's
+    ImageNet top-k refuses it, so its advice must not offer it."""
+    image = make_folder(tmp_path / "d", per_class=1) / "train" / "ants" / "img_000.jpg"
+    top = run_cli("predict", "--backbone", "vgg16", str(image))
+    if "could not download" not in top.stderr:
+        pytest.skip("vgg16's ImageNet weights are on this machine (or it is online)")
+    _one_line_error(top, "could not download ImageNet weights for vgg16")
+    assert "--weights none" not in top.stderr
+    ex = run_cli("extract", "--data", str(tmp_path / "d"), "--backbone", "vgg16", "--image-size", "32",
+                 "--cache-dir", str(tmp_path / "c"), "--no-progress")
+    _one_line_error(ex, "(or --weights none)")

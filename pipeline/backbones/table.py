@@ -202,17 +202,18 @@ def build(spec: Backbone, weights: str, image_size: int, include_top: bool = Fal
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - keras raises ValueError/Exception for downloads, sizes and bad files
-        raise UserError(_explain_build_error(spec, w, image_size, exc)) from None
+        raise UserError(_explain_build_error(spec, w, image_size, exc, include_top)) from None
 
 
-def _explain_build_error(spec: Backbone, weights: str | None, size: int, exc: Exception) -> str:
+def _explain_build_error(spec: Backbone, weights: str | None, size: int, exc: Exception,
+                         include_top: bool = False) -> str:
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     url = re.search(r"https?://\S+?\.h5", str(exc))
     if weights == "imagenet" and (url or "URL fetch failure" in str(exc) or "fetch" in str(exc).lower()):
         fname = url.group(0).rsplit("/", 1)[1] if url else "the weights .h5 file"
         cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
         return (f"could not download ImageNet weights for {spec.name} (offline?); place {fname} in {cache}/ "
-                f"or pass --weights PATH (or --weights none)")
+                f"or pass --weights PATH" + ("" if include_top else " (or --weights none)"))
     if "input" in msg.lower() and ("size" in msg.lower() or "shape" in msg.lower()):
         return f"{spec.name} cannot take --image-size {size}: {msg}"
     if weights not in (None, "imagenet"):

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.backend import BACKENDS, select as select_backend
-from pipeline.cli.options import cache_dir_option, check_output_file, trust_pickle_option
+from pipeline.cli.options import cache_dir_option, check_output_file, given_options, trust_pickle_option
 from pipeline.cli.shared import skipped_message
 from pipeline.export.runtime import open_model, predict_files
 from pipeline.inference.apply import (check_explain, evaluate_run, explained, load_run, predict_paths, run_features,
@@ -52,6 +52,13 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
     """
     if sum(x is not None for x in (run_id, model_file, backbone)) > 1:
         raise click.UsageError("give one of --run, --model and --backbone")
+    mode = "--run" if run_id else "--model" if model_file is not None else "--backbone" if backbone else None
+    reads = {"--run": {"csv_out", "explain", "trust_pickle"}, "--model": {"csv_out", "trust_model"},
+             "--backbone": {"weights"}}.get(mode, set())
+    unread = given_options(lambda name: name in {"weights", "csv_out", "explain", "trust_pickle", "trust_model"} - reads)
+    if mode and unread:  # ignored, they would change nothing and say nothing (a --csv never written)
+        raise click.UsageError(f"{', '.join(unread)} {'does' if len(unread) == 1 else 'do'} nothing with {mode}; "
+                               f"leave {'it' if len(unread) == 1 else 'them'} out")
     if csv_out is not None:
         check_output_file(csv_out, "--csv")
     if explain and not run_id:
