@@ -53,6 +53,7 @@ def test_extract_then_cache_hit_fast_without_tensorflow(tiny_split_folder, tmp_p
     (["--weights", "/no/such/file.h5"], "--weights"),
     (["--pooling", "median"], "median"),
     (["--augment-ops", "warp"], "unknown augmentation"),
+    (["--augment-copies", "1", "--augment-ops", ""], "each view would copy its image"),
     (["--val-fraction", "1.5"], "--val-fraction"),
 ])
 def test_bad_input_gives_one_line_error(args, fragment, tiny_split_folder, tmp_path):

@@ -163,6 +163,10 @@ def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
         split=SplitConfig(names, kw["val_fraction"], kw["test_fraction"], kw["split_seed"],
                           allow_outside_paths=kw.get("allow_outside_paths", False)),
     )
+    if request.augment_copies and not request.augment.ops_spec():
+        raise UserError(f"--augment-copies {request.augment_copies} makes augmented views, but --augment-ops turns "
+                        f"every op off, so each view would copy its image; name an op (e.g. --augment-ops "
+                        f"{AugmentConfig().ops_spec()}) or leave out --augment-copies")
     options = RunOptions(cache_dir=kw["cache_dir"], batch_size=kw["batch_size"], chunk_units=kw["chunk_size"],
                          compression=None if kw["compression"] == "none" else kw["compression"],
                          progress=not kw["no_progress"], workers=kw.get("workers"),
