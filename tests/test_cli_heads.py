@@ -57,6 +57,12 @@ def test_fit_head_from_extract_options_then_use_the_run(tmp_path):
     assert len(rows) == 12 and set(rows[0]) == {"path", "prediction", "probability", "ants", "bees"}
     assert all(abs(float(r["ants"]) + float(r["bees"]) - 1) < 1e-4 for r in rows)
     assert len(pred.stdout.strip().splitlines()) == 12
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "new\nline.jpg").write_bytes(next((data / "val" / "ants").iterdir()).read_bytes())
+    one = run_cli("predict", "--run", run_id, str(odd), "--top-k", "1", "--cache-dir", cache)
+    assert one.returncode == 0 and one.stdout.strip().splitlines() == [one.stdout.strip()], one.stdout
+    assert one.stdout.startswith(f"{odd}/new\\nline.jpg\t"), one.stdout  # one line per image, tab-separated
 
 
 def test_dense_head_and_sweep_on_a_cache_file(tmp_path):

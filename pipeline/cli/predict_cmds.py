@@ -12,7 +12,7 @@ from rich.table import Table
 
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli.options import cache_dir_option, check_output_file, given_options, trust_pickle_option
-from pipeline.cli.shared import skipped_message
+from pipeline.cli.shared import shown_path, skipped_message
 from pipeline.export.runtime import open_model, predict_files
 from pipeline.inference.apply import (check_explain, evaluate_run, explained, load_run, predict_paths, run_features,
                                       write_predictions_csv)
@@ -80,7 +80,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
                                "(ImageNet top-k)")
     results, skipped = imagenet_top_k(backbone, weights, paths, top_k, batch_size=batch_size)
     for path, top in results:
-        click.echo(path)
+        click.echo(shown_path(path))
         for idx, name, p in top:
             click.echo(f"  {p:6.1%}  {idx:4d}  {name}")
     if skipped:
@@ -159,9 +159,9 @@ def print_predictions(paths: list[str], proba, kept: list[int], skipped: list, c
     k = min(top_k, len(class_names))
     for j, (i, row) in enumerate(zip(kept, proba)):
         top = np.argsort(-row)[:k]
-        click.echo(f"{paths[i]}\t" + "  ".join(f"{class_names[c]} {row[c]:.3f}" for c in top))
+        click.echo(f"{shown_path(paths[i])}\t" + "  ".join(f"{class_names[c]} {row[c]:.3f}" for c in top))
         for path, sim in (neighbours[j] if neighbours is not None else []):
-            click.echo(f"    near {sim:.3f}  {path}")
+            click.echo(f"    near {sim:.3f}  {shown_path(path)}")
     if csv_out:
         write_predictions_csv(csv_out, [paths[i] for i in kept], proba, class_names, neighbours)
         click.echo(f"wrote {csv_out}", err=True)

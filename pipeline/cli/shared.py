@@ -53,9 +53,15 @@ def report_extraction(result) -> None:
                    err=True)
 
 
+def shown_path(path: str) -> str:
+    """A path as printed on one line: control characters (a newline in a file name) escaped as Python
+    writes them, so the tab-separated lines of `predict` stay one per image; other text as it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(path))
+
+
 def skipped_message(skipped: list[tuple[str, str]], tail: str = "") -> str:
     """One line: how many files were skipped, the first few with their reasons."""
-    shown = ", ".join(f"{p} ({reason})" for p, reason in skipped[:5])
+    shown = ", ".join(f"{shown_path(p)} ({reason})" for p, reason in skipped[:5])
     more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
     return f"skipped {len(skipped)} file(s) that could not be used as images: {shown}{more} {tail}".rstrip()
 
