@@ -115,6 +115,9 @@ def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_pat
     assert (mine / "notes.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
     under_file = run_cli("export", "--run", run_id, "--out", str(mine / "notes.txt" / "m"), "--cache-dir", str(cache))
     assert under_file.returncode == 2 and "notes.txt is a file, not a folder" in under_file.stderr, under_file.stderr
+    if Path("/proc/self").is_dir():  # a folder no one can create anything in (root included)
+        proc = run_cli("export", "--run", run_id, "--out", "/proc/featurecache-export", "--cache-dir", str(cache))
+        assert proc.returncode == 2 and "cannot write the export into /proc (" in proc.stderr, proc.stderr
 
     from pipeline.errors import UserError
     from pipeline.export import export_run

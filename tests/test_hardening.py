@@ -508,6 +508,9 @@ def test_predict_refuses_an_empty_image_argument_and_a_folder_for_csv(tmp_path):
     _one_line_error(run_cli("predict", "--run", "nosuch", str(image), "--weights", "w.h5", "--trust-model"),
                     "--weights, --trust-model do nothing with --run; leave them out")
     assert not (tmp_path / "p.csv").exists()
+    _one_line_error(run_cli("predict", "--run", "nosuch", "/dev/null"), "/dev/null is not a regular file")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    _one_line_error(run_cli("predict", "--run", "nosuch", str(tmp_path / "gone.jpg")), "a symbolic link that leads nowhere")
     assert image.read_bytes() == before
 
 

@@ -153,8 +153,12 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
         raise UserError(f"run {run.record.id} names {len(run.class_names)} classes but its model has "
                         f"{int(model.output.shape[-1])} outputs; the run folder is inconsistent, re-run it")
     card = model_card(run, fmt, size, int(model.output.shape[-1]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:  # /proc, a read-only mount, no permission: not the staging folder's name
+        raise UserError(f"cannot write the export into {out.parent} ({exc.strerror or exc}); give --out a folder "
+                        f"you can write") from None
     os.chmod(staging, umask_mode(folder=True))  # renamed to --out: mkdtemp's 0700 would keep others out
     try:
         target = staging / FORMATS[fmt]

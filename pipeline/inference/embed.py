@@ -33,6 +33,10 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
             out += sorted(str(f) for f in p.rglob("*") if f.is_file() and not is_hidden(f.relative_to(p)))
         elif p.is_file():
             out.append(str(p))
+        elif p.exists():  # a FIFO or device would block or never end; a socket cannot be read
+            raise UserError(f"{item} is not a regular file (a pipe, device or socket); give image files or folders")
+        elif p.is_symlink():
+            raise UserError(f"{item} is a symbolic link that leads nowhere (a loop, or its target is gone)")
         else:
             raise UserError(f"image not found: {item}")
     if not out:
