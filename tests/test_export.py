@@ -265,6 +265,14 @@ def test_a_model_card_with_an_unknown_resize_rule_is_one_line(tmp_path):
     (tmp_path / "model_card.json").unlink()  # a model file copied on its own: said, not silently 'stretch'
     with pytest.warns(DataWarning, match="no model_card.json beside model.keras: assuming .*'stretch' and numbering"):
         assert open_model(tmp_path / "model.keras").resize == "stretch"
+    from PIL import Image
+
+    from pipeline.export.runtime import predict_files
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "model_card.json").write_text(json.dumps({"class_names": ["x"]}))
+    with pytest.raises(UserError, match=r"model.keras's class names \(model_card.json beside it\) are 1 but the model "
+                                        r"outputs 2"):
+        predict_files(open_model(tmp_path / "model.keras"), [str(tmp_path / "a.png")])
 
 
 def test_an_onnx_file_on_its_own_reads_the_card_it_carries(head_run, tmp_path):

@@ -35,6 +35,7 @@ class ExportedModel:
     resize: str = "stretch"
     card: dict[str, Any] = field(default_factory=dict)
     _call: Callable[[np.ndarray], np.ndarray] | None = None
+    names_from: str = "labels.txt"  # where class_names came from, for the message when they do not fit
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.uint8)
@@ -69,6 +70,8 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
         raise UserError(f"{path.name}: unknown model type; --model takes .onnx, .keras, .tflite or a SavedModel folder")
     card = _read_card(path) or (embedded if kind == "onnx" else {})  # an ONNX file carries its card too
     labels = _read_labels(path)
+    names_from = ("labels.txt beside it" if labels else "its metadata" if names
+                  else "model_card.json beside it" if card.get("class_names") else "")
     names = labels or names or card.get("class_names") or []
     if not card:
         warnings.warn(f"no model_card.json beside {path.name}: assuming the images are resized by 'stretch'"
@@ -80,7 +83,7 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
     if resize not in RESIZE_METHODS:
         raise UserError(f"{_beside(path, 'model_card.json')} names an unknown resize rule {resize!r} (known: "
                         f"{', '.join(RESIZE_METHODS)}); re-export the model or fix input.resize in the card")
-    return ExportedModel(path, kind, size, list(names), resize, card, call)
+    return ExportedModel(path, kind, size, list(names), resize, card, call, names_from)
 
 
 def _beside(path: Path, name: str) -> Path:
@@ -211,6 +214,6 @@ def predict_files(model: ExportedModel, paths: list[str], batch_size: int = 32
     run's cache was (the card's size and resize rule): (probabilities, kept positions, skipped)."""
     proba, kept, skipped = map_files(model.predict, paths, model.size, model.resize, batch_size)
     if model.class_names and len(model.class_names) != proba.shape[1]:
-        raise UserError(f"labels.txt beside {model.path.name} names {len(model.class_names)} classes but the model "
-                        f"outputs {proba.shape[1]}; re-export the model")
+        raise UserError(f"{model.path.name}'s class names ({model.names_from}) are {len(model.class_names)} but the "
+                        f"model outputs {proba.shape[1]}; re-export the model")
     return proba, kept, skipped
