@@ -76,6 +76,9 @@ def test_finetune_cli_end_to_end(tmp_path):
     exported = run_cli("export", "--run", ft_run, "--cache-dir", cache)  # default: keras, in the run folder
     assert exported.returncode == 0, exported.stderr
     assert (run_dir / "export" / "keras" / "model.keras").is_file()  # checked against the run when written
+    card = json.loads((run_dir / "export" / "keras" / "model_card.json").read_text())
+    head_key = json.loads((Path(cache) / "runs" / head_run / "config.json").read_text())["cache_key"]
+    assert card["stage"] == "finetune" and card["data"]["cache_key"] == head_key and len(head_key) == 64
 
     if _mlflow_args():  # logged to the default store, cache/mlflow.db: per-epoch metrics and the keras model
         import mlflow

@@ -119,6 +119,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         tuner.check_params(inputs.request.backbone)
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
                   "head": f"finetune({inputs.head.kind})", "cache_file": str(inputs.cache_path),
+                  "cache_key": inputs.head.cache_key_,  # the features its head was fitted on (the export's card)
                   "request": inputs.request.to_json(), "class_names": list(inputs.head.class_names_),
                   "params": {"unfreeze": ",".join(unfreeze) or (f"last{unfreeze_last}" if unfreeze_last else "default"),
                              "lr": lr or tuner.default_lr(inputs.head), "epochs": epochs},
