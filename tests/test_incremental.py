@@ -87,6 +87,8 @@ def test_cli_says_reused_and_computed(tmp_path):
     again = run_cli(*args)
     assert again.returncode == 0, again.stderr
     assert "reused 8 unchanged from" in again.stdout and "computed 1 at" in again.stdout
+    unhashed = run_cli(*args, "--content-hash")  # a hit: the file stays as it was made, which is said
+    assert "cache hit" in unhashed.stdout and "holds no content hashes; add --force" in unhashed.stderr, unhashed.stderr
     # --content-hash from the command line: the file records the bytes, and a touched file is reused
     _add(data, "bees", ["later.jpg"], seed=5)
     hashed = run_cli(*args, "--content-hash")
@@ -94,6 +96,8 @@ def test_cli_says_reused_and_computed(tmp_path):
     os.utime(data / "bees" / "late.jpg", ns=(0, 10**18))
     touched = run_cli(*args, "--content-hash")
     assert "reused 10 unchanged from" in touched.stdout and "computed 0" in touched.stdout, touched.stdout
+    hit = run_cli(*args, "--content-hash")
+    assert "cache hit" in hit.stdout and "note:" not in hit.stderr, hit.stderr
 
 
 def test_content_hash_reuses_touched_files_and_catches_rewrites_with_the_same_size_and_time(tmp_path):

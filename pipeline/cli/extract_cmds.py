@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+import h5py
 from rich.console import Console
 from rich.table import Table
 
@@ -50,6 +51,12 @@ def extract_cmd(force: bool, content_hash: bool, shard: str | None, ray_address:
     else:
         result = extract(request, options)
     report_extraction(result)
+    if content_hash and result.cache_hit and result.path.suffix == ".h5":
+        with h5py.File(result.path, "r") as f:
+            hashed = "hashes" in f
+        if not hashed:  # a hit is the file as it was made: --content-hash adds nothing to it
+            click.echo(f"note: {result.path.name} was extracted without --content-hash, so it holds no content "
+                       f"hashes; add --force to extract it again with them", err=True)
     mlflow_after(log_mlflow, options.cache_dir, result.run_id, mlflow_experiment)
 
 
