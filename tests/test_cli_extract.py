@@ -212,3 +212,17 @@ def test_ctrl_c_says_how_to_resume_and_with_force_to_drop_it(tmp_path, monkeypat
         in plain.stderr, plain.stderr
     forced = run_cli("extract", "--data", data, "--cache-dir", str(tmp_path / "c"), "--force", *FAST)
     assert forced.returncode == 130 and "run the same command without --force to resume" in forced.stderr, forced.stderr
+
+
+def test_a_lock_left_by_a_refused_extraction_is_listed_and_removable(tiny_split_folder, tmp_path):
+    """A request refused after taking its lock (an unknown --layer) leaves only the lock file, which
+    cache ls did not list and cache rm could not name ('no cache entry matches')."""
+    cache = str(tmp_path / "c")
+    bad = run_cli("extract", "--data", str(tiny_split_folder), "--cache-dir", cache, *FAST, "--layer", "nope")
+    _one_line_error(bad, "has no layer 'nope'")
+    lock = next(Path(cache, "features").glob("*-nope-*.lock"))
+    listed = run_cli("cache", "ls", "--cache-dir", cache)
+    assert "lock file only" in listed.stdout, listed.stdout
+    key = lock.name.rsplit("-", 1)[1].split(".")[0]
+    rm = run_cli("cache", "rm", key[:8], "--cache-dir", cache)
+    assert rm.returncode == 0 and not lock.exists(), rm.stderr

@@ -70,6 +70,13 @@ def find_entries(cache_dir: Path) -> list[Entry]:
         b, s, p, k = _name_parts(tmp.with_name(tmp.name.lstrip(".")))
         out.append(Entry(tmp, k, b, s, p, "?", tmp.stat().st_size / 1e6, "?",
                          "temporary (interrupted assembly; removed by the next extract of this key)"))
+    taken = {e.path.with_suffix(".lock") for e in out}
+    for lock in sorted(root.glob("*.lock")):  # left alone by an extraction refused before its first chunk
+        if ".shard-" in lock.name or lock in taken:
+            continue
+        b, s, p, k = _name_parts(lock)
+        out.append(Entry(lock, k, b, s, p, "?", 0.0, "?", "extracting (no chunk yet)" if is_locked(lock) else
+                         "lock file only (an extraction stopped or refused before its first chunk; nothing cached)"))
     return out
 
 
