@@ -142,6 +142,12 @@ def test_cache_ls_info_rm(tiny_split_folder, tmp_path):
     rm = run_cli("cache", "rm", key[:8], "--cache-dir", cache)
     assert rm.returncode == 0 and "removed" in rm.stdout
     assert not list((Path(cache) / "features").glob("*.h5"))
+    for pooling in ("avg", "none"):  # a layer's pooled and unpooled caches: told apart in the listing
+        layer = run_cli("extract", "--data", str(tiny_split_folder), "--cache-dir", cache, *FAST, "--layer",
+                        "block4_pool", "--pooling", pooling)
+        assert layer.returncode == 0, layer.stderr
+    ls = run_cli("cache", "ls", "--cache-dir", cache)
+    assert "block4_pool/avg" in ls.stdout and "block4_pool/none" in ls.stdout, ls.stdout
 
 
 def test_backbones_lists_every_family():

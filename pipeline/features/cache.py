@@ -54,7 +54,8 @@ def find_entries(cache_dir: Path) -> list[Entry]:
                 if problem:
                     raise ValueError(problem)
                 out.append(Entry(path, str(a["key"]), str(a["backbone"]), int(a["image_size"]),
-                                 str(a["layer"] or a["pooling"]), int(f["features"].shape[0]),
+                                 f"{a['layer']}/{a['pooling']}" if a["layer"] else str(a["pooling"]),
+                                 int(f["features"].shape[0]),
                                  path.stat().st_size / 1e6, str(a["data"]), "complete"))
         except (OSError, KeyError, ValueError, TypeError) as exc:
             b, s, p, k = _name_parts(path)
