@@ -99,6 +99,9 @@ def test_fit_head_ranks_predicts_and_exports_a_concatenation_and_finetune_refuse
     assert "1792 features" in audited.stdout + audited.stderr      # 1280 (mobilenetv2) + 512 (vgg16)
     listed = run_cli("cache", "ls", "--cache-dir", str(tmp_path / "c"))
     assert listed.returncode == 0 and "mobilenetv2+vgg16" in listed.stdout and "damaged" not in listed.stdout
+    joined = next((tmp_path / "c" / "features").glob("mobilenetv2+vgg16-*.h5"))
+    info = run_cli("cache", "info", joined.name, "--cache-dir", str(tmp_path / "c"))
+    assert info.returncode == 0 and "parts: [" in info.stdout and ": None" not in info.stdout, info.stdout
     # export: both backbones on one uint8 input, joined, then the head; it predicts what the run predicts
     exported = run_cli("export", "--run", run_id, "--format", "keras", "--cache-dir", str(tmp_path / "c"),
                        "--out", str(tmp_path / "export"))

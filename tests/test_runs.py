@@ -141,13 +141,23 @@ def test_dense_fit_head_run_writes_keras_head_and_training_curves(aug_cache, tmp
     assert rec.config["params"]["hidden"] == [8] and rec.config["head_params"]["epochs"] == 3
 
 
-def test_failed_run_is_marked_failed(tmp_path):
+def test_failed_run_is_marked_failed(tmp_path, monkeypatch):
+    """Data that cannot be split is refused before a run is recorded; a fit that fails once the run
+    has started leaves it marked failed, with the error."""
     registry = Registry(tmp_path)
     unlabelled = write_cache(tmp_path / "u", n_images=20, labels=np.full(20, -1))
-    with FeatureFile(unlabelled) as ff, pytest.raises(UserError):
+    with FeatureFile(unlabelled) as ff, pytest.raises(UserError, match="no labels"):
+        fit_head_run(ff, LogisticHead(C=1.0), registry=registry)
+    assert registry.list() == []
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(LogisticHead, "fit", boom)
+    with FeatureFile(write_cache(tmp_path / "l", n_images=40)) as ff, pytest.raises(RuntimeError):
         fit_head_run(ff, LogisticHead(C=1.0), registry=registry)
     (rec,) = registry.list()
-    assert rec.status == "failed" and "no labels" in rec.info["error"]
+    assert rec.status == "failed" and "boom" in rec.info["error"]
 
 
 # ------------------------------------------------------------------------------ registry

@@ -224,8 +224,10 @@ def describe(ref: str, cache_dir: Path) -> str:
                  f"dtype: {ff.features.dtype}"]
         for k in ("key", "backbone", "weights", "weights_id", "image_size", "resize", "preprocessing", "pooling",
                   "layer", "data", "data_fingerprint", "split_origin", "augment_copies", "augment_seed",
-                  "versions", "created", "extract_seconds"):
+                  "versions", "created", "extract_seconds", "parts"):
             v = ff.attrs.get(k)
+            if v is None:  # not recorded for this kind of file (a join keeps its own in its parts)
+                continue
             lines.append(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
         lines.append(f"classes ({len(ff.class_names)}): {', '.join(ff.class_names)}")
         clean = ff.views == 0
