@@ -50,6 +50,7 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
     `trust_savedmodel`: a SavedModel runs whatever TensorFlow ops it holds (file I/O included), like
     unpickling, so it is opened only when the caller says it is trusted."""
     path = Path(path).expanduser()
+    embedded: dict[str, Any] = {}  # the card inside the model file, where its format keeps one (ONNX)
     if not path.exists():
         raise UserError(f"model not found: {path}")
     if path.is_dir():
@@ -68,7 +69,7 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
         kind, call, size, names = "tflite", *_tflite(path)
     else:
         raise UserError(f"{path.name}: unknown model type; --model takes .onnx, .keras, .tflite or a SavedModel folder")
-    card = _read_card(path) or (embedded if kind == "onnx" else {})  # an ONNX file carries its card too
+    card = _read_card(path) or embedded  # an ONNX file carries its card too
     labels = _read_labels(path)
     names_from = ("labels.txt beside it" if labels else "its metadata" if names
                   else "model_card.json beside it" if card.get("class_names") else "")
