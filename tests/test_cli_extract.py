@@ -232,3 +232,12 @@ def test_a_lock_left_by_a_refused_extraction_is_listed_and_removable(tiny_split_
     key = lock.name.rsplit("-", 1)[1].split(".")[0]
     rm = run_cli("cache", "rm", key[:8], "--cache-dir", cache)
     assert rm.returncode == 0 and not lock.exists(), rm.stderr
+    # a finished cache: cache rm takes its lock and its shards' locks with it, and --all leaves nothing behind
+    assert run_cli("extract", "--data", str(tiny_split_folder), "--cache-dir", cache, *FAST).returncode == 0
+    done = next(Path(cache, "features").glob("*.h5"))
+    Path(cache, "features", done.stem + ".shard-0-of-2.lock").touch()
+    assert run_cli("extract", "--data", str(tiny_split_folder), "--cache-dir", cache, *FAST, "--image-size", "48").returncode == 0
+    one = run_cli("cache", "rm", done.stem.rsplit("-", 1)[1][:8], "--cache-dir", cache)
+    assert one.returncode == 0 and not list(Path(cache, "features").glob(done.stem + ".*")), one.stderr
+    everything = run_cli("cache", "rm", "--all", "--yes", "--cache-dir", cache)
+    assert everything.returncode == 0 and not list(Path(cache, "features").iterdir()), everything.stderr

@@ -263,9 +263,8 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         else:
             shutil.rmtree(path)
-        lock = path.with_suffix(".lock")
-        if lock.is_file() and not any(o.path != path and o.path.with_suffix(".lock") == lock
-                                      for o in find_entries(cache_dir)):
+        lock = path.with_suffix(".lock")  # the key's lock (and its shards'), unless another entry of the key stays
+        if not any(o.path not in (path, lock) and o.path.with_suffix(".lock") == lock for o in find_entries(cache_dir)):
             lock.unlink(missing_ok=True)
             for shard_lock in path.parent.glob(path.with_suffix("").name + ".shard-*-of-*.lock"):
                 shard_lock.unlink(missing_ok=True)
