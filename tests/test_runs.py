@@ -211,6 +211,9 @@ def test_registry_start_finish_list_filter_sort(tmp_path):
     assert [r.id for r in reg.list(stage="fit-head")] == [c.id, b.id]
     assert [r.id for r in reg.list(filters={"backbone": "efficient*"})] == [b.id, a.id]
     assert [r.id for r in reg.list(filters={"head": "dense", "status": "ok"})] == [b.id]
+    with pytest.raises(UserError, match="no run listed has a value for 'backbon' to filter on"):
+        reg.list(filters={"backbon": "efficient*"})  # a typo said "no runs", exit 0
+    assert reg.list(filters={"backbone": "resnet*"}) == []  # a key some run has: simply no match
     assert [r.id for r in reg.list(sort="val.accuracy")] == [c.id, b.id, a.id]   # missing values last
     assert [r.id for r in reg.list(sort="val_f1", descending=False)] == [b.id, c.id, a.id]
     assert [r.id for r in reg.list(sort="params.lr")] == [b.id, c.id, a.id]

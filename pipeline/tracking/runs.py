@@ -274,6 +274,9 @@ class Registry:
         if stage is not None:
             records = [r for r in records if r.stage == stage]
         for key, want in (filters or {}).items():
+            if records and all(r.value(key) is None for r in records):  # a typo, not "no such runs"
+                raise UserError(f"no run listed has a value for {key!r} to filter on; use a field such as stage, "
+                                f"status or backbone, or a dotted metrics/config key such as params.C")
             records = [r for r in records if _matches(r.value(key), want)]
         present = [r for r in records if r.value(sort) is not None]
         missing = [r for r in records if r.value(sort) is None]
