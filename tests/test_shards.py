@@ -57,8 +57,9 @@ def test_shard_cli(tmp_path):
     assert "shard 0/2: computed 6" in s0.stdout and "waiting for shard(s) 1/2" in s0.stdout
     plain = run_cli(*args)
     assert plain.returncode == 2 and "--shard" in plain.stderr and len(plain.stderr.strip().splitlines()) == 1
-    s1 = run_cli(*args, "--shard", "1/2")
+    s1 = run_cli(*args, "--shard", "1/2", "--chunk-size", "8")  # the chunks are cut already: said, not refused
     assert s1.returncode == 0 and "wrote" in s1.stdout and "10 rows" in s1.stdout, s1.stdout + s1.stderr
+    assert "cuts chunks of 4 images, so --chunk-size 8 is not used" in s1.stdout + s1.stderr
 
 
 def test_shards_hash_only_their_own_images(tmp_path, monkeypatch):

@@ -126,6 +126,9 @@ class ExtractionJob:
         if done:
             self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "
                      f"already extracted")
+        if u != self.options.chunk_units:  # the chunks already written fix their size for the whole run
+            self.log(f"note: the unfinished extraction cuts chunks of {u} images, so --chunk-size "
+                     f"{self.options.chunk_units} is not used")
         return self.todo
 
     def look_for_reuse(self) -> None:
