@@ -292,6 +292,7 @@ A0, A1, B0, B1 = "d/train/ants/img_000.jpg", "d/train/ants/img_001.jpg", "d/trai
     ("swapped.csv", f"ants,{A0}\nbees,{B0}\n", "columns look swapped"),
     ("valonly.csv", f"{A0},ants,train\n{B0},bees,train\n{B1},bess,val\n", "class 'bess' has val images"),
     ("binary.csv", b"\x00\x01\x02garbage\xff", "not a text manifest"),
+    ("dev.csv", f"{A0},ants,train\n{B0},bees,dev\n", "not 'dev' (--split-names renames split folders only"),
 ])
 def test_bad_manifests_are_refused_in_one_line(imgs, tmp_path, name, text, fragment):
     manifest = _manifest(imgs, name, text)

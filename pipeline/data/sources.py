@@ -424,7 +424,8 @@ class CsvSource(FileSource):
             if CONTROL.search(label):
                 raise UserError(f"{self.path} line {line}: the label {label!r} {CONTROL_NOTE}")
             if s and s not in SPLITS:
-                raise UserError(f"{self.path} line {line}: split must be train, val or test, not {s!r}")
+                raise UserError(f"{self.path} line {line}: split must be train, val or test, not {s!r} "
+                                f"(--split-names renames split folders only; rename the manifest's splits)")
             p = Path(os.path.expanduser(raw_path))
             full = os.path.normpath(p if p.is_absolute() else base / p)
             if not self.split.allow_outside_paths and os.path.commonpath([full, str(base)]) != str(base):
