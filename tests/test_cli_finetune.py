@@ -164,6 +164,8 @@ def test_finetune_interrupted_after_training_is_recorded_by_resume(tmp_path, mon
     assert ft.returncode == 130 and f"finetune --resume {ft_dir.name}` continues it" in ft.stderr, ft.stderr
     assert (ft_dir / "model.keras").exists() and json.loads((ft_dir / "run.json").read_text())["status"] == "failed"
     model_bytes = (ft_dir / "model.keras").read_bytes()
+    gone = run_cli("runs", "rm", head_run, "--force", "--cache-dir", cache)  # nothing left to train: not needed
+    assert gone.returncode == 0, gone.stderr
     resumed = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", cache)
     assert resumed.returncode == 0, resumed.stderr
     assert "training had finished before the interruption" in resumed.stderr and "val   accuracy" in resumed.stdout

@@ -93,7 +93,11 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         # held until the command ends: a second --resume of the run at the same time is refused, not run beside it
         if not click.get_current_context().with_resource(exclusive_lock(record.dir / RESUME_LOCK)):
             raise UserError(f"finetune run {record.id} is being resumed by another process; wait for it to finish")
-        parent = registry.get(record.config["parent_run"])
+        # interrupted after its training finished (while plotting or logging): nothing to train, only to record,
+        # so its head run is not read again (it may be gone: runs rm --force)
+        finished = finished_result(record.dir)
+        parent_id = str(record.config.get("parent_run"))
+        parent = registry.get(parent_id) if finished is None else None
         tuner = FineTuner.from_checkpoint(record.dir)
         if no_progress:
             tuner.verbose = 2
@@ -101,7 +105,9 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     else:
         if not run_id:
             raise click.UsageError("give --run ID (a fit-head run) or --resume ID (an interrupted finetune run)")
+        finished = None
         parent = registry.get(run_id)
+        parent_id = parent.id
         if parent.stage != "fit-head":
             raise UserError(f"finetune starts from a fit-head run; {parent.id} is a run of {parent.stage}")
         tuner = FineTuner(unfreeze=list(unfreeze) or None, unfreeze_last=unfreeze_last, lr=lr, optimizer=optimizer,
@@ -110,8 +116,6 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                           augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
                           trunk_cache=trunk_cache, views=views, label_smoothing=label_smoothing,
                           verbose=2 if no_progress or not sys.stdout.isatty() else 1)  # per-step bar (ETA) or a line per epoch
-    # interrupted after its training finished (while plotting or logging): nothing to train, only to record
-    finished = finished_result(record.dir) if resume_id else None
     if finished is None:
         with trusting_pickles(trust_pickle):
             inputs = stage2_inputs(parent.dir)
@@ -148,7 +152,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     held = result.early_stopping_note()
     if held:
         click.echo(held)
-    note = result.worse_note(parent.id)
+    note = result.worse_note(parent_id)
     if note:
         click.echo(note, err=True)
     click.echo(f"{result.epochs_run} epoch(s) in {result.seconds:.1f}s; model {result.model_path}; run {run.id}")
