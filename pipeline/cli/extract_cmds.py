@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-import h5py
 from rich.console import Console
 from rich.table import Table
 
@@ -14,6 +13,7 @@ from pipeline import backbones as bb
 from pipeline.errors import UserError
 from pipeline.extract import extract
 from pipeline.extract.ray_distributor import extract_ray
+from pipeline.features.store import records_hashes
 
 
 @click.command("extract")
@@ -51,12 +51,10 @@ def extract_cmd(force: bool, content_hash: bool, shard: str | None, ray_address:
     else:
         result = extract(request, options)
     report_extraction(result)
-    if content_hash and result.cache_hit and result.path.suffix == ".h5":
-        with h5py.File(result.path, "r") as f:
-            hashed = "hashes" in f
-        if not hashed:  # a hit is the file as it was made: --content-hash adds nothing to it
-            click.echo(f"note: {result.path.name} was extracted without --content-hash, so it holds no content "
-                       f"hashes; add --force to extract it again with them", err=True)
+    if content_hash and result.cache_hit and not records_hashes(result.path):
+        # a hit is the file as it was made: --content-hash adds nothing to it
+        click.echo(f"note: {result.path.name} was extracted without --content-hash, so it holds no content "
+                   f"hashes; add --force to extract it again with them", err=True)
     mlflow_after(log_mlflow, options.cache_dir, result.run_id, mlflow_experiment)
 
 

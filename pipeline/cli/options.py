@@ -9,6 +9,7 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
+from pipeline.atomic import file_in_the_way
 from pipeline.backbones.table import DEFAULT_BACKBONE
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig
 from pipeline.errors import UserError
@@ -193,6 +194,6 @@ def check_output_file(path: str | Path, option: str, suffix: str = ".csv") -> No
     if (path.exists() or path.is_symlink()) and path.suffix.lower() != suffix:
         raise UserError(f"{option} {path} exists and is not a {suffix} file, so writing would replace it; give a "
                         f"new file name (an existing {suffix} file is replaced)")
-    parent = next((p for p in path.parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"{option} {path}: {parent} is a file, not a folder")
+    blocked = file_in_the_way(path)
+    if blocked is not None:
+        raise UserError(f"{option} {path}: {blocked} is a file, not a folder")

@@ -10,10 +10,10 @@ from rich.console import Console
 
 from pipeline.cli.options import cache_dir_option, check_output_file
 from pipeline.errors import UserError
-from pipeline.finetune.checkpoints import read_checkpoint
+from pipeline.finetune.checkpoints import has_checkpointed_epoch
 from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path, plot_comparison,
                                        resolve)
-from pipeline.tracking.runs import Registry, RunRecord
+from pipeline.tracking.runs import Registry
 
 
 @click.group("runs", invoke_without_command=True)
@@ -80,17 +80,8 @@ def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Pat
     \b
     Example: python cli.py runs rm 20261122-2330
     """
-    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run, resumable=_has_epochs):
+    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run, resumable=has_checkpointed_epoch):
         click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
-
-
-def _has_epochs(run: RunRecord) -> bool:
-    """An unfinished finetune run with a checkpointed epoch, which --resume continues from its parent
-    run (one without starts over, so removing the parent loses nothing); unreadable: assume so."""
-    try:
-        return bool((read_checkpoint(run.dir) or {}).get("model"))
-    except UserError:
-        return True
 
 
 @runs_group.command("compare")
@@ -111,8 +102,6 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
     """
     if out is not None:
         check_output_file(out, "--out", suffix=".png")
-        if out.is_dir():
-            raise UserError(f"--out {out} is a folder; give a file path ending in .png")
         if out.suffix.lower() != ".png":
             raise UserError(f"--out {out} does not end in .png; the plot is a PNG")
     registry = Registry(cache_dir)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import backbones as bb
-from pipeline.atomic import save_keras_atomic, umask_mode
+from pipeline.atomic import file_in_the_way, save_keras_atomic, umask_mode
 from pipeline.backbones import hub
 from pipeline.backbones.table import weights_identity
 from pipeline.backend import require
@@ -193,9 +193,9 @@ def check_target(out: Path, force: bool) -> None:
     if out.is_symlink():
         raise UserError(f"{out} is a symbolic link; give --out a real folder")
     if not out.exists():
-        above = next((p for p in out.parents if p.exists()), None)
-        if above is not None and not above.is_dir():
-            raise UserError(f"--out {out}: {above} is a file, not a folder; give --out a new folder")
+        blocked = file_in_the_way(out)
+        if blocked is not None:
+            raise UserError(f"--out {out}: {blocked} is a file, not a folder; give --out a new folder")
         return
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; give --out a new folder")

@@ -256,6 +256,8 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
         if is_locked(e.path.with_suffix(".lock")) or any(is_locked(lock) for lock in shard_locks):
             raise UserError(f"an extraction is writing {e.path.name} right now; nothing removed; wait for it "
                             f"to finish or stop it first")
+    removing = {e.path for e in entries}
+    staying = [o for o in find_entries(cache_dir) if o.path not in removing]  # read once, not per entry
     removed = []
     for e in entries:
         path = e.path
@@ -264,7 +266,7 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
         else:
             shutil.rmtree(path)
         lock = path.with_suffix(".lock")  # the key's lock (and its shards'), unless another entry of the key stays
-        if not any(o.path not in (path, lock) and o.path.with_suffix(".lock") == lock for o in find_entries(cache_dir)):
+        if not any(o.path != lock and o.path.with_suffix(".lock") == lock for o in staying):
             lock.unlink(missing_ok=True)
             for shard_lock in path.parent.glob(path.with_suffix("").name + ".shard-*-of-*.lock"):
                 shard_lock.unlink(missing_ok=True)

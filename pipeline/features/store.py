@@ -331,6 +331,15 @@ def is_complete(path: str | os.PathLike) -> bool:
         return False
 
 
+def records_hashes(path: str | os.PathLike) -> bool:
+    """True when a cache file keeps each image's SHA-256 (extracted with --content-hash); cheap."""
+    try:
+        with h5py.File(path, "r") as f:
+            return "hashes" in f
+    except OSError:
+        return False
+
+
 def refuse_damaged(path: str | os.PathLike) -> None:
     """Raise the one-line damage error (what is wrong, the way out) for a file at `path` that is not a
     finished cache file; nothing where there is none. A key's file is renamed into place finished,

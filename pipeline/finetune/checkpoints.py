@@ -114,6 +114,15 @@ def resume_state(run_dir: Path, resume: bool, fingerprint: str, say: Callable[[s
     return state
 
 
+def has_checkpointed_epoch(run_dir: Path) -> bool:
+    """Whether an unfinished run's --resume continues from a saved epoch (one without starts over);
+    an unreadable checkpoint.json counts as one (its resume says what is wrong)."""
+    try:
+        return bool((read_checkpoint(run_dir) or {}).get("model"))
+    except UserError:
+        return True
+
+
 def finished_result(run_dir: Path) -> FinetuneResult | None:
     """The result of a run whose training finished (checkpoint complete, model and finetune.json
     written) but whose record did not (interrupted while plotting or logging), else None: what

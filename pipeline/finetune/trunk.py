@@ -82,6 +82,11 @@ def assemble(spec: backbones.Backbone, size: int, trunk, top):
     return keras.Model(inputs, top(trunk(x, training=False)), name=f"finetune_{spec.slug}")
 
 
+def no_trunk_error(why: str) -> UserError:
+    """The refusal of an explicit --trunk-cache that cannot be served, and the way out."""
+    return UserError(f"no trunk cache: {why}; drop --trunk-cache to train on the images")
+
+
 def no_trunk_reason(spec: backbones.Backbone, unfreeze_last: int | None) -> str | None:
     """Why no trunk cache can serve these settings whatever the data (None: one may); `FineTuner.check_params`
     refuses an explicit --trunk-cache for it before a run is recorded."""
@@ -99,7 +104,7 @@ def plan_trunk(request: ExtractRequest, spec: backbones.Backbone, size: int, n_i
     (this module), else None (then every epoch runs the whole backbone on the images)."""
     def skip(why: str) -> None:
         if trunk_cache:  # asked for explicitly
-            raise UserError(f"no trunk cache: {why}; drop --trunk-cache to train on the images")
+            raise no_trunk_error(why)
         say(f"{why}: training on the images instead (slower)")
 
     if trunk_cache is False:

@@ -48,7 +48,7 @@ from pipeline.finetune.model import (
     unfrozen_blocks,
 )
 from pipeline.finetune.results import FinetuneResult
-from pipeline.finetune.trunk import assemble, no_trunk_reason, plan_trunk, split_at, trunk_maps
+from pipeline.finetune.trunk import assemble, no_trunk_error, no_trunk_reason, plan_trunk, split_at, trunk_maps
 from pipeline.heads.base import short_names
 from pipeline.heads.dense import balanced_class_weights
 from pipeline.heads.schedules import check_optimizer, make_optimizer
@@ -163,7 +163,7 @@ class FineTuner:
             check_has_blocks(spec, self.unfreeze_last)
             why = no_trunk_reason(spec, self.unfreeze_last) if self.trunk_cache else None
             if why:
-                raise UserError(f"no trunk cache: {why}; drop --trunk-cache to train on the images")
+                raise no_trunk_error(why)
         return self
 
     def _check(self) -> None:

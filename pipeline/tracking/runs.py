@@ -321,12 +321,12 @@ class Registry:
         return self.record(hits[0])
 
     def remove(self, run_ids: Sequence[str], force: bool = False, dry_run: bool = False,
-               resumable: Callable[["RunRecord"], bool] | None = None) -> list[Path]:
+               resumable: Callable[[Path], bool] | None = None) -> list[Path]:
         """Delete run folders (only under `<cache_dir>/runs/`), each by full ID or unambiguous prefix.
 
         Every ID is checked before anything is deleted; a run still running (status running, its
         process alive) is refused unless `force`, as is the parent of an unfinished finetune run that
-        `resumable` says holds work to resume (default: every unfinished one).
+        `resumable` (given its folder) says holds work to resume (default: every unfinished one).
         """
         records: list[RunRecord] = []
         for run_id in run_ids:
@@ -338,7 +338,7 @@ class Registry:
                 records.append(r)
         leaving = {r.id for r in records}
         waiting = [x for x in self.list("finetune") if x.id not in leaving and x.status not in ("ok", "damaged")
-                   and x.config.get("parent_run") in leaving and (resumable is None or resumable(x))] if not force else []
+                   and x.config.get("parent_run") in leaving and (resumable is None or resumable(x.dir))] if not force else []
         if waiting:  # a resume reads its parent run again: removing the parent loses the checkpointed epochs
             w = waiting[0]
             raise UserError(f"run {w.config['parent_run']} is where unfinished run {w.id} ({w.stage}, {w.status}) "
