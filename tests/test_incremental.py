@@ -213,3 +213,43 @@ def test_a_candidate_whose_rows_are_not_this_requests_width_is_skipped_with_a_wa
     assert (grown.computed, grown.reused) == (7, 0)
     with FeatureFile(grown.path) as ff:
         assert ff.feature_shape == (width,)
+
+
+def _u(key: str, seed: int = 0) -> float:
+    """The hash split's draw for one image (pipeline.data.sources.hash_split)."""
+    import hashlib
+    return int.from_bytes(hashlib.sha1(f"{seed}:{key}".encode()).digest()[:8], "big") / 2**64
+
+
+def test_a_lent_val_image_that_goes_back_to_train_is_named_when_rows_are_reused(tmp_path):
+    # bees: three images none of which hashes into val (u >= 0.2), so its lowest-hash one is lent to val;
+    # then one that hashes into val is added, and the lent image goes back to train
+    train_names = [n for n in (f"t{k}.jpg" for k in range(200)) if _u(f"bees/{n}") >= 0.2][:3]
+    val_name = next(n for n in (f"v{k}.jpg" for k in range(200)) if _u(f"bees/{n}") < 0.2)
+    lent = min(train_names, key=lambda n: _u(f"bees/{n}"))
+    data = make_folder(tmp_path / "d", per_class=6, classes=("ants",), splits=())
+    _add(data, "bees", train_names, seed=6)
+    cache = str(tmp_path / "c")
+    args = ["extract", "--data", str(data), "--backbone", "vgg16", "--weights", "none", "--image-size", "32",
+            "--no-progress", "--cache-dir", cache]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "another split" not in first.stderr
+    _add(data, "bees", [val_name], seed=7)
+    grown = run_cli(*args)
+    assert grown.returncode == 0, grown.stderr
+    assert "computed 1 at" in grown.stdout, grown.stdout
+    assert "warning: 1 image(s) are in another split than in" in grown.stderr, grown.stderr
+    assert f"bees/{lent} (val -> train)" in grown.stderr and "lends a class" in grown.stderr, grown.stderr
+
+
+def test_the_extraction_rate_leaves_the_backbone_build_out(tmp_path):
+    import re
+    data = make_folder(tmp_path / "d", per_class=1, splits=())
+    got = run_cli("extract", "--data", str(data), "--backbone", "vgg16", "--weights", "none", "--image-size", "32",
+                  "--no-progress", "--cache-dir", str(tmp_path / "c"))
+    assert got.returncode == 0, got.stderr
+    found = re.search(r"computed 2 at ([0-9.]+) images/s; backbone built in ([0-9.]+) s\)", got.stdout)
+    assert found, got.stdout
+    rate, built = float(found[1]), float(found[2])
+    assert rate * built > 2, got.stdout  # counting the build, two images could not go faster than 2 / build

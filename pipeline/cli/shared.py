@@ -35,15 +35,16 @@ def report_extraction(result) -> None:
         else:
             click.echo(f"every chunk is present; {result.path.name} is assembled by another process")
         return
+    built = f"; backbone built in {result.model_seconds:.1f} s" if result.computed and result.model_seconds >= 0.05 else ""
     if result.distributor == "concat":
-        rate = f" at {result.images_per_s:.1f} images/s" if result.computed else ""
+        rate = f" at {result.images_per_s:.1f} images/s{built}" if result.computed else ""
         click.echo(f"wrote {result.path} ({result.n_rows} rows joined from {len(result.parts)} backbone caches; "
                    f"computed {result.computed}{rate})")
         return
     reused = f"reused {result.reused} unchanged from {result.reused_from.name}, " if result.reused else ""
     if result.computed:
         click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed {result.computed} at "
-                   f"{result.images_per_s:.1f} images/s)")
+                   f"{result.images_per_s:.1f} images/s{built})")
     elif reused:
         click.echo(f"wrote {result.path} ({result.n_rows} rows; {reused}computed 0)")
     else:

@@ -23,7 +23,7 @@ import h5py
 from pipeline import backbones
 from pipeline.backend import name as backend_name
 from pipeline.errors import UserError
-from pipeline.extract.plan import KEY_VERSION, ExtractRequest, ExtractResult, Plan, RunOptions, plan
+from pipeline.extract.plan import KEY_VERSION, ExtractRequest, ExtractResult, Plan, RunOptions, image_rate, plan
 from pipeline.features.store import concatenate, is_complete, refuse_damaged
 from pipeline.layout import CacheLayout
 from pipeline.locking import exclusive_lock
@@ -114,8 +114,9 @@ def extract_concat(request: ExtractRequest, options: RunOptions, log: Log,
         else:  # another process joined it while this one waited
             n_rows = _n_rows(cp.path)
     computed, seconds = sum(r.computed for r in results), sum(r.seconds for r in results)
+    model_seconds = sum(r.model_seconds for r in results)
     return ExtractResult(cp.path, cp.key, cache_hit=run_id is None, n_rows=n_rows, seconds=seconds,
-                         computed=computed, images_per_s=computed / seconds if computed and seconds > 0 else 0.0,
+                         computed=computed, images_per_s=image_rate(computed, seconds, model_seconds), model_seconds=model_seconds,
                          skipped=results[0].skipped, distributor="concat", parts=[r.path for r in results],
                          run_id=run_id)
 

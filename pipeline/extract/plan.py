@@ -146,6 +146,13 @@ class ExtractResult:
     model_seconds: float = 0.0  # of `seconds`, building the backbone (0 where this process kept it, or Ray's actors built it)
 
 
+def image_rate(computed: int, seconds: float, model_seconds: float = 0.0) -> float:
+    """Images computed per second, the backbone's build left out: it is not throughput (one new image
+    read 0.2 images/s when the build counted)."""
+    busy = seconds - model_seconds
+    return computed / busy if computed and busy > 0 else 0.0
+
+
 def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"{flag} must be one of {', '.join(choices)}, not {value!r}")

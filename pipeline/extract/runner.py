@@ -33,9 +33,9 @@ from pipeline.data.loader import Prefetcher, batches
 from pipeline.data.sources import Listing
 from pipeline.errors import DataWarning, UserError
 from pipeline.extract.mapper import cached_runner
-from pipeline.extract.plan import ExtractResult, Plan, RunOptions
+from pipeline.extract.plan import ExtractResult, Plan, RunOptions, image_rate
 from pipeline.extract.writer import ChunkWriter
-from pipeline.features.reuse import file_hashes, find_reuse, item_stats, write_hash_note
+from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
 from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, read_parts_json
 
 Log = Callable[[str], None]
@@ -154,6 +154,10 @@ class ExtractionJob:
         if self.reuse is not None:
             self.reused[self.reuse.tags] = True
             self.log(f"reusing {self.reuse.tags.size} feature row(s) of unchanged images from {self.reuse.base.name}")
+            moved = self.reuse.moved(self.listing.ids, self.listing.splits, self.unit_index, self.unit_view)
+            if moved:
+                warnings.warn(moved_message(moved, self.reuse.base.name, self.listing.split_origin),
+                              DataWarning, stacklevel=2)
 
     def compute(self) -> int:
         """Compute and write the planned chunks (reader -> mapper -> writer); returns the images computed.
@@ -223,7 +227,7 @@ class ExtractionJob:
             skipped = list(zip(f["skipped_paths"].asstr()[:], f["skipped_reasons"].asstr()[:]))
         computed = self.needed
         return ExtractResult(p.path, p.key, cache_hit=False, n_rows=n_rows, skipped=skipped, seconds=seconds,
-                             images_per_s=computed / seconds if computed and seconds > 0 else 0.0,
+                             images_per_s=image_rate(computed, seconds, self.model_seconds),
                              resumed_from=self.start, computed=computed,
                              reused=int(np.count_nonzero(self.reused & self.in_todo)),
                              reused_from=self.reuse.base if self.reuse is not None else None,

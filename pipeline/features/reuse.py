@@ -44,6 +44,20 @@ class Reuse:
     tags: np.ndarray
     rows: np.ndarray
     feature_shape: tuple[int, ...]
+    splits: np.ndarray | None = None  # the base file's split of each of `rows`
+
+    def moved(self, ids: list[str], splits: list[str], unit_index: np.ndarray,
+              unit_view: np.ndarray) -> list[tuple[str, str, str]]:
+        """(image id, its split in the base file, its split now) of reused images whose split differs:
+        a head fitted on the old cache may have scored an image that is now a training image."""
+        if self.splits is None:
+            return []
+        out = []
+        for tag, old in zip(self.tags.tolist(), self.splits.tolist()):
+            index = int(unit_index[tag])
+            if unit_view[tag] == 0 and splits[index] != old:
+                out.append((ids[index], old, splits[index]))
+        return out
 
     def read(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(tags, features) of the reused units with lo <= tag < hi, read from the base file."""
@@ -61,6 +75,17 @@ class Reuse:
                             f"changed during the run ({type(exc).__name__}); run the same command again: finished "
                             f"chunks are kept") from None
         return tags, feats
+
+
+def moved_message(moved: list[tuple[str, str, str]], base: str, split_origin: str) -> str:
+    """One line naming the reused images that changed split since `base` was made, and why they can."""
+    shown = ", ".join(f"{i} ({a} -> {b})" for i, a, b in moved[:3])
+    more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
+    why = (" (the hash split lends a class none of whose images hash into val its lowest-hash training image, "
+           "which goes back to train once one does: docs/extract.md)" if split_origin.startswith("hash")
+           else "")
+    return (f"{len(moved)} image(s) are in another split than in {base}, whose rows this cache reuses: "
+            f"{shown}{more}{why}; a head fitted on the older cache scored or trained on them there")
 
 
 def item_stats(paths: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
@@ -202,6 +227,7 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
                 usable = np.flatnonzero((views == 0) | ((views > 0) & (our_views is not None)
                                                         & (_views_of(theirs) == our_views)))
                 old_ids = f["paths"].asstr()[:][usable]
+                old_splits = f["splits"].asstr()[:]
                 by_hash = stats[2] is not None and "hashes" in f
                 if by_hash:  # both sides hashed: the bytes decide, not the file's size and time
                     old = {(i, h, int(v)): int(r) for i, h, v, r in
@@ -231,5 +257,6 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
                 tags.append(tag)
                 rows.append(row)
         if tags and (best is None or len(tags) > best.tags.size):
-            best = Reuse(path, np.asarray(tags, np.int64), np.asarray(rows, np.int64), shape)
+            rows_arr = np.asarray(rows, np.int64)
+            best = Reuse(path, np.asarray(tags, np.int64), rows_arr, shape, old_splits[rows_arr])
     return best
