@@ -253,3 +253,18 @@ def test_the_extraction_rate_leaves_the_backbone_build_out(tmp_path):
     assert found, got.stdout
     rate, built = float(found[1]), float(found[2])
     assert rate * built > 2, got.stdout  # counting the build, two images could not go faster than 2 / build
+
+
+def test_a_touched_file_with_the_same_bytes_is_not_changed_where_the_cache_holds_hashes(tmp_path):
+    from pipeline.features.reuse import changed_files
+    data = make_folder(tmp_path / "d", per_class=3, splits=())
+    touched, rewritten = data / "ants" / "img_000.jpg", data / "bees" / "img_001.jpg"
+    plain = extract(req(data), opts(tmp_path / "plain"))
+    hashed = extract(req(data), opts(tmp_path / "hashed", content_hash=True))
+    os.utime(touched, ns=(0, 10**18))                      # same bytes, other time (a copy without cp -p)
+    write_image(rewritten, _img(np.random.default_rng(11), 0), "jpeg")
+    with FeatureFile(plain.path) as ff:
+        assert sorted(changed_files(ff, ff.rows(views="clean"))) == [(str(touched), "changed"),
+                                                                      (str(rewritten), "changed")]
+    with FeatureFile(hashed.path) as ff:
+        assert changed_files(ff, ff.rows(views="clean")) == [(str(rewritten), "changed")]

@@ -107,7 +107,9 @@ def item_stats(paths: list[str] | None) -> tuple[np.ndarray, np.ndarray, np.ndar
 def changed_files(ff: FeatureFile, rows: np.ndarray) -> list[tuple[str, str]]:
     """(path, "missing" or "changed") of the image files of `rows` that are gone, or whose size or
     modification time differs from what `ff` recorded when it extracted them: its features of them
-    describe other pixels. Empty where the cache records no files."""
+    describe other pixels. Where the cache holds content hashes (--content-hash), a file with other
+    size or time but the same bytes (a copy made without `cp -p`) is not changed. Empty where the
+    cache records no files."""
     recorded = ff.file_stats()
     if recorded is None:
         return []
@@ -115,12 +117,15 @@ def changed_files(ff: FeatureFile, rows: np.ndarray) -> list[tuple[str, str]]:
     paths = [ff.paths[int(r)] for r in rows]
     sizes, mtimes, _ = item_stats(paths)
     then_sizes, then_mtimes = recorded[0][rows], recorded[1][rows]
+    then_hashes = ff.file_hashes()
     out = []
     for i, path in enumerate(paths):
         if sizes[i] < 0 and then_sizes[i] >= 0:
             out.append((path, "missing"))
         elif sizes[i] != then_sizes[i] or mtimes[i] != then_mtimes[i]:
-            out.append((path, "changed"))
+            then = then_hashes[int(rows[i])] if then_hashes is not None else ""
+            if not then or _sha256(path) != then:
+                out.append((path, "changed"))
     return out
 
 

@@ -407,6 +407,13 @@ class FeatureFile:
             return None
         return self._f["sizes"][:], self._f["mtimes_ns"][:]
 
+    def file_hashes(self) -> np.ndarray | None:
+        """SHA-256 hex per row of each image file as extracted ("" where not taken); None where the
+        cache was made without --content-hash."""
+        if "hashes" not in self._f:
+            return None
+        return self._f["hashes"].asstr()[:]
+
     @property
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.features.shape[1:])
