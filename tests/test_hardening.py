@@ -503,9 +503,9 @@ def test_predict_refuses_an_empty_image_argument_and_a_folder_for_csv(tmp_path):
     _one_line_error(over_image, "exists and is not a .csv file, so writing would replace it")
     _one_line_error(run_cli("runs", "compare", "a", "b", "--out", str(image)), "exists and is not a .png file")
     _one_line_error(run_cli("predict", "--run", "nosuch", str(image), "--csv", "-"), "would write a file named '-'")
-    # options the chosen mode does not read: refused, not ignored (a --csv with --backbone was never written)
-    _one_line_error(run_cli("predict", "--backbone", "mobilenetv2", str(image), "--csv", str(tmp_path / "p.csv")),
-                    "--csv does nothing with --backbone; leave it out")
+    # options the chosen mode does not read: refused, not ignored
+    _one_line_error(run_cli("predict", "--backbone", "mobilenetv2", str(image), "--trust-model", "--csv",
+                            str(tmp_path / "p.csv")), "--trust-model does nothing with --backbone; leave it out")
     _one_line_error(run_cli("predict", "--run", "nosuch", str(image), "--weights", "w.h5", "--trust-model"),
                     "--weights, --trust-model do nothing with --run; leave them out")
     assert not (tmp_path / "p.csv").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,7 +16,9 @@ def test_lite0_top5_on_package_photos(tmp_path):
     Image.fromarray(skdata.coffee()).save(tmp_path / "coffee.png")
     Image.fromarray(skdata.chelsea()).save(tmp_path / "chelsea.jpg")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 nope")
-    proc = run_cli("predict", "--backbone", "efficientnet_lite0", "--top-k", "3", str(tmp_path))
+    out = tmp_path / "out" / "top.csv"
+    out.parent.mkdir()
+    proc = run_cli("predict", "--backbone", "efficientnet_lite0", "--top-k", "3", str(tmp_path), "--csv", str(out))
     assert proc.returncode == 0, proc.stderr
     blocks = proc.stdout.strip().split("\n")
     coffee = blocks[blocks.index(str(tmp_path / "coffee.png")) + 1]
@@ -23,6 +27,16 @@ def test_lite0_top5_on_package_photos(tmp_path):
     assert any("Egyptian cat" in l or "tabby" in l or "tiger cat" in l for l in chelsea[:1])
     assert len(chelsea) == 3
     assert "skipped 1 file(s)" in proc.stderr and "broken.jpg" in proc.stderr
+    # --csv: the same top-k, a row per readable image
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", *(f"{c}_{i}" for i in (1, 2, 3) for c in ("class", "index", "probability"))]
+    by_path = {r["path"]: r for r in rows}
+    assert set(by_path) == {str(tmp_path / "coffee.png"), str(tmp_path / "chelsea.jpg")}
+    assert by_path[str(tmp_path / "coffee.png")]["class_1"] == "espresso"
+    assert by_path[str(tmp_path / "coffee.png")]["index_1"] == "967"
+    probs = [float(by_path[str(tmp_path / "chelsea.jpg")][f"probability_{i}"]) for i in (1, 2, 3)]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    assert f"wrote {out}" in proc.stderr
 
 
 def test_predict_errors_are_one_line(tmp_path):

@@ -15,7 +15,7 @@ from pipeline.cli.options import cache_dir_option, check_output_file, given_opti
 from pipeline.cli.shared import shown_path, skipped_message
 from pipeline.export.runtime import open_model, predict_files
 from pipeline.inference.apply import (check_explain, evaluate_run, explained, load_run, predict_paths, run_features,
-                                      write_predictions_csv)
+                                      write_predictions_csv, write_top_k_csv)
 from pipeline.inference.embed import image_paths, imagenet_top_k
 from pipeline.tracking.metrics import metrics_table, summary_line
 
@@ -29,7 +29,8 @@ from pipeline.tracking.metrics import metrics_table, summary_line
 @click.option("--weights", default="imagenet", show_default=True, help="With --backbone: imagenet or a file.")
 @click.option("--top-k", type=click.IntRange(1, 1000), default=5, show_default=True)
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
-              help="With --run or --model: also write path, prediction, probability and per-class columns here.")
+              help="Also write a CSV here: with --run or --model path, prediction, probability and per-class "
+                   "columns; with --backbone path and each of the top-k's class, index and probability.")
 @click.option("--explain", type=click.IntRange(0), default=0, metavar="K",
               help="With --run of a knn head: also show each image's K nearest training images (and in --csv).")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
@@ -54,7 +55,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
         raise click.UsageError("give one of --run, --model and --backbone")
     mode = "--run" if run_id else "--model" if model_file is not None else "--backbone" if backbone else None
     reads = {"--run": {"csv_out", "explain", "trust_pickle"}, "--model": {"csv_out", "trust_model"},
-             "--backbone": {"weights"}}.get(mode, set())
+             "--backbone": {"weights", "csv_out"}}.get(mode, set())
     unread = given_options(lambda name: name in {"weights", "csv_out", "explain", "trust_pickle", "trust_model"} - reads)
     if mode and unread:  # ignored, they would change nothing and say nothing (a --csv never written)
         raise click.UsageError(f"{', '.join(unread)} {'does' if len(unread) == 1 else 'do'} nothing with {mode}; "
@@ -83,6 +84,9 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
         click.echo(shown_path(path))
         for idx, name, p in top:
             click.echo(f"  {p:6.1%}  {idx:4d}  {name}")
+    if csv_out is not None:
+        write_top_k_csv(csv_out, results, top_k)
+        click.echo(f"wrote {csv_out}", err=True)
     if skipped:
         click.echo(skipped_message(skipped), err=True)
 

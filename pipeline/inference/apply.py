@@ -209,3 +209,14 @@ def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, c
             near = [x for n, s in (neighbours[j] if neighbours is not None else []) for x in (n, f"{s:.4f}")]
             write([p, *([class_names[int(labels[j])]] if labels is not None else []), class_names[best],
                    f"{row[best]:.6f}", *(f"{v:.6f}" for v in row), *near, *[""] * (2 * k - len(near))])
+
+
+def write_top_k_csv(path: Path, results: Sequence[tuple[str, Sequence[tuple[int, str, float]]]], k: int) -> None:
+    """A backbone's own ImageNet top-k per image: path, then class_i, index_i, probability_i for
+    i = 1..k, most probable first (inert in a spreadsheet, as `write_predictions_csv`)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        fh.write(csv_line(["path", *(f"{c}_{i + 1}" for i in range(k) for c in ("class", "index", "probability"))],
+                          spreadsheet=True))
+        for p, top in results:
+            cells = [x for idx, name, prob in top for x in (name, idx, f"{prob:.6f}")]
+            fh.write(csv_line([p, *cells, *[""] * (3 * k - len(cells))], spreadsheet=True))
