@@ -103,6 +103,19 @@ def test_every_format_round_trips_in_process(head_run, tmp_path, fmt):
     got, kept2, _ = predict_files(model, paths)
     assert kept == kept2
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    # the file (folder) copied on its own still carries its card: resize rule, classes, run, no warning
+    import shutil
+    import warnings
+
+    from pipeline.errors import DataWarning
+    alone = tmp_path / "alone" / result.model_path.name
+    alone.parent.mkdir()
+    (shutil.copytree if result.model_path.is_dir() else shutil.copy)(result.model_path, alone)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        lone = open_model(alone, trust_savedmodel=fmt == "savedmodel")
+    assert lone.card["run_id"] == run_id and lone.class_names == ["ants", "bees"]
+    assert lone.resize == result.card["input"]["resize"] and lone.size == 64
 
 
 def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_path):
@@ -263,7 +276,7 @@ def test_a_model_card_with_an_unknown_resize_rule_is_one_line(tmp_path):
     (tmp_path / "model_card.json").write_text(json.dumps({"input": {"resize": "crop"}}))
     assert open_model(tmp_path / "model.keras").resize == "crop"
     (tmp_path / "model_card.json").unlink()  # a model file copied on its own: said, not silently 'stretch'
-    with pytest.warns(DataWarning, match="no model_card.json beside model.keras: assuming .*'stretch' and numbering"):
+    with pytest.warns(DataWarning, match="no model_card.json beside model.keras and no card inside it: assuming .*'stretch' and numbering"):
         assert open_model(tmp_path / "model.keras").resize == "stretch"
     from PIL import Image
 

@@ -3,8 +3,8 @@ a serving stack takes: raw RGB uint8 images of the run's size in, class probabil
 backbone's preprocessing inside (the graph of `pipeline.backbones.model` plus the head).
 
 Beside the model: `labels.txt` (class names in output order) and `model_card.json` (backbone,
-weights identity, input size and resize rule, data, metrics, run id). ONNX also carries the class
-names and the card in its metadata. The export is checked before it is kept: the written file is
+weights identity, input size and resize rule, data, metrics, run id). The model file carries the card
+too (ONNX and TFLite metadata, a member of the .keras zip, a SavedModel's assets.extra/). The export is checked before it is kept: the written file is
 loaded back with its own runtime and must give the Keras model's probabilities on a few images.
 """
 
@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,8 @@ def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
     """One format, with the converters' own chatter kept off the terminal."""
     if fmt == "keras":
         save_keras_atomic(model, target)
+        with zipfile.ZipFile(target, "a") as z:  # Keras reads its own members only; open_model reads this one
+            z.writestr("model_card.json", json.dumps(card))
         return
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
     spec = [keras.InputSpec(shape=(None, *model.input.shape[1:]), dtype="uint8")]
@@ -223,10 +226,13 @@ def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
             raise UserError(f"--format {fmt} needs a package that is missing ({exc}); pip install -e \".[export]\"") from None
     if fmt == "onnx":
         _onnx_metadata(target, card)
+    elif fmt == "tflite":
+        _tflite_metadata(target, card)
     elif fmt == "savedmodel":
         extra = target / "assets.extra"
         extra.mkdir(exist_ok=True)
         (extra / "labels.txt").write_text("".join(f"{n}\n" for n in card["class_names"]), encoding="utf-8")
+        (extra / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
 def _onnx_metadata(path: Path, card: dict[str, Any]) -> None:
@@ -237,6 +243,22 @@ def _onnx_metadata(path: Path, card: dict[str, Any]) -> None:
     onnx.helper.set_model_props(proto, {"class_names": json.dumps(card["class_names"]),
                                         "model_card": json.dumps(card)})
     onnx.save(proto, str(path))
+
+
+def _tflite_metadata(path: Path, card: dict[str, Any]) -> None:
+    """The model card as the .tflite file's `model_card` metadata (a buffer of its JSON), so a file
+    copied without its folder still knows its resize rule and class names."""
+    from tensorflow.lite.python import schema_py_generated as schema  # noqa: PLC0415 - TensorFlow, slow
+    from tensorflow.lite.tools import flatbuffer_utils  # noqa: PLC0415
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(path.read_bytes()))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(card).encode(), np.uint8)
+    model.buffers.append(buffer)
+    meta = schema.MetadataT()
+    meta.name, meta.buffer = "model_card", len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), meta]
+    path.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
 
 
 @contextlib.contextmanager

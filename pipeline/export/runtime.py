@@ -2,8 +2,10 @@
 ONNX Runtime, `.keras` with Keras (safe mode), a SavedModel folder or `.tflite` with TensorFlow.
 Used by `predict --model FILE` and by `export` to check what it wrote.
 
-Class names come from the ONNX metadata or `labels.txt` beside the file; the input size and resize
-rule from `model_card.json` beside it (else the model's input shape and the default rule).
+Class names come from `labels.txt` beside the file or the model's own metadata; the input size and
+resize rule from `model_card.json` beside it, else from the card the model file carries (every format
+`export` writes keeps one: ONNX metadata, a member of the .keras zip, TFLite metadata, the SavedModel's
+`assets.extra/`), else the model's input shape and the default rule.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +53,6 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
     `trust_savedmodel`: a SavedModel runs whatever TensorFlow ops it holds (file I/O included), like
     unpickling, so it is opened only when the caller says it is trusted."""
     path = Path(path).expanduser()
-    embedded: dict[str, Any] = {}  # the card inside the model file, where its format keeps one (ONNX)
     if not path.exists():
         raise UserError(f"model not found: {path}")
     if path.is_dir():
@@ -60,22 +62,23 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
             raise UserError(f"{path} is a SavedModel, which runs whatever TensorFlow ops it holds (reading and "
                             f"writing files included), like unpickling: add --trust-model if you trust where it "
                             f"came from, or use the same export as model.onnx or model.keras (safe to open)")
-        kind, call, size, names = "savedmodel", *_savedmodel(path)
+        kind, (call, size, names, embedded) = "savedmodel", _savedmodel(path)
     elif path.suffix == ".onnx":
         kind, (call, size, names, embedded) = "onnx", _onnx(path, cpu_only)
     elif path.suffix == ".keras":
-        kind, call, size, names = "keras", *_keras(path)
+        kind, (call, size, names, embedded) = "keras", _keras(path)
     elif path.suffix == ".tflite":
-        kind, call, size, names = "tflite", *_tflite(path)
+        kind, (call, size, names, embedded) = "tflite", _tflite(path)
     else:
         raise UserError(f"{path.name}: unknown model type; --model takes .onnx, .keras, .tflite or a SavedModel folder")
-    card = _read_card(path) or embedded  # an ONNX file carries its card too
+    card = _read_card(path) or embedded  # the model file carries its card too (a file copied without its folder)
     labels = _read_labels(path)
     names_from = ("labels.txt beside it" if labels else "its metadata" if names
-                  else "model_card.json beside it" if card.get("class_names") else "")
+                  else "model_card.json beside it" if card.get("class_names") and _beside(path, "model_card.json").is_file()
+                  else "the card it carries" if card.get("class_names") else "")
     names = labels or names or card.get("class_names") or []
     if not card:
-        warnings.warn(f"no model_card.json beside {path.name}: assuming the images are resized by 'stretch'"
+        warnings.warn(f"no model_card.json beside {path.name} and no card inside it: assuming the images are resized by 'stretch'"
                       + ("" if names else " and numbering the classes")
                       + "; keep the export folder's files together (a model exported with --resize crop or pad "
                         "predicts otherwise)", DataWarning, stacklevel=2)
@@ -142,10 +145,34 @@ def _onnx(path: Path, cpu_only: bool = False):
             card if isinstance(card, dict) else {})
 
 
+def _parse_card(text: bytes | str, where: str) -> dict[str, Any]:
+    try:
+        card = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"the model card inside {where} is not valid JSON; re-export the model") from None
+    return card if isinstance(card, dict) else {}
+
+
+_CARD_LIMIT = 1 << 20  # a card is a few kB; a bigger member is not read (a zip bomb)
+
+
+def _keras_card(path: Path) -> dict[str, Any]:
+    """The model_card.json member `export` adds to a .keras zip ({} where there is none)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("model_card.json")
+            if info.file_size > _CARD_LIMIT:
+                return {}
+            return _parse_card(z.read(info), path.name)
+    except (KeyError, zipfile.BadZipFile, OSError):
+        return {}
+
+
 def _keras(path: Path):
     require()
     model = load_keras_file(path)
-    return (lambda x: model.predict(x, verbose=0, batch_size=len(x))), _square_size(model.input.shape, path), []
+    return ((lambda x: model.predict(x, verbose=0, batch_size=len(x))), _square_size(model.input.shape, path), [],
+            _keras_card(path))
 
 
 def _tensorflow(what: str):
@@ -165,7 +192,13 @@ def _savedmodel(path: Path):
         raise UserError(f"{path} has no serving_default signature")
     spec = list(fn.structured_input_signature[1].values())[0]
     key = list(fn.structured_outputs)[0]
-    return (lambda x: fn(tf.constant(x))[key].numpy()), _square_size(spec.shape.as_list(), path), []
+    extra = path / "assets.extra"  # TF Serving's place for files beside a SavedModel: export's labels and card
+    names = ([line for line in (extra / "labels.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+             if (extra / "labels.txt").is_file() else [])
+    card_file = extra / "model_card.json"
+    card = (_parse_card(card_file.read_bytes(), f"{path.name}/assets.extra")
+            if card_file.is_file() and card_file.stat().st_size <= _CARD_LIMIT else {})
+    return (lambda x: fn(tf.constant(x))[key].numpy()), _square_size(spec.shape.as_list(), path), names, card
 
 
 def _tflite(path: Path):
@@ -173,7 +206,7 @@ def _tflite(path: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tf.lite.Interpreter announces its move to ai-edge-litert
         try:
-            custom = _tflite_custom_ops(path)
+            custom, card = _tflite_inspect(path)
             if custom:  # select-TF ("Flex") ops can do what a SavedModel can (read, write files); others need code
                 raise UserError(f"{path.name} uses operations outside TFLite's built-in set ({', '.join(custom[:4])}"
                                 f"{', ...' if len(custom) > 4 else ''}), which this tool does not run: TensorFlow ops "
@@ -192,12 +225,13 @@ def _tflite(path: Path):
         interpreter.invoke()
         return interpreter.get_tensor(out["index"]).copy()
 
-    return call, _square_size(inp["shape"].tolist(), path), []
+    return call, _square_size(inp["shape"].tolist(), path), [], card
 
 
-def _tflite_custom_ops(path: Path) -> list[str]:
-    """The custom operator names a .tflite file declares ("FlexWriteFile", ...), read from its flatbuffer
-    before any interpreter is built; ValueError when the file is not a TFLite flatbuffer."""
+def _tflite_inspect(path: Path) -> tuple[list[str], dict[str, Any]]:
+    """The custom operator names a .tflite file declares ("FlexWriteFile", ...) and the card in its
+    `model_card` metadata ({} where none), read from its flatbuffer before any interpreter is built;
+    ValueError when the file is not a TFLite flatbuffer."""
     data = path.read_bytes()
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ValueError("no TFL3 identifier")
@@ -206,7 +240,14 @@ def _tflite_custom_ops(path: Path) -> list[str]:
 
     model = schema.Model.GetRootAsModel(data, 0)
     names = (model.OperatorCodes(i).CustomCode() for i in range(model.OperatorCodesLength()))
-    return sorted({name.decode(errors="replace") for name in names if name})
+    card: dict[str, Any] = {}
+    for i in range(model.MetadataLength()):
+        meta = model.Metadata(i)
+        if meta.Name() == b"model_card" and 0 <= meta.Buffer() < model.BuffersLength():
+            raw = model.Buffers(meta.Buffer()).DataAsNumpy()
+            if isinstance(raw, np.ndarray) and raw.size <= _CARD_LIMIT:
+                card = _parse_card(raw.tobytes(), path.name)
+    return sorted({name.decode(errors="replace") for name in names if name}), card
 
 
 def predict_files(model: ExportedModel, paths: list[str], batch_size: int = 32
