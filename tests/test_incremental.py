@@ -253,6 +253,20 @@ def test_the_extraction_rate_leaves_the_backbone_build_out(tmp_path):
     assert found, got.stdout
     rate, built = float(found[1]), float(found[2])
     assert rate * built > 2, got.stdout  # counting the build, two images could not go faster than 2 / build
+    # the file records the same rate: backbone rankings (fit-head --backbone a,b) show it
+    with FeatureFile(next((tmp_path / "c" / "features").glob("*.h5"))) as ff:
+        assert abs(ff.attrs["images_per_s"] - rate) < 0.1 and "images_per_s" in ff.attrs
+    data2 = make_folder(tmp_path / "d2", per_class=1, splits=())  # a joined cache: one image through both backbones
+    joined = run_cli("extract", "--data", str(data2), "--backbone", "vgg16+mobilenetv2", "--weights", "none",
+                     "--image-size", "32", "--dtype", "float32", "--no-progress", "--cache-dir", str(tmp_path / "j"))
+    assert joined.returncode == 0, joined.stderr
+    files = {p.name.split("-")[0]: p for p in (tmp_path / "j" / "features").glob("*.h5")}
+    rates = {}
+    for name, path in files.items():
+        with FeatureFile(path) as ff:
+            rates[name] = ff.attrs["images_per_s"]
+    whole = rates.pop(next(n for n in rates if "+" in n))
+    assert abs(whole - 1 / sum(1 / r for r in rates.values())) < 0.02, (whole, rates)
 
 
 def test_a_touched_file_with_the_same_bytes_is_not_changed_where_the_cache_holds_hashes(tmp_path):

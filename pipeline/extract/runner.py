@@ -214,6 +214,8 @@ class ExtractionJob:
             "backend": p.key_material["backend"], "decoder": p.key_material["decoder"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 3),
         }
+        if self.needed:  # images computed per second, the backbone build left out (what `fit-head --backbone a,b` shows)
+            attrs["images_per_s"] = round(image_rate(self.needed, seconds, self.model_seconds), 2)
         items = ItemTable(self.listing.ids, self.listing.labels, self.listing.splits, self.listing.class_names,
                           *(self.stats if self.stats is not None else (None, None, None)))
         try:

@@ -51,8 +51,10 @@ def score_cache(ff: FeatureFile, backbone: str, make_head: Callable[[], Head], v
         raise UserError(f"the {kept.kind} head gave no cross-validated score on {backbone} (a given C, streamed "
                         f"features or too few images per class), so backbones cannot be ranked by it; use the "
                         f"default --head auto, or name one --backbone")
-    seconds = ff.attrs.get("extract_seconds")
-    rate = len(ff) / float(seconds) if isinstance(seconds, (int, float)) and seconds > 0 else None
+    rate = ff.attrs.get("images_per_s")  # the extraction's images/s, the backbone build left out
+    if not isinstance(rate, (int, float)):  # a cache from before 2026-12-06: its rows over its seconds, build included
+        seconds = ff.attrs.get("extract_seconds")
+        rate = len(ff) / float(seconds) if isinstance(seconds, (int, float)) and seconds > 0 else None
     return BackboneScore(backbone, ff.key, kept.kind, float(loss), head.cv_accuracy(), int(kept.n_features_in_),
                          int(rows.size), rate)
 
