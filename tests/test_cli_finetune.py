@@ -159,7 +159,7 @@ def test_finetune_interrupted_after_training_is_recorded_by_resume(tmp_path, mon
     with monkeypatch.context() as patch:
         patch.setattr(plots, "plot_history", interrupted)
         ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--batch-size", "8", "--no-trunk-cache",
-                     "--no-progress", "--cache-dir", cache)
+                     "--no-progress", "--cache-dir", cache, "--mlflow", "--mlflow-experiment", "tuned")
     ft_dir = Path(cache) / "runs" / ft.stderr.split("run ", 1)[1].split(":")[0]
     assert ft.returncode == 130 and f"finetune --resume {ft_dir.name}` continues it" in ft.stderr, ft.stderr
     assert (ft_dir / "model.keras").exists() and json.loads((ft_dir / "run.json").read_text())["status"] == "failed"
@@ -169,6 +169,12 @@ def test_finetune_interrupted_after_training_is_recorded_by_resume(tmp_path, mon
     resumed = run_cli("finetune", "--resume", ft_dir.name, "--cache-dir", cache)
     assert resumed.returncode == 0, resumed.stderr
     assert "training had finished before the interruption" in resumed.stderr and "val   accuracy" in resumed.stdout
+    # started with --mlflow: the resumed run is logged as that command would have logged it
+    assert "logged to MLflow run" in resumed.stderr, resumed.stderr
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{Path(cache) / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["tuned"])
+    assert list(found["tags.featurecache.run_id"]) == [ft_dir.name], found.columns
     assert json.loads((ft_dir / "run.json").read_text())["status"] == "ok"
     metrics = json.loads((ft_dir / "metrics.json").read_text())
     assert metrics["epochs_run"] == 1 and "after" in metrics and (ft_dir / "curves.png").exists()

@@ -102,6 +102,10 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         if no_progress:
             tuner.verbose = 2
         run = Run(registry, record.id, "finetune", record.config)  # reopen the same folder
+        logged = record.config.get("mlflow")
+        if mlflow is None and isinstance(logged, dict):  # started with MLflow logging: the finished run is logged too
+            log_mlflow = mlflow_check(True)
+            mlflow_experiment = mlflow_experiment or logged.get("experiment")
     else:
         if not run_id:
             raise click.UsageError("give --run ID (a fit-head run) or --resume ID (an interrupted finetune run)")
@@ -128,6 +132,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                   "params": {"unfreeze": ",".join(unfreeze) or (f"last{unfreeze_last}" if unfreeze_last else "default"),
                              "lr": lr or tuner.default_lr(inputs.head), "epochs": epochs},
                   "finetune_params": tuner.get_params()}
+        if log_mlflow:  # so that --resume logs the run where this command would have
+            config["mlflow"] = {"experiment": mlflow_experiment}
         run = registry.start("finetune", config)
     if finished is None:
         click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
