@@ -146,6 +146,23 @@ def test_auto_head_keeps_the_lower_cv_log_loss():
     small = AutoHead(max_rows=10).fit(X, y)
     assert small.best_.kind == "knn" and "svm skipped" in small.choice_["note"]
     assert small.choice_["cv_log_loss"]["svm"] is None
+    # --class-weight: the knn head, which cannot weight classes, is not a candidate (rings: knn beat logistic)
+    weighted = AutoHead(class_weight="balanced")
+    assert "knn head takes no --class-weight" in weighted.fit_note()
+    weighted.fit(X, y)
+    assert set(weighted.choice_["cv_log_loss"]) == {"logistic", "svm"}
+    assert weighted.best_.kind in ("logistic", "svm") and weighted.best_.class_weight == "balanced"
+    unweighted_small = AutoHead(class_weight="balanced", max_rows=10).fit(X, y)
+    assert unweighted_small.best_.kind == "logistic"  # the svm skipped: not the knn
+
+
+def test_auto_with_a_class_of_one_training_image_says_why_the_heads_are_not_compared():
+    X, y = rings(120)
+    X, y = np.r_[X, X[:1] + 0.01], np.r_[y, 3]  # a fourth class with one image: no stratified CV for logistic
+    auto = AutoHead().fit(X, y)
+    assert auto.best_.kind == "logistic" and auto.choice_["cv_log_loss"]["logistic"] is None
+    assert "too few training images to cross-validate the logistic head, so the heads are not compared" in \
+        auto.choice_.get("note", ""), auto.choice_
 
 
 def test_fit_head_on_a_cache_records_the_auto_choice(tmp_path):
@@ -161,6 +178,8 @@ def test_fit_head_on_a_cache_records_the_auto_choice(tmp_path):
     assert cfg["head"] == chosen and cfg["head_choice"]["chosen"] == chosen == metrics["head_choice"]["chosen"]
     assert type(load_head(run.dir)).__name__ == {"svm": "KernelHead", "logistic": "LogisticHead"}[chosen]
     assert (run.dir / "c_curve.png").exists() and metrics["val"]["accuracy"] > 0.5
+    # the runs table shows the C the fit chose, not 'auto'
+    assert cfg["params"]["C"] == result.head.C_ and cfg["params"]["C"] != "auto"
 
 
 @pytest.mark.parametrize("kind", ["logistic", "svm", "knn", "auto"])

@@ -1,5 +1,6 @@
 """`AutoHead` (kind "auto", the default of `fit-head`): fits the logistic, the svm and the knn head and
-keeps the one with the lowest cross-validated log loss (each calibrated as it will be used)."""
+keeps the one with the lowest cross-validated log loss (each calibrated as it will be used); with
+--class-weight the knn head, which cannot weight classes, is left out."""
 
 from __future__ import annotations
 
@@ -51,12 +52,18 @@ class AutoHead(Head):
                    random_state=option_seed(opts), memory_budget_mb=option_budget(opts))
 
     def fit_note(self) -> str:
+        if self.class_weight:
+            return ("head auto: fitting the logistic and the svm head (cross-validated each) to keep the best; the knn "
+                    "head takes no --class-weight, so it is left out")
         return "head auto: fitting the logistic, the svm and the knn head (cross-validated each) to keep the best"
 
     def _candidates(self) -> tuple:
+        """The heads compared: with --class-weight only those that weight classes (a knn head kept over
+        them would ignore the weighting the user asked for)."""
         shared = dict(flatten=self.flatten, random_state=self.random_state, memory_budget_mb=self.memory_budget_mb)
         weighted = dict(class_weight=self.class_weight, n_jobs=self.n_jobs, **shared)
-        return LogisticHead(**weighted), KernelHead(max_rows=self.max_rows, **weighted), KNNHead(**shared)
+        heads = LogisticHead(**weighted), KernelHead(max_rows=self.max_rows, **weighted)
+        return heads if self.class_weight else (*heads, KNNHead(**shared))
 
     def check_params(self) -> "AutoHead":
         for head in self._candidates():
@@ -85,7 +92,8 @@ class AutoHead(Head):
         if scores.get("logistic") is None:
             chosen = "logistic"
             if len(scored) < len(fitted):
-                notes.append("too few examples to cross-validate every head: the logistic head is kept")
+                notes.append("a class has too few training images to cross-validate the logistic head, so the heads "
+                             "are not compared: the logistic head is kept, with its default C")
         else:
             chosen = min(scored, key=lambda k: (scored[k], k != "logistic"))
         self.best_ = fitted[chosen]

@@ -267,6 +267,13 @@ class KernelHead(Head):
     def c_curve(self) -> tuple[dict[float, float], float, str] | None:
         return (self.cv_scores_, self.C_, self.scoring) if getattr(self, "cv_scores_", None) else None
 
+    def key_params(self) -> dict[str, Any]:
+        """C as chosen once fitted (the runs table shows `C=10`, not auto)."""
+        params = super().key_params()
+        if getattr(self, "C_", None) is not None:
+            params["C"] = self.C_
+        return params
+
     def sweep_facts(self) -> dict[str, Any]:
         return {"n_support": self.n_support_}
 
