@@ -364,3 +364,29 @@ def test_streamed_logistic_peak_memory_stays_near_the_budget(tmp_path):
             assert head.streamed_ == (budget == 4)
     assert peaks[4] < 4, peaks
     assert peaks[None] > 30, peaks
+
+
+def test_a_val_fraction_that_leaves_one_class_and_a_class_held_out_whole_are_said(tmp_path):
+    """Holding out most training images left one class: the error named that class, not the val
+    fraction. A class whose only image went to val could never be predicted, and nothing said so."""
+    import warnings
+
+    from pipeline.errors import DataWarning
+    from pipeline.heads.training import split_rows
+
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]
+    two = write_cache(tmp_path / "a", n_images=20, dim=8, n_classes=2, labels=labels, split_fractions=(1, 0, 0))
+    with FeatureFile(two) as ff, pytest.raises(UserError, match=r"holding out 0.95 of the training images as val "
+                                                                  r"\(--val-fraction\) leaves only 'class_\d' images"):
+        split_rows(ff, val_fraction=0.95)
+    labels = np.r_[np.zeros(40, int), np.ones(40, int), [2]]
+    three = write_cache(tmp_path / "b", n_images=81, dim=8, n_classes=3, labels=labels, split_fractions=(1, 0, 0))
+    with FeatureFile(three) as ff:
+        seed = next(s for s in range(50) if 80 in split_rows(ff, 0.5, s).val)  # the one class_2 image held out
+        with pytest.warns(DataWarning, match=r"1 class\(es\) have val images but no training image \('class_2'\): "
+                                             r"the head can never predict them; .* or give a smaller --val-fraction"):
+            split_rows(ff, 0.5, seed)
+        other = next(s for s in range(50) if 80 not in split_rows(ff, 0.5, s).val)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DataWarning)
+            split_rows(ff, 0.5, other)

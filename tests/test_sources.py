@@ -197,3 +197,29 @@ def test_a_class_name_with_a_line_break_or_tab_is_refused_where_it_is_read(tmp_p
     tabbed = make_folder(tmp_path / "t", per_class=2, classes=("a\tb", "c"))
     with pytest.raises(UserError, match=r"class folder .*a\\tb.* holds a line break, tab or other control"):
         open_source(str(tabbed)).listing()
+
+
+def test_the_hash_split_gives_every_class_a_training_image_and_a_val_image():
+    """A small class whose names all hash into val (or test) had no training image: the head could never
+    predict it, and nothing said so. Its highest-hash image trains now; a class of two or more still
+    keeps a val image (its lowest-hash training image is lent)."""
+    import hashlib
+
+    from pipeline.data.sources import SplitConfig, hash_split
+
+    def u(key: str) -> float:
+        return int.from_bytes(hashlib.sha1(f"0:{key}".encode()).digest()[:8], "big") / 2**64
+
+    into_val = [n for n in (f"tulips/{k}.jpg" for k in range(400)) if 0.1 <= u(n) < 0.3][:3]
+    into_test = [n for n in (f"roses/{k}.jpg" for k in range(400)) if u(n) < 0.1][:1]
+    big = [f"daisy/{k}.jpg" for k in range(30)]
+    keys = big + into_val + into_test
+    labels = np.array([0] * 30 + [1] * 3 + [2])
+    splits = hash_split(keys, labels, SplitConfig(val_fraction=0.2, test_fraction=0.1))
+    by_class = {c: [s for s, l in zip(splits, labels) if l == c] for c in (0, 1, 2)}
+    assert sorted(by_class[1]) == ["train", "val", "val"]   # three val images: the highest-hash one trains
+    assert splits[30 + max(range(3), key=lambda i: u(into_val[i]))] == "train"
+    assert by_class[2] == ["train"]                           # a class of one image in test: it trains
+    assert "train" in by_class[0] and "val" in by_class[0]
+    plain = hash_split(big, np.zeros(30, int), SplitConfig(val_fraction=0.2, test_fraction=0.1))
+    assert plain == splits[:30]                               # other classes are not touched

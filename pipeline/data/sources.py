@@ -88,13 +88,19 @@ def hash_split(keys: Sequence[str], labels: np.ndarray, cfg: SplitConfig) -> lis
     """Assign train/val/test by a seeded hash of each image's name, per class.
 
     A file's split depends only on its own name and the seed, so adding images never moves
-    existing ones between splits (the lesson of retrain.py). Each class with two or more images
-    keeps at least one validation image when a validation fraction is asked for.
+    existing ones between splits (the lesson of retrain.py), with two exceptions for small classes:
+    a class none of whose images hash into train gets its highest-hash image as a training image (a
+    class with no training image cannot be learnt), and each class with two or more images keeps at
+    least one validation image when a validation fraction is asked for (its lowest-hash training image).
     """
     u = np.array([int.from_bytes(hashlib.sha1(f"{cfg.seed}:{k}".encode()).digest()[:8], "big") / 2**64
                   for k in keys])
     out = np.where(u < cfg.test_fraction, "test",
                    np.where(u < cfg.test_fraction + cfg.val_fraction, "val", "train")).astype(object)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if not np.any(out[members] == "train"):
+            out[members[np.argmax(u[members])]] = "train"
     if cfg.val_fraction > 0:
         for c in np.unique(labels):
             members = np.flatnonzero(labels == c)

@@ -82,8 +82,8 @@ def moved_message(moved: list[tuple[str, str, str]], base: str, split_origin: st
     shown = ", ".join(f"{i} ({a} -> {b})" for i, a, b in moved[:3])
     more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
     why = (" (the hash split lends a class none of whose images hash into val its lowest-hash training image, "
-           "which goes back to train once one does: docs/extract.md)" if split_origin.startswith("hash")
-           else "")
+           "and one with none hashing into train its highest-hash image; it goes back once one does: "
+           "docs/extract.md)" if split_origin.startswith("hash") else "")
     return (f"{len(moved)} image(s) are in another split than in {base}, whose rows this cache reuses: "
             f"{shown}{more}{why}; a head fitted on the older cache scored or trained on them there")
 

@@ -9,6 +9,7 @@ the `index` dataset) is kept out of training, so augmented copies never leak int
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from pipeline.errors import UserError
+from pipeline.errors import DataWarning, UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head, feature_info_of
 from pipeline.layout import CacheLayout
@@ -66,7 +67,17 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
     classes = np.unique(ff.labels[train])
     if classes.size < 2:
         name = ff.class_names[classes[0]] if ff.class_names and classes.size else "one class"
+        if source == "holdout" and np.unique(ff.labels[train_mask]).size >= 2:
+            raise UserError(f"holding out {val_fraction:g} of the training images as val (--val-fraction) leaves "
+                            f"only {name!r} images to train on; give a smaller --val-fraction or add a 'val' split")
         raise UserError(f"fit-head needs at least two classes, but every training image is {name!r}")
+    untrained = [int(c) for c in np.unique(ff.labels[val]) if c not in set(classes.tolist())]
+    if untrained:
+        names = ", ".join(repr(ff.class_names[c]) if ff.class_names else str(c) for c in untrained[:5])
+        warnings.warn(f"{len(untrained)} class(es) have val images but no training image ({names}"
+                      f"{', ...' if len(untrained) > 5 else ''}): the head can never predict them; add training "
+                      f"images of them" + (" or give a smaller --val-fraction" if source == "holdout" else ""),
+                      DataWarning, stacklevel=2)
     test = np.flatnonzero((ff.splits == "test") & labelled & clean)
     return SplitRows(train=train, val=val, test=test, val_source=source,
                      n_train_images=int(np.unique(ff.index[train]).size),
