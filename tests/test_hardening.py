@@ -95,6 +95,34 @@ def test_cache_rm_eviction_dry_run_and_confirmation(three_entries):
     assert everything.returncode == 0 and names() == [], everything.stderr
 
 
+def test_cache_commands_survive_a_dangling_link_skip_a_busy_entry_and_name_a_missing_folder(three_entries, tmp_path):
+    """A link to a moved store broke cache ls/rm with a FileNotFoundError; --all refused everything when one
+    entry was being written (its dry run had listed it); a mistyped --cache-dir read as an empty cache."""
+    import fcntl
+
+    cache, features = str(three_entries), three_entries / "features"
+    link = features / "d-9ddd000000000047.h5"
+    link.symlink_to(tmp_path / "moved" / "d.h5")
+    listed = run_cli("cache", "ls", "--cache-dir", cache)
+    assert listed.returncode == 0 and "a symbolic link that leads nowhere" in listed.stdout, listed.stderr
+    busy = next(features.glob("b-*.h5"))
+    with open(busy.with_suffix(".lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # an extraction of b's key is running
+        dry = run_cli("cache", "rm", "--all", "--dry-run", "--cache-dir", cache)
+        assert dry.returncode == 0 and f"would skip {busy}: an extraction is writing it now" in dry.stdout, dry.stdout
+        assert "would remove" in dry.stdout and f"would remove {busy}" not in dry.stdout
+        gone = run_cli("cache", "rm", "--all", "--yes", "--cache-dir", cache)
+        assert gone.returncode == 0 and f"skipping {busy}" in gone.stdout, gone.stderr
+        assert sorted(p.name for p in features.iterdir() if p.suffix == ".h5") == [busy.name]
+        assert not link.is_symlink()
+        _one_line_error(run_cli("cache", "rm", "4bbb", "--cache-dir", cache), "is writing")  # named: refused
+    missing = run_cli("cache", "ls", "--cache-dir", str(tmp_path / "typo"))
+    assert missing.returncode == 0 and "(no such folder)" in missing.stdout
+    assert "(no such folder)" in run_cli("runs", "--cache-dir", str(tmp_path / "typo")).stdout
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(run_cli("cache", "ls", "--cache-dir", str(tmp_path / "afile")), "is a file")
+
+
 def _fake_run(cache: Path, run_id: str, status: str = "ok", pid: int | None = None) -> Path:
     folder = cache / "runs" / run_id
     folder.mkdir(parents=True)
@@ -539,11 +567,12 @@ def test_fit_head_refuses_one_class_before_extracting(tmp_path):
     _one_line_error(_no_tty_cli("fit-head", "--data", str(data), "--cache-dir", str(cache), *FAST),
                     "needs at least two classes with training images")
     assert not list(cache.rglob("*.h5")), "extracted before refusing"
-    # data that names no splits: a --val-fraction that draws every image into val is what leaves none
+    # data that names no splits: a --val-fraction that draws every image into val still trains each class
+    # on its highest-hash image (the hash split keeps one training image per class)
     flat = make_folder(tmp_path / "flat", per_class=6, splits=())
-    _one_line_error(_no_tty_cli("fit-head", "--data", str(flat), "--val-fraction", "0.99", "--cache-dir", str(cache),
-                                *FAST), "--val-fraction 0.99 and --test-fraction 0 leave none of")
-    assert not list(cache.rglob("*.h5")), "extracted before refusing"
+    drawn = _no_tty_cli("fit-head", "--data", str(flat), "--val-fraction", "0.99", "--cache-dir", str(tmp_path / "c2"),
+                        *FAST, "--head", "logistic", "--C", "1")
+    assert drawn.returncode == 0 and "(n=2)" in drawn.stdout and "(n=10)" in drawn.stdout, drawn.stdout + drawn.stderr
     # train/ only and --val-fraction 0: refused before the head's fitting note and before a run is recorded
     only_train = make_folder(tmp_path / "only_train", per_class=4, splits=("train",))
     none_held = run_cli("fit-head", "--data", str(only_train), "--val-fraction", "0", "--cache-dir", str(cache), *FAST)

@@ -9,9 +9,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.cli.options import cache_dir_option
+from pipeline.cli.options import cache_dir_option, cache_dir_shown
 from pipeline.errors import UserError
-from pipeline.features.cache import (describe, find_entries, remove_entries, select_for_eviction,
+from pipeline.features.cache import (being_written, describe, find_entries, remove_entries, select_for_eviction,
                                      select_for_removal)
 
 
@@ -31,7 +31,7 @@ def cache_ls(cache_dir: Path) -> None:
     """
     entries = find_entries(cache_dir)
     if not entries:
-        click.echo(f"no cache entries in {Path(cache_dir).expanduser().resolve()}")
+        click.echo(f"no cache entries in {cache_dir_shown(cache_dir)}")
         return
     table = Table("key", "backbone", "size", "pooling/layer", "rows", "MB", "data", "state", box=None)
     for e in entries:
@@ -80,12 +80,15 @@ def cache_rm(refs: tuple[str, ...], everything: bool, older_than: str | None, la
                         "or --all/--older-than/--larger-than")
     if bulk:
         entries = select_for_eviction(cache_dir, everything, older_than, larger_than)
+        for e in [e for e in entries if being_written(e.path)]:  # an extraction's own: kept, the rest removed
+            click.echo(f"{'would skip' if dry_run else 'skipping'} {e.path}: an extraction is writing it now")
+            entries.remove(e)
     else:
         entries = []
         for ref in refs:  # every ref is checked before anything is removed
             entries += [e for e in select_for_removal(ref, cache_dir) if e.path not in {x.path for x in entries}]
     if not entries:
-        click.echo("nothing to remove")
+        click.echo(f"nothing to remove in {cache_dir_shown(cache_dir)}")
         return
     if dry_run or (bulk and not yes):
         total = sum(e.megabytes for e in entries)

@@ -39,8 +39,15 @@ class FiniteFloat(click.FloatRange):
 
 SEED = click.IntRange(0, 2**32 - 1)  # what NumPy, TensorFlow and JAX all accept as a seed
 
-cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE,
+cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_CACHE,
                                 help="Cache root (default: the cache/ folder of this checkout, wherever the command runs).")  # every command's, declared once
+
+
+def cache_dir_shown(cache_dir: Path) -> str:
+    """The cache folder as messages name it, saying so where it does not exist (a mistyped --cache-dir
+    reads as an empty cache otherwise)."""
+    path = Path(cache_dir).expanduser().resolve()
+    return f"{path}" if path.exists() else f"{path} (no such folder)"
 
 trust_pickle_option = click.option(
     "--trust-pickle", is_flag=True,

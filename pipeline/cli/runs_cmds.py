@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from pipeline.cli.options import cache_dir_option, check_output_file
+from pipeline.cli.options import cache_dir_option, cache_dir_shown, check_output_file
 from pipeline.errors import UserError
 from pipeline.finetune.checkpoints import has_checkpointed_epoch
 from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path, plot_comparison,
@@ -43,7 +43,7 @@ def runs_group(ctx: click.Context, stage: str | None, filters: tuple[str, ...], 
     records = registry.list(stage=stage, filters=parsed, sort=sort, descending=not asc)
     if not records:
         click.echo("no runs recorded yet" + (" matching those filters" if stage or filters else "")
-                   + f" in {Path(cache_dir).expanduser().resolve()}")
+                   + f" in {cache_dir_shown(cache_dir)}")
         return
     Console(width=160).print(registry.table(records))
 

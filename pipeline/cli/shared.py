@@ -115,15 +115,10 @@ def check_two_classes(request, command: str, splits: tuple[str, ...] | None) -> 
     listing = source.listing()
     labels = np.asarray(listing.labels)
     where = labels >= 0
-    labelled = int(where.sum())
     if splits is not None:
         where &= np.isin(np.asarray(listing.splits, dtype=object), list(splits))
     labels = labels[where]
     kind = "training images" if splits == ("train",) else "labelled images"
-    if labels.size == 0 and labelled and listing.split_origin.startswith("hash"):
-        raise UserError(f"--val-fraction {request.split.val_fraction:g} and --test-fraction "
-                        f"{request.split.test_fraction:g} leave none of {request.data}'s {labelled} labelled images "
-                        f"for training (the data names no splits, so they are drawn); give smaller fractions")
     if labels.size == 0:
         raise UserError(f"{command} needs {kind}, but {request.data} has none; give one sub-folder per class "
                         f"or a CSV manifest with labels")

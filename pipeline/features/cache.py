@@ -40,6 +40,14 @@ def _name_parts(path: Path) -> tuple[str, str, str, str]:
     return backbone, size, pool, key
 
 
+def _megabytes(path: Path) -> float:
+    """A file's size in MB; 0 where it is gone (a link that leads nowhere, removed since the listing)."""
+    try:
+        return path.stat().st_size / 1e6
+    except OSError:
+        return 0.0
+
+
 def find_entries(cache_dir: Path) -> list[Entry]:
     """Every finished `.h5` file and every unfinished `.parts` folder under the cache."""
     out: list[Entry] = []
@@ -47,6 +55,10 @@ def find_entries(cache_dir: Path) -> list[Entry]:
     if not root.is_dir():
         return out
     for path in sorted(root.glob("*.h5")):
+        if not path.exists():  # a symbolic link whose target is gone (a store moved elsewhere)
+            b, s, p, k = _name_parts(path)
+            out.append(Entry(path, k, b, s, p, "?", 0.0, "?", "missing: a symbolic link that leads nowhere"))
+            continue
         try:
             with h5py.File(path, "r") as f:
                 a = f.attrs
@@ -56,20 +68,21 @@ def find_entries(cache_dir: Path) -> list[Entry]:
                 out.append(Entry(path, str(a["key"]), str(a["backbone"]), int(a["image_size"]),
                                  f"{a['layer']}/{a['pooling']}" if a["layer"] else str(a["pooling"]),
                                  int(f["features"].shape[0]),
-                                 path.stat().st_size / 1e6, str(a["data"]), "complete"))
+                                 _megabytes(path), str(a["data"]), "complete"))
         except (OSError, KeyError, ValueError, TypeError) as exc:
             b, s, p, k = _name_parts(path)
             why = not_damaged(path, exc) if isinstance(exc, OSError) else ""
             state = f"unreadable: {why}" if why else f"damaged: {'not readable as HDF5' if isinstance(exc, OSError) else exc}"
-            out.append(Entry(path, k, b, s, p, "?", path.stat().st_size / 1e6, "?", state))
+            out.append(Entry(path, k, b, s, p, "?", _megabytes(path), "?", state))
     for parts in sorted(root.glob("*.parts")):
         b, s, p, k = _name_parts(parts)
         chunks = chunk_files(parts)
-        size = sum(c.stat().st_size for c in chunks) / 1e6
-        out.append(Entry(parts, k, b, s, p, "?", size, "?", f"partial ({len(chunks)} chunks)"))
+        size = sum(_megabytes(c) for c in chunks)
+        running = ", being written now" if being_written(parts) else ""
+        out.append(Entry(parts, k, b, s, p, "?", size, "?", f"partial ({len(chunks)} chunks{running})"))
     for tmp in sorted(root.glob(".*.h5.*.tmp")):  # left by an assembly that was killed
         b, s, p, k = _name_parts(tmp.with_name(tmp.name.lstrip(".")))
-        out.append(Entry(tmp, k, b, s, p, "?", tmp.stat().st_size / 1e6, "?",
+        out.append(Entry(tmp, k, b, s, p, "?", _megabytes(tmp), "?",
                          "temporary (interrupted assembly; removed by the next extract of this key)"))
     taken = {e.path.with_suffix(".lock") for e in out}
     for lock in sorted(root.glob("*.lock")):  # left alone by an extraction refused before its first chunk
@@ -192,7 +205,7 @@ def parse_size(text: str) -> float:
 def entry_mtime(e: Entry) -> float:
     """When an entry last changed: the file's mtime, or the newest chunk of an unfinished extraction."""
     try:
-        times = [e.path.stat().st_mtime]
+        times = [e.path.stat().st_mtime if e.path.exists() else e.path.lstat().st_mtime]  # a dangling link: its own
         if e.path.is_dir():
             times += [c.stat().st_mtime for c in chunk_files(e.path)]
     except OSError:
@@ -244,6 +257,12 @@ def describe(ref: str, cache_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def being_written(path: Path) -> bool:
+    """Whether an extraction holds this entry's lock (or one of its shards') right now."""
+    shard_locks = path.parent.glob(path.with_suffix("").name + ".shard-*-of-*.lock")
+    return is_locked(path.with_suffix(".lock")) or any(is_locked(lock) for lock in shard_locks)
+
+
 def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
     """Delete these entries (files or partial folders) and their lock files; refuses, before deleting
     anything, an entry outside the cache or one an extraction is writing right now."""
@@ -252,8 +271,7 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
         parent = os.path.realpath(e.path.parent)
         if parent != root:
             raise UserError(f"{e.path} is not inside the cache folder {root}; nothing removed")
-        shard_locks = e.path.parent.glob(e.path.with_suffix("").name + ".shard-*-of-*.lock")
-        if is_locked(e.path.with_suffix(".lock")) or any(is_locked(lock) for lock in shard_locks):
+        if being_written(e.path):
             raise UserError(f"an extraction is writing {e.path.name} right now; nothing removed; wait for it "
                             f"to finish or stop it first")
     removing = {e.path for e in entries}
