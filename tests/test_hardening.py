@@ -194,6 +194,10 @@ def test_usage_errors_are_one_line(args, fragment):
     (["--C", "abc"], "--C must be 'auto' or a positive number"),
     (["--head", "logistic", "--C", "nan"], "--C must be positive"),  # NaN passed the CLI's own parser once
     (["--head", "dense", "--optimizer", "adam", "--lr-schedule", "exponential", "--exp-decay", "-1"], "decay"),
+    # options that would be ignored: refused, not recorded as if they applied
+    (["--head", "dense", "--hidden", "0", "--dropout", "0.5", "--batchnorm"],
+     "--dropout and --batchnorm act on hidden layers, and --hidden 0 has none"),
+    (["--head", "dense", "--hidden", "64", "--hidden", "0"], "--hidden 0 means no hidden layer, so it cannot go"),
 ])
 def test_fit_head_checks_its_options_before_extracting(tmp_path, args, fragment):
     data = make_folder(tmp_path / "data", per_class=2)
@@ -435,6 +439,17 @@ def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
 
 
 # --------------------------------------------------------------------------- 6. fit-head guards
+def test_flatten_on_a_cache_of_pooled_vectors_is_refused_not_recorded(tmp_path):
+    """--flatten only reduces feature maps; on pooled vectors it changed nothing but the run said flatten=max."""
+    path = write_cache(tmp_path / "c", n_images=40, dim=8, n_classes=2)
+    got = run_cli("fit-head", "--cache", str(path), "--head", "logistic", "--C", "1", "--flatten", "max")
+    _one_line_error(got, "--flatten turns feature maps into vectors, but")
+    assert "leave --flatten out" in got.stderr and not list((tmp_path / "c").glob("runs/*/run.json"))
+    maps = write_cache(tmp_path / "m", n_images=40, dim=8, n_classes=2, feature_shape=(2, 2, 8))
+    ok = run_cli("fit-head", "--cache", str(maps), "--head", "logistic", "--C", "1", "--flatten", "max")
+    assert ok.returncode == 0, ok.stderr
+
+
 def test_fit_head_empty_cache_ref_and_non_finite_features(tmp_path):
     import h5py
 

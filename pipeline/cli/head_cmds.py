@@ -101,6 +101,10 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
     else:
         ff = open_cache(cache, {**kw, "backbone": backbones[0]})
     with ff:
+        if len(ff.feature_shape) == 1 and given_options(lambda name: name == "flatten"):
+            raise UserError(f"--flatten turns feature maps into vectors, but {ff.path.name} holds pooled vectors "
+                            f"(pooling {ff.attrs.get('pooling')}); leave --flatten out, or extract with "
+                            f"--pooling none for maps")
         from pipeline.heads.training import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
             check_finite, fit_head_run, split_rows)
         check_finite(ff)

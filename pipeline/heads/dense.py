@@ -97,7 +97,16 @@ class DenseHead(Head):
 
     @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "DenseHead":
-        hidden = tuple(h for h in opts["hidden"] if h > 0) if opts.get("hidden") else (256,)
+        asked = tuple(opts.get("hidden") or ())
+        if 0 in asked and len(asked) > 1:
+            raise UserError(f"--hidden 0 means no hidden layer, so it cannot go with other sizes "
+                            f"({' '.join(f'--hidden {h}' for h in asked)}); give --hidden 0 alone or only sizes")
+        hidden = tuple(h for h in asked if h > 0) if asked else (256,)
+        unused = [flag for flag, on in (("--dropout", float(opts.get("dropout") or 0) > 0),
+                                        ("--batchnorm", bool(opts.get("batchnorm")))) if on]
+        if not hidden and unused:
+            raise UserError(f"{' and '.join(unused)} act on hidden layers, and --hidden 0 has none; leave "
+                            f"{'it' if len(unused) == 1 else 'them'} out or give --hidden a size")
         names = ("batchnorm", "dropout", "l2", "optimizer", "lr", "lr_schedule", "lr_start", "lr_min", "lr_max",
                  "rampup_epochs", "sustain_epochs", "exp_decay", "epochs", "early_stopping", "class_weight",
                  "flatten", "seed")
