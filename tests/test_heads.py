@@ -322,6 +322,27 @@ def test_streamed_logistic_reaches_the_in_memory_optimum(tmp_path, monkeypatch, 
         assert abs(acc(streamed) - acc(memory)) <= 0.01 and acc(memory) > 0.6
 
 
+def test_streamed_logistic_scales_features_of_tiny_magnitude_as_scikit_learn_does(tmp_path):
+    """Features of tiny magnitude (random-init backbones: ~1e-11, spread under 1e-12): the streamed scaler
+    called them constant (std under a fixed 1e-12) and fitted on nothing, 70% against the in-memory 100%."""
+    import h5py
+
+    path = write_cache(tmp_path, n_images=3000, dim=16, n_classes=3, sep=2.0, split_fractions=(0.8, 0.2, 0),
+                       chunk_images=500)
+    with h5py.File(path, "r+") as f:  # float32: float16 cannot hold 1e-11
+        tiny = f["features"][...].astype(np.float32) * np.float32(1e-13)
+        del f["features"]
+        f.create_dataset("features", data=tiny)
+    with FeatureFile(path) as ff:
+        tr, va = ff.rows("train"), ff.rows("val")
+        src, y, Xv, yv = FeatureSource(ff, tr), ff.labels[tr], ff.load(va), ff.labels[va]
+        memory = LogisticHead(C=1.0).fit(src, y)
+        streamed = LogisticHead(C=1.0, memory_budget_mb=0.05).fit(src, y)
+        assert streamed.streamed_ and not memory.streamed_
+        acc = lambda h: (h.predict(Xv) == yv).mean()  # noqa: E731
+        assert acc(memory) > 0.9 and abs(acc(streamed) - acc(memory)) <= 0.01, (acc(streamed), acc(memory))
+
+
 def test_streamed_logistic_auto_C_is_within_a_point_and_saves_loads_identically(tmp_path):
     with _stream_case(tmp_path) as ff:
         tr, va = ff.rows("train"), ff.rows("val")

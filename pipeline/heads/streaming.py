@@ -233,8 +233,12 @@ def fit_streamed_logistic(blocks: Blocks, n: int, dim: int, y: np.ndarray, *, C:
     m, block_rows = plan_rows(budget_mb, n, dim, raw_row_bytes)
     sample = _stratified_sample(yi, m, np.random.default_rng(random_state))
     mean, var, Xs = _stats_and_sample(blocks, block_rows, n, dim, sample)
-    scale = np.sqrt(var)
-    scale = np.where(scale > 1e-12, scale, 1.0)
+    # constant where scikit-learn's StandardScaler calls a feature constant (its `_is_constant_feature`: the
+    # variance within float64 rounding of the mean), not below a fixed 1e-12: features of tiny magnitude
+    # (random-init backbones, ~1e-11) were all 'constant' here and not to the in-memory head
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * np.abs(mean) * eps) ** 2
+    scale = np.where(constant, 1.0, np.sqrt(var))
     Xs -= mean.astype(np.float32)
     Xs /= scale.astype(np.float32)
     ys, sws = yi[sample], sw[sample]
