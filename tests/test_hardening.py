@@ -600,13 +600,18 @@ def test_fit_head_refuses_one_class_before_extracting(tmp_path):
     ("constant", float("inf"), {}, "lr (--lr) must be a positive number"),
     ("exponential", 1e-3, {"lr_max": 0.0}, "lr_max (--lr-max) must be a positive number"),
     ("exponential", 1e-3, {"lr_start": -1.0}, "lr_start (--lr-start) must be a non-negative number"),
-    ("cosine", 1e-3, {"lr_min": 1.0}, "lr_min (--lr-min, 1.0) must not exceed lr_max"),
+    ("cosine", 1e-3, {"lr_min": 1.0}, "lr_min (--lr-min, 1.0) must not exceed lr_max (--lr, the peak without --lr-max, "),
+    ("cosine", 1e-3, {"lr_min": 1.0, "lr_max": 0.5}, "must not exceed lr_max (--lr-max, 0.5)"),
 ])
 def test_schedule_errors_name_the_option(name, lr, params, fragment):
     from pipeline.heads.schedules import make_schedule
 
     with pytest.raises(UserError, match=re.escape(fragment)):
         make_schedule(name, lr, 10, **params)
+
+
+def test_backbones_layers_without_a_name_is_refused():
+    _one_line_error(_no_tty_cli("backbones", "--layers"), "--layers lists one backbone's layer names: give its NAME")
 
 
 def test_empty_listings_name_the_folder_and_cache_refuses_feature_options(tmp_path):

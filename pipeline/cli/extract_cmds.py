@@ -78,6 +78,9 @@ def backbones_cmd(name: str | None, layers: bool) -> None:
     \b
     Example: python cli.py backbones mobilenetv2 --layers
     """
+    if layers and not name:
+        raise click.UsageError("--layers lists one backbone's layer names: give its NAME, e.g. "
+                               "`python cli.py backbones mobilenetv2 --layers`")
     if name:
         spec = bb.get(name)
         if layers:

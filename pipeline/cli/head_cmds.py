@@ -52,7 +52,8 @@ HEAD_OPTIONS = ("C", "class_weight", "jobs", "flatten", "hidden", "batchnorm", "
               show_default=True)
 @click.option("--lr-start", type=FiniteFloat(), default=None, help="exponential: LR at epoch 0.")
 @click.option("--lr-min", type=FiniteFloat(), default=None, help="exponential/cosine: floor.")
-@click.option("--lr-max", type=FiniteFloat(), default=None, help="exponential: peak after ramp-up.")
+@click.option("--lr-max", type=FiniteFloat(), default=None,
+              help="exponential/cosine: peak after ramp-up (default: --lr).")
 @click.option("--rampup-epochs", type=int, default=None)
 @click.option("--sustain-epochs", type=int, default=None)
 @click.option("--exp-decay", type=FiniteFloat(), default=None)

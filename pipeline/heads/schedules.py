@@ -103,5 +103,6 @@ def make_schedule(name: str, lr: float, epochs: int, **params: Any) -> Callable[
             raise UserError(f"{param} (--{param.replace('_', '-')}) must be a "
                             f"{'positive' if param == 'lr_max' else 'non-negative'} number, not {value}")
     if lr_min > lr_max:
-        raise UserError(f"lr_min (--lr-min, {lr_min}) must not exceed lr_max (--lr-max, {lr_max})")
+        peak = "--lr-max" if p.get("lr_max") is not None else "--lr, the peak without --lr-max"
+        raise UserError(f"lr_min (--lr-min, {lr_min}) must not exceed lr_max ({peak}, {lr_max})")
     return Schedule(name, lr_start, lr_max, lr_min, ramp, sustain, decay, max(1, int(epochs)))
