@@ -665,3 +665,17 @@ def test_offline_imagenet_weights_advice_offers_weights_none_only_where_it_works
     ex = run_cli("extract", "--data", str(tmp_path / "d"), "--backbone", "vgg16", "--image-size", "32",
                  "--cache-dir", str(tmp_path / "c"), "--no-progress")
     _one_line_error(ex, "(or --weights none)")
+
+
+def test_a_class_held_out_whole_is_one_warning_line(tmp_path):
+    """fit-head makes the split three times (to refuse early, before the run record, for the fit): the
+    warning that a class has no training image is printed once, not three times."""
+    import shutil
+
+    data = make_folder(tmp_path / "d", per_class=10, classes=("a", "b"), splits=("train",))
+    one = make_folder(tmp_path / "x", per_class=1, classes=("c",), splits=("train",))
+    shutil.move(str(one / "train" / "c"), str(data / "train" / "c"))
+    got = run_cli("fit-head", "--data", str(data), "--cache-dir", str(tmp_path / "c"), *FAST, "--head", "logistic",
+                  "--C", "1", "--val-fraction", "0.5", "--seed", "0")
+    assert got.returncode == 0, got.stderr
+    assert got.stderr.count("have val images but no training image ('c')") == 1, got.stderr

@@ -77,7 +77,7 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
         warnings.warn(f"{len(untrained)} class(es) have val images but no training image ({names}"
                       f"{', ...' if len(untrained) > 5 else ''}): the head can never predict them; add training "
                       f"images of them" + (" or give a smaller --val-fraction" if source == "holdout" else ""),
-                      DataWarning, stacklevel=2)
+                      DataWarning, stacklevel=1)  # one line however many times the split is made
     test = np.flatnonzero((ff.splits == "test") & labelled & clean)
     return SplitRows(train=train, val=val, test=test, val_source=source,
                      n_train_images=int(np.unique(ff.index[train]).size),
