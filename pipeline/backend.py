@@ -59,6 +59,20 @@ def select(backend: str | None) -> str:
     return b
 
 
+def check_recorded(recorded: str | None, weights: str | None, what: str) -> None:
+    """Refuse to rebuild, on this process's backend, features that `what` (a run) made on another with
+    random weights: each backend initialises them its own way (cosine 0.3 between TensorFlow's and
+    JAX's), so its head would read other features without a word. Trained weights give the same
+    features on every backend, so those pass; so does a run that recorded no backend (older ones)."""
+    if not recorded or str(weights).lower() != "none":
+        return
+    current = name()
+    if _canonical(str(recorded)) != current:
+        raise UserError(f"{what} was made on the {recorded} backend with random weights (--weights none), which "
+                        f"{current} initialises differently, so its features would not match; run this with "
+                        f"--backend {recorded} (or KERAS_BACKEND={recorded})")
+
+
 def require() -> str:
     """The backend, checked to be installed; a one-line error with the install command if not."""
     b = name()
@@ -67,7 +81,7 @@ def require() -> str:
                         f"(KERAS_BACKEND or --backend)")
     if importlib.util.find_spec(_LIBRARY[b]) is None:
         others = [o for o in BACKENDS if o != b and importlib.util.find_spec(_LIBRARY[o]) is not None]
-        hint = f", or use KERAS_BACKEND={others[0]} (installed)" if others else ""
+        hint = f", or use --backend {others[0]} (installed)" if others else ""
         raise UserError(f"the Keras backend is {b} but {_LIBRARY[b]} is not installed: {_EXTRA[b]}{hint}")
     return b
 

@@ -679,3 +679,28 @@ def test_a_class_held_out_whole_is_one_warning_line(tmp_path):
                   "--C", "1", "--val-fraction", "0.5", "--seed", "0")
     assert got.returncode == 0, got.stderr
     assert got.stderr.count("have val images but no training image ('c')") == 1, got.stderr
+
+
+def test_a_run_on_random_weights_is_not_rebuilt_on_another_backend(tmp_path):
+    """Random weights differ by backend (cosine 0.3 between TensorFlow's and JAX's features): a head fitted on
+    JAX's, evaluated, exported or fine-tuned on TensorFlow read other features without a word."""
+    from pipeline.backend import check_recorded
+
+    data = make_folder(tmp_path / "d", per_class=4)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1")
+    assert fit.returncode == 0, fit.stderr
+    run_id = _run_id(fit.stdout)
+    config_path = Path(cache) / "runs" / run_id / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["backend"] == "tensorflow"  # recorded from the features it was fitted on
+    config["backend"] = "jax"                 # as if fitted with --backend jax
+    config_path.write_text(json.dumps(config))
+    fragment = "was made on the jax backend with random weights (--weights none), which tensorflow initialises"
+    for args in (["evaluate", "--run", run_id, "--data", str(data)], ["predict", "--run", run_id, str(data)],
+                 ["export", "--run", run_id, "--format", "keras", "--out", str(tmp_path / "x")],
+                 ["finetune", "--run", run_id, "--epochs", "1"]):
+        err = _one_line_error(run_cli(*args, "--cache-dir", cache), fragment)
+        assert "--backend jax" in err
+    check_recorded("jax", "imagenet", "run x")  # trained weights give the same features on every backend
+    check_recorded(None, "none", "run x")       # a run from before the backend was recorded

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.backend import BACKENDS, check_recorded, name as backend_name, select as select_backend
 from pipeline.cli.interrupts import set_resume_hint
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
@@ -18,7 +19,7 @@ from pipeline.locking import exclusive_lock
 from pipeline.tracking.runs import Registry, Run
 
 
-_RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "mlflow", "mlflow_experiment"}
+_RESUME_KEEPS = {"resume_id", "no_progress", "trust_pickle", "cache_dir", "backend", "mlflow", "mlflow_experiment"}
 
 
 RESUME_LOCK = ".resume.lock"  # in the run folder, held by the one process resuming it
@@ -57,12 +58,13 @@ RESUME_LOCK = ".resume.lock"  # in the run folder, held by the one process resum
 @click.option("--trust-pickle", is_flag=True, help="Also load an old pickled head.joblib from the fit-head run "
                                                    "(unpickling can run code; only for runs you trust).")
 @cache_dir_option
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Keras backend (default: KERAS_BACKEND).")
 @mlflow_options
 def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str, ...], unfreeze_last: int | None,
                  lr: float | None, optimizer: str, lr_schedule: str, epochs: int, batch_size: int,
                  early_stopping: int | None, class_weight: str | None, augment: str, trunk_cache: bool | None,
                  views: int, label_smoothing: float, seed: int,
-                 no_progress: bool, trust_pickle: bool, cache_dir: Path, mlflow: bool | None,
+                 no_progress: bool, trust_pickle: bool, cache_dir: Path, backend: str | None, mlflow: bool | None,
                  mlflow_experiment: str | None) -> None:
     """Fine-tune the backbone's top blocks with the fitted head on top, on the raw images.
 
@@ -74,6 +76,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     from pipeline.tracking.plots import (  # noqa: PLC0415 - matplotlib: keeps `--help` fast
         plot_confusion_matrix, plot_history, plot_reliability)
 
+    select_backend(backend)
     log_mlflow = mlflow_check(mlflow)
     registry = Registry(cache_dir)
     if resume_id:
@@ -101,6 +104,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         tuner = FineTuner.from_checkpoint(record.dir)
         if no_progress:
             tuner.verbose = 2
+        request = record.config.get("request") if isinstance(record.config.get("request"), dict) else {}
+        check_recorded(record.config.get("backend"), request.get("weights"), f"finetune run {record.id}")
         run = Run(registry, record.id, "finetune", record.config)  # reopen the same folder
         logged = record.config.get("mlflow")
         if mlflow is None and isinstance(logged, dict):  # started with MLflow logging: the finished run is logged too
@@ -131,7 +136,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                   "request": inputs.request.to_json(), "class_names": list(inputs.head.class_names_),
                   "params": {"unfreeze": ",".join(unfreeze) or (f"last{unfreeze_last}" if unfreeze_last else "default"),
                              "lr": lr or tuner.default_lr(inputs.head), "epochs": epochs},
-                  "finetune_params": tuner.get_params()}
+                  "finetune_params": tuner.get_params(), "backend": backend_name()}
         if log_mlflow:  # so that --resume logs the run where this command would have
             config["mlflow"] = {"experiment": mlflow_experiment}
         run = registry.start("finetune", config)

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from pipeline.backend import check_recorded
 from pipeline.errors import DataWarning, UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, plan
 from pipeline.features.reuse import changed_files
@@ -47,6 +48,8 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     cache = config.get("cache_file")
     if not cache:
         raise UserError(f"{run_dir}/config.json names no cache_file; fine-tuning starts from a fit-head run")
+    recorded = config.get("request") if isinstance(config.get("request"), Mapping) else {}
+    check_recorded(config.get("backend"), recorded.get("weights"), f"head run {run_dir.name}")
     head = load_head(run_dir)
     if not Path(cache).exists() and isinstance(config.get("request"), Mapping):
         cache = _remake_cache(config["request"], Path(cache), head.cache_key_, run_dir)

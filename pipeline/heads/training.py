@@ -223,7 +223,8 @@ def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
     req = ff.attrs.get("request") if isinstance(ff.attrs.get("request"), Mapping) else {}
     data = ff.attrs.get("data") or req.get("data") or ff.path.stem
     config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
-              "data": data, "head": head.kind, "params": head.key_params(), "head_params": head.get_params(), **extra}
+              "data": data, "head": head.kind, "params": head.key_params(), "head_params": head.get_params(),
+              "backend": ff.attrs.get("backend"), **extra}  # the features' backend: random weights differ by backend
     if req:  # how the features were made, so the run outlives its cache file (`cache rm`, eviction)
         material = ff.attrs.get("key_material")
         spec = ((material.get("data") or {}).get("data") if isinstance(material, Mapping) else None)

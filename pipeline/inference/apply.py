@@ -16,7 +16,7 @@ import numpy as np
 from pipeline import backbones as bb
 from pipeline.atomic import atomic_path
 from pipeline.backbones import model as backbone_model
-from pipeline.backend import require
+from pipeline.backend import check_recorded, require
 from pipeline.data.sources import open_source
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, part_requests
@@ -53,6 +53,7 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> Loaded
     if record.status != "ok":
         raise UserError(f"run {record.id} did not finish (status {record.status}); pick a finished run")
     request = _request_of(record)
+    check_recorded(record.config.get("backend"), request.weights, f"run {record.id}")
     if record.stage == "finetune":
         model = record.dir / "model.keras"
         if not model.exists():
