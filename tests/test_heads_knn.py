@@ -149,6 +149,12 @@ def test_ece_and_temperature_scaling():
     truth = np.array([rng.choice(3, p=np.exp(z / 4) / np.exp(z / 4).sum()) for z in logits])
     t = fit_temperature(logits, truth)
     assert 3 < t < 5.5 and nll(logits, truth, t) < nll(logits, truth)
+    # every out-of-fold row right: nothing bounds the sharpening, so no temperature (it went to the 0.05 bound)
+    right = logits.argmax(axis=1)
+    assert fit_temperature(logits, right) == 1.0
+    one_wrong = right.copy()
+    one_wrong[0] = (right[0] + 1) % 3
+    assert fit_temperature(logits, one_wrong) < 1.0  # one error is evidence enough to fit on
 
 
 def test_logistic_calibration_changes_no_prediction_and_lowers_held_out_nll():

@@ -30,10 +30,14 @@ def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The temperature T minimizing the NLL of softmax(logits / T) on these (out-of-fold) rows; 1.0
-    when there are too few rows or classes to say."""
+    when there are too few rows or classes to say, or when every row is classified right: then the NLL
+    only falls as T shrinks, and the bound (0.05) made a head on a small separable set 20x sharper, its
+    val log loss 5x worse (0.97 -> 4.9) while its CV log loss read 0.0000 and won the auto choice."""
     logits = np.asarray(logits, np.float64)
     y = np.asarray(y, np.int64)
     if logits.ndim != 2 or y.size < 2 or np.unique(y).size < 2 or not np.isfinite(logits).all():
+        return 1.0
+    if np.all(logits.argmax(axis=1) == y):  # no error to fit the sharpness on
         return 1.0
     lo, hi = np.log(TEMPERATURE_BOUNDS)
     res = minimize_scalar(lambda t: nll(logits, y, np.exp(t)), bounds=(lo, hi), method="bounded",
