@@ -616,3 +616,30 @@ def test_fine_tuning_batches_show_each_image_once_per_epoch_and_a_resumed_fit_se
     assert len(whole) == 3 and all(sorted(epoch) == sorted(data.train.tolist()) for epoch in whole)
     assert whole[0] != whole[1] != whole[2]
     assert shown(1) == whole[1:]
+
+
+def test_trunk_map_epochs_start_with_the_clean_images():
+    """Keras calls on_epoch_end once before the first epoch, so the first epoch read view 1 and the clean
+    images came last (never, with no more epochs than views): epochs cycle clean, view 1, ..., view N."""
+    import keras
+
+    from pipeline.finetune.data import map_batches
+
+    n, views = 8, 3  # row v * n + i: view v of image i; feature 0 holds the view
+    served: list[set] = []
+
+    class Recorded(np.ndarray):
+        def __getitem__(self, rows):
+            out = np.asarray(super().__getitem__(rows))
+            served.append({int(v) for v in np.atleast_2d(out)[:, 0]})
+            return out
+
+    data = np.zeros((n * views, 4), np.float32)
+    data[:, 0] = np.repeat(np.arange(views), n)
+    ds = map_batches(data.view(Recorded), lambda epoch: np.arange(n) + (epoch % views) * n, np.zeros(n * views, int),
+                     batch_size=4, shuffle_seed=0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(ds, epochs=4, verbose=0)
+    per_epoch = [set().union(*served[k:k + 2]) for k in range(len(served) - 8, len(served), 2)]  # 2 batches each
+    assert per_epoch == [{0}, {1}, {2}, {0}], served

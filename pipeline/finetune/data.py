@@ -129,9 +129,11 @@ def map_batches(data, rows_for_epoch, labels: np.ndarray, batch_size: int, shuff
                 first_epoch: int = 0, devices: int = 1, class_weights: np.ndarray | None = None,
                 one_hot: int | None = None):
     """A keras PyDataset over cached trunk maps (`trunk.py`): `rows_for_epoch(epoch)` gives the
-    rows of `data` (an array, or a FeatureFile read per batch) to use that epoch, e.g. one view of
-    every training image; shuffled by (seed, epoch) like `make_batches`, so a resumed run sees the
-    batches an uninterrupted one would. `labels` is per row of `data`."""
+    rows of `data` (an array, or a FeatureFile read per batch) to use in fit's epoch `epoch` (0 first),
+    e.g. one view of every training image; shuffled by (seed, epoch) like `make_batches`, so a resumed
+    run sees the batches an uninterrupted one would. `labels` is per row of `data`. Keras' call of
+    `on_epoch_end` before the first epoch makes the counter fit's epoch + 1, hence the `- 1` (without
+    it the first epoch read view 1, and a fit of no more epochs than views never saw the clean images)."""
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     devices = max(1, int(devices))
@@ -142,11 +144,11 @@ def map_batches(data, rows_for_epoch, labels: np.ndarray, batch_size: int, shuff
             super().__init__(workers=1, use_multiprocessing=False, max_queue_size=4)
             self.epoch = first_epoch
 
-        def order(self, epoch: int) -> np.ndarray:
-            return epoch_order(np.asarray(rows_for_epoch(epoch), np.int64), shuffle_seed, epoch)
+        def order(self, epoch: int) -> np.ndarray:  # `epoch`: the counter (fit's epoch + 1)
+            return epoch_order(np.asarray(rows_for_epoch(epoch - 1), np.int64), shuffle_seed, epoch)
 
         def __len__(self) -> int:
-            return -(-len(rows_for_epoch(self.epoch)) // batch_size)
+            return -(-len(rows_for_epoch(max(self.epoch - 1, first_epoch))) // batch_size)
 
         def __getitem__(self, i: int):
             rows = self.order(self.epoch)[i * batch_size:(i + 1) * batch_size]
