@@ -412,6 +412,31 @@ def test_a_class_of_one_image_sits_out_of_the_folds_and_the_others_keep_their_ev
     assert (lone, "c", "train") in cleaned_rows(result, relabel=True, drop_below=1.0)
 
 
+def test_no_cross_validation_lists_no_label_issues_and_features_that_pair_everything_are_said(tmp_path, monkeypatch):
+    """Only one class of two images or more: no out-of-fold evidence, and ranking against uniform
+    probabilities listed half the images as label errors. Features that make most images near copies
+    (random weights: 6,373 pairs on digits) are said to mean little."""
+    import warnings
+
+    import pipeline.audit.runner as runner
+    from pipeline.audit.duplicates import Pair
+    from pipeline.errors import DataWarning
+
+    labels = np.r_[np.zeros(29, int), [1]]
+    path = write_cache(tmp_path, n_images=30, n_classes=2, labels=labels, split_fractions=(1, 0, 0))
+    said: list[str] = []
+    with FeatureFile(path) as ff:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DataWarning)
+            result = audit_cache(ff, NO_MAP, say=said.append)
+        assert result["out_of_fold"]["folds"] == 0 and result["label_issues"] == []
+        assert any("no label issues: no two classes have two distinct images" in line for line in said), said
+        monkeypatch.setattr(runner, "near_pairs", lambda *a, **k: [Pair(i, i + 1, 0.99, "near")
+                                                                     for i in range(0, 28, 2)])
+        with pytest.warns(DataWarning, match="28 of the 30 images have a near copy by these features"):
+            audit_cache(ff, NO_MAP, say=said.append)
+
+
 def test_a_class_whose_images_are_copies_of_one_is_one_image_to_the_audit(tmp_path):
     """Copies never vouch for each other, so a class made of copies of one image has nothing to vouch
     for it: it sits out of the folds like a class of one (all of it in one fold once left a training

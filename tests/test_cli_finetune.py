@@ -161,8 +161,8 @@ def test_finetune_interrupted_after_training_is_recorded_by_resume(tmp_path, mon
         ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--batch-size", "8", "--no-trunk-cache",
                      "--no-progress", "--cache-dir", cache, "--mlflow", "--mlflow-experiment", "tuned")
     ft_dir = Path(cache) / "runs" / ft.stderr.split("run ", 1)[1].split(":")[0]
-    assert ft.returncode == 130 and f"finetune --resume {ft_dir.name}` continues it" in ft.stderr, ft.stderr
-    assert (ft_dir / "model.keras").exists() and json.loads((ft_dir / "run.json").read_text())["status"] == "failed"
+    assert ft.returncode == 130 and f"finetune --resume {ft_dir.name} --cache-dir {cache}` continues it" in ft.stderr, ft.stderr
+    assert (ft_dir / "model.keras").exists() and json.loads((ft_dir / "run.json").read_text())["status"] == "interrupted"
     model_bytes = (ft_dir / "model.keras").read_bytes()
     gone = run_cli("runs", "rm", head_run, "--force", "--cache-dir", cache)  # nothing left to train: not needed
     assert gone.returncode == 0, gone.stderr
@@ -255,3 +255,33 @@ def test_finetune_from_a_knn_run_keeps_its_vote_fixed_and_trains_the_backbone(tm
     metrics = json.loads((run_dir / "metrics.json").read_text())
     fit_val = json.loads((Path(cache) / "runs" / head_run / "metrics.json").read_text())["val"]["accuracy"]
     assert abs(metrics["before"]["val"]["accuracy"] - fit_val) < 1e-9
+
+
+def test_ctrl_c_before_the_first_epoch_says_to_start_again_and_names_the_cache_folder(tmp_path, monkeypatch):
+    """Interrupted before any epoch was checkpointed, the hint offered a --resume that could not work (no
+    checkpoint); it left out --cache-dir, so the printed command looked in the default cache. Ctrl-C
+    records the run as interrupted, not failed."""
+    from pipeline.finetune.tuner import FineTuner
+
+    data = make_folder(tmp_path / "d", per_class=4)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1")
+    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FineTuner, "fit", interrupted)
+        ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
+    ft_id = ft.stderr.split("run ", 1)[1].split(":")[0]
+    assert ft.returncode == 130, ft.stderr
+    assert "no epoch had finished, so there is nothing to resume; run the same command again" in ft.stderr, ft.stderr
+    assert f"cli.py runs rm {ft_id} --cache-dir {cache}" in ft.stderr and "--resume" not in ft.stderr
+    assert json.loads((Path(cache) / "runs" / ft_id / "run.json").read_text())["status"] == "interrupted"
+    # options this run would not read are refused before anything runs, not recorded as if used
+    for args, fragment in ((["--no-trunk-cache", "--views", "3"], "and --no-trunk-cache trains without it"),
+                           (["--unfreeze-last", "1", "--views", "2"], "and --unfreeze-last 1 trains without it"),
+                           (["--trunk-cache", "--views", "0", "--augment", "flip"], "and --views 0 keeps none")):
+        refused = run_cli("finetune", "--run", head_run, *args, "--cache-dir", cache)
+        assert refused.returncode == 2 and fragment in refused.stderr, refused.stderr

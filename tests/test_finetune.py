@@ -105,6 +105,9 @@ def test_vgg_block5_trainable_and_unknown_block_lists_names(data):
     assert unfrozen_blocks(VGG, layer_names, ["block4"], 2) == ("block4",)
     with pytest.raises(UserError, match="more than the .* layers"):
         set_trainable(model, VGG, (), unfreeze_last=100000)
+    with pytest.raises(UserError, match=r"--unfreeze-last 1 takes vgg16's last 1 layer\(s\), which have no weights "
+                                        r"that train .* give --unfreeze-last 2 or more"):
+        set_trainable(model, VGG, (), unfreeze_last=1)  # the weightless pool alone: nothing would train
     with pytest.raises(UserError) as err:
         set_trainable(model, VGG, ["block9"])
     assert "block9" in str(err.value) and all(b in str(err.value) for b in ("block5", "block4", "block3"))
@@ -310,7 +313,9 @@ def test_stage2_inputs_warns_of_changed_images_and_refuses_a_head_of_other_featu
     assert not list((tmp_path / "cache" / "features").glob("*.h5")), "extracted before refusing"
     image.write_bytes(original)
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert stage2_inputs(run).cache_path == res.path and res.path.exists()  # unchanged data: extracted again, the same key
+    with pytest.warns(DataWarning, match="were removed; extracting them again"):  # said, not a bar alone
+        again = stage2_inputs(run, progress=False)
+    assert again.cache_path == res.path and res.path.exists()  # unchanged data: extracted again, the same key
 
 
 @pytest.mark.parametrize("AUG", [None, AugmentConfig(flip=True, rotation=0.0, zoom=0.0, brightness=0.1, contrast=0.0)],

@@ -704,3 +704,43 @@ def test_a_run_on_random_weights_is_not_rebuilt_on_another_backend(tmp_path):
         assert "--backend jax" in err
     check_recorded("jax", "imagenet", "run x")  # trained weights give the same features on every backend
     check_recorded(None, "none", "run x")       # a run from before the backend was recorded
+
+
+def test_random_weights_in_mixed_precision_are_told_to_use_float32_precision(tmp_path):
+    """Identical features from --precision mixed with random weights: the advice named --dtype float32,
+    which was already given."""
+    data = make_folder(tmp_path / "d", per_class=3)
+    got = run_cli("extract", "--data", str(data), "--cache-dir", str(tmp_path / "c"), *FAST, "--precision", "mixed")
+    if got.returncode == 0:
+        pytest.skip("mixed precision kept these random features apart on this machine")
+    err = _one_line_error(got, "every image gave the same feature vector")
+    assert "--precision float32" in err and "--dtype float32" not in err, err
+
+
+def test_ctrl_c_while_a_head_fits_says_the_features_are_cached(tmp_path, monkeypatch):
+    import pipeline.heads.training as training
+
+    data = make_folder(tmp_path / "d", per_class=3)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "fit_head_run", interrupted)
+    got = run_cli("fit-head", "--data", str(data), "--cache-dir", str(tmp_path / "c"), *FAST, "--head", "logistic",
+                  "--C", "1")
+    assert got.returncode == 130 and "the features are cached; run the same command again" in got.stderr, got.stderr
+
+
+def test_cache_ls_and_info_of_a_join_of_two_input_sizes(tmp_path):
+    """A join of backbones of other input sizes showed size 0; `cache info` listed a removed part as if there."""
+    from pipeline.features.cache import describe, find_entries
+
+    kept = write_cache(tmp_path / "c", n_images=12, dim=4, key="1111000000000001", name="a", attrs={"data": "d"})
+    path = write_cache(tmp_path / "c", n_images=12, dim=4, key="2222000000000002", name="a+b",
+                       attrs={"data": "d", "image_size": 0, "image_sizes": [224, 240],
+                              "parts": [str(kept), str(tmp_path / "c" / "features" / "b-gone.h5")]})
+    sizes = {e.key[:4]: e.image_size for e in find_entries(tmp_path / "c")}
+    assert sizes["2222"] == "224+240" and sizes["1111"] == 32
+    info = describe("2222", tmp_path / "c")
+    assert f"{kept}\"" in info and "b-gone.h5 (removed)" in info and f"{kept} (removed)" not in info, info
+    assert path.exists()

@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -24,7 +25,7 @@ from pipeline.audit.review import DROP, Review
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.backend import DEFAULT as DEFAULT_BACKEND
 from pipeline.data.sources import names_files
-from pipeline.errors import UserError
+from pipeline.errors import DataWarning, UserError
 from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest
 from pipeline.features.neighbours import EXACT_ROWS, search_space, self_neighbours, unit_rows
 from pipeline.features.reuse import fill_hashes
@@ -205,14 +206,25 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     groups = copy_groups(n, [(p.a, p.b) for p in pairs])  # copies of one image never vouch for each other's label
     t["duplicates"] = time.perf_counter()
     say(f"audit: duplicates {len(exact)} exact, {len(pairs) - len(exact)} near")
+    copied = np.unique([i for p in pairs for i in (p.a, p.b)]).size
+    if n >= 20 and copied > n / 2:  # features that hardly tell images apart (random weights): findings mean little
+        warnings.warn(f"{copied:,} of the {n:,} images have a near copy by these features, which hardly tell the "
+                      f"images apart (random weights, or a backbone that does not suit them): the duplicates, "
+                      f"leakage and label issues below mean little; audit features of trained weights",
+                      DataWarning, stacklevel=2)
     folds = cv_splits(img.y, options.cv, options.seed, groups)
     # the logistic reads the projection where there is one: 5x less to read per pass over 200,000
     # rows, and as good a ranking on flowers (top-N precision within one image over 3 seeds, bench/audit.py)
     U = img.X if walk is None else walk
     ev = label_evidence(U, img.y, k, neigh, options.cv, options.seed, options.C, groups)
-    issues, issue_score = rank_issues(img.y, ev.proba)
+    if folds >= 2:
+        issues, issue_score = rank_issues(img.y, ev.proba)
+        say(f"audit: label issues from {folds}-fold out-of-fold probabilities and {KNN_K} neighbours: {issues.size:,}")
+    else:  # no out-of-fold evidence: ranking against uniform probabilities would list half the images
+        issues, issue_score = np.zeros(0, np.int64), np.zeros(0)
+        say("audit: no label issues: no two classes have two distinct images each to cross-validate on (copies of "
+            "one image count once)")
     t["labels"] = time.perf_counter()
-    say(f"audit: label issues from {folds}-fold out-of-fold probabilities and {KNN_K} neighbours: {issues.size:,}")
     split_proba = split_model_proba(ff, img, ev, head, U)
     leaks = leakage(img, pairs, split_proba)
     top_losses = _top_losses(img, ev, split_proba)

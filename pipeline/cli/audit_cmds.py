@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
+from pipeline.cli.interrupts import set_resume_hint
 from pipeline.cli.options import (SEED, FiniteFloat, extract_options, given_options, mlflow_after, mlflow_check, mlflow_options,
                                   trust_pickle_option)
 from pipeline.cli.shared import FEATURE_OPTIONS, open_cache
@@ -66,6 +67,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
         head = loaded.head
         request = run_request(loaded, cache, kw)
     ff = open_cache(cache, kw, command="audit", splits=None, request=request)
+    set_resume_hint("the features are cached; run the same command again (the audit takes seconds from them)")
     options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map)
     with ff:
         check_finite(ff)

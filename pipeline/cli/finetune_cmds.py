@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from pipeline.backend import BACKENDS, check_recorded, name as backend_name, sel
 from pipeline.cli.interrupts import set_resume_hint
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
-from pipeline.finetune.checkpoints import finished_result
+from pipeline.extract import DEFAULT_CACHE
+from pipeline.finetune.checkpoints import finished_result, has_checkpointed_epoch
 from pipeline.finetune.results import format_comparison
 from pipeline.heads.registry import trusting_pickles
 from pipeline.heads.schedules import OPTIMIZERS
@@ -125,9 +127,19 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                           augment=None if augment.strip().lower() == "none" else parse_augment(augment), seed=seed,
                           trunk_cache=trunk_cache, views=views, label_smoothing=label_smoothing,
                           verbose=2 if no_progress or not sys.stdout.isatty() else 1)  # per-step bar (ETA) or a line per epoch
+    if not resume_id:  # options this run would not read: refused, not recorded as if they applied
+        given = set(given_options(lambda name: name in {"views", "augment"}))
+        without = ("--no-trunk-cache" if trunk_cache is False else
+                   f"--unfreeze-last {unfreeze_last}" if unfreeze_last and not trunk_cache else None)
+        if "--views" in given and without:
+            raise UserError(f"--views sets how many augmented views the trunk cache keeps, and {without} trains "
+                            f"without it (each epoch draws a new view of every image); leave --views out")
+        if "--augment" in given and trunk_cache and views == 0:
+            raise UserError("--augment makes the trunk cache's views, and --views 0 keeps none (the clean images "
+                            "only); give --views N or leave --augment out")
     if finished is None:
         with trusting_pickles(trust_pickle):
-            inputs = stage2_inputs(parent.dir)
+            inputs = stage2_inputs(parent.dir, progress=not no_progress)
     if not resume_id:  # a typo in --unfreeze fails now, not after a failed run record
         tuner.check_params(inputs.request.backbone)
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
@@ -144,7 +156,16 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
     else:
         click.echo(f"run {run.id}: its training had finished before the interruption; recording the results", err=True)
-    set_resume_hint(f"the last finished epoch is checkpointed; `cli.py finetune --resume {run.id}` continues it")
+    dir_flag = ("" if Path(cache_dir).expanduser().resolve() == DEFAULT_CACHE.resolve()
+                else f" --cache-dir {shlex.quote(str(cache_dir))}")
+
+    def hint(run_dir: Path = run.dir, run_id: str = run.id) -> str:  # what Ctrl-C leaves depends on when it comes
+        if has_checkpointed_epoch(run_dir) or finished_result(run_dir) is not None:
+            return f"the last finished epoch is checkpointed; `cli.py finetune --resume {run_id}{dir_flag}` continues it"
+        return (f"no epoch had finished, so there is nothing to resume; run the same command again "
+                f"(`cli.py runs rm {run_id}{dir_flag}` removes this run)")
+
+    set_resume_hint(hint)
     with run:
         result = finished or tuner.fit(inputs.request, inputs.head, run.dir, resume=bool(resume_id),
                                        log=lambda m: click.echo(m, err=True), split=inputs.split,

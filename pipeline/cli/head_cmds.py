@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.backbones.table import check_weights_size, get
+from pipeline.cli.interrupts import set_resume_hint
 from pipeline.cli.options import (SEED, FiniteFloat, build_request, extract_options, given_options,
                                   mlflow_after, mlflow_check, mlflow_options)
 from pipeline.cli.shared import open_cache
@@ -101,6 +102,8 @@ def fit_head_cmd(cache: str | None, head: str, sweep: bool, no_augmented: bool, 
                                      not no_augmented)
     else:
         ff = open_cache(cache, {**kw, "backbone": backbones[0]})
+    set_resume_hint("the features are cached; run the same command again (the head is fitted anew, in seconds "
+                    "to minutes)")
     with ff:
         if len(ff.feature_shape) == 1 and given_options(lambda name: name == "flatten"):
             raise UserError(f"--flatten turns feature maps into vectors, but {ff.path.name} holds pooled vectors "

@@ -222,7 +222,11 @@ class ExtractionJob:
             assemble(chunks, p.path, items, attrs, dtype=p.request.dtype, compression=opts.compression)
         except DegenerateFeatures as exc:
             chunks.remove()  # every chunk holds the same junk; a rerun must recompute
-            raise UserError(str(exc)) from None
+            req = p.request  # random-init activations underflow in half precision: say which flag is half
+            ways = [flag for flag, on in (("use trained --weights", str(req.weights).lower() == "none"),
+                                          ("--dtype float32", req.dtype == "float16"),
+                                          ("--precision float32", req.precision == "mixed")) if on]
+            raise UserError(f"{exc}; {', or '.join(ways) or 'check the backbone and its weights'}") from None
         chunks.remove()
         with _h5_open(p.path) as f:
             n_rows = int(f.attrs["n_rows"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 
 from pipeline.errors import UserError
-from pipeline.features.store import FeatureFile, chunk_files, not_damaged, structure_problem
+from pipeline.features.store import FeatureFile, chunk_files, decode_attr, not_damaged, structure_problem
 from pipeline.layout import CacheLayout
 from pipeline.locking import is_locked
 
@@ -65,7 +65,10 @@ def find_entries(cache_dir: Path) -> list[Entry]:
                 problem = structure_problem(f, path)
                 if problem:
                     raise ValueError(problem)
-                out.append(Entry(path, str(a["key"]), str(a["backbone"]), int(a["image_size"]),
+                sizes = decode_attr(a.get("image_sizes"))  # a join of backbones of other input sizes records 0 and each part's
+                size = ("+".join(str(int(v)) for v in sizes) if not int(a["image_size"]) and sizes is not None
+                        and len(sizes) else int(a["image_size"]))
+                out.append(Entry(path, str(a["key"]), str(a["backbone"]), size,
                                  f"{a['layer']}/{a['pooling']}" if a["layer"] else str(a["pooling"]),
                                  int(f["features"].shape[0]),
                                  _megabytes(path), str(a["data"]), "complete"))
@@ -241,6 +244,8 @@ def describe(ref: str, cache_dir: Path) -> str:
             v = ff.attrs.get(k)
             if v is None:  # not recorded for this kind of file (a join keeps its own in its parts)
                 continue
+            if k == "parts" and isinstance(v, list):  # a join's own rows stay readable when a part is removed
+                v = [f"{part}{'' if Path(str(part)).exists() else ' (removed)'}" for part in v]
             lines.append(f"{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}")
         lines.append(f"classes ({len(ff.class_names)}): {', '.join(ff.class_names)}")
         clean = ff.views == 0

@@ -241,8 +241,7 @@ def _write_h5(tmp: Path, chunks: ChunkDir, numbers: list[int], items: ItemTable,
             pos += k
         if n_rows > 1 and not varies:
             raise DegenerateFeatures(
-                "every image gave the same feature vector (e.g. all zeros), so a head could not learn "
-                "anything; with --weights none use trained weights, or --dtype float32")
+                "every image gave the same feature vector (e.g. all zeros), so a head could not learn anything")
         f["index"] = index
         f["views"] = views
         f["labels"] = np.asarray(items.labels, np.int32)[index]
@@ -381,7 +380,7 @@ class FeatureFile:
         problem = structure_problem(self._f, self.path)
         if problem:
             raise UserError(damaged_message(self.path, problem))
-        self.attrs: dict[str, Any] = {k: _decode_attr(v) for k, v in a.items()}
+        self.attrs: dict[str, Any] = {k: decode_attr(v) for k, v in a.items()}
         self.class_names: list[str] = list(self.attrs["class_names"])
         self.features = self._f["features"]
         self.labels: np.ndarray = self._f["labels"][:]
@@ -521,13 +520,13 @@ def structure_problem(f: h5py.File, path: Path) -> str:
     if not a.get("complete", False):
         return "it is marked incomplete, which a finished .h5 never is"
     schema = a.get("schema")
-    if schema is not None and _decode_attr(schema) != SCHEMA_VERSION:
-        return f"schema {_decode_attr(schema)!r}, this tool reads schema {SCHEMA_VERSION}"
-    names = _decode_attr(a.get("class_names"))
+    if schema is not None and decode_attr(schema) != SCHEMA_VERSION:
+        return f"schema {decode_attr(schema)!r}, this tool reads schema {SCHEMA_VERSION}"
+    names = decode_attr(a.get("class_names"))
     if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
         return "the class_names attribute is not a JSON list of names"
     for attr in ("request", "key_material"):
-        if attr in a and not isinstance(_decode_attr(a[attr]), dict):
+        if attr in a and not isinstance(decode_attr(a[attr]), dict):
             return f"the {attr} attribute is not a JSON object"
     needed = ["features", *_ROW_DATASETS, *_SKIP_DATASETS]
     for name in needed + [n for n in _OPTIONAL_ROW_DATASETS if n in f]:
@@ -565,7 +564,8 @@ def content_problem(labels: np.ndarray, views: np.ndarray, index: np.ndarray, n_
     return ""
 
 
-def _decode_attr(value: Any) -> Any:
+def decode_attr(value: Any) -> Any:
+    """An HDF5 attribute as written: JSON lists and objects parsed, bytes decoded, NumPy scalars as Python."""
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, str) and value[:1] in "[{":

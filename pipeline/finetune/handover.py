@@ -37,7 +37,7 @@ class Stage2Inputs:
     val_source: str = "val split"
 
 
-def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
+def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2Inputs:
     """Read a fit-head run folder: its config.json names the cache file, whose `request` says how
     the features were made; the head is loaded from the folder."""
     run_dir = Path(run_dir)
@@ -52,7 +52,7 @@ def stage2_inputs(run_dir: str | os.PathLike) -> Stage2Inputs:
     check_recorded(config.get("backend"), recorded.get("weights"), f"head run {run_dir.name}")
     head = load_head(run_dir)
     if not Path(cache).exists() and isinstance(config.get("request"), Mapping):
-        cache = _remake_cache(config["request"], Path(cache), head.cache_key_, run_dir)
+        cache = _remake_cache(config["request"], Path(cache), head.cache_key_, run_dir, progress)
     with FeatureFile(cache) as ff:
         req = ff.attrs.get("request")
         material = ff.attrs.get("key_material") or {}
@@ -81,7 +81,8 @@ def _other_features(run_dir: Path, head_key: str, now: str) -> str:
             f"(images added, removed or changed since); fit-head on the data again and fine-tune that run")
 
 
-def _remake_cache(request: Mapping[str, Any], gone: Path, head_key: str | None, run_dir: Path) -> str:
+def _remake_cache(request: Mapping[str, Any], gone: Path, head_key: str | None, run_dir: Path,
+                  progress: bool = True) -> str:
     """The fit-head run's cache file was removed (`cache rm`, eviction): extract the run's recorded
     request again into the same cache folder (unchanged data gives the same key and rows). Data that
     changed since plans another key: refused before extracting features the head cannot read."""
@@ -90,7 +91,9 @@ def _remake_cache(request: Mapping[str, Any], gone: Path, head_key: str | None, 
         planned = plan(req, root)
         if planned.key != head_key:
             raise UserError(_other_features(run_dir, head_key, planned.path.name))
-    return str(extract(req, RunOptions(cache_dir=root)).path)
+    warnings.warn(f"the features head run {run_dir.name} was fitted on ({gone.name}) were removed; extracting them "
+                  f"again (unchanged data gives the same rows)", DataWarning, stacklevel=2)
+    return str(extract(req, RunOptions(cache_dir=root, progress=progress)).path)
 
 
 def _stage2_split(ff, config: Mapping[str, Any]) -> tuple[dict[str, list[str]], str]:

@@ -167,6 +167,14 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
         if layer.name.startswith("preprocess_"):
             layer.trainable = False
     _freeze_batchnorm(model)
+    if unfreeze_last and not unfreeze and not any(backbone.layers[i].trainable_weights for i in chosen):
+        # the last N were weightless or BatchNormalization: nothing of the backbone would train, silently
+        with_weights = [n for n, layer in enumerate(reversed(layers), 1)
+                        if layer.weights and not isinstance(layer, keras.layers.BatchNormalization)]
+        least = with_weights[0] if with_weights else len(layers)
+        raise UserError(f"--unfreeze-last {unfreeze_last} takes {spec.name}'s last {unfreeze_last} layer(s), which "
+                        f"have no weights that train (pooling, activations, BatchNormalization stays frozen); give "
+                        f"--unfreeze-last {least} or more, or name a block with --unfreeze")
     return trainable_layer_names(model)
 
 

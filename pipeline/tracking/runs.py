@@ -38,7 +38,7 @@ from pipeline.layout import CacheLayout
 from pipeline.versions import version
 
 STAGES = ("extract", "fit-head", "sweep", "finetune", "audit")
-STATUSES = ("running", "ok", "failed", "incomplete")
+STATUSES = ("running", "ok", "failed", "interrupted", "incomplete")
 
 
 ENVIRONMENT_PACKAGES = ("numpy", "scikit-learn", "h5py", "Pillow", "faiss-cpu", "keras", "tensorflow", "tensorflow-cpu",
@@ -195,9 +195,9 @@ class Run:
         write_json(self.dir / "metrics.json", self.metrics)
 
     def finish(self, status: str = "ok", metrics: Mapping[str, Any] | None = None, error: str | None = None) -> None:
-        """Record the end: status ('ok' | 'failed'), end time, duration, final metrics."""
-        if status not in ("ok", "failed"):
-            raise ValueError(f"status must be 'ok' or 'failed', not {status!r}")
+        """Record the end: status ('ok' | 'failed' | 'interrupted'), end time, duration, final metrics."""
+        if status not in ("ok", "failed", "interrupted"):
+            raise ValueError(f"status must be 'ok', 'failed' or 'interrupted', not {status!r}")
         if metrics:
             self.log_metrics(metrics)
         self._info.update(status=status, ended=_now().isoformat(), duration_s=round(time.monotonic() - self._t0, 3))
@@ -213,6 +213,8 @@ class Run:
             return
         if exc is None:
             self.finish("ok")
+        elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C: stopped, not broken
+            self.finish("interrupted", error="interrupted (Ctrl-C)")
         else:
             self.finish("failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -425,7 +427,8 @@ def _num(v: float | None) -> str:
 
 
 def _status_text(status: str) -> str:
-    colour = {"ok": "green", "failed": "red", "running": "yellow", "incomplete": "magenta", "damaged": "red"}.get(status)
+    colour = {"ok": "green", "failed": "red", "running": "yellow", "interrupted": "yellow", "incomplete": "magenta",
+              "damaged": "red"}.get(status)
     return f"[{colour}]{status}[/{colour}]" if colour else status
 
 
