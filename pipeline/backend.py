@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Mapping
 
 from pipeline.errors import UserError
 from pipeline.versions import version
@@ -59,11 +60,14 @@ def select(backend: str | None) -> str:
     return b
 
 
-def check_recorded(recorded: str | None, weights: str | None, what: str) -> None:
-    """Refuse to rebuild, on this process's backend, features that `what` (a run) made on another with
-    random weights: each backend initialises them its own way (cosine 0.3 between TensorFlow's and
-    JAX's), so its head would read other features without a word. Trained weights give the same
-    features on every backend, so those pass; so does a run that recorded no backend (older ones)."""
+def check_recorded(config: Mapping[str, Any], what: str) -> None:
+    """Refuse to rebuild, on this process's backend, features that `what` (a run, whose config.json is
+    `config`: its `backend` and `request.weights`) made on another with random weights: each backend
+    initialises them its own way (cosine 0.3 between TensorFlow's and JAX's), so its head would read
+    other features without a word. Trained weights give the same features on every backend, so those
+    pass; so does a run that recorded no backend (older ones)."""
+    recorded, request = config.get("backend"), config.get("request")
+    weights = request.get("weights") if isinstance(request, Mapping) else None
     if not recorded or str(weights).lower() != "none":
         return
     current = name()

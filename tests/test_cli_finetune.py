@@ -25,6 +25,19 @@ def _run_id(stdout: str) -> str:
     return stdout.strip().splitlines()[-1].rsplit("run ", 1)[1].split()[0]
 
 
+def _logistic_head_run(tmp_path: Path) -> tuple[str, str]:
+    """(cache folder, run ID) of a logistic head fitted on 4 images per class."""
+    data = make_folder(tmp_path / "d", per_class=4)
+    cache = str(tmp_path / "c")
+    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1")
+    return cache, next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
+
+
+def _interrupted(*args, **kwargs):
+    """Stands in for what Ctrl-C interrupts."""
+    raise KeyboardInterrupt
+
+
 def test_finetune_cli_end_to_end(tmp_path):
     data = make_folder(tmp_path / "d", per_class=8)
     cache = str(tmp_path / "c")
@@ -148,16 +161,9 @@ def test_finetune_interrupted_after_training_is_recorded_by_resume(tmp_path, mon
     --resume trains nothing and records it (it refused 'already finished', leaving a failed run)."""
     import pipeline.tracking.plots as plots
 
-    data = make_folder(tmp_path / "d", per_class=4)
-    cache = str(tmp_path / "c")
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1")
-    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
+    cache, head_run = _logistic_head_run(tmp_path)
     with monkeypatch.context() as patch:
-        patch.setattr(plots, "plot_history", interrupted)
+        patch.setattr(plots, "plot_history", _interrupted)
         ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--batch-size", "8", "--no-trunk-cache",
                      "--no-progress", "--cache-dir", cache, "--mlflow", "--mlflow-experiment", "tuned")
     ft_dir = Path(cache) / "runs" / ft.stderr.split("run ", 1)[1].split(":")[0]
@@ -263,16 +269,9 @@ def test_ctrl_c_before_the_first_epoch_says_to_start_again_and_names_the_cache_f
     records the run as interrupted, not failed."""
     from pipeline.finetune.tuner import FineTuner
 
-    data = make_folder(tmp_path / "d", per_class=4)
-    cache = str(tmp_path / "c")
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", cache, *FAST, "--head", "logistic", "--C", "1")
-    head_run = next(l for l in fit.stdout.splitlines() if "saved in" in l).split(" run ")[1].split()[0]
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
+    cache, head_run = _logistic_head_run(tmp_path)
     with monkeypatch.context() as patch:
-        patch.setattr(FineTuner, "fit", interrupted)
+        patch.setattr(FineTuner, "fit", _interrupted)
         ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
     ft_id = ft.stderr.split("run ", 1)[1].split(":")[0]
     assert ft.returncode == 130, ft.stderr

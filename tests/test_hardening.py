@@ -702,8 +702,8 @@ def test_a_run_on_random_weights_is_not_rebuilt_on_another_backend(tmp_path):
                  ["finetune", "--run", run_id, "--epochs", "1"]):
         err = _one_line_error(run_cli(*args, "--cache-dir", cache), fragment)
         assert "--backend jax" in err
-    check_recorded("jax", "imagenet", "run x")  # trained weights give the same features on every backend
-    check_recorded(None, "none", "run x")       # a run from before the backend was recorded
+    check_recorded({"backend": "jax", "request": {"weights": "imagenet"}}, "run x")  # trained: the same everywhere
+    check_recorded({"request": {"weights": "none"}}, "run x")  # a run from before the backend was recorded
 
 
 def test_random_weights_in_mixed_precision_are_told_to_use_float32_precision(tmp_path):

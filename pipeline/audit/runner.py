@@ -26,7 +26,7 @@ from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.backend import DEFAULT as DEFAULT_BACKEND
 from pipeline.data.sources import names_files
 from pipeline.errors import DataWarning, UserError
-from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest
+from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest, cache_dir_flags
 from pipeline.features.neighbours import EXACT_ROWS, search_space, self_neighbours, unit_rows
 from pipeline.features.reuse import fill_hashes
 from pipeline.features.store import FeatureFile
@@ -398,9 +398,7 @@ def retrain_command(result: Mapping[str, Any], manifest: Path) -> str | None:
              *ExtractRequest.recorded_flags(r.get("request"))]  # another version's request: the plain command
     if r.get("backend") and r["backend"] != DEFAULT_BACKEND:
         words += ["--backend", str(r["backend"])]
-    root = Path(r.get("cache_root") or DEFAULT_CACHE).resolve()
-    if root != DEFAULT_CACHE.resolve():
-        words += ["--cache-dir", str(root)]
+    words += cache_dir_flags(r.get("cache_root") or DEFAULT_CACHE)
     return " ".join(shlex.quote(w) for w in words)
 
 

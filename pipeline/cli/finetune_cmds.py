@@ -12,7 +12,7 @@ from pipeline.backend import BACKENDS, check_recorded, name as backend_name, sel
 from pipeline.cli.interrupts import set_resume_hint
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
-from pipeline.extract import DEFAULT_CACHE
+from pipeline.extract import cache_dir_flags
 from pipeline.finetune.checkpoints import finished_result, has_checkpointed_epoch
 from pipeline.finetune.results import format_comparison
 from pipeline.heads.registry import trusting_pickles
@@ -106,8 +106,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         tuner = FineTuner.from_checkpoint(record.dir)
         if no_progress:
             tuner.verbose = 2
-        request = record.config.get("request") if isinstance(record.config.get("request"), dict) else {}
-        check_recorded(record.config.get("backend"), request.get("weights"), f"finetune run {record.id}")
+        check_recorded(record.config, f"finetune run {record.id}")
         run = Run(registry, record.id, "finetune", record.config)  # reopen the same folder
         logged = record.config.get("mlflow")
         if mlflow is None and isinstance(logged, dict):  # started with MLflow logging: the finished run is logged too
@@ -156,14 +155,13 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
     else:
         click.echo(f"run {run.id}: its training had finished before the interruption; recording the results", err=True)
-    dir_flag = ("" if Path(cache_dir).expanduser().resolve() == DEFAULT_CACHE.resolve()
-                else f" --cache-dir {shlex.quote(str(cache_dir))}")
+    where = "".join(f" {shlex.quote(w)}" for w in cache_dir_flags(cache_dir))
 
-    def hint(run_dir: Path = run.dir, run_id: str = run.id) -> str:  # what Ctrl-C leaves depends on when it comes
-        if has_checkpointed_epoch(run_dir) or finished_result(run_dir) is not None:
-            return f"the last finished epoch is checkpointed; `cli.py finetune --resume {run_id}{dir_flag}` continues it"
+    def hint() -> str:  # what Ctrl-C leaves depends on when it comes
+        if has_checkpointed_epoch(run.dir) or finished_result(run.dir) is not None:
+            return f"the last finished epoch is checkpointed; `cli.py finetune --resume {run.id}{where}` continues it"
         return (f"no epoch had finished, so there is nothing to resume; run the same command again "
-                f"(`cli.py runs rm {run_id}{dir_flag}` removes this run)")
+                f"(`cli.py runs rm {run.id}{where}` removes this run)")
 
     set_resume_hint(hint)
     with run:

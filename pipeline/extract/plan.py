@@ -21,6 +21,14 @@ from pipeline.layout import CacheLayout
 from pipeline.versions import version
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache"
+
+
+def cache_dir_flags(cache_dir: str | Path) -> list[str]:
+    """`--cache-dir <folder>` (absolute) for a printed command, or nothing where it is the default."""
+    root = Path(cache_dir).expanduser().resolve()
+    return [] if root == DEFAULT_CACHE.resolve() else ["--cache-dir", str(root)]
+
+
 POOLINGS = ("avg", "max", "cls", "none")  # cls: a transformer's class token (keras-hub presets)
 DTYPES = ("float16", "float32")
 PRECISIONS = ("float32", "mixed")

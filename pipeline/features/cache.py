@@ -65,9 +65,8 @@ def find_entries(cache_dir: Path) -> list[Entry]:
                 problem = structure_problem(f, path)
                 if problem:
                     raise ValueError(problem)
-                sizes = decode_attr(a.get("image_sizes"))  # a join of backbones of other input sizes records 0 and each part's
-                size = ("+".join(str(int(v)) for v in sizes) if not int(a["image_size"]) and sizes is not None
-                        and len(sizes) else int(a["image_size"]))
+                # a join of backbones of other input sizes records 0, and each part's size
+                size = int(a["image_size"]) or "+".join(map(str, decode_attr(a.get("image_sizes")) or [])) or 0
                 out.append(Entry(path, str(a["key"]), str(a["backbone"]), size,
                                  f"{a['layer']}/{a['pooling']}" if a["layer"] else str(a["pooling"]),
                                  int(f["features"].shape[0]),

@@ -48,8 +48,7 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
     cache = config.get("cache_file")
     if not cache:
         raise UserError(f"{run_dir}/config.json names no cache_file; fine-tuning starts from a fit-head run")
-    recorded = config.get("request") if isinstance(config.get("request"), Mapping) else {}
-    check_recorded(config.get("backend"), recorded.get("weights"), f"head run {run_dir.name}")
+    check_recorded(config, f"head run {run_dir.name}")
     head = load_head(run_dir)
     if not Path(cache).exists() and isinstance(config.get("request"), Mapping):
         cache = _remake_cache(config["request"], Path(cache), head.cache_key_, run_dir, progress)

@@ -53,7 +53,7 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> Loaded
     if record.status != "ok":
         raise UserError(f"run {record.id} did not finish (status {record.status}); pick a finished run")
     request = _request_of(record)
-    check_recorded(record.config.get("backend"), request.weights, f"run {record.id}")
+    check_recorded(record.config, f"run {record.id}")
     if record.stage == "finetune":
         model = record.dir / "model.keras"
         if not model.exists():
