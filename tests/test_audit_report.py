@@ -457,3 +457,26 @@ def test_the_page_warns_where_the_choices_leave_a_class_with_val_images_and_no_t
                                        "that class, which fit-head refuses") and "&#" not in text, text
         page.evaluate(CHOOSE.format(2, 1))            # a training image cleaned.csv relabels: kept as roses
         assert page.evaluate(f"{orphans}.hidden") is True
+
+
+def test_thumbnails_of_every_format_extraction_reads(tmp_path):
+    """Every format extract decodes gets a thumbnail (PNG ones were placeholders: the report opened
+    files with its own list of Pillow formats, which failed on anything not JPEG), upright by EXIF."""
+    from pipeline.audit.report import _thumbnail
+
+    arr = np.zeros((60, 90, 3), np.uint8)
+    arr[:, :45, 0] = 220  # red left half
+    for fmt, name in (("PNG", "a.png"), ("WEBP", "a.webp"), ("BMP", "a.bmp"), ("GIF", "a.gif"), ("TIFF", "a.tif"),
+                      ("JPEG", "a.jpg")):
+        Image.fromarray(arr).save(tmp_path / name, fmt)
+        uri = _thumbnail(tmp_path / name)
+        assert uri, name
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+            assert im.size == (90, 60), name
+            assert np.asarray(im.convert("RGB"))[30, 10, 0] > 150 > np.asarray(im.convert("RGB"))[30, 80, 0], name
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(arr).save(tmp_path / "rot.jpg", "JPEG", exif=exif.tobytes())
+    with Image.open(io.BytesIO(base64.b64decode(_thumbnail(tmp_path / "rot.jpg").split(",", 1)[1]))) as im:
+        assert im.size == (60, 90)
+    assert _thumbnail(tmp_path / "nothing.png") is None

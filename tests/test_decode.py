@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -144,9 +146,43 @@ def test_the_quick_header_reader_agrees_with_pillow_and_leaves_the_unusual_to_it
     assert dec.quick_size(_encode(_photo(), "BMP")) is None and dec.quick_size(b"") is None
     with pytest.raises(dec.DecodeError, match="corrupt"):        # so Pillow still names what is wrong
         dec.decode(jpeg[:20])
-    with pytest.raises(dec.DecodeError, match="too large to decode safely"):  # where Pillow's bomb check was
-        dec.read_header(_with_sof_size(jpeg, 20_000, 20_000))
+    with pytest.raises(dec.DecodeError, match="too large to decode safely"):  # OpenCV refuses even 1/8 of it
+        dec.read_header(_with_sof_size(jpeg, 40_000, 30_000))
+    # 400 MP: over Pillow's bomb bound, but a 1/8 decode is 6 MP, under the documented 100 MP after reduction
+    assert dec.read_header(_with_sof_size(jpeg, 20_000, 20_000)) == ("JPEG", 20_000, 20_000)
     assert dec.read_header(_with_sof_size(jpeg, 9_000, 7_000)) == ("JPEG", 9_000, 7_000)
+
+
+def test_odd_files_get_their_reason_or_the_right_pixels(tmp_path):
+    """HEIF is named; 32-bit and float one-channel TIFFs keep their range (0..1 floats were black,
+    int32 over 65535 wrapped round); a large file that claims no image format is refused unread."""
+    with pytest.raises(dec.DecodeError, match="unsupported format HEIF"):
+        dec.decode(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    ramp = np.tile(np.arange(64, dtype=np.float64), (8, 1)) / 63  # 0..1, left to right
+    for arr in (ramp.astype(np.float32), (ramp * 255_000).astype(np.int32)):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "TIFF")
+        out = dec.decode(buf.getvalue())
+        assert out.shape == (8, 64, 3) and out[0, 0, 0] == 0 and out[0, -1, 0] == 255
+        assert np.all(np.diff(out[0, :, 0].astype(int)) >= 0)  # no wrap-around
+    video = tmp_path / "IMG_0001.MOV"
+    with open(video, "wb") as fh:
+        fh.write(b"\x00\x00\x00\x20ftypqt  ")
+        fh.truncate(dec.UNKNOWN_READ_LIMIT + 1)  # sparse: nothing is written
+    with pytest.raises(dec.DecodeError, match="not an image"):
+        dec.read_file(str(video))
+    png = tmp_path / "big.png"  # a large file that is an image is read as before
+    png.write_bytes(_encode(_photo(), "PNG"))
+    assert dec.read_file(str(png)) == png.read_bytes()
+
+
+def test_pillow_warnings_on_damaged_files_are_not_printed():
+    """Pillow's "Corrupt EXIF data" UserWarning (a truncated TIFF) names no file and printed a source line."""
+    code = ("import warnings; from pipeline.data import decode; decode.load_libraries(); "
+            "warnings.warn_explicit('Corrupt EXIF data.', UserWarning, 'TiffImagePlugin.py', 982, "
+            "module='PIL.TiffImagePlugin'); warnings.warn_explicit('kept', UserWarning, 'x.py', 1, module='x')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "EXIF" not in err and "kept" in err
 
 
 def test_resize_stretch_and_crop():
@@ -158,6 +194,12 @@ def test_resize_stretch_and_crop():
     assert dec.resize(tiny, 64).shape == (64, 64, 3)  # upscaling too
     wide = np.zeros((10, 400, 3), np.uint8)
     assert dec.resize(wide, 32).shape == (32, 32, 3)  # one side grows, the other shrinks
+    # a 1 x 1,000,000 strip cropped: its centre square, never the 96 x 96,000,000 scaled strip (27 GB)
+    strip = np.zeros((1, 1_000_000, 3), np.uint8)
+    strip[0, 499_999] = 255
+    assert dec.resize(strip, 96, "crop").max() == 255
+    long = _photo(40, 40 * (dec.STRIP_ASPECT + 1))
+    np.testing.assert_array_equal(dec.resize(long, 20, "crop"), dec._resize_to(long[:, 320:360], 20, 20))
 
 
 def test_augment_is_deterministic_and_varies_with_view_and_image():

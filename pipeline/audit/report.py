@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.atomic import write_text_atomic
 from pipeline.audit import review as reviewing
 from pipeline.audit.review import Review
-from pipeline.data.decode import FORMATS
+from pipeline.data.decode import decode, read_file
 
 THUMB = 112          # thumbnail box, pixels
 MAX_CARDS = 60       # thumbnails per section; the rest are listed as text
@@ -90,11 +90,10 @@ def _change(before: Any, after: Any) -> str:
 
 
 def _thumbnail(file: str | os.PathLike) -> str | None:
-    """JPEG data URI of a <=112 px thumbnail, or None when the file cannot be read or decoded."""
+    """JPEG data URI of a <=112 px thumbnail, or None when the file cannot be read or decoded. Decoded
+    as extraction decodes (every format it reads, upright, JPEGs at reduced scale), by its code."""
     try:
-        with Image.open(file, formats=FORMATS) as im:  # what extraction decodes, no wider (no EPS, no PSD)
-            im.draft("RGB", (2 * THUMB, 2 * THUMB))  # JPEG: decode at reduced scale, far faster
-            small = ImageOps.exif_transpose(im).convert("RGB")
+        small = Image.fromarray(decode(read_file(os.fspath(file)), size=THUMB))
         small.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
         small.save(buf, "JPEG", quality=80)

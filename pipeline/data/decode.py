@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import threading
 import warnings
 from typing import Any
@@ -30,6 +31,9 @@ RESIZE_METHODS = ("stretch", "crop")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 MAX_PIXELS = 100_000_000  # width x height of a decoded image (after any reduced-scale decode)
+HEADER_LIMIT = 1 << 30  # width x height in a header beyond which OpenCV refuses even a reduced decode
+UNKNOWN_READ_LIMIT = 64 << 20  # bytes: a larger file whose first bytes claim no image format is not read
+STRIP_ASPECT = 16  # --resize crop cuts the centre square first from images longer than this to one
 RULE_VERSION = 1  # bump when the decode/resize rule below changes what pixels come out
 
 
@@ -62,6 +66,9 @@ def _libs() -> dict[str, Any]:
                 # module bounds decoding itself (MAX_PIXELS after a reduced decode), and Pillow's
                 # DecompressionBombError (from 179M) still becomes a DecodeError
                 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+                # Pillow's own UserWarnings on a damaged file ("Corrupt EXIF data") name no file and
+                # print a source line; the image is decoded or skipped with its reason either way
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
                 _LIBS.update(cv2=cv2, Image=Image, ImageOps=ImageOps, UnidentifiedImageError=UnidentifiedImageError)
     return _LIBS
 
@@ -84,6 +91,9 @@ _OPENCV_DISTS = ("opencv-python-headless", "opencv-python", "opencv-contrib-pyth
 
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
           (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
 
 
 def claimed_format(data: bytes) -> str | None:
@@ -139,15 +149,17 @@ def read_header(data: bytes) -> tuple[str, int, int]:
         raise DecodeError("empty file")
     quick = quick_size(data)
     if quick is not None:
-        if quick[1] * quick[2] > 2 * Image.MAX_IMAGE_PIXELS:  # where Pillow raises DecompressionBombError
-            raise DecodeError(f"too large to decode safely (over {MAX_PIXELS:,} pixels)")
-        return quick
+        if quick[1] * quick[2] > HEADER_LIMIT:  # even a 1/8 JPEG decode of it is refused by OpenCV
+            raise DecodeError(f"too large to decode safely ({quick[1]}x{quick[2]}, over {HEADER_LIMIT:,} pixels)")
+        return quick  # decode() bounds what comes out of it: MAX_PIXELS after any reduced decode
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (w, h) = str(im.format or "?"), im.size
-    except Image.DecompressionBombError:
-        raise DecodeError(f"too large to decode safely (over {MAX_PIXELS:,} pixels)") from None
+    except Image.DecompressionBombError:  # formats without a reduced decode: Pillow's own bound
+        raise DecodeError(f"too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
+        if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:  # iPhone photos; Pillow has no HEIF reader
+            raise DecodeError("unsupported format HEIF (convert it to JPEG first, e.g. with heif-convert)") from None
         magic = claimed_format(data)
         raise DecodeError(f"corrupt {magic} (unreadable header)" if magic else "not an image (unrecognised format)"
                           ) from None
@@ -192,20 +204,27 @@ def _decode_pillow(data: bytes, fmt: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             im.seek(0)
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, np.float64)
-                top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-                return np.repeat(np.round(arr * (255.0 / top)).astype(np.uint8)[..., None], 3, axis=-1)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # one channel of 16/32-bit ints or floats
+                arr = np.nan_to_num(np.asarray(im, np.float64))
+                peak = arr.max(initial=0)
+                # the range the values were stored in: 0..1 floats, 8 or 16 bits, or else their own maximum
+                top = 1.0 if im.mode == "F" and peak <= 1 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+                gray = np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=-1)
             return np.asarray(im.convert("RGB"), np.uint8)
     except Exception as exc:  # noqa: BLE001 - Pillow's errors on a damaged file are many
         raise DecodeError(f"corrupt or truncated {fmt} ({str(exc).splitlines()[0][:80] or type(exc).__name__})") from None
 
 
 def read_file(path: str) -> bytes:
-    """The file's bytes, or DecodeError naming why it cannot be read."""
+    """The file's bytes, or DecodeError naming why it cannot be read. A large file whose first bytes
+    claim no image format (a phone's video in a class folder) is refused unread, not loaded whole."""
     try:
         with open(path, "rb") as fh:
-            return fh.read()
+            head = fh.read(16)
+            if claimed_format(head) is None and os.fstat(fh.fileno()).st_size > UNKNOWN_READ_LIMIT:
+                raise DecodeError("not an image (unrecognised format)")
+            return head + fh.read()
     except FileNotFoundError:
         raise DecodeError("missing file") from None
     except IsADirectoryError:
@@ -222,6 +241,12 @@ def resize(img: np.ndarray, size: int, method: str = "stretch") -> np.ndarray:
     if method not in RESIZE_METHODS:
         raise ValueError(f"resize method must be one of {RESIZE_METHODS}")
     h, w = img.shape[:2]
+    if method == "crop" and max(h, w) > STRIP_ASPECT * min(h, w):
+        # a long strip (1 x 1,000,000 pixels): scaling its short side up first would build a strip of
+        # size x size*1,000,000 pixels (27 GB); its centre square, scaled, is the same crop
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        return _resize_to(np.ascontiguousarray(img[top:top + s, left:left + s]), size, size)
     if method == "crop":
         scale = size / min(h, w)
         th, tw = max(size, math.ceil(h * scale - 1e-9)), max(size, math.ceil(w * scale - 1e-9))
@@ -247,7 +272,11 @@ def _resize_to(img: np.ndarray, th: int, tw: int) -> np.ndarray:
 
 def load_file(path: str, size: int, method: str = "stretch") -> np.ndarray:
     """read -> decode (reduced scale where possible) -> resize: uint8 (size, size, 3)."""
-    return resize(decode(read_file(path), size), size, method)
+    img = decode(read_file(path), size)
+    try:
+        return resize(img, size, method)
+    except _cv2().error as exc:  # one image OpenCV cannot resize is skipped with why, not the whole run
+        raise DecodeError(f"cannot be resized ({str(exc).strip().splitlines()[-1][:80]})") from None
 
 
 def to_rgb(img: np.ndarray) -> np.ndarray:
