@@ -223,3 +223,35 @@ def test_the_hash_split_gives_every_class_a_training_image_and_a_val_image():
     assert "train" in by_class[0] and "val" in by_class[0]
     plain = hash_split(big, np.zeros(30, int), SplitConfig(val_fraction=0.2, test_fraction=0.1))
     assert plain == splits[:30]                               # other classes are not touched
+
+
+def test_links_loose_images_and_a_class_folder_linking_to_the_root(tmp_path):
+    """A linked sub-folder is read as a linked class folder is (it was left out without a word); a
+    dangling link is listed, so extraction skips it as a missing file; a loop is named and not read;
+    images beside the class folders are named; a class folder that links to the data root is refused."""
+    import os
+
+    from conftest import make_folder
+    from pipeline.data.decode import DecodeError, read_file
+    from pipeline.data.sources import open_source
+    from pipeline.errors import DataWarning
+
+    root = make_folder(tmp_path / "d", per_class=2, splits=())
+    extra = make_folder(tmp_path / "extra", per_class=1, splits=())
+    os.symlink(extra / "ants", root / "ants" / "linked")
+    os.symlink(tmp_path / "gone.jpg", root / "ants" / "dangling.jpg")
+    os.symlink(root / "bees", root / "bees" / "loop")
+    (root / "loose.jpg").write_bytes((extra / "bees" / os.listdir(extra / "bees")[0]).read_bytes())
+    with pytest.warns(DataWarning) as caught:
+        listing = open_source(str(root)).listing()
+    said = " | ".join(str(w.message) for w in caught)
+    assert "1 image file(s) directly in" in said and "loose.jpg" in said
+    assert "not following" in said and "loop" in said
+    names = [os.path.relpath(p, root) for p in listing.paths]
+    assert "ants/linked/" + os.listdir(extra / "ants")[0] in names and "ants/dangling.jpg" in names
+    assert not [n for n in names if "loop" in n] and len(listing) == 2 + 1 + 1 + 2
+    with pytest.raises(DecodeError, match="missing file"):
+        read_file(str(root / "ants" / "dangling.jpg"))
+    os.symlink(root, root / "everything")
+    with pytest.warns(DataWarning), pytest.raises(UserError, match="links to .* which holds the data folder itself"):
+        open_source(str(root)).listing()

@@ -257,11 +257,22 @@ class FolderSource(FileSource):
         else:
             groups = [(None, self.root)]
         per_class: list[tuple[str | None, str, Path]] = []
+        for role, base in ([(None, self.root)] if split_dirs else []) + groups:
+            loose = _loose_images(base)
+            if loose:
+                warnings.warn(f"{len(loose)} image file(s) directly in {base} are in no class folder and are left "
+                              f"out ({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''}); move them into "
+                              f"one", DataWarning, stacklevel=3)
         for role, base in groups:
             classes = sorted(p for p in base.iterdir() if p.is_dir() and not is_hidden(p.name))
             if not classes:
                 raise UserError(f"{base} has no class subfolders; expected one subfolder per class "
                                 f"(e.g. {base}/cats/*.jpg)")
+            for folder in classes:
+                real = Path(os.path.realpath(folder))
+                if self.root == real or real in self.root.parents:
+                    raise UserError(f"class folder {folder} links to {real}, which holds the data folder itself, so "
+                                    f"every image would be in it too; remove the link")
             named: dict[str, Path] = {}
             for folder in classes:
                 name = class_name(folder)
@@ -298,17 +309,53 @@ class FolderSource(FileSource):
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    """Files under `folder` at any depth, skipping hidden and tool folders and files (`is_hidden`)."""
+    """Files under `folder` at any depth, skipping hidden and tool folders and files (`is_hidden`).
+    Linked sub-folders are followed, as a linked class folder is, except one that leads back into a
+    folder already read (a loop); a link whose target is gone is listed, so it is skipped as a
+    missing file with its reason rather than left out without a word."""
     out = []
 
     def unreadable(err: OSError) -> None:  # os.walk would skip it silently: a folder it cannot read is not empty
         raise UserError(f"cannot read {err.filename} ({err.strerror}); check its permissions") from None
 
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable):
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        out += [utf8_named(Path(dirpath) / f) for f in filenames
-                if not is_hidden(f) and os.path.isfile(os.path.join(dirpath, f))]
+    seen: set[str] = set()  # real paths of the folders read, and every folder above them
+    read: set[str] = set()
+
+    def reading(real: str) -> None:
+        read.add(real)
+        while real not in seen:
+            seen.add(real)
+            real = os.path.dirname(real)
+
+    reading(os.path.realpath(folder))
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        keep = []
+        for d in dirnames:
+            if is_hidden(d):
+                continue
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen:  # a link to a folder read already, or to one above it: a loop or a second copy
+                warnings.warn(f"not following {os.path.join(dirpath, d)}: it links to {real}, which is read "
+                              f"already" + ("" if real in read else " (it holds this folder)"), DataWarning,
+                              stacklevel=4)
+                continue
+            reading(real)
+            keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not is_hidden(f) and (os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p))):
+                out.append(utf8_named(Path(p)))
     return out
+
+
+def _loose_images(base: Path) -> list[str]:
+    """Names of image files directly in `base`, beside its class (or split) folders: in no class."""
+    try:
+        return sorted(p.name for p in base.iterdir() if p.is_file() and not is_hidden(p.name)
+                      and p.suffix.lower() in _IMAGE_SUFFIXES)
+    except OSError:
+        return []
 
 
 def utf8_named(path: Path) -> Path:
