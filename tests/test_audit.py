@@ -770,7 +770,7 @@ def test_cli_audit_finds_a_copied_val_image_and_the_cleaned_manifest_reuses_ever
     assert stale.returncode == 0, stale.stderr
     assert re.search(r"^warning: 2 of the audited images changed or went missing since they were extracted \(e\.g\. "
                      r".*img_00[13]\.jpg: (missing|changed)\).*audit with --data .* --backbone vgg16 .*--image-size 32"
-                     r".* to extract those again first$",
+                     r".*--cache-dir \S+ to extract those again first$",
                      stale.stderr, re.M), stale.stderr
 
     if chromium() is None:

@@ -4,6 +4,8 @@ disk-full, clean-up after kills, honest resume messages, skip reasons."""
 from __future__ import annotations
 
 import errno
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,7 +118,7 @@ def test_resume_after_a_kill_before_assembly_reports_honestly(tiny_split_folder,
     assert messages == ["resuming: 24 of 24 images already extracted"]
 
 
-def test_missing_and_non_image_files_are_skipped_with_reasons(tmp_path):
+def test_missing_and_non_image_files_are_skipped_with_reasons(tmp_path, capfd):
     data = make_folder(tmp_path / "d", per_class=4, splits=())
     (data / "ants" / "notes.txt").write_text("hello")
     (data / "bees" / "photo.jpg").write_bytes(b"")
@@ -131,6 +133,21 @@ def test_missing_and_non_image_files_are_skipped_with_reasons(tmp_path):
     path = proc.stdout.split("wrote ")[1].split(" (")[0]
     with FeatureFile(path) as ff:
         assert len(ff.skipped) == 3 and len(ff) == 8
+    assert "(8 rows; computed 8 at" in proc.stdout, proc.stdout  # the three skipped files are not "computed"
+    again = run_cli("extract", "--data", str(manifest), "--backbone", "mobilenetv2", "--image-size", "32",
+                    "--weights", "none", "--dtype", "float32", "--no-progress", "--cache-dir", str(tmp_path / "c"))
+    assert "cache hit" in again.stdout  # and it still says what the cache left out, which it said only once
+    assert "note: when this cache was made it skipped 3 file(s)" in again.stderr and "can be read now" not in again.stderr
+    # a file whose reason can change without its size or mtime (a permission granted, a file put back):
+    # the cache's key does not see it, so the note says how to compute it
+    import shutil
+
+    from pipeline.cli.shared import report_extraction
+    from pipeline.extract.plan import ExtractResult
+    shutil.copy(data / "ants" / sorted(os.listdir(data / "ants"))[0], data / "ants" / "gone.jpg")
+    report_extraction(ExtractResult(Path(path), "k", cache_hit=True))
+    err = capfd.readouterr().err
+    assert "1 of them can be read now" in err and "gone.jpg" in err and "`touch` them" in err
 
 
 

@@ -574,6 +574,11 @@ def test_extract_of_nothing_readable_names_an_example_and_its_reason(tmp_path):
     proc = _no_tty_cli("extract", "--data", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "c"), *FAST)
     line = _one_line_error(proc, "no image could be read (2 listed)")
     assert "a.jpg: " in line, line  # the reason, since nothing else was printed
+    assert "dtype" not in line and "weights" not in line, line  # the data is what to fix, not the backbone
+    manifest = tmp_path / "win.csv"  # a manifest written on Windows
+    manifest.write_text("path,label\nimg\\a0.jpg,ants\nimg\\b0.jpg,bees\n")
+    proc = _no_tty_cli("extract", "--data", str(manifest), "--cache-dir", str(tmp_path / "c"), *FAST)
+    assert "write it with /" in _one_line_error(proc, "no image could be read (2 listed)")
 
 
 def test_fit_head_refuses_one_class_before_extracting(tmp_path):

@@ -15,7 +15,7 @@ from pipeline.cli.options import (SEED, FiniteFloat, extract_options, given_opti
                                   trust_pickle_option)
 from pipeline.cli.shared import FEATURE_OPTIONS, open_cache
 from pipeline.errors import DataWarning, UserError
-from pipeline.extract import ExtractRequest
+from pipeline.extract import ExtractRequest, cache_dir_flags
 from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
 from pipeline.inference.apply import load_run
@@ -124,8 +124,9 @@ def warn_changed_images(ff: FeatureFile) -> None:
     if changed:
         path, how = changed[0]
         data = ff.attrs.get("data")  # with the cache's own extraction options: the advice reads the same features
-        again = (f"audit with {shlex.join(['--data', str(data), *ExtractRequest.recorded_flags(ff.attrs.get('request'))])}"
-                 if data else "extract them again")
+        flags = ["--data", str(data), *ExtractRequest.recorded_flags(ff.attrs.get("request")),
+                 *cache_dir_flags(CacheLayout.of(ff.path).root)]  # the cache this file is in, not the default
+        again = f"audit with {shlex.join(flags)}" if data else "extract them again"
         warnings.warn(f"{len(changed)} of the audited images changed or went missing since they were extracted (e.g. "
                       f"{path}: {how}): the findings describe the cached features, and cleaned.csv still lists them; "
                       f"{again} to extract those again first", DataWarning, stacklevel=2)

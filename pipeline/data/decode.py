@@ -235,6 +235,12 @@ def read_file(path: str) -> bytes:
         raise DecodeError(f"unreadable ({exc.strerror or type(exc).__name__})") from None
 
 
+def may_read_later(reason: str) -> bool:
+    """Whether a skip reason of `read_file` can change without the file changing (a permission granted,
+    a file put back, a disk remounted): the cache's key (size and mtime) does not see that."""
+    return reason in ("missing file", "permission denied") or reason.startswith("unreadable (")
+
+
 def resize(img: np.ndarray, size: int, method: str = "stretch") -> np.ndarray:
     """Resize uint8 RGB to size x size: 'stretch' ignores aspect ratio, 'crop' scales the shorter
     side to `size` then takes the centre square. Antialiased when shrinking."""

@@ -36,7 +36,7 @@ from pipeline.extract.mapper import cached_runner
 from pipeline.extract.plan import ExtractResult, Plan, RunOptions, image_rate
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
-from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, assemble, read_parts_json
+from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, assemble, read_parts_json
 
 Log = Callable[[str], None]
 SHARDS_FILE = "shards.json"  # in the parts folder: how many shards split this job's chunks
@@ -69,6 +69,7 @@ class ExtractionJob:
         self._feat_shape: tuple[int, ...] = ()
         self._reuse_checked = False
         self.model_seconds = 0.0  # building the backbone model, in this process (`_timed_model`)
+        self.n_skipped = 0  # images of this run's compute that could not be read (each is counted once)
         self.chunks: ChunkDir | None = None  # the parts folder, from `plan_chunks` (or `n_chunks`)
 
     @property
@@ -94,9 +95,10 @@ class ExtractionJob:
             self._reuse_checked = True
         self.compute_mask = self._units_of(todo, chunks.chunk_units) & ~self.reused
         needed = int(np.count_nonzero(self.compute_mask))
+        skipped_before = self.n_skipped
         if todo:
             self._compute(chunks, sorted(todo), total, needed)
-        return needed
+        return needed - (self.n_skipped - skipped_before)  # rows computed: a skipped file is not one
 
     def _units_of(self, chunks: list[int], chunk_units: int) -> np.ndarray:
         """A mask over the job's units: those in `chunks`."""
@@ -160,8 +162,9 @@ class ExtractionJob:
                               DataWarning, stacklevel=2)
 
     def compute(self) -> int:
-        """Compute and write the planned chunks (reader -> mapper -> writer); returns the images computed.
-        A reuse candidate whose rows turn out the wrong width is dropped and everything computed."""
+        """Compute and write the planned chunks (reader -> mapper -> writer); returns the images computed
+        (skipped files left out). A reuse candidate whose rows turn out the wrong width is dropped and
+        everything computed."""
         p, total = self.p, self.unit_index.size
         self.compute_mask = self.in_todo & ~self.reused
         self.needed = int(np.count_nonzero(self.compute_mask))
@@ -183,7 +186,7 @@ class ExtractionJob:
         finally:
             if self.shard is None and not self.chunks.done() and not (p.parts / SHARDS_FILE).exists():
                 self.chunks.remove()  # nothing finished: leave no empty partial behind (shards may share it)
-        return self.needed
+        return self.needed - self.n_skipped
 
     def missing_chunks(self) -> list[int]:
         """Chunks no run has finished yet (a shard's run: what other shards still owe)."""
@@ -194,7 +197,8 @@ class ExtractionJob:
         """A shard's result when it does not assemble: the file is not (or already) there."""
         extra = {} if missing is None else {"seconds": time.perf_counter() - self.t0, "missing_chunks": missing,
                                             "reused": int(np.count_nonzero(self.reused & self.in_todo))}
-        return ExtractResult(self.p.path, self.p.key, cache_hit=False, computed=self.needed, shard=self.shard,
+        return ExtractResult(self.p.path, self.p.key, cache_hit=False, computed=self.needed - self.n_skipped,
+                             shard=self.shard,
                              n_chunks=self.n_chunks, distributor="shard", model_seconds=self.model_seconds, **extra)
 
     def assemble(self) -> ExtractResult:
@@ -220,6 +224,9 @@ class ExtractionJob:
                           *(self.stats if self.stats is not None else (None, None, None)))
         try:
             assemble(chunks, p.path, items, attrs, dtype=p.request.dtype, compression=opts.compression)
+        except NoImageRead:
+            chunks.remove()  # nothing was computed: the data is what to fix, not the weights or the dtype
+            raise
         except DegenerateFeatures as exc:
             chunks.remove()  # every chunk holds the same junk; a rerun must recompute
             req = p.request  # random-init activations underflow in half precision: say which flag is half
@@ -231,9 +238,9 @@ class ExtractionJob:
         with _h5_open(p.path) as f:
             n_rows = int(f.attrs["n_rows"])
             skipped = list(zip(f["skipped_paths"].asstr()[:], f["skipped_reasons"].asstr()[:]))
-        computed = self.needed
+        computed = self.needed - self.n_skipped  # rows made; the rate counts every image read, skipped ones too
         return ExtractResult(p.path, p.key, cache_hit=False, n_rows=n_rows, skipped=skipped, seconds=seconds,
-                             images_per_s=image_rate(computed, seconds, self.model_seconds),
+                             images_per_s=image_rate(self.needed, seconds, self.model_seconds),
                              resumed_from=self.start, computed=computed,
                              reused=int(np.count_nonzero(self.reused & self.in_todo)),
                              reused_from=self.reuse.base if self.reuse is not None else None,
@@ -326,10 +333,10 @@ class ExtractionJob:
             writer.stop()
             bar.close()
 
-    @staticmethod
-    def _emit(writer: ChunkWriter, runner, batch, handle, bar) -> None:
+    def _emit(self, writer: ChunkWriter, runner, batch, handle, bar) -> None:
         feats = runner.collect(handle) if handle is not None else np.empty((0,), np.float32)
         writer.put(batch.tags, feats, batch.skipped)
+        self.n_skipped += len(batch.skipped)
         bar.update(int(batch.tags.size) + len(batch.skipped))
 
 

@@ -134,6 +134,10 @@ class DegenerateFeatures(UserError):
     """The chunks hold nothing worth storing: no rows, or the same vector for every image."""
 
 
+class NoImageRead(DegenerateFeatures):
+    """Every listed image was skipped: the data, not the backbone, is what to fix."""
+
+
 @dataclass
 class ItemTable:
     """Per-image metadata of a data set listing, in listing order."""
@@ -173,8 +177,10 @@ def assemble(
     if feat_shape is None:
         example = (f"; e.g. {items.ids[first_skip[0]]}: {first_skip[1]}" if first_skip is not None
                    and first_skip[0] < len(items.ids) else "")
-        raise DegenerateFeatures(f"no image could be read ({len(items.ids)} listed), so there is nothing to store; "
-                                 f"check the data path{example}")
+        windows = (" (a path written with \\ is a Windows path: write it with /)"
+                   if first_skip is not None and "\\" in example else "")
+        raise NoImageRead(f"no image could be read ({len(items.ids)} listed), so there is nothing to store; "
+                          f"check the data path{example}{windows}")
     row_bytes = int(np.prod(feat_shape)) * np.dtype(dtype).itemsize
     chunk_rows = max(1, min(max(n_rows, 1), (1 << 20) // max(row_bytes, 1)))
     comp = {"gzip": dict(compression="gzip", compression_opts=4), "lzf": dict(compression="lzf")}

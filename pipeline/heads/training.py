@@ -78,6 +78,12 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
                       f"{', ...' if len(untrained) > 5 else ''}): the head can never predict them; add training "
                       f"images of them" + (" or give a smaller --val-fraction" if source == "holdout" else ""),
                       DataWarning, stacklevel=1)  # one line however many times the split is made
+    absent = sorted(set(range(len(ff.class_names or []))) - set(np.unique(ff.labels[labelled]).tolist()))
+    if absent:  # listed, but every image of it was skipped at extraction (unreadable files)
+        names = ", ".join(repr(ff.class_names[c]) for c in absent[:5])
+        warnings.warn(f"{len(absent)} class(es) have no image in the cache ({names}{', ...' if len(absent) > 5 else ''}):"
+                      f" every one of their files was skipped at extraction (`python cli.py cache info "
+                      f"{ff.key[:12]}` lists them); the head can never predict them", DataWarning, stacklevel=1)
     test = np.flatnonzero((ff.splits == "test") & labelled & clean)
     return SplitRows(train=train, val=val, test=test, val_source=source,
                      n_train_images=int(np.unique(ff.index[train]).size),
