@@ -262,7 +262,20 @@ def test_a_damaged_unfinished_extraction_is_one_line_naming_the_file(tmp_path, m
     with pytest.raises(UserError) as err:
         extract(request, options)
     text = str(err.value)
-    assert str(target) in text and "damaged" in text and "--force" in text and "\n" not in text
+    assert str(target) in text and "damaged" in text and "\n" not in text
+    assert f"cache rm {parts.name} --cache-dir {options.cache_dir}" in text  # the cache it is in
+    if target == chunk:  # the chunk alone goes: the other chunks are kept, its images computed again
+        assert f"`rm {chunk}`" in text and "the other chunks are kept" in text
+        kept = 0
+        for other in parts.glob("chunk-*.npz"):
+            if other != chunk:
+                with np.load(other) as z:
+                    kept += z["index"].size
+        chunk.unlink()
+        result = extract(request, options)
+        assert kept and result.computed == result.n_rows - kept  # the other chunks' images were not computed again
+        return
+    assert "--force" in text
     extract(request, options.__class__(**{**options.__dict__, "force": True}))  # the way out works
 
 
@@ -303,3 +316,41 @@ def test_an_unreadable_chunk_is_a_filesystem_error_not_damage(tmp_path, monkeypa
     monkeypatch.setattr(store.np, "load", denied)
     with pytest.raises(PermissionError):
         chunks.read(0)
+
+
+def test_load_keeps_the_order_given_and_reads_masks_and_repeats(good):
+    """`ff.load(rows)` lined up with `ff.labels[rows]` only for sorted rows: it sorted them silently,
+    and a boolean mask read the last rows of the file."""
+    with FeatureFile(good) as ff:
+        every = ff.load()
+        rows = ff.rows("train")[::-1]
+        np.testing.assert_array_equal(ff.load(rows), every[rows])
+        mask = ff.splits == "val"
+        np.testing.assert_array_equal(ff.load(mask), every[mask])
+        np.testing.assert_array_equal(ff.load([5, 2, 5]), every[[5, 2, 5]])
+        np.testing.assert_array_equal(np.concatenate(list(ff.iter_batches(rows, 7))), every[rows])
+        assert ff.load([]).shape == (0, every.shape[1])
+        with pytest.raises(IndexError, match="row numbers go from 0 to 119"):
+            ff.load([3, 120])
+        with pytest.raises(IndexError, match="mask"):
+            ff.load(mask[:10])
+        with pytest.raises(ValueError, match="not 'training'"):
+            ff.rows("training")
+
+
+def test_a_folder_or_a_fifo_named_as_a_cache_file_is_said_to_be_one_and_never_waited_on(good, tmp_path):
+    import os
+
+    features = tmp_path / "cache" / "features"
+    features.mkdir(parents=True)
+    with pytest.raises(UserError, match=r"is a folder, not a cache file") as err:
+        FeatureFile(tmp_path / "cache")
+    assert "\n" not in str(err.value) and "damaged" not in str(err.value)
+    fifo = features / ("x-" + "a" * 16 + ".h5")
+    os.mkfifo(fifo)
+    t = time.perf_counter()
+    with pytest.raises(UserError, match="not a regular file"):
+        FeatureFile(fifo)
+    listed = run_cli("cache", "ls", "--cache-dir", str(tmp_path / "cache"))
+    assert listed.returncode == 0 and "not a regular file" in listed.stdout, listed.stdout + listed.stderr
+    assert time.perf_counter() - t < 60

@@ -59,6 +59,11 @@ def find_entries(cache_dir: Path) -> list[Entry]:
             b, s, p, k = _name_parts(path)
             out.append(Entry(path, k, b, s, p, "?", 0.0, "?", "missing: a symbolic link that leads nowhere"))
             continue
+        if not path.is_file():  # a folder or a FIFO named like a cache file: opening a FIFO would wait forever
+            b, s, p, k = _name_parts(path)
+            what = "a folder" if path.is_dir() else "not a regular file"
+            out.append(Entry(path, k, b, s, p, "?", 0.0, "?", f"damaged: {what}, not a cache file"))
+            continue
         try:
             with h5py.File(path, "r") as f:
                 a = f.attrs

@@ -210,7 +210,7 @@ def find_reuse(target: Path, material: dict[str, Any], ids: list[str],
     our_views = _views_of(material)
     best: Reuse | None = None
     for path in sorted(Path(target).parent.glob("*.h5"), key=_mtime, reverse=True):
-        if path == target or path.name.startswith("."):
+        if path == target or path.name.startswith(".") or not path.is_file():  # no folder, no FIFO (it would wait)
             continue
         try:
             with h5py.File(path, "r") as f:

@@ -111,9 +111,16 @@ CHUNK_ARRAYS = ("features", "index", "views", "skipped_index", "skipped_reason")
 
 
 def _parts_damage(path: Path, problem: str) -> str:
-    folder = path.parent
-    return (f"{path} is damaged ({problem}); remove the unfinished extraction (`python cli.py cache rm "
-            f"{folder.name}`) or run the same extract with --force to start it over")
+    """The one line for a damaged file of an unfinished extraction: a chunk alone can go (the next run
+    computes its images again and keeps every other chunk); a note of the whole folder takes the folder."""
+    folder, problem = path.parent, " ".join(problem.split())
+    layout = CacheLayout.holding(folder)
+    where = f" --cache-dir {shlex.quote(str(layout.root))}" if layout is not None else ""
+    whole = f"remove the unfinished extraction (`python cli.py cache rm {folder.name}{where}`)"
+    if _CHUNK_RE.match(path.name):
+        return (f"{path} is damaged ({problem}); delete that chunk (`rm {shlex.quote(str(path))}`) and run the same "
+                f"extract again: only its images are computed again, the other chunks are kept (or {whole})")
+    return f"{path} is damaged ({problem}); {whole} or run the same extract with --force to start it over"
 
 
 def read_parts_json(path: Path, fields: dict[str, type]) -> dict[str, Any]:
@@ -329,6 +336,8 @@ def concatenate(sources: Sequence[str | os.PathLike], target: Path, attrs: dict[
 # ----------------------------------------------------------------------------------------- reading
 def is_complete(path: str | os.PathLike) -> bool:
     """True when `path` is a finished cache file (cheap: reads one attribute)."""
+    if not Path(path).is_file():  # a folder, or a FIFO whose open would wait for a writer forever
+        return False
     try:
         with h5py.File(path, "r") as f:
             return bool(f.attrs.get("complete", False))
@@ -338,6 +347,8 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 def records_hashes(path: str | os.PathLike) -> bool:
     """True when a cache file keeps each image's SHA-256 (extracted with --content-hash); cheap."""
+    if not Path(path).is_file():
+        return False
     try:
         with h5py.File(path, "r") as f:
             return "hashes" in f
@@ -364,6 +375,10 @@ class FeatureFile:
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"no cache file at {self.path}; run `python cli.py extract` first or check the path")
+        if not self.path.is_file():  # HDF5 would call a folder damaged, and wait on a FIFO forever
+            what = "a folder" if self.path.is_dir() else "not a regular file"
+            raise UserError(f"{self.path} is {what}, not a cache file; give a .h5 file from a cache's features/ folder "
+                            f"(`python cli.py cache ls` lists them) or its key prefix")
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
@@ -428,6 +443,8 @@ class FeatureFile:
 
     def rows(self, split: str | None = None, views: str = "clean") -> np.ndarray:
         """Row numbers of one split (None = all); views 'clean' (view 0 only) or 'all'."""
+        if split is not None and split not in ("train", "val", "test"):  # a typo would select nothing, silently
+            raise ValueError(f"split must be 'train', 'val', 'test' or None, not {split!r}")
         mask = np.ones(len(self), bool)
         if split is not None:
             mask &= self.splits == split
@@ -438,23 +455,39 @@ class FeatureFile:
         return np.flatnonzero(mask)
 
     def load(self, rows: np.ndarray | None = None, dtype: str = "float32") -> np.ndarray:
-        """Features of `rows` (sorted row numbers; None = all) as an in-memory array."""
+        """Features of `rows` as an in-memory array, in the order given (row numbers in any order,
+        repeats allowed, or a boolean mask over the rows; None = all), so they line up with
+        `ff.labels[rows]`. Read from disk in increasing order, as HDF5 requires."""
         if rows is None:
             return self.features[:].astype(dtype, copy=False)
-        rows = np.asarray(rows)
+        rows = self._row_numbers(rows)
         if rows.size == 0:
             return np.empty((0, *self.feature_shape), dtype)
-        return self.features[np.sort(rows)].astype(dtype, copy=False)
+        if rows.size == 1 or np.all(rows[1:] > rows[:-1]):
+            return self.features[rows].astype(dtype, copy=False)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        return self.features[unique].astype(dtype, copy=False)[inverse]
+
+    def _row_numbers(self, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Integer row numbers from row numbers or a boolean mask; IndexError for a row not in the file."""
+        rows = np.asarray(rows)
+        if rows.dtype == bool:
+            if rows.shape != (len(self),):
+                raise IndexError(f"a boolean mask over the rows has {len(self)} entries, not {rows.shape}")
+            return np.flatnonzero(rows)
+        if rows.size and not np.issubdtype(rows.dtype, np.integer):
+            raise TypeError(f"rows must be integer row numbers or a boolean mask, not {rows.dtype}")
+        rows = rows.astype(np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row numbers go from 0 to {len(self) - 1}; got {rows.min()}..{rows.max()}")
+        return rows
 
     def iter_batches(self, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-        """Stream features of `rows` (in the given order) in batches, reading sorted runs from disk."""
-        rows = np.asarray(rows)
+        """Stream features of `rows` (in the given order, as `load` takes them) in batches, reading
+        sorted runs from disk."""
+        rows = self._row_numbers(rows)
         for start in range(0, rows.size, batch_size):
-            part = rows[start:start + batch_size]
-            order = np.argsort(part)
-            out = np.empty((part.size, *self.feature_shape), np.float32)
-            out[order] = self.features[part[order]]
-            yield out
+            yield self.load(rows[start:start + batch_size])
 
     def close(self) -> None:
         self._f.close()
