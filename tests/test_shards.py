@@ -46,6 +46,32 @@ def test_two_shards_assemble_the_single_process_file(tmp_path):
     assert here.computed == 6 and here.n_rows == 10
 
 
+def test_a_copy_of_a_shard_that_waited_for_the_other_stops_when_that_one_finished_the_file(tmp_path, monkeypatch):
+    """The same shard run twice at once: the second waits for the first's lock; where the first
+    finished the file meanwhile, the second computed its chunks all over again."""
+    import contextlib
+
+    import pipeline.extract.distributor as dist
+
+    data = make_folder(tmp_path / "d", per_class=5, splits=())
+    cache = tmp_path / "c"
+    extract(req(data), opts(cache, shard=(0, 2)))
+    real, raced = dist.exclusive_lock, []
+
+    @contextlib.contextmanager
+    def other_copy_first(path, on_wait=None):
+        if ".shard-1-of-2" in str(path) and not raced:  # while this copy waits, the other one runs to the end
+            raced.append(None)
+            raced[0] = extract(req(data), opts(cache, shard=(1, 2)))
+        with real(path, on_wait) as got:
+            yield got
+
+    monkeypatch.setattr(dist, "exclusive_lock", other_copy_first)
+    second = extract(req(data), opts(cache, shard=(1, 2)))
+    assert raced[0].n_rows == 10 and second.cache_hit and not second.computed
+    assert not plan(req(data), cache).parts.exists()  # no partial left beside the finished file
+
+
 def test_shard_cli(tmp_path):
     data = make_folder(tmp_path / "d", per_class=5, splits=())
     args = ["extract", "--data", str(data), "--backbone", "vgg16", "--weights", "none", "--image-size", "32",

@@ -27,7 +27,7 @@ from pipeline.features.store import records_hashes
                    "shard to finish, or a plain extract afterwards, assembles the file.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Compute on a Ray cluster: no value starts a local one, 'auto' joins the running one, or "
-                   "give its address; --workers then sets the number of Ray workers (default: one per GPU).")
+                   "give its address; --workers then sets the number of Ray workers (default: one per GPU, else one per CPU core up to 4).")
 @mlflow_options
 def extract_cmd(force: bool, content_hash: bool, shard: str | None, ray_address: str | None, mlflow: bool | None,
                 mlflow_experiment: str | None, **kw) -> None:

@@ -40,13 +40,13 @@ def to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def local(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
-    """Every missing chunk in this process, then the assembly."""
+def local(p: Plan, options: RunOptions, log: Log, ran: tuple[int, float] | None = None) -> ExtractResult:
+    """Every missing chunk in this process, then the assembly (`ran`: see `ExtractionJob.assemble`)."""
     job = ExtractionJob(p, options, log)
     job.plan_chunks()
     job.look_for_reuse()
     job.compute()
-    return job.assemble()
+    return job.assemble(ran)
 
 
 def shard(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
@@ -95,6 +95,8 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
             i, n = options.shard
             shard_lock = p.path.with_suffix(f".shard-{i}-of-{n}.lock")
             with exclusive_lock(shard_lock, lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
+                if is_complete(p.path):  # the copy we waited for finished the file: nothing is left to do
+                    return ExtractResult(p.path, p.key, cache_hit=True)
                 return run_recorded(p, options, log, distribute)
         with exclusive_lock(p.lock, lambda: log(f"another extract of this request is running; waiting for it ({p.lock})")):
             options, hit = _prepare_key(p, options, log)

@@ -201,12 +201,16 @@ class ExtractionJob:
                              shard=self.shard,
                              n_chunks=self.n_chunks, distributor="shard", model_seconds=self.model_seconds, **extra)
 
-    def assemble(self) -> ExtractResult:
-        """Every chunk is there: write the HDF5 file (items, attributes, features) and remove the parts."""
+    def assemble(self, ran: tuple[int, float] | None = None) -> ExtractResult:
+        """Every chunk is there: write the HDF5 file (items, attributes, features) and remove the parts.
+        `ran`: (images computed, seconds) where other processes computed the chunks (Ray's workers),
+        so the file records that run's time and rate, not this assembly's."""
         p, opts, chunks = self.p, self.options, self.chunks
         if not self.hashed_all:  # every image's: the shards' notes (ours too), then what none holds
             self.stats = (self.stats[0], self.stats[1], file_hashes(self.listing.paths, p.parts))
         seconds = time.perf_counter() - self.t0
+        if ran is not None:
+            self.needed, seconds = ran[0], ran[1] + seconds
         attrs = {
             "key": p.key, "request": p.request.to_json(), "key_material": p.key_material,
             "backbone": p.spec.name, "weights": p.request.weights, "weights_id": p.key_material["weights"],
