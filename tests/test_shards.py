@@ -72,6 +72,24 @@ def test_a_copy_of_a_shard_that_waited_for_the_other_stops_when_that_one_finishe
     assert not plan(req(data), cache).parts.exists()  # no partial left beside the finished file
 
 
+def test_shards_that_saw_other_files_and_a_shard_with_no_chunk_are_said(tmp_path):
+    """A file touched between two shards of one job gives the second another key: it starts a new job
+    that will never join the first, silently; and --shard 9/10 of a job of 3 chunks computed nothing."""
+    import os
+
+    from pipeline.errors import DataWarning
+
+    data = make_folder(tmp_path / "d", per_class=5, splits=())
+    cache = tmp_path / "c"
+    extract(req(data), opts(cache, shard=(0, 2)))
+    os.utime(next(data.rglob("*.jpg")), (1, 1))
+    with pytest.warns(DataWarning, match=r"another sharded extraction with this backbone and options is "
+                                         r"unfinished .* the data changed since its shards ran"):
+        extract(req(data), opts(cache, shard=(1, 2)))
+    with pytest.warns(DataWarning, match=r"shard 9/10 has no chunk to compute: this job has 3 chunk"):
+        extract(req(data), opts(tmp_path / "c2", shard=(9, 10)))
+
+
 def test_shard_cli(tmp_path):
     data = make_folder(tmp_path / "d", per_class=5, splits=())
     args = ["extract", "--data", str(data), "--backbone", "vgg16", "--weights", "none", "--image-size", "32",

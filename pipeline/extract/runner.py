@@ -14,7 +14,9 @@ public steps of `ExtractionJob`: `plan_chunks` (which chunks are left, shard boo
 from __future__ import annotations
 
 import functools
+import glob
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -33,7 +35,7 @@ from pipeline.data.loader import Prefetcher, batches
 from pipeline.data.sources import Listing
 from pipeline.errors import DataWarning, UserError
 from pipeline.extract.mapper import cached_runner
-from pipeline.extract.plan import ExtractResult, Plan, RunOptions, image_rate
+from pipeline.extract.plan import ExtractResult, Plan, RunOptions, cache_dir_flags, image_rate
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
 from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, assemble, read_parts_json
@@ -349,6 +351,12 @@ def _check_shards(p: Plan, shard: tuple[int, int], n_chunks: int, done: set[int]
     marker = p.parts / SHARDS_FILE
     if shard == (0, 1):  # "compute every missing chunk here": fits any earlier split
         return
+    if shard[0] >= n_chunks:
+        warnings.warn(f"shard {shard[0]}/{shard[1]} has no chunk to compute: this job has {n_chunks} chunk(s) "
+                      f"(chunks c with c % {shard[1]} == {shard[0]} are its share); a smaller --chunk-size makes more",
+                      DataWarning, stacklevel=3)
+    if not marker.exists() and not done:
+        _warn_other_sharded_job(p)
     if marker.exists():
         known = read_parts_json(marker, {"n": int, "n_chunks": int})
         if int(known["n"]) != shard[1] or int(known["n_chunks"]) != n_chunks:
@@ -356,6 +364,21 @@ def _check_shards(p: Plan, shard: tuple[int, int], n_chunks: int, done: set[int]
                             f"chunks; use --shard I/{known['n']} with the same --chunk-size")
     else:
         write_text_atomic(marker, json.dumps({"n": shard[1], "n_chunks": n_chunks}))
+
+
+def _warn_other_sharded_job(p: Plan) -> None:
+    """A shard starting a job while a sharded job of the same backbone and options is unfinished under
+    another key: most likely the same job, whose data listing changed between its shards (a file
+    touched or added: the key covers every file's size and date), so the two would never join."""
+    stem = p.parts.name[:-len(".parts")].rsplit("-", 1)[0]  # the name without its key
+    others = [d for d in p.parts.parent.glob(f"{glob.escape(stem)}-*.parts")
+              if d != p.parts and (d / SHARDS_FILE).exists() and d.name[len(stem) + 1:-len(".parts")].isalnum()]
+    if others:
+        warnings.warn(f"another sharded extraction with this backbone and options is unfinished ({others[0].name}) "
+                      f"under another key: if it is this job, the data changed since its shards ran (the key covers "
+                      f"every file's size and date), and the two will not join; run every shard on the same files "
+                      f"(`python cli.py cache rm {shlex.join([others[0].name, *cache_dir_flags(p.parts.parent.parent)])}` "
+                      f"removes the other)", DataWarning, stacklevel=4)
 
 
 def _refuse_unfinished_shards(p: Plan, n_chunks: int, done: set[int]) -> None:
