@@ -151,6 +151,12 @@ def test_the_quick_header_reader_agrees_with_pillow_and_leaves_the_unusual_to_it
     # 400 MP: over Pillow's bomb bound, but a 1/8 decode is 6 MP, under the documented 100 MP after reduction
     assert dec.read_header(_with_sof_size(jpeg, 20_000, 20_000)) == ("JPEG", 20_000, 20_000)
     assert dec.read_header(_with_sof_size(jpeg, 9_000, 7_000)) == ("JPEG", 9_000, 7_000)
+    # a progressive JPEG holds every coefficient while decoding, reduced or not (400 MP: 1.2 GB)
+    progressive = cases[1]
+    assert dec.quick_size(progressive)[0] == "JPEG-progressive" and dec.read_header(progressive)[0] == "JPEG"
+    with pytest.raises(dec.DecodeError, match="too large to decode safely"):
+        dec.read_header(_with_sof_size(progressive, 20_000, 20_000))
+    assert dec.claimed_format(b"II+\x00\x08\x00\x00\x00") == "TIFF"  # BigTIFF
 
 
 def test_odd_files_get_their_reason_or_the_right_pixels(tmp_path):
@@ -198,8 +204,8 @@ def test_resize_stretch_and_crop():
     strip = np.zeros((1, 1_000_000, 3), np.uint8)
     strip[0, 499_999] = 255
     assert dec.resize(strip, 96, "crop").max() == 255
-    long = _photo(40, 40 * (dec.STRIP_ASPECT + 1))
-    np.testing.assert_array_equal(dec.resize(long, 20, "crop"), dec._resize_to(long[:, 320:360], 20, 20))
+    long = _photo(20, 400)  # an ordinary long image keeps the scale-then-crop pixels every cache holds
+    np.testing.assert_array_equal(dec.resize(long, 96, "crop"), dec._resize_to(long, 96, 1920)[:, 912:1008])
 
 
 def test_augment_is_deterministic_and_varies_with_view_and_image():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
+import re
 
 import numpy as np
 import pytest
@@ -118,7 +118,7 @@ def test_resume_after_a_kill_before_assembly_reports_honestly(tiny_split_folder,
     assert messages == ["resuming: 24 of 24 images already extracted"]
 
 
-def test_missing_and_non_image_files_are_skipped_with_reasons(tmp_path, capfd):
+def test_missing_and_non_image_files_are_skipped_with_reasons(tmp_path, monkeypatch):
     data = make_folder(tmp_path / "d", per_class=4, splits=())
     (data / "ants" / "notes.txt").write_text("hello")
     (data / "bees" / "photo.jpg").write_bytes(b"")
@@ -138,16 +138,29 @@ def test_missing_and_non_image_files_are_skipped_with_reasons(tmp_path, capfd):
                     "--weights", "none", "--dtype", "float32", "--no-progress", "--cache-dir", str(tmp_path / "c"))
     assert "cache hit" in again.stdout  # and it still says what the cache left out, which it said only once
     assert "note: when this cache was made it skipped 3 file(s)" in again.stderr and "can be read now" not in again.stderr
-    # a file whose reason can change without its size or mtime (a permission granted, a file put back):
-    # the cache's key does not see it, so the note says how to compute it
-    import shutil
+    # a file skipped for a reason that can change without its size or date (a permission granted later):
+    # the key does not see that, so the cache hit's note says how to compute it
+    import pipeline.data.decode as decode
 
-    from pipeline.cli.shared import report_extraction
-    from pipeline.extract.plan import ExtractResult
-    shutil.copy(data / "ants" / sorted(os.listdir(data / "ants"))[0], data / "ants" / "gone.jpg")
-    report_extraction(ExtractResult(Path(path), "k", cache_hit=True))
-    err = capfd.readouterr().err
-    assert "1 of them can be read now" in err and "gone.jpg" in err and "`touch` them" in err
+    victim, real = sorted((data / "ants").glob("*.jpg"))[0], decode.read_file
+
+    def denied(path: str) -> bytes:
+        if path == str(victim):
+            raise decode.DecodeError(decode.DENIED)
+        return real(path)
+
+    args = ["extract", "--data", str(data), "--backbone", "mobilenetv2", "--image-size", "32", "--weights", "none",
+            "--dtype", "float32", "--no-progress", "--cache-dir", str(tmp_path / "c2")]
+    monkeypatch.setattr(decode, "read_file", denied)
+    first = run_cli(*args)
+    assert first.returncode == 0 and f"{victim} (permission denied)" in first.stderr, first.stderr
+    monkeypatch.undo()
+    hit = run_cli(*args)
+    assert "cache hit" in hit.stdout and "skipped 3 file(s)" in hit.stderr, hit.stderr
+    assert f"some of them can be read now (e.g. {victim})" in hit.stderr and "`touch` those" in hit.stderr
+    os.utime(victim)  # as the note says: the next run computes that image alone and reuses the rest
+    touched = run_cli(*args)
+    assert re.search(r"reused \d+ unchanged from .*computed 1 at", touched.stdout), touched.stdout + touched.stderr
 
 
 

@@ -415,5 +415,5 @@ def test_a_val_fraction_that_leaves_one_class_and_a_class_held_out_whole_are_sai
     gone = write_cache(tmp_path / "c", n_images=20, dim=8, n_classes=2, labels=labels[:20] * 0 + np.arange(20) % 2,
                        class_names=["class_0", "class_1", "onlybad"], split_fractions=(1, 0, 0))
     with FeatureFile(gone) as ff, pytest.warns(DataWarning, match=r"1 class\(es\) have no image in the cache "
-                                                                    r"\('onlybad'\): every one of their files was skipped"):
+                                                                    r"\('onlybad'\): their files were skipped at extraction, or the data lists none"):
         split_rows(ff, 0.2)

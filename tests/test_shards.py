@@ -76,6 +76,7 @@ def test_shards_that_saw_other_files_and_a_shard_with_no_chunk_are_said(tmp_path
     """A file touched between two shards of one job gives the second another key: it starts a new job
     that will never join the first, silently; and --shard 9/10 of a job of 3 chunks computed nothing."""
     import os
+    import warnings
 
     from pipeline.errors import DataWarning
 
@@ -83,9 +84,13 @@ def test_shards_that_saw_other_files_and_a_shard_with_no_chunk_are_said(tmp_path
     cache = tmp_path / "c"
     extract(req(data), opts(cache, shard=(0, 2)))
     os.utime(next(data.rglob("*.jpg")), (1, 1))
-    with pytest.warns(DataWarning, match=r"another sharded extraction with this backbone and options is "
-                                         r"unfinished .* the data changed since its shards ran"):
+    with pytest.warns(DataWarning, match=r"a sharded extraction of this request on .* is unfinished under another "
+                                         r"key .* the data changed since its shards ran"):
         extract(req(data), opts(cache, shard=(1, 2)))
+    other = make_folder(tmp_path / "other", per_class=5, splits=())  # another data set in the same cache: no word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        extract(req(other), opts(cache, shard=(0, 2)))
     with pytest.warns(DataWarning, match=r"shard 9/10 has no chunk to compute: this job has 3 chunk"):
         extract(req(data), opts(tmp_path / "c2", shard=(9, 10)))
 

@@ -255,3 +255,32 @@ def test_links_loose_images_and_a_class_folder_linking_to_the_root(tmp_path):
     os.symlink(root, root / "everything")
     with pytest.warns(DataWarning), pytest.raises(UserError, match="links to .* which holds the data folder itself"):
         open_source(str(root)).listing()
+
+
+def test_a_link_to_a_folder_read_anyway_keeps_the_real_names_whatever_the_order(tmp_path):
+    """`cats/latest -> 2024-01` beside the real folder: the images keep their real names, with no
+    warning (the link's name once replaced them); links to a folder and to a folder inside it list
+    every image once, the same way in any order."""
+    import os
+
+    from pipeline.data.sources import _visible_files
+
+    cats = tmp_path / "cats"
+    (cats / "2024-01").mkdir(parents=True)
+    (cats / "2024-01" / "a.jpg").write_bytes(b"x")
+    os.symlink(cats / "2024-01", cats / "latest")
+    nas = tmp_path / "nas" / "x"
+    (nas / "y").mkdir(parents=True)
+    for name in ("1.jpg", "2.jpg"):
+        (nas / name).write_bytes(b"x")
+    (nas / "y" / "3.jpg").write_bytes(b"x")
+    os.symlink(nas / "y", cats / "y")  # sorts after "all"; "0" sorts before it
+    os.symlink(nas, cats / "all")
+    os.symlink(nas / "y", cats / "0")
+    import warnings
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        files = [os.path.relpath(p, cats) for p in _visible_files(cats)]
+    assert sorted(files) == ["0/3.jpg", "2024-01/a.jpg", "all/1.jpg", "all/2.jpg"], files
+    assert [str(w.message) for w in said if "another link already led" in str(w.message)], [str(w.message) for w in said]
+    assert not [w for w in said if "2024-01" in str(w.message)]

@@ -16,7 +16,7 @@ from pipeline.data.sources import FileSource, open_source
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, cache_path, extract, release_models
 from pipeline.features.cache import finished_file
-from pipeline.features.store import FeatureFile
+from pipeline.features.store import FeatureFile, skipped_files
 from pipeline.layout import FEATURES, CacheLayout
 
 
@@ -24,12 +24,11 @@ def report_extraction(result) -> None:
     """Print what an extraction did: cache hit or rate, and any skipped files."""
     if result.cache_hit:
         click.echo(f"cache hit: {result.path}")
-        with FeatureFile(result.path) as ff:
-            skipped = ff.skipped
+        skipped = skipped_files(result.path)
         if skipped:  # said once when extracted; a later command reads the same cache without them
-            readable = [p for p, why in skipped if may_read_later(why) and os.access(p, os.R_OK)]
-            retry = (f"; {len(readable)} of them can be read now (e.g. {shown_path(readable[0])}): `touch` them and "
-                     f"run this again to compute only the images without a row" if readable else "")
+            readable = next((p for p, why in skipped if may_read_later(why) and os.access(p, os.R_OK)), None)
+            retry = (f"; some of them can be read now (e.g. {shown_path(readable)}): `touch` those and run this "
+                     f"again to compute only the images without a row" if readable else "")
             click.echo(f"note: when this cache was made it {skipped_message(skipped)}{retry}", err=True)
         return
     if result.shard is not None and (result.missing_chunks or not result.n_rows):

@@ -33,7 +33,7 @@ FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 MAX_PIXELS = 100_000_000  # width x height of a decoded image (after any reduced-scale decode)
 HEADER_LIMIT = 1 << 30  # width x height in a header beyond which OpenCV refuses even a reduced decode
 UNKNOWN_READ_LIMIT = 64 << 20  # bytes: a larger file whose first bytes claim no image format is not read
-STRIP_ASPECT = 16  # --resize crop cuts the centre square first from images longer than this to one
+MISSING, DENIED = "missing file", "permission denied"  # skip reasons `may_read_later` knows
 RULE_VERSION = 1  # bump when the decode/resize rule below changes what pixels come out
 
 
@@ -90,7 +90,7 @@ _OPENCV_DISTS = ("opencv-python-headless", "opencv-python", "opencv-contrib-pyth
 
 
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
-          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"))  # + BigTIFF
 
 
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
@@ -107,9 +107,12 @@ _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0x
 _STANDALONE = frozenset((0x01, *range(0xD0, 0xD8)))
 
 
+_PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))  # frames whose whole coefficients are held while decoding
+
+
 def quick_size(data: bytes) -> tuple[str, int, int] | None:
-    """(format, width, height) of a plain JPEG (its SOF segment) or PNG (its IHDR chunk), read in a
-    few microseconds; None for anything else or anything unusual, which Pillow then reads. Pillow's
+    """(format, width, height) of a plain JPEG (its SOF segment; format "JPEG-progressive" for a
+    progressive frame) or PNG (its IHDR chunk), read in a few microseconds; None for anything else or anything unusual, which Pillow then reads. Pillow's
     header parse holds the GIL ~80 us an image: with 16 decode threads it capped the loader at ~2,500
     img/s on an H200 machine, and ~4,500 without it (bench/gpu/diagnose.sh)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
@@ -133,7 +136,8 @@ def quick_size(data: bytes) -> tuple[str, int, int] | None:
             if length < 8 or i + 9 > n:
                 return None
             h, w = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
-            return ("JPEG", w, h) if w and h else None
+            # "JPEG" for what libjpeg decodes reduced in bounded memory; progressive frames are not
+            return ("JPEG" if marker not in _PROGRESSIVE else "JPEG-progressive", w, h) if w and h else None
         if marker in (0xD9, 0xDA) or length < 2:  # end of image, or scan data before any frame header
             return None
         i += 2 + length
@@ -149,9 +153,13 @@ def read_header(data: bytes) -> tuple[str, int, int]:
         raise DecodeError("empty file")
     quick = quick_size(data)
     if quick is not None:
-        if quick[1] * quick[2] > HEADER_LIMIT:  # even a 1/8 JPEG decode of it is refused by OpenCV
-            raise DecodeError(f"too large to decode safely ({quick[1]}x{quick[2]}, over {HEADER_LIMIT:,} pixels)")
-        return quick  # decode() bounds what comes out of it: MAX_PIXELS after any reduced decode
+        fmt, w, h = quick
+        # a baseline JPEG decodes reduced in little memory, up to what OpenCV accepts at all; a
+        # progressive one holds every coefficient (~3 bytes a pixel) whatever the scale: Pillow's bound
+        limit = HEADER_LIMIT if fmt == "JPEG" else 2 * Image.MAX_IMAGE_PIXELS
+        if w * h > limit:
+            raise DecodeError(f"too large to decode safely ({w}x{h}, over {limit:,} pixels)")
+        return ("JPEG" if fmt == "JPEG-progressive" else fmt), w, h  # decode() bounds the rest: MAX_PIXELS
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (w, h) = str(im.format or "?"), im.size
@@ -221,16 +229,17 @@ def read_file(path: str) -> bytes:
     claim no image format (a phone's video in a class folder) is refused unread, not loaded whole."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(16)
-            if claimed_format(head) is None and os.fstat(fh.fileno()).st_size > UNKNOWN_READ_LIMIT:
-                raise DecodeError("not an image (unrecognised format)")
-            return head + fh.read()
+            if os.fstat(fh.fileno()).st_size > UNKNOWN_READ_LIMIT:
+                if claimed_format(fh.read(16)) is None:
+                    raise DecodeError("not an image (unrecognised format)")
+                fh.seek(0)
+            return fh.read()
     except FileNotFoundError:
-        raise DecodeError("missing file") from None
+        raise DecodeError(MISSING) from None
     except IsADirectoryError:
         raise DecodeError("a folder, not a file") from None
     except PermissionError:
-        raise DecodeError("permission denied") from None
+        raise DecodeError(DENIED) from None
     except OSError as exc:
         raise DecodeError(f"unreadable ({exc.strerror or type(exc).__name__})") from None
 
@@ -238,7 +247,7 @@ def read_file(path: str) -> bytes:
 def may_read_later(reason: str) -> bool:
     """Whether a skip reason of `read_file` can change without the file changing (a permission granted,
     a file put back, a disk remounted): the cache's key (size and mtime) does not see that."""
-    return reason in ("missing file", "permission denied") or reason.startswith("unreadable (")
+    return reason in (MISSING, DENIED) or reason.startswith("unreadable (")
 
 
 def resize(img: np.ndarray, size: int, method: str = "stretch") -> np.ndarray:
@@ -247,9 +256,9 @@ def resize(img: np.ndarray, size: int, method: str = "stretch") -> np.ndarray:
     if method not in RESIZE_METHODS:
         raise ValueError(f"resize method must be one of {RESIZE_METHODS}")
     h, w = img.shape[:2]
-    if method == "crop" and max(h, w) > STRIP_ASPECT * min(h, w):
+    if method == "crop" and size * size * max(h, w) > MAX_PIXELS * min(h, w):
         # a long strip (1 x 1,000,000 pixels): scaling its short side up first would build a strip of
-        # size x size*1,000,000 pixels (27 GB); its centre square, scaled, is the same crop
+        # over MAX_PIXELS (96 x 96,000,000: 27 GB); crop its centre square first, then scale that
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
         return _resize_to(np.ascontiguousarray(img[top:top + s, left:left + s]), size, size)

@@ -309,40 +309,43 @@ class FolderSource(FileSource):
 
 
 def _visible_files(folder: Path) -> list[Path]:
-    """Files under `folder` at any depth, skipping hidden and tool folders and files (`is_hidden`).
-    Linked sub-folders are followed, as a linked class folder is, except one that leads back into a
-    folder already read (a loop); a link whose target is gone is listed, so it is skipped as a
-    missing file with its reason rather than left out without a word."""
+    """Files under `folder` at any depth, skipping hidden and tool folders and files (`is_hidden`), in
+    name order (real folders before links). A linked sub-folder is followed, as a linked class folder
+    is, unless its files are read anyway: a link to a folder inside this one (they keep their real
+    names), to one a link already led to, or back to a folder above (a loop: a warning names it). A
+    link whose target is gone is listed, so it is skipped as a missing file with its reason."""
     out = []
 
     def unreadable(err: OSError) -> None:  # os.walk would skip it silently: a folder it cannot read is not empty
         raise UserError(f"cannot read {err.filename} ({err.strerror}); check its permissions") from None
 
-    seen: set[str] = set()  # real paths of the folders read, and every folder above them
-    read: set[str] = set()
-
-    def reading(real: str) -> None:
-        read.add(real)
-        while real not in seen:
-            seen.add(real)
-            real = os.path.dirname(real)
-
-    reading(os.path.realpath(folder))
+    home = os.path.realpath(folder)
+    followed: set[str] = set()  # real paths of the linked folders read (a second link to one is not)
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
+        here = os.path.realpath(dirpath)
         keep = []
-        for d in dirnames:
+        for d in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
+            link = os.path.join(dirpath, d)
             if is_hidden(d):
                 continue
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if real in seen:  # a link to a folder read already, or to one above it: a loop or a second copy
-                warnings.warn(f"not following {os.path.join(dirpath, d)}: it links to {real}, which is read "
-                              f"already" + ("" if real in read else " (it holds this folder)"), DataWarning,
-                              stacklevel=4)
+            if not os.path.islink(link):
+                if os.path.realpath(link) not in followed:  # else reached before through a link
+                    keep.append(d)
                 continue
-            reading(real)
-            keep.append(d)
+            target = os.path.realpath(link)
+            if os.path.commonpath([here, target]) == target or os.path.commonpath([home, target]) == target:
+                warnings.warn(f"not following {link}: it links back to {target}, a folder above it (a loop)",
+                              DataWarning, stacklevel=4)
+            elif os.path.commonpath([home, target]) == home:
+                pass  # inside this folder: its files are listed under their own names
+            elif target in followed:
+                warnings.warn(f"not following {link}: another link already led to {target}", DataWarning,
+                              stacklevel=4)
+            else:
+                followed.add(target)
+                keep.append(d)
         dirnames[:] = keep
-        for f in filenames:
+        for f in sorted(filenames):
             p = os.path.join(dirpath, f)
             if not is_hidden(f) and (os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p))):
                 out.append(utf8_named(Path(p)))

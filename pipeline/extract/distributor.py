@@ -43,7 +43,7 @@ def to_stderr(message: str) -> None:
 def local(p: Plan, options: RunOptions, log: Log, ran: tuple[int, float] | None = None) -> ExtractResult:
     """Every missing chunk in this process, then the assembly (`ran`: see `ExtractionJob.assemble`)."""
     job = ExtractionJob(p, options, log)
-    job.plan_chunks()
+    job.plan_chunks(ran=ran is not None)
     job.look_for_reuse()
     job.compute()
     return job.assemble(ran)

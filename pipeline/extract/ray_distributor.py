@@ -168,9 +168,7 @@ def on_ray(address: str | None = None, n_workers: int | None = None,
                                 f"driver can see them ({p.parts}): the cache folder must be on a filesystem every "
                                 f"node shares (give --cache-dir on it)")
         seconds = time.perf_counter() - t0
-        # every chunk is there: this only assembles; the chunks are this run's own, not resumed ones
-        assembly_log = (lambda m: None if m.startswith("resuming:") else log(m)) if todo else log
-        result = local(p, options, assembly_log, ran=(computed, seconds))
+        result = local(p, options, log, ran=(computed, seconds))  # every chunk is there: this only assembles
         result.computed, result.seconds, result.distributor = computed, seconds, "ray"
         result.images_per_s = computed / seconds if computed and seconds > 0 else 0.0
         return result

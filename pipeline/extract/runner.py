@@ -14,7 +14,7 @@ public steps of `ExtractionJob`: `plan_chunks` (which chunks are left, shard boo
 from __future__ import annotations
 
 import functools
-import glob
+import hashlib
 import json
 import shlex
 import sys
@@ -109,7 +109,7 @@ class ExtractionJob:
             mask[c * chunk_units:(c + 1) * chunk_units] = True
         return mask
 
-    def plan_chunks(self, shard: tuple[int, int] | None = None) -> list[int]:
+    def plan_chunks(self, shard: tuple[int, int] | None = None, ran: bool = False) -> list[int]:
         """The chunks still to compute (of shard I/N's share: chunks c with c % N == I), with the shard
         bookkeeping: a sharded run records the split in the parts folder and refuses another one; an
         unsharded run refuses to do the work of shards that have not finished."""
@@ -127,7 +127,7 @@ class ExtractionJob:
         self.todo = [c for c in range(n_chunks) if c not in done and (shard is None or c % shard[1] == shard[0])]
         self.in_todo = self._units_of(self.todo, u)
         self.start = min(self.todo[0] * u, total) if self.todo else total
-        if done:
+        if done and not ran:  # `ran`: the chunks are this run's own (Ray's workers wrote them), none resumed
             self.log(f"resuming: {sum(min(u, total - c * u) for c in done if c < n_chunks)} of {total} images "
                      f"already extracted")
         if u != self.options.chunk_units:  # the chunks already written fix their size for the whole run
@@ -181,6 +181,7 @@ class ExtractionJob:
                                   f"(a damaged file: python cli.py cache rm {self.reuse.base.name}); computing them",
                                   DataWarning, stacklevel=2)
                     self.reuse = None
+                    self.n_skipped = 0  # the files are read again from the start
                     self.reused[:] = False
                     self.compute_mask = self.in_todo & ~self.reused
                     self.needed = int(np.count_nonzero(self.compute_mask))
@@ -363,20 +364,33 @@ def _check_shards(p: Plan, shard: tuple[int, int], n_chunks: int, done: set[int]
             raise UserError(f"this extraction is already split into {known['n']} shards of {known['n_chunks']} "
                             f"chunks; use --shard I/{known['n']} with the same --chunk-size")
     else:
-        write_text_atomic(marker, json.dumps({"n": shard[1], "n_chunks": n_chunks}))
+        write_text_atomic(marker, json.dumps({"n": shard[1], "n_chunks": n_chunks, "job": _job_identity(p)}))
+
+
+def _job_identity(p: Plan) -> str:
+    """The request without what its files' sizes, dates and classes add to the key: equal for the
+    shards of one job run on a data folder that changed between them."""
+    data = {k: v for k, v in p.key_material["data"].items() if k not in ("fingerprint", "class_names")}
+    material = json.dumps({**p.key_material, "data": data}, sort_keys=True, default=str)
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def _warn_other_sharded_job(p: Plan) -> None:
-    """A shard starting a job while a sharded job of the same backbone and options is unfinished under
-    another key: most likely the same job, whose data listing changed between its shards (a file
-    touched or added: the key covers every file's size and date), so the two would never join."""
-    stem = p.parts.name[:-len(".parts")].rsplit("-", 1)[0]  # the name without its key
-    others = [d for d in p.parts.parent.glob(f"{glob.escape(stem)}-*.parts")
-              if d != p.parts and (d / SHARDS_FILE).exists() and d.name[len(stem) + 1:-len(".parts")].isalnum()]
+    """A shard starting a job while a sharded job of the same request on the same data source is
+    unfinished under another key: the data listing changed between its shards (a file touched or
+    added: the key covers every file's size and date), so the two would never join."""
+    ours = _job_identity(p)
+    others = []
+    for d in p.parts.parent.glob("*.parts"):
+        try:
+            if d != p.parts and json.loads((d / SHARDS_FILE).read_text()).get("job") == ours:
+                others.append(d)
+        except (OSError, ValueError, AttributeError):  # not sharded, or an older note without the job
+            continue
     if others:
-        warnings.warn(f"another sharded extraction with this backbone and options is unfinished ({others[0].name}) "
-                      f"under another key: if it is this job, the data changed since its shards ran (the key covers "
-                      f"every file's size and date), and the two will not join; run every shard on the same files "
+        warnings.warn(f"a sharded extraction of this request on {p.request.data} is unfinished under another key "
+                      f"({others[0].name}): the data changed since its shards ran (the key covers every file's size "
+                      f"and date), so the two will not join; run every shard on the same files "
                       f"(`python cli.py cache rm {shlex.join([others[0].name, *cache_dir_flags(p.parts.parent.parent)])}` "
                       f"removes the other)", DataWarning, stacklevel=4)
 

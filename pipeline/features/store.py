@@ -345,6 +345,18 @@ def is_complete(path: str | os.PathLike) -> bool:
         return False
 
 
+def skipped_files(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """(path, reason) of the images a cache file skipped, read from its two small datasets alone
+    (a cache hit says them without loading the per-row arrays); empty where there is no such file."""
+    if not Path(path).is_file():
+        return []
+    try:
+        with h5py.File(path, "r") as f:
+            return list(zip(f["skipped_paths"].asstr()[:], f["skipped_reasons"].asstr()[:]))
+    except (OSError, KeyError, TypeError):
+        return []
+
+
 def records_hashes(path: str | os.PathLike) -> bool:
     """True when a cache file keeps each image's SHA-256 (extracted with --content-hash); cheap."""
     if not Path(path).is_file():

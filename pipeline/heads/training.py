@@ -8,6 +8,7 @@ the `index` dataset) is kept out of training, so augmented copies never leak int
 
 from __future__ import annotations
 
+import shlex
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -82,8 +83,9 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
     if absent:  # listed, but every image of it was skipped at extraction (unreadable files)
         names = ", ".join(repr(ff.class_names[c]) for c in absent[:5])
         warnings.warn(f"{len(absent)} class(es) have no image in the cache ({names}{', ...' if len(absent) > 5 else ''}):"
-                      f" every one of their files was skipped at extraction (`python cli.py cache info "
-                      f"{ff.key[:12]}` lists them); the head can never predict them", DataWarning, stacklevel=1)
+                      f" their files were skipped at extraction, or the data lists none (`python cli.py cache info "
+                      f"{shlex.quote(str(ff.path))}` lists the skipped ones); the head can never predict them",
+                      DataWarning, stacklevel=1)
     test = np.flatnonzero((ff.splits == "test") & labelled & clean)
     return SplitRows(train=train, val=val, test=test, val_source=source,
                      n_train_images=int(np.unique(ff.index[train]).size),
