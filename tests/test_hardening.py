@@ -386,7 +386,7 @@ def test_manifest_warnings_single_image_and_outside_flag_through_the_cli(imgs, t
 
 # ------------------------------------------------------------------- 4. hidden folders, realpath keys
 def test_hidden_and_tool_files_are_skipped_at_every_depth_and_paths_are_resolved(tmp_path):
-    from pipeline.data.sources import is_hidden
+    from pipeline.data.folders import is_hidden
 
     root = make_folder(tmp_path / "data" / "clean", per_class=3)
     junk = [root / "train" / "ants" / ".ipynb_checkpoints" / "x.jpg", root / "train" / "ants" / "@eaDir" / "y.jpg",

@@ -263,7 +263,7 @@ def test_a_link_to_a_folder_read_anyway_keeps_the_real_names_whatever_the_order(
     every image once, the same way in any order."""
     import os
 
-    from pipeline.data.sources import _visible_files
+    from pipeline.data.folders import visible_files
 
     cats = tmp_path / "cats"
     (cats / "2024-01").mkdir(parents=True)
@@ -280,7 +280,25 @@ def test_a_link_to_a_folder_read_anyway_keeps_the_real_names_whatever_the_order(
     import warnings
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        files = [os.path.relpath(p, cats) for p in _visible_files(cats)]
+        files = [os.path.relpath(p, cats) for p in visible_files(cats)]
     assert sorted(files) == ["0/3.jpg", "2024-01/a.jpg", "all/1.jpg", "all/2.jpg"], files
     assert [str(w.message) for w in said if "another link already led" in str(w.message)], [str(w.message) for w in said]
     assert not [w for w in said if "2024-01" in str(w.message)]
+
+
+def test_predict_lists_a_folder_as_extract_lists_a_class_folder(tmp_path):
+    """predict's folders followed no link (rglob), so a folder of linked class folders had 'no images'
+    and a dangling link was dropped without the 'missing file' extract gives it."""
+    import os
+
+    from pipeline.inference.embed import image_paths
+
+    real = tmp_path / "real" / "daisy"
+    real.mkdir(parents=True)
+    (real / "a.jpg").write_bytes(b"x")
+    (real / ".DS_Store").write_bytes(b"x")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(real, linked / "daisy")
+    os.symlink(tmp_path / "gone.jpg", linked / "gone.jpg")
+    assert image_paths([str(linked)]) == [str(linked / "daisy" / "a.jpg"), str(linked / "gone.jpg")]

@@ -15,7 +15,7 @@ from pipeline.backbones.model import classifier_model
 from pipeline.backend import require
 from pipeline.data.decode import load_file
 from pipeline.data.loader import batches
-from pipeline.data.sources import is_hidden
+from pipeline.data.folders import visible_files
 from pipeline.errors import UserError
 from pipeline.extract import make_runner
 
@@ -30,7 +30,7 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
             raise UserError("an image argument is empty; give image files or folders")
         p = Path(item).expanduser()
         if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.is_file() and not is_hidden(f.relative_to(p)))
+            out += sorted(map(str, visible_files(p)))  # as extract lists a class folder: links followed
         elif p.is_file():
             out.append(str(p))
         elif p.exists():  # a FIFO or device would block or never end; a socket cannot be read
