@@ -61,3 +61,40 @@ def test_preprocessing_styles_differ_as_documented():
     assert np.allclose(caffe[..., 0], 255 - 103.939, atol=1e-3)  # 'caffe': BGR minus the mean
     assert np.allclose(_prep("efficientnetb0", x), 255.0)  # 'in-model': the model rescales itself
     assert np.allclose(_prep("efficientnet_lite0", x), 1.0)  # 'lite': (x - 127) / 128
+
+
+def test_a_run_on_a_weights_file_records_where_it_is_now_and_refuses_other_content(tmp_path):
+    """A weights file moved since its cache was made is a cache hit (the key hashes its content): the
+    run recorded the old path, so predict and evaluate failed. A file overwritten with other weights
+    made predict answer with confidence from other features, silently."""
+    import re
+    import shutil
+
+    from conftest import make_folder, run_cli
+
+    def save(path, seed):
+        keras.utils.set_random_seed(seed)
+        keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
+
+    data = make_folder(tmp_path / "d", per_class=4)
+    first, moved = tmp_path / "w" / "a.weights.h5", tmp_path / "w" / "b.weights.h5"
+    first.parent.mkdir()
+    save(first, 0)
+    args = ["fit-head", "--data", str(data), "--backbone", "mobilenetv2", "--image-size", "32", "--dtype", "float32",
+            "--head", "logistic", "--C", "1", "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    assert run_cli(*args, "--weights", str(first)).returncode == 0
+    shutil.move(first, moved)
+    hit = run_cli(*args, "--weights", str(moved))
+    assert hit.returncode == 0 and "cache hit" in hit.stdout, hit.stderr
+    run_id = re.search(r"run (\S+) saved in", hit.stdout).group(1)
+    image = str(next(data.rglob("*.jpg")))
+    ok = run_cli("predict", "--run", run_id, image, "--cache-dir", str(tmp_path / "c"))
+    assert ok.returncode == 0, ok.stderr
+    save(moved, 1)  # same path, other weights
+    for command in (["predict", "--run", run_id, image], ["evaluate", "--run", run_id, "--data", str(data)]):
+        refused = run_cli(*command, "--cache-dir", str(tmp_path / "c"))
+        assert refused.returncode == 2 and f"is not the weights file run {run_id} was fitted on" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    moved.unlink()
+    gone = run_cli("predict", "--run", run_id, image, "--cache-dir", str(tmp_path / "c"))
+    assert gone.returncode == 2 and "which is gone; put the file back" in gone.stderr, gone.stderr

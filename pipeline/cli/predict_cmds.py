@@ -14,7 +14,7 @@ from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli.options import cache_dir_option, check_output_file, given_options, trust_pickle_option
 from pipeline.cli.shared import shown_path, skipped_message
 from pipeline.export.runtime import open_model, predict_files
-from pipeline.inference.apply import (check_explain, evaluate_run, explained, load_run, predict_paths, run_features,
+from pipeline.inference.apply import (check_explain, check_weights_unchanged, evaluate_run, explained, load_run, predict_paths, run_features,
                                       write_predictions_csv, write_top_k_csv)
 from pipeline.inference.embed import image_paths, imagenet_top_k
 from pipeline.tracking.metrics import metrics_table, summary_line
@@ -112,6 +112,7 @@ def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path
     if csv_out is not None:
         check_output_file(csv_out, "--csv")
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
+    check_weights_unchanged(run)
     result = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size, explain=explain)
     report = result.report
     click.echo(summary_line(report))
@@ -146,6 +147,7 @@ def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | 
     """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV); with
     `explain`, each image's nearest training images too (a knn head)."""
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
+    check_weights_unchanged(run)
     check_explain(run, explain)
     if not explain:
         proba, kept, skipped = predict_paths(run, paths, batch_size)

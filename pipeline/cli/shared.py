@@ -111,7 +111,9 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
     result = extract(request, options)
     report_extraction(result)
     release_models()  # one extraction per command: the backbone's memory goes back before the head trains
-    return FeatureFile(result.path)
+    ff = FeatureFile(result.path)
+    ff.asked_weights = request.weights
+    return ff
 
 
 def check_two_classes(request, command: str, splits: tuple[str, ...] | None) -> None:

@@ -381,7 +381,12 @@ class FeatureFile:
     """Read access to one finished cache file; arrays other than `features` are loaded eagerly.
 
     `features` stays on disk (an h5py dataset) so heads can stream batches larger than memory.
+    `asked_weights`: the --weights a command asked for where they differ from the file's recorded
+    request only in the path (the key hashes a weights file's content: a file moved or renamed since
+    is a cache hit), so a run records where the weights are now.
     """
+
+    asked_weights: str | None = None
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)

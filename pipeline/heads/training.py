@@ -237,6 +237,8 @@ def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
         material = ff.attrs.get("key_material")
         spec = ((material.get("data") or {}).get("data") if isinstance(material, Mapping) else None)
         config["request"] = {**req, "data": spec} if spec else dict(req)  # the resolved data path: the same key
+        if ff.asked_weights is not None:  # a weights file moved since the cache was made: where it is now
+            config["request"]["weights"] = ff.asked_weights
     return config
 
 

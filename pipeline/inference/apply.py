@@ -64,6 +64,24 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> Loaded
     return LoadedRun(record, request, list(head.class_names_), head=head)
 
 
+def check_weights_unchanged(run: LoadedRun) -> None:
+    """One line, before a fit-head run's backbone is built, where its weights file is gone or is not
+    the file its head was fitted on (same path, other content): the head would read other features
+    and answer with confidence. ImageNet and random weights have no file that can change."""
+    if run.head is None or is_concat(run.request.backbone):
+        return
+    recorded = str(run.head.feature_info_.get("weights_id") or "")
+    if not recorded.startswith("file:"):
+        return
+    path = Path(run.request.weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"run {run.record.id} reads its backbone's weights from {path}, which is gone; put the file "
+                        f"back, or fit a head again with --weights naming where it is now")
+    if bb.weights_identity(bb.get(run.request.backbone), run.request.weights) != recorded:
+        raise UserError(f"{path} is not the weights file run {run.record.id} was fitted on (its content changed "
+                        f"since): its head would read other features; put the original back, or fit a head again")
+
+
 def _request_of(record: RunRecord) -> ExtractRequest:
     req = record.config.get("request")
     if req is None:
