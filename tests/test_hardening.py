@@ -426,6 +426,18 @@ def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
     subset = make_folder(tmp_path / "s", per_class=3, classes=("ants", "wasps"), seed=5)
     ev = run_cli("evaluate", "--run", run_id, "--data", str(subset), "--cache-dir", str(cache))
     assert ev.returncode == 0 and "(n=12)" in ev.stdout, ev.stderr
+    assert "training images" not in ev.stderr  # other images: no warning
+    own = run_cli("evaluate", "--run", run_id, "--data", str(data), "--cache-dir", str(cache))  # --split all
+    assert own.returncode == 0 and "12 of the 24 images scored are run" in own.stderr, own.stderr
+    assert "their figures are not held out" in own.stderr
+    val = run_cli("evaluate", "--run", run_id, "--data", str(data), "--split", "val", "--cache-dir", str(cache))
+    assert val.returncode == 0 and "training images" not in val.stderr, val.stderr
+    named = make_folder(tmp_path / "n", per_class=2, classes=("ants", "bees"), splits=("train", "validation"))
+    advice = run_cli("evaluate", "--run", run_id, "--data", str(named), "--cache-dir", str(cache))
+    assert advice.returncode == 2 and "pass --split-names train,validation,test" in advice.stderr, advice.stderr
+    taken = run_cli("evaluate", "--run", run_id, "--data", str(named), "--split", "val", "--split-names",
+                    "train,validation,test", "--cache-dir", str(cache))  # the advice works: evaluate takes it
+    assert taken.returncode == 0 and "(n=4)" in taken.stdout, taken.stderr
     (subset / "val" / "ants" / "zero.jpg").write_bytes(b"")  # not scored: said, on a fresh extraction and a hit
     for _ in range(2):
         ev = run_cli("evaluate", "--run", run_id, "--data", str(subset), "--split", "val", "--cache-dir", str(cache))

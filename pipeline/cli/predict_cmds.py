@@ -3,6 +3,7 @@ trained run's metrics on labelled images."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -100,10 +101,14 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
 @click.option("--csv", "csv_out", type=click.Path(path_type=Path), default=None,
               help="Also write path, label, prediction, probabilities (and --explain's neighbours) per image here.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--split-names", default=None, metavar="TRAIN,VAL,TEST",
+              help="Folder names of the data's train, val and test splits (default: the run's).")
+@click.option("--allow-outside-paths", is_flag=True,
+              help="Let a CSV manifest name files outside its own folder (refused by default).")
 @trust_pickle_option
 @cache_dir_option
 def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path | None, batch_size: int,
-                 trust_pickle: bool, cache_dir: Path) -> None:
+                 split_names: str | None, allow_outside_paths: bool, trust_pickle: bool, cache_dir: Path) -> None:
     """Score a trained run on labelled images, through the same backbone and preprocessing.
 
     \b
@@ -113,7 +118,10 @@ def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path
         check_output_file(csv_out, "--csv")
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     check_weights_unchanged(run)
-    result = evaluate_run(run, data, cache_dir, None if split == "all" else split, batch_size, explain=explain)
+    splits = replace(run.request.split, allow_outside_paths=allow_outside_paths or run.request.split.allow_outside_paths,
+                     **({"folder_names": tuple(s.strip() for s in split_names.split(","))} if split_names else {}))
+    result = evaluate_run(replace(run, request=replace(run.request, split=splits)), data, cache_dir,
+                          None if split == "all" else split, batch_size, explain=explain)
     report = result.report
     click.echo(summary_line(report))
     Console(width=110).print(metrics_table(report, title=f"{data} ({split})"))

@@ -7,6 +7,7 @@ was trained on (rebuilt from the cache file's stored request), then through the 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +19,7 @@ from pipeline.atomic import atomic_path
 from pipeline.backbones import model as backbone_model
 from pipeline.backend import check_recorded, require
 from pipeline.data.sources import open_source
-from pipeline.errors import UserError
+from pipeline.errors import DataWarning, UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, part_requests
 from pipeline.features.store import FeatureFile
 from pipeline.heads.files import load_keras_file
@@ -136,6 +137,7 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
     if run.head is None:
         proba, kept, skipped = predict_paths(run, paths, batch_size)
         report = classification_report(labels[kept], proba, run.class_names)
+        warn_own_training_images(run, [paths[i] for i in kept])
         return Evaluated(report, [paths[i] for i in kept], labels[kept], proba, skipped=list(skipped))
     request = replace(run.request, data=data, augment_copies=0)
     result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress))
@@ -149,7 +151,41 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
         near = explained(run.head, source, explain) if explain else None
         wanted = set(paths)  # the split's files (every file of the data where the source lists none)
         skipped = [(path, why) for path, why in ff.skipped if not wanted or path in wanted]
-        return Evaluated(report, [ff.paths[r] for r in rows], row_labels, proba, near, skipped)
+        scored = [ff.paths[r] for r in rows]
+    warn_own_training_images(run, scored)
+    return Evaluated(report, scored, row_labels, proba, near, skipped)
+
+
+def training_paths(record: RunRecord) -> set[str]:
+    """The image files a fit-head run's head trained on (a fine-tune's: its parent's), recomputed from
+    its cache file, val fraction and seed as fine-tuning does; empty where the cache file is gone."""
+    cfg = record.config
+    if cfg.get("parent_run"):
+        try:
+            return training_paths(Registry(record.dir.parent.parent).get(str(cfg["parent_run"])))
+        except UserError:
+            return set()
+    cache_file = cfg.get("cache_file")
+    if not cache_file or not Path(cache_file).is_file():
+        return set()
+    from pipeline.heads.training import split_rows  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    try:
+        with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
+            warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
+            rows = split_rows(ff, float(cfg.get("val_fraction", 0.2)), int(cfg.get("seed", 0)), use_augmented=False)
+            return {ff.paths[r] for r in rows.train}
+    except UserError:
+        return set()
+
+
+def warn_own_training_images(run: LoadedRun, scored: Sequence[str]) -> None:
+    """One warning where images scored are ones the run trained on: their figures are not held out."""
+    trained = training_paths(run.record) if scored else set()
+    own = [p for p in scored if p in trained]
+    if own:
+        warnings.warn(f"{len(own)} of the {len(scored)} images scored are run {run.record.id}'s own training images "
+                      f"(e.g. {own[0]}): their figures are not held out; give --split val or --split test, or images "
+                      f"the run never trained on", DataWarning, stacklevel=2)
 
 
 def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
