@@ -448,6 +448,10 @@ def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
     err = _one_line_error(run_cli("evaluate", "--run", run_id, "--data", str(other), "--cache-dir", str(cache)),
                           "'moths'")
     assert "never trained on" in err and sorted((cache / "features").iterdir()) == before
+    cased = make_folder(tmp_path / "k", per_class=2, classes=("Ants", "bees"), seed=7)
+    err = _one_line_error(run_cli("evaluate", "--run", run_id, "--data", str(cased), "--cache-dir", str(cache)),
+                          "'Ants'")
+    assert "differ from the run's only in upper and lower case ('Ants' and 'ants')" in err
 
 
 # --------------------------------------------------------------------------- 6. fit-head guards
@@ -564,6 +568,8 @@ def test_predict_refuses_an_empty_image_argument_and_a_folder_for_csv(tmp_path):
     _one_line_error(run_cli("predict", "--run", "nosuch", str(image), "--weights", "w.h5", "--trust-model"),
                     "--weights, --trust-model do nothing with --run; leave them out")
     assert not (tmp_path / "p.csv").exists()
+    _one_line_error(run_cli("predict", "--backbone", "efficientnet_lite0+efficientnet_lite2", str(image)),
+                    "predict --backbone takes one backbone")
     _one_line_error(run_cli("predict", "--run", "nosuch", "/dev/null"), "/dev/null is not a regular file")
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     _one_line_error(run_cli("predict", "--run", "nosuch", str(tmp_path / "gone.jpg")), "a symbolic link that leads nowhere")

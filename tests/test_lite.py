@@ -10,6 +10,7 @@ from sklearn.datasets import load_sample_image
 
 from pipeline.backbones import lite
 from pipeline.backbones.imagenet import class_names, decode_top_k
+from pipeline.errors import UserError
 
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 PHOTOS = {
@@ -128,3 +129,11 @@ def test_class_names_and_decode():
     decoded = decode_top_k(probs, k=2)
     assert decoded[0] == [(967, "espresso", pytest.approx(0.7)), (3, "tiger shark", pytest.approx(0.2))]
     assert decoded[1][0][:2] == (285, "Egyptian cat")
+
+
+def test_a_weights_file_of_another_kind_is_named_with_what_lite_reads(tmp_path):
+    """A Keras weights file given to a Lite backbone said only 'not a torch file'."""
+    keras_file = tmp_path / "mnv2.weights.h5"
+    keras_file.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    with pytest.raises(UserError, match=r"not a torch file .*read a PyTorch state dict \(\.pth"):
+        lite.build_lite("efficientnet_lite0", (64, 64, 3), weights=str(keras_file))

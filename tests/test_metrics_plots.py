@@ -41,7 +41,10 @@ def test_rendering_mentions_classes_and_numbers():
         assert needle in text
     assert summary_line(r).startswith("accuracy 0.750 · macro-F1 ") and "(n=4)" in summary_line(r)
     assert metrics_table(r).row_count == 2 + 4  # classes; accuracy, macro avg, log loss, ECE
-    assert "ECE (15 bins)" in text and "ECE " in summary_line(r)
+    assert "ECE (15 bins)" in text and "ECE " in summary_line(r) and "with support" not in text
+    # a class with no image in the data: listed at 0, left out of the averages, which the row says
+    partial = classification_report([0, 0, 1], y_pred=[0, 0, 1], class_names=["a", "b", "c"])
+    assert "macro avg (2 classes with support)" in format_report(partial, width=140)
 
 
 def _png(path, size):

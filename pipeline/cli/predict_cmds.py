@@ -14,6 +14,7 @@ from rich.table import Table
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli.options import cache_dir_option, check_output_file, given_options, trust_pickle_option
 from pipeline.cli.shared import shown_path, skipped_message
+from pipeline.errors import UserError
 from pipeline.export.runtime import open_model, predict_files
 from pipeline.inference.apply import (check_explain, check_weights_unchanged, evaluate_run, explained, load_run, predict_paths, run_features,
                                       write_predictions_csv, write_top_k_csv)
@@ -80,6 +81,9 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
     if not backbone:
         raise click.UsageError("give --run ID (a trained run), --model FILE (an export) or --backbone NAME "
                                "(ImageNet top-k)")
+    if "+" in backbone or "," in backbone:
+        raise UserError(f"predict --backbone takes one backbone, whose own ImageNet classes it prints; {backbone!r} "
+                        f"names several (a join has no classifier: fit a head on it and give --run)")
     results, skipped = imagenet_top_k(backbone, weights, paths, top_k, batch_size=batch_size)
     for path, top in results:
         click.echo(shown_path(path))

@@ -446,8 +446,12 @@ def check_class_subset(data_classes: Sequence[str], head_classes: Sequence[str],
     unknown = [c for c in data_classes if c not in set(head_classes)]
     if unknown:
         shown = ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+        folded = {c.casefold(): c for c in head_classes}
+        cased = [(c, folded[c.casefold()]) for c in unknown if c.casefold() in folded]
+        hint = (f"; {len(cased)} of them differ from the run's only in upper and lower case ({cased[0][0]!r} and "
+                f"{cased[0][1]!r}): class names are compared exactly, so rename the folders or labels" if cased else "")
         raise UserError(f"{where} has classes the run was never trained on: {shown} (the run's classes: "
-                        f"{short_names(head_classes)}); evaluate on data of those classes only")
+                        f"{short_names(head_classes)}){hint}; evaluate on data of those classes only")
 
 
 def short_names(names: Sequence[str], n: int = 4) -> str:

@@ -121,7 +121,9 @@ def metrics_table(report: Mapping[str, Any], title: str | None = None, max_class
     if report.get("n"):
         table.add_section()
         table.add_row("accuracy", "", "", f"{report['accuracy']:.3f}", str(report["n"]))
-        table.add_row("macro avg", "", f"{report['balanced_accuracy']:.3f}", f"{report['macro_f1']:.3f}", "")
+        present = sum(1 for _, m in per_class if m["support"])  # the averages leave out classes with no image
+        label = "macro avg" if present == len(per_class) else f"macro avg ({present} classes with support)"
+        table.add_row(label, "", f"{report['balanced_accuracy']:.3f}", f"{report['macro_f1']:.3f}", "")
         if report.get("log_loss") is not None:
             table.add_row("log loss", "", "", f"{report['log_loss']:.3f}", "")
         if report.get("ece") is not None:
