@@ -98,3 +98,18 @@ def test_a_run_on_a_weights_file_records_where_it_is_now_and_refuses_other_conte
     moved.unlink()
     gone = run_cli("predict", "--run", run_id, image, "--cache-dir", str(tmp_path / "c"))
     assert gone.returncode == 2 and "which is gone; put the file back" in gone.stderr, gone.stderr
+
+
+def test_a_weights_file_of_another_model_says_why_in_one_line_without_keras_warnings(tmp_path):
+    """Keras' reason comes on the line after 'Example error message for object <Conv2D ...>:', which
+    the error ended with; its per-layer UserWarnings printed before it."""
+    import warnings
+
+    other = tmp_path / "alpha05.weights.h5"
+    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3), alpha=0.5).save_weights(other)
+    with warnings.catch_warnings(record=True) as said, pytest.raises(UserError) as err:
+        warnings.simplefilter("always")
+        bb.build(bb.get("mobilenetv2"), str(other), 32)
+    text = str(err.value)
+    assert text.startswith(f"could not load weights file {other} into mobilenetv2") and "shape" in text, text
+    assert not text.endswith(":") and "\n" not in text and not said, [str(w.message) for w in said]

@@ -12,6 +12,7 @@ import importlib
 import importlib.metadata
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,16 +199,24 @@ def build(spec: Backbone, weights: str, image_size: int, include_top: bool = Fal
     if not include_top:
         kwargs["input_shape"] = (image_size, image_size, 3)
     try:
-        return fn(**kwargs)
+        with warnings.catch_warnings(record=True) as said:  # Keras warns per layer before a failed load fails
+            warnings.simplefilter("always")
+            model = fn(**kwargs)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - keras raises ValueError/Exception for downloads, sizes and bad files
         raise UserError(_explain_build_error(spec, w, image_size, exc, include_top)) from None
+    for w_ in said:  # a model that built: its warnings stand
+        warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
+    return model
 
 
 def _explain_build_error(spec: Backbone, weights: str | None, size: int, exc: Exception,
                          include_top: bool = False) -> str:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    # Keras' "... Example error message for object <Conv2D ...>:" puts the reason on the next line
+    msg = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    msg = msg if len(msg) <= 400 else msg[:400] + "..."
     url = re.search(r"https?://\S+?\.h5", str(exc))
     if weights == "imagenet" and (url or "URL fetch failure" in str(exc) or "fetch" in str(exc).lower()):
         fname = url.group(0).rsplit("/", 1)[1] if url else "the weights .h5 file"
