@@ -67,6 +67,8 @@ def test_flat_folder_gets_seeded_stratified_split_stable_under_additions(tiny_fl
     assert p2.key != p1.key  # the data changed, so the features must not be reused
     p3 = plan(req(tiny_flat_folder, split=SplitConfig(val_fraction=0.3, seed=8)), tmp_path / "c")
     assert p3.source.listing().splits != p2.source.listing().splits
+    # `--layer ""` is the default output: the same key, not a second cache of the same features
+    assert plan(req(tiny_flat_folder, layer=" "), tmp_path / "c").key == plan(req(tiny_flat_folder), tmp_path / "c").key
 
 
 def test_csv_manifest_with_and_without_split(tiny_split_folder, tmp_path):

@@ -59,6 +59,8 @@ class ExtractRequest:
         # a keras-hub preset folder is recorded by its absolute path, so a run replays from anywhere
         # (each part of a concatenation 'a+b')
         object.__setattr__(self, "backbone", "+".join(backbones.hub.qualified(b) for b in self.backbone.split("+")))
+        if self.layer is not None and not str(self.layer).strip():  # `--layer ""` is the default output, one key
+            object.__setattr__(self, "layer", None)
         _choice("--pooling", self.pooling, POOLINGS)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--precision", self.precision, PRECISIONS)
