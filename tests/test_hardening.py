@@ -438,6 +438,13 @@ def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
     taken = run_cli("evaluate", "--run", run_id, "--data", str(named), "--split", "val", "--split-names",
                     "train,validation,test", "--cache-dir", str(cache))  # the advice works: evaluate takes it
     assert taken.returncode == 0 and "(n=4)" in taken.stdout, taken.stderr
+    flat = make_folder(tmp_path / "f", per_class=5, classes=("ants", "bees"), splits=(), seed=8)
+    drawn = run_cli("evaluate", "--run", run_id, "--data", str(flat), "--split", "val", "--cache-dir", str(cache))
+    assert drawn.returncode == 0 and "has no split folders, so --split val scores the" in drawn.stderr, drawn.stderr
+    listed = tmp_path / "val.csv"  # the run's val images in a manifest without splits: its rows are reused,
+    listed.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted((data / "val").rglob("*.jpg"))))
+    ev = run_cli("evaluate", "--run", run_id, "--data", str(listed), "--allow-outside-paths", "--cache-dir", str(cache))
+    assert ev.returncode == 0 and "another split than" not in ev.stderr, ev.stderr  # not a fit: no split talk
     (subset / "val" / "ants" / "zero.jpg").write_bytes(b"")  # not scored: said, on a fresh extraction and a hit
     for _ in range(2):
         ev = run_cli("evaluate", "--run", run_id, "--data", str(subset), "--split", "val", "--cache-dir", str(cache))

@@ -132,6 +132,7 @@ class RunOptions:
     reuse: bool = True  # copy rows of unchanged images from a cache that differs only in its data listing
     shard: tuple[int, int] | None = None  # (I, N): compute only chunks c with c % N == I (job arrays)
     content_hash: bool = False  # also store each file's SHA-256; reuse then matches bytes, not size+mtime
+    warn_moved: bool = True  # say which reused images changed split (a head's concern; evaluate scores any split)
 
 
 @dataclass

@@ -159,7 +159,7 @@ class ExtractionJob:
             self.reused[self.reuse.tags] = True
             self.log(f"reusing {self.reuse.tags.size} feature row(s) of unchanged images from {self.reuse.base.name}")
             moved = self.reuse.moved(self.listing.ids, self.listing.splits, self.unit_index, self.unit_view)
-            if moved:
+            if moved and opts.warn_moved:
                 warnings.warn(moved_message(moved, self.reuse.base.name, self.listing.split_origin),
                               DataWarning, stacklevel=2)
 

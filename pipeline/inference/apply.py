@@ -140,7 +140,8 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
         warn_own_training_images(run, [paths[i] for i in kept])
         return Evaluated(report, [paths[i] for i in kept], labels[kept], proba, skipped=list(skipped))
     request = replace(run.request, data=data, augment_copies=0)
-    result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress))
+    result = extract(request, RunOptions(cache_dir=cache_dir, batch_size=batch_size, progress=progress,
+                                         warn_moved=False))  # evaluate scores any split; own images: below
     from pipeline.heads.base import FeatureSource  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.heads.training import evaluation_rows  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     with FeatureFile(result.path) as ff:
@@ -192,9 +193,14 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
     """Paths, labels (as the run's class indices) and class names of the data to evaluate, from the
     listing alone: a class the run never saw or an empty split is refused before anything is extracted."""
     from pipeline.heads.base import check_class_subset  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
-    listing = open_source(data, run.request.split).listing()
+    source = open_source(data, run.request.split)
+    listing = source.listing()
     check_class_subset(listing.class_names, run.class_names, data)
     keep = [i for i, s in enumerate(listing.splits) if (split is None or s == split) and listing.labels[i] >= 0]
+    if split and listing.split_origin.startswith("hash") and getattr(source, "spec", None) != run.request.data:
+        warnings.warn(f"{data} has no split folders, so --split {split} scores the {len(keep)} image(s) a hash of "
+                      f"their names puts in {split} (the run's --val-fraction), a subset of them; --split all scores "
+                      f"every image", DataWarning, stacklevel=3)
     if not keep:
         held = sorted({s for s, label in zip(listing.splits, listing.labels) if label >= 0})
         if split and held:
