@@ -177,3 +177,15 @@ def test_transformer_blocks_are_found_inside_dinov2_and_siglip_towers():
     hub.train_blocks(dino, [hub.nested_blocks(dino)["block2"]])
     assert {w.path.split("/")[1] for w in dino.trainable_weights} == {"layers_2"}
     assert hub.nested_blocks(backbones.build(backbones.get("vgg16"), "none", 32)) == {}
+
+
+def test_a_preset_that_cannot_be_fetched_says_why_plainly():
+    """Offline, the reason was urllib3's text cut at 200 characters ("...HTTPSConnection(host='api.k");
+    an unknown name's reason ended at "A preset must be a one of:", its list on the next line."""
+    from pipeline.backbones.hub import _fetch_error
+
+    offline = ConnectionError("HTTPSConnectionPool(host='api.kaggle.com', port=443): Max retries exceeded with url: "
+                              "/api/v1/models (Caused by NameResolutionError(\"HTTPSConnection(host='api.kaggle.com')\"))")
+    assert "(no network: the preset's files could not be downloaded)" in _fetch_error("dinov2_small", offline)
+    unknown = ValueError("Unknown preset identifier. A preset must be a one of:\n\n'dinov2_small', 'vit_base'")
+    assert "A preset must be a one of: 'dinov2_small', 'vit_base'" in _fetch_error("notapreset", unknown)

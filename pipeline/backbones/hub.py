@@ -141,8 +141,18 @@ def _n_blocks(config: dict) -> int:
     return int(n) if isinstance(n, int) and n > 0 and "patch_size" in inner else 0
 
 
+_OFFLINE = ("NameResolutionError", "Max retries exceeded", "ConnectionError", "Temporary failure in name resolution",
+            "Failed to establish a new connection", "Network is unreachable")
+
+
 def _fetch_error(handle: str, exc: Exception) -> str:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    text = str(exc)
+    if any(sign in text for sign in _OFFLINE):
+        first = "no network: the preset's files could not be downloaded"
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
+        first = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # a list follows
+        first = first if len(first) <= 200 else first[:200] + "..."
     return (f"could not load keras-hub preset {handle!r} ({first}); check the name (keras_hub.models.Backbone."
             f"presets lists them) or, offline, save the preset to a folder on a machine with internet "
             f"(keras_hub.models.Backbone.from_preset(NAME).save_to_preset(DIR), and the same for "
