@@ -302,3 +302,12 @@ def test_predict_lists_a_folder_as_extract_lists_a_class_folder(tmp_path):
     os.symlink(real, linked / "daisy")
     os.symlink(tmp_path / "gone.jpg", linked / "gone.jpg")
     assert image_paths([str(linked)]) == [str(linked / "daisy" / "a.jpg"), str(linked / "gone.jpg")]
+
+
+def test_predict_names_a_list_of_images_given_as_an_image(tmp_path):
+    from pipeline.inference.embed import image_paths
+
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.jpg\nb.jpg\n")
+    with pytest.raises(UserError, match="looks like a list of images, but predict takes image files and folders"):
+        image_paths([str(listed)])

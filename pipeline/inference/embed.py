@@ -32,6 +32,9 @@ def image_paths(inputs: Sequence[str]) -> list[str]:
         if p.is_dir():
             out += sorted(map(str, visible_files(p)))  # as extract lists a class folder: links followed
         elif p.is_file():
+            if p.suffix.lower() in (".txt", ".lst", ".csv", ".tsv"):  # a list of images, most likely
+                raise UserError(f"{item} looks like a list of images, but predict takes image files and folders; "
+                                f"pass the paths themselves, e.g. xargs -d '\\n' python cli.py predict --run ID < {item}")
             out.append(str(p))
         elif p.exists():  # a FIFO or device would block or never end; a socket cannot be read
             raise UserError(f"{item} is not a regular file (a pipe, device or socket); give image files or folders")
