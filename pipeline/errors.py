@@ -39,3 +39,12 @@ def filesystem_message(exc: BaseException) -> str | None:
         return None
     path = exc.filename if exc.filename is not None else "a file"
     return _FILESYSTEM_ADVICE[exc.errno].format(path=path)
+
+
+def first_reason(exc: BaseException, limit: int = 400) -> str:
+    """A library exception's reason on one line: its first line, and the next one too where the first
+    ends with a colon (Keras' "... Example error message for object <Conv2D ...>:", keras-hub's "A
+    preset must be a one of:" put the reason there), cut at `limit` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    reason = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return reason if len(reason) <= limit else reason[:limit] + "..."

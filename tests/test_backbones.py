@@ -67,6 +67,7 @@ def test_a_run_on_a_weights_file_records_where_it_is_now_and_refuses_other_conte
     """A weights file moved since its cache was made is a cache hit (the key hashes its content): the
     run recorded the old path, so predict and evaluate failed. A file overwritten with other weights
     made predict answer with confidence from other features, silently."""
+    import os
     import re
     import shutil
 
@@ -84,6 +85,8 @@ def test_a_run_on_a_weights_file_records_where_it_is_now_and_refuses_other_conte
             "--head", "logistic", "--C", "1", "--no-progress", "--cache-dir", str(tmp_path / "c")]
     assert run_cli(*args, "--weights", str(first)).returncode == 0
     shutil.move(first, moved)
+    from pipeline.extract import ExtractRequest  # a relative path is recorded absolute, as run from anywhere
+    assert ExtractRequest(data=str(data), backbone="mobilenetv2", weights=os.path.relpath(moved)).weights == str(moved)
     hit = run_cli(*args, "--weights", str(moved))
     assert hit.returncode == 0 and "cache hit" in hit.stdout, hit.stderr
     run_id = re.search(r"run (\S+) saved in", hit.stdout).group(1)
@@ -91,9 +94,11 @@ def test_a_run_on_a_weights_file_records_where_it_is_now_and_refuses_other_conte
     ok = run_cli("predict", "--run", run_id, image, "--cache-dir", str(tmp_path / "c"))
     assert ok.returncode == 0, ok.stderr
     save(moved, 1)  # same path, other weights
-    for command in (["predict", "--run", run_id, image], ["evaluate", "--run", run_id, "--data", str(data)]):
+    for command in (["predict", "--run", run_id, image], ["evaluate", "--run", run_id, "--data", str(data)],
+                    ["finetune", "--run", run_id, "--epochs", "1"]):
         refused = run_cli(*command, "--cache-dir", str(tmp_path / "c"))
-        assert refused.returncode == 2 and f"is not the weights file run {run_id} was fitted on" in refused.stderr
+        assert refused.returncode == 2 and f"is not the weights file {'head ' * (command[0] == 'finetune')}run " \
+            f"{run_id} was fitted on" in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     moved.unlink()
     gone = run_cli("predict", "--run", run_id, image, "--cache-dir", str(tmp_path / "c"))

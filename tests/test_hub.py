@@ -182,10 +182,10 @@ def test_transformer_blocks_are_found_inside_dinov2_and_siglip_towers():
 def test_a_preset_that_cannot_be_fetched_says_why_plainly():
     """Offline, the reason was urllib3's text cut at 200 characters ("...HTTPSConnection(host='api.k");
     an unknown name's reason ended at "A preset must be a one of:", its list on the next line."""
-    from pipeline.backbones.hub import _fetch_error
+    from pipeline.backbones.hub import fetch_error
 
     offline = ConnectionError("HTTPSConnectionPool(host='api.kaggle.com', port=443): Max retries exceeded with url: "
                               "/api/v1/models (Caused by NameResolutionError(\"HTTPSConnection(host='api.kaggle.com')\"))")
-    assert "(no network: the preset's files could not be downloaded)" in _fetch_error("dinov2_small", offline)
+    assert "(no network: the preset's files could not be downloaded)" in fetch_error("dinov2_small", offline)
     unknown = ValueError("Unknown preset identifier. A preset must be a one of:\n\n'dinov2_small', 'vit_base'")
-    assert "A preset must be a one of: 'dinov2_small', 'vit_base'" in _fetch_error("notapreset", unknown)
+    assert "A preset must be a one of: 'dinov2_small', 'vit_base'" in fetch_error("notapreset", unknown)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_reason
 from pipeline.versions import version
 
 PREFIX = "hub:"
@@ -118,7 +118,7 @@ def open_preset(name: str) -> Preset:
     try:
         converter = keras_hub.layers.ImageConverter.from_preset(handle)
     except Exception as exc:  # noqa: BLE001 - keras-hub raises ValueError, FileNotFoundError or network errors
-        raise UserError(_fetch_error(handle, exc)) from None
+        raise UserError(fetch_error(handle, exc)) from None
     if converter.scale is None and converter.offset is None:
         raise UserError(f"keras-hub preset {handle!r} has no image converter scaling; it cannot be used here")
     size = converter.image_size[0] if converter.image_size else None
@@ -145,14 +145,13 @@ _OFFLINE = ("NameResolutionError", "Max retries exceeded", "ConnectionError", "T
             "Failed to establish a new connection", "Network is unreachable")
 
 
-def _fetch_error(handle: str, exc: Exception) -> str:
+def fetch_error(handle: str, exc: Exception) -> str:
+    """The one line for a preset keras-hub could not load: no network, or its reason, and the way out."""
     text = str(exc)
     if any(sign in text for sign in _OFFLINE):
         first = "no network: the preset's files could not be downloaded"
     else:
-        lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
-        first = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]  # a list follows
-        first = first if len(first) <= 200 else first[:200] + "..."
+        first = first_reason(exc, 200)
     return (f"could not load keras-hub preset {handle!r} ({first}); check the name (keras_hub.models.Backbone."
             f"presets lists them) or, offline, save the preset to a folder on a machine with internet "
             f"(keras_hub.models.Backbone.from_preset(NAME).save_to_preset(DIR), and the same for "
@@ -306,7 +305,7 @@ def build(preset: str, include_top: bool, weights: str | None, input_shape: tupl
                             f"{image_size}") from None
         if Path(preset).is_dir():
             raise UserError(f"could not load the keras-hub preset folder {preset} ({first}); save it again") from None
-        raise UserError(_fetch_error(preset, exc)) from None
+        raise UserError(fetch_error(preset, exc)) from None
     tower = getattr(model, "vision_encoder", None) or model
     pixels = keras.Input((size, size, 3), name="pixels", dtype="float32")
     x = scaling_layer(scale, offset)(pixels)

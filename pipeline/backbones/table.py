@@ -7,6 +7,7 @@ keys stay fast.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -21,7 +22,7 @@ from pipeline.backbones import hub
 from pipeline.backbones.lite_weights import weights_path
 from pipeline.backbones.preprocessing import STYLES
 from pipeline.backend import set_random_seed
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_reason
 
 # Preprocessing styles (implemented once, as Keras layers, in `preprocessing`).
 PREPROCESS = STYLES
@@ -161,11 +162,34 @@ def weights_identity(spec: Backbone, weights: str) -> str:
     path = Path(weights).expanduser()
     if not path.is_file():
         raise UserError(f"--weights must be imagenet, none or a weights file; {weights!r} is none of these")
+    st = path.stat()
+    return f"file:{_file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=32)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 (32 hex digits) of a weights file, once per (path, size, mtime) in a process: a
+    command checks a run's file and then plans its extraction from it."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return f"file:{h.hexdigest()[:32]}"
+    return h.hexdigest()[:32]
+
+
+def check_weights_file(spec: Backbone, weights: str, recorded: str, who: str) -> None:
+    """One line where the weights file a head was fitted on (`recorded`: its weights identity) is gone
+    or holds other content now: the head would read other features and answer with confidence.
+    ImageNet, random and keras-hub weights have no file of the user's that can change."""
+    if not str(recorded).startswith("file:"):
+        return
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"{who} reads its backbone's weights from {path}, which is gone; put the file back, or fit "
+                        f"a head again with --weights naming where it is now")
+    if weights_identity(spec, weights) != recorded:
+        raise UserError(f"{path} is not the weights file {who} was fitted on (its content changed since): its head "
+                        f"would read other features; put the original back, or fit a head again")
 
 
 def check_weights_size(spec: Backbone, weights: str, image_size: int) -> None:
@@ -199,24 +223,22 @@ def build(spec: Backbone, weights: str, image_size: int, include_top: bool = Fal
     if not include_top:
         kwargs["input_shape"] = (image_size, image_size, 3)
     try:
-        with warnings.catch_warnings(record=True) as said:  # Keras warns per layer before a failed load fails
-            warnings.simplefilter("always")
+        # Keras warns per layer before a failed load fails: held back (the filters in force still
+        # decide what is held), then shown only where the model built
+        with warnings.catch_warnings(record=True) as said:
             model = fn(**kwargs)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - keras raises ValueError/Exception for downloads, sizes and bad files
         raise UserError(_explain_build_error(spec, w, image_size, exc, include_top)) from None
-    for w_ in said:  # a model that built: its warnings stand
-        warnings.warn_explicit(w_.message, w_.category, w_.filename, w_.lineno)
+    for shown in said:
+        warnings.showwarning(shown.message, shown.category, shown.filename, shown.lineno)
     return model
 
 
 def _explain_build_error(spec: Backbone, weights: str | None, size: int, exc: Exception,
                          include_top: bool = False) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-    # Keras' "... Example error message for object <Conv2D ...>:" puts the reason on the next line
-    msg = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-    msg = msg if len(msg) <= 400 else msg[:400] + "..."
+    msg = first_reason(exc)
     url = re.search(r"https?://\S+?\.h5", str(exc))
     if weights == "imagenet" and (url or "URL fetch failure" in str(exc) or "fetch" in str(exc).lower()):
         fname = url.group(0).rsplit("/", 1)[1] if url else "the weights .h5 file"

@@ -54,6 +54,9 @@ trust_pickle_option = click.option(
     help="Also load an old pickled head.joblib (from an older version); unpickling can run code, so only "
          "for runs you trust.")
 
+allow_outside_paths_option = click.option(
+    "--allow-outside-paths", is_flag=True, help="Let a CSV manifest name files outside its own folder (refused by default).")
+
 _EXTRACT_OPTIONS = [
     click.option("--data", default=BUILTIN_DEFAULT, show_default=True,
                  help="Image folder (one subfolder per class, optionally under train/val/test), "
@@ -86,8 +89,7 @@ _EXTRACT_OPTIONS = [
                  help="Validation share when the data has no split folders."),
     click.option("--test-fraction", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True),
     click.option("--split-seed", type=SEED, default=0, show_default=True),
-    click.option("--allow-outside-paths", is_flag=True,
-                 help="Let a CSV manifest name files outside its own folder (refused by default)."),
+    allow_outside_paths_option,
     cache_dir_option,
     click.option("--batch-size", type=int, default=32, show_default=True),
     click.option("--chunk-size", type=int, default=512, show_default=True,
@@ -155,10 +157,15 @@ def parse_augment(spec: str) -> AugmentConfig:
     return AugmentConfig(**chosen)
 
 
+def split_names(spec: str) -> tuple[str, ...]:
+    """--split-names 'train,val,test' as the folder names (SplitConfig checks there are three)."""
+    return tuple(s.strip() for s in spec.split(","))
+
+
 def build_request(kw: dict[str, Any]) -> tuple[ExtractRequest, RunOptions]:
     """Turn parsed options into the request (what is hashed) and run options (what is not)."""
     select_backend(kw.get("backend"))
-    names = tuple(s.strip() for s in kw["split_names"].split(","))
+    names = split_names(kw["split_names"])
     if kw["batch_size"] < 1 or kw["chunk_size"] < 1:
         raise UserError("--batch-size and --chunk-size must be at least 1")
     if kw["image_size"] is not None and kw["image_size"] < 1:

@@ -12,10 +12,12 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.backend import BACKENDS, select as select_backend
-from pipeline.cli.options import cache_dir_option, check_output_file, given_options, trust_pickle_option
+from pipeline.cli.options import (allow_outside_paths_option, cache_dir_option, check_output_file, given_options,
+                                  split_names as parse_split_names, trust_pickle_option)
 from pipeline.cli.shared import shown_path, skipped_message
 from pipeline.errors import UserError
 from pipeline.export.runtime import open_model, predict_files
+from pipeline.extract import is_concat
 from pipeline.inference.apply import (check_explain, check_weights_unchanged, evaluate_run, explained, load_run, predict_paths, run_features,
                                       write_predictions_csv, write_top_k_csv)
 from pipeline.inference.embed import image_paths, imagenet_top_k
@@ -81,7 +83,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
     if not backbone:
         raise click.UsageError("give --run ID (a trained run), --model FILE (an export) or --backbone NAME "
                                "(ImageNet top-k)")
-    if "+" in backbone or "," in backbone:
+    if is_concat(backbone) or "," in backbone:
         raise UserError(f"predict --backbone takes one backbone, whose own ImageNet classes it prints; {backbone!r} "
                         f"names several (a join has no classifier: fit a head on it and give --run)")
     results, skipped = imagenet_top_k(backbone, weights, paths, top_k, batch_size=batch_size)
@@ -107,8 +109,7 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--split-names", default=None, metavar="TRAIN,VAL,TEST",
               help="Folder names of the data's train, val and test splits (default: the run's).")
-@click.option("--allow-outside-paths", is_flag=True,
-              help="Let a CSV manifest name files outside its own folder (refused by default).")
+@allow_outside_paths_option
 @trust_pickle_option
 @cache_dir_option
 def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path | None, batch_size: int,
@@ -123,7 +124,7 @@ def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     check_weights_unchanged(run)
     splits = replace(run.request.split, allow_outside_paths=allow_outside_paths or run.request.split.allow_outside_paths,
-                     **({"folder_names": tuple(s.strip() for s in split_names.split(","))} if split_names else {}))
+                     **({"folder_names": parse_split_names(split_names)} if split_names else {}))
     result = evaluate_run(replace(run, request=replace(run.request, split=splits)), data, cache_dir,
                           None if split == "all" else split, batch_size, explain=explain)
     report = result.report

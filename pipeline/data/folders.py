@@ -12,6 +12,9 @@ from pipeline.data.decode import IMAGE_SUFFIXES
 from pipeline.errors import DataWarning, UserError
 
 # Folders and files that tools and operating systems leave beside images; never data.
+# Names of image files: what the decoder reads, plus formats it refuses by name (HEIC from phones), so a
+# loose one beside the class folders, or one given as --data, is named as an image
+IMAGE_NAME_SUFFIXES = frozenset(IMAGE_SUFFIXES) | {".heic", ".heif", ".avif"}
 HIDDEN_NAMES = frozenset({"@eaDir", "__MACOSX", ".ipynb_checkpoints", "Thumbs.db", ".DS_Store"})
 
 def is_hidden(relative_path: str | os.PathLike) -> bool:
@@ -69,7 +72,7 @@ def loose_images(base: Path) -> list[str]:
     """Names of image files directly in `base`, beside its class (or split) folders: in no class."""
     try:
         return sorted(p.name for p in base.iterdir() if p.is_file() and not is_hidden(p.name)
-                      and p.suffix.lower() in IMAGE_SUFFIXES)
+                      and p.suffix.lower() in IMAGE_NAME_SUFFIXES)
     except OSError:
         return []
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from pipeline.data.decode import IMAGE_SUFFIXES, claimed_format, load_file, resize, to_rgb
-from pipeline.data.folders import is_hidden, loose_images, utf8_named, visible_files
+from pipeline.data.decode import claimed_format, load_file, resize, to_rgb
+from pipeline.data.folders import IMAGE_NAME_SUFFIXES, is_hidden, loose_images, utf8_named, visible_files
 from pipeline.errors import DataWarning, UserError
 from pipeline.versions import version
 
@@ -35,9 +35,6 @@ BUILTIN_DEFAULT = "builtin:digits"
 PATH_COLUMNS = ("path", "filename", "file", "image")
 LABEL_COLUMNS = ("label", "class", "category")
 SPLIT_COLUMNS = ("split",)
-# Suffixes and leading bytes of single image files, which --data refuses (it takes a folder or manifest).
-# what the decoder reads, plus image formats it refuses by name (so a single one given as --data is named)
-_IMAGE_SUFFIXES = set(IMAGE_SUFFIXES) | {".heic", ".heif", ".avif"}
 
 
 @dataclass(frozen=True)
@@ -471,7 +468,7 @@ class CsvSource(FileSource):
             return bool(v) and os.path.isfile(p if p.is_absolute() else base / p)
 
         path_ok = sum(exists(r[cols["path"]]) for _, r in sample)
-        label_files = sum(exists(r[cols["label"]]) or Path(r[cols["label"]]).suffix.lower() in _IMAGE_SUFFIXES
+        label_files = sum(exists(r[cols["label"]]) or Path(r[cols["label"]]).suffix.lower() in IMAGE_NAME_SUFFIXES
                           for _, r in sample if cols["label"] < len(r))
         if path_ok == 0 and label_files >= max(1, len(sample) // 2):
             line, r = sample[0]
@@ -644,7 +641,7 @@ def open_source(data: str, split: SplitConfig = SplitConfig()) -> Source:
 
 def _is_image_file(path: Path) -> bool:
     """By suffix or by the first bytes (JPEG, PNG, GIF, BMP, TIFF, WebP)."""
-    if path.suffix.lower() in _IMAGE_SUFFIXES:
+    if path.suffix.lower() in IMAGE_NAME_SUFFIXES:
         return True
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
         return False

@@ -59,6 +59,11 @@ class ExtractRequest:
         # a keras-hub preset folder is recorded by its absolute path, so a run replays from anywhere
         # (each part of a concatenation 'a+b')
         object.__setattr__(self, "backbone", "+".join(backbones.hub.qualified(b) for b in self.backbone.split("+")))
+        weights = Path(str(self.weights)).expanduser()
+        if str(self.weights).lower() not in ("imagenet", "none") and weights.is_file():
+            # recorded absolute, as a hub folder is, so a run finds it from any folder; the key hashes
+            # the file's content, not its path, so it is unchanged
+            object.__setattr__(self, "weights", str(weights.resolve()))
         if self.layer is not None and not str(self.layer).strip():  # `--layer ""` is the default output, one key
             object.__setattr__(self, "layer", None)
         _choice("--pooling", self.pooling, POOLINGS)

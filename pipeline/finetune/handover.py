@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from pipeline import backbones
 from pipeline.backend import check_recorded
 from pipeline.errors import DataWarning, UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, plan
@@ -69,6 +70,12 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
                       f"the old ones; fit-head on the data again for a head of the same pixels", DataWarning,
                       stacklevel=2)
     request = ExtractRequest.from_json(req)
+    given = config.get("request") if isinstance(config.get("request"), Mapping) else {}
+    if given.get("weights") and not is_concat(request.backbone):  # where the run found its weights file
+        request = dataclasses.replace(request, weights=str(given["weights"]))
+        recorded = str((getattr(head, "feature_info_", None) or {}).get("weights_id") or "")
+        backbones.check_weights_file(backbones.get(request.backbone), request.weights, recorded,
+                                     f"head run {run_dir.name}")
     spec = (material.get("data") or {}).get("data") if isinstance(material, Mapping) else None
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
         request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction

@@ -25,6 +25,7 @@ from pipeline.features.store import FeatureFile
 from pipeline.heads.files import load_keras_file
 from pipeline.heads.registry import load_head
 from pipeline.inference.embed import run_model
+from pipeline.layout import CacheLayout
 from pipeline.sheets import csv_line
 from pipeline.tracking.metrics import classification_report
 from pipeline.tracking.runs import Registry, RunRecord
@@ -71,16 +72,8 @@ def check_weights_unchanged(run: LoadedRun) -> None:
     and answer with confidence. ImageNet and random weights have no file that can change."""
     if run.head is None or is_concat(run.request.backbone):
         return
-    recorded = str(run.head.feature_info_.get("weights_id") or "")
-    if not recorded.startswith("file:"):
-        return
-    path = Path(run.request.weights).expanduser()
-    if not path.is_file():
-        raise UserError(f"run {run.record.id} reads its backbone's weights from {path}, which is gone; put the file "
-                        f"back, or fit a head again with --weights naming where it is now")
-    if bb.weights_identity(bb.get(run.request.backbone), run.request.weights) != recorded:
-        raise UserError(f"{path} is not the weights file run {run.record.id} was fitted on (its content changed "
-                        f"since): its head would read other features; put the original back, or fit a head again")
+    recorded = str((getattr(run.head, "feature_info_", None) or {}).get("weights_id") or "")
+    bb.check_weights_file(bb.get(run.request.backbone), run.request.weights, recorded, f"run {run.record.id}")
 
 
 def _request_of(record: RunRecord) -> ExtractRequest:
@@ -157,13 +150,14 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
     return Evaluated(report, scored, row_labels, proba, near, skipped)
 
 
-def training_paths(record: RunRecord) -> set[str]:
+def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str]:
     """The image files a fit-head run's head trained on (a fine-tune's: its parent's), recomputed from
-    its cache file, val fraction and seed as fine-tuning does; empty where the cache file is gone."""
+    its cache file, val fraction and seed as fine-tuning does; empty where the cache file is gone, or
+    where none of `among` is in it (the split is not made then)."""
     cfg = record.config
     if cfg.get("parent_run"):
         try:
-            return training_paths(Registry(record.dir.parent.parent).get(str(cfg["parent_run"])))
+            return training_paths(Registry(CacheLayout.of(record.dir).root).get(str(cfg["parent_run"])), among)
         except UserError:
             return set()
     cache_file = cfg.get("cache_file")
@@ -173,6 +167,8 @@ def training_paths(record: RunRecord) -> set[str]:
     try:
         with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
             warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
+            if among is not None and among.isdisjoint(ff.paths):  # a folder the run never saw: nothing to split
+                return set()
             rows = split_rows(ff, float(cfg.get("val_fraction", 0.2)), int(cfg.get("seed", 0)), use_augmented=False)
             return {ff.paths[r] for r in rows.train}
     except UserError:
@@ -181,7 +177,7 @@ def training_paths(record: RunRecord) -> set[str]:
 
 def warn_own_training_images(run: LoadedRun, scored: Sequence[str]) -> None:
     """One warning where images scored are ones the run trained on: their figures are not held out."""
-    trained = training_paths(run.record) if scored else set()
+    trained = training_paths(run.record, set(scored)) if scored else set()
     own = [p for p in scored if p in trained]
     if own:
         warnings.warn(f"{len(own)} of the {len(scored)} images scored are run {run.record.id}'s own training images "
@@ -197,10 +193,6 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
     listing = source.listing()
     check_class_subset(listing.class_names, run.class_names, data)
     keep = [i for i, s in enumerate(listing.splits) if (split is None or s == split) and listing.labels[i] >= 0]
-    if split and listing.split_origin.startswith("hash") and getattr(source, "spec", None) != run.request.data:
-        warnings.warn(f"{data} has no split folders, so --split {split} scores the {len(keep)} image(s) a hash of "
-                      f"their names puts in {split} (the run's --val-fraction), a subset of them; --split all scores "
-                      f"every image", DataWarning, stacklevel=3)
     if not keep:
         held = sorted({s for s, label in zip(listing.splits, listing.labels) if label >= 0})
         if split and held:
@@ -208,6 +200,11 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
                             f"{', '.join(held)}: give --split {' or --split '.join(held)}, or --split all")
         raise UserError(f"{data} has no labelled images" + (f" in split {split!r}" if split else "")
                         + "; evaluate needs labels (a folder per class, or a manifest's label column)")
+    if split and listing.split_origin.startswith("hash") and getattr(source, "spec", None) != run.request.data:
+        fraction = {"val": "--val-fraction", "test": "--test-fraction"}.get(split, "--val-fraction and --test-fraction")
+        warnings.warn(f"{data} has no split folders, so --split {split} scores the {len(keep)} image(s) a hash of "
+                      f"their names puts in {split} (by the run's {fraction}), a subset of them; --split all scores "
+                      f"every image", DataWarning, stacklevel=3)
     if listing.paths is None:
         if run.head is None:
             raise UserError("evaluating a fine-tuned model needs image files (a folder or CSV manifest)")
