@@ -112,8 +112,8 @@ _PROGRESSIVE = frozenset((0xC2, 0xC6, 0xCA, 0xCE))  # frames whose whole coeffic
 
 def quick_size(data: bytes) -> tuple[str, int, int] | None:
     """(format, width, height) of a plain JPEG (its SOF segment; format "JPEG-progressive" for a
-    progressive frame) or PNG (its IHDR chunk), read in a few microseconds; None for anything else or anything unusual, which Pillow then reads. Pillow's
-    header parse holds the GIL ~80 us an image: with 16 decode threads it capped the loader at ~2,500
+    progressive frame) or PNG (its IHDR chunk), read in a few microseconds; None for anything else or
+    anything unusual, which Pillow then reads. Pillow's header parse holds the GIL ~80 us an image: with 16 decode threads it capped the loader at ~2,500
     img/s on an H200 machine, and ~4,500 without it (bench/gpu/diagnose.sh)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
         w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")

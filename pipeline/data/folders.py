@@ -11,11 +11,12 @@ from pathlib import Path
 from pipeline.data.decode import IMAGE_SUFFIXES
 from pipeline.errors import DataWarning, UserError
 
-# Folders and files that tools and operating systems leave beside images; never data.
 # Names of image files: what the decoder reads, plus formats it refuses by name (HEIC from phones), so a
 # loose one beside the class folders, or one given as --data, is named as an image
 IMAGE_NAME_SUFFIXES = frozenset(IMAGE_SUFFIXES) | {".heic", ".heif", ".avif"}
+# Folders and files that tools and operating systems leave beside images; never data.
 HIDDEN_NAMES = frozenset({"@eaDir", "__MACOSX", ".ipynb_checkpoints", "Thumbs.db", ".DS_Store"})
+
 
 def is_hidden(relative_path: str | os.PathLike) -> bool:
     """Whether a path (relative to the data root) lies in or is a hidden or tool item at any depth:
@@ -39,15 +40,12 @@ def visible_files(folder: Path) -> list[Path]:
     followed: set[str] = set()  # real paths of the linked folders read (a second link to one is not)
     for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         here = os.path.realpath(dirpath)
-        keep = []
-        for d in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
+        names = [d for d in sorted(dirnames) if not is_hidden(d)]
+        links = {d for d in names if os.path.islink(os.path.join(dirpath, d))}
+        # real folders first, unless a link led to them before (their files are listed under it)
+        keep = [d for d in names if d not in links and os.path.realpath(os.path.join(dirpath, d)) not in followed]
+        for d in (d for d in names if d in links):
             link = os.path.join(dirpath, d)
-            if is_hidden(d):
-                continue
-            if not os.path.islink(link):
-                if os.path.realpath(link) not in followed:  # else reached before through a link
-                    keep.append(d)
-                continue
             target = os.path.realpath(link)
             if os.path.commonpath([here, target]) == target or os.path.commonpath([home, target]) == target:
                 warnings.warn(f"not following {link}: it links back to {target}, a folder above it (a loop)",

@@ -257,13 +257,12 @@ class FolderSource(FileSource):
             if not classes:
                 raise UserError(f"{base} has no class subfolders; expected one subfolder per class "
                                 f"(e.g. {base}/cats/*.jpg)")
+            named: dict[str, Path] = {}
             for folder in classes:
                 real = Path(os.path.realpath(folder))
                 if self.root == real or real in self.root.parents:
                     raise UserError(f"class folder {folder} links to {real}, which holds the data folder itself, so "
                                     f"every image would be in it too; remove the link")
-            named: dict[str, Path] = {}
-            for folder in classes:
                 name = class_name(folder)
                 if named.setdefault(name, folder) != folder:
                     raise UserError(f"class folders {named[name].name!r} and {folder.name!r} in {base} differ only in "

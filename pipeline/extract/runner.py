@@ -38,7 +38,8 @@ from pipeline.extract.mapper import cached_runner
 from pipeline.extract.plan import ExtractResult, Plan, RunOptions, cache_dir_flags, image_rate
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
-from pipeline.features.store import ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, assemble, read_parts_json
+from pipeline.features.store import (ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, assemble, read_parts_json,
+                                     read_skipped)
 
 Log = Callable[[str], None]
 SHARDS_FILE = "shards.json"  # in the parts folder: how many shards split this job's chunks
@@ -189,6 +190,11 @@ class ExtractionJob:
         finally:
             if self.shard is None and not self.chunks.done() and not (p.parts / SHARDS_FILE).exists():
                 self.chunks.remove()  # nothing finished: leave no empty partial behind (shards may share it)
+        return self.computed
+
+    @property
+    def computed(self) -> int:
+        """Rows this job's compute made: the images it read (`needed`), less those it skipped."""
         return self.needed - self.n_skipped
 
     def missing_chunks(self) -> list[int]:
@@ -200,8 +206,7 @@ class ExtractionJob:
         """A shard's result when it does not assemble: the file is not (or already) there."""
         extra = {} if missing is None else {"seconds": time.perf_counter() - self.t0, "missing_chunks": missing,
                                             "reused": int(np.count_nonzero(self.reused & self.in_todo))}
-        return ExtractResult(self.p.path, self.p.key, cache_hit=False, computed=self.needed - self.n_skipped,
-                             shard=self.shard,
+        return ExtractResult(self.p.path, self.p.key, cache_hit=False, computed=self.computed, shard=self.shard,
                              n_chunks=self.n_chunks, distributor="shard", model_seconds=self.model_seconds, **extra)
 
     def assemble(self, ran: tuple[int, float] | None = None) -> ExtractResult:
@@ -212,8 +217,10 @@ class ExtractionJob:
         if not self.hashed_all:  # every image's: the shards' notes (ours too), then what none holds
             self.stats = (self.stats[0], self.stats[1], file_hashes(self.listing.paths, p.parts))
         seconds = time.perf_counter() - self.t0
-        if ran is not None:
-            self.needed, seconds = ran[0], ran[1] + seconds
+        # images read (skipped ones too: the rate counts them) and rows made; Ray's workers report rows
+        read, made = (ran[0], ran[0]) if ran is not None else (self.needed, self.computed)
+        seconds += ran[1] if ran is not None else 0.0
+        rate = image_rate(read, seconds, self.model_seconds)  # the backbone build left out
         attrs = {
             "key": p.key, "request": p.request.to_json(), "key_material": p.key_material,
             "backbone": p.spec.name, "weights": p.request.weights, "weights_id": p.key_material["weights"],
@@ -225,8 +232,8 @@ class ExtractionJob:
             "backend": p.key_material["backend"], "decoder": p.key_material["decoder"],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 3),
         }
-        if self.needed:  # images computed per second, the backbone build left out (what `fit-head --backbone a,b` shows)
-            attrs["images_per_s"] = round(image_rate(self.needed, seconds, self.model_seconds), 2)
+        if read:  # what `fit-head --backbone a,b` shows
+            attrs["images_per_s"] = round(rate, 2)
         items = ItemTable(self.listing.ids, self.listing.labels, self.listing.splits, self.listing.class_names,
                           *(self.stats if self.stats is not None else (None, None, None)))
         try:
@@ -244,11 +251,9 @@ class ExtractionJob:
         chunks.remove()
         with _h5_open(p.path) as f:
             n_rows = int(f.attrs["n_rows"])
-            skipped = list(zip(f["skipped_paths"].asstr()[:], f["skipped_reasons"].asstr()[:]))
-        computed = self.needed - self.n_skipped  # rows made; the rate counts every image read, skipped ones too
+            skipped = read_skipped(f)
         return ExtractResult(p.path, p.key, cache_hit=False, n_rows=n_rows, skipped=skipped, seconds=seconds,
-                             images_per_s=image_rate(self.needed, seconds, self.model_seconds),
-                             resumed_from=self.start, computed=computed,
+                             images_per_s=rate, resumed_from=self.start, computed=made,
                              reused=int(np.count_nonzero(self.reused & self.in_todo)),
                              reused_from=self.reuse.base if self.reuse is not None else None,
                              shard=self.shard, n_chunks=self.n_chunks, model_seconds=self.model_seconds,

@@ -114,9 +114,7 @@ def _parts_damage(path: Path, problem: str) -> str:
     """The one line for a damaged file of an unfinished extraction: a chunk alone can go (the next run
     computes its images again and keeps every other chunk); a note of the whole folder takes the folder."""
     folder, problem = path.parent, " ".join(problem.split())
-    layout = CacheLayout.holding(folder)
-    where = f" --cache-dir {shlex.quote(str(layout.root))}" if layout is not None else ""
-    whole = f"remove the unfinished extraction (`python cli.py cache rm {folder.name}{where}`)"
+    whole = f"remove the unfinished extraction (`{_cache_rm(folder)}`)"
     if _CHUNK_RE.match(path.name):
         return (f"{path} is damaged ({problem}); delete that chunk (`rm {shlex.quote(str(path))}`) and run the same "
                 f"extract again: only its images are computed again, the other chunks are kept (or {whole})")
@@ -345,6 +343,11 @@ def is_complete(path: str | os.PathLike) -> bool:
         return False
 
 
+def read_skipped(f: h5py.File) -> list[tuple[str, str]]:
+    """(path, reason) of the images an open cache file skipped."""
+    return list(zip(f["skipped_paths"].asstr()[:], f["skipped_reasons"].asstr()[:]))
+
+
 def skipped_files(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(path, reason) of the images a cache file skipped, read from its two small datasets alone
     (a cache hit says them without loading the per-row arrays); empty where there is no such file."""
@@ -352,7 +355,7 @@ def skipped_files(path: str | os.PathLike) -> list[tuple[str, str]]:
         return []
     try:
         with h5py.File(path, "r") as f:
-            return list(zip(f["skipped_paths"].asstr()[:], f["skipped_reasons"].asstr()[:]))
+            return read_skipped(f)
     except (OSError, KeyError, TypeError):
         return []
 
@@ -426,9 +429,7 @@ class FeatureFile:
         self.views: np.ndarray = self._f["views"][:]
         self.index: np.ndarray = self._f["index"][:]
         self.paths: list[str] = list(self._f["paths"].asstr()[:])
-        self.skipped: list[tuple[str, str]] = list(
-            zip(self._f["skipped_paths"].asstr()[:], self._f["skipped_reasons"].asstr()[:])
-        )
+        self.skipped: list[tuple[str, str]] = read_skipped(self._f)
         problem = content_problem(self.labels, self.views, self.index, len(self.class_names))
         if problem:
             raise UserError(damaged_message(self.path, problem))
@@ -548,13 +549,20 @@ def open_failure(path: Path, exc: OSError) -> str:
     return damaged_message(path, f"not readable as HDF5: {text}")
 
 
+def _cache_rm(entry: Path) -> str:
+    """`python cli.py cache rm NAME --cache-dir ROOT` for an entry of a cache's features/ folder (a
+    file or a .parts folder): the command that removes it, from any working folder."""
+    layout = CacheLayout.holding(entry)
+    where = f" --cache-dir {shlex.quote(str(layout.root))}" if layout is not None else ""
+    return f"python cli.py cache rm {entry.name}{where}"
+
+
 def damaged_message(path: Path, problem: str) -> str:
     """The one line for a cache file that is not what this tool writes: what is wrong, and the way out
     (`cache rm` with the cache folder it sits in; a file outside any cache folder, which `cache rm`
     cannot name, the user deletes)."""
-    layout = CacheLayout.holding(path)
-    remove = (f"remove it (`python cli.py cache rm {path.name} --cache-dir {shlex.quote(str(layout.root))}`) and "
-              f"extract again" if layout is not None else "delete it (it is in no cache's features/ folder)")
+    remove = (f"remove it (`{_cache_rm(path)}`) and extract again" if CacheLayout.holding(path) is not None
+              else "delete it (it is in no cache's features/ folder)")
     return (f"{path} is damaged or not a cache file written by this tool ({problem}); {remove}, or copy it again "
             f"from its source")
 

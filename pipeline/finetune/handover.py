@@ -21,7 +21,7 @@ from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, pla
 from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
 from pipeline.heads.registry import load_head
-from pipeline.heads.training import split_rows
+from pipeline.heads.training import split_paths
 from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import read_object
 
@@ -73,7 +73,7 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
     given = config.get("request") if isinstance(config.get("request"), Mapping) else {}
     if given.get("weights") and not is_concat(request.backbone):  # where the run found its weights file
         request = dataclasses.replace(request, weights=str(given["weights"]))
-        recorded = str((getattr(head, "feature_info_", None) or {}).get("weights_id") or "")
+        recorded = str(head.feature_info_.get("weights_id") or "")
         backbones.check_weights_file(backbones.get(request.backbone), request.weights, recorded,
                                      f"head run {run_dir.name}")
     spec = (material.get("data") or {}).get("data") if isinstance(material, Mapping) else None
@@ -107,12 +107,9 @@ def _stage2_split(ff, config: Mapping[str, Any]) -> tuple[dict[str, list[str]], 
     holdout of train, recomputed from the run's val_fraction and seed), so fine-tuning validates on
     the same images and its before/after table compares like with like."""
     try:
-        rows = split_rows(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)), use_augmented=False)
+        return split_paths(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)))
     except UserError:
         return {}, "none"
-    paths = np.asarray(ff.paths, dtype=object)
-    return ({name: sorted(set(paths[r].tolist())) for name, r in
-             (("train", rows.train), ("val", rows.val), ("test", rows.test))}, rows.val_source)
 
 
 

@@ -92,6 +92,16 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
                      n_augmented_rows=int((ff.views[train] > 0).sum()))
 
 
+def split_paths(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0) -> tuple[dict[str, list[str]], str]:
+    """The image files a head fitted with this val fraction and seed trained, validated and tested on
+    ({'train': [...], 'val': [...], 'test': [...]}, clean views), and where its val came from: what
+    fine-tuning validates on, and what `evaluate` must not count as held out."""
+    rows = split_rows(ff, val_fraction, seed, use_augmented=False)
+    paths = np.asarray(ff.paths, dtype=object)
+    return ({name: sorted(set(paths[r].tolist())) for name, r in
+             (("train", rows.train), ("val", rows.val), ("test", rows.test))}, rows.val_source)
+
+
 def check_finite(ff: FeatureFile, batch_rows: int = 8192) -> None:
     """UserError when the cache holds NaN or infinite features, or the same vector for every row
     (all zeros, say): a head would fail or learn nothing."""

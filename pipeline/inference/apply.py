@@ -72,7 +72,7 @@ def check_weights_unchanged(run: LoadedRun) -> None:
     and answer with confidence. ImageNet and random weights have no file that can change."""
     if run.head is None or is_concat(run.request.backbone):
         return
-    recorded = str((getattr(run.head, "feature_info_", None) or {}).get("weights_id") or "")
+    recorded = str(run.head.feature_info_.get("weights_id") or "")
     bb.check_weights_file(bb.get(run.request.backbone), run.request.weights, recorded, f"run {run.record.id}")
 
 
@@ -163,14 +163,13 @@ def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str]
     cache_file = cfg.get("cache_file")
     if not cache_file or not Path(cache_file).is_file():
         return set()
-    from pipeline.heads.training import split_rows  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.heads.training import split_paths  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     try:
         with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
             warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
             if among is not None and among.isdisjoint(ff.paths):  # a folder the run never saw: nothing to split
                 return set()
-            rows = split_rows(ff, float(cfg.get("val_fraction", 0.2)), int(cfg.get("seed", 0)), use_augmented=False)
-            return {ff.paths[r] for r in rows.train}
+            return set(split_paths(ff, float(cfg.get("val_fraction", 0.2)), int(cfg.get("seed", 0)))[0]["train"])
     except UserError:
         return set()
 
@@ -200,7 +199,7 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
                             f"{', '.join(held)}: give --split {' or --split '.join(held)}, or --split all")
         raise UserError(f"{data} has no labelled images" + (f" in split {split!r}" if split else "")
                         + "; evaluate needs labels (a folder per class, or a manifest's label column)")
-    if split and listing.split_origin.startswith("hash") and getattr(source, "spec", None) != run.request.data:
+    if split and listing.split_origin.startswith("hash") and source.spec != run.request.data:
         fraction = {"val": "--val-fraction", "test": "--test-fraction"}.get(split, "--val-fraction and --test-fraction")
         warnings.warn(f"{data} has no split folders, so --split {split} scores the {len(keep)} image(s) a hash of "
                       f"their names puts in {split} (by the run's {fraction}), a subset of them; --split all scores "
