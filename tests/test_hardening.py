@@ -441,10 +441,15 @@ def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
     flat = make_folder(tmp_path / "f", per_class=5, classes=("ants", "bees"), splits=(), seed=8)
     drawn = run_cli("evaluate", "--run", run_id, "--data", str(flat), "--split", "val", "--cache-dir", str(cache))
     assert drawn.returncode == 0 and "has no split folders, so --split val scores the" in drawn.stderr, drawn.stderr
-    listed = tmp_path / "val.csv"  # the run's val images in a manifest without splits: its rows are reused,
+    listed = tmp_path / "lists" / "val.csv"  # the run's val images in a manifest without splits: its rows are reused
+    listed.parent.mkdir()
     listed.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted((data / "val").rglob("*.jpg"))))
+    outside = run_cli("evaluate", "--run", run_id, "--data", str(listed), "--cache-dir", str(cache))
+    assert outside.returncode == 2 and "--allow-outside-paths" in outside.stderr, outside.stderr  # names it: taken
     ev = run_cli("evaluate", "--run", run_id, "--data", str(listed), "--allow-outside-paths", "--cache-dir", str(cache))
     assert ev.returncode == 0 and "another split than" not in ev.stderr, ev.stderr  # not a fit: no split talk
+    _one_line_error(run_cli("evaluate", "--run", run_id, "--data", str(named), "--split-names", "train,validation",
+                            "--cache-dir", str(cache)), "--split-names takes three distinct folder names")
     (subset / "val" / "ants" / "zero.jpg").write_bytes(b"")  # not scored: said, on a fresh extraction and a hit
     for _ in range(2):
         ev = run_cli("evaluate", "--run", run_id, "--data", str(subset), "--split", "val", "--cache-dir", str(cache))
