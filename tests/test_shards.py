@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_folder, run_cli
+from pipeline.cli.shared import report_extraction
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract, plan
 from pipeline.features.store import FeatureFile
@@ -93,6 +94,51 @@ def test_shards_that_saw_other_files_and_a_shard_with_no_chunk_are_said(tmp_path
         extract(req(other), opts(cache, shard=(0, 2)))
     with pytest.warns(DataWarning, match=r"shard 9/10 has no chunk to compute: this job has 3 chunk"):
         extract(req(data), opts(tmp_path / "c2", shard=(9, 10)))
+
+
+def test_shard_0_of_1_leaves_running_shards_their_chunks_and_a_shard_waits_for_a_running_0_of_1(tmp_path, monkeypatch, capsys):
+    """`--shard 0/1` (every missing chunk) run while other shards run computed their chunks a second
+    time; a shard started while a 0/1 runs did the same with its own share."""
+    import contextlib
+
+    import pipeline.extract.distributor as dist
+    from pipeline.locking import exclusive_lock
+
+    data = make_folder(tmp_path / "d", per_class=5, splits=())       # 10 images: chunks 0, 1, 2 (4, 4, 2)
+    cache = tmp_path / "c"
+    p = plan(req(data), cache)
+    extract(req(data), opts(cache, shard=(0, 3)))                      # chunk 0
+    said = []
+    with exclusive_lock(p.shard_lock(1, 3)) as held:                   # shard 1/3 is running now
+        assert held
+        mid = extract(req(data), opts(cache, shard=(0, 1)), log=said.append)
+    assert mid.computed == 2 and mid.missing_chunks == [1] and mid.split == 3 and not p.path.exists()
+    assert "shard 1/3 is running: its 1 missing chunk(s) are left to it" in said
+    report_extraction(mid)                                             # names the shard that owes the chunk
+    assert "2 of 3 chunks present; waiting for shard(s) 1/3;" in capsys.readouterr().out
+    last = extract(req(data), opts(cache, shard=(1, 3)))               # the running shard finishes: assembles
+    assert last.computed == 4 and last.n_rows == 10
+
+    other = tmp_path / "c2"                                            # a shard started while 0/1 runs waits
+    q = plan(req(data), other)
+    extract(req(data), opts(other, shard=(0, 3)))
+    real, ran = dist.exclusive_lock, []
+
+    @contextlib.contextmanager
+    def zero_of_one_runs(path, on_wait=None):
+        if path == q.shard_lock(0, 1) and on_wait is not None and not ran:  # it finishes while this shard waits
+            on_wait()
+            ran.append(None)
+            ran[0] = extract(req(data), opts(other, shard=(0, 1)))
+        with real(path, on_wait) as got:
+            yield got
+
+    monkeypatch.setattr(dist, "is_locked", lambda path: path == q.shard_lock(0, 1))
+    monkeypatch.setattr(dist, "exclusive_lock", zero_of_one_runs)
+    said.clear()
+    waited = extract(req(data), opts(other, shard=(2, 3)), log=said.append)
+    assert ran[0].computed == 6 and ran[0].n_rows == 10 and waited.cache_hit and not waited.computed
+    assert any("--shard 0/1 of this request is running" in s for s in said)
 
 
 def test_shard_cli(tmp_path):

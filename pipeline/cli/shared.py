@@ -36,9 +36,10 @@ def report_extraction(result) -> None:
         click.echo(f"shard {i}/{n}: computed {result.computed} image(s)"
                    + (f", reused {result.reused}" if result.reused else ""))
         if result.missing_chunks:
-            owners = sorted({c % n for c in result.missing_chunks})
+            split = result.split or n
+            owners = sorted({c % split for c in result.missing_chunks})
             click.echo(f"{result.n_chunks - len(result.missing_chunks)} of {result.n_chunks} chunks present; "
-                       f"waiting for shard(s) {', '.join(f'{k}/{n}' for k in owners)}; the last shard to finish "
+                       f"waiting for shard(s) {', '.join(f'{k}/{split}' for k in owners)}; the last shard to finish "
                        f"(or a plain extract afterwards) assembles {result.path.name}")
         else:
             click.echo(f"every chunk is present; {result.path.name} is assembled by another process")

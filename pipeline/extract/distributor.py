@@ -28,7 +28,7 @@ from pipeline.extract.concat import extract_concat, is_concat
 from pipeline.extract.plan import ExtractRequest, ExtractResult, Plan, RunOptions, check_size, plan
 from pipeline.extract.runner import ExtractionJob
 from pipeline.features.store import ChunkDir, is_complete, refuse_damaged
-from pipeline.locking import exclusive_lock
+from pipeline.locking import exclusive_lock, is_locked
 from pipeline.tracking.runs import Registry
 
 Log = Callable[[str], None]
@@ -93,8 +93,13 @@ def extract(request: ExtractRequest, options: RunOptions = RunOptions(), log: Lo
             if options.force:
                 raise UserError("--force cannot be combined with --shard; remove the cache (`cache rm`) first")
             i, n = options.shard
-            shard_lock = p.path.with_suffix(f".shard-{i}-of-{n}.lock")
-            with exclusive_lock(shard_lock, lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
+            if (i, n) != (0, 1) and is_locked(p.shard_lock(0, 1)):  # it computes this shard's chunks too: wait
+                with exclusive_lock(p.shard_lock(0, 1), lambda: log("--shard 0/1 of this request is running and "
+                                                                      "computes every missing chunk; waiting for it")):
+                    pass
+                if is_complete(p.path):
+                    return ExtractResult(p.path, p.key, cache_hit=True)
+            with exclusive_lock(p.shard_lock(i, n), lambda: log(f"shard {i}/{n} of this request is already running; waiting")):
                 if is_complete(p.path):  # the copy we waited for finished the file: nothing is left to do
                     return ExtractResult(p.path, p.key, cache_hit=True)
                 return run_recorded(p, options, log, distribute)

@@ -157,6 +157,7 @@ class ExtractResult:
     shard: tuple[int, int] | None = None
     n_chunks: int = 0
     missing_chunks: list[int] = field(default_factory=list)  # a shard's run: chunks other shards still owe
+    split: int = 0  # a shard's run: into how many shards the chunks are split (--shard 0/1 may leave running ones theirs)
     distributor: str = "local"  # how it was computed: local | shard | ray | concat (joined caches)
     parts: list[Path] = field(default_factory=list)  # a concatenation 'a+b': the backbone caches it joins
     model_seconds: float = 0.0  # of `seconds`, building the backbone (0 where this process kept it, or Ray's actors built it)
@@ -193,6 +194,10 @@ class Plan:
     @property
     def lock(self) -> Path:
         return self.path.with_suffix(".lock")
+
+    def shard_lock(self, i: int, n: int) -> Path:
+        """The lock a run of `--shard I/N` holds while it runs (shards run side by side, each under its own)."""
+        return self.path.with_suffix(f".shard-{i}-of-{n}.lock")
 
 
 def check_size(size: int, allow_large: bool = False) -> None:

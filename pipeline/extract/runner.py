@@ -38,6 +38,7 @@ from pipeline.extract.mapper import cached_runner
 from pipeline.extract.plan import ExtractResult, Plan, RunOptions, cache_dir_flags, image_rate
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
+from pipeline.locking import is_locked
 from pipeline.features.store import (ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, assemble, read_parts_json,
                                      read_skipped)
 
@@ -121,11 +122,14 @@ class ExtractionJob:
         u, n_chunks = self.chunks.chunk_units, self.n_chunks
         done = set(self.chunks.done())
         self.shard = shard
+        self.split = shard[1] if shard is not None else 0  # into how many shards the job's chunks are split
         if shard is not None:
             _check_shards(p, shard, n_chunks, done)
         else:
             _refuse_unfinished_shards(p, n_chunks, done)
         self.todo = [c for c in range(n_chunks) if c not in done and (shard is None or c % shard[1] == shard[0])]
+        if shard == (0, 1):
+            self.todo = self._leave_running_shards(self.todo)
         self.in_todo = self._units_of(self.todo, u)
         self.start = min(self.todo[0] * u, total) if self.todo else total
         if done and not ran:  # `ran`: the chunks are this run's own (Ray's workers wrote them), none resumed
@@ -135,6 +139,20 @@ class ExtractionJob:
             self.log(f"note: the unfinished extraction cuts chunks of {u} images, so --chunk-size "
                      f"{self.options.chunk_units} is not used")
         return self.todo
+
+    def _leave_running_shards(self, todo: list[int]) -> list[int]:
+        """`--shard 0/1` (every missing chunk) leaves the share of each shard running now to it: the
+        chunks would be computed twice. Whichever run finishes last assembles the file."""
+        marker = self.p.parts / SHARDS_FILE
+        if not marker.exists():  # no split recorded: no shard has started
+            return todo
+        n = self.split = read_parts_json(marker, {"n": int})["n"]
+        running = [i for i in range(n) if is_locked(self.p.shard_lock(i, n))]
+        for i in running:
+            left = [c for c in todo if c % n == i]
+            if left:
+                self.log(f"shard {i}/{n} is running: its {len(left)} missing chunk(s) are left to it")
+        return [c for c in todo if c % n not in running]
 
     def look_for_reuse(self) -> None:
         """Before computing the planned chunks: the files' identities (size, mtime; with --content-hash
@@ -207,7 +225,7 @@ class ExtractionJob:
         extra = {} if missing is None else {"seconds": time.perf_counter() - self.t0, "missing_chunks": missing,
                                             "reused": int(np.count_nonzero(self.reused & self.in_todo))}
         return ExtractResult(self.p.path, self.p.key, cache_hit=False, computed=self.computed, shard=self.shard,
-                             n_chunks=self.n_chunks, distributor="shard", model_seconds=self.model_seconds, **extra)
+                             n_chunks=self.n_chunks, split=self.split, distributor="shard", model_seconds=self.model_seconds, **extra)
 
     def assemble(self, ran: tuple[int, float] | None = None) -> ExtractResult:
         """Every chunk is there: write the HDF5 file (items, attributes, features) and remove the parts.
