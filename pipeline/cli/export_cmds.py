@@ -9,7 +9,7 @@ import click
 from pipeline.backend import BACKENDS, select as select_backend
 from pipeline.cli.options import cache_dir_option, trust_pickle_option
 from pipeline.export.exporter import FORMATS, check_format, check_target, export_run
-from pipeline.inference.apply import check_weights_unchanged, load_run
+from pipeline.inference.apply import load_run
 from pipeline.tracking.runs import Registry
 
 
@@ -40,7 +40,6 @@ def export_cmd(run_id: str, fmt: str, out: Path | None, force: bool, trust_pickl
     select_backend(backend)
     check_format(fmt)
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
-    check_weights_unchanged(run)
     folder = out if out is not None else run.record.dir / "export" / fmt
     result = export_run(run, fmt, folder, force=force)
     size = result.card["input"]["shape"][1]

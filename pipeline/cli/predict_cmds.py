@@ -18,7 +18,7 @@ from pipeline.cli.shared import shown_path, skipped_message
 from pipeline.errors import UserError
 from pipeline.export.runtime import open_model, predict_files
 from pipeline.extract import is_concat
-from pipeline.inference.apply import (check_explain, check_weights_unchanged, evaluate_run, explained, load_run, predict_paths, run_features,
+from pipeline.inference.apply import (check_explain, evaluate_run, explained, load_run, predict_paths, run_features,
                                       write_predictions_csv, write_top_k_csv)
 from pipeline.inference.embed import image_paths, imagenet_top_k
 from pipeline.tracking.metrics import metrics_table, summary_line
@@ -122,7 +122,6 @@ def evaluate_cmd(run_id: str, data: str, split: str, explain: int, csv_out: Path
     if csv_out is not None:
         check_output_file(csv_out, "--csv")
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
-    check_weights_unchanged(run)
     splits = replace(run.request.split, allow_outside_paths=allow_outside_paths or run.request.split.allow_outside_paths,
                      **({"folder_names": parse_split_names(split_names)} if split_names else {}))
     result = evaluate_run(replace(run, request=replace(run.request, split=splits)), data, cache_dir,
@@ -160,7 +159,6 @@ def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | 
     """`predict --run`: top-k classes of a trained run for each image (and optionally a CSV); with
     `explain`, each image's nearest training images too (a knn head)."""
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
-    check_weights_unchanged(run)
     check_explain(run, explain)
     if not explain:
         proba, kept, skipped = predict_paths(run, paths, batch_size)

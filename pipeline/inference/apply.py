@@ -42,9 +42,11 @@ class LoadedRun:
     model_path: Path | None = None  # stage-3 whole model (.keras), raw images in
 
 
-def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> LoadedRun:
+def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False, backbone: bool = True) -> LoadedRun:
     """Find a fit-head or finetune run and load its head or model; one-line errors otherwise.
-    `trust_pickle` allows an old pickled head.joblib (unpickling can run code)."""
+    `trust_pickle` allows an old pickled head.joblib (unpickling can run code); `backbone`: the caller
+    builds the run's backbone, so its weights file must be the one the head was fitted on
+    (`_check_weights_unchanged`; the audit reads only the cache)."""
     record = Registry(cache_dir).get(run_id)
     if record.damaged:
         raise UserError(f"run {record.id} is damaged: {'; '.join(record.damaged)} in {record.dir}; run the command "
@@ -63,10 +65,13 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False) -> Loaded
         names = record.config.get("class_names") or []
         return LoadedRun(record, request, list(names), model_path=model)
     head = load_head(record.dir, trust_pickle=trust_pickle)
-    return LoadedRun(record, request, list(head.class_names_), head=head)
+    run = LoadedRun(record, request, list(head.class_names_), head=head)
+    if backbone:
+        _check_weights_unchanged(run)
+    return run
 
 
-def check_weights_unchanged(run: LoadedRun) -> None:
+def _check_weights_unchanged(run: LoadedRun) -> None:
     """One line, before a fit-head run's backbone is built, where its weights file is gone or is not
     the file its head was fitted on (same path, other content): the head would read other features
     and answer with confidence. ImageNet and random weights have no file that can change."""
