@@ -113,6 +113,26 @@ def test_a_file_hdf5_cannot_open_is_called_damaged_only_when_it_is(good, monkeyp
     assert str(good) in text and said in text and not_said not in text and "\n" not in text, text
 
 
+def test_cache_ls_says_a_file_another_process_holds_for_writing_is_locked_not_damaged(tmp_path):
+    """A file another process has open for writing: `cache ls` said "unreadable: no file locks"."""
+    import subprocess
+    import sys
+
+    from pipeline.features.cache import find_entries
+
+    path = tmp_path / "features" / "vgg16_32_avg_abcdef0123456789.h5"
+    path.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1], 'w'); f.flush(); "
+                               "print('open', flush=True); sys.stdin.read()", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        [entry] = find_entries(tmp_path)
+        assert entry.state.startswith("unreadable: HDF5 cannot lock it (another process may be writing it"), entry.state
+    finally:
+        holder.communicate("")
+
+
 def test_the_good_file_still_opens(good):
     with FeatureFile(good) as ff:
         assert len(ff) == 120 and len(ff.class_names) == 3

@@ -532,7 +532,7 @@ def not_damaged(path: Path, exc: OSError) -> str:
     if "Permission denied" in text or "errno = 13" in text or not os.access(path, os.R_OK):
         return "permission denied"
     if "unable to lock file" in text.lower() or "file locking" in text.lower():
-        return "no file locks"
+        return "HDF5 cannot lock it (another process may be writing it, or its file system has no locks)"
     return ""
 
 
