@@ -311,3 +311,17 @@ def test_predict_names_a_list_of_images_given_as_an_image(tmp_path):
     listed.write_text("a.jpg\nb.jpg\n")
     with pytest.raises(UserError, match="looks like a list of images, but predict takes image files and folders"):
         image_paths([str(listed)])
+
+
+def test_a_manifest_keeps_the_spaces_of_a_file_named_with_them_and_strips_them_elsewhere(tmp_path):
+    """"a.jpg, cat" names a.jpg; but a file whose name ends in a space, listed so by the audit's
+    cleaned.csv, lost the space and was skipped as missing."""
+    from PIL import Image
+
+    from pipeline.data.sources import open_source
+
+    for name in ("a.png ", "b.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG")
+    (tmp_path / "m.csv").write_text("path,label\na.png ,cat\n b.png ,dog\n")
+    listing = open_source(str(tmp_path / "m.csv")).listing()
+    assert sorted(listing.paths) == [str(tmp_path / "a.png "), str(tmp_path / "b.png")]

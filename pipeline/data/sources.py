@@ -343,10 +343,13 @@ class CsvSource(FileSource):
         text = self._text()
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=self._delimiter(text))
         rows, line = [], 1
+        self._padded: dict[int, list[str]] = {}  # a row's cells before stripping, where one had spaces around it
         try:
             for r in reader:
                 if r and any(c.strip() for c in r):
                     rows.append((line, [c.strip() for c in r]))
+                    if rows[-1][1] != r:
+                        self._padded[line] = r
                 line = reader.line_num + 1
         except csv.Error as exc:
             raise UserError(f"{self.path} line {reader.line_num}: not a readable CSV row ({exc}); expected "
@@ -408,6 +411,8 @@ class CsvSource(FileSource):
                                 f"(--split-names renames split folders only; rename the manifest's splits)")
             p = Path(os.path.expanduser(raw_path))
             full = os.path.normpath(p if p.is_absolute() else base / p)
+            if line in self._padded:  # "a.jpg, cat" is a.jpg; a file whose name ends in a space keeps it
+                full, raw_path = _padded_path(full, self._padded[line][cols["path"]], base, raw_path)
             if not self.split.allow_outside_paths and os.path.commonpath([full, str(base)]) != str(base):
                 outside.append((line, raw_path))
             split = s or None
@@ -484,6 +489,16 @@ class CsvSource(FileSource):
 def _pathy(v: str) -> bool:
     """Whether a cell looks like a file path (a folder separator or a suffix)."""
     return "/" in v or "\\" in v or Path(v).suffix != ""
+
+
+def _padded_path(full: str, cell: str, base: Path, raw_path: str) -> tuple[str, str]:
+    """(full path, path as written) of a manifest's path cell that had spaces around it: stripped,
+    unless only the file named with them exists (the audit's cleaned.csv lists such files verbatim)."""
+    p = Path(os.path.expanduser(cell))
+    padded = os.path.normpath(p if p.is_absolute() else base / p)
+    if padded != full and os.path.lexists(padded) and not os.path.lexists(full):
+        return padded, cell
+    return full, raw_path
 
 
 def _looks_like_header(rows: list[tuple[int, list[str]]]) -> bool:
