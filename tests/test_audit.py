@@ -629,7 +629,7 @@ def test_cleaned_rows_drop_only_the_issues_the_evidence_rules_out_and_relabel_co
     assert {k: v for k, v in data["cleaned"].items() if k != "command"} == {
         "file": "cleaned.csv", "images": 4, "removed": 3, "relabel": True, "relabelled": 1,
         "label_issues_dropped_below": 0.2, "classes_left_out": ["a"],  # a's train images: relabelled, dropped, outlier
-        "splits_emptied": ["val"]}  # p6, a's only val image: the later copy of p5
+        "splits_emptied": ["val"], "train_images": 4}  # p6, a's only val image: the later copy of p5
     assert [d["cleaned"] for d in data["label_issues"]] == ["relabelled", "dropped", "kept", "kept"]
 
 
@@ -790,10 +790,12 @@ def test_cli_audit_with_a_run_reads_that_runs_features_and_refuses_a_head_that_s
     images (its val accuracy would not be held out), and records the run's full id; --cache of a file
     outside a cache's features/ is refused; the retrain command's paths are absolute."""
     data = make_folder(tmp_path / "data", per_class=10, classes=("red", "green", "blue"), splits=())
-    fit = run_cli("fit-head", "--data", str(data), "--cache-dir", "cache", *FAST, "--split-seed", "1",
+    fit = run_cli("fit-head", "--data", "data", "--cache-dir", "cache", *FAST, "--split-seed", "1",
                   "--head", "logistic", "--C", "1.0", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr
     run_id = re.search(r"run (\S+) saved in", fit.stdout).group(1)
+    fitted = json.loads((tmp_path / "cache" / "runs" / run_id / "config.json").read_text())
+    assert fitted["data"] == str(data.resolve()) and Path(fitted["cache_file"]).is_absolute()  # given relative
 
     audit = run_cli("audit", "--run", run_id[:-2], "--cache-dir", "cache", "--no-map", "--no-progress", cwd=tmp_path)
     assert audit.returncode == 0, audit.stderr
@@ -815,6 +817,13 @@ def test_cli_audit_with_a_run_reads_that_runs_features_and_refuses_a_head_that_s
     seen = run_cli("audit", "--cache", key, "--run", run_id, "--cache-dir", "cache", "--no-map", cwd=tmp_path)
     assert seen.returncode == 2 and len(seen.stderr.strip().splitlines()) == 1, seen.stderr
     assert "trained on" in seen.stderr and "not be held out" in seen.stderr and "(leave out --data and --cache)" in seen.stderr
+    fit_dir = tmp_path / "cache" / "runs" / run_id                     # the run's cache removed: its split.csv tells
+    Path(json.loads((fit_dir / "config.json").read_text())["cache_file"]).unlink()
+    gone = run_cli("audit", "--cache", key, "--run", run_id, "--cache-dir", "cache", "--no-map", cwd=tmp_path)
+    assert gone.returncode == 2 and "trained on" in gone.stderr, gone.stderr
+    (fit_dir / "split.csv").unlink()                                   # a run from before split.csv: said, not silent
+    unknown = run_cli("audit", "--cache", key, "--run", run_id, "--cache-dir", "cache", "--no-map", cwd=tmp_path)
+    assert unknown.returncode == 0 and "training images are unknown" in unknown.stderr, unknown.stderr
 
     outside = tmp_path / "elsewhere" / "copy.h5"
     outside.parent.mkdir()
@@ -838,6 +847,10 @@ def test_cli_audit_bad_input_is_one_line(tmp_path):
         bad = run_cli("audit", "--data", str(one), "--drop-below", value, "--cache-dir", str(tmp_path / "c"), *FAST)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--drop-below" in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    only_val = make_folder(tmp_path / "v", per_class=5, splits=("val",))  # printed a fit-head command that fails
+    proc = run_cli("audit", "--data", str(only_val), "--no-map", "--cache-dir", str(tmp_path / "c"), *FAST)
+    assert proc.returncode == 0 and "train on it:" not in proc.stderr, proc.stderr
+    assert "it keeps no training image, so fit-head cannot train on it" in proc.stderr, proc.stderr
 
 
 def test_audit_help_states_the_cleaning_thresholds_without_importing_scikit_learn(tmp_path):

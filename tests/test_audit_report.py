@@ -264,11 +264,10 @@ def test_the_page_carries_a_menu_per_image_and_its_rows_safely(tmp_path, monkeyp
                     CLASSES, "run-0002")
     page = write_report(audit, tmp_path / "s.html", resolver(tmp_path / "data"), review=shared).read_text()
     assert sorted(map(int, re.findall(r'<select class="decide" data-row="(\d+)"', page))) == [1, 2, 4, 6, 7, 9]
-    # no command (built-in or tfds: images a manifest cannot name), nothing shown, or too many rows: no script
-    audit["cleaned"]["command"] = None
-    page = write_report(audit, tmp_path / "b.html", resolver(tmp_path / "data"), review=review).read_text()
+    # built-in or tfds: images (a manifest cannot name them), nothing shown, or too many rows: no script
+    page = write_report({**audit, "data": "builtin:digits"}, tmp_path / "b.html", resolver(tmp_path / "data"),
+                        review=review).read_text()
     assert "<script" not in page and 'class="decide"' not in page
-    audit["cleaned"]["command"] = COMMAND
     page = write_report({"cleaned": audit["cleaned"], "label_issues": []}, tmp_path / "e.html",
                         resolver(tmp_path / "data"), review=review).read_text()
     assert "<script" not in page and 'id="review"' not in page
@@ -480,3 +479,14 @@ def test_thumbnails_of_every_format_extraction_reads(tmp_path):
     with Image.open(io.BytesIO(base64.b64decode(_thumbnail(tmp_path / "rot.jpg").split(",", 1)[1]))) as im:
         assert im.size == (60, 90)
     assert _thumbnail(tmp_path / "nothing.png") is None
+
+
+def test_built_in_digits_have_thumbnails(tmp_path):
+    """The README's default data: every thumbnail was a grey box naming builtin:digits/0832."""
+    from pipeline.data.sources import builtin_image
+
+    issue = {"path": "builtin:digits/0832", "split": "train", "given": "3", "suggested": "8", "score": 0.9}
+    page = write_report({"data": "builtin:digits", "label_issues": [issue]}, tmp_path / "d.html", builtin_image).read_text()
+    assert page.count('<img class="thumb" src="data:image/jpeg;base64,') == 1 and "thumb missing" not in page
+    assert builtin_image("builtin:digits/99999") is None and builtin_image("a.jpg") is None
+    assert builtin_image("builtin:digits/0832").shape == (8, 8, 3)

@@ -398,3 +398,16 @@ def test_a_mute_that_ends_in_an_error_still_passes_on_the_decoder_warnings(capfd
     err = capfd.readouterr().err
     assert "note: the image decoders warned 1 time(s)" in err, err
     assert ("set-up chatter that explains the failure" in err) == show_on_error, err
+
+
+def test_a_tiff_opencv_cannot_read_decodes_without_opencv_s_own_warning(tmp_path, capfd):
+    """A 32-bit float TIFF: OpenCV printed '[ WARN:0@5.1] global grfmt_tiff.cpp ... OpenCV TIFF: ...
+    32-bit samples' (naming no file) before Pillow read it, around the audit's output."""
+    from PIL import Image
+
+    from pipeline.data.decode import load_file
+
+    path = tmp_path / "f.tif"
+    Image.fromarray(np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16), mode="F").save(path)
+    assert load_file(str(path), 8).shape == (8, 8, 3)
+    assert "WARN" not in capfd.readouterr().err

@@ -752,6 +752,21 @@ def test_random_weights_in_mixed_precision_are_told_to_use_float32_precision(tmp
     assert "--precision float32" in err and "--dtype float32" not in err, err
 
 
+def test_a_data_set_of_copies_of_one_file_is_named_so_not_blamed_on_the_weights(tmp_path):
+    """Every file the same bytes: the features are all the same, and the advice was trained --weights or
+    --dtype float32 (already given), not what the audit exists to find."""
+    import shutil
+
+    data = make_folder(tmp_path / "d", per_class=3)
+    first = next(data.rglob("*.jpg"))
+    for other in data.rglob("*.jpg"):
+        if other != first:
+            shutil.copy(first, other)
+    err = _one_line_error(run_cli("audit", "--data", str(data), "--cache-dir", str(tmp_path / "c"), *FAST),
+                          "every image is a copy of one file (12 files with the same bytes")
+    assert "--weights" not in err and "--dtype" not in err, err
+
+
 def test_ctrl_c_while_a_head_fits_says_the_features_are_cached(tmp_path, monkeypatch):
     import pipeline.heads.training as training
 

@@ -176,6 +176,27 @@ def test_runs_rm_keeps_the_run_an_unfinished_finetune_resumes_from_and_only_that
 
 
 
+def test_runs_rm_keeps_an_audit_whose_cleaned_csv_other_runs_were_made_on(tmp_path):
+    """Removing an audit deleted the cleaned.csv a fit-head run was made on: finetune and audit --run of
+    that run then failed on a missing manifest, and runs rm had said nothing."""
+    reg = Registry(tmp_path)
+    audit = reg.start("audit", {"data": str(tmp_path / "photos")})
+    audit.finish()
+    cleaned = str(audit.dir / "cleaned.csv")
+    fit = reg.start("fit-head", {"data": cleaned, "request": {"data": cleaned}})
+    fit.finish()
+    other = reg.start("fit-head", {"data": str(tmp_path / "photos")})
+    other.finish()
+    with pytest.raises(UserError, match=rf"run {fit.id} \(fit-head\) was made on .*cleaned.csv, which removing "
+                                        rf"{audit.id} deletes.*nothing removed.*--force"):
+        reg.remove([audit.id])
+    assert reg.remove([other.id]) and reg.remove([audit.id, fit.id]) and reg.list() == []
+    again = reg.start("audit", {})
+    again.finish()
+    reg.start("fit-head", {"data": str(again.dir / "cleaned.csv")}).finish()
+    assert reg.remove([again.id], force=True) and [r.stage for r in reg.list()] == ["fit-head"]
+
+
 def test_runs_rm_does_not_keep_a_parent_for_a_finetune_with_no_epoch_to_resume(tmp_path):
     """A finetune that failed before its first checkpointed epoch starts over on --resume: its parent
     can go (runs rm refused it, and the advice to resume first was refused too)."""

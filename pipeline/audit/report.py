@@ -25,6 +25,7 @@ from pipeline.atomic import write_text_atomic
 from pipeline.audit import review as reviewing
 from pipeline.audit.review import Review
 from pipeline.data.decode import decode, read_file
+from pipeline.data.sources import names_files
 
 THUMB = 112          # thumbnail box, pixels
 MAX_CARDS = 60       # thumbnails per section; the rest are listed as text
@@ -89,11 +90,18 @@ def _change(before: Any, after: Any) -> str:
     return _num((after - before) * 100, "+.1f") if ok else "&mdash;"
 
 
-def _thumbnail(file: str | os.PathLike) -> str | None:
-    """JPEG data URI of a <=112 px thumbnail, or None when the file cannot be read or decoded. Decoded
-    as extraction decodes (every format it reads, upright, JPEGs at reduced scale), by its code."""
+def _thumbnail(image: str | os.PathLike | np.ndarray) -> str | None:
+    """JPEG data URI of a <=112 px thumbnail of an image file or of RGB pixels (a built-in image, enlarged
+    to fit), or None when the file cannot be read or decoded. Decoded as extraction decodes (every format
+    it reads, upright, JPEGs at reduced scale), by its code."""
     try:
-        small = Image.fromarray(decode(read_file(os.fspath(file)), size=THUMB))
+        if isinstance(image, np.ndarray):
+            small = Image.fromarray(image)
+            scale = THUMB // max(small.size)
+            if scale > 1:  # 8 x 8 digits: sharp squares, not a blur the browser would make
+                small = small.resize((small.width * scale, small.height * scale), Image.NEAREST)
+        else:
+            small = Image.fromarray(decode(read_file(os.fspath(image)), size=THUMB))
         small.thumbnail((THUMB, THUMB))
         buf = io.BytesIO()
         small.save(buf, "JPEG", quality=80)
@@ -105,7 +113,7 @@ def _thumbnail(file: str | os.PathLike) -> str | None:
 class _Thumbs:
     """Thumbnail HTML per path, each distinct path resolved and decoded once per report."""
 
-    def __init__(self, image_file: Callable[[str], str | None]):
+    def __init__(self, image_file: Callable[[str], str | np.ndarray | None]):
         self.image_file = image_file
         self.cache: dict[str, str] = {}
 
@@ -173,15 +181,24 @@ def _cards(items: Any, card: Callable[[Mapping[str, Any]], str], headers: Sequen
     return "".join(out)
 
 
+def cleaned_use(cleaned: Mapping[str, Any], code: Callable[[str], str] = str) -> str:
+    """What to do with cleaned.csv, as the command line and the page say it: the command that trains on
+    it (shown by `code`), or why there is none."""
+    if cleaned.get("command"):
+        return f"train on it: {code(str(cleaned['command']))}"
+    if cleaned.get("train_images") == 0:
+        return "it keeps no training image, so fit-head cannot train on it (evaluate --run ID --data scores a run on it)"
+    return ("it names built-in or tfds: images, which a manifest cannot load: audit a folder or manifest of files "
+            "to train on a cleaned set")
+
+
 def _cleaned(audit: Mapping[str, Any]) -> str:
     """What cleaned.csv keeps and the command that trains on it (nothing where the audit has no `cleaned`)."""
     c = audit.get("cleaned")
     if not isinstance(c, Mapping) or "images" not in c:
         return ""
     relabelled = f", {_e(c.get('relabelled', 0))} relabelled" if c.get("relabel") else ""
-    command = c.get("command")
-    use = (f"train on it: <code>{_e(command)}</code>" if command else
-           "it names built-in or tfds: images, which a manifest cannot load")
+    use = cleaned_use(c, lambda command: f"<code>{_e(command)}</code>")
     gone = c.get("classes_left_out") or []
     warn = (f'<p class="cleaned warn">cleaned.csv keeps no training image of {_e(", ".join(map(repr, gone)))}, so '
             f"none of its val or test images either: a head fitted on it will not know "
@@ -206,12 +223,6 @@ def _header(audit: Mapping[str, Any], review: Review | None = None, menus: int =
     nav = "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS)
     return (f"<h1>Data audit</h1><dl class=meta>{meta}</dl><div class=counts>{summary}</div>"
             f"{_cleaned(audit)}{reviewing.panel(review, menus)}<nav><p>{nav}</p></nav>")
-
-
-def _command(audit: Mapping[str, Any]) -> str | None:
-    """The command that trains on cleaned.csv (None for built-in or tfds: images): no command, no review."""
-    c = audit.get("cleaned")
-    return c.get("command") if isinstance(c, Mapping) else None
 
 
 def _label_issues(audit: Mapping[str, Any], thumbs: _Thumbs, decide: _Decide = NO_REVIEW) -> str:
@@ -386,7 +397,7 @@ SECTIONS = (("label-issues", "Label issues"), ("duplicates", "Duplicates &amp; l
 
 
 def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
-                 image_file: Callable[[str], str | None], review: Review | None = None) -> Path:
+                 image_file: Callable[[str], str | np.ndarray | None], review: Review | None = None) -> Path:
     """Write `out` (report.html): a self-contained page (no network, no external files: CSS inline, thumbnails as
     base64 data URIs, the embedding map as inline SVG) showing every finding of `audit` (the audit.json dict).
     With `review` (the audited images in cleaned.csv's order) and a cleaned.csv a manifest can train on,
@@ -394,7 +405,7 @@ def write_report(audit: Mapping[str, Any], out: str | os.PathLike,
     menus it holds goes to `review.menus`."""
     out = Path(out)
     thumbs = _Thumbs(image_file)
-    review = review if _command(audit) else None  # no command: the images are not files a manifest can name
+    review = review if names_files(str(audit.get("data") or "")) else None  # built-in or tfds: no manifest names them
     decide = _Decide(review)
     parts = (_label_issues(audit, thumbs, decide), _duplicates(audit, thumbs, decide), _outliers(audit, thumbs, decide),
              _model_errors(audit, thumbs, decide), _confusion(audit), _map(audit))

@@ -24,7 +24,7 @@ from pipeline.audit.report import write_report
 from pipeline.audit.review import DROP, Review
 from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.backend import DEFAULT as DEFAULT_BACKEND
-from pipeline.data.sources import names_files
+from pipeline.data.sources import builtin_image, names_files
 from pipeline.errors import DataWarning, UserError
 from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest, cache_dir_flags
 from pipeline.features.neighbours import EXACT_ROWS, search_space, self_neighbours, unit_rows
@@ -247,7 +247,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     names = img.class_names
     suggested = ev.proba.argmax(axis=1)
     result = {
-        "version": AUDIT_VERSION, "data": ff.attrs.get("data") or str(ff.path), "cache_key": ff.key,
+        "version": AUDIT_VERSION, "data": ff.data or str(ff.path), "cache_key": ff.key,
         "class_names": names,
         "label_issues": [{"path": img.paths[i], "split": img.splits[i], "given": names[img.y[i]],
                           "suggested": names[suggested[i]], "score": round(float(issue_score[i]), 4),
@@ -282,7 +282,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
                            "confidence": ev.proba.max(axis=1).tolist(),
                            "given_probability": ev.proba[np.arange(n), img.y].tolist()}
     result["_images"] = img
-    result["_retrain"] = {"data": str(ff.attrs.get("data") or ""), "request": ff.attrs.get("request"),
+    result["_retrain"] = {"data": ff.data, "request": ff.attrs.get("request"),
                           "backend": ff.attrs.get("backend"), "cache_root": str(CacheLayout.of(ff.path).root)}
     return result
 
@@ -425,7 +425,10 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
                          "label_issues_dropped_below": drop_below,
                          "classes_left_out": classes_left_out(img, plan),
                          "splits_emptied": splits_emptied(img, plan),
-                         "command": retrain_command(result, run.path("cleaned.csv"))}
+                         "train_images": sum(split == "train" for _, _, split in cleaned),
+                         "command": None}
+    if public["cleaned"]["train_images"]:  # fit-head refuses a manifest without training images
+        public["cleaned"]["command"] = retrain_command(result, run.path("cleaned.csv"))
     result["cleaned"] = public["cleaned"]
     public["label_issues"] = [{**issue, "cleaned": action}
                               for issue, action in zip(public["label_issues"], plan.issue_actions)]
@@ -439,7 +442,7 @@ def write_audit(result: dict[str, Any], run: Run, relabel: bool = False, drop_be
     write_text_atomic(files["audit"], json.dumps(public, indent=1) + "\n")
     review = Review(paths=img.paths, splits=[str(s) for s in img.splits], given=img.y.tolist(),
                     cleaned=np.where(plan.keep, plan.labels, DROP).tolist(), classes=img.class_names, key=run.id)
-    files["report"] = write_report(public, run.path("report.html"), lambda p: p if os.path.isfile(p) else None,
+    files["report"] = write_report(public, run.path("report.html"), lambda p: p if os.path.isfile(p) else builtin_image(p),
                                    review=review)
     result["review_menus"] = review.menus
     return files

@@ -18,7 +18,7 @@ from pipeline.errors import DataWarning, UserError
 from pipeline.extract import ExtractRequest, cache_dir_flags
 from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
-from pipeline.inference.apply import load_run
+from pipeline.inference.apply import load_run, training_paths
 from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import Registry
 
@@ -55,6 +55,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     """
     from pipeline.audit.runner import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
         AuditOptions, audit_cache, write_audit)
+    from pipeline.audit.report import cleaned_use  # noqa: PLC0415 - as the runner above
     from pipeline.heads.training import check_finite  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
 
     log_mlflow = mlflow_check(mlflow)
@@ -78,7 +79,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
             check_held_out(loaded, ff)
         registry = Registry(CacheLayout.of(ff.path).root)  # open_cache: a file in a cache's features/
         config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
-                  "data": ff.attrs.get("data") or ff.path.stem, "cv": cv, "seed": seed, "relabel": relabel,
+                  "data": ff.data or ff.path.stem, "cv": cv, "seed": seed, "relabel": relabel,
                   "drop_below": drop_below, "map": not no_map, **({"parent_run": loaded.record.id} if loaded else {})}
         run = registry.start("audit", config)
         with run:
@@ -99,9 +100,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
               if result["review_menus"] else "")
     click.echo(f"audit {run.id} in {result['seconds']['total']:.1f}s: {files['report']}{review}")
     relabelled = f", relabels {cleaned['relabelled']}" if cleaned["relabel"] else ""
-    use = (f"train on it: {cleaned['command']}" if cleaned["command"] else
-           "it names built-in or tfds: images, which a manifest cannot load: audit a folder or manifest of "
-           "files to train on a cleaned set")
+    use = cleaned_use(cleaned)
     click.echo(f"cleaned.csv leaves out {cleaned['removed']} images (label issues under --drop-below "
                f"{cleaned['label_issues_dropped_below']:g}, outliers, duplicate copies; train, val and test "
                f"alike){relabelled}; {use}", err=True)
@@ -123,7 +122,7 @@ def warn_changed_images(ff: FeatureFile) -> None:
     changed = changed_files(ff, ff.rows(views="clean"))
     if changed:
         path, how = changed[0]
-        data = ff.attrs.get("data")  # with the cache's own extraction options: the advice reads the same features
+        data = ff.data  # with the cache's own extraction options: the advice reads the same features
         flags = ["--data", str(data), *ExtractRequest.recorded_flags(ff.attrs.get("request")),
                  *cache_dir_flags(CacheLayout.of(ff.path).root)]  # the cache this file is in, not the default
         again = f"audit with {shlex.join(flags)}" if data else "extract them again"
@@ -150,13 +149,19 @@ def run_request(loaded, cache: str | None, kw: dict):
 
 def check_held_out(loaded, ff) -> None:
     """Refuse a run whose head trained on images this audit scores as val or test: its accuracy there,
-    and the leakage figures from it, would not be held out (a head fitted on another split of them)."""
+    and the leakage figures from it, would not be held out (a head fitted on another split of them).
+    Where the run's training images cannot be known any more, say so."""
     cache_file = loaded.record.config.get("cache_file")
-    if not cache_file or not Path(cache_file).is_file() or Path(cache_file).resolve() == Path(ff.path).resolve():
-        return  # the same cache: its val and test were never trained on; a cache gone: nothing to compare
-    with FeatureFile(cache_file) as trained_on:
-        seen = {p for p, s in zip(trained_on.paths, trained_on.splits.astype(str)) if s == "train"}
-    scored = [p for p, s in zip(ff.paths, ff.splits.astype(str)) if s in ("val", "test") and p in seen]
+    if cache_file and Path(cache_file).resolve() == Path(ff.path).resolve():
+        return  # the same cache: its val and test were never trained on
+    held = [p for p, s in zip(ff.paths, ff.splits.astype(str)) if s in ("val", "test")]
+    seen = training_paths(loaded.record, set(held)) if held else set()
+    if seen is None:
+        warnings.warn(f"run {loaded.record.id}'s training images are unknown (it predates split.csv, and its cache "
+                      f"file {cache_file} is gone), so its accuracy on this cache's val/test images may not be held "
+                      f"out; fit the head again, or audit without --run", DataWarning, stacklevel=2)
+        return
+    scored = [p for p in held if p in seen]
     if scored:
         raise UserError(f"run {loaded.record.id}'s head trained on {len(set(scored))} of the val/test images this "
                         f"audit scores (e.g. {scored[0]}), so its accuracy there would not be held out; audit the data "

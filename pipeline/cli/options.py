@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +40,13 @@ class FiniteFloat(click.FloatRange):
 
 SEED = click.IntRange(0, 2**32 - 1)  # what NumPy, TensorFlow and JAX all accept as a seed
 
+def _absolute(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A folder by its absolute path (links kept as named): what runs record outlives the working folder."""
+    return None if value is None else Path(os.path.abspath(os.path.expanduser(value)))
+
+
 cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_CACHE,
+                                callback=_absolute,
                                 help="Cache root (default: the cache/ folder of this checkout, wherever the command runs).")  # every command's, declared once
 
 

@@ -70,8 +70,9 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
 
 @runs_group.command("rm")
 @click.argument("run_ids", nargs=-1, required=True)
-@click.option("--force", is_flag=True, help="Also remove a run that is still running, or the run an unfinished "
-                                           "finetune would resume from.")
+@click.option("--force", is_flag=True, help="Also remove a run that is still running, the run an unfinished "
+                                           "finetune would resume from, or an audit whose cleaned.csv other runs "
+                                           "were made on.")
 @click.option("--dry-run", is_flag=True, help="List the run folders that would be removed.")
 @cache_dir_option
 def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Path) -> None:

@@ -62,6 +62,9 @@ def _libs() -> dict[str, Any]:
                 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415 - as OpenCV above
 
                 cv2.setNumThreads(1)  # parallelism comes from the loader's threads, one image each
+                # OpenCV's own warnings ("[ WARN:0] ... OpenCV TIFF: ... 32-bit samples") name no file, and
+                # such an image is read by Pillow instead, or skipped with its reason
+                cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
                 # Pillow warns (with a source line, around the tool's summary) from 89M pixels; this
                 # module bounds decoding itself (MAX_PIXELS after a reduced decode), and Pillow's
                 # DecompressionBombError (from 179M) still becomes a DecodeError

@@ -508,6 +508,24 @@ def _looks_like_header(rows: list[tuple[int, list[str]]]) -> bool:
     return not _pathy(rows[0][1][0]) and all(_pathy(r[0]) for _, r in rows[1:6])
 
 
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as RGB uint8 images and their labels, loaded once per process."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - scikit-learn (1 s): not on a cache hit
+    d = load_digits()
+    gray = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=-1), d.target.astype(np.int32)
+
+
+def builtin_image(image_id: str) -> np.ndarray | None:
+    """The RGB pixels of a built-in image by its listed id ('builtin:digits/0832'), to show it (the
+    audit's thumbnails); None for any other id."""
+    prefix = BUILTIN_DEFAULT + "/"
+    number = image_id[len(prefix):] if image_id.startswith(prefix) else ""
+    pixels = _digits()[0] if number.isdigit() else None
+    return pixels[int(number)] if pixels is not None and int(number) < len(pixels) else None
+
+
 class DigitsSource(Source):
     """Built-in set: scikit-learn's 8x8 handwritten digits as RGB images; ships with sklearn, no network."""
 
@@ -517,10 +535,7 @@ class DigitsSource(Source):
         self.split = split
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        from sklearn.datasets import load_digits  # noqa: PLC0415 - scikit-learn (1 s): not on a cache hit
-        d = load_digits()
-        gray = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1), d.target.astype(np.int32)
+        return _digits()
 
     def _list(self) -> Listing:
         _, labels = self._arrays()

@@ -38,9 +38,9 @@ from pipeline.extract.mapper import cached_runner
 from pipeline.extract.plan import ExtractResult, Plan, RunOptions, cache_dir_flags, image_rate
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
+from pipeline.features.store import (ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, OneImage, assemble,
+                                     read_parts_json, read_skipped)
 from pipeline.locking import is_locked
-from pipeline.features.store import (ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, assemble, read_parts_json,
-                                     read_skipped)
 
 Log = Callable[[str], None]
 SHARDS_FILE = "shards.json"  # in the parts folder: how many shards split this job's chunks
@@ -258,6 +258,9 @@ class ExtractionJob:
             assemble(chunks, p.path, items, attrs, dtype=p.request.dtype, compression=opts.compression)
         except NoImageRead:
             chunks.remove()  # nothing was computed: the data is what to fix, not the weights or the dtype
+            raise
+        except OneImage:
+            chunks.remove()  # the data is what to fix, not the weights or the dtype
             raise
         except DegenerateFeatures as exc:
             chunks.remove()  # every chunk holds the same junk; a rerun must recompute

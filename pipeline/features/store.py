@@ -143,6 +143,10 @@ class NoImageRead(DegenerateFeatures):
     """Every listed image was skipped: the data, not the backbone, is what to fix."""
 
 
+class OneImage(DegenerateFeatures):
+    """The same vector for every image because every file holds the same bytes: the data is one picture."""
+
+
 @dataclass
 class ItemTable:
     """Per-image metadata of a data set listing, in listing order."""
@@ -223,6 +227,25 @@ def _out_of_space(e: BaseException) -> bool:
     return "errno = 28" in text or "errno = 122" in text or "No space left" in text
 
 
+def _one_file(items: ItemTable, index: np.ndarray) -> int:
+    """How many files the rows hold where every one has the same bytes (0 where not, or not files): asked
+    only when every row's features are the same, which random weights and underflow also cause."""
+    rows = np.unique(index)
+    if rows.size < 2 or items.sizes is None or np.unique(np.asarray(items.sizes)[rows]).size != 1:
+        return 0
+    first = None
+    for i in rows:
+        try:
+            data = Path(items.ids[int(i)]).read_bytes()
+        except OSError:
+            return 0
+        if first is None:
+            first = data
+        elif data != first:
+            return 0
+    return int(rows.size)
+
+
 def _write_h5(tmp: Path, chunks: ChunkDir, numbers: list[int], items: ItemTable, attrs: dict[str, Any], n_rows: int,
               feat_shape: tuple[int, ...], dtype: str, chunk_rows: int, comp: dict[str, Any]) -> None:
     """The body of `assemble`: every chunk's rows and the item tables into a new HDF5 file at `tmp`."""
@@ -251,6 +274,11 @@ def _write_h5(tmp: Path, chunks: ChunkDir, numbers: list[int], items: ItemTable,
                 skipped.setdefault(int(i), str(r))
             pos += k
         if n_rows > 1 and not varies:
+            copies = _one_file(items, index)
+            if copies:
+                raise OneImage(f"every image is a copy of one file ({copies} files with the same bytes, e.g. "
+                               f"{items.ids[int(index[0])]}), so they all gave the same features; give a data set of "
+                               f"different pictures")
             raise DegenerateFeatures(
                 "every image gave the same feature vector (e.g. all zeros), so a head could not learn anything")
         f["index"] = index
@@ -437,6 +465,14 @@ class FeatureFile:
     @property
     def key(self) -> str:
         return str(self.attrs["key"])
+
+    @property
+    def data(self) -> str:
+        """The data the cache was extracted from, as its key resolved it (a folder or manifest by its
+        absolute path, so advice and runs name it from any working folder); "" where none is recorded."""
+        material = self.attrs.get("key_material")
+        spec = (material.get("data") or {}).get("data") if isinstance(material, dict) else None
+        return str(spec or self.attrs.get("data") or "")
 
     def file_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(size, mtime_ns) per row of each image file as it was when extracted (-1 where it could not

@@ -8,6 +8,8 @@ the `index` dataset) is kept out of training, so augmented copies never leak int
 
 from __future__ import annotations
 
+import csv
+import io
 import shlex
 import time
 import warnings
@@ -18,13 +20,18 @@ from typing import Any, Mapping
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from pipeline.atomic import write_text_atomic
 from pipeline.errors import DataWarning, UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head, feature_info_of
 from pipeline.layout import CacheLayout
+from pipeline.sheets import csv_text
 from pipeline.tracking.metrics import classification_report
 from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history, plot_reliability
 from pipeline.tracking.runs import Registry, Run
+
+
+SPLIT_FILE = "split.csv"  # in a fit-head run's folder: path,split of every image it trained, validated and tested on
 
 
 @dataclass
@@ -102,6 +109,23 @@ def split_paths(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0) -> tu
              (("train", rows.train), ("val", rows.val), ("test", rows.test))}, rows.val_source)
 
 
+def recorded_split(run_dir: Path) -> dict[str, set[str]] | None:
+    """The image files of each split a fit-head run recorded in its split.csv ({'train': {...}, ...});
+    None for a run made before runs recorded it, or whose file is unreadable."""
+    try:
+        text = (Path(run_dir) / SPLIT_FILE).read_text(encoding="utf-8")
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if not rows or rows[0] != ["path", "split"]:
+        return None
+    out: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    for row in rows[1:]:
+        if len(row) == 2 and row[1] in out:
+            out[row[1]].add(row[0])
+    return out
+
+
 def check_finite(ff: FeatureFile, batch_rows: int = 8192) -> None:
     """UserError when the cache holds NaN or infinite features, or the same vector for every row
     (all zeros, say): a head would fail or learn nothing."""
@@ -145,6 +169,7 @@ class FitResult:
     metrics: dict[str, Any]
     fit_seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
+    split_files: list[tuple[str, str]] = field(default_factory=list)  # (image file, split): the run's split.csv
 
     @property
     def history(self) -> dict[str, list[float]] | None:
@@ -170,7 +195,11 @@ def fit_head_on_cache(feature_file: FeatureFile, head: Head, val_fraction: float
     metrics: dict[str, Any] = {"train": evaluate_rows(head, ff, clean_train), "val": evaluate_rows(head, ff, split.val)}
     if split.test.size:
         metrics["test"] = evaluate_rows(head, ff, split.test)
-    return FitResult(head=head, split=split, metrics=metrics, fit_seconds=fit_seconds, extras=extras)
+    paths = np.asarray(ff.paths, dtype=object)
+    files = [(str(paths[r]), name) for name, rows in (("train", clean_train), ("val", split.val), ("test", split.test))
+             for r in rows]
+    return FitResult(head=head, split=split, metrics=metrics, fit_seconds=fit_seconds, extras=extras,
+                     split_files=files)
 
 
 def evaluate_rows(head: Head, ff: FeatureFile, rows: np.ndarray) -> dict[str, Any]:
@@ -215,6 +244,9 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
     diagram calibration_val.png) into the run."""
     head = result.head
     files: dict[str, Path] = {"head": head.save(run.path(head.artifact))}
+    if result.split_files:  # which images the head trained on, outliving the cache file (held-out checks)
+        files["split"] = run.path(SPLIT_FILE)
+        write_text_atomic(files["split"], csv_text(result.split_files, ("path", "split")))
     run.log_metrics({**result.metrics, "split": result.split.summary(), "fit_seconds": round(result.fit_seconds, 3),
                      **head.facts(), **result.extras})
     history = result.history
@@ -239,7 +271,7 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
 def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
     """The config.json of a fit-head run: cache, backbone, data, head kind and its parameters."""
     req = ff.attrs.get("request") if isinstance(ff.attrs.get("request"), Mapping) else {}
-    data = ff.attrs.get("data") or req.get("data") or ff.path.stem
+    data = ff.data or req.get("data") or ff.path.stem
     config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
               "data": data, "head": head.kind, "params": head.key_params(), "head_params": head.get_params(),
               "backend": ff.attrs.get("backend"), **extra}  # the features' backend: random weights differ by backend

@@ -155,20 +155,24 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
     return Evaluated(report, scored, row_labels, proba, near, skipped)
 
 
-def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str]:
-    """The image files a fit-head run's head trained on (a fine-tune's: its parent's), recomputed from
-    its cache file, val fraction and seed as fine-tuning does; empty where the cache file is gone, or
-    where none of `among` is in it (the split is not made then)."""
+def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str] | None:
+    """The image files a fit-head run's head trained on (a fine-tune's: its parent's): from the run's
+    split.csv, or for a run made before runs recorded it, recomputed from its cache file, val fraction
+    and seed as fine-tuning does; empty where none of `among` is in that cache (the split is not made
+    then); None where it cannot be known (no split.csv, and the cache file or the parent run is gone)."""
     cfg = record.config
     if cfg.get("parent_run"):
         try:
             return training_paths(Registry(CacheLayout.of(record.dir).root).get(str(cfg["parent_run"])), among)
         except UserError:
-            return set()
+            return None
+    from pipeline.heads.training import recorded_split, split_paths  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    recorded = recorded_split(record.dir)
+    if recorded is not None:
+        return recorded["train"]
     cache_file = cfg.get("cache_file")
     if not cache_file or not Path(cache_file).is_file():
-        return set()
-    from pipeline.heads.training import split_paths  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+        return None
     try:
         with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
             warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
@@ -176,12 +180,12 @@ def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str]
                 return set()
             return set(split_paths(ff, float(cfg.get("val_fraction", 0.2)), int(cfg.get("seed", 0)))[0]["train"])
     except UserError:
-        return set()
+        return None
 
 
 def warn_own_training_images(run: LoadedRun, scored: Sequence[str]) -> None:
     """One warning where images scored are ones the run trained on: their figures are not held out."""
-    trained = training_paths(run.record, set(scored)) if scored else set()
+    trained = (training_paths(run.record, set(scored)) if scored else None) or set()
     own = [p for p in scored if p in trained]
     if own:
         warnings.warn(f"{len(own)} of the {len(scored)} images scored are run {run.record.id}'s own training images "

@@ -346,6 +346,14 @@ class Registry:
             raise UserError(f"run {w.config['parent_run']} is where unfinished run {w.id} ({w.stage}, {w.status}) "
                             f"starts, and resuming it reads that run again; nothing removed; resume it first "
                             f"(python cli.py finetune --resume {w.id}), remove it too, or pass --force")
+        folders = [os.path.realpath(r.dir) for r in records]
+        reading = [x for x in self.list() if x.id not in leaving and _data_in(x.config, folders)] if not force else []
+        if reading:  # an audit's cleaned.csv: finetune and audit --run of a run trained on it list it again
+            data = _data_in(reading[0].config, folders)
+            more = f" and {len(reading) - 1} more" if len(reading) > 1 else ""
+            raise UserError(f"run {reading[0].id} ({reading[0].stage}{more}) was made on {data}, which removing "
+                            f"{os.path.basename(os.path.dirname(data))} deletes, and finetune or audit --run of it "
+                            f"reads it again; nothing removed; remove those runs too, or pass --force")
         root = os.path.realpath(self.root)
         for r in records:
             inside = (os.path.realpath(r.dir.parent) == root if r.dir.is_symlink()
@@ -442,3 +450,15 @@ def format_duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{int(s // 60)}m{int(s % 60):02d}s"
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _data_in(config: Mapping[str, Any], folders: list[str]) -> str | None:
+    """The data path a run's config names (its --data, or its extraction request's) where it lies in
+    one of `folders` (an audit's cleaned.csv in its run folder), else None."""
+    request = config.get("request") if isinstance(config.get("request"), Mapping) else {}
+    for data in (config.get("data"), request.get("data")):
+        if isinstance(data, str) and data and os.path.isabs(data):
+            real = os.path.realpath(data)
+            if any(os.path.commonpath([real, f]) == f for f in folders):
+                return data
+    return None
