@@ -140,9 +140,25 @@ def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_pat
     export_run(run, "keras", out)
     with pytest.raises(UserError, match="--force"):
         export_run(run, "keras", out)
-    export_run(run, "keras", out, force=True)
-    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "model.keras", "model_card.json"]
+    inode = out.stat().st_ino
+    export_run(run, "onnx" if _has("tf2onnx") else "keras", out, force=True)
+    assert out.stat().st_ino == inode  # replaced in place: a mount point (a container's volume) cannot be renamed over
+    assert sorted(p.name for p in out.iterdir()) in (["labels.txt", "model.keras", "model_card.json"],
+                                                     ["labels.txt", "model.onnx", "model_card.json"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging or old folder left
+    empty = tmp_path / "volume"                                        # an empty folder given: written into
+    empty.mkdir()
+    inode = empty.stat().st_ino
+    export_run(run, "keras", empty)
+    assert empty.stat().st_ino == inode and sorted(p.name for p in empty.iterdir()) == [
+        "labels.txt", "model.keras", "model_card.json"]
+    theirs = tmp_path / "theirs"                                       # export-like names, a card of their own
+    (theirs / "saved_model" / "variables").mkdir(parents=True)
+    (theirs / "saved_model" / "variables" / "mydata.txt").write_text("important")
+    (theirs / "model_card.json").write_text('{"my": "notes"}')
+    with pytest.raises(UserError, match="not empty and not an earlier export"):
+        export_run(run, "keras", theirs, force=True)
+    assert (theirs / "saved_model" / "variables" / "mydata.txt").read_text() == "important"
     link = tmp_path / "link"
     link.symlink_to(mine)
     with pytest.raises(UserError, match="symbolic link"):

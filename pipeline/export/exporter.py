@@ -43,6 +43,7 @@ from pipeline.versions import version
 FORMATS: dict[str, str] = {"keras": "model.keras", "onnx": "model.onnx", "savedmodel": "saved_model",
                            "tflite": "model.tflite"}
 _KERAS_FORMAT = {"onnx": "onnx", "savedmodel": "tf_saved_model", "tflite": "litert"}
+STAGING_PREFIX = ".export-"  # the folder an export is built in before it is moved into place
 _OURS = {*FORMATS.values(), "labels.txt", "model_card.json"}  # what an earlier export folder may hold
 VERIFY_TOLERANCE = 1e-4  # max |probability difference| between the export and the Keras model
 
@@ -137,8 +138,9 @@ def _importable(module: str) -> bool:
 def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     """Write the run's model in `fmt` with labels.txt and model_card.json to the folder `out`.
 
-    The folder is built beside `out` and renamed into place once verified, so a failed export
-    leaves nothing half-written. An existing `out` is replaced only when it holds nothing but an
+    The folder is built beside a new `out` (inside an existing empty one or earlier export: a mount
+    point, or a folder whose parent the user may not write) and moved into place once verified, so a
+    failed export leaves nothing half-written. An existing `out` is replaced only when it holds nothing but an
     earlier export and `force` is given; any other existing folder is refused.
     """
     check_format(fmt)
@@ -154,11 +156,13 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
         raise UserError(f"run {run.record.id} names {len(run.class_names)} classes but its model has "
                         f"{int(model.output.shape[-1])} outputs; the run folder is inconsistent, re-run it")
     card = model_card(run, fmt, size, int(model.output.shape[-1]))
+    inside = out.is_dir()  # an empty folder or an earlier export: built in it (a mount point cannot be renamed over)
+    where = out if inside else out.parent
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        where.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, suffix=".tmp", dir=where))
     except OSError as exc:  # /proc, a read-only mount, no permission: not the staging folder's name
-        raise UserError(f"cannot write the export into {out.parent} ({exc.strerror or exc}); give --out a folder "
+        raise UserError(f"cannot write the export into {where} ({exc.strerror or exc}); give --out a folder "
                         f"you can write") from None
     os.chmod(staging, umask_mode(folder=True))  # renamed to --out: mkdtemp's 0700 would keep others out
     try:
@@ -176,17 +180,44 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
         card["verified_max_abs_diff"] = diff
         (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         check_target(out, force)  # again: the folder may have changed during the export
-        backup = None
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, backup)          # swap, then delete: a crash never loses both
-        os.replace(staging, out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        if inside:
+            _move_in(staging, out)
+        else:
+            os.replace(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out, out / FORMATS[fmt], card, diff)
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    """Move a verified export from `staging` (a folder inside `out`) into `out`, the earlier export's
+    entries (all `check_target` let through) first set aside beside it, then deleted: a crash never
+    loses both, and leaves only hidden folders the next export clears."""
+    backup = staging.with_name(staging.name + ".old")
+    backup.mkdir()
+    for entry in out.iterdir():
+        if entry.name in _OURS:
+            os.replace(entry, backup / entry.name)
+    for entry in staging.iterdir():
+        os.replace(entry, out / entry.name)
+    for leftover in out.iterdir():  # this export's and any a killed one left
+        if leftover.name.startswith(STAGING_PREFIX):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _earlier_export(out: Path, entries: set[str]) -> bool:
+    """Whether `out` holds nothing but an export this tool wrote: its own entries only, and a model card
+    naming a format whose model file is there (a folder of the user's that happens to hold a
+    model_card.json is not one, and --force must not delete it)."""
+    if not entries <= _OURS:
+        return False
+    try:
+        card = json.loads((out / "model_card.json").read_text(encoding="utf-8")[:1 << 20])
+    except (OSError, ValueError):
+        return False
+    return (isinstance(card, dict) and isinstance(card.get("run_id"), str) and card.get("format") in FORMATS
+            and card.get("file") == FORMATS[card["format"]] and card["file"] in entries)
 
 
 def check_target(out: Path, force: bool) -> None:
@@ -200,10 +231,10 @@ def check_target(out: Path, force: bool) -> None:
         return
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; give --out a new folder")
-    entries = {p.name for p in out.iterdir()}
+    entries = {p.name for p in out.iterdir() if not p.name.startswith(STAGING_PREFIX)}  # a killed export's: cleared
     if not entries:
         return
-    if (out / "model_card.json").is_file() and entries <= _OURS:
+    if _earlier_export(out, entries):
         if force:
             return
         raise UserError(f"{out} already holds an export; add --force to replace it or give another --out")
