@@ -566,6 +566,9 @@ def test_predict_refuses_an_empty_image_argument_and_a_folder_for_csv(tmp_path):
     image = make_folder(tmp_path / "d", per_class=1) / "train" / "ants" / "img_000.jpg"
     folder_csv = _no_tty_cli("predict", "--run", "nosuch", str(image), "--csv", str(tmp_path))
     _one_line_error(folder_csv, "is a folder; give a file name")  # before the run is even looked up
+    if Path("/proc/self").is_dir():  # a folder no one can write in, root included: said before the work
+        _one_line_error(_no_tty_cli("predict", "--run", "nosuch", str(image), "--csv", "/proc/x.csv"),
+                        "--csv /proc/x.csv: cannot write in /proc (")
     under_file = _no_tty_cli("runs", "compare", "a", "b", "--out", str(image / "x.png"))
     _one_line_error(under_file, "is a file, not a folder")
     # an image being predicted (or any file but a CSV) is not replaced by the CSV; nor an image by the plot

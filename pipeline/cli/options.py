@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -218,3 +219,9 @@ def check_output_file(path: str | Path, option: str, suffix: str = ".csv") -> No
     blocked = file_in_the_way(path)
     if blocked is not None:
         raise UserError(f"{option} {path}: {blocked} is a file, not a folder")
+    folder = next(p for p in path.absolute().parents if p.is_dir())  # the file's folder, or where it would be made
+    try:  # a read-only folder, /proc, /sys: found before the work, not when the result is written
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write in {folder} ({exc.strerror or exc}); give a file in a folder "
+                        f"you can write") from None
