@@ -383,3 +383,39 @@ def test_written_files_and_folders_follow_the_umask(head_run, tmp_path):
     assert mode(out) == 0o755 and {p.name: mode(p) for p in out.iterdir()} == {
         "labels.txt": 0o644, "model.keras": 0o644, "model_card.json": 0o644}
     assert mode(tmp_path / "run.json") == 0o644
+
+
+def test_predict_shows_each_batch_as_it_is_done_and_ctrl_c_keeps_the_csv_so_far(head_run, tmp_path, monkeypatch):
+    """predict printed nothing until every image was done, and Ctrl-C lost all of it, CSV included."""
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    import pipeline.cli.predict_cmds as predict_cmds
+    from pipeline.cli import cli
+    from pipeline.export import export_run
+    from pipeline.inference.apply import load_run
+
+    run_id, data, cache = head_run
+    export_run(load_run(cache, run_id), "keras", tmp_path / "k")
+    images = [str(p) for p in sorted((data / "val" / "ants").iterdir())[:6]]
+    real, calls = predict_cmds.open_model, []
+
+    def second_batch_interrupted(path, **kw):
+        model = real(path, **kw)
+
+        def call(x):
+            calls.append(len(x))
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return model._call(x)
+        return dataclasses.replace(model, _call=call)
+
+    monkeypatch.setattr(predict_cmds, "open_model", second_batch_interrupted)
+    out = tmp_path / "p.csv"
+    got = CliRunner().invoke(cli, ["predict", "--model", str(tmp_path / "k" / "model.keras"), *images, "--batch-size",
+                                   "2", "--csv", str(out)])
+    assert got.exit_code == 130, got.output
+    assert [line.split("\t")[0] for line in got.output.splitlines() if "\t" in line] == images[:2], got.output
+    assert "the 2 of 6 predictions made before the interrupt" in got.output
+    assert [r["path"] for r in csv.DictReader(out.open())] == images[:2]

@@ -3,6 +3,7 @@ trained run's metrics on labelled images."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,9 +74,10 @@ def predict_cmd(images: tuple[str, ...], run_id: str | None, model_file: Path | 
     paths = image_paths(images)
     if model_file is not None:
         model = open_model(model_file, trust_savedmodel=trust_model)
-        proba, kept, skipped = predict_files(model, paths, batch_size)
-        names = model.class_names or [str(i) for i in range(proba.shape[1])]
-        print_predictions(paths, proba, kept, skipped, names, top_k, csv_out)
+        shown = Shown(paths, model.class_names, top_k, csv_out)
+        with shown.keeping():
+            _, _, skipped = predict_files(model, paths, batch_size, on_batch=shown)
+        shown.finish(skipped)
         return
     if run_id:
         predict_with_run(run_id, paths, top_k, csv_out, cache_dir, batch_size, trust_pickle, explain)
@@ -161,26 +163,59 @@ def predict_with_run(run_id: str, paths: list[str], top_k: int, csv_out: Path | 
     run = load_run(cache_dir, run_id, trust_pickle=trust_pickle)
     check_explain(run, explain)
     if not explain:
-        proba, kept, skipped = predict_paths(run, paths, batch_size)
-        print_predictions(paths, proba, kept, skipped, run.class_names, top_k, csv_out)
+        shown = Shown(paths, run.class_names, top_k, csv_out)
+        with shown.keeping():
+            _, _, skipped = predict_paths(run, paths, batch_size, on_batch=shown)
+        shown.finish(skipped)
         return
     feats, kept, skipped = run_features(run, paths, batch_size)
-    print_predictions(paths, run.head.predict_proba(feats), kept, skipped, run.class_names, top_k, csv_out,
-                      explained(run.head, feats, explain))
+    shown = Shown(paths, run.class_names, top_k, csv_out)
+    shown(kept, run.head.predict_proba(feats), explained(run.head, feats, explain))
+    shown.finish(skipped)
 
 
-def print_predictions(paths: list[str], proba, kept: list[int], skipped: list, class_names: list[str], top_k: int,
-                      csv_out: Path | None, neighbours: list | None = None) -> None:
-    """One line per image with its top-k classes (and, given `neighbours`, an indented line per nearest
-    training image), the optional CSV, and the skipped files (stderr)."""
-    k = min(top_k, len(class_names))
-    for j, (i, row) in enumerate(zip(kept, proba)):
-        top = np.argsort(-row)[:k]
-        click.echo(f"{shown_path(paths[i])}\t" + "  ".join(f"{class_names[c]} {row[c]:.3f}" for c in top))
-        for path, sim in (neighbours[j] if neighbours is not None else []):
-            click.echo(f"    near {sim:.3f}  {shown_path(path)}")
-    if csv_out:
-        write_predictions_csv(csv_out, [paths[i] for i in kept], proba, class_names, neighbours)
-        click.echo(f"wrote {csv_out}", err=True)
-    if skipped:
-        click.echo(skipped_message(skipped), err=True)
+class Shown:
+    """Predictions printed as each batch is done (a line per image with its top-k classes), kept for
+    the CSV; on Ctrl-C the CSV holds those made so far, and says so. Class names default to the
+    output's positions (an exported model without a card)."""
+
+    def __init__(self, paths: list[str], class_names: list[str], top_k: int, csv_out: Path | None) -> None:
+        self.paths, self.names, self.top_k, self.csv_out = paths, list(class_names), top_k, csv_out
+        self.kept: list[int] = []
+        self.rows: list[np.ndarray] = []
+        self.neighbours: list | None = None  # --explain: shown in one call, for every image
+
+    def __call__(self, kept: list[int], proba: np.ndarray, neighbours: list | None = None) -> None:
+        """Show a batch; `neighbours`: each image's nearest training images (an indented line each)."""
+        names = self.names = self.names or [str(i) for i in range(proba.shape[1])]
+        k = min(self.top_k, len(names))
+        for j, (i, row) in enumerate(zip(kept, proba)):
+            top = np.argsort(-row)[:k]
+            click.echo(f"{shown_path(self.paths[i])}\t" + "  ".join(f"{names[c]} {row[c]:.3f}" for c in top))
+            for path, sim in (neighbours[j] if neighbours is not None else []):
+                click.echo(f"    near {sim:.3f}  {shown_path(path)}")
+        self.kept += kept
+        self.rows.append(np.asarray(proba))
+        self.neighbours = neighbours
+
+    @contextlib.contextmanager
+    def keeping(self):
+        """Ctrl-C: write the predictions made so far to the CSV, say how many, and stop as interrupted."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.csv_out is not None and self.kept:
+                write_predictions_csv(self.csv_out, [self.paths[i] for i in self.kept], np.concatenate(self.rows),
+                                      self.names)
+                click.echo(f"wrote the {len(self.kept)} of {len(self.paths)} predictions made before the interrupt "
+                           f"to {self.csv_out}", err=True)
+            raise
+
+    def finish(self, skipped: list) -> None:
+        """The CSV of every prediction, and the skipped files (stderr)."""
+        if self.csv_out:
+            write_predictions_csv(self.csv_out, [self.paths[i] for i in self.kept], np.concatenate(self.rows),
+                                  self.names, self.neighbours)
+            click.echo(f"wrote {self.csv_out}", err=True)
+        if skipped:
+            click.echo(skipped_message(skipped), err=True)

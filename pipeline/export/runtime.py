@@ -24,7 +24,7 @@ from pipeline.backend import require
 from pipeline.data.decode import RESIZE_METHODS
 from pipeline.errors import DataWarning, UserError
 from pipeline.heads.files import load_keras_file
-from pipeline.inference.embed import map_files
+from pipeline.inference.embed import OnBatch, map_files
 
 
 @dataclass
@@ -250,12 +250,16 @@ def _tflite_inspect(path: Path) -> tuple[list[str], dict[str, Any]]:
     return sorted({name.decode(errors="replace") for name in names if name}), card
 
 
-def predict_files(model: ExportedModel, paths: list[str], batch_size: int = 32
+def predict_files(model: ExportedModel, paths: list[str], batch_size: int = 32, on_batch: OnBatch | None = None
                   ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """Probabilities of an exported model for image files, decoded and resized exactly as the
-    run's cache was (the card's size and resize rule): (probabilities, kept positions, skipped)."""
-    proba, kept, skipped = map_files(model.predict, paths, model.size, model.resize, batch_size)
-    if model.class_names and len(model.class_names) != proba.shape[1]:
-        raise UserError(f"{model.path.name}'s class names ({model.names_from}) are {len(model.class_names)} but the "
-                        f"model outputs {proba.shape[1]}; re-export the model")
-    return proba, kept, skipped
+    run's cache was (the card's size and resize rule): (probabilities, kept positions, skipped);
+    `on_batch` as in `map_files`. Class names that do not match the outputs stop it at the first batch."""
+    def checked(kept: list[int], proba: np.ndarray) -> None:
+        if model.class_names and len(model.class_names) != proba.shape[1]:
+            raise UserError(f"{model.path.name}'s class names ({model.names_from}) are {len(model.class_names)} but "
+                            f"the model outputs {proba.shape[1]}; re-export the model")
+        if on_batch is not None:
+            on_batch(kept, proba)
+
+    return map_files(model.predict, paths, model.size, model.resize, batch_size, checked)

@@ -24,7 +24,7 @@ from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, par
 from pipeline.features.store import FeatureFile
 from pipeline.heads.files import load_keras_file
 from pipeline.heads.registry import load_head
-from pipeline.inference.embed import run_model
+from pipeline.inference.embed import OnBatch, run_model
 from pipeline.layout import CacheLayout
 from pipeline.sheets import csv_line
 from pipeline.tracking.metrics import classification_report
@@ -221,16 +221,26 @@ def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list
     return [listing.paths[i] for i in keep], to_run[np.asarray(listing.labels)[keep]], listing.class_names
 
 
-def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
+def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32, on_batch: OnBatch | None = None
                   ) -> tuple[np.ndarray, list[int], list[str]]:
-    """Class probabilities for image files: (probabilities, positions kept, [(skipped path, reason)])."""
+    """Class probabilities for image files: (probabilities, positions kept, [(skipped path, reason)]);
+    `on_batch` as in `map_files` (a join of backbones calls it once, at the end)."""
     if run.model_path is not None:
         spec = bb.get(run.request.backbone)
         size = spec.resolve_size(run.request.image_size)
         model = load_keras_file(run.model_path)
-        return run_model(model, paths, size, run.request.resize, batch_size)
+        return run_model(model, paths, size, run.request.resize, batch_size, on_batch=on_batch)
+    if not is_concat(run.request.backbone):  # the head batch by batch on the backbone's features
+        require()
+        spec, request = bb.get(run.request.backbone), run.request
+        size = spec.resolve_size(request.image_size)
+        model = backbone_model.feature_model(spec, request.weights, size, request.pooling, request.layer)
+        return run_model(model, paths, size, request.resize, batch_size, then=run.head.predict_proba, on_batch=on_batch)
     feats, kept, skipped = run_features(run, paths, batch_size)
-    return run.head.predict_proba(feats), kept, skipped
+    proba = run.head.predict_proba(feats)
+    if on_batch is not None:
+        on_batch(list(kept), proba)
+    return proba, kept, skipped
 
 
 def run_features(run: LoadedRun, paths: Sequence[str], batch_size: int = 32

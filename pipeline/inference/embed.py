@@ -54,27 +54,37 @@ def image_batches(paths: Sequence[str], size: int, resize: str, batch_size: int 
     return batches(jobs, batch_size, (size, size, 3), workers)
 
 
+OnBatch = Callable[[list[int], np.ndarray], None]
+
+
 def map_files(fn: Callable[[np.ndarray], np.ndarray], paths: Sequence[str], size: int, resize: str,
-              batch_size: int = 32) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+              batch_size: int = 32, on_batch: OnBatch | None = None) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
     """`fn` (uint8 image batches -> output rows) over every readable image, decoded and resized as
     extraction does: (outputs, kept positions, [(skipped path, reason)]); UserError when none reads.
-    The one loop behind `predict`/`evaluate` of a run and `predict --model` of an export."""
+    `on_batch(positions, outputs)` as each batch is done (predict prints as it goes). The one loop
+    behind `predict`/`evaluate` of a run and `predict --model` of an export."""
     outs, kept, skipped = [], [], []
     for batch in image_batches(paths, size, resize, batch_size):
         skipped += [(paths[t], reason) for t, reason in batch.skipped]
         if batch.tags.size:
             outs.append(np.asarray(fn(batch.images)))
             kept += batch.tags.tolist()
+            if on_batch is not None:
+                on_batch(batch.tags.tolist(), outs[-1])
     if not outs:
         raise UserError(f"none of the {len(paths)} file(s) could be read as an image"
                         + (f" (e.g. {skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
     return np.concatenate(outs), kept, skipped
 
 
-def run_model(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32
+def run_model(model, paths: Sequence[str], size: int, resize: str, batch_size: int = 32,
+              then: Callable[[np.ndarray], np.ndarray] | None = None, on_batch: OnBatch | None = None
               ) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
-    """A Keras model's outputs for every readable image (`map_files` through extraction's runner)."""
-    return map_files(make_runner(model, size, batch_size), paths, size, resize, batch_size)
+    """A Keras model's outputs for every readable image (`map_files` through extraction's runner),
+    passed through `then` batch by batch where given (a head on the backbone's features)."""
+    runner = make_runner(model, size, batch_size)
+    fn = runner if then is None else (lambda images: then(runner(images)))
+    return map_files(fn, paths, size, resize, batch_size, on_batch)
 
 
 def imagenet_top_k(backbone: str, weights: str, paths: Sequence[str], k: int = 5, resize: str = "crop",
