@@ -419,3 +419,21 @@ def test_predict_shows_each_batch_as_it_is_done_and_ctrl_c_keeps_the_csv_so_far(
     assert [line.split("\t")[0] for line in got.output.splitlines() if "\t" in line] == images[:2], got.output
     assert "the 2 of 6 predictions made before the interrupt" in got.output
     assert [r["path"] for r in csv.DictReader(out.open())] == images[:2]
+
+
+def test_the_converters_tracebacks_and_a_missing_backend_stay_off_the_terminal(head_run, tmp_path):
+    """tf2onnx logged two whole tracebacks for an optimizer pass it skips on MobileNetV3 (the export
+    succeeded); export --backend torch without torch was a bare ModuleNotFoundError."""
+    import importlib.util
+    import logging
+
+    from pipeline.export.exporter import _quiet
+
+    with _quiet():
+        assert not logging.getLogger("tf2onnx.optimizer.transpose_optimizer").isEnabledFor(logging.WARNING)
+    assert logging.getLogger("tf2onnx").isEnabledFor(logging.WARNING)  # as it was, after the export
+    if importlib.util.find_spec("torch") is None:
+        run_id, _, cache = head_run
+        got = run_cli("export", "--run", run_id, "--backend", "torch", "--out", str(tmp_path / "t"),
+                      "--cache-dir", str(cache), isolated=True)
+        assert got.returncode == 2 and "torch is not installed" in got.stderr and "Traceback" not in got.stderr, got.stderr

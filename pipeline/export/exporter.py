@@ -15,6 +15,7 @@ import datetime as _dt
 import importlib.util
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -104,6 +105,7 @@ def _float32_config(obj: Any, key: str = "") -> Any:
 
 def check_format(fmt: str) -> None:
     """Refuse, in one line, a format this installation or backend cannot write (before any work)."""
+    require()  # a backend that is not installed: said as such, before Keras fails to import it
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
     if fmt not in FORMATS:
@@ -296,9 +298,17 @@ def _tflite_metadata(path: Path, card: dict[str, Any]) -> None:
 def _quiet():
     """Silence Python-level prints of the converters (they print signatures and 'Saved artifact'), and
     the FutureWarning that Keras' own numpy-2 shim for tf2onnx sets off (`hasattr(np, "object")`)."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"In the future `np\.object` will be defined", category=FutureWarning)
-        yield
+    # tf2onnx logs an optimizer pass it skips with a whole traceback (MobileNetV3's transposes), then
+    # writes a model that the export's check verifies: a user reads a traceback as the failure
+    converter = logging.getLogger("tf2onnx")
+    level = converter.level
+    converter.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"In the future `np\.object` will be defined", category=FutureWarning)
+            yield
+    finally:
+        converter.setLevel(level)
 
 
 def probe_images(size: int, n: int = 4) -> np.ndarray:
