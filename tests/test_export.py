@@ -437,3 +437,40 @@ def test_the_converters_tracebacks_and_a_missing_backend_stay_off_the_terminal(h
         got = run_cli("export", "--run", run_id, "--backend", "torch", "--out", str(tmp_path / "t"),
                       "--cache-dir", str(cache), isolated=True)
         assert got.returncode == 2 and "torch is not installed" in got.stderr and "Traceback" not in got.stderr, got.stderr
+
+
+def test_labels_and_cards_beside_a_model_are_read_as_people_save_them_and_checked(head_run, tmp_path):
+    """labels.txt saved by Notepad (a byte-order mark, CRLF) named the first class '\\ufeffants'; Latin-1
+    was a UnicodeDecodeError; labels.txt disagreeing with the model's own names was silent; a card's
+    class_names of 5 was a TypeError, of "xyz" three classes x, y, z; MODEL.KERAS was an unknown type."""
+    import shutil
+    import warnings
+
+    from pipeline.errors import DataWarning, UserError
+    from pipeline.export import export_run
+    from pipeline.export.runtime import open_model
+    from pipeline.inference.apply import load_run
+
+    run_id, _, cache = head_run
+    folder = tmp_path / "k"
+    export_run(load_run(cache, run_id), "keras", folder)
+    labels, card = folder / "labels.txt", folder / "model_card.json"
+    labels.write_bytes(b"\xef\xbb\xbfants\r\nbees\r\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert open_model(folder / "model.keras").class_names == ["ants", "bees"]
+    labels.write_bytes(b"fourmis\nabeilles\n")
+    with pytest.warns(DataWarning, match=r"labels.txt beside model.keras names the classes 'fourmis', 'abeilles' but "
+                                         r"the model itself names 'ants', 'bees'"):
+        assert open_model(folder / "model.keras").class_names == ["fourmis", "abeilles"]
+    labels.write_bytes(b"fourmis\nabeill\xe9s\n")
+    with pytest.raises(UserError, match="is not UTF-8 text"):
+        open_model(folder / "model.keras")
+    labels.unlink()
+    for bad in (5, "xyz", ["a\tb", "c"]):
+        card.write_text(json.dumps({**json.loads(card.read_text()), "class_names": bad}))
+        with pytest.raises(UserError, match="does not name the classes as a list of text"):
+            open_model(folder / "model.keras")
+    shutil.copy(folder / "model.keras", tmp_path / "MODEL.KERAS")
+    with pytest.raises(UserError, match="Keras opens only files whose name ends in .keras, in lower case"):
+        open_model(tmp_path / "MODEL.KERAS")

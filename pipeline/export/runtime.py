@@ -63,24 +63,33 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
                             f"writing files included), like unpickling: add --trust-model if you trust where it "
                             f"came from, or use the same export as model.onnx or model.keras (safe to open)")
         kind, (call, size, names, embedded) = "savedmodel", _savedmodel(path)
-    elif path.suffix == ".onnx":
+    elif path.suffix.lower() == ".onnx":
         kind, (call, size, names, embedded) = "onnx", _onnx(path, cpu_only)
-    elif path.suffix == ".keras":
+    elif path.suffix.lower() == ".keras":
+        if path.suffix != ".keras":
+            raise UserError(f"{path.name}: Keras opens only files whose name ends in .keras, in lower case; rename it")
         kind, (call, size, names, embedded) = "keras", _keras(path)
-    elif path.suffix == ".tflite":
+    elif path.suffix.lower() == ".tflite":
         kind, (call, size, names, embedded) = "tflite", _tflite(path)
     else:
         raise UserError(f"{path.name}: unknown model type; --model takes .onnx, .keras, .tflite or a SavedModel folder")
     card = _read_card(path) or embedded  # the model file carries its card too (a file copied without its folder)
     labels = _read_labels(path)
+    names = _class_names(names, f"{path.name}'s metadata")
+    card_names = _class_names(card.get("class_names"), f"the model card of {path.name}")
     names_from = ("labels.txt beside it" if labels else "its metadata" if names
-                  else "model_card.json beside it" if card.get("class_names") and _beside(path, "model_card.json").is_file()
-                  else "the card it carries" if card.get("class_names") else "")
-    names = labels or names or card.get("class_names") or []
+                  else "model_card.json beside it" if card_names and _beside(path, "model_card.json").is_file()
+                  else "the card it carries" if card_names else "")
+    own = names or _class_names(embedded.get("class_names"), f"the card inside {path.name}")
+    if labels and own and labels != own:  # a model copied into another export's folder, or labels.txt edited
+        warnings.warn(f"labels.txt beside {path.name} names the classes {_few(labels)} but the model itself names "
+                      f"{_few(own)}; the predictions use labels.txt: keep an export's files together, or re-export",
+                      DataWarning, stacklevel=2)
+    names = labels or names or card_names
     if not card:
         warnings.warn(f"no model_card.json beside {path.name} and no card inside it: assuming the images are resized by 'stretch'"
                       + ("" if names else " and numbering the classes")
-                      + "; keep the export folder's files together (a model exported with --resize crop or pad "
+                      + "; keep the export folder's files together (a model exported with --resize crop "
                         "predicts otherwise)", DataWarning, stacklevel=2)
     card_input = card.get("input")
     resize = card_input.get("resize", "stretch") if isinstance(card_input, dict) else "stretch"
@@ -99,18 +108,44 @@ def _read_card(path: Path) -> dict[str, Any]:
     card = _beside(path, "model_card.json")
     if not card.is_file():
         return {}
+    if card.stat().st_size > _CARD_LIMIT:  # a card is a few kB, as the one inside the model is bounded
+        raise UserError(f"{card} is {card.stat().st_size:,} bytes, not a model card; re-export the model or remove it")
     try:
-        data = json.loads(card.read_text())
+        data = json.loads(card.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError):
         raise UserError(f"{card} is not valid JSON; re-export the model or remove the file") from None
     return data if isinstance(data, dict) else {}
 
 
 def _read_labels(path: Path) -> list[str]:
+    """labels.txt beside the model: one class per line, UTF-8 (a byte-order mark and Windows line ends,
+    as Notepad saves it, are not part of the names)."""
     labels = _beside(path, "labels.txt")
     if not labels.is_file():
         return []
-    return [line.rstrip("\n") for line in labels.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if labels.stat().st_size > _CARD_LIMIT * 16:
+        raise UserError(f"{labels} is {labels.stat().st_size:,} bytes, not a list of class names; re-export the model")
+    try:
+        text = labels.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{labels} is not UTF-8 text; save it as UTF-8 (one class per line) or re-export the model") from None
+    return _class_names([line.rstrip("\r") for line in text.split("\n") if line.strip()], str(labels))
+
+
+def _class_names(value: Any, where: str) -> list[str]:
+    """Class names read from an export (labels.txt, a card, metadata): a list of text without tabs or
+    line breaks (predict prints tab-separated lines); [] where none are given."""
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v and not any(c in v for c in "\t\r\n")
+                                               for v in value):
+        raise UserError(f"{where} does not name the classes as a list of text without tabs or line breaks; "
+                        f"re-export the model")
+    return list(value)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(map(repr, names[:4])) + (", ..." if len(names) > 4 else "")
 
 
 def _square_size(shape, path: Path) -> int:
