@@ -58,3 +58,16 @@ def test_predictions_are_inert_in_a_spreadsheet(tmp_path):
     write_predictions_csv(out, ["a\rb.jpg"], np.array([[0.9, 0.1]]), ["x", "y"])
     assert b'\n"a\rb.jpg",' in out.read_bytes()  # a lone carriage return is quoted, on every Python
     assert list(csv.reader(out.open(newline="", encoding="utf-8")))[1][0] == "a\rb.jpg"
+
+
+def test_a_class_named_like_another_column_gets_its_own_column_name(tmp_path):
+    """Classes 'path', 'prediction' and 'probability' made duplicate columns: a CSV reader keyed by name
+    gave row['path'] == '0.999995'."""
+    import csv
+
+    out = tmp_path / "p.csv"
+    write_predictions_csv(out, ["a.jpg"], np.array([[0.7, 0.2, 0.05, 0.05]]), ["path", "prediction", "p_path", "cat"],
+                          labels=[0])
+    [row] = list(csv.DictReader(out.open()))
+    assert row["path"] == "a.jpg" and row["label"] == "path" and row["prediction"] == "path"
+    assert list(row)[4:] == ["p_path", "p_prediction", "p_p_path", "cat"] and row["p_path"] == "0.700000"

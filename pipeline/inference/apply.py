@@ -278,13 +278,27 @@ def write_predictions_csv(path: Path, paths: Sequence[str], proba: np.ndarray, c
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         def write(cells: list) -> None:  # as the audit's CSVs: "\n" lines, every cell inert in a spreadsheet
             fh.write(csv_line(cells, spreadsheet=True))
-        write(["path", *(["label"] if labels is not None else []), "prediction", "probability", *class_names,
-               *(f"{c}_{i + 1}" for i in range(k) for c in ("neighbour", "similarity"))])
+        fixed = ["path", *(["label"] if labels is not None else []), "prediction", "probability"]
+        near_columns = [f"{c}_{i + 1}" for i in range(k) for c in ("neighbour", "similarity")]
+        write([*fixed, *probability_columns(class_names, {*fixed, *near_columns}), *near_columns])
         for j, (p, row) in enumerate(zip(paths, proba)):
             best = int(np.argmax(row))
             near = [x for n, s in (neighbours[j] if neighbours is not None else []) for x in (n, f"{s:.4f}")]
             write([p, *([class_names[int(labels[j])]] if labels is not None else []), class_names[best],
                    f"{row[best]:.6f}", *(f"{v:.6f}" for v in row), *near, *[""] * (2 * k - len(near))])
+
+
+def probability_columns(class_names: Sequence[str], taken: set[str]) -> list[str]:
+    """A column name per class for its probability: the class name, or where that is one of the other
+    columns (`taken`: a class named 'path' or 'prediction') or another class's, 'p_' before it: a
+    CSV reader keys columns by name, and a second 'path' column shadowed the first."""
+    out: list[str] = []
+    for name in class_names:
+        column = name
+        while column in taken or column in out:
+            column = "p_" + column
+        out.append(column)
+    return out
 
 
 def write_top_k_csv(path: Path, results: Sequence[tuple[str, Sequence[tuple[int, str, float]]]], k: int) -> None:
