@@ -307,3 +307,18 @@ def test_a_damaged_run_file_is_listed_as_damaged_and_named_when_the_run_is_used(
     assert next(r for i, r in listed.items() if i != bad).status == "ok"
     with pytest.raises(UserError, match=f"run {bad} is damaged: {problem}"):
         load_run(tmp_path, bad)
+
+
+def test_runs_rm_names_the_exports_it_removes_with_a_run(tmp_path):
+    """The exported models kept in a run folder went with it, unnamed."""
+    from conftest import run_cli
+
+    reg = Registry(tmp_path)
+    run = reg.start("fit-head", {})
+    run.finish()
+    for fmt in ("onnx", "tflite"):
+        (run.dir / "export" / fmt).mkdir(parents=True)
+    dry = run_cli("runs", "rm", run.id, "--dry-run", "--cache-dir", str(tmp_path))
+    assert dry.returncode == 0 and f"would remove {run.dir} (with its exports: onnx, tflite)" in dry.stdout, dry.stdout
+    gone = run_cli("runs", "rm", run.id, "--cache-dir", str(tmp_path))
+    assert gone.returncode == 0 and "(with its exports: onnx, tflite)" in gone.stdout and not run.dir.exists()

@@ -81,8 +81,15 @@ def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Pat
     \b
     Example: python cli.py runs rm 20261122-2330
     """
-    for folder in Registry(cache_dir).remove(run_ids, force=force, dry_run=dry_run, resumable=has_checkpointed_epoch):
-        click.echo(f"{'would remove' if dry_run else 'removed'} {folder}")
+    registry = Registry(cache_dir)
+    exports = {}  # what a user may serve from (README: predict --model cache/runs/<id>/export/...): named as it goes
+    for run_id in run_ids:
+        folder = registry.match(run_id).dir / "export"
+        exports[folder.parent.name] = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    for folder in registry.remove(run_ids, force=force, dry_run=dry_run, resumable=has_checkpointed_epoch):
+        held = exports.get(folder.name)
+        click.echo(f"{'would remove' if dry_run else 'removed'} {folder}"
+                   + (f" (with its export{'s' if len(held) > 1 else ''}: {', '.join(held)})" if held else ""))
 
 
 @runs_group.command("compare")
