@@ -173,7 +173,8 @@ def test_unexpected_errors_are_one_line_unless_debug(debug):
     if debug:
         assert "Traceback" in proc.stderr and "error: RuntimeError: kaput second line" in proc.stderr
     else:
-        assert proc.stderr.strip() == "error: RuntimeError: kaput second line (run with --debug for the traceback)"
+        assert proc.stderr.strip() == ("error: RuntimeError: kaput second line (python cli.py --debug ... or "
+                                       "FEATURECACHE_DEBUG=1 shows the traceback)")
 
 
 @pytest.mark.parametrize("args, fragment", [

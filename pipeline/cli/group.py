@@ -100,7 +100,7 @@ class _Group(click.Group):
             message = " ".join(str(exc).split()) or "(no message)"
             if len(message) > 300:
                 message = message[:297] + "..."
-            hint = "" if debug_enabled(ctx) else " (run with --debug for the traceback)"
+            hint = "" if debug_enabled(ctx) else " (python cli.py --debug ... or FEATURECACHE_DEBUG=1 shows the traceback)"
             click.echo(f"error: {type(exc).__name__}: {message}{hint}", err=True)
             sys.exit(1)
 

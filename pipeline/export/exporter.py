@@ -178,7 +178,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
         diff = float(np.max(np.abs(got - expected)))
         if not diff <= VERIFY_TOLERANCE:
             raise UserError(f"the {fmt} export does not reproduce the model (max probability difference "
-                            f"{diff:.2g} > {VERIFY_TOLERANCE:g}); nothing was written. Run with --debug and report it")
+                            f"{diff:.2g} > {VERIFY_TOLERANCE:g}); nothing was written. Run it again as python cli.py --debug export ... and report it")
         card["verified_max_abs_diff"] = diff
         (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         check_target(out, force)  # again: the folder may have changed during the export
