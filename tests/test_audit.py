@@ -430,6 +430,7 @@ def test_no_cross_validation_lists_no_label_issues_and_features_that_pair_everyt
             warnings.simplefilter("error", DataWarning)
             result = audit_cache(ff, NO_MAP, say=said.append)
         assert result["out_of_fold"]["folds"] == 0 and result["label_issues"] == []
+        assert result["top_losses"] == []  # train's "out of fold" losses were listed without any folds
         assert any("no label issues: no two classes have two distinct images" in line for line in said), said
         monkeypatch.setattr(runner, "near_pairs", lambda *a, **k: [Pair(i, i + 1, 0.99, "near")
                                                                      for i in range(0, 28, 2)])

@@ -288,10 +288,10 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
 
 
 def _top_losses(img: Audited, ev: LabelEvidence, split_proba: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """The highest-loss misclassified images per split (TOP_LOSSES each): train scored out of fold,
-    val/test by the held-out model."""
+    """The highest-loss misclassified images per split (TOP_LOSSES each): train scored out of fold (none
+    where no cross-validation could be made: those scores would be guesses), val/test by the held-out model."""
     out = []
-    sources = {"train": (np.flatnonzero(img.splits == "train"), None)}
+    sources = {"train": (np.flatnonzero(img.splits == "train"), None)} if ev.folds >= 2 else {}
     sources.update({s: (np.flatnonzero(img.splits == s), p) for s, p in split_proba.items()})
     for s, (rows, proba) in sources.items():
         if not rows.size:
