@@ -159,6 +159,11 @@ def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_pat
     with pytest.raises(UserError, match="not empty and not an earlier export"):
         export_run(run, "keras", theirs, force=True)
     assert (theirs / "saved_model" / "variables" / "mydata.txt").read_text() == "important"
+    dotted = tmp_path / "dotted"                                       # a folder of theirs named like staging
+    (dotted / ".export-notes").mkdir(parents=True)
+    with pytest.raises(UserError, match="not empty and not an earlier export"):
+        export_run(run, "keras", dotted, force=True)
+    assert (dotted / ".export-notes").is_dir()
     link = tmp_path / "link"
     link.symlink_to(mine)
     with pytest.raises(UserError, match="symbolic link"):

@@ -188,7 +188,7 @@ def test_runs_rm_keeps_an_audit_whose_cleaned_csv_other_runs_were_made_on(tmp_pa
     other = reg.start("fit-head", {"data": str(tmp_path / "photos")})
     other.finish()
     with pytest.raises(UserError, match=rf"run {fit.id} \(fit-head\) was made on .*cleaned.csv, which removing "
-                                        rf"{audit.id} deletes.*nothing removed.*--force"):
+                                        rf"run {audit.id} deletes.*nothing removed.*--force"):
         reg.remove([audit.id])
     assert reg.remove([other.id]) and reg.remove([audit.id, fit.id]) and reg.list() == []
     again = reg.start("audit", {})

@@ -112,8 +112,18 @@ def test_shard_0_of_1_leaves_running_shards_their_chunks_and_a_shard_waits_for_a
     with exclusive_lock(p.shard_lock(1, 3)) as held:                   # shard 1/3 is running now
         assert held
         mid = extract(req(data), opts(cache, shard=(0, 1)), log=said.append)
-    assert mid.computed == 2 and mid.missing_chunks == [1] and mid.split == 3 and not p.path.exists()
+    assert mid.computed == 2 and mid.missing_chunks == [1] and mid.n_shards == 3 and not p.path.exists()
     assert "shard 1/3 is running: its 1 missing chunk(s) are left to it" in said
+    import pipeline.extract.runner as runner
+    real, calls = runner.ExtractionJob.running_shards, []
+    with exclusive_lock(p.shard_lock(1, 3)):                           # running when 0/1 plans, gone when it ends
+        monkeypatch.setattr(runner.ExtractionJob, "running_shards",
+                            lambda job: calls.append(1) or (real(job) if len(calls) == 1 else []))
+        said.clear()
+        again = extract(req(data), opts(cache, shard=(0, 1)), log=said.append)
+        monkeypatch.undo()
+    assert again.missing_chunks == [1], said
+    assert "shard(s) 1/3 stopped without finishing their chunks: run --shard 0/1 again to compute them here" in said
     report_extraction(mid)                                             # names the shard that owes the chunk
     assert "2 of 3 chunks present; waiting for shard(s) 1/3;" in capsys.readouterr().out
     last = extract(req(data), opts(cache, shard=(1, 3)))               # the running shard finishes: assembles

@@ -61,7 +61,8 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
     log_mlflow = mlflow_check(mlflow)
     head, loaded, request = None, None, None
     if run_id is not None:
-        loaded = load_run(kw["cache_dir"], run_id, trust_pickle=trust_pickle, backbone=False)
+        new_data = cache is None and bool(given_options("data".__eq__))  # extracted with the run's backbone
+        loaded = load_run(kw["cache_dir"], run_id, trust_pickle=trust_pickle, backbone=new_data)
         if loaded.head is None:
             raise UserError(f"run {loaded.record.id} is a fine-tune; audit --run takes a fit-head run, whose head "
                             f"reads the cached features (a fine-tuned model would need the images again)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import click
 import numpy as np
@@ -199,7 +200,7 @@ class Shown:
         self.neighbours = neighbours
 
     @contextlib.contextmanager
-    def keeping(self):
+    def keeping(self) -> Iterator[None]:
         """Ctrl-C: write the predictions made so far to the CSV, say how many, and stop as interrupted."""
         try:
             yield

@@ -85,7 +85,8 @@ def runs_rm(run_ids: tuple[str, ...], force: bool, dry_run: bool, cache_dir: Pat
     exports = {}  # what a user may serve from (README: predict --model cache/runs/<id>/export/...): named as it goes
     for run_id in run_ids:
         folder = registry.match(run_id).dir / "export"
-        exports[folder.parent.name] = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        exports[folder.parent.name] = (sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                                       if folder.is_dir() else [])  # not an export's staging left by a crash
     for folder in registry.remove(run_ids, force=force, dry_run=dry_run, resumable=has_checkpointed_epoch):
         held = exports.get(folder.name)
         click.echo(f"{'would remove' if dry_run else 'removed'} {folder}"

@@ -36,7 +36,7 @@ def report_extraction(result) -> None:
         click.echo(f"shard {i}/{n}: computed {result.computed} image(s)"
                    + (f", reused {result.reused}" if result.reused else ""))
         if result.missing_chunks:
-            split = result.split or n
+            split = result.n_shards or n
             owners = sorted({c % split for c in result.missing_chunks})
             click.echo(f"{result.n_chunks - len(result.missing_chunks)} of {result.n_chunks} chunks present; "
                        f"waiting for shard(s) {', '.join(f'{k}/{split}' for k in owners)}; the last shard to finish "

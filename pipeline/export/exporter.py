@@ -17,13 +17,16 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -45,6 +48,7 @@ FORMATS: dict[str, str] = {"keras": "model.keras", "onnx": "model.onnx", "savedm
                            "tflite": "model.tflite"}
 _KERAS_FORMAT = {"onnx": "onnx", "savedmodel": "tf_saved_model", "tflite": "litert"}
 STAGING_PREFIX = ".export-"  # the folder an export is built in before it is moved into place
+_STAGING = re.compile(r"\.export-[A-Za-z0-9_]{8}\.tmp(\.old)?")  # exactly what mkdtemp makes of it (and its backup)
 _OURS = {*FORMATS.values(), "labels.txt", "model_card.json"}  # what an earlier export folder may hold
 VERIFY_TOLERANCE = 1e-4  # max |probability difference| between the export and the Keras model
 
@@ -195,17 +199,32 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
 def _move_in(staging: Path, out: Path) -> None:
     """Move a verified export from `staging` (a folder inside `out`) into `out`, the earlier export's
     entries (all `check_target` let through) first set aside beside it, then deleted: a crash never
-    loses both, and leaves only hidden folders the next export clears."""
+    loses both. Ctrl-C waits for the moves (microseconds), so `out` is never left half-moved by it."""
     backup = staging.with_name(staging.name + ".old")
-    backup.mkdir()
-    for entry in out.iterdir():
-        if entry.name in _OURS:
-            os.replace(entry, backup / entry.name)
-    for entry in staging.iterdir():
-        os.replace(entry, out / entry.name)
-    for leftover in out.iterdir():  # this export's and any a killed one left
-        if leftover.name.startswith(STAGING_PREFIX):
-            shutil.rmtree(leftover, ignore_errors=True)
+    with _deferred_interrupt():
+        backup.mkdir()
+        for entry in out.iterdir():
+            if entry.name in _OURS:
+                os.replace(entry, backup / entry.name)
+        for entry in staging.iterdir():
+            os.replace(entry, out / entry.name)
+    shutil.rmtree(backup, ignore_errors=True)  # this export's own: another's staging in the folder is left alone
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends (in the main thread; elsewhere the block just runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _earlier_export(out: Path, entries: set[str]) -> bool:
@@ -233,7 +252,7 @@ def check_target(out: Path, force: bool) -> None:
         return
     if not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; give --out a new folder")
-    entries = {p.name for p in out.iterdir() if not p.name.startswith(STAGING_PREFIX)}  # a killed export's: cleared
+    entries = {p.name for p in out.iterdir() if not _STAGING.fullmatch(p.name)}  # an export's own staging (or a killed one's)
     if not entries:
         return
     if _earlier_export(out, entries):

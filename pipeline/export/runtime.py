@@ -74,7 +74,7 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
     else:
         raise UserError(f"{path.name}: unknown model type; --model takes .onnx, .keras, .tflite or a SavedModel folder")
     card = _read_card(path) or embedded  # the model file carries its card too (a file copied without its folder)
-    labels = _read_labels(path)
+    labels = _read_labels(_beside(path, "labels.txt"))
     names = _class_names(names, f"{path.name}'s metadata")
     card_names = _class_names(card.get("class_names"), f"the model card of {path.name}")
     names_from = ("labels.txt beside it" if labels else "its metadata" if names
@@ -117,10 +117,9 @@ def _read_card(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _read_labels(path: Path) -> list[str]:
-    """labels.txt beside the model: one class per line, UTF-8 (a byte-order mark and Windows line ends,
-    as Notepad saves it, are not part of the names)."""
-    labels = _beside(path, "labels.txt")
+def _read_labels(labels: Path) -> list[str]:
+    """A labels.txt (beside the model, or in a SavedModel's assets.extra): one class per line, UTF-8 (a
+    byte-order mark and Windows line ends, as Notepad saves it, are not part of the names)."""
     if not labels.is_file():
         return []
     if labels.stat().st_size > _CARD_LIMIT * 16:
@@ -228,8 +227,7 @@ def _savedmodel(path: Path):
     spec = list(fn.structured_input_signature[1].values())[0]
     key = list(fn.structured_outputs)[0]
     extra = path / "assets.extra"  # TF Serving's place for files beside a SavedModel: export's labels and card
-    names = ([line for line in (extra / "labels.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-             if (extra / "labels.txt").is_file() else [])
+    names = _read_labels(extra / "labels.txt")
     card_file = extra / "model_card.json"
     card = (_parse_card(card_file.read_bytes(), f"{path.name}/assets.extra")
             if card_file.is_file() and card_file.stat().st_size <= _CARD_LIMIT else {})

@@ -59,6 +59,12 @@ def shard(p: Plan, options: RunOptions, log: Log) -> ExtractResult:
         return job.shard_result()
     missing = job.missing_chunks()
     if missing:
+        if options.shard == (0, 1) and job.n_shards > 1:  # a shard it left its chunks to may have stopped meanwhile
+            held = job.running_shards()
+            gone = sorted({c % job.n_shards for c in missing} - {i for i, n in held if n == job.n_shards})
+            if gone:
+                log(f"shard(s) {', '.join(f'{i}/{job.n_shards}' for i in gone)} stopped without finishing their "
+                    f"chunks: run --shard 0/1 again to compute them here")
         return job.shard_result(missing)
     with exclusive_lock(p.lock) as got:
         if not got or is_complete(p.path):

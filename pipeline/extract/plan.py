@@ -157,7 +157,7 @@ class ExtractResult:
     shard: tuple[int, int] | None = None
     n_chunks: int = 0
     missing_chunks: list[int] = field(default_factory=list)  # a shard's run: chunks other shards still owe
-    split: int = 0  # a shard's run: into how many shards the chunks are split (--shard 0/1 may leave running ones theirs)
+    n_shards: int = 0  # a shard's run: how many shards split the chunks (--shard 0/1 may leave running ones theirs)
     distributor: str = "local"  # how it was computed: local | shard | ray | concat (joined caches)
     parts: list[Path] = field(default_factory=list)  # a concatenation 'a+b': the backbone caches it joins
     model_seconds: float = 0.0  # of `seconds`, building the backbone (0 where this process kept it, or Ray's actors built it)

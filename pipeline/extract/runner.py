@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import shlex
 import sys
 import time
@@ -122,7 +123,7 @@ class ExtractionJob:
         u, n_chunks = self.chunks.chunk_units, self.n_chunks
         done = set(self.chunks.done())
         self.shard = shard
-        self.split = shard[1] if shard is not None else 0  # into how many shards the job's chunks are split
+        self.n_shards = shard[1] if shard is not None else 0  # into how many shards the job's chunks are split
         if shard is not None:
             _check_shards(p, shard, n_chunks, done)
         else:
@@ -143,16 +144,24 @@ class ExtractionJob:
     def _leave_running_shards(self, todo: list[int]) -> list[int]:
         """`--shard 0/1` (every missing chunk) leaves the share of each shard running now to it: the
         chunks would be computed twice. Whichever run finishes last assembles the file."""
-        marker = self.p.parts / SHARDS_FILE
-        if not marker.exists():  # no split recorded: no shard has started
-            return todo
-        n = self.split = read_parts_json(marker, {"n": int})["n"]
-        running = [i for i in range(n) if is_locked(self.p.shard_lock(i, n))]
-        for i in running:
+        running = self.running_shards()
+        for i, n in running:
+            self.n_shards = n
             left = [c for c in todo if c % n == i]
             if left:
                 self.log(f"shard {i}/{n} is running: its {len(left)} missing chunk(s) are left to it")
-        return [c for c in todo if c % n not in running]
+        return [c for c in todo if not any(c % n == i for i, n in running)]
+
+    def running_shards(self) -> list[tuple[int, int]]:
+        """(I, N) of every `--shard I/N` of this job running now (holding its lock), 0/1 left out: found
+        by their lock files, which a shard holds from before it lists the data, unlike its shards.json."""
+        stem = self.p.path.with_suffix("").name
+        out = []
+        for lock in self.p.path.parent.glob(f"{stem}.shard-*-of-*.lock"):
+            found = re.fullmatch(rf"{re.escape(stem)}\.shard-(\d+)-of-(\d+)\.lock", lock.name)
+            if found and (int(found[1]), int(found[2])) != (0, 1) and is_locked(lock):
+                out.append((int(found[1]), int(found[2])))
+        return sorted(out)
 
     def look_for_reuse(self) -> None:
         """Before computing the planned chunks: the files' identities (size, mtime; with --content-hash
@@ -225,7 +234,8 @@ class ExtractionJob:
         extra = {} if missing is None else {"seconds": time.perf_counter() - self.t0, "missing_chunks": missing,
                                             "reused": int(np.count_nonzero(self.reused & self.in_todo))}
         return ExtractResult(self.p.path, self.p.key, cache_hit=False, computed=self.computed, shard=self.shard,
-                             n_chunks=self.n_chunks, split=self.split, distributor="shard", model_seconds=self.model_seconds, **extra)
+                             n_chunks=self.n_chunks, n_shards=self.n_shards, distributor="shard",
+                             model_seconds=self.model_seconds, **extra)
 
     def assemble(self, ran: tuple[int, float] | None = None) -> ExtractResult:
         """Every chunk is there: write the HDF5 file (items, attributes, features) and remove the parts.
@@ -256,11 +266,8 @@ class ExtractionJob:
                           *(self.stats if self.stats is not None else (None, None, None)))
         try:
             assemble(chunks, p.path, items, attrs, dtype=p.request.dtype, compression=opts.compression)
-        except NoImageRead:
-            chunks.remove()  # nothing was computed: the data is what to fix, not the weights or the dtype
-            raise
-        except OneImage:
-            chunks.remove()  # the data is what to fix, not the weights or the dtype
+        except (NoImageRead, OneImage):
+            chunks.remove()  # nothing read, or one picture: the data is what to fix, not the weights or the dtype
             raise
         except DegenerateFeatures as exc:
             chunks.remove()  # every chunk holds the same junk; a rerun must recompute

@@ -10,7 +10,7 @@ import json
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False, backbone:
     """Find a fit-head or finetune run and load its head or model; one-line errors otherwise.
     `trust_pickle` allows an old pickled head.joblib (unpickling can run code); `backbone`: the caller
     builds the run's backbone, so its weights file must be the one the head was fitted on
-    (`_check_weights_unchanged`; the audit reads only the cache)."""
+    (`_check_weights_unchanged`; an audit of the run's own cache reads only the cache)."""
     record = Registry(cache_dir).get(run_id)
     if record.damaged:
         raise UserError(f"run {record.id} is damaged: {'; '.join(record.damaged)} in {record.dir}; run the command "
@@ -231,11 +231,7 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32, on
         model = load_keras_file(run.model_path)
         return run_model(model, paths, size, run.request.resize, batch_size, on_batch=on_batch)
     if not is_concat(run.request.backbone):  # the head batch by batch on the backbone's features
-        require()
-        spec, request = bb.get(run.request.backbone), run.request
-        size = spec.resolve_size(request.image_size)
-        model = backbone_model.feature_model(spec, request.weights, size, request.pooling, request.layer)
-        return run_model(model, paths, size, request.resize, batch_size, then=run.head.predict_proba, on_batch=on_batch)
+        return run_features(run, paths, batch_size, then=run.head.predict_proba, on_batch=on_batch)
     feats, kept, skipped = run_features(run, paths, batch_size)
     proba = run.head.predict_proba(feats)
     if on_batch is not None:
@@ -243,17 +239,22 @@ def predict_paths(run: LoadedRun, paths: Sequence[str], batch_size: int = 32, on
     return proba, kept, skipped
 
 
-def run_features(run: LoadedRun, paths: Sequence[str], batch_size: int = 32
+def run_features(run: LoadedRun, paths: Sequence[str], batch_size: int = 32,
+                 then: Callable[[np.ndarray], np.ndarray] | None = None, on_batch: OnBatch | None = None
                  ) -> tuple[np.ndarray, list[int], list[str]]:
     """A fit-head run's backbone features of image files: (features, positions kept, skipped); for a
-    concatenation 'a+b', each backbone's features of the images every one of them read, side by side."""
+    concatenation 'a+b', each backbone's features of the images every one of them read, side by side.
+    One backbone only: `then` and `on_batch` as in `run_model` (the head applied batch by batch)."""
     require()
+    parts = part_requests(run.request) if is_concat(run.request.backbone) else [run.request]
+    if (then is not None or on_batch is not None) and len(parts) > 1:
+        raise ValueError("then/on_batch need one backbone: a join's features are complete only at the end")
     outs = []
-    for request in part_requests(run.request) if is_concat(run.request.backbone) else [run.request]:
+    for request in parts:
         spec = bb.get(request.backbone)
         size = spec.resolve_size(request.image_size)
         model = backbone_model.feature_model(spec, request.weights, size, request.pooling, request.layer)
-        outs.append(run_model(model, paths, size, request.resize, batch_size))
+        outs.append(run_model(model, paths, size, request.resize, batch_size, then=then, on_batch=on_batch))
     if len(outs) == 1:
         return outs[0]
     kept = sorted(set.intersection(*(set(k) for _, k, _ in outs)))

@@ -20,6 +20,9 @@ from pipeline.errors import UserError
 from pipeline.extract import make_runner
 
 
+OnBatch = Callable[[list[int], np.ndarray], None]  # (positions of the images, their outputs): called per batch done
+
+
 def image_paths(inputs: Sequence[str]) -> list[str]:
     """Expand files and folders into a sorted list of files. Folders contribute every file that is
     not hidden (at any depth): the decoder decides what is an image and says why it skips the rest,
@@ -52,9 +55,6 @@ def image_batches(paths: Sequence[str], size: int, resize: str, batch_size: int 
     """`loader.Batch`es of uint8 images (tags = positions in `paths`), decoded in parallel, in order."""
     jobs = ((i, functools.partial(load_file, p, size, resize)) for i, p in enumerate(paths))
     return batches(jobs, batch_size, (size, size, 3), workers)
-
-
-OnBatch = Callable[[list[int], np.ndarray], None]
 
 
 def map_files(fn: Callable[[np.ndarray], np.ndarray], paths: Sequence[str], size: int, resize: str,

@@ -346,14 +346,15 @@ class Registry:
             raise UserError(f"run {w.config['parent_run']} is where unfinished run {w.id} ({w.stage}, {w.status}) "
                             f"starts, and resuming it reads that run again; nothing removed; resume it first "
                             f"(python cli.py finetune --resume {w.id}), remove it too, or pass --force")
-        folders = [os.path.realpath(r.dir) for r in records]
+        folders = [os.path.realpath(r.dir) for r in records if not r.dir.is_symlink()]  # a link goes, not its target
         reading = [x for x in self.list() if x.id not in leaving and _data_in(x.config, folders)] if not force else []
         if reading:  # an audit's cleaned.csv: finetune and audit --run of a run trained on it list it again
             data = _data_in(reading[0].config, folders)
             more = f" and {len(reading) - 1} more" if len(reading) > 1 else ""
-            raise UserError(f"run {reading[0].id} ({reading[0].stage}{more}) was made on {data}, which removing "
-                            f"{os.path.basename(os.path.dirname(data))} deletes, and finetune or audit --run of it "
-                            f"reads it again; nothing removed; remove those runs too, or pass --force")
+            raise UserError(f"run {reading[0].id} ({reading[0].stage}{more}) was made on {data}, which removing run "
+                            f"{os.path.basename(os.path.dirname(data))} deletes, and a command that reads that run's "
+                            f"images again (finetune, audit --run) would fail; nothing removed; remove those runs too, "
+                            f"or pass --force")
         root = os.path.realpath(self.root)
         for r in records:
             inside = (os.path.realpath(r.dir.parent) == root if r.dir.is_symlink()
