@@ -83,6 +83,9 @@ def test_dense_head_and_sweep_on_a_cache_file(tmp_path):
     assert "best saved in run" in sweep.stdout and "sweep" in sweep.stdout
     best = Path(cache) / "runs" / sweep.stdout.split("best saved in run ")[1].split()[0]
     assert (best / "curves.png").exists() and (best / "confusion_val.png").exists()  # like any run
+    chosen = json.loads((best / "metrics.json").read_text())["best_params"]  # the config recorded the grid's base
+    config = json.loads((best / "config.json").read_text())
+    assert {k: config["head_params"][k] for k in chosen} == chosen and config["sweep"] is True, (chosen, config)
     chatter = [line for line in sweep.stderr.splitlines() if "cuda" in line.lower() or "absl" in line
                or "oneDNN" in line or "cpu_feature_guard" in line]
     assert not chatter, chatter  # the sweep's worker processes start silently

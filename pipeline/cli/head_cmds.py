@@ -237,6 +237,9 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
         results = sweep(ff, head, n_jobs=head_opts["jobs"], base_params=base, val_fraction=val_fraction,
                         seed=head_opts["seed"], use_augmented=use_augmented)
         save_sweep(results, run)
+        if results and results[0].head is not None:  # the config names the saved head's values, not the grid's base
+            run.update_config(run_config(ff, results[0].head, sweep=True, val_fraction=val_fraction,
+                                         seed=head_opts["seed"], use_augmented=use_augmented))
     Console(width=120).print(results_table(results, title=f"sweep ({len(results)} configs, best first)"))
     click.echo(f"best saved in run {run.id} ({run.dir})")
     return run.id
