@@ -108,6 +108,12 @@ def test_compare_json_and_out(two_runs, tmp_path):
     assert set(data["metrics"]["val.accuracy"]) == set(ids) and "test.log_loss" in data["metrics"]
     assert data["plot"] == str(out) and out.read_bytes()[:8] == PNG_MAGIC and f"wrote {out}" in proc.stderr
     assert not list((root / "runs").glob(f"compare-{ids[1]}*"))  # --out named: nothing else written
+    metrics_file = root / "runs" / ids[0] / "metrics.json"                # a NaN figure: null, not a bare NaN
+    metrics_file.write_text(metrics_file.read_text().replace('"log_loss": ', '"log_loss": NaN, "x": ', 1))
+    proc = run_cli("runs", "compare", ids[1], ids[0], "--json", "--no-plot", "--cache-dir", str(root))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))
+    assert None in data["metrics"]["train.log_loss"].values() or None in data["metrics"]["val.log_loss"].values()
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -322,3 +322,20 @@ def test_runs_rm_names_the_exports_it_removes_with_a_run(tmp_path):
     assert dry.returncode == 0 and f"would remove {run.dir} (with its exports: onnx, tflite)" in dry.stdout, dry.stdout
     gone = run_cli("runs", "rm", run.id, "--cache-dir", str(tmp_path))
     assert gone.returncode == 0 and "(with its exports: onnx, tflite)" in gone.stdout and not run.dir.exists()
+
+
+def test_a_metric_that_is_no_number_does_not_stop_runs_and_show_says_what_is_damaged(tmp_path):
+    """'accuracy': 'high' in one hand-edited metrics.json was a ValueError for every `runs`; `runs show`
+    of a damaged run printed 'duration Nones' and not what was wrong."""
+    from conftest import run_cli
+
+    reg = Registry(tmp_path)
+    for value in ("high", [1], 0.5):
+        with reg.start("fit-head", {"data": "d"}) as run:
+            run.log_metrics({"val": {"accuracy": value}})
+    listed = run_cli("runs", "--cache-dir", str(tmp_path))
+    assert listed.returncode == 0 and len(reg.list()) == 3 and "0.500" in listed.stdout, listed.stdout + listed.stderr
+    bad = reg.ids()[0]
+    (tmp_path / "runs" / bad / "run.json").write_text('{"status": "ok"')
+    shown = run_cli("runs", "show", bad, "--cache-dir", str(tmp_path))
+    assert shown.returncode == 0 and "Nones" not in shown.stdout and "damaged: run.json is not readable JSON" in shown.stdout

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -58,7 +60,10 @@ def runs_show(run_id: str, cache_dir: Path) -> None:
     Example: python cli.py runs show 20261122-2330
     """
     r = Registry(cache_dir).get(run_id)
-    click.echo(f"run {r.id}  stage {r.stage}  status {r.status}  started {r.started}  duration {r.duration_s}s")
+    took = f"{r.duration_s}s" if r.duration_s is not None else "?"
+    click.echo(f"run {r.id}  stage {r.stage}  status {r.status}  started {r.started or '?'}  duration {took}")
+    if r.damaged:  # what `runs` lists as damaged, and why
+        click.echo(f"damaged: {'; '.join(r.damaged)}")
     click.echo("config: " + json.dumps(r.config, indent=2, default=str))
     click.echo("metrics: " + json.dumps(r.metrics, indent=2, default=str))
     logged = r.info.get("mlflow")
@@ -119,8 +124,19 @@ def runs_compare(run_ids: tuple[str, ...], out: Path | None, split: str, no_plot
     if not no_plot:
         plot = plot_comparison(cmp.runs, out or default_plot_path(registry, cmp.runs), split=split)
     if as_json:
-        click.echo(json.dumps(comparison_json(cmp, plot), indent=2, default=str))
+        click.echo(json.dumps(_finite(comparison_json(cmp, plot)), indent=2, default=str, allow_nan=False))
     else:
         Console(width=max(160, 34 + 23 * len(cmp.runs))).print(comparison_table(cmp))
     if plot is not None:
         click.echo(f"wrote {plot}", err=as_json)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinite numbers as None: JSON has no NaN, and parsers refuse a bare one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -158,11 +158,13 @@ def _dotted(data: Mapping[str, Any], key: str) -> tuple[bool, Any]:
 
 
 def _metric(metrics: Mapping[str, Any], name: str) -> float | None:
+    """A run's val figure `name` (None where it has none, or a hand-edited metrics.json holds no number:
+    one such run must not stop `runs` listing every other)."""
     val = metrics.get("val")
-    if isinstance(val, Mapping) and val.get(name) is not None:
-        return float(val[name])
-    flat = metrics.get(f"val_{name}")
-    return float(flat) if flat is not None else None
+    value = val.get(name) if isinstance(val, Mapping) and val.get(name) is not None else metrics.get(f"val_{name}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 class Run:
