@@ -339,3 +339,16 @@ def test_a_metric_that_is_no_number_does_not_stop_runs_and_show_says_what_is_dam
     (tmp_path / "runs" / bad / "run.json").write_text('{"status": "ok"')
     shown = run_cli("runs", "show", bad, "--cache-dir", str(tmp_path))
     assert shown.returncode == 0 and "Nones" not in shown.stdout and "damaged: run.json is not readable JSON" in shown.stdout
+
+
+def test_runs_filter_and_sort_by_value_as_the_table_shows_them(tmp_path):
+    """--filter C=1 found no run whose C is 1.0, sweep=true none whose sweep is True; --sort params.C put
+    C=auto, 3, 10, 1 in that order (as text), and a NaN anywhere."""
+    reg = Registry(tmp_path)
+    for c in (1.0, 3, 10, "auto", float("nan")):
+        reg.start("fit-head", {"params": {"C": c}, "sweep": c == "auto"}).finish()
+    assert [r.value("params.C") for r in reg.list(filters={"params.C": "1"})] == [1.0]
+    assert [r.value("params.C") for r in reg.list(filters={"sweep": "true"})] == ["auto"]
+    assert [r.value("params.C") for r in reg.list(filters={"params.C": "1e+1"})] == [10]
+    assert [r.value("params.C") for r in reg.list(sort="params.C")][:3] == [10, 3, 1.0]
+    assert [r.value("params.C") for r in reg.list(sort="params.C", descending=False)][:3] == [1.0, 3, 10]

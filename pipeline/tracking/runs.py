@@ -18,6 +18,7 @@ import datetime as _dt
 import fnmatch
 import functools
 import json
+import math
 import os
 import platform
 import secrets
@@ -287,11 +288,14 @@ class Registry:
         if records and not present:
             raise UserError(f"no run listed has a value for {sort!r} to sort by; use started, duration, status, "
                             f"val_accuracy, val_f1 or a dotted metrics/config key such as val.log_loss or backbone")
+        numbers = [r for r in present if _number(r.value(sort)) is not None]  # by value: "10" after "3"
+        others = [r for r in present if _number(r.value(sort)) is None]   # text ("auto"), NaN: after the numbers
+        numbers.sort(key=lambda r: _number(r.value(sort)), reverse=descending)
         try:
-            present.sort(key=lambda r: r.value(sort), reverse=descending)
+            others.sort(key=lambda r: r.value(sort), reverse=descending)
         except TypeError:
-            present.sort(key=lambda r: str(r.value(sort)), reverse=descending)
-        return present + missing
+            others.sort(key=lambda r: str(r.value(sort)), reverse=descending)
+        return (numbers + others if numbers else others) + missing
 
     def get(self, run_id: str) -> RunRecord:
         """The run with this ID or unique ID prefix; UserError when none or several match."""
@@ -405,10 +409,27 @@ def _alive(info: Mapping[str, Any]) -> bool:
     return True
 
 
+def _number(value: Any) -> float | None:
+    """A recorded value as a finite number (1, 1.0, "1e+12"), else None (text, NaN, booleans, lists)."""
+    if isinstance(value, bool) or isinstance(value, (list, dict)) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _matches(value: Any, want: Any) -> bool:
+    """A filter's value against a run's: by number where both are numbers (C=1 is 1.0), true/false by
+    meaning, else the text or a glob of it."""
     if value is None:
         return False
     text, pattern = str(value), str(want)
+    if isinstance(value, bool):
+        return pattern.lower() == text.lower()
+    if _number(value) is not None and _number(want) is not None:
+        return _number(value) == _number(want)
     return text == pattern or fnmatch.fnmatchcase(text, pattern)
 
 
