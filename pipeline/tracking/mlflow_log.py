@@ -117,7 +117,7 @@ def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = 
         info["mlflow"] = {"run_id": mlflow_id, "experiment_id": experiment_id, "tracking_uri": uri}
         write_json(record.dir / "run.json", info)
     except Exception as exc:  # noqa: BLE001 - tracking must never lose or fail the local run
-        text = " ".join(str(exc).split())[:200]
+        text = " ".join(str(exc).split())[:600]  # MLflow puts the fix at the end of its message (a file store refused)
         warnings.warn(f"MLflow logging failed ({type(exc).__name__}: {text}); the run is kept in {where}",
                       DataWarning, stacklevel=2)
         return None
