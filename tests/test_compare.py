@@ -154,3 +154,15 @@ def test_compare_run_with_curves_and_run_without_confusion(two_runs, tmp_path):
         assert im.format == "PNG" and im.size[0] >= 1200
     with pytest.raises(UserError, match="at least two"):
         resolve(registry, [run.id])
+
+
+def test_a_damaged_confusion_matrix_or_curve_is_not_drawn_and_not_a_numpy_error(two_runs):
+    """A hand-edited [[1, 2], [3]] in metrics.json was 'ValueError: setting an array element with a
+    sequence', naming no run."""
+    root, ids = two_runs
+    metrics_file = root / "runs" / ids[0] / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    metrics["val"]["confusion_matrix"] = [[1, 2], [3]]
+    metrics_file.write_text(json.dumps(metrics))
+    proc = run_cli("runs", "compare", ids[1], ids[0], "--cache-dir", str(root))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

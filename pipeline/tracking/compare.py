@@ -278,7 +278,10 @@ def load_history(record: RunRecord) -> dict[str, list[float]] | None:
             continue
         history = data.get("history") if isinstance(data, dict) else None
         if isinstance(history, dict) and history.get("loss"):
-            return history
+            try:  # a hand-edited file: curves of numbers, or none
+                return {str(k): [float(v) for v in values] for k, values in history.items() if isinstance(values, list)}
+            except (TypeError, ValueError):
+                return None
     return None
 
 
@@ -288,8 +291,14 @@ def confusion_of(record: RunRecord, split: str = "val") -> tuple[list[list[int]]
     if not _is_report(report) or not report.get("n") or not report.get("confusion_matrix"):
         return None
     cm = report["confusion_matrix"]
+    try:  # square and numeric, or not shown (a hand-edited metrics.json made a raw numpy error)
+        counts = np.asarray(cm, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+        return None
     names = report.get("class_names") or [str(i) for i in range(len(cm))]
-    return cm, [str(n) for n in names]
+    return cm, [str(n) for n in names][:len(cm)] + [str(i) for i in range(len(names), len(cm))]
 
 
 def _cv_scores(record: RunRecord) -> dict[float, float]:
