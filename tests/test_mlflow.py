@@ -169,3 +169,27 @@ def test_an_audit_is_logged_with_its_counts_report_and_cleaned_manifest(tmp_path
     assert mrun.data.metrics["counts_images"] == audit["counts"]["images"] == 24
     files = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(mrun.info.run_id)}
     assert {"audit.json", "report.html", "cleaned.csv", "label_issues.csv"} <= files
+
+
+def test_a_run_named_by_mlflow_run_id_gets_each_command_as_a_child_run(tmp_path, monkeypatch):
+    """MLFLOW_RUN_ID (docs: an active run is reused): logging failed on the experiment, or renamed the
+    user's run 'my pipeline', and a second command's params clashed with the first's."""
+    from pipeline.tracking.mlflow_log import log_run
+    from pipeline.tracking.runs import Registry
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("outer")
+    with mlflow.start_run(experiment_id=experiment, run_name="my pipeline") as outer:
+        pass
+    reg = Registry(tmp_path / "c")
+    for c in (1.0, 3.0):
+        with reg.start("fit-head", {"head": "logistic", "params": {"C": c}}) as run:
+            run.log_metrics({"val": {"accuracy": 0.5}})
+        monkeypatch.setenv("MLFLOW_RUN_ID", outer.info.run_id)
+        assert log_run(tmp_path / "c", run.id) is not None
+    assert mlflow.get_run(outer.info.run_id).info.run_name == "my pipeline"
+    children = mlflow.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{outer.info.run_id}'",
+                                  output_format="list")
+    assert sorted(r.data.params["params.C"] for r in children) == ["1.0", "3.0"]

@@ -104,7 +104,7 @@ def log_run(cache_dir: str | os.PathLike, run_id: str, experiment: str | None = 
     # An unreachable server should cost seconds, not MLflow's default minutes of retries; and
     # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: the process's environment is restored after.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
-                                            "MLFLOW_TRACKING_URI")}
+                                            "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}  # start_run deletes the last
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     where = CacheLayout(cache_dir).run(run_id)
@@ -138,7 +138,13 @@ def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None
     own_store = not os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri exports the variable
     mlflow.set_tracking_uri(uri)
     active = mlflow.active_run()
-    if active is None:
+    outer = os.environ.pop("MLFLOW_RUN_ID", None) if active is None else None
+    if outer:  # the user's run (a pipeline's, `mlflow run`'s): each command a child run in its experiment, its
+        # name and params left alone (logging into it renamed it, and a second command's params clashed)
+        parent = mlflow.get_run(outer)
+        context = mlflow.start_run(run_name=f"{record.stage} {record.id}", experiment_id=parent.info.experiment_id,
+                                   tags={"mlflow.parentRunId": outer})
+    elif active is None:
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         if own_store and mlflow.get_experiment_by_name(name) is None:
             # our default store keeps its artifacts beside it, not in ./mlruns of whatever folder we run in
@@ -149,8 +155,9 @@ def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None
                 if mlflow.get_experiment_by_name(name) is None:  # not just a concurrent run creating it
                     raise
         mlflow.set_experiment(name)
-    context = contextlib.nullcontext(active) if active is not None else \
-        mlflow.start_run(run_name=f"{record.stage} {record.id}")
+        context = mlflow.start_run(run_name=f"{record.stage} {record.id}")
+    else:  # a run this process started (the library used from a script): logged into
+        context = contextlib.nullcontext(active)
     with context as run:
         mlflow.set_tags(_tags(record))
         params = {k: _param_text(v) for k, v in flatten(record.config).items()}
