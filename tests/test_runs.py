@@ -352,3 +352,21 @@ def test_runs_filter_and_sort_by_value_as_the_table_shows_them(tmp_path):
     assert [r.value("params.C") for r in reg.list(filters={"params.C": "1e+1"})] == [10]
     assert [r.value("params.C") for r in reg.list(sort="params.C")][:3] == [10, 3, 1.0]
     assert [r.value("params.C") for r in reg.list(sort="params.C", descending=False)][:3] == [1.0, 3, 10]
+
+
+def test_a_run_whose_folder_was_removed_while_it_ran_does_not_make_it_again(tmp_path):
+    """runs rm --force of a live sweep: the sweep wrote on, made the folder again without config.json,
+    and `runs` listed it as ok."""
+    import shutil
+
+    reg = Registry(tmp_path)
+    with pytest.raises(UserError, match=r"folder .* was removed while it ran \(runs rm --force\)"):
+        with reg.start("fit-head", {"data": "d"}) as run:
+            shutil.rmtree(run.dir)
+            run.log_metrics({"val": {"accuracy": 0.5}})
+    assert not run.dir.exists() and reg.list() == []
+    run = reg.start("fit-head", {})
+    shutil.rmtree(run.dir)
+    with pytest.raises(UserError, match="was removed while it ran"):
+        run.finish()
+    assert not run.dir.exists()

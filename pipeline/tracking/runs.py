@@ -185,15 +185,25 @@ class Run:
 
     def path(self, name: str) -> Path:
         """Where to write artifact `name` inside this run's folder."""
+        self._check_there()
         return self.dir / name
+
+    def _check_there(self) -> None:
+        """UserError where the run's folder was removed while it ran (`runs rm --force`): writing on would
+        make a folder of it again, without its config, listed as a run that succeeded."""
+        if not self.dir.is_dir():
+            raise UserError(f"run {self.id}'s folder {self.dir} was removed while it ran (runs rm --force); "
+                            f"nothing more of it is saved")
 
     def update_config(self, config: Mapping[str, Any]) -> None:
         """Replace config.json (e.g. once the auto head has chosen which head the run keeps)."""
+        self._check_there()
         self.config = dict(config)
         write_json(self.dir / "config.json", self.config)
 
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Merge `metrics` into metrics.json (rewritten atomically)."""
+        self._check_there()
         self.metrics.update(metrics)
         write_json(self.dir / "metrics.json", self.metrics)
 
@@ -206,14 +216,15 @@ class Run:
         self._info.update(status=status, ended=_now().isoformat(), duration_s=round(time.monotonic() - self._t0, 3))
         if error:
             self._info["error"] = error
+        self._check_there()
         write_json(self.dir / "run.json", self._info)
 
     def __enter__(self) -> "Run":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._info["status"] != "running":
-            return
+        if self._info["status"] != "running" or (exc is not None and not self.dir.is_dir()):
+            return  # finished already; or failing with its folder removed: the error says what happened
         if exc is None:
             self.finish("ok")
         elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C: stopped, not broken
