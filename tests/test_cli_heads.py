@@ -86,6 +86,8 @@ def test_dense_head_and_sweep_on_a_cache_file(tmp_path):
     chosen = json.loads((best / "metrics.json").read_text())["best_params"]  # the config recorded the grid's base
     config = json.loads((best / "config.json").read_text())
     assert {k: config["head_params"][k] for k in chosen} == chosen and config["sweep"] is True, (chosen, config)
+    from pipeline.heads.training import recorded_split                      # its images, as any run's
+    assert recorded_split(best) is not None and recorded_split(best)["train"]
     chatter = [line for line in sweep.stderr.splitlines() if "cuda" in line.lower() or "absl" in line
                or "oneDNN" in line or "cpu_feature_guard" in line]
     assert not chatter, chatter  # the sweep's worker processes start silently

@@ -227,7 +227,8 @@ def rank_backbones(backbones: list[str], kw: dict, make_head, seed: int, use_aug
 def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, use_augmented: bool) -> str:
     from pipeline.heads.sweep import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
         results_table, save_sweep, sweep)
-    from pipeline.heads.training import run_config  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.heads.training import (  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+        run_config, split_rows, split_table, write_split)
 
     registry = Registry(CacheLayout.of(ff.path).root)
     run = registry.start("fit-head", run_config(ff, estimator, sweep=True, val_fraction=val_fraction,
@@ -237,6 +238,7 @@ def _run_sweep(ff, head: str, estimator, head_opts: dict, val_fraction: float, u
         results = sweep(ff, head, n_jobs=head_opts["jobs"], base_params=base, val_fraction=val_fraction,
                         seed=head_opts["seed"], use_augmented=use_augmented)
         save_sweep(results, run)
+        write_split(run, split_table(ff, split_rows(ff, val_fraction, head_opts["seed"], use_augmented)))
         if results and results[0].head is not None:  # the config names the saved head's values, not the grid's base
             run.update_config(run_config(ff, results[0].head, sweep=True, val_fraction=val_fraction,
                                          seed=head_opts["seed"], use_augmented=use_augmented))

@@ -195,11 +195,23 @@ def fit_head_on_cache(feature_file: FeatureFile, head: Head, val_fraction: float
     metrics: dict[str, Any] = {"train": evaluate_rows(head, ff, clean_train), "val": evaluate_rows(head, ff, split.val)}
     if split.test.size:
         metrics["test"] = evaluate_rows(head, ff, split.test)
-    paths = np.asarray(ff.paths, dtype=object)
-    files = [(str(paths[r]), name) for name, rows in (("train", clean_train), ("val", split.val), ("test", split.test))
-             for r in rows]
     return FitResult(head=head, split=split, metrics=metrics, fit_seconds=fit_seconds, extras=extras,
-                     split_files=files)
+                     split_files=split_table(ff, split))
+
+
+def split_table(ff: FeatureFile, split: SplitRows) -> list[tuple[str, str]]:
+    """(image file, split) of the clean images `split` trains, validates and tests on: a run's split.csv."""
+    paths = np.asarray(ff.paths, dtype=object)
+    clean_train = split.train[ff.views[split.train] == 0]
+    return [(str(paths[r]), name) for name, rows in (("train", clean_train), ("val", split.val), ("test", split.test))
+            for r in rows]
+
+
+def write_split(run: Run, table: list[tuple[str, str]]) -> Path:
+    """Write a run's split.csv (`split_table`): which images its head trained on, outliving the cache file."""
+    path = run.path(SPLIT_FILE)
+    write_text_atomic(path, csv_text(table, ("path", "split")))
+    return path
 
 
 def evaluate_rows(head: Head, ff: FeatureFile, rows: np.ndarray) -> dict[str, Any]:
@@ -245,8 +257,7 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
     head = result.head
     files: dict[str, Path] = {"head": head.save(run.path(head.artifact))}
     if result.split_files:  # which images the head trained on, outliving the cache file (held-out checks)
-        files["split"] = run.path(SPLIT_FILE)
-        write_text_atomic(files["split"], csv_text(result.split_files, ("path", "split")))
+        files["split"] = write_split(run, result.split_files)
     run.log_metrics({**result.metrics, "split": result.split.summary(), "fit_seconds": round(result.fit_seconds, 3),
                      **head.facts(), **result.extras})
     history = result.history
