@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -47,3 +48,20 @@ def is_locked(path: str | os.PathLike) -> bool:
     except OSError:
         return False
     return False
+
+
+def shard_lock(features: str | os.PathLike, i: int, n: int) -> Path:
+    """The lock an extraction's `--shard I/N` holds while it runs, beside the cache file `features`
+    (shards run side by side, each under its own)."""
+    return Path(features).with_suffix(f".shard-{i}-of-{n}.lock")
+
+
+def shard_locks(entry: str | os.PathLike) -> dict[tuple[int, int], Path]:
+    """The shard lock files there are of a cache entry (its .h5, .parts or .lock), by (I, N)."""
+    stem = Path(entry).with_suffix("")
+    found = {}
+    for lock in stem.parent.glob(f"{stem.name}.shard-*-of-*.lock"):
+        named = re.fullmatch(rf"{re.escape(stem.name)}\.shard-(\d+)-of-(\d+)\.lock", lock.name)
+        if named:
+            found[int(named[1]), int(named[2])] = lock
+    return found

@@ -18,6 +18,7 @@ from pipeline.data.decode import RESIZE_METHODS, identity as decoder_identity
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig, open_source
 from pipeline.errors import UserError
 from pipeline.layout import CacheLayout
+from pipeline.locking import shard_lock
 from pipeline.versions import version
 
 DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache"
@@ -197,7 +198,7 @@ class Plan:
 
     def shard_lock(self, i: int, n: int) -> Path:
         """The lock a run of `--shard I/N` holds while it runs (shards run side by side, each under its own)."""
-        return self.path.with_suffix(f".shard-{i}-of-{n}.lock")
+        return shard_lock(self.path, i, n)
 
 
 def check_size(size: int, allow_large: bool = False) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 import shlex
 import sys
 import time
@@ -41,7 +40,7 @@ from pipeline.extract.writer import ChunkWriter
 from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
 from pipeline.features.store import (ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, OneImage, assemble,
                                      read_parts_json, read_skipped)
-from pipeline.locking import is_locked
+from pipeline.locking import is_locked, shard_locks
 
 Log = Callable[[str], None]
 SHARDS_FILE = "shards.json"  # in the parts folder: how many shards split this job's chunks
@@ -155,13 +154,7 @@ class ExtractionJob:
     def running_shards(self) -> list[tuple[int, int]]:
         """(I, N) of every `--shard I/N` of this job running now (holding its lock), 0/1 left out: found
         by their lock files, which a shard holds from before it lists the data, unlike its shards.json."""
-        stem = self.p.path.with_suffix("").name
-        out = []
-        for lock in self.p.path.parent.glob(f"{stem}.shard-*-of-*.lock"):
-            found = re.fullmatch(rf"{re.escape(stem)}\.shard-(\d+)-of-(\d+)\.lock", lock.name)
-            if found and (int(found[1]), int(found[2])) != (0, 1) and is_locked(lock):
-                out.append((int(found[1]), int(found[2])))
-        return sorted(out)
+        return sorted(shard for shard, lock in shard_locks(self.p.path).items() if shard != (0, 1) and is_locked(lock))
 
     def look_for_reuse(self) -> None:
         """Before computing the planned chunks: the files' identities (size, mtime; with --content-hash

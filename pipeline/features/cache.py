@@ -16,7 +16,7 @@ import h5py
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile, chunk_files, decode_attr, not_damaged, structure_problem
 from pipeline.layout import CacheLayout
-from pipeline.locking import is_locked
+from pipeline.locking import is_locked, shard_locks
 
 
 @dataclass
@@ -268,8 +268,7 @@ def describe(ref: str, cache_dir: Path) -> str:
 
 def being_written(path: Path) -> bool:
     """Whether an extraction holds this entry's lock (or one of its shards') right now."""
-    shard_locks = path.parent.glob(path.with_suffix("").name + ".shard-*-of-*.lock")
-    return is_locked(path.with_suffix(".lock")) or any(is_locked(lock) for lock in shard_locks)
+    return is_locked(path.with_suffix(".lock")) or any(is_locked(lock) for lock in shard_locks(path).values())
 
 
 def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
@@ -295,7 +294,7 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
         lock = path.with_suffix(".lock")  # the key's lock (and its shards'), unless another entry of the key stays
         if not any(o.path != lock and o.path.with_suffix(".lock") == lock for o in staying):
             lock.unlink(missing_ok=True)
-            for shard_lock in path.parent.glob(path.with_suffix("").name + ".shard-*-of-*.lock"):
+            for shard_lock in shard_locks(path).values():
                 shard_lock.unlink(missing_ok=True)
         removed.append(path)
     return removed
