@@ -206,8 +206,7 @@ class Shown:
             yield
         except KeyboardInterrupt:
             if self.csv_out is not None and self.kept:
-                write_predictions_csv(self.csv_out, [self.paths[i] for i in self.kept], np.concatenate(self.rows),
-                                      self.names)
+                self._write_csv()
                 click.echo(f"wrote the {len(self.kept)} of {len(self.paths)} predictions made before the interrupt "
                            f"to {self.csv_out}", err=True)
             raise
@@ -215,8 +214,11 @@ class Shown:
     def finish(self, skipped: list) -> None:
         """The CSV of every prediction, and the skipped files (stderr)."""
         if self.csv_out:
-            write_predictions_csv(self.csv_out, [self.paths[i] for i in self.kept], np.concatenate(self.rows),
-                                  self.names, self.neighbours)
+            self._write_csv()
             click.echo(f"wrote {self.csv_out}", err=True)
         if skipped:
             click.echo(skipped_message(skipped), err=True)
+
+    def _write_csv(self) -> None:
+        write_predictions_csv(self.csv_out, [self.paths[i] for i in self.kept], np.concatenate(self.rows),
+                              self.names, self.neighbours)

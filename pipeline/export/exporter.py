@@ -234,7 +234,8 @@ def _earlier_export(out: Path, entries: set[str]) -> bool:
     if not entries <= _OURS:
         return False
     try:
-        card = json.loads((out / "model_card.json").read_text(encoding="utf-8")[:1 << 20])
+        with open(out / "model_card.json", encoding="utf-8") as fh:
+            card = json.loads(fh.read(1 << 20))  # a card is a few kB: a larger file is not one, nor read whole
     except (OSError, ValueError):
         return False
     return (isinstance(card, dict) and isinstance(card.get("run_id"), str) and card.get("format") in FORMATS
