@@ -104,9 +104,10 @@ def split_paths(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0) -> tu
     ({'train': [...], 'val': [...], 'test': [...]}, clean views), and where its val came from: what
     fine-tuning validates on, and what `evaluate` must not count as held out."""
     rows = split_rows(ff, val_fraction, seed, use_augmented=False)
-    paths = np.asarray(ff.paths, dtype=object)
-    return ({name: sorted(set(paths[r].tolist())) for name, r in
-             (("train", rows.train), ("val", rows.val), ("test", rows.test))}, rows.val_source)
+    parts: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    for path, name in split_table(ff, rows):  # the rows a run's split.csv lists
+        parts[name].add(path)
+    return {name: sorted(files) for name, files in parts.items()}, rows.val_source
 
 
 def recorded_split(run_dir: Path) -> dict[str, set[str]] | None:
