@@ -253,6 +253,7 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     from pipeline.extract import RunOptions, extract
     from pipeline.finetune.handover import stage2_inputs
     from pipeline.features.store import FeatureFile
+    from pipeline.heads.training import SPLIT_FILE, split_paths
 
     req = ExtractRequest(data=str(data.root), backbone="vgg16", weights="none", image_size=32, dtype="float32")
     res = extract(req, RunOptions(cache_dir=tmp_path / "cache", progress=False))
@@ -267,6 +268,12 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     (run / "config.json").write_text(json.dumps({"cache_file": str(res.path), "cache_key": res.key}))
     inputs = stage2_inputs(run)
     assert inputs.request == req and inputs.cache_path == res.path
+    with FeatureFile(res.path) as ff:  # a run from before split.csv: its split is recomputed as fit-head made it
+        assert inputs.split == split_paths(ff, 0.2, 0)[0] and inputs.split["val"]
+    val = inputs.split["val"][:2]  # the run's split.csv is what the head trained on, however the split is made now
+    (run / SPLIT_FILE).write_text("path,split\n" + "".join(f"{p},val\n" for p in val) +
+                                  "".join(f"{p},train\n" for p in paths if p not in val))
+    assert stage2_inputs(run).split == {"train": sorted(set(paths) - set(val)), "val": sorted(val), "test": []}
     model = build_finetune_model(inputs.request, inputs.head)
     images = np.stack([data.images[data.paths.index(p)] for p in paths])
     np.testing.assert_allclose(model.predict(images, verbose=0), head.predict_proba(feats), atol=1e-4)

@@ -21,7 +21,7 @@ from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, pla
 from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
 from pipeline.heads.registry import load_head
-from pipeline.heads.training import split_paths
+from pipeline.heads.training import run_split
 from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import read_object
 
@@ -35,7 +35,6 @@ class Stage2Inputs:
     cache_path: Path
     config: dict[str, Any]
     split: dict[str, list[str]] | None = None  # image ids per split, as the head was trained and validated
-    val_source: str = "val split"
 
 
 def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2Inputs:
@@ -57,7 +56,7 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
         req = ff.attrs.get("request")
         material = ff.attrs.get("key_material") or {}
         key = ff.key
-        split, val_source = _stage2_split(ff, config)
+        parts = run_split(run_dir, config, ff)
         changed = changed_files(ff, ff.rows(views="clean"))
     if not isinstance(req, Mapping):
         raise UserError(f"{cache} records no extraction request; extract it again with this version")
@@ -79,7 +78,8 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
     spec = (material.get("data") or {}).get("data") if isinstance(material, Mapping) else None
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
         request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
-    return Stage2Inputs(request, head, Path(cache), config, split, val_source)
+    split = {name: sorted(files) for name, files in parts.items()} if parts else None
+    return Stage2Inputs(request, head, Path(cache), config, split)
 
 
 def _other_features(run_dir: Path, head_key: str, now: str) -> str:
@@ -100,17 +100,6 @@ def _remake_cache(request: Mapping[str, Any], gone: Path, head_key: str | None, 
     warnings.warn(f"the features head run {run_dir.name} was fitted on ({gone.name}) were removed; extracting them "
                   f"again (unchanged data gives the same rows)", DataWarning, stacklevel=2)
     return str(extract(req, RunOptions(cache_dir=root, progress=progress)).path)
-
-
-def _stage2_split(ff, config: Mapping[str, Any]) -> tuple[dict[str, list[str]], str]:
-    """The image ids stage 2 trained, validated and tested on (its 'val' split or its seeded
-    holdout of train, recomputed from the run's val_fraction and seed), so fine-tuning validates on
-    the same images and its before/after table compares like with like."""
-    try:
-        return split_paths(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)))
-    except UserError:
-        return {}, "none"
-
 
 
 def split_parts(request: ExtractRequest, listing, split: Mapping[str, Sequence[str]] | None,

@@ -127,6 +127,20 @@ def recorded_split(run_dir: Path) -> dict[str, set[str]] | None:
     return out
 
 
+def run_split(run_dir: Path, config: Mapping[str, Any], ff: FeatureFile | None = None) -> dict[str, set[str]] | None:
+    """The image files a fit-head run trained, validated and tested on ({'train': {...}, 'val': ..., 'test': ...}):
+    its split.csv, or for a run made before runs recorded it, recomputed from its cache file `ff` with the run's
+    val fraction and seed; None where neither is there."""
+    recorded = recorded_split(run_dir)
+    if recorded is not None or ff is None:
+        return recorded
+    try:
+        parts, _ = split_paths(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)))
+    except UserError:
+        return None
+    return {name: set(files) for name, files in parts.items()}
+
+
 def check_finite(ff: FeatureFile, batch_rows: int = 8192) -> None:
     """UserError when the cache holds NaN or infinite features, or the same vector for every row
     (all zeros, say): a head would fail or learn nothing."""

@@ -158,7 +158,7 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
 def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str] | None:
     """The image files a fit-head run's head trained on (a fine-tune's: its parent's): from the run's
     split.csv, or for a run made before runs recorded it, recomputed from its cache file, val fraction
-    and seed as fine-tuning does; empty where none of `among` is in that cache (the split is not made
+    and seed (`run_split`, as fine-tuning's hand-over reads it); empty where none of `among` is in that cache (the split is not made
     then); None where it cannot be known (no split.csv, and the cache file or the parent run is gone)."""
     cfg = record.config
     if cfg.get("parent_run"):
@@ -166,21 +166,19 @@ def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str]
             return training_paths(Registry(CacheLayout.of(record.dir).root).get(str(cfg["parent_run"])), among)
         except UserError:
             return None
-    from pipeline.heads.training import recorded_split, split_paths  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
-    recorded = recorded_split(record.dir)
-    if recorded is not None:
-        return recorded["train"]
+    from pipeline.heads.training import run_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    split = run_split(record.dir, cfg)  # its split.csv
     cache_file = cfg.get("cache_file")
-    if not cache_file or not Path(cache_file).is_file():
-        return None
-    try:
-        with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
-            warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
-            if among is not None and among.isdisjoint(ff.paths):  # a folder the run never saw: nothing to split
-                return set()
-            return set(split_paths(ff, float(cfg.get("val_fraction", 0.2)), int(cfg.get("seed", 0)))[0]["train"])
-    except UserError:
-        return None
+    if split is None and cache_file and Path(cache_file).is_file():
+        try:
+            with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
+                warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
+                if among is not None and among.isdisjoint(ff.paths):  # a folder the run never saw: nothing to split
+                    return set()
+                split = run_split(record.dir, cfg, ff)
+        except UserError:
+            return None
+    return split["train"] if split is not None else None
 
 
 def warn_own_training_images(run: LoadedRun, scored: Sequence[str]) -> None:
