@@ -10,6 +10,13 @@ from pathlib import Path
 
 FEATURES = "features"
 RUNS = "runs"
+DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "cache"  # the repository's cache/ folder
+
+
+def cache_dir_flags(cache_dir: str | os.PathLike) -> list[str]:
+    """`--cache-dir <folder>` (absolute) for a printed command, or nothing where it is the default."""
+    root = Path(cache_dir).expanduser().resolve()
+    return [] if root == DEFAULT_CACHE.resolve() else ["--cache-dir", str(root)]
 
 
 @dataclass(frozen=True)

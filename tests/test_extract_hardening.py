@@ -65,6 +65,7 @@ def test_fit_head_refuses_a_constant_cache_in_one_line(tmp_path):
         f["features"][...] = 0
     proc = run_cli("fit-head", "--cache", str(path), "--cache-dir", str(tmp_path / "cache"))
     assert proc.returncode == 2 and "same feature vector" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"cache rm {path.name} --cache-dir {(tmp_path / 'cache').resolve()}`" in proc.stderr  # not the default cache
 
 
 def test_huge_image_size_is_refused_quickly(tiny_split_folder, tmp_path):

@@ -490,7 +490,7 @@ def test_fit_head_empty_cache_ref_and_non_finite_features(tmp_path):
         f["features"][3] = np.nan
     err = _one_line_error(run_cli("fit-head", "--cache", str(path), "--head", "logistic", "--C", "1", "--cache-dir", str(cache)),
                           "non-finite features")
-    assert "--dtype float32" in err
+    assert "--dtype float32" in err and f"cache rm {path.name} --cache-dir {cache.resolve()}`" in err  # its own cache
 
 
 # --------------------------------------------------------------------- 8. property: junk never hurts

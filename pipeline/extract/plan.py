@@ -17,17 +17,10 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.decode import RESIZE_METHODS, identity as decoder_identity
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig, open_source
 from pipeline.errors import UserError
-from pipeline.layout import CacheLayout
+from pipeline.layout import DEFAULT_CACHE, CacheLayout, cache_dir_flags  # noqa: F401 - re-exported by pipeline.extract
 from pipeline.locking import shard_lock
 from pipeline.versions import version
 
-DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "cache"
-
-
-def cache_dir_flags(cache_dir: str | Path) -> list[str]:
-    """`--cache-dir <folder>` (absolute) for a printed command, or nothing where it is the default."""
-    root = Path(cache_dir).expanduser().resolve()
-    return [] if root == DEFAULT_CACHE.resolve() else ["--cache-dir", str(root)]
 
 
 POOLINGS = ("avg", "max", "cls", "none")  # cls: a transformer's class token (keras-hub presets)

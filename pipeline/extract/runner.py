@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import shlex
 import sys
 import time
 import warnings
@@ -35,11 +34,11 @@ from pipeline.data.loader import Prefetcher, batches
 from pipeline.data.sources import Listing
 from pipeline.errors import DataWarning, UserError
 from pipeline.extract.mapper import cached_runner
-from pipeline.extract.plan import ExtractResult, Plan, RunOptions, cache_dir_flags, image_rate
+from pipeline.extract.plan import ExtractResult, Plan, RunOptions, image_rate
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
 from pipeline.features.store import (ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, OneImage, assemble,
-                                     read_parts_json, read_skipped)
+                                     cache_rm_command, read_parts_json, read_skipped)
 from pipeline.locking import is_locked, shard_locks
 
 Log = Callable[[str], None]
@@ -199,7 +198,7 @@ class ExtractionJob:
                 except _ReuseMismatch as mismatch:  # a damaged candidate: skipped, as the reuse search skips others
                     warnings.warn(f"not reusing rows from {self.reuse.base.name}: it records this request but holds "
                                   f"features of shape {mismatch.theirs} where this backbone makes {mismatch.ours} "
-                                  f"(a damaged file: python cli.py cache rm {self.reuse.base.name}); computing them",
+                                  f"(a damaged file: {cache_rm_command(self.reuse.base)}); computing them",
                                   DataWarning, stacklevel=2)
                     self.reuse = None
                     self.n_skipped = 0  # the files are read again from the start
@@ -417,7 +416,7 @@ def _warn_other_sharded_job(p: Plan) -> None:
         warnings.warn(f"a sharded extraction of this request on {p.request.data} is unfinished under another key "
                       f"({others[0].name}): the data changed since its shards ran (the key covers every file's size "
                       f"and date), so the two will not join; run every shard on the same files "
-                      f"(`python cli.py cache rm {shlex.join([others[0].name, *cache_dir_flags(p.parts.parent.parent)])}` "
+                      f"(`{cache_rm_command(others[0])}` "
                       f"removes the other)", DataWarning, stacklevel=4)
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.errors import UncleanFileError, UserError, filesystem_message
-from pipeline.layout import CacheLayout
+from pipeline.layout import CacheLayout, cache_dir_flags
 
 SCHEMA_VERSION = 1
 _CHUNK_RE = re.compile(r"^chunk-(\d{6})\.npz$")
@@ -114,7 +114,7 @@ def _parts_damage(path: Path, problem: str) -> str:
     """The one line for a damaged file of an unfinished extraction: a chunk alone can go (the next run
     computes its images again and keeps every other chunk); a note of the whole folder takes the folder."""
     folder, problem = path.parent, " ".join(problem.split())
-    whole = f"remove the unfinished extraction (`{_cache_rm(folder)}`)"
+    whole = f"remove the unfinished extraction (`{cache_rm_command(folder)}`)"
     if _CHUNK_RE.match(path.name):
         return (f"{path} is damaged ({problem}); delete that chunk (`rm {shlex.quote(str(path))}`) and run the same "
                 f"extract again: only its images are computed again, the other chunks are kept (or {whole})")
@@ -585,19 +585,18 @@ def open_failure(path: Path, exc: OSError) -> str:
     return damaged_message(path, f"not readable as HDF5: {text}")
 
 
-def _cache_rm(entry: Path) -> str:
-    """`python cli.py cache rm NAME --cache-dir ROOT` for an entry of a cache's features/ folder (a
+def cache_rm_command(entry: Path) -> str:
+    """`python cli.py cache rm NAME [--cache-dir ROOT]` for an entry of a cache's features/ folder (a
     file or a .parts folder): the command that removes it, from any working folder."""
     layout = CacheLayout.holding(entry)
-    where = f" --cache-dir {shlex.quote(str(layout.root))}" if layout is not None else ""
-    return f"python cli.py cache rm {entry.name}{where}"
+    return shlex.join(["python", "cli.py", "cache", "rm", entry.name, *(cache_dir_flags(layout.root) if layout else [])])
 
 
 def damaged_message(path: Path, problem: str) -> str:
     """The one line for a cache file that is not what this tool writes: what is wrong, and the way out
     (`cache rm` with the cache folder it sits in; a file outside any cache folder, which `cache rm`
     cannot name, the user deletes)."""
-    remove = (f"remove it (`{_cache_rm(path)}`) and extract again" if CacheLayout.holding(path) is not None
+    remove = (f"remove it (`{cache_rm_command(path)}`) and extract again" if CacheLayout.holding(path) is not None
               else "delete it (it is in no cache's features/ folder)")
     return (f"{path} is damaged or not a cache file written by this tool ({problem}); {remove}, or copy it again "
             f"from its source")

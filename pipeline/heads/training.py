@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import DataWarning, UserError
-from pipeline.features.store import FeatureFile
+from pipeline.features.store import FeatureFile, cache_rm_command
 from pipeline.heads.base import FeatureSource, Head, feature_info_of
 from pipeline.layout import CacheLayout
 from pipeline.sheets import csv_text
@@ -153,10 +153,10 @@ def check_finite(ff: FeatureFile, batch_rows: int = 8192) -> None:
         if not np.isfinite(block).all():
             bad = start + int(np.flatnonzero(~np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1))[0])
             raise UserError(f"{ff.path.name} holds non-finite features (NaN or inf, first at row {bad}); remove it "
-                            f"(`python cli.py cache rm {ff.key[:12]}`) and extract again, e.g. with --dtype float32")
+                            f"(`{cache_rm_command(ff.path)}`) and extract again, e.g. with --dtype float32")
     if not varies:
         raise UserError(f"{ff.path.name} holds the same feature vector for every image (e.g. all zeros), so a head "
-                        f"cannot learn; remove it (`python cli.py cache rm {ff.key[:12]}`) and extract again with "
+                        f"cannot learn; remove it (`{cache_rm_command(ff.path)}`) and extract again with "
                         f"trained --weights or --dtype float32")
 
 
