@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 from rich.console import Console
 
@@ -100,3 +102,13 @@ def test_parallel_dense_sweep_uses_worker_processes_without_deadlock():
     by_params = {str(r.params): r.val_macro_f1 for r in serial}
     assert all(r.val_macro_f1 == pytest.approx(by_params[str(r.params)], abs=0.02) for r in parallel)
     assert isinstance(parallel[0].head, DenseHead) and parallel[0].head.predict(X).shape == (200,)
+
+
+def test_an_array_sweep_holds_out_val_as_fit_head_does_even_when_too_few_to_stratify():
+    """(X, y) with a val_fraction too small to hold one image of each class: the holdout falls back to an
+    unstratified one (as fit-head's own does) rather than failing in scikit-learn."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 6)
+    X = rng.normal(size=(18, 5)).astype(np.float32) + y[:, None]
+    results = sweep((X, y), "logistic", {"C": [0.1, 1.0]}, val_fraction=0.1)
+    assert len(results) == 2 and all(r.val_accuracy == r.val_accuracy for r in results)

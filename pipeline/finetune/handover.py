@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from pipeline import backbones
 from pipeline.backend import check_recorded
@@ -20,6 +19,7 @@ from pipeline.errors import DataWarning, UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, plan
 from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
+from pipeline.heads.folds import stratified_holdout
 from pipeline.heads.registry import load_head
 from pipeline.heads.training import run_split
 from pipeline.layout import CacheLayout
@@ -124,12 +124,6 @@ def split_parts(request: ExtractRequest, listing, split: Mapping[str, Sequence[s
     if parts["val"].size or not 0 < float(val_fraction) < 1 or parts["train"].size < 2:
         return parts, "val split" if parts["val"].size else "none"
     train = parts["train"]
-    counts = np.bincount(labels[train])
-    strat = labels[train] if counts[counts > 0].min() >= 2 else None
-    try:
-        keep, held = train_test_split(train, test_size=float(val_fraction), random_state=int(seed),
-                                      stratify=strat)
-    except ValueError:  # too few images per class to stratify
-        keep, held = train_test_split(train, test_size=float(val_fraction), random_state=int(seed))
+    keep, held = stratified_holdout(train, labels[train], float(val_fraction), int(seed))
     parts.update(train=np.sort(keep), val=np.sort(held))
     return parts, "holdout"

@@ -1,13 +1,14 @@
 """Cross-validation folds shared by the heads: stratified by class and grouped by image when rows repeat
 one (augmented views), so an image's copies never score each other. The logistic and svm heads use the
-same folds (the auto head compares their CV log losses), the streamed logistic head its first fold."""
+same folds (the auto head compares their CV log losses), the streamed logistic head its first fold.
+The seeded validation holdout lives here too: fit-head, its sweep and fine-tuning's hand-over make the same one."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 
 def is_grouped(groups: Any) -> bool:
@@ -31,3 +32,16 @@ def cv_folds(y: np.ndarray, groups: Any, cv: int, random_state: int) -> tuple[li
                 else StratifiedKFold(n_splits, shuffle=True, random_state=random_state))
     folds = list(splitter.split(np.zeros(len(y)), y, groups if grouped else None))
     return folds, f"{n_splits}-fold {'grouped ' if grouped else ''}CV"
+
+
+def stratified_holdout(items: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) of `items`: a seeded share `fraction` held out for validation, stratified by `labels`
+    where every class has two items and the share can hold one of each class (else not stratified)."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    try:
+        kept, held = train_test_split(items, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:  # too few items per class for a stratified split of this size
+        kept, held = train_test_split(items, test_size=fraction, random_state=seed)
+    return kept, held

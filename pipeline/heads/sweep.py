@@ -22,13 +22,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from joblib import Parallel, delayed
 from rich.table import Table
-from sklearn.model_selection import train_test_split
 
 from pipeline import backend
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head, ReducedFeatures, feature_info_of, jsonable
+from pipeline.heads.folds import stratified_holdout
 from pipeline.heads.registry import HEAD_KINDS, head_class, make_head
 from pipeline.tracking.metrics import classification_report
 
@@ -145,9 +145,7 @@ def _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_a
     else:
         if not 0 < val_fraction < 1:
             raise UserError("give val_data or a val_fraction between 0 and 1")
-        counts = np.bincount(y)
-        strat = y if counts[counts > 0].min() >= 2 else None
-        idx_tr, idx_va = train_test_split(np.arange(y.size), test_size=val_fraction, random_state=seed, stratify=strat)
+        idx_tr, idx_va = stratified_holdout(np.arange(y.size), y, val_fraction, seed)
         X, Xv, y, yv = X[idx_tr], X[idx_va], y[idx_tr], y[idx_va]
     train = {m: ReducedFeatures.of(X, m) for m in modes}
     val = {m: ReducedFeatures.of(Xv, m) for m in modes}

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import DataWarning, UserError
 from pipeline.features.store import FeatureFile, cache_rm_command
 from pipeline.heads.base import FeatureSource, Head, feature_info_of
+from pipeline.heads.folds import stratified_holdout
 from pipeline.layout import CacheLayout
 from pipeline.sheets import csv_text
 from pipeline.tracking.metrics import classification_report
@@ -164,14 +164,7 @@ def _holdout(ff: FeatureFile, clean_rows: np.ndarray, fraction: float, seed: int
     """(val rows, held-out image indices): a stratified share of the clean training images."""
     if clean_rows.size < 2:
         raise UserError("too few training images to hold some out for validation; add a 'val' split or more images")
-    labels = ff.labels[clean_rows]
-    counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    try:
-        _, val = train_test_split(clean_rows, test_size=fraction, random_state=seed, stratify=stratify)
-    except ValueError:  # too few rows per class for a stratified split of this size
-        _, val = train_test_split(clean_rows, test_size=fraction, random_state=seed)
-    val = np.sort(val)
+    val = np.sort(stratified_holdout(clean_rows, ff.labels[clean_rows], fraction, seed)[1])
     return val, np.unique(ff.index[val])
 
 
