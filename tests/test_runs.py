@@ -370,3 +370,11 @@ def test_a_run_whose_folder_was_removed_while_it_ran_does_not_make_it_again(tmp_
     with pytest.raises(UserError, match="was removed while it ran"):
         run.finish()
     assert not run.dir.exists()
+
+
+def test_runs_are_recorded_only_under_the_stages_runs_lists(tmp_path):
+    """`runs --stage` offers tracking's STAGES; a run of any other stage could never be listed by it."""
+    from pipeline.tracking.runs import STAGES
+    assert Registry(tmp_path).start("fit-head", {}).stage in STAGES
+    with pytest.raises(ValueError, match="unknown stage 'sweep'"):
+        Registry(tmp_path).start("sweep", {})

@@ -59,7 +59,7 @@ def test_dense_sweep_on_arrays_in_process_and_saved_into_a_run(tmp_path):
     assert results[0].val_macro_f1 >= results[1].val_macro_f1
     assert results[0].head.history_["lr"][0] == pytest.approx(results[0].params["lr"])
     assert results[0].extras["epochs_run"] == 4 and results[0].extras["sweep_seconds"] > 0
-    run = Registry(tmp_path).start("sweep", {"head": "dense", "params": {"configs": 2}})
+    run = Registry(tmp_path).start("fit-head", {"head": "dense", "params": {"configs": 2}})
     metrics = save_sweep(results, run)
     run.finish()
     rows = json.loads(run.path("sweep.json").read_text())

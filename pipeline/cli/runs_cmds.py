@@ -15,11 +15,12 @@ from pipeline.errors import UserError
 from pipeline.finetune.checkpoints import has_checkpointed_epoch
 from pipeline.tracking.compare import (comparison_json, comparison_table, compare, default_plot_path, plot_comparison,
                                        resolve)
-from pipeline.tracking.runs import Registry
+from pipeline.tracking.runs import STAGES, Registry
 
 
 @click.group("runs", invoke_without_command=True)
-@click.option("--stage", type=click.Choice(["extract", "fit-head", "finetune", "audit"]), default=None)
+@click.option("--stage", type=click.Choice(STAGES), default=None,
+              help="Runs of one stage (a sweep is a fit-head run: --filter sweep=true).")
 @click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="e.g. backbone=efficientnet* or head=logistic (repeatable).")
 @click.option("--sort", default="started", show_default=True, help="started, duration, val_accuracy, val_f1, ...")

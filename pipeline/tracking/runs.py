@@ -38,7 +38,7 @@ from pipeline.errors import UserError
 from pipeline.layout import CacheLayout
 from pipeline.versions import version
 
-STAGES = ("extract", "fit-head", "sweep", "finetune", "audit")
+STAGES = ("extract", "fit-head", "finetune", "audit")  # a sweep is a fit-head run with sweep: true in its config
 STATUSES = ("running", "ok", "failed", "interrupted", "incomplete")
 
 
@@ -242,6 +242,8 @@ class Registry:
 
     def start(self, stage: str, config: Mapping[str, Any]) -> Run:
         """Create `runs/<id>/` with config.json and run.json (status 'running')."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
         self.root.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
             run_id = f"{_now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
