@@ -282,7 +282,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
                            "confidence": ev.proba.max(axis=1).tolist(),
                            "given_probability": ev.proba[np.arange(n), img.y].tolist()}
     result["_images"] = img
-    result["_retrain"] = {"data": ff.data, "request": ff.attrs.get("request"),
+    result["_retrain"] = {"data": ff.data, "request": ff.request,
                           "backend": ff.attrs.get("backend"), "cache_root": str(CacheLayout.of(ff.path).root)}
     return result
 

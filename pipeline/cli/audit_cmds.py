@@ -124,7 +124,7 @@ def warn_changed_images(ff: FeatureFile) -> None:
     if changed:
         path, how = changed[0]
         data = ff.data  # with the cache's own extraction options: the advice reads the same features
-        flags = ["--data", str(data), *ExtractRequest.recorded_flags(ff.attrs.get("request")),
+        flags = ["--data", str(data), *ExtractRequest.recorded_flags(ff.request),
                  *cache_dir_flags(CacheLayout.of(ff.path).root)]  # the cache this file is in, not the default
         again = f"audit with {shlex.join(flags)}" if data else "extract them again"
         warnings.warn(f"{len(changed)} of the audited images changed or went missing since they were extracted (e.g. "

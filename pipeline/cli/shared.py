@@ -113,8 +113,7 @@ def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: t
     report_extraction(result)
     release_models()  # one extraction per command: the backbone's memory goes back before the head trains
     ff = FeatureFile(result.path)
-    recorded = ff.attrs.get("request") if isinstance(ff.attrs.get("request"), dict) else {}
-    if recorded.get("weights") != request.weights:  # a weights file moved since the cache was made
+    if ff.request.get("weights") != request.weights:  # a weights file moved since the cache was made
         ff.asked_weights = request.weights
     return ff
 

@@ -467,6 +467,13 @@ class FeatureFile:
         return str(self.attrs["key"])
 
     @property
+    def request(self) -> dict[str, Any]:
+        """The extraction request the cache recorded (`ExtractRequest.to_json`, its data as given); {} where it
+        records none (a cache of an older version, or written by hand)."""
+        req = self.attrs.get("request")
+        return dict(req) if isinstance(req, dict) else {}
+
+    @property
     def data(self) -> str:
         """The data the cache was extracted from, as its key resolved it (a folder or manifest by its
         absolute path, so advice and runs name it from any working folder); "" where none is recorded."""

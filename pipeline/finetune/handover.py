@@ -53,12 +53,10 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
     if not Path(cache).exists() and isinstance(config.get("request"), Mapping):
         cache = _remake_cache(config["request"], Path(cache), head.cache_key_, run_dir, progress)
     with FeatureFile(cache) as ff:
-        req = ff.attrs.get("request")
-        material = ff.attrs.get("key_material") or {}
-        key = ff.key
+        req, spec, key = ff.request, ff.data, ff.key
         parts = run_split(run_dir, config, ff)
         changed = changed_files(ff, ff.rows(views="clean"))
-    if not isinstance(req, Mapping):
+    if not req:
         raise UserError(f"{cache} records no extraction request; extract it again with this version")
     if head.cache_key_ and head.cache_key_ != key:
         raise UserError(_other_features(run_dir, head.cache_key_, Path(cache).name))
@@ -75,7 +73,6 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
         recorded = str(head.feature_info_.get("weights_id") or "")
         backbones.check_weights_file(backbones.get(request.backbone), request.weights, recorded,
                                      f"head run {run_dir.name}")
-    spec = (material.get("data") or {}).get("data") if isinstance(material, Mapping) else None
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
         request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
     split = {name: sorted(files) for name, files in parts.items()} if parts else None

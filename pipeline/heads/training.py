@@ -289,15 +289,13 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
 
 def run_config(ff: FeatureFile, head: Head, **extra: Any) -> dict[str, Any]:
     """The config.json of a fit-head run: cache, backbone, data, head kind and its parameters."""
-    req = ff.attrs.get("request") if isinstance(ff.attrs.get("request"), Mapping) else {}
+    req = ff.request
     data = ff.data or req.get("data") or ff.path.stem
     config = {"cache_file": str(ff.path), "cache_key": ff.key, "backbone": ff.attrs.get("backbone"),
               "data": data, "head": head.kind, "params": head.key_params(), "head_params": head.get_params(),
               "backend": ff.attrs.get("backend"), **extra}  # the features' backend: random weights differ by backend
     if req:  # how the features were made, so the run outlives its cache file (`cache rm`, eviction)
-        material = ff.attrs.get("key_material")
-        spec = ((material.get("data") or {}).get("data") if isinstance(material, Mapping) else None)
-        config["request"] = {**req, "data": spec} if spec else dict(req)  # the resolved data path: the same key
+        config["request"] = {**req, **({"data": ff.data} if ff.data else {})}  # the resolved data path: the same key
         if ff.asked_weights is not None:  # a weights file moved since the cache was made: where it is now
             config["request"]["weights"] = ff.asked_weights
     return config

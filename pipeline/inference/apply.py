@@ -89,7 +89,7 @@ def _request_of(record: RunRecord) -> ExtractRequest:
             raise UserError(f"run {record.id}: its cache file {cache_file} is gone, so the backbone settings are "
                             f"unknown; re-run fit-head")
         with FeatureFile(cache_file) as ff:
-            req = ff.attrs["request"]
+            req = ff.request
     try:
         return ExtractRequest.from_json(req if isinstance(req, dict) else json.loads(req))
     except (UserError, ValueError, TypeError) as exc:
