@@ -241,3 +241,17 @@ def test_dense_calibration_is_out_of_fold_inside_the_model_and_changes_no_predic
                                / cal.temperature_, atol=1e-3)  # softmax(z / T), folded into the last layer
     swept = DenseHead(epochs=2).fit_for_sweep(X[:300], y[:300], None, None, {})
     assert swept.temperature_ == 1.0 and "sweep" in swept.calibration_note_
+
+
+def test_one_vote_for_the_knn_head_and_the_audit():
+    """features.neighbours.vote_shares: weights exp(sim / T), normalised; label -1 or similarity -inf do not
+    vote; a row with no voter is uniform. The kNN head and the audit's label agreement both vote through it."""
+    from pipeline.features.neighbours import vote_shares
+    sim = np.array([[0.9, 0.8, 0.7], [0.5, -np.inf, 0.4], [-np.inf, -np.inf, -np.inf], [900.0, 899.0, 0.2]])
+    lab = np.array([[0, 1, 1], [2, 0, -1], [-1, -1, -1], [1, 0, 0]])
+    got = vote_shares(sim, lab, 3, 0.1)
+    w = np.exp(np.array([0.9, 0.8, 0.7]) / 0.1)
+    np.testing.assert_allclose(got[0], [w[0] / w.sum(), (w[1] + w[2]) / w.sum(), 0.0])
+    np.testing.assert_allclose(got[1], [0.0, 0.0, 1.0])     # the -inf neighbour and the unlabelled one do not vote
+    np.testing.assert_allclose(got[2], [1 / 3, 1 / 3, 1 / 3])
+    assert np.isfinite(got).all() and np.allclose(got.sum(axis=1), 1.0)  # large similarities do not overflow

@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from pipeline.features.neighbours import Neighbours
+from pipeline.features.neighbours import Neighbours, vote_shares
 
 KNN_K = 20
 KNN_T = 0.07
@@ -123,12 +123,7 @@ def knn_oof(neigh: Neighbours, y: np.ndarray, n_classes: int, k: int = KNN_K, T:
     if groups is not None:
         ok &= groups[np.maximum(idx, 0)] != groups[:, None]
     ok &= np.cumsum(ok, axis=1) <= k
-    w = np.where(ok, np.exp((np.where(ok, sim, 0.0) - 1.0) / T), 0.0)
-    votes = np.zeros((y.size, n_classes))
-    rows = np.repeat(np.arange(y.size), idx.shape[1])
-    np.add.at(votes, (rows[ok.ravel()], y[np.where(ok, idx, 0)].ravel()[ok.ravel()]), w.ravel()[ok.ravel()])
-    total = votes.sum(axis=1, keepdims=True)
-    share = np.divide(votes, total, out=np.full_like(votes, 1.0 / n_classes), where=total > 0)
+    share = vote_shares(np.where(ok, sim, -np.inf), np.where(ok, y[np.maximum(idx, 0)], -1), n_classes, T)
     return (share * k + 1.0 / n_classes) / (k + 1.0)
 
 

@@ -51,6 +51,23 @@ class Neighbours:
     similarity: np.ndarray
 
 
+def vote_shares(similarity: np.ndarray, labels: np.ndarray, n_classes: int, temperature: float) -> np.ndarray:
+    """(m, n_classes) each row's class vote over its listed neighbours, weights exp(similarity / temperature),
+    normalised to sum to 1: the kNN head's prediction and the audit's neighbour label agreement. A neighbour
+    with label -1 or similarity -inf does not vote; a row where none votes gets the uniform share."""
+    s, lab = np.asarray(similarity, np.float64), np.asarray(labels, np.int64)
+    voting = np.isfinite(s) & (lab >= 0)
+    s = np.where(voting, s, 0.0)
+    top = np.max(np.where(voting, s, -np.inf), axis=1, initial=-np.inf, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)  # weights relative to the nearest voter: the same share, no underflow
+    w = np.where(voting, np.exp((s - top) / temperature), 0.0)
+    votes = np.zeros((s.shape[0], n_classes))
+    rows = np.repeat(np.arange(s.shape[0]), s.shape[1])
+    np.add.at(votes, (rows[voting.ravel()], lab.ravel()[voting.ravel()]), w.ravel()[voting.ravel()])
+    total = votes.sum(axis=1, keepdims=True)
+    return np.divide(votes, total, out=np.full_like(votes, 1.0 / n_classes), where=total > 0)
+
+
 class CosineIndex:
     """Exact cosine k-nearest-neighbour search over the rows of `base` (any float array, (n, d))."""
 

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.features.neighbours import CosineIndex, Neighbours, unit_rows
+from pipeline.features.neighbours import CosineIndex, Neighbours, unit_rows, vote_shares
 from pipeline.heads.base import (
     FeatureSource, Head, keras_module, keras_reduction, matrix_batches, n_rows, option_budget, option_seed, params_for, softmax,
     to_matrix,
@@ -77,18 +77,7 @@ def _given_float(value: Any, name: str) -> float | None:
 def vote_logits(similarity: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float) -> np.ndarray:
     """Logits log(v + VOTE_FLOOR) of the weighted vote v over the first k neighbours (most similar
     first; missing neighbours have similarity -inf and label -1)."""
-    s = np.asarray(similarity[:, :k], np.float64)
-    lab = np.asarray(labels[:, :k], np.int64)
-    finite = np.isfinite(s)
-    top = np.where(finite[:, :1], s[:, :1], 0.0)  # weights relative to the nearest: the same normalized vote,
-    w = np.where(finite, np.exp((np.where(finite, s, 0.0) - top) / temperature), 0.0)  # no underflow
-    votes = np.zeros((s.shape[0], n_classes))
-    rows = np.repeat(np.arange(s.shape[0]), s.shape[1])
-    ok = lab.ravel() >= 0
-    np.add.at(votes, (rows[ok], lab.ravel()[ok]), w.ravel()[ok])
-    total = votes.sum(axis=1, keepdims=True)
-    votes = np.divide(votes, total, out=np.full_like(votes, 1.0 / n_classes), where=total > 0)
-    return np.log(votes + VOTE_FLOOR)
+    return np.log(vote_shares(similarity[:, :k], labels[:, :k], n_classes, temperature) + VOTE_FLOOR)
 
 
 class KNNHead(Head):
