@@ -39,7 +39,7 @@ from pipeline.data import decode
 from pipeline.errors import UserError
 from pipeline.extract import is_concat, part_requests
 from pipeline.export.runtime import open_model
-from pipeline.finetune.model import build_inference_model
+from pipeline.finetune.model import build_inference_model, leaf_layers
 from pipeline.heads.files import load_keras_file
 from pipeline.versions import version
 
@@ -75,7 +75,7 @@ def float32_model(model):
     (a fine-tune saved under mixed precision): ONNX and LiteRT converters need float32 graphs."""
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
 
-    policies = {getattr(getattr(l, "dtype_policy", None), "name", "float32") for l in _leaves(model)}
+    policies = {getattr(getattr(l, "dtype_policy", None), "name", "float32") for l in leaf_layers(model)}
     if policies <= {"float32"}:
         return model
     config = _float32_config(model.get_config())
@@ -83,14 +83,6 @@ def float32_model(model):
     copy.set_weights(model.get_weights())
     keras.config.set_dtype_policy(keras.config.dtype_policy())  # from_config leaves the global policy alone
     return copy
-
-
-def _leaves(model) -> list:
-    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
-    out = []
-    for layer in model.layers:
-        out += _leaves(layer) if isinstance(layer, keras.Model) else [layer]
-    return out
 
 
 def _float32_config(obj: Any, key: str = "") -> Any:

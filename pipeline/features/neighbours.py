@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,10 +32,10 @@ RESCORE_BLOCK = 1_024    # candidates rescored exactly for this many queries at 
 RESCORE_THREADS = 2      # blocks rescored at once (`exact_cosines`)
 
 
-def unit_rows(x: np.ndarray, in_place: bool = False) -> np.ndarray:
-    """Rows scaled to unit L2 length as float32 (all-zero rows stay zero); `in_place`: scale the given
-    float32 array itself (no second copy of a large matrix)."""
-    x = np.asarray(x, np.float32)
+def unit_rows(x: np.ndarray, in_place: bool = False, dtype: Any = np.float32) -> np.ndarray:
+    """Rows scaled to unit L2 length as `dtype` (float32; the svm head's kernels take float64; all-zero rows
+    stay zero); `in_place`: scale the given array of that dtype itself (no second copy of a large matrix)."""
+    x = np.asarray(x, dtype)
     norm = np.sqrt(np.maximum(np.einsum("ij,ij->i", x, x), 1e-24))
     if in_place:
         x /= norm[:, None]

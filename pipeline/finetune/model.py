@@ -24,19 +24,13 @@ training, as usual.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from pipeline import backbones
 from pipeline.backbones.model import image_graph
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, is_concat, part_requests
-
-
-def keras_module():
-    """keras, imported on first use: with TensorFlow it takes seconds."""
-    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
-
-    return keras
+from pipeline.heads.base import keras_module
 
 
 def build_finetune_model(request: ExtractRequest, head):
@@ -87,13 +81,13 @@ def build_inference_model(request: ExtractRequest, head):
 
 
 # --------------------------------------------------------------------------------- trainability
-def _leaves(model) -> list:
+def leaf_layers(model: Any) -> list:
     """Every non-container layer of `model`, nested models walked through, in order."""
     keras = keras_module()
     out = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            out.extend(_leaves(layer))
+            out.extend(leaf_layers(layer))
         else:
             out.append(layer)
     return out
@@ -101,14 +95,14 @@ def _leaves(model) -> list:
 
 def _freeze_batchnorm(model) -> None:
     keras = keras_module()
-    for layer in _leaves(model):
+    for layer in leaf_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
 
 
 def trainable_layer_names(model) -> list[str]:
     """Names of the layers whose weights training will change (trainable, with trainable weights)."""
-    return [layer.name for layer in _leaves(model) if layer.trainable and layer.trainable_weights]
+    return [layer.name for layer in leaf_layers(model) if layer.trainable and layer.trainable_weights]
 
 
 def check_blocks(spec: backbones.Backbone, unfreeze: Sequence[str], present: Sequence[str] | None = None) -> None:
@@ -154,7 +148,7 @@ def set_trainable(model, spec: backbones.Backbone, unfreeze: Sequence[str] = (),
     if unfreeze_last:
         chosen.update(names.index(layer.name) for layer in layers[-int(unfreeze_last):])
     heads = [layer for layer in model.layers if layer.name == "head" and isinstance(layer, keras.Model)]
-    fixed = [layer for head in heads for layer in _leaves(head) if not layer.trainable]  # e.g. a knn head's memory
+    fixed = [layer for head in heads for layer in leaf_layers(head) if not layer.trainable]  # e.g. a knn head's memory
     model.trainable = True  # propagates to every layer; then freeze what must not train
     for layer in fixed:
         layer.trainable = False

@@ -28,6 +28,7 @@ from sklearn.svm import SVC
 from threadpoolctl import threadpool_limits
 
 from pipeline.errors import UserError
+from pipeline.features.neighbours import unit_rows
 from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_module, keras_reduction, matrix_batches,
     n_rows, option_budget, option_C, option_seed, params_for, softmax, to_matrix,
@@ -39,13 +40,6 @@ from pipeline.heads.folds import cv_folds
 KERNEL_FORMAT = "featurecache-svm-head"
 DEFAULT_SVM_CS: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
 MAX_ROWS = 20000
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 length (all-zero rows stay zero), in float64."""
-    x = np.asarray(x, np.float64)
-    norm = np.sqrt(np.maximum((x * x).sum(axis=1, keepdims=True), 1e-24))
-    return x / norm
 
 
 def _finite(value: float | None, name: str) -> float | None:
@@ -171,7 +165,7 @@ class KernelHead(Head):
         if groups is None and isinstance(X, FeatureSource):
             groups = X.file.index[X.rows]
         t0 = time.perf_counter()
-        Z = unit_rows(to_matrix(X, self.flatten))
+        Z = unit_rows(to_matrix(X, self.flatten), dtype=np.float64)
         present = np.unique(y)
         gamma = self._given_gamma()
         self.gamma_ = float(gamma if gamma is not None else 1.0 / (Z.shape[1] * max(Z.var(), 1e-12)))
@@ -242,7 +236,7 @@ class KernelHead(Head):
         sv_sq = (sv * sv).sum(axis=1)
         out = np.empty((n_rows(X), self.n_classes_))
         for start, xb in matrix_batches(X, self.flatten, batch_size):
-            z = unit_rows(xb)
+            z = unit_rows(xb, dtype=np.float64)
             d2 = np.maximum((z * z).sum(axis=1, keepdims=True) + sv_sq - 2.0 * z @ sv.T, 0.0)
             out[start:start + z.shape[0]] = np.exp(-self.gamma_ * d2) @ self.coef_.T + self.intercept_
         return out
