@@ -95,6 +95,13 @@ def library_version(backend: str | None = None) -> str:
     return version(_LIBRARY.get(backend or name(), backend or name()))
 
 
+def keras_module() -> Any:
+    """Keras, imported on first use: with TensorFlow it takes seconds, and most commands never need it."""
+    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
+
+    return keras
+
+
 def accelerator() -> str | None:
     """'gpu' when the backend sees a GPU, else None (imports the backend's library)."""
     b = name()

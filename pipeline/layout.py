@@ -10,6 +10,7 @@ from pathlib import Path
 
 FEATURES = "features"
 RUNS = "runs"
+FINETUNED_MODEL = "model.keras"  # a finetune run's model in its run folder: what predict, evaluate and export load
 DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "cache"  # the repository's cache/ folder
 
 

@@ -21,6 +21,7 @@ from typing import Iterable
 import numpy as np
 
 from pipeline.data.decode import load_file, load_libraries
+from pipeline.data.sources import SPLITS
 from pipeline.features.neighbours import Neighbours
 
 THUMB = 24  # thumbnail side for the layout check
@@ -49,7 +50,7 @@ class Pair:
     pixel: float | None = None
 
 
-SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+SPLIT_ORDER = {name: i for i, name in enumerate(SPLITS)}  # train first: the copy a pair keeps
 
 
 def exact_pairs(hashes: list[str], splits: list[str] | None = None) -> list[Pair]:

@@ -9,6 +9,7 @@ from typing import Any
 from pipeline.errors import UserError
 from pipeline.heads.files import load_keras_file
 from pipeline.heads.registry import load_head
+from pipeline.layout import FINETUNED_MODEL
 from pipeline.tracking.mlflow_log import requirements
 from pipeline.tracking.runs import RunRecord
 
@@ -17,8 +18,8 @@ def log_model(mlflow: Any, record: RunRecord) -> None:
     """Log the model of a finetune or fit-head run as the MLflow artifact `model` (other stages have none)."""
     import mlflow.keras  # noqa: PLC0415 - optional, and only when logging
 
-    if record.stage == "finetune" and (record.dir / "model.keras").is_file():
-        model = load_keras_file(record.dir / "model.keras")
+    if record.stage == "finetune" and (record.dir / FINETUNED_MODEL).is_file():
+        model = load_keras_file(record.dir / FINETUNED_MODEL)
     elif record.stage == "fit-head":
         try:
             model = load_head(record.dir).to_keras()

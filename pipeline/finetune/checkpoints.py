@@ -14,8 +14,9 @@ import numpy as np
 from pipeline.atomic import save_keras_atomic, write_text_atomic
 from pipeline.errors import UserError
 from pipeline.finetune.results import FinetuneResult
+from pipeline.layout import FINETUNED_MODEL
 
-MODEL_FILE = "model.keras"
+MODEL_FILE = FINETUNED_MODEL
 INFO_FILE = "finetune.json"
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_DIR = "checkpoints"

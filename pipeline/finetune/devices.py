@@ -8,7 +8,7 @@ import functools
 from typing import Any, Sequence
 
 from pipeline import backend
-from pipeline.heads.base import keras_module
+from pipeline.backend import keras_module
 
 
 def tf_strategy():

@@ -19,7 +19,7 @@ from pipeline.finetune.checkpoints import (
 )
 from pipeline.finetune.calibrate import recalibrate, with_temperature
 from pipeline.finetune.data import evaluate, predict_batches, report
-from pipeline.heads.base import keras_module
+from pipeline.backend import keras_module
 from pipeline.finetune.results import FinetuneResult
 from pipeline.heads.schedules import make_schedule
 

@@ -30,7 +30,7 @@ from pipeline import backbones
 from pipeline.backbones.model import image_graph
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, is_concat, part_requests
-from pipeline.heads.base import keras_module
+from pipeline.backend import keras_module
 
 
 def build_finetune_model(request: ExtractRequest, head):

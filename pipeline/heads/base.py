@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from pipeline.backend import keras_module
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads.files import jsonable
@@ -25,13 +26,6 @@ FLATTEN_MODES = ("flatten", "avg", "max")
 FEATURE_INFO_KEYS = ("backbone", "weights_id", "image_size", "pooling", "layer")
 PAD_LOGIT = -30.0  # logit of a class absent from the training labels (probability ~1e-13)
 LINEAR_FINETUNE_LR = 2e-4  # fine-tuning LR under a head fitted in closed form (logistic, svm)
-
-
-def keras_module():
-    """Keras, imported on first use: TensorFlow takes seconds to import and most heads never need it."""
-    import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
-
-    return keras
 
 
 # ---------------------------------------------------------------------------------- feature input

@@ -25,7 +25,7 @@ from pipeline.features.store import FeatureFile
 from pipeline.heads.files import load_keras_file
 from pipeline.heads.registry import load_head
 from pipeline.inference.embed import OnBatch, run_model
-from pipeline.layout import CacheLayout
+from pipeline.layout import FINETUNED_MODEL, CacheLayout
 from pipeline.sheets import csv_line
 from pipeline.tracking.metrics import classification_report
 from pipeline.tracking.runs import Registry, RunRecord
@@ -59,9 +59,9 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False, backbone:
     request = _request_of(record)
     check_recorded(record.config, f"run {record.id}")
     if record.stage == "finetune":
-        model = record.dir / "model.keras"
+        model = record.dir / FINETUNED_MODEL
         if not model.exists():
-            raise UserError(f"run {record.id} has no model.keras; it may have been cleaned up")
+            raise UserError(f"run {record.id} has no {FINETUNED_MODEL}; it may have been cleaned up")
         names = record.config.get("class_names") or []
         return LoadedRun(record, request, list(names), model_path=model)
     head = load_head(record.dir, trust_pickle=trust_pickle)

@@ -22,6 +22,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.data.sources import SPLITS
 from pipeline.errors import UserError
 from pipeline.tracking.runs import Registry, RunRecord, format_duration
 
@@ -37,7 +38,6 @@ REPORT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "l
 
 HIGHER_BETTER = frozenset({"accuracy", "balanced_accuracy", "macro_f1", "weighted_f1"})
 LOWER_BETTER = frozenset({"log_loss"})
-SPLIT_ORDER = ("train", "val", "test")
 _REPORT_SKIP = frozenset({"per_class", "confusion_matrix", "class_names"})
 _FACT_SKIP = frozenset({"cv_scores", "cv_accuracies", "comparison", "after"})  # curve data (plotted) and repeats of the splits
 
@@ -153,7 +153,7 @@ def _facts(metrics: Mapping[str, Any], reports: Mapping[str, Any]) -> dict[str, 
 
 def _split_key(split: str) -> tuple[int, str]:
     base = split.rsplit(".", 1)[-1]
-    rank = SPLIT_ORDER.index(base) if base in SPLIT_ORDER else len(SPLIT_ORDER)
+    rank = SPLITS.index(base) if base in SPLITS else len(SPLITS)
     return (split.count("."), f"{rank}{split}")
 
 
