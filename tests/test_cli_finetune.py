@@ -213,6 +213,16 @@ def test_finetune_validates_on_the_fit_head_holdout_when_there_is_no_val_folder(
     assert metrics["before"]["test"]["n"] == 20 and len(metrics["before"]) >= 2
     assert (f"note: early stopping kept epoch {metrics['best_epoch']} by the val loss, so the val figures are not "
             f"held out") in ft.stdout
+    runs = Path(cache) / "runs"  # the fine-tune records the images it trained on, as its head's run does
+    assert (runs / _run_id(ft.stdout) / "split.csv").read_text() != ""
+    assert sorted((runs / _run_id(ft.stdout) / "split.csv").read_text().splitlines()) == sorted(
+        (runs / head_run / "split.csv").read_text().splitlines())
+    assert run_cli("runs", "rm", head_run, "--cache-dir", cache).returncode == 0
+    own = run_cli("evaluate", "--run", _run_id(ft.stdout), "--data", str(data), "--split", "train", "--cache-dir", cache)
+    assert own.returncode == 0 and "of the 20 images scored are run" in own.stderr, own.stderr  # its parent gone
+    (runs / _run_id(ft.stdout) / "split.csv").unlink()  # nothing left that says which: said so
+    unknown = run_cli("evaluate", "--run", _run_id(ft.stdout), "--data", str(data), "--split", "train", "--cache-dir", cache)
+    assert unknown.returncode == 0 and "cannot tell which images run" in unknown.stderr, unknown.stderr
 
 
 

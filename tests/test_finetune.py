@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ keras = pytest.importorskip("keras")
 
 from pipeline import backbones  # noqa: E402
 from pipeline.data.sources import open_source  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
+from pipeline.errors import DataWarning, UserError  # noqa: E402
 from pipeline.extract import ExtractRequest  # noqa: E402
 from pipeline.finetune.checkpoints import CHECKPOINT_FILE, read_checkpoint  # noqa: E402
 from pipeline.finetune.handover import split_parts  # noqa: E402
@@ -274,6 +275,15 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     (run / SPLIT_FILE).write_text("path,split\n" + "".join(f"{p},val\n" for p in val) +
                                   "".join(f"{p},train\n" for p in paths if p not in val))
     assert stage2_inputs(run).split == {"train": sorted(set(paths) - set(val)), "val": sorted(val), "test": []}
+    recomputed = inputs.split
+    good = (run / SPLIT_FILE).read_text()
+    for damage, said in [(good.replace(",val\n", ",validation\n", 1), "line 2 is not a path and one of train"),
+                         (good + f"{val[0]},train\n", f"{val[0]} is listed in both val and train"),
+                         ("path,split\n", "it lists no training image"), ("", "it is empty"),
+                         (good.replace("path,split", "file,split"), "first line is not 'path,split'")]:
+        (run / SPLIT_FILE).write_text(damage)  # a damaged record is said, and the split worked out without it
+        with pytest.warns(DataWarning, match=f"{SPLIT_FILE} is damaged \\(.*{re.escape(said)}"):
+            assert stage2_inputs(run).split == recomputed
     model = build_finetune_model(inputs.request, inputs.head)
     images = np.stack([data.images[data.paths.index(p)] for p in paths])
     np.testing.assert_allclose(model.predict(images, verbose=0), head.predict_proba(feats), atol=1e-4)

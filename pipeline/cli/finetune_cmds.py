@@ -75,6 +75,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     """
     from pipeline.finetune.handover import stage2_inputs  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.finetune.tuner import FineTuner  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.heads.training import write_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.tracking.plots import (  # noqa: PLC0415 - matplotlib: keeps `--help` fast
         plot_confusion_matrix, plot_history, plot_reliability)
 
@@ -151,6 +152,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         if log_mlflow:  # so that --resume logs the run where this command would have
             config["mlflow"] = {"experiment": mlflow_experiment}
         run = registry.start("finetune", config)
+        if inputs.split:  # the images its head trained, validated and tested on: fine-tuning's too
+            write_split(run, [(path, name) for name, files in inputs.split.items() for path in files])
     if finished is None:
         click.echo(f"run {run.id}: fine-tuning {inputs.request.backbone} from head run {parent.id}", err=True)
     else:

@@ -111,34 +111,56 @@ def split_paths(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0) -> tu
 
 
 def recorded_split(run_dir: Path) -> dict[str, set[str]] | None:
-    """The image files of each split a fit-head run recorded in its split.csv ({'train': {...}, ...});
-    None for a run made before runs recorded it, or whose file is unreadable."""
-    try:
-        text = (Path(run_dir) / SPLIT_FILE).read_text(encoding="utf-8")
-        rows = list(csv.reader(io.StringIO(text, newline="")))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None
-    if not rows or rows[0] != ["path", "split"]:
+    """The image files of each split a run recorded in its split.csv ({'train': {...}, 'val': ..., 'test': ...}):
+    a fit-head run's, or a fine-tune's (its head's images). None for a run made before runs recorded it, and, with
+    one DataWarning naming the fault, for a damaged file (callers then recompute the split or say it is unknown)."""
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
         return None
     out: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
-    for row in rows[1:]:
-        if len(row) == 2 and row[1] in out:
-            out[row[1]].add(row[0])
-    return out
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+        problem = _split_problem(rows, out)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        problem = f"unreadable: {exc}"
+    if problem is None:
+        return out
+    warnings.warn(f"{path} is damaged ({problem}); it records which images run {Path(run_dir).name}'s head trained, "
+                  f"validated and tested on, so they are worked out without it (fit-head again for a new record)",
+                  DataWarning, stacklevel=2)
+    return None
 
 
-def run_split(run_dir: Path, config: Mapping[str, Any], ff: FeatureFile | None = None) -> dict[str, set[str]] | None:
-    """The image files a fit-head run trained, validated and tested on ({'train': {...}, 'val': ..., 'test': ...}):
-    its split.csv, or for a run made before runs recorded it, recomputed from its cache file `ff` with the run's
-    val fraction and seed; None where neither is there."""
-    recorded = recorded_split(run_dir)
-    if recorded is not None or ff is None:
-        return recorded
+def _split_problem(rows: list[list[str]], out: dict[str, set[str]]) -> str | None:
+    """Fill `out` from split.csv's rows; what is wrong with them (the first fault), or None."""
+    if not rows or rows[0] != ["path", "split"]:
+        return "its first line is not 'path,split'" if rows else "it is empty"
+    seen: dict[str, str] = {}
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != 2 or row[1] not in out:
+            return f"line {n} is not a path and one of train, val, test: {','.join(row)[:80]!r}"
+        if seen.setdefault(row[0], row[1]) != row[1]:
+            return f"{row[0]} is listed in both {seen[row[0]]} and {row[1]}"
+        out[row[1]].add(row[0])
+    return None if out["train"] else "it lists no training image"
+
+
+def recomputed_split(ff: FeatureFile, config: Mapping[str, Any]) -> dict[str, set[str]] | None:
+    """The split a fit-head run with this config (val fraction, seed) made of cache `ff`, for runs made before
+    split.csv; None where the cache cannot be split so."""
     try:
         parts, _ = split_paths(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)))
     except UserError:
         return None
     return {name: set(files) for name, files in parts.items()}
+
+
+def run_split(run_dir: Path, config: Mapping[str, Any], ff: FeatureFile) -> dict[str, set[str]] | None:
+    """The image files a fit-head run trained, validated and tested on: its split.csv, or for a run made before
+    runs recorded it (or whose file is damaged), recomputed from its cache file `ff`; None where neither works."""
+    recorded = recorded_split(run_dir)
+    return recorded if recorded is not None else recomputed_split(ff, config)
 
 
 def check_finite(ff: FeatureFile, batch_rows: int = 8192) -> None:

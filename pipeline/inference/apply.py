@@ -156,34 +156,44 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
 
 
 def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str] | None:
-    """The image files a fit-head run's head trained on (a fine-tune's: its parent's): from the run's
-    split.csv, or for a run made before runs recorded it, recomputed from its cache file, val fraction
-    and seed (`run_split`, as fine-tuning's hand-over reads it); empty where none of `among` is in that cache (the split is not made
-    then); None where it cannot be known (no split.csv, and the cache file or the parent run is gone)."""
+    """The image files a run's head trained on: from the run's split.csv (a fine-tune's lists its parent's
+    images), else its parent's, else, for a fit-head run made before runs recorded it, recomputed from its cache
+    file, val fraction and seed (`recomputed_split`); empty where none of `among` is in that cache (the split is
+    not made then); None where it cannot be known (no split.csv, and the cache file or the parent run is gone)."""
+    from pipeline.heads.training import recomputed_split, recorded_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    split = recorded_split(record.dir)
+    if split is not None:
+        return split["train"]
     cfg = record.config
     if cfg.get("parent_run"):
         try:
             return training_paths(Registry(CacheLayout.of(record.dir).root).get(str(cfg["parent_run"])), among)
         except UserError:
             return None
-    from pipeline.heads.training import run_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
-    split = run_split(record.dir, cfg)  # its split.csv
     cache_file = cfg.get("cache_file")
-    if split is None and cache_file and Path(cache_file).is_file():
-        try:
-            with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
-                warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
-                if among is not None and among.isdisjoint(ff.paths):  # a folder the run never saw: nothing to split
-                    return set()
-                split = run_split(record.dir, cfg, ff)
-        except UserError:
-            return None
+    if not cache_file or not Path(cache_file).is_file():
+        return None
+    try:
+        with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
+            warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
+            if among is not None and among.isdisjoint(ff.paths):  # a folder the run never saw: nothing to split
+                return set()
+            split = recomputed_split(ff, cfg)
+    except UserError:
+        return None
     return split["train"] if split is not None else None
 
 
 def warn_own_training_images(run: LoadedRun, scored: Sequence[str]) -> None:
     """One warning where images scored are ones the run trained on: their figures are not held out."""
-    trained = (training_paths(run.record, set(scored)) if scored else None) or set()
+    if not scored:
+        return
+    trained = training_paths(run.record, set(scored))
+    if trained is None:
+        warnings.warn(f"cannot tell which images run {run.record.id} trained on (its split.csv is gone or damaged, "
+                      f"and so is its parent run or its cache file): the figures may count its own training images",
+                      DataWarning, stacklevel=2)
+        return
     own = [p for p in scored if p in trained]
     if own:
         warnings.warn(f"{len(own)} of the {len(scored)} images scored are run {run.record.id}'s own training images "
