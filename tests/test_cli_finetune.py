@@ -291,6 +291,7 @@ def test_ctrl_c_before_the_first_epoch_says_to_start_again_and_names_the_cache_f
     # options this run would not read are refused before anything runs, not recorded as if used
     for args, fragment in ((["--no-trunk-cache", "--views", "3"], "and --no-trunk-cache trains without it"),
                            (["--unfreeze-last", "1", "--views", "2"], "and --unfreeze-last 1 trains without it"),
-                           (["--trunk-cache", "--views", "0", "--augment", "flip"], "and --views 0 keeps none")):
+                           (["--trunk-cache", "--views", "0", "--augment", "flip"], "and --views 0 keeps none"),
+                           (["--views", "0", "--augment", "flip"], "and --views 0 keeps none")):  # the default cache
         refused = run_cli("finetune", "--run", head_run, *args, "--cache-dir", cache)
         assert refused.returncode == 2 and fragment in refused.stderr, refused.stderr

@@ -44,6 +44,14 @@ def test_without_val_images_nothing_is_recalibrated_and_the_note_says_why():
         np.testing.assert_array_equal(cal.proba["test"], p)
 
 
+def test_every_val_image_right_keeps_the_temperature_and_does_not_claim_a_fit():
+    y, p = _underconfident(400, 0)
+    p = np.where(np.arange(3) == y[:, None], 0.5, 0.25)  # every val image right
+    cal = recalibrate({"val": (y, p), "test": _underconfident(40, 1)})
+    assert cal.temperature == 1.0 and "all 400 val images are classified right" in cal.note and "fitted" not in cal.note
+    np.testing.assert_array_equal(cal.proba["val"], p)
+
+
 def test_halves_deal_every_class_into_both():
     y = np.array([0] * 5 + [1] * 2 + [2] * 1)
     h = halves(y, seed=0)

@@ -134,7 +134,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         if "--views" in given and without:
             raise UserError(f"--views sets how many augmented views the trunk cache keeps, and {without} trains "
                             f"without it (each epoch draws a new view of every image); leave --views out")
-        if "--augment" in given and trunk_cache and views == 0:
+        if "--augment" in given and views == 0 and without is None:  # the trunk cache, asked for or by default
             raise UserError("--augment makes the trunk cache's views, and --views 0 keeps none (the clean images "
                             "only); give --views N or leave --augment out")
     if finished is None:

@@ -54,6 +54,10 @@ def recalibrate(preds: dict[str, tuple[np.ndarray, np.ndarray]], seed: int = 0) 
     if p_val is None or y_val.size < 2 or np.unique(y_val).size < 2:
         return Recalibration(1.0, "not recalibrated: fewer than 2 validation images or classes to fit a temperature on",
                              {name: np.asarray(p, np.float64) for name, (_, p) in preds.items()})
+    if (np.asarray(p_val).argmax(axis=1) == y_val).all():  # fit_temperature keeps 1: not a fit to report
+        return Recalibration(1.0, f"not recalibrated: all {y_val.size} val images are classified right, so there is "
+                                  f"no error to fit a temperature on (kept at 1)",
+                             {name: np.asarray(p, np.float64) for name, (_, p) in preds.items()})
     z = log_proba(p_val)
     temperature = fit_temperature(z, y_val)
     out = {name: temperature_scaled(log_proba(p), temperature) for name, (_, p) in preds.items() if name != "val"}
