@@ -295,3 +295,23 @@ def test_ctrl_c_before_the_first_epoch_says_to_start_again_and_names_the_cache_f
                            (["--views", "0", "--augment", "flip"], "and --views 0 keeps none")):  # the default cache
         refused = run_cli("finetune", "--run", head_run, *args, "--cache-dir", cache)
         assert refused.returncode == 2 and fragment in refused.stderr, refused.stderr
+
+
+def test_resume_after_the_head_run_was_removed_and_finetune_after_the_data_moved_say_what_happened(tmp_path, monkeypatch):
+    """An interrupted fine-tune whose head run was removed (`runs rm --force`) named only an 'unknown run ID';
+    a run whose data folder moved warned that images 'changed' and then failed on a bare 'data path not found'."""
+    from pipeline.finetune.tuner import FineTuner
+
+    cache, head_run = _logistic_head_run(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(FineTuner, "fit", _interrupted)
+        ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
+    ft_id = ft.stderr.split("run ", 1)[1].split(":")[0]
+    assert ft.returncode == 130, ft.stderr
+    (tmp_path / "d").rename(tmp_path / "moved")
+    moved = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
+    assert moved.returncode == 2 and f"is no longer at {tmp_path / 'd'} (moved, renamed or removed)" in moved.stderr
+    assert "changed or went missing" not in moved.stderr and "Traceback" not in moved.stderr
+    assert run_cli("runs", "rm", head_run, "--force", "--cache-dir", cache).returncode == 0
+    gone = run_cli("finetune", "--resume", ft_id, "--cache-dir", cache)
+    assert gone.returncode == 2 and f"started from head run {head_run}, which is no longer in" in gone.stderr, gone.stderr

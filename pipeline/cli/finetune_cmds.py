@@ -103,7 +103,11 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         # so its head run is not read again (it may be gone: runs rm --force)
         finished = finished_result(record.dir)
         parent_id = str(record.config.get("parent_run"))
-        parent = registry.get(parent_id) if finished is None else None
+        try:
+            parent = registry.get(parent_id) if finished is None else None
+        except UserError:
+            raise UserError(f"finetune run {record.id} started from head run {parent_id}, which is no longer in "
+                            f"{registry.root}, so it cannot be resumed; fit-head and fine-tune again") from None
         tuner = FineTuner.from_checkpoint(record.dir)
         if no_progress:
             tuner.verbose = 2

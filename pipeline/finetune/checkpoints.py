@@ -104,8 +104,9 @@ def resume_state(run_dir: Path, resume: bool, fingerprint: str, say: Callable[[s
     if state.get("complete"):
         raise UserError(f"the fine-tuning run in {run_dir} already finished; nothing to resume")
     if state.get("fingerprint") != fingerprint:
-        raise UserError(f"the checkpoint in {run_dir} was made with other settings, data or head; resume "
-                        f"with the same ones (FineTuner.from_checkpoint) or start a new run")
+        raise UserError(f"the checkpoint in {run_dir} was made from other settings, data, head or split than it is "
+                        f"resumed with (its head run, that run's split.csv or the data changed since the "
+                        f"interruption?); start a new fine-tune from the head run")
     if not state.get("model"):
         say("the interrupted run finished no epoch; starting from the first epoch")
         return None

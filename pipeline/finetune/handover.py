@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline import backbones
 from pipeline.backend import check_recorded
+from pipeline.data.sources import names_files
 from pipeline.errors import DataWarning, UserError
 from pipeline.extract import ExtractRequest, RunOptions, extract, is_concat, plan
 from pipeline.features.reuse import changed_files
@@ -60,12 +61,6 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
         raise UserError(f"{cache} records no extraction request; extract it again with this version")
     if head.cache_key_ and head.cache_key_ != key:
         raise UserError(_other_features(run_dir, head.cache_key_, Path(cache).name))
-    if changed:
-        path, how = changed[0]
-        warnings.warn(f"{len(changed)} of the images changed or went missing since the head's features were "
-                      f"extracted (e.g. {path}: {how}): fine-tuning reads them as they are now, and the head learnt "
-                      f"the old ones; fit-head on the data again for a head of the same pixels", DataWarning,
-                      stacklevel=2)
     request = ExtractRequest.from_json(req)
     given = config.get("request") if isinstance(config.get("request"), Mapping) else {}
     if given.get("weights") and not is_concat(request.backbone):  # where the run found its weights file
@@ -75,6 +70,16 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
                                      f"head run {run_dir.name}")
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
         request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
+    if names_files(request.data) and not Path(request.data).expanduser().exists():
+        raise UserError(f"the data head run {run_dir.name} was fitted on is no longer at {spec or request.data} (moved, "
+                        f"renamed or removed); put it back there, or fit-head on it where it is now and fine-tune "
+                        f"that run")
+    if changed:
+        path, how = changed[0]
+        warnings.warn(f"{len(changed)} of the images changed or went missing since the head's features were "
+                      f"extracted (e.g. {path}: {how}): fine-tuning reads them as they are now, and the head learnt "
+                      f"the old ones; fit-head on the data again for a head of the same pixels", DataWarning,
+                      stacklevel=2)
     split = {name: sorted(files) for name, files in parts.items()} if parts else None
     return Stage2Inputs(request, head, Path(cache), config, split)
 
