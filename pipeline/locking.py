@@ -50,10 +50,19 @@ def is_locked(path: str | os.PathLike) -> bool:
     return False
 
 
+KEY_LOCK_SUFFIX = ".lock"
+
+
+def key_lock(entry: str | os.PathLike) -> Path:
+    """The lock an extraction of one key holds while it runs, beside its cache file (or chunk folder) `entry`;
+    `cache rm`/`gc` ask whether someone holds it."""
+    return Path(entry).with_suffix(KEY_LOCK_SUFFIX)
+
+
 def shard_lock(features: str | os.PathLike, i: int, n: int) -> Path:
     """The lock an extraction's `--shard I/N` holds while it runs, beside the cache file `features`
     (shards run side by side, each under its own)."""
-    return Path(features).with_suffix(f".shard-{i}-of-{n}.lock")
+    return Path(features).with_suffix(f".shard-{i}-of-{n}{KEY_LOCK_SUFFIX}")
 
 
 def shard_locks(entry: str | os.PathLike) -> dict[tuple[int, int], Path]:

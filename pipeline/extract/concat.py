@@ -26,7 +26,7 @@ from pipeline.errors import UserError
 from pipeline.extract.plan import KEY_VERSION, ExtractRequest, ExtractResult, Plan, RunOptions, image_rate, plan
 from pipeline.features.store import concatenate, is_complete, refuse_damaged
 from pipeline.layout import CacheLayout
-from pipeline.locking import exclusive_lock
+from pipeline.locking import exclusive_lock, key_lock
 from pipeline.tracking.runs import Registry
 
 SEP = "+"
@@ -75,7 +75,7 @@ class ConcatPlan:
 
     @property
     def lock(self) -> Path:
-        return self.path.with_suffix(".lock")
+        return key_lock(self.path)
 
 
 def plan_concat(request: ExtractRequest, cache_dir: Path) -> ConcatPlan:

@@ -18,7 +18,8 @@ from pipeline.data.decode import RESIZE_METHODS, identity as decoder_identity
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig, open_source
 from pipeline.errors import UserError
 from pipeline.layout import DEFAULT_CACHE, CacheLayout, cache_dir_flags  # noqa: F401 - re-exported by pipeline.extract
-from pipeline.locking import shard_lock
+from pipeline.features.store import parts_folder
+from pipeline.locking import key_lock, shard_lock
 from pipeline.versions import version
 
 
@@ -183,11 +184,11 @@ class Plan:
 
     @property
     def parts(self) -> Path:
-        return self.path.with_suffix(".parts")
+        return parts_folder(self.path)
 
     @property
     def lock(self) -> Path:
-        return self.path.with_suffix(".lock")
+        return key_lock(self.path)
 
     def shard_lock(self, i: int, n: int) -> Path:
         """The lock a run of `--shard I/N` holds while it runs (shards run side by side, each under its own)."""

@@ -37,7 +37,7 @@ from pipeline.extract.mapper import cached_runner
 from pipeline.extract.plan import ExtractResult, Plan, RunOptions, image_rate
 from pipeline.extract.writer import ChunkWriter
 from pipeline.features.reuse import file_hashes, find_reuse, item_stats, moved_message, write_hash_note
-from pipeline.features.store import (ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, OneImage, assemble,
+from pipeline.features.store import (PARTS_SUFFIX, ChunkDir, DegenerateFeatures, ItemTable, NoImageRead, OneImage, assemble,
                                      cache_rm_command, read_parts_json, read_skipped)
 from pipeline.locking import is_locked, shard_locks
 
@@ -406,7 +406,7 @@ def _warn_other_sharded_job(p: Plan) -> None:
     added: the key covers every file's size and date), so the two would never join."""
     ours = _job_identity(p)
     others = []
-    for d in p.parts.parent.glob("*.parts"):
+    for d in p.parts.parent.glob(f"*{PARTS_SUFFIX}"):
         try:
             if d != p.parts and json.loads((d / SHARDS_FILE).read_text()).get("job") == ours:
                 others.append(d)

@@ -14,9 +14,10 @@ from pathlib import Path
 import h5py
 
 from pipeline.errors import UserError
-from pipeline.features.store import FeatureFile, chunk_files, decode_attr, not_damaged, structure_problem
+from pipeline.features.store import (PARTS_SUFFIX, FeatureFile, chunk_files, decode_attr, not_damaged,
+                                     structure_problem)
 from pipeline.layout import CacheLayout
-from pipeline.locking import is_locked, shard_locks
+from pipeline.locking import KEY_LOCK_SUFFIX, is_locked, key_lock, shard_locks
 
 
 @dataclass
@@ -81,7 +82,7 @@ def find_entries(cache_dir: Path) -> list[Entry]:
             why = not_damaged(path, exc) if isinstance(exc, OSError) else ""
             state = f"unreadable: {why}" if why else f"damaged: {'not readable as HDF5' if isinstance(exc, OSError) else exc}"
             out.append(Entry(path, k, b, s, p, "?", _megabytes(path), "?", state))
-    for parts in sorted(root.glob("*.parts")):
+    for parts in sorted(root.glob(f"*{PARTS_SUFFIX}")):
         b, s, p, k = _name_parts(parts)
         chunks = chunk_files(parts)
         size = sum(_megabytes(c) for c in chunks)
@@ -91,8 +92,8 @@ def find_entries(cache_dir: Path) -> list[Entry]:
         b, s, p, k = _name_parts(tmp.with_name(tmp.name.lstrip(".")))
         out.append(Entry(tmp, k, b, s, p, "?", _megabytes(tmp), "?",
                          "temporary (interrupted assembly; removed by the next extract of this key)"))
-    taken = {e.path.with_suffix(".lock") for e in out}
-    for lock in sorted(root.glob("*.lock")):  # left alone by an extraction refused before its first chunk
+    taken = {key_lock(e.path) for e in out}
+    for lock in sorted(root.glob(f"*{KEY_LOCK_SUFFIX}")):  # left alone by an extraction refused before its first chunk
         if ".shard-" in lock.name or lock in taken:
             continue
         b, s, p, k = _name_parts(lock)
@@ -122,7 +123,7 @@ def finished_file(ref: str, cache_dir: Path, name: str) -> Path:
     paths = [p for p in hits if p.suffix == ".h5" and not p.is_dir()]
     if len(paths) == 1:
         return paths[0]
-    if not paths and hits and all(p.suffix in (".parts", ".tmp") for p in hits):
+    if not paths and hits and all(p.suffix in (PARTS_SUFFIX, ".tmp") for p in hits):
         raise UserError(f"{name} names only an extraction that has not finished ({hits[0].name}); wait for the one "
                         f"running, or run the same extract again to finish it")
     if len(hits) == 1 and hits[0].is_dir():
@@ -268,7 +269,7 @@ def describe(ref: str, cache_dir: Path) -> str:
 
 def being_written(path: Path) -> bool:
     """Whether an extraction holds this entry's lock (or one of its shards') right now."""
-    return is_locked(path.with_suffix(".lock")) or any(is_locked(lock) for lock in shard_locks(path).values())
+    return is_locked(key_lock(path)) or any(is_locked(lock) for lock in shard_locks(path).values())
 
 
 def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
@@ -291,8 +292,8 @@ def remove_entries(entries: list[Entry], cache_dir: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         else:
             shutil.rmtree(path)
-        lock = path.with_suffix(".lock")  # the key's lock (and its shards'), unless another entry of the key stays
-        if not any(o.path != lock and o.path.with_suffix(".lock") == lock for o in staying):
+        lock = key_lock(path)  # the key's lock (and its shards'), unless another entry of the key stays
+        if not any(o.path != lock and key_lock(o.path) == lock for o in staying):
             lock.unlink(missing_ok=True)
             for shard_lock in shard_locks(path).values():
                 shard_lock.unlink(missing_ok=True)

@@ -55,6 +55,14 @@ def chunk_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _CHUNK_RE.match(p.name))
 
 
+PARTS_SUFFIX = ".parts"  # an unfinished extraction's chunk folder, beside the cache file it assembles into
+
+
+def parts_folder(features: str | os.PathLike) -> Path:
+    """The chunk folder an extraction of the cache file `features` writes before it assembles the file."""
+    return Path(features).with_suffix(PARTS_SUFFIX)
+
+
 class ChunkDir:
     """The folder of finished extraction chunks for one cache key; each chunk file is atomic."""
 
@@ -103,7 +111,7 @@ class ChunkDir:
     def remove_path(path: Path) -> None:
         """Delete a chunk folder (only ever one named `*.parts` that this module made)."""
         path = Path(path)
-        if path.suffix == ".parts" and path.is_dir():
+        if path.suffix == PARTS_SUFFIX and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
 
 
