@@ -227,6 +227,11 @@ class Head(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ hooks for the rest of the tool
     @classmethod
+    def param_names(cls) -> list[str]:
+        """The constructor's parameter names (scikit-learn's get_params keys), for checking given options."""
+        return list(cls._get_param_names())
+
+    @classmethod
     def from_options(cls, opts: Mapping[str, Any]) -> "Head":
         """The head that `fit-head`'s options describe (each kind picks the options it takes)."""
         raise NotImplementedError
@@ -386,7 +391,8 @@ class Head(ClassifierMixin, BaseEstimator):
             "feature_info": jsonable(self.feature_info_),
         }
 
-    def _load_meta(self, meta: Mapping[str, Any]) -> None:
+    def load_meta(self, meta: Mapping[str, Any]) -> None:
+        """Set the fitted metadata (class names, cache key, feature info and shape) a saved head recorded."""
         self.class_names_ = list(meta["class_names"])
         self.n_classes_ = len(self.class_names_)
         self.classes_ = np.arange(self.n_classes_)
@@ -428,7 +434,7 @@ def keras_logits_head(inp, x, W: np.ndarray, b: np.ndarray):
 
 def params_for(cls: type, params: Mapping[str, Any]) -> dict[str, Any]:
     """Constructor arguments from saved params, dropping unknown ones and restoring the class's tuples."""
-    names = cls._get_param_names()
+    names = cls.param_names()
     out = {k: v for k, v in params.items() if k in names}
     for k in getattr(cls, "tuple_params", ()):
         if isinstance(out.get(k), list):

@@ -353,7 +353,7 @@ class DenseHead(Head):
         meta = read_head_json(side, DENSE_FORMAT, "a dense head")
         try:
             head = cls(**params_for(cls, meta["params"]))
-            head._load_meta(meta)
+            head.load_meta(meta)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"{side} does not describe a valid dense head ({exc}); re-run fit-head") from None
         head.history_ = meta.get("history", {})

@@ -378,7 +378,7 @@ class KNNHead(Head):
         meta, arrays = read_npz_head(path, KNN_FORMAT, "a knn head", ("memory", "labels", "paths"))
         try:
             head = cls(**params_for(cls, meta["params"]))
-            head._load_meta(meta)
+            head.load_meta(meta)
             memory, labels, paths = arrays["memory"], arrays["labels"], arrays["paths"]
             if (memory.ndim != 2 or memory.shape[1] != head.n_features_in_ or labels.shape != (memory.shape[0],)
                     or labels.dtype.kind not in "iu" or (labels.size and not 0 <= labels.min() <= labels.max()

@@ -328,7 +328,7 @@ class LogisticHead(Head):
             "n_iter"))
         try:
             head = cls(**params_for(cls, meta["params"]))
-            head._load_meta(meta)
+            head.load_meta(meta)
             scaler = StandardScaler()
             scaler.mean_, scaler.scale_ = arrays["scaler_mean"], arrays["scaler_scale"]
             scaler.var_, scaler.n_samples_seen_ = arrays["scaler_var"], arrays["scaler_n_samples_seen"]
@@ -366,7 +366,7 @@ class LogisticHead(Head):
         if state.get("format") != LOGISTIC_FORMAT:
             raise UserError(f"{path} is not a logistic head file")
         head = cls(**params_for(cls, state["params"]))
-        head._load_meta(state)
+        head.load_meta(state)
         head.pipeline_ = state["pipeline"]
         head.C_, head.cv_scores_ = state["C_"], state.get("cv_scores", {})
         head.C_note_, head.converged_ = state.get("C_note", ""), state.get("converged", True)

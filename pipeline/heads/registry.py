@@ -46,7 +46,7 @@ def head_classes() -> "list[type[Head]]":
 def make_head(kind: str, **params: Any) -> "Head":
     """A head by name (a key of HEAD_KINDS) with these constructor parameters."""
     cls = head_class(kind)
-    unknown = sorted(set(params) - set(cls._get_param_names()))
+    unknown = sorted(set(params) - set(cls.param_names()))
     if unknown:
         raise UserError(f"the {kind} head has no parameter {', '.join(unknown)}")
     return cls(**params)

@@ -313,7 +313,7 @@ class KernelHead(Head):
         meta, arrays = read_npz_head(path, KERNEL_FORMAT, "an svm head", ("support_vectors", "coef", "intercept"))
         try:
             head = cls(**params_for(cls, meta["params"]))
-            head._load_meta(meta)
+            head.load_meta(meta)
             sv, coef, inter = arrays["support_vectors"], arrays["coef"], arrays["intercept"]
             if (sv.ndim != 2 or sv.shape[1] != head.n_features_in_ or coef.shape != (head.n_classes_, sv.shape[0])
                     or inter.shape != (head.n_classes_,)):

@@ -212,7 +212,7 @@ def _run_task(head_type, base, configs, train, y, val, yv, meta, limit_threads: 
     out = []
     for params in configs:
         full = {**base, **params}
-        if "n_jobs" in head_class(head_type)._get_param_names():
+        if "n_jobs" in head_class(head_type).param_names():
             full.setdefault("n_jobs", 1)
         head = make_head(head_type, **full)
         mode = full.get("flatten", "avg")
