@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
 from pipeline.heads import LogisticHead
 from pipeline.heads.training import fit_head_run
-from pipeline.tracking.compare import (MISSING, compare, confusion_of, differing_params, format_value, load_history,
+from pipeline.tracking.compare import (MISSING, compare, confusion_of, differing_params, format_value,
                                        metric_rows, plot_comparison, resolve)
 from pipeline.tracking.runs import Registry, RunRecord
 
@@ -144,7 +144,7 @@ def test_compare_run_with_curves_and_run_without_confusion(two_runs, tmp_path):
         run.log_metrics({"val": {"n": 0, "accuracy": None, "macro_f1": None}, "epochs_run": 3})
     tuned = registry.get(run.id)
     logistic = Registry(root).get(ids[0])
-    assert load_history(tuned) == history and load_history(logistic) is None
+    assert tuned.history() == history and logistic.history() is None
     assert confusion_of(tuned) is None and confusion_of(logistic)[1] == ["class_0", "class_1", "class_2"]
     cmp = compare([logistic, tuned])
     assert cmp.params["params.lr"] == [MISSING, 1e-4]  # the effective LR differs from finetune_params.lr (None)

@@ -378,3 +378,17 @@ def test_runs_are_recorded_only_under_the_stages_runs_lists(tmp_path):
     assert Registry(tmp_path).start("fit-head", {}).stage in STAGES
     with pytest.raises(ValueError, match="unknown stage 'sweep'"):
         Registry(tmp_path).start("sweep", {})
+
+
+def test_a_runs_history_is_read_in_one_place_and_a_hand_edited_one_is_left_out(tmp_path):
+    """RunRecord.history: what runs compare plots and MLflow logs (each read the files itself; MLflow's
+    reader failed on a curve that is not numbers)."""
+    reg = Registry(tmp_path)
+    run = reg.start("finetune", {})
+    run.finish()
+    record = reg.get(run.id)
+    assert record.history() is None
+    (record.dir / "checkpoint.json").write_text(json.dumps({"history": {"loss": [2, 1.5], "val_loss": [2.5, 2]}}))
+    assert record.history() == {"loss": [2.0, 1.5], "val_loss": [2.5, 2.0]}  # an interrupted fine-tune's epochs
+    (record.dir / "finetune.json").write_text(json.dumps({"history": {"loss": ["x"]}}))
+    assert record.history() is None

@@ -269,22 +269,6 @@ def comparison_json(cmp: Comparison, plot: Path | None = None) -> dict[str, Any]
 
 
 # -------------------------------------------------------------------------------- plot
-def load_history(record: RunRecord) -> dict[str, list[float]] | None:
-    """Per-epoch loss/acc/val_loss/val_acc of a run (dense head or fine-tune), None when it has none."""
-    for name in ("head.json", "finetune.json", "checkpoint.json"):
-        try:
-            data = json.loads((record.dir / name).read_text())
-        except (OSError, ValueError):
-            continue
-        history = data.get("history") if isinstance(data, dict) else None
-        if isinstance(history, dict) and history.get("loss"):
-            try:  # a hand-edited file: curves of numbers, or none
-                return {str(k): [float(v) for v in values] for k, values in history.items() if isinstance(values, list)}
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
 def confusion_of(record: RunRecord, split: str = "val") -> tuple[list[list[int]], list[str]] | None:
     """The run's confusion matrix and class names for `split` from metrics.json, None when not stored."""
     report = record.metrics.get(split)
@@ -334,7 +318,7 @@ def plot_comparison(records: Sequence[RunRecord], path: str | os.PathLike, split
 
     n = len(records)
     colours = [f"C{i % 10}" for i in range(n)]
-    histories = [load_history(r) for r in records]
+    histories = [r.history() for r in records]
     cv = [_cv_scores(r) for r in records]
     labels = [f"{r.id} {r.config.get('head') or r.stage}" for r in records]
     cols = min(n, 4)

@@ -70,21 +70,6 @@ def final_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def history_of(record: RunRecord) -> dict[str, list[float]]:
-    """Per-epoch series of a run: a dense head's (head.json) or a fine-tune's (finetune.json)."""
-    for name in ("head.json", "finetune.json"):
-        path = record.dir / name
-        if path.is_file():
-            try:
-                data = json.loads(path.read_text())
-            except ValueError:
-                continue
-            hist = data.get("history") if isinstance(data, dict) else None
-            if isinstance(hist, dict) and hist:
-                return {k: [float(v) for v in vs] for k, vs in hist.items() if isinstance(vs, list)}
-    return {}
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Keep MLflow's own log lines, warnings and prints (emoji run links) off the terminal."""
@@ -165,7 +150,7 @@ def _log(record: RunRecord, cache_dir: str | os.PathLike, experiment: str | None
         metrics = final_metrics(record.metrics)
         if metrics:
             mlflow.log_metrics(metrics)
-        _log_history(mlflow, history_of(record))
+        _log_history(mlflow, record.history() or {})
         for path in sorted(record.dir.iterdir()):
             if path.is_file() and path.suffix in _ARTIFACTS:
                 mlflow.log_artifact(str(path))

@@ -38,6 +38,7 @@ from pipeline.errors import UserError
 from pipeline.layout import CacheLayout
 from pipeline.versions import version
 
+HISTORY_FILES = ("head.json", "finetune.json", "checkpoint.json")  # a run's per-epoch series: dense head, fine-tune
 STAGES = ("extract", "fit-head", "finetune", "audit")  # a sweep is a fit-head run with sweep: true in its config
 STATUSES = ("running", "ok", "failed", "interrupted", "incomplete")
 
@@ -147,6 +148,20 @@ class RunRecord:
     @property
     def val_f1(self) -> float | None:
         return _metric(self.metrics, "macro_f1")
+
+    def history(self) -> dict[str, list[float]] | None:
+        """Per-epoch series (loss, accuracy, val_loss, ...) of a dense head's run or a fine-tune's (finished, or
+        interrupted: its checkpoint's), from the file HISTORY_FILES names first; None when it has none, or
+        only a hand-edited one that is not numbers."""
+        for name in HISTORY_FILES:
+            data, _ = read_object(self.dir / name)
+            history = data.get("history")
+            if isinstance(history, dict) and history.get("loss"):
+                try:
+                    return {str(k): [float(v) for v in values] for k, values in history.items() if isinstance(values, list)}
+                except (TypeError, ValueError):
+                    return None
+        return None
 
 
 def _dotted(data: Mapping[str, Any], key: str) -> tuple[bool, Any]:
