@@ -30,7 +30,7 @@ from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest, cache_dir_flags
 from pipeline.features.neighbours import EXACT_ROWS, search_space, self_neighbours, unit_rows
 from pipeline.features.reuse import fill_hashes
 from pipeline.features.store import FeatureFile
-from pipeline.heads.base import FeatureSource, Head
+from pipeline.heads.base import FeatureSource, Head, fit_meta
 from pipeline.layout import CacheLayout
 from pipeline.sheets import csv_text
 from pipeline.tracking.runs import Run
@@ -80,8 +80,7 @@ def audited_images(ff: FeatureFile) -> Audited:
         name = ff.class_names[int(y[0])] if ff.class_names else str(int(y[0]))
         raise UserError(f"audit needs at least two classes, but every labelled image of {ff.path.name} is {name!r}")
     X = unit_rows(FeatureSource(ff, rows).load_reduced("avg"), in_place=True)
-    names = list(ff.class_names) or [str(i) for i in range(int(y.max()) + 1)]
-    return Audited(rows, X, y, [ff.paths[r] for r in rows], ff.splits[rows].astype(str), names)
+    return Audited(rows, X, y, [ff.paths[r] for r in rows], ff.splits[rows].astype(str), fit_meta(ff)["class_names"])
 
 
 def readable_files(paths: list[str]) -> list[str | None]:

@@ -200,6 +200,13 @@ def feature_info_of(ff: FeatureFile) -> dict[str, Any]:
     return {k: ff.attrs[k] for k in FEATURE_INFO_KEYS if k in ff.attrs}
 
 
+def fit_meta(ff: FeatureFile) -> dict[str, Any]:
+    """What a head fitted on this cache records of it (`Head.fit`'s keywords): its class names (the label
+    numbers as text where it records none), its key and how its features were made."""
+    names = list(ff.class_names) or [str(i) for i in range(int(ff.labels.max()) + 1)]
+    return {"class_names": names, "cache_key": ff.key, "feature_info": feature_info_of(ff)}
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)

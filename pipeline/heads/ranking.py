@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
-from pipeline.heads.base import FeatureSource, Head, feature_info_of
+from pipeline.heads.base import FeatureSource, Head, fit_meta
 from pipeline.heads.training import split_rows
 
 
@@ -41,10 +41,8 @@ def score_cache(ff: FeatureFile, backbone: str, make_head: Callable[[], Head], v
     """Fit a fresh head from `make_head` on the rows `fit-head` trains on and read its CV scores;
     UserError when the head gives none (it does not cross-validate, or there are too few images)."""
     rows = split_rows(ff, val_fraction, seed, use_augmented).train
-    names = list(ff.class_names) or [str(i) for i in range(int(ff.labels.max()) + 1)]
     head = make_head()
-    head.fit(FeatureSource(ff, rows), ff.labels[rows], class_names=names, cache_key=ff.key,
-             feature_info=feature_info_of(ff))
+    head.fit(FeatureSource(ff, rows), ff.labels[rows], **fit_meta(ff))
     kept, _ = head.outcome()
     loss = head.cv_log_loss()
     if loss is None:

@@ -27,7 +27,7 @@ from pipeline import backend
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import UserError
 from pipeline.features.store import FeatureFile
-from pipeline.heads.base import FeatureSource, Head, ReducedFeatures, feature_info_of, jsonable
+from pipeline.heads.base import FeatureSource, Head, ReducedFeatures, fit_meta, jsonable
 from pipeline.heads.folds import stratified_holdout
 from pipeline.heads.registry import HEAD_KINDS, head_class, make_head
 from pipeline.tracking.metrics import classification_report
@@ -134,9 +134,7 @@ def _prepare(data, head_type, base, configs, val_data, val_fraction, seed, use_a
         train = {m: ReducedFeatures.of(FeatureSource(ff, split.train), m) for m in modes}
         val = {m: ReducedFeatures.of(FeatureSource(ff, split.val), m) for m in modes}
         y, yv = ff.labels[split.train].astype(np.int64), ff.labels[split.val].astype(np.int64)
-        names = list(ff.class_names) or [str(i) for i in range(int(ff.labels.max()) + 1)]
-        meta = {"class_names": names, "cache_key": ff.key, "feature_info": feature_info_of(ff),
-                "groups": ff.index[split.train], "paths": [ff.paths[r] for r in split.train]}
+        meta = {**fit_meta(ff), "groups": ff.index[split.train], "paths": [ff.paths[r] for r in split.train]}
         return train, y, val, yv, meta
     X, y = (np.asarray(a) for a in data)
     y = y.astype(np.int64)

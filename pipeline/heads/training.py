@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.atomic import write_text_atomic
 from pipeline.errors import DataWarning, UserError
 from pipeline.features.store import FeatureFile, cache_rm_command
-from pipeline.heads.base import FeatureSource, Head, feature_info_of
+from pipeline.heads.base import FeatureSource, Head, fit_meta
 from pipeline.heads.folds import stratified_holdout
 from pipeline.layout import CacheLayout
 from pipeline.sheets import csv_text
@@ -211,9 +211,8 @@ def fit_head_on_cache(feature_file: FeatureFile, head: Head, val_fraction: float
     """Fit `head` on the cache's training rows, then report metrics on train (clean), val and test."""
     ff = feature_file
     split = split_rows(ff, val_fraction, seed, use_augmented)
-    names = list(ff.class_names) or [str(i) for i in range(int(ff.labels.max()) + 1)]
     t0 = time.perf_counter()
-    meta = dict(class_names=names, cache_key=ff.key, feature_info=feature_info_of(ff))
+    meta = fit_meta(ff)
     train = (FeatureSource(ff, split.train), ff.labels[split.train])
     if head.uses_validation:  # the dense head watches the val loss (early stopping, curves)
         head.fit(*train, FeatureSource(ff, split.val), ff.labels[split.val], **meta)
