@@ -220,6 +220,7 @@ def test_finetune_validates_on_the_fit_head_holdout_when_there_is_no_val_folder(
     assert run_cli("runs", "rm", head_run, "--cache-dir", cache).returncode == 0
     own = run_cli("evaluate", "--run", _run_id(ft.stdout), "--data", str(data), "--split", "train", "--cache-dir", cache)
     assert own.returncode == 0 and "of the 20 images scored are run" in own.stderr, own.stderr  # its parent gone
+    assert "give --split test, or images the run never trained on (it validated on a holdout" in own.stderr  # no val split
     (runs / _run_id(ft.stdout) / "split.csv").unlink()  # nothing left that says which: said so
     unknown = run_cli("evaluate", "--run", _run_id(ft.stdout), "--data", str(data), "--split", "train", "--cache-dir", cache)
     assert unknown.returncode == 0 and "cannot tell which images run" in unknown.stderr, unknown.stderr

@@ -196,9 +196,15 @@ def warn_own_training_images(run: LoadedRun, scored: Sequence[str]) -> None:
         return
     own = [p for p in scored if p in trained]
     if own:
+        from pipeline.heads.training import recorded_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DataWarning)  # a damaged split.csv was said by training_paths
+            val = (recorded_split(run.record.dir) or {}).get("val", set())
+        held = ("--split test, or images the run never trained on (it validated on a holdout of these images' "
+                "split: its split.csv lists which)" if val.intersection(scored) else
+                "--split val or --split test, or images the run never trained on")
         warnings.warn(f"{len(own)} of the {len(scored)} images scored are run {run.record.id}'s own training images "
-                      f"(e.g. {own[0]}): their figures are not held out; give --split val or --split test, or images "
-                      f"the run never trained on", DataWarning, stacklevel=2)
+                      f"(e.g. {own[0]}): their figures are not held out; give {held}", DataWarning, stacklevel=2)
 
 
 def _labelled_images(run: LoadedRun, data: str, split: str | None) -> tuple[list[str], np.ndarray, list[str]]:
