@@ -11,10 +11,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from pipeline.atomic import save_keras_atomic, write_text_atomic
+from pipeline.atomic import save_keras_atomic
 from pipeline.errors import UserError
 from pipeline.finetune.results import FinetuneResult
 from pipeline.layout import FINETUNED_MODEL
+from pipeline.tracking.runs import write_json
 
 MODEL_FILE = FINETUNED_MODEL
 INFO_FILE = "finetune.json"
@@ -62,15 +63,6 @@ def make_checkpointer(keras, run_dir: Path, state: dict[str, Any], patience: int
     return Checkpointer()
 
 
-def json_default(obj: Any) -> Any:
-    """JSON for what checkpoint state holds besides plain values: arrays, paths, tuples, sets."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (Path, tuple, set)):
-        return str(obj) if isinstance(obj, Path) else list(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
 def read_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The checkpoint state of a fine-tuning run folder (epoch, model file, history, ...), or None."""
     path = Path(run_dir) / CHECKPOINT_FILE
@@ -84,12 +76,12 @@ def read_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 def write_state(run_dir: Path, state: Mapping[str, Any]) -> None:
     """checkpoint.json, written atomically (an interrupted write leaves the previous one)."""
-    write_text_atomic(run_dir / CHECKPOINT_FILE, json.dumps(state, indent=2, default=json_default))
+    write_json(run_dir / CHECKPOINT_FILE, state)
 
 
 def write_info(run_dir: Path, info: Mapping[str, Any]) -> None:
     """finetune.json, the finished run's facts (what `FineTuner.load` reads)."""
-    write_text_atomic(run_dir / INFO_FILE, json.dumps(info, indent=2, default=json_default))
+    write_json(run_dir / INFO_FILE, info)
 
 
 def resume_state(run_dir: Path, resume: bool, fingerprint: str, say: Callable[[str], None]) -> dict[str, Any] | None:
