@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +256,15 @@ def test_one_vote_for_the_knn_head_and_the_audit():
     np.testing.assert_allclose(got[1], [0.0, 0.0, 1.0])     # the -inf neighbour and the unlabelled one do not vote
     np.testing.assert_allclose(got[2], [1 / 3, 1 / 3, 1 / 3])
     assert np.isfinite(got).all() and np.allclose(got.sum(axis=1), 1.0)  # large similarities do not overflow
+
+
+@pytest.mark.parametrize("params,said", [
+    ({"k": 0}, "k must be 'auto' or a whole number >= 1, not 0"),
+    ({"k": 2.5}, "k must be 'auto' or a whole number >= 1, not 2.5"),
+    ({"k": "many"}, "k must be 'auto' or a whole number >= 1, not 'many'"),
+    ({"vote_temperature": float("inf")}, "the vote temperature must be 'auto' or a finite positive number"),
+    ({"vote_temperature": -1}, "the vote temperature must be positive, not -1.0"),
+])
+def test_the_knn_heads_k_and_temperature_are_checked_in_one_line(params, said):
+    with pytest.raises(UserError, match=re.escape(said)):
+        KNNHead(**params).check_params()

@@ -164,16 +164,25 @@ def matrix_batches(X: Any, flatten: str, batch_size: int) -> Iterator[tuple[int,
             yield start, reduce_features(np.asarray(X[start:stop]), flatten)
 
 
-def given_positive(value: Any, name: str, auto: str = "auto") -> float | None:
-    """None for the word `auto`, else `value` as a positive float; UserError naming `name` otherwise."""
+def given_positive(value: Any, name: str, auto: str = "auto", *, whole: bool = False,
+                   finite: bool = False) -> float | None:
+    """None for the word `auto`, else `value` as a positive float (`finite`: and not infinite; `whole`: a
+    whole number >= 1, returned as an int); UserError naming `name` otherwise."""
     if value == auto:
         return None
+    kind = "a whole number >= 1" if whole else "a positive number"
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{name} must be '{auto}' or a positive number, not {value!r}") from None
+        raise UserError(f"{name} must be '{auto}' or {kind}, not {value!r}") from None
+    if whole:
+        if not (np.isfinite(number) and number >= 1 and number == int(number)):
+            raise UserError(f"{name} must be '{auto}' or {kind}, not {value!r}")
+        return int(number)
     if not number > 0:
         raise UserError(f"{name} must be positive, not {number}")
+    if finite and not np.isfinite(number):
+        raise UserError(f"{name} must be '{auto}' or a finite positive number, not {value!r}")
     return number
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.features.neighbours import CosineIndex, Neighbours, unit_rows, vote_shares
 from pipeline.heads.base import (
-    FeatureSource, Head, keras_module, keras_reduction, matrix_batches, n_rows, option_budget, option_seed, params_for, softmax,
+    FeatureSource, Head, given_positive, keras_module, keras_reduction, matrix_batches, n_rows, option_budget, option_seed, params_for, softmax,
     to_matrix,
 )
 from pipeline.heads.calibration import fit_temperature, nll
@@ -48,30 +48,6 @@ VOTE_FLOOR = 1e-3  # added to each class's normalized vote before the log: a cla
 CV_ROWS = 5000     # training rows (a stratified sample) that score the (k, T) grid and fit the calibration
 FOLD_SPARE = 2     # neighbours listed per k of the grid: k of them from the other folds are then all but sure
 LARGE_MB = 200     # a head file above this size gets a one-line note
-
-
-def _given_int(value: Any, name: str) -> int | None:
-    if value == "auto":
-        return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be 'auto' or a whole number >= 1, not {value!r}") from None
-    if number < 1 or number != float(value):
-        raise UserError(f"{name} must be 'auto' or a whole number >= 1, not {value!r}")
-    return number
-
-
-def _given_float(value: Any, name: str) -> float | None:
-    if value == "auto":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be 'auto' or a positive number, not {value!r}") from None
-    if not (np.isfinite(number) and number > 0):
-        raise UserError(f"{name} must be 'auto' or a positive number, not {value!r}")
-    return number
 
 
 def vote_logits(similarity: np.ndarray, labels: np.ndarray, n_classes: int, k: int, temperature: float) -> np.ndarray:
@@ -129,12 +105,12 @@ class KNNHead(Head):
 
     # ------------------------------------------------------------------------------ parameters
     def check_params(self) -> "KNNHead":
-        _given_int(self.k, "k")
-        _given_float(self.vote_temperature, "the vote temperature")
+        given_positive(self.k, "k", whole=True)
+        given_positive(self.vote_temperature, "the vote temperature", finite=True)
         for k in self.ks:
-            _given_int(k, "each k of the grid")
+            given_positive(k, "each k of the grid", whole=True)
         for t in self.vote_temperatures:
-            _given_float(t, "each vote temperature of the grid")
+            given_positive(t, "each vote temperature of the grid", finite=True)
         if not (isinstance(self.cv_rows, (int, np.integer)) and self.cv_rows >= 2):
             raise UserError(f"cv_rows must be a whole number >= 2, not {self.cv_rows!r}")
         if self.memory_budget_mb is not None and not float(self.memory_budget_mb) > 0:
@@ -142,7 +118,8 @@ class KNNHead(Head):
         return self
 
     def _grid(self) -> tuple[list[int], list[float]]:
-        k, t = _given_int(self.k, "k"), _given_float(self.vote_temperature, "the vote temperature")
+        k = given_positive(self.k, "k", whole=True)
+        t = given_positive(self.vote_temperature, "the vote temperature", finite=True)
         ks = [k] if k is not None else sorted({int(v) for v in self.ks})
         ts = [t] if t is not None else sorted({float(v) for v in self.vote_temperatures})
         if not ks or not ts:
@@ -171,7 +148,7 @@ class KNNHead(Head):
         ks, ts = self._grid()
         per_class = np.bincount(y, minlength=n_classes)
         smallest = int(per_class[per_class > 0].min())
-        if _given_int(self.k, "k") is not None and ks[0] > y.size - 1:
+        if given_positive(self.k, "k", whole=True) is not None and ks[0] > y.size - 1:
             raise UserError(f"k={ks[0]} needs more than {ks[0]} training rows, and there are {y.size}; "
                             f"give a smaller --k")
         ks = [k for k in ks if k <= y.size - 1] or [y.size - 1]  # the auto grid, trimmed to the rows there are
