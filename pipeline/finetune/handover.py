@@ -13,7 +13,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline import backbones
 from pipeline.backend import check_recorded
 from pipeline.data.sources import names_files
 from pipeline.errors import DataWarning, UserError
@@ -23,6 +22,7 @@ from pipeline.features.store import FeatureFile
 from pipeline.heads.folds import stratified_holdout
 from pipeline.heads.registry import load_head
 from pipeline.heads.training import run_split
+from pipeline.inference.apply import check_head_weights
 from pipeline.layout import CacheLayout
 from pipeline.tracking.runs import read_object
 
@@ -65,9 +65,7 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
     given = config.get("request") if isinstance(config.get("request"), Mapping) else {}
     if given.get("weights") and not is_concat(request.backbone):  # where the run found its weights file
         request = dataclasses.replace(request, weights=str(given["weights"]))
-        recorded = str(head.feature_info_.get("weights_id") or "")
-        backbones.check_weights_file(backbones.get(request.backbone), request.weights, recorded,
-                                     f"head run {run_dir.name}")
+        check_head_weights(head, request, f"head run {run_dir.name}")
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
         request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
     if names_files(request.data) and not Path(request.data).expanduser().exists():

@@ -46,7 +46,7 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False, backbone:
     """Find a fit-head or finetune run and load its head or model; one-line errors otherwise.
     `trust_pickle` allows an old pickled head.joblib (unpickling can run code); `backbone`: the caller
     builds the run's backbone, so its weights file must be the one the head was fitted on
-    (`_check_weights_unchanged`; an audit of the run's own cache reads only the cache)."""
+    (`check_head_weights`; an audit of the run's own cache reads only the cache)."""
     record = Registry(cache_dir).get(run_id)
     if record.damaged:
         raise UserError(f"run {record.id} is damaged: {'; '.join(record.damaged)} in {record.dir}; run the command "
@@ -67,18 +67,18 @@ def load_run(cache_dir: Path, run_id: str, trust_pickle: bool = False, backbone:
     head = load_head(record.dir, trust_pickle=trust_pickle)
     run = LoadedRun(record, request, list(head.class_names_), head=head)
     if backbone:
-        _check_weights_unchanged(run)
+        check_head_weights(head, request, f"run {record.id}")
     return run
 
 
-def _check_weights_unchanged(run: LoadedRun) -> None:
-    """One line, before a fit-head run's backbone is built, where its weights file is gone or is not
-    the file its head was fitted on (same path, other content): the head would read other features
+def check_head_weights(head: Any, request: ExtractRequest, where: str) -> None:
+    """One line, before a head's backbone is built, where the weights file `request` names is gone or is
+    not the file the head was fitted on (same path, other content): the head would read other features
     and answer with confidence. ImageNet and random weights have no file that can change."""
-    if run.head is None or is_concat(run.request.backbone):
+    if is_concat(request.backbone):
         return
-    recorded = str(run.head.feature_info_.get("weights_id") or "")
-    bb.check_weights_file(bb.get(run.request.backbone), run.request.weights, recorded, f"run {run.record.id}")
+    recorded = str(head.feature_info_.get("weights_id") or "")
+    bb.check_weights_file(bb.get(request.backbone), request.weights, recorded, where)
 
 
 def _request_of(record: RunRecord) -> ExtractRequest:
