@@ -824,7 +824,7 @@ def test_cli_audit_with_a_run_reads_that_runs_features_and_refuses_a_head_that_s
     assert gone.returncode == 2 and "trained on" in gone.stderr, gone.stderr
     (fit_dir / "split.csv").unlink()                                   # a run from before split.csv: said, not silent
     unknown = run_cli("audit", "--cache", key, "--run", run_id, "--cache-dir", "cache", "--no-map", cwd=tmp_path)
-    assert unknown.returncode == 0 and "training images are unknown" in unknown.stderr, unknown.stderr
+    assert unknown.returncode == 0 and "training images are unknown (its split.csv is missing or damaged, and its cache file" in unknown.stderr, unknown.stderr
 
     outside = tmp_path / "elsewhere" / "copy.h5"
     outside.parent.mkdir()

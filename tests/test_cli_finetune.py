@@ -290,6 +290,9 @@ def test_ctrl_c_before_the_first_epoch_says_to_start_again_and_names_the_cache_f
     assert f"cli.py runs rm {ft_id} --cache-dir {cache}" in ft.stderr and "--resume" not in ft.stderr
     assert json.loads((Path(cache) / "runs" / ft_id / "run.json").read_text())["status"] == "interrupted"
     # options this run would not read are refused before anything runs, not recorded as if used
+    none = run_cli("finetune", "--run", head_run, "--views", "0", "--augment", "none", "--epochs", "1", "--no-progress",
+                   "--cache-dir", cache)  # no augmentation, clean maps only: consistent, so it runs
+    assert none.returncode == 0 and "--augment makes" not in none.stderr, none.stderr
     for args, fragment in ((["--no-trunk-cache", "--views", "3"], "and --no-trunk-cache trains without it"),
                            (["--unfreeze-last", "1", "--views", "2"], "and --unfreeze-last 1 trains without it"),
                            (["--trunk-cache", "--views", "0", "--augment", "flip"], "and --views 0 keeps none"),
@@ -313,6 +316,9 @@ def test_resume_after_the_head_run_was_removed_and_finetune_after_the_data_moved
     moved = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
     assert moved.returncode == 2 and f"is no longer at {tmp_path / 'd'} (moved, renamed or removed)" in moved.stderr
     assert "changed or went missing" not in moved.stderr and "Traceback" not in moved.stderr
+    assert run_cli("cache", "rm", "--all", "--yes", "--cache-dir", cache).returncode == 0  # its features gone too: the same line
+    gone_too = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
+    assert gone_too.returncode == 2 and f"is no longer at {tmp_path / 'd'} (moved" in gone_too.stderr, gone_too.stderr
     assert run_cli("runs", "rm", head_run, "--force", "--cache-dir", cache).returncode == 0
     gone = run_cli("finetune", "--resume", ft_id, "--cache-dir", cache)
     assert gone.returncode == 2 and f"started from head run {head_run}, which is no longer in" in gone.stderr, gone.stderr

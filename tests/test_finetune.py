@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -284,6 +285,10 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
         (run / SPLIT_FILE).write_text(damage)  # a damaged record is said, and the split worked out without it
         with pytest.warns(DataWarning, match=f"{SPLIT_FILE} is damaged \\(.*{re.escape(said)}"):
             assert stage2_inputs(run).split == recomputed
+    (run / SPLIT_FILE).write_text(good.replace("\n", "\r\n") + "\r\n\n")  # Windows line ends, blank lines: not damage
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        assert stage2_inputs(run).split == {"train": sorted(set(paths) - set(val)), "val": sorted(val), "test": []}
     model = build_finetune_model(inputs.request, inputs.head)
     images = np.stack([data.images[data.paths.index(p)] for p in paths])
     np.testing.assert_allclose(model.predict(images, verbose=0), head.predict_proba(feats), atol=1e-4)

@@ -430,7 +430,7 @@ def test_evaluate_checks_classes_first_and_accepts_a_subset(tmp_path):
     assert "training images" not in ev.stderr  # other images: no warning
     own = run_cli("evaluate", "--run", run_id, "--data", str(data), "--cache-dir", str(cache))  # --split all
     assert own.returncode == 0 and "12 of the 24 images scored are run" in own.stderr, own.stderr
-    assert "their figures are not held out" in own.stderr
+    assert "their figures are not held out; give --split val or --split test" in own.stderr  # a val folder: offered
     val = run_cli("evaluate", "--run", run_id, "--data", str(data), "--split", "val", "--cache-dir", str(cache))
     assert val.returncode == 0 and "training images" not in val.stderr, val.stderr
     named = make_folder(tmp_path / "n", per_class=2, classes=("ants", "bees"), splits=("train", "validation"))

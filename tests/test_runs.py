@@ -392,3 +392,15 @@ def test_a_runs_history_is_read_in_one_place_and_a_hand_edited_one_is_left_out(t
     assert record.history() == {"loss": [2.0, 1.5], "val_loss": [2.5, 2.0]}  # an interrupted fine-tune's epochs
     (record.dir / "finetune.json").write_text(json.dumps({"history": {"loss": ["x"]}}))
     assert record.history() is None
+
+
+def test_removing_the_head_run_of_a_resumable_fine_tune_is_refused_with_a_command_for_this_cache(tmp_path):
+    reg = Registry(tmp_path / "c")
+    head = reg.start("fit-head", {})
+    head.finish()
+    tune = reg.start("finetune", {"parent_run": head.id})
+    tune.finish(status="interrupted")
+    with pytest.raises(UserError) as err:
+        reg.remove([head.id], resumable=lambda folder: True)
+    assert f"(python cli.py finetune --resume {tune.id} --cache-dir {(tmp_path / 'c').resolve()})" in str(err.value)
+    assert reg.get(head.id).id == head.id  # nothing removed

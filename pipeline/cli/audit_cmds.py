@@ -158,8 +158,8 @@ def check_held_out(loaded, ff) -> None:
     held = [p for p, s in zip(ff.paths, ff.splits.astype(str)) if s in ("val", "test")]
     seen = training_paths(loaded.record, set(held)) if held else set()
     if seen is None:
-        warnings.warn(f"run {loaded.record.id}'s training images are unknown (it predates split.csv, and its cache "
-                      f"file {cache_file} is gone), so its accuracy on this cache's val/test images may not be held "
+        warnings.warn(f"run {loaded.record.id}'s training images are unknown (its split.csv is missing or damaged, "
+                      f"and its cache file {cache_file} is gone), so its accuracy on this cache's val/test images may not be held "
                       f"out; fit the head again, or audit without --run", DataWarning, stacklevel=2)
         return
     scored = [p for p in held if p in seen]

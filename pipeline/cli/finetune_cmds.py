@@ -138,7 +138,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
         if "--views" in given and without:
             raise UserError(f"--views sets how many augmented views the trunk cache keeps, and {without} trains "
                             f"without it (each epoch draws a new view of every image); leave --views out")
-        if "--augment" in given and views == 0 and without is None:  # the trunk cache, asked for or by default
+        makes_views = augment.strip().lower() != "none"
+        if "--augment" in given and makes_views and views == 0 and without is None:  # a trunk cache, asked or default
             raise UserError("--augment makes the trunk cache's views, and --views 0 keeps none (the clean images "
                             "only); give --views N or leave --augment out")
     if finished is None:
@@ -146,7 +147,9 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
             inputs = stage2_inputs(parent.dir, progress=not no_progress)
     if not resume_id:  # a typo in --unfreeze fails now, not after a failed run record
         tuner.check_params(inputs.request.backbone)
+        head_split = parent.metrics.get("split") if isinstance(parent.metrics.get("split"), dict) else {}
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
+                  "head_val_source": head_split.get("val_source"),  # where its val images came from: evaluate's advice
                   "head": f"finetune({inputs.head.kind})", "cache_file": str(inputs.cache_path),
                   "cache_key": inputs.head.cache_key_,  # the features its head was fitted on (the export's card)
                   "request": inputs.request.to_json(), "class_names": list(inputs.head.class_names_),

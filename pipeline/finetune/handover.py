@@ -68,10 +68,7 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
         check_head_weights(head, request, f"head run {run_dir.name}")
     if spec and not Path(request.data).expanduser().exists() and Path(spec).exists():
         request = dataclasses.replace(request, data=spec)  # a relative --data path, resolved at extraction
-    if names_files(request.data) and not Path(request.data).expanduser().exists():
-        raise UserError(f"the data head run {run_dir.name} was fitted on is no longer at {spec or request.data} (moved, "
-                        f"renamed or removed); put it back there, or fit-head on it where it is now and fine-tune "
-                        f"that run")
+    _check_data_there(request.data, run_dir, shown=spec or request.data)
     if changed:
         path, how = changed[0]
         warnings.warn(f"{len(changed)} of the images changed or went missing since the head's features were "
@@ -80,6 +77,14 @@ def stage2_inputs(run_dir: str | os.PathLike, progress: bool = True) -> Stage2In
                       stacklevel=2)
     split = {name: sorted(files) for name, files in parts.items()} if parts else None
     return Stage2Inputs(request, head, Path(cache), config, split)
+
+
+def _check_data_there(data: str, run_dir: Path, shown: str | None = None) -> None:
+    """One line where the image folder or manifest a head run was fitted on is gone (moved, renamed)."""
+    if names_files(data) and not Path(data).expanduser().exists():
+        raise UserError(f"the data head run {run_dir.name} was fitted on is no longer at {shown or data} (moved, "
+                        f"renamed or removed); put it back there, or fit-head on it where it is now and fine-tune "
+                        f"that run")
 
 
 def _other_features(run_dir: Path, head_key: str, now: str) -> str:
@@ -93,6 +98,7 @@ def _remake_cache(request: Mapping[str, Any], gone: Path, head_key: str | None, 
     request again into the same cache folder (unchanged data gives the same key and rows). Data that
     changed since plans another key: refused before extracting features the head cannot read."""
     req, root = ExtractRequest.from_json(dict(request)), CacheLayout.of(gone).root
+    _check_data_there(req.data, run_dir)
     if head_key and not is_concat(req.backbone):
         planned = plan(req, root)
         if planned.key != head_key:

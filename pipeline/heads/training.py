@@ -127,8 +127,8 @@ def recorded_split(run_dir: Path) -> dict[str, set[str]] | None:
     if problem is None:
         return out
     warnings.warn(f"{path} is damaged ({problem}); it records which images run {Path(run_dir).name}'s head trained, "
-                  f"validated and tested on, so they are worked out without it (fit-head again for a new record)",
-                  DataWarning, stacklevel=2)
+                  f"validated and tested on, and is not used: the split is worked out again from the run's cache file "
+                  f"where that is still there (fit-head again for a new record)", DataWarning, stacklevel=2)
     return None
 
 
@@ -138,6 +138,8 @@ def _split_problem(rows: list[list[str]], out: dict[str, set[str]]) -> str | Non
         return "its first line is not 'path,split'" if rows else "it is empty"
     seen: dict[str, str] = {}
     for n, row in enumerate(rows[1:], start=2):
+        if not row:  # a blank line (an editor's last newline)
+            continue
         if len(row) != 2 or row[1] not in out:
             return f"line {n} is not a path and one of train, val, test: {','.join(row)[:80]!r}"
         if seen.setdefault(row[0], row[1]) != row[1]:

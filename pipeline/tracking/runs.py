@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import secrets
+import shlex
 import shutil
 import socket
 import sys
@@ -35,7 +36,7 @@ from rich.table import Table
 from pipeline.atomic import write_text_atomic
 from pipeline.backend import name as backend_name
 from pipeline.errors import UserError
-from pipeline.layout import CacheLayout
+from pipeline.layout import CacheLayout, cache_dir_flags
 from pipeline.versions import version
 
 HISTORY_FILES = ("head.json", "finetune.json", "checkpoint.json")  # a run's per-epoch series: dense head, fine-tune
@@ -379,7 +380,8 @@ class Registry:
             w = waiting[0]
             raise UserError(f"run {w.config['parent_run']} is where unfinished run {w.id} ({w.stage}, {w.status}) "
                             f"starts, and resuming it reads that run again; nothing removed; resume it first "
-                            f"(python cli.py finetune --resume {w.id}), remove it too, or pass --force")
+                            f"({shlex.join(['python', 'cli.py', 'finetune', '--resume', w.id, *cache_dir_flags(self.cache_dir)])}),"
+                            f" remove it too, or pass --force")
         folders = [os.path.realpath(r.dir) for r in records if not r.dir.is_symlink()]  # a link goes, not its target
         reading = [x for x in self.list() if x.id not in leaving and _data_in(x.config, folders)] if not force else []
         if reading:  # an audit's cleaned.csv: finetune and audit --run of a run trained on it list it again
