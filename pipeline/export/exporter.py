@@ -38,7 +38,7 @@ from pipeline.backend import require
 from pipeline.data import decode
 from pipeline.errors import UserError
 from pipeline.extract import is_concat, part_requests
-from pipeline.export.runtime import open_model
+from pipeline.export.runtime import CARD_FILE, CARD_LIMIT, LABELS_FILE, open_model, write_card_files
 from pipeline.finetune.model import build_inference_model, leaf_layers
 from pipeline.heads.files import load_keras_file
 from pipeline.versions import version
@@ -49,7 +49,7 @@ FORMATS: dict[str, str] = {"keras": "model.keras", "onnx": "model.onnx", "savedm
 _KERAS_FORMAT = {"onnx": "onnx", "savedmodel": "tf_saved_model", "tflite": "litert"}
 STAGING_PREFIX = ".export-"  # the folder an export is built in before it is moved into place
 _STAGING = re.compile(r"\.export-[A-Za-z0-9_]{8}\.tmp(\.old)?")  # exactly what mkdtemp makes of it (and its backup)
-_OURS = {*FORMATS.values(), "labels.txt", "model_card.json"}  # what an earlier export folder may hold
+_OURS = {*FORMATS.values(), LABELS_FILE, CARD_FILE}  # what an earlier export folder may hold
 VERIFY_TOLERANCE = 1e-4  # max |probability difference| between the export and the Keras model
 
 
@@ -166,8 +166,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
     try:
         target = staging / FORMATS[fmt]
         _write_model(model, fmt, target, card)
-        (staging / "labels.txt").write_text("".join(f"{name}\n" for name in run.class_names), encoding="utf-8")
-        (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")  # read by open_model below
+        write_card_files(staging, card, run.class_names)  # read by open_model below
         probe = probe_images(size)
         expected = np.asarray(model.predict(probe, verbose=0), np.float64)
         got = open_model(target, cpu_only=True, trust_savedmodel=True).predict(probe)  # just written here
@@ -176,7 +175,7 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
             raise UserError(f"the {fmt} export does not reproduce the model (max probability difference "
                             f"{diff:.2g} > {VERIFY_TOLERANCE:g}); nothing was written. Run it again as python cli.py --debug export ... and report it")
         card["verified_max_abs_diff"] = diff
-        (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        write_card_files(staging, card, run.class_names)
         check_target(out, force)  # again: the folder may have changed during the export
         if inside:
             _move_in(staging, out)
@@ -226,8 +225,8 @@ def _earlier_export(out: Path, entries: set[str]) -> bool:
     if not entries <= _OURS:
         return False
     try:
-        with open(out / "model_card.json", encoding="utf-8") as fh:
-            card = json.loads(fh.read(1 << 20))  # a card is a few kB: a larger file is not one, nor read whole
+        with open(out / CARD_FILE, encoding="utf-8") as fh:
+            card = json.loads(fh.read(CARD_LIMIT))  # a card is a few kB: a larger file is not one, nor read whole
     except (OSError, ValueError):
         return False
     return (isinstance(card, dict) and isinstance(card.get("run_id"), str) and card.get("format") in FORMATS
@@ -260,7 +259,7 @@ def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
     if fmt == "keras":
         save_keras_atomic(model, target)
         with zipfile.ZipFile(target, "a") as z:  # Keras reads its own members only; open_model reads this one
-            z.writestr("model_card.json", json.dumps(card))
+            z.writestr(CARD_FILE, json.dumps(card))
         return
     import keras  # noqa: PLC0415 - TensorFlow takes seconds to import
     spec = [keras.InputSpec(shape=(None, *model.input.shape[1:]), dtype="uint8")]
@@ -276,8 +275,7 @@ def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
     elif fmt == "savedmodel":
         extra = target / "assets.extra"
         extra.mkdir(exist_ok=True)
-        (extra / "labels.txt").write_text("".join(f"{n}\n" for n in card["class_names"]), encoding="utf-8")
-        (extra / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        write_card_files(extra, card, card["class_names"])
 
 
 def _onnx_metadata(path: Path, card: dict[str, Any]) -> None:

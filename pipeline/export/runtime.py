@@ -16,7 +16,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +25,10 @@ from pipeline.data.decode import RESIZE_METHODS
 from pipeline.errors import DataWarning, UserError
 from pipeline.heads.files import load_keras_file
 from pipeline.inference.embed import OnBatch, map_files
+
+CARD_FILE = "model_card.json"  # an export's model card: beside the model, in a .keras zip, in a SavedModel's assets.extra
+LABELS_FILE = "labels.txt"     # its class names, one per line, in the model's output order
+CARD_LIMIT = 1 << 20           # a card is a few kB; a bigger file or member is not read (a zip bomb)
 
 
 @dataclass
@@ -38,7 +42,7 @@ class ExportedModel:
     resize: str = "stretch"
     card: dict[str, Any] = field(default_factory=dict)
     _call: Callable[[np.ndarray], np.ndarray] | None = None
-    names_from: str = "labels.txt"  # where class_names came from, for the message when they do not fit
+    names_from: str = LABELS_FILE  # where class_names came from, for the message when they do not fit
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.uint8)
@@ -74,11 +78,11 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
     else:
         raise UserError(f"{path.name}: unknown model type; --model takes .onnx, .keras, .tflite or a SavedModel folder")
     card = _read_card(path) or embedded  # the model file carries its card too (a file copied without its folder)
-    labels = _read_labels(_beside(path, "labels.txt"))
+    labels = _read_labels(_beside(path, LABELS_FILE))
     names = _class_names(names, f"{path.name}'s metadata")
     card_names = _class_names(card.get("class_names"), f"the model card of {path.name}")
     names_from = ("labels.txt beside it" if labels else "its metadata" if names
-                  else "model_card.json beside it" if card_names and _beside(path, "model_card.json").is_file()
+                  else "model_card.json beside it" if card_names and _beside(path, CARD_FILE).is_file()
                   else "the card it carries" if card_names else "")
     own = names or _class_names(embedded.get("class_names"), f"the card inside {path.name}")
     if labels and own and labels != own:  # a model copied into another export's folder, or labels.txt edited
@@ -99,16 +103,22 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
     return ExportedModel(path, kind, size, list(names), resize, card, call, names_from)
 
 
+def write_card_files(folder: Path, card: dict[str, Any], class_names: Sequence[str]) -> None:
+    """An export's labels.txt and model_card.json in `folder` (beside the model, or a SavedModel's assets.extra)."""
+    (folder / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+
+
 def _beside(path: Path, name: str) -> Path:
     """labels.txt and model_card.json sit in the export folder, beside the model file or SavedModel folder."""
     return path.parent / name
 
 
 def _read_card(path: Path) -> dict[str, Any]:
-    card = _beside(path, "model_card.json")
+    card = _beside(path, CARD_FILE)
     if not card.is_file():
         return {}
-    if card.stat().st_size > _CARD_LIMIT:  # a card is a few kB, as the one inside the model is bounded
+    if card.stat().st_size > CARD_LIMIT:  # a card is a few kB, as the one inside the model is bounded
         raise UserError(f"{card} is {card.stat().st_size:,} bytes, not a model card; re-export the model or remove it")
     try:
         data = json.loads(card.read_text(encoding="utf-8-sig"))
@@ -122,7 +132,7 @@ def _read_labels(labels: Path) -> list[str]:
     byte-order mark and Windows line ends, as Notepad saves it, are not part of the names)."""
     if not labels.is_file():
         return []
-    if labels.stat().st_size > _CARD_LIMIT * 16:
+    if labels.stat().st_size > CARD_LIMIT * 16:
         raise UserError(f"{labels} is {labels.stat().st_size:,} bytes, not a list of class names; re-export the model")
     try:
         text = labels.read_bytes().decode("utf-8-sig")
@@ -187,15 +197,12 @@ def _parse_card(text: bytes | str, where: str) -> dict[str, Any]:
     return card if isinstance(card, dict) else {}
 
 
-_CARD_LIMIT = 1 << 20  # a card is a few kB; a bigger member is not read (a zip bomb)
-
-
 def _keras_card(path: Path) -> dict[str, Any]:
     """The model_card.json member `export` adds to a .keras zip ({} where there is none)."""
     try:
         with zipfile.ZipFile(path) as z:
-            info = z.getinfo("model_card.json")
-            if info.file_size > _CARD_LIMIT:
+            info = z.getinfo(CARD_FILE)
+            if info.file_size > CARD_LIMIT:
                 return {}
             return _parse_card(z.read(info), path.name)
     except (KeyError, zipfile.BadZipFile, OSError):
@@ -227,10 +234,10 @@ def _savedmodel(path: Path):
     spec = list(fn.structured_input_signature[1].values())[0]
     key = list(fn.structured_outputs)[0]
     extra = path / "assets.extra"  # TF Serving's place for files beside a SavedModel: export's labels and card
-    names = _read_labels(extra / "labels.txt")
-    card_file = extra / "model_card.json"
+    names = _read_labels(extra / LABELS_FILE)
+    card_file = extra / CARD_FILE
     card = (_parse_card(card_file.read_bytes(), f"{path.name}/assets.extra")
-            if card_file.is_file() and card_file.stat().st_size <= _CARD_LIMIT else {})
+            if card_file.is_file() and card_file.stat().st_size <= CARD_LIMIT else {})
     return (lambda x: fn(tf.constant(x))[key].numpy()), _square_size(spec.shape.as_list(), path), names, card
 
 
@@ -278,7 +285,7 @@ def _tflite_inspect(path: Path) -> tuple[list[str], dict[str, Any]]:
         meta = model.Metadata(i)
         if meta.Name() == b"model_card" and 0 <= meta.Buffer() < model.BuffersLength():
             raw = model.Buffers(meta.Buffer()).DataAsNumpy()
-            if isinstance(raw, np.ndarray) and raw.size <= _CARD_LIMIT:
+            if isinstance(raw, np.ndarray) and raw.size <= CARD_LIMIT:
                 card = _parse_card(raw.tobytes(), path.name)
     return sorted({name.decode(errors="replace") for name in names if name}), card
 
