@@ -417,3 +417,17 @@ def test_a_val_fraction_that_leaves_one_class_and_a_class_held_out_whole_are_sai
     with FeatureFile(gone) as ff, pytest.warns(DataWarning, match=r"1 class\(es\) have no image in the cache "
                                                                     r"\('onlybad'\): their files were skipped at extraction, or the data lists none"):
         split_rows(ff, 0.2)
+
+
+def test_running_moments_over_blocks_equal_the_whole_arrays():
+    """heads.streaming.RunningMoments: the dense head's standardization and the streamed logistic head's."""
+    from pipeline.heads.streaming import RunningMoments
+    rng = np.random.default_rng(0)
+    x = (rng.normal(3.0, 2.0, (1000, 7)) * np.arange(1, 8)).astype(np.float32)
+    for dtype in (np.float32, np.float64):
+        m = RunningMoments()
+        for block in (x[:13], x[13:13], x[13:500], x[500:999], x[999:]):  # uneven blocks, an empty one among them
+            m.add(block.astype(dtype))
+        assert m.count == 1000
+        np.testing.assert_allclose(m.mean, x.astype(np.float64).mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(m.variance, x.astype(np.float64).var(axis=0), rtol=1e-5)

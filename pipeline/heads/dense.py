@@ -24,6 +24,7 @@ from pipeline.heads.calibration import fit_temperature
 from pipeline.heads.files import load_keras_file, read_head_json
 from pipeline.heads.folds import cv_folds
 from pipeline.heads.schedules import check_optimizer, make_optimizer, make_schedule
+from pipeline.heads.streaming import RunningMoments
 
 DENSE_FORMAT = "featurecache-dense-head"
 
@@ -440,21 +441,11 @@ def _stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _streamed_stats(src: FeatureSource, flatten: str) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of reduced features in one streamed pass (Chan's parallel update)."""
-    n, mean, m2 = 0, None, None
+    moments = RunningMoments()
     for _, x in src.iter_reduced(flatten):
-        x = x.astype(np.float64)
-        k, bm = x.shape[0], x.mean(axis=0)
-        bm2 = ((x - bm) ** 2).sum(axis=0)
-        if mean is None:
-            n, mean, m2 = k, bm, bm2
-            continue
-        delta = bm - mean
-        tot = n + k
-        mean = mean + delta * k / tot
-        m2 = m2 + bm2 + delta ** 2 * n * k / tot
-        n = tot
-    std = np.sqrt(m2 / max(n, 1))
-    return mean, np.where(std > 1e-12, std, 1.0)
+        moments.add(x.astype(np.float64))
+    std = np.sqrt(moments.variance)
+    return moments.mean, np.where(std > 1e-12, std, 1.0)
 
 
 def _standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:

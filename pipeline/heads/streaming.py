@@ -281,29 +281,45 @@ def _stratified_sample(yi: np.ndarray, m: int, rng: np.random.Generator) -> np.n
     return np.sort(np.concatenate(picks))
 
 
+class RunningMoments:
+    """Mean and population variance of rows seen block by block (Chan's parallel update), kept in float64;
+    a block's squared deviations are taken in its own dtype (float32 blocks: no float64 copy of them)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        """Take in one block of rows (n, dim)."""
+        k = x.shape[0]
+        if k == 0:
+            return
+        bm = x.mean(axis=0, dtype=np.float64)
+        bm2 = np.square(x - bm.astype(x.dtype)).sum(axis=0, dtype=np.float64)
+        delta, total = bm - self.mean, self.count + k
+        self.mean = self.mean + delta * (k / total)
+        self.m2 = self.m2 + bm2 + delta ** 2 * (self.count * k / total)
+        self.count = total
+
+    @property
+    def variance(self) -> np.ndarray:
+        return self.m2 / max(self.count, 1)
+
+
 def _stats_and_sample(blocks: Blocks, block_rows: int, n: int, dim: int,
                       sample: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, population variance, sampled rows as float32) in one streamed pass."""
     slot = np.full(n, -1, np.int64)
     slot[sample] = np.arange(sample.size)
     kept = np.empty((sample.size, dim), np.float32)
-    count, mean, m2 = 0, np.zeros(dim), np.zeros(dim)
+    moments = RunningMoments()
     for pos, x in prefetched(lambda: blocks(block_rows)):
         where = slot[pos]
         keep = where >= 0
         if keep.any():
             kept[where[keep]] = x[keep]
-        k = x.shape[0]
-        if k == 0:
-            continue
-        bm = x.mean(axis=0, dtype=np.float64)
-        dev = np.square(x - bm.astype(np.float32))
-        bm2 = dev.sum(axis=0, dtype=np.float64)
-        delta, total = bm - mean, count + k
-        mean = mean + delta * (k / total)
-        m2 = m2 + bm2 + delta ** 2 * (count * k / total)
-        count = total
-    return mean, m2 / max(count, 1), kept
+        moments.add(x)
+    mean = moments.mean if moments.count else np.zeros(dim)
+    return mean, moments.variance if moments.count else np.zeros(dim), kept
 
 
 def _holdout(ys: np.ndarray, groups: Any, random_state: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
