@@ -255,7 +255,7 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     from pipeline.extract import RunOptions, extract
     from pipeline.finetune.handover import stage2_inputs
     from pipeline.features.store import FeatureFile
-    from pipeline.heads.training import SPLIT_FILE, split_paths
+    from pipeline.heads.training import SPLIT_FILE, recomputed_split
 
     req = ExtractRequest(data=str(data.root), backbone="vgg16", weights="none", image_size=32, dtype="float32")
     res = extract(req, RunOptions(cache_dir=tmp_path / "cache", progress=False))
@@ -271,7 +271,7 @@ def test_stage2_inputs_from_a_fit_head_run_folder(data, tmp_path):
     inputs = stage2_inputs(run)
     assert inputs.request == req and inputs.cache_path == res.path
     with FeatureFile(res.path) as ff:  # a run from before split.csv: its split is recomputed as fit-head made it
-        assert inputs.split == split_paths(ff, 0.2, 0)[0] and inputs.split["val"]
+        assert inputs.split == {k: sorted(v) for k, v in recomputed_split(ff, {}).items()} and inputs.split["val"]
     val = inputs.split["val"][:2]  # the run's split.csv is what the head trained on, however the split is made now
     (run / SPLIT_FILE).write_text("path,split\n" + "".join(f"{p},val\n" for p in val) +
                                   "".join(f"{p},train\n" for p in paths if p not in val))

@@ -26,12 +26,12 @@ from pipeline.audit.rules import DROP_BELOW, RELABEL_CONFIDENCE
 from pipeline.backend import DEFAULT as DEFAULT_BACKEND
 from pipeline.data.sources import builtin_image, names_files
 from pipeline.errors import DataWarning, UserError
-from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest, cache_dir_flags
+from pipeline.extract.plan import DEFAULT_CACHE, ExtractRequest
 from pipeline.features.neighbours import EXACT_ROWS, search_space, self_neighbours, unit_rows
 from pipeline.features.reuse import fill_hashes
 from pipeline.features.store import FeatureFile
 from pipeline.heads.base import FeatureSource, Head, fit_meta
-from pipeline.layout import CacheLayout
+from pipeline.layout import CacheLayout, cache_dir_flags
 from pipeline.sheets import csv_text
 from pipeline.tracking.runs import Run
 

@@ -15,11 +15,11 @@ from pipeline.cli.options import (SEED, FiniteFloat, extract_options, given_opti
                                   trust_pickle_option)
 from pipeline.cli.shared import FEATURE_OPTIONS, open_cache
 from pipeline.errors import DataWarning, UserError
-from pipeline.extract import ExtractRequest, cache_dir_flags
+from pipeline.extract import ExtractRequest
 from pipeline.features.reuse import changed_files
 from pipeline.features.store import FeatureFile
 from pipeline.inference.apply import load_run, training_paths
-from pipeline.layout import CacheLayout
+from pipeline.layout import CacheLayout, cache_dir_flags
 from pipeline.tracking.runs import Registry
 
 

@@ -12,11 +12,11 @@ from pipeline.backend import BACKENDS, check_recorded, name as backend_name, sel
 from pipeline.cli.interrupts import set_resume_hint
 from pipeline.cli.options import SEED, FiniteFloat, cache_dir_option, given_options, mlflow_after, mlflow_check, mlflow_options, parse_augment
 from pipeline.errors import UserError
-from pipeline.extract import cache_dir_flags
 from pipeline.finetune.checkpoints import finished_result, has_checkpointed_epoch
 from pipeline.finetune.results import format_comparison
 from pipeline.heads.registry import trusting_pickles
 from pipeline.heads.schedules import OPTIMIZERS
+from pipeline.layout import cache_dir_flags
 from pipeline.locking import exclusive_lock
 from pipeline.tracking.runs import Registry, Run
 

@@ -5,7 +5,7 @@ reader -> mapper (`mapper`: the backbone on any Keras backend) -> writer (`write
 from pipeline.extract.concat import cache_path, is_concat, part_names, part_requests  # noqa: F401
 from pipeline.extract.distributor import Distributor, extract, local, shard  # noqa: F401
 from pipeline.extract.mapper import make_runner, release_models, tf_inference_fn  # noqa: F401
-from pipeline.extract.plan import (DEFAULT_CACHE, DTYPES, cache_dir_flags, KEY_VERSION, MAX_IMAGE_SIZE, POOLINGS,  # noqa: F401
+from pipeline.extract.plan import (DEFAULT_CACHE, DTYPES, KEY_VERSION, MAX_IMAGE_SIZE, POOLINGS,  # noqa: F401
                                    PRECISIONS, ExtractRequest, ExtractResult, Plan, RunOptions, plan)
 from pipeline.extract.runner import ExtractionJob  # noqa: F401
 from pipeline.extract.writer import ChunkWriter  # noqa: F401

@@ -17,12 +17,10 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.decode import RESIZE_METHODS, identity as decoder_identity
 from pipeline.data.sources import BUILTIN_DEFAULT, SplitConfig, open_source
 from pipeline.errors import UserError
-from pipeline.layout import DEFAULT_CACHE, CacheLayout, cache_dir_flags  # noqa: F401 - re-exported by pipeline.extract
 from pipeline.features.store import parts_folder
+from pipeline.layout import DEFAULT_CACHE, CacheLayout
 from pipeline.locking import key_lock, shard_lock
 from pipeline.versions import version
-
-
 
 POOLINGS = ("avg", "max", "cls", "none")  # cls: a transformer's class token (keras-hub presets)
 DTYPES = ("float16", "float32")

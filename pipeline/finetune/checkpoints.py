@@ -17,7 +17,6 @@ from pipeline.finetune.results import FinetuneResult
 from pipeline.layout import FINETUNED_MODEL
 from pipeline.tracking.runs import write_json
 
-MODEL_FILE = FINETUNED_MODEL
 INFO_FILE = "finetune.json"
 CHECKPOINT_FILE = "checkpoint.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -122,13 +121,13 @@ def finished_result(run_dir: Path) -> FinetuneResult | None:
     written) but whose record did not (interrupted while plotting or logging), else None: what
     `finetune --resume` records instead of refusing a run with nothing left to train."""
     state = read_checkpoint(run_dir)
-    if not (state or {}).get("complete") or not (run_dir / MODEL_FILE).is_file():
+    if not (state or {}).get("complete") or not (run_dir / FINETUNED_MODEL).is_file():
         return None
     try:
         saved = json.loads((run_dir / INFO_FILE).read_text()).get("result")
     except (OSError, ValueError):
         return None
-    return FinetuneResult.from_json(saved, run_dir / MODEL_FILE) if isinstance(saved, dict) else None
+    return FinetuneResult.from_json(saved, run_dir / FINETUNED_MODEL) if isinstance(saved, dict) else None
 
 
 def drop_checkpoints(run_dir: Path) -> None:

@@ -8,7 +8,6 @@ import functools
 from typing import Any, Sequence
 
 from pipeline import backend
-from pipeline.backend import keras_module
 
 
 def tf_strategy():
@@ -67,7 +66,7 @@ def distribution(devices: Sequence[Any]):
     if len(devices) < 2:
         yield
         return
-    keras = keras_module()
+    keras = backend.keras_module()
     previous = keras.distribution.distribution()
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=list(devices)))
     try:

@@ -13,15 +13,16 @@ import numpy as np
 
 from pipeline import backbones
 from pipeline.atomic import save_keras_atomic
+from pipeline.backend import keras_module
 from pipeline.extract import ExtractRequest
 from pipeline.finetune.checkpoints import (
-    BEST_WEIGHTS, FORMAT, MODEL_FILE, drop_checkpoints, make_checkpointer, write_info, write_state,
+    BEST_WEIGHTS, FORMAT, drop_checkpoints, make_checkpointer, write_info, write_state,
 )
 from pipeline.finetune.calibrate import recalibrate, with_temperature
 from pipeline.finetune.data import evaluate, predict_batches, report
-from pipeline.backend import keras_module
 from pipeline.finetune.results import FinetuneResult
 from pipeline.heads.schedules import make_schedule
+from pipeline.layout import FINETUNED_MODEL
 
 
 @dataclass
@@ -103,7 +104,7 @@ def train(ctx: TrainContext, callbacks: Sequence[Any], say: Callable[[str], None
     # SGD keeps no state per weight: with RMSprop's default, loading warned that the saved optimizer's 2
     # variables did not match the slots it builds for the trainable weights
     model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model_path = save_keras_atomic(model, run_dir / MODEL_FILE)
+    model_path = save_keras_atomic(model, run_dir / FINETUNED_MODEL)
     result = FinetuneResult(
         model_path=model_path, history={k: list(v) for k, v in state["history"].items()},
         metrics_before=before, metrics_after=after, epochs_run=int(state["epoch"]), best_epoch=best_epoch,

@@ -28,9 +28,9 @@ from typing import Any, Sequence
 
 from pipeline import backbones
 from pipeline.backbones.model import image_graph
+from pipeline.backend import keras_module
 from pipeline.errors import UserError
 from pipeline.extract import ExtractRequest, is_concat, part_requests
-from pipeline.backend import keras_module
 
 
 def build_finetune_model(request: ExtractRequest, head):

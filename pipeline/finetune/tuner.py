@@ -38,7 +38,7 @@ from pipeline.data.augment import AugmentConfig
 from pipeline.data.sources import open_source
 from pipeline.errors import UserError
 from pipeline.extract import DEFAULT_CACHE, ExtractRequest, is_concat, part_names
-from pipeline.finetune.checkpoints import INFO_FILE, MODEL_FILE, read_checkpoint, resume_state
+from pipeline.finetune.checkpoints import INFO_FILE, read_checkpoint, resume_state
 from pipeline.finetune.data import make_batches, map_batches, predict_on_batch
 from pipeline.finetune.devices import batch_multiple, data_parallel_devices, distribution, tf_replicas, tf_strategy
 from pipeline.finetune.handover import split_parts
@@ -53,6 +53,7 @@ from pipeline.heads.base import short_names
 from pipeline.heads.dense import balanced_class_weights
 from pipeline.heads.schedules import check_optimizer, make_optimizer
 from pipeline.inference.embed import image_batches
+from pipeline.layout import FINETUNED_MODEL
 
 
 # ----------------------------------------------------------------------------------- the tuner
@@ -368,7 +369,7 @@ class FineTuner:
         except (OSError, ValueError):
             raise UserError(f"{run_dir} holds no finished fine-tuning run ({INFO_FILE} missing)") from None
         tuner = cls.from_params(info["params"])
-        tuner.model_ = keras.models.load_model(run_dir / MODEL_FILE, compile=False)
+        tuner.model_ = keras.models.load_model(run_dir / FINETUNED_MODEL, compile=False)
         tuner.class_names_ = list(info["class_names"])
         tuner.image_size_, tuner.resize_ = int(info["image_size"]), info["resize"]
         return tuner

@@ -285,8 +285,11 @@ class RunningMoments:
     """Mean and population variance of rows seen block by block (Chan's parallel update), kept in float64;
     a block's squared deviations are taken in its own dtype (float32 blocks: no float64 copy of them)."""
 
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+    def __init__(self, dim: int | None = None) -> None:
+        """`dim`: the row width, where known before the first block (then no rows give zeros)."""
+        self.count = 0
+        self.mean: np.ndarray | float = np.zeros(dim) if dim is not None else 0.0
+        self.m2: np.ndarray | float = np.zeros(dim) if dim is not None else 0.0
 
     def add(self, x: np.ndarray) -> None:
         """Take in one block of rows (n, dim)."""
@@ -311,15 +314,14 @@ def _stats_and_sample(blocks: Blocks, block_rows: int, n: int, dim: int,
     slot = np.full(n, -1, np.int64)
     slot[sample] = np.arange(sample.size)
     kept = np.empty((sample.size, dim), np.float32)
-    moments = RunningMoments()
+    moments = RunningMoments(dim)
     for pos, x in prefetched(lambda: blocks(block_rows)):
         where = slot[pos]
         keep = where >= 0
         if keep.any():
             kept[where[keep]] = x[keep]
         moments.add(x)
-    mean = moments.mean if moments.count else np.zeros(dim)
-    return mean, moments.variance if moments.count else np.zeros(dim), kept
+    return moments.mean, moments.variance, kept
 
 
 def _holdout(ys: np.ndarray, groups: Any, random_state: int) -> tuple[np.ndarray, np.ndarray, bool] | None:

@@ -99,17 +99,6 @@ def split_rows(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0, use_au
                      n_augmented_rows=int((ff.views[train] > 0).sum()))
 
 
-def split_paths(ff: FeatureFile, val_fraction: float = 0.2, seed: int = 0) -> tuple[dict[str, list[str]], str]:
-    """The image files a head fitted with this val fraction and seed trained, validated and tested on
-    ({'train': [...], 'val': [...], 'test': [...]}, clean views), and where its val came from: what
-    fine-tuning validates on, and what `evaluate` must not count as held out."""
-    rows = split_rows(ff, val_fraction, seed, use_augmented=False)
-    parts: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
-    for path, name in split_table(ff, rows):  # the rows a run's split.csv lists
-        parts[name].add(path)
-    return {name: sorted(files) for name, files in parts.items()}, rows.val_source
-
-
 def recorded_split(run_dir: Path) -> dict[str, set[str]] | None:
     """The image files of each split a run recorded in its split.csv ({'train': {...}, 'val': ..., 'test': ...}):
     a fit-head run's, or a fine-tune's (its head's images). None for a run made before runs recorded it, and, with
@@ -149,13 +138,17 @@ def _split_problem(rows: list[list[str]], out: dict[str, set[str]]) -> str | Non
 
 
 def recomputed_split(ff: FeatureFile, config: Mapping[str, Any]) -> dict[str, set[str]] | None:
-    """The split a fit-head run with this config (val fraction, seed) made of cache `ff`, for runs made before
-    split.csv; None where the cache cannot be split so."""
+    """The image files a fit-head run with this config (val fraction, seed) trained, validated and tested on
+    in cache `ff` (clean views: the rows its split.csv would list), for runs made before split.csv; None where
+    the cache cannot be split so."""
     try:
-        parts, _ = split_paths(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)))
+        rows = split_rows(ff, float(config.get("val_fraction", 0.2)), int(config.get("seed", 0)), use_augmented=False)
     except UserError:
         return None
-    return {name: set(files) for name, files in parts.items()}
+    parts: dict[str, set[str]] = {"train": set(), "val": set(), "test": set()}
+    for path, name in split_table(ff, rows):
+        parts[name].add(path)
+    return parts
 
 
 def run_split(run_dir: Path, config: Mapping[str, Any], ff: FeatureFile) -> dict[str, set[str]] | None:

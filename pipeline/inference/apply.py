@@ -155,19 +155,20 @@ def evaluate_run(run: LoadedRun, data: str, cache_dir: Path, split: str | None =
     return Evaluated(report, scored, row_labels, proba, near, skipped)
 
 
-def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str] | None:
-    """The image files a run's head trained on: from the run's split.csv (a fine-tune's lists its parent's
-    images), else its parent's, else, for a fit-head run made before runs recorded it, recomputed from its cache
-    file, val fraction and seed (`recomputed_split`); empty where none of `among` is in that cache (the split is
-    not made then); None where it cannot be known (no split.csv, and the cache file or the parent run is gone)."""
+def training_split(record: RunRecord, among: set[str] | None = None) -> dict[str, set[str]] | None:
+    """The image files a run's head trained, validated and tested on ({'train': ..., 'val': ..., 'test': ...}):
+    from the run's split.csv (a fine-tune's lists its parent's images), else its parent's, else, for a fit-head
+    run made before runs recorded it, recomputed from its cache file, val fraction and seed (`recomputed_split`);
+    empty where none of `among` is in that cache (the split is not made then); None where it cannot be known
+    (no split.csv, and the cache file or the parent run is gone)."""
     from pipeline.heads.training import recomputed_split, recorded_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     split = recorded_split(record.dir)
     if split is not None:
-        return split["train"]
+        return split
     cfg = record.config
     if cfg.get("parent_run"):
         try:
-            return training_paths(Registry(CacheLayout.of(record.dir).root).get(str(cfg["parent_run"])), among)
+            return training_split(Registry(CacheLayout.of(record.dir).root).get(str(cfg["parent_run"])), among)
         except UserError:
             return None
     cache_file = cfg.get("cache_file")
@@ -177,10 +178,15 @@ def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str]
         with warnings.catch_warnings(), FeatureFile(cache_file) as ff:
             warnings.simplefilter("ignore", DataWarning)  # said when the run was fitted
             if among is not None and among.isdisjoint(ff.paths):  # a folder the run never saw: nothing to split
-                return set()
-            split = recomputed_split(ff, cfg)
+                return {"train": set(), "val": set(), "test": set()}
+            return recomputed_split(ff, cfg)
     except UserError:
         return None
+
+
+def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str] | None:
+    """The image files a run's head trained on (`training_split`'s train images); None where unknown."""
+    split = training_split(record, among)
     return split["train"] if split is not None else None
 
 
@@ -198,20 +204,17 @@ def warn_own_training_images(run: LoadedRun, scored: Sequence[str]) -> None:
     """One warning where images scored are ones the run trained on: their figures are not held out."""
     if not scored:
         return
-    trained = training_paths(run.record, set(scored))
-    if trained is None:
+    split = training_split(run.record, set(scored))
+    if split is None:
         warnings.warn(f"cannot tell which images run {run.record.id} trained on (its split.csv is gone or damaged, "
                       f"and so is its parent run or its cache file): the figures may count its own training images",
                       DataWarning, stacklevel=2)
         return
-    own = [p for p in scored if p in trained]
+    own = [p for p in scored if p in split["train"]]
     if own:
-        from pipeline.heads.training import recorded_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DataWarning)  # a damaged split.csv was said by training_paths
-            val = (recorded_split(run.record.dir) or {}).get("val", set())
         held = ("--split test, or images the run never trained on (it validated on a holdout of these images' "
-                "split: its split.csv lists which)" if val.intersection(scored) and _val_source(run.record) == "holdout" else
+                "split: its split.csv lists which)" if split["val"].intersection(scored)
+                and _val_source(run.record) == "holdout" else
                 "--split val or --split test, or images the run never trained on")
         warnings.warn(f"{len(own)} of the {len(scored)} images scored are run {run.record.id}'s own training images "
                       f"(e.g. {own[0]}): their figures are not held out; give {held}", DataWarning, stacklevel=2)
