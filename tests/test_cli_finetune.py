@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -36,6 +37,19 @@ def _logistic_head_run(tmp_path: Path) -> tuple[str, str]:
 def _interrupted(*args, **kwargs):
     """Stands in for what Ctrl-C interrupts."""
     raise KeyboardInterrupt
+
+
+def _interrupted_finetune(tmp_path: Path, monkeypatch) -> tuple[str, str, Any, str]:
+    """(cache folder, head run ID, the finetune command's result, its run ID): a fine-tune of a logistic head
+    interrupted by Ctrl-C before its first epoch (exit 130)."""
+    from pipeline.finetune.tuner import FineTuner
+
+    cache, head_run = _logistic_head_run(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(FineTuner, "fit", _interrupted)
+        ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
+    assert ft.returncode == 130, ft.stderr
+    return cache, head_run, ft, ft.stderr.split("run ", 1)[1].split(":")[0]
 
 
 def test_finetune_cli_end_to_end(tmp_path):
@@ -278,14 +292,7 @@ def test_ctrl_c_before_the_first_epoch_says_to_start_again_and_names_the_cache_f
     """Interrupted before any epoch was checkpointed, the hint offered a --resume that could not work (no
     checkpoint); it left out --cache-dir, so the printed command looked in the default cache. Ctrl-C
     records the run as interrupted, not failed."""
-    from pipeline.finetune.tuner import FineTuner
-
-    cache, head_run = _logistic_head_run(tmp_path)
-    with monkeypatch.context() as patch:
-        patch.setattr(FineTuner, "fit", _interrupted)
-        ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
-    ft_id = ft.stderr.split("run ", 1)[1].split(":")[0]
-    assert ft.returncode == 130, ft.stderr
+    cache, head_run, ft, ft_id = _interrupted_finetune(tmp_path, monkeypatch)
     assert "no epoch had finished, so there is nothing to resume; run the same command again" in ft.stderr, ft.stderr
     assert f"cli.py runs rm {ft_id} --cache-dir {cache}" in ft.stderr and "--resume" not in ft.stderr
     assert json.loads((Path(cache) / "runs" / ft_id / "run.json").read_text())["status"] == "interrupted"
@@ -304,14 +311,7 @@ def test_ctrl_c_before_the_first_epoch_says_to_start_again_and_names_the_cache_f
 def test_resume_after_the_head_run_was_removed_and_finetune_after_the_data_moved_say_what_happened(tmp_path, monkeypatch):
     """An interrupted fine-tune whose head run was removed (`runs rm --force`) named only an 'unknown run ID';
     a run whose data folder moved warned that images 'changed' and then failed on a bare 'data path not found'."""
-    from pipeline.finetune.tuner import FineTuner
-
-    cache, head_run = _logistic_head_run(tmp_path)
-    with monkeypatch.context() as patch:
-        patch.setattr(FineTuner, "fit", _interrupted)
-        ft = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
-    ft_id = ft.stderr.split("run ", 1)[1].split(":")[0]
-    assert ft.returncode == 130, ft.stderr
+    cache, head_run, ft, ft_id = _interrupted_finetune(tmp_path, monkeypatch)
     (tmp_path / "d").rename(tmp_path / "moved")
     moved = run_cli("finetune", "--run", head_run, "--epochs", "1", "--no-progress", "--cache-dir", cache)
     assert moved.returncode == 2 and f"is no longer at {tmp_path / 'd'} (moved, renamed or removed)" in moved.stderr
