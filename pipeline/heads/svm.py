@@ -5,8 +5,8 @@ Why: on pooled CNN embeddings a kernel SVM on unit vectors beats a linear head w
 linearly separable (flowers, EfficientNet-Lite0: 93.6% against the logistic head's 92.5%) and ties or
 loses where they are (hymenoptera), hence the auto choice. Probabilities come from a softmax over the
 SVM's one-vs-one decision values, fitted on out-of-fold decisions of the same cross-validation that
-picks C (Platt's method for many classes; `calibration.fit_softmax_calibrator`, the same idea as the
-other heads' temperature scaling), so `predict` is the argmax of calibrated `predict_proba`.
+picks C (Platt's method for many classes; `calibration.PairCalibrator`, which keeps each pair's decision
+on the side of the class it votes for), so `predict` is the argmax of calibrated `predict_proba`.
 
 The whole head is `softmax(A @ k(x) + a)` with k(x)_j = exp(-gamma * |z - s_j|^2), z = x/|x| and
 s_j the support vectors, so it is three built-in Keras layers (`as_kernel_layers`): UnitNormalization,
@@ -33,7 +33,7 @@ from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_module, keras_reduction, matrix_batches,
     n_rows, option_budget, option_C, option_seed, params_for, softmax, to_matrix,
 )
-from pipeline.heads.calibration import cross_fitted_log_loss, fit_softmax_calibrator
+from pipeline.heads.calibration import cross_fitted_log_loss, fit_pair_calibrator
 from pipeline.heads.files import npz_head_path, read_npz_head, write_npz_head
 from pipeline.heads.folds import cv_folds
 
@@ -94,8 +94,8 @@ class KernelHead(Head):
     few images between Cs, so it picked C 1, 3 or 10 as 1% of flowers' rows changed).
 
     gamma "scale" is 1 / (n_features * variance of the normalized training features), scikit-learn's
-    rule. The CV's out-of-fold one-vs-one decisions (at the chosen C) fit a multinomial logistic
-    calibrator; the final SVM refits on all rows. Folds run in parallel threads (`n_jobs`).
+    rule. The CV's out-of-fold one-vs-one decisions (at the chosen C) fit the pair calibrator (a softmax
+    over sign-kept linear maps of the decisions); the final SVM refits on all rows. Folds run in parallel threads (`n_jobs`).
     """
 
     kind = "svm"
@@ -198,11 +198,9 @@ class KernelHead(Head):
             P, p0 = _pair_coefficients(svc)
             if oof is None:  # too few examples to cross-validate: calibrate on the training decisions
                 oof = svc.decision_function(Z).reshape(y.size, -1)
-            cal = fit_softmax_calibrator(oof, y)
+            cal = fit_pair_calibrator(oof, y, present)
             self.cv_log_loss_ = self.cv_scores_[self.C_] if folds is not None else None
-        coef, inter = np.asarray(cal.coef_, np.float64), np.asarray(cal.intercept_, np.float64)
-        if coef.shape[0] == 1:  # binary: logits [0, z]
-            coef, inter = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, inter[0]])
+        coef, inter = cal.coef_, cal.intercept_
         A = np.zeros((self.n_classes_, P.shape[1]))
         a = np.full(self.n_classes_, PAD_LOGIT)
         A[cal.classes_] = coef @ P
