@@ -58,9 +58,15 @@ def test_pair_calibrator_keeps_each_pair_on_the_side_it_votes_for_where_a_free_r
     db = -(2.0 * yb - 1 + 0.3 * rng.standard_normal(60))[:, None]
     calb = fit_pair_calibrator(db, yb, np.arange(2))
     assert calb.coef_.shape == (2, 1) and calb.coef_[1, 0] - calb.coef_[0, 0] >= -1e-9
-    # well-behaved decisions: the calibrator separates as a free regression does
-    good = fit_pair_calibrator(sign[y] + 0.3 * rng.standard_normal((90, 3)), y, np.arange(3))
-    assert (good.predict_proba(sign[y]).argmax(axis=1) == y).all()
+    # where no sign binds it is scikit-learn's regression (C=1; binomial for two classes)
+    for k, n in ((2, 40), (3, 60), (5, 300)):
+        yk = np.arange(n) % k
+        sk = pair_signs(k)[yk] * 1.5 + rng.standard_normal((n, pair_signs(k).shape[1]))
+        ours = fit_pair_calibrator(sk, yk, np.arange(k)).predict_proba(sk)
+        np.testing.assert_allclose(ours, LogisticRegression(C=1.0, tol=1e-10, max_iter=5000).fit(sk, yk).predict_proba(sk),
+                                   atol=1e-4)
+    with pytest.raises(ValueError, match="not among the classes"):
+        fit_pair_calibrator(dec, y + 1, np.arange(3))
 
 
 def test_svm_on_weak_signal_never_scores_below_chance_on_its_own_training_images():

@@ -64,13 +64,15 @@ def pair_signs(n_classes: int) -> np.ndarray:
 
 class PairCalibrator:
     """Class probabilities softmax(scores @ coef_.T + intercept_) from one-vs-one decisions, fitted on
-    out-of-fold decisions by scikit-learn's penalized objective (sum of log losses + |coef|^2 / 2).
+    out-of-fold decisions by scikit-learn's LogisticRegression objective (C=1: sum of log losses +
+    |coef|^2 / 2, over coef with zero-mean columns, as its multinomial optimum has; binomial for two
+    classes), which it equals where no sign binds.
 
     Each pair's column is s_p * signs + free weights for the classes outside the pair, with s_p >= 0:
-    a pair's decision can only favour the class it votes for. A free multinomial regression (what this
-    replaced) learned the opposite where small-sample CV makes out-of-fold decisions anti-correlated
-    with the labels (19 weak-signal images, 3 classes: cats called foxes, 37% right on its own training
-    images); with enough rows both agree (flowers, Lite2: the same val accuracy over 3 seeds).
+    a pair's decision can only favour its first class over its second where it votes for the first. A
+    free multinomial regression (what this replaced) learned the opposite where small-sample CV makes
+    out-of-fold decisions anti-correlated with the labels (19 weak-signal images, 3 classes: cats called
+    foxes, 37% right on its own training images).
     """
 
     def fit(self, scores: np.ndarray, y: np.ndarray, classes: np.ndarray) -> "PairCalibrator":
@@ -79,10 +81,13 @@ class PairCalibrator:
         y = np.asarray(y, np.int64)
         classes = np.asarray(classes, np.int64)
         self.classes_ = np.unique(y)  # a CV fold may lack a class: it gets no row (0 probability)
+        if not np.isin(self.classes_, classes).all():
+            raise ValueError(f"labels {np.setdiff1d(self.classes_, classes)} are not among the classes {classes}")
         signs = pair_signs(classes.size)[np.searchsorted(classes, self.classes_)]
         k, n_pairs = signs.shape
         outside = signs == 0
         n_out = int(outside.sum())
+        ridge = 2.0 if k == 2 else 1.0  # binomial: |w|^2 / 2 of the one logit difference w = coef[1] - coef[0]
         onehot = np.zeros((y.size, k))
         onehot[np.arange(y.size), np.searchsorted(self.classes_, y)] = 1.0
 
@@ -97,8 +102,9 @@ class PairCalibrator:
             z -= z.max(axis=1, keepdims=True)
             log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
             resid = np.exp(log_p) - onehot
-            g_coef = resid.T @ scores + coef
-            loss = -(onehot * log_p).sum() + 0.5 * (coef ** 2).sum()
+            centred = coef - coef.mean(axis=0)  # softmax ignores a column's shift: penalize what it sees
+            g_coef = resid.T @ scores + ridge * centred
+            loss = -(onehot * log_p).sum() + 0.5 * ridge * (centred ** 2).sum()
             return float(loss), np.concatenate([(g_coef * signs).sum(axis=0), g_coef[outside], resid.sum(axis=0)])
 
         theta = np.zeros(n_pairs + n_out + k)
