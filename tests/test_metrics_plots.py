@@ -11,7 +11,7 @@ from PIL import Image
 from sklearn.metrics import f1_score, log_loss
 
 from pipeline.tracking.metrics import classification_report, format_report, metrics_table, summary_line
-from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history
+from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history, plot_run
 
 
 def test_report_values_match_sklearn_and_are_json():
@@ -66,6 +66,21 @@ def test_plots_write_valid_pngs_of_the_requested_size(tmp_path):
     _png(plot_confusion_matrix(big, [f"c{i}" for i in range(80)], tmp_path / "big.png", dpi=20), (510, 480))
     _png(plot_c_curve({0.01: -0.9, 0.1: -0.5, "1.0": -0.6}, tmp_path / "c.png", chosen=0.1, dpi=40), (200, 144))
     assert not list(tmp_path.glob(".*tmp"))                          # atomic writes leave no temp files
+
+
+def test_plot_run_draws_what_each_run_has_and_nothing_else(tmp_path):
+    """One drawer of a run's PNGs (fit-head, its sweeps and finetune each wrote them)."""
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.eye(3)[[0, 1, 1, 1, 2, 0]] * 0.8 + 0.2 / 3
+    val, test = classification_report(y, p, ["a", "b", "c"]), classification_report(y, p, ["a", "b", "c"])
+    files = plot_run(tmp_path / "r1", "dense head", history={"loss": [1.0, 0.5], "lr": [1e-3, 1e-3]},
+                     c_curve=({0.1: 0.9, 1.0: 0.7}, 1.0, "CV log loss"), reports={"val": val, "test": test})
+    assert set(files) == {"curves", "c_curve", "confusion_val", "calibration_val", "confusion_test"}
+    assert all(f.parent == tmp_path / "r1" and f.stat().st_size > 1000 for f in files.values())
+    assert plot_run(tmp_path / "r2", "fine-tuning", history={"loss": []},  # no epoch, no val images: nothing
+                    reports={"val": classification_report([], np.zeros((0, 3)), ["a", "b", "c"]), "test": None}) == {}
+    no_bins = {k: v for k, v in val.items() if k != "reliability"}  # a sweep's report: no reliability diagram
+    assert set(plot_run(tmp_path / "r3", "best", reports={"val": no_bins})) == {"confusion_val"}
 
 
 def test_plots_do_not_touch_pyplot_state(tmp_path):

@@ -76,8 +76,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     from pipeline.finetune.handover import stage2_inputs  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.finetune.tuner import FineTuner  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.heads.training import write_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
-    from pipeline.tracking.plots import (  # noqa: PLC0415 - matplotlib: keeps `--help` fast
-        plot_confusion_matrix, plot_history, plot_reliability)
+    from pipeline.tracking.plots import plot_run  # noqa: PLC0415 - matplotlib: keeps `--help` fast
 
     select_backend(backend)
     log_mlflow = mlflow_check(mlflow)
@@ -179,13 +178,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
                                        log=lambda m: click.echo(m, err=True), split=inputs.split,
                                        cache_dir=cache_dir, progress=not no_progress)
         run.log_metrics(result.run_metrics())
-        if result.history.get("loss"):
-            plot_history(result.history, run.path("curves.png"), title="fine-tuning")
-        val = result.metrics_after.get("val")
-        if val and val.get("n"):
-            plot_confusion_matrix(val["confusion_matrix"], val["class_names"], run.path("confusion_val.png"),
-                                  title=f"val after fine-tuning: accuracy {val['accuracy']:.3f}")
-            plot_reliability(val, run.path("calibration_val.png"), title="val after fine-tuning")
+        plot_run(run.dir, "fine-tuning", history=result.history, reports={"val": result.metrics_after.get("val")})
         run.finish("ok")
     click.echo(f"validated on {result.n_val} images ({result.val_source}); trained on {result.n_train}")
     click.echo(format_comparison(result.comparison))

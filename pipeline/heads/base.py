@@ -320,6 +320,10 @@ class Head(ClassifierMixin, BaseEstimator):
         """The image path of each neighbour in `nb` (see `neighbours`)."""
         raise UserError(f"the {self.kind} head keeps no training images")
 
+    def training_history(self) -> dict[str, list[float]] | None:
+        """Per-epoch loss, accuracy and learning rate for curves.png; None: the head does not train by epochs."""
+        return None
+
     def c_curve(self) -> tuple[dict[float, float], float, str] | None:
         """(mean CV score per C, the chosen C, what the score is) for c_curve.png; None: no C was searched."""
         return None

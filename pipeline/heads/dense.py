@@ -117,6 +117,10 @@ class DenseHead(Head):
         return cls(hidden=hidden, memory_budget_mb=option_budget(opts), **given)
 
     # -- the tool's hooks
+    def training_history(self) -> dict[str, list[float]] | None:
+        """loss/acc/val_loss/val_acc/lr per epoch (curves.png)."""
+        return getattr(self, "history_", None)
+
     def facts(self) -> dict[str, Any]:
         streamed = bool(getattr(self, "streamed_", False))
         note = {"stream_note": self.stream_note_} if streamed and getattr(self, "stream_note_", "") else {}

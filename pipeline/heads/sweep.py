@@ -259,18 +259,8 @@ def save_sweep(results: Sequence[SweepResult], run) -> dict[str, Any]:
 def _best_plots(best: SweepResult, run) -> None:
     """The best configuration's PNGs, as any fit-head run has them: training curves (dense heads),
     the C curve (logistic heads) and the val confusion matrix."""
-    from pipeline.tracking.plots import (  # noqa: PLC0415 - matplotlib: kept out of the sweep workers
-        plot_c_curve, plot_confusion_matrix, plot_history)
+    from pipeline.tracking.plots import plot_run  # noqa: PLC0415 - matplotlib: kept out of the sweep workers
 
     head = best.head
-    history = getattr(head, "history_", None)
-    if history and history.get("loss"):
-        plot_history(history, run.path("curves.png"), title=f"best {head.kind} head of the sweep")
-    curve = head.c_curve()
-    if curve:
-        scores, chosen, scoring = curve
-        plot_c_curve(scores, run.path("c_curve.png"), chosen=chosen, scoring=scoring)
-    report = best.metrics
-    if report.get("n") and report.get("confusion_matrix") is not None:
-        plot_confusion_matrix(report["confusion_matrix"], report["class_names"], run.path("confusion_val.png"),
-                              title=f"val: accuracy {report['accuracy']:.3f} (best of the sweep)")
+    plot_run(run.dir, f"best {head.kind} head of the sweep", history=head.training_history(), c_curve=head.c_curve(),
+             reports={"val": best.metrics})

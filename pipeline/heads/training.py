@@ -27,7 +27,7 @@ from pipeline.heads.folds import stratified_holdout
 from pipeline.layout import CacheLayout
 from pipeline.sheets import csv_text
 from pipeline.tracking.metrics import classification_report
-from pipeline.tracking.plots import plot_c_curve, plot_confusion_matrix, plot_history, plot_reliability
+from pipeline.tracking.plots import plot_run
 from pipeline.tracking.runs import Registry, Run
 
 
@@ -198,7 +198,7 @@ class FitResult:
 
     @property
     def history(self) -> dict[str, list[float]] | None:
-        return getattr(self.head, "history_", None)
+        return self.head.training_history()
 
 
 def fit_head_on_cache(feature_file: FeatureFile, head: Head, val_fraction: float = 0.2, seed: int = 0,
@@ -284,22 +284,9 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
         files["split"] = write_split(run, result.split_files)
     run.log_metrics({**result.metrics, "split": result.split.summary(), "fit_seconds": round(result.fit_seconds, 3),
                      **head.facts(), **result.extras})
-    history = result.history
-    if history and history.get("loss"):
-        files["curves"] = plot_history(history, run.path("curves.png"), title=f"{head.kind} head")
-    curve = head.c_curve()
-    if curve:  # logistic (log loss) or svm (accuracy) against C
-        scores, chosen, scoring = curve
-        files["c_curve"] = plot_c_curve(scores, run.path("c_curve.png"), chosen=chosen, scoring=scoring)
-    for part in ("val", "test"):
-        report = result.metrics.get(part)
-        if report and report.get("n"):
-            files[f"confusion_{part}"] = plot_confusion_matrix(
-                report["confusion_matrix"], report["class_names"], run.path(f"confusion_{part}.png"),
-                title=f"{part}: accuracy {report['accuracy']:.3f}")
-    val = result.metrics.get("val")
-    if val and val.get("reliability"):
-        files["calibration_val"] = plot_reliability(val, run.path("calibration_val.png"), title=f"{head.kind} head, val")
+    reports = {part: result.metrics.get(part) for part in ("val", "test")}
+    files.update(plot_run(run.dir, f"{head.kind} head", history=result.history, c_curve=head.c_curve(),
+                          reports={part: r for part, r in reports.items() if r}))
     return files
 
 

@@ -1,4 +1,4 @@
-"""PNG plots for runs: training curves, confusion matrix, and the logistic head's C curve.
+"""PNG plots for runs: training curves, confusion matrix, the C curve and the reliability diagram.
 
 Uses `matplotlib.figure.Figure` with the Agg canvas directly, never pyplot, so no global figure
 state leaks between calls or threads; files are written atomically. Image size in pixels is
@@ -140,3 +140,28 @@ def plot_reliability(report: Mapping, path: str | os.PathLike, title: str | None
     ax.set_title((f"{title}: " if title else "") + (f"ECE {ece:.3f}" if ece is not None else ""))
     ax.legend(loc="upper left", fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_run(folder: str | os.PathLike, what: str, *, history: Mapping[str, Sequence[float]] | None = None,
+             c_curve: tuple[Mapping[float, float], float, str] | None = None,
+             reports: Mapping[str, Mapping] | None = None) -> dict[str, Path]:
+    """A run's standard PNGs in `folder`, as fit-head, its sweeps and finetune write them: curves.png
+    (a training history with losses), c_curve.png ((scores per C, chosen C, what the score is)), and per
+    report of `reports` ('val', 'test') confusion_<part>.png, and calibration_val.png where the val report
+    has reliability bins. `what` names the model in the titles ("logistic head", "fine-tuning")."""
+    folder = Path(folder)
+    files: dict[str, Path] = {}
+    if history and history.get("loss"):
+        files["curves"] = plot_history(history, folder / "curves.png", title=what)
+    if c_curve:
+        scores, chosen, scoring = c_curve
+        files["c_curve"] = plot_c_curve(scores, folder / "c_curve.png", chosen=chosen, scoring=scoring)
+    for part, report in (reports or {}).items():
+        if not (report and report.get("n") and report.get("confusion_matrix") is not None):
+            continue
+        files[f"confusion_{part}"] = plot_confusion_matrix(
+            report["confusion_matrix"], report["class_names"], folder / f"confusion_{part}.png",
+            title=f"{part}: accuracy {report['accuracy']:.3f} ({what})")
+        if part == "val" and report.get("reliability"):
+            files["calibration_val"] = plot_reliability(report, folder / "calibration_val.png", title=f"{what}, val")
+    return files
