@@ -284,9 +284,8 @@ def save_fit(result: FitResult, run: Run) -> dict[str, Path]:
         files["split"] = write_split(run, result.split_files)
     run.log_metrics({**result.metrics, "split": result.split.summary(), "fit_seconds": round(result.fit_seconds, 3),
                      **head.facts(), **result.extras})
-    reports = {part: result.metrics.get(part) for part in ("val", "test")}
     files.update(plot_run(run.dir, f"{head.kind} head", history=result.history, c_curve=head.c_curve(),
-                          reports={part: r for part, r in reports.items() if r}))
+                          reports={part: result.metrics.get(part) for part in ("val", "test")}))
     return files
 
 

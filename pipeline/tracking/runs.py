@@ -312,19 +312,20 @@ class Registry:
                 raise UserError(f"no run listed has a value for {key!r} to filter on; use a field such as stage, "
                                 f"status or backbone, or a dotted metrics/config key such as params.C")
             records = [r for r in records if _matches(r.value(key), want)]
-        present = [r for r in records if r.value(sort) is not None]
-        missing = [r for r in records if r.value(sort) is None]
-        if records and not present:
+        keyed = [(r, r.value(sort)) for r in records]
+        missing = [r for r, value in keyed if value is None]
+        if records and len(missing) == len(records):
             raise UserError(f"no run listed has a value for {sort!r} to sort by; use started, duration, status, "
                             f"val_accuracy, val_f1 or a dotted metrics/config key such as val.log_loss or backbone")
-        numbers = [r for r in present if _number(r.value(sort)) is not None]  # by value: "10" after "3"
-        others = [r for r in present if _number(r.value(sort)) is None]   # text ("auto"), NaN: after the numbers
-        numbers.sort(key=lambda r: _number(r.value(sort)), reverse=descending)
+        numbered = [(r, value, _number(value)) for r, value in keyed if value is not None]
+        numbers = sorted(((r, n) for r, _, n in numbered if n is not None),  # by value: "10" after "3"
+                         key=lambda item: item[1], reverse=descending)
+        others = [(r, value) for r, value, n in numbered if n is None]  # text ("auto"), NaN: after the numbers
         try:
-            others.sort(key=lambda r: r.value(sort), reverse=descending)
+            others.sort(key=lambda item: item[1], reverse=descending)
         except TypeError:
-            others.sort(key=lambda r: str(r.value(sort)), reverse=descending)
-        return (numbers + others if numbers else others) + missing
+            others.sort(key=lambda item: str(item[1]), reverse=descending)
+        return [r for r, _ in numbers] + [r for r, _ in others] + missing
 
     def get(self, run_id: str) -> RunRecord:
         """The run with this ID or unique ID prefix; UserError when none or several match."""
