@@ -33,7 +33,7 @@ from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_module, keras_reduction, matrix_batches,
     n_rows, option_budget, option_C, option_seed, params_for, softmax, to_matrix,
 )
-from pipeline.heads.calibration import cross_fitted_log_loss, fit_pair_calibrator
+from pipeline.heads.calibration import cross_fitted_log_loss, fit_pair_calibrator, pair_signs
 from pipeline.heads.files import npz_head_path, read_npz_head, write_npz_head
 from pipeline.heads.folds import cv_folds
 
@@ -213,17 +213,11 @@ class KernelHead(Head):
 
     @staticmethod
     def _vote(dec: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        """libsvm's one-vs-one vote (positive decision: the first class of the pair) -> class labels."""
-        k = len(classes)
-        if k == 2:  # sklearn's binary decision: positive means the second class
-            return classes[(dec[:, 0] > 0).astype(int)]
-        votes = np.zeros((dec.shape[0], k))
-        col = 0
-        for i in range(k):
-            for j in range(i + 1, k):
-                votes[:, i] += dec[:, col] > 0
-                votes[:, j] += dec[:, col] <= 0
-                col += 1
+        """libsvm's one-vs-one vote -> class labels: each pair's decision is one vote for the class it favours
+        (`pair_signs`: positive for the first class of the pair; scikit-learn's binary decision, the second)."""
+        signs = pair_signs(len(classes))
+        votes = (dec > 0).astype(np.int64) @ (signs > 0).T.astype(np.int64) + \
+            (dec <= 0).astype(np.int64) @ (signs < 0).T.astype(np.int64)
         return classes[votes.argmax(axis=1)]
 
     # --------------------------------------------------------------------------------- predict
