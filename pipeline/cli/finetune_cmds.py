@@ -76,6 +76,7 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
     from pipeline.finetune.handover import stage2_inputs  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.finetune.tuner import FineTuner  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.heads.training import write_split  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
+    from pipeline.inference.apply import val_source  # noqa: PLC0415 - scikit-learn: keeps `--help` fast
     from pipeline.tracking.plots import plot_run  # noqa: PLC0415 - matplotlib: keeps `--help` fast
 
     select_backend(backend)
@@ -146,9 +147,8 @@ def finetune_cmd(run_id: str | None, resume_id: str | None, unfreeze: tuple[str,
             inputs = stage2_inputs(parent.dir, progress=not no_progress)
     if not resume_id:  # a typo in --unfreeze fails now, not after a failed run record
         tuner.check_params(inputs.request.backbone)
-        head_split = parent.metrics.get("split") if isinstance(parent.metrics.get("split"), dict) else {}
         config = {"parent_run": parent.id, "backbone": inputs.request.backbone, "data": inputs.request.data,
-                  "head_val_source": head_split.get("val_source"),  # where its val images came from: evaluate's advice
+                  "head_val_source": val_source(parent),  # where its val images came from: evaluate's advice
                   "head": f"finetune({inputs.head.kind})", "cache_file": str(inputs.cache_path),
                   "cache_key": inputs.head.cache_key_,  # the features its head was fitted on (the export's card)
                   "request": inputs.request.to_json(), "class_names": list(inputs.head.class_names_),

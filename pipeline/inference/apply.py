@@ -190,7 +190,7 @@ def training_paths(record: RunRecord, among: set[str] | None = None) -> set[str]
     return split["train"] if split is not None else None
 
 
-def _val_source(record: RunRecord) -> str | None:
+def val_source(record: RunRecord) -> str | None:
     """Where a run's head took its val images from ('val split' or 'holdout' of train), as its fit-head run
     recorded it (a fine-tune records its head run's); None where unknown."""
     split = record.metrics.get("split")
@@ -214,7 +214,7 @@ def warn_own_training_images(run: LoadedRun, scored: Sequence[str]) -> None:
     if own:
         held = ("--split test, or images the run never trained on (it validated on a holdout of these images' "
                 "split: its split.csv lists which)" if split["val"].intersection(scored)
-                and _val_source(run.record) == "holdout" else
+                and val_source(run.record) == "holdout" else
                 "--split val or --split test, or images the run never trained on")
         warnings.warn(f"{len(own)} of the {len(scored)} images scored are run {run.record.id}'s own training images "
                       f"(e.g. {own[0]}): their figures are not held out; give {held}", DataWarning, stacklevel=2)
