@@ -116,6 +116,8 @@ def test_every_format_round_trips_in_process(head_run, tmp_path, fmt):
         lone = open_model(alone, trust_savedmodel=fmt == "savedmodel")
     assert lone.card["run_id"] == run_id and lone.class_names == ["ants", "bees"]
     assert lone.resize == result.card["input"]["resize"] and lone.size == 64
+    if fmt == "savedmodel":  # its card is a file inside the folder: rewritten once verified, as the one beside
+        assert lone.card["verified_max_abs_diff"] == result.max_abs_diff == model.card["verified_max_abs_diff"]
 
 
 def test_export_refuses_to_touch_what_is_not_an_earlier_export(head_run, tmp_path):

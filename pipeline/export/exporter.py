@@ -38,7 +38,9 @@ from pipeline.backend import require
 from pipeline.data import decode
 from pipeline.errors import UserError
 from pipeline.extract import is_concat, part_requests
-from pipeline.export.runtime import CARD_FILE, CARD_LIMIT, LABELS_FILE, open_model, write_card_files
+from pipeline.export.runtime import (
+    CARD_FILE, CARD_LIMIT, LABELS_FILE, SAVEDMODEL_EXTRA, open_model, write_card, write_card_files,
+)
 from pipeline.finetune.model import build_inference_model, leaf_layers
 from pipeline.heads.files import load_keras_file
 from pipeline.versions import version
@@ -174,8 +176,10 @@ def export_run(run, fmt: str, out: Path, force: bool = False) -> ExportResult:
         if not diff <= VERIFY_TOLERANCE:
             raise UserError(f"the {fmt} export does not reproduce the model (max probability difference "
                             f"{diff:.2g} > {VERIFY_TOLERANCE:g}); nothing was written. Run it again as python cli.py --debug export ... and report it")
-        card["verified_max_abs_diff"] = diff
-        write_card_files(staging, card, run.class_names)
+        card["verified_max_abs_diff"] = diff  # the cards a reader opens as files say it (those inside a model cannot)
+        write_card(staging, card)
+        if fmt == "savedmodel":
+            write_card(target / SAVEDMODEL_EXTRA, card)
         check_target(out, force)  # again: the folder may have changed during the export
         if inside:
             _move_in(staging, out)
@@ -273,7 +277,7 @@ def _write_model(model, fmt: str, target: Path, card: dict[str, Any]) -> None:
     elif fmt == "tflite":
         _tflite_metadata(target, card)
     elif fmt == "savedmodel":
-        extra = target / "assets.extra"
+        extra = target / SAVEDMODEL_EXTRA
         extra.mkdir(exist_ok=True)
         write_card_files(extra, card, card["class_names"])
 

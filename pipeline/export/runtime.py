@@ -26,6 +26,7 @@ from pipeline.errors import DataWarning, UserError
 from pipeline.heads.files import load_keras_file
 from pipeline.inference.embed import OnBatch, map_files
 
+SAVEDMODEL_EXTRA = "assets.extra"  # TF Serving's place for files beside a SavedModel: the export's labels and card
 CARD_FILE = "model_card.json"  # an export's model card: beside the model, in a .keras zip, in a SavedModel's assets.extra
 LABELS_FILE = "labels.txt"     # its class names, one per line, in the model's output order
 CARD_LIMIT = 1 << 20           # a card is a few kB; a bigger file or member is not read (a zip bomb)
@@ -106,6 +107,11 @@ def open_model(path: str | Path, cpu_only: bool = False, trust_savedmodel: bool 
 def write_card_files(folder: Path, card: dict[str, Any], class_names: Sequence[str]) -> None:
     """An export's labels.txt and model_card.json in `folder` (beside the model, or a SavedModel's assets.extra)."""
     (folder / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    write_card(folder, card)
+
+
+def write_card(folder: Path, card: dict[str, Any]) -> None:
+    """An export's model_card.json in `folder` (rewritten once the export is verified)."""
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
 
 
@@ -233,7 +239,7 @@ def _savedmodel(path: Path):
         raise UserError(f"{path} has no serving_default signature")
     spec = list(fn.structured_input_signature[1].values())[0]
     key = list(fn.structured_outputs)[0]
-    extra = path / "assets.extra"  # TF Serving's place for files beside a SavedModel: export's labels and card
+    extra = path / SAVEDMODEL_EXTRA
     names = _read_labels(extra / LABELS_FILE)
     card_file = extra / CARD_FILE
     card = (_parse_card(card_file.read_bytes(), f"{path.name}/assets.extra")
