@@ -32,6 +32,16 @@ fitted on train, scored on val; nothing here is timed against a target):
 
     .venv/bin/python bench/heads.py --quality --cache-dir /tmp/bench-heads
 
+With --auto-subsets 10,20,40,80,160 (the same data sets and cache): does the auto head keep the best head
+on small data? For each size, --subset-seeds draws of that many images per class (clean views); the
+logistic, svm and knn heads are fitted on the draw as the auto head fits them and scored on every other
+labelled image. Printed per size: each head's held-out accuracy and log loss, how far its CV log loss (what
+the auto head compares) reads above its held-out one, the auto head's picks and accuracy, those it made
+before 2026-12-07 (the svm's calibrator cross-fitted again inside the folds: `auto, before`, at the same C),
+and those of the head that was best held out (by log loss).
+
+    .venv/bin/python bench/heads.py --auto-subsets 10,20,40,80,160 --cache-dir /tmp/bench-heads
+
 Runs on the Keras backend in force (KERAS_BACKEND=jax / torch / tensorflow); (iv)'s keras.io input
 is tf.data on TensorFlow and a Pillow PyDataset elsewhere.
 
@@ -74,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quality", action="store_true", help="accuracy, log loss and ECE of every head on real photos")
     ap.add_argument("--cache-dir", default="/tmp/bench-heads", help="--quality's cache root (default %(default)s)")
     ap.add_argument("--sets", default="flowers,hymenoptera,digits", help="--quality's data sets")
+    ap.add_argument("--auto-subsets", default="", help="images per class drawn to check the auto head's choice "
+                    "on small data (e.g. 10,20,40,80,160); sizes over a data set's smallest class are skipped")
+    ap.add_argument("--subset-seeds", type=int, default=10, help="--auto-subsets: draws per size (default %(default)s)")
     ap.add_argument("--folds", type=int, default=5, help="--quality: also ECE pooled over this many folds of "
                                                          "all labelled images (0: skip)")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "flower_photos_224"),
@@ -265,6 +278,76 @@ def quality(args) -> None:
                 pooled_calibration(ff, split, configs[1:], meta, args.folds)
 
 
+def nested_svm_log_loss(svm, X: np.ndarray, y: np.ndarray, seed: int) -> float:
+    """The svm's CV log loss as it was scored until 2026-12-07 (the baseline of --auto-subsets): its
+    calibrator fitted again without each fold of its out-of-fold decisions (at the C it chose)."""
+    from sklearn.svm import SVC
+
+    from pipeline.features.neighbours import unit_rows
+    from pipeline.heads.calibration import fit_pair_calibrator
+    from pipeline.heads.folds import cv_folds
+
+    Z = unit_rows(X, dtype=np.float64)
+    classes = np.unique(y)
+    folds, _ = cv_folds(y, None, 5, seed)
+    oof = np.zeros((y.size, classes.size * (classes.size - 1) // 2))
+    for tr, te in folds:
+        svc = SVC(C=svm.C_, gamma=svm.gamma_, decision_function_shape="ovo").fit(Z[tr], y[tr])
+        oof[te] = svc.decision_function(Z[te]).reshape(te.size, -1)
+    proba = np.zeros((y.size, classes.size))
+    for tr, te in folds:
+        proba[te] = fit_pair_calibrator(oof[tr], y[tr], classes).predict_proba(oof[te])
+    return float(-np.mean(np.log(np.clip(proba[np.arange(y.size), np.searchsorted(classes, y)], 1e-15, 1.0))))
+
+
+def auto_subsets(args) -> None:
+    """The auto head's choice on small draws of real photos against the head that was best held out."""
+    from pipeline.extract import ExtractRequest, RunOptions, extract
+    from pipeline.heads.auto import AutoHead
+
+    sizes = [int(v) for v in args.auto_subsets.split(",")]
+    for name in args.sets.split(","):
+        result = extract(ExtractRequest(data=QUALITY_DATA[name]), RunOptions(cache_dir=Path(args.cache_dir),
+                                                                            progress=False))
+        with FeatureFile(result.path) as ff:
+            clean = np.flatnonzero((ff.views == 0) & (ff.labels >= 0))
+            X, labels = ff.load(clean), ff.labels[clean]
+        classes = np.unique(labels)
+        print(f"\n{name}: {clean.size} labelled images, {classes.size} classes ({result.path.name})")
+        for n in sizes:
+            if n >= np.bincount(labels)[classes].min():
+                print(f"  {n} per class: skipped (a class has fewer images)")
+                continue
+            rows = []
+            for seed in range(args.subset_seeds):
+                rng = np.random.default_rng(1000 + seed)
+                pick = np.concatenate([rng.choice(np.flatnonzero(labels == c), n, replace=False) for c in classes])
+                rest = np.setdiff1d(np.arange(labels.size), pick)
+                auto = AutoHead(random_state=seed)
+                heads = {h.kind: h.fit(X[pick], labels[pick]) for h in auto.candidates()}  # as auto.fit fits them
+                cv = {k: h.cv_log_loss() for k, h in heads.items()}
+                chosen = AutoHead.choose(cv)
+                held = {}
+                for kind, head in heads.items():
+                    proba = head.predict_proba(X[rest])
+                    right = proba[np.arange(rest.size), labels[rest]]
+                    held[kind] = (float(-np.mean(np.log(np.clip(right, 1e-15, 1)))),
+                                  float(np.mean(proba.argmax(axis=1) == labels[rest])))
+                before = AutoHead.choose({**cv, "svm": nested_svm_log_loss(heads["svm"], X[pick], labels[pick], seed)})
+                rows.append((cv, held, chosen, min(held, key=lambda k: held[k][0]), before))
+            kinds = list(rows[0][0])
+            mean = lambda f: float(np.mean([f(r) for r in rows]))  # noqa: E731
+            print(f"  {n} per class, {len(rows)} draws, scored on the other {labels.size - n * classes.size} images:")
+            for kind in kinds:
+                print(f"    {kind:9s} accuracy {mean(lambda r: r[1][kind][1]):.4f}  log loss "
+                      f"{mean(lambda r: r[1][kind][0]):.4f}  CV log loss minus held-out "
+                      f"{mean(lambda r: r[0][kind] - r[1][kind][0]):+.3f}")
+            for label, at in (("auto head", 2), ("auto, before", 4), ("best held out", 3)):
+                picks = ", ".join(f"{k} {sum(r[at] == k for r in rows)}" for k in kinds)
+                print(f"    {label:13s} accuracy {mean(lambda r: r[1][r[at]][1]):.4f}  log loss "
+                      f"{mean(lambda r: r[1][r[at]][0]):.4f}  (kept: {picks})")
+
+
 def pooled_calibration(ff, split, configs, meta, folds: int) -> None:
     """ECE over every labelled clean train+val image, each predicted by a head fitted on the other folds:
     `folds` times the images of the val split alone, so a smaller noise floor."""
@@ -296,6 +379,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.quality:
         quality(args)
+        return
+    if args.auto_subsets:
+        auto_subsets(args)
         return
     tmp = tempfile.TemporaryDirectory()
     path = Path(args.cache) if args.cache else synthetic_cache(Path(tmp.name), args.n, args.dim, args.classes)

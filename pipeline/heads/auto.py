@@ -57,8 +57,8 @@ class AutoHead(Head):
                     "head takes no --class-weight, so it is left out")
         return "head auto: fitting the logistic, the svm and the knn head (cross-validated each) to keep the best"
 
-    def _candidates(self) -> tuple:
-        """The heads compared: with --class-weight only those that weight classes (a knn head kept over
+    def candidates(self) -> tuple:
+        """The heads compared, unfitted: with --class-weight only those that weight classes (a knn head kept over
         them would ignore the weighting the user asked for)."""
         shared = dict(flatten=self.flatten, random_state=self.random_state, memory_budget_mb=self.memory_budget_mb)
         weighted = dict(class_weight=self.class_weight, n_jobs=self.n_jobs, **shared)
@@ -66,7 +66,7 @@ class AutoHead(Head):
         return heads if self.class_weight else (*heads, KNNHead(**shared))
 
     def check_params(self) -> "AutoHead":
-        for head in self._candidates():
+        for head in self.candidates():
             head.check_params()
         return self
 
@@ -77,7 +77,7 @@ class AutoHead(Head):
         fitted: dict[str, Head] = {}
         scores: dict[str, float | None] = {}
         notes = []
-        for head in self._candidates():
+        for head in self.candidates():
             try:
                 head.fit(X, y, **kw)
             except UserError as exc:
@@ -95,11 +95,16 @@ class AutoHead(Head):
                 notes.append("a class has too few training images to cross-validate the logistic head, so the heads "
                              "are not compared: the logistic head is kept, with its default C")
         else:
-            chosen = min(scored, key=lambda k: (scored[k], k != "logistic"))
+            chosen = self.choose(scored)
         self.best_ = fitted[chosen]
         self.choice_ = {"chosen": chosen, "cv_log_loss": scores, **({"note": "; ".join(notes)} if notes else {})}
         self.copy_meta(self.best_)
         return self
+
+    @staticmethod
+    def choose(scores: Mapping[str, float]) -> str:
+        """The head kind with the lowest CV log loss (a tie keeps the logistic head)."""
+        return min(scores, key=lambda k: (scores[k], k != "logistic"))
 
     def cv_log_loss(self) -> float | None:
         """The kept head's (what chose it)."""

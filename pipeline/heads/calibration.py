@@ -127,13 +127,15 @@ def fit_pair_calibrator(scores: np.ndarray, y: np.ndarray, classes: np.ndarray) 
     return PairCalibrator().fit(scores, y, classes)
 
 
-def cross_fitted_log_loss(scores: np.ndarray, y: np.ndarray, folds: list) -> float:
-    """Log loss of calibrated probabilities out of fold, the calibrator too fitted without the fold it
-    scores: comparable to the logistic head's CV log loss on the same folds."""
-    classes = np.unique(y)
-    proba = np.zeros((y.size, classes.size))
-    for tr, te in folds:
-        cal = fit_pair_calibrator(scores[tr], y[tr], classes)
-        proba[np.ix_(te, np.searchsorted(classes, cal.classes_))] = cal.predict_proba(scores[te])
-    picked = proba[np.arange(y.size), np.searchsorted(classes, y)]
+def calibrated_log_loss(cal: PairCalibrator, scores: np.ndarray, y: np.ndarray) -> float:
+    """Log loss of `cal`'s probabilities on the out-of-fold scores it was fitted on, as the logistic head's
+    temperature is scored: on flowers subsets of 10-160 images per class it reads within 0.02 of the
+    held-out log loss, where a calibrator cross-fitted again within the folds (80% of 80%) read 0.04-0.15
+    high and the auto head passed the svm over where it was the best head (`docs/heads.md`)."""
+    y = np.asarray(y, np.int64)
+    proba = cal.predict_proba(scores)
+    picked = np.zeros(y.size)
+    known = np.isin(y, cal.classes_)
+    picked[known] = proba[np.flatnonzero(known), np.searchsorted(cal.classes_, y[known])]
     return float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0))))
+

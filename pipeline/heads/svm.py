@@ -33,7 +33,7 @@ from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_module, keras_reduction, matrix_batches,
     n_rows, option_budget, option_C, option_seed, params_for, softmax, to_matrix,
 )
-from pipeline.heads.calibration import cross_fitted_log_loss, fit_pair_calibrator, pair_signs
+from pipeline.heads.calibration import calibrated_log_loss, fit_pair_calibrator, pair_signs
 from pipeline.heads.files import npz_head_path, read_npz_head, write_npz_head
 from pipeline.heads.folds import cv_folds
 
@@ -178,7 +178,6 @@ class KernelHead(Head):
             if folds is None:
                 self.C_, self.cv_scores_, self.cv_accuracies_ = Cs[0] if given is None else given, {}, {}
                 self.C_note_ = f"{'given' if given is not None else 'default'}: {how}"
-                oof = None
             else:
                 jobs = [(C, tr, te) for C in Cs for tr, te in folds]
                 decs = Parallel(n_jobs=self.n_jobs, backend="threading")(
@@ -188,17 +187,17 @@ class KernelHead(Head):
                     oof_by_C[C][te] = dec
                 self.cv_accuracies_ = {C: float(np.mean([(self._vote(oof_by_C[C][te], present) == y[te]).mean()
                                                          for _, te in folds])) for C in Cs}
-                self.cv_scores_ = {C: cross_fitted_log_loss(oof_by_C[C], y, folds) for C in Cs}
+                cals = {C: fit_pair_calibrator(oof_by_C[C], y, present) for C in Cs}
+                self.cv_scores_ = {C: calibrated_log_loss(cals[C], oof_by_C[C], y) for C in Cs}
                 best = min(Cs, key=lambda c: (self.cv_scores_[c], c))  # ties (large Cs often fit alike): the smaller
                 self.C_ = best if given is None else given
                 self.C_note_ = "given" if given is not None else f"{how} (calibrated log loss)"
-                oof = oof_by_C[self.C_]
+                cal = cals[self.C_]
             svc = SVC(C=self.C_, kernel="rbf", gamma=self.gamma_, class_weight=self.class_weight,
                       decision_function_shape="ovo").fit(Z, y)
             P, p0 = _pair_coefficients(svc)
-            if oof is None:  # too few examples to cross-validate: calibrate on the training decisions
-                oof = svc.decision_function(Z).reshape(y.size, -1)
-            cal = fit_pair_calibrator(oof, y, present)
+            if folds is None:  # too few examples to cross-validate: calibrate on the training decisions
+                cal = fit_pair_calibrator(svc.decision_function(Z).reshape(y.size, -1), y, present)
             self.cv_log_loss_ = self.cv_scores_[self.C_] if folds is not None else None
         coef, inter = cal.coef_, cal.intercept_
         A = np.zeros((self.n_classes_, P.shape[1]))
@@ -264,7 +263,7 @@ class KernelHead(Head):
         return {"n_support": self.n_support_}
 
     def cv_log_loss(self) -> float | None:
-        """The cross-fitted log loss of the calibrated probabilities (None without CV)."""
+        """The log loss of the out-of-fold decisions, calibrated (None without CV)."""
         return self.cv_log_loss_
 
     def cross_validates(self) -> bool:
