@@ -139,6 +139,26 @@ def test_svm_cv_log_loss_scores_the_calibrator_on_the_out_of_fold_decisions_it_w
     assert calibrated_log_loss(fit_pair_calibrator(oof[y < 2], y[y < 2], np.arange(3)), oof, y) > 10
 
 
+def test_a_calibrator_that_stops_before_converging_is_said(monkeypatch):
+    """L-BFGS-B's best point is kept, but the run's facts and a line after the fit say it had not converged."""
+    import pipeline.heads.calibration as calibration
+
+    X, y = rings()
+    svm = KernelHead(C=3.0).fit(X, y)
+    assert svm.facts()["calibrator_converged"] is True and svm.after_fit_note() == ""
+    real = calibration.minimize
+
+    def stopped(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.success = False
+        return res
+
+    monkeypatch.setattr(calibration, "minimize", stopped)
+    again = KernelHead(C=3.0).fit(X, y)
+    assert again.facts()["calibrator_converged"] is False and "before converging" in again.after_fit_note()
+    np.testing.assert_allclose(again.predict_proba(X), svm.predict_proba(X))  # the same best point
+
+
 def test_binary_svm_and_a_class_missing_from_training():
     X, y = rings()
     keep = y < 2

@@ -109,10 +109,11 @@ class PairCalibrator:
 
         theta = np.zeros(n_pairs + n_out + k)
         theta[:n_pairs] = 1.0
+        self.converged_ = True
         if k > 1:
             bounds = [(0.0, None)] * n_pairs + [(None, None)] * (n_out + k)
-            theta = minimize(loss_and_grad, theta, jac=True, method="L-BFGS-B", bounds=bounds,
-                             options={"maxiter": 5000}).x
+            res = minimize(loss_and_grad, theta, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": 5000})
+            theta, self.converged_ = res.x, bool(res.success)  # not converged: its best point, and the head says so
         self.coef_, self.intercept_ = unpack(theta)
         return self
 

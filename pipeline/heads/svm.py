@@ -199,6 +199,7 @@ class KernelHead(Head):
             if folds is None:  # too few examples to cross-validate: calibrate on the training decisions
                 cal = fit_pair_calibrator(svc.decision_function(Z).reshape(y.size, -1), y, present)
             self.cv_log_loss_ = self.cv_scores_[self.C_] if folds is not None else None
+        self.calibrator_converged_ = cal.converged_
         coef, inter = cal.coef_, cal.intercept_
         A = np.zeros((self.n_classes_, P.shape[1]))
         a = np.full(self.n_classes_, PAD_LOGIT)
@@ -247,7 +248,8 @@ class KernelHead(Head):
     def facts(self) -> dict[str, Any]:
         return {"C": self.C_, "C_choice": self.C_note_, "gamma": self.gamma_, "n_support": self.n_support_,
                 "cv_scores": {f"{c:g}": s for c, s in self.cv_scores_.items()},
-                "cv_accuracies": {f"{c:g}": s for c, s in self.cv_accuracies_.items()}, "cv_log_loss": self.cv_log_loss_}
+                "cv_accuracies": {f"{c:g}": s for c, s in self.cv_accuracies_.items()}, "cv_log_loss": self.cv_log_loss_,
+                "calibrator_converged": getattr(self, "calibrator_converged_", True)}
 
     def c_curve(self) -> tuple[dict[float, float], float, str] | None:
         return (self.cv_scores_, self.C_, self.scoring) if getattr(self, "cv_scores_", None) else None
@@ -261,6 +263,12 @@ class KernelHead(Head):
 
     def sweep_facts(self) -> dict[str, Any]:
         return {"n_support": self.n_support_}
+
+    def after_fit_note(self) -> str:
+        if getattr(self, "calibrator_converged_", True):
+            return ""
+        return ("svm head: its probability calibrator stopped at the iteration limit before converging; the "
+                "predictions stand, the probabilities may be less well calibrated (calibration_val.png shows them)")
 
     def cv_log_loss(self) -> float | None:
         """The log loss of the out-of-fold decisions, calibrated (None without CV)."""
