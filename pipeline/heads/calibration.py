@@ -139,4 +139,3 @@ def calibrated_log_loss(cal: PairCalibrator, scores: np.ndarray, y: np.ndarray) 
     known = np.isin(y, cal.classes_)
     picked[known] = proba[np.flatnonzero(known), np.searchsorted(cal.classes_, y[known])]
     return float(-np.mean(np.log(np.clip(picked, 1e-15, 1.0))))
-

@@ -267,8 +267,8 @@ class KernelHead(Head):
     def after_fit_note(self) -> str:
         if getattr(self, "calibrator_converged_", True):
             return ""
-        return ("svm head: its probability calibrator stopped at the iteration limit before converging; the "
-                "predictions stand, the probabilities may be less well calibrated (calibration_val.png shows them)")
+        return ("svm head: the fit of its probability calibrator stopped before converging; its best point is kept, "
+                "so the probabilities may be less well calibrated (the run's ECE and reliability diagram say how much)")
 
     def cv_log_loss(self) -> float | None:
         """The log loss of the out-of-fold decisions, calibrated (None without CV)."""
