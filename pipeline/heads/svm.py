@@ -33,7 +33,9 @@ from pipeline.heads.base import (
     PAD_LOGIT, FeatureSource, Head, given_positive, keras_logits_head, keras_module, keras_reduction, matrix_batches,
     n_rows, option_budget, option_C, option_seed, params_for, softmax, to_matrix,
 )
-from pipeline.heads.calibration import calibrated_log_loss, fit_pair_calibrator, pair_signs
+from pipeline.heads.calibration import (
+    calibrated_log_loss, cross_fitted_log_loss, fit_pair_calibrator, pair_calibrator_weights, pair_signs,
+)
 from pipeline.heads.files import npz_head_path, read_npz_head, write_npz_head
 from pipeline.heads.folds import cv_folds
 
@@ -178,6 +180,7 @@ class KernelHead(Head):
             if folds is None:
                 self.C_, self.cv_scores_, self.cv_accuracies_ = Cs[0] if given is None else given, {}, {}
                 self.C_note_ = f"{'given' if given is not None else 'default'}: {how}"
+                self.cv_how_ = ""
             else:
                 jobs = [(C, tr, te) for C in Cs for tr, te in folds]
                 decs = Parallel(n_jobs=self.n_jobs, backend="threading")(
@@ -188,7 +191,14 @@ class KernelHead(Head):
                 self.cv_accuracies_ = {C: float(np.mean([(self._vote(oof_by_C[C][te], present) == y[te]).mean()
                                                          for _, te in folds])) for C in Cs}
                 cals = {C: fit_pair_calibrator(oof_by_C[C], y, present) for C in Cs}
-                self.cv_scores_ = {C: calibrated_log_loss(cals[C], oof_by_C[C], y) for C in Cs}
+                weights = pair_calibrator_weights(present.size)
+                if y.size > weights:  # scored on the rows it was fitted on, as the logistic's temperature is
+                    self.cv_scores_ = {C: calibrated_log_loss(cals[C], oof_by_C[C], y) for C in Cs}
+                    self.cv_how_ = "calibrator scored on the out-of-fold decisions it was fitted on"
+                else:  # it has as many weights as rows: fitted again without each fold
+                    self.cv_scores_ = {C: cross_fitted_log_loss(oof_by_C[C], y, folds) for C in Cs}
+                    self.cv_how_ = (f"calibrator cross-fitted: {y.size} rows are too few to score its {weights} weights "
+                                    f"on the rows it was fitted on")
                 best = min(Cs, key=lambda c: (self.cv_scores_[c], c))  # ties (large Cs often fit alike): the smaller
                 self.C_ = best if given is None else given
                 self.C_note_ = "given" if given is not None else f"{how} (calibrated log loss)"
@@ -249,7 +259,7 @@ class KernelHead(Head):
         return {"C": self.C_, "C_choice": self.C_note_, "gamma": self.gamma_, "n_support": self.n_support_,
                 "cv_scores": {f"{c:g}": s for c, s in self.cv_scores_.items()},
                 "cv_accuracies": {f"{c:g}": s for c, s in self.cv_accuracies_.items()}, "cv_log_loss": self.cv_log_loss_,
-                "calibrator_converged": getattr(self, "calibrator_converged_", True)}
+                "cv_log_loss_on": getattr(self, "cv_how_", ""), "calibrator_converged": getattr(self, "calibrator_converged_", None)}
 
     def c_curve(self) -> tuple[dict[float, float], float, str] | None:
         return (self.cv_scores_, self.C_, self.scoring) if getattr(self, "cv_scores_", None) else None
@@ -265,13 +275,13 @@ class KernelHead(Head):
         return {"n_support": self.n_support_}
 
     def after_fit_note(self) -> str:
-        if getattr(self, "calibrator_converged_", True):
+        if getattr(self, "calibrator_converged_", None) is not False:
             return ""
         return ("svm head: the fit of its probability calibrator stopped before converging; its best point is kept, "
                 "so the probabilities may be less well calibrated (the run's ECE and reliability diagram say how much)")
 
     def cv_log_loss(self) -> float | None:
-        """The log loss of the out-of-fold decisions, calibrated (None without CV)."""
+        """The log loss of the out-of-fold decisions, calibrated (None without CV; `cv_how_` says how)."""
         return self.cv_log_loss_
 
     def cross_validates(self) -> bool:
