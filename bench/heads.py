@@ -61,6 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -278,9 +279,10 @@ def quality(args) -> None:
                 pooled_calibration(ff, split, configs[1:], meta, args.folds)
 
 
-def nested_svm_log_loss(svm, X: np.ndarray, y: np.ndarray, seed: int) -> float:
+def nested_svm_log_loss(svm: Any, X: np.ndarray, y: np.ndarray, seed: int) -> float:
     """The svm's CV log loss as it was scored until 2026-12-07 (the baseline of --auto-subsets): its
-    calibrator fitted again without each fold of its out-of-fold decisions (at the C it chose)."""
+    calibrator fitted again without each fold of its out-of-fold decisions, at the C `svm` (a fitted
+    KernelHead) chose (the old rule chose among its Cs by this figure; on flowers' draws the same picks)."""
     from sklearn.svm import SVC
 
     from pipeline.features.neighbours import unit_rows
@@ -300,7 +302,7 @@ def nested_svm_log_loss(svm, X: np.ndarray, y: np.ndarray, seed: int) -> float:
     return float(-np.mean(np.log(np.clip(proba[np.arange(y.size), np.searchsorted(classes, y)], 1e-15, 1.0))))
 
 
-def auto_subsets(args) -> None:
+def auto_subsets(args: argparse.Namespace) -> None:
     """The auto head's choice on small draws of real photos against the head that was best held out."""
     from pipeline.extract import ExtractRequest, RunOptions, extract
     from pipeline.heads.auto import AutoHead
