@@ -286,7 +286,7 @@ def nested_svm_log_loss(svm: Any, X: np.ndarray, y: np.ndarray, seed: int) -> fl
     from sklearn.svm import SVC
 
     from pipeline.features.neighbours import unit_rows
-    from pipeline.heads.calibration import fit_pair_calibrator
+    from pipeline.heads.calibration import cross_fitted_log_loss
     from pipeline.heads.folds import cv_folds
 
     Z = unit_rows(X, dtype=np.float64)
@@ -296,10 +296,7 @@ def nested_svm_log_loss(svm: Any, X: np.ndarray, y: np.ndarray, seed: int) -> fl
     for tr, te in folds:
         svc = SVC(C=svm.C_, gamma=svm.gamma_, decision_function_shape="ovo").fit(Z[tr], y[tr])
         oof[te] = svc.decision_function(Z[te]).reshape(te.size, -1)
-    proba = np.zeros((y.size, classes.size))
-    for tr, te in folds:
-        proba[te] = fit_pair_calibrator(oof[tr], y[tr], classes).predict_proba(oof[te])
-    return float(-np.mean(np.log(np.clip(proba[np.arange(y.size), np.searchsorted(classes, y)], 1e-15, 1.0))))
+    return cross_fitted_log_loss(oof, y, folds)
 
 
 def auto_subsets(args: argparse.Namespace) -> None:
