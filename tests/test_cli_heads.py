@@ -39,7 +39,10 @@ def test_fit_head_from_extract_options_then_use_the_run(tmp_path):
     assert listing.returncode == 0 and run_id in listing.stdout and "extract" in listing.stdout
     only = run_cli("runs", "--stage", "fit-head", "--filter", "head=logistic", "--cache-dir", cache)
     assert run_id in only.stdout and "│ extract" not in only.stdout
-    show = run_cli("runs", "show", run_id[:18], "--cache-dir", cache)
+    others = [p.name for p in (Path(cache) / "runs").iterdir() if p.name != run_id]
+    # a prefix no other run shares (two runs of one second share 2 random hex digits 1 time in 256)
+    prefix = next(run_id[:n] for n in range(18, len(run_id) + 1) if not any(o.startswith(run_id[:n]) for o in others))
+    show = run_cli("runs", "show", prefix, "--cache-dir", cache)
     assert show.returncode == 0 and '"head": "logistic"' in show.stdout
 
     ev = run_cli("evaluate", "--run", run_id, "--data", str(data), "--split", "val", "--cache-dir", cache)
