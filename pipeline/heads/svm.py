@@ -190,19 +190,20 @@ class KernelHead(Head):
                     oof_by_C[C][te] = dec
                 self.cv_accuracies_ = {C: float(np.mean([(self._vote(oof_by_C[C][te], present) == y[te]).mean()
                                                          for _, te in folds])) for C in Cs}
-                cals = {C: fit_pair_calibrator(oof_by_C[C], y, present) for C in Cs}
                 weights = pair_calibrator_weights(present.size)
                 if y.size > weights:  # scored on the rows it was fitted on, as the logistic's temperature is
+                    cals = {C: fit_pair_calibrator(oof_by_C[C], y, present) for C in Cs}
                     self.cv_scores_ = {C: calibrated_log_loss(cals[C], oof_by_C[C], y) for C in Cs}
                     self.cv_how_ = "calibrator scored on the out-of-fold decisions it was fitted on"
                 else:  # it has as many weights as rows: fitted again without each fold
+                    cals = {}
                     self.cv_scores_ = {C: cross_fitted_log_loss(oof_by_C[C], y, folds) for C in Cs}
                     self.cv_how_ = (f"calibrator cross-fitted: {y.size} rows are too few to score its {weights} weights "
                                     f"on the rows it was fitted on")
                 best = min(Cs, key=lambda c: (self.cv_scores_[c], c))  # ties (large Cs often fit alike): the smaller
                 self.C_ = best if given is None else given
                 self.C_note_ = "given" if given is not None else f"{how} (calibrated log loss)"
-                cal = cals[self.C_]
+                cal = cals.get(self.C_) or fit_pair_calibrator(oof_by_C[self.C_], y, present)  # the chosen C's only
             svc = SVC(C=self.C_, kernel="rbf", gamma=self.gamma_, class_weight=self.class_weight,
                       decision_function_shape="ovo").fit(Z, y)
             P, p0 = _pair_coefficients(svc)
