@@ -303,6 +303,7 @@ def auto_subsets(args: argparse.Namespace) -> None:
     """The auto head's choice on small draws of real photos against the head that was best held out."""
     from pipeline.extract import ExtractRequest, RunOptions, extract
     from pipeline.heads.auto import AutoHead
+    from pipeline.tracking.metrics import classification_report
 
     sizes = [int(v) for v in args.auto_subsets.split(",")]
     for name in args.sets.split(","):
@@ -310,7 +311,7 @@ def auto_subsets(args: argparse.Namespace) -> None:
                                                                             progress=False))
         with FeatureFile(result.path) as ff:
             clean = np.flatnonzero((ff.views == 0) & (ff.labels >= 0))
-            X, labels = ff.load(clean), ff.labels[clean]
+            X, labels, names = ff.load(clean), ff.labels[clean], list(ff.class_names)
         classes = np.unique(labels)
         print(f"\n{name}: {clean.size} labelled images, {classes.size} classes ({result.path.name})")
         for n in sizes:
@@ -328,10 +329,8 @@ def auto_subsets(args: argparse.Namespace) -> None:
                 chosen = AutoHead.choose(cv)
                 held = {}
                 for kind, head in heads.items():
-                    proba = head.predict_proba(X[rest])
-                    right = proba[np.arange(rest.size), labels[rest]]
-                    held[kind] = (float(-np.mean(np.log(np.clip(right, 1e-15, 1)))),
-                                  float(np.mean(proba.argmax(axis=1) == labels[rest])))
+                    report = classification_report(labels[rest], head.predict_proba(X[rest]), names)
+                    held[kind] = (report["log_loss"], report["accuracy"])
                 before = AutoHead.choose({**cv, "svm": nested_svm_log_loss(heads["svm"], X[pick], labels[pick], seed)})
                 rows.append((cv, held, chosen, min(held, key=lambda k: held[k][0]), before))
             kinds = list(rows[0][0])
