@@ -23,6 +23,7 @@ from pipeline.heads.base import (
 from pipeline.heads.calibration import fit_temperature
 from pipeline.heads.files import load_keras_file, read_head_json
 from pipeline.heads.folds import cv_folds
+from pipeline.heads.scaling import feature_scale
 from pipeline.heads.schedules import check_optimizer, make_optimizer, make_schedule
 from pipeline.heads.streaming import RunningMoments
 
@@ -440,7 +441,7 @@ def balanced_class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 def _stats(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = X.mean(axis=0, dtype=np.float64)
     std = X.std(axis=0, dtype=np.float64)
-    return mean, np.where(std > 1e-12, std, 1.0)
+    return mean, feature_scale(std)
 
 
 def _streamed_stats(src: FeatureSource, flatten: str) -> tuple[np.ndarray, np.ndarray]:
@@ -449,7 +450,7 @@ def _streamed_stats(src: FeatureSource, flatten: str) -> tuple[np.ndarray, np.nd
     for _, x in src.iter_reduced(flatten):
         moments.add(x.astype(np.float64))
     std = np.sqrt(moments.variance)
-    return moments.mean, np.where(std > 1e-12, std, 1.0)
+    return moments.mean, feature_scale(std)
 
 
 def _standardize(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:

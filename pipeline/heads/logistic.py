@@ -25,6 +25,7 @@ from pipeline.heads.base import (
 from pipeline.heads.calibration import fit_temperature, nll
 from pipeline.heads.files import load_joblib, npz_head_path, read_npz_head, write_npz_head
 from pipeline.heads.folds import cv_folds
+from pipeline.heads.scaling import feature_scale
 from pipeline.heads.streaming import default_memory_budget_mb, fit_streamed_logistic
 
 DEFAULT_CS: tuple[float, ...] = tuple(float(c) for c in np.logspace(-4, 1, 6))
@@ -32,7 +33,8 @@ LOGISTIC_FORMAT = "featurecache-logistic-head"
 
 
 class LogisticHead(Head):
-    """Multinomial logistic regression on standardized features; C="auto" picks C by stratified CV.
+    """Multinomial logistic regression on standardized features (each divided by its std, floored at
+    the median std: `scaling.feature_scale`); C="auto" picks C by stratified CV.
 
     The CV runs along a warm-started path over `Cs` (LogisticRegressionCV, folds in parallel with
     `n_jobs`) at the looser tolerance `cv_tol`; the final model refits on all rows at `tol`. Folds
@@ -115,6 +117,7 @@ class LogisticHead(Head):
         with threadpool_limits(self.blas_threads, user_api="blas"):
             Xm = to_matrix(X, self.flatten)
             scaler = StandardScaler().fit(Xm)
+            scaler.scale_ = feature_scale(np.sqrt(scaler.var_))  # no near-constant feature blown up
             Xs = scaler.transform(Xm)
             del Xm
             self.C_, self.cv_scores_, self.C_note_ = self._choose_C(Xs, y, groups)

@@ -42,6 +42,7 @@ from sklearn.metrics import get_scorer, log_loss
 
 from pipeline.errors import UserError
 from pipeline.heads.folds import cv_folds, is_grouped
+from pipeline.heads.scaling import feature_scale
 
 # A selection of rows is read as one contiguous slice (then indexed in memory) while it covers at
 # least 1/_DENSE_READ of the rows it spans: h5py point selections cost ~100x more per row.
@@ -233,12 +234,7 @@ def fit_streamed_logistic(blocks: Blocks, n: int, dim: int, y: np.ndarray, *, C:
     m, block_rows = plan_rows(budget_mb, n, dim, raw_row_bytes)
     sample = _stratified_sample(yi, m, np.random.default_rng(random_state))
     mean, var, Xs = _stats_and_sample(blocks, block_rows, n, dim, sample)
-    # constant where scikit-learn's StandardScaler calls a feature constant (its `_is_constant_feature`: the
-    # variance within float64 rounding of the mean), not below a fixed 1e-12: features of tiny magnitude
-    # (random-init backbones, ~1e-11) were all 'constant' here and not to the in-memory head
-    eps = np.finfo(np.float64).eps
-    constant = var <= n * eps * var + (n * np.abs(mean) * eps) ** 2
-    scale = np.where(constant, 1.0, np.sqrt(var))
+    scale = feature_scale(np.sqrt(var))  # as the in-memory head's (floored at the median std)
     Xs -= mean.astype(np.float32)
     Xs /= scale.astype(np.float32)
     ys, sws = yi[sample], sw[sample]
