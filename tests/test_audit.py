@@ -811,10 +811,18 @@ def test_cli_audit_with_a_run_reads_that_runs_features_and_refuses_a_head_that_s
     other = run_cli("audit", "--run", run_id, "--image-size", "48", "--cache-dir", "cache", "--no-map", cwd=tmp_path)
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
     assert "--image-size" in other.stderr and "sets the features" in other.stderr
+    ignored = run_cli("audit", "--run", run_id, "--val-fraction", "0.5", "--cache-dir", "cache", "--no-map", cwd=tmp_path)
+    assert ignored.returncode == 2 and "--val-fraction" in ignored.stderr and "sets the features" in ignored.stderr
+    cleaned = run_cli("audit", "--run", run_id, "--data", str(run_dir / "cleaned.csv"), "--allow-outside-paths",
+                      "--cache-dir", "cache", "--no-map", "--no-progress", cwd=tmp_path)  # the run's head on the audit's manifest
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "computed" not in cleaned.stdout + cleaned.stderr or "computed 0" in cleaned.stdout + cleaned.stderr
 
     resplit = run_cli("extract", "--data", str(data), "--cache-dir", "cache", *FAST, cwd=tmp_path)  # split seed 0
     assert resplit.returncode == 0, resplit.stderr
     key = re.search(r"wrote (\S+\.h5)", resplit.stdout + resplit.stderr).group(1)
+    split_given = run_cli("audit", "--cache", key, "--val-fraction", "0.5", "--cache-dir", "cache", "--no-map", cwd=tmp_path)
+    assert split_given.returncode == 2 and "--val-fraction would be ignored" in split_given.stderr, split_given.stderr
     seen = run_cli("audit", "--cache", key, "--run", run_id, "--cache-dir", "cache", "--no-map", cwd=tmp_path)
     assert seen.returncode == 2 and len(seen.stderr.strip().splitlines()) == 1, seen.stderr
     assert "trained on" in seen.stderr and "not be held out" in seen.stderr and "(leave out --data and --cache)" in seen.stderr

@@ -68,6 +68,9 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
                             f"reads the cached features (a fine-tuned model would need the images again)")
         head = loaded.head
         request = run_request(loaded, cache, kw)
+    if cache is not None and given_options("val_fraction".__eq__):
+        raise UserError("--cache names the features already, and their split with them, so --val-fraction would be "
+                        "ignored; leave it out, or leave out --cache to list the data with it")
     ff = open_cache(cache, kw, command="audit", splits=None, request=request)
     set_resume_hint("the features are cached; run the same command again (the audit takes seconds from them)")
     options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map)
@@ -132,6 +135,11 @@ def warn_changed_images(ff: FeatureFile) -> None:
                       f"{again} to extract those again first", DataWarning, stacklevel=2)
 
 
+# what decides the audited images' features and split: the extract options, and --val-fraction (fit-head also
+# reads it at fit time, on a cache without a val split; the audit scores the cache's own split)
+AUDITED_OPTIONS = FEATURE_OPTIONS | {"val_fraction"}
+
+
 def run_request(loaded, cache: str | None, kw: dict):
     """The extraction request an audit with --run reads: the run's own (its backbone and options), on
     --data where given, else on the run's data; None where --cache names the features. Other extract
@@ -140,12 +148,14 @@ def run_request(loaded, cache: str | None, kw: dict):
 
     if cache is not None:
         return None
-    given = given_options(FEATURE_OPTIONS.__contains__)
+    given = given_options(AUDITED_OPTIONS.__contains__)
     others = [flag for flag in given if flag != "--data"]
     if others:
         raise UserError(f"--run {loaded.record.id} sets the features (its backbone and extraction options), so "
                         f"{', '.join(others)} would be ignored or unreadable by its head; leave them out")
-    return replace(loaded.request, data=kw["data"] if "--data" in given else loaded.request.data)
+    split = replace(loaded.request.split, allow_outside_paths=bool(kw.get("allow_outside_paths"))
+                    or loaded.request.split.allow_outside_paths)  # an audit's cleaned.csv lists files outside its folder
+    return replace(loaded.request, data=kw["data"] if "--data" in given else loaded.request.data, split=split)
 
 
 def check_held_out(loaded, ff) -> None:
