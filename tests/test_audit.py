@@ -894,12 +894,16 @@ def test_text_files_are_utf8_whatever_the_locale(tmp_path):
 
 def test_cli_audit_of_built_in_images_offers_no_command_and_no_review(tmp_path):
     """builtin: images have names, not files: cleaned.csv is a list to read, so neither a retrain command
-    nor the report's review (whose download would be a manifest no command can load) is offered."""
+    nor the report's review (whose download would be a manifest no command can load) is offered. Near
+    duplicates are confirmed on their pixels, as files' are."""
     proc = run_cli("audit", "--data", "builtin:digits", "--cache-dir", str(tmp_path / "cache"), *FAST, "--no-map")
     assert proc.returncode == 0, proc.stderr
     assert "which a manifest cannot load" in proc.stderr and "train on it" not in proc.stderr, proc.stderr
     assert "review the findings there" not in proc.stdout, proc.stdout
     run_dir = tmp_path / "cache" / "runs" / re.search(r"audit (\S+) in", proc.stdout).group(1)
     page = (run_dir / "report.html").read_text()
-    assert json.loads((run_dir / "audit.json").read_text())["cleaned"]["command"] is None
+    audit = json.loads((run_dir / "audit.json").read_text())
+    assert audit["cleaned"]["command"] is None
     assert "<script" not in page and 'class="decide"' not in page
+    near = [d for d in audit["duplicates"] if d["kind"] == "near"]  # their pixels are read, as the report shows them:
+    assert near and all(d["pixel_correlation"] >= 0.95 for d in near), near[:3]  # cosine alone paired a '6' and a '1'

@@ -7,8 +7,8 @@ copy (cosine as low as 0.7 on pooled CNN features) from another photo of the sam
 2. confirmation: the two images' small grey thumbnails, each normalized to zero mean and unit
    variance (so brightness and contrast changes vanish), correlate above `pixel`; re-encoded, resized,
    slightly cropped or brightened copies keep their layout, other photos of the same class do not.
-Where the images cannot be read (an in-memory data set, moved files), a candidate counts when its
-cosine alone reaches `embedding_only`.
+Where the images cannot be read (a tfds data set, moved files), a candidate counts when its cosine alone
+reaches `embedding_only`. The built-in digits are read from scikit-learn, as the report shows them.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Iterable
 
 import numpy as np
 
-from pipeline.data.decode import load_file, load_libraries
-from pipeline.data.sources import SPLITS
+from pipeline.data.decode import load_file, load_libraries, resize
+from pipeline.data.sources import SPLITS, builtin_image
 from pipeline.features.neighbours import Neighbours
 
 THUMB = 24  # thumbnail side for the layout check
@@ -88,12 +88,13 @@ def copy_groups(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
 
 
 def thumbnail(path: str) -> np.ndarray | None:
-    """Grey THUMB x THUMB thumbnails of the whole image and of its centre CROPS, each zero mean and unit
+    """Of an image file or a built-in image id: grey THUMB x THUMB thumbnails of the whole image and of its centre CROPS, each zero mean and unit
     length, as rows of one (len(CROPS), THUMB*THUMB) array; None when unreadable or flat."""
     import cv2  # noqa: PLC0415 - OpenCV loads on first use
 
     try:
-        img = load_file(path, LOAD).astype(np.float32)
+        builtin = builtin_image(path)
+        img = (load_file(path, LOAD) if builtin is None else resize(builtin, LOAD)).astype(np.float32)
     except Exception:  # noqa: BLE001 - any file that cannot be decoded just has no thumbnail
         return None
     grey = img @ np.asarray([0.299, 0.587, 0.114], np.float32)

@@ -88,6 +88,12 @@ def readable_files(paths: list[str]) -> list[str | None]:
     return [p if os.path.isfile(p) else None for p in paths]
 
 
+def pixel_sources(paths: list[str], files: list[str | None]) -> list[str | None]:
+    """Where the audit can read each image's pixels: its file (`readable_files`), or a built-in image's id;
+    None for tfds images."""
+    return [f if f is not None else p if builtin_image(p) is not None else None for p, f in zip(paths, files)]
+
+
 def _log_loss_rows(proba: np.ndarray, y: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(proba[np.arange(y.size), y], 1e-15, 1.0))
 
@@ -201,7 +207,7 @@ def audit_cache(ff: FeatureFile, options: AuditOptions = AuditOptions(), head: H
     readable = np.asarray([f is not None for f in files])
     hashes = list(fill_hashes(np.full(len(files), "", dtype=object), img.paths, readable))
     exact = exact_pairs(hashes, list(img.splits))
-    pairs = exact + near_pairs(neigh, files, options.near, hashes)
+    pairs = exact + near_pairs(neigh, pixel_sources(img.paths, files), options.near, hashes)
     groups = copy_groups(n, [(p.a, p.b) for p in pairs])  # copies of one image never vouch for each other's label
     t["duplicates"] = time.perf_counter()
     say(f"audit: duplicates {len(exact)} exact, {len(pairs) - len(exact)} near")
