@@ -90,8 +90,9 @@ def copy_groups(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
 
 
 def thumbnail(path: str) -> np.ndarray | None:
-    """Of an image file or a built-in image id: grey THUMB x THUMB thumbnails of the whole image and of its centre CROPS, each zero mean and unit
-    length, as rows of one (len(CROPS), THUMB*THUMB) array; None when unreadable or flat."""
+    """Grey THUMB x THUMB thumbnails of an image file's (or a built-in image id's) whole image and of its
+    centre CROPS, each zero mean and unit length, as rows of one (len(CROPS), THUMB*THUMB) array; None when
+    unreadable or flat."""
     import cv2  # noqa: PLC0415 - OpenCV loads on first use
 
     try:
