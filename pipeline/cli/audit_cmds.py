@@ -22,6 +22,10 @@ from pipeline.inference.apply import load_run, training_paths
 from pipeline.layout import CacheLayout, cache_dir_flags
 from pipeline.tracking.runs import Registry
 
+# what decides the audited images' features and split: the extract options, and --val-fraction (fit-head also
+# reads it at fit time, on a cache without a val split; the audit scores the cache's own split)
+AUDITED_OPTIONS = FEATURE_OPTIONS | {"val_fraction"}
+
 
 @click.command("audit")
 @click.option("--cache", default=None, help="Cache file path or key prefix (else: found/made from the "
@@ -68,10 +72,7 @@ def audit_cmd(cache: str | None, run_id: str | None, cv: int, relabel: bool, dro
                             f"reads the cached features (a fine-tuned model would need the images again)")
         head = loaded.head
         request = run_request(loaded, cache, kw)
-    if cache is not None and given_options("val_fraction".__eq__):
-        raise UserError("--cache names the features already, and their split with them, so --val-fraction would be "
-                        "ignored; leave it out, or leave out --cache to list the data with it")
-    ff = open_cache(cache, kw, command="audit", splits=None, request=request)
+    ff = open_cache(cache, kw, command="audit", splits=None, request=request, chosen_by=AUDITED_OPTIONS)
     set_resume_hint("the features are cached; run the same command again (the audit takes seconds from them)")
     options = AuditOptions(cv=cv, seed=seed, draw_map=not no_map)
     with ff:
@@ -133,11 +134,6 @@ def warn_changed_images(ff: FeatureFile) -> None:
         warnings.warn(f"{len(changed)} of the audited images changed or went missing since they were extracted (e.g. "
                       f"{path}: {how}): the findings describe the cached features, and cleaned.csv still lists them; "
                       f"{again} to extract those again first", DataWarning, stacklevel=2)
-
-
-# what decides the audited images' features and split: the extract options, and --val-fraction (fit-head also
-# reads it at fit time, on a cache without a val split; the audit scores the cache's own split)
-AUDITED_OPTIONS = FEATURE_OPTIONS | {"val_fraction"}
 
 
 def run_request(loaded, cache: str | None, kw: dict):

@@ -82,12 +82,13 @@ FEATURE_OPTIONS = {"data", "backbone", "weights", "image_size", "resize", "pooli
 
 
 def open_cache(cache: str | None, kw: dict, command: str = "fit-head", splits: tuple[str, ...] | None = ("train",),
-               request: ExtractRequest | None = None):
+               request: ExtractRequest | None = None, chosen_by: frozenset[str] | set[str] = FEATURE_OPTIONS):
     """The feature file named by --cache (path or key prefix), else by `request` or the extract options,
     extracting first when the cache does not have it yet (`command` names the caller in errors; before
-    extracting, image files must hold two classes in `splits`, None: in any split)."""
+    extracting, image files must hold two classes in `splits`, None: in any split). `chosen_by`: the
+    options the features named by --cache make void, refused beside it."""
     if cache is not None:
-        given = given_options(FEATURE_OPTIONS.__contains__)
+        given = given_options(chosen_by.__contains__)
         if given:  # features named by --cache: extract options would be silently ignored
             raise UserError(f"--cache names the features already, so {', '.join(given)} would be ignored; "
                             f"leave them out, or leave out --cache to extract with them")
