@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from pipeline.data.decode import load_file, load_libraries, resize
-from pipeline.data.sources import BUILTIN_DEFAULT, SPLITS, builtin_image
+from pipeline.data.sources import SPLITS, builtin_image
 from pipeline.features.neighbours import Neighbours
 
 THUMB = 24  # thumbnail side for the layout check
@@ -140,7 +140,7 @@ def near_pairs(neigh: Neighbours, files: list[str | None], settings: NearSetting
             cand[(a, b)] = max(cand.get((a, b), -1.0), float(sim[i, j]))
     rows = sorted({r for pair in cand for r in pair})
     thumbs = dict(zip(rows, thumbnails([files[r] for r in rows])))
-    coarse = {r for r in rows if files[r] is not None and files[r].startswith(BUILTIN_DEFAULT + "/")}
+    coarse = {r for r in rows if files[r] is not None and builtin_image(files[r]) is not None}
     out = []
     for (a, b), s in sorted(cand.items()):
         ta, tb = thumbs.get(a), thumbs.get(b)

@@ -203,7 +203,7 @@ class KernelHead(Head):
                 best = min(Cs, key=lambda c: (self.cv_scores_[c], c))  # ties (large Cs often fit alike): the smaller
                 self.C_ = best if given is None else given
                 self.C_note_ = "given" if given is not None else f"{how} (calibrated log loss)"
-                cal = cals.get(self.C_) or fit_pair_calibrator(oof_by_C[self.C_], y, present)  # the chosen C's only
+                cal = cals[self.C_] if self.C_ in cals else fit_pair_calibrator(oof_by_C[self.C_], y, present)
             svc = SVC(C=self.C_, kernel="rbf", gamma=self.gamma_, class_weight=self.class_weight,
                       decision_function_shape="ovo").fit(Z, y)
             P, p0 = _pair_coefficients(svc)
